@@ -1,0 +1,82 @@
+"""The ``medvision`` command: parse, load the recipe, call the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from medvision.data.sources import DataSourceError
+from medvision.io.image import ImageReadError
+from medvision.models.backbone import PretrainedUnavailable
+from medvision.models.freeze import FreezeError
+from medvision.recipe import RecipeError, load_recipe
+from medvision.run import RunError, evaluate_run, train
+from medvision.train.loop import NonFiniteLoss
+
+USER_ERRORS = (
+    RecipeError, DataSourceError, ImageReadError, PretrainedUnavailable, FreezeError, RunError, NonFiniteLoss,
+    FileNotFoundError,
+)  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvision", description="Transfer learning on medical images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a backbone from a YAML recipe")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (omit with --resume RUN_DIR)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.phases[1].lr=3e-4 (repeatable)")  # fmt: skip
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+    p = sub.add_parser("evaluate", help="re-score a trained run on its test split or another dataset")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", help="another dataset (.npz, .csv manifest or class folder) with the same classes")
+    p.add_argument("--source", choices=["npz", "csv", "folder"], help="kind of --data (default: from its suffix)")
+    p.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help="which split to score (default: test, or all with --data)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")
+
+    p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
+    p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("timm").setLevel(logging.WARNING)
+    try:
+        if args.command == "train":
+            if args.resume:
+                if args.recipe or args.overrides:
+                    raise RunError("--resume continues a run with its saved recipe; give no RECIPE or --set")
+                run_dir = Path(args.resume)
+                recipe = load_recipe(run_dir / "recipe.yaml")
+                recipe.output_dir, recipe.name = str(run_dir.resolve().parent), run_dir.resolve().name
+                out = train(recipe, resume=True)
+            elif args.recipe:
+                out = train(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+            else:
+                raise RunError("give a RECIPE, or --resume RUN_DIR")
+            print(f"report: {out / 'report.md'}")
+        elif args.command == "evaluate":
+            out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out)
+            print(f"AUC {metrics['auc']:.4f}  accuracy {metrics['acc']:.4f}  n={metrics['n']}")
+            print(f"metrics: {out / 'metrics.json'}")
+        elif args.command == "demo":
+            from medvision.demo import run_demo
+
+            out = run_demo(args.out)
+            print(f"report: {out / 'report.md'}")
+    except USER_ERRORS as err:
+        print(f"medvision {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Sample tables: every source becomes (item, label, patient, split) rows plus a way to load pixels.
+
+Sources are a folder of class subfolders, a CSV manifest (``path,label[,patient_id][,split]``) and
+MedMNIST-style ``.npz`` files. When the source has no split, :func:`assign_splits` makes one that is
+stratified by label and grouped by patient, so that no patient is in two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
+from medvision.recipe import DataConfig
+
+SPLITS = ("train", "val", "test")
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be used; the message names the file, row or value at fault."""
+
+
+class FileLoader:
+    """Loads item ``i`` from disk at native bit depth (picklable, for DataLoader workers)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __call__(self, i: int) -> np.ndarray:
+        return read_image_raw(self.paths[i])
+
+
+class ArrayLoader:
+    """Serves item ``i`` from an in-memory uint8/uint16 array of shape (N, H, W[, C])."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+
+@dataclass
+class SampleTable:
+    """One row per image: its id (relative path or ``npz:split:index``), label, patient and split."""
+
+    ids: list[str]
+    labels: np.ndarray
+    groups: list[str]
+    splits: list[str]
+    classes: list[str]
+    loader: FileLoader | ArrayLoader
+    grayscale: bool
+    origin: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.splits) == split)
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+def _class_index(classes: list[str], value: str, where: str) -> int:
+    try:
+        return classes.index(value)
+    except ValueError:
+        raise DataSourceError(f"{where}: label {value!r} is not one of the classes {classes}") from None
+
+
+def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
+    """MedMNIST layout: ``{train,val,test}_images`` and ``_labels``; labels may be (N,) or (N, 1)."""
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError) as err:
+        raise DataSourceError(f"{path}: cannot read as .npz ({err})") from None
+    present = [s for s in SPLITS if f"{s}_images" in npz.files]
+    if not present:
+        raise DataSourceError(f"{path}: no '<split>_images' arrays; found keys {npz.files}, expected train_images, ...")
+    images, labels, ids, splits = [], [], [], []
+    for split in present:
+        imgs = npz[f"{split}_images"]
+        if f"{split}_labels" not in npz.files:
+            raise DataSourceError(f"{path}: has {split}_images but no {split}_labels")
+        lab = np.asarray(npz[f"{split}_labels"])
+        if lab.ndim == 2 and lab.shape[1] == 1:
+            lab = lab[:, 0]
+        if lab.ndim != 1:
+            raise DataSourceError(
+                f"{path}: {split}_labels has shape {lab.shape}; expected (N,) or (N, 1) single-label classes"
+            )
+        if len(lab) != len(imgs):
+            raise DataSourceError(f"{path}: {split} has {len(imgs)} images but {len(lab)} labels")
+        images.append(imgs)
+        labels.append(lab.astype(np.int64))
+        ids += [f"npz:{split}:{i}" for i in range(len(imgs))]
+        splits += [split] * len(imgs)
+    all_images = np.concatenate(images)
+    all_labels = np.concatenate(labels)
+    n_classes = int(all_labels.max()) + 1
+    if classes is None:
+        classes = [str(i) for i in range(n_classes)]
+    bad = np.flatnonzero((all_labels < 0) | (all_labels >= len(classes)))
+    if bad.size:
+        raise DataSourceError(
+            f"{path}: sample {ids[bad[0]]} has label {all_labels[bad[0]]}, outside 0..{len(classes) - 1} "
+            f"({bad.size} such samples)"
+        )
+    if all_images.dtype not in (np.uint8, np.uint16):
+        raise DataSourceError(f"{path}: images have dtype {all_images.dtype}; expected uint8 or uint16")
+    grayscale = all_images.ndim == 3 or all_images.shape[-1] == 1
+    return SampleTable(
+        ids=ids,
+        labels=all_labels,
+        groups=list(ids),
+        splits=splits,
+        classes=classes,
+        loader=ArrayLoader(all_images),
+        grayscale=grayscale,
+        origin=str(path),
+    )
+
+
+def _peek_grayscale(paths: list[str]) -> bool:
+    first = read_image_raw(paths[0])
+    return first.ndim == 2 or first.shape[2] == 1
+
+
+def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None) -> SampleTable:
+    """``root/<class>/**/<image>``; the patient is the first group of ``patient_regex`` in the file name."""
+    if not root.is_dir():
+        raise DataSourceError(f"{root}: folder does not exist")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    else:
+        for name in found:
+            _class_index(classes, name, f"{root}/{name}")
+    if not classes:
+        raise DataSourceError(f"{root}: no class subfolders; expected {root}/<class>/<image>.png")
+    pattern = re.compile(patient_regex) if patient_regex else None
+    paths, labels, groups = [], [], []
+    for label, name in enumerate(classes):
+        sub = root / name
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if sub.is_dir() else []
+        for p in files:
+            group = str(p.relative_to(root))
+            if pattern:
+                match = pattern.search(p.name)
+                if not match:
+                    raise DataSourceError(f"{p}: file name does not match patient_regex {patient_regex!r}")
+                group = match.group(1)
+            paths.append(str(p))
+            labels.append(label)
+            groups.append(group)
+    if not paths:
+        raise DataSourceError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} under the class folders")
+    return SampleTable(
+        ids=[str(Path(p).relative_to(root)) for p in paths],
+        labels=np.asarray(labels, dtype=np.int64),
+        groups=groups,
+        splits=[""] * len(paths),
+        classes=classes,
+        loader=FileLoader(paths),
+        grayscale=_peek_grayscale(paths),
+        origin=str(root),
+    )
+
+
+def load_csv(path: Path, classes: list[str] | None) -> SampleTable:
+    """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it."""
+    if not path.is_file():
+        raise DataSourceError(f"{path}: CSV manifest does not exist")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        missing_cols = [c for c in ("path", "label") if c not in columns]
+        if missing_cols:
+            raise DataSourceError(f"{path}: missing column(s) {missing_cols}; found {columns}, need path,label")
+        rows = list(reader)
+    if not rows:
+        raise DataSourceError(f"{path}: manifest has a header but no rows")
+    if classes is None:
+        classes = sorted({r["label"] for r in rows})
+    base = path.parent
+    paths, labels, groups, splits, missing = [], [], [], [], []
+    for line, row in enumerate(rows, start=2):
+        where = f"{path}, line {line}"
+        rel = (row["path"] or "").strip()
+        if not rel:
+            raise DataSourceError(f"{where}: empty 'path'")
+        full = (base / rel) if not Path(rel).is_absolute() else Path(rel)
+        if not full.is_file():
+            missing.append(f"line {line}: {full}")
+        labels.append(_class_index(classes, (row["label"] or "").strip(), where))
+        split = (row.get("split") or "").strip()
+        if split not in ("", *SPLITS):
+            raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
+        paths.append(str(full))
+        groups.append((row.get("patient_id") or "").strip() or rel)
+        splits.append(split)
+    if missing:
+        shown = "; ".join(missing[:5])
+        raise DataSourceError(f"{path}: {len(missing)} image file(s) not found: {shown}")
+    if any(splits) and not all(splits):
+        blank = splits.index("") + 2
+        raise DataSourceError(f"{path}, line {blank}: 'split' is empty while other rows have one; fill all or none")
+    return SampleTable(
+        ids=[str(Path(p).relative_to(base)) if Path(p).is_relative_to(base) else p for p in paths],
+        labels=np.asarray(labels, dtype=np.int64),
+        groups=groups,
+        splits=splits,
+        classes=classes,
+        loader=FileLoader(paths),
+        grayscale=_peek_grayscale(paths),
+        origin=str(path),
+    )
+
+
+# ------------------------------------------------------------------------------------- splits
+
+
+def check_patient_disjoint(table: SampleTable) -> None:
+    """Raises when one patient appears in two splits (a leak that inflates every test metric)."""
+    seen: dict[str, str] = {}
+    for i, (group, split) in enumerate(zip(table.groups, table.splits, strict=True)):
+        first = seen.setdefault(group, split)
+        if first != split:
+            raise DataSourceError(
+                f"{table.origin}: patient {group!r} is in both '{first}' and '{split}' (item {table.ids[i]}); "
+                "a patient must be in exactly one split"
+            )
+
+
+def grouped_stratified_split(
+    labels: np.ndarray, groups: list[str], val_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
+    """Assigns whole patients to train/val/test so each label keeps roughly its share in every split.
+
+    Patients are bucketed by their most frequent label, shuffled with ``seed``, and dealt to test,
+    then val, until each split holds its fraction of that label's images; the rest is train.
+    """
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        by_group[g].append(i)
+    rng = np.random.default_rng(seed)
+    buckets: dict[int, list[str]] = defaultdict(list)
+    for g in sorted(by_group):
+        majority = int(np.bincount(labels[by_group[g]]).argmax())
+        buckets[majority].append(g)
+    out = [""] * len(groups)
+    for label in sorted(buckets):
+        members = buckets[label]
+        rng.shuffle(members)
+        total = sum(len(by_group[g]) for g in members)
+        targets = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
+        filled = 0
+        for g in members:
+            size = len(by_group[g])
+            split = "train"
+            for name, upto in targets:
+                # a patient goes to a split while that split is below its share of this label
+                if filled + size / 2 <= upto:
+                    split = name
+                    break
+            filled += size
+            for i in by_group[g]:
+                out[i] = split
+    return out
+
+
+def load_table(cfg: DataConfig, seed: int) -> SampleTable:
+    """Builds the sample table for a recipe's data section, with every row assigned to a split."""
+    path = Path(cfg.path)
+    if cfg.source == "npz":
+        table = load_npz(path, cfg.classes)
+    elif cfg.source == "folder":
+        table = load_folder(path, cfg.classes, cfg.patient_regex)
+    else:
+        table = load_csv(path, cfg.classes)
+    if not any(table.splits):
+        table.splits = grouped_stratified_split(table.labels, table.groups, cfg.val_fraction, cfg.test_fraction, seed)
+    check_patient_disjoint(table)
+    return table
+
+
+def subset_indices(table: SampleTable, split: str, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of one split, optionally a seeded random subset of at most ``limit`` (kept in order)."""
+    idx = np.arange(len(table)) if split == "all" else table.indices(split)
+    if limit is not None and len(idx) > limit:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(idx, size=limit, replace=False))
+    return idx

@@ -1,0 +1,95 @@
+"""PNG, JPEG and TIFF reading that keeps 16-bit data 16-bit.
+
+``PIL.Image.convert("RGB")`` clips a 16-bit PNG to 255 (a white image) and silently drops a 48-bit
+RGB PNG to 8 bits; ``ImageFolder`` inherits both. Here files are read at their native depth (OpenCV
+for PNG/JPEG/BMP, tifffile for TIFF) and mapped to float32 in [0, 1] by pure functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import tifffile
+
+Intensity = Literal["dtype", "minmax", "percentile"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageReadError(OSError):
+    """A file that is missing, unreadable, or not an image we can use; the message names the file."""
+
+
+def read_image_raw(path: str | Path) -> np.ndarray:
+    """Reads an image at its native bit depth: (H, W) or (H, W, C), uint8/uint16/float, RGB order."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(f"{path}: suffix {suffix!r} is not a supported image type {IMAGE_SUFFIXES}")
+    try:
+        if suffix in (".tif", ".tiff"):
+            arr = np.asarray(tifffile.imread(path))
+            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+                arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
+        else:
+            buf = np.fromfile(path, dtype=np.uint8)
+            decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            if decoded is None:
+                raise ImageReadError(f"{path}: OpenCV could not decode this {suffix} file (corrupt or truncated?)")
+            arr = decoded
+            if arr.ndim == 3 and arr.shape[2] == 3:
+                arr = arr[:, :, ::-1]  # BGR -> RGB
+            elif arr.ndim == 3 and arr.shape[2] == 4:
+                arr = arr[:, :, [2, 1, 0, 3]]
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file does not exist") from None
+    except Exception as err:  # decoder libraries raise many types; keep the cause, name the file
+        raise ImageReadError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ImageReadError(f"{path}: expected a 2-D image (H, W) or (H, W, C), got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def to_unit_range(image: np.ndarray, mode: Intensity = "dtype") -> np.ndarray:
+    """Maps pixel values to float32 in [0, 1] without clipping information away.
+
+    ``dtype`` divides by the type's maximum (255 for uint8, 65535 for uint16); float images have no
+    such range and use ``minmax``. ``minmax`` stretches each image; ``percentile`` stretches the
+    0.5-99.5 percentile range and clips the tails (robust to hot pixels).
+    """
+    if mode == "dtype" and np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) * np.float32(1.0 / np.iinfo(image.dtype).max)
+    img = image.astype(np.float32)
+    if mode == "percentile":
+        lo, hi = np.percentile(img, [0.5, 99.5])
+    else:
+        lo, hi = float(img.min()), float(img.max())
+    if hi <= lo:
+        return np.zeros_like(img)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Returns (H, W, channels): grey is replicated, alpha dropped, RGB -> grey by ITU-R 601 luma."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    have = image.shape[2]
+    if have == 4:
+        image, have = image[:, :, :3], 3
+    if have == channels:
+        return image
+    if have == 1:
+        return np.repeat(image, channels, axis=2)
+    if have == 3 and channels == 1:
+        luma = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
+        return luma[..., None].astype(image.dtype)
+    raise ValueError(f"cannot convert an image with {have} channels to {channels} channels")
+
+
+def is_grayscale(image: np.ndarray) -> bool:
+    """True for (H, W) and (H, W, 1) arrays."""
+    return image.ndim == 2 or image.shape[2] == 1

@@ -1,0 +1,122 @@
+"""Classification metrics as pure functions, checked against scikit-learn in the tests.
+
+AUC on data with a single class is undefined: it is NaN with a warning, never a crash and never a
+silent 0.5.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+class MetricWarning(UserWarning):
+    """A metric that is undefined on this data (single class, NaN scores) and was reported as NaN."""
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank (as in the Mann-Whitney U statistic)."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    boundaries = np.flatnonzero(np.diff(sorted_vals)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(values)]])
+    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1..end
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve for 0/1 labels, via the rank-sum (Mann-Whitney) identity."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    if len(y) != len(s):
+        raise ValueError(f"y_true has {len(y)} entries but score has {len(s)}")
+    if not np.all(np.isfinite(s)):
+        warnings.warn("AUC: scores contain NaN or Inf; AUC is NaN", MetricWarning, stacklevel=2)
+        return float("nan")
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        warnings.warn(
+            f"AUC is undefined with only one class present ({n_pos} positive, {n_neg} negative); reporting NaN",
+            MetricWarning,
+            stacklevel=2,
+        )
+        return float("nan")
+    ranks = _average_ranks(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def compute_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Binary AUC, or macro one-vs-rest AUC for more than two classes (scikit-learn's ``ovr``/``macro``).
+
+    ``probs`` is (N,) scores of the positive class, or (N, K) class probabilities. A class absent
+    from ``y_true`` has no one-vs-rest AUC; it is left out of the mean with a warning, and if no class
+    is left the result is NaN.
+    """
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1 or p.shape[1] == 1:
+        return binary_auc(y, p.ravel())
+    if p.shape[1] == 2:
+        return binary_auc(y == 1, p[:, 1])
+    per_class = []
+    absent = []
+    for k in range(p.shape[1]):
+        positives = y == k
+        if positives.all() or not positives.any():
+            absent.append(k)
+            continue
+        per_class.append(binary_auc(positives, p[:, k]))
+    if absent:
+        warnings.warn(
+            f"macro AUC: class(es) {absent} have no positive (or no negative) samples and are left out",
+            MetricWarning,
+            stacklevel=2,
+        )
+    if not per_class:
+        return float("nan")
+    return float(np.mean(per_class))
+
+
+def compute_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Share of samples whose arg-max class (or score > 0.5 for 1-D scores) equals the label."""
+    y = np.asarray(y_true).ravel()
+    if len(y) == 0:
+        warnings.warn("accuracy of an empty set is undefined; reporting NaN", MetricWarning, stacklevel=2)
+        return float("nan")
+    p = np.asarray(probs)
+    pred = (p.ravel() > 0.5).astype(np.int64) if p.ndim == 1 else p.argmax(axis=1)
+    return float((pred == y).mean())
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The headline numbers of a split: AUC, accuracy and sample count."""
+    return {"auc": compute_auc(y_true, probs), "acc": compute_accuracy(y_true, probs), "n": len(y_true)}
+
+
+class MetricAccumulator:
+    """Collects logits and labels batch by batch (on the device, without syncing) for one split."""
+
+    def __init__(self) -> None:
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._logits.append(logits.detach().float())
+        self._labels.append(labels.detach())
+
+    def probs_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._logits:
+            return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        logits = torch.cat(self._logits)
+        probs = torch.softmax(logits, dim=1).cpu().numpy()
+        return probs, torch.cat(self._labels).cpu().numpy()
+
+    def compute(self) -> dict[str, float]:
+        probs, labels = self.probs_and_labels()
+        return compute_metrics(labels, probs)

@@ -1,0 +1,67 @@
+"""Checkpoints that survive a crash mid-write and load without unpickling code.
+
+Two files per run: ``model.safetensors`` (the best weights, for evaluate, score and init_from) and
+``last.pt`` (the full training state, for exact resume). Both are written to a temporary file in
+the same folder and renamed over the old one, so a kill at any moment leaves a valid file.
+``last.pt`` holds only tensors, numbers, strings, lists and dicts, and is read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp_path)`` and renames the result to ``path`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Writes the model's state dict as safetensors (tensors cloned so shared storage is allowed)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata or {}))
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Writes the full training state with ``torch.save``, atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Reads a full training state with ``weights_only=True`` (no arbitrary code from the file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not a medvision training state (expected a dict with a 'model' entry)")
+    return state
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, for provenance records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

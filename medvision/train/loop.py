@@ -1,0 +1,273 @@
+"""The training loop: ``fit`` runs the freeze phases, ``train_one_epoch`` and ``evaluate`` do the work.
+
+One AMP path: ``torch.autocast`` with the recipe's dtype, and a GradScaler that is only enabled for
+fp16 (when disabled it passes the loss and the step straight through). The optimizer is stepped in
+exactly one place. The host reads the loss from the device only every ``log_interval`` steps, to
+update the progress bar and to stop on a NaN/Inf loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from medvision.metrics import MetricAccumulator, compute_metrics
+from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
+from medvision.recipe import PhaseConfig, TrainConfig
+from medvision.train.build import EpochSampler, seed_everything
+from medvision.train.checkpoint import load_state, save_state, save_weights
+
+log = logging.getLogger("medvision")
+Batch = Any  # (images, labels) as collated by the DataLoader
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or Inf; the run stops rather than train on garbage."""
+
+
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last and x.ndim == 4 else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
+def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warmup over ``warmup`` of the steps, then cosine to ``floor``."""
+    warm = round(warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    device: torch.device,
+    bn: str,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over the training data; returns the mean loss, throughput and final LR."""
+    model.train()
+    set_bn_policy(model, bn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    window_loss = torch.zeros((), device=device)
+    total_loss = 0.0
+    window_steps = seen = 0
+    start = time.perf_counter()
+    n_steps = len(loader)
+    bar = tqdm(total=n_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for step, (images, labels) in enumerate(loader):
+        images = to_device(images, device, cfg.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+        scaler.scale(loss / cfg.accumulate).backward()
+        window_loss += loss.detach()
+        window_steps += 1
+        seen += len(images)
+        last = step + 1 == n_steps
+        if (step + 1) % cfg.accumulate == 0 or last:
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        if (step + 1) % cfg.log_interval == 0 or last:
+            mean = window_loss.item() / window_steps  # the one host sync per log interval
+            if not math.isfinite(mean):
+                bar.close()
+                raise NonFiniteLoss(
+                    f"{desc}: loss became {mean} between steps {step + 2 - window_steps} and {step + 1}; "
+                    "stopping. Lower the LR, set train.grad_clip, or use amp: bf16 instead of fp16. "
+                    "The last good checkpoint is kept."
+                )
+            total_loss += mean * window_steps
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.update(window_steps)
+            window_loss.zero_()
+            window_steps = 0
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(1, n_steps),
+        "train_img_s": seen / elapsed,
+        "lr": optimizer.param_groups[-1]["lr"],
+        "seconds": elapsed,
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader[Batch],
+    device: torch.device,
+    amp: str,
+    channels_last: bool,
+    max_batches: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class probabilities, labels and mean cross-entropy over a loader (in eval mode)."""
+    model.eval()
+    acc = MetricAccumulator()
+    for i, (images, labels) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with autocast(device, amp):
+            logits = model(to_device(images, device, channels_last))
+        acc.update(logits, labels.to(device, non_blocking=True))
+    probs, labels_np = acc.probs_and_labels()
+    if len(labels_np) == 0:
+        return probs, labels_np, float("nan")
+    eps = 1e-12
+    loss = float(-np.log(probs[np.arange(len(labels_np)), labels_np] + eps).mean())
+    return probs, labels_np, loss
+
+
+# --------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitState:
+    """What a resumed run needs besides the tensors: where it was and how well it did."""
+
+    epoch: int = 0
+    best: float | None = None
+    best_epoch: int = -1
+    stale: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    best_loss: float = math.inf
+
+    def improved(self, value: float, val_loss: float, monitor: str) -> bool:
+        """Better on ``monitor``; a tie (AUC saturates at 1.0) is broken by a lower validation loss."""
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if value == self.best:
+            return val_loss < self.best_loss
+        return value < self.best if monitor == "val_loss" else value > self.best
+
+
+def _phase_of(epoch: int, phases: list[PhaseConfig]) -> tuple[int, int]:
+    """(phase index, epoch within phase) of a global epoch number."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if epoch < start + phase.epochs:
+            return i, epoch - start
+        start += phase.epochs
+    return len(phases), 0
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader[Batch],
+    val_loader: DataLoader[Batch],
+    cfg: TrainConfig,
+    device: torch.device,
+    run_dir: Path,
+    seed: int,
+    resume: bool = False,
+) -> FitState:
+    """Runs every freeze phase; keeps ``model.safetensors`` (best) and ``last.pt`` (resume) in ``run_dir``.
+
+    Each epoch starts by re-seeding from (seed, epoch), and the sampler and augmentation are seeded
+    the same way, so resuming from ``last.pt`` replays exactly what an uninterrupted run would do.
+    """
+    forward = cast(nn.Module, torch.compile(model)) if cfg.compile else model
+    state = FitState()
+    saved: dict[str, Any] | None = None
+    if resume:
+        saved = load_state(run_dir / "last.pt")
+        model.load_state_dict(saved["model"])
+        state = FitState(**saved["fit"])
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+
+    probs, labels, _ = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last, max_batches=2)
+    log.info("sanity check: 2 validation batches evaluate (%d images)", len(labels))
+
+    sampler = train_loader.sampler
+    phase_idx, phase_epoch = _phase_of(state.epoch, cfg.phases)
+    for p_i in range(phase_idx, len(cfg.phases)):
+        phase = cfg.phases[p_i]
+        n_train, n_frozen = apply_trainable(model, select_trainable(model, phase.trainable))
+        log.info(
+            "phase %s: %d epochs, trainable %s, lr %g, bn %s%s -- %s trainable / %s frozen parameters",
+            phase.name, phase.epochs, ",".join(phase.trainable), phase.lr, phase.bn,
+            f", layer_decay {phase.layer_decay}" if phase.layer_decay else "", f"{n_train:,}", f"{n_frozen:,}",
+        )  # fmt: skip
+        optimizer = torch.optim.AdamW(optimizer_groups(model, phase.lr, cfg.weight_decay, phase.layer_decay))
+        steps = phase.epochs * math.ceil(len(train_loader) / cfg.accumulate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, phase.warmup))
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        if saved is not None and p_i == phase_idx and phase_epoch > 0:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+        saved = None
+        for e in range(phase_epoch if p_i == phase_idx else 0, phase.epochs):
+            seed_everything(seed + state.epoch)
+            if isinstance(sampler, EpochSampler):
+                sampler.set_epoch(state.epoch)
+            train_loader.dataset.transform.set_random_seed(seed + state.epoch)  # type: ignore[attr-defined]
+            desc = f"{phase.name} {e + 1}/{phase.epochs}"
+            stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc)
+            probs, labels, val_loss = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last)
+            val = compute_metrics(labels, probs)
+            row: dict[str, Any] = {"epoch": state.epoch + 1, "phase": phase.name, **stats, "val_loss": val_loss,
+                   "val_auc": val["auc"], "val_acc": val["acc"]}  # fmt: skip
+            state.history.append(row)
+            state.epoch += 1
+            value = float(row[cfg.monitor])
+            if state.improved(value, val_loss, cfg.monitor):
+                state.best, state.best_loss, state.best_epoch, state.stale = value, val_loss, state.epoch, 0
+                save_weights(model, run_dir / "model.safetensors", {"epoch": str(state.epoch)})
+            else:
+                state.stale += 1
+            log.info(
+                "epoch %d (%s %d/%d): train_loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  "
+                "%.0f img/s  %.0fs%s",
+                state.epoch, phase.name, e + 1, phase.epochs, stats["train_loss"], val_loss, val["auc"], val["acc"],
+                stats["train_img_s"], stats["seconds"], "  *best*" if state.stale == 0 else "",
+            )  # fmt: skip
+            save_state(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "fit": state.__dict__,
+                },
+                run_dir / "last.pt",
+            )
+            if cfg.patience is not None and state.stale >= cfg.patience:
+                log.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
+                return state
+    return state

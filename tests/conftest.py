@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny synthetic H&E dataset, a tiny recipe, and the ../shared folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from medvision.demo import make_dataset
+
+SHARED = Path(os.environ.get("MEDVISION_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"shared data folder {SHARED} is absent (set MEDVISION_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiles_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """72 synthetic H&E-like tiles from 12 patients, with a CSV manifest (path,label,patient_id)."""
+    return make_dataset(tmp_path_factory.mktemp("tiles"), patients=12, tiles_per_patient=6, seed=1)
+
+
+def tiny_recipe(manifest: Path, out: Path, **train: Any) -> dict[str, Any]:
+    """A recipe that trains timm's 100k-parameter test_efficientnet at 32 px in about a second an epoch."""
+    phases = train.pop("phases", [
+        {"name": "head", "epochs": 1, "trainable": "head", "lr": 1e-2, "bn": "frozen"},
+        {"name": "full", "epochs": 1, "trainable": "all", "lr": 3e-3},
+    ])  # fmt: skip
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(out),
+        "data": {"source": "csv", "path": str(manifest), "image_size": 32, "batch_size": 16,
+                 "val_fraction": 0.25, "test_fraction": 0.25},
+        "augment": {"preset": "pathology"},
+        "model": {"name": "test_efficientnet"},
+        "train": {"amp": "none", "phases": phases, "log_interval": 2, **train},
+    }  # fmt: skip

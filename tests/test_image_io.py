@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from medvision.io.image import ImageReadError, read_image_raw, to_channels, to_unit_range
+
+
+def test_16bit_grayscale_png_is_neither_clipped_nor_white(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)  # 12-bit data in 16-bit PNG
+    path = tmp_path / "ct.png"
+    cv2.imwrite(str(path), ramp)
+    raw = read_image_raw(path)
+    assert raw.dtype == np.uint16 and raw.max() == 4095
+    np.testing.assert_array_equal(raw, ramp)
+    unit = to_unit_range(raw, "dtype")
+    assert unit.max() == pytest.approx(4095 / 65535)  # not 1.0 everywhere, as an 8-bit clip would give
+    assert len(np.unique(unit)) == len(np.unique(ramp))  # every level survives
+    stretched = to_unit_range(raw, "minmax")
+    assert stretched.min() == 0.0 and stretched.max() == 1.0
+
+
+def test_16bit_rgb_png_keeps_depth_and_channel_order(tmp_path: Path) -> None:
+    rgb = np.zeros((8, 8, 3), dtype=np.uint16)
+    rgb[..., 0] = 60000  # red
+    rgb[..., 2] = 300  # a little blue, below 8-bit resolution after scaling
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb[..., ::-1])
+    raw = read_image_raw(tmp_path / "rgb16.png")
+    assert raw.dtype == np.uint16
+    np.testing.assert_array_equal(raw[0, 0], [60000, 0, 300])
+
+
+def test_16bit_tiff_and_planar_tiff(tmp_path: Path) -> None:
+    img = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 200
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    np.testing.assert_array_equal(read_image_raw(tmp_path / "a.tif"), img)
+    planar = np.stack([img, img // 2, img // 4])  # (C, H, W)
+    tifffile.imwrite(tmp_path / "p.tiff", planar, photometric="rgb", planarconfig="separate")
+    out = read_image_raw(tmp_path / "p.tiff")
+    assert out.shape == (16, 16, 3)
+    np.testing.assert_array_equal(out[..., 1], img // 2)
+
+
+def test_8bit_jpeg_and_shared_he_tile(tmp_path: Path, shared: Path) -> None:
+    tile = read_image_raw(next((shared / "data" / "he_tiles").glob("TUM-*.tif")))
+    assert tile.shape == (224, 224, 3) and tile.dtype == np.uint8
+    cv2.imwrite(str(tmp_path / "t.jpg"), tile[..., ::-1])
+    jpg = read_image_raw(tmp_path / "t.jpg")
+    assert jpg.shape == tile.shape
+    assert np.abs(jpg.astype(int) - tile.astype(int)).mean() < 8  # same picture, same channel order
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageReadError, match=r"broken\.png"):
+        read_image_raw(bad)
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_image_raw(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match=r"suffix '\.gif'"):
+        read_image_raw(tmp_path / "x.gif")
+
+
+def test_channel_conversion() -> None:
+    grey = np.random.default_rng(0).random((4, 4)).astype(np.float32)
+    assert to_channels(grey, 3).shape == (4, 4, 3)
+    rgba = np.random.default_rng(0).random((4, 4, 4)).astype(np.float32)
+    assert to_channels(rgba, 3).shape == (4, 4, 3)
+    rgb = np.ones((4, 4, 3), np.float32) * [1.0, 0.0, 0.0]
+    np.testing.assert_allclose(to_channels(rgb.astype(np.float32), 1)[..., 0], 0.299, rtol=1e-6)
+    flat = to_unit_range(np.full((3, 3), 7, np.uint16), "minmax")
+    assert flat.max() == 0.0  # a constant image maps to zeros, not NaN
+    hot = np.zeros((100, 100), np.float32)
+    hot[0, 0] = 1e6  # one hot pixel does not squash the rest under percentile scaling
+    hot[1:, :] = np.linspace(0, 1, 99 * 100).reshape(99, 100)
+    assert to_unit_range(hot, "percentile")[50, 50] > 0.3

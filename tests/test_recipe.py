@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medvision.recipe import RecipeError, apply_override, dump_recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def minimal() -> dict:
+    return {
+        "name": "r",
+        "data": {"source": "npz", "path": "x.npz"},
+        "model": {"name": "resnet18"},
+        "train": {"phases": [{"epochs": 1, "lr": 1e-3}, {"epochs": 2, "lr": 1e-4, "trainable": "all"}]},
+    }
+
+
+def error_of(tree: dict, overrides: list[str] | None = None) -> str:
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(tree, overrides=overrides)
+    return str(err.value)
+
+
+def test_misspelt_key_names_full_path_and_suggests() -> None:
+    tree = minimal()
+    tree["train"]["phases"][1]["lrr"] = 0.1
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(tree, origin="'my.yaml'")
+    msg = str(err.value)
+    assert "invalid recipe 'my.yaml'" in msg
+    assert "train.phases[1].lrr: unknown key; did you mean 'lr'?" in msg
+
+
+def test_unknown_top_level_and_nested_keys() -> None:
+    tree = minimal()
+    tree["modle"] = {}
+    tree["data"]["image_szie"] = 64
+    msg = error_of(tree)
+    assert "modle: unknown key; did you mean 'model'?" in msg
+    assert "data.image_szie: unknown key; did you mean 'image_size'?" in msg
+
+
+def test_values_are_type_checked() -> None:
+    tree = minimal()
+    tree["train"]["phases"][0]["lr"] = "1e-3"  # what YAML 1.1 gives for a bare 1e-3
+    assert recipe_from_dict(tree).train.phases[0].lr == pytest.approx(1e-3)
+    tree["train"]["phases"][0]["lr"] = "fast"
+    msg = error_of(tree)
+    assert "train.phases[0].lr" in msg and "'fast'" in msg
+    tree = minimal()
+    tree["train"]["amp"] = "fp8"
+    assert "train.amp" in error_of(tree)
+
+
+def test_missing_key_and_cross_field_rules() -> None:
+    tree = minimal()
+    del tree["model"]
+    assert "model: required key is missing" in error_of(tree)
+    tree = minimal()
+    tree["data"].update(val_fraction=0.6, test_fraction=0.5)
+    assert "below 1" in error_of(tree)
+    tree = minimal()
+    tree["train"].update(amp="fp16", device="cpu")
+    assert "bf16" in error_of(tree)
+
+
+def test_overrides_parse_yaml_values_and_indices() -> None:
+    recipe = recipe_from_dict(minimal(), overrides=["train.phases[1].lr=3e-4", "data.image_size=96",
+                                                     "train.phases[0].trainable=[head, stage:-1]"])  # fmt: skip
+    assert recipe.train.phases[1].lr == pytest.approx(3e-4)
+    assert recipe.data.image_size == 96
+    assert recipe.train.phases[0].trainable == ["head", "stage:-1"]
+    msg = error_of(minimal(), ["train.phases[0].lrr=1"])
+    assert "did you mean 'lr'" in msg
+    with pytest.raises(RecipeError, match="out of range"):
+        apply_override(minimal(), "train.phases[5].lr=1")
+    with pytest.raises(RecipeError, match="has no '='"):
+        apply_override(minimal(), "train.epochs")
+
+
+def test_defaults_paths_and_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDVISION_SHARED", "/data/shared")
+    tree = minimal()
+    tree["data"]["path"] = "${MEDVISION_SHARED}/bloodmnist.npz"
+    recipe = recipe_from_dict(tree)
+    assert recipe.data.path == "/data/shared/bloodmnist.npz"
+    assert [p.name for p in recipe.train.phases] == ["phase0", "phase1"]
+    assert recipe.train.phases[0].trainable == ["all"]
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(dump_recipe(recipe))
+    assert load_recipe(saved) == recipe
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(evil)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.train.phases
+    assert yaml.safe_load(dump_recipe(recipe))["name"] == recipe.name

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from medvision.data.sources import (
+    DataSourceError,
+    check_patient_disjoint,
+    grouped_stratified_split,
+    load_csv,
+    load_folder,
+    load_npz,
+    load_table,
+)
+from medvision.recipe import DataConfig
+
+
+def _png(path: Path, value: int, dtype: type = np.uint8, channels: int = 1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((12, 12) if channels == 1 else (12, 12, channels), value, dtype=dtype)
+    cv2.imwrite(str(path), img)
+
+
+def test_folder_source_with_16bit_images_and_patient_regex(tmp_path: Path) -> None:
+    for c, cls in enumerate(["benign", "malignant"]):
+        for p in range(3):
+            for k in range(2):
+                _png(tmp_path / cls / f"pat{c}{p}_slice{k}.png", 1000 * (k + 1), np.uint16)
+    table = load_folder(tmp_path, None, r"^(pat\d+)_")
+    assert table.classes == ["benign", "malignant"]
+    assert len(table) == 12 and table.grayscale
+    assert sorted(set(table.groups)) == ["pat00", "pat01", "pat02", "pat10", "pat11", "pat12"]
+    raw = table.loader(1)
+    assert raw.dtype == np.uint16 and raw.max() == 2000
+    with pytest.raises(DataSourceError, match="does not match patient_regex"):
+        load_folder(tmp_path, None, r"^(case\d+)")
+    with pytest.raises(DataSourceError, match="'benign' is not one of the classes"):
+        load_folder(tmp_path, ["malignant", "normal"], None)
+
+
+def _manifest(path: Path, rows: list[list[str]], header: str = "path,label,patient_id") -> Path:
+    with path.open("w", newline="") as fh:
+        fh.write(header + "\n")
+        csv.writer(fh).writerows(rows)
+    return path
+
+
+def test_csv_source_and_its_errors(tmp_path: Path) -> None:
+    for i in range(4):
+        _png(tmp_path / "img" / f"{i}.png", 50 * i, channels=3)
+    rows = [[f"img/{i}.png", "tumour" if i % 2 else "normal", f"P{i // 2}"] for i in range(4)]
+    table = load_csv(_manifest(tmp_path / "m.csv", rows), None)
+    assert table.classes == ["normal", "tumour"]
+    assert table.labels.tolist() == [0, 1, 0, 1]
+    assert table.groups == ["P0", "P0", "P1", "P1"] and not table.grayscale
+    assert table.ids[0] == "img/0.png"
+
+    bad_label = [*rows, ["img/0.png", "necrosis", "P9"]]
+    with pytest.raises(DataSourceError, match=r"line 6: label 'necrosis' is not one of the classes"):
+        load_csv(_manifest(tmp_path / "m2.csv", bad_label), ["normal", "tumour"])
+    missing = [*rows, ["img/404.png", "normal", "P9"]]
+    with pytest.raises(DataSourceError, match=r"1 image file\(s\) not found: line 6: .*404.png"):
+        load_csv(_manifest(tmp_path / "m3.csv", missing), None)
+    with pytest.raises(DataSourceError, match="missing column"):
+        load_csv(_manifest(tmp_path / "m4.csv", [["img/0.png"]], header="file"), None)
+
+
+def test_csv_split_column_and_leak_detection(tmp_path: Path) -> None:
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", i)
+    rows = [["0.png", "a", "P0", "train"], ["1.png", "b", "P1", "val"], ["2.png", "a", "P0", "test"],
+            ["3.png", "b", "P2", "train"]]  # fmt: skip
+    path = _manifest(tmp_path / "m.csv", rows, header="path,label,patient_id,split")
+    cfg = DataConfig(source="csv", path=str(path))
+    with pytest.raises(DataSourceError, match="patient 'P0' is in both 'train' and 'test'"):
+        load_table(cfg, seed=0)
+    rows[2][3] = "train"
+    table = load_table(DataConfig(source="csv", path=str(_manifest(path, rows, "path,label,patient_id,split"))), 0)
+    assert table.splits == ["train", "val", "train", "train"]
+
+
+@pytest.mark.parametrize("label_shape", ["(N,)", "(N,1)"])
+def test_npz_source_accepts_both_label_shapes(tmp_path: Path, label_shape: str) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in [("train", 10), ("val", 4), ("test", 6)]:
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 3, n)
+        arrays[f"{split}_labels"] = labels[:, None] if label_shape == "(N,1)" else labels
+    np.savez(tmp_path / "toy.npz", **arrays)
+    table = load_npz(tmp_path / "toy.npz", None)
+    assert len(table) == 20 and table.grayscale
+    assert table.labels.ndim == 1 and table.labels.dtype == np.int64
+    assert table.splits.count("val") == 4 and table.ids[10] == "npz:val:0"
+    assert table.loader(0).shape == (28, 28)
+
+
+def test_npz_real_medmnist_files(shared: Path) -> None:
+    blood = load_npz(shared / "data" / "bloodmnist.npz", None)  # labels (N, 1), RGB
+    assert len(blood) == 11959 + 1712 + 3421 and len(blood.classes) == 8 and not blood.grayscale
+    breast = load_npz(shared / "data" / "breastmnist.npz", None)  # labels (N,), grey
+    assert len(breast.classes) == 2 and breast.grayscale
+    assert breast.splits.count("test") == 156
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataSourceError, match="no '<split>_images'"):
+        load_npz(tmp_path / "x.npz", None)
+    np.savez(tmp_path / "y.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.array([0, 5]))
+    with pytest.raises(DataSourceError, match=r"label 5, outside 0\.\.1"):
+        load_npz(tmp_path / "y.npz", ["a", "b"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grouped_split_never_puts_a_patient_in_two_splits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_patients = 60
+    images_per = rng.integers(1, 9, n_patients)
+    groups = [f"P{p}" for p in range(n_patients) for _ in range(images_per[p])]
+    labels = np.array([int(rng.random() < 0.3) for p in range(n_patients) for _ in range(images_per[p])])
+    splits = grouped_stratified_split(labels, groups, 0.15, 0.2, seed)
+    owner: dict[str, set[str]] = {}
+    for g, s in zip(groups, splits, strict=True):
+        owner.setdefault(g, set()).add(s)
+    assert all(len(s) == 1 for s in owner.values())
+    splits_arr = np.array(splits)
+    for split, frac in [("test", 0.2), ("val", 0.15)]:
+        share = (splits_arr == split).mean()
+        assert abs(share - frac) < 0.08, (split, share)
+        pos_rate = labels[splits_arr == split].mean()
+        assert abs(pos_rate - labels.mean()) < 0.15  # stratified: each split keeps the label mix
+    assert splits == grouped_stratified_split(labels, groups, 0.15, 0.2, seed)  # deterministic
+
+
+def test_auto_split_for_csv_is_patient_disjoint(tiles_manifest: Path) -> None:
+    table = load_table(DataConfig(source="csv", path=str(tiles_manifest), val_fraction=0.25, test_fraction=0.25), 0)
+    check_patient_disjoint(table)
+    assert set(table.splits) == {"train", "val", "test"}

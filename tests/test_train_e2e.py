@@ -1,0 +1,178 @@
+"""End to end on tiny data: train -> files -> evaluate -> resume; plus weights sources and failure modes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import medvision.train.loop as loop
+from medvision.cli import main
+from medvision.demo import CLASSES, synthetic_tile
+from medvision.models.backbone import PretrainedUnavailable, create_backbone
+from medvision.recipe import ModelConfig, TrainConfig, recipe_from_dict
+from medvision.run import evaluate_run, train
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train(recipe_from_dict(tiny_recipe(tiles_manifest, out)))
+
+
+def test_train_writes_a_complete_run_folder(finished_run: Path) -> None:
+    for name in ("recipe.yaml", "run.json", "model.safetensors", "last.pt", "metrics.json", "predictions.csv",
+                 "report.md", "train.log"):  # fmt: skip
+        assert (finished_run / name).is_file(), name
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test", "history", "best_epoch"}
+    assert 0.0 <= metrics["test"]["acc"] <= 1.0 and 0.0 <= metrics["test"]["auc"] <= 1.0
+    assert [h["phase"] for h in metrics["history"]] == ["head", "full"]
+    rows = list(csv.DictReader((finished_run / "predictions.csv").open()))
+    assert len(rows) == metrics["val"]["n"] + metrics["test"]["n"]
+    assert set(rows[0]) == {"split", "id", "label", "pred", "prob_stroma", "prob_tumor"}
+    assert "patient" not in (finished_run / "predictions.csv").read_text().splitlines()[0]
+    log = (finished_run / "train.log").read_text()
+    assert "phase head" in log and "trainable" in log and "frozen parameters" in log
+    assert "| test |" in (finished_run / "report.md").read_text()
+    saved = (finished_run / "recipe.yaml").read_text()
+    assert str(Path(metrics["history"][0]["phase"])) in saved and "/" in saved.split("path:")[1].split()[0]
+
+
+def test_evaluate_reproduces_test_metrics_and_scores_other_data(finished_run: Path, tiles_manifest: Path) -> None:
+    trained = json.loads((finished_run / "metrics.json").read_text())["test"]
+    out, metrics = evaluate_run(finished_run)
+    assert metrics["auc"] == pytest.approx(trained["auc"], abs=1e-6)
+    assert metrics["acc"] == pytest.approx(trained["acc"], abs=1e-6)
+    assert (out / "metrics.json").is_file() and (out / "predictions.csv").is_file()
+    out2, everything = evaluate_run(finished_run, data=str(tiles_manifest))
+    assert everything["n"] == 72 and out2.name == "manifest-all"
+
+
+def test_cli_train_evaluate_and_errors(finished_run: Path, tiles_manifest: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert main(["evaluate", str(finished_run)]) == 0
+    assert "AUC" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {source: csv, path: m.csv}\nmodel: {name: resnet18}\n"
+                   "train: {phases: [{epochs: 1, lr: 1e-3, trainabel: head}]}\n")  # fmt: skip
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.phases[0].trainabel: unknown key; did you mean 'trainable'?" in err
+    good = tmp_path / "good.yaml"
+    import yaml
+
+    good.write_text(yaml.safe_dump(tiny_recipe(tiles_manifest, finished_run.parent)))
+    assert main(["train", str(good)]) == 2  # the run folder exists already
+    assert "--resume" in capsys.readouterr().err
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    phases = [{"name": "head", "epochs": 1, "trainable": "head", "lr": 1e-2},
+              {"name": "full", "epochs": 2, "trainable": "all", "lr": 3e-3, "warmup": 0.2}]  # fmt: skip
+    straight = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "a", phases=phases)))
+
+    real = loop.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_three(*args: object, **kwargs: object) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill in the middle of the 'full' phase")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases))
+    monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    interrupted = tmp_path / "b" / "tiny"
+    assert torch.load(interrupted / "last.pt", weights_only=True)["fit"]["epoch"] == 2
+    resumed = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases)), resume=True)
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    history = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_nan_loss_stops_with_a_clear_message() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 2, 2), torch.randint(0, 2, (8,))), batch_size=4)
+    cfg = TrainConfig(phases=[{"epochs": 1, "lr": 0.1}], amp="none", channels_last=False, log_interval=1)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(loop.NonFiniteLoss, match="loss became nan between steps 1 and 1"):
+        loop.train_one_epoch(model, loader, opt, sched, scaler, cfg, torch.device("cpu"), "train", "p0 1/1")
+
+
+def test_init_from_an_earlier_run_reinitialises_a_different_head(finished_run: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="medvision")
+    model = create_backbone(ModelConfig(name="test_efficientnet", init_from=str(finished_run)), 5, 3)
+    assert "head re-initialised" in caplog.text and "classifier.weight" in caplog.text
+    saved = load_file(finished_run / "model.safetensors")
+    own = model.state_dict()
+    assert torch.equal(own["conv_stem.weight"], saved["conv_stem.weight"])
+    assert own["classifier.weight"].shape[0] == 5
+    same = create_backbone(ModelConfig(name="test_efficientnet", init_from=str(finished_run)), 2, 3)
+    assert torch.equal(same.state_dict()["classifier.weight"], saved["classifier.weight"])
+
+
+def test_local_pretrained_file_with_new_head_and_grayscale_stem(shared: Path) -> None:
+    path = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    file = load_file(path)
+    model = create_backbone(ModelConfig(name="tf_efficientnet_lite0", pretrained=str(path)), 8, 3)
+    assert torch.equal(model.state_dict()["blocks.6.0.conv_pw.weight"], file["blocks.6.0.conv_pw.weight"])
+    assert model.get_classifier().out_features == 8
+    grey = create_backbone(ModelConfig(name="tf_efficientnet_lite0", pretrained=str(path)), 2, 1)
+    stem = grey.state_dict()["conv_stem.weight"]
+    assert stem.shape[1] == 1
+    torch.testing.assert_close(stem[:, 0], file["conv_stem.weight"].sum(dim=1))  # timm's in_chans adaptation
+
+
+def test_missing_or_unreachable_pretrained_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PretrainedUnavailable, match="does not exist"):
+        create_backbone(ModelConfig(name="resnet18", pretrained=str(tmp_path / "none.safetensors")), 2, 3)
+    monkeypatch.setattr("medvision.models.backbone.reachable", lambda host, timeout=3.0: False)
+    with pytest.raises(PretrainedUnavailable, match="cannot reach"):
+        create_backbone(ModelConfig(name="resnet18", pretrained=True), 2, 3)
+
+
+def test_demo_tiles_differ_by_nuclear_density() -> None:
+    rng = np.random.default_rng(0)
+    dark = {c: np.mean([(synthetic_tile(rng, c == "tumor").mean(axis=2) < 140).mean() for _ in range(20)])
+            for c in CLASSES}  # fmt: skip
+    assert dark["tumor"] > 2 * dark["stroma"]
+
+
+def test_early_stopping_with_accumulation_and_clipping(tiles_manifest: Path, tmp_path: Path) -> None:
+    phases = [{"name": "still", "epochs": 5, "trainable": "all", "lr": 1e-12}]
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            tiles_manifest, tmp_path, phases=phases, monitor="val_loss", patience=1, accumulate=2, grad_clip=1.0
+        )
+    )
+    run_dir = train(recipe)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2  # epoch 2 did not improve val_loss; patience 1 stopped the run
+    assert metrics["best_epoch"] == 1
+    assert "early stopping" in (run_dir / "train.log").read_text()
