@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-score a trained run on its test split or another dataset")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", help="another dataset (.npz, .csv manifest or class folder) with the same classes")
-    p.add_argument("--source", choices=["npz", "csv", "folder"], help="kind of --data (default: from its suffix)")
+    p.add_argument(
+        "--source", choices=["npz", "csv", "folder", "dicom"], help="kind of --data (default: from its suffix)"
+    )
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="which split to score (default: test, or all with --data)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medvision.io.dicom import parse_window
+
 SHARED_DEFAULT = "../shared"
 
 
@@ -31,9 +33,39 @@ class _Node(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
+WindowItem = str | list[float] | dict[str, float]
+
+
+def _file_window() -> list[WindowItem]:
+    return ["file"]
+
+
+class DicomConfig(_Node):
+    windows: list[WindowItem] = Field(default_factory=_file_window)
+    """VOI windows, one channel each: ``file``, ``file:<i>``, ``percentile``, a preset (lung, mediastinum,
+    soft_tissue, bone, brain, subdural, liver) or ``{center: C, width: W}``."""
+    voi_function: Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"] | None = None
+    """Windowing function; default: the file's VOILUTFunction, else LINEAR."""
+    frames: Literal["first", "middle", "all"] = "first"
+    """Which frames of a multi-frame file become samples: the first, the middle one, or each frame."""
+    labels: str | None = None
+    """CSV with ``label`` and ``path`` (relative to the folder) or ``sop_instance_uid``; default: class folders."""
+    cache: bool = True
+    """Cache decoded, windowed pixels as float16 ``.npy`` files so later epochs skip decoding."""
+
+    @field_validator("windows")
+    @classmethod
+    def _known_windows(cls, value: list[Any]) -> list[Any]:
+        if not value:
+            raise ValueError("at least one window is needed")
+        for item in value:
+            parse_window(item)
+        return value
+
+
 class DataConfig(_Node):
-    source: Literal["npz", "folder", "csv"]
-    """Where samples come from: a MedMNIST-style ``.npz``, a folder of class subfolders, or a CSV manifest."""
+    source: Literal["npz", "folder", "csv", "dicom"]
+    """Where samples come from: a MedMNIST ``.npz``, class subfolders, a CSV manifest, or a DICOM folder."""
     path: str
     """File or folder of the source; ``${MEDVISION_SHARED}`` expands (default ``../shared``)."""
     classes: list[str] | None = None
@@ -56,6 +88,8 @@ class DataConfig(_Node):
     """DataLoader worker processes; ``auto`` is 0 on a CPU-only machine and min(8, cores) with CUDA."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many samples per split (for smoke runs); ``None`` uses all."""
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    """How DICOM pixels are windowed and which frames are used (``source: dicom`` and ``score``)."""
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

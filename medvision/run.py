@@ -47,6 +47,11 @@ class RunError(RuntimeError):
     """A run folder that cannot be created, resumed or evaluated as asked."""
 
 
+def cache_dir(recipe: Recipe) -> Path:
+    """Where decoded DICOM pixels are cached: shared by the runs of one output folder."""
+    return Path(recipe.output_dir) / ".cache" / "dicom"
+
+
 def _attach_log_file(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -110,7 +115,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
     recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
     log.info("device %s, amp %s, channels_last %s", device, recipe.train.amp, recipe.train.channels_last)
     workers = resolve_workers(recipe.data.num_workers, device)
-    table = load_table(recipe.data, recipe.seed)
+    table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     bundle = build_model(recipe, table)
     model = bundle.model.to(device)
     if recipe.train.channels_last:
@@ -205,13 +210,13 @@ def evaluate_run(
     if data is not None:
         path = Path(data).resolve()
         recipe.data.path = str(path)
-        recipe.data.source = source or (
-            "npz" if path.suffix == ".npz" else "csv" if path.suffix == ".csv" else "folder"
-        )  # type: ignore[assignment]
+        folder_kind = "dicom" if recipe.data.source == "dicom" else "folder"
+        guessed = "npz" if path.suffix == ".npz" else "csv" if path.suffix == ".csv" else folder_kind
+        recipe.data.source = source or guessed  # type: ignore[assignment]
         recipe.data.limit = None
     recipe.data.classes = meta["classes"]
     split = split or ("test" if data is None else "all")
-    table = load_table(recipe.data, recipe.seed)
+    table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     if split != "all" and len(table.indices(split)) == 0:
         raise RunError(f"{table.origin} has no '{split}' split; use --split all, train, val or test")
     workers = resolve_workers(recipe.data.num_workers, device)

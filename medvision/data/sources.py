@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class SampleTable:
     groups: list[str]
     splits: list[str]
     classes: list[str]
-    loader: FileLoader | ArrayLoader
+    loader: Callable[[int], np.ndarray]
     grayscale: bool
     origin: str
 
@@ -68,7 +69,7 @@ class SampleTable:
 # ------------------------------------------------------------------------------------ sources
 
 
-def _class_index(classes: list[str], value: str, where: str) -> int:
+def class_index(classes: list[str], value: str, where: str) -> int:
     try:
         return classes.index(value)
     except ValueError:
@@ -142,7 +143,7 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
         classes = found
     else:
         for name in found:
-            _class_index(classes, name, f"{root}/{name}")
+            class_index(classes, name, f"{root}/{name}")
     if not classes:
         raise DataSourceError(f"{root}: no class subfolders; expected {root}/<class>/<image>.png")
     pattern = re.compile(patient_regex) if patient_regex else None
@@ -199,7 +200,7 @@ def load_csv(path: Path, classes: list[str] | None) -> SampleTable:
         full = (base / rel) if not Path(rel).is_absolute() else Path(rel)
         if not full.is_file():
             missing.append(f"line {line}: {full}")
-        labels.append(_class_index(classes, (row["label"] or "").strip(), where))
+        labels.append(class_index(classes, (row["label"] or "").strip(), where))
         split = (row.get("split") or "").strip()
         if split not in ("", *SPLITS):
             raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
@@ -276,13 +277,17 @@ def grouped_stratified_split(
     return out
 
 
-def load_table(cfg: DataConfig, seed: int) -> SampleTable:
+def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> SampleTable:
     """Builds the sample table for a recipe's data section, with every row assigned to a split."""
     path = Path(cfg.path)
     if cfg.source == "npz":
         table = load_npz(path, cfg.classes)
     elif cfg.source == "folder":
         table = load_folder(path, cfg.classes, cfg.patient_regex)
+    elif cfg.source == "dicom":
+        from medvision.data.dicom_source import load_dicom_folder  # imports pydicom only when needed
+
+        table = load_dicom_folder(path, cfg.dicom, cfg.classes, cache_dir)
     else:
         table = load_csv(path, cfg.classes)
     if not any(table.splits):

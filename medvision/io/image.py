@@ -57,13 +57,16 @@ def read_image_raw(path: str | Path) -> np.ndarray:
 def to_unit_range(image: np.ndarray, mode: Intensity = "dtype") -> np.ndarray:
     """Maps pixel values to float32 in [0, 1] without clipping information away.
 
-    ``dtype`` divides by the type's maximum (255 for uint8, 65535 for uint16); float images have no
-    such range and use ``minmax``. ``minmax`` stretches each image; ``percentile`` stretches the
-    0.5-99.5 percentile range and clips the tails (robust to hot pixels).
+    ``dtype`` divides by the type's maximum (255 for uint8, 65535 for uint16); float images
+    already in [0, 1] (windowed DICOM) pass through, other float images use ``minmax``.
+    ``minmax`` stretches each image; ``percentile`` stretches the 0.5-99.5 percentile range and
+    clips the tails (robust to hot pixels).
     """
     if mode == "dtype" and np.issubdtype(image.dtype, np.integer):
         return image.astype(np.float32) * np.float32(1.0 / np.iinfo(image.dtype).max)
     img = image.astype(np.float32)
+    if mode == "dtype" and img.size and img.min() >= 0.0 and img.max() <= 1.0:
+        return img  # already in [0, 1]: windowed DICOM pixels
     if mode == "percentile":
         lo, hi = np.percentile(img, [0.5, 99.5])
     else:

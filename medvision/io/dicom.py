@@ -1,0 +1,348 @@
+"""DICOM to float32 pixels, in pure steps: decode, modality LUT, VOI, photometric, frames.
+
+``read_dicom(path, spec)`` returns an array of shape (frames, H, W, C) in [0, 1] and a small
+metadata record. Each step is a pure function that the tests check by hand and against pydicom:
+
+1. decode: pydicom with the pylibjpeg plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
+   RLE, deflate, big-endian); YBR colour comes out as RGB, PALETTE COLOR through its LUT.
+2. :func:`modality_lut`: RescaleSlope/RescaleIntercept, or a Modality LUT Sequence, to real units (HU).
+3. :func:`voi_window` / :func:`voi_lut`: the file's window (which of several: ``voi_index``), its VOI
+   LUT Sequence, named presets (``lung``, ``brain`` ...) or explicit center/width; several windows
+   stack as channels. With no window at all, the 0.5-99.5 percentile range (:func:`percentile_window`).
+4. MONOCHROME1 is inverted after VOI, so that high values are bright.
+
+Nothing is rescaled to 8 bit and nothing is resized here; that happens in the transform pipeline.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medvision.io.image import ImageReadError
+
+VOIFunction = Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"]
+FramePolicy = Literal["first", "middle", "all"]
+
+#: Named CT windows as (center, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (50.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "liver": (30.0, 150.0),
+}
+
+#: Storage classes with pixel data that is not an image to classify (dose grids, segmentations ...).
+NON_IMAGE_MODALITIES = {"SR", "RTDOSE", "RTSTRUCT", "RTPLAN", "SEG", "KO", "PR", "REG", "DOC"}
+
+
+class DicomReadError(ImageReadError):
+    """A DICOM file that cannot be turned into pixels; the message names the file."""
+
+
+class NotADicomImage(DicomReadError):
+    """Not DICOM (no preamble), or DICOM without image pixel data (SR, RTDOSE, SEG ...): skipped."""
+
+
+class DicomDecodeError(DicomReadError):
+    """Pixel data that no installed decoder can decode; names the file and its transfer syntax."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One VOI window: ``file`` (the file's own, entry ``index``), a preset name, or center/width."""
+
+    kind: Literal["file", "preset", "explicit", "percentile"]
+    center: float = 0.0
+    width: float = 1.0
+    index: int = 0
+    name: str = ""
+
+
+def parse_window(value: Any) -> Window:
+    """``"file"``, ``"file:1"``, ``"lung"``, ``"percentile"``, ``{center: 40, width: 80}`` or ``[40, 80]``."""
+    if isinstance(value, dict):
+        c, w = float(value["center"]), float(value["width"])
+        return Window("explicit", c, w, name=f"{c:g}/{w:g}")
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return Window("explicit", float(value[0]), float(value[1]), name=f"{value[0]}/{value[1]}")
+    text = str(value)
+    if text == "percentile":
+        return Window("percentile", name=text)
+    if text == "file" or text.startswith("file:"):
+        return Window("file", index=int(text.split(":")[1]) if ":" in text else 0, name=text)
+    if text in WINDOW_PRESETS:
+        c, w = WINDOW_PRESETS[text]
+        return Window("preset", c, w, name=text)
+    raise ValueError(
+        f"window {value!r} is not one of file, file:<i>, percentile, {', '.join(WINDOW_PRESETS)}, "
+        "or {center: C, width: W}"
+    )
+
+
+@dataclass(frozen=True)
+class DicomSpec:
+    """How DICOM pixels become model input; the recipe's ``data.dicom`` section maps onto this."""
+
+    windows: tuple[Window, ...] = (Window("file"),)
+    voi_function: VOIFunction | None = None
+    frames: FramePolicy = "first"
+
+
+@dataclass
+class DicomMeta:
+    """What a caller may need about the file. ``patient_id`` is for grouping only, never written out."""
+
+    path: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    modality: str
+    photometric: str
+    transfer_syntax: str
+    n_frames: int
+    frame_indices: list[int] = field(default_factory=list)
+    windows: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- pure pixel maths
+
+
+def modality_lut(arr: np.ndarray, slope: float = 1.0, intercept: float = 0.0,
+                 lut: tuple[list[int], np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+    """Stored values -> modality units: a Modality LUT (``(descriptor, data)``) if given, else slope/intercept.
+
+    LUT descriptor = (entries, first mapped value, bits); inputs below the first value map to the
+    first entry and above the last to the last entry (PS3.3 C.11.1).
+    """
+    if lut is not None:
+        return apply_lut(arr, lut[0], lut[1]).astype(np.float32)
+    out = arr.astype(np.float32)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
+
+
+def apply_lut(arr: np.ndarray, descriptor: list[int], data: np.ndarray) -> np.ndarray:
+    """Looks values up in a DICOM LUT, clamping to its first and last entries."""
+    first = int(descriptor[1])
+    idx = np.clip(np.round(arr).astype(np.int64) - first, 0, len(data) - 1)
+    return np.asarray(data)[idx]
+
+
+def voi_window(x: np.ndarray, center: float, width: float, function: VOIFunction = "LINEAR") -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1] (LINEAR, LINEAR_EXACT or SIGMOID)."""
+    x = x.astype(np.float32, copy=False)
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"LINEAR_EXACT window width must be > 0, got {width}")
+        y = (x - center) / width + 0.5
+    else:
+        if width < 1:
+            raise ValueError(f"LINEAR window width must be >= 1, got {width}")
+        if width == 1:
+            return (x > center - 0.5).astype(np.float32)
+        y = (x - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+def voi_lut(x: np.ndarray, descriptor: list[int], data: np.ndarray) -> np.ndarray:
+    """A VOI LUT Sequence table, scaled to [0, 1] by the table's bit depth."""
+    bits = int(descriptor[2]) or 16
+    return (apply_lut(x, descriptor, data).astype(np.float32) / np.float32(2**bits - 1)).clip(0, 1)
+
+
+def percentile_window(x: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Robust range when a file has no window: the 0.5-99.5 percentiles map to [0, 1]."""
+    lo, hi = np.percentile(x, [low, high])
+    if hi <= lo:
+        return np.zeros(x.shape, dtype=np.float32)
+    return np.clip((x.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def select_frames(n_frames: int, policy: FramePolicy) -> list[int]:
+    """Frame indices to use: the first, the middle one, or all."""
+    if policy == "first":
+        return [0]
+    if policy == "middle":
+        return [n_frames // 2]
+    return list(range(n_frames))
+
+
+# ------------------------------------------------------------------------------- file handling
+
+
+def _multi(value: Any) -> list[float]:
+    if value is None:
+        return []
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def _lut_from_item(item: Dataset) -> tuple[list[int], np.ndarray]:
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    raw = item.LUTData
+    if isinstance(raw, bytes):
+        bits = descriptor[2]
+        raw = np.frombuffer(raw, dtype=np.uint8 if bits <= 8 else np.uint16)
+    data = np.asarray(raw, dtype=np.float64)
+    if descriptor[0] == 0:
+        descriptor[0] = 65536
+    return descriptor, data[: descriptor[0]]
+
+
+def _file_voi(x: np.ndarray, ds: Dataset, window: Window, function: VOIFunction | None) -> tuple[np.ndarray, str]:
+    """The file's own VOI: a VOI LUT Sequence item, or WindowCenter/Width entry ``window.index``."""
+    centers, widths = _multi(ds.get("WindowCenter")), _multi(ds.get("WindowWidth"))
+    func: VOIFunction = function or str(ds.get("VOILUTFunction", "LINEAR")).upper()  # type: ignore[assignment]
+    if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        func = "LINEAR"
+    if centers and widths:
+        i = window.index
+        if i >= min(len(centers), len(widths)):
+            raise ValueError(f"window file:{i} asked for, but the file has {len(centers)} window(s)")
+        return voi_window(x, centers[i], widths[i], func), f"file:{i} {centers[i]:g}/{widths[i]:g} {func}"
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        item = seq[min(window.index, len(seq) - 1)]
+        descriptor, data = _lut_from_item(item)
+        return voi_lut(x, descriptor, data), "file VOI LUT"
+    return percentile_window(x), "percentile (file has no window)"
+
+
+def _syntax(ds: Dataset) -> str:
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+
+
+def decode(ds: Dataset, path: str, index: int | None = None) -> np.ndarray:
+    """Frames as (frames, H, W) or (frames, H, W, 3): all of them, or only frame ``index``.
+
+    YBR colour is converted to RGB and PALETTE COLOR goes through its LUT.
+    """
+    ts_text = _syntax(ds)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pydicom.pixels.pixel_array(ds, index=index)
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        if photometric == "PALETTE COLOR":
+            arr = pydicom.pixels.apply_color_lut(arr, ds)
+    except Exception as err:
+        raise DicomDecodeError(f"{path}: cannot decode pixel data with {ts_text}: {type(err).__name__}: {err}") from err
+    frames = 1 if index is not None else int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    is_rgb = arr.ndim == (4 if frames > 1 else 3) and arr.shape[-1] == 3
+    if frames == 1:
+        arr = arr[None]
+    if samples == 1 and not is_rgb and arr.ndim != 3:
+        raise DicomDecodeError(f"{path}: unexpected pixel array shape {arr.shape} for {frames} frame(s)")
+    return arr
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Reads a DICOM file; raises :class:`NotADicomImage` for non-DICOM files and non-image objects."""
+    try:
+        ds = pydicom.dcmread(str(path))
+    except InvalidDicomError as err:
+        raise NotADicomImage(f"{path}: not a DICOM file ({err})") from None
+    except FileNotFoundError:
+        raise DicomReadError(f"{path}: file does not exist") from None
+    except Exception as err:
+        raise DicomReadError(f"{path}: cannot parse DICOM ({type(err).__name__}: {err})") from err
+    modality = str(ds.get("Modality", ""))
+    sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    image_class = "Rows" in ds or (sop_class is not None and "Image" in pydicom.uid.UID(str(sop_class)).name)
+    if "PixelData" not in ds and image_class and modality not in NON_IMAGE_MODALITIES:
+        # pydicom returns an empty dataset when an encapsulated Pixel Data element is cut short
+        raise DicomDecodeError(
+            f"{path}: cannot decode pixel data with {_syntax(ds)}: the Pixel Data element is missing or truncated"
+        )
+    if modality in NON_IMAGE_MODALITIES or "PixelData" not in ds:
+        kind = modality or str(ds.get("SOPClassUID", "unknown class"))
+        raise NotADicomImage(f"{path}: DICOM without image pixel data ({kind})")
+    return ds
+
+
+def read_dicom(
+    path: str | Path, spec: DicomSpec | None = None, frame: int | None = None
+) -> tuple[np.ndarray, DicomMeta]:
+    """Reads one DICOM file to float32 (frames, H, W, C) in [0, 1] plus its metadata.
+
+    Greyscale images get one channel per window in ``spec.windows``; colour images come out as RGB
+    scaled by their bit depth (windows do not apply to colour). ``frame`` decodes that one frame only,
+    instead of the frames ``spec.frames`` selects.
+
+    Examples:
+        >>> pixels, meta = read_dicom("ct.dcm", DicomSpec(windows=(parse_window("lung"), parse_window("bone"))))
+    """
+    spec = spec or DicomSpec()
+    path = str(path)
+    ds = read_dataset(path)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    chosen = [frame] if frame is not None else select_frames(n_frames, spec.frames)
+    if not 0 <= chosen[0] < n_frames:
+        raise DicomReadError(f"{path}: frame {chosen[0]} asked for, but the file has {n_frames} frame(s)")
+    frames = decode(ds, path, index=chosen[0] if len(chosen) == 1 and n_frames > 1 else None)
+    if n_frames > 1 and len(chosen) > 1:
+        frames = frames[chosen]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    meta = DicomMeta(
+        path=path,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        modality=str(ds.get("Modality", "")),
+        photometric=photometric,
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+        n_frames=n_frames,
+        frame_indices=chosen,
+    )
+    if frames.ndim == 4:  # colour
+        if photometric == "PALETTE COLOR":  # the LUT output is 8- or 16-bit whatever BitsStored says
+            bits = 16 if frames.dtype == np.uint16 else 8
+        else:
+            bits = int(ds.get("BitsStored", 8))
+        meta.windows = ["rgb"]
+        return (frames.astype(np.float32) / np.float32(2**bits - 1)).clip(0, 1), meta
+
+    real = modality_lut_for(frames, ds)
+    channels = []
+    for window in spec.windows:
+        if window.kind == "file":
+            out, used = _file_voi(real, ds, window, spec.voi_function)
+        elif window.kind == "percentile":
+            out, used = percentile_window(real), "percentile"
+        else:
+            out = voi_window(real, window.center, window.width, spec.voi_function or "LINEAR")
+            used = f"{window.name} {window.center:g}/{window.width:g}"
+        if photometric == "MONOCHROME1":
+            out = 1.0 - out
+        channels.append(out)
+        meta.windows.append(used)
+    return np.stack(channels, axis=-1).astype(np.float32), meta
+
+
+def modality_lut_for(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Applies the file's Modality LUT Sequence, or its RescaleSlope/Intercept, to stored values."""
+    seq = ds.get("ModalityLUTSequence")
+    if seq:
+        return modality_lut(arr, lut=_lut_from_item(seq[0]))
+    return modality_lut(arr, float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0))

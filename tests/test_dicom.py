@@ -1,0 +1,210 @@
+"""The DICOM reader against pydicom's own test files and pydicom-data, and against hand-computed pixels."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.data import get_testdata_file, get_testdata_files  # noqa: E402
+from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
+
+from medvision.io.dicom import (  # noqa: E402
+    WINDOW_PRESETS,
+    DicomDecodeError,
+    DicomReadError,
+    DicomSpec,
+    NotADicomImage,
+    modality_lut,
+    parse_window,
+    percentile_window,
+    read_dicom,
+    voi_window,
+)
+
+
+def _pydicom_decodes(path: str) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+            if str(ds.get("Modality", "")) in {"SR", "RTDOSE", "RTSTRUCT", "RTPLAN", "SEG"}:
+                return False
+            ds.pixel_array  # noqa: B018
+        return True
+    except Exception:
+        return False
+
+
+DECODABLE = sorted(
+    p for p in get_testdata_files() if Path(p).is_file() and Path(p).stat().st_size < 4_000_000 and _pydicom_decodes(p)
+)
+
+
+def test_the_corpus_is_the_real_one() -> None:
+    assert len(DECODABLE) > 80  # pydicom's ~95 decodable files plus pydicom-data's, less the very large ones
+
+
+@pytest.mark.parametrize("path", DECODABLE, ids=[Path(p).name for p in DECODABLE])
+def test_every_file_pydicom_decodes_decodes_here(path: str) -> None:
+    pixels, meta = read_dicom(path)
+    assert pixels.dtype == np.float32 and pixels.ndim == 4
+    assert pixels.shape[0] == 1  # frames: "first" by default
+    assert pixels.shape[-1] in (1, 3)
+    assert np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0
+    assert meta.n_frames >= 1 and meta.windows
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline
+        "JPGExtended.dcm",  # JPEG extended (12-bit)
+        "JPEG-LL.dcm",  # JPEG lossless
+        "emri_small_jpeg_ls_lossless.dcm",  # JPEG-LS
+        "emri_small_jpeg_2k_lossless.dcm",  # JPEG 2000
+        "emri_small_RLE.dcm",  # RLE
+        "image_dfl.dcm",  # deflate
+        "emri_small_big_endian.dcm",  # big endian
+    ],
+)
+def test_each_transfer_syntax_decodes(name: str) -> None:
+    pixels, _ = read_dicom(get_testdata_file(name))
+    assert pixels.size > 0 and pixels.max() > pixels.min()
+
+
+def test_lossless_codecs_give_identical_pixels() -> None:
+    reference, _ = read_dicom(get_testdata_file("emri_small.dcm"), DicomSpec(frames="all"))
+    for name in ("emri_small_RLE.dcm", "emri_small_big_endian.dcm", "emri_small_jpeg_2k_lossless.dcm",
+                 "emri_small_jpeg_ls_lossless.dcm"):  # fmt: skip
+        other, meta = read_dicom(get_testdata_file(name), DicomSpec(frames="all"))
+        assert meta.n_frames == 10
+        np.testing.assert_array_equal(other, reference, err_msg=name)
+
+
+def test_broken_files_raise_typed_errors_naming_file_and_syntax(tmp_path: Path) -> None:
+    src = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    truncated = tmp_path / "truncated.dcm"
+    data = src.read_bytes()
+    start = data.rindex(b"\xe0\x7f\x10\x00")  # the Pixel Data element
+    truncated.write_bytes(data[: start + (len(data) - start) // 2])  # cut inside the compressed stream
+    with pytest.raises(DicomDecodeError, match=r"truncated\.dcm: cannot decode pixel data with JPEG Baseline"):
+        read_dicom(truncated)
+    with pytest.raises(DicomReadError, match=r"nested_priv_SQ\.dcm"):
+        read_dicom(get_testdata_file("nested_priv_SQ.dcm"))
+    with pytest.raises(DicomDecodeError, match="unknown transfer syntax"):
+        read_dicom(get_testdata_file("meta_missing_tsyntax.dcm"))
+    with pytest.raises(NotADicomImage, match="not a DICOM file"):
+        read_dicom(get_testdata_file("no_meta.dcm"))
+    with pytest.raises(NotADicomImage, match="without image pixel data"):
+        read_dicom(get_testdata_file("rtplan.dcm"))
+    text = tmp_path / "notes.dcm"
+    text.write_text("not dicom at all")
+    with pytest.raises(NotADicomImage):
+        read_dicom(text)
+
+
+def test_linear_window_by_hand() -> None:
+    x = np.array([-1000.0, 0.0, 39.5, 40.0, 79.0, 80.0, 1000.0])
+    # PS3.3 C.11.2.1.2.1, c=40 w=80: y = ((x - 39.5) / 79 + 0.5), clipped
+    expected = np.clip((x - 39.5) / 79.0 + 0.5, 0, 1)
+    np.testing.assert_allclose(voi_window(x, 40, 80, "LINEAR"), expected, rtol=1e-6)
+    assert voi_window(np.array([0.0]), 40, 80)[0] == 0.0
+    exact = voi_window(np.array([0.0, 40.0, 80.0]), 40, 80, "LINEAR_EXACT")
+    np.testing.assert_allclose(exact, [0.0, 0.5, 1.0])
+    sig = voi_window(np.array([40.0, 60.0]), 40, 80, "SIGMOID")
+    np.testing.assert_allclose(sig, [0.5, 1 / (1 + np.exp(-1.0))], rtol=1e-6)
+
+
+def test_file_window_agrees_with_pydicom() -> None:
+    path = get_testdata_file("693_J2KR.dcm")  # CT: RescaleSlope/Intercept plus a WindowCenter/Width
+    ds = pydicom.dcmread(path)
+    expected = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    lo, hi = expected.min(), expected.max()
+    pixels, meta = read_dicom(path)
+    ours = pixels[0, ..., 0].astype(np.float64)
+    assert meta.windows[0].startswith("file:0")
+    # pydicom maps the window to the stored range instead of [0, 1]; compare after rescaling
+    np.testing.assert_allclose(ours, (expected - lo) / (hi - lo), atol=2e-3)
+
+
+def test_modality_lut_sequence_and_rescale_agree_with_pydicom() -> None:
+    ds = pydicom.dcmread(get_testdata_file("mlut_18.dcm"))
+    from medvision.io.dicom import modality_lut_for
+
+    np.testing.assert_allclose(modality_lut_for(ds.pixel_array, ds), apply_modality_lut(ds.pixel_array, ds))
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    np.testing.assert_allclose(modality_lut_for(ct.pixel_array, ct), apply_modality_lut(ct.pixel_array, ct))
+    assert modality_lut(np.array([0, 1000]), slope=1.0, intercept=-1024.0).tolist() == [-1024.0, -24.0]
+
+
+def test_voi_lut_sequence_agrees_with_pydicom() -> None:
+    path = get_testdata_file("vlut_04.dcm")
+    ds = pydicom.dcmread(path)
+    expected = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    pixels, meta = read_dicom(path)
+    assert meta.windows == ["file VOI LUT"]
+    np.testing.assert_allclose(pixels[0, ..., 0], expected / (2**bits - 1), atol=1e-6)
+
+
+def test_monochrome1_is_inverted_so_high_is_bright() -> None:
+    path = get_testdata_file("RG1_UNCR.dcm")  # 16-bit CR, MONOCHROME1, with a window
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array.astype(np.float64)
+    c = float(np.atleast_1d(ds.WindowCenter)[0])
+    w = float(np.atleast_1d(ds.WindowWidth)[0])
+    pixels, meta = read_dicom(path)
+    assert meta.photometric == "MONOCHROME1"
+    by_hand = 1.0 - np.clip((raw - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+    np.testing.assert_allclose(pixels[0, ..., 0], by_hand, atol=1e-5)
+    image = pixels[0, ..., 0]
+    assert image.flat[raw.argmax()] <= image.flat[raw.argmin()]  # a high stored value is dark
+
+
+def test_presets_stack_as_channels_on_ct() -> None:
+    spec = DicomSpec(windows=tuple(parse_window(w) for w in ("lung", "mediastinum", "bone")))
+    pixels, meta = read_dicom(get_testdata_file("CT_small.dcm"), spec)
+    assert pixels.shape == (1, 128, 128, 3)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = apply_modality_lut(ds.pixel_array, ds)
+    for ch, name in enumerate(("lung", "mediastinum", "bone")):
+        c, w = WINDOW_PRESETS[name]
+        np.testing.assert_allclose(pixels[0, ..., ch], np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1), atol=1e-5)
+    assert meta.windows[0].startswith("lung")
+    explicit, _ = read_dicom(get_testdata_file("CT_small.dcm"), DicomSpec(windows=(parse_window([40, 80]),)))
+    assert explicit.shape[-1] == 1
+
+
+def test_no_window_falls_back_to_percentiles() -> None:
+    pixels, meta = read_dicom(get_testdata_file("CT_small.dcm"))  # has no WindowCenter
+    assert meta.windows == ["percentile (file has no window)"]
+    assert pixels.min() == 0.0 and pixels.max() == 1.0
+    ramp = np.arange(1000, dtype=np.float32)
+    out = percentile_window(ramp)
+    assert out[0] == 0.0 and out[-1] == 1.0 and 0.49 < out[500] < 0.51
+
+
+def test_colour_and_multiframe_policies() -> None:
+    path = get_testdata_file("examples_ybr_color.dcm")  # YBR_FULL_422, 30 frames, JPEG baseline
+    first, meta = read_dicom(path)
+    assert first.shape == (1, 240, 320, 3) and meta.n_frames == 30 and meta.windows == ["rgb"]
+    ds = pydicom.dcmread(path)
+    rgb = ds.pixel_array[0].astype(np.float32) / 255  # pydicom converts YBR to RGB by default
+    np.testing.assert_allclose(first[0], rgb, atol=1e-6)
+    _, meta = read_dicom(path, DicomSpec(frames="middle"))
+    assert meta.frame_indices == [15]
+    every, _ = read_dicom(path, DicomSpec(frames="all"))
+    assert every.shape[0] == 30
+    palette, _ = read_dicom(get_testdata_file("OBXXXX1A.dcm"))  # PALETTE COLOR -> RGB
+    assert palette.shape[-1] == 3 and palette.max() > 0
+
+
+def test_window_parsing_errors() -> None:
+    with pytest.raises(ValueError, match="lung"):
+        parse_window("lungs")
+    assert parse_window("file:1").index == 1
+    assert parse_window({"center": 40, "width": 80}).center == 40.0

@@ -1,0 +1,107 @@
+"""DICOM folders as a training source: labels, patients, frames, caching, and a run end to end."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+from conftest import tiny_recipe  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+import medvision.data.dicom_source as dicom_source  # noqa: E402
+from medvision.data.sources import check_patient_disjoint, load_table  # noqa: E402
+from medvision.recipe import DataConfig, recipe_from_dict  # noqa: E402
+from medvision.run import evaluate_run, train  # noqa: E402
+
+
+def make_dicom_folder(root: Path, per_class: int = 8) -> dict[str, str]:
+    """CT and MR class folders of real pydicom test images, each copy its own SOP instance and patient."""
+    uids = {}
+    for cls, name in (("ct", "CT_small.dcm"), ("mr", "MR_small.dcm")):
+        for k in range(per_class):
+            ds = pydicom.dcmread(get_testdata_file(name))
+            ds.SOPInstanceUID = generate_uid()
+            ds.PatientID = f"{cls.upper()}-{k // 2}"  # two images per patient
+            out = root / cls / f"series{k % 2}" / f"img{k}.dcm"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(out)
+            uids[out.relative_to(root).as_posix()] = str(ds.SOPInstanceUID)
+    (root / "ct" / "README.txt").write_text("not an image")
+    shutil.copy(get_testdata_file("rtplan.dcm"), root / "mr" / "plan.dcm")  # DICOM, but no image
+    return uids
+
+
+@pytest.fixture(scope="module")
+def dicom_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("dicom")
+    return root, make_dicom_folder(root)
+
+
+def test_class_folders_patients_and_skips(dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, _ = dicom_folder
+    table = load_table(DataConfig(source="dicom", path=str(root), val_fraction=0.25, test_fraction=0.25), 0, tmp_path)
+    assert table.classes == ["ct", "mr"] and len(table) == 16
+    assert table.groups.count("CT-0") == 2 and "MR-3" in table.groups
+    check_patient_disjoint(table)
+    pixels = table.loader(0)
+    assert pixels.dtype == np.float32 and pixels.shape == (128, 128, 1) and table.grayscale
+
+
+def test_labels_csv_by_uid_and_windows_as_channels(dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, uids = dicom_folder
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sop_instance_uid", "label"])
+        for rel, uid in uids.items():
+            if rel.startswith("ct/"):
+                w.writerow([uid, "normal" if "series0" in rel else "abnormal"])
+    dicom = {"labels": str(labels), "windows": ["lung", "mediastinum", "bone"]}
+    cfg = DataConfig.model_validate({"source": "dicom", "path": str(root), "dicom": dicom})
+    table = load_table(cfg, 0, tmp_path / "cache")
+    assert len(table) == 8 and table.classes == ["abnormal", "normal"]
+    assert table.loader(0).shape == (128, 128, 3) and not table.grayscale
+
+
+def test_decoded_pixels_are_cached(dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    root, _ = dicom_folder
+    table = load_table(DataConfig(source="dicom", path=str(root)), 0, tmp_path)
+    first = table.loader(3)
+    assert len(list(tmp_path.glob("*.npy"))) >= 1
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(dicom_source, "read_dicom", no_decoding)
+    np.testing.assert_allclose(table.loader(3), first, atol=1e-3)  # float16 cache
+
+
+def test_every_frame_as_a_sample(tmp_path: Path) -> None:
+    root = tmp_path / "mf"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    shutil.copy(get_testdata_file("emri_small.dcm"), root / "a" / "x.dcm")
+    shutil.copy(get_testdata_file("emri_small_RLE.dcm"), root / "b" / "y.dcm")
+    cfg = DataConfig.model_validate({"source": "dicom", "path": str(root), "dicom": {"frames": "all", "cache": False}})
+    table = load_table(cfg, 0)
+    assert len(table) == 20 and table.ids[3] == "a/x.dcm#3"
+    np.testing.assert_array_equal(table.loader(3), table.loader(13))  # same pixels, RLE vs raw
+
+
+def test_train_and_evaluate_on_dicom(dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, _ = dicom_folder
+    tree = tiny_recipe(root, tmp_path)
+    tree["data"].update(source="dicom", path=str(root), dicom={"windows": ["percentile"]})
+    tree["augment"] = {"preset": "radiology"}
+    run_dir = train(recipe_from_dict(tree))
+    assert (run_dir / "metrics.json").is_file()
+    assert list((tmp_path / ".cache" / "dicom").glob("*.npy"))
+    _, metrics = evaluate_run(run_dir, data=str(root))
+    assert metrics["n"] == 16
