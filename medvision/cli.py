@@ -21,6 +21,15 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from medvision.score import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvision", description="Transfer learning on medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="which split to score (default: test, or all with --data)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")
+
+    p = sub.add_parser("score", help="score every DICOM image in a folder with a trained run")
+    p.add_argument("folder", type=Path, help="folder searched recursively for DICOM files")
+    p.add_argument("--model", type=Path, required=True, metavar="RUN_DIR", help="a finished medvision run")
+    p.add_argument("--out", type=Path, required=True, help="scores.csv (or .parquet); re-run to resume")
+    p.add_argument("--include-tags", default="", metavar="TAG,TAG",
+                   help="opt in to extra DICOM tags as columns, e.g. AccessionNumber (none by default)")  # fmt: skip
+    p.add_argument(
+        "--shard", default=(0, 1), type=_shard, metavar="I/N", help="score only shard I of N (deterministic)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="files per batch")
+    p.add_argument("--workers", type=int, help="DataLoader decode workers (default: min(4, cores))")
 
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
     p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
@@ -69,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out)
             print(f"AUC {metrics['auc']:.4f}  accuracy {metrics['acc']:.4f}  n={metrics['n']}")
             print(f"metrics: {out / 'metrics.json'}")
+        elif args.command == "score":
+            from medvision.score import score_folder
+
+            tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
+            summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
+                                   args.workers)  # fmt: skip
+            print(summary.line())
+            if summary.scored_images == 0 and summary.already_done == 0:
+                print(f"medvision score: error: nothing could be scored in {args.folder}", file=sys.stderr)
+                return 1
         elif args.command == "demo":
             from medvision.demo import run_demo
 

@@ -12,6 +12,13 @@ from medvision.data.sources import SampleTable
 from medvision.io.image import ImageReadError, Intensity, to_channels, to_unit_range
 
 
+def prepare(
+    raw: np.ndarray, intensity: Intensity, channels: int, transform: Callable[..., dict[str, torch.Tensor]]
+) -> torch.Tensor:
+    """Native pixels -> [0, 1] -> model channels -> transform: the one path training, evaluate and score share."""
+    return transform(image=to_channels(to_unit_range(raw, intensity), channels))["image"]
+
+
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Yields ``(image CHW float32, label)``: native-depth pixels -> [0, 1] -> channels -> transform."""
 
@@ -40,8 +47,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             raise
         except Exception as err:
             raise ImageReadError(f"{self.table.ids[i]}: {err}") from err
-        image = to_channels(to_unit_range(raw, self.intensity), self.channels)
-        return self.transform(image=image)["image"], int(self.table.labels[i])
+        return prepare(raw, self.intensity, self.channels, self.transform), int(self.table.labels[i])
 
     @property
     def ids(self) -> list[str]:

@@ -82,6 +82,11 @@ def build_transforms(
 ) -> A.Compose:
     """Resize, then (for training, when ``aug`` is given) augmentation, then normalise and to tensor."""
     steps: list[A.BasicTransform] = [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR)]
+    if aug is not None and aug.preset == "pathology" and len(mean) != 3:
+        raise RecipeError(
+            f"augment.preset 'pathology' jitters H&E stain and needs RGB input, but the model takes {len(mean)} "
+            "channel(s); use preset radiology or none for greyscale data"
+        )
     if aug is not None:
         steps += preset(aug.preset) + explicit(aug.transforms)
     steps += [A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()]

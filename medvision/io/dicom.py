@@ -281,20 +281,20 @@ def read_dataset(path: str | Path) -> Dataset:
 
 
 def read_dicom(
-    path: str | Path, spec: DicomSpec | None = None, frame: int | None = None
+    path: str | Path, spec: DicomSpec | None = None, frame: int | None = None, dataset: Dataset | None = None
 ) -> tuple[np.ndarray, DicomMeta]:
     """Reads one DICOM file to float32 (frames, H, W, C) in [0, 1] plus its metadata.
 
     Greyscale images get one channel per window in ``spec.windows``; colour images come out as RGB
     scaled by their bit depth (windows do not apply to colour). ``frame`` decodes that one frame only,
-    instead of the frames ``spec.frames`` selects.
+    instead of the frames ``spec.frames`` selects. ``dataset``, if given, is the already-read file.
 
     Examples:
         >>> pixels, meta = read_dicom("ct.dcm", DicomSpec(windows=(parse_window("lung"), parse_window("bone"))))
     """
     spec = spec or DicomSpec()
     path = str(path)
-    ds = read_dataset(path)
+    ds = dataset if dataset is not None else read_dataset(path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     chosen = [frame] if frame is not None else select_frames(n_frames, spec.frames)
     if not 0 <= chosen[0] < n_frames:
