@@ -22,7 +22,9 @@ import torch
 from medvision.recipe import load_recipe
 from medvision.run import train
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "bloodmnist_effnet_lite0.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MEDVISION_SHARED", str(ROOT.parent / "shared"))  # works from any directory
+RECIPE = ROOT / "recipes" / "bloodmnist_effnet_lite0.yaml"
 
 
 def main() -> None:
