@@ -86,9 +86,7 @@ def main() -> None:
     with out.open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["status"] == "ok"]
     classes = [c[len("prob_") :] for c in rows[0] if c.startswith("prob_")]
-    diff = max(
-        float(np.abs(np.array([float(r[f"prob_{c}"]) for c in classes]) - plain[r["path"]]).max()) for r in rows
-    )
+    diff = max(float(np.abs(np.array([float(r[f"prob_{c}"]) for c in classes]) - plain[r["path"]]).max()) for r in rows)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results = [
         {"method": "plain loop (1 process, batch 1)", "images": n_plain, "seconds": t_plain,
