@@ -46,8 +46,9 @@ class DicomConfig(_Node):
     soft_tissue, bone, brain, subdural, liver) or ``{center: C, width: W}``."""
     voi_function: Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"] | None = None
     """Windowing function; default: the file's VOILUTFunction, else LINEAR."""
-    frames: Literal["first", "middle", "all"] = "first"
-    """Which frames of a multi-frame file become samples: the first, the middle one, or each frame."""
+    frames: Literal["first", "middle", "all", "tiled"] = "first"
+    """Multi-frame files: the first or middle frame, each frame as a sample, or (``tiled``) a whole-slide
+    image's tiles assembled into one image."""
     labels: str | None = None
     """CSV with ``label`` and ``path`` (relative to the folder) or ``sop_instance_uid``; default: class folders."""
     cache: bool = True

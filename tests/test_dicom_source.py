@@ -105,3 +105,18 @@ def test_train_and_evaluate_on_dicom(dicom_folder: tuple[Path, dict[str, str]], 
     assert list((tmp_path / ".cache" / "dicom").glob("*.npy"))
     _, metrics = evaluate_run(run_dir, data=str(root))
     assert metrics["n"] == 16
+
+
+def test_whole_slide_images_as_one_sample_each(tmp_path: Path) -> None:
+    from test_dicom import _write_wsi
+
+    rng = np.random.default_rng(0)
+    for cls in ("tumour", "normal"):
+        (tmp_path / "wsi" / cls).mkdir(parents=True)
+        _write_wsi(tmp_path / "wsi" / cls / "slide.dcm", rng.integers(0, 255, (70, 90, 3), np.uint8), 32, False)
+    cfg = DataConfig.model_validate(
+        {"source": "dicom", "path": str(tmp_path / "wsi"), "dicom": {"frames": "tiled", "windows": ["file"]}}
+    )
+    table = load_table(cfg, 0, tmp_path / "cache")
+    assert len(table) == 2 and table.ids == ["normal/slide.dcm", "tumour/slide.dcm"]
+    assert table.loader(0).shape == (70, 90, 3) and not table.grayscale

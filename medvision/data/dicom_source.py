@@ -19,7 +19,15 @@ import numpy as np
 import pydicom
 
 from medvision.data.sources import DataSourceError, SampleTable, class_index
-from medvision.io.dicom import DicomSpec, NotADicomImage, parse_window, read_dataset, read_dicom, select_frames
+from medvision.io.dicom import (
+    DicomSpec,
+    FramePolicy,
+    NotADicomImage,
+    parse_window,
+    read_dataset,
+    read_dicom,
+    select_frames,
+)
 from medvision.recipe import DicomConfig
 
 log = logging.getLogger("medvision")
@@ -27,7 +35,8 @@ log = logging.getLogger("medvision")
 
 def dicom_spec(cfg: DicomConfig) -> DicomSpec:
     """The reader's settings from the recipe's ``data.dicom`` section (one frame per sample)."""
-    return DicomSpec(windows=tuple(parse_window(w) for w in cfg.windows), voi_function=cfg.voi_function)
+    frames: FramePolicy = "tiled" if cfg.frames == "tiled" else "first"  # otherwise each sample names its frame
+    return DicomSpec(windows=tuple(parse_window(w) for w in cfg.windows), voi_function=cfg.voi_function, frames=frames)
 
 
 def walk_files(root: Path) -> list[Path]:
@@ -59,7 +68,8 @@ class DicomLoader:
         cached = self._cache_path(i)
         if cached is not None and cached.is_file():
             return np.load(cached).astype(np.float32)
-        pixels, _ = read_dicom(self.paths[i], self.spec, frame=self.frames[i])
+        frame = None if self.spec.frames == "tiled" else self.frames[i]
+        pixels, _ = read_dicom(self.paths[i], self.spec, frame=frame)
         image = pixels[0]
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)

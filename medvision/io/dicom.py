@@ -29,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from medvision.io.image import ImageReadError
 
 VOIFunction = Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"]
-FramePolicy = Literal["first", "middle", "all"]
+FramePolicy = Literal["first", "middle", "all", "tiled"]
 
 #: Named CT windows as (center, width) in Hounsfield units.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -176,12 +176,45 @@ def percentile_window(x: np.ndarray, low: float = 0.5, high: float = 99.5) -> np
 
 
 def select_frames(n_frames: int, policy: FramePolicy) -> list[int]:
-    """Frame indices to use: the first, the middle one, or all."""
-    if policy == "first":
+    """Frame indices to use: the first, the middle one, or all (``tiled`` uses every tile for one image)."""
+    if policy in ("first", "tiled"):
         return [0]
     if policy == "middle":
         return [n_frames // 2]
     return list(range(n_frames))
+
+
+def tile_positions(ds: Dataset, n_frames: int) -> list[tuple[int, int]]:
+    """0-based (row, col) of each frame's top-left pixel in a whole-slide image's total pixel matrix.
+
+    TILED_SPARSE files give each frame's position in the Per-Frame Functional Groups; TILED_FULL
+    files store tiles row by row, so positions follow from the tile and matrix sizes (only the
+    first focal plane / optical path is used).
+    """
+    tile_rows, tile_cols = int(ds.Rows), int(ds.Columns)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if str(ds.get("DimensionOrganizationType", "")) != "TILED_FULL" and per_frame:
+        out = []
+        for item in per_frame[:n_frames]:
+            pos = item.PlanePositionSlideSequence[0]
+            out.append(
+                (int(pos.RowPositionInTotalImagePixelMatrix) - 1, int(pos.ColumnPositionInTotalImagePixelMatrix) - 1)
+            )
+        return out
+    per_row = -(-int(ds.TotalPixelMatrixColumns) // tile_cols)
+    per_col = -(-int(ds.TotalPixelMatrixRows) // tile_rows)
+    return [((k // per_row) * tile_rows, (k % per_row) * tile_cols) for k in range(min(n_frames, per_row * per_col))]
+
+
+def assemble_tiles(tiles: np.ndarray, positions: list[tuple[int, int]], total_rows: int, total_cols: int) -> np.ndarray:
+    """Places tiles (n, h, w[, c]) at their positions in a (total_rows, total_cols[, c]) image, cropping edges."""
+    out = np.zeros((total_rows, total_cols, *tiles.shape[3:]), dtype=tiles.dtype)
+    h, w = tiles.shape[1:3]
+    for tile, (r, c) in zip(tiles, positions, strict=False):
+        rh, cw = min(h, total_rows - r), min(w, total_cols - c)
+        if rh > 0 and cw > 0:
+            out[r : r + rh, c : c + cw] = tile[:rh, :cw]
+    return out
 
 
 # ------------------------------------------------------------------------------- file handling
@@ -296,25 +329,41 @@ def read_dicom(
     path = str(path)
     ds = dataset if dataset is not None else read_dataset(path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if spec.frames == "tiled" and frame is None:
+        if "TotalPixelMatrixRows" not in ds or "TotalPixelMatrixColumns" not in ds:
+            raise DicomReadError(f"{path}: frames 'tiled' needs a whole-slide image (TotalPixelMatrixRows/Columns)")
+        tiles = decode(ds, path)
+        image = assemble_tiles(
+            tiles, tile_positions(ds, len(tiles)), int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
+        )
+        return _to_unit(image[None], ds, spec, _meta(ds, path, n_frames, list(range(n_frames))))
     chosen = [frame] if frame is not None else select_frames(n_frames, spec.frames)
     if not 0 <= chosen[0] < n_frames:
         raise DicomReadError(f"{path}: frame {chosen[0]} asked for, but the file has {n_frames} frame(s)")
     frames = decode(ds, path, index=chosen[0] if len(chosen) == 1 and n_frames > 1 else None)
     if n_frames > 1 and len(chosen) > 1:
         frames = frames[chosen]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    meta = DicomMeta(
+    return _to_unit(frames, ds, spec, _meta(ds, path, n_frames, chosen))
+
+
+def _meta(ds: Dataset, path: str, n_frames: int, chosen: list[int]) -> DicomMeta:
+    return DicomMeta(
         path=path,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
         patient_id=str(ds.get("PatientID", "")),
         modality=str(ds.get("Modality", "")),
-        photometric=photometric,
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         n_frames=n_frames,
         frame_indices=chosen,
     )
+
+
+def _to_unit(frames: np.ndarray, ds: Dataset, spec: DicomSpec, meta: DicomMeta) -> tuple[np.ndarray, DicomMeta]:
+    """Decoded frames -> float32 (frames, H, W, C) in [0, 1]: colour by bit depth, grey by LUT and VOI."""
+    photometric = meta.photometric
     if frames.ndim == 4:  # colour
         if photometric == "PALETTE COLOR":  # the LUT output is 8- or 16-bit whatever BitsStored says
             bits = 16 if frames.dtype == np.uint16 else 8
