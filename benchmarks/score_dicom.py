@@ -27,7 +27,7 @@ from dicom_corpus import make_corpus
 from medvision.data.dataset import prepare
 from medvision.data.dicom_source import dicom_spec, walk_files
 from medvision.data.transforms import build_transforms
-from medvision.io.dicom import NotADicomImage, read_dicom
+from medvision.io.dicom import DicomReadError, NotADicomImage, read_dicom
 from medvision.recipe import load_recipe
 from medvision.run import load_run, train
 from medvision.score import score_folder
@@ -49,9 +49,7 @@ def plain_loop(folder: Path, run_dir: Path) -> tuple[dict[str, np.ndarray], int,
         for path in walk_files(folder):
             try:
                 pixels, _ = read_dicom(path, spec)
-            except NotADicomImage:
-                continue
-            except Exception:
+            except (NotADicomImage, DicomReadError):  # skipped or error rows in medvision; not timed here
                 continue
             x = prepare(pixels[0], recipe.data.intensity, bundle.in_chans, transform)[None]
             x = x.contiguous(memory_format=torch.channels_last) if recipe.train.channels_last else x
