@@ -120,3 +120,94 @@ class MetricAccumulator:
     def compute(self) -> dict[str, float]:
         probs, labels = self.probs_and_labels()
         return compute_metrics(labels, probs)
+
+
+# ------------------------------------------------------------------ threshold and calibration metrics
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]`` as an (n_classes, n_classes) int64 matrix."""
+    y, p = np.asarray(y_true, dtype=np.int64).ravel(), np.asarray(y_pred, dtype=np.int64).ravel()
+    return np.bincount(y * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _ratio(num: float, den: float, name: str) -> float:
+    if den == 0:
+        warnings.warn(f"{name} is undefined (0/0); reporting NaN", MetricWarning, stacklevel=3)
+        return float("nan")
+    return float(num / den)
+
+
+def per_class_metrics(cm: np.ndarray) -> list[dict[str, float]]:
+    """Sensitivity, specificity, PPV, NPV and F1 of each class against the rest, from a confusion matrix."""
+    total = cm.sum()
+    out = []
+    for k in range(cm.shape[0]):
+        tp = float(cm[k, k])
+        fn = float(cm[k].sum() - tp)
+        fp = float(cm[:, k].sum() - tp)
+        tn = float(total - tp - fn - fp)
+        out.append({
+            "sensitivity": _ratio(tp, tp + fn, f"class {k} sensitivity"),
+            "specificity": _ratio(tn, tn + fp, f"class {k} specificity"),
+            "ppv": _ratio(tp, tp + fp, f"class {k} PPV"),
+            "npv": _ratio(tn, tn + fn, f"class {k} NPV"),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn, f"class {k} F1"),
+            "support": float(tp + fn),
+        })  # fmt: skip
+    return out
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's ``balanced_accuracy_score``)."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    support = cm.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        warnings.warn("balanced accuracy of an empty set is undefined; reporting NaN", MetricWarning, stacklevel=2)
+        return float("nan")
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Binary average precision: sum over thresholds of (R_n - R_{n-1}) P_n, as scikit-learn computes it."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        warnings.warn("average precision is undefined without positives; reporting NaN", MetricWarning, stacklevel=2)
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
+    tps = np.cumsum(y_sorted)[last_of_tie]
+    precision = tps / (last_of_tie + 1)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean squared error of the probabilities against one-hot labels (binary: of the positive class)."""
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        return float(np.mean((p - y) ** 2))
+    onehot = np.eye(p.shape[1])[y]
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: confidence vs accuracy in equal-width confidence bins, weighted by bin size."""
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        p = np.stack([1 - p, p], axis=1)
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    bins = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
