@@ -7,6 +7,8 @@ silent 0.5.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,3 +213,117 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     return float(ece)
+
+
+# ------------------------------------------------------------------------ uncertainty and thresholds
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile CI of ``metric`` over stratified bootstrap resamples (each class resampled on its own).
+
+    Stratifying keeps every resample's class mix equal to the data's, so AUC is defined in each one.
+    Resamples where the metric is NaN are dropped.
+    """
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)]
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        for _ in range(n_resamples):
+            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+            values.append(metric(y[idx], p[idx]))
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))
+
+
+def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components: V10 per positive, V01 per negative (ties count one half)."""
+    v10 = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean(axis=1)
+    v01 = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean(axis=0)
+    return v10, v01
+
+
+def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, Any]:
+    """DeLong et al. (1988): AUCs of two models on the same cases, their 95% CIs and the two-sided p-value."""
+    from math import erf, sqrt
+
+    y = np.asarray(y_true).astype(bool).ravel()
+    a, b = np.asarray(score_a, dtype=np.float64).ravel(), np.asarray(score_b, dtype=np.float64).ravel()
+    if y.all() or not y.any():
+        warnings.warn("DeLong test needs both classes; reporting NaN", MetricWarning, stacklevel=2)
+        nan = float("nan")
+        return {"auc_a": nan, "auc_b": nan, "ci_a": (nan, nan), "ci_b": (nan, nan), "z": nan, "p": nan}
+    m, n = int(y.sum()), int((~y).sum())
+    comps = [_placements(s[y], s[~y]) for s in (a, b)]
+    aucs = np.array([v10.mean() for v10, _ in comps])
+    s10 = np.cov(np.stack([v10 for v10, _ in comps]))
+    s01 = np.cov(np.stack([v01 for _, v01 in comps]))
+    cov = s10 / m + s01 / n
+    var_diff = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    z = (aucs[0] - aucs[1]) / np.sqrt(var_diff) if var_diff > 0 else 0.0
+    p = 2 * (1 - 0.5 * (1 + erf(abs(z) / sqrt(2))))
+    ci = [(aucs[i] - 1.959964 * np.sqrt(cov[i, i]), aucs[i] + 1.959964 * np.sqrt(cov[i, i])) for i in range(2)]
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "ci_a": ci[0], "ci_b": ci[1], "z": float(z), "p": p}
+
+
+def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, sensitivity, specificity) at every distinct score, highest threshold first."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    thresholds = np.unique(s)[::-1]
+    pos, neg = max(1, int(y.sum())), max(1, int((~y).sum()))
+    sens = np.array([(s[y] >= t).sum() / pos for t in thresholds])
+    spec = np.array([(s[~y] < t).sum() / neg for t in thresholds])
+    return thresholds, sens, spec
+
+
+def operating_point(y_true: np.ndarray, score: np.ndarray, rule: str, target: float | None = None) -> float:
+    """A threshold chosen on validation data: ``youden`` (max sens + spec - 1), ``sensitivity`` (the highest
+    threshold reaching ``target`` sensitivity) or ``specificity`` (the lowest reaching ``target``)."""
+    thresholds, sens, spec = roc_points(y_true, score)
+    if rule == "youden":
+        return float(thresholds[int(np.argmax(sens + spec - 1))])
+    if target is None:
+        raise ValueError(f"operating point rule {rule!r} needs a target, e.g. 0.95")
+    if rule == "sensitivity":
+        ok = np.flatnonzero(sens >= target)
+        return float(thresholds[ok[0]]) if ok.size else float(thresholds[-1])
+    if rule == "specificity":
+        ok = np.flatnonzero(spec >= target)
+        return float(thresholds[ok[-1]]) if ok.size else float(thresholds[0])
+    raise ValueError(f"operating point rule {rule!r} is not one of youden, sensitivity, specificity")
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The temperature T > 0 minimising validation NLL of softmax(logits / T) (golden-section on log T)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).ravel()
+
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        logp = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y].mean())
+
+    lo, hi = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(80):
+        m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if nll(m1) < nll(m2):
+            hi = m2
+        else:
+            lo = m1
+    return float(np.exp((lo + hi) / 2))
