@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from math import erf, sqrt
 from typing import Any
 
 import numpy as np
@@ -251,15 +252,12 @@ def bootstrap_ci(
 
 def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """DeLong's structural components: V10 per positive, V01 per negative (ties count one half)."""
-    v10 = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean(axis=1)
-    v01 = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean(axis=0)
-    return v10, v01
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return wins.mean(axis=1), wins.mean(axis=0)
 
 
 def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, Any]:
     """DeLong et al. (1988): AUCs of two models on the same cases, their 95% CIs and the two-sided p-value."""
-    from math import erf, sqrt
-
     y = np.asarray(y_true).astype(bool).ravel()
     a, b = np.asarray(score_a, dtype=np.float64).ravel(), np.asarray(score_b, dtype=np.float64).ravel()
     if y.all() or not y.any():

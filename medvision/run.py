@@ -59,7 +59,8 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Library versions, recorded in run.json and in scoring provenance."""
     return {
         "medvision": medvision.__version__,
         "torch": torch.__version__,
@@ -136,7 +137,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
         "model": recipe.model.name,
         "split_sizes": sizes,
         "device": str(device),
-        "versions": _versions(),
+        "versions": versions(),
     }
     write_json(run_dir / "run.json", meta)
 

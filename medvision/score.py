@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from medvision.data.dicom_source import dicom_spec, walk_files
 from medvision.data.transforms import build_transforms
 from medvision.io.dicom import NotADicomImage, read_dataset, read_dicom, select_frames
 from medvision.io.image import Intensity
-from medvision.run import load_run
+from medvision.run import load_run, versions
 from medvision.train.build import resolve_amp, resolve_device
 from medvision.train.checkpoint import sha256
 from medvision.train.loop import autocast, to_device
@@ -275,20 +274,11 @@ def _to_parquet(table_path: Path, out: Path) -> None:
 
 
 def _write_provenance(out: Path, run_dir: Path, summary: ScoreSummary, tags: list[str]) -> None:
-    import timm
-
-    import medvision
-
     record = {
         "model_checkpoint": str(run_dir / "model.safetensors"),
         "model_sha256": sha256(run_dir / "model.safetensors"),
-        "recipe_sha256": hashlib.sha256((run_dir / "recipe.yaml").read_bytes()).hexdigest(),
-        "versions": {
-            "medvision": medvision.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": sys.version.split()[0],
-        },
+        "recipe_sha256": sha256(run_dir / "recipe.yaml"),
+        "versions": versions(),
         "included_identifying_tags": [t for t in tags if t in IDENTIFYING_TAGS],
         "included_tags": tags,
         **asdict(summary),
