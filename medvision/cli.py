@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from medvision.data.sources import DataSourceError
+from medvision.explain import ExplainError
 from medvision.io.image import ImageReadError
 from medvision.models.backbone import PretrainedUnavailable
 from medvision.models.freeze import FreezeError
@@ -17,7 +18,7 @@ from medvision.train.loop import NonFiniteLoss
 
 USER_ERRORS = (
     RecipeError, DataSourceError, ImageReadError, PretrainedUnavailable, FreezeError, RunError, NonFiniteLoss,
-    FileNotFoundError,
+    FileNotFoundError, ExplainError,
 )  # fmt: skip
 
 
@@ -63,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="files per batch")
     p.add_argument("--workers", type=int, help="DataLoader decode workers (default: min(4, cores))")
 
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps: of given images, or of a run's most confident errors")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--images", nargs="+", type=Path, metavar="FILE",
+                   help="PNG/JPEG/TIFF or DICOM files (default: the test split's most confident errors)")  # fmt: skip
+    p.add_argument("--method", choices=["gradcam", "gradcam++"], help="default: the recipe's evaluation.explain_method")
+    p.add_argument("--target", metavar="CLASS", help="class to explain (default: the predicted class)")
+    p.add_argument("-n", type=int, help="errors of each kind to show (default: the recipe's evaluation.explain)")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/explain)")
+
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
     p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
     return parser
@@ -100,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             if summary.scored_images == 0 and summary.already_done == 0:
                 print(f"medvision score: error: nothing could be scored in {args.folder}", file=sys.stderr)
                 return 1
+        elif args.command == "explain":
+            from medvision.explain import explain_images
+            from medvision.run import explain_errors
+
+            out = args.out or args.run_dir / "explain"
+            if args.images:
+                written = explain_images(args.run_dir, args.images, out, args.method or "gradcam", args.target)
+            elif args.target:
+                raise RunError("--target applies to --images; the error panel explains each image's predicted class")
+            else:
+                written = explain_errors(args.run_dir, out, method=args.method, n=args.n)
+            print(f"wrote {len(written)} overlay(s) to {out}")
         elif args.command == "demo":
             from medvision.demo import run_demo
 

@@ -6,6 +6,7 @@ silent 0.5.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from math import erf, sqrt
@@ -54,36 +55,61 @@ def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def compute_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUC, or macro one-vs-rest AUC for more than two classes (scikit-learn's ``ovr``/``macro``).
+def compute_auc(y_true: np.ndarray, probs: np.ndarray, average: str = "macro") -> float:
+    """Binary AUC, or one-vs-rest AUC averaged over classes for more than two (scikit-learn's ``ovr``).
 
-    ``probs`` is (N,) scores of the positive class, or (N, K) class probabilities. A class absent
-    from ``y_true`` has no one-vs-rest AUC; it is left out of the mean with a warning, and if no class
-    is left the result is NaN.
+    ``probs`` is (N,) scores of the positive class, or (N, K) class probabilities. ``average`` is
+    ``macro`` (each class counts the same) or ``weighted`` (by class prevalence). A class absent from
+    ``y_true`` has no one-vs-rest AUC; it is left out with a warning, and if no class is left the
+    result is NaN.
     """
+    if average not in ("macro", "weighted"):
+        raise ValueError(f"AUC average {average!r} is not one of macro, weighted")
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim == 1 or p.shape[1] == 1:
         return binary_auc(y, p.ravel())
     if p.shape[1] == 2:
         return binary_auc(y == 1, p[:, 1])
-    per_class = []
-    absent = []
+    return _mean_of_columns(np.eye(p.shape[1], dtype=bool)[y], p, average, "multiclass")
+
+
+def _mean_of_columns(onehot: np.ndarray, p: np.ndarray, average: str, kind: str) -> float:
+    """Mean (or support-weighted mean) of the per-column binary AUCs of the columns with both classes."""
+    aucs, weights, absent = [], [], []
     for k in range(p.shape[1]):
-        positives = y == k
+        positives = onehot[:, k]
         if positives.all() or not positives.any():
             absent.append(k)
             continue
-        per_class.append(binary_auc(positives, p[:, k]))
+        aucs.append(binary_auc(positives, p[:, k]))
+        weights.append(float(positives.sum()))
     if absent:
         warnings.warn(
-            f"macro AUC: class(es) {absent} have no positive (or no negative) samples and are left out",
+            f"{kind} AUC: class(es) {absent} have no positive (or no negative) samples and are left out",
             MetricWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if not per_class:
+    if not aucs:
         return float("nan")
-    return float(np.mean(per_class))
+    return float(np.average(aucs, weights=weights if average == "weighted" else None))
+
+
+def multilabel_auc(y_true: np.ndarray, probs: np.ndarray, average: str = "macro") -> float:
+    """AUC of (N, K) 0/1 label indicators against (N, K) scores: ``macro``, ``weighted`` or ``micro``.
+
+    As scikit-learn's ``roc_auc_score`` on a multilabel indicator matrix, except that a label column
+    with a single class is left out with a warning instead of raising.
+    """
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 2 or y.shape != p.shape:
+        raise ValueError(f"multilabel AUC needs (N, K) labels and scores of one shape, got {y.shape} and {p.shape}")
+    if average == "micro":
+        return binary_auc(y.ravel(), p.ravel())
+    if average not in ("macro", "weighted"):
+        raise ValueError(f"multilabel AUC average {average!r} is not one of macro, weighted, micro")
+    return _mean_of_columns(y, p, average, "multilabel")
 
 
 def compute_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -113,16 +139,14 @@ class MetricAccumulator:
         self._logits.append(logits.detach().float())
         self._labels.append(labels.detach())
 
-    def probs_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+    def logits_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
         if not self._logits:
             return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-        logits = torch.cat(self._logits)
-        probs = torch.softmax(logits, dim=1).cpu().numpy()
-        return probs, torch.cat(self._labels).cpu().numpy()
+        return torch.cat(self._logits).cpu().numpy(), torch.cat(self._labels).cpu().numpy()
 
     def compute(self) -> dict[str, float]:
-        probs, labels = self.probs_and_labels()
-        return compute_metrics(labels, probs)
+        logits, labels = self.logits_and_labels()
+        return compute_metrics(labels, softmax(logits) if len(labels) else logits)
 
 
 # ------------------------------------------------------------------ threshold and calibration metrics
@@ -219,6 +243,42 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 # ------------------------------------------------------------------------ uncertainty and thresholds
 
 
+def bootstrap_cis(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of several metrics over the same stratified bootstrap resamples.
+
+    Each class is resampled on its own, so every resample keeps the data's class mix and AUC is
+    defined in each one. Resamples where a metric is NaN are dropped for that metric; a metric
+    that is NaN in every resample gets a (NaN, NaN) interval.
+    """
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)]
+    values: dict[str, list[float]] = {name: [] for name in metrics}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        for _ in range(n_resamples if groups else 0):
+            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+            for name, metric in metrics.items():
+                values[name].append(metric(y[idx], p[idx]))
+    alpha = (1 - level) / 2
+    out = {}
+    for name, vals in values.items():
+        arr = np.asarray(vals, dtype=np.float64)
+        arr = arr[np.isfinite(arr)]
+        out[name] = (
+            (float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))) if arr.size else (math.nan, math.nan)
+        )
+    return out
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -227,27 +287,8 @@ def bootstrap_ci(
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile CI of ``metric`` over stratified bootstrap resamples (each class resampled on its own).
-
-    Stratifying keeps every resample's class mix equal to the data's, so AUC is defined in each one.
-    Resamples where the metric is NaN are dropped.
-    """
-    y = np.asarray(y_true).ravel()
-    p = np.asarray(probs)
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(y == c) for c in np.unique(y)]
-    values = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        for _ in range(n_resamples):
-            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-            values.append(metric(y[idx], p[idx]))
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))
+    """Percentile CI of one ``metric`` over stratified bootstrap resamples (see ``bootstrap_cis``)."""
+    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level)["m"]
 
 
 def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -325,3 +366,52 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
         else:
             lo = m1
     return float(np.exp((lo + hi) / 2))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64, stable for large logits."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def aggregate_by_group(
+    groups: list[str], y_true: np.ndarray, probs: np.ndarray, method: str = "mean", top_k: int = 3
+) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """Image (or patch) probabilities -> one row per patient (or slide): ``mean``, ``max`` or ``topk`` mean.
+
+    For two classes the positive-class probability is aggregated and the negative one is its
+    complement, so ``max`` means "the slide is as suspicious as its most suspicious patch". For more
+    classes each column is aggregated and the row renormalised to sum to one. A patient whose images
+    carry different labels takes the positive label if any image has it (binary) or the most common
+    label (multiclass); the number of such patients is returned so it can be reported.
+
+    Returns (group ids in first-seen order, labels, probabilities, patients with mixed labels).
+    """
+    if method not in ("mean", "max", "topk"):
+        raise ValueError(f"patient aggregation {method!r} is not one of mean, max, topk")
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    if len(groups) != len(y) or len(y) != len(p):
+        raise ValueError(f"{len(groups)} groups, {len(y)} labels and {len(p)} probability rows differ")
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    binary = p.shape[1] == 2
+    cols = p[:, 1:] if binary else p
+    out_p, out_y, mixed = [], [], 0
+    for rows in index.values():
+        block = cols[rows]
+        if method == "mean":
+            agg = block.mean(axis=0)
+        elif method == "max":
+            agg = block.max(axis=0)
+        else:
+            agg = np.sort(block, axis=0)[::-1][: max(1, top_k)].mean(axis=0)
+        out_p.append(np.r_[1.0 - agg[0], agg[0]] if binary else agg / agg.sum())
+        labels = y[rows]
+        if (labels != labels[0]).any():
+            mixed += 1
+        out_y.append(int(labels.max()) if binary else int(np.bincount(labels).argmax()))
+    return list(index), np.asarray(out_y, dtype=np.int64), np.asarray(out_p).reshape(-1, p.shape[1]), mixed

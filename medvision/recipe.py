@@ -182,6 +182,53 @@ class TrainConfig(_Node):
     """Steps between progress-bar updates (and loss finiteness checks, which need a device sync)."""
 
 
+class OperatingPointConfig(_Node):
+    rule: Literal["youden", "sensitivity", "specificity"]
+    """``youden`` maximises sensitivity + specificity - 1; the others reach ``target`` on validation."""
+    target: float | None = Field(None, gt=0.0, le=1.0)
+    """Sensitivity or specificity to reach on the validation split, e.g. 0.95; not used by ``youden``."""
+
+    @model_validator(mode="after")
+    def _target_matches_rule(self) -> OperatingPointConfig:
+        if self.rule == "youden" and self.target is not None:
+            raise ValueError("rule 'youden' takes no target; use rule: sensitivity or specificity with a target")
+        if self.rule != "youden" and self.target is None:
+            raise ValueError(f"rule {self.rule!r} needs a target, e.g. target: 0.95")
+        return self
+
+
+def _default_points() -> list[OperatingPointConfig]:
+    return [
+        OperatingPointConfig(rule="youden"),
+        OperatingPointConfig(rule="sensitivity", target=0.95),
+        OperatingPointConfig(rule="specificity", target=0.95),
+    ]
+
+
+class EvalConfig(_Node):
+    bootstrap: int = Field(1000, ge=0)
+    """Stratified bootstrap resamples for the 95% CIs of AUC, accuracy, sensitivity and specificity; 0 is off."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling, so reported CIs are reproducible."""
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    """Coverage of the confidence intervals."""
+    calibrate: bool = True
+    """Fit a temperature on validation logits; test metrics, reports and ``score`` use calibrated probabilities."""
+    positive_class: str | None = None
+    """The class operating points are about; default the second class of a binary task. With more
+    classes, set it to get one-vs-rest operating points for that class (otherwise there are none)."""
+    operating_points: list[OperatingPointConfig] = Field(default_factory=_default_points)
+    """Thresholds chosen on the validation split and applied, unchanged, to test and to ``score``."""
+    patient_aggregate: Literal["mean", "max", "topk"] = "mean"
+    """How image (patch) probabilities become one per patient (slide) for patient-level metrics."""
+    top_k: int = Field(3, ge=1)
+    """Images averaged per patient by ``patient_aggregate: topk`` (the k most positive)."""
+    explain: int = Field(4, ge=0)
+    """Most confident false positives and false negatives shown with Grad-CAM in the report; 0 is off."""
+    explain_method: Literal["gradcam", "gradcam++"] = "gradcam"
+    """Heatmap method of the report's explanation panel."""
+
+
 class Recipe(_Node):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Run name; the run folder is ``<output_dir>/<name>``."""
@@ -197,6 +244,8 @@ class Recipe(_Node):
     """The timm backbone and its starting weights."""
     train: TrainConfig
     """Freeze phases, optimizer, precision and checkpointing policy."""
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    """Confidence intervals, calibration, operating points and patient-level aggregation of the report."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:

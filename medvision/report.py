@@ -1,18 +1,32 @@
-"""What a run leaves behind for people: ``metrics.json``, ``predictions.csv`` and ``report.md``.
+"""What a run leaves behind for people: ``metrics.json``, ``predictions.csv``, ``report.md`` and ``report.html``.
+
+The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered
+twice: as Markdown next to PNGs in ``plots/``, and as one self-contained HTML file with the PNGs
+embedded, so it can be mailed or attached to a ticket as a single file.
 
 Patient identifiers are never written: predictions carry the item id (a relative path or an
-``npz:split:index``), the label and the probabilities only.
+``npz:split:index``), the label and the probabilities only; patient-level results are aggregates.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medvision import plots
+from medvision.evaluation import Decision, SplitOutputs
+from medvision.metrics import softmax
+from medvision.recipe import EvalConfig
+
+Block = tuple[str, Any]
 
 
 def _clean(value: Any) -> Any:
@@ -21,8 +35,10 @@ def _clean(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
     return value
 
 
@@ -43,48 +59,243 @@ def write_predictions(
                 writer.writerow([split, item, classes[int(y)], classes[int(pred)], *[f"{v:.6f}" for v in p]])
 
 
-def _fmt(value: Any) -> str:
+# ------------------------------------------------------------------------------------ formatting
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_report(path: Path, summary: dict[str, Any]) -> None:
-    """A short human-readable report: what was trained on what, the headline metrics, the epochs."""
-    lines = [
-        f"# medvision run `{summary['name']}`",
-        "",
-        f"- model: `{summary['model']}` ({summary['weights']}), {summary['in_chans']} input channel(s), "
-        f"{summary['image_size']} px",
-        f"- data: `{summary['data']}` ({summary['source']}), classes: {', '.join(summary['classes'])}",
-        f"- split sizes: {', '.join(f'{k} {v}' for k, v in summary['split_sizes'].items())}",
-        f"- best epoch: {summary['best_epoch']} by {summary['monitor']}; wall time {summary['seconds']:.0f} s "
-        f"on {summary['device']}",
-        "",
-        "## Metrics (best checkpoint)",
-        "",
-        "| split | n | AUC | accuracy |",
-        "| --- | --- | --- | --- |",
+def _with_ci(summary: dict[str, Any], key: str, ci_key: str | None = None) -> str:
+    ci = summary.get(ci_key or f"{key}_ci")
+    text = _fmt(summary.get(key))
+    if ci and all(v is not None and math.isfinite(v) for v in ci):
+        text += f" ({ci[0]:.3f}–{ci[1]:.3f})"
+    return text
+
+
+def _ppv_npv_f1(m: dict[str, Any]) -> list[str]:
+    return [_fmt(m["ppv"]), _fmt(m["npv"]), _fmt(m["f1"])]
+
+
+def _rule(op: dict[str, Any]) -> str:
+    return "Youden J" if op["rule"] == "youden" else f"{op['rule']} ≥ {op['target']:g}"
+
+
+# ------------------------------------------------------------------------------------- the blocks
+
+
+def _one_image_per_patient(clinical: dict[str, Any]) -> bool:
+    return all(s.get("images_per_patient") == 1 for s in clinical["patient"].values() if isinstance(s, dict))
+
+
+def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    levels = ("image",) if _one_image_per_patient(clinical) else ("image", "patient")
+    for level in levels:
+        for split, s in clinical[level].items():
+            if not isinstance(s, dict) or "n" not in s:
+                continue
+            cal = s.get("calibration", {})
+            rows.append([level, split, str(s["n"]), _with_ci(s, "auc"), _with_ci(s, "acc"),
+                         _fmt(s.get("balanced_acc")), _fmt(s.get("average_precision")),
+                         f"{_fmt(cal.get('ece_before'))} → {_fmt(cal.get('ece_after'))}",
+                         _fmt(cal.get("brier_after"))])  # fmt: skip
+    return rows
+
+
+def _operating_point_rows(clinical: dict[str, Any], split: str) -> list[list[str]]:
+    rows = []
+    for level in ("image",) if _one_image_per_patient(clinical) else ("image", "patient"):
+        s = clinical[level].get(split, {})
+        for op in s.get("operating_points", []):
+            rows.append([level, _rule(op), _fmt(op["threshold"], 4),
+                         _with_ci(op, "sensitivity"), _with_ci(op, "specificity"),
+                         *_ppv_npv_f1(op)])  # fmt: skip
+    return rows
+
+
+def _figures(
+    out_dir: Path, focus: SplitOutputs, split: str, classes: list[str], clinical: dict[str, Any], decision: Decision,
+    history: list[dict[str, Any]], monitor: str | None, panel: list[tuple[np.ndarray, str]], cfg: EvalConfig,
+) -> list[Block]:  # fmt: skip
+    """Draws the PNGs into ``plots/`` and returns the figure blocks that show them."""
+    fig_dir = out_dir / "plots"
+    fig_dir.mkdir(exist_ok=True)
+    y, p_cal, p_raw = focus.labels, softmax(focus.logits, decision.temperature), softmax(focus.logits)
+    roc_y, roc_p, roc_classes = y, p_cal, classes
+    if len(classes) == 2 and decision.positive == 0:  # the curves are drawn for class 1: swap the classes
+        roc_y, roc_p, roc_classes = 1 - y, p_cal[:, ::-1], classes[::-1]
+    summary = clinical["image"][split]
+    ops = summary.get("operating_points", [])
+    points = [{"label": _rule(op), "fpr": 1 - op["specificity"], "tpr": op["sensitivity"]}
+              for op in ops if math.isfinite(op["sensitivity"]) and math.isfinite(op["specificity"])]  # fmt: skip
+    blocks: list[Block] = [("h2", f"Figures ({split} split, per image)")]
+    plots.plot_roc(fig_dir / "roc.png", roc_y, roc_p, roc_classes, n_resamples=min(cfg.bootstrap, 200) or 200,
+                   seed=cfg.bootstrap_seed, level=cfg.ci_level, points=points)  # fmt: skip
+    blocks.append(("img", ("plots/roc.png", f"ROC curve with its {cfg.ci_level:.0%} bootstrap band"
+                                            + ("; markers are the operating points" if points else ""))))  # fmt: skip
+    plots.plot_pr(fig_dir / "pr.png", roc_y, roc_p, roc_classes)
+    blocks.append(("img", ("plots/pr.png", "Precision-recall curve")))
+    if ops and decision.positive is not None and ops[0]["confusion_matrix"] is not None:
+        pos = classes[decision.positive]
+        names = classes if len(classes) == 2 and decision.positive == 1 else [f"not {pos}", pos]
+        cm, title = np.asarray(ops[0]["confusion_matrix"]), f"at {_rule(ops[0])} (threshold {ops[0]['threshold']:.3f})"
+    else:
+        names, cm, title = classes, np.asarray(summary["confusion_matrix"]), "at the arg-max class"
+    plots.plot_confusion(fig_dir / "confusion.png", cm, names, title)
+    blocks.append(("img", ("plots/confusion.png", f"Confusion matrix {title}")))
+    plots.plot_reliability(fig_dir / "reliability.png", y, p_raw, p_cal)
+    caption = f"Reliability before and after temperature scaling (T = {decision.temperature:.3f})"
+    blocks.append(("img", ("plots/reliability.png", caption)))
+    if history:
+        plots.plot_training(fig_dir / "training.png", history, monitor)
+        blocks.append(("img", ("plots/training.png", "Training curves; dashed lines mark phase boundaries")))
+    if panel:
+        plots.plot_image_grid(fig_dir / "gradcam_errors.png", [img for img, _ in panel], [t for _, t in panel])
+        caption = f"Grad-CAM ({cfg.explain_method}) of the most confident errors on {split}"
+        blocks.append(("img", ("plots/gradcam_errors.png", caption)))
+    return blocks
+
+
+def build_report(
+    out_dir: Path, meta: dict[str, Any], extra: dict[str, Any], clinical: dict[str, Any], focus: SplitOutputs,
+    split: str, decision: Decision, panel: list[tuple[np.ndarray, str]], cfg: EvalConfig,
+) -> list[Block]:  # fmt: skip
+    classes: list[str] = meta["classes"]
+    facts = [
+        f"model: `{meta['model']}` ({meta.get('weights', '?')}), {meta['in_chans']} input channel(s), "
+        f"{meta['image_size']} px",
+        f"data: `{meta.get('data', '?')}` ({meta.get('source', '?')}), classes: {', '.join(classes)}",
+        f"split sizes: {', '.join(f'{k} {v}' for k, v in meta['split_sizes'].items())}",
+        f"temperature {decision.temperature:.3f} (fitted on validation; probabilities below are calibrated)",
     ]
-    for split, m in summary["metrics"].items():
-        lines.append(f"| {split} | {m['n']} | {_fmt(m['auc'])} | {_fmt(m['acc'])} |")
-    lines += [
-        "",
-        "AUC is binary, or macro one-vs-rest for more than two classes (as scikit-learn's `roc_auc_score`).",
-        "",
+    if "best_epoch" in extra:
+        facts.append(f"best epoch: {extra['best_epoch']} by {extra['monitor']}; wall time {extra['seconds']:.0f} s "
+                     f"on {meta['device']}")  # fmt: skip
+    if "run" in extra:
+        facts.append(f"evaluated run: `{extra['run']}`")
+    level = f"{cfg.ci_level:.0%}"
+    header = ["level", "split", "n", f"AUC ({level} CI)", f"accuracy ({level} CI)", "balanced acc.", "avg. precision"]
+    header += ["ECE before → after", "Brier"]
+    k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
+    ci_text = (
+        f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}. AUC is binary, or macro "
+        "one-vs-rest for more than two classes. Patient level: each patient's image probabilities are aggregated "
+        f"by `{cfg.patient_aggregate}`{k_text}."
+    )
+    if _one_image_per_patient(clinical):
+        ci_text += " Every patient has one image here, so the patient level equals the image level and is not shown."
+    blocks: list[Block] = [
+        ("h1", f"medvision run `{meta['name']}`"),
+        ("ul", facts),
+        ("h2", "Metrics"),
+        ("table", (header, _metric_rows(clinical))),
+        ("p", ci_text),
     ]
-    if summary.get("history"):
-        lines += [
-            "## Epochs",
-            "",
-            "| epoch | phase | train loss | val loss | val AUC | val acc | img/s | lr |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for h in summary["history"]:
-            lines.append(
-                f"| {h['epoch']} | {h['phase']} | {_fmt(h['train_loss'])} | {_fmt(h['val_loss'])} | "
-                f"{_fmt(h['val_auc'])} | {_fmt(h['val_acc'])} | {h['train_img_s']:.0f} | {h['lr']:.2e} |"
-            )
-        lines.append("")
-    lines += ["Files: `metrics.json`, `predictions.csv`, `model.safetensors`, `recipe.yaml`, `train.log`.", ""]
-    path.write_text("\n".join(lines))
+    op_rows = _operating_point_rows(clinical, split)
+    if op_rows and decision.positive is not None:
+        how = (
+            f"Thresholds on the calibrated probability of `{classes[decision.positive]}`, chosen on the validation "
+            f"split and applied unchanged to {split}: Youden J maximises sensitivity + specificity - 1; "
+            "`sensitivity ≥ t` is the highest threshold whose validation sensitivity reaches t (so the fewest false "
+            "alarms at that sensitivity); `specificity ≥ t` is the lowest threshold reaching that specificity. On "
+            f"{split} the sensitivity may fall below t: its CI shows by how much it can."
+        )
+        op_header = ["level", "rule", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1"]
+        blocks += [("h2", f"Operating points ({split} split)"), ("p", how), ("table", (op_header, op_rows))]
+    per_class = clinical["image"][split].get("per_class", {})
+    class_rows = [
+        [c, _fmt(m["support"], 0), _with_ci(m, "sensitivity"), _with_ci(m, "specificity"), *_ppv_npv_f1(m)]
+        for c, m in per_class.items()
+    ]
+    blocks += [
+        ("h2", f"Per class ({split} split, per image, arg-max decision)"),
+        ("table", (["class", "support", "sensitivity", "specificity", "PPV", "NPV", "F1"], class_rows)),
+    ]
+    history = extra.get("history", [])
+    blocks += _figures(out_dir, focus, split, classes, clinical, decision, history, extra.get("monitor"), panel, cfg)
+    if history:
+        blocks += [("h2", "Epochs"), ("table", (
+            ["epoch", "phase", "train loss", "val loss", "val AUC", "val acc", "img/s", "lr"],
+            [[str(h["epoch"]), h["phase"], _fmt(h["train_loss"], 4), _fmt(h["val_loss"], 4), _fmt(h["val_auc"], 4),
+              _fmt(h["val_acc"], 4), f"{h['train_img_s']:.0f}", f"{h['lr']:.2e}"] for h in history]))]  # fmt: skip
+    warned = sorted({w for lv in ("image", "patient") for s in clinical[lv].values() if isinstance(s, dict)
+                     for w in s.get("warnings", [])})  # fmt: skip
+    if warned:
+        blocks += [("h2", "Warnings"), ("ul", warned)]
+    blocks.append(("p", "Files: `metrics.json` (everything above, at image and patient level), `predictions.csv`, "
+                        "`plots/`, `report.html`."))  # fmt: skip
+    return blocks
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for kind, body in blocks:
+        if kind in ("h1", "h2"):
+            lines += [f"{'#' * int(kind[1])} {body}", ""]
+        elif kind == "p":
+            lines += [body, ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in body] + [""]
+        elif kind == "table":
+            header, rows = body
+            lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        elif kind == "img":
+            path, caption = body
+            lines += [f"![{caption}]({path})", "", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:right}td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:0 1em 1em 0;"
+    "vertical-align:top}figcaption{font-size:.85em;color:#555;max-width:520px}img{max-width:100%}"
+)
+
+
+def to_html(blocks: list[Block], base: Path) -> str:
+    """Self-contained HTML: every figure is embedded as a base64 PNG."""
+    title = next((body for kind, body in blocks if kind == "h1"), "medvision report").replace("`", "")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body>"]  # fmt: skip
+    for kind, body in blocks:
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{_inline(body)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(body)}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in body) + "</ul>")
+        elif kind == "table":
+            header, rows = body
+            parts.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in header) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                         + "</table>")  # fmt: skip
+        elif kind == "img":
+            path, caption = body
+            data = base64.b64encode((base / path).read_bytes()).decode("ascii")
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{_inline(caption)}</figcaption></figure>")  # fmt: skip
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(
+    out_dir: Path, meta: dict[str, Any], extra: dict[str, Any], clinical: dict[str, Any], focus: SplitOutputs,
+    split: str, decision: Decision, panel: list[tuple[np.ndarray, str]], cfg: EvalConfig,
+) -> None:  # fmt: skip
+    """``report.md`` (with ``plots/*.png``) and the self-contained ``report.html`` of one run or evaluation."""
+    blocks = build_report(out_dir, meta, extra, clinical, focus, split, decision, panel, cfg)
+    (out_dir / "report.md").write_text(to_markdown(blocks))
+    (out_dir / "report.html").write_text(to_html(blocks, out_dir))

@@ -8,23 +8,30 @@ weights), ``last.pt`` (resume state), ``metrics.json``, ``predictions.csv``, ``r
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import timm
 import torch
 
 import medvision
+from medvision.data.dataset import ImageDataset
 from medvision.data.sources import SampleTable, load_table
-from medvision.metrics import compute_metrics
+from medvision.evaluation import Decision, SplitOutputs, clinical_metrics, fit_decision
+from medvision.explain import ExplainError, confident_errors, display_image, grad_cam, overlay
+from medvision.metrics import MetricWarning, softmax
 from medvision.models.backbone import create_backbone
 from medvision.models.backbone import load_state as load_model_state
-from medvision.recipe import Recipe, dump_recipe, load_recipe
+from medvision.plots import plot_image_grid
+from medvision.recipe import EvalConfig, Recipe, dump_recipe, load_recipe
 from medvision.report import write_json, write_predictions, write_report
 from medvision.train.build import (
     EpochSampler,
@@ -69,14 +76,84 @@ def versions() -> dict[str, str]:
     }
 
 
-def _score_split(
+def _split_outputs(
     bundle: ModelBundle, recipe: Recipe, table: SampleTable, split: str, device: torch.device, workers: int
-) -> tuple[dict[str, float], tuple[str, list[str], np.ndarray, np.ndarray]]:
+) -> tuple[SplitOutputs, list[str], float]:
+    """A split's logits, labels and patients, its item ids, and its mean (uncalibrated) cross-entropy."""
     ds = split_dataset(recipe, table, bundle, split, train=False)
     loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
-    probs, labels, loss = evaluate(bundle.model, loader, device, recipe.train.amp, recipe.train.channels_last)
-    metrics = {**compute_metrics(labels, probs), "loss": loss}
-    return metrics, (split, ds.ids, labels, probs)
+    logits, labels, loss = evaluate(bundle.model, loader, device, recipe.train.amp, recipe.train.channels_last)
+    return SplitOutputs(logits, labels, ds.groups), ds.ids, loss
+
+
+def _headline(clinical: dict[str, Any], split: str, loss: float) -> dict[str, float]:
+    image = clinical["image"][split]
+    return {"auc": image["auc"], "acc": image["acc"], "n": image["n"], "loss": loss}
+
+
+def _explain_panel(
+    bundle: ModelBundle, ds: ImageDataset, out: SplitOutputs, decision: Decision, classes: list[str],
+    cfg: EvalConfig, device: torch.device, picks: list[tuple[int, str, float]] | None = None,
+) -> list[tuple[np.ndarray, str]]:  # fmt: skip
+    """Grad-CAM overlays of the split's most confident false positives and negatives (or wrong classes).
+
+    The chosen (index, kind, confidence) rows are appended to ``picks`` when it is given.
+    """
+    probs = softmax(out.logits, decision.temperature)
+    if len(probs) == 0:
+        return []
+    chosen = confident_errors(out.labels, probs, cfg.explain, decision.positive if decision.positive is not None else 1)
+    if not chosen:
+        return []
+    images = torch.stack([ds[i][0] for i, _, _ in chosen]).to(device)
+    target = torch.as_tensor([int(probs[i].argmax()) for i, _, _ in chosen], device=device)
+    try:
+        heat = grad_cam(bundle.model, images, target, cfg.explain_method)
+    except ExplainError as err:
+        log.warning("no Grad-CAM panel: %s", err)
+        return []
+    panel = []
+    if picks is not None:
+        picks.extend(chosen)
+    for (i, kind, conf), img, h in zip(chosen, images, heat, strict=True):
+        title = f"{kind}: {classes[int(out.labels[i])]} called {classes[int(probs[i].argmax())]} ({conf:.2f})"
+        panel.append((overlay(display_image(img, bundle.mean, bundle.std), h), title))
+    return panel
+
+
+def _write_results(
+    out_dir: Path,
+    bundle: ModelBundle,
+    recipe: Recipe,
+    table: SampleTable,
+    meta: dict[str, Any],
+    splits: dict[str, tuple[SplitOutputs, list[str], float]],
+    decision: Decision,
+    extra: dict[str, Any],
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """metrics.json, predictions.csv (calibrated probabilities), report.md/.html with plots and Grad-CAM."""
+    classes = meta["classes"]
+    outputs = {split: out for split, (out, _, _) in splits.items()}
+    clinical = clinical_metrics(outputs, classes, recipe.evaluation, decision)
+    headline = {split: _headline(clinical, split, loss) for split, (_, _, loss) in splits.items()}
+    for level in ("image", "patient"):
+        for split, summary in clinical[level].items():
+            messages = summary.get("warnings", []) if isinstance(summary, dict) else []
+            if messages:
+                more = f" (and {len(messages) - 1} more; see metrics.json)" if len(messages) > 1 else ""
+                log.warning("%s, %s level: %s%s", split, level, messages[0], more)
+    write_json(out_dir / "metrics.json", {**headline, **clinical, "decision": decision.to_json(), **extra})
+    rows = [(split, ids, out.labels, softmax(out.logits, decision.temperature))
+            for split, (out, ids, _) in splits.items()]  # fmt: skip
+    write_predictions(out_dir / "predictions.csv", rows, classes)
+    focus = "test" if "test" in splits else next(iter(splits))
+    panel = []
+    if recipe.evaluation.explain:
+        ds = split_dataset(recipe, table, bundle, focus, train=False)
+        panel = _explain_panel(bundle, ds, outputs[focus], decision, classes, recipe.evaluation, device)
+    write_report(out_dir, meta, extra, clinical, outputs[focus], focus, decision, panel, recipe.evaluation)
+    return headline
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
@@ -108,7 +185,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
 def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
     start = time.perf_counter()
     if not resume:
-        for stale in ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md"):
+        for stale in ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html"):
             (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     seed_everything(recipe.seed)
@@ -153,28 +230,29 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
     else:
         log.warning("%s was never finite; keeping the last weights as model.safetensors", recipe.train.monitor)
         save_weights(model, best)
-    results = {}
-    rows = []
+    splits = {}
     for split in ("val", "test"):
         if sizes[split] == 0:
             log.warning("no %s split; skipping its metrics", split)
             continue
-        results[split], row = _score_split(bundle, recipe, table, split, device, workers)
-        rows.append(row)
+        splits[split] = _split_outputs(bundle, recipe, table, split, device, workers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        decision = fit_decision(splits["val"][0], table.classes, recipe.evaluation)
+    for w in caught:
+        log.warning("%s", w.message)
+    log.info("calibration: temperature %.3f fitted on validation", decision.temperature)
+    meta["decision"] = decision.to_json()
+    write_json(run_dir / "run.json", meta)
     seconds = time.perf_counter() - start
-    write_json(run_dir / "metrics.json", {**results, "best_epoch": state.best_epoch, "monitor": recipe.train.monitor,
-                                          "history": state.history, "seconds": seconds})  # fmt: skip
-    write_predictions(run_dir / "predictions.csv", rows, table.classes)
     weights = recipe.model.pretrained if isinstance(recipe.model.pretrained, str) else (
         "timm hub weights" if recipe.model.pretrained else
         f"init_from {recipe.model.init_from}" if recipe.model.init_from else "random init")  # fmt: skip
-    write_report(run_dir / "report.md", {
-        "name": recipe.name, "model": recipe.model.name, "weights": weights, "in_chans": bundle.in_chans,
-        "image_size": recipe.data.image_size, "data": table.origin, "source": recipe.data.source,
-        "classes": table.classes, "split_sizes": sizes, "best_epoch": state.best_epoch,
-        "monitor": recipe.train.monitor, "seconds": seconds, "device": str(device), "metrics": results,
-        "history": state.history,
-    })  # fmt: skip
+    meta["weights"] = weights
+    meta["data"], meta["source"] = table.origin, recipe.data.source
+    extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history,
+             "seconds": seconds}  # fmt: skip
+    results = _write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
     for split, m in results.items():
         log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
     log.info("run folder: %s (%.0f s)", run_dir, seconds)
@@ -200,11 +278,10 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any
     return recipe, meta, bundle
 
 
-def evaluate_run(
-    run_dir: Path, data: str | None = None, source: str | None = None, split: str | None = None,
-    out: Path | None = None,
-) -> tuple[Path, dict[str, float]]:  # fmt: skip
-    """Re-scores a run on its own test split, or on another dataset (``data``) with the same classes."""
+def _open_split(
+    run_dir: Path, data: str | None, source: str | None, split: str | None
+) -> tuple[torch.device, Recipe, dict[str, Any], ModelBundle, SampleTable, str]:
+    """A finished run and the table it is to be applied to: its own, or ``data`` with the same classes."""
     device = resolve_device("auto")
     recipe, meta, bundle = load_run(run_dir, device)
     recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
@@ -220,10 +297,63 @@ def evaluate_run(
     table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     if split != "all" and len(table.indices(split)) == 0:
         raise RunError(f"{table.origin} has no '{split}' split; use --split all, train, val or test")
+    return device, recipe, meta, bundle, table, split
+
+
+def evaluate_run(
+    run_dir: Path, data: str | None = None, source: str | None = None, split: str | None = None,
+    out: Path | None = None,
+) -> tuple[Path, dict[str, float]]:  # fmt: skip
+    """Re-scores a run on its own test split, or on another dataset (``data``) with the same classes.
+
+    The run's temperature and operating-point thresholds (chosen on its validation split) are
+    applied as they are; nothing is refitted on the data being evaluated.
+    """
+    device, recipe, meta, bundle, table, split = _open_split(run_dir, data, source, split)
     workers = resolve_workers(recipe.data.num_workers, device)
-    metrics, row = _score_split(bundle, recipe, table, split, device, workers)
     out = out or run_dir / "eval" / (f"{Path(table.origin).stem}-{split}" if data else split)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", {split: metrics, "run": str(run_dir), "data": table.origin})
-    write_predictions(out / "predictions.csv", [row], meta["classes"])
+    decision = Decision.from_json(meta.get("decision"))
+    meta.update(data=table.origin, source=recipe.data.source, weights=f"run {run_dir}")
+    splits = {split: _split_outputs(bundle, recipe, table, split, device, workers)}
+    extra = {"run": str(run_dir), "data": table.origin}
+    metrics = _write_results(out, bundle, recipe, table, meta, splits, decision, extra, device)[split]
     return out, metrics
+
+
+def explain_errors(
+    run_dir: Path, out: Path | None = None, split: str = "test", method: str | None = None, n: int | None = None
+) -> list[Path]:
+    """Grad-CAM overlays of a run's most confident errors on one split, one PNG each plus a panel.
+
+    Writes ``<out>/errors.csv`` (item id, label, call, confidence, kind, file): item ids only, no
+    patient identifiers. Returns the PNG paths, the panel last.
+    """
+    device, recipe, meta, bundle, table, split = _open_split(run_dir, None, None, split)
+    method = method or recipe.evaluation.explain_method
+    cfg = recipe.evaluation.model_copy(
+        update={"explain": n or recipe.evaluation.explain or 4, "explain_method": method}
+    )
+    workers = resolve_workers(recipe.data.num_workers, device)
+    outputs, ids, _ = _split_outputs(bundle, recipe, table, split, device, workers)
+    decision = Decision.from_json(meta.get("decision"))
+    ds = split_dataset(recipe, table, bundle, split, train=False)
+    picks: list[tuple[int, str, float]] = []
+    classes = meta["classes"]
+    panel = _explain_panel(bundle, ds, outputs, decision, classes, cfg, device, picks)
+    out = out or run_dir / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with (out / "errors.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label", "call", "confidence", "kind", "file"])
+        for k, ((picture, _), (i, kind, conf)) in enumerate(zip(panel, picks, strict=True)):
+            file = out / f"{k:02d}_{kind.replace(' ', '_')}_{cfg.explain_method}.png"
+            cv2.imwrite(str(file), picture[:, :, ::-1])
+            written.append(file)
+            call = int(outputs.logits[i].argmax())  # the arg-max is the same with or without the temperature
+            writer.writerow([ids[i], classes[int(outputs.labels[i])], classes[call], f"{conf:.4f}", kind, file.name])
+    if panel:
+        written.append(plot_image_grid(out / f"errors_{cfg.explain_method}.png", [p for p, _ in panel],
+                                       [t for _, t in panel]))  # fmt: skip
+    return written

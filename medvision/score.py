@@ -33,6 +33,7 @@ from tqdm import tqdm
 from medvision.data.dataset import prepare
 from medvision.data.dicom_source import dicom_spec, walk_files
 from medvision.data.transforms import build_transforms
+from medvision.evaluation import Decision
 from medvision.io.dicom import NotADicomImage, read_dataset, read_dicom, select_frames
 from medvision.io.image import Intensity
 from medvision.run import load_run, versions
@@ -165,7 +166,10 @@ def score_folder(
     rels = [p.relative_to(folder).as_posix() for p in walk_files(folder)]
     todo = [r for r in rels if in_shard(r, shard) and r not in done]
     summary = ScoreSummary(already_done=len(done), shard=f"{shard[0]}/{shard[1]}", out=str(out))
-    columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in classes], "status", "error", *[f"tag_{t}" for t in tags]]
+    decision = Decision.from_json(meta.get("decision"))
+    calls = operating_calls(decision)
+    columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in classes], *[name for name, _ in calls], "status", "error",
+               *[f"tag_{t}" for t in tags]]  # fmt: skip
     transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std)
     files = DicomFiles(folder, todo, dicom_spec(recipe.data.dicom), recipe.data.dicom.frames, recipe.data.intensity,
                        bundle.in_chans, transform, tags)  # fmt: skip
@@ -175,12 +179,12 @@ def score_folder(
     new_file = not table_path.is_file() or table_path.stat().st_size == 0
     with _cores_for_workers(n_workers, device):
         _score_batches(loader, bundle.model.eval(), device, amp, recipe.train.channels_last, classes, tags, columns,
-                       table_path, new_file, summary, len(todo))  # fmt: skip
+                       table_path, new_file, summary, len(todo), decision)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     summary.images_per_second = summary.scored_images / summary.seconds if summary.seconds else 0.0
     if parquet:
         _to_parquet(table_path, out)
-    _write_provenance(out, run_dir, summary, tags)
+    _write_provenance(out, run_dir, summary, tags, decision)
     return summary
 
 
@@ -218,8 +222,14 @@ def _score_batches(
     new_file: bool,
     summary: ScoreSummary,
     n_files: int,
+    decision: Decision,
 ) -> None:
-    """Runs the model over the loader's batches and appends (and flushes) one row per image or error."""
+    """Runs the model over the loader's batches and appends (and flushes) one row per image or error.
+
+    Probabilities are divided by the run's fitted temperature (calibrated); each operating point of
+    the run adds a 0/1 column that calls the positive class at the threshold chosen on validation.
+    """
+    calls = operating_calls(decision)
     with table_path.open("a", newline="") as fh, torch.inference_mode():
         writer = csv.writer(fh)
         if new_file:
@@ -232,7 +242,7 @@ def _score_batches(
                 batch = to_device(torch.stack(tensors), device, channels_last)
                 with autocast(device, amp):
                     logits = model(batch)
-                probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                probs = torch.softmax(logits.float() / decision.temperature, dim=1).cpu().numpy()
             k = 0
             for it in items:
                 if it["status"] == "skipped":
@@ -245,12 +255,14 @@ def _score_batches(
                 extra = [it.get("tags", {}).get(t, "") for t in tags]
                 if it["status"] == "error":
                     summary.errors += 1
-                    writer.writerow([*ids, "", "", *[""] * len(classes), "error", it["error"], *extra])
+                    writer.writerow([*ids, "", "", *[""] * (len(classes) + len(calls)), "error", it["error"], *extra])
                     continue
                 for frame in it["frames"]:
                     p = probs[k]
                     k += 1
-                    writer.writerow([*ids, frame, classes[int(p.argmax())], *[f"{v:.6f}" for v in p], "ok", "", *extra])
+                    flags = [str(int(p[decision.positive] >= thr)) for _, thr in calls]
+                    writer.writerow([*ids, frame, classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags, "ok", "",
+                                     *extra])  # fmt: skip
                     summary.scored_images += 1
                 summary.scored_files += 1
             fh.flush()  # rows of a finished batch survive a kill
@@ -273,12 +285,24 @@ def _to_parquet(table_path: Path, out: Path) -> None:
     pq.write_table(table, out)
 
 
-def _write_provenance(out: Path, run_dir: Path, summary: ScoreSummary, tags: list[str]) -> None:
+def operating_calls(decision: Decision) -> list[tuple[str, float]]:
+    """(column name, threshold) of each image-level operating point with a finite threshold."""
+    calls = []
+    for op in decision.points.get("image", []) if decision.positive is not None else []:
+        name = "call_youden" if op["rule"] == "youden" else f"call_{op['rule']}_{op['target']:g}"
+        if op["threshold"] is not None and np.isfinite(op["threshold"]):
+            calls.append((name, float(op["threshold"])))
+    return calls
+
+
+def _write_provenance(out: Path, run_dir: Path, summary: ScoreSummary, tags: list[str], decision: Decision) -> None:
     record = {
         "model_checkpoint": str(run_dir / "model.safetensors"),
         "model_sha256": sha256(run_dir / "model.safetensors"),
         "recipe_sha256": sha256(run_dir / "recipe.yaml"),
         "versions": versions(),
+        "calibration_temperature": decision.temperature,
+        "operating_points": decision.points.get("image", []),
         "included_identifying_tags": [t for t in tags if t in IDENTIFYING_TAGS],
         "included_tags": tags,
         **asdict(summary),

@@ -43,4 +43,5 @@ def tiny_recipe(manifest: Path, out: Path, **train: Any) -> dict[str, Any]:
         "augment": {"preset": "pathology"},
         "model": {"name": "test_efficientnet"},
         "train": {"amp": "none", "phases": phases, "log_interval": 2, **train},
+        "evaluation": {"bootstrap": 50},
     }  # fmt: skip

@@ -8,9 +8,12 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from medvision.metrics import (
     MetricAccumulator,
     MetricWarning,
+    aggregate_by_group,
     binary_auc,
     compute_accuracy,
     compute_auc,
+    multilabel_auc,
+    softmax,
 )
 
 
@@ -67,9 +70,79 @@ def test_accumulator_softmaxes_logits() -> None:
     y = rng.integers(0, 4, 40)
     for i in range(0, 40, 16):
         acc.update(torch.from_numpy(logits[i : i + 16]), torch.from_numpy(y[i : i + 16]))
-    probs, _ = acc.probs_and_labels()
-    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    kept, labels = acc.logits_and_labels()
+    np.testing.assert_array_equal(kept, logits)
+    np.testing.assert_array_equal(labels, y)
+    probs = softmax(kept)
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits).double(), 1).numpy(), rtol=1e-12)
     out = acc.compute()
     assert out["n"] == 40
     assert out["acc"] == pytest.approx(accuracy_score(y, logits.argmax(1)))
     assert out["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_weighted_ovr_auc_matches_sklearn(k: int) -> None:
+    rng = np.random.default_rng(k)
+    y = rng.choice(k, size=400, p=np.linspace(1, 3, k) / np.linspace(1, 3, k).sum())
+    probs = softmax(rng.normal(size=(400, k)) + 1.5 * np.eye(k)[y])
+    expected = roc_auc_score(y, probs, multi_class="ovr", average="weighted")
+    assert compute_auc(y, probs, "weighted") == pytest.approx(expected, abs=1e-12)
+    assert compute_auc(y, probs, "macro") != pytest.approx(expected, abs=1e-6)  # the weights matter here
+    with pytest.raises(ValueError, match="micro"):
+        compute_auc(y, probs, "micro")
+
+
+@pytest.mark.parametrize("average", ["macro", "weighted", "micro"])
+def test_multilabel_auc_matches_sklearn(average: str) -> None:
+    rng = np.random.default_rng(3)
+    labels = (rng.random((300, 5)) < np.array([0.1, 0.3, 0.5, 0.2, 0.4])).astype(int)
+    scores = np.round(rng.random((300, 5)) + 0.6 * labels, 2)  # with ties
+    expected = roc_auc_score(labels, scores, average=average)
+    assert multilabel_auc(labels, scores, average) == pytest.approx(expected, abs=1e-12)
+
+
+def test_multilabel_auc_leaves_out_a_single_class_label_with_a_warning() -> None:
+    rng = np.random.default_rng(4)
+    labels = (rng.random((100, 3)) < 0.4).astype(int)
+    labels[:, 2] = 0  # no positives in the last label
+    scores = rng.random((100, 3)) + labels
+    with pytest.warns(MetricWarning, match=r"class\(es\) \[2\]"):
+        auc = multilabel_auc(labels, scores)
+    assert auc == pytest.approx(roc_auc_score(labels[:, :2], scores[:, :2]))
+    with pytest.raises(ValueError, match="shape"):
+        multilabel_auc(labels, scores[:, :2])
+
+
+def test_softmax_is_stable_and_tempered() -> None:
+    logits = np.array([[1000.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    p = softmax(logits)
+    assert np.all(np.isfinite(p)) and p[0, 0] == 1.0 and p[1, 0] == 0.5
+    assert softmax(logits, 2.0)[2, 0] == pytest.approx(1 / (1 + np.exp(-1.0)))
+
+
+def test_patient_aggregation_mean_max_topk() -> None:
+    groups = ["a", "a", "a", "b", "b", "c"]
+    y = np.array([0, 1, 0, 0, 0, 1])
+    p1 = np.array([0.1, 0.9, 0.5, 0.2, 0.4, 0.7])
+    probs = np.stack([1 - p1, p1], axis=1)
+    ids, yp, mean, mixed = aggregate_by_group(groups, y, probs, "mean")
+    assert ids == ["a", "b", "c"] and list(yp) == [1, 0, 1] and mixed == 1  # any positive image -> positive patient
+    np.testing.assert_allclose(mean[:, 1], [0.5, 0.3, 0.7])
+    np.testing.assert_allclose(mean.sum(1), 1.0)
+    _, _, mx, _ = aggregate_by_group(groups, y, probs, "max")
+    np.testing.assert_allclose(mx[:, 1], [0.9, 0.4, 0.7])
+    _, _, top2, _ = aggregate_by_group(groups, y, probs, "topk", top_k=2)
+    np.testing.assert_allclose(top2[:, 1], [0.7, 0.3, 0.7])
+    with pytest.raises(ValueError, match="median"):
+        aggregate_by_group(groups, y, probs, "median")
+
+
+def test_patient_aggregation_multiclass_renormalises_and_votes() -> None:
+    groups = ["a", "a", "a", "b"]
+    y = np.array([2, 2, 0, 1])
+    probs = np.array([[0.1, 0.2, 0.7], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    _, yp, mx, mixed = aggregate_by_group(groups, y, probs, "max")
+    assert list(yp) == [2, 1] and mixed == 1  # majority label
+    np.testing.assert_allclose(mx[0], np.array([0.6, 0.3, 0.7]) / 1.6)
+    np.testing.assert_allclose(mx.sum(1), 1.0)

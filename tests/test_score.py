@@ -80,17 +80,28 @@ def test_rows_errors_skips_privacy_and_provenance(trained: Path, folder: Path, t
 def test_probabilities_match_a_plain_loop(trained: Path, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.csv"
     score_folder(folder, trained, out, workers=0)
-    recipe, _, bundle = load_run(trained, torch.device("cpu"))
+    recipe, meta, bundle = load_run(trained, torch.device("cpu"))
+    decision = meta["decision"]
+    assert decision["temperature"] != 1.0 and decision["positive"] == 1  # classes ct, mr
+    thresholds = {op["rule"]: op["threshold"] for op in decision["points"]["image"]}
     transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std)
     bundle.model.eval()
-    for row in _rows(out)[:4]:
-        if row["status"] != "ok":
+    rows = _rows(out)
+    assert {"call_youden", "call_sensitivity_0.95", "call_specificity_0.95"} <= set(rows[0])
+    record = json.loads(Path(str(out) + ".json").read_text())
+    assert record["calibration_temperature"] == decision["temperature"]
+    checked = 0
+    for row in rows:
+        if row["status"] != "ok" or checked == 4:
             continue
         pixels, _ = read_dicom(folder / row["path"], dicom_spec(recipe.data.dicom), frame=int(row["frame"]))
         x = prepare(pixels[0], recipe.data.intensity, bundle.in_chans, transform)[None]
         with torch.inference_mode():
-            p = torch.softmax(bundle.model(x).float(), 1)[0].numpy()
+            p = torch.softmax(bundle.model(x).float() / decision["temperature"], 1)[0].numpy()  # calibrated
         np.testing.assert_allclose([float(row["prob_ct"]), float(row["prob_mr"])], p, atol=1e-5)
+        assert row["call_youden"] == str(int(p[1] >= thresholds["youden"]))
+        checked += 1
+    assert checked == 4
 
 
 def test_opt_in_tags(trained: Path, folder: Path, tmp_path: Path) -> None:

@@ -43,9 +43,34 @@ def test_train_writes_a_complete_run_folder(finished_run: Path) -> None:
     assert "patient" not in (finished_run / "predictions.csv").read_text().splitlines()[0]
     log = (finished_run / "train.log").read_text()
     assert "phase head" in log and "trainable" in log and "frozen parameters" in log
-    assert "| test |" in (finished_run / "report.md").read_text()
+    assert "| image | test |" in (finished_run / "report.md").read_text()
     saved = (finished_run / "recipe.yaml").read_text()
     assert str(Path(metrics["history"][0]["phase"])) in saved and "/" in saved.split("path:")[1].split()[0]
+
+
+def test_run_reports_cis_operating_points_calibration_and_plots(finished_run: Path) -> None:
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    run = json.loads((finished_run / "run.json").read_text())
+    assert run["decision"] == metrics["decision"] and metrics["decision"]["temperature"] > 0
+    assert metrics["bootstrap"] == {"resamples": 50, "seed": 0, "level": 0.95}
+    for level in ("image", "patient"):
+        for split in ("val", "test"):
+            s = metrics[level][split]
+            assert {"auc", "acc", "balanced_acc", "average_precision", "calibration", "per_class",
+                    "confusion_matrix", "operating_points"} <= set(s), (level, split)  # fmt: skip
+            assert s["positive_class"] == "tumor" and len(s["operating_points"]) == 3
+            assert "ece_before" in s["calibration"] and "ece_after" in s["calibration"]
+    test = metrics["image"]["test"]
+    assert test["auc"] == metrics["test"]["auc"] and "auc_ci" in test
+    # 6 tiles per patient: the patient level has a sixth of the rows
+    assert metrics["patient"]["test"]["n"] * 6 == test["n"] and metrics["patient"]["aggregate"] == "mean"
+    for name in ("roc", "pr", "confusion", "reliability", "training"):
+        assert (finished_run / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    md = (finished_run / "report.md").read_text()
+    assert "## Operating points (test split)" in md and "](plots/roc.png)" in md and "chosen on the validation" in md
+    html = (finished_run / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") >= 5 and "src='plots/" not in html  # self-contained
+    assert "patient" not in (finished_run / "predictions.csv").read_text().splitlines()[0]
 
 
 def test_evaluate_reproduces_test_metrics_and_scores_other_data(finished_run: Path, tiles_manifest: Path) -> None:
@@ -53,7 +78,11 @@ def test_evaluate_reproduces_test_metrics_and_scores_other_data(finished_run: Pa
     out, metrics = evaluate_run(finished_run)
     assert metrics["auc"] == pytest.approx(trained["auc"], abs=1e-6)
     assert metrics["acc"] == pytest.approx(trained["acc"], abs=1e-6)
-    assert (out / "metrics.json").is_file() and (out / "predictions.csv").is_file()
+    assert (out / "metrics.json").is_file() and (out / "predictions.csv").is_file() and (out / "report.html").is_file()
+    evaluated = json.loads((out / "metrics.json").read_text())
+    run_metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert evaluated["decision"] == run_metrics["decision"]  # thresholds and temperature are the run's, not refitted
+    assert evaluated["image"]["test"]["operating_points"] == run_metrics["image"]["test"]["operating_points"]
     out2, everything = evaluate_run(finished_run, data=str(tiles_manifest))
     assert everything["n"] == 72 and out2.name == "manifest-all"
 
@@ -176,3 +205,20 @@ def test_early_stopping_with_accumulation_and_clipping(tiles_manifest: Path, tmp
     assert len(metrics["history"]) == 2  # epoch 2 did not improve val_loss; patience 1 stopped the run
     assert metrics["best_epoch"] == 1
     assert "early stopping" in (run_dir / "train.log").read_text()
+
+
+def test_cli_explain_errors_and_images(finished_run: Path, tiles_manifest: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "errors"
+    assert main(["explain", str(finished_run), "--out", str(out), "-n", "2", "--method", "gradcam++"]) == 0
+    rows = list(csv.DictReader((out / "errors.csv").open()))
+    assert len(rows) <= 4 and all(r["kind"] in ("false positive", "false negative") for r in rows)
+    for r in rows:
+        assert (out / r["file"]).read_bytes()[:4] == b"\x89PNG" and r["label"] != r["call"]
+    if rows:
+        assert (out / "errors_gradcam++.png").is_file()
+    tile = next((tiles_manifest.parent / "tiles").glob("*.png"))
+    assert main(["explain", str(finished_run), "--images", str(tile), "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / f"{tile.stem}_gradcam.png").is_file()
+    assert main(["explain", str(finished_run), "--target", "tumor"]) == 2
+    assert "--target applies to --images" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from medvision.metrics import MetricAccumulator, compute_metrics
+from medvision.metrics import MetricAccumulator, compute_metrics, softmax
 from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
 from medvision.recipe import PhaseConfig, TrainConfig
 from medvision.train.build import EpochSampler, seed_everything
@@ -133,7 +133,10 @@ def evaluate(
     channels_last: bool,
     max_batches: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class probabilities, labels and mean cross-entropy over a loader (in eval mode)."""
+    """Logits (float32), labels and mean cross-entropy over a loader (in eval mode).
+
+    Logits rather than probabilities, because calibration fits a temperature to them.
+    """
     model.eval()
     acc = MetricAccumulator()
     for i, (images, labels) in enumerate(loader):
@@ -142,12 +145,12 @@ def evaluate(
         with autocast(device, amp):
             logits = model(to_device(images, device, channels_last))
         acc.update(logits, labels.to(device, non_blocking=True))
-    probs, labels_np = acc.probs_and_labels()
+    logits_np, labels_np = acc.logits_and_labels()
     if len(labels_np) == 0:
-        return probs, labels_np, float("nan")
-    eps = 1e-12
-    loss = float(-np.log(probs[np.arange(len(labels_np)), labels_np] + eps).mean())
-    return probs, labels_np, loss
+        return logits_np, labels_np, float("nan")
+    log_probs = np.log(softmax(logits_np) + 1e-300)
+    loss = float(-log_probs[np.arange(len(labels_np)), labels_np].mean())
+    return logits_np, labels_np, loss
 
 
 # --------------------------------------------------------------------------------------- fit
@@ -210,7 +213,7 @@ def fit(
         state = FitState(**saved["fit"])
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
 
-    probs, labels, _ = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last, max_batches=2)
+    _, labels, _ = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images)", len(labels))
 
     sampler = train_loader.sampler
@@ -239,8 +242,8 @@ def fit(
             train_loader.dataset.transform.set_random_seed(seed + state.epoch)  # type: ignore[attr-defined]
             desc = f"{phase.name} {e + 1}/{phase.epochs}"
             stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc)
-            probs, labels, val_loss = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last)
-            val = compute_metrics(labels, probs)
+            logits, labels, val_loss = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last)
+            val = compute_metrics(labels, softmax(logits))
             row: dict[str, Any] = {"epoch": state.epoch + 1, "phase": phase.name, **stats, "val_loss": val_loss,
                    "val_auc": val["auc"], "val_acc": val["acc"]}  # fmt: skip
             state.history.append(row)

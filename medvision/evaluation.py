@@ -1,0 +1,265 @@
+"""From model outputs to the numbers a clinician asks for: CIs, operating points, calibration, patients.
+
+Everything that is *chosen* is chosen on the validation split and then applied, unchanged, to test
+(and later to ``evaluate`` and ``score``): the softmax temperature and the operating-point
+thresholds. They form a ``Decision`` that is stored in the run's ``run.json``. Test data never
+influences a threshold.
+
+Every summary is computed twice: per image (or patch) and per patient (or slide), after
+aggregating each patient's probabilities as the recipe says. The functions here are pure: arrays
+and the recipe's ``evaluation`` section in, JSON-ready dicts out.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medvision.metrics import (
+    MetricWarning,
+    aggregate_by_group,
+    average_precision,
+    balanced_accuracy,
+    bootstrap_cis,
+    brier_score,
+    compute_accuracy,
+    compute_auc,
+    confusion_matrix,
+    delong_test,
+    expected_calibration_error,
+    fit_temperature,
+    operating_point,
+    per_class_metrics,
+    softmax,
+)
+from medvision.recipe import EvalConfig
+
+LEVELS = ("image", "patient")
+
+
+@dataclass
+class SplitOutputs:
+    """A split's raw model outputs: logits (N, K), labels (N,), and each row's patient (or slide) id."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    groups: list[str]
+
+
+@dataclass
+class Decision:
+    """What validation decided, stored in ``run.json`` and reused by ``evaluate`` and ``score``."""
+
+    temperature: float = 1.0
+    positive: int | None = None
+    points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per level (``image``, ``patient``): ``{rule, target, threshold}`` on the positive-class probability."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Decision:
+        """Reads ``run.json``'s record back; an undefined threshold was written as null and is NaN again."""
+        if not data:
+            return cls()
+        points = {level: [{**op, "threshold": math.nan if op["threshold"] is None else op["threshold"]} for op in ops]
+                  for level, ops in data.get("points", {}).items()}  # fmt: skip
+        return cls(temperature=data["temperature"], positive=data["positive"], points=points)
+
+
+def positive_index(classes: list[str], cfg: EvalConfig) -> int | None:
+    """The class operating points are about: ``evaluation.positive_class``, else the second of two."""
+    if cfg.positive_class is None:
+        return 1 if len(classes) == 2 else None
+    if cfg.positive_class not in classes:
+        raise ValueError(f"evaluation.positive_class {cfg.positive_class!r} is not one of the classes {classes}")
+    return classes.index(cfg.positive_class)
+
+
+def level_arrays(
+    out: SplitOutputs, temperature: float, level: str, cfg: EvalConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(labels, calibrated probs, uncalibrated probs, patients with mixed labels) at image or patient level."""
+    calibrated, raw = softmax(out.logits, temperature), softmax(out.logits)
+    if level == "image":
+        return out.labels, calibrated, raw, 0
+    _, y, p_cal, mixed = aggregate_by_group(out.groups, out.labels, calibrated, cfg.patient_aggregate, cfg.top_k)
+    _, _, p_raw, _ = aggregate_by_group(out.groups, out.labels, raw, cfg.patient_aggregate, cfg.top_k)
+    return y, p_cal, p_raw, mixed
+
+
+def fit_decision(val: SplitOutputs, classes: list[str], cfg: EvalConfig) -> Decision:
+    """Temperature and operating-point thresholds, all from the validation split."""
+    temperature = 1.0
+    if cfg.calibrate and len(val.labels) > 0:
+        temperature = fit_temperature(val.logits, val.labels)
+    positive = positive_index(classes, cfg)
+    points: dict[str, list[dict[str, Any]]] = {}
+    if positive is not None:
+        for level in LEVELS:
+            y, p, _, _ = level_arrays(val, temperature, level, cfg)
+            is_pos = y == positive
+            both = bool(is_pos.any() and not is_pos.all())
+            if not both:
+                warnings.warn(
+                    f"{level}-level validation split has a single class; operating points are undefined (NaN)",
+                    MetricWarning,
+                    stacklevel=2,
+                )
+            points[level] = [
+                {"rule": op.rule, "target": op.target,
+                 "threshold": operating_point(is_pos, p[:, positive], op.rule, op.target) if both else math.nan}
+                for op in cfg.operating_points
+            ]  # fmt: skip
+    return Decision(temperature=temperature, positive=positive, points=points)
+
+
+def _at_threshold(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Binary metrics when ``score >= threshold`` calls positive; the matrix is [[TN, FP], [FN, TP]].
+
+    An undefined threshold (validation had a single class) leaves every metric NaN, not 0."""
+    if not math.isfinite(threshold):
+        nan = math.nan
+        return {"sensitivity": nan, "specificity": nan, "ppv": nan, "npv": nan, "f1": nan, "confusion_matrix": None}
+    pred = (score >= threshold).astype(np.int64)
+    cm = confusion_matrix(y_pos.astype(np.int64), pred, 2)
+    m = per_class_metrics(cm)[1]
+    return {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "ppv": m["ppv"], "npv": m["npv"],
+            "f1": m["f1"], "confusion_matrix": cm.tolist()}  # fmt: skip
+
+
+def _recall_of(k: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    def fn(y: np.ndarray, p: np.ndarray) -> float:
+        mask = y == k
+        return float((p[mask].argmax(axis=1) == k).mean()) if mask.any() else math.nan
+
+    return fn
+
+
+def _specificity_of(k: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    def fn(y: np.ndarray, p: np.ndarray) -> float:
+        mask = y != k
+        return float((p[mask].argmax(axis=1) != k).mean()) if mask.any() else math.nan
+
+    return fn
+
+
+def _threshold_rate(positive: int, threshold: float, of_positives: bool) -> Callable[[np.ndarray, np.ndarray], float]:
+    def fn(y: np.ndarray, p: np.ndarray) -> float:
+        mask = (y == positive) if of_positives else (y != positive)
+        if not mask.any() or not math.isfinite(threshold):
+            return math.nan
+        called = p[mask, positive] >= threshold
+        return float(called.mean() if of_positives else (~called).mean())
+
+    return fn
+
+
+def split_summary(
+    y: np.ndarray,
+    probs: np.ndarray,
+    probs_uncalibrated: np.ndarray,
+    classes: list[str],
+    cfg: EvalConfig,
+    decision: Decision,
+    level: str,
+) -> dict[str, Any]:
+    """Every metric of one split at one level, with bootstrap CIs; warnings are collected, not lost."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        out = _summary(y, probs, probs_uncalibrated, classes, cfg, decision, level)
+    messages = sorted({str(w.message) for w in caught if issubclass(w.category, MetricWarning)})
+    if messages:
+        out["warnings"] = messages
+    return out
+
+
+def _summary(
+    y: np.ndarray, probs: np.ndarray, raw: np.ndarray, classes: list[str], cfg: EvalConfig, decision: Decision,
+    level: str,
+) -> dict[str, Any]:  # fmt: skip
+    k = len(classes)
+    n = len(y)
+    if n == 0:
+        warnings.warn(f"{level}-level split is empty; every metric is NaN", MetricWarning, stacklevel=3)
+        return {"n": 0, "auc": math.nan, "acc": math.nan}
+    if not np.all(np.isfinite(probs)):
+        warnings.warn(f"{level}-level probabilities contain NaN or Inf; metrics using them are NaN", MetricWarning,
+                      stacklevel=3)  # fmt: skip
+    pos = decision.positive
+    pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y, pred, k)
+    per = per_class_metrics(cm)
+    out: dict[str, Any] = {
+        "n": n,
+        "n_per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+        "auc": compute_auc(y, probs),
+        "acc": compute_accuracy(y, probs),
+        "balanced_acc": balanced_accuracy(y, pred, k),
+    }
+    if k > 2:
+        out["auc_weighted"] = compute_auc(y, probs, "weighted")
+        aps = [average_precision(y == i, probs[:, i]) for i in range(k) if (y == i).any()]
+        out["average_precision"] = float(np.mean(aps)) if aps else math.nan
+    else:
+        p_pos = 1 if pos is None else pos
+        out["average_precision"] = average_precision(y == p_pos, probs[:, p_pos])
+        out["auc_ci_delong"] = list(delong_test(y == p_pos, probs[:, p_pos], probs[:, p_pos])["ci_a"])
+    out["calibration"] = {
+        "temperature": decision.temperature,
+        "ece_before": expected_calibration_error(y, raw),
+        "ece_after": expected_calibration_error(y, probs),
+        "brier_before": brier_score(y, raw),
+        "brier_after": brier_score(y, probs),
+    }
+    out["per_class"] = {c: dict(per[i]) for i, c in enumerate(classes)}
+    out["confusion_matrix"] = cm.tolist()
+
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"auc": compute_auc, "acc": compute_accuracy}
+    for i in range(k):
+        metrics[f"sens{i}"], metrics[f"spec{i}"] = _recall_of(i), _specificity_of(i)
+    points = []
+    if pos is not None:
+        for j, op in enumerate(decision.points.get(level, [])):
+            thr = op["threshold"]
+            row = {**op, **_at_threshold(y == pos, probs[:, pos], thr)}
+            points.append(row)
+            metrics[f"op{j}_sens"] = _threshold_rate(pos, thr, True)
+            metrics[f"op{j}_spec"] = _threshold_rate(pos, thr, False)
+    cis = bootstrap_cis(y, probs, metrics, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level) if cfg.bootstrap else {}
+    if cis:
+        out["auc_ci"], out["acc_ci"] = list(cis["auc"]), list(cis["acc"])
+        for i, c in enumerate(classes):
+            out["per_class"][c]["sensitivity_ci"] = list(cis[f"sens{i}"])
+            out["per_class"][c]["specificity_ci"] = list(cis[f"spec{i}"])
+        for j, row in enumerate(points):
+            row["sensitivity_ci"], row["specificity_ci"] = list(cis[f"op{j}_sens"]), list(cis[f"op{j}_spec"])
+    if pos is not None:
+        out["positive_class"] = classes[pos]
+        out["operating_points"] = points
+    return out
+
+
+def clinical_metrics(
+    outputs: dict[str, SplitOutputs], classes: list[str], cfg: EvalConfig, decision: Decision
+) -> dict[str, Any]:
+    """``{"image": {split: summary}, "patient": {split: summary, ...}}`` for every split given."""
+    result: dict[str, Any] = {"image": {}, "patient": {"aggregate": cfg.patient_aggregate}}
+    if cfg.patient_aggregate == "topk":
+        result["patient"]["top_k"] = cfg.top_k
+    for split, out in outputs.items():
+        for level in LEVELS:
+            y, p_cal, p_raw, mixed = level_arrays(out, decision.temperature, level, cfg)
+            summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level)
+            if level == "patient":
+                summary["images_per_patient"] = len(out.labels) / max(1, len(y))
+                summary["mixed_label_patients"] = mixed
+            result[level][split] = summary
+    result["bootstrap"] = {"resamples": cfg.bootstrap, "seed": cfg.bootstrap_seed, "level": cfg.ci_level}
+    return result
