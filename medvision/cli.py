@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                 out = train(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
             else:
                 raise RunError("give a RECIPE, or --resume RUN_DIR")
-            print(f"report: {out / 'report.md'}")
+            print(f"report: {out / 'report.html'}")
         elif args.command == "evaluate":
             out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out)
             print(f"AUC {metrics['auc']:.4f}  accuracy {metrics['acc']:.4f}  n={metrics['n']}")
             print(f"metrics: {out / 'metrics.json'}")
+            print(f"report: {out / 'report.html'}")
         elif args.command == "score":
             from medvision.score import score_folder
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             from medvision.demo import run_demo
 
             out = run_demo(args.out)
-            print(f"report: {out / 'report.md'}")
+            print(f"report: {out / 'report.html'}")
     except USER_ERRORS as err:
         print(f"medvision {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ computed where it would only warn.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -366,11 +367,12 @@ def plot_image_grid(path: Path, images: list[np.ndarray], titles: list[str], nco
             raise ValueError(f"images[{i}] has shape {img.shape} and dtype {img.dtype}; expected HxWx3 uint8")
     cols = min(ncols, len(images))
     rows = -(-len(images) // cols)
-    fig = Figure(figsize=(1.7 * cols, 1.85 * rows))
+    fig = Figure(figsize=(2.2 * cols, 2.5 * rows))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
     for ax, img, title in zip(axes, images, titles, strict=False):
         ax.imshow(img)
-        ax.set_title(title, fontsize=6.5)
+        # wrapped so neighbouring titles never run into each other
+        ax.set_title("\n".join(textwrap.wrap(title, 34)), fontsize=6.5)
     return _save(fig, path)

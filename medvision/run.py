@@ -116,7 +116,7 @@ def _explain_panel(
     if picks is not None:
         picks.extend(chosen)
     for (i, kind, conf), img, h in zip(chosen, images, heat, strict=True):
-        title = f"{kind}: {classes[int(out.labels[i])]} called {classes[int(probs[i].argmax())]} ({conf:.2f})"
+        title = f"{kind}: {classes[int(out.labels[i])]} → {classes[int(probs[i].argmax())]} ({conf:.2f})"
         panel.append((overlay(display_image(img, bundle.mean, bundle.std), h), title))
     return panel
 
@@ -137,6 +137,13 @@ def _write_results(
     outputs = {split: out for split, (out, _, _) in splits.items()}
     clinical = clinical_metrics(outputs, classes, recipe.evaluation, decision)
     headline = {split: _headline(clinical, split, loss) for split, (_, _, loss) in splits.items()}
+    for split, m in headline.items():
+        log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
+    for split, summary in clinical["patient"].items():
+        if isinstance(summary, dict) and summary.get("images_per_patient", 1) > 1:
+            log.info("%s, per patient (%s of %.1f images): AUC %.4f  accuracy %.4f  (n=%d)", split,
+                     recipe.evaluation.patient_aggregate, summary["images_per_patient"], summary["auc"],
+                     summary["acc"], summary["n"])  # fmt: skip
     for level in ("image", "patient"):
         for split, summary in clinical[level].items():
             messages = summary.get("warnings", []) if isinstance(summary, dict) else []
@@ -252,9 +259,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
     meta["data"], meta["source"] = table.origin, recipe.data.source
     extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history,
              "seconds": seconds}  # fmt: skip
-    results = _write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
-    for split, m in results.items():
-        log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
+    _write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
     log.info("run folder: %s (%.0f s)", run_dir, seconds)
     return run_dir
 
