@@ -25,6 +25,7 @@ import torch
 import medvision
 from medvision.data.dataset import ImageDataset
 from medvision.data.sources import SampleTable, load_table
+from medvision.data.transforms import normalize_batch
 from medvision.evaluation import Decision, SplitOutputs, clinical_metrics, fit_decision
 from medvision.explain import ExplainError, confident_errors, display_image, grad_cam, overlay
 from medvision.metrics import MetricWarning, softmax
@@ -38,6 +39,7 @@ from medvision.train.build import (
     ModelBundle,
     build_model,
     make_loader,
+    model_inputs,
     resolve_amp,
     resolve_device,
     resolve_workers,
@@ -82,7 +84,7 @@ def _split_outputs(
     """A split's logits, labels and patients, its item ids, and its mean (uncalibrated) cross-entropy."""
     ds = split_dataset(recipe, table, bundle, split, train=False)
     loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
-    logits, labels, loss = evaluate(bundle.model, loader, device, recipe.train.amp, recipe.train.channels_last)
+    logits, labels, loss = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle))
     return SplitOutputs(logits, labels, ds.groups), ds.ids, loss
 
 
@@ -105,7 +107,7 @@ def _explain_panel(
     chosen = confident_errors(out.labels, probs, cfg.explain, decision.positive if decision.positive is not None else 1)
     if not chosen:
         return []
-    images = torch.stack([ds[i][0] for i, _, _ in chosen]).to(device)
+    images = normalize_batch(torch.stack([ds[i][0] for i, _, _ in chosen]).to(device), bundle.mean, bundle.std)
     target = torch.as_tensor([int(probs[i].argmax()) for i, _, _ in chosen], device=device)
     try:
         heat = grad_cam(bundle.model, images, target, cfg.explain_method)
@@ -229,7 +231,10 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
         datasets["train"], recipe.data.batch_size, workers, device, EpochSampler(sizes["train"], recipe.seed)
     )
     val_loader = make_loader(datasets["val"], recipe.data.eval_batch_size, workers, device)
-    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume)
+    inputs = model_inputs(recipe, bundle)
+    log.info("loader: %d worker(s), batches travel as %s and are normalised on %s%s", workers,
+             datasets["train"].transfer, device, ", flips/rot90 on the device" if inputs.flips else "")  # fmt: skip
+    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs)
 
     best = run_dir / "model.safetensors"
     if best.is_file():

@@ -30,16 +30,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from medvision.data.dataset import prepare
+from medvision.data.dataset import Transfer, prepare
 from medvision.data.dicom_source import dicom_spec, walk_files
 from medvision.data.transforms import build_transforms
 from medvision.evaluation import Decision
 from medvision.io.dicom import NotADicomImage, read_dataset, read_dicom, select_frames
 from medvision.io.image import Intensity
 from medvision.run import load_run, versions
-from medvision.train.build import resolve_amp, resolve_device
+from medvision.train.build import Inputs, resolve_amp, resolve_device
 from medvision.train.checkpoint import sha256
-from medvision.train.loop import autocast, to_device
+from medvision.train.loop import autocast
 
 log = logging.getLogger("medvision")
 BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
@@ -69,9 +69,10 @@ class DicomFiles(Dataset[dict[str, Any]]):
     """One item per file: its preprocessed frames, identifiers, or the reason it was skipped or failed."""
 
     def __init__(self, root: Path, rels: list[str], spec: Any, frames: str, intensity: Intensity, channels: int,
-                 transform: Any, tags: list[str]) -> None:  # fmt: skip
+                 transform: Any, tags: list[str], transfer: Transfer = "float32") -> None:  # fmt: skip
         self.root, self.rels, self.spec, self.frames = root, rels, spec, frames
         self.intensity, self.channels, self.transform, self.tags = intensity, channels, transform, tags
+        self.transfer = transfer
 
     def __len__(self) -> int:
         return len(self.rels)
@@ -92,7 +93,7 @@ class DicomFiles(Dataset[dict[str, Any]]):
             for frame in select_frames(n_frames, self.frames):  # type: ignore[arg-type]
                 whole = self.frames == "tiled"  # one image from all tiles
                 pixels, _ = read_dicom(path, self.spec, frame=None if whole else frame, dataset=ds)
-                item["tensors"].append(prepare(pixels[0], self.intensity, self.channels, self.transform))
+                item["tensors"].append(prepare(pixels[0], self.intensity, self.channels, self.transform, self.transfer))
                 item["frames"].append(frame)
         except NotADicomImage as err:
             item.update(status="skipped", error=str(err))
@@ -170,16 +171,18 @@ def score_folder(
     calls = operating_calls(decision)
     columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in classes], *[name for name, _ in calls], "status", "error",
                *[f"tag_{t}" for t in tags]]  # fmt: skip
-    transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std)
+    transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std, normalize=False)
+    transfer: Transfer = "float16" if recipe.data.transfer == "float16" else "float32"  # windows are never 8-bit
     files = DicomFiles(folder, todo, dicom_spec(recipe.data.dicom), recipe.data.dicom.frames, recipe.data.intensity,
-                       bundle.in_chans, transform, tags)  # fmt: skip
+                       bundle.in_chans, transform, tags, transfer)  # fmt: skip
+    inputs = Inputs(bundle.mean, bundle.std, recipe.train.channels_last)
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     loader = DataLoader(files, batch_size=batch_size or 16, num_workers=n_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")  # fmt: skip
     new_file = not table_path.is_file() or table_path.stat().st_size == 0
     with _cores_for_workers(n_workers, device):
-        _score_batches(loader, bundle.model.eval(), device, amp, recipe.train.channels_last, classes, tags, columns,
-                       table_path, new_file, summary, len(todo), decision)  # fmt: skip
+        _score_batches(loader, bundle.model.eval(), device, amp, inputs, classes, tags, columns, table_path, new_file,
+                       summary, len(todo), decision)  # fmt: skip
     summary.seconds = time.perf_counter() - start
     summary.images_per_second = summary.scored_images / summary.seconds if summary.seconds else 0.0
     if parquet:
@@ -214,7 +217,7 @@ def _score_batches(
     model: torch.nn.Module,
     device: torch.device,
     amp: str,
-    channels_last: bool,
+    inputs: Inputs,
     classes: list[str],
     tags: list[str],
     columns: list[str],
@@ -239,7 +242,7 @@ def _score_batches(
             tensors = [t for it in items for t in it["tensors"]]
             probs = np.zeros((0, len(classes)), dtype=np.float32)
             if tensors:
-                batch = to_device(torch.stack(tensors), device, channels_last)
+                batch = inputs(torch.stack(tensors), device)
                 with autocast(device, amp):
                     logits = model(batch)
                 probs = torch.softmax(logits.float() / decision.temperature, dim=1).cpu().numpy()

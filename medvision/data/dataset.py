@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -11,16 +12,36 @@ from torch.utils.data import Dataset
 from medvision.data.sources import SampleTable
 from medvision.io.image import ImageReadError, Intensity, to_channels, to_unit_range
 
+Transfer = Literal["uint8", "float16", "float32"]
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
 
 def prepare(
-    raw: np.ndarray, intensity: Intensity, channels: int, transform: Callable[..., dict[str, torch.Tensor]]
+    raw: np.ndarray,
+    intensity: Intensity,
+    channels: int,
+    transform: Callable[..., dict[str, torch.Tensor]],
+    transfer: Transfer = "float32",
 ) -> torch.Tensor:
-    """Native pixels -> [0, 1] -> model channels -> transform: the one path training, evaluate and score share."""
-    return transform(image=to_channels(to_unit_range(raw, intensity), channels))["image"]
+    """Native pixels -> [0, 1] -> model channels -> transform: the one path training, evaluate and score share.
+
+    ``transfer`` is the dtype the tensor travels in. uint8 rounds the [0, 1] image to 256 levels,
+    which loses nothing but interpolation rounding for an 8-bit source; float16 keeps 11 bits, for
+    16-bit images and DICOM windows. The device divides by 255 (uint8) and normalises.
+    """
+    x = transform(image=to_channels(to_unit_range(raw, intensity), channels))["image"]
+    if transfer == "uint8":
+        return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return x.to(_DTYPES[transfer])
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Yields ``(image CHW float32, label)``: native-depth pixels -> [0, 1] -> channels -> transform."""
+    """Yields ``(image CHW, label)``: native-depth pixels -> [0, 1] -> channels -> transform -> ``transfer`` dtype.
+
+    An item key is an index, or ``(index, seed)`` from :class:`medvision.train.build.EpochSampler`:
+    the augmentation of that sample is then seeded by ``seed``, so it does not depend on which
+    worker draws it or on whether workers persist across epochs (resume stays exact).
+    """
 
     def __init__(
         self,
@@ -29,17 +50,20 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         transform: Callable[..., dict[str, torch.Tensor]],
         intensity: Intensity,
         channels: int,
+        transfer: Transfer = "float32",
     ) -> None:
         self.table = table
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
         self.intensity = intensity
         self.channels = channels
+        self.transfer = transfer
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        k, seed = key if isinstance(key, tuple) else (key, None)
         i = int(self.indices[k])
         try:
             raw = self.table.loader(i)
@@ -47,7 +71,9 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             raise
         except Exception as err:
             raise ImageReadError(f"{self.table.ids[i]}: {err}") from err
-        return prepare(raw, self.intensity, self.channels, self.transform), int(self.table.labels[i])
+        if seed is not None:
+            self.transform.set_random_seed(seed)  # type: ignore[attr-defined]
+        return prepare(raw, self.intensity, self.channels, self.transform, self.transfer), int(self.table.labels[i])
 
     @property
     def ids(self) -> list[str]:

@@ -8,6 +8,7 @@ stratified by label and grouped by patient, so that no patient is in two splits.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
 from medvision.recipe import DataConfig
@@ -277,6 +279,43 @@ def grouped_stratified_split(
     return out
 
 
+def preload(table: SampleTable, max_fraction: float = 0.5) -> SampleTable:
+    """Decodes every image once and serves it from memory from then on.
+
+    Called before the DataLoader forks its workers, so they share the decoded arrays instead of
+    decoding PNG/JPEG/TIFF again every epoch. A file that fails to decode keeps failing the same way
+    (its error is stored), so one bad file is still one error, not a crash of the preload. Refuses,
+    naming the sizes, when the estimate exceeds ``max_fraction`` of the available memory.
+    """
+    n = len(table)
+    if n == 0:
+        return table
+    first = table.loader(0)
+    estimate = first.nbytes * n
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if estimate > max_fraction * available:
+        raise DataSourceError(
+            f"{table.origin}: data.preload would hold about {estimate / 2**30:.1f} GiB of decoded images, more than "
+            f"{max_fraction:.0%} of the {available / 2**30:.1f} GiB available; set data.preload: false"
+        )
+    decode = table.loader
+    cache: list[np.ndarray | Exception] = [first]
+    for i in tqdm(range(1, n), desc="preload", unit="img", leave=False, disable=None):
+        try:
+            cache.append(decode(i))
+        except Exception as err:  # re-raised when that sample is read, like an uncached bad file
+            cache.append(err)
+
+    def cached(i: int) -> np.ndarray:
+        item = cache[i]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    table.loader = cached
+    return table
+
+
 def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> SampleTable:
     """Builds the sample table for a recipe's data section, with every row assigned to a split."""
     path = Path(cfg.path)
@@ -293,6 +332,8 @@ def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sam
     if not any(table.splits):
         table.splits = grouped_stratified_split(table.labels, table.groups, cfg.val_fraction, cfg.test_fraction, seed)
     check_patient_disjoint(table)
+    if cfg.preload and cfg.source in ("folder", "csv"):
+        preload(table)
     return table
 
 

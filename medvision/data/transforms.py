@@ -13,6 +13,7 @@ from typing import Any
 
 import albumentations as A
 import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from medvision.recipe import AugmentConfig, RecipeError
@@ -77,10 +78,23 @@ def explicit(specs: list[Any]) -> list[A.BasicTransform]:
     return out
 
 
+FLIPS = (A.HorizontalFlip, A.VerticalFlip, A.RandomRotate90)
+
+
 def build_transforms(
-    aug: AugmentConfig | None, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+    aug: AugmentConfig | None,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    normalize: bool = True,
 ) -> A.Compose:
-    """Resize, then (for training, when ``aug`` is given) augmentation, then normalise and to tensor."""
+    """Resize, then (for training, when ``aug`` is given) augmentation, then normalise and to tensor.
+
+    With ``normalize=False`` the pipeline stops at a [0, 1] float tensor: training and evaluation
+    loaders ship that (compacted, see :func:`medvision.data.dataset.prepare`) to the device and
+    normalise there with :func:`normalize_batch`. ``aug.on_device`` leaves the preset's flips and
+    rotations to :func:`flip_rot90_batch` on the device.
+    """
     steps: list[A.BasicTransform] = [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR)]
     if aug is not None and aug.preset == "pathology" and len(mean) != 3:
         raise RecipeError(
@@ -88,6 +102,43 @@ def build_transforms(
             "channel(s); use preset radiology or none for greyscale data"
         )
     if aug is not None:
-        steps += preset(aug.preset) + explicit(aug.transforms)
-    steps += [A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()]
+        chosen = preset(aug.preset)
+        if aug.on_device:
+            if not any(isinstance(t, FLIPS) for t in chosen):
+                raise RecipeError(
+                    f"augment.on_device moves the preset's flips and rot90 to the device, but preset {aug.preset!r} "
+                    "has none; use preset pathology or set on_device: false"
+                )
+            chosen = [t for t in chosen if not isinstance(t, FLIPS)]
+        steps += chosen + explicit(aug.transforms)
+    if normalize:
+        steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=1.0))
+    steps.append(ToTensorV2())
     return A.Compose(steps)
+
+
+def normalize_batch(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] (float) or 0..255 (uint8) -> float32 normalised by the backbone's mean and std.
+
+    The same arithmetic as albumentations' ``Normalize(max_pixel_value=1.0)``, done wherever ``x`` is
+    (on the GPU, after a uint8 copy that is 4x smaller than float32).
+    """
+    scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.float() * scale - m) / s
+
+
+def flip_rot90_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random horizontal flip, vertical flip and rotation by k * 90 degrees, on ``x``'s device.
+
+    The dihedral group that tissue has no preferred orientation in; each image draws its own
+    transform from ``generator`` (seeded per epoch, so a resumed run draws the same ones).
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"flip_rot90_batch needs square images, got {tuple(x.shape[-2:])}")
+    draws = torch.randint(0, 2, (3, x.shape[0]), generator=generator, device=generator.device).to(x.device)
+    hflip, vflip, rot = draws[0].bool(), draws[1].bool(), draws[2].bool()
+    x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
+    return torch.where(rot.view(-1, 1, 1, 1), x.transpose(-1, -2), x)

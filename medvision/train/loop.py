@@ -26,7 +26,7 @@ from tqdm import tqdm
 from medvision.metrics import MetricAccumulator, compute_metrics, softmax
 from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
 from medvision.recipe import PhaseConfig, TrainConfig
-from medvision.train.build import EpochSampler, seed_everything
+from medvision.train.build import EpochSampler, Inputs, seed_everything
 from medvision.train.checkpoint import load_state, save_state, save_weights
 
 log = logging.getLogger("medvision")
@@ -42,9 +42,9 @@ def autocast(device: torch.device, amp: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last and x.ndim == 4 else torch.contiguous_format
-    return x.to(device, non_blocking=True, memory_format=fmt)
+def to_device(x: torch.Tensor, device: torch.device, inputs: Inputs | None) -> torch.Tensor:
+    """A loader batch as model input: through ``inputs`` (compact dtype -> normalised), or as it is."""
+    return inputs(x, device) if inputs is not None else x.to(device, non_blocking=True)
 
 
 def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Callable[[int], float]:
@@ -70,8 +70,14 @@ def train_one_epoch(
     device: torch.device,
     bn: str,
     desc: str,
+    inputs: Inputs | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One pass over the training data; returns the mean loss, throughput and final LR."""
+    """One pass over the training data; returns the mean loss, throughput and final LR.
+
+    ``inputs`` turns loader batches into model input on the device; ``generator`` drives its
+    on-device augmentation.
+    """
     model.train()
     set_bn_policy(model, bn)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -83,7 +89,7 @@ def train_one_epoch(
     n_steps = len(loader)
     bar = tqdm(total=n_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step, (images, labels) in enumerate(loader):
-        images = to_device(images, device, cfg.channels_last)
+        images = inputs(images, device, generator) if inputs is not None else images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
@@ -130,7 +136,7 @@ def evaluate(
     loader: DataLoader[Batch],
     device: torch.device,
     amp: str,
-    channels_last: bool,
+    inputs: Inputs | None,
     max_batches: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Logits (float32), labels and mean cross-entropy over a loader (in eval mode).
@@ -143,7 +149,7 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         with autocast(device, amp):
-            logits = model(to_device(images, device, channels_last))
+            logits = model(to_device(images, device, inputs))
         acc.update(logits, labels.to(device, non_blocking=True))
     logits_np, labels_np = acc.logits_and_labels()
     if len(labels_np) == 0:
@@ -198,6 +204,7 @@ def fit(
     run_dir: Path,
     seed: int,
     resume: bool = False,
+    inputs: Inputs | None = None,
 ) -> FitState:
     """Runs every freeze phase; keeps ``model.safetensors`` (best) and ``last.pt`` (resume) in ``run_dir``.
 
@@ -213,7 +220,7 @@ def fit(
         state = FitState(**saved["fit"])
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
 
-    _, labels, _ = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last, max_batches=2)
+    _, labels, _ = evaluate(forward, val_loader, device, cfg.amp, inputs, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images)", len(labels))
 
     sampler = train_loader.sampler
@@ -239,10 +246,11 @@ def fit(
             seed_everything(seed + state.epoch)
             if isinstance(sampler, EpochSampler):
                 sampler.set_epoch(state.epoch)
-            train_loader.dataset.transform.set_random_seed(seed + state.epoch)  # type: ignore[attr-defined]
+            generator = torch.Generator(device=device).manual_seed(seed * 100_003 + state.epoch)
             desc = f"{phase.name} {e + 1}/{phase.epochs}"
-            stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc)
-            logits, labels, val_loss = evaluate(forward, val_loader, device, cfg.amp, cfg.channels_last)
+            stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc,
+                                    inputs, generator)  # fmt: skip
+            logits, labels, val_loss = evaluate(forward, val_loader, device, cfg.amp, inputs)
             val = compute_metrics(labels, softmax(logits))
             row: dict[str, Any] = {"epoch": state.epoch + 1, "phase": phase.name, **stats, "val_loss": val_loss,
                    "val_auc": val["auc"], "val_acc": val["acc"]}  # fmt: skip
