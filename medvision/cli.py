@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from medvision.benchmark import BenchmarkError
 from medvision.data.sources import DataSourceError
 from medvision.explain import ExplainError
 from medvision.io.image import ImageReadError
@@ -18,7 +19,7 @@ from medvision.train.loop import NonFiniteLoss
 
 USER_ERRORS = (
     RecipeError, DataSourceError, ImageReadError, PretrainedUnavailable, FreezeError, RunError, NonFiniteLoss,
-    FileNotFoundError, ExplainError,
+    FileNotFoundError, ExplainError, BenchmarkError,
 )  # fmt: skip
 
 
@@ -73,6 +74,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, help="errors of each kind to show (default: the recipe's evaluation.explain)")
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/explain)")
 
+    p = sub.add_parser("benchmark", help="speed of timm backbones, or one recipe's accuracy across backbones")
+    modes = p.add_subparsers(dest="mode", required=True)
+    timing = argparse.ArgumentParser(add_help=False)
+    timing.add_argument("--backbones", required=True, metavar="A,B,...", help="timm model names, comma separated")
+    timing.add_argument("--out", type=Path, default=Path("benchmark-results"),
+                        help="folder for the CSV, table and plot (default: %(default)s)")  # fmt: skip
+    timing.add_argument("--warmup", type=int, help="untimed steps first (default: 10 on a GPU, 2 on a CPU)")
+    timing.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default: 5 GPU, 3 CPU)")
+    timing.add_argument("--steps", type=int, help="steps per timed repeat (default: 10 GPU, 2 CPU)")
+
+    p = modes.add_parser("speed", parents=[timing], help="params, GFLOPs, img/s, latency, memory and MFU per backbone")
+    p.add_argument("--image-size", type=int, help="square input side (default: 224 on a GPU, 64 on a CPU)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: 256 on a GPU, 32 on a CPU)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                   help="autocast dtype; auto: bf16 where native, else fp16 on a GPU, fp32 on a CPU")  # fmt: skip
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="NHWC layout")
+    p.add_argument("--compile", action="store_true", help="wrap each model in torch.compile")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
+    p.add_argument("--in-chans", type=int, default=3, help="input channels")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (1000 matches timm's counts)")
+    p.add_argument("--peak-size", type=int, help="side of the peak-TFLOP/s matmul (default: 8192 GPU, 2048 CPU)")
+
+    p = modes.add_parser("recipe", parents=[timing], help="fine-tune one recipe per backbone; AUC vs throughput")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value for every run (repeatable)")  # fmt: skip
+    p.add_argument("--pretrained", choices=["auto", "hub", "none"], default="auto",
+                   help="auto: the recipe's weights where they fit (a weights file fits only its own backbone), "
+                        "else random init; hub: timm hub weights for all; none: random init for all")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace existing run folders of the same names")
+
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
     p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
     return parser
@@ -123,6 +155,26 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 written = explain_errors(args.run_dir, out, method=args.method, n=args.n)
             print(f"wrote {len(written)} overlay(s) to {out}")
+        elif args.command == "benchmark":
+            from medvision import benchmark as bench
+
+            names = bench.parse_backbones(args.backbones)
+            if args.mode == "speed":
+                cfg = bench.speed_config(args.device, args.amp, image_size=args.image_size,
+                                         batch_size=args.batch_size, channels_last=args.channels_last,
+                                         compile=args.compile, warmup=args.warmup, repeats=args.repeats,
+                                         steps=args.steps, in_chans=args.in_chans,
+                                         num_classes=args.num_classes)  # fmt: skip
+                result = bench.speed_benchmark(names, cfg, args.out, args.peak_size)
+            else:
+                result = bench.recipe_benchmark(load_recipe(args.recipe, args.overrides), names, args.out,
+                                                args.pretrained, args.overwrite, args.warmup, args.repeats,
+                                                args.steps)  # fmt: skip
+            print(result.markdown)
+            print("wrote " + ", ".join(str(f) for f in result.files))
+            if all(row.error for row in result.rows):
+                print("medvision benchmark: error: no backbone could be measured", file=sys.stderr)
+                return 1
         elif args.command == "demo":
             from medvision.demo import run_demo
 

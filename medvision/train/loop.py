@@ -223,7 +223,7 @@ def fit(
     _, labels, _ = evaluate(forward, val_loader, device, cfg.amp, inputs, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images)", len(labels))
 
-    sampler = train_loader.sampler
+    sampler = getattr(train_loader, "sampler", None)  # any iterable of batches works (benchmarks)
     phase_idx, phase_epoch = _phase_of(state.epoch, cfg.phases)
     for p_i in range(phase_idx, len(cfg.phases)):
         phase = cfg.phases[p_i]

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 5, ready for a lent machine (nvidia-h100-x1 or nvidia-h200).
+#
+# Once, here (the machine with internet access to the package index):
+#   bash benchmarks/gpu_all.sh prepare
+# puts the wheels the GPU image lacks into .whl/ and BloodMNIST into .carry/ (both git-excluded).
+# Then two device calls, each inside the 10-minute limit of one command (compiling nine backbones
+# twice, for training and inference, needs a call of its own):
+#   run(command="bash benchmarks/gpu_all.sh all $OUT",      carry=[".whl", ".carry"])   # speed (eager) + train
+#   run(command="bash benchmarks/gpu_all.sh compiled $OUT", carry=[".whl", ".carry"])
+# or the stages one by one: speed | compiled | train.
+# Each leaves its CSV/Markdown/PNG files and a log in $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:?stage: prepare | all | speed | compiled | train}"
+out="${2:-gpu-results}"
+B=resnet18,resnet50,efficientnet_b0,tf_efficientnet_lite0,convnext_tiny,regnety_016,mobilenetv3_large_100,densenet121,efficientnet_b3
+
+if [ "$stage" = prepare ]; then
+  mkdir -p .git/info .whl .carry
+  for d in /.whl/ /.carry/ /.carry-shared/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+  shared="${MEDVISION_SHARED:-../shared}"
+  cp "$shared/data/bloodmnist.npz" "$shared/weights/tf_efficientnet_lite0.in1k.safetensors" .carry/
+  # the GPU image has torch, timm, numpy, opencv, scipy, PyYAML, safetensors, matplotlib, tifffile, tqdm;
+  # these it lacks (python 3.12 there):
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
+    annotated-types typing-inspection pydicom
+  exit 0
+fi
+
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 MEDVISION_SHARED="$PWD/.carry-shared"
+mkdir -p .carry-shared/data .carry-shared/weights
+ln -sf "$PWD/.carry/bloodmnist.npz" .carry-shared/data/bloodmnist.npz
+ln -sf "$PWD/.carry/tf_efficientnet_lite0.in1k.safetensors" .carry-shared/weights/
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD:/tmp/site"
+mv_results() { for f in "$1"/*; do command cp "$f" "$out/$2-$(basename "$f")"; done; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } | tee "$out/machine.txt"
+
+if [ "$stage" = all ]; then
+  bash "$0" speed "$out" && bash "$0" train "$out"
+  exit
+fi
+
+case "$stage" in
+  speed)
+    python3 -m medvision.cli benchmark speed --backbones $B --image-size 224 --batch-size 256 --amp bf16 \
+      --channels-last --out /tmp/eager 2>&1 | tee "$out/speed.log"
+    mv_results /tmp/eager eager ;;
+  compiled)
+    python3 -m medvision.cli benchmark speed --backbones $B --image-size 224 --batch-size 256 --amp bf16 \
+      --channels-last --compile --out /tmp/compiled 2>&1 | tee "$out/compiled.log"
+    mv_results /tmp/compiled compiled ;;
+  train)
+    python3 benchmarks/train_overhead.py --model resnet50 --images 8192 --image-size 224 --batch-size 256 \
+      --amp bf16 --out "$out/train_overhead.csv" 2>&1 | tee "$out/train.log"
+    python3 -m medvision.cli train recipes/bloodmnist_effnet_lite0.yaml --set data.image_size=224 \
+      --set data.num_workers=12 --set name=bloodmnist_224 --set output_dir=/tmp/runs 2>&1 | tee -a "$out/train.log"
+    cp /tmp/runs/bloodmnist_224/metrics.json "$out/bloodmnist_224_metrics.json"
+    cp /tmp/runs/bloodmnist_224/report.html "$out/bloodmnist_224_report.html" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
