@@ -133,10 +133,11 @@ def _figures(
     points = [{"label": _rule(op), "fpr": 1 - op["specificity"], "tpr": op["sensitivity"]}
               for op in ops if math.isfinite(op["sensitivity"]) and math.isfinite(op["specificity"])]  # fmt: skip
     blocks: list[Block] = [("h2", f"Figures ({split} split, per image)")]
-    plots.plot_roc(fig_dir / "roc.png", roc_y, roc_p, roc_classes, n_resamples=min(cfg.bootstrap, 200) or 200,
-                   seed=cfg.bootstrap_seed, level=cfg.ci_level, points=points)  # fmt: skip
-    blocks.append(("img", ("plots/roc.png", f"ROC curve with its {cfg.ci_level:.0%} bootstrap band"
-                                            + ("; markers are the operating points" if points else ""))))  # fmt: skip
+    band = min(cfg.bootstrap, 200)  # evaluation.bootstrap: 0 turns the band off with the CIs
+    plots.plot_roc(fig_dir / "roc.png", roc_y, roc_p, roc_classes, n_resamples=band, seed=cfg.bootstrap_seed,
+                   level=cfg.ci_level, points=points)  # fmt: skip
+    caption = f"ROC curve with its {cfg.ci_level:.0%} bootstrap band ({band} resamples)" if band else "ROC curve"
+    blocks.append(("img", ("plots/roc.png", caption + ("; markers are the operating points" if points else ""))))
     plots.plot_pr(fig_dir / "pr.png", roc_y, roc_p, roc_classes)
     blocks.append(("img", ("plots/pr.png", "Precision-recall curve")))
     if ops and decision.positive is not None and ops[0]["confusion_matrix"] is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import albumentations as A
@@ -138,10 +139,13 @@ def test_train_with_uint8_batches_device_flips_and_preload(tiles_manifest: Path,
     tree = tiny_recipe(tiles_manifest, tmp_path, phases=[{"epochs": 1, "lr": 3e-3}])
     tree["data"].update(preload=True, num_workers=2)
     tree["augment"]["on_device"] = True
+    tree["evaluation"] = {"bootstrap": 0}  # no CIs asked for: none computed, no band drawn
     run_dir = train(recipe_from_dict(tree))
     log = (run_dir / "train.log").read_text()
     assert "2 worker(s), batches travel as uint8" in log and "flips/rot90 on the device" in log
     assert (run_dir / "report.html").is_file()
+    assert "![ROC curve; markers" in (run_dir / "report.md").read_text()
+    assert "auc_ci" not in json.loads((run_dir / "metrics.json").read_text())["image"]["test"]
 
 
 def test_albumentations_transforms_still_compose() -> None:
