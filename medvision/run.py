@@ -95,11 +95,11 @@ def _headline(clinical: dict[str, Any], split: str, loss: float) -> dict[str, fl
 
 def _explain_panel(
     bundle: ModelBundle, ds: ImageDataset, out: SplitOutputs, decision: Decision, classes: list[str],
-    cfg: EvalConfig, device: torch.device, picks: list[tuple[int, str, float]] | None = None,
-) -> list[tuple[np.ndarray, str]]:  # fmt: skip
+    cfg: EvalConfig, device: torch.device,
+) -> list[tuple[tuple[int, str, float], np.ndarray, str]]:  # fmt: skip
     """Grad-CAM overlays of the split's most confident false positives and negatives (or wrong classes).
 
-    The chosen (index, kind, confidence) rows are appended to ``picks`` when it is given.
+    One ``((index, kind, confidence), overlay, title)`` per image.
     """
     probs = softmax(out.logits, decision.temperature)
     if len(probs) == 0:
@@ -115,11 +115,9 @@ def _explain_panel(
         log.warning("no Grad-CAM panel: %s", err)
         return []
     panel = []
-    if picks is not None:
-        picks.extend(chosen)
     for (i, kind, conf), img, h in zip(chosen, images, heat, strict=True):
         title = f"{kind}: {classes[int(out.labels[i])]} → {classes[int(probs[i].argmax())]} ({conf:.2f})"
-        panel.append((overlay(display_image(img, bundle.mean, bundle.std), h), title))
+        panel.append(((i, kind, conf), overlay(display_image(img, bundle.mean, bundle.std), h), title))
     return panel
 
 
@@ -160,7 +158,8 @@ def _write_results(
     panel = []
     if recipe.evaluation.explain:
         ds = split_dataset(recipe, table, bundle, focus, train=False)
-        panel = _explain_panel(bundle, ds, outputs[focus], decision, classes, recipe.evaluation, device)
+        panel = [(picture, title) for _, picture, title in
+                 _explain_panel(bundle, ds, outputs[focus], decision, classes, recipe.evaluation, device)]  # fmt: skip
     write_report(out_dir, meta, extra, clinical, outputs[focus], focus, decision, panel, recipe.evaluation)
     return headline
 
@@ -348,22 +347,22 @@ def explain_errors(
     outputs, ids, _ = _split_outputs(bundle, recipe, table, split, device, workers)
     decision = Decision.from_json(meta.get("decision"))
     ds = split_dataset(recipe, table, bundle, split, train=False)
-    picks: list[tuple[int, str, float]] = []
     classes = meta["classes"]
-    panel = _explain_panel(bundle, ds, outputs, decision, classes, cfg, device, picks)
+    panel = _explain_panel(bundle, ds, outputs, decision, classes, cfg, device)
     out = out or run_dir / "explain"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with (out / "errors.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "label", "call", "confidence", "kind", "file"])
-        for k, ((picture, _), (i, kind, conf)) in enumerate(zip(panel, picks, strict=True)):
+        for k, ((i, kind, conf), picture, _) in enumerate(panel):
             file = out / f"{k:02d}_{kind.replace(' ', '_')}_{cfg.explain_method}.png"
-            cv2.imwrite(str(file), picture[:, :, ::-1])
+            if not cv2.imwrite(str(file), picture[:, :, ::-1]):
+                raise RunError(f"{file}: OpenCV could not write the overlay PNG")
             written.append(file)
             call = int(outputs.logits[i].argmax())  # the arg-max is the same with or without the temperature
             writer.writerow([ids[i], classes[int(outputs.labels[i])], classes[call], f"{conf:.4f}", kind, file.name])
     if panel:
-        written.append(plot_image_grid(out / f"errors_{cfg.explain_method}.png", [p for p, _ in panel],
-                                       [t for _, t in panel]))  # fmt: skip
+        written.append(plot_image_grid(out / f"errors_{cfg.explain_method}.png", [p for _, p, _ in panel],
+                                       [t for _, _, t in panel]))  # fmt: skip
     return written

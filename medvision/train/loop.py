@@ -42,9 +42,11 @@ def autocast(device: torch.device, amp: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
 
 
-def to_device(x: torch.Tensor, device: torch.device, inputs: Inputs | None) -> torch.Tensor:
+def to_device(
+    x: torch.Tensor, device: torch.device, inputs: Inputs | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A loader batch as model input: through ``inputs`` (compact dtype -> normalised), or as it is."""
-    return inputs(x, device) if inputs is not None else x.to(device, non_blocking=True)
+    return inputs(x, device, generator) if inputs is not None else x.to(device, non_blocking=True)
 
 
 def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Callable[[int], float]:
@@ -89,7 +91,7 @@ def train_one_epoch(
     n_steps = len(loader)
     bar = tqdm(total=n_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step, (images, labels) in enumerate(loader):
-        images = inputs(images, device, generator) if inputs is not None else images.to(device, non_blocking=True)
+        images = to_device(images, device, inputs, generator)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
