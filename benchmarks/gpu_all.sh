@@ -26,7 +26,7 @@ if [ "$stage" = prepare ]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
-    annotated-types typing-inspection pydicom
+    annotated-types typing-inspection pydicom pebble
   exit 0
 fi
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from medvision.benchmark import BenchmarkError
+from medvision.data.intake import MAX_FILE_BYTES, MAX_PIXELS
 from medvision.data.sources import DataSourceError
 from medvision.explain import ExplainError
 from medvision.io.image import ImageReadError
@@ -15,6 +16,7 @@ from medvision.models.backbone import PretrainedUnavailable
 from medvision.models.freeze import FreezeError
 from medvision.recipe import RecipeError, load_recipe
 from medvision.run import RunError, evaluate_run, train
+from medvision.score import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, FILE_TIMEOUT, parse_shard, score_folder
 from medvision.train.loop import NonFiniteLoss
 
 USER_ERRORS = (
@@ -24,8 +26,6 @@ USER_ERRORS = (
 
 
 def _shard(text: str) -> tuple[int, int]:
-    from medvision.score import parse_shard
-
     try:
         return parse_shard(text)
     except ValueError as err:
@@ -53,17 +53,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="which split to score (default: test, or all with --data)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")
 
-    p = sub.add_parser("score", help="score every DICOM image in a folder with a trained run")
-    p.add_argument("folder", type=Path, help="folder searched recursively for DICOM files")
-    p.add_argument("--model", type=Path, required=True, metavar="RUN_DIR", help="a finished medvision run")
+    p = sub.add_parser(
+        "score",
+        help="score every image in a folder (DICOM, or PNG/JPEG/TIFF) with a trained run",
+        description="Exit codes: 0 every image file scored; 2 the model cannot be loaded; "
+        "3 some files are error rows (all rows are written); 4 no image file found.",
+    )
+    p.add_argument("folder", type=Path, help="folder searched recursively")
+    p.add_argument("--model", type=Path, required=True, metavar="RUN_DIR",
+                   help="a finished medvision run (or, with --engine onnxruntime, its exported .onnx)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="scores.csv (or .parquet); re-run to resume")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                   help="PyTorch, or the run's ONNX export in ONNX Runtime (default: %(default)s)")  # fmt: skip
+    p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT, metavar="S",
+                   help="seconds per file, then it is an error row (default: %(default)g)")  # fmt: skip
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help="most values (rows x cols x samples) a header may declare (default: %(default)d)")  # fmt: skip
+    p.add_argument("--max-file-size", type=float, default=MAX_FILE_BYTES / 2**30, metavar="GIB",
+                   help="larger files are error rows, never read (default: %(default)g GiB)")  # fmt: skip
     p.add_argument("--include-tags", default="", metavar="TAG,TAG",
                    help="opt in to extra DICOM tags as columns, e.g. AccessionNumber (none by default)")  # fmt: skip
     p.add_argument(
         "--shard", default=(0, 1), type=_shard, metavar="I/N", help="score only shard I of N (deterministic)"
     )
-    p.add_argument("--batch-size", type=int, default=16, help="files per batch")
-    p.add_argument("--workers", type=int, help="DataLoader decode workers (default: min(4, cores))")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: %(default)s)")
+    p.add_argument("--workers", type=int,
+                   help="decode worker processes (default: min(4, cores)); 0 decodes in-process, without crash "
+                        "isolation")  # fmt: skip
 
     p = sub.add_parser("explain", help="Grad-CAM heatmaps: of given images, or of a run's most confident errors")
     p.add_argument("run_dir", type=Path)
@@ -134,15 +150,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"metrics: {out / 'metrics.json'}")
             print(f"report: {out / 'report.html'}")
         elif args.command == "score":
-            from medvision.score import score_folder
-
+            if not args.folder.is_dir():
+                print(f"medvision score: error: {args.folder} is not a folder", file=sys.stderr)
+                return EXIT_NO_IMAGES
             tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
             summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
-                                   args.workers)  # fmt: skip
+                                   args.workers, args.engine, args.file_timeout, args.max_pixels,
+                                   int(args.max_file_size * 2**30))  # fmt: skip
             print(summary.line())
-            if summary.scored_images == 0 and summary.already_done == 0:
-                print(f"medvision score: error: nothing could be scored in {args.folder}", file=sys.stderr)
-                return 1
+            if summary.exit_code == EXIT_FILE_ERRORS:
+                print(f"medvision score: {summary.error_files} file(s) could not be scored; their rows in {args.out} "
+                      "say why (status error)", file=sys.stderr)  # fmt: skip
+            elif summary.exit_code == EXIT_NO_IMAGES:
+                print(f"medvision score: error: no image file to score in {args.folder}", file=sys.stderr)
+            return summary.exit_code
         elif args.command == "explain":
             from medvision.explain import explain_images
             from medvision.run import explain_errors

@@ -221,6 +221,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
         "image_size": recipe.data.image_size,
         "model": recipe.model.name,
         "split_sizes": sizes,
+        "transfer": datasets["val"].transfer,  # how evaluation batches travelled; score and export do the same
         "device": str(device),
         "versions": versions(),
     }

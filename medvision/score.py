@@ -1,51 +1,74 @@
-"""Batch scoring of DICOM folders: ``medvision score DIR --model RUN_DIR --out scores.csv``.
+"""Batch scoring of archives: ``medvision score DIR --model RUN_DIR --out scores.csv``.
 
-One row per scored image or frame, written and flushed batch by batch. A corrupt file is an error
-row and the run goes on; files that are not DICOM, or DICOM without an image (SR, RTDOSE, SEG ...),
-are skipped and counted. Re-running with the same ``--out`` resumes: files already in the output are
-not scored again, and a row cut short by a kill is dropped and redone. The preprocessing is the
-trained run's own (its recipe's DICOM windows, intensity mapping, size and normalisation).
+Every entry found under ``DIR`` ends up in exactly one outcome, written as rows of the output:
+
+- ``ok``: one row per scored image (per frame of a multi-frame DICOM), with calibrated probabilities
+  and a 0/1 call at each of the run's operating points;
+- ``error``: a file that should have been an image and could not be scored, with the reason (a
+  damaged, truncated, empty or renamed DICOM; a decoder that raised, crashed or hung; a header that
+  declares more pixels than ``--max-pixels``; a broken or looping link);
+- ``skipped``: clearly not an input, with the reason (no DICM magic, not parseable and no DICOM
+  suffix; a DICOM object without pixel data such as SR, RT plan or presentation state; a FIFO; a
+  directory named like a file).
+
+Files are read and preprocessed in worker processes that may die (see :mod:`medvision.workers`): a
+decoder that panics, segfaults, aborts or hangs costs the one file it was reading. Rows are written
+in the folder's order and flushed batch by batch; re-running with the same ``--out`` resumes (the
+last file of a killed run is redone, and a row cut short is dropped). The preprocessing is the
+trained run's own; a run trained on DICOM scores DICOM files, any other run scores PNG, JPEG, TIFF
+and BMP images. The model runs in PyTorch or, exported, in ONNX Runtime (``--engine onnxruntime``).
 
 No patient identifiers are written unless asked for with ``--include-tags``. A sidecar
-``<out>.json`` records the checkpoint's SHA-256, the recipe hash, versions, counts and speed.
+``<out>.json`` records the model's SHA-256, the recipe hash, versions, counts (which reconcile:
+files found = ok + error + skipped files) and speed.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from medvision.data.dataset import Transfer, prepare
-from medvision.data.dicom_source import dicom_spec, walk_files
-from medvision.data.transforms import build_transforms
+from medvision.data.intake import (
+    IDENTIFYING_TAGS,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    FileResult,
+    ReadConfig,
+    Reader,
+    init_worker,
+    read_chunk,
+    read_file,
+)
 from medvision.evaluation import Decision
-from medvision.io.dicom import NotADicomImage, read_dataset, read_dicom, select_frames
-from medvision.io.image import Intensity
-from medvision.run import load_run, versions
-from medvision.train.build import Inputs, resolve_amp, resolve_device
+from medvision.io.archive import Entry, scan
+from medvision.models.deploy import CalibratedClassifier, ScoringSpec
+from medvision.run import RunError, load_run, versions
+from medvision.train.build import resolve_amp, resolve_device
 from medvision.train.checkpoint import sha256
 from medvision.train.loop import autocast
+from medvision.workers import Failure, PoolStats, isolated_map
 
 log = logging.getLogger("medvision")
 BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
+#: Default ``--file-timeout``: seconds one file may take to read and preprocess in its worker.
+FILE_TIMEOUT = 300.0
 
-#: Tags that identify a patient; never written unless the user names them in ``--include-tags``.
-IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs")
+#: Exit codes of ``medvision score`` (documented in the README).
+EXIT_OK, EXIT_MODEL, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 2, 3, 4
 
 
 def in_shard(rel: str, shard: tuple[int, int]) -> bool:
@@ -65,227 +88,118 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-class DicomFiles(Dataset[dict[str, Any]]):
-    """One item per file: its preprocessed frames, identifiers, or the reason it was skipped or failed."""
-
-    def __init__(self, root: Path, rels: list[str], spec: Any, frames: str, intensity: Intensity, channels: int,
-                 transform: Any, tags: list[str], transfer: Transfer = "float32") -> None:  # fmt: skip
-        self.root, self.rels, self.spec, self.frames = root, rels, spec, frames
-        self.intensity, self.channels, self.transform, self.tags = intensity, channels, transform, tags
-        self.transfer = transfer
-
-    def __len__(self) -> int:
-        return len(self.rels)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        rel = self.rels[k]
-        path = self.root / rel
-        item: dict[str, Any] = {"path": rel, "status": "ok", "error": "", "frames": [], "tensors": []}
-        try:
-            ds = read_dataset(path)
-            item.update(
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-                series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-                tags={t: str(ds.get(t, "")) for t in self.tags},
-            )
-            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-            for frame in select_frames(n_frames, self.frames):  # type: ignore[arg-type]
-                whole = self.frames == "tiled"  # one image from all tiles
-                pixels, _ = read_dicom(path, self.spec, frame=None if whole else frame, dataset=ds)
-                item["tensors"].append(prepare(pixels[0], self.intensity, self.channels, self.transform, self.transfer))
-                item["frames"].append(frame)
-        except NotADicomImage as err:
-            item.update(status="skipped", error=str(err))
-        except Exception as err:  # one bad file is one error row; the rest of the folder is still scored
-            item.update(status="error", error=f"{type(err).__name__}: {err}", frames=[], tensors=[])
-        return item
+# ---------------------------------------------------------------------------------- engines
 
 
-def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
+class Engine(Protocol):
+    """Raw batches (N, C, H, W) in the spec's transfer dtype -> calibrated probabilities (N, K) float32."""
+
+    name: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class TorchEngine:
+    """The run's model in PyTorch, on CUDA when present, with the run's autocast setting."""
+
+    name = "torch"
+
+    def __init__(self, model: CalibratedClassifier, device: torch.device, amp: str, channels_last: bool) -> None:
+        self.model, self.device, self.amp, self.channels_last = model.eval().to(device), device, amp, channels_last
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            return self.model(x).float().cpu().numpy()
+
+
+def load_scorer(model: Path, engine: str) -> tuple[Engine, ScoringSpec, dict[str, Any]]:
+    """The engine, the spec and the provenance of a model: a run folder, or (onnxruntime) an exported .onnx.
+
+    Raises :class:`medvision.run.RunError` (or ``ExportError``) when the model cannot be loaded.
+    """
+    if engine == "torch":
+        device = resolve_device("auto")
+        recipe, meta, bundle = load_run(model, device)
+        spec = ScoringSpec.from_run(model, recipe, meta)
+        net = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature)
+        amp = resolve_amp(recipe.train.amp, device)
+        torch_engine = TorchEngine(net, device, amp, recipe.train.channels_last)
+        return torch_engine, spec, {"model_file": str(model / "model.safetensors"), "device": str(device), "amp": amp}
+    if engine == "onnxruntime":
+        from medvision.export.onnx import load_onnx  # onnxruntime is an optional dependency
+
+        path = model / "export" / "model.onnx" if model.is_dir() else model
+        if not path.is_file():
+            raise RunError(f"{path}: no exported ONNX model; run `medvision export {model} --format onnx` first")
+        ort_engine, spec = load_onnx(path)
+        return ort_engine, spec, {"model_file": str(path), "model_file_sha256": sha256(path)}
+    raise RunError(f"--engine {engine!r} is not one of torch, onnxruntime")
+
+
+# ------------------------------------------------------------------------------- the run
 
 
 @dataclass
 class ScoreSummary:
-    """Counts and speed of one scoring run; also written to the provenance sidecar."""
+    """Counts and speed of one scoring run (over the whole output, resumed parts included)."""
 
-    scored_images: int = 0
-    scored_files: int = 0
-    skipped: int = 0
-    errors: int = 0
+    files_found: int = 0
+    ok_files: int = 0
+    ok_images: int = 0
+    error_files: int = 0
+    skipped_files: int = 0
+    scored_now: int = 0
+    images_now: int = 0
     already_done: int = 0
+    lost_chunks: int = 0
+    crashed_files: int = 0
+    timed_out_files: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    engine: str = "torch"
     shard: str = "0/1"
     out: str = ""
-    skipped_examples: list[str] = field(default_factory=list)
+
+    @property
+    def reconciled(self) -> bool:
+        return self.files_found == self.ok_files + self.error_files + self.skipped_files
+
+    @property
+    def exit_code(self) -> int:
+        """0: every image file scored; 3: some files are error rows; 4: no image file at all (nothing to score)."""
+        if self.error_files:
+            return EXIT_FILE_ERRORS
+        return EXIT_OK if self.ok_files else EXIT_NO_IMAGES
 
     def line(self) -> str:
         return (
-            f"scored {self.scored_images} image(s) from {self.scored_files} file(s) in {self.seconds:.1f} s "
-            f"({self.images_per_second:.1f} img/s); {self.skipped} non-image file(s) skipped, {self.errors} error(s), "
-            f"{self.already_done} already in {self.out}"
+            f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} image(s)), "
+            f"{self.error_files} error(s), {self.skipped_files} skipped; {self.already_done} were already in "
+            f"{self.out}; {self.images_now} image(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s)"
         )
 
 
-def _done_paths(out: Path) -> set[str]:
-    """Paths already in a previous output; a last line cut short by a kill is removed first."""
-    if not out.is_file():
+def _resume(table: Path) -> set[str]:
+    """Paths already finished in a previous output. A row cut short by a kill and the rows of the last
+    file (it may have been cut between two of its frames) are removed, so that file is scored again."""
+    if not table.is_file():
         return set()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with out.open("r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-    with out.open(newline="") as fh:
+    data = table.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    lines = keep.splitlines(keepends=True)
+    if len(lines) > 1:
+        last = next(csv.reader([lines[-1].decode()]))[0]
+        while len(lines) > 1 and next(csv.reader([lines[-1].decode()]))[0] == last:
+            lines.pop()
+        keep = b"".join(lines)
+    if keep != data:  # keep is a prefix of data
+        with table.open("r+b") as fh:
+            fh.truncate(len(keep))
+    with table.open(newline="") as fh:
         return {row["path"] for row in csv.DictReader(fh) if row.get("path")}
-
-
-def score_folder(
-    folder: Path,
-    run_dir: Path,
-    out: Path,
-    include_tags: list[str] | None = None,
-    shard: tuple[int, int] = (0, 1),
-    batch_size: int | None = None,
-    workers: int | None = None,
-) -> ScoreSummary:
-    """Scores every DICOM image under ``folder`` with the run's best model; see the module docstring.
-
-    Examples:
-        >>> score_folder(Path("/data/cr"), Path("runs/chest"), Path("scores.csv")).line()
-    """
-    start = time.perf_counter()
-    tags = list(include_tags or [])
-    device = resolve_device("auto")
-    recipe, meta, bundle = load_run(run_dir, device)
-    amp = resolve_amp(recipe.train.amp, device)
-    classes: list[str] = meta["classes"]
-    parquet = out.suffix == ".parquet"
-    table_path = out.with_suffix(".partial.csv") if parquet else out
-    done = _done_paths(table_path)
-    rels = [p.relative_to(folder).as_posix() for p in walk_files(folder)]
-    todo = [r for r in rels if in_shard(r, shard) and r not in done]
-    summary = ScoreSummary(already_done=len(done), shard=f"{shard[0]}/{shard[1]}", out=str(out))
-    decision = Decision.from_json(meta.get("decision"))
-    calls = operating_calls(decision)
-    columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in classes], *[name for name, _ in calls], "status", "error",
-               *[f"tag_{t}" for t in tags]]  # fmt: skip
-    transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std, normalize=False)
-    transfer: Transfer = "float16" if recipe.data.transfer == "float16" else "float32"  # windows are never 8-bit
-    files = DicomFiles(folder, todo, dicom_spec(recipe.data.dicom), recipe.data.dicom.frames, recipe.data.intensity,
-                       bundle.in_chans, transform, tags, transfer)  # fmt: skip
-    inputs = Inputs(bundle.mean, bundle.std, recipe.train.channels_last)
-    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    loader = DataLoader(files, batch_size=batch_size or 16, num_workers=n_workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda")  # fmt: skip
-    new_file = not table_path.is_file() or table_path.stat().st_size == 0
-    with _cores_for_workers(n_workers, device):
-        _score_batches(loader, bundle.model.eval(), device, amp, inputs, classes, tags, columns, table_path, new_file,
-                       summary, len(todo), decision)  # fmt: skip
-    summary.seconds = time.perf_counter() - start
-    summary.images_per_second = summary.scored_images / summary.seconds if summary.seconds else 0.0
-    if parquet:
-        _to_parquet(table_path, out)
-    _write_provenance(out, run_dir, summary, tags, decision)
-    return summary
-
-
-@contextmanager
-def _cores_for_workers(n_workers: int, device: torch.device) -> Iterator[None]:
-    """While decode workers run on this machine's cores, keep the main process and OpenCV off them.
-
-    On the CPU the main process runs inference with ``cores - workers`` threads (at least one), and
-    OpenCV is set to one thread before the workers fork, so they inherit it (setting it inside a
-    forked worker can deadlock on the parent's thread pool). Both settings are restored afterwards.
-    Measured on 2 cores: 1.58x -> 1.91x over the plain loop (benchmarks/RESULTS.md).
-    """
-    cv_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
-    if n_workers > 0:
-        cv2.setNumThreads(1)
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - n_workers))
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(cv_threads)
-        torch.set_num_threads(torch_threads)
-
-
-def _score_batches(
-    loader: DataLoader[dict[str, Any]],
-    model: torch.nn.Module,
-    device: torch.device,
-    amp: str,
-    inputs: Inputs,
-    classes: list[str],
-    tags: list[str],
-    columns: list[str],
-    table_path: Path,
-    new_file: bool,
-    summary: ScoreSummary,
-    n_files: int,
-    decision: Decision,
-) -> None:
-    """Runs the model over the loader's batches and appends (and flushes) one row per image or error.
-
-    Probabilities are divided by the run's fitted temperature (calibrated); each operating point of
-    the run adds a 0/1 column that calls the positive class at the threshold chosen on validation.
-    """
-    calls = operating_calls(decision)
-    with table_path.open("a", newline="") as fh, torch.inference_mode():
-        writer = csv.writer(fh)
-        if new_file:
-            writer.writerow(columns)
-        bar = tqdm(total=n_files, desc="score", unit="file", dynamic_ncols=True, disable=None)
-        for items in loader:
-            tensors = [t for it in items for t in it["tensors"]]
-            probs = np.zeros((0, len(classes)), dtype=np.float32)
-            if tensors:
-                batch = inputs(torch.stack(tensors), device)
-                with autocast(device, amp):
-                    logits = model(batch)
-                probs = torch.softmax(logits.float() / decision.temperature, dim=1).cpu().numpy()
-            k = 0
-            for it in items:
-                if it["status"] == "skipped":
-                    summary.skipped += 1
-                    if len(summary.skipped_examples) < 5:
-                        summary.skipped_examples.append(it["error"])
-                    continue
-                ids = [it["path"], it.get("sop_instance_uid", ""), it.get("study_instance_uid", ""),
-                       it.get("series_instance_uid", "")]  # fmt: skip
-                extra = [it.get("tags", {}).get(t, "") for t in tags]
-                if it["status"] == "error":
-                    summary.errors += 1
-                    writer.writerow([*ids, "", "", *[""] * (len(classes) + len(calls)), "error", it["error"], *extra])
-                    continue
-                for frame in it["frames"]:
-                    p = probs[k]
-                    k += 1
-                    flags = [str(int(p[decision.positive] >= thr)) for _, thr in calls]
-                    writer.writerow([*ids, frame, classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags, "ok", "",
-                                     *extra])  # fmt: skip
-                    summary.scored_images += 1
-                summary.scored_files += 1
-            fh.flush()  # rows of a finished batch survive a kill
-            bar.update(len(items))
-        bar.close()
-
-
-def _to_parquet(table_path: Path, out: Path) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise RuntimeError(
-            f"Parquet output needs pyarrow (pip install pyarrow); the rows are in {table_path}"
-        ) from None
-    text = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "pred", "error")
-    string_columns = {c: pa.string() for c in text}
-    table = pacsv.read_csv(table_path, convert_options=pacsv.ConvertOptions(column_types=string_columns))
-    pq.write_table(table, out)
 
 
 def operating_calls(decision: Decision) -> list[tuple[str, float]]:
@@ -298,16 +212,207 @@ def operating_calls(decision: Decision) -> list[tuple[str, float]]:
     return calls
 
 
-def _write_provenance(out: Path, run_dir: Path, summary: ScoreSummary, tags: list[str], decision: Decision) -> None:
+class _Rows:
+    """Formats a file's rows and appends them with one write and a flush, so finished files survive a kill."""
+
+    def __init__(self, table: Path, spec: ScoringSpec, tags: list[str]) -> None:
+        self.classes, self.tags = spec.classes, tags
+        self.decision = Decision.from_json(spec.decision)
+        self.calls = operating_calls(self.decision)
+        self.columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in self.classes], *[n for n, _ in self.calls], "status",
+                        "reason", *[f"tag_{t}" for t in tags]]  # fmt: skip
+        new = not table.is_file() or table.stat().st_size == 0
+        self.fh = table.open("a", newline="")
+        if new:
+            self.write([], header=True)
+
+    def write(self, files: list[FileResult], header: bool = False) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        if header:
+            writer.writerow(self.columns)
+        blank = [""] * (len(self.classes) + len(self.calls))
+        for f in files:
+            extra = [f.tags.get(t, "") for t in self.tags]
+            if f.status != "ok":
+                reason = " | ".join(line.strip() for line in f.reason.splitlines() if line.strip())  # one line a row
+                writer.writerow([f.rel, *f.uids, "", "", *blank, f.status, reason, *extra])
+                continue
+            for frame, p in zip(f.frames, f.probs, strict=True):
+                flags = [str(int(p[self.decision.positive] >= thr)) for _, thr in self.calls]
+                writer.writerow([f.rel, *f.uids, frame, self.classes[int(p.argmax())], *[f"{v:.6f}" for v in p],
+                                 *flags, "ok", "", *extra])  # fmt: skip
+        self.fh.write(buf.getvalue())
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _outcomes(
+    folder: Path, todo: list[Entry], cfg: ReadConfig, reader: Reader, workers: int, timeout: float, stats: PoolStats
+) -> Iterator[FileResult]:
+    """Each entry's result, in order: rows the scan already decided, and files read in the isolated pool."""
+    candidates = [e.rel for e in todo if e.outcome == "candidate"]
+    read = isolated_map(read_chunk, candidates, workers=workers, timeout=timeout,
+                        initializer=init_worker, initargs=(str(folder), cfg, reader), preload=[init_worker.__module__],
+                        stats=stats)  # fmt: skip
+    for entry in todo:
+        if entry.outcome != "candidate":
+            yield FileResult(entry.rel, entry.outcome, entry.reason)
+            continue
+        rel, result = next(read)
+        yield FileResult(rel, "error", result.reason) if isinstance(result, Failure) else result
+
+
+def score_folder(
+    folder: Path,
+    model: Path,
+    out: Path,
+    include_tags: list[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int | None = None,
+    workers: int | None = None,
+    engine: str = "torch",
+    file_timeout: float = FILE_TIMEOUT,
+    max_pixels: int = MAX_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    reader: Reader = read_file,
+) -> ScoreSummary:
+    """Scores every image under ``folder`` with a run (or its ONNX export); see the module docstring.
+
+    ``workers`` decode processes (default min(4, cores)); ``0`` decodes in this process, without crash
+    isolation (for debugging). ``reader`` turns one file into a :class:`FileResult`; the default is
+    :func:`read_file`.
+
+    Examples:
+        >>> score_folder(Path("/data/cr"), Path("runs/chest"), Path("scores.csv")).line()
+    """
+    start = time.perf_counter()
+    tags = list(include_tags or [])
+    scorer, spec, provenance = load_scorer(model, engine)
+    parquet = out.suffix == ".parquet"
+    table = out.with_suffix(".partial.csv") if parquet else out
+    entries = [e for e in scan(folder) if in_shard(e.rel, shard)]
+    done = _resume(table)
+    todo = [e for e in entries if e.rel not in done]
+    summary = ScoreSummary(already_done=len(done & {e.rel for e in entries}), shard=f"{shard[0]}/{shard[1]}",
+                           out=str(out), engine=scorer.name)  # fmt: skip
+    cfg = ReadConfig(spec, tuple(tags), max_pixels, max_file_bytes)
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    stats = PoolStats()
+    rows = _Rows(table, spec, tags)
+    threads = torch.get_num_threads()
+    if n_workers > 0 and provenance.get("device", "cpu") == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - n_workers))  # leave the decode workers their cores
+    try:
+        outcomes = _outcomes(folder, todo, cfg, reader, n_workers, file_timeout, stats)
+        _score(outcomes, scorer, rows, batch_size or 16, summary, len(todo))
+    finally:
+        torch.set_num_threads(threads)
+        rows.close()
+    summary.lost_chunks, summary.crashed_files, summary.timed_out_files = (
+        stats.lost_chunks, stats.crashed_files, stats.timed_out_files)  # fmt: skip
+    summary.seconds = time.perf_counter() - start
+    summary.images_per_second = summary.images_now / summary.seconds if summary.seconds else 0.0
+    _tally(table, {e.rel for e in entries}, summary)
+    if not summary.reconciled:
+        log.warning("accounting mismatch: %d found, %d ok + %d error + %d skipped", summary.files_found,
+                    summary.ok_files, summary.error_files, summary.skipped_files)  # fmt: skip
+    if parquet:
+        _to_parquet(table, out)
+    _write_provenance(out, spec, provenance, summary, tags, cfg, file_timeout)
+    return summary
+
+
+def _score(outcomes: Iterator[FileResult], engine: Engine, rows: _Rows, batch_size: int, summary: ScoreSummary,
+           n_files: int) -> None:  # fmt: skip
+    """Batches the files' images through the engine and writes each file's rows once all its images are scored.
+
+    Every batch holds exactly ``batch_size`` images (the last one is padded with zeros), so that an
+    image's probabilities do not depend on which other files happened to share its batch.
+    """
+    pending: deque[FileResult] = deque()
+    images: list[tuple[FileResult, np.ndarray]] = []
+
+    def run(n: int) -> None:
+        batch = np.stack([a for _, a in images[:n]])
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+        probs = engine.predict(batch)
+        for (owner, _), p in zip(images[:n], probs, strict=False):
+            owner.probs.append(p)
+        del images[:n]
+        summary.images_now += n
+
+    def flush() -> None:
+        ready = []
+        while pending and len(pending[0].probs) == len(pending[0].frames):
+            ready.append(pending.popleft())
+        if ready:
+            rows.write(ready)
+            summary.scored_now += len(ready)
+
+    with tqdm(total=n_files, desc="score", unit="file", dynamic_ncols=True, disable=None) as bar:
+        for result in outcomes:
+            pending.append(result)
+            images.extend((result, a) for a in result.arrays)
+            result.arrays = []
+            while len(images) >= batch_size:
+                run(batch_size)
+            flush()
+            bar.update(1)
+        while images:
+            run(min(batch_size, len(images)))
+        flush()
+
+
+def _tally(table: Path, found: set[str], summary: ScoreSummary) -> None:
+    """Counts outcomes over the whole output (earlier, resumed parts too) for the entries found now."""
+    status: dict[str, str] = {}
+    images = 0
+    with table.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["path"] in found:
+                status[row["path"]] = row["status"]
+                images += row["status"] == "ok"
+    summary.files_found = len(found)
+    summary.ok_images = images
+    summary.ok_files = sum(s == "ok" for s in status.values())
+    summary.error_files = sum(s == "error" for s in status.values())
+    summary.skipped_files = sum(s == "skipped" for s in status.values())
+
+
+def _to_parquet(table_path: Path, out: Path) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError(
+            f"Parquet output needs pyarrow (pip install pyarrow); the rows are in {table_path}"
+        ) from None
+    text = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "pred", "status", "reason")
+    string_columns = {c: pa.string() for c in text}
+    table = pacsv.read_csv(table_path, convert_options=pacsv.ConvertOptions(column_types=string_columns))
+    pq.write_table(table, out)
+
+
+def _write_provenance(out: Path, spec: ScoringSpec, provenance: dict[str, Any], summary: ScoreSummary,
+                      tags: list[str], cfg: ReadConfig, file_timeout: float) -> None:  # fmt: skip
+    decision = Decision.from_json(spec.decision)
     record = {
-        "model_checkpoint": str(run_dir / "model.safetensors"),
-        "model_sha256": sha256(run_dir / "model.safetensors"),
-        "recipe_sha256": sha256(run_dir / "recipe.yaml"),
+        **provenance,
+        "model_sha256": spec.model_sha256,
+        "recipe_sha256": spec.recipe_sha256,
         "versions": versions(),
         "calibration_temperature": decision.temperature,
         "operating_points": decision.points.get("image", []),
         "included_identifying_tags": [t for t in tags if t in IDENTIFYING_TAGS],
         "included_tags": tags,
+        "limits": {"max_pixels": cfg.max_pixels, "max_file_bytes": cfg.max_file_bytes, "file_timeout_s": file_timeout},
         **asdict(summary),
+        "reconciled": summary.reconciled,
+        "exit_code": summary.exit_code,
     }
     Path(str(out) + ".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -45,3 +45,20 @@ def tiny_recipe(manifest: Path, out: Path, **train: Any) -> dict[str, Any]:
         "train": {"amp": "none", "phases": phases, "log_interval": 2, **train},
         "evaluation": {"bootstrap": 50},
     }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def dicom_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run trained on real pydicom CT and MR images (greyscale, percentile window), for scoring tests."""
+    pytest.importorskip("pydicom")
+    from test_dicom_source import make_dicom_folder
+
+    from medvision.recipe import recipe_from_dict
+    from medvision.run import train
+
+    root = tmp_path_factory.mktemp("train_dicom")
+    make_dicom_folder(root, per_class=6)
+    tree = tiny_recipe(root, tmp_path_factory.mktemp("runs"))
+    tree["data"].update(source="dicom", path=str(root), dicom={"windows": ["percentile"], "cache": False})
+    tree["augment"] = {"preset": "radiology"}
+    return train(recipe_from_dict(tree))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,8 @@ from medvision.train.checkpoint import sha256  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train_dicom")
-    make_dicom_folder(root, per_class=6)
-    tree = tiny_recipe(root, tmp_path_factory.mktemp("runs"))
-    tree["data"].update(source="dicom", path=str(root), dicom={"windows": ["percentile"], "cache": False})
-    tree["augment"] = {"preset": "radiology"}
-    return train(recipe_from_dict(tree))
+def trained(dicom_run: Path) -> Path:
+    return dicom_run
 
 
 @pytest.fixture()
@@ -59,11 +56,15 @@ def test_rows_errors_skips_privacy_and_provenance(trained: Path, folder: Path, t
     out = tmp_path / "scores.csv"
     summary = score_folder(folder, trained, out, workers=0)
     rows = _rows(out)
-    assert summary.scored_files == 11 and summary.scored_images == 11 and summary.errors == 1
-    assert summary.skipped == 2  # README.txt and the RT plan
-    assert len(rows) == 12 and len({r["path"] for r in rows}) == 12
+    assert summary.ok_files == 11 and summary.ok_images == 11 and summary.error_files == 1
+    assert summary.skipped_files == 2 and summary.files_found == 14 and summary.reconciled  # README.txt, RT plan
+    assert summary.exit_code == 3
+    assert len(rows) == 14 and len({r["path"] for r in rows}) == 14
     bad = next(r for r in rows if r["path"] == "mr/corrupt.dcm")
-    assert bad["status"] == "error" and "corrupt.dcm" in bad["error"] and "JPEG Extended" in bad["error"]
+    assert bad["status"] == "error" and "corrupt.dcm" in bad["reason"] and "JPEG Extended" in bad["reason"]
+    assert str(folder) not in bad["reason"]  # named relative to the scanned folder
+    skipped = {r["path"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert "no DICM magic" in skipped["ct/README.txt"] and "without image pixel data" in skipped["mr/plan.dcm"]
     good = [r for r in rows if r["status"] == "ok"]
     assert all(r["sop_instance_uid"] and r["study_instance_uid"] for r in good)
     assert all(abs(float(r["prob_ct"]) + float(r["prob_mr"]) - 1) < 1e-4 for r in good)
@@ -73,7 +74,8 @@ def test_rows_errors_skips_privacy_and_provenance(trained: Path, folder: Path, t
     assert "CT-0" not in text and "MR-1" not in text  # PatientIDs of the images
     record = json.loads(Path(str(out) + ".json").read_text())
     assert record["model_sha256"] == sha256(trained / "model.safetensors")
-    assert record["scored_images"] == 11 and record["errors"] == 1 and record["skipped"] == 2
+    assert record["ok_images"] == 11 and record["error_files"] == 1 and record["skipped_files"] == 2
+    assert record["files_found"] == 14 and record["reconciled"] and record["exit_code"] == 3
     assert {"medvision", "torch", "timm"} <= set(record["versions"]) and record["images_per_second"] > 0
 
 
@@ -116,13 +118,16 @@ KILLER = """
 import os, signal, sys
 from pathlib import Path
 import medvision.score as s
-real, calls = s._collate, [0]
-def dying_collate(items):
+calls = [0]
+real_write = s._Rows.write
+def dying_write(self, files, header=False):
     calls[0] += 1
-    if calls[0] == 3:  # two batches are written and flushed; die like kill -9, no cleanup
+    if calls[0] == 4:  # header and two batches are flushed; die like kill -9 halfway through this write
+        self.fh.write(self.fh.name[:0] + "ct/series0/img0.dcm,1.2.3,1.2")
+        self.fh.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(items)
-s._collate = dying_collate
+    real_write(self, files, header)
+s._Rows.write = dying_write
 s.score_folder(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), batch_size=2, workers=0)
 """
 
@@ -134,11 +139,10 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(trained: Path, folder:
     proc = subprocess.run([sys.executable, "-c", KILLER, str(folder), str(trained), str(out)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     partial = _rows(out)
-    assert 0 < len(partial) < 12
-    with out.open("a") as fh:
-        fh.write("ct/series0/img0.dcm,1.2.3,1.2")  # a row cut short mid-write
+    assert 0 < len(partial) < 14
+    assert not out.read_text().endswith("\n")  # a row cut short mid-write
     summary = score_folder(folder, trained, out, batch_size=2, workers=0)
-    assert summary.already_done == len(partial)
+    assert summary.already_done == len({r["path"] for r in partial}) - 1  # the last file of the kill is redone
     rows = _rows(out)
     assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in _rows(reference))
     ref = {r["path"]: r for r in _rows(reference)}
@@ -152,7 +156,7 @@ def test_shards_partition_the_folder(trained: Path, folder: Path, tmp_path: Path
         score_folder(folder, trained, tmp_path / f"s{i}.csv", shard=(i, 3), workers=0)
         parts.append({r["path"] for r in _rows(tmp_path / f"s{i}.csv")})
     assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
-    assert len(parts[0] | parts[1] | parts[2]) == 12
+    assert len(parts[0] | parts[1] | parts[2]) == 14
     assert in_shard("a/b.dcm", (0, 1))
 
 
@@ -161,7 +165,7 @@ def test_parquet_and_parallel_workers(trained: Path, folder: Path, tmp_path: Pat
     out = tmp_path / "scores.parquet"
     summary = score_folder(folder, trained, out, workers=2)
     table = pq.read_table(out)
-    assert table.num_rows == 12 and summary.scored_images == 11
+    assert table.num_rows == 14 and summary.ok_images == 11 and summary.reconciled
     assert "prob_mr" in table.column_names
 
 
@@ -169,7 +173,52 @@ def test_cli_exit_codes(trained: Path, tmp_path: Path, capsys: pytest.CaptureFix
     empty = tmp_path / "nothing"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    assert main(["score", str(empty), "--model", str(trained), "--out", str(tmp_path / "e.csv"), "--workers", "0"]) == 1
-    assert "nothing could be scored" in capsys.readouterr().err
+    assert main(["score", str(empty), "--model", str(trained), "--out", str(tmp_path / "e.csv"), "--workers", "0"]) == 4
+    assert "no image file to score" in capsys.readouterr().err
     assert main(["score", str(empty), "--model", str(tmp_path), "--out", str(tmp_path / "f.csv")]) == 2
     assert "not a finished medvision run" in capsys.readouterr().err
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width`` x ``height`` RGB and whose pixel data is missing."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
+def test_png_folder_scores_like_evaluate_and_exit_codes(
+    tiles_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run trained on PNG tiles scores a PNG folder: its probabilities are evaluate's, bad images are errors."""
+    run = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs")))
+    folder = tiles_manifest.parent
+    out = tmp_path / "tiles.csv"
+    assert main(["score", str(folder), "--model", str(run), "--out", str(out), "--workers", "0"]) == 0
+    rows = {r["path"]: r for r in _rows(out)}
+    assert rows["manifest.csv"]["status"] == "skipped" and "not an image file" in rows["manifest.csv"]["reason"]
+    with (run / "predictions.csv").open(newline="") as fh:
+        predicted = list(csv.DictReader(fh))
+    assert predicted
+    for p in predicted:
+        assert rows[p["id"]]["status"] == "ok"
+        for c in ("prob_stroma", "prob_tumor"):
+            assert abs(float(rows[p["id"]][c]) - float(p[c])) <= 2e-6, (p["id"], c)
+    assert "0 error(s)" in capsys.readouterr().out
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder / "tiles", bad / "tiles")
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "cut.png").write_bytes((folder / "tiles" / "P000_00.png").read_bytes()[:100])
+    (bad / "huge.png").write_bytes(_png_header_only(100_000, 100_000))
+    shutil.copy(get_testdata_file("CT_small.dcm"), bad / "ct.dcm")
+    out = tmp_path / "bad.csv"
+    assert main(["score", str(bad), "--model", str(run), "--out", str(out), "--workers", "1"]) == 3
+    rows = {r["path"]: r for r in _rows(out)}
+    assert rows["empty.png"]["status"] == "error" and "empty file" in rows["empty.png"]["reason"]
+    assert rows["cut.png"]["status"] == "error" and "cut.png" in rows["cut.png"]["reason"]
+    assert rows["huge.png"]["status"] == "error" and "--max-pixels" in rows["huge.png"]["reason"]
+    assert rows["ct.dcm"]["status"] == "skipped" and "trained on PNG" in rows["ct.dcm"]["reason"]
+    assert sum(r["status"] == "ok" for r in rows.values()) == 72
+    assert "3 file(s) could not be scored" in capsys.readouterr().err
+    record = json.loads(Path(str(out) + ".json").read_text())
+    assert record["files_found"] == 76 and record["reconciled"] and record["exit_code"] == 3

@@ -54,6 +54,14 @@ class NotADicomImage(DicomReadError):
     """Not DICOM (no preamble), or DICOM without image pixel data (SR, RTDOSE, SEG ...): skipped."""
 
 
+class NotDicom(NotADicomImage):
+    """Not a DICOM file at all: no DICM preamble and nothing pydicom can parse as a dataset."""
+
+
+class DicomParseError(DicomReadError):
+    """A file pydicom starts to parse as DICOM but cannot finish (a damaged or truncated header)."""
+
+
 class DicomDecodeError(DicomReadError):
     """Pixel data that no installed decoder can decode; names the file and its transfer syntax."""
 
@@ -289,16 +297,24 @@ def decode(ds: Dataset, path: str, index: int | None = None) -> np.ndarray:
     return arr
 
 
-def read_dataset(path: str | Path) -> Dataset:
-    """Reads a DICOM file; raises :class:`NotADicomImage` for non-DICOM files and non-image objects."""
+def read_dataset(path: str | Path, defer_size: int | None = None, force: bool = False) -> Dataset:
+    """Reads a DICOM file; raises :class:`NotADicomImage` for non-DICOM files and non-image objects.
+
+    ``defer_size`` leaves element values above that many bytes (Pixel Data) on disk until they are
+    used, so that a header can be checked before a large file is read into memory. ``force`` reads a
+    file without the DICM preamble and file meta (older files), which is only safe for files that are
+    meant to be DICOM.
+    """
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path), defer_size=defer_size, force=force)
+        if force and "SOPClassUID" not in ds and "PixelData" not in ds:
+            raise InvalidDicomError("no preamble, and read without one it has no SOP Class UID or Pixel Data")
     except InvalidDicomError as err:
-        raise NotADicomImage(f"{path}: not a DICOM file ({err})") from None
+        raise NotDicom(f"{path}: not a DICOM file ({err})") from None
     except FileNotFoundError:
         raise DicomReadError(f"{path}: file does not exist") from None
     except Exception as err:
-        raise DicomReadError(f"{path}: cannot parse DICOM ({type(err).__name__}: {err})") from err
+        raise DicomParseError(f"{path}: cannot parse DICOM ({type(err).__name__}: {err})") from err
     modality = str(ds.get("Modality", ""))
     sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
     image_class = "Rows" in ds or (sop_class is not None and "Image" in pydicom.uid.UID(str(sop_class)).name)
@@ -311,6 +327,23 @@ def read_dataset(path: str | Path) -> Dataset:
         kind = modality or str(ds.get("SOPClassUID", "unknown class"))
         raise NotADicomImage(f"{path}: DICOM without image pixel data ({kind})")
     return ds
+
+
+def declared_values(ds: Dataset, frames: FramePolicy) -> int:
+    """Pixel values a decode of ``ds`` would allocate, from its header alone (before any decoding).
+
+    Rows x Columns x SamplesPerPixel for the one frame decoded at a time, or for ``tiled`` the
+    whole slide's total pixel matrix plus all its tiles.
+    """
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        per_frame = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples
+        if frames != "tiled":
+            return per_frame
+        total = int(ds.get("TotalPixelMatrixRows", 0) or 0) * int(ds.get("TotalPixelMatrixColumns", 0) or 0)
+        return total * samples + per_frame * int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 0  # unreadable sizes: the decoder reports them
 
 
 def read_dicom(

@@ -1,0 +1,124 @@
+"""A folder as an inventory: every entry under it, each either a file to read or a row with its reason.
+
+Real archives (a PACS export, a folder copied off a scanner) hold more than images: broken and looping
+symbolic links, directories named ``x.dcm``, FIFOs that block whoever opens them, folders that cannot
+be listed. :func:`scan` walks such a tree without ever opening a file, so nothing in it can hang or
+crash the walk, and returns one :class:`Entry` for each thing found, in a stable order:
+
+- a regular file (or a link to one) is a ``candidate``, to be read and classified by its content;
+- a broken link, a link loop or a directory that cannot be listed is an ``error`` (something the
+  user expected to be there is not readable);
+- a FIFO, socket or device, a directory named like a file (its contents are still scanned), a
+  hidden directory (not entered) and a link to a directory already scanned are ``skipped``.
+
+:func:`sniff` names common non-DICOM formats from a file's first bytes, so that a PNG renamed
+``.dcm`` is reported as exactly that.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+#: Suffixes that say "this is meant to be a DICOM file": such a file that fails is an error, never a skip.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+#: Suffixes that make a directory look like a file.
+FILE_LIKE_SUFFIXES = (*DICOM_SUFFIXES, ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+Outcome = Literal["candidate", "error", "skipped"]
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing found under the scanned folder: ``rel`` is its POSIX path relative to the folder."""
+
+    rel: str
+    outcome: Outcome
+    reason: str = ""
+    size: int = 0
+
+
+def sniff(head: bytes) -> str:
+    """What a file's first bytes say it is: ``"DICOM"`` (DICM at offset 128), a known format, or ``""``."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "DICOM"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), "")
+
+
+def looks_like_dicom(rel: str, head: bytes) -> bool:
+    """A DICOM suffix or the DICM magic: such a file is expected to be a DICOM image, so failing is an error."""
+    return rel.lower().endswith(DICOM_SUFFIXES) or sniff(head) == "DICOM"
+
+
+def _link_problem(path: str, err: OSError) -> tuple[Outcome, str]:
+    if err.errno == errno.ELOOP:
+        return "error", "symbolic link loop: the link resolves to itself"
+    if err.errno == errno.ENOENT:
+        return "error", f"broken symbolic link: its target {os.readlink(path)!r} does not exist"
+    return "error", f"cannot stat the link target ({type(err).__name__}: {err.strerror or err})"
+
+
+def scan(root: Path) -> list[Entry]:
+    """Every entry under ``root`` (see the module docstring), depth first, names sorted.
+
+    Links to directories are followed once: a link back to a directory already scanned (a loop) is
+    a skipped row rather than an endless walk.
+
+    Examples:
+        >>> [e for e in scan(Path("/data/export")) if e.outcome != "candidate"]
+    """
+    out: list[Entry] = []
+    top = os.stat(root)
+    visited = {(top.st_dev, top.st_ino)}
+    _scan_dir(str(root), "", out, visited)
+    return out
+
+
+def _scan_dir(path: str, rel: str, out: list[Entry], visited: set[tuple[int, int]]) -> None:
+    try:
+        with os.scandir(path) as it:
+            names = sorted(it, key=lambda e: e.name)
+    except OSError as err:
+        out.append(Entry(rel or ".", "error", f"cannot list directory ({type(err).__name__}: {err.strerror or err})"))
+        return
+    for entry in names:
+        sub = f"{rel}/{entry.name}" if rel else entry.name
+        try:
+            st = os.stat(entry.path)  # follows links
+        except OSError as err:
+            outcome, reason = _link_problem(entry.path, err) if entry.is_symlink() else (
+                "error", f"cannot stat ({type(err).__name__}: {err.strerror or err})")  # fmt: skip
+            out.append(Entry(sub, outcome, reason))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out.append(Entry(sub, "candidate", size=st.st_size))
+        elif stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                out.append(Entry(sub, "skipped", "link to a directory already scanned (a loop); not followed"))
+            elif entry.name.startswith("."):
+                out.append(Entry(sub, "skipped", "hidden directory; not scanned"))
+            else:
+                visited.add(key)
+                if entry.name.lower().endswith(FILE_LIKE_SUFFIXES):
+                    out.append(Entry(sub, "skipped", "a directory named like a file; its contents are scanned"))
+                _scan_dir(entry.path, sub, out, visited)
+        else:
+            kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+            out.append(Entry(sub, "skipped", f"not a regular file ({kind}); not opened"))

@@ -1,0 +1,142 @@
+"""Reading untrusted files in worker processes that are allowed to die.
+
+Compiled decoders fail in ways Python cannot catch: a Rust decoder panics (``PanicException``
+derives from ``BaseException``), a C decoder segfaults or calls ``abort()``, a damaged stream makes
+one loop forever. In torch's DataLoader any of these kills the whole run. :func:`isolated_map` runs
+the work in a pool of processes from Pebble (a maintained library made for exactly this: a pool
+whose tasks can time out, and whose dead workers are replaced without breaking the pool), in chunks:
+
+1. a chunk whose worker dies or passes its deadline is detected by the pool, which starts a fresh
+   worker in its place;
+2. that chunk's files are retried one by one, each in its own task (a fresh or healthy worker);
+3. the one file that still kills or hangs its worker becomes a :class:`Failure` with the reason
+   ("decoder crashed: signal 11 (SIGSEGV)", "decoder timed out after 60 s"), and the run goes on.
+
+Results come back in input order, so an output written from them is deterministic. Workers start
+from a ``forkserver`` (a clean, single-threaded process), never by forking a process that runs
+inference threads or holds a CUDA context.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pebble import ProcessExpired, ProcessPool
+
+log = logging.getLogger("medvision")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Failure:
+    """An item whose worker died or hung even when it was retried alone."""
+
+    reason: str
+
+
+@dataclass
+class PoolStats:
+    """What the pool went through: chunks lost to a dead or hung worker, and the files that caused it."""
+
+    lost_chunks: int = 0
+    crashed_files: int = 0
+    timed_out_files: int = 0
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"decoder crashed: signal {-exitcode} ({name})"
+    return f"decoder crashed: its worker process exited with code {exitcode}"
+
+
+class _Inline(Generic[R]):
+    """A finished result standing in for a future (``workers=0``: no processes, no isolation)."""
+
+    def __init__(self, fn: Callable[[list[Any]], list[R]], chunk: list[Any]) -> None:
+        self.value = fn(chunk)
+
+    def result(self) -> list[R]:
+        return self.value
+
+
+def isolated_map(
+    fn: Callable[[list[T]], list[R]],
+    items: Sequence[T],
+    *,
+    workers: int,
+    timeout: float,
+    chunk: int = 4,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+    preload: Sequence[str] = (),
+    stats: PoolStats | None = None,
+) -> Iterator[tuple[T, R | Failure]]:
+    """Yields ``(item, fn's result for it)`` in input order, or ``(item, Failure)`` for an item that kills its worker.
+
+    ``fn`` takes a list of items and returns one result per item; it runs in ``workers`` processes
+    (each set up by ``initializer(*initargs)``, with the modules in ``preload`` imported once in the
+    forkserver), at most ``timeout`` seconds per item. ``workers=0`` runs ``fn`` in this process:
+    no isolation, for debugging.
+
+    Examples:
+        >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
+    """
+    stats = stats if stats is not None else PoolStats()
+    chunks = [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    if workers <= 0:
+        if initializer is not None:
+            initializer(*initargs)
+        for part in chunks:
+            yield from zip(part, _Inline(fn, part).result(), strict=True)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if preload and "forkserver" in methods:
+        context.set_forkserver_preload(list(preload))
+    with ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context) as pool:
+        ahead = max(2, 2 * workers)
+        pending: deque[tuple[list[T], Any]] = deque()
+        queued = iter(chunks)
+        for part in queued:
+            pending.append((part, pool.schedule(fn, (part,), timeout=timeout * len(part))))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            part, future = pending.popleft()
+            nxt = next(queued, None)
+            if nxt is not None:
+                pending.append((nxt, pool.schedule(fn, (nxt,), timeout=timeout * len(nxt))))
+            try:
+                yield from zip(part, future.result(), strict=True)
+                continue
+            except Exception as err:  # ProcessExpired, a timeout, or a result that could not travel back
+                stats.lost_chunks += 1
+                what = f"failed ({type(err).__name__}: {err})"
+                if isinstance(err, FutureTimeout | ProcessExpired):
+                    what = "timed out" if isinstance(err, FutureTimeout) else "died"
+                log.warning("a decode worker %s while reading %d file(s); retrying them one by one", what, len(part))
+            singles = [(item, pool.schedule(fn, ([item],), timeout=timeout)) for item in part]
+            for item, single in singles:
+                try:
+                    yield item, single.result()[0]
+                except ProcessExpired as err:
+                    stats.crashed_files += 1
+                    yield item, Failure(_death(err.exitcode))
+                except FutureTimeout:
+                    stats.timed_out_files += 1
+                    yield item, Failure(f"decoder timed out after {timeout:g} s")
+                except Exception as err:
+                    stats.crashed_files += 1
+                    yield item, Failure(f"reading failed in its worker process ({type(err).__name__}: {err})")

@@ -1,0 +1,34 @@
+"""A score reader that fails the way compiled decoders do, for files named ``FAULT-<kind>.dcm``.
+
+It is handed to :func:`medvision.score.score_folder` as ``reader`` and runs inside the decode worker
+processes (it is imported there by name, so it lives in its own module). Every other file goes to the
+real :func:`medvision.data.intake.read_file`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from medvision.data.intake import FileResult, ReadConfig, read_file
+
+
+class PanicException(BaseException):  # named like pyo3's, which also derives from BaseException
+    """What a Rust decoder raises through pyo3 when it panics."""
+
+
+def read(path: Path, rel: str, cfg: ReadConfig) -> FileResult:
+    kind = path.stem[len("FAULT-") :] if path.stem.startswith("FAULT-") else ""
+    if kind == "panic":
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "abort":
+        os.abort()
+    if kind == "hang":
+        time.sleep(3600)
+    return read_file(path, rel, cfg)
