@@ -11,6 +11,7 @@ from medvision.benchmark import BenchmarkError
 from medvision.data.intake import MAX_FILE_BYTES, MAX_PIXELS
 from medvision.data.sources import DataSourceError
 from medvision.explain import ExplainError
+from medvision.export import FORMATS, ExportError, export_run
 from medvision.io.image import ImageReadError
 from medvision.models.backbone import PretrainedUnavailable
 from medvision.models.freeze import FreezeError
@@ -21,7 +22,7 @@ from medvision.train.loop import NonFiniteLoss
 
 USER_ERRORS = (
     RecipeError, DataSourceError, ImageReadError, PretrainedUnavailable, FreezeError, RunError, NonFiniteLoss,
-    FileNotFoundError, ExplainError, BenchmarkError,
+    FileNotFoundError, ExplainError, BenchmarkError, ExportError,
 )  # fmt: skip
 
 
@@ -121,6 +122,20 @@ def _parser() -> argparse.ArgumentParser:
                         "else random init; hub: timm hub weights for all; none: random init for all")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing run folders of the same names")
 
+    p = sub.add_parser(
+        "export",
+        help="write a run as a deployable model: ONNX (for ONNX Runtime) or a MONAI bundle",
+        description="The export is checked against the run's PyTorch model on the run's own test images and "
+        "kept only if it passes. Exit codes: 0 written and checked; 2 the run cannot be loaded or the export "
+        "fails a check (nothing is written).",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="onnx or monai-bundle")
+    p.add_argument("--out", type=Path,
+                   help="default: RUN_DIR/export/model.onnx, or RUN_DIR/export/monai_bundle for a bundle")  # fmt: skip
+    p.add_argument("--parity-images", type=int, default=32, metavar="N",
+                   help="test images the export is checked on (default: %(default)s; 0 skips the check)")  # fmt: skip
+
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
     p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
     return parser
@@ -196,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             if all(row.error for row in result.rows):
                 print("medvision benchmark: error: no backbone could be measured", file=sys.stderr)
                 return 1
+        elif args.command == "export":
+            exported = export_run(args.run_dir, args.fmt, args.out, args.parity_images)
+            print("\n".join(exported.lines()))
         elif args.command == "demo":
             from medvision.demo import run_demo
 

@@ -67,6 +67,11 @@ BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instan
 #: Default ``--file-timeout``: seconds one file may take to read and preprocess in its worker.
 FILE_TIMEOUT = 300.0
 
+#: Modules the decode workers' forkserver imports once. A new worker (at the start, or in place of one a
+#: decoder killed) re-runs the program's main module: for the CLI that imports all of medvision and timm,
+#: 3.5 s a worker on 2 cores unless they are already loaded in the forkserver it is forked from (0.05 s).
+WORKER_PRELOAD = ("medvision.data.intake", "medvision.score", "medvision.cli")
+
 #: Exit codes of ``medvision score`` (documented in the README).
 EXIT_OK, EXIT_MODEL, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 2, 3, 4
 
@@ -115,9 +120,10 @@ class TorchEngine:
             return self.model(x).float().cpu().numpy()
 
 
-def load_scorer(model: Path, engine: str) -> tuple[Engine, ScoringSpec, dict[str, Any]]:
+def load_scorer(model: Path, engine: str, cpu_threads: int | None = None) -> tuple[Engine, ScoringSpec, dict[str, Any]]:
     """The engine, the spec and the provenance of a model: a run folder, or (onnxruntime) an exported .onnx.
 
+    ``cpu_threads``: ONNX Runtime's threads on the CPU (PyTorch's are set by the caller, for the run).
     Raises :class:`medvision.run.RunError` (or ``ExportError``) when the model cannot be loaded.
     """
     if engine == "torch":
@@ -129,13 +135,17 @@ def load_scorer(model: Path, engine: str) -> tuple[Engine, ScoringSpec, dict[str
         torch_engine = TorchEngine(net, device, amp, recipe.train.channels_last)
         return torch_engine, spec, {"model_file": str(model / "model.safetensors"), "device": str(device), "amp": amp}
     if engine == "onnxruntime":
-        from medvision.export.onnx import load_onnx  # onnxruntime is an optional dependency
-
+        try:
+            from medvision.export.onnx import load_onnx  # onnx and onnxruntime are the optional `export` extra
+        except ModuleNotFoundError as err:
+            raise RunError(f"--engine onnxruntime needs {err.name}; pip install 'medvision[export]'") from None
         path = model / "export" / "model.onnx" if model.is_dir() else model
         if not path.is_file():
             raise RunError(f"{path}: no exported ONNX model; run `medvision export {model} --format onnx` first")
-        ort_engine, spec = load_onnx(path)
-        return ort_engine, spec, {"model_file": str(path), "model_file_sha256": sha256(path)}
+        ort_engine, spec = load_onnx(path, cpu_threads)
+        providers = ort_engine.session.get_providers()
+        return ort_engine, spec, {"model_file": str(path), "model_file_sha256": sha256(path),
+                                  "device": ort_engine.device, "onnxruntime_providers": providers}  # fmt: skip
     raise RunError(f"--engine {engine!r} is not one of torch, onnxruntime")
 
 
@@ -255,7 +265,7 @@ def _outcomes(
     """Each entry's result, in order: rows the scan already decided, and files read in the isolated pool."""
     candidates = [e.rel for e in todo if e.outcome == "candidate"]
     read = isolated_map(read_chunk, candidates, workers=workers, timeout=timeout,
-                        initializer=init_worker, initargs=(str(folder), cfg, reader), preload=[init_worker.__module__],
+                        initializer=init_worker, initargs=(str(folder), cfg, reader), preload=WORKER_PRELOAD,
                         stats=stats)  # fmt: skip
     for entry in todo:
         if entry.outcome != "candidate":
@@ -290,7 +300,9 @@ def score_folder(
     """
     start = time.perf_counter()
     tags = list(include_tags or [])
-    scorer, spec, provenance = load_scorer(model, engine)
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    cpu_threads = max(1, (os.cpu_count() or 1) - n_workers) if n_workers > 0 else None  # the workers keep their cores
+    scorer, spec, provenance = load_scorer(model, engine, cpu_threads)
     parquet = out.suffix == ".parquet"
     table = out.with_suffix(".partial.csv") if parquet else out
     entries = [e for e in scan(folder) if in_shard(e.rel, shard)]
@@ -299,12 +311,11 @@ def score_folder(
     summary = ScoreSummary(already_done=len(done & {e.rel for e in entries}), shard=f"{shard[0]}/{shard[1]}",
                            out=str(out), engine=scorer.name)  # fmt: skip
     cfg = ReadConfig(spec, tuple(tags), max_pixels, max_file_bytes)
-    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     stats = PoolStats()
     rows = _Rows(table, spec, tags)
     threads = torch.get_num_threads()
-    if n_workers > 0 and provenance.get("device", "cpu") == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - n_workers))  # leave the decode workers their cores
+    if cpu_threads and scorer.name == "torch" and provenance["device"] == "cpu":
+        torch.set_num_threads(cpu_threads)
     try:
         outcomes = _outcomes(folder, todo, cfg, reader, n_workers, file_timeout, stats)
         _score(outcomes, scorer, rows, batch_size or 16, summary, len(todo))

@@ -95,6 +95,8 @@ def isolated_map(
     """
     stats = stats if stats is not None else PoolStats()
     chunks = [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    if not chunks:
+        return
     if workers <= 0:
         if initializer is not None:
             initializer(*initargs)
@@ -105,7 +107,8 @@ def isolated_map(
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if preload and "forkserver" in methods:
         context.set_forkserver_preload(list(preload))
-    with ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context) as pool:
+    pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
+    try:
         ahead = max(2, 2 * workers)
         pending: deque[tuple[list[T], Any]] = deque()
         queued = iter(chunks)
@@ -140,3 +143,9 @@ def isolated_map(
                 except Exception as err:
                     stats.crashed_files += 1
                     yield item, Failure(f"reading failed in its worker process ({type(err).__name__}: {err})")
+    except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
+        pool.stop()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()

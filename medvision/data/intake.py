@@ -159,8 +159,12 @@ def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
         if not expected:
             what = f"it is {kind}" if kind else "no DICM magic, not parseable"
             return FileResult(rel, "skipped", f"not DICOM ({what})")
-        renamed = f"; the file is {kind}, renamed?" if kind and kind != "DICOM" else ""
-        return FileResult(rel, "error", _redact(f"not a readable DICOM file{renamed}: {err}", path, rel))
+        if kind and kind != "DICOM":
+            return FileResult(rel, "error", f"not DICOM: the file is {kind} (renamed?)")
+        if isinstance(err, NotDicom):
+            return FileResult(rel, "error", "not a readable DICOM file: no DICM preamble, and read without one it "
+                                            "is not a DICOM dataset")  # fmt: skip
+        return FileResult(rel, "error", _redact(f"not a readable DICOM file: {err}", path, rel))
     except NotADicomImage as err:  # a valid DICOM object without an image: SR, RT plan, presentation state
         return FileResult(rel, "skipped", _redact(str(err), path, rel))
     except Exception as err:
@@ -234,12 +238,14 @@ _WORKER: dict[str, Any] = {}
 def init_worker(root: str, cfg: ReadConfig, reader: Reader) -> None:
     """Runs once in each (re)started worker: its settings, and one thread each for torch and OpenCV.
 
-    pydicom's warnings about damaged files are silenced: each such file gets its row instead.
+    pydicom's warnings about damaged files are silenced, and so are the backtraces of Rust decoders that
+    panic: each such file gets its row, with the panic's message, instead.
     """
     if multiprocessing.parent_process() is not None:  # a worker process, not the in-process (workers=0) path
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+        os.environ["RUST_BACKTRACE"] = "0"
     _WORKER.update(root=Path(root), cfg=cfg, reader=reader)
 
 
