@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunError("--target applies to --images; the error panel explains each image's predicted class")
             else:
                 written = explain_errors(args.run_dir, out, method=args.method, n=args.n)
+                if not written:
+                    print(f"no misclassified images in the test split of {args.run_dir}: nothing to explain; "
+                          "to see where the model looks on given images, pass --images FILE ...")  # fmt: skip
+                    return 0
             print(f"wrote {len(written)} overlay(s) to {out}")
         elif args.command == "benchmark":
             from medvision import benchmark as bench

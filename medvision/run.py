@@ -78,6 +78,11 @@ def versions() -> dict[str, str]:
     }
 
 
+def mean_count(value: float) -> str:
+    """A mean number of things for a log line: ``12`` when it is whole, else one decimal (``2.5``)."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def _split_outputs(
     bundle: ModelBundle, recipe: Recipe, table: SampleTable, split: str, device: torch.device, workers: int
 ) -> tuple[SplitOutputs, list[str], float]:
@@ -99,7 +104,10 @@ def _explain_panel(
 ) -> list[tuple[tuple[int, str, float], np.ndarray, str]]:  # fmt: skip
     """Grad-CAM overlays of the split's most confident false positives and negatives (or wrong classes).
 
-    One ``((index, kind, confidence), overlay, title)`` per image.
+    One ``((index, kind, confidence), overlay, title)`` per image; none when the split has no errors.
+
+    Raises:
+        ExplainError: Grad-CAM cannot be computed for this model.
     """
     probs = softmax(out.logits, decision.temperature)
     if len(probs) == 0:
@@ -109,11 +117,7 @@ def _explain_panel(
         return []
     images = normalize_batch(torch.stack([ds[i][0] for i, _, _ in chosen]).to(device), bundle.mean, bundle.std)
     target = torch.as_tensor([int(probs[i].argmax()) for i, _, _ in chosen], device=device)
-    try:
-        heat = grad_cam(bundle.model, images, target, cfg.explain_method)
-    except ExplainError as err:
-        log.warning("no Grad-CAM panel: %s", err)
-        return []
+    heat = grad_cam(bundle.model, images, target, cfg.explain_method)
     panel = []
     for (i, kind, conf), img, h in zip(chosen, images, heat, strict=True):
         title = f"{kind}: {classes[int(out.labels[i])]} → {classes[int(probs[i].argmax())]} ({conf:.2f})"
@@ -141,8 +145,8 @@ def _write_results(
         log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
     for split, summary in clinical["patient"].items():
         if isinstance(summary, dict) and summary.get("images_per_patient", 1) > 1:
-            log.info("%s, per patient (%s of %.1f images): AUC %.4f  accuracy %.4f  (n=%d)", split,
-                     recipe.evaluation.patient_aggregate, summary["images_per_patient"], summary["auc"],
+            log.info("%s, per patient (%s of %s images): AUC %.4f  accuracy %.4f  (n=%d)", split,
+                     recipe.evaluation.patient_aggregate, mean_count(summary["images_per_patient"]), summary["auc"],
                      summary["acc"], summary["n"])  # fmt: skip
     for level in ("image", "patient"):
         for split, summary in clinical[level].items():
@@ -158,8 +162,11 @@ def _write_results(
     panel = []
     if recipe.evaluation.explain:
         ds = split_dataset(recipe, table, bundle, focus, train=False)
-        panel = [(picture, title) for _, picture, title in
-                 _explain_panel(bundle, ds, outputs[focus], decision, classes, recipe.evaluation, device)]  # fmt: skip
+        try:
+            errors = _explain_panel(bundle, ds, outputs[focus], decision, classes, recipe.evaluation, device)
+            panel = [(picture, title) for _, picture, title in errors]
+        except ExplainError as err:  # the report is complete without its Grad-CAM panel
+            log.warning("no Grad-CAM panel: %s", err)
     write_report(out_dir, meta, extra, clinical, outputs[focus], focus, decision, panel, recipe.evaluation)
     return headline
 
@@ -337,7 +344,11 @@ def explain_errors(
     """Grad-CAM overlays of a run's most confident errors on one split, one PNG each plus a panel.
 
     Writes ``<out>/errors.csv`` (item id, label, call, confidence, kind, file): item ids only, no
-    patient identifiers. Returns the PNG paths, the panel last.
+    patient identifiers. Returns the PNG paths, the panel last; none (and a header-only CSV) when
+    the model makes no error on the split.
+
+    Raises:
+        ExplainError: Grad-CAM cannot be computed for this model.
     """
     device, recipe, meta, bundle, table, split = _open_split(run_dir, None, None, split)
     method = method or recipe.evaluation.explain_method

@@ -7,11 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_recipe
 from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,7 +22,7 @@ from medvision.cli import main
 from medvision.demo import CLASSES, synthetic_tile
 from medvision.models.backbone import PretrainedUnavailable, create_backbone
 from medvision.recipe import ModelConfig, TrainConfig, recipe_from_dict
-from medvision.run import evaluate_run, train
+from medvision.run import evaluate_run, mean_count, train
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,7 @@ def test_train_writes_a_complete_run_folder(finished_run: Path) -> None:
     assert "patient" not in (finished_run / "predictions.csv").read_text().splitlines()[0]
     log = (finished_run / "train.log").read_text()
     assert "phase head" in log and "trainable" in log and "frozen parameters" in log
+    assert "test, per patient (mean of 6 images): AUC" in log  # 12 patients of 6 tiles each
     assert "| image | test |" in (finished_run / "report.md").read_text()
     saved = (finished_run / "recipe.yaml").read_text()
     assert str(Path(metrics["history"][0]["phase"])) in saved and "/" in saved.split("path:")[1].split()[0]
@@ -186,11 +189,25 @@ def test_missing_or_unreachable_pretrained_weights(tmp_path: Path, monkeypatch: 
         create_backbone(ModelConfig(name="resnet18", pretrained=True), 2, 3)
 
 
-def test_demo_tiles_differ_by_nuclear_density() -> None:
+def test_demo_tiles_differ_by_nuclear_density_but_overlap() -> None:
     rng = np.random.default_rng(0)
-    dark = {c: np.mean([(synthetic_tile(rng, c == "tumor").mean(axis=2) < 140).mean() for _ in range(20)])
+    dark = {c: np.array([(synthetic_tile(rng, c == "tumor").mean(axis=2) < 140).mean() for _ in range(40)])
             for c in CLASSES}  # fmt: skip
-    assert dark["tumor"] > 2 * dark["stroma"]
+    assert dark["tumor"].mean() > 2 * dark["stroma"].mean()
+    # inflamed stroma is as crowded as the edge of a tumour: nuclear area alone ranks the classes
+    # well (AUC 0.88-0.95 over eight seeds; tumour has 2.2-2.8x the dark area) but not perfectly,
+    # so the demo has real errors to show
+    auc = roc_auc_score(np.r_[np.zeros(40), np.ones(40)], np.r_[dark["stroma"], dark["tumor"]])
+    assert 0.8 < auc < 0.98
+
+
+def test_demo_patients_are_slides_with_or_without_tumour(tiles_manifest: Path) -> None:
+    labels: dict[str, list[str]] = {}
+    for row in csv.DictReader(tiles_manifest.open()):
+        labels.setdefault(row["patient_id"], []).append(row["label"])
+    assert len(labels) == 12 and all(len(v) == 6 for v in labels.values())
+    for k, patient in enumerate(sorted(labels)):
+        assert ("tumor" in labels[patient]) == (k % 2 == 0), (patient, labels[patient])
 
 
 def test_early_stopping_with_accumulation_and_clipping(tiles_manifest: Path, tmp_path: Path) -> None:
@@ -223,3 +240,37 @@ def test_cli_explain_errors_and_images(finished_run: Path, tiles_manifest: Path,
     assert (tmp_path / "one" / f"{tile.stem}_gradcam.png").is_file()
     assert main(["explain", str(finished_run), "--target", "tumor"]) == 2
     assert "--target applies to --images" in capsys.readouterr().err
+
+
+def test_mean_count_is_whole_or_one_decimal() -> None:
+    assert mean_count(12.0) == "12" and mean_count(np.float64(6.0)) == "6"
+    assert mean_count(2.5) == "2.5" and mean_count(7 / 3) == "2.3"
+    assert mean_count(2.96) == "3.0"  # not whole, so it keeps its decimal even where it rounds to one
+
+
+def test_cli_explain_says_why_when_the_test_split_has_no_errors(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # a task no model gets wrong: dark against light tiles; the run is trained for real, and its
+    # test split checked to hold no error, before explain is asked for the errors' heatmaps
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["path,label"]
+    for i in range(40):
+        dark = i % 2 == 0
+        grey = np.clip((40 if dark else 215) + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / "img" / f"{i:02d}.png"), grey)
+        lines.append(f"img/{i:02d}.png,{'dark' if dark else 'light'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    tree = tiny_recipe(tmp_path / "manifest.csv", tmp_path / "runs")
+    tree["augment"] = {"preset": "none"}
+    run_dir = train(recipe_from_dict(tree))
+    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert test["acc"] == 1.0 and test["n"] == 10, f"the easy run made errors on test: {test}"
+
+    out = tmp_path / "explain"
+    assert main(["explain", str(run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"no misclassified images in the test split of {run_dir}: nothing to explain" in printed
+    assert "--images FILE" in printed and "wrote 0" not in printed
+    assert (out / "errors.csv").read_text().splitlines() == ["id,label,call,confidence,kind,file"]
+    assert not list(out.glob("*.png"))
