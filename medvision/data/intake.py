@@ -56,6 +56,15 @@ MAX_PIXELS = 1 << 28
 MAX_FILE_BYTES = 4 << 30
 
 
+class TooLarge(ValueError):
+    """A header that declares more pixel values than ``--max-pixels``: the file is refused before decoding."""
+
+
+def _reason(err: Exception) -> str:
+    """An error row's reason: our own refusal as it is, anything else with its type (the decoder's words)."""
+    return str(err) if isinstance(err, TooLarge) else f"{type(err).__name__}: {err}"
+
+
 @dataclass(frozen=True)
 class ReadConfig:
     """How a worker turns one file into model input: the model's preprocessing plus the safety limits."""
@@ -177,7 +186,7 @@ def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
         values = declared_values(ds, cfg.dicom.frames)
         if values > cfg.max_pixels:
             rows, cols, spp = ds.get("Rows"), ds.get("Columns"), ds.get("SamplesPerPixel", 1)
-            raise ValueError(f"header declares {rows} x {cols} x {spp} = {values:,} pixel values per decode, above "
+            raise TooLarge(f"header declares {rows} x {cols} x {spp} = {values:,} pixel values per decode, above "
                              f"--max-pixels {cfg.max_pixels:,}; not decoded")  # fmt: skip
         policy = cfg.spec.dicom.get("frames", "first")
         for frame in select_frames(int(ds.get("NumberOfFrames", 1) or 1), policy):
@@ -187,7 +196,7 @@ def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
             result.frames.append(frame)
     except Exception as err:  # one bad file is one error row; the rest of the folder is still scored
         result.status, result.arrays, result.frames = "error", [], []
-        result.reason = _redact(f"{type(err).__name__}: {err}", path, rel, ds)
+        result.reason = _redact(_reason(err), path, rel, ds)
     return result
 
 
@@ -223,11 +232,11 @@ def _read_image_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
     try:
         values = _image_values(path)
         if values > cfg.max_pixels:
-            raise ValueError(f"header declares {values:,} pixel values, above --max-pixels {cfg.max_pixels:,}; "
+            raise TooLarge(f"header declares {values:,} pixel values, above --max-pixels {cfg.max_pixels:,}; "
                              "not decoded")  # fmt: skip
         return FileResult(rel, "ok", frames=[0], arrays=[_prepare(read_image_raw(path), cfg)])
     except Exception as err:
-        return FileResult(rel, "error", _redact(f"{type(err).__name__}: {err}", path, rel))
+        return FileResult(rel, "error", _redact(_reason(err), path, rel))
 
 
 # ------------------------------------------------------------------ the worker side of the pool
