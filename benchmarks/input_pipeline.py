@@ -44,7 +44,8 @@ from dicom_corpus import make_corpus
 from medvision.data.sources import SampleTable, load_table, subset_indices
 from medvision.recipe import Recipe, recipe_from_dict
 from medvision.run import cache_dir
-from medvision.train.build import EpochSampler, ModelBundle, build_model, make_loader, model_inputs, split_dataset
+from medvision.runtime import EpochSampler, make_loader
+from medvision.train.build import ModelBundle, build_model, model_inputs, split_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MEDVISION_SHARED", str(ROOT.parent / "shared"))  # works from any directory

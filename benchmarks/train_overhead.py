@@ -42,8 +42,8 @@ from medvision.data.sources import load_npz
 from medvision.data.transforms import build_transforms
 from medvision.models.freeze import optimizer_groups
 from medvision.recipe import TrainConfig
-from medvision.train.build import EpochSampler, Inputs, resolve_amp, seed_everything
-from medvision.train.loop import autocast, fit, train_one_epoch, warmup_cosine
+from medvision.runtime import EpochSampler, Inputs, autocast, resolve_amp, seed_everything
+from medvision.train.loop import fit, train_one_epoch, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEDVISION_SHARED", ROOT.parent / "shared"))

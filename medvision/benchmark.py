@@ -54,8 +54,7 @@ from medvision import benchmark_report as report
 from medvision.benchmark_report import ModeResult, RecipeRow, Report, SpeedRow, Spread, summarize
 from medvision.models.backbone import create_backbone
 from medvision.recipe import ModelConfig, Recipe
-from medvision.train.build import resolve_amp
-from medvision.train.loop import autocast
+from medvision.runtime import autocast, resolve_amp
 
 log = logging.getLogger("medvision")
 

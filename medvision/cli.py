@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from medvision.models.backbone import PretrainedUnavailable
 from medvision.models.freeze import FreezeError
 from medvision.recipe import RecipeError, load_recipe
 from medvision.run import RunError, evaluate_run, train
+from medvision.runtime import launched_by_torchrun, teardown
 from medvision.score import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, FILE_TIMEOUT, parse_shard, score_folder
 from medvision.train.loop import NonFiniteLoss
 
@@ -33,6 +37,12 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _nproc_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run on N processes of this machine (launches torchrun: gloo on CPUs, NCCL with a GPU "
+                        "each); for several machines run torchrun yourself (see the README)")  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvision", description="Transfer learning on medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set train.phases[1].lr=3e-4 (repeatable)")  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    _nproc_option(p)
 
     p = sub.add_parser("evaluate", help="re-score a trained run on its test split or another dataset")
     p.add_argument("run_dir", type=Path)
@@ -53,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="which split to score (default: test, or all with --data)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")
+    _nproc_option(p)
 
     p = sub.add_parser(
         "score",
@@ -81,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="decode worker processes (default: min(4, cores)); 0 decodes in-process, without crash "
                         "isolation")  # fmt: skip
+    _nproc_option(p)
 
     p = sub.add_parser("explain", help="Grad-CAM heatmaps: of given images, or of a run's most confident errors")
     p.add_argument("run_dir", type=Path)
@@ -141,10 +154,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(argv: list[str], nproc: int, command: str, out: Path | None) -> int:
+    """``medvision CMD ... --nproc N``: the same command on N local ranks, launched by PyTorch's torchrun.
+
+    Under torchrun every rank exits 0 unless it fails (torchrun stops all ranks when one exits
+    otherwise); the exit code of a distributed ``score`` is in its sidecar, and returned from there.
+    """
+    if nproc < 1:
+        raise RunError(f"--nproc must be >= 1, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "medvision", *rest]  # fmt: skip
+    code = subprocess.run(cmd, check=False).returncode
+    sidecar = Path(f"{out}.json") if command == "score" and out is not None else None
+    if code == 0 and sidecar is not None and sidecar.is_file():
+        return int(json.loads(sidecar.read_text()).get("exit_code", 0))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("timm").setLevel(logging.WARNING)
+    if getattr(args, "nproc", None) and not launched_by_torchrun():
+        try:
+            return _launch(argv, args.nproc, args.command, getattr(args, "out", None))
+        except RunError as err:
+            print(f"medvision {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    ranked = launched_by_torchrun()
+    if ranked and int(os.environ.get("RANK", 0)) > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # one rank prints: rank 0 (errors still reach stderr)
     try:
         if args.command == "train":
             if args.resume:
@@ -173,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                                    args.workers, args.engine, args.file_timeout, args.max_pixels,
                                    int(args.max_file_size * 2**30))  # fmt: skip
             print(summary.line())
+            if ranked:  # torchrun stops every rank when one exits non-zero: the code is in the sidecar
+                print(f"exit code {summary.exit_code} (recorded in {args.out}.json)")
+                return 0
             if summary.exit_code == EXIT_FILE_ERRORS:
                 print(f"medvision score: {summary.error_files} file(s) could not be scored; their rows in {args.out} "
                       "say why (status error)", file=sys.stderr)  # fmt: skip
@@ -226,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"medvision {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        teardown()
     return 0
 
 

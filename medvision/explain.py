@@ -29,7 +29,7 @@ from medvision.data.transforms import build_transforms
 from medvision.io.dicom import NotADicomImage, read_dicom
 from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, read_image_raw
 from medvision.recipe import Recipe
-from medvision.train.build import resolve_device
+from medvision.runtime import resolve_device
 
 log = logging.getLogger("medvision")
 Method = Literal["gradcam", "gradcam++"]

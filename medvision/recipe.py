@@ -82,9 +82,9 @@ class DataConfig(_Node):
     patient_regex: str | None = None
     """For folder sources: a regex whose first group, searched in the file name, is the patient id."""
     batch_size: int = Field(64, ge=1)
-    """Training batch size (per optimizer micro-step)."""
+    """Global training batch size (per optimizer micro-step); under torchrun each of N ranks takes 1/N of it."""
     eval_batch_size: int = Field(256, ge=1)
-    """Batch size for validation, test and evaluate."""
+    """Batch size for validation, test and evaluate (per rank: each rank evaluates its own shard)."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes; ``auto`` is 0 on a CPU-only machine and min(8, cores) with CUDA."""
     limit: int | None = Field(None, ge=1)
@@ -188,6 +188,8 @@ class TrainConfig(_Node):
     """Stop after this many epochs without improvement of ``monitor``; ``None`` never stops early."""
     log_interval: int = Field(10, ge=1)
     """Steps between progress-bar updates (and loss finiteness checks, which need a device sync)."""
+    sync_bn: bool = False
+    """On several GPUs, convert BatchNorm to SyncBatchNorm: statistics over the global batch, not each rank's."""
 
 
 class OperatingPointConfig(_Node):

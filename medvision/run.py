@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 import timm
 import torch
+from torch import nn
+from torch.utils.data import Subset
 
 import medvision
 from medvision.data.dataset import ImageDataset
@@ -34,20 +36,23 @@ from medvision.models.backbone import load_state as load_model_state
 from medvision.plots import plot_image_grid
 from medvision.recipe import EvalConfig, Recipe, dump_recipe, load_recipe
 from medvision.report import write_json, write_predictions, write_report
-from medvision.train.build import (
+from medvision.runtime import (
+    SINGLE,
+    Dist,
     EpochSampler,
-    ModelBundle,
-    build_model,
+    barrier,
+    broadcast,
+    current,
     make_loader,
-    model_inputs,
     resolve_amp,
-    resolve_device,
     resolve_workers,
     seed_everything,
-    split_dataset,
+    setup,
+    shard,
 )
+from medvision.train.build import ModelBundle, build_model, model_inputs, split_dataset
 from medvision.train.checkpoint import save_weights
-from medvision.train.loop import evaluate, fit
+from medvision.train.loop import evaluate, fit, gather_outputs, mean_cross_entropy
 
 log = logging.getLogger("medvision")
 
@@ -84,13 +89,23 @@ def mean_count(value: float) -> str:
 
 
 def _split_outputs(
-    bundle: ModelBundle, recipe: Recipe, table: SampleTable, split: str, device: torch.device, workers: int
-) -> tuple[SplitOutputs, list[str], float]:
-    """A split's logits, labels and patients, its item ids, and its mean (uncalibrated) cross-entropy."""
+    bundle: ModelBundle, recipe: Recipe, table: SampleTable, split: str, device: torch.device, workers: int,
+    d: Dist = SINGLE,
+) -> tuple[SplitOutputs, list[str], float] | None:  # fmt: skip
+    """A split's logits, labels and patients, its item ids, and its mean (uncalibrated) cross-entropy.
+
+    On several ranks each evaluates its contiguous shard (no sample repeated, none left out) and
+    rank 0 gets the whole split, in order; the other ranks get None.
+    """
     ds = split_dataset(recipe, table, bundle, split, train=False)
-    loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
-    logits, labels, loss = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle))
-    return SplitOutputs(logits, labels, ds.groups), ds.ids, loss
+    part = Subset(ds, list(shard(len(ds), d))) if d.world_size > 1 else ds
+    loader = make_loader(part, recipe.data.eval_batch_size, workers, device)
+    logits, labels, _ = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle))
+    whole = gather_outputs(logits, labels, d)
+    if whole is None:
+        return None
+    logits, labels = whole
+    return SplitOutputs(logits, labels, ds.groups), ds.ids, mean_cross_entropy(logits, labels)
 
 
 def _headline(clinical: dict[str, Any], split: str, loss: float) -> dict[str, float]:
@@ -174,9 +189,13 @@ def _write_results(
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Trains a recipe into ``<output_dir>/<name>`` and writes metrics, predictions and the report.
 
+    Under ``torchrun`` every rank calls this: each trains on its slice of every global batch, and
+    rank 0 alone writes the run folder (see :mod:`medvision.runtime`).
+
     Examples:
         >>> run_dir = train(load_recipe("recipes/bloodmnist_effnet_lite0.yaml"))
     """
+    d, device = setup(recipe.train.device)
     run_dir = Path(recipe.output_dir) / recipe.name
     if resume and not (run_dir / "last.pt").is_file():
         raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
@@ -185,36 +204,57 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or --set name=<new name>"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log_file(run_dir)
+    if recipe.data.batch_size % d.world_size:
+        raise RunError(
+            f"data.batch_size {recipe.data.batch_size} is the global batch and must divide by the world size "
+            f"{d.world_size}; use a multiple of {d.world_size}, e.g. "
+            f"{d.world_size * max(1, recipe.data.batch_size // d.world_size)}"
+        )
+    barrier(d)  # every rank has checked the folder before rank 0 starts writing into it
     level = log.level
-    log.setLevel(logging.INFO)  # train.log is complete even when the caller's console shows only warnings
+    handler = None
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = _attach_log_file(run_dir)
+        log.setLevel(logging.INFO)  # train.log is complete even when the caller's console shows only warnings
+    else:
+        log.setLevel(logging.WARNING)  # one log: rank 0's
     try:
-        return _train(recipe, run_dir, resume)
+        return _train(recipe, run_dir, resume, d, device)
     finally:
         log.setLevel(level)
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
+def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
     start = time.perf_counter()
-    if not resume:
-        for stale in ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html"):
-            (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    if d.is_main:
+        if not resume:
+            for stale in ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md",
+                          "report.html"):  # fmt: skip
+                (run_dir / stale).unlink(missing_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     seed_everything(recipe.seed)
-    device = resolve_device(recipe.train.device)
     recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
     log.info("device %s, amp %s, channels_last %s", device, recipe.train.amp, recipe.train.channels_last)
     workers = resolve_workers(recipe.data.num_workers, device)
     table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     bundle = build_model(recipe, table)
-    model = bundle.model.to(device)
+    model: nn.Module = bundle.model
+    if recipe.train.sync_bn and d.world_size > 1:
+        if device.type != "cuda":
+            raise RunError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set it to false "
+                           "(and consider bn: frozen phases, which need no batch statistics)")  # fmt: skip
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info("BatchNorm -> SyncBatchNorm: statistics over the global batch of %d ranks", d.world_size)
+    model = model.to(device)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    bundle.model = model
     datasets = {s: split_dataset(recipe, table, bundle, s, train=s == "train") for s in ("train", "val", "test")}
-    sizes = {s: len(d) for s, d in datasets.items()}
+    sizes = {s: len(ds) for s, ds in datasets.items()}
     log.info("data %s: %d classes, split sizes %s", table.origin, len(table.classes), sizes)
     for split in ("train", "val"):
         if sizes[split] == 0:
@@ -230,23 +270,34 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
         "split_sizes": sizes,
         "transfer": datasets["val"].transfer,  # how evaluation batches travelled; score and export do the same
         "device": str(device),
+        "world_size": d.world_size,
         "versions": versions(),
     }
-    write_json(run_dir / "run.json", meta)
+    if d.is_main:
+        write_json(run_dir / "run.json", meta)
 
-    train_loader = make_loader(
-        datasets["train"], recipe.data.batch_size, workers, device, EpochSampler(sizes["train"], recipe.seed)
-    )
-    val_loader = make_loader(datasets["val"], recipe.data.eval_batch_size, workers, device)
+    per_rank = recipe.data.batch_size // d.world_size
+    sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size)
+    train_loader = make_loader(datasets["train"], per_rank, workers, device, sampler)
+    val_part = Subset(datasets["val"], list(shard(sizes["val"], d))) if d.world_size > 1 else datasets["val"]
+    val_loader = make_loader(val_part, recipe.data.eval_batch_size, workers, device)
     inputs = model_inputs(recipe, bundle)
+    if d.world_size > 1:
+        dropped = sizes["train"] - sampler.used
+        log.info("distributed: %d ranks (%s), global batch %d = %d per rank; validation in %d shards gathered on "
+                 "rank 0%s", d.world_size, "nccl" if device.type == "cuda" else "gloo", recipe.data.batch_size,
+                 per_rank, d.world_size,
+                 f"; the last {dropped} training sample(s) of each epoch are dropped (fewer than the ranks)"
+                 if dropped else "")  # fmt: skip
     log.info("loader: %d worker(s), batches travel as %s and are normalised on %s%s", workers,
              datasets["train"].transfer, device, ", flips/rot90 on the device" if inputs.flips else "")  # fmt: skip
-    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs)
+    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs, d)
 
+    barrier(d)  # rank 0 has written model.safetensors
     best = run_dir / "model.safetensors"
     if best.is_file():
         model.load_state_dict(load_model_state(best))
-    else:
+    elif d.is_main:
         log.warning("%s was never finite; keeping the last weights as model.safetensors", recipe.train.monitor)
         save_weights(model, best)
     splits = {}
@@ -254,7 +305,19 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
         if sizes[split] == 0:
             log.warning("no %s split; skipping its metrics", split)
             continue
-        splits[split] = _split_outputs(bundle, recipe, table, split, device, workers)
+        outputs = _split_outputs(bundle, recipe, table, split, device, workers, d)
+        if outputs is not None:
+            splits[split] = outputs
+    if d.is_main:
+        _finish(recipe, run_dir, bundle, table, meta, splits, state.best_epoch, state.history, start, device)
+    barrier(d)  # no rank returns before the run folder is complete
+    return run_dir
+
+
+def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
+            splits: dict[str, Any], best_epoch: int, history: list[dict[str, Any]], start: float,
+            device: torch.device) -> None:  # fmt: skip
+    """Rank 0: calibration and operating points on validation, then metrics, predictions and the report."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
         decision = fit_decision(splits["val"][0], table.classes, recipe.evaluation)
@@ -269,11 +332,9 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool) -> Path:
         f"init_from {recipe.model.init_from}" if recipe.model.init_from else "random init")  # fmt: skip
     meta["weights"] = weights
     meta["data"], meta["source"] = table.origin, recipe.data.source
-    extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history,
-             "seconds": seconds}  # fmt: skip
+    extra = {"best_epoch": best_epoch, "monitor": recipe.train.monitor, "history": history, "seconds": seconds}
     _write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
     log.info("run folder: %s (%.0f s)", run_dir, seconds)
-    return run_dir
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any], ModelBundle]:
@@ -299,7 +360,7 @@ def _open_split(
     run_dir: Path, data: str | None, source: str | None, split: str | None
 ) -> tuple[torch.device, Recipe, dict[str, Any], ModelBundle, SampleTable, str]:
     """A finished run and the table it is to be applied to: its own, or ``data`` with the same classes."""
-    device = resolve_device("auto")
+    _, device = setup("auto")  # under torchrun: this rank's device, and the process group
     recipe, meta, bundle = load_run(run_dir, device)
     recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
     if data is not None:
@@ -327,14 +388,19 @@ def evaluate_run(
     applied as they are; nothing is refitted on the data being evaluated.
     """
     device, recipe, meta, bundle, table, split = _open_split(run_dir, data, source, split)
+    d = current()
     workers = resolve_workers(recipe.data.num_workers, device)
     out = out or run_dir / "eval" / (f"{Path(table.origin).stem}-{split}" if data else split)
-    out.mkdir(parents=True, exist_ok=True)
     decision = Decision.from_json(meta.get("decision"))
     meta.update(data=table.origin, source=recipe.data.source, weights=f"run {run_dir}")
-    splits = {split: _split_outputs(bundle, recipe, table, split, device, workers)}
-    extra = {"run": str(run_dir), "data": table.origin}
-    metrics = _write_results(out, bundle, recipe, table, meta, splits, decision, extra, device)[split]
+    outputs = _split_outputs(bundle, recipe, table, split, device, workers, d)  # sharded across ranks
+    metrics: dict[str, float] | None = None
+    if outputs is not None:  # rank 0
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {"run": str(run_dir), "data": table.origin, "world_size": d.world_size}
+        metrics = _write_results(out, bundle, recipe, table, meta, {split: outputs}, decision, extra, device)[split]
+    metrics = broadcast(metrics, d)
+    assert metrics is not None  # rank 0 always has them
     return out, metrics
 
 
@@ -356,7 +422,9 @@ def explain_errors(
         update={"explain": n or recipe.evaluation.explain or 4, "explain_method": method}
     )
     workers = resolve_workers(recipe.data.num_workers, device)
-    outputs, ids, _ = _split_outputs(bundle, recipe, table, split, device, workers)
+    split_outputs = _split_outputs(bundle, recipe, table, split, device, workers)
+    assert split_outputs is not None  # one process: always the whole split
+    outputs, ids, _ = split_outputs
     decision = Decision.from_json(meta.get("decision"))
     ds = split_dataset(recipe, table, bundle, split, train=False)
     classes = meta["classes"]

@@ -26,6 +26,7 @@ files found = ok + error + skipped files) and speed.
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -55,11 +56,10 @@ from medvision.data.intake import (
 )
 from medvision.evaluation import Decision
 from medvision.io.archive import Entry, scan
+from medvision.io.files import atomic_write, sha256
 from medvision.models.deploy import CalibratedClassifier, ScoringSpec
 from medvision.run import RunError, load_run, versions
-from medvision.train.build import resolve_amp, resolve_device
-from medvision.train.checkpoint import sha256
-from medvision.train.loop import autocast
+from medvision.runtime import autocast, barrier, broadcast, gather, resolve_amp, resolve_device, setup
 from medvision.workers import Failure, PoolStats, isolated_map
 
 log = logging.getLogger("medvision")
@@ -71,6 +71,9 @@ FILE_TIMEOUT = 300.0
 #: decoder killed) re-runs the program's main module: for the CLI that imports all of medvision and timm,
 #: 3.5 s a worker on 2 cores unless they are already loaded in the forkserver it is forked from (0.05 s).
 WORKER_PRELOAD = ("medvision.data.intake", "medvision.score", "medvision.cli")
+
+#: How long a rank waits for the others at the merge: ranks of one archive can finish hours apart.
+RANK_TIMEOUT = datetime.timedelta(hours=72)
 
 #: Exit codes of ``medvision score`` (documented in the README).
 EXIT_OK, EXIT_MODEL, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 2, 3, 4
@@ -232,6 +235,7 @@ class _Rows:
         self.columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in self.classes], *[n for n, _ in self.calls], "status",
                         "reason", *[f"tag_{t}" for t in tags]]  # fmt: skip
         new = not table.is_file() or table.stat().st_size == 0
+        table.parent.mkdir(parents=True, exist_ok=True)
         self.fh = table.open("a", newline="")
         if new:
             self.write([], header=True)
@@ -299,16 +303,23 @@ def score_folder(
         >>> score_folder(Path("/data/cr"), Path("runs/chest"), Path("scores.csv")).line()
     """
     start = time.perf_counter()
+    d, _ = setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
     tags = list(include_tags or [])
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     cpu_threads = max(1, (os.cpu_count() or 1) - n_workers) if n_workers > 0 else None  # the workers keep their cores
     scorer, spec, provenance = load_scorer(model, engine, cpu_threads)
     parquet = out.suffix == ".parquet"
-    table = out.with_suffix(".partial.csv") if parquet else out
+    merged = out.with_suffix(".partial.csv") if parquet else out
     entries = [e for e in scan(folder) if in_shard(e.rel, shard)]
+    if d.world_size > 1:  # rank r of W scores the part of the user's shard i/n with hash % nW == i + n*r
+        i, n = shard
+        mine = [e for e in entries if in_shard(e.rel, (i + n * d.rank, n * d.world_size))]
+        table = part_path(out, d.rank, d.world_size)
+    else:
+        mine, table = entries, merged
     done = _resume(table)
-    todo = [e for e in entries if e.rel not in done]
-    summary = ScoreSummary(already_done=len(done & {e.rel for e in entries}), shard=f"{shard[0]}/{shard[1]}",
+    todo = [e for e in mine if e.rel not in done]
+    summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
                            out=str(out), engine=scorer.name)  # fmt: skip
     cfg = ReadConfig(spec, tuple(tags), max_pixels, max_file_bytes)
     stats = PoolStats()
@@ -322,18 +333,62 @@ def score_folder(
     finally:
         torch.set_num_threads(threads)
         rows.close()
-    summary.lost_chunks, summary.crashed_files, summary.timed_out_files = (
-        stats.lost_chunks, stats.crashed_files, stats.timed_out_files)  # fmt: skip
-    summary.seconds = time.perf_counter() - start
-    summary.images_per_second = summary.images_now / summary.seconds if summary.seconds else 0.0
-    _tally(table, {e.rel for e in entries}, summary)
-    if not summary.reconciled:
-        log.warning("accounting mismatch: %d found, %d ok + %d error + %d skipped", summary.files_found,
-                    summary.ok_files, summary.error_files, summary.skipped_files)  # fmt: skip
-    if parquet:
-        _to_parquet(table, out)
-    _write_provenance(out, spec, provenance, summary, tags, cfg, file_timeout)
+    counts = (summary.images_now, summary.scored_now, summary.already_done, stats.lost_chunks, stats.crashed_files,
+              stats.timed_out_files)  # fmt: skip
+    per_rank = gather(counts, d)
+    if per_rank is not None:  # rank 0 (or the only process): the whole output
+        (summary.images_now, summary.scored_now, summary.already_done, summary.lost_chunks, summary.crashed_files,
+         summary.timed_out_files) = (sum(c) for c in zip(*per_rank, strict=True))  # fmt: skip
+        if d.world_size > 1:
+            _merge([part_path(out, r, d.world_size) for r in range(d.world_size)], [e.rel for e in entries], merged)
+            provenance["world_size"] = d.world_size
+        summary.seconds = time.perf_counter() - start
+        summary.images_per_second = summary.images_now / summary.seconds if summary.seconds else 0.0
+        _tally(merged, {e.rel for e in entries}, summary)
+        if not summary.reconciled:
+            log.warning("accounting mismatch: %d found, %d ok + %d error + %d skipped", summary.files_found,
+                        summary.ok_files, summary.error_files, summary.skipped_files)  # fmt: skip
+        if parquet:
+            _to_parquet(merged, out)
+        _write_provenance(out, spec, provenance, summary, tags, cfg, file_timeout)
+    summary = broadcast(summary, d)
+    barrier(d)  # no rank returns before the merged output is written
     return summary
+
+
+def part_path(out: Path, rank: int, world_size: int) -> Path:
+    """Rank ``rank``'s own output under torchrun: ``<out>.parts/rank<r>-of-<W>.csv``, kept for resume."""
+    return Path(f"{out}.parts") / f"rank{rank}-of-{world_size}.csv"
+
+
+def _merge(parts: list[Path], order: list[str], merged: Path) -> None:
+    """The ranks' part files as one table, rows in the folder's order, written atomically over ``merged``.
+
+    The parts hold disjoint files (hash shards), so nothing is duplicated; a file without rows in
+    any part would show up as a reconciliation mismatch in the tally.
+    """
+    rank = {rel: k for k, rel in enumerate(order)}
+    header: list[str] | None = None
+    rows: list[tuple[int, int, list[str]]] = []
+    for part in parts:
+        with part.open(newline="") as fh:
+            reader = csv.reader(fh)
+            head = next(reader, None)
+            if head is None:
+                continue
+            if header is not None and head != header:
+                raise RuntimeError(f"{part}: its columns differ from the other parts' ({head} vs {header})")
+            header = head
+            rows.extend((rank[r[0]], k, r) for k, r in enumerate(reader) if r and r[0] in rank)
+    rows.sort(key=lambda t: (t[0], t[1]))  # the folder's order; a file's frames stay in their order
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header or [])
+            writer.writerows(r for _, _, r in rows)
+
+    atomic_write(merged, write)
 
 
 def _score(outcomes: Iterator[FileResult], engine: Engine, rows: _Rows, batch_size: int, summary: ScoreSummary,

@@ -26,13 +26,13 @@ from medvision.data.transforms import build_transforms  # noqa: E402
 from medvision.export import ExportError, ExportResult  # noqa: E402
 from medvision.export.monai_bundle import export_monai_bundle  # noqa: E402
 from medvision.export.onnx import OrtEngine, export_onnx, load_onnx  # noqa: E402
+from medvision.io.files import sha256  # noqa: E402
 from medvision.io.image import read_image_raw, to_channels, to_unit_range  # noqa: E402
 from medvision.models.deploy import CalibratedClassifier, ScoringSpec  # noqa: E402
 from medvision.recipe import load_recipe, recipe_from_dict  # noqa: E402
 from medvision.run import cache_dir, load_run, train  # noqa: E402
 from medvision.score import score_folder  # noqa: E402
 from medvision.train.build import split_dataset  # noqa: E402
-from medvision.train.checkpoint import sha256  # noqa: E402
 
 CPU = torch.device("cpu")
 

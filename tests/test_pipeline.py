@@ -15,7 +15,8 @@ from medvision.data.dataset import ImageDataset, prepare
 from medvision.data.sources import DataSourceError, SampleTable, load_table, preload
 from medvision.data.transforms import build_transforms, flip_rot90_batch, normalize_batch
 from medvision.recipe import AugmentConfig, RecipeError, recipe_from_dict
-from medvision.train.build import EpochSampler, Inputs, make_loader, resolve_transfer
+from medvision.runtime import EpochSampler, Inputs, make_loader
+from medvision.train.build import resolve_transfer
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -25,10 +25,10 @@ from medvision.data.dataset import prepare  # noqa: E402
 from medvision.data.dicom_source import dicom_spec  # noqa: E402
 from medvision.data.transforms import build_transforms  # noqa: E402
 from medvision.io.dicom import read_dicom  # noqa: E402
+from medvision.io.files import sha256  # noqa: E402
 from medvision.recipe import recipe_from_dict  # noqa: E402
 from medvision.run import load_run, train  # noqa: E402
 from medvision.score import in_shard, score_folder  # noqa: E402
-from medvision.train.checkpoint import sha256  # noqa: E402
 
 
 @pytest.fixture(scope="module")

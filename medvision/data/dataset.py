@@ -38,7 +38,7 @@ def prepare(
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Yields ``(image CHW, label)``: native-depth pixels -> [0, 1] -> channels -> transform -> ``transfer`` dtype.
 
-    An item key is an index, or ``(index, seed)`` from :class:`medvision.train.build.EpochSampler`:
+    An item key is an index, or ``(index, seed)`` from :class:`medvision.runtime.EpochSampler`:
     the augmentation of that sample is then seeded by ``seed``, so it does not depend on which
     worker draws it or on whether workers persist across epochs (resume stays exact).
     """

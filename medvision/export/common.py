@@ -27,12 +27,12 @@ import torch
 from medvision.data.dataset import ImageDataset
 from medvision.data.sources import DataSourceError, load_table
 from medvision.export import ExportError
+from medvision.io.files import atomic_write
 from medvision.io.image import ImageReadError
 from medvision.models.deploy import CalibratedClassifier, ScoringSpec
 from medvision.recipe import Recipe
 from medvision.run import cache_dir, load_run, versions
 from medvision.train.build import ModelBundle, split_dataset
-from medvision.train.checkpoint import atomic_write
 
 log = logging.getLogger("medvision")
 

@@ -68,9 +68,9 @@ from medvision.export.common import (
     torch_probabilities,
     write_json,
 )
+from medvision.io.files import sha256
 from medvision.io.image import IMAGE_SUFFIXES
 from medvision.models.deploy import ScoringSpec
-from medvision.train.checkpoint import sha256
 
 log = logging.getLogger("medvision")
 

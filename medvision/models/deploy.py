@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import medvision
-from medvision.train.checkpoint import sha256
+from medvision.io.files import sha256
 
 Inputs = Literal["dicom", "images"]
 Transfer = Literal["uint8", "float16", "float32"]

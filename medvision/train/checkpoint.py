@@ -9,10 +9,6 @@ the same folder and renamed over the old one, so a kill at any moment leaves a v
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` and renames the result to ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from medvision.io.files import atomic_write
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -56,12 +38,3 @@ def load_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a medvision training state (expected a dict with a 'model' entry)")
     return state
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, for provenance records."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -26,7 +26,20 @@ from tqdm import tqdm
 from medvision.metrics import MetricAccumulator, compute_metrics, softmax
 from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
 from medvision.recipe import PhaseConfig, TrainConfig
-from medvision.train.build import EpochSampler, Inputs, seed_everything
+from medvision.runtime import (
+    SINGLE,
+    Dist,
+    EpochSampler,
+    Inputs,
+    all_gather_tensor,
+    autocast,
+    broadcast,
+    gather,
+    seed_everything,
+    sync_buffers,
+    to_device,
+    wrap_ddp,
+)
 from medvision.train.checkpoint import load_state, save_state, save_weights
 
 log = logging.getLogger("medvision")
@@ -35,18 +48,6 @@ Batch = Any  # (images, labels) as collated by the DataLoader
 
 class NonFiniteLoss(FloatingPointError):
     """The training loss became NaN or Inf; the run stops rather than train on garbage."""
-
-
-def autocast(device: torch.device, amp: str) -> torch.autocast:
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
-
-
-def to_device(
-    x: torch.Tensor, device: torch.device, inputs: Inputs | None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """A loader batch as model input: through ``inputs`` (compact dtype -> normalised), or as it is."""
-    return inputs(x, device, generator) if inputs is not None else x.to(device, non_blocking=True)
 
 
 def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Callable[[int], float]:
@@ -74,11 +75,17 @@ def train_one_epoch(
     desc: str,
     inputs: Inputs | None = None,
     generator: torch.Generator | None = None,
+    d: Dist = SINGLE,
+    global_sizes: list[int] | None = None,
 ) -> dict[str, float]:
     """One pass over the training data; returns the mean loss, throughput and final LR.
 
     ``inputs`` turns loader batches into model input on the device; ``generator`` drives its
-    on-device augmentation.
+    on-device augmentation. On several ranks (``d``, with ``model`` wrapped in DDP) each rank's
+    loss is its share of the global batch's mean, ``sum(loss_i) * world / global_sizes[step]``, so
+    DDP's averaged gradient is exactly the gradient of the global batch's mean loss, as on one
+    process, even when the last batch splits unevenly. The logged loss is the mean over ranks, and
+    a NaN on any rank stops every rank with the same message.
     """
     model.train()
     set_bn_policy(model, bn)
@@ -94,11 +101,16 @@ def train_one_epoch(
         images = to_device(images, device, inputs, generator)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
-            loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+            out = model(images)
+            if d.world_size > 1:
+                share = d.world_size / (global_sizes[step] if global_sizes else len(images) * d.world_size)
+                loss = F.cross_entropy(out, labels, label_smoothing=cfg.label_smoothing, reduction="sum") * share
+            else:
+                loss = F.cross_entropy(out, labels, label_smoothing=cfg.label_smoothing)
         scaler.scale(loss / cfg.accumulate).backward()
         window_loss += loss.detach()
         window_steps += 1
-        seen += len(images)
+        seen += global_sizes[step] if global_sizes and d.world_size > 1 else len(images)
         last = step + 1 == n_steps
         if (step + 1) % cfg.accumulate == 0 or last:
             if cfg.grad_clip is not None:
@@ -109,11 +121,14 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         if (step + 1) % cfg.log_interval == 0 or last:
-            mean = window_loss.item() / window_steps  # the one host sync per log interval
+            ranks = all_gather_tensor(window_loss / window_steps, d).tolist()  # the one host sync per log interval
+            mean = sum(ranks) / len(ranks)
             if not math.isfinite(mean):
                 bar.close()
+                where = "" if d.world_size == 1 else " on rank(s) " + ", ".join(
+                    f"{r} of {d.world_size}" for r, v in enumerate(ranks) if not math.isfinite(v))  # fmt: skip
                 raise NonFiniteLoss(
-                    f"{desc}: loss became {mean} between steps {step + 2 - window_steps} and {step + 1}; "
+                    f"{desc}: loss became {mean} between steps {step + 2 - window_steps} and {step + 1}{where}; "
                     "stopping. Lower the LR, set train.grad_clip, or use amp: bf16 instead of fp16. "
                     "The last good checkpoint is kept."
                 )
@@ -154,11 +169,15 @@ def evaluate(
             logits = model(to_device(images, device, inputs))
         acc.update(logits, labels.to(device, non_blocking=True))
     logits_np, labels_np = acc.logits_and_labels()
-    if len(labels_np) == 0:
-        return logits_np, labels_np, float("nan")
-    log_probs = np.log(softmax(logits_np) + 1e-300)
-    loss = float(-log_probs[np.arange(len(labels_np)), labels_np].mean())
-    return logits_np, labels_np, loss
+    return logits_np, labels_np, mean_cross_entropy(logits_np, labels_np)
+
+
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of logits (NaN for none)."""
+    if len(labels) == 0:
+        return float("nan")
+    log_probs = np.log(softmax(logits) + 1e-300)
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
 # --------------------------------------------------------------------------------------- fit
@@ -197,6 +216,20 @@ def _phase_of(epoch: int, phases: list[PhaseConfig]) -> tuple[int, int]:
     return len(phases), 0
 
 
+def gather_outputs(
+    logits: np.ndarray, labels: np.ndarray, d: Dist
+) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The ranks' evaluation shards (contiguous, in rank order) put back together on rank 0; None elsewhere."""
+    parts = gather((logits, labels), d)
+    if parts is None:
+        return None
+    if len(parts) == 1:
+        return logits, labels
+    k = max(p[0].shape[1] if p[0].ndim == 2 else 0 for p in parts)
+    return (np.concatenate([p[0].reshape(-1, k) for p in parts]).astype(np.float32),
+            np.concatenate([p[1] for p in parts]).astype(np.int64))  # fmt: skip
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader[Batch],
@@ -207,13 +240,19 @@ def fit(
     seed: int,
     resume: bool = False,
     inputs: Inputs | None = None,
+    d: Dist = SINGLE,
 ) -> FitState:
     """Runs every freeze phase; keeps ``model.safetensors`` (best) and ``last.pt`` (resume) in ``run_dir``.
 
     Each epoch starts by re-seeding from (seed, epoch), and the sampler and augmentation are seeded
     the same way, so resuming from ``last.pt`` replays exactly what an uninterrupted run would do.
+
+    On several ranks (``d``): the model is wrapped in DDP per freeze phase, around the parameters
+    that phase trains (so no parameter is ever unused); ``val_loader`` holds this rank's shard of the
+    validation split, whose logits rank 0 gathers; rank 0 decides on the best checkpoint and early
+    stopping and broadcasts its decision; only rank 0 writes; every rank reads ``last.pt`` on resume.
     """
-    forward = cast(nn.Module, torch.compile(model)) if cfg.compile else model
+    compiled = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     state = FitState()
     saved: dict[str, Any] | None = None
     if resume:
@@ -222,10 +261,12 @@ def fit(
         state = FitState(**saved["fit"])
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
 
-    _, labels, _ = evaluate(forward, val_loader, device, cfg.amp, inputs, max_batches=2)
-    log.info("sanity check: 2 validation batches evaluate (%d images)", len(labels))
+    _, labels, _ = evaluate(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
+    log.info("sanity check: 2 validation batches evaluate (%d images%s)", len(labels),
+             "" if d.world_size == 1 else " on rank 0")  # fmt: skip
 
     sampler = getattr(train_loader, "sampler", None)  # any iterable of batches works (benchmarks)
+    sizes = sampler.global_batch_sizes() if isinstance(sampler, EpochSampler) else None
     phase_idx, phase_epoch = _phase_of(state.epoch, cfg.phases)
     for p_i in range(phase_idx, len(cfg.phases)):
         phase = cfg.phases[p_i]
@@ -235,6 +276,7 @@ def fit(
             phase.name, phase.epochs, ",".join(phase.trainable), phase.lr, phase.bn,
             f", layer_decay {phase.layer_decay}" if phase.layer_decay else "", f"{n_train:,}", f"{n_frozen:,}",
         )  # fmt: skip
+        forward = wrap_ddp(compiled, d, device) if d.world_size > 1 else compiled
         optimizer = torch.optim.AdamW(optimizer_groups(model, phase.lr, cfg.weight_decay, phase.layer_decay))
         steps = phase.epochs * math.ceil(len(train_loader) / cfg.accumulate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, phase.warmup))
@@ -251,35 +293,44 @@ def fit(
             generator = torch.Generator(device=device).manual_seed(seed * 100_003 + state.epoch)
             desc = f"{phase.name} {e + 1}/{phase.epochs}"
             stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc,
-                                    inputs, generator)  # fmt: skip
-            logits, labels, val_loss = evaluate(forward, val_loader, device, cfg.amp, inputs)
-            val = compute_metrics(labels, softmax(logits))
-            row: dict[str, Any] = {"epoch": state.epoch + 1, "phase": phase.name, **stats, "val_loss": val_loss,
-                   "val_auc": val["auc"], "val_acc": val["acc"]}  # fmt: skip
+                                    inputs, generator, d, sizes)  # fmt: skip
+            sync_buffers(model, d)
+            logits, labels, _ = evaluate(compiled, val_loader, device, cfg.amp, inputs)
+            whole = gather_outputs(logits, labels, d)
+            decision: tuple[dict[str, Any], bool] | None = None
+            if whole is not None:
+                val_loss = mean_cross_entropy(*whole)
+                val = compute_metrics(whole[1], softmax(whole[0]))
+                row: dict[str, Any] = {"epoch": state.epoch + 1, "phase": phase.name, **stats, "val_loss": val_loss,
+                       "val_auc": val["auc"], "val_acc": val["acc"]}  # fmt: skip
+                decision = row, state.improved(float(row[cfg.monitor]), val_loss, cfg.monitor)
+            row, improved = broadcast(decision, d)  # type: ignore[misc]  # rank 0 decides for every rank
             state.history.append(row)
             state.epoch += 1
-            value = float(row[cfg.monitor])
-            if state.improved(value, val_loss, cfg.monitor):
-                state.best, state.best_loss, state.best_epoch, state.stale = value, val_loss, state.epoch, 0
-                save_weights(model, run_dir / "model.safetensors", {"epoch": str(state.epoch)})
+            if improved:
+                state.best, state.best_loss, state.best_epoch, state.stale = (
+                    float(row[cfg.monitor]), row["val_loss"], state.epoch, 0)  # fmt: skip
+                if d.is_main:
+                    save_weights(model, run_dir / "model.safetensors", {"epoch": str(state.epoch)})
             else:
                 state.stale += 1
             log.info(
                 "epoch %d (%s %d/%d): train_loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  "
                 "%.0f img/s  %.0fs%s",
-                state.epoch, phase.name, e + 1, phase.epochs, stats["train_loss"], val_loss, val["auc"], val["acc"],
-                stats["train_img_s"], stats["seconds"], "  *best*" if state.stale == 0 else "",
+                state.epoch, phase.name, e + 1, phase.epochs, row["train_loss"], row["val_loss"], row["val_auc"],
+                row["val_acc"], row["train_img_s"], row["seconds"], "  *best*" if state.stale == 0 else "",
             )  # fmt: skip
-            save_state(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "fit": state.__dict__,
-                },
-                run_dir / "last.pt",
-            )
+            if d.is_main:
+                save_state(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "fit": state.__dict__,
+                    },
+                    run_dir / "last.pt",
+                )
             if cfg.patience is not None and state.stale >= cfg.patience:
                 log.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
                 return state

@@ -1,0 +1,39 @@
+"""File plumbing every part of medvision shares: atomic writes and content hashes.
+
+A file written with :func:`atomic_write` is either the old one or the complete new one, whatever
+kills the process; :func:`sha256` names the exact weights, recipe or exported model in every
+provenance record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp_path)`` and renames the result to ``path`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, for provenance records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,300 @@
+"""Where a process runs and how it talks to the others: device, AMP, loaders, rank, world size, gather.
+
+Training, evaluation and scoring all run through here, on one process or on several launched by
+``torchrun`` (PyTorch's own launcher and ``torch.distributed``: gloo on CPUs, NCCL on CUDA; each
+rank takes its device from ``LOCAL_RANK``). :func:`setup` reads torchrun's environment and opens
+the process group; without it everything below is the single-process case and costs nothing.
+
+The distributed pieces are few, and each keeps a 1-process result unchanged:
+
+- :class:`EpochSampler` cuts every global batch of the epoch's (seed, epoch) order into one slice
+  per rank, so N ranks see exactly the samples and augmentation seeds of one process.
+- :func:`shard` gives each rank a contiguous, disjoint part of an evaluation split, without
+  padding (``DistributedSampler`` repeats samples to even the shards out, which changes n and every
+  metric); :func:`gather` puts the parts back together, in order, on rank 0.
+- :func:`broadcast` sends rank 0's decisions (best checkpoint, early stopping) to every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medvision.data.transforms import flip_rot90_batch, normalize_batch
+
+log = logging.getLogger("medvision")
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------ device and precision
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """Turns ``auto`` into bf16 where the hardware runs it natively, else ``none``; warns on emulated bf16."""
+    native_bf16 = (
+        torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    if amp == "auto":
+        return "bf16" if native_bf16 else ("fp16" if device.type == "cuda" else "none")
+    if amp == "bf16" and not native_bf16:
+        log.warning("train.amp bf16: this %s has no native bf16; it is emulated and much slower than fp32", device.type)
+    return amp
+
+
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "none")
+
+
+def resolve_workers(setting: int | str, device: torch.device) -> int:
+    """``auto``: no workers on a CPU-only machine (they would compete with the model for cores)."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the ranks; ``Dist()`` is the single-process case."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one writer of run folders, logs, checkpoints, reports and merged outputs."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """A process group is open (torchrun launched this process, possibly with one rank)."""
+        return dist.is_available() and dist.is_initialized()
+
+
+SINGLE = Dist()
+"""The single-process :class:`Dist`, the default of every function that takes one."""
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def current() -> Dist:
+    """This process's :class:`Dist` (``Dist()`` until :func:`setup` opened a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(device_setting: str = "auto", timeout: datetime.timedelta | None = None) -> tuple[Dist, torch.device]:
+    """The device of this process, and its rank: opens the process group when torchrun launched it.
+
+    gloo on the CPU, NCCL on CUDA, where rank ``r`` of a node takes ``cuda:LOCAL_RANK``. A second
+    call (train, then evaluate, in one process) reuses the group.
+    """
+    device = resolve_device(device_setting)
+    if not launched_by_torchrun():
+        return Dist(), device
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} CUDA device(s); "
+                "give torchrun --nproc-per-node at most that many"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend, **kwargs)
+    return current(), device
+
+
+def teardown() -> None:
+    """Closes the process group, if one is open (at the end of a torchrun rank's command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int, d: Dist) -> range:
+    """This rank's contiguous part of ``range(n)``; the parts are disjoint, cover it, differ in size by <= 1."""
+    return range(n * d.rank // d.world_size, n * (d.rank + 1) // d.world_size)
+
+
+def gather(obj: T, d: Dist) -> list[T] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere); ``[obj]`` on one process."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * d.world_size if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast(obj: T, d: Dist) -> T:
+    """Rank 0's ``obj`` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_tensor(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """(world_size, *x.shape): every rank's ``x``, on every rank."""
+    if not d.enabled:
+        return x[None]
+    parts = [torch.empty_like(x) for _ in range(d.world_size)]
+    dist.all_gather(parts, x)
+    return torch.stack(parts)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def sync_buffers(model: nn.Module, d: Dist) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, before evaluation or saving.
+
+    DDP broadcasts them at the start of each training forward, after which each rank's own batch
+    moves them a little; evaluating with those would give each shard a slightly different model.
+    """
+    if d.enabled and d.world_size > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def wrap_ddp(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` around the parameters that train now (built per freeze phase)."""
+    if not d.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # buffers follow rank 0 each forward
+
+
+# ---------------------------------------------------------------------------------- loaders
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffles by (seed, epoch) and gives each sample its own augmentation seed: ``(index, seed)`` keys.
+
+    The order and every sample's augmentation depend only on (seed, epoch, position), never on the
+    worker that loads it, so workers can persist across epochs and a resumed run still sees
+    exactly the data an uninterrupted one would.
+
+    With ``world_size`` ranks and the global ``batch_size``, each global batch of that order is cut
+    into one contiguous slice per rank, so the ranks together see exactly the batches of one process.
+    A last batch too small to give every rank a sample is dropped (DDP needs every rank to step).
+    """
+
+    def __init__(self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.batch_size, self.rank, self.world_size = n, seed, batch_size, rank, world_size
+        self.epoch = 0
+        tail = n % batch_size
+        self.used = n - tail if world_size > 1 and 0 < tail < world_size else n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
+        return list(zip(order, seeds, strict=True))
+
+    def global_batch_sizes(self) -> list[int]:
+        """Samples in each global (all-rank) batch of an epoch, in step order."""
+        return [min(self.batch_size, self.used - s) for s in range(0, self.used, self.batch_size)]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        keys = self._order()
+        if self.world_size == 1:
+            return iter(keys)
+        mine: list[tuple[int, int]] = []
+        for start, m in zip(range(0, self.used, self.batch_size), self.global_batch_sizes(), strict=True):
+            lo, hi = m * self.rank // self.world_size, m * (self.rank + 1) // self.world_size
+            mine.extend(keys[start + lo : start + hi])
+        return iter(mine)
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.n
+        return sum(m * (self.rank + 1) // self.world_size - m * self.rank // self.world_size
+                   for m in self.global_batch_sizes())  # fmt: skip
+
+
+def make_loader(
+    dataset: Dataset[Any],
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    sampler: Sampler[tuple[int, int]] | None = None,
+) -> DataLoader[tuple[torch.Tensor, int]]:
+    """Workers persist across epochs and prefetch; batches are pinned for ``non_blocking`` copies to CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """How a loader batch becomes model input on the device: copy (compact dtype), flips, normalise, layout."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels_last: bool
+    flips: bool = False
+    """Random per-image flips/rot90 on the device (``augment.on_device``); training batches only."""
+
+    def __call__(self, x: torch.Tensor, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        if self.flips and generator is not None:
+            x = flip_rot90_batch(x, generator)
+        x = normalize_batch(x, self.mean, self.std)
+        fmt = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+def to_device(
+    x: torch.Tensor, device: torch.device, inputs: Inputs | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A loader batch as model input: through ``inputs`` (compact dtype -> normalised), or as it is."""
+    return inputs(x, device, generator) if inputs is not None else x.to(device, non_blocking=True)
