@@ -23,6 +23,7 @@ from conftest import tiny_recipe
 from safetensors.torch import load_file
 from torch import nn
 
+from medvision.data.sources import FileLoader, load_table, subset_indices
 from medvision.demo import make_dataset
 from medvision.recipe import TrainConfig, recipe_from_dict
 from medvision.run import evaluate_run, train
@@ -245,3 +246,28 @@ def test_two_rank_scoring_merges_to_the_one_process_output(ddp_setup: tuple[Path
     assert two.read_text() == one.read_text()
     resumed = json.loads(Path(f"{two}.json").read_text())
     assert sizes[0] < resumed["already_done"] < sum(sizes)  # rank 0 kept its part, rank 1 half of its
+
+
+@pytest.mark.slow
+def test_a_bad_file_on_one_rank_stops_both_with_its_error(ddp_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    root, recipe_path = ddp_setup
+    tree = yaml.safe_load(recipe_path.read_text())
+    recipe = recipe_from_dict({**tree, "name": "bad"})
+    table = load_table(recipe.data, recipe.seed, tmp_path)
+    train_idx = subset_indices(table, "train", None, recipe.seed)
+    sampler = EpochSampler(len(train_idx), recipe.seed, recipe.data.batch_size, rank=1, world_size=2)
+    position = list(sampler)[2][0]  # the third sample rank 1 reads in epoch 1; never the split's first (probed)
+    assert isinstance(table.loader, FileLoader) and position != 0
+    bad = Path(table.loader.paths[int(train_idx[position])])
+    good = bad.read_bytes()
+    bad.write_bytes(good[:40])  # a PNG cut short
+    try:
+        start = time.monotonic()
+        proc = _torchrun("train", str(recipe_path), "--set", "name=bad", cwd=root)
+        assert time.monotonic() - start < 120  # no rank waits forever for the one that failed
+    finally:
+        bad.write_bytes(good)
+    assert proc.returncode != 0
+    assert f"medvision train: error: {bad}" in proc.stderr  # the real error, with the file's name
+    # torchrun stopped the other rank (which may report the closed connection first) and says it failed
+    assert "medvision FAILED" in proc.stderr and "Root Cause" in proc.stderr
