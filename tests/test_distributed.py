@@ -271,3 +271,20 @@ def test_a_bad_file_on_one_rank_stops_both_with_its_error(ddp_setup: tuple[Path,
     assert f"medvision train: error: {bad}" in proc.stderr  # the real error, with the file's name
     # torchrun stopped the other rank (which may report the closed connection first) and says it failed
     assert "medvision FAILED" in proc.stderr and "Root Cause" in proc.stderr
+
+
+def test_global_batch_must_divide_by_the_world_and_sync_bn_needs_gpus(
+    ddp_setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medvision.run as run
+
+    _, recipe_path = ddp_setup
+    tree = yaml.safe_load(recipe_path.read_text())
+    monkeypatch.setattr(run, "setup", lambda device: (Dist(0, 3), torch.device("cpu")))  # rank 0 of 3, no group
+    with pytest.raises(run.RunError, match=r"data\.batch_size 16 is the global batch and must divide by the world "
+                                           r"size 3; use a multiple of 3, e\.g\. 15"):  # fmt: skip
+        train(recipe_from_dict({**tree, "name": "three"}))
+    monkeypatch.setattr(run, "setup", lambda device: (Dist(0, 2), torch.device("cpu")))
+    tree["train"]["sync_bn"] = True
+    with pytest.raises(run.RunError, match="SyncBatchNorm runs on GPUs only"):
+        train(recipe_from_dict({**tree, "name": "syncbn"}))
