@@ -288,3 +288,22 @@ def test_global_batch_must_divide_by_the_world_and_sync_bn_needs_gpus(
     tree["train"]["sync_bn"] = True
     with pytest.raises(run.RunError, match="SyncBatchNorm runs on GPUs only"):
         train(recipe_from_dict({**tree, "name": "syncbn"}))
+
+
+@pytest.mark.slow
+def test_early_stopping_is_decided_once_for_every_rank(ddp_setup: tuple[Path, Path]) -> None:
+    root, recipe_path = ddp_setup
+    tree = yaml.safe_load(recipe_path.read_text())
+    tree["train"].update(patience=1, monitor="val_loss")
+    tree["train"]["phases"][1]["epochs"] = 6
+    path = root / "patience.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    proc = _torchrun("train", str(path), "--set", "name=patience2", cwd=root)  # a rank left training would hang
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((root / "runs" / "patience2" / "metrics.json").read_text())["history"]
+    one = json.loads((train(recipe_from_dict({**tree, "name": "patience1"})) / "metrics.json").read_text())["history"]
+    assert len(two) == len(one) < 7  # stopped early, after the same epoch as one process
+    assert (
+        "early stopping: val_loss did not improve for 1 epochs"
+        in (root / "runs" / "patience2" / "train.log").read_text()
+    )
