@@ -97,8 +97,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        """A process group is open (torchrun launched this process, possibly with one rank)."""
-        return dist.is_available() and dist.is_initialized()
+        """Several ranks share an open process group; with one rank every collective below is a no-op."""
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 SINGLE = Dist()
@@ -190,7 +190,7 @@ def sync_buffers(model: nn.Module, d: Dist) -> None:
     DDP broadcasts them at the start of each training forward, after which each rank's own batch
     moves them a little; evaluating with those would give each shard a slightly different model.
     """
-    if d.enabled and d.world_size > 1:
+    if d.enabled:
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
 
