@@ -22,7 +22,6 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 import medvision
 from medvision.data.dataset import ImageDataset
@@ -43,12 +42,12 @@ from medvision.runtime import (
     barrier,
     broadcast,
     current,
+    local_part,
     make_loader,
     resolve_amp,
     resolve_workers,
     seed_everything,
     setup,
-    shard,
 )
 from medvision.train.build import ModelBundle, build_model, model_inputs, split_dataset
 from medvision.train.checkpoint import save_weights
@@ -98,9 +97,8 @@ def _split_outputs(
     rank 0 gets the whole split, in order; the other ranks get None.
     """
     ds = split_dataset(recipe, table, bundle, split, train=False)
-    part = Subset(ds, list(shard(len(ds), d))) if d.world_size > 1 else ds
-    loader = make_loader(part, recipe.data.eval_batch_size, workers, device)
-    logits, labels, _ = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle))
+    loader = make_loader(local_part(ds, d), recipe.data.eval_batch_size, workers, device)
+    logits, labels = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle))
     whole = gather_outputs(logits, labels, d)
     if whole is None:
         return None
@@ -279,8 +277,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     per_rank = recipe.data.batch_size // d.world_size
     sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size)
     train_loader = make_loader(datasets["train"], per_rank, workers, device, sampler)
-    val_part = Subset(datasets["val"], list(shard(sizes["val"], d))) if d.world_size > 1 else datasets["val"]
-    val_loader = make_loader(val_part, recipe.data.eval_batch_size, workers, device)
+    val_loader = make_loader(local_part(datasets["val"], d), recipe.data.eval_batch_size, workers, device)
     inputs = model_inputs(recipe, bundle)
     if d.world_size > 1:
         dropped = sizes["train"] - sampler.used

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from medvision.data.transforms import flip_rot90_batch, normalize_batch
 
@@ -150,6 +150,13 @@ def teardown() -> None:
 def shard(n: int, d: Dist) -> range:
     """This rank's contiguous part of ``range(n)``; the parts are disjoint, cover it, differ in size by <= 1."""
     return range(n * d.rank // d.world_size, n * (d.rank + 1) // d.world_size)
+
+
+def local_part(dataset: Dataset[Any], d: Dist) -> Dataset[Any]:
+    """This rank's :func:`shard` of an evaluation dataset (the dataset itself on one rank)."""
+    if d.world_size == 1:
+        return dataset
+    return Subset(dataset, list(shard(len(dataset), d)))  # type: ignore[arg-type]
 
 
 def gather(obj: T, d: Dist) -> list[T] | None:

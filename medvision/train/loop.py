@@ -155,10 +155,11 @@ def evaluate(
     amp: str,
     inputs: Inputs | None,
     max_batches: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Logits (float32), labels and mean cross-entropy over a loader (in eval mode).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels over a loader (in eval mode); on several ranks, this rank's shard.
 
-    Logits rather than probabilities, because calibration fits a temperature to them.
+    Logits rather than probabilities, because calibration fits a temperature to them; the loss is
+    :func:`mean_cross_entropy` of the whole split, once the shards are gathered.
     """
     model.eval()
     acc = MetricAccumulator()
@@ -168,8 +169,7 @@ def evaluate(
         with autocast(device, amp):
             logits = model(to_device(images, device, inputs))
         acc.update(logits, labels.to(device, non_blocking=True))
-    logits_np, labels_np = acc.logits_and_labels()
-    return logits_np, labels_np, mean_cross_entropy(logits_np, labels_np)
+    return acc.logits_and_labels()
 
 
 def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -261,7 +261,7 @@ def fit(
         state = FitState(**saved["fit"])
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
 
-    _, labels, _ = evaluate(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
+    _, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images%s)", len(labels),
              "" if d.world_size == 1 else " on rank 0")  # fmt: skip
 
@@ -295,7 +295,7 @@ def fit(
             stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc,
                                     inputs, generator, d, sizes)  # fmt: skip
             sync_buffers(model, d)
-            logits, labels, _ = evaluate(compiled, val_loader, device, cfg.amp, inputs)
+            logits, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs)
             whole = gather_outputs(logits, labels, d)
             decision: tuple[dict[str, Any], bool] | None = None
             if whole is not None:
