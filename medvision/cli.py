@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from medvision.benchmark import BenchmarkError
 from medvision.data.intake import MAX_FILE_BYTES, MAX_PIXELS
 from medvision.data.sources import DataSourceError
@@ -43,6 +45,18 @@ def _nproc_option(p: argparse.ArgumentParser) -> None:
                         "each); for several machines run torchrun yourself (see the README)")  # fmt: skip
 
 
+def _slide_run(model: Path) -> bool:
+    """Whether ``model`` is a run folder trained on whole slides (its recipe's ``data.source``)."""
+    recipe = model / "recipe.yaml"
+    if not recipe.is_file():
+        return False
+    try:
+        tree = yaml.safe_load(recipe.read_text()) or {}
+    except yaml.YAMLError:
+        return False  # load_run reports the damaged recipe
+    return isinstance(tree, dict) and (tree.get("data") or {}).get("source") == "slides"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvision", description="Transfer learning on medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "score",
-        help="score every image in a folder (DICOM, or PNG/JPEG/TIFF) with a trained run",
+        help="score every image in a folder (DICOM, or PNG/JPEG/TIFF), or every slide for a slide-trained run",
         description="Exit codes: 0 every image file scored; 2 the model cannot be loaded; "
         "3 some files are error rows (all rows are written); 4 no image file found.",
     )
@@ -217,9 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medvision score: error: {args.folder} is not a folder", file=sys.stderr)
                 return EXIT_NO_IMAGES
             tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
-            summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
-                                   args.workers, args.engine, args.file_timeout, args.max_pixels,
-                                   int(args.max_file_size * 2**30))  # fmt: skip
+            if _slide_run(args.model):  # a run trained on whole slides scores slides: one row per slide
+                from medvision.wsi.score import score_slides
+
+                summary = score_slides(args.folder, args.model, args.out, args.shard, args.batch_size, args.workers,
+                                       args.engine, args.file_timeout)  # fmt: skip
+            else:
+                summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
+                                       args.workers, args.engine, args.file_timeout, args.max_pixels,
+                                       int(args.max_file_size * 2**30))  # fmt: skip
             print(summary.line())
             if ranked:  # torchrun stops every rank when one exits non-zero: the code is in the sidecar
                 print(f"exit code {summary.exit_code} (recorded in {args.out}.json)")

@@ -49,6 +49,9 @@ class SplitOutputs:
     logits: np.ndarray
     labels: np.ndarray
     groups: list[str]
+    unit_probs: np.ndarray | None = None
+    """Per-group probabilities made by a model of their own (attention MIL over a slide's tiles), in the
+    groups' first-seen order; they replace the aggregation of the image probabilities."""
 
 
 @dataclass
@@ -89,6 +92,9 @@ def level_arrays(
     calibrated, raw = softmax(out.logits, temperature), softmax(out.logits)
     if level == "image":
         return out.labels, calibrated, raw, 0
+    if out.unit_probs is not None:  # a slide-level model: its probabilities, the slides' labels
+        _, y, _, mixed = aggregate_by_group(out.groups, out.labels, calibrated, "mean")
+        return y, out.unit_probs, out.unit_probs, mixed
     _, y, p_cal, mixed = aggregate_by_group(out.groups, out.labels, calibrated, cfg.patient_aggregate, cfg.top_k)
     _, _, p_raw, _ = aggregate_by_group(out.groups, out.labels, raw, cfg.patient_aggregate, cfg.top_k)
     return y, p_cal, p_raw, mixed
@@ -247,10 +253,13 @@ def _summary(
 
 
 def clinical_metrics(
-    outputs: dict[str, SplitOutputs], classes: list[str], cfg: EvalConfig, decision: Decision
+    outputs: dict[str, SplitOutputs], classes: list[str], cfg: EvalConfig, decision: Decision, unit: str = "patient"
 ) -> dict[str, Any]:
-    """``{"image": {split: summary}, "patient": {split: summary, ...}}`` for every split given."""
-    result: dict[str, Any] = {"image": {}, "patient": {"aggregate": cfg.patient_aggregate}}
+    """``{"image": {split: summary}, "patient": {split: summary, ...}}`` for every split given.
+
+    ``unit`` names what the second level aggregates to: ``patient``, or ``slide`` for whole-slide tiles
+    (the key stays ``patient`` so that every run's metrics.json reads the same way)."""
+    result: dict[str, Any] = {"image": {}, "patient": {"aggregate": cfg.patient_aggregate}, "unit": unit}
     if cfg.patient_aggregate == "topk":
         result["patient"]["top_k"] = cfg.top_k
     for split, out in outputs.items():

@@ -64,9 +64,33 @@ class DicomConfig(_Node):
         return value
 
 
+class SlidesConfig(_Node):
+    target_mpp: float = Field(0.5, gt=0.0)
+    """Microns per pixel of the tiles (0.5 is about 20x, 0.25 about 40x); read from the best pyramid level."""
+    tile_size: int = Field(224, ge=16, le=4096)
+    """Tile side in pixels at ``target_mpp`` (tiles are then resized to ``data.image_size`` if it differs)."""
+    min_tissue: float = Field(0.5, ge=0.0, le=1.0)
+    """Keep tiles whose tissue fraction (from the thumbnail's tissue mask) is at least this."""
+    tissue_method: Literal["saturation", "od"] = "saturation"
+    """Tissue detection: Otsu on HSV saturation, or on optical density (catches pale tissue too)."""
+    tissue_mpp: float = Field(8.0, gt=0.0)
+    """Resolution (µm/px) of the thumbnail that tissue is detected on."""
+    mpp: float | None = Field(None, gt=0.0)
+    """Level-0 microns per pixel of every slide, for scans whose files lack it; default: the file's metadata."""
+    max_tiles_per_slide: int | None = Field(None, ge=1)
+    """Keep at most this many tissue tiles of each slide (a seeded random choice), for every split and score."""
+    backend: Literal["auto", "openslide", "tiffslide", "dicom"] = "auto"
+    """Slide reader: ``auto`` picks wsidicom for DICOM folders, tiffslide for OME-TIFF, else OpenSlide."""
+    tile_cache: bool = False
+    """Store each tile, once read (and stain-normalised), in a memory-mapped cache so later epochs skip decoding."""
+    stain_reference: str | None = None
+    """An RGB reference tile (PNG/TIFF): Macenko stain normalisation of every tile to its stain colours."""
+
+
 class DataConfig(_Node):
-    source: Literal["npz", "folder", "csv", "dicom"]
-    """Where samples come from: a MedMNIST ``.npz``, class subfolders, a CSV manifest, or a DICOM folder."""
+    source: Literal["npz", "folder", "csv", "dicom", "slides"]
+    """Where samples come from: a MedMNIST ``.npz``, class subfolders, a CSV manifest, a DICOM folder, or a
+    CSV of whole slides (``slide_path,label[,patient_id,split]``) cut into tissue tiles."""
     path: str
     """File or folder of the source; ``${MEDVISION_SHARED}`` expands (default ``../shared``)."""
     classes: list[str] | None = None
@@ -97,6 +121,10 @@ class DataConfig(_Node):
     epochs skip PNG/JPEG/TIFF decoding (``.npz`` is always in memory; DICOM has its own disk cache)."""
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     """How DICOM pixels are windowed and which frames are used (``source: dicom`` and ``score``)."""
+    slides: SlidesConfig = Field(default_factory=SlidesConfig)
+    """How whole slides are tiled: magnification, tile size, tissue rule, stain (``source: slides`` and ``score``)."""
+    tiles_per_slide: int | None = Field(None, ge=1)
+    """Training tiles sampled per slide per epoch (a new seeded draw each epoch), so big slides do not dominate."""
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -229,8 +257,9 @@ class EvalConfig(_Node):
     classes, set it to get one-vs-rest operating points for that class (otherwise there are none)."""
     operating_points: list[OperatingPointConfig] = Field(default_factory=_default_points)
     """Thresholds chosen on the validation split and applied, unchanged, to test and to ``score``."""
-    patient_aggregate: Literal["mean", "max", "topk"] = "mean"
-    """How image (patch) probabilities become one per patient (slide) for patient-level metrics."""
+    patient_aggregate: Literal["mean", "max", "topk", "abmil"] = "mean"
+    """How image (tile) probabilities become one per patient (per slide for ``source: slides``); ``abmil``
+    (slides only) trains an attention-MIL head on the fine-tuned backbone's frozen tile features."""
     top_k: int = Field(3, ge=1)
     """Images averaged per patient by ``patient_aggregate: topk`` (the k most positive)."""
     explain: int = Field(4, ge=0)
@@ -266,6 +295,10 @@ class Recipe(_Node):
                 "model.init_from and model.pretrained both set; init_from already supplies the weights, "
                 "so set pretrained: false"
             )
+        if self.evaluation.patient_aggregate == "abmil" and self.data.source != "slides":
+            raise ValueError("evaluation.patient_aggregate 'abmil' needs data.source 'slides' (bags of tiles)")
+        if self.data.tiles_per_slide is not None and self.data.source != "slides":
+            raise ValueError("data.tiles_per_slide applies to data.source 'slides' only")
         for i, phase in enumerate(self.train.phases):
             if not phase.name:
                 phase.name = f"phase{i}"
@@ -385,6 +418,8 @@ def _explain(err: ValidationError, origin: str) -> RecipeError:
 def _resolve_paths(recipe: Recipe) -> Recipe:
     """Expands variables and makes every path absolute, so a saved recipe reproduces from anywhere."""
     recipe.data.path = str(Path(expand_path(recipe.data.path)).resolve())
+    if recipe.data.slides.stain_reference:
+        recipe.data.slides.stain_reference = str(Path(expand_path(recipe.data.slides.stain_reference)).resolve())
     recipe.output_dir = str(Path(expand_path(recipe.output_dir)).resolve())
     if isinstance(recipe.model.pretrained, str):
         recipe.model.pretrained = str(Path(expand_path(recipe.model.pretrained)).resolve())

@@ -91,6 +91,13 @@ def _one_image_per_patient(clinical: dict[str, Any]) -> bool:
     return all(s.get("images_per_patient") == 1 for s in clinical["patient"].values() if isinstance(s, dict))
 
 
+def _label(clinical: dict[str, Any], level: str) -> str:
+    """How a level is named: image and patient, or tile and slide for whole-slide runs."""
+    if clinical.get("unit") == "slide":
+        return {"image": "tile", "patient": "slide"}[level]
+    return level
+
+
 def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
     rows = []
     levels = ("image",) if _one_image_per_patient(clinical) else ("image", "patient")
@@ -99,7 +106,7 @@ def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
             if not isinstance(s, dict) or "n" not in s:
                 continue
             cal = s.get("calibration", {})
-            rows.append([level, split, str(s["n"]), _with_ci(s, "auc"), _with_ci(s, "acc"),
+            rows.append([_label(clinical, level), split, str(s["n"]), _with_ci(s, "auc"), _with_ci(s, "acc"),
                          _fmt(s.get("balanced_acc")), _fmt(s.get("average_precision")),
                          f"{_fmt(cal.get('ece_before'))} → {_fmt(cal.get('ece_after'))}",
                          _fmt(cal.get("brier_after"))])  # fmt: skip
@@ -111,7 +118,7 @@ def _operating_point_rows(clinical: dict[str, Any], split: str) -> list[list[str
     for level in ("image",) if _one_image_per_patient(clinical) else ("image", "patient"):
         s = clinical[level].get(split, {})
         for op in s.get("operating_points", []):
-            rows.append([level, _rule(op), _fmt(op["threshold"], 4),
+            rows.append([_label(clinical, level), _rule(op), _fmt(op["threshold"], 4),
                          _with_ci(op, "sensitivity"), _with_ci(op, "specificity"),
                          *_ppv_npv_f1(op)])  # fmt: skip
     return rows
@@ -187,7 +194,14 @@ def build_report(
         "one-vs-rest for more than two classes. Patient level: each patient's image probabilities are aggregated "
         f"by `{cfg.patient_aggregate}`{k_text}."
     )
-    if _one_image_per_patient(clinical):
+    if clinical.get("unit") == "slide":
+        how = (
+            "an attention-MIL head (ABMIL, Ilse et al. 2018) on the fine-tuned backbone's frozen tile features"
+            if cfg.patient_aggregate == "abmil"
+            else f"`{cfg.patient_aggregate}`{k_text} of its tile probabilities"
+        )
+        ci_text = ci_text.split(" Patient level:")[0] + f" Slide level: each slide's probability is {how}."
+    elif _one_image_per_patient(clinical):
         ci_text += " Every patient has one image here, so the patient level equals the image level and is not shown."
     blocks: list[Block] = [
         ("h1", f"medvision run `{meta['name']}`"),
@@ -196,6 +210,18 @@ def build_report(
         ("table", (header, _metric_rows(clinical))),
         ("p", ci_text),
     ]
+    compare = extra.get("slide_aggregates")
+    if compare:
+        agg_rows = [[name, str(m["n"]), _with_ci(m, "auc"), _fmt(m["acc"])] for name, m in compare.items()]
+        blocks += [
+            ("h2", f"Slide-level aggregation compared ({split} split)"),
+            ("table", (["aggregation", "slides", f"AUC ({level} CI)", "accuracy"], agg_rows)),
+            (
+                "p",
+                "The same tiles, fine-tuned model and slides; only the tile-to-slide step differs (tile "
+                "probabilities calibrated on validation; ABMIL early-stopped on the validation slides).",
+            ),
+        ]
     op_rows = _operating_point_rows(clinical, split)
     if op_rows and decision.positive is not None:
         how = (

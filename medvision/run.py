@@ -152,15 +152,17 @@ def _write_results(
     """metrics.json, predictions.csv (calibrated probabilities), report.md/.html with plots and Grad-CAM."""
     classes = meta["classes"]
     outputs = {split: out for split, (out, _, _) in splits.items()}
-    clinical = clinical_metrics(outputs, classes, recipe.evaluation, decision)
+    clinical = clinical_metrics(outputs, classes, recipe.evaluation, decision,
+                                "slide" if table.units is not None else "patient")  # fmt: skip
     headline = {split: _headline(clinical, split, loss) for split, (_, _, loss) in splits.items()}
     for split, m in headline.items():
         log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
+    unit, item = ("slide", "tiles") if table.units is not None else ("patient", "images")
     for split, summary in clinical["patient"].items():
         if isinstance(summary, dict) and summary.get("images_per_patient", 1) > 1:
-            log.info("%s, per patient (%s of %s images): AUC %.4f  accuracy %.4f  (n=%d)", split,
-                     recipe.evaluation.patient_aggregate, mean_count(summary["images_per_patient"]), summary["auc"],
-                     summary["acc"], summary["n"])  # fmt: skip
+            log.info("%s, per %s (%s of %s %s): AUC %.4f  accuracy %.4f  (n=%d)", split, unit,
+                     recipe.evaluation.patient_aggregate, mean_count(summary["images_per_patient"]), item,
+                     summary["auc"], summary["acc"], summary["n"])  # fmt: skip
     for level in ("image", "patient"):
         for split, summary in clinical[level].items():
             messages = summary.get("warnings", []) if isinstance(summary, dict) else []
@@ -275,7 +277,11 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         write_json(run_dir / "run.json", meta)
 
     per_rank = recipe.data.batch_size // d.world_size
-    sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size)
+    sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size,
+                           datasets["train"].groups, recipe.data.tiles_per_slide)  # fmt: skip
+    if recipe.data.tiles_per_slide is not None:
+        log.info("training on at most %d tiles per slide per epoch: %d of %d tiles", recipe.data.tiles_per_slide,
+                 sampler.n, sizes["train"])  # fmt: skip
     train_loader = make_loader(datasets["train"], per_rank, workers, device, sampler)
     val_loader = make_loader(local_part(datasets["val"], d), recipe.data.eval_batch_size, workers, device)
     inputs = model_inputs(recipe, bundle)
@@ -315,6 +321,8 @@ def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTab
             splits: dict[str, Any], best_epoch: int, history: list[dict[str, Any]], start: float,
             device: torch.device) -> None:  # fmt: skip
     """Rank 0: calibration and operating points on validation, then metrics, predictions and the report."""
+    if recipe.evaluation.patient_aggregate == "abmil":
+        _slide_head(recipe, bundle, table, splits, device, run_dir, fit=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
         decision = fit_decision(splits["val"][0], table.classes, recipe.evaluation)
@@ -330,8 +338,54 @@ def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTab
     meta["weights"] = weights
     meta["data"], meta["source"] = table.origin, recipe.data.source
     extra = {"best_epoch": best_epoch, "monitor": recipe.train.monitor, "history": history, "seconds": seconds}
+    extra.update(_slide_comparison(recipe, splits, decision))
     _write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
     log.info("run folder: %s (%.0f s)", run_dir, seconds)
+
+
+def _slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: dict[str, Any],
+                device: torch.device, run_dir: Path, fit: bool) -> None:  # fmt: skip
+    """Attention MIL: slide probabilities for every split in ``splits`` (set as their ``unit_probs``).
+
+    ``fit`` trains the head on the training slides' frozen tile features and saves it in ``run_dir``;
+    otherwise the run's saved head is applied.
+    """
+    from medvision.wsi.aggregate import MIL_FILE, bags, fit_slide_head, tile_features
+    from medvision.wsi.mil import load_abmil, predict_abmil
+
+    workers = resolve_workers(recipe.data.num_workers, device)
+    inputs = model_inputs(recipe, bundle)
+    features, outputs = {}, {}
+    for split in ("train", *splits) if fit else tuple(splits):
+        ds = split_dataset(recipe, table, bundle, split, train=False)
+        loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
+        features[split] = tile_features(bundle.model, loader, device, recipe.train.amp, inputs)
+        outputs[split] = splits[split][0] if split in splits else SplitOutputs(
+            np.zeros((len(ds), len(table.classes))), table.labels[ds.indices], ds.groups)  # fmt: skip
+    if fit:
+        probs, _ = fit_slide_head(features, outputs, len(table.classes), recipe.seed, run_dir,
+                                  {"model": recipe.model.name})  # fmt: skip
+    else:
+        if not (run_dir / MIL_FILE).is_file():
+            raise RunError(f"{run_dir}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
+        head, _ = load_abmil(run_dir / MIL_FILE)
+        probs = {}
+        for split in splits:
+            _, split_bags, _ = bags(features[split], outputs[split].groups, outputs[split].labels)
+            probs[split] = softmax(predict_abmil(head, split_bags)[0])
+    for split, p in probs.items():
+        splits[split][0].unit_probs = p
+
+
+def _slide_comparison(recipe: Recipe, splits: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """Whole-slide runs: mean / max / top-k (/ ABMIL) on the test (else validation) slides, side by side."""
+    split = "test" if "test" in splits else "val"
+    if split not in splits or recipe.data.source != "slides":
+        return {}
+    from medvision.wsi.aggregate import compare_aggregations
+
+    out = splits[split][0]
+    return {"slide_aggregates": compare_aggregations(out, decision.temperature, recipe.evaluation, out.unit_probs)}
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any], ModelBundle]:
@@ -394,7 +448,10 @@ def evaluate_run(
     metrics: dict[str, float] | None = None
     if outputs is not None:  # rank 0
         out.mkdir(parents=True, exist_ok=True)
+        if recipe.evaluation.patient_aggregate == "abmil":
+            _slide_head(recipe, bundle, table, {split: outputs}, device, run_dir, fit=False)
         extra = {"run": str(run_dir), "data": table.origin, "world_size": d.world_size}
+        extra.update(_slide_comparison(recipe, {split: outputs}, decision))
         metrics = _write_results(out, bundle, recipe, table, meta, {split: outputs}, decision, extra, device)[split]
     metrics = broadcast(metrics, d)
     assert metrics is not None  # rank 0 always has them

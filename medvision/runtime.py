@@ -223,11 +223,28 @@ class EpochSampler(Sampler[tuple[int, int]]):
     With ``world_size`` ranks and the global ``batch_size``, each global batch of that order is cut
     into one contiguous slice per rank, so the ranks together see exactly the batches of one process.
     A last batch too small to give every rank a sample is dropped (DDP needs every rank to step).
+
+    With ``groups`` and ``per_group`` (whole-slide tiles and ``data.tiles_per_slide``), each epoch
+    takes at most ``per_group`` samples of every group, a new seeded draw each epoch, so that the
+    epoch length is fixed and a big slide does not dominate.
     """
 
-    def __init__(self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.batch_size, self.rank, self.world_size = n, seed, batch_size, rank, world_size
+    def __init__(
+        self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1,
+        groups: list[str] | None = None, per_group: int | None = None,
+    ) -> None:  # fmt: skip
+        self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         self.epoch = 0
+        self.pool = n
+        self.codes: np.ndarray | None = None
+        self.per_group = per_group
+        if per_group is not None and groups is not None:
+            if len(groups) != n:
+                raise ValueError(f"EpochSampler: {len(groups)} groups for {n} samples")
+            _, codes = np.unique(np.asarray(groups), return_inverse=True)
+            self.codes = codes.astype(np.int64)
+            n = int(np.minimum(np.bincount(self.codes), per_group).sum())
+        self.n = n
         tail = n % batch_size
         self.used = n - tail if world_size > 1 and 0 < tail < world_size else n
 
@@ -236,7 +253,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def _order(self) -> list[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.pool, generator=g).tolist()
+        if self.codes is not None and self.per_group is not None:
+            # the first ``per_group`` of each group in this epoch's shuffled order: a fresh draw every epoch
+            taken = np.zeros(int(self.codes.max()) + 1, np.int64)
+            picked = []
+            for i in order:
+                c = self.codes[i]
+                if taken[c] < self.per_group:
+                    taken[c] += 1
+                    picked.append(i)
+            order = picked
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
         return list(zip(order, seeds, strict=True))
 

@@ -215,10 +215,11 @@ def _resume(table: Path) -> set[str]:
         return {row["path"] for row in csv.DictReader(fh) if row.get("path")}
 
 
-def operating_calls(decision: Decision) -> list[tuple[str, float]]:
-    """(column name, threshold) of each image-level operating point with a finite threshold."""
+def operating_calls(decision: Decision, level: str = "image") -> list[tuple[str, float]]:
+    """(column name, threshold) of each operating point of ``level`` (``image``, or ``patient`` for slides)
+    with a finite threshold."""
     calls = []
-    for op in decision.points.get("image", []) if decision.positive is not None else []:
+    for op in decision.points.get(level, []) if decision.positive is not None else []:
         name = "call_youden" if op["rule"] == "youden" else f"call_{op['rule']}_{op['target']:g}"
         if op["threshold"] is not None and np.isfinite(op["threshold"]):
             calls.append((name, float(op["threshold"])))
@@ -340,7 +341,8 @@ def score_folder(
         (summary.images_now, summary.scored_now, summary.already_done, summary.lost_chunks, summary.crashed_files,
          summary.timed_out_files) = (sum(c) for c in zip(*per_rank, strict=True))  # fmt: skip
         if d.world_size > 1:
-            _merge([part_path(out, r, d.world_size) for r in range(d.world_size)], [e.rel for e in entries], merged)
+            parts = [part_path(out, r, d.world_size) for r in range(d.world_size)]
+            merge_parts(parts, [e.rel for e in entries], merged)
             provenance["world_size"] = d.world_size
         summary.seconds = time.perf_counter() - start
         summary.images_per_second = summary.images_now / summary.seconds if summary.seconds else 0.0
@@ -361,7 +363,7 @@ def part_path(out: Path, rank: int, world_size: int) -> Path:
     return Path(f"{out}.parts") / f"rank{rank}-of-{world_size}.csv"
 
 
-def _merge(parts: list[Path], order: list[str], merged: Path) -> None:
+def merge_parts(parts: list[Path], order: list[str], merged: Path) -> None:
     """The ranks' part files as one table, rows in the folder's order, written atomically over ``merged``.
 
     The parts hold disjoint files (hash shards), so nothing is duplicated; a file without rows in

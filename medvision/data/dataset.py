@@ -81,4 +81,6 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     @property
     def groups(self) -> list[str]:
-        return [self.table.groups[i] for i in self.indices]
+        """The unit predictions are aggregated to: each row's slide for whole-slide tiles, else its patient."""
+        units = self.table.units if self.table.units is not None else self.table.groups
+        return [units[i] for i in self.indices]

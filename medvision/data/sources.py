@@ -60,6 +60,8 @@ class SampleTable:
     loader: Callable[[int], np.ndarray]
     grayscale: bool
     origin: str
+    units: list[str] | None = None
+    """The unit each row's prediction is aggregated to when it is not the patient: the slide of a tile."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -177,19 +179,26 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
     )
 
 
-def load_csv(path: Path, classes: list[str] | None) -> SampleTable:
-    """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it."""
+def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patient_id,split") -> list[dict[str, str]]:
+    """The rows of a CSV manifest that has the ``required`` columns; errors name the file and the columns."""
+    need = ",".join(required)
     if not path.is_file():
-        raise DataSourceError(f"{path}: CSV manifest does not exist")
+        raise DataSourceError(f"{path}: CSV manifest does not exist; expected a CSV with columns {need}")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
-        missing_cols = [c for c in ("path", "label") if c not in columns]
+        missing_cols = [c for c in required if c not in columns]
         if missing_cols:
-            raise DataSourceError(f"{path}: missing column(s) {missing_cols}; found {columns}, need path,label")
+            raise DataSourceError(f"{path}: missing column(s) {missing_cols}; found {columns}, need {need}[{optional}]")
         rows = list(reader)
     if not rows:
         raise DataSourceError(f"{path}: manifest has a header but no rows")
+    return rows
+
+
+def load_csv(path: Path, classes: list[str] | None) -> SampleTable:
+    """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it."""
+    rows = read_manifest(path, ("path", "label"))
     if classes is None:
         classes = sorted({r["label"] for r in rows})
     base = path.parent
@@ -327,6 +336,10 @@ def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sam
         from medvision.data.dicom_source import load_dicom_folder  # imports pydicom only when needed
 
         table = load_dicom_folder(path, cfg.dicom, cfg.classes, cache_dir)
+    elif cfg.source == "slides":
+        from medvision.wsi.source import load_slide_table  # imports the slide readers only when needed
+
+        table = load_slide_table(path, cfg, seed, cache_dir)
     else:
         table = load_csv(path, cfg.classes)
     if not any(table.splits):

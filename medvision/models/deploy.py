@@ -27,7 +27,7 @@ from torch import nn
 import medvision
 from medvision.io.files import sha256
 
-Inputs = Literal["dicom", "images"]
+Inputs = Literal["dicom", "images", "slides"]
 Transfer = Literal["uint8", "float16", "float32"]
 
 
@@ -47,6 +47,11 @@ class ScoringSpec:
     """``data.intensity`` of the recipe: how native pixel values map to [0, 1]."""
     dicom: dict[str, Any] = field(default_factory=dict)
     """The recipe's ``data.dicom`` section (windows, VOI function, frames)."""
+    slides: dict[str, Any] = field(default_factory=dict)
+    """The recipe's ``data.slides`` section (magnification, tile size, tissue rule, stain) for slide runs."""
+    aggregate: str = "mean"
+    """``evaluation.patient_aggregate``: how a slide's tile probabilities become the slide's."""
+    top_k: int = 3
     transfer: Transfer = "float32"
     """Dtype of the unnormalised batches: uint8 for 8-bit sources, float otherwise (DICOM windows, 16-bit)."""
     decision: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +85,8 @@ class ScoringSpec:
         Runs written before ``run.json`` recorded ``transfer`` score in float32 (exact for any depth)
         for images, and as the recipe says for DICOM (whose windows are never 8-bit).
         """
-        inputs: Inputs = "dicom" if recipe.data.source == "dicom" else "images"
+        source = recipe.data.source
+        inputs: Inputs = "dicom" if source == "dicom" else "slides" if source == "slides" else "images"
         if inputs == "dicom":
             transfer: Transfer = "float16" if recipe.data.transfer == "float16" else "float32"
         else:
@@ -95,6 +101,9 @@ class ScoringSpec:
             inputs=inputs,
             intensity=recipe.data.intensity,
             dicom=recipe.data.dicom.model_dump(mode="json"),
+            slides=recipe.data.slides.model_dump(mode="json") if inputs == "slides" else {},
+            aggregate=recipe.evaluation.patient_aggregate,
+            top_k=recipe.evaluation.top_k,
             transfer=transfer,
             decision=dict(meta.get("decision") or {}),
             model_sha256=sha256(run_dir / "model.safetensors"),

@@ -1,0 +1,292 @@
+"""Whole-slide images behind one small interface: levels, microns per pixel, regions, thumbnail.
+
+A :class:`Slide` hides which library decodes the file:
+
+- OpenSlide (``openslide-python`` with the ``openslide-bin`` wheel, no system library): Aperio SVS,
+  Hamamatsu NDPI, MIRAX MRXS, Leica SCN, Ventana BIF, Philips TIFF and generic tiled TIFF;
+- ``tiffslide`` (tifffile + zarr) for OME-TIFF and pyramidal TIFFs OpenSlide does not read;
+- ``wsidicom`` for DICOM VL Whole Slide Microscopy series (TILED_FULL and TILED_SPARSE; tiles a sparse
+  scan left out are background), given as the folder that holds the series' instances.
+
+Coordinates follow OpenSlide: ``read_region(level, x, y, w, h)`` takes the top-left corner in
+**level-0** pixels and the size in pixels **of that level**, so tile coordinates recorded at level 0
+stay valid whatever level they were read from. Regions are RGB uint8; whatever lies outside the
+scanned area (transparent in OpenSlide, missing tiles in DICOM) is white, like glass.
+
+Microns per pixel come from the file's own metadata (``openslide.mpp-x``, TIFF resolution tags in
+centimetres or inches, DICOM ``PixelSpacing``; tiffslide reads an OME-TIFF's from its resolution
+tags, and wsidicom cannot open a series without ``PixelSpacing``). A slide without it is an error naming the file,
+unless the caller passes ``mpp`` (the recipe's ``data.slides.mpp``). Nothing else of the metadata
+leaves this module: vendor fields such as Aperio ``Filename``/``User`` or DICOM patient tags can
+identify a patient.
+
+Why not MONAI's ``WSIReader``: it wraps the same OpenSlide/tifffile libraries, but returns
+channel-first arrays through a generic ``get_data`` with per-call metadata dictionaries, and it has no
+DICOM WSI backend in the installed MONAI; ``benchmarks/wsi_tiling.py`` measures its tile rate
+against this module's on the same slides (see ``benchmarks/RESULTS.md``).
+
+Examples:
+    >>> with open_slide("case01.svs") as slide:
+    ...     tile = slide.read_region(0, 1024, 2048, 256, 256)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+Backend = Literal["auto", "openslide", "tiffslide", "dicom"]
+
+#: File suffixes read as slides (a DICOM WSI is a folder of ``.dcm`` instances).
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff")
+
+_CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54}
+
+
+class SlideError(ValueError):
+    """A slide that cannot be opened or used; the message names the file and what was expected."""
+
+
+class Slide(ABC):
+    """One whole-slide image: a pyramid of levels, each a downsampled copy of level 0."""
+
+    path: Path
+    backend: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    """(width, height) of every level, level 0 first."""
+    mpp: float
+    """Microns per pixel at level 0 (square pixels)."""
+    mpp_source: str
+    """Where ``mpp`` came from: the metadata field's name, or ``recipe`` for an explicit value."""
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 pixels per level pixel, from the dimensions (the widths' ratio)."""
+        w0 = self.level_dimensions[0][0]
+        return tuple(w0 / w for w, _ in self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    @abstractmethod
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``level`` whose top-left corner is level-0 pixel (x, y)."""
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The whole slide at most ``max_size`` pixels on its long side, from the smallest level that is big enough."""
+        w0, h0 = self.level_dimensions[0]
+        scale = max_size / max(w0, h0)
+        level = self.best_level(1.0 / scale if scale < 1 else 1.0)
+        w, h = self.level_dimensions[level]
+        region = self.read_region(level, 0, 0, w, h)
+        size = (max(1, round(w0 * min(1.0, scale))), max(1, round(h0 * min(1.0, scale))))
+        if (w, h) == size:
+            return region
+        return cv2.resize(region, size, interpolation=cv2.INTER_AREA)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as ``downsample`` (so reading it loses nothing).
+
+        A 1% tolerance absorbs the rounding of level sizes (a 4x level of an odd width is 3.999x).
+        """
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.01:
+                best = i if ds >= self.level_downsamples[best] else best
+        return best
+
+    def close(self) -> None:  # noqa: B027 - backends without resources have nothing to close
+        pass
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        """What may be written about a slide: geometry and MPP, never the vendor's free-text metadata."""
+        return {"backend": self.backend, "levels": [list(d) for d in self.level_dimensions], "mpp": self.mpp,
+                "mpp_source": self.mpp_source}  # fmt: skip
+
+
+def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (straight alpha) over white: areas OpenSlide marks transparent (outside the scan) become glass."""
+    if rgba.shape[2] == 3:
+        return rgba
+    alpha = rgba[:, :, 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[:, :, :3])
+    a = alpha.astype(np.uint16)
+    out = (rgba[:, :, :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _mpp_from_properties(props: dict[str, str], prefix: str) -> tuple[float | None, str]:
+    """MPP from OpenSlide-style properties: the vendor-normalised key, else TIFF resolution tags."""
+    for key in (f"{prefix}.mpp-x", "aperio.MPP"):
+        value = props.get(key)
+        if value:
+            try:
+                mpp = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(mpp) and mpp > 0:
+                return mpp, key
+    res, unit = props.get("tiff.XResolution"), (props.get("tiff.ResolutionUnit") or "").lower()
+    if res and unit in _CM_PER_UNIT:
+        per_cm = float(res) / _CM_PER_UNIT[unit]
+        if per_cm > 100:  # 72 dpi and such are screen defaults, not a scanner's calibration
+            return 1e4 / per_cm, "tiff.XResolution"
+    return None, ""
+
+
+class _OpenSlideLike(Slide):
+    """OpenSlide, or tiffslide, which copies its API (``read_region`` in level-0 coordinates, RGBA images)."""
+
+    def __init__(self, path: Path, handle: Any, backend: str, prefix: str, mpp: float | None) -> None:
+        self.path, self.backend, self._handle = path, backend, handle
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
+        props = {str(k): str(v) for k, v in dict(handle.properties).items()}
+        found, key = _mpp_from_properties(props, prefix)
+        self.mpp, self.mpp_source = _choose_mpp(path, found, key, mpp)
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        image = self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h)))
+        rgb = _flatten_rgba(np.asarray(image.convert("RGBA") if image.mode not in ("RGB", "RGBA") else image))
+        if self.backend == "tiffslide":  # it fills outside the scan with black, not transparency: make it glass
+            ds = self.level_downsamples[level]
+            lw, lh = self.level_dimensions[level]
+            lx, ly = round(x / ds), round(y / ds)
+            inside_w, inside_h = max(0, min(w, lw - lx)), max(0, min(h, lh - ly))
+            if inside_w < w or inside_h < h or lx < 0 or ly < 0:
+                rgb = rgb.copy()
+                rgb[inside_h:], rgb[:, inside_w:] = 255, 255
+                rgb[: max(0, -ly)], rgb[:, : max(0, -lx)] = 255, 255
+        return rgb
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class DicomSlide(Slide):
+    """A DICOM VL Whole Slide Microscopy series read with wsidicom (one instance per pyramid level).
+
+    wsidicom addresses levels by their power-of-two number and regions in that level's pixels; this
+    class converts from level-0 coordinates. Missing TILED_SPARSE tiles come back as background.
+    """
+
+    def __init__(self, path: Path, mpp: float | None) -> None:
+        from wsidicom import WsiDicom
+
+        self.path, self.backend = path, "wsidicom"
+        try:
+            self._wsi = WsiDicom.open(path)
+        except Exception as err:
+            raise SlideError(f"{path}: not a readable DICOM whole-slide series ({type(err).__name__}: {err})") from None
+        levels = list(self._wsi.levels)
+        if not levels:
+            raise SlideError(f"{path}: DICOM series has no whole-slide pyramid levels (ImageType VOLUME)")
+        self._levels = [lv.level for lv in levels]
+        self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
+        found = None
+        try:
+            spacing = self._wsi.mpp
+            found = float(spacing.width) if spacing is not None else None
+        except Exception:  # wsidicom raises when PixelSpacing is absent
+            found = None
+        self.mpp, self.mpp_source = _choose_mpp(path, found, "PixelSpacing", mpp)
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        lx, ly = round(x / ds), round(y / ds)
+        lw, lh = self.level_dimensions[level]
+        # wsidicom refuses regions past the edge; read the part inside and pad with glass like OpenSlide
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+        if x1 > x0 and y1 > y0:
+            part = self._wsi.read_region((x0, y0), self._levels[level], (x1 - x0, y1 - y0), as_array=True)
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = np.asarray(part)[:, :, :3]
+        return out
+
+    def close(self) -> None:
+        self._wsi.close()
+
+
+def _choose_mpp(path: Path, found: float | None, key: str, override: float | None) -> tuple[float, str]:
+    if override is not None:
+        return float(override), "recipe"
+    if found is None:
+        raise SlideError(
+            f"{path}: the slide has no microns-per-pixel metadata (no openslide.mpp-x, TIFF resolution, OME "
+            "PhysicalSizeX or DICOM PixelSpacing); set data.slides.mpp in the recipe to the scanner's value, "
+            "e.g. 0.25 for a 40x scan"
+        )
+    return found, key
+
+
+def is_dicom_slide_dir(path: Path) -> bool:
+    """A folder that holds DICOM instances (by suffix or the DICM magic at byte 128)."""
+    if not path.is_dir():
+        return False
+    for f in path.iterdir():
+        if f.is_file():
+            if f.suffix.lower() == ".dcm":
+                return True
+            try:
+                with f.open("rb") as fh:
+                    fh.seek(128)
+                    if fh.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+_OME = re.compile(r"\.ome\.tiff?$", re.IGNORECASE)
+
+
+def open_slide(path: str | Path, mpp: float | None = None, backend: Backend = "auto") -> Slide:
+    """Opens a slide file (or DICOM series folder) with the backend that reads it.
+
+    ``auto`` tries DICOM for folders, tiffslide for ``.ome.tif(f)``, then OpenSlide, then tiffslide
+    for TIFFs OpenSlide does not know. ``mpp`` overrides the file's microns per pixel.
+
+    Raises:
+        SlideError: the file does not exist, no backend reads it, or it has no MPP and none was given.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: slide does not exist")
+    if backend == "dicom" or (backend == "auto" and path.is_dir()):
+        if not is_dicom_slide_dir(path):
+            raise SlideError(f"{path}: a folder is read as a DICOM WSI series, but it holds no DICOM files")
+        return DicomSlide(path, mpp)
+    errors = []
+    order: list[str] = [backend] if backend != "auto" else (
+        ["tiffslide", "openslide"] if _OME.search(path.name) else ["openslide", "tiffslide"])  # fmt: skip
+    for name in order:
+        try:
+            if name == "openslide":
+                import openslide
+
+                return _OpenSlideLike(path, openslide.OpenSlide(str(path)), "openslide", "openslide", mpp)
+            import tiffslide
+
+            return _OpenSlideLike(path, tiffslide.TiffSlide(str(path)), "tiffslide", "tiffslide", mpp)
+        except SlideError:
+            raise
+        except Exception as err:
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+    raise SlideError(f"{path}: no slide backend can read it ({'; '.join(errors)})")

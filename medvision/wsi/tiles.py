@@ -1,0 +1,246 @@
+"""From a slide to tiles at a set magnification: the grid, the level to read, and a reader for workers.
+
+A tile is ``tile_size`` pixels square at ``target_mpp`` microns per pixel (0.5 µm/px is about 20x,
+0.25 about 40x). :func:`plan_tiles` lays a grid over level 0, keeps the cells whose tissue
+fraction (from the thumbnail mask) reaches ``min_tissue``, and picks the coarsest pyramid level
+that is still at least as fine as the target, so that resampling only ever shrinks. Tile
+coordinates are level-0 pixels: the same numbers address the tile at every level and in every
+viewer.
+
+:class:`TileReader` reads tiles on the fly inside DataLoader worker processes: it pickles as paths
+and grids only, and each process opens its own slide handles (OpenSlide handles are not
+fork-safe). With a cache folder, each tile is written once into a per-slide memory-mapped array
+and served from it afterwards (``benchmarks/wsi_tiling.py`` measures both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from medvision.wsi.slide import Backend, Slide, SlideError, open_slide
+from medvision.wsi.tissue import TissueMethod, box_fractions, tissue_mask
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """How a slide is cut: tile side and magnification, tissue rule, and the tissue-detection resolution."""
+
+    tile_size: int = 224
+    target_mpp: float = 0.5
+    min_tissue: float = 0.5
+    tissue_method: TissueMethod = "saturation"
+    tissue_mpp: float = 8.0
+
+
+@dataclass
+class TileGrid:
+    """A slide's tiles: level-0 top-left corners, their tissue fractions, and how they are read."""
+
+    level: int
+    """Pyramid level the tiles are read from."""
+    read_size: int
+    """Side of a tile in pixels of ``level`` (resized to ``tile_size`` after reading)."""
+    side0: float
+    """Side of a tile in level-0 pixels."""
+    coords: np.ndarray
+    """(N, 2) int64 level-0 (x, y) of each kept tile's top-left corner."""
+    tissue: np.ndarray
+    """(N,) tissue fraction of each kept tile."""
+    mask_scale: float
+    """Tissue-mask pixels per level-0 pixel."""
+    tissue_px: int
+    """Tissue pixels in the mask (all of them, not only those in kept tiles)."""
+    mpp: float
+    """The slide's level-0 microns per pixel that was used."""
+    mask: np.ndarray | None = None
+    """The tissue mask the tiles were chosen from, at ``mask_scale`` of level 0 (not kept in caches)."""
+
+    @property
+    def tissue_area_mm2(self) -> float:
+        """Tissue area of the whole slide in mm², from the mask."""
+        px_um = self.mpp / self.mask_scale
+        return self.tissue_px * (px_um / 1000.0) ** 2
+
+
+def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
+    """The tissue tiles of a slide at ``spec.target_mpp``.
+
+    Raises:
+        SlideError: the target magnification is finer than the scan (it would need upsampling).
+    """
+    if spec.target_mpp < slide.mpp * 0.99:
+        raise SlideError(
+            f"{slide.path}: target_mpp {spec.target_mpp} µm/px is finer than the scan's {slide.mpp:.4g} µm/px "
+            f"({slide.mpp_source}); tiles would be upsampled. Use data.slides.target_mpp >= {slide.mpp:.4g}"
+        )
+    w0, h0 = slide.level_dimensions[0]
+    side0 = spec.tile_size * spec.target_mpp / slide.mpp
+    level = slide.best_level(side0 / spec.tile_size)
+    read_size = max(1, round(side0 / slide.level_downsamples[level]))
+    thumb_long = max(64, round(max(w0, h0) * slide.mpp / spec.tissue_mpp))
+    thumb = slide.thumbnail(min(thumb_long, max(w0, h0)))
+    mask = tissue_mask(thumb, spec.tissue_method)
+    scale = thumb.shape[1] / w0
+    cols, rows = int(w0 // side0), int(h0 // side0)
+    gx, gy = np.meshgrid(np.arange(cols), np.arange(rows))
+    x0 = np.floor(gx.ravel() * side0).astype(np.int64)
+    y0 = np.floor(gy.ravel() * side0).astype(np.int64)
+    boxes = np.stack([x0 * scale, y0 * scale, (x0 + side0) * scale, (y0 + side0) * scale], axis=1)
+    fractions = box_fractions(mask, boxes) if len(boxes) else np.zeros(0)
+    keep = fractions >= spec.min_tissue if spec.min_tissue > 0 else np.ones(len(fractions), bool)
+    coords = np.stack([x0[keep], y0[keep]], axis=1) if keep.any() else np.zeros((0, 2), np.int64)
+    return TileGrid(level=level, read_size=read_size, side0=side0, coords=coords, tissue=fractions[keep],
+                    mask_scale=scale, tissue_px=int(mask.sum()), mpp=slide.mpp, mask=mask)  # fmt: skip
+
+
+def read_tile(slide: Slide, level: int, read_size: int, x: int, y: int, tile_size: int) -> np.ndarray:
+    """The tile at level-0 (x, y): ``read_size`` pixels of ``level``, resized to ``tile_size`` (area averaging)."""
+    region = slide.read_region(level, x, y, read_size, read_size)
+    if read_size == tile_size:
+        return region
+    interp = cv2.INTER_AREA if read_size > tile_size else cv2.INTER_LINEAR
+    return cv2.resize(region, (tile_size, tile_size), interpolation=interp)
+
+
+def subsample(coords: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """Indices of at most ``cap`` tiles, a seeded random choice kept in grid order (all when ``cap`` is None)."""
+    n = len(coords)
+    if cap is None or n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """What a worker needs to read one slide's tiles (picklable: paths and numbers only)."""
+
+    path: str
+    mpp: float | None
+    level: int
+    read_size: int
+
+
+class TileReader:
+    """Item ``i`` -> the RGB uint8 tile ``i`` (slide index, level-0 x, y), read in whichever process calls it.
+
+    Each process keeps its own open slides (handles are dropped when pickled). With ``cache_dir``
+    each slide gets a memory-mapped ``(n_tiles, s, s, 3)`` array and a written-flag array: the first
+    read of a tile decodes it and stores it, later reads (any epoch, any worker) copy it from the page
+    cache. ``transform`` (e.g. stain normalisation) runs before caching.
+    """
+
+    def __init__(
+        self,
+        slides: list[SlideRef],
+        slide_index: np.ndarray,
+        coords: np.ndarray,
+        tile_size: int,
+        backend: Backend = "auto",
+        cache_dir: Path | None = None,
+        transform: Any = None,
+        cache_key: str = "",
+    ) -> None:
+        self.slides, self.tile_size, self.backend, self.transform = slides, tile_size, backend, transform
+        self.slide_index = np.asarray(slide_index, dtype=np.int64)
+        self.coords = np.asarray(coords, dtype=np.int64)
+        # position of each item within its slide, for the per-slide cache arrays
+        self.slot = np.zeros(len(self.slide_index), np.int64)
+        counts = np.zeros(len(slides), np.int64)
+        for i, s in enumerate(self.slide_index):
+            self.slot[i] = counts[s]
+            counts[s] += 1
+        self.counts = counts
+        self.cache_dir = cache_dir
+        self.cache_files: list[tuple[str, str]] = []
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for s, ref in enumerate(slides):
+                key = _cache_key(ref, self.coords[self.slide_index == s], tile_size, cache_key)
+                tiles, done = cache_dir / f"{key}.tiles.npy", cache_dir / f"{key}.done.npy"
+                if not (tiles.is_file() and done.is_file()):
+                    shape = (int(counts[s]), tile_size, tile_size, 3)
+                    np.lib.format.open_memmap(tiles, mode="w+", dtype=np.uint8, shape=shape).flush()
+                    np.lib.format.open_memmap(done, mode="w+", dtype=np.uint8, shape=(int(counts[s]),)).flush()
+                self.cache_files.append((str(tiles), str(done)))
+        self._open: dict[int, Slide] = {}
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"], state["_maps"] = {}, {}
+        return state
+
+    def __len__(self) -> int:
+        return len(self.slide_index)
+
+    def _slide(self, s: int) -> Slide:
+        if s not in self._open:
+            ref = self.slides[s]
+            self._open[s] = open_slide(ref.path, ref.mpp, self.backend)
+        return self._open[s]
+
+    def _cache(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        if s not in self._maps:
+            tiles, done = self.cache_files[s]
+            self._maps[s] = (np.load(tiles, mmap_mode="r+"), np.load(done, mmap_mode="r+"))
+        return self._maps[s]
+
+    def __call__(self, i: int) -> np.ndarray:
+        s = int(self.slide_index[i])
+        if self.cache_dir is not None:
+            tiles, done = self._cache(s)
+            k = int(self.slot[i])
+            if done[k]:
+                return np.array(tiles[k])
+        slide, ref = self._slide(s), self.slides[s]
+        x, y = (int(v) for v in self.coords[i])
+        try:
+            tile = read_tile(slide, ref.level, ref.read_size, x, y, self.tile_size)
+        except SlideError:
+            raise
+        except Exception as err:
+            what = f"{type(err).__name__}: {err}"
+            raise SlideError(f"{slide.path}: tile at level-0 ({x}, {y}) cannot be read ({what})") from err
+        if self.transform is not None:
+            tile = self.transform(tile)
+        if self.cache_dir is not None:
+            tiles[k] = tile
+            done[k] = 1  # after the pixels: a reader that sees the flag sees the tile
+        return tile
+
+    def close(self) -> None:
+        for slide in self._open.values():
+            slide.close()
+        self._open.clear()
+
+
+def _cache_key(ref: SlideRef, coords: np.ndarray, tile_size: int, extra: str) -> str:
+    """Changes when the slide file, the grid, the tile size or the preprocessing (``extra``) changes."""
+    p = Path(ref.path)
+    stat = max(((f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()), default=(0, 0)) if p.is_dir() \
+        else (p.stat().st_size, p.stat().st_mtime_ns)  # fmt: skip
+    h = hashlib.sha256(json.dumps([asdict(ref), stat, tile_size, extra]).encode())
+    h.update(np.ascontiguousarray(coords).tobytes())
+    return f"{p.stem[:40]}-{h.hexdigest()[:16]}"
+
+
+def grid_to_json(grid: TileGrid) -> dict[str, Any]:
+    """A grid without its mask, for caching a slide's tissue detection between runs."""
+    return {"level": grid.level, "read_size": grid.read_size, "side0": grid.side0, "coords": grid.coords.tolist(),
+            "tissue": [round(float(t), 4) for t in grid.tissue], "mpp": grid.mpp, "mask_scale": grid.mask_scale,
+            "tissue_px": grid.tissue_px}  # fmt: skip
+
+
+def grid_from_json(data: dict[str, Any]) -> TileGrid:
+    coords = np.asarray(data["coords"], dtype=np.int64).reshape(-1, 2)
+    return TileGrid(level=int(data["level"]), read_size=int(data["read_size"]), side0=float(data["side0"]),
+                    coords=coords, tissue=np.asarray(data["tissue"], dtype=np.float64),
+                    mask_scale=float(data["mask_scale"]), tissue_px=int(data["tissue_px"]),
+                    mpp=float(data["mpp"]))  # fmt: skip

@@ -1,0 +1,193 @@
+"""ABMIL on synthetic slides where a few planted "tumour" tiles carry the whole slide label.
+
+Every tile is N(0, I) in 32 dimensions; a positive bag of 50-200 tiles has 3-8 of them shifted by
+3.5 along one direction. Mean pooling dilutes that shift by the bag size (to 0.05-0.5 of a noise
+std), while attention can find the planted tiles. Over data seeds 0-7 ABMIL's test AUC was
+0.968-1.000 and mean pooling + logistic regression's 0.650-0.835, with the top-attention tile
+planted in 90-100% of positive bags; the tests use seed 0 and keep margins well inside that range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from medvision.wsi.mil import ABMIL, MILConfig, fit_abmil, load_abmil, predict_abmil, save_abmil
+
+DIM = 32
+SHIFT = 3.5
+FAST = MILConfig(seed=0, epochs=15, patience=5, hidden=32, attention=16, lr=2e-3)
+"""Small and quick: about 2 s on a busy 2-core CPU; the defaults take several times longer for the same AUC."""
+
+
+@dataclass
+class Split:
+    bags: list[np.ndarray]
+    labels: np.ndarray
+    planted: list[np.ndarray]
+
+
+def make_split(n_bags: int, rng: np.random.Generator, direction: np.ndarray) -> Split:
+    bags, labels, planted = [], [], []
+    for i in range(n_bags):
+        label = i % 2
+        n = int(rng.integers(50, 201))
+        x = rng.standard_normal((n, DIM))
+        idx = np.array([], dtype=np.int64)
+        if label:
+            idx = rng.choice(n, int(rng.integers(3, 9)), replace=False)
+            x[idx] += SHIFT * direction
+        bags.append(x.astype(np.float32))
+        labels.append(label)
+        planted.append(idx)
+    order = rng.permutation(n_bags)
+    return Split([bags[j] for j in order], np.asarray(labels)[order], [planted[j] for j in order])
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Split]:
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(DIM)
+    direction /= np.linalg.norm(direction)
+    return {name: make_split(n, rng, direction) for name, n in (("train", 60), ("val", 20), ("test", 40))}
+
+
+@pytest.fixture(scope="module")
+def fitted(data: dict[str, Split]) -> tuple[ABMIL, dict[str, Any]]:
+    tr, va = data["train"], data["val"]
+    return fit_abmil(tr.bags, tr.labels, va.bags, va.labels, num_classes=2, cfg=FAST)
+
+
+def test_abmil_beats_mean_pooling(data: dict[str, Split], fitted: tuple[ABMIL, dict[str, Any]]) -> None:
+    model, _ = fitted
+    tr, te = data["train"], data["test"]
+    logits, _ = predict_abmil(model, te.bags)
+    assert logits.shape == (40, 2) and logits.dtype == np.float64
+    abmil_auc = roc_auc_score(te.labels, logits[:, 1] - logits[:, 0])
+
+    def mean_pool(bags: list[np.ndarray]) -> np.ndarray:
+        return np.stack([b.mean(axis=0) for b in bags])
+
+    baseline = LogisticRegression(max_iter=2000).fit(mean_pool(tr.bags), tr.labels)
+    mean_auc = roc_auc_score(te.labels, baseline.decision_function(mean_pool(te.bags)))
+    assert abmil_auc > 0.9, f"ABMIL test AUC {abmil_auc:.3f}"
+    assert abmil_auc > mean_auc + 0.1, f"ABMIL AUC {abmil_auc:.3f} vs mean pooling {mean_auc:.3f}"
+
+
+def test_attention_finds_planted_tiles(data: dict[str, Split], fitted: tuple[ABMIL, dict[str, Any]]) -> None:
+    model, _ = fitted
+    te = data["test"]
+    _, attention = predict_abmil(model, te.bags)
+    for bag, weights in zip(te.bags, attention, strict=True):
+        assert weights.shape == (bag.shape[0],)
+        assert (weights >= 0).all() and weights.sum() == pytest.approx(1.0, abs=1e-6)
+    hits = [int(np.argmax(w)) in set(p.tolist()) for w, p, y in zip(attention, te.planted, te.labels, strict=True) if y]
+    assert np.mean(hits) >= 0.8, f"top-attention tile planted in {np.mean(hits):.0%} of positive bags"
+
+
+def test_history_and_early_stopping(fitted: tuple[ABMIL, dict[str, Any]]) -> None:
+    model, history = fitted
+    assert not model.training
+    val = history["val_loss"]
+    assert len(history["train_loss"]) == len(val) == history["epochs_run"] <= FAST.epochs
+    assert history["best_epoch"] == int(np.argmin(val))
+    assert history["epochs_run"] <= history["best_epoch"] + FAST.patience + 1
+    assert history["class_weights"] == pytest.approx([1.0, 1.0])
+    # The model standardises with the training tiles' statistics.
+    assert model.feat_mean.abs().max() < 0.5 and model.feat_std.min() > 0.5
+
+
+def test_forward_is_gated_attention() -> None:
+    torch.manual_seed(0)
+    model = ABMIL(8, 3, hidden=16, attention=4, dropout=0.0).eval()
+    bag = torch.randn(11, 8)
+    logits, weights = model(bag)
+    h = model.embed(bag)
+    assert model.attn_u is not None
+    scores = model.attn_w(torch.tanh(model.attn_v[0](h)) * torch.sigmoid(model.attn_u[0](h))).squeeze(-1)
+    expected = torch.softmax(scores, dim=0)
+    assert logits.shape == (3,) and torch.allclose(weights, expected)
+    assert torch.allclose(logits, model.classifier(expected @ h))
+    assert ABMIL(8, 2, gated=False).attn_u is None
+
+
+def test_deterministic_given_seed(data: dict[str, Split]) -> None:
+    tr, va = data["train"], data["val"]
+    cfg = MILConfig(seed=3, epochs=2, hidden=16, attention=8, max_tiles_train=16)
+    rng_before = torch.get_rng_state()
+    threads_before = torch.get_num_threads()
+    runs = [fit_abmil(tr.bags[:20], tr.labels[:20], va.bags[:6], va.labels[:6], 2, cfg) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), rng_before), "fit_abmil changed the caller's torch RNG"
+    assert torch.get_num_threads() == threads_before
+    (m1, h1), (m2, h2) = runs
+    assert h1 == h2
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k
+    other, _ = fit_abmil(tr.bags[:20], tr.labels[:20], va.bags[:6], va.labels[:6], 2, replace(cfg, seed=4))
+    assert not torch.equal(other.classifier.weight, m1.classifier.weight)
+
+
+def test_no_validation_keeps_last_epoch_and_weights_classes(data: dict[str, Split]) -> None:
+    tr = data["train"]
+    # 12 bags, 3 positive: the rare class gets weight 12 / (2 * 3) = 2, the common one 12 / (2 * 9).
+    idx = np.concatenate([np.flatnonzero(tr.labels == 0)[:9], np.flatnonzero(tr.labels == 1)[:3]])
+    bags, labels = [tr.bags[i] for i in idx], tr.labels[idx]
+    model, history = fit_abmil(bags, labels, [], np.array([], dtype=np.int64), 2, MILConfig(epochs=3, patience=1))
+    assert history["epochs_run"] == 3 and history["best_epoch"] == 2 and history["val_loss"] == []
+    assert history["class_weights"] == pytest.approx([12 / 18, 2.0])
+    assert not model.training
+
+
+def test_save_load_round_trip(tmp_path: Path, data: dict[str, Split], fitted: tuple[ABMIL, dict[str, Any]]) -> None:
+    model, _ = fitted
+    path = tmp_path / "sub" / "abmil.safetensors"
+    save_abmil(model, path, meta={"backbone": "resnet18", "classes": ["normal", "tumour"]})
+    assert [p.name for p in path.parent.iterdir()] == ["abmil.safetensors"], "temporary file left behind"
+    loaded, meta = load_abmil(path)
+    assert meta == {"backbone": "resnet18", "classes": ["normal", "tumour"]}
+    assert loaded.arch() == model.arch() and not loaded.training
+    bags = data["test"].bags[:5]
+    (a, att_a), (b, att_b) = predict_abmil(model, bags), predict_abmil(loaded, bags)
+    assert np.array_equal(a, b)
+    assert all(np.array_equal(x, y) for x, y in zip(att_a, att_b, strict=True))
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        load_abmil(missing)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"corrupt\.safetensors"):
+        load_abmil(corrupt)
+    with pytest.raises(ValueError, match="JSON"):
+        save_abmil(ABMIL(4, 2), tmp_path / "m.safetensors", meta={"bad": object()})
+
+
+def test_input_errors_name_the_value(data: dict[str, Split]) -> None:
+    tr = data["train"]
+    bags, labels = tr.bags[:4], tr.labels[:4]
+    cfg = MILConfig(epochs=1)
+    with pytest.raises(ValueError, match=r"train_bags\[2\] is an empty bag"):
+        fit_abmil([*bags[:2], np.zeros((0, DIM)), bags[3]], labels, [], np.array([]), 2, cfg)
+    with pytest.raises(ValueError, match=r"val_bags\[1\] has 5 features per tile: expected 32"):
+        fit_abmil(bags, labels, [bags[0], np.zeros((3, 5))], np.array([0, 1]), 2, cfg)
+    with pytest.raises(ValueError, match=r"train_labels\[1\]=2: expected a class index in \[0, 2\)"):
+        fit_abmil(bags, np.array([0, 2, 1, 0]), [], np.array([]), 2, cfg)
+    with pytest.raises(ValueError, match=r"train_labels has shape \(3,\): expected \(4,\)"):
+        fit_abmil(bags, labels[:3], [], np.array([]), 2, cfg)
+    with pytest.raises(ValueError, match=r"no bag of class \[1\]"):
+        fit_abmil(bags, np.zeros(4, dtype=np.int64), [], np.array([]), 2, cfg)
+    with pytest.raises(ValueError, match=r"bags\[0\] has shape \(32,\)"):
+        predict_abmil(ABMIL(DIM, 2), [np.zeros(DIM)])
+    with pytest.raises(ValueError, match=r"MILConfig\.patience=0"):
+        MILConfig(patience=0)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        ABMIL(DIM, 1)
