@@ -395,3 +395,18 @@ def test_stain_reference_normalises_every_tile_of_a_slide_table(cohort: tuple[Pa
     for i in (0, len(plain) // 2):
         assert (stained.loader(i) == normalise(plain.loader(i))).all()
     assert np.abs(stained.loader(0).astype(int) - plain.loader(0)).mean() > 1  # it did change the colours
+
+
+@pytest.mark.slow
+def test_two_rank_slide_scoring_equals_the_one_process_output(scored: dict, tmp_path: Path) -> None:
+    out = tmp_path / "two.csv"
+    cmd = [*scored["cmd"][:-4], "--out", str(out), "--workers", "1", "--nproc", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stderr  # --nproc returns the code recorded in the sidecar
+    assert len(list(Path(f"{out}.parts").glob("rank*-of-2.csv"))) == 2
+    one = list(csv.DictReader(scored["out"].open()))
+    two = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in two] == [r["path"] for r in one]  # merged in folder order
+    for a, b in zip(one, two, strict=True):
+        assert (a["status"], a["prob_tumour"], a["tiles"]) == (b["status"], b["prob_tumour"], b["tiles"])
+    assert json.loads(Path(f"{out}.json").read_text())["world_size"] == 2

@@ -67,7 +67,7 @@ log = logging.getLogger("medvision")
 #: Seconds one slide may take to open and find its tissue, and one batch of tiles to be read.
 SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
 THUMBNAIL = 1024
-WORKER_PRELOAD = ("medvision.wsi.source", "medvision.wsi.score")
+WORKER_PRELOAD = ("medvision.wsi.source", "medvision.wsi.score", "medvision.cli")  # see medvision.score
 
 
 def find_slides(folder: Path) -> list[tuple[str, str, str]]:
