@@ -175,6 +175,8 @@ class ScoreSummary:
     engine: str = "torch"
     shard: str = "0/1"
     out: str = ""
+    item: str = "image"
+    """What ``ok_images`` and ``images_now`` count: images (frames), or the tiles of whole slides."""
 
     @property
     def reconciled(self) -> bool:
@@ -189,9 +191,10 @@ class ScoreSummary:
 
     def line(self) -> str:
         return (
-            f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} image(s)), "
+            f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} {self.item}(s)), "
             f"{self.error_files} error(s), {self.skipped_files} skipped; {self.already_done} were already in "
-            f"{self.out}; {self.images_now} image(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s)"
+            f"{self.out}; {self.images_now} {self.item}(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} "
+            f"{'img' if self.item == 'image' else self.item + 's'}/s)"
         )
 
 

@@ -198,7 +198,7 @@ def score_slides(
     done = _resume(table)
     todo = [e for e in mine if e[0] not in done]
     summary = ScoreSummary(already_done=len(done & {e[0] for e in mine}), shard=f"{shard[0]}/{shard[1]}",
-                           out=str(out), engine=scorer.name)  # fmt: skip
+                           out=str(out), engine=scorer.name, item="tile")  # fmt: skip
     calls = operating_calls(decision, "patient")  # the slide level's, chosen on validation slides
     columns = _columns(spec, calls)
     new = not table.is_file() or table.stat().st_size == 0
@@ -391,12 +391,14 @@ def _row(item: _Slide, spec: ScoringSpec, calls: list[tuple[str, float]], decisi
 
 def _tally(table: Path, found: set[str], summary: ScoreSummary) -> None:
     status: dict[str, str] = {}
+    tiles: dict[str, int] = {}
     with table.open(newline="") as fh:
         for row in csv.DictReader(fh):
             if row["path"] in found:
                 status[row["path"]] = row["status"]
+                tiles[row["path"]] = int(row["tiles"] or 0) if row["status"] == "ok" else 0
     summary.files_found = len(found)
     summary.ok_files = sum(s == "ok" for s in status.values())
-    summary.ok_images = summary.ok_files
+    summary.ok_images = sum(tiles.values())
     summary.error_files = sum(s == "error" for s in status.values())
     summary.skipped_files = sum(s == "skipped" for s in status.values())
