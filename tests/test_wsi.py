@@ -410,3 +410,18 @@ def test_two_rank_slide_scoring_equals_the_one_process_output(scored: dict, tmp_
     for a, b in zip(one, two, strict=True):
         assert (a["status"], a["prob_tumour"], a["tiles"]) == (b["status"], b["prob_tumour"], b["tiles"])
     assert json.loads(Path(f"{out}.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("flavour", ["aperio", "generic", "ome"])
+def test_direct_jpeg_tile_path_gives_the_backends_pixels(flavour: str, small_rgb: np.ndarray, tmp_path: Path) -> None:
+    path = _write(flavour, small_rgb, tmp_path)
+    coords = np.array([[0, 0], [200, 136], [900, 640], [1000, 700]])  # the last two reach past the edge
+    for level, size in ((0, 128), (1, 32)):
+        reader = TileReader([SlideRef(str(path), None, level, size)], np.zeros(4, np.int64), coords, 32)
+        with open_slide(path) as slide:
+            want = [read_tile(slide, level, size, int(x), int(y), 32) for x, y in coords]
+        got = [reader(i) for i in range(4)]
+        assert reader._fast[0] is not None  # JPEG tiles decoded straight from the file
+        for g, w in zip(got, want, strict=True):
+            assert np.abs(g.astype(int) - w).max() <= 1
+        reader.close()
