@@ -419,6 +419,8 @@ def _open_split(
         recipe.data.path = str(path)
         folder_kind = "dicom" if recipe.data.source == "dicom" else "folder"
         guessed = "npz" if path.suffix == ".npz" else "csv" if path.suffix == ".csv" else folder_kind
+        if recipe.data.source == "slides":  # a slide run evaluates slide manifests
+            guessed = "slides"
         recipe.data.source = source or guessed  # type: ignore[assignment]
         recipe.data.limit = None
     recipe.data.classes = meta["classes"]

@@ -425,3 +425,22 @@ def test_direct_jpeg_tile_path_gives_the_backends_pixels(flavour: str, small_rgb
         for g, w in zip(got, want, strict=True):
             assert np.abs(g.astype(int) - w).max() <= 1
         reader.close()
+
+
+def test_evaluate_a_slide_run_on_a_manifest_and_cap_tiles_by_slide_name(slide_run: Path, cohort: tuple[Path, dict],
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    from medvision.data.sources import load_table
+    from medvision.run import evaluate_run
+
+    manifest, _ = cohort
+    out, metrics = evaluate_run(slide_run, data=str(manifest), split="test", out=tmp_path / "eval")
+    saved = json.loads((slide_run / "metrics.json").read_text())
+    assert metrics["auc"] == pytest.approx(saved["test"]["auc"], abs=1e-6)  # the same tiles, the same model
+    assert json.loads((out / "metrics.json").read_text())["unit"] == "slide"
+    tree = _recipe(manifest, tmp_path)
+    tree["data"]["slides"]["max_tiles_per_slide"] = 5
+    first, again = (load_table(recipe_from_dict(tree).data, seed) for seed in (0, 1))
+    per_slide = defaultdict(int)
+    for unit in first.units or []:
+        per_slide[unit] += 1
+    assert set(per_slide.values()) == {5} and first.ids == again.ids  # chosen by slide name, not by seed

@@ -339,7 +339,7 @@ def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sam
     elif cfg.source == "slides":
         from medvision.wsi.source import load_slide_table  # imports the slide readers only when needed
 
-        table = load_slide_table(path, cfg, seed, cache_dir)
+        table = load_slide_table(path, cfg, cache_dir)
     else:
         table = load_csv(path, cfg.classes)
     if not any(table.splits):

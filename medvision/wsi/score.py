@@ -207,7 +207,7 @@ def score_slides(
     with table.open("a", newline="") as fh:
         if new:
             csv.writer(fh).writerow(columns)
-        results = _planned(folder, [e for e in todo], cfg, n_workers, slide_timeout, stats)
+        results = _planned(folder, todo, cfg, n_workers, slide_timeout, stats)
         for item in tqdm(results, total=len(todo), desc="slides", unit="slide", disable=None):
             if item.status == "ok":
                 assert item.info is not None
@@ -282,7 +282,7 @@ def _score_one(folder: Path, item: _Slide, cfg: SlidesConfig, spec: ScoringSpec,
     """Reads the slide's tiles, scores them, aggregates, and writes its tile table and heatmap."""
     assert item.info is not None
     grid = grid_from_json(item.info["grid"])
-    keep = subsample(grid.coords, cfg.max_tiles_per_slide, 0)
+    keep = subsample(grid.coords, cfg.max_tiles_per_slide, item.rel)
     coords, tissue = grid.coords[keep], grid.tissue[keep]
     item.info.update(n_tiles=len(coords), tissue_mm2=grid.tissue_area_mm2, mpp=grid.mpp, level=grid.level)
     if len(coords) == 0:

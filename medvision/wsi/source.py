@@ -95,7 +95,7 @@ def stain_transform(cfg: SlidesConfig) -> Any:
         raise DataSourceError(f"data.slides.stain_reference {cfg.stain_reference}: {err}") from None
 
 
-def load_slide_table(path: Path, cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> SampleTable:
+def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None) -> SampleTable:
     """One row per tissue tile of every slide in the manifest at ``path``; see the module docstring.
 
     Raises:
@@ -133,7 +133,7 @@ def load_slide_table(path: Path, cfg: DataConfig, seed: int, cache_dir: Path | N
             slide.close()
         except SlideError as err:
             raise DataSourceError(f"{where}: {err}") from None
-        keep = subsample(grid.coords, sc.max_tiles_per_slide, seed + len(refs))
+        keep = subsample(grid.coords, sc.max_tiles_per_slide, rel)
         if len(keep) == 0:
             raise DataSourceError(
                 f"{where}: slide {rel} has no tile with at least {sc.min_tissue:.0%} tissue at {sc.target_mpp} µm/px "

@@ -115,11 +115,16 @@ def resize_tile(region: np.ndarray, tile_size: int) -> np.ndarray:
     return cv2.resize(region, (tile_size, tile_size), interpolation=interp)
 
 
-def subsample(coords: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """Indices of at most ``cap`` tiles, a seeded random choice kept in grid order (all when ``cap`` is None)."""
+def subsample(coords: np.ndarray, cap: int | None, name: str) -> np.ndarray:
+    """Indices of at most ``cap`` tiles, kept in grid order (all when ``cap`` is None).
+
+    The choice is seeded by the slide's file name, so training, ``evaluate`` and ``score`` take the
+    same tiles of a slide wherever its folder is.
+    """
     n = len(coords)
     if cap is None or n <= cap:
         return np.arange(n)
+    seed = int(hashlib.sha1(Path(name).name.encode()).hexdigest()[:12], 16)
     return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
 
 
