@@ -186,6 +186,9 @@ def score_slides(
     cfg = SlidesConfig.model_validate(spec.slides)
     decision = Decision.from_json(spec.decision)
     head = _mil_head(model, spec, engine)
+    from medvision.wsi.source import stain_transform
+
+    stain = stain_transform(cfg)  # fitted once, to the run's reference tile
     entries = [e for e in find_slides(folder) if in_shard(e[0], shard)]
     if d.world_size > 1:
         i, n = shard
@@ -212,7 +215,7 @@ def score_slides(
             if item.status == "ok":
                 assert item.info is not None
                 try:
-                    _score_one(folder, item, cfg, spec, scorer, head, batch_size or 32, n_workers, tiles_dir,
+                    _score_one(folder, item, cfg, spec, scorer, head, stain, batch_size or 32, n_workers, tiles_dir,
                                heat_dir if heatmaps else None, decision)  # fmt: skip
                 except Exception as err:  # a tile reader that raised, died or hung: this slide's row says so
                     why = f"{type(err).__name__}: {err}"
@@ -276,7 +279,7 @@ def _mil_head(model: Path, spec: ScoringSpec, engine: str) -> Any:
     return load_abmil(model / MIL_FILE)[0]
 
 
-def _score_one(folder: Path, item: _Slide, cfg: SlidesConfig, spec: ScoringSpec, scorer: Engine, head: Any,
+def _score_one(folder: Path, item: _Slide, cfg: SlidesConfig, spec: ScoringSpec, scorer: Engine, head: Any, stain: Any,
                batch_size: int, workers: int, tiles_dir: Path, heat_dir: Path | None,
                decision: Decision) -> None:  # fmt: skip
     """Reads the slide's tiles, scores them, aggregates, and writes its tile table and heatmap."""
@@ -291,11 +294,6 @@ def _score_one(folder: Path, item: _Slide, cfg: SlidesConfig, spec: ScoringSpec,
                        f"(tissue area {grid.tissue_area_mm2:.2f} mm²)")  # fmt: skip
         return
     ref = SlideRef(path=str(folder / item.rel), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
-    stain = None
-    if cfg.stain_reference:
-        from medvision.wsi.source import stain_transform
-
-        stain = stain_transform(cfg)
     reader = TileReader([ref], np.zeros(len(coords), np.int64), coords, cfg.tile_size, cfg.backend, transform=stain)
     loader = DataLoader(_Tiles(reader, spec), batch_size=batch_size, num_workers=workers,
                         timeout=TILE_BATCH_TIMEOUT if workers else 0)  # fmt: skip

@@ -234,12 +234,11 @@ class TileReader:
         self.slides, self.tile_size, self.backend, self.transform = slides, tile_size, backend, transform
         self.slide_index = np.asarray(slide_index, dtype=np.int64)
         self.coords = np.asarray(coords, dtype=np.int64)
-        # position of each item within its slide, for the per-slide cache arrays
-        self.slot = np.zeros(len(self.slide_index), np.int64)
-        counts = np.zeros(len(slides), np.int64)
-        for i, s in enumerate(self.slide_index):
-            self.slot[i] = counts[s]
-            counts[s] += 1
+        # position of each item within its slide, for the per-slide cache arrays (vectorised: tables hold 10^6 tiles)
+        counts = np.bincount(self.slide_index, minlength=len(slides)).astype(np.int64)
+        order = np.argsort(self.slide_index, kind="stable")
+        self.slot = np.empty(len(self.slide_index), np.int64)
+        self.slot[order] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
         self.counts = counts
         self.cache_dir = cache_dir
         self.cache_files: list[tuple[str, str]] = []
