@@ -452,7 +452,7 @@ def recipe_benchmark(
             log.info("recipe %s with %s (%s)", recipe.name, name, row.init)
             run_dir = train(r, overwrite=overwrite)
             row.run_dir = str(run_dir)
-            _read_run(row, run_dir, r.train.phases[-1].name)
+            _read_run(row, run_dir, r.train.phases[-1].name if r.train.phases else "")
             meta = json.loads((run_dir / "run.json").read_text())
             cfg = replace(base, in_chans=meta["in_chans"], num_classes=len(meta["classes"]))
             speed = benchmark_backbone(name, cfg, modes=("infer",))

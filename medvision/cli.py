@@ -61,13 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvision", description="Transfer learning on medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a backbone from a YAML recipe")
-    p.add_argument("recipe", nargs="?", help="recipe YAML (omit with --resume RUN_DIR)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.phases[1].lr=3e-4 (repeatable)")  # fmt: skip
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    _nproc_option(p)
+    for command, what, example in (("train", "fine-tune a backbone from a YAML recipe", "train.phases[1].lr=3e-4"),
+                                   ("pretrain", "self-supervised pretraining (SimCLR) on a recipe's images, labels "
+                                    "ignored", "pretrain.epochs=50")):  # fmt: skip
+        p = sub.add_parser(command, help=what)
+        p.add_argument("recipe", nargs="?", help="recipe YAML (omit with --resume RUN_DIR)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a recipe value, e.g. --set {example} (repeatable)")  # fmt: skip
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+        _nproc_option(p)
 
     p = sub.add_parser("evaluate", help="re-score a trained run on its test split or another dataset")
     p.add_argument("run_dir", type=Path)
@@ -118,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, help="errors of each kind to show (default: the recipe's evaluation.explain)")
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/explain)")
 
-    p = sub.add_parser("benchmark", help="speed of timm backbones, or one recipe's accuracy across backbones")
+    p = sub.add_parser("benchmark", help="speed of timm backbones, one recipe's accuracy across backbones, or its "
+                       "label efficiency")  # fmt: skip
     modes = p.add_subparsers(dest="mode", required=True)
     timing = argparse.ArgumentParser(add_help=False)
     timing.add_argument("--backbones", required=True, metavar="A,B,...", help="timm model names, comma separated")
@@ -148,6 +152,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: the recipe's weights where they fit (a weights file fits only its own backbone), "
                         "else random init; hub: timm hub weights for all; none: random init for all")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing run folders of the same names")
+
+    p = modes.add_parser("labels", help="label-efficiency curves: test AUC/ACC against label fraction, per init "
+                         "and protocol")  # fmt: skip
+    p.add_argument("recipe", help="recipe YAML (its data, model and phases; each run overrides the rest)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value for every run (repeatable)")  # fmt: skip
+    p.add_argument("--fractions", default="0.01,0.05,0.1,0.25,1.0", help="label fractions (default: %(default)s)")
+    p.add_argument("--inits", default="imagenet,random",
+                   help="imagenet, random and/or run folders to init_from, e.g. a medvision pretrain run "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--protocols", default="finetune,linear_probe",
+                   help="finetune, linear_probe, knn (default: %(default)s)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=3, help="seeds per combination (default: %(default)s)")
+    p.add_argument("--min-steps", type=int, default=100, metavar="N",
+                   help="finetune runs at small fractions repeat their phases' epochs until they take at least N "
+                        "optimizer steps (default: %(default)s)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("label-efficiency"),
+                   help="folder for the runs, CSVs, table and plot (default: %(default)s)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="retrain finished runs instead of reusing them")
 
     p = sub.add_parser(
         "export",
@@ -208,19 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     if ranked and int(os.environ.get("RANK", 0)) > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # one rank prints: rank 0 (errors still reach stderr)
     try:
-        if args.command == "train":
+        if args.command in ("train", "pretrain"):
+            if args.command == "pretrain":
+                from medvision.pretrain.run import pretrain as job
+            else:
+                job = train
             if args.resume:
                 if args.recipe or args.overrides:
                     raise RunError("--resume continues a run with its saved recipe; give no RECIPE or --set")
                 run_dir = Path(args.resume)
                 recipe = load_recipe(run_dir / "recipe.yaml")
                 recipe.output_dir, recipe.name = str(run_dir.resolve().parent), run_dir.resolve().name
-                out = train(recipe, resume=True)
+                out = job(recipe, resume=True)
             elif args.recipe:
-                out = train(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+                out = job(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
             else:
                 raise RunError("give a RECIPE, or --resume RUN_DIR")
-            print(f"report: {out / 'report.html'}")
+            if args.command == "train":
+                print(f"report: {out / 'report.html'}")
+            else:
+                print(f"pretrained backbone: {out / 'model.safetensors'}  (fine-tune with --set model.init_from={out})")
         elif args.command == "evaluate":
             out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out)
             print(f"AUC {metrics['auc']:.4f}  accuracy {metrics['acc']:.4f}  n={metrics['n']}")
@@ -269,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "benchmark":
             from medvision import benchmark as bench
 
+            if args.mode == "labels":
+                from medvision import label_efficiency as le
+
+                grid = le.label_benchmark(load_recipe(args.recipe, args.overrides), le.parse_fractions(args.fractions),
+                                          le.parse_inits(args.inits), le.parse_protocols(args.protocols), args.seeds,
+                                          args.out, args.min_steps, args.overwrite)  # fmt: skip
+                print(grid.markdown)
+                print("wrote " + ", ".join(str(f) for f in grid.files))
+                return 1 if all(row.error for row in grid.rows) else 0
             names = bench.parse_backbones(args.backbones)
             if args.mode == "speed":
                 cfg = bench.speed_config(args.device, args.amp, image_size=args.image_size,

@@ -35,11 +35,13 @@ from medvision.metrics import (
     fit_temperature,
     operating_point,
     per_class_metrics,
-    softmax,
+    tta_softmax,
 )
 from medvision.recipe import EvalConfig
 
 LEVELS = ("image", "patient")
+MIN_CLASS_COUNT = 10
+"""A split with fewer samples than this of a class gets a warning in metrics.json and the report."""
 
 
 @dataclass
@@ -52,6 +54,12 @@ class SplitOutputs:
     unit_probs: np.ndarray | None = None
     """Per-group probabilities made by a model of their own (attention MIL over a slide's tiles), in the
     groups' first-seen order; they replace the aggregation of the image probabilities."""
+    views: np.ndarray | None = None
+    """With test-time augmentation: (N, V, K) logits of the image (``logits``) and its transformed views."""
+
+    def probs(self, temperature: float = 1.0) -> np.ndarray:
+        """Calibrated probabilities (N, K): softmax(logits / T), averaged over the TTA views when there are any."""
+        return tta_softmax(self.views if self.views is not None else self.logits, temperature)
 
 
 @dataclass
@@ -89,7 +97,7 @@ def level_arrays(
     out: SplitOutputs, temperature: float, level: str, cfg: EvalConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(labels, calibrated probs, uncalibrated probs, patients with mixed labels) at image or patient level."""
-    calibrated, raw = softmax(out.logits, temperature), softmax(out.logits)
+    calibrated, raw = out.probs(temperature), out.probs()
     if level == "image":
         return out.labels, calibrated, raw, 0
     if out.unit_probs is not None:  # a slide-level model: its probabilities, the slides' labels
@@ -104,7 +112,7 @@ def fit_decision(val: SplitOutputs, classes: list[str], cfg: EvalConfig) -> Deci
     """Temperature and operating-point thresholds, all from the validation split."""
     temperature = 1.0
     if cfg.calibrate and len(val.labels) > 0:
-        temperature = fit_temperature(val.logits, val.labels)
+        temperature = fit_temperature(val.views if val.views is not None else val.logits, val.labels)
     positive = positive_index(classes, cfg)
     points: dict[str, list[dict[str, Any]]] = {}
     if positive is not None:
@@ -266,6 +274,14 @@ def clinical_metrics(
         for level in LEVELS:
             y, p_cal, p_raw, mixed = level_arrays(out, decision.temperature, level, cfg)
             summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level)
+            counted = "images" if level == "image" else f"{unit}s"
+            few = {c: n for c, n in summary.get("n_per_class", {}).items() if n < MIN_CLASS_COUNT}
+            if few:
+                listed = ", ".join(f"{c} ({n})" for c, n in few.items())
+                summary.setdefault("warnings", []).append(
+                    f"{split} split, per {level if level == 'image' else unit}: fewer than {MIN_CLASS_COUNT} {counted} "
+                    f"of class {listed}; its sensitivity, PPV and their CIs rest on too few cases to trust"
+                )
             if level == "patient":
                 summary["images_per_patient"] = len(out.labels) / max(1, len(y))
                 summary["mixed_label_patients"] = mixed

@@ -347,11 +347,18 @@ def operating_point(y_true: np.ndarray, score: np.ndarray, rule: str, target: fl
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
-    """The temperature T > 0 minimising validation NLL of softmax(logits / T) (golden-section on log T)."""
+    """The temperature T > 0 minimising validation NLL of softmax(logits / T) (golden-section on log T).
+
+    (N, V, K) logits of test-time-augmentation views are fitted as they are used: the NLL of the
+    views' averaged calibrated probabilities (:func:`tta_softmax`).
+    """
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y_true).ravel()
 
     def nll(log_t: float) -> float:
+        if z.ndim == 3:
+            p = tta_softmax(z, float(np.exp(log_t)))[np.arange(len(y)), y]
+            return float(-np.log(np.maximum(p, 1e-300)).mean())
         scaled = z / np.exp(log_t)
         scaled -= scaled.max(axis=1, keepdims=True)
         logp = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
@@ -374,6 +381,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def tta_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of (N, K) logits, or for (N, V, K) the mean over the V views of each view's softmax."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim == 2:
+        return softmax(z, temperature)
+    n, v, k = z.shape
+    return softmax(z.reshape(n * v, k), temperature).reshape(n, v, k).mean(axis=1)
 
 
 def aggregate_by_group(

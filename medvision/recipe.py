@@ -125,6 +125,9 @@ class DataConfig(_Node):
     """How whole slides are tiled: magnification, tile size, tissue rule, stain (``source: slides`` and ``score``)."""
     tiles_per_slide: int | None = Field(None, ge=1)
     """Training tiles sampled per slide per epoch (a new seeded draw each epoch), so big slides do not dominate."""
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Share of the training split used, with its labels: whole patients, stratified by label, at least one
+    patient per class, and nested (the 1% subset is inside the 10% one for the same seed); val and test stay whole."""
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -189,8 +192,20 @@ class PhaseConfig(_Node):
 
 
 class TrainConfig(_Node):
-    phases: list[PhaseConfig] = Field(min_length=1)
+    protocol: Literal["finetune", "linear_probe", "knn"] = "finetune"
+    """``finetune`` trains the freeze phases; ``linear_probe`` fits a logistic-regression head on the frozen
+    backbone's cached features; ``knn`` classifies by the nearest training images in the frozen feature space."""
+    phases: list[PhaseConfig] = Field(default_factory=list)
     """The freeze phases, run in order; each sets epochs, trainable parts, LR, BN policy and layer decay."""
+    balance: Literal["none", "sampler", "loss"] = "none"
+    """Class imbalance: ``sampler`` draws each epoch's samples class-balanced (seeded, resumable); ``loss``
+    weights the loss by inverse class frequency (and ``linear_probe`` its logistic regression)."""
+    focal_gamma: float = Field(0.0, ge=0.0)
+    """Focal loss exponent (Lin et al. 2017): ``(1 - p_true) ** gamma`` down-weights easy samples; 0 is plain CE."""
+    knn_k: int = Field(20, ge=1)
+    """Neighbours that vote in the ``knn`` protocol (and the pretraining health check)."""
+    knn_temperature: float = Field(0.07, gt=0.0)
+    """Votes weigh ``exp(cosine / knn_temperature)`` (Wu et al. 2018)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses CUDA when present."""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
@@ -266,6 +281,34 @@ class EvalConfig(_Node):
     """Most confident false positives and false negatives shown with Grad-CAM in the report; 0 is off."""
     explain_method: Literal["gradcam", "gradcam++"] = "gradcam"
     """Heatmap method of the report's explanation panel."""
+    tta: list[Literal["hflip", "vflip", "rot90"]] = Field(default_factory=list)
+    """Test-time augmentation: calibrated probabilities are averaged over the image and these transforms of it,
+    in the temperature and thresholds fitted on validation, in test metrics, ``evaluate`` and ``score``."""
+
+
+class PretrainConfig(_Node):
+    method: Literal["simclr"] = "simclr"
+    """Self-supervised objective: SimCLR's NT-Xent contrastive loss (Chen et al. 2020) on two views per image."""
+    epochs: int = Field(20, ge=1)
+    """Passes over the unlabelled training images."""
+    lr: float = Field(5e-4, gt=0.0)
+    """Peak AdamW learning rate (cosine decay after warmup); weight decay is ``train.weight_decay``."""
+    warmup: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of the steps spent in linear LR warmup."""
+    temperature: float = Field(0.2, gt=0.0)
+    """NT-Xent temperature; 0.1-0.5 suits batches of 64-512."""
+    proj_dim: int = Field(128, ge=8)
+    """Width of the projection head's output, where the loss is computed (the head is dropped afterwards)."""
+    proj_hidden: int = Field(512, ge=8)
+    """Hidden width of the two-layer projection head."""
+    views: Literal["auto", "pathology", "radiology"] = "auto"
+    """Two-view augmentation: ``pathology`` (crops, flips, rot90, stain and colour jitter, blur), ``radiology``
+    (crops, window jitter, gamma, blur, noise; no colour, no flips); ``auto`` follows ``augment.preset``, else
+    radiology for greyscale and pathology for colour images."""
+    min_crop: float = Field(0.3, gt=0.0, le=1.0)
+    """Smallest area fraction of a random resized crop."""
+    knn_samples: int = Field(2000, ge=0)
+    """Labelled validation images of the per-epoch kNN health check (leave-one-out accuracy); 0 turns it off."""
 
 
 class Recipe(_Node):
@@ -285,6 +328,8 @@ class Recipe(_Node):
     """Freeze phases, optimizer, precision and checkpointing policy."""
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     """Confidence intervals, calibration, operating points and patient-level aggregation of the report."""
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    """Self-supervised pretraining (``medvision pretrain``) on the training images, labels ignored."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -299,6 +344,13 @@ class Recipe(_Node):
             raise ValueError("evaluation.patient_aggregate 'abmil' needs data.source 'slides' (bags of tiles)")
         if self.data.tiles_per_slide is not None and self.data.source != "slides":
             raise ValueError("data.tiles_per_slide applies to data.source 'slides' only")
+        if self.train.balance == "sampler" and self.data.tiles_per_slide is not None:
+            raise ValueError("train.balance 'sampler' and data.tiles_per_slide both choose each epoch's samples; "
+                             "use balance: loss with tiles_per_slide")  # fmt: skip
+        if self.train.protocol != "finetune" and self.train.focal_gamma > 0:
+            raise ValueError(f"train.focal_gamma is a training loss; protocol {self.train.protocol!r} trains none")
+        if len(set(self.evaluation.tta)) != len(self.evaluation.tta):
+            raise ValueError(f"evaluation.tta lists a transform twice: {self.evaluation.tta}")
         for i, phase in enumerate(self.train.phases):
             if not phase.name:
                 phase.name = f"phase{i}"

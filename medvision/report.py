@@ -23,7 +23,6 @@ import numpy as np
 
 from medvision import plots
 from medvision.evaluation import Decision, SplitOutputs
-from medvision.metrics import softmax
 from medvision.recipe import EvalConfig
 
 Block = tuple[str, Any]
@@ -131,7 +130,7 @@ def _figures(
     """Draws the PNGs into ``plots/`` and returns the figure blocks that show them."""
     fig_dir = out_dir / "plots"
     fig_dir.mkdir(exist_ok=True)
-    y, p_cal, p_raw = focus.labels, softmax(focus.logits, decision.temperature), softmax(focus.logits)
+    y, p_cal, p_raw = focus.labels, focus.probs(decision.temperature), focus.probs()
     roc_y, roc_p, roc_classes = y, p_cal, classes
     if len(classes) == 2 and decision.positive == 0:  # the curves are drawn for class 1: swap the classes
         roc_y, roc_p, roc_classes = 1 - y, p_cal[:, ::-1], classes[::-1]
@@ -180,9 +179,23 @@ def build_report(
         f"split sizes: {', '.join(f'{k} {v}' for k, v in meta['split_sizes'].items())}",
         f"temperature {decision.temperature:.3f} (fitted on validation; probabilities below are calibrated)",
     ]
-    if "best_epoch" in extra:
+    if cfg.tta:
+        facts.append(f"test-time augmentation: calibrated probabilities averaged over the image and its "
+                     f"{', '.join(cfg.tta)} ({1 + len(cfg.tta)} views), the temperature and thresholds fitted on "
+                     "that average")  # fmt: skip
+    protocol = meta.get("protocol", "finetune")
+    if protocol != "finetune":
+        fit = extra.get("protocol") or {}
+        detail = f"C {fit['C']:g} chosen on validation" if "C" in fit else f"k {fit['k']}" if "k" in fit else ""
+        facts.append(f"protocol: {protocol} on the frozen backbone's features ({detail}; "
+                     f"{fit.get('train_images', '?')} training images)")  # fmt: skip
+    if meta.get("train_fraction", 1.0) < 1.0:
+        facts.append(f"labels: data.train_fraction {meta['train_fraction']:g} of the training split")
+    if extra.get("monitor"):
         facts.append(f"best epoch: {extra['best_epoch']} by {extra['monitor']}; wall time {extra['seconds']:.0f} s "
                      f"on {meta['device']}")  # fmt: skip
+    elif "seconds" in extra:
+        facts.append(f"wall time {extra['seconds']:.0f} s on {meta['device']}")
     if "run" in extra:
         facts.append(f"evaluated run: `{extra['run']}`")
     level = f"{cfg.ci_level:.0%}"

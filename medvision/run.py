@@ -8,12 +8,14 @@ weights), ``last.pt`` (resume state), ``metrics.json``, ``predictions.csv``, ``r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import platform
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from medvision.explain import ExplainError, confident_errors, display_image, gra
 from medvision.metrics import MetricWarning, softmax
 from medvision.models.backbone import create_backbone
 from medvision.models.backbone import load_state as load_model_state
+from medvision.models.heads import extract_features, fit_state
 from medvision.plots import plot_image_grid
 from medvision.recipe import EvalConfig, Recipe, dump_recipe, load_recipe
 from medvision.report import write_json, write_predictions, write_report
@@ -51,7 +54,8 @@ from medvision.runtime import (
 )
 from medvision.train.build import ModelBundle, build_model, model_inputs, split_dataset
 from medvision.train.checkpoint import save_weights
-from medvision.train.loop import evaluate, fit, gather_outputs, mean_cross_entropy
+from medvision.train.loop import class_weights, classification_loss, evaluate, fit, gather_outputs
+from medvision.train.protocols import fit_frozen_head
 
 log = logging.getLogger("medvision")
 
@@ -65,7 +69,7 @@ def cache_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / ".cache" / "dicom"
 
 
-def _attach_log_file(run_dir: Path) -> logging.Handler:
+def attach_log_file(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -98,12 +102,19 @@ def _split_outputs(
     """
     ds = split_dataset(recipe, table, bundle, split, train=False)
     loader = make_loader(local_part(ds, d), recipe.data.eval_batch_size, workers, device)
-    logits, labels = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle))
+    tta = tuple(recipe.evaluation.tta)
+    logits, labels = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle), tta=tta)
     whole = gather_outputs(logits, labels, d)
     if whole is None:
         return None
     logits, labels = whole
-    return SplitOutputs(logits, labels, ds.groups), ds.ids, mean_cross_entropy(logits, labels)
+    if tta:  # (N, 1 + views, K): the image's own logits first
+        out = SplitOutputs(logits[:, 0], labels, ds.groups, views=logits)
+    else:
+        out = SplitOutputs(logits, labels, ds.groups)
+    probs = out.probs()  # the TTA average when there are views
+    loss = float(-np.log(probs[np.arange(len(labels)), labels] + 1e-300).mean()) if len(labels) else float("nan")
+    return out, ds.ids, loss
 
 
 def _headline(clinical: dict[str, Any], split: str, loss: float) -> dict[str, float]:
@@ -122,7 +133,7 @@ def _explain_panel(
     Raises:
         ExplainError: Grad-CAM cannot be computed for this model.
     """
-    probs = softmax(out.logits, decision.temperature)
+    probs = out.probs(decision.temperature)
     if len(probs) == 0:
         return []
     chosen = confident_errors(out.labels, probs, cfg.explain, decision.positive if decision.positive is not None else 1)
@@ -170,7 +181,7 @@ def _write_results(
                 more = f" (and {len(messages) - 1} more; see metrics.json)" if len(messages) > 1 else ""
                 log.warning("%s, %s level: %s%s", split, level, messages[0], more)
     write_json(out_dir / "metrics.json", {**headline, **clinical, "decision": decision.to_json(), **extra})
-    rows = [(split, ids, out.labels, softmax(out.logits, decision.temperature))
+    rows = [(split, ids, out.labels, out.probs(decision.temperature))
             for split, (out, ids, _) in splits.items()]  # fmt: skip
     write_predictions(out_dir / "predictions.csv", rows, classes)
     focus = "test" if "test" in splits else next(iter(splits))
@@ -204,6 +215,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or --set name=<new name>"
         )
+    if recipe.train.protocol == "finetune" and not recipe.train.phases:
+        raise RunError("train.phases is empty; protocol finetune needs at least one phase, e.g. "
+                       "[{epochs: 5, lr: 1e-3}], or set train.protocol to linear_probe or knn")  # fmt: skip
     if recipe.data.batch_size % d.world_size:
         raise RunError(
             f"data.batch_size {recipe.data.batch_size} is the global batch and must divide by the world size "
@@ -211,16 +225,24 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
             f"{d.world_size * max(1, recipe.data.batch_size // d.world_size)}"
         )
     barrier(d)  # every rank has checked the folder before rank 0 starts writing into it
+    with run_log(run_dir, d):
+        return _train(recipe, run_dir, resume, d, device)
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path, d: Dist) -> Iterator[None]:
+    """Rank 0 logs at INFO into ``run_dir/train.log`` (complete even when the console shows only warnings);
+    the other ranks log warnings only, so there is one log: rank 0's."""
     level = log.level
     handler = None
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handler = _attach_log_file(run_dir)
-        log.setLevel(logging.INFO)  # train.log is complete even when the caller's console shows only warnings
+        handler = attach_log_file(run_dir)
+        log.setLevel(logging.INFO)
     else:
-        log.setLevel(logging.WARNING)  # one log: rank 0's
+        log.setLevel(logging.WARNING)
     try:
-        return _train(recipe, run_dir, resume, d, device)
+        yield
     finally:
         log.setLevel(level)
         if handler is not None:
@@ -271,14 +293,36 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         "transfer": datasets["val"].transfer,  # how evaluation batches travelled; score and export do the same
         "device": str(device),
         "world_size": d.world_size,
+        "protocol": recipe.train.protocol,
+        "train_fraction": recipe.data.train_fraction,
+        "tta": list(recipe.evaluation.tta),
         "versions": versions(),
     }
     if d.is_main:
         write_json(run_dir / "run.json", meta)
 
+    train_labels = table.labels[datasets["train"].indices]
+    if recipe.data.train_fraction < 1.0:
+        counts = np.bincount(train_labels, minlength=len(table.classes)).tolist()
+        log.info("data.train_fraction %g: %d training images with labels (per class %s)",
+                 recipe.data.train_fraction, sizes["train"], counts)  # fmt: skip
+    if recipe.train.protocol != "finetune":
+        return _train_frozen(recipe, run_dir, bundle, table, meta, datasets, d, device, workers, start)
     per_rank = recipe.data.batch_size // d.world_size
+    weights = None
+    if recipe.train.balance == "sampler":
+        weights = class_weights(train_labels, len(table.classes)).numpy()[train_labels]
+        log.info("train.balance sampler: each epoch draws %d training images class-balanced, with replacement",
+                 sizes["train"])  # fmt: skip
     sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size,
-                           datasets["train"].groups, recipe.data.tiles_per_slide)  # fmt: skip
+                           datasets["train"].groups, recipe.data.tiles_per_slide, weights)  # fmt: skip
+    criterion = None
+    if recipe.train.balance == "loss" or recipe.train.focal_gamma > 0:
+        cw = class_weights(train_labels, len(table.classes)) if recipe.train.balance == "loss" else None
+        criterion = classification_loss(recipe.train, cw)
+        log.info("loss: %s%s", f"focal (gamma {recipe.train.focal_gamma:g})" if recipe.train.focal_gamma > 0
+                 else "cross-entropy", f", class weights {[round(w, 3) for w in cw.tolist()]}" if cw is not None
+                 else "")  # fmt: skip
     if recipe.data.tiles_per_slide is not None:
         log.info("training on at most %d tiles per slide per epoch: %d of %d tiles", recipe.data.tiles_per_slide,
                  sampler.n, sizes["train"])  # fmt: skip
@@ -294,7 +338,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
                  if dropped else "")  # fmt: skip
     log.info("loader: %d worker(s), batches travel as %s and are normalised on %s%s", workers,
              datasets["train"].transfer, device, ", flips/rot90 on the device" if inputs.flips else "")  # fmt: skip
-    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs, d)
+    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs, d,
+                criterion)  # fmt: skip
 
     barrier(d)  # rank 0 has written model.safetensors
     best = run_dir / "model.safetensors"
@@ -303,6 +348,36 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     elif d.is_main:
         log.warning("%s was never finite; keeping the last weights as model.safetensors", recipe.train.monitor)
         save_weights(model, best)
+    extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history}
+    _evaluate_splits(recipe, run_dir, bundle, table, meta, sizes, d, device, workers, start, extra)
+    return run_dir
+
+
+def _train_frozen(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
+                  datasets: dict[str, ImageDataset], d: Dist, device: torch.device, workers: int,
+                  start: float) -> Path:  # fmt: skip
+    """``linear_probe`` / ``knn``: rank 0 fits the head on frozen features; every rank then loads it."""
+    info: dict[str, Any] = {}
+    plain_train = split_dataset(recipe, table, bundle, "train", train=False)  # features without augmentation
+    if d.is_main:
+        info = fit_frozen_head(bundle.model, recipe, plain_train, datasets["val"], len(table.classes), device,
+                               workers, model_inputs(recipe, bundle), run_dir)  # fmt: skip
+    barrier(d)
+    if not d.is_main:
+        state = load_model_state(run_dir / "model.safetensors")
+        fit_state(bundle.model, state, len(table.classes), recipe.train.knn_k, recipe.train.knn_temperature)
+        bundle.model.load_state_dict(state)
+        bundle.model.to(device)
+    sizes = {s: len(ds) for s, ds in datasets.items()}
+    extra: dict[str, Any] = {"best_epoch": 0, "monitor": None, "history": [], "protocol": info}
+    _evaluate_splits(recipe, run_dir, bundle, table, meta, sizes, d, device, workers, start, extra)
+    return run_dir
+
+
+def _evaluate_splits(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
+                     sizes: dict[str, int], d: Dist, device: torch.device, workers: int, start: float,
+                     extra: dict[str, Any]) -> None:  # fmt: skip
+    """The trained model on validation and test (sharded over the ranks), then rank 0 writes the results."""
     splits = {}
     for split in ("val", "test"):
         if sizes[split] == 0:
@@ -312,14 +387,12 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         if outputs is not None:
             splits[split] = outputs
     if d.is_main:
-        _finish(recipe, run_dir, bundle, table, meta, splits, state.best_epoch, state.history, start, device)
+        _finish(recipe, run_dir, bundle, table, meta, splits, extra, start, device)
     barrier(d)  # no rank returns before the run folder is complete
-    return run_dir
 
 
 def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
-            splits: dict[str, Any], best_epoch: int, history: list[dict[str, Any]], start: float,
-            device: torch.device) -> None:  # fmt: skip
+            splits: dict[str, Any], extra: dict[str, Any], start: float, device: torch.device) -> None:  # fmt: skip
     """Rank 0: calibration and operating points on validation, then metrics, predictions and the report."""
     if recipe.evaluation.patient_aggregate == "abmil":
         _slide_head(recipe, bundle, table, splits, device, run_dir, fit=True)
@@ -337,7 +410,7 @@ def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTab
         f"init_from {recipe.model.init_from}" if recipe.model.init_from else "random init")  # fmt: skip
     meta["weights"] = weights
     meta["data"], meta["source"] = table.origin, recipe.data.source
-    extra = {"best_epoch": best_epoch, "monitor": recipe.train.monitor, "history": history, "seconds": seconds}
+    extra = {**extra, "seconds": seconds, "tta": list(recipe.evaluation.tta)}
     extra.update(_slide_comparison(recipe, splits, decision))
     _write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
     log.info("run folder: %s (%.0f s)", run_dir, seconds)
@@ -350,7 +423,7 @@ def _slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits:
     ``fit`` trains the head on the training slides' frozen tile features and saves it in ``run_dir``;
     otherwise the run's saved head is applied.
     """
-    from medvision.wsi.aggregate import MIL_FILE, bags, fit_slide_head, tile_features
+    from medvision.wsi.aggregate import MIL_FILE, bags, fit_slide_head
     from medvision.wsi.mil import load_abmil, predict_abmil
 
     workers = resolve_workers(recipe.data.num_workers, device)
@@ -359,7 +432,7 @@ def _slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits:
     for split in ("train", *splits) if fit else tuple(splits):
         ds = split_dataset(recipe, table, bundle, split, train=False)
         loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
-        features[split] = tile_features(bundle.model, loader, device, recipe.train.amp, inputs)
+        features[split] = extract_features(bundle.model, loader, device, recipe.train.amp, inputs)
         outputs[split] = splits[split][0] if split in splits else SplitOutputs(
             np.zeros((len(ds), len(table.classes))), table.labels[ds.indices], ds.groups)  # fmt: skip
     if fit:
@@ -399,7 +472,9 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any
     recipe.model.init_from = None
     recipe.model.in_chans = meta["in_chans"]
     model = create_backbone(recipe.model, num_classes=len(meta["classes"]), in_chans=meta["in_chans"])
-    model.load_state_dict(load_model_state(run_dir / "model.safetensors"))
+    state = load_model_state(run_dir / "model.safetensors")
+    fit_state(model, state, len(meta["classes"]), recipe.train.knn_k, recipe.train.knn_temperature)  # a knn run's bank
+    model.load_state_dict(state)
     model.to(device)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -452,7 +527,8 @@ def evaluate_run(
         out.mkdir(parents=True, exist_ok=True)
         if recipe.evaluation.patient_aggregate == "abmil":
             _slide_head(recipe, bundle, table, {split: outputs}, device, run_dir, fit=False)
-        extra = {"run": str(run_dir), "data": table.origin, "world_size": d.world_size}
+        extra = {"run": str(run_dir), "data": table.origin, "world_size": d.world_size,
+                 "tta": list(recipe.evaluation.tta)}  # fmt: skip
         extra.update(_slide_comparison(recipe, {split: outputs}, decision))
         metrics = _write_results(out, bundle, recipe, table, meta, {split: outputs}, decision, extra, device)[split]
     metrics = broadcast(metrics, d)
@@ -488,6 +564,7 @@ def explain_errors(
     out = out or run_dir / "explain"
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    calls = outputs.probs(decision.temperature).argmax(axis=1)
     with (out / "errors.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "label", "call", "confidence", "kind", "file"])
@@ -496,7 +573,7 @@ def explain_errors(
             if not cv2.imwrite(str(file), picture[:, :, ::-1]):
                 raise RunError(f"{file}: OpenCV could not write the overlay PNG")
             written.append(file)
-            call = int(outputs.logits[i].argmax())  # the arg-max is the same with or without the temperature
+            call = int(calls[i])
             writer.writerow([ids[i], classes[int(outputs.labels[i])], classes[call], f"{conf:.4f}", kind, file.name])
     if panel:
         written.append(plot_image_grid(out / f"errors_{cfg.explain_method}.png", [p for _, p, _ in panel],

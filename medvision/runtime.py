@@ -224,6 +224,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
     into one contiguous slice per rank, so the ranks together see exactly the batches of one process.
     A last batch too small to give every rank a sample is dropped (DDP needs every rank to step).
 
+    ``drop_last`` leaves out the epoch's last partial batch (self-supervised pretraining).
+
+    With ``weights`` (``train.balance: sampler``), each epoch draws its ``n`` samples with replacement
+    in proportion to them, from the same (seed, epoch) generator, so it stays deterministic and resumable.
+
     With ``groups`` and ``per_group`` (whole-slide tiles and ``data.tiles_per_slide``), each epoch
     takes at most ``per_group`` samples of every group, a new seeded draw each epoch, so that the
     epoch length is fixed and a big slide does not dominate.
@@ -231,9 +236,13 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __init__(
         self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1,
-        groups: list[str] | None = None, per_group: int | None = None,
+        groups: list[str] | None = None, per_group: int | None = None, weights: np.ndarray | None = None,
+        drop_last: bool = False,
     ) -> None:  # fmt: skip
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"EpochSampler: {len(weights)} weights for {n} samples")
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, np.float64))
         self.epoch = 0
         self.pool = n
         self.codes: np.ndarray | None = None
@@ -244,6 +253,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
             _, codes = np.unique(np.asarray(groups), return_inverse=True)
             self.codes = codes.astype(np.int64)
             n = int(np.minimum(np.bincount(self.codes), per_group).sum())
+        if drop_last and n >= batch_size:  # every step a full global batch (BatchNorm'd projection heads need > 1)
+            n -= n % batch_size
         self.n = n
         tail = n % batch_size
         self.used = n - tail if world_size > 1 and 0 < tail < world_size else n
@@ -253,7 +264,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def _order(self) -> list[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.pool, generator=g).tolist()
+        if self.weights is not None:  # class-balanced: n draws with replacement, each class equally likely
+            order = torch.multinomial(self.weights, self.pool, replacement=True, generator=g).tolist()
+        else:
+            order = torch.randperm(self.pool, generator=g).tolist()
         if self.codes is not None and self.per_group is not None:
             # the first ``per_group`` of each group in this epoch's shuffled order: a fresh draw every epoch
             taken = np.zeros(int(self.codes.max()) + 1, np.int64)
@@ -264,6 +278,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
                     taken[c] += 1
                     picked.append(i)
             order = picked
+        order = order[: self.n]
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
         return list(zip(order, seeds, strict=True))
 

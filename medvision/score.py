@@ -133,7 +133,7 @@ def load_scorer(model: Path, engine: str, cpu_threads: int | None = None) -> tup
         device = resolve_device("auto")
         recipe, meta, bundle = load_run(model, device)
         spec = ScoringSpec.from_run(model, recipe, meta)
-        net = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature)
+        net = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature, spec.tta)
         amp = resolve_amp(recipe.train.amp, device)
         torch_engine = TorchEngine(net, device, amp, recipe.train.channels_last)
         return torch_engine, spec, {"model_file": str(model / "model.safetensors"), "device": str(device), "amp": amp}
@@ -478,6 +478,7 @@ def _write_provenance(out: Path, spec: ScoringSpec, provenance: dict[str, Any], 
         "recipe_sha256": spec.recipe_sha256,
         "versions": versions(),
         "calibration_temperature": decision.temperature,
+        "tta": spec.tta,
         "operating_points": decision.points.get("image", []),
         "included_identifying_tags": [t for t in tags if t in IDENTIFYING_TAGS],
         "included_tags": tags,

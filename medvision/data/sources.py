@@ -138,11 +138,24 @@ def _peek_grayscale(paths: list[str]) -> bool:
     return first.ndim == 2 or first.shape[2] == 1
 
 
-def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None) -> SampleTable:
-    """``root/<class>/**/<image>``; the patient is the first group of ``patient_regex`` in the file name."""
+UNLABELLED = "unlabelled"
+"""The one class of a source read without labels (``medvision pretrain`` on a flat folder or a path-only CSV)."""
+
+
+def load_folder(
+    root: Path, classes: list[str] | None, patient_regex: str | None, labelled: bool = True
+) -> SampleTable:  # fmt: skip
+    """``root/<class>/**/<image>``; the patient is the first group of ``patient_regex`` in the file name.
+
+    With ``labelled=False`` a folder without class subfolders is read as one ``unlabelled`` class.
+    """
     if not root.is_dir():
         raise DataSourceError(f"{root}: folder does not exist")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found and not labelled:
+        found, classes, flat = [UNLABELLED], [UNLABELLED], True
+    else:
+        flat = False
     if classes is None:
         classes = found
     else:
@@ -153,7 +166,7 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
     pattern = re.compile(patient_regex) if patient_regex else None
     paths, labels, groups = [], [], []
     for label, name in enumerate(classes):
-        sub = root / name
+        sub = root if flat else root / name
         files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if sub.is_dir() else []
         for p in files:
             group = str(p.relative_to(root))
@@ -196,9 +209,15 @@ def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patie
     return rows
 
 
-def load_csv(path: Path, classes: list[str] | None) -> SampleTable:
-    """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it."""
-    rows = read_manifest(path, ("path", "label"))
+def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> SampleTable:
+    """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it.
+
+    With ``labelled=False`` the ``label`` column may be absent: every row is then ``unlabelled``.
+    """
+    rows = read_manifest(path, ("path",) if not labelled else ("path", "label"))
+    if rows and "label" not in rows[0]:
+        rows = [{**r, "label": UNLABELLED} for r in rows]
+        classes = [UNLABELLED]
     if classes is None:
         classes = sorted({r["label"] for r in rows})
     base = path.parent
@@ -325,13 +344,17 @@ def preload(table: SampleTable, max_fraction: float = 0.5) -> SampleTable:
     return table
 
 
-def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> SampleTable:
-    """Builds the sample table for a recipe's data section, with every row assigned to a split."""
+def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None, labelled: bool = True) -> SampleTable:
+    """Builds the sample table for a recipe's data section, with every row assigned to a split.
+
+    ``labelled=False`` (self-supervised pretraining) also accepts a flat folder and a CSV without
+    a ``label`` column, read as one ``unlabelled`` class.
+    """
     path = Path(cfg.path)
     if cfg.source == "npz":
         table = load_npz(path, cfg.classes)
     elif cfg.source == "folder":
-        table = load_folder(path, cfg.classes, cfg.patient_regex)
+        table = load_folder(path, cfg.classes, cfg.patient_regex, labelled)
     elif cfg.source == "dicom":
         from medvision.data.dicom_source import load_dicom_folder  # imports pydicom only when needed
 
@@ -341,7 +364,7 @@ def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sam
 
         table = load_slide_table(path, cfg, cache_dir)
     else:
-        table = load_csv(path, cfg.classes)
+        table = load_csv(path, cfg.classes, labelled)
     if not any(table.splits):
         table.splits = grouped_stratified_split(table.labels, table.groups, cfg.val_fraction, cfg.test_fraction, seed)
     check_patient_disjoint(table)
@@ -350,10 +373,45 @@ def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sam
     return table
 
 
-def subset_indices(table: SampleTable, split: str, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of one split, optionally a seeded random subset of at most ``limit`` (kept in order)."""
+def subset_indices(table: SampleTable, split: str, limit: int | None, seed: int, fraction: float = 1.0) -> np.ndarray:
+    """Indices of one split, optionally a seeded random subset of at most ``limit`` (kept in order).
+
+    ``fraction`` below 1 then keeps that share of the rows as :func:`label_subset` chooses them.
+    """
     idx = np.arange(len(table)) if split == "all" else table.indices(split)
     if limit is not None and len(idx) > limit:
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(idx, size=limit, replace=False))
+    if fraction < 1.0:
+        idx = label_subset(table.labels, table.groups, idx, fraction, seed)
     return idx
+
+
+def label_subset(labels: np.ndarray, groups: list[str], idx: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """About ``fraction`` of the rows ``idx``: whole patients, stratified by label, nested across fractions.
+
+    Patients are bucketed by their most frequent label and put in a seeded order that does not
+    depend on ``fraction``; each bucket contributes its first patients until it holds its share of
+    that label's rows, and at least one patient, so every class keeps a labelled example. The same
+    seed therefore gives nested subsets: the 1% rows are among the 10% rows.
+    """
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i in idx:
+        by_group[groups[int(i)]].append(int(i))
+    buckets: dict[int, list[str]] = defaultdict(list)
+    for g in sorted(by_group):
+        buckets[int(np.bincount(labels[by_group[g]]).argmax())].append(g)
+    rng = np.random.default_rng([seed, 0x1ABE1])
+    keep: list[int] = []
+    for label in sorted(buckets):
+        members = sorted(buckets[label])
+        order = rng.permutation(len(members))
+        target = fraction * sum(len(by_group[g]) for g in members)
+        taken = 0
+        for j in order:
+            rows = by_group[members[int(j)]]
+            if taken and taken + len(rows) / 2 > target:
+                break
+            keep.extend(rows)
+            taken += len(rows)
+    return np.sort(np.asarray(keep, dtype=np.int64))

@@ -147,3 +147,25 @@ def flip_rot90_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
     x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
     return torch.where(rot.view(-1, 1, 1, 1), x.transpose(-1, -2), x)
+
+
+TTA_TRANSFORMS = ("hflip", "vflip", "rot90")
+
+
+def tta_views(x: torch.Tensor, names: tuple[str, ...] | list[str]) -> list[torch.Tensor]:
+    """``x`` (B, C, H, W) and, for each name of ``evaluation.tta``, that transform of it: the test-time views.
+
+    ``hflip`` and ``vflip`` mirror the width and height axes; ``rot90`` turns by 90 degrees
+    (the image must be square, as every model input here is).
+    """
+    views = [x]
+    for name in names:
+        if name == "hflip":
+            views.append(x.flip(-1))
+        elif name == "vflip":
+            views.append(x.flip(-2))
+        elif name == "rot90":
+            views.append(torch.rot90(x, 1, dims=(-2, -1)))
+        else:
+            raise ValueError(f"evaluation.tta: {name!r} is not one of {', '.join(TTA_TRANSFORMS)}")
+    return views

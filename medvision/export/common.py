@@ -69,7 +69,7 @@ def open_run(run_dir: Path) -> ExportSource:
     recipe, meta, bundle = load_run(run_dir, torch.device("cpu"))
     bundle.model = bundle.model.to(memory_format=torch.contiguous_format).eval()
     spec = ScoringSpec.from_run(run_dir, recipe, meta)
-    model = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature).eval()
+    model = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature, spec.tta).eval()
     return ExportSource(run_dir, recipe, meta, bundle, spec, model)
 
 

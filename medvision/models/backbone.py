@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from medvision.models.heads import classifier_keys
 from medvision.recipe import ModelConfig
 
 log = logging.getLogger("medvision")
@@ -132,18 +133,26 @@ def load_run_weights(model: nn.Module, source: str | Path) -> list[str]:
     path = run_weights_path(source)
     state = load_state(path)
     own = model.state_dict()
+    head_name = cast(Any, model).pretrained_cfg.get("classifier") or "classifier"
+    if not classifier_keys(model):  # a headless model (pretraining) takes a fine-tuned run's backbone only
+        state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
     reinit = []
     for key, value in list(state.items()):
         if key in own and own[key].shape != value.shape:
             reinit.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
             del state[key]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    unexplained = [k for k in missing if not any(r.startswith(k + " ") for r in reinit)]
+    head = classifier_keys(model)
+    source_keys = set(state) | {r.split(" ")[0] for r in reinit}
+    headless = sorted(head) if head and not head & source_keys else []  # a self-supervised backbone has no classifier
+    if headless:
+        reinit.append(f"{', '.join(headless)} (the source has no classifier)")
+    unexplained = [k for k in missing if not any(r.startswith(k + " ") for r in reinit) and k not in headless]
     if unexplained or unexpected:
         raise ValueError(f"{path}: weights do not fit model; missing {unexplained[:5]}, unexpected {unexpected[:5]}")
     log.info("initialised from %s", path)
     if reinit:
-        log.info("head re-initialised (class count differs): %s", "; ".join(reinit))
+        log.info("head re-initialised: %s", "; ".join(reinit))
     return reinit
 
 

@@ -56,6 +56,8 @@ class ScoringSpec:
     """Dtype of the unnormalised batches: uint8 for 8-bit sources, float otherwise (DICOM windows, 16-bit)."""
     decision: dict[str, Any] = field(default_factory=dict)
     """:class:`medvision.evaluation.Decision` as JSON: temperature, positive class, operating points."""
+    tta: list[str] = field(default_factory=list)
+    """``evaluation.tta``: the transforms whose calibrated probabilities are averaged with the image's own."""
     model_sha256: str = ""
     """SHA-256 of the run's ``model.safetensors``: the weights every exported format was made from."""
     recipe_sha256: str = ""
@@ -106,6 +108,7 @@ class ScoringSpec:
             top_k=recipe.evaluation.top_k,
             transfer=transfer,
             decision=dict(meta.get("decision") or {}),
+            tta=list(recipe.evaluation.tta),
             model_sha256=sha256(run_dir / "model.safetensors"),
             recipe_sha256=sha256(run_dir / "recipe.yaml"),
             medvision_version=medvision.__version__,
@@ -117,15 +120,23 @@ class CalibratedClassifier(nn.Module):
 
     ``softmax(model(normalise(x)) / temperature)``: the probabilities ``score`` writes and exported
     models return. The temperature is a buffer, so it travels with the weights into any export.
+    With ``tta`` (``evaluation.tta``) the calibrated probabilities of the image and of each listed
+    transform of it (see :func:`medvision.data.transforms.tta_views`) are averaged, inside the
+    module, so exported models do the same.
 
     Examples:
         >>> probs = CalibratedClassifier(model, mean, std, temperature=1.3)(batch_uint8)
     """
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], temperature: float = 1.0):
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], temperature: float = 1.0,
+                 tta: tuple[str, ...] | list[str] = ()) -> None:  # fmt: skip
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"calibration temperature must be > 0, got {temperature}")
+        unknown = sorted(set(tta) - {"hflip", "vflip", "rot90"})
+        if unknown:
+            raise ValueError(f"tta: {unknown} not among hflip, vflip, rot90")
+        self.hflip, self.vflip, self.rot90 = "hflip" in tta, "vflip" in tta, "rot90" in tta  # scriptable flags
         self.model = model
         self.mean: torch.Tensor
         self.std: torch.Tensor
@@ -138,5 +149,16 @@ class CalibratedClassifier(nn.Module):
         # the arithmetic of medvision.data.transforms.normalize_batch, with the constants as buffers so that
         # they move with .to(device) and are folded into an exported graph
         scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-        logits = self.model((x.float() * scale - self.mean) / self.std)
-        return torch.softmax(logits.float() / self.temperature, dim=1)
+        z = (x.float() * scale - self.mean) / self.std
+        probs = torch.softmax(self.model(z).float() / self.temperature, dim=1)
+        views = 1
+        if self.hflip:
+            probs = probs + torch.softmax(self.model(z.flip(-1)).float() / self.temperature, dim=1)
+            views += 1
+        if self.vflip:
+            probs = probs + torch.softmax(self.model(z.flip(-2)).float() / self.temperature, dim=1)
+            views += 1
+        if self.rot90:
+            probs = probs + torch.softmax(self.model(torch.rot90(z, 1, [-2, -1])).float() / self.temperature, dim=1)
+            views += 1
+        return probs / views

@@ -61,7 +61,8 @@ def split_dataset(recipe: Recipe, table: SampleTable, bundle: ModelBundle, split
     """
     aug = recipe.augment if train else None
     transform = build_transforms(aug, recipe.data.image_size, bundle.mean, bundle.std, normalize=False)
-    indices = subset_indices(table, split, recipe.data.limit, recipe.seed)
+    fraction = recipe.data.train_fraction if split == "train" else 1.0
+    indices = subset_indices(table, split, recipe.data.limit, recipe.seed, fraction)
     transfer = resolve_transfer(recipe.data.transfer, table, indices)
     return ImageDataset(table, indices, transform, recipe.data.intensity, bundle.in_chans, transfer)
 

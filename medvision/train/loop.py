@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from medvision.data.transforms import tta_views
 from medvision.metrics import MetricAccumulator, compute_metrics, softmax
 from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
 from medvision.recipe import PhaseConfig, TrainConfig
@@ -44,6 +45,8 @@ from medvision.train.checkpoint import load_state, save_state, save_weights
 
 log = logging.getLogger("medvision")
 Batch = Any  # (images, labels) as collated by the DataLoader
+Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(model, images, labels) -> per-sample losses (B,)``, run inside autocast: what a training step minimises."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -63,6 +66,39 @@ def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Calla
     return factor
 
 
+def classification_loss(cfg: TrainConfig, class_weights: torch.Tensor | None = None) -> Criterion:
+    """Cross-entropy (with ``cfg.label_smoothing``), focal when ``cfg.focal_gamma > 0``, class-weighted when given.
+
+    Focal loss (Lin et al. 2017) multiplies each sample's cross-entropy by ``(1 - p_true) ** gamma``.
+    ``class_weights`` (mean 1 over the training samples, see :func:`class_weights`) weigh each
+    sample by its label, so the per-sample losses keep their scale and the DDP sum stays exact.
+    """
+
+    def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model(images).float()
+        ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, reduction="none")
+        if cfg.focal_gamma > 0:
+            p_true = torch.softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+            ce = (1.0 - p_true).clamp_min(0.0).pow(cfg.focal_gamma) * ce
+        if class_weights is not None:
+            ce = ce * class_weights.to(ce.device)[labels]
+        return ce
+
+    return loss
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, ``n / (classes present * n_class)``: every class weighs the same in total.
+
+    Their mean over the training samples is 1, so the loss keeps its scale. A class absent from the
+    training labels gets weight 0 (it has no samples to weigh).
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = max(1, int((counts > 0).sum()))
+    w = np.where(counts > 0, len(labels) / (present * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader[Batch],
@@ -77,16 +113,21 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     d: Dist = SINGLE,
     global_sizes: list[int] | None = None,
+    criterion: Criterion | None = None,
 ) -> dict[str, float]:
     """One pass over the training data; returns the mean loss, throughput and final LR.
 
     ``inputs`` turns loader batches into model input on the device; ``generator`` drives its
-    on-device augmentation. On several ranks (``d``, with ``model`` wrapped in DDP) each rank's
-    loss is its share of the global batch's mean, ``sum(loss_i) * world / global_sizes[step]``, so
-    DDP's averaged gradient is exactly the gradient of the global batch's mean loss, as on one
-    process, even when the last batch splits unevenly. The logged loss is the mean over ranks, and
-    a NaN on any rank stops every rank with the same message.
+    on-device augmentation. ``criterion`` gives per-sample losses: the classification loss of
+    ``cfg`` by default, the self-supervised objective in :mod:`medvision.pretrain`.
+
+    On several ranks (``d``, with ``model`` wrapped in DDP) each rank's loss is its share of the
+    global batch's mean, ``sum(loss_i) * world / global_sizes[step]``, so DDP's averaged gradient is
+    exactly the gradient of the global batch's mean loss, as on one process, even when the last
+    batch splits unevenly. The logged loss is the mean over ranks, and a NaN on any rank stops every
+    rank with the same message.
     """
+    criterion = criterion or classification_loss(cfg)
     model.train()
     set_bn_policy(model, bn)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,12 +142,12 @@ def train_one_epoch(
         images = to_device(images, device, inputs, generator)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
-            out = model(images)
+            per_sample = criterion(model, images, labels)
             if d.world_size > 1:
                 share = d.world_size / (global_sizes[step] if global_sizes else len(images) * d.world_size)
-                loss = F.cross_entropy(out, labels, label_smoothing=cfg.label_smoothing, reduction="sum") * share
+                loss = per_sample.sum() * share
             else:
-                loss = F.cross_entropy(out, labels, label_smoothing=cfg.label_smoothing)
+                loss = per_sample.mean()
         scaler.scale(loss / cfg.accumulate).backward()
         window_loss += loss.detach()
         window_steps += 1
@@ -155,21 +196,30 @@ def evaluate(
     amp: str,
     inputs: Inputs | None,
     max_batches: int | None = None,
+    tta: tuple[str, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (float32) and labels over a loader (in eval mode); on several ranks, this rank's shard.
 
     Logits rather than probabilities, because calibration fits a temperature to them; the loss is
-    :func:`mean_cross_entropy` of the whole split, once the shards are gathered.
+    :func:`mean_cross_entropy` of the whole split, once the shards are gathered. With ``tta``
+    (``evaluation.tta``) the logits are (N, 1 + len(tta), K): the image itself, then each transform.
     """
     model.eval()
     acc = MetricAccumulator()
+    parts = []
     for i, (images, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        x = to_device(images, device, inputs)
         with autocast(device, amp):
-            logits = model(to_device(images, device, inputs))
-        acc.update(logits, labels.to(device, non_blocking=True))
-    return acc.logits_and_labels()
+            views = [model(v).float() for v in tta_views(x, tta)]
+        acc.update(views[0], labels.to(device, non_blocking=True))
+        if tta:
+            parts.append(torch.stack(views, dim=1).cpu().numpy())
+    logits, labels = acc.logits_and_labels()
+    if tta:
+        logits = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 1 + len(tta), 0), np.float32)
+    return logits, labels
 
 
 def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -225,8 +275,9 @@ def gather_outputs(
         return None
     if len(parts) == 1:
         return logits, labels
-    k = max(p[0].shape[1] if p[0].ndim == 2 else 0 for p in parts)
-    return (np.concatenate([p[0].reshape(-1, k) for p in parts]).astype(np.float32),
+    shaped = [p[0].shape[1:] for p in parts if p[0].ndim >= 2 and len(p[0])]  # (K,), or (views, K) with TTA
+    trailing = shaped[0] if shaped else (0,)
+    return (np.concatenate([p[0].reshape(-1, *trailing) for p in parts]).astype(np.float32),
             np.concatenate([p[1] for p in parts]).astype(np.int64))  # fmt: skip
 
 
@@ -241,6 +292,7 @@ def fit(
     resume: bool = False,
     inputs: Inputs | None = None,
     d: Dist = SINGLE,
+    criterion: Criterion | None = None,
 ) -> FitState:
     """Runs every freeze phase; keeps ``model.safetensors`` (best) and ``last.pt`` (resume) in ``run_dir``.
 
@@ -293,7 +345,7 @@ def fit(
             generator = torch.Generator(device=device).manual_seed(seed * 100_003 + state.epoch)
             desc = f"{phase.name} {e + 1}/{phase.epochs}"
             stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc,
-                                    inputs, generator, d, sizes)  # fmt: skip
+                                    inputs, generator, d, sizes, criterion)  # fmt: skip
             sync_buffers(model, d)
             logits, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs)
             whole = gather_outputs(logits, labels, d)

@@ -19,32 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
 from medvision.evaluation import SplitOutputs
 from medvision.metrics import aggregate_by_group, compute_accuracy, compute_auc, softmax
 from medvision.recipe import EvalConfig
-from medvision.runtime import Inputs, autocast, to_device
 
 log = logging.getLogger("medvision")
 MIL_FILE = "abmil.safetensors"
-
-
-@torch.no_grad()
-def tile_features(model: nn.Module, loader: DataLoader[Any], device: torch.device, amp: str,
-                  inputs: Inputs | None) -> np.ndarray:  # fmt: skip
-    """(N, F) float32 pre-logits features of every tile in the loader (timm's ``forward_head(pre_logits=True)``)."""
-    model.eval()
-    parts = []
-    for images, _ in loader:
-        with autocast(device, amp):
-            x = to_device(images, device, inputs)
-            feats = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
-        parts.append(feats.float().flatten(1).cpu().numpy())
-    width = parts[0].shape[1] if parts else 0
-    return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
 
 
 def bags(features: np.ndarray, units: list[str], labels: np.ndarray) -> tuple[list[str], list[np.ndarray], np.ndarray]:
@@ -92,7 +73,7 @@ def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig,
     """Slide-level AUC (with a bootstrap CI) and accuracy of mean, max, top-k, and ABMIL when given."""
     from medvision.metrics import bootstrap_cis
 
-    p_tiles = softmax(out.logits, temperature)
+    p_tiles = out.probs(temperature)
     rows: dict[str, dict[str, Any]] = {}
     methods: list[tuple[str, str]] = [("mean", "mean"), ("max", "max"), (f"top-{cfg.top_k} mean", "topk")]
     y = np.zeros(0, np.int64)
