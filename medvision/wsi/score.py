@@ -238,7 +238,8 @@ def score_slides(
         _merge_tiles(out, tiles_dir)
         record = {**provenance, "model_sha256": spec.model_sha256, "recipe_sha256": spec.recipe_sha256,
                   "versions": versions(), "aggregate": spec.aggregate, "slides": spec.slides,
-                  "calibration_temperature": decision.temperature, "operating_points": decision.points.get("patient"),
+                  "calibration_temperature": decision.temperature, "tta": spec.tta,
+                  "operating_points": decision.points.get("patient"),
                   **asdict(summary), "reconciled": summary.reconciled, "exit_code": summary.exit_code}  # fmt: skip
         Path(f"{out}.json").write_text(json.dumps(record, indent=2) + "\n")
     summary = broadcast(summary, d)
