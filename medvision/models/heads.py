@@ -97,12 +97,13 @@ class KNNClassifier(nn.Module):
         self.register_buffer("bank_labels", labels.long())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sims = F.normalize(x.float().flatten(1), dim=1) @ self.bank.T
-        top, idx = sims.topk(self.k, dim=1)
-        weights = torch.exp(top / self.temperature)
-        votes = torch.zeros(x.shape[0], self.num_classes, device=x.device, dtype=weights.dtype)
-        votes = votes.scatter_add(1, self.bank_labels[idx], weights)
-        return torch.log((votes / votes.sum(dim=1, keepdim=True)).clamp_min(LOG_FLOOR))
+        with torch.autocast(x.device.type, enabled=False):  # similarities in float32: bf16 would reorder neighbours
+            sims = F.normalize(x.float().flatten(1), dim=1) @ self.bank.T
+            top, idx = sims.topk(self.k, dim=1)
+            weights = torch.exp(top / self.temperature)
+            votes = torch.zeros(x.shape[0], self.num_classes, device=x.device, dtype=weights.dtype)
+            votes = votes.scatter_add(1, self.bank_labels[idx], weights)
+            return torch.log((votes / votes.sum(dim=1, keepdim=True)).clamp_min(LOG_FLOOR))
 
 
 def set_classifier(model: nn.Module, head: nn.Module) -> None:
