@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medvision.recipe import load_recipe
-from medvision.run import train
+from medvision.tasks.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MEDVISION_SHARED", str(ROOT.parent / "shared"))  # works from any directory

@@ -41,11 +41,12 @@ import timm
 import torch
 from dicom_corpus import make_corpus
 
-from medvision.data.sources import SampleTable, load_table, subset_indices
+from medvision.data.sources import load_table
+from medvision.data.table import SampleTable, subset_indices
 from medvision.recipe import Recipe, recipe_from_dict
-from medvision.run import cache_dir
+from medvision.runs import cache_dir
 from medvision.runtime import EpochSampler, make_loader
-from medvision.train.build import ModelBundle, build_model, model_inputs, split_dataset
+from medvision.training.build import ModelBundle, build_model, model_inputs, split_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MEDVISION_SHARED", str(ROOT.parent / "shared"))  # works from any directory

@@ -33,11 +33,12 @@ from dicom_corpus import make_corpus
 from medvision.data.dataset import prepare
 from medvision.data.dicom_source import dicom_spec, walk_files
 from medvision.data.transforms import build_transforms
-from medvision.export.onnx import export_onnx
+from medvision.inference import load_run
 from medvision.io.dicom import DicomReadError, NotADicomImage, read_dicom
 from medvision.recipe import load_recipe
-from medvision.run import load_run, train
-from medvision.score import ScoreSummary, load_scorer, score_folder
+from medvision.tasks.export.onnx import export_onnx
+from medvision.tasks.score import ScoreSummary, load_scorer, score_folder
+from medvision.tasks.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MEDVISION_SHARED", str(ROOT.parent / "shared"))  # works from any directory
@@ -75,7 +76,7 @@ def plain_loop(folder: Path, run_dir: Path) -> tuple[dict[str, np.ndarray], int,
 
 def engine_only(run_dir: Path, onnx_path: Path, batches: list[np.ndarray], threads: int, repeats: int = 3) -> dict:
     """img/s of each engine alone on the same batches (median of ``repeats`` passes after one warm-up pass)."""
-    from medvision.export.onnx import load_onnx
+    from medvision.tasks.export.onnx import load_onnx
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)

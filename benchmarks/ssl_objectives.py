@@ -5,7 +5,7 @@ pretrains the same backbone (``tf_efficientnet_lite0`` from its ImageNet weights
 unlabelled BloodMNIST training images, at the same size and for the same epochs, as a masked
 denoising autoencoder: half of the 4x4 patches of each image are blanked and Gaussian noise is
 added, a light decoder rebuilds the image from the backbone's feature map, and the loss is the MSE
-on the masked patches. The steps are ``medvision.train.loop.train_one_epoch``'s (same AMP path,
+on the masked patches. The steps are ``medvision.training.loop.train_one_epoch``'s (same AMP path,
 same optimizer schedule). Both backbones, and the ImageNet start, are then compared by what the
 issue cares about: leave-one-out kNN accuracy on the validation split, and a linear probe trained
 on 1% of the training labels (``data.train_fraction: 0.01``) scored on the whole test split.
@@ -34,16 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvision.data.dataset import ImageDataset
-from medvision.data.sources import load_table, subset_indices
+from medvision.data.sources import load_table
+from medvision.data.table import subset_indices
 from medvision.data.transforms import build_transforms
 from medvision.models.backbone import create_backbone, data_config
 from medvision.models.freeze import optimizer_groups
 from medvision.models.heads import extract_features, knn_probs
 from medvision.recipe import load_recipe
-from medvision.run import train
 from medvision.runtime import EpochSampler, Inputs, make_loader, resolve_amp, seed_everything
-from medvision.train.checkpoint import save_weights
-from medvision.train.loop import train_one_epoch, warmup_cosine
+from medvision.tasks.train import train
+from medvision.training.checkpoint import save_weights
+from medvision.training.loop import train_one_epoch, warmup_cosine
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -2,7 +2,7 @@
 
 In one process, on the same batches, model, batch size, AMP and channels_last, it times:
 
-(a) ``medvision.train.loop.train_one_epoch``: the loop ``fit`` runs (progress bar, loss checks every
+(a) ``medvision.training.loop.train_one_epoch``: the loop ``fit`` runs (progress bar, loss checks every
     ``log_interval`` steps, LR schedule, GradScaler path, BN policy), and ``fit`` itself for the
     same steps (plus its per-epoch validation of 64 images and checkpoint writes);
 (b) a minimal loop: ``timm.create_model``, AdamW, ``torch.autocast``, backward, step, no logging;
@@ -37,13 +37,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from medvision.benchmark import device_name
 from medvision.data.sources import load_npz
 from medvision.data.transforms import build_transforms
 from medvision.models.freeze import optimizer_groups
 from medvision.recipe import TrainConfig
 from medvision.runtime import EpochSampler, Inputs, autocast, resolve_amp, seed_everything
-from medvision.train.loop import fit, train_one_epoch, warmup_cosine
+from medvision.tasks.benchmark.speed import device_name
+from medvision.training.loop import fit, train_one_epoch, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEDVISION_SHARED", ROOT.parent / "shared"))

@@ -27,11 +27,12 @@ import torch
 
 from medvision.data.sources import load_table
 from medvision.evaluation import SplitOutputs, fit_decision
+from medvision.inference import load_run
 from medvision.metrics import bootstrap_cis, compute_accuracy, compute_auc, expected_calibration_error
-from medvision.run import cache_dir, load_run
+from medvision.runs import cache_dir
 from medvision.runtime import make_loader, resolve_amp
-from medvision.train.build import model_inputs, split_dataset
-from medvision.train.loop import evaluate
+from medvision.training.build import model_inputs, split_dataset
+from medvision.training.loop import evaluate
 
 HERE = Path(__file__).parent
 

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import yaml
 
-from medvision.benchmark import BenchmarkError
 from medvision.data.intake import MAX_FILE_BYTES, MAX_PIXELS
-from medvision.data.sources import DataSourceError
-from medvision.explain import ExplainError
-from medvision.export import FORMATS, ExportError, export_run
+from medvision.data.table import DataSourceError
+from medvision.gradcam import ExplainError
 from medvision.io.image import ImageReadError
 from medvision.models.backbone import PretrainedUnavailable
 from medvision.models.freeze import FreezeError
 from medvision.recipe import RecipeError, load_recipe
-from medvision.run import RunError, evaluate_run, train
+from medvision.runs import RunError
 from medvision.runtime import launched_by_torchrun, teardown
-from medvision.score import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, FILE_TIMEOUT, parse_shard, score_folder
-from medvision.train.loop import NonFiniteLoss
+from medvision.tasks.benchmark.speed import BenchmarkError
+from medvision.tasks.evaluate import evaluate_run
+from medvision.tasks.export import FORMATS, ExportError, export_run
+from medvision.tasks.score import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, FILE_TIMEOUT, parse_shard, score_folder
+from medvision.tasks.train import train
+from medvision.training.loop import NonFiniteLoss
 
 USER_ERRORS = (
     RecipeError, DataSourceError, ImageReadError, PretrainedUnavailable, FreezeError, RunError, NonFiniteLoss,
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "pretrain"):
             if args.command == "pretrain":
-                from medvision.pretrain.run import pretrain as job
+                from medvision.tasks.pretrain import pretrain as job
             else:
                 job = train
             if args.resume:
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_NO_IMAGES
             tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
             if _slide_run(args.model):  # a run trained on whole slides scores slides: one row per slide
-                from medvision.wsi.score import score_slides
+                from medvision.tasks.score_slides import score_slides
 
                 summary = score_slides(args.folder, args.model, args.out, args.shard, args.batch_size, args.workers,
                                        args.engine, args.file_timeout)  # fmt: skip
@@ -281,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medvision score: error: no image file to score in {args.folder}", file=sys.stderr)
             return summary.exit_code
         elif args.command == "explain":
-            from medvision.explain import explain_images
-            from medvision.run import explain_errors
+            from medvision.tasks.explain import explain_errors, explain_images
 
             out = args.out or args.run_dir / "explain"
             if args.images:
@@ -297,10 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
             print(f"wrote {len(written)} overlay(s) to {out}")
         elif args.command == "benchmark":
-            from medvision import benchmark as bench
+            from medvision.tasks.benchmark import speed as bench
 
             if args.mode == "labels":
-                from medvision import label_efficiency as le
+                from medvision.tasks.benchmark import labels as le
 
                 grid = le.label_benchmark(load_recipe(args.recipe, args.overrides), le.parse_fractions(args.fractions),
                                           le.parse_inits(args.inits), le.parse_protocols(args.protocols), args.seeds,
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             exported = export_run(args.run_dir, args.fmt, args.out, args.parity_images)
             print("\n".join(exported.lines()))
         elif args.command == "demo":
-            from medvision.demo import run_demo
+            from medvision.tasks.demo import run_demo
 
             out = run_demo(args.out)
             print(f"report: {out / 'report.html'}")

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from medvision.demo import make_dataset
+from medvision.tasks.demo import make_dataset
 
 SHARED = Path(os.environ.get("MEDVISION_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
 
@@ -54,7 +54,7 @@ def dicom_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from test_dicom_source import make_dicom_folder
 
     from medvision.recipe import recipe_from_dict
-    from medvision.run import train
+    from medvision.tasks.train import train
 
     root = tmp_path_factory.mktemp("train_dicom")
     make_dicom_folder(root, per_class=6)

@@ -1,6 +1,6 @@
 """A score reader that fails the way compiled decoders do, for files named ``FAULT-<kind>.dcm``.
 
-It is handed to :func:`medvision.score.score_folder` as ``reader`` and runs inside the decode worker
+It is handed to :func:`medvision.tasks.score.score_folder` as ``reader`` and runs inside the decode worker
 processes (it is imported there by name, so it lives in its own module). Every other file goes to the
 real :func:`medvision.data.intake.read_file`.
 """

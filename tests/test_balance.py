@@ -13,7 +13,7 @@ from torch import nn
 
 from medvision.recipe import RecipeError, recipe_from_dict
 from medvision.runtime import EpochSampler
-from medvision.train.loop import class_weights, classification_loss
+from medvision.training.loop import class_weights, classification_loss
 
 
 def test_class_weights_equalise_the_classes_and_keep_the_loss_scale() -> None:
@@ -95,7 +95,7 @@ def _recipe(npz: Path, balance: str, out: Path | None = None, weights: Path | No
 
 def test_balancing_a_1_to_20_training_set_raises_balanced_accuracy(shared: Path, tmp_path: Path) -> None:
     """BloodMNIST eosinophils against neutrophils, 200:10 in training, balanced in validation and test."""
-    from medvision.run import train
+    from medvision.tasks.train import train
 
     data = np.load(shared / "data" / "bloodmnist.npz")
     rng = np.random.default_rng(0)

@@ -15,7 +15,10 @@ from conftest import tiny_recipe
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from medvision.benchmark import (
+from medvision.cli import main
+from medvision.recipe import ModelConfig
+from medvision.tasks.benchmark.report import Spread, pareto_front, summarize
+from medvision.tasks.benchmark.speed import (
     BenchmarkError,
     check_backbone,
     count_flops,
@@ -24,9 +27,6 @@ from medvision.benchmark import (
     starting_weights,
     time_steps,
 )
-from medvision.benchmark_report import Spread, pareto_front, summarize
-from medvision.cli import main
-from medvision.recipe import ModelConfig
 
 TINY = ["test_resnet", "test_efficientnet"]
 FAST = ["--image-size", "32", "--batch-size", "4", "--warmup", "1", "--repeats", "2", "--steps", "1"]

@@ -15,9 +15,11 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 import medvision.data.dicom_source as dicom_source  # noqa: E402
-from medvision.data.sources import check_patient_disjoint, load_table  # noqa: E402
+from medvision.data.sources import load_table  # noqa: E402
+from medvision.data.table import check_patient_disjoint  # noqa: E402
 from medvision.recipe import DataConfig, recipe_from_dict  # noqa: E402
-from medvision.run import evaluate_run, train  # noqa: E402
+from medvision.tasks.evaluate import evaluate_run  # noqa: E402
+from medvision.tasks.train import train  # noqa: E402
 
 
 def make_dicom_folder(root: Path, per_class: int = 8) -> dict[str, str]:

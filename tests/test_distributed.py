@@ -23,13 +23,15 @@ from conftest import tiny_recipe
 from safetensors.torch import load_file
 from torch import nn
 
-from medvision.data.sources import FileLoader, load_table, subset_indices
-from medvision.demo import make_dataset
+from medvision.data.sources import load_table
+from medvision.data.table import FileLoader, subset_indices
 from medvision.recipe import TrainConfig, recipe_from_dict
-from medvision.run import evaluate_run, train
 from medvision.runtime import Dist, EpochSampler, shard
-from medvision.score import score_folder
-from medvision.train.loop import NonFiniteLoss, train_one_epoch, warmup_cosine
+from medvision.tasks.demo import make_dataset
+from medvision.tasks.evaluate import evaluate_run
+from medvision.tasks.score import score_folder
+from medvision.tasks.train import train
+from medvision.training.loop import NonFiniteLoss, train_one_epoch, warmup_cosine
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
@@ -276,7 +278,7 @@ def test_a_bad_file_on_one_rank_stops_both_with_its_error(ddp_setup: tuple[Path,
 def test_global_batch_must_divide_by_the_world_and_sync_bn_needs_gpus(
     ddp_setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medvision.run as run
+    import medvision.tasks.train as run
 
     _, recipe_path = ddp_setup
     tree = yaml.safe_load(recipe_path.read_text())

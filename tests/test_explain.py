@@ -19,18 +19,11 @@ import timm
 import torch
 
 from medvision.data.transforms import build_transforms
-from medvision.explain import (
-    ExplainError,
-    confident_errors,
-    display_image,
-    explain_images,
-    grad_cam,
-    load_input,
-    overlay,
-    target_layer_name,
-)
+from medvision.gradcam import ExplainError, confident_errors, display_image, grad_cam, overlay, target_layer_name
+from medvision.inference import load_run
 from medvision.recipe import recipe_from_dict
-from medvision.run import load_run, train
+from medvision.tasks.explain import explain_images, load_input
+from medvision.tasks.train import train
 
 SIZE = 96
 Box = tuple[int, int, int]  # top row, left column, side

@@ -19,18 +19,10 @@ from conftest import tiny_recipe
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader, TensorDataset
 
-from medvision.benchmark import BenchmarkError
-from medvision.data.sources import DataSourceError, label_subset, load_table, subset_indices
+from medvision.data.sources import load_table
+from medvision.data.table import DataSourceError, label_subset, subset_indices
 from medvision.data.transforms import tta_views
 from medvision.evaluation import Decision, SplitOutputs, clinical_metrics
-from medvision.label_efficiency import (
-    LabelResult,
-    _configure,
-    label_benchmark,
-    parse_fractions,
-    parse_inits,
-    parse_protocols,
-)
 from medvision.metrics import fit_temperature, softmax, tta_softmax
 from medvision.models.deploy import CalibratedClassifier
 from medvision.models.heads import (
@@ -44,8 +36,19 @@ from medvision.models.heads import (
     set_classifier,
 )
 from medvision.recipe import DataConfig, EvalConfig, RecipeError, recipe_from_dict
-from medvision.run import RunError, evaluate_run, train
-from medvision.score import score_folder
+from medvision.runs import RunError
+from medvision.tasks.benchmark.labels import (
+    LabelResult,
+    _configure,
+    label_benchmark,
+    parse_fractions,
+    parse_inits,
+    parse_protocols,
+)
+from medvision.tasks.benchmark.speed import BenchmarkError
+from medvision.tasks.evaluate import evaluate_run
+from medvision.tasks.score import score_folder
+from medvision.tasks.train import train
 
 TTA = ["hflip", "vflip", "rot90"]
 

@@ -12,11 +12,12 @@ import torch
 from conftest import tiny_recipe
 
 from medvision.data.dataset import ImageDataset, prepare
-from medvision.data.sources import DataSourceError, SampleTable, load_table, preload
+from medvision.data.sources import load_table, preload
+from medvision.data.table import DataSourceError, SampleTable
 from medvision.data.transforms import build_transforms, flip_rot90_batch, normalize_batch
 from medvision.recipe import AugmentConfig, RecipeError, recipe_from_dict
 from medvision.runtime import EpochSampler, Inputs, make_loader
-from medvision.train.build import resolve_transfer
+from medvision.training.build import resolve_transfer
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -135,7 +136,7 @@ def test_preload_serves_decoded_images_and_keeps_bad_files_bad(tiles_manifest: P
 
 
 def test_train_with_uint8_batches_device_flips_and_preload(tiles_manifest: Path, tmp_path: Path) -> None:
-    from medvision.run import train
+    from medvision.tasks.train import train
 
     tree = tiny_recipe(tiles_manifest, tmp_path, phases=[{"epochs": 1, "lr": 3e-3}])
     tree["data"].update(preload=True, num_workers=2)

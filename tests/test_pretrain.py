@@ -20,13 +20,13 @@ from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 from medvision.cli import main
-from medvision.pretrain import run as pretrain_run
-from medvision.pretrain.run import pretrain
-from medvision.pretrain.simclr import nt_xent
-from medvision.pretrain.views import TwoViews, view_kind, view_transforms
+from medvision.data.views import TwoViews, view_kind, view_transforms
+from medvision.models.simclr import nt_xent
 from medvision.recipe import recipe_from_dict
-from medvision.run import RunError
+from medvision.runs import RunError
 from medvision.runtime import Dist
+from medvision.tasks import pretrain as pretrain_run
+from medvision.tasks.pretrain import pretrain
 
 
 def _recipe(manifest: Path, out: Path, name: str = "ssl", **pretrain_cfg: Any) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def test_interrupted_pretraining_resumes_exactly(tiles_manifest: Path, tmp_path:
 def test_init_from_a_pretrained_backbone(
     tiles_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from medvision.run import train
+    from medvision.tasks.train import train
 
     ssl = pretrain(recipe_from_dict(_recipe(tiles_manifest, tmp_path)))
     backbone = load_file(str(ssl / "model.safetensors"))

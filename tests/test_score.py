@@ -24,11 +24,12 @@ from medvision.cli import main  # noqa: E402
 from medvision.data.dataset import prepare  # noqa: E402
 from medvision.data.dicom_source import dicom_spec  # noqa: E402
 from medvision.data.transforms import build_transforms  # noqa: E402
+from medvision.inference import load_run  # noqa: E402
 from medvision.io.dicom import read_dicom  # noqa: E402
 from medvision.io.files import sha256  # noqa: E402
 from medvision.recipe import recipe_from_dict  # noqa: E402
-from medvision.run import load_run, train  # noqa: E402
-from medvision.score import in_shard, score_folder  # noqa: E402
+from medvision.tasks.score import in_shard, score_folder  # noqa: E402
+from medvision.tasks.train import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_opt_in_tags(trained: Path, folder: Path, tmp_path: Path) -> None:
 KILLER = """
 import os, signal, sys
 from pathlib import Path
-import medvision.score as s
+import medvision.tasks.score as s  # noqa: E402
 calls = [0]
 real_write = s._Rows.write
 def dying_write(self, files, header=False):

@@ -24,7 +24,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 import faulty_reader  # noqa: E402
 
-from medvision.score import score_folder  # noqa: E402
+from medvision.tasks.score import score_folder  # noqa: E402
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # globbed: get_testdata_files may go online
 BASES = [
@@ -218,7 +218,7 @@ def test_hostile_archive_resumes_after_kill_9(
     reference = tmp_path / "reference.csv"
     score_folder(root, dicom_run, reference, workers=2, batch_size=4, file_timeout=TIMEOUT, reader=faulty_reader.read)
     out = tmp_path / "killed.csv"
-    script = ("import sys, faulty_reader; from pathlib import Path; from medvision.score import score_folder; "
+    script = ("import sys, faulty_reader; from pathlib import Path; from medvision.tasks.score import score_folder; "
               "score_folder(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), workers=2, batch_size=4, "
               f"file_timeout={TIMEOUT}, reader=faulty_reader.read)")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}

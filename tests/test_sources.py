@@ -7,15 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from medvision.data.sources import (
-    DataSourceError,
-    check_patient_disjoint,
-    grouped_stratified_split,
-    load_csv,
-    load_folder,
-    load_npz,
-    load_table,
-)
+from medvision.data.sources import load_csv, load_folder, load_npz, load_table
+from medvision.data.table import DataSourceError, check_patient_disjoint, grouped_stratified_split
 from medvision.recipe import DataConfig
 
 

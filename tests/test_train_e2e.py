@@ -17,12 +17,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import medvision.train.loop as loop
+import medvision.training.loop as loop
 from medvision.cli import main
-from medvision.demo import CLASSES, synthetic_tile
 from medvision.models.backbone import PretrainedUnavailable, create_backbone
 from medvision.recipe import ModelConfig, TrainConfig, recipe_from_dict
-from medvision.run import evaluate_run, mean_count, train
+from medvision.runs import mean_count
+from medvision.tasks.demo import CLASSES, synthetic_tile
+from medvision.tasks.evaluate import evaluate_run
+from medvision.tasks.train import train
 
 
 @pytest.fixture(scope="module")

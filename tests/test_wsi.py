@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("openslide")
 pytest.importorskip("wsidicom")
 
-from medvision.data.sources import DataSourceError
+from medvision.data.table import DataSourceError
 from medvision.recipe import recipe_from_dict
 from medvision.runtime import EpochSampler
 from medvision.wsi.slide import SlideError, open_slide
@@ -239,7 +239,7 @@ def cohort(he_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 @pytest.fixture(scope="module")
 def slide_run(cohort: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medvision.run import train
+    from medvision.tasks.train import train
 
     manifest, _ = cohort
     return train(recipe_from_dict(_recipe(manifest, tmp_path_factory.mktemp("runs"))))
@@ -353,8 +353,8 @@ def test_score_resumes_after_kill_9(scored: dict, tmp_path: Path) -> None:
 
 
 def test_abmil_head_is_trained_saved_compared_and_used_by_score(cohort: tuple[Path, dict], tmp_path: Path) -> None:
-    from medvision.run import train
-    from medvision.wsi.score import score_slides
+    from medvision.tasks.score_slides import score_slides
+    from medvision.tasks.train import train
 
     manifest, _ = cohort
     tree = _recipe(manifest, tmp_path, name="abmil", aggregate="abmil")
@@ -430,7 +430,7 @@ def test_direct_jpeg_tile_path_gives_the_backends_pixels(flavour: str, small_rgb
 def test_evaluate_a_slide_run_on_a_manifest_and_cap_tiles_by_slide_name(slide_run: Path, cohort: tuple[Path, dict],
                                                                           tmp_path: Path) -> None:  # fmt: skip
     from medvision.data.sources import load_table
-    from medvision.run import evaluate_run
+    from medvision.tasks.evaluate import evaluate_run
 
     manifest, _ = cohort
     out, metrics = evaluate_run(slide_run, data=str(manifest), split="test", out=tmp_path / "eval")

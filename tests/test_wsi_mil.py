@@ -19,7 +19,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from medvision.wsi.mil import ABMIL, MILConfig, fit_abmil, load_abmil, predict_abmil, save_abmil
+from medvision.models.mil import ABMIL, MILConfig, fit_abmil, load_abmil, predict_abmil, save_abmil
 
 DIM = 32
 SHIFT = 3.5

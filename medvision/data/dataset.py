@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medvision.data.sources import SampleTable
+from medvision.data.table import SampleTable
 from medvision.io.image import ImageReadError, Intensity, to_channels, to_unit_range
 
 Transfer = Literal["uint8", "float16", "float32"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from medvision.data.sources import DataSourceError, SampleTable, class_index
+from medvision.data.table import DataSourceError, SampleTable, class_index
 from medvision.io.dicom import (
     DicomSpec,
     FramePolicy,

@@ -7,77 +7,31 @@ stratified by label and grouped by patient, so that no patient is in two splits.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from medvision.data.dicom_source import load_dicom_folder
+from medvision.data.table import (
+    SPLITS,
+    ArrayLoader,
+    DataSourceError,
+    FileLoader,
+    SampleTable,
+    check_patient_disjoint,
+    class_index,
+    grouped_stratified_split,
+    read_manifest,
+)
 from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
 from medvision.recipe import DataConfig
-
-SPLITS = ("train", "val", "test")
-
-
-class DataSourceError(ValueError):
-    """A data source that cannot be used; the message names the file, row or value at fault."""
-
-
-class FileLoader:
-    """Loads item ``i`` from disk at native bit depth (picklable, for DataLoader workers)."""
-
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
-
-    def __call__(self, i: int) -> np.ndarray:
-        return read_image_raw(self.paths[i])
-
-
-class ArrayLoader:
-    """Serves item ``i`` from an in-memory uint8/uint16 array of shape (N, H, W[, C])."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
-
-    def __call__(self, i: int) -> np.ndarray:
-        return self.images[i]
-
-
-@dataclass
-class SampleTable:
-    """One row per image: its id (relative path or ``npz:split:index``), label, patient and split."""
-
-    ids: list[str]
-    labels: np.ndarray
-    groups: list[str]
-    splits: list[str]
-    classes: list[str]
-    loader: Callable[[int], np.ndarray]
-    grayscale: bool
-    origin: str
-    units: list[str] | None = None
-    """The unit each row's prediction is aggregated to when it is not the patient: the slide of a tile."""
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def indices(self, split: str) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.splits) == split)
-
+from medvision.wsi.source import load_slide_table
 
 # ------------------------------------------------------------------------------------ sources
-
-
-def class_index(classes: list[str], value: str, where: str) -> int:
-    try:
-        return classes.index(value)
-    except ValueError:
-        raise DataSourceError(f"{where}: label {value!r} is not one of the classes {classes}") from None
 
 
 def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
@@ -192,23 +146,6 @@ def load_folder(
     )
 
 
-def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patient_id,split") -> list[dict[str, str]]:
-    """The rows of a CSV manifest that has the ``required`` columns; errors name the file and the columns."""
-    need = ",".join(required)
-    if not path.is_file():
-        raise DataSourceError(f"{path}: CSV manifest does not exist; expected a CSV with columns {need}")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        missing_cols = [c for c in required if c not in columns]
-        if missing_cols:
-            raise DataSourceError(f"{path}: missing column(s) {missing_cols}; found {columns}, need {need}[{optional}]")
-        rows = list(reader)
-    if not rows:
-        raise DataSourceError(f"{path}: manifest has a header but no rows")
-    return rows
-
-
 def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> SampleTable:
     """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it.
 
@@ -258,55 +195,6 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
 # ------------------------------------------------------------------------------------- splits
 
 
-def check_patient_disjoint(table: SampleTable) -> None:
-    """Raises when one patient appears in two splits (a leak that inflates every test metric)."""
-    seen: dict[str, str] = {}
-    for i, (group, split) in enumerate(zip(table.groups, table.splits, strict=True)):
-        first = seen.setdefault(group, split)
-        if first != split:
-            raise DataSourceError(
-                f"{table.origin}: patient {group!r} is in both '{first}' and '{split}' (item {table.ids[i]}); "
-                "a patient must be in exactly one split"
-            )
-
-
-def grouped_stratified_split(
-    labels: np.ndarray, groups: list[str], val_fraction: float, test_fraction: float, seed: int
-) -> list[str]:
-    """Assigns whole patients to train/val/test so each label keeps roughly its share in every split.
-
-    Patients are bucketed by their most frequent label, shuffled with ``seed``, and dealt to test,
-    then val, until each split holds its fraction of that label's images; the rest is train.
-    """
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        by_group[g].append(i)
-    rng = np.random.default_rng(seed)
-    buckets: dict[int, list[str]] = defaultdict(list)
-    for g in sorted(by_group):
-        majority = int(np.bincount(labels[by_group[g]]).argmax())
-        buckets[majority].append(g)
-    out = [""] * len(groups)
-    for label in sorted(buckets):
-        members = buckets[label]
-        rng.shuffle(members)
-        total = sum(len(by_group[g]) for g in members)
-        targets = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
-        filled = 0
-        for g in members:
-            size = len(by_group[g])
-            split = "train"
-            for name, upto in targets:
-                # a patient goes to a split while that split is below its share of this label
-                if filled + size / 2 <= upto:
-                    split = name
-                    break
-            filled += size
-            for i in by_group[g]:
-                out[i] = split
-    return out
-
-
 def preload(table: SampleTable, max_fraction: float = 0.5) -> SampleTable:
     """Decodes every image once and serves it from memory from then on.
 
@@ -344,74 +232,29 @@ def preload(table: SampleTable, max_fraction: float = 0.5) -> SampleTable:
     return table
 
 
+Source = Callable[[Path, DataConfig, Path | None, bool], SampleTable]
+"""(path, the recipe's data section, the decode cache folder, labelled) -> the source's sample table."""
+
+#: ``data.source`` -> the function that reads it. Each names the file at fault in its DataSourceError.
+SOURCES: dict[str, Source] = {
+    "npz": lambda path, cfg, cache, labelled: load_npz(path, cfg.classes),
+    "folder": lambda path, cfg, cache, labelled: load_folder(path, cfg.classes, cfg.patient_regex, labelled),
+    "csv": lambda path, cfg, cache, labelled: load_csv(path, cfg.classes, labelled),
+    "dicom": lambda path, cfg, cache, labelled: load_dicom_folder(path, cfg.dicom, cfg.classes, cache),
+    "slides": lambda path, cfg, cache, labelled: load_slide_table(path, cfg, cache),
+}
+
+
 def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None, labelled: bool = True) -> SampleTable:
     """Builds the sample table for a recipe's data section, with every row assigned to a split.
 
     ``labelled=False`` (self-supervised pretraining) also accepts a flat folder and a CSV without
     a ``label`` column, read as one ``unlabelled`` class.
     """
-    path = Path(cfg.path)
-    if cfg.source == "npz":
-        table = load_npz(path, cfg.classes)
-    elif cfg.source == "folder":
-        table = load_folder(path, cfg.classes, cfg.patient_regex, labelled)
-    elif cfg.source == "dicom":
-        from medvision.data.dicom_source import load_dicom_folder  # imports pydicom only when needed
-
-        table = load_dicom_folder(path, cfg.dicom, cfg.classes, cache_dir)
-    elif cfg.source == "slides":
-        from medvision.wsi.source import load_slide_table  # imports the slide readers only when needed
-
-        table = load_slide_table(path, cfg, cache_dir)
-    else:
-        table = load_csv(path, cfg.classes, labelled)
+    table = SOURCES[cfg.source](Path(cfg.path), cfg, cache_dir, labelled)
     if not any(table.splits):
         table.splits = grouped_stratified_split(table.labels, table.groups, cfg.val_fraction, cfg.test_fraction, seed)
     check_patient_disjoint(table)
     if cfg.preload and cfg.source in ("folder", "csv"):
         preload(table)
     return table
-
-
-def subset_indices(table: SampleTable, split: str, limit: int | None, seed: int, fraction: float = 1.0) -> np.ndarray:
-    """Indices of one split, optionally a seeded random subset of at most ``limit`` (kept in order).
-
-    ``fraction`` below 1 then keeps that share of the rows as :func:`label_subset` chooses them.
-    """
-    idx = np.arange(len(table)) if split == "all" else table.indices(split)
-    if limit is not None and len(idx) > limit:
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(idx, size=limit, replace=False))
-    if fraction < 1.0:
-        idx = label_subset(table.labels, table.groups, idx, fraction, seed)
-    return idx
-
-
-def label_subset(labels: np.ndarray, groups: list[str], idx: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """About ``fraction`` of the rows ``idx``: whole patients, stratified by label, nested across fractions.
-
-    Patients are bucketed by their most frequent label and put in a seeded order that does not
-    depend on ``fraction``; each bucket contributes its first patients until it holds its share of
-    that label's rows, and at least one patient, so every class keeps a labelled example. The same
-    seed therefore gives nested subsets: the 1% rows are among the 10% rows.
-    """
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for i in idx:
-        by_group[groups[int(i)]].append(int(i))
-    buckets: dict[int, list[str]] = defaultdict(list)
-    for g in sorted(by_group):
-        buckets[int(np.bincount(labels[by_group[g]]).argmax())].append(g)
-    rng = np.random.default_rng([seed, 0x1ABE1])
-    keep: list[int] = []
-    for label in sorted(buckets):
-        members = sorted(buckets[label])
-        order = rng.permutation(len(members))
-        target = fraction * sum(len(by_group[g]) for g in members)
-        taken = 0
-        for j in order:
-            rows = by_group[members[int(j)]]
-            if taken and taken + len(rows) / 2 > target:
-                break
-            keep.extend(rows)
-            taken += len(rows)
-    return np.sort(np.asarray(keep, dtype=np.int64))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.sources import SPLITS, DataSourceError, SampleTable, class_index, read_manifest
+from medvision.data.table import SPLITS, DataSourceError, SampleTable, class_index, read_manifest
 from medvision.io.files import atomic_write
 from medvision.recipe import DataConfig, SlidesConfig
 from medvision.wsi.slide import Slide, SlideError, open_slide

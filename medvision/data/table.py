@@ -1,0 +1,183 @@
+"""The sample table every data source produces, and the split logic that works on it.
+
+A :class:`SampleTable` is (item id, label, patient/group, split) rows plus a loader of pixels. The
+sources (:mod:`medvision.data.sources`) build one; everything downstream (datasets, training,
+evaluation, the data audit) reads only this.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medvision.io.image import read_image_raw
+
+SPLITS = ("train", "val", "test")
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be used; the message names the file, row or value at fault."""
+
+
+class FileLoader:
+    """Loads item ``i`` from disk at native bit depth (picklable, for DataLoader workers)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __call__(self, i: int) -> np.ndarray:
+        return read_image_raw(self.paths[i])
+
+
+class ArrayLoader:
+    """Serves item ``i`` from an in-memory uint8/uint16 array of shape (N, H, W[, C])."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+
+@dataclass
+class SampleTable:
+    """One row per image: its id (relative path or ``npz:split:index``), label, patient and split."""
+
+    ids: list[str]
+    labels: np.ndarray
+    groups: list[str]
+    splits: list[str]
+    classes: list[str]
+    loader: Callable[[int], np.ndarray]
+    grayscale: bool
+    origin: str
+    units: list[str] | None = None
+    """The unit each row's prediction is aggregated to when it is not the patient: the slide of a tile."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.splits) == split)
+
+
+def class_index(classes: list[str], value: str, where: str) -> int:
+    try:
+        return classes.index(value)
+    except ValueError:
+        raise DataSourceError(f"{where}: label {value!r} is not one of the classes {classes}") from None
+
+
+def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patient_id,split") -> list[dict[str, str]]:
+    """The rows of a CSV manifest that has the ``required`` columns; errors name the file and the columns."""
+    need = ",".join(required)
+    if not path.is_file():
+        raise DataSourceError(f"{path}: CSV manifest does not exist; expected a CSV with columns {need}")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        missing_cols = [c for c in required if c not in columns]
+        if missing_cols:
+            raise DataSourceError(f"{path}: missing column(s) {missing_cols}; found {columns}, need {need}[{optional}]")
+        rows = list(reader)
+    if not rows:
+        raise DataSourceError(f"{path}: manifest has a header but no rows")
+    return rows
+
+
+def check_patient_disjoint(table: SampleTable) -> None:
+    """Raises when one patient appears in two splits (a leak that inflates every test metric)."""
+    seen: dict[str, str] = {}
+    for i, (group, split) in enumerate(zip(table.groups, table.splits, strict=True)):
+        first = seen.setdefault(group, split)
+        if first != split:
+            raise DataSourceError(
+                f"{table.origin}: patient {group!r} is in both '{first}' and '{split}' (item {table.ids[i]}); "
+                "a patient must be in exactly one split"
+            )
+
+
+def grouped_stratified_split(
+    labels: np.ndarray, groups: list[str], val_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
+    """Assigns whole patients to train/val/test so each label keeps roughly its share in every split.
+
+    Patients are bucketed by their most frequent label, shuffled with ``seed``, and dealt to test,
+    then val, until each split holds its fraction of that label's images; the rest is train.
+    """
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        by_group[g].append(i)
+    rng = np.random.default_rng(seed)
+    buckets: dict[int, list[str]] = defaultdict(list)
+    for g in sorted(by_group):
+        majority = int(np.bincount(labels[by_group[g]]).argmax())
+        buckets[majority].append(g)
+    out = [""] * len(groups)
+    for label in sorted(buckets):
+        members = buckets[label]
+        rng.shuffle(members)
+        total = sum(len(by_group[g]) for g in members)
+        targets = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
+        filled = 0
+        for g in members:
+            size = len(by_group[g])
+            split = "train"
+            for name, upto in targets:
+                # a patient goes to a split while that split is below its share of this label
+                if filled + size / 2 <= upto:
+                    split = name
+                    break
+            filled += size
+            for i in by_group[g]:
+                out[i] = split
+    return out
+
+
+def subset_indices(table: SampleTable, split: str, limit: int | None, seed: int, fraction: float = 1.0) -> np.ndarray:
+    """Indices of one split, optionally a seeded random subset of at most ``limit`` (kept in order).
+
+    ``fraction`` below 1 then keeps that share of the rows as :func:`label_subset` chooses them.
+    """
+    idx = np.arange(len(table)) if split == "all" else table.indices(split)
+    if limit is not None and len(idx) > limit:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(idx, size=limit, replace=False))
+    if fraction < 1.0:
+        idx = label_subset(table.labels, table.groups, idx, fraction, seed)
+    return idx
+
+
+def label_subset(labels: np.ndarray, groups: list[str], idx: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """About ``fraction`` of the rows ``idx``: whole patients, stratified by label, nested across fractions.
+
+    Patients are bucketed by their most frequent label and put in a seeded order that does not
+    depend on ``fraction``; each bucket contributes its first patients until it holds its share of
+    that label's rows, and at least one patient, so every class keeps a labelled example. The same
+    seed therefore gives nested subsets: the 1% rows are among the 10% rows.
+    """
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i in idx:
+        by_group[groups[int(i)]].append(int(i))
+    buckets: dict[int, list[str]] = defaultdict(list)
+    for g in sorted(by_group):
+        buckets[int(np.bincount(labels[by_group[g]]).argmax())].append(g)
+    rng = np.random.default_rng([seed, 0x1ABE1])
+    keep: list[int] = []
+    for label in sorted(buckets):
+        members = sorted(buckets[label])
+        order = rng.permutation(len(members))
+        target = fraction * sum(len(by_group[g]) for g in members)
+        taken = 0
+        for j in order:
+            rows = by_group[members[int(j)]]
+            if taken and taken + len(rows) / 2 > target:
+                break
+            keep.extend(rows)
+            taken += len(rows)
+    return np.sort(np.asarray(keep, dtype=np.int64))

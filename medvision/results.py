@@ -1,0 +1,159 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvision.data.dataset import ImageDataset
+from medvision.data.table import SampleTable
+from medvision.data.transforms import normalize_batch
+from medvision.evaluation import Decision, SplitOutputs, clinical_metrics
+from medvision.gradcam import (
+    ExplainError,
+    confident_errors,
+    display_image,
+    grad_cam,
+    overlay,
+)
+from medvision.metrics import softmax
+from medvision.models.heads import extract_features
+from medvision.recipe import EvalConfig, Recipe
+from medvision.report import write_json, write_predictions, write_report
+from medvision.runs import RunError, mean_count
+from medvision.runtime import (
+    make_loader,
+    resolve_workers,
+)
+from medvision.training.build import ModelBundle, model_inputs, split_dataset
+
+log = logging.getLogger("medvision")
+
+
+def _headline(clinical: dict[str, Any], split: str, loss: float) -> dict[str, float]:
+    image = clinical["image"][split]
+    return {"auc": image["auc"], "acc": image["acc"], "n": image["n"], "loss": loss}
+
+
+def explain_panel(
+    bundle: ModelBundle, ds: ImageDataset, out: SplitOutputs, decision: Decision, classes: list[str],
+    cfg: EvalConfig, device: torch.device,
+) -> list[tuple[tuple[int, str, float], np.ndarray, str]]:  # fmt: skip
+    """Grad-CAM overlays of the split's most confident false positives and negatives (or wrong classes).
+
+    One ``((index, kind, confidence), overlay, title)`` per image; none when the split has no errors.
+
+    Raises:
+        ExplainError: Grad-CAM cannot be computed for this model.
+    """
+    probs = out.probs(decision.temperature)
+    if len(probs) == 0:
+        return []
+    chosen = confident_errors(out.labels, probs, cfg.explain, decision.positive if decision.positive is not None else 1)
+    if not chosen:
+        return []
+    images = normalize_batch(torch.stack([ds[i][0] for i, _, _ in chosen]).to(device), bundle.mean, bundle.std)
+    target = torch.as_tensor([int(probs[i].argmax()) for i, _, _ in chosen], device=device)
+    heat = grad_cam(bundle.model, images, target, cfg.explain_method)
+    panel = []
+    for (i, kind, conf), img, h in zip(chosen, images, heat, strict=True):
+        title = f"{kind}: {classes[int(out.labels[i])]} → {classes[int(probs[i].argmax())]} ({conf:.2f})"
+        panel.append(((i, kind, conf), overlay(display_image(img, bundle.mean, bundle.std), h), title))
+    return panel
+
+
+def write_results(
+    out_dir: Path,
+    bundle: ModelBundle,
+    recipe: Recipe,
+    table: SampleTable,
+    meta: dict[str, Any],
+    splits: dict[str, tuple[SplitOutputs, list[str], float]],
+    decision: Decision,
+    extra: dict[str, Any],
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """metrics.json, predictions.csv (calibrated probabilities), report.md/.html with plots and Grad-CAM."""
+    classes = meta["classes"]
+    outputs = {split: out for split, (out, _, _) in splits.items()}
+    clinical = clinical_metrics(outputs, classes, recipe.evaluation, decision,
+                                "slide" if table.units is not None else "patient")  # fmt: skip
+    headline = {split: _headline(clinical, split, loss) for split, (_, _, loss) in splits.items()}
+    for split, m in headline.items():
+        log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
+    unit, item = ("slide", "tiles") if table.units is not None else ("patient", "images")
+    for split, summary in clinical["patient"].items():
+        if isinstance(summary, dict) and summary.get("images_per_patient", 1) > 1:
+            log.info("%s, per %s (%s of %s %s): AUC %.4f  accuracy %.4f  (n=%d)", split, unit,
+                     recipe.evaluation.patient_aggregate, mean_count(summary["images_per_patient"]), item,
+                     summary["auc"], summary["acc"], summary["n"])  # fmt: skip
+    for level in ("image", "patient"):
+        for split, summary in clinical[level].items():
+            messages = summary.get("warnings", []) if isinstance(summary, dict) else []
+            if messages:
+                more = f" (and {len(messages) - 1} more; see metrics.json)" if len(messages) > 1 else ""
+                log.warning("%s, %s level: %s%s", split, level, messages[0], more)
+    write_json(out_dir / "metrics.json", {**headline, **clinical, "decision": decision.to_json(), **extra})
+    rows = [(split, ids, out.labels, out.probs(decision.temperature))
+            for split, (out, ids, _) in splits.items()]  # fmt: skip
+    write_predictions(out_dir / "predictions.csv", rows, classes)
+    focus = "test" if "test" in splits else next(iter(splits))
+    panel = []
+    if recipe.evaluation.explain:
+        ds = split_dataset(recipe, table, bundle, focus, train=False)
+        try:
+            errors = explain_panel(bundle, ds, outputs[focus], decision, classes, recipe.evaluation, device)
+            panel = [(picture, title) for _, picture, title in errors]
+        except ExplainError as err:  # the report is complete without its Grad-CAM panel
+            log.warning("no Grad-CAM panel: %s", err)
+    write_report(out_dir, meta, extra, clinical, outputs[focus], focus, decision, panel, recipe.evaluation)
+    return headline
+
+
+def slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: dict[str, Any],
+                device: torch.device, run_dir: Path, fit: bool) -> None:  # fmt: skip
+    """Attention MIL: slide probabilities for every split in ``splits`` (set as their ``unit_probs``).
+
+    ``fit`` trains the head on the training slides' frozen tile features and saves it in ``run_dir``;
+    otherwise the run's saved head is applied.
+    """
+    from medvision.models.mil import load_abmil, predict_abmil
+    from medvision.models.slide_head import MIL_FILE, bags, fit_slide_head
+
+    workers = resolve_workers(recipe.data.num_workers, device)
+    inputs = model_inputs(recipe, bundle)
+    features, outputs = {}, {}
+    for split in ("train", *splits) if fit else tuple(splits):
+        ds = split_dataset(recipe, table, bundle, split, train=False)
+        loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
+        features[split] = extract_features(bundle.model, loader, device, recipe.train.amp, inputs)
+        outputs[split] = splits[split][0] if split in splits else SplitOutputs(
+            np.zeros((len(ds), len(table.classes))), table.labels[ds.indices], ds.groups)  # fmt: skip
+    if fit:
+        probs, _ = fit_slide_head(features, outputs, len(table.classes), recipe.seed, run_dir,
+                                  {"model": recipe.model.name})  # fmt: skip
+    else:
+        if not (run_dir / MIL_FILE).is_file():
+            raise RunError(f"{run_dir}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
+        head, _ = load_abmil(run_dir / MIL_FILE)
+        probs = {}
+        for split in splits:
+            _, split_bags, _ = bags(features[split], outputs[split].groups, outputs[split].labels)
+            probs[split] = softmax(predict_abmil(head, split_bags)[0])
+    for split, p in probs.items():
+        splits[split][0].unit_probs = p
+
+
+def slide_comparison(recipe: Recipe, splits: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """Whole-slide runs: mean / max / top-k (/ ABMIL) on the test (else validation) slides, side by side."""
+    split = "test" if "test" in splits else "val"
+    if split not in splits or recipe.data.source != "slides":
+        return {}
+    from medvision.models.slide_head import compare_aggregations
+
+    out = splits[split][0]
+    return {"slide_aggregates": compare_aggregations(out, decision.temperature, recipe.evaluation, out.unit_probs)}

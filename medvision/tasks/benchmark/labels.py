@@ -1,0 +1,390 @@
+"""``medvision benchmark labels``: how many labels does a task need, from which start, with which protocol?
+
+For every combination of label fraction, initialisation (``imagenet``, ``random``, or a run folder
+such as a ``medvision pretrain`` backbone) and protocol (``finetune``, ``linear_probe``, ``knn``),
+and for each seed, one ordinary run is trained on that fraction of the training split
+(``data.train_fraction``: whole patients, stratified by label, nested across fractions) and
+evaluated on the whole test split. The validation split stays whole: it chooses the checkpoint,
+the temperature and the probe's regularisation, as in every run.
+
+Outputs, in ``--out``: ``label_efficiency.csv`` (one row per run), ``label_efficiency_summary.csv``
+and ``label_efficiency.md`` (mean test AUC and accuracy over seeds, the mean of the runs' 95%
+bootstrap CIs, and the standard deviation over seeds), ``label_efficiency.png`` (AUC and accuracy
+against the number of labels, log axis, one line per init and protocol, CI bands), and
+``label_efficiency_deltas.csv``: each init against the reference init at every fraction and
+protocol, the test-AUC difference averaged over seeds with a paired bootstrap CI (the same resampled
+test images for both). Finished runs are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medvision.data.sources import load_table
+from medvision.data.table import subset_indices
+from medvision.metrics import bootstrap_cis, compute_auc
+from medvision.recipe import Recipe
+from medvision.runs import cache_dir
+from medvision.tasks.benchmark.speed import BenchmarkError
+from medvision.tasks.train import train
+
+log = logging.getLogger("medvision")
+PROTOCOLS = ("finetune", "linear_probe", "knn")
+
+
+@dataclass
+class LabelRun:
+    """One trained and tested run of the grid (``error`` set when it failed; the others still run)."""
+
+    init: str
+    protocol: str
+    fraction: float
+    seed: int
+    labels: int = 0
+    auc: float = math.nan
+    auc_lo: float = math.nan
+    auc_hi: float = math.nan
+    acc: float = math.nan
+    acc_lo: float = math.nan
+    acc_hi: float = math.nan
+    epochs: int = 0
+    seconds: float = math.nan
+    run_dir: str = ""
+    error: str = ""
+
+
+@dataclass
+class LabelResult:
+    rows: list[LabelRun]
+    summary: list[dict[str, Any]]
+    deltas: list[dict[str, Any]]
+    markdown: str
+    files: list[Path] = field(default_factory=list)
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchmarkError(f"--fractions {text!r}: expected numbers such as 0.01,0.1,1.0") from None
+    bad = [v for v in values if not 0 < v <= 1]
+    if not values or bad:
+        raise BenchmarkError(f"--fractions {text!r}: each fraction must be in (0, 1]; got {bad or 'none'}")
+    return sorted(set(values))
+
+
+def parse_protocols(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PROTOCOLS]
+    if not values or bad:
+        raise BenchmarkError(f"--protocols {text!r}: {bad or 'none given'}; choose from {', '.join(PROTOCOLS)}")
+    return values
+
+
+def parse_inits(text: str) -> list[str]:
+    """``imagenet``, ``random``, or a run folder / ``.safetensors`` file (checked to exist)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise BenchmarkError("--inits: give at least one of imagenet, random, or a run folder")
+    for v in values:
+        if v not in ("imagenet", "random") and not Path(v).exists():
+            raise BenchmarkError(f"--inits: {v!r} is neither imagenet, random nor an existing run folder or file")
+    return values
+
+
+def init_label(init: str) -> str:
+    """The name an init goes by in tables and plots: a pretraining run's is ``<start>+<its folder name>``."""
+    if init in ("imagenet", "random"):
+        return init
+    path = Path(init)
+    run = path if path.is_dir() else path.parent
+    try:
+        meta = json.loads((run / "run.json").read_text())
+        recipe = (run / "recipe.yaml").read_text()
+    except (OSError, ValueError):
+        return run.name
+    if meta.get("kind") == "pretrain":
+        started = "random" if "pretrained: false" in recipe else "imagenet"
+        return f"{started}+{meta.get('method', 'ssl')}:{run.name}"
+    return run.name
+
+
+def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: int, out: Path,
+               min_steps: int, train_size: int) -> Recipe:  # fmt: skip
+    r = base.model_copy(deep=True)
+    tag = init if init in ("imagenet", "random") else Path(init).name
+    r.name = f"{tag}-{protocol}-f{fraction:g}-s{seed}"
+    r.output_dir = str(out / "runs")
+    r.seed = seed
+    r.data.train_fraction = fraction
+    r.train.protocol = protocol  # type: ignore[assignment]
+    r.evaluation.explain = 0  # Grad-CAM panels are not what this benchmark is about
+    if init == "random":
+        r.model.pretrained, r.model.init_from = False, None
+    elif init == "imagenet":
+        r.model.pretrained, r.model.init_from = base.model.pretrained or True, None
+    else:
+        r.model.pretrained, r.model.init_from = False, str(Path(init).resolve())
+    if protocol == "finetune" and r.train.phases:
+        steps = sum(p.epochs for p in r.train.phases) * math.ceil(train_size / r.data.batch_size)
+        factor = max(1, math.ceil(min_steps / max(1, steps)))
+        for phase in r.train.phases:
+            phase.epochs *= factor
+        if factor > 1:
+            log.info("%s: %d training images; phase epochs x%d to reach %d optimizer steps", r.name, train_size,
+                     factor, min_steps)  # fmt: skip
+    return r
+
+
+def _read(run_dir: Path, row: LabelRun) -> LabelRun:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = metrics["image"]["test"]
+    meta = json.loads((run_dir / "run.json").read_text())
+    row.labels = int(meta["split_sizes"]["train"])
+    row.auc, row.acc = float(test["auc"]), float(test["acc"])
+    row.auc_lo, row.auc_hi = (test.get("auc_ci") or [math.nan, math.nan])[:2]
+    row.acc_lo, row.acc_hi = (test.get("acc_ci") or [math.nan, math.nan])[:2]
+    row.epochs = len(metrics.get("history", []))
+    row.seconds = float(metrics.get("seconds", math.nan))
+    row.run_dir = str(run_dir)
+    return row
+
+
+def label_benchmark(
+    recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: int, out: Path,
+    min_steps: int = 100, overwrite: bool = False, resamples: int = 500,
+) -> LabelResult:  # fmt: skip
+    """Trains and tests the whole grid (reusing finished runs) and writes the tables, deltas and plot.
+
+    Examples:
+        >>> label_benchmark(load_recipe("recipes/bloodmnist_effnet_lite0.yaml"), [0.01, 0.1, 1.0],
+        ...                 ["imagenet", "random", "runs/bloodmnist_simclr_lite0"], ["finetune", "linear_probe"],
+        ...                 seeds=3, out=Path("label-efficiency"))
+    """
+    if seeds < 1:
+        raise BenchmarkError(f"--seeds must be >= 1, got {seeds}")
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = read_rows(out / "label_efficiency.csv")  # an earlier grid in this folder: its rows stay in the tables
+    rows: list[LabelRun] = []
+
+    def record(row: LabelRun) -> None:
+        rows.append(row)
+        mine = {_key(r) for r in rows}
+        _write_rows(out / "label_efficiency.csv", [r for r in earlier if _key(r) not in mine] + rows)
+
+    for s in range(seeds):
+        seed = recipe.seed + s
+        table = load_table(recipe.data, seed, cache_dir(recipe))
+        for fraction in fractions:
+            size = len(subset_indices(table, "train", recipe.data.limit, seed, fraction))
+            for init in inits:
+                for protocol in protocols:
+                    r = _configure(recipe, init, protocol, fraction, seed, out, min_steps, size)
+                    row = LabelRun(init_label(init), protocol, fraction, seed, labels=size)
+                    run_dir = Path(r.output_dir) / r.name
+                    start = time.perf_counter()
+                    try:
+                        if overwrite or not (run_dir / "metrics.json").is_file():
+                            log.info("label benchmark: %s (%d labelled training images)", r.name, size)
+                            train(r, overwrite=True)
+                        record(_read(run_dir, row))
+                    except Exception as err:  # one failed run is a row with its error; the grid goes on
+                        row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                        row.seconds = time.perf_counter() - start
+                        log.error("label benchmark: %s failed: %s", r.name, row.error)
+                        record(row)
+    mine = {_key(r) for r in rows}
+    rows = [r for r in earlier if _key(r) not in mine] + rows
+    summary = summarise(rows)
+    reference = "imagenet" if "imagenet" in inits else inits[0]
+    deltas = paired_deltas(rows, init_label(reference), resamples, recipe.evaluation.bootstrap_seed)
+    files = [out / "label_efficiency.csv", out / "label_efficiency_summary.csv", out / "label_efficiency_deltas.csv",
+             out / "label_efficiency.md", out / "label_efficiency.png"]  # fmt: skip
+    _write_dicts(files[1], summary)
+    _write_dicts(files[2], deltas)
+    md = to_markdown(summary, deltas, recipe.name)
+    files[3].write_text(md)
+    plot_curves(files[4], summary, recipe.name)
+    return LabelResult(rows, summary, deltas, md, files)
+
+
+def summarise(rows: list[LabelRun]) -> list[dict[str, Any]]:
+    """Mean over seeds of test AUC / accuracy and of their CI bounds, and the standard deviation over seeds."""
+    keys = sorted({(r.init, r.protocol, r.fraction) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    order = list(dict.fromkeys((r.init, r.protocol) for r in rows))
+    keys.sort(key=lambda k: (order.index((k[0], k[1])), k[2]))
+    out = []
+    for init, protocol, fraction in keys:
+        ok = [r for r in rows if (r.init, r.protocol, r.fraction) == (init, protocol, fraction) and not r.error]
+        failed = sum(1 for r in rows if (r.init, r.protocol, r.fraction) == (init, protocol, fraction) and r.error)
+        entry: dict[str, Any] = {"init": init, "protocol": protocol, "fraction": fraction, "seeds": len(ok),
+                                 "failed": failed}  # fmt: skip
+        entry["labels"] = float(np.mean([r.labels for r in ok])) if ok else math.nan
+        for metric in ("auc", "acc"):
+            vals = np.array([getattr(r, metric) for r in ok], dtype=float)
+            entry[metric] = float(vals.mean()) if len(vals) else math.nan
+            entry[f"{metric}_lo"] = float(np.mean([getattr(r, f"{metric}_lo") for r in ok])) if ok else math.nan
+            entry[f"{metric}_hi"] = float(np.mean([getattr(r, f"{metric}_hi") for r in ok])) if ok else math.nan
+            entry[f"{metric}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+        out.append(entry)
+    return out
+
+
+def _test_probs(run_dir: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Ids, labels and calibrated probabilities of a run's test rows (its predictions.csv)."""
+    with (Path(run_dir) / "predictions.csv").open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [r for r in reader if r[0] == "test"]
+    classes = [h[len("prob_") :] for h in header[4:]]
+    labels = np.array([classes.index(r[2]) for r in rows], dtype=np.int64)
+    return [r[1] for r in rows], labels, np.array([[float(v) for v in r[4:]] for r in rows])
+
+
+def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: int) -> list[dict[str, Any]]:
+    """Test AUC of each init minus the reference init's, per fraction and protocol, averaged over paired seeds.
+
+    The CI is a stratified bootstrap over the test images, the same resample for both runs and every
+    seed, so the shared test-set noise cancels and what is left is the difference of the models.
+    """
+    done = {(r.init, r.protocol, r.fraction, r.seed): r for r in rows if not r.error}
+    out = []
+    for init, protocol, fraction in dict.fromkeys((r.init, r.protocol, r.fraction) for r in rows if not r.error):
+        if init == reference:
+            continue
+        pairs = [(done[(reference, protocol, fraction, s)], r) for (i, p, f, s), r in done.items()
+                 if (i, p, f) == (init, protocol, fraction) and (reference, protocol, fraction, s) in done]  # fmt: skip
+        if not pairs:
+            continue
+        y, blocks, k = None, [], 0
+        for base, other in pairs:
+            ids_a, y_a, p_a = _test_probs(base.run_dir)
+            ids_b, _, p_b = _test_probs(other.run_dir)
+            if ids_a != ids_b:
+                raise BenchmarkError(f"{base.run_dir} and {other.run_dir} were tested on different images")
+            y, k = y_a, p_a.shape[1]
+            blocks += [p_a, p_b]
+        assert y is not None
+        stacked = np.concatenate(blocks, axis=1)
+        n_pairs = len(pairs)
+
+        def delta(yy: np.ndarray, pp: np.ndarray, n: int = n_pairs, width: int = k) -> float:
+            return float(np.mean([compute_auc(yy, pp[:, (2 * j + 1) * width : (2 * j + 2) * width])
+                                  - compute_auc(yy, pp[:, 2 * j * width : (2 * j + 1) * width])
+                                  for j in range(n)]))  # fmt: skip
+
+        lo, hi = bootstrap_cis(y, stacked, {"delta": delta}, resamples, seed)["delta"] if resamples else (math.nan,) * 2
+        out.append({"init": init, "reference": reference, "protocol": protocol, "fraction": fraction,
+                    "seeds": n_pairs, "delta_auc": delta(y, stacked), "delta_lo": lo, "delta_hi": hi})  # fmt: skip
+    inits = list(dict.fromkeys(r.init for r in rows))
+    return sorted(out, key=lambda e: (e["fraction"], inits.index(e["init"]), e["protocol"]))
+
+
+def _ci(entry: dict[str, Any], metric: str) -> str:
+    value, lo, hi = entry[metric], entry[f"{metric}_lo"], entry[f"{metric}_hi"]
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3f} ({lo:.3f}-{hi:.3f})" if math.isfinite(lo) else f"{value:.3f}"
+
+
+def _sd(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "-"
+
+
+def to_markdown(summary: list[dict[str, Any]], deltas: list[dict[str, Any]], name: str) -> str:
+    head = "| init | protocol | fraction | labels | seeds | test AUC (95% CI) | AUC SD | test ACC (95% CI) | ACC SD |"
+    lines = [f"Label efficiency of `{name}` (test split; mean over seeds, mean 95% bootstrap CI, SD over seeds)", "",
+             head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for e in summary:
+        failed = f" ({e['failed']} failed)" if e["failed"] else ""
+        labels = f"{e['labels']:.0f}" if math.isfinite(e["labels"]) else "-"
+        lines.append(f"| {e['init']} | {e['protocol']} | {e['fraction']:g} | {labels} | {e['seeds']}{failed} | "
+                     f"{_ci(e, 'auc')} | {_sd(e['auc_sd'])} | {_ci(e, 'acc')} | {_sd(e['acc_sd'])} |")  # fmt: skip
+    if deltas:
+        lines += ["", "Test AUC difference against the reference init (paired bootstrap over the test images, 95% CI)",
+                  "", "| init | minus | protocol | fraction | seeds | delta AUC (95% CI) |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for d in deltas:
+            ci = f" ({d['delta_lo']:+.3f} to {d['delta_hi']:+.3f})" if math.isfinite(d["delta_lo"]) else ""
+            lines.append(f"| {d['init']} | {d['reference']} | {d['protocol']} | {d['fraction']:g} | {d['seeds']} | "
+                         f"{d['delta_auc']:+.3f}{ci} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, summary: list[dict[str, Any]], name: str) -> Path:
+    """Test AUC and accuracy against labelled training images (log axis); bands are the mean 95% CIs."""
+    fig = Figure(figsize=(10, 4), dpi=110)
+    axes = fig.subplots(1, 2)
+    inits = list(dict.fromkeys(e["init"] for e in summary))
+    protocols = list(dict.fromkeys(e["protocol"] for e in summary))
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    styles = {"finetune": "-", "linear_probe": "--", "knn": ":"}
+    for ax, metric, title in ((axes[0], "auc", "test AUC"), (axes[1], "acc", "test accuracy")):
+        for i, init in enumerate(inits):
+            for protocol in protocols:
+                pts = sorted((e for e in summary if e["init"] == init and e["protocol"] == protocol
+                              and math.isfinite(e[metric])), key=lambda e: e["labels"])  # fmt: skip
+                if not pts:
+                    continue
+                x = [e["labels"] for e in pts]
+                colour = colours[i % len(colours)]
+                ax.plot(x, [e[metric] for e in pts], styles.get(protocol, "-"), marker="o", color=colour,
+                        label=f"{init}, {protocol}")  # fmt: skip
+                lo, hi = [e[f"{metric}_lo"] for e in pts], [e[f"{metric}_hi"] for e in pts]
+                if all(math.isfinite(v) for v in lo + hi):
+                    ax.fill_between(x, lo, hi, color=colour, alpha=0.12, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images")
+        ax.set_ylabel(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Label efficiency: {name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _key(row: LabelRun) -> tuple[str, str, float, int]:
+    return row.init, row.protocol, row.fraction, row.seed
+
+
+def read_rows(path: Path) -> list[LabelRun]:
+    """The per-run rows of an earlier grid in the same folder (none when there is no such file)."""
+    if not path.is_file():
+        return []
+    types = {f.name: f.type for f in fields(LabelRun)}
+    out = []
+    with path.open(newline="") as fh:
+        for raw in csv.DictReader(fh):
+            values: dict[str, Any] = {}
+            for name, text in raw.items():
+                kind = types.get(name)
+                if kind is None:
+                    continue
+                values[name] = float(text) if kind == "float" else int(float(text)) if kind == "int" else text
+            out.append(LabelRun(**values))
+    return out
+
+
+def _write_rows(path: Path, rows: list[LabelRun]) -> None:
+    _write_dicts(path, [asdict(r) for r in rows])
+
+
+def _write_dicts(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        if not rows:
+            return
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

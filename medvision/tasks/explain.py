@@ -1,0 +1,161 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import torch
+
+from medvision.data.dataset import prepare
+from medvision.data.dicom_source import dicom_spec
+from medvision.data.transforms import build_transforms
+from medvision.evaluation import Decision
+from medvision.gradcam import (
+    ExplainError,
+    cams_and_logits,
+    check_method,
+    display_image,
+    overlay,
+    target_layer_name,
+)
+from medvision.inference import load_run, split_outputs
+from medvision.io.dicom import NotADicomImage, read_dicom
+from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, read_image_raw
+from medvision.plots import plot_image_grid
+from medvision.recipe import Recipe
+from medvision.results import explain_panel
+from medvision.runs import RunError
+from medvision.runtime import (
+    resolve_device,
+    resolve_workers,
+)
+from medvision.tasks.evaluate import open_split
+from medvision.training.build import split_dataset
+
+log = logging.getLogger("medvision")
+CSV_COLUMNS = ["path", "predicted_class", "probability", "target_class", "method", "overlay", "error"]
+
+
+def explain_errors(
+    run_dir: Path, out: Path | None = None, split: str = "test", method: str | None = None, n: int | None = None
+) -> list[Path]:
+    """Grad-CAM overlays of a run's most confident errors on one split, one PNG each plus a panel.
+
+    Writes ``<out>/errors.csv`` (item id, label, call, confidence, kind, file): item ids only, no
+    patient identifiers. Returns the PNG paths, the panel last; none (and a header-only CSV) when
+    the model makes no error on the split.
+
+    Raises:
+        ExplainError: Grad-CAM cannot be computed for this model.
+    """
+    device, recipe, meta, bundle, table, split = open_split(run_dir, None, None, split)
+    method = method or recipe.evaluation.explain_method
+    cfg = recipe.evaluation.model_copy(
+        update={"explain": n or recipe.evaluation.explain or 4, "explain_method": method}
+    )
+    workers = resolve_workers(recipe.data.num_workers, device)
+    got = split_outputs(bundle, recipe, table, split, device, workers)
+    assert got is not None  # one process: always the whole split
+    outputs, ids, _ = got
+    decision = Decision.from_json(meta.get("decision"))
+    ds = split_dataset(recipe, table, bundle, split, train=False)
+    classes = meta["classes"]
+    panel = explain_panel(bundle, ds, outputs, decision, classes, cfg, device)
+    out = out or run_dir / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    calls = outputs.probs(decision.temperature).argmax(axis=1)
+    with (out / "errors.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label", "call", "confidence", "kind", "file"])
+        for k, ((i, kind, conf), picture, _) in enumerate(panel):
+            file = out / f"{k:02d}_{kind.replace(' ', '_')}_{cfg.explain_method}.png"
+            if not cv2.imwrite(str(file), picture[:, :, ::-1]):
+                raise RunError(f"{file}: OpenCV could not write the overlay PNG")
+            written.append(file)
+            call = int(calls[i])
+            writer.writerow([ids[i], classes[int(outputs.labels[i])], classes[call], f"{conf:.4f}", kind, file.name])
+    if panel:
+        written.append(plot_image_grid(out / f"errors_{cfg.explain_method}.png", [p for _, p, _ in panel],
+                                       [t for _, _, t in panel]))  # fmt: skip
+    return written
+
+
+def load_input(path: Path, recipe: Recipe, channels: int, transform: Any) -> torch.Tensor:
+    """One file through the run's own preprocessing: the (C, H, W) tensor the model sees.
+
+    Files with a ``.dcm``/``.dicom`` suffix, or with no image suffix (DICOM is often stored without
+    one), are read as DICOM with the recipe's windows; others with :func:`read_image_raw`.
+    """
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raw = read_image_raw(path)
+    else:
+        try:
+            pixels, _ = read_dicom(path, dicom_spec(recipe.data.dicom))
+        except NotADicomImage as err:
+            raise ImageReadError(f"{err}; expected a DICOM image or one of {IMAGE_SUFFIXES}") from None
+        raw = pixels[0]
+    return prepare(raw, recipe.data.intensity, channels, transform)
+
+
+def _unique_name(stem: str, method: str, used: set[str]) -> str:
+    name, k = f"{stem}_{method}.png", 2
+    while name in used:  # two inputs with one stem (a/x.png, b/x.png) must not overwrite each other
+        name, k = f"{stem}_{k}_{method}.png", k + 1
+    used.add(name)
+    return name
+
+
+def explain_images(
+    run_dir: Path, paths: list[Path], out: Path, method: str = "gradcam", target_class: str | None = None
+) -> list[Path]:
+    """Writes a heatmap overlay ``<out>/<stem>_<method>.png`` per image, plus ``<out>/explain.csv``.
+
+    Each image goes through the run's own preprocessing; the heatmap (for ``target_class``, else the
+    predicted class) is drawn over that preprocessed input, so it lines up with what the model saw.
+    An unreadable file does not stop the others: it is skipped with a logged warning and gets a row
+    with its error in ``explain.csv``; only the overlays actually written are returned. The CSV holds
+    the path, prediction, its probability (divided by the run's calibration temperature, as in the
+    report and ``score``), target, method and overlay name; nothing from DICOM headers.
+
+    Examples:
+        >>> explain_images(Path("runs/chest"), [Path("cxr1.dcm")], Path("explain"), method="gradcam++")
+    """
+
+    checked = check_method(method)
+    recipe, meta, bundle = load_run(run_dir, resolve_device("auto"))
+    classes: list[str] = meta["classes"]
+    temperature = float((meta.get("decision") or {}).get("temperature") or 1.0)
+    if target_class is not None and target_class not in classes:
+        raise ExplainError(f"target class {target_class!r} is not one of the run's classes {classes}")
+    transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std)
+    log.info("explaining %d image(s) with %s on layer %s", len(paths), method, target_layer_name(bundle.model))
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    used: set[str] = set()
+    with (out / "explain.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for path in paths:
+            try:
+                x = load_input(Path(path), recipe, bundle.in_chans, transform)
+            except (ImageReadError, OSError, ValueError) as err:
+                log.warning("skipping %s: %s", path, err)
+                writer.writerow([str(path), "", "", target_class or "", method, "", str(err)])
+                continue
+            target = None if target_class is None else torch.tensor([classes.index(target_class)])
+            heat, logits = cams_and_logits(bundle.model, x[None], target, checked)
+            probs = torch.softmax(logits.float() / temperature, dim=1)[0].cpu().numpy()
+            pred = int(probs.argmax())
+            picture = overlay(display_image(x, bundle.mean, bundle.std), heat[0])
+            file = out / _unique_name(Path(path).stem, method, used)
+            if not cv2.imwrite(str(file), picture[:, :, ::-1]):
+                raise OSError(f"{file}: OpenCV could not write the overlay PNG")
+            written.append(file)
+            writer.writerow([str(path), classes[pred], f"{probs[pred]:.6f}", target_class or classes[pred], method,
+                             file.name, ""])  # fmt: skip
+    return written

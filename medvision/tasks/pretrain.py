@@ -1,0 +1,227 @@
+"""``medvision pretrain RECIPE``: SimCLR on the training images, labels ignored, into a run folder.
+
+The folder holds ``model.safetensors`` (the backbone's weights, timm names, no classifier: what
+``model.init_from`` loads), ``recipe.yaml``, ``run.json``, ``pretrain.json`` (the per-epoch history),
+``plots/pretrain.png`` (loss and kNN health curves), ``train.log`` and ``last.pt`` (exact resume).
+
+The steps are :func:`medvision.training.loop.train_one_epoch`'s, with the SimCLR criterion: the same
+AMP path, gradient clipping and accumulation, progress bar, NaN stop and DDP share. Each epoch
+reseeds from (seed, epoch) and the sampler gives every sample its view seed, so a resumed run
+repeats an uninterrupted one. After each epoch, when the validation split has labels, a kNN
+classifier on the frozen features (leave-one-out over at most ``pretrain.knn_samples`` labelled
+validation images) gives a health number: a collapsed representation shows at once as chance
+accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from medvision.data.dataset import ImageDataset
+from medvision.data.sources import load_table
+from medvision.data.table import SampleTable, subset_indices
+from medvision.data.transforms import build_transforms
+from medvision.data.views import TwoViews, view_kind, view_transforms
+from medvision.models.backbone import create_backbone, data_config
+from medvision.models.freeze import optimizer_groups
+from medvision.models.heads import extract_features, knn_probs
+from medvision.models.simclr import SimCLR, simclr_criterion
+from medvision.recipe import Recipe, dump_recipe
+from medvision.report import write_json
+from medvision.runs import RunError, cache_dir, run_log, versions
+from medvision.runtime import (
+    Dist,
+    EpochSampler,
+    Inputs,
+    barrier,
+    broadcast,
+    make_loader,
+    resolve_amp,
+    resolve_workers,
+    seed_everything,
+    setup,
+    sync_buffers,
+    wrap_ddp,
+)
+from medvision.training.build import resolve_transfer
+from medvision.training.checkpoint import load_state, save_state, save_weights
+from medvision.training.loop import FitState, train_one_epoch, warmup_cosine
+
+log = logging.getLogger("medvision")
+
+
+def pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Self-supervised pretraining of ``recipe.model`` on ``recipe.data``'s training images, into a run folder.
+
+    Under ``torchrun`` every rank calls this; rank 0 writes the folder.
+
+    Examples:
+        >>> run_dir = pretrain(load_recipe("recipes/bloodmnist_simclr_lite0.yaml"))
+        >>> finetune = load_recipe("recipes/bloodmnist_effnet_lite0.yaml", [f"model.init_from={run_dir}",
+        ...                        "model.pretrained=false"])
+    """
+    d, device = setup(recipe.train.device)
+    run_dir = Path(recipe.output_dir) / recipe.name
+    if resume and not (run_dir / "last.pt").is_file():
+        raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+    if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
+        raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                       "replace it, or --set name=<new name>")  # fmt: skip
+    if recipe.data.batch_size % d.world_size or recipe.data.batch_size // d.world_size < 2:
+        raise RunError(f"data.batch_size {recipe.data.batch_size} must be a multiple of the world size {d.world_size} "
+                       "with at least 2 images per rank (the projection head's BatchNorm needs a batch)")  # fmt: skip
+    barrier(d)
+    with run_log(run_dir, d):
+        return _pretrain(recipe, run_dir, resume, d, device)
+
+
+def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
+    start = time.perf_counter()
+    cfg = recipe.pretrain
+    if d.is_main:
+        if not resume:
+            for stale in ("model.safetensors", "last.pt", "pretrain.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    seed_everything(recipe.seed)
+    recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
+    workers = resolve_workers(recipe.data.num_workers, device)
+    table = load_table(recipe.data, recipe.seed, cache_dir(recipe), labelled=False)
+    in_chans = recipe.model.in_chans or (1 if table.grayscale else 3)
+    backbone = create_backbone(recipe.model, num_classes=0, in_chans=in_chans)
+    stats = data_config(backbone, in_chans)
+    simclr = SimCLR(backbone, cfg.proj_hidden, cfg.proj_dim)
+    model: nn.Module = simclr
+    if recipe.train.sync_bn and d.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    kind = view_kind(recipe, in_chans)
+    if kind == "pathology" and in_chans != 3:
+        raise RunError(f"pretrain.views 'pathology' jitters stain and colour and needs RGB input; the model takes "
+                       f"{in_chans} channel(s): use views: radiology")  # fmt: skip
+    views = TwoViews(view_transforms(kind, recipe.data.image_size, cfg.min_crop, recipe.augment.transforms))
+    indices = subset_indices(table, "train", recipe.data.limit, recipe.seed, recipe.data.train_fraction)
+    if len(indices) < recipe.data.batch_size:
+        raise RunError(f"{table.origin}: the training split has {len(indices)} images, fewer than one batch of "
+                       f"data.batch_size {recipe.data.batch_size}")  # fmt: skip
+    transfer = resolve_transfer(recipe.data.transfer, table, indices)
+    train_ds = ImageDataset(table, indices, views, recipe.data.intensity, in_chans, transfer)
+    sampler = EpochSampler(len(train_ds), recipe.seed, recipe.data.batch_size, d.rank, d.world_size, drop_last=True)
+    loader = make_loader(train_ds, recipe.data.batch_size // d.world_size, workers, device, sampler)
+    inputs = Inputs(stats["mean"], stats["std"], False)  # (B, 2, C, H, W): the criterion sets the layout
+    health = _health_set(recipe, table, stats, in_chans, transfer)
+    log.info("pretrain %s: SimCLR on %d unlabelled training images of %s (%s views, %d px), %d epochs of %d "
+             "steps, batch %d, temperature %g; device %s, amp %s", recipe.model.name, sampler.n, table.origin, kind,
+             recipe.data.image_size, cfg.epochs, len(loader), recipe.data.batch_size, cfg.temperature, device,
+             recipe.train.amp)  # fmt: skip
+    meta = {"kind": "pretrain", "method": cfg.method, "name": recipe.name, "model": recipe.model.name,
+            "in_chans": in_chans, "mean": stats["mean"], "std": stats["std"], "image_size": recipe.data.image_size,
+            "images": sampler.n, "data": table.origin, "views": kind, "world_size": d.world_size,
+            "device": str(device), "versions": versions()}  # fmt: skip
+    if d.is_main:
+        write_json(run_dir / "run.json", meta)
+
+    state = FitState()
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.lr, recipe.train.weight_decay, None))
+    steps = cfg.epochs * math.ceil(len(loader) / recipe.train.accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup))
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.amp == "fp16")
+    if resume:
+        saved = load_state(run_dir / "last.pt")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = FitState(**saved["fit"])
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+    if not resume:  # the starting weights' health: what pretraining has to improve on
+        knn0 = _knn_accuracy(simclr.backbone, health, recipe, device, workers) if d.is_main and health else None
+        state.history.append({"epoch": 0, "knn_acc": broadcast(knn0, d)})
+        if knn0 is not None:
+            log.info("epoch 0 (starting weights): kNN accuracy %.4f", knn0)
+    forward = wrap_ddp(model, d, device)
+    criterion = simclr_criterion(cfg.temperature, d, recipe.train.channels_last)
+    sizes = sampler.global_batch_sizes()
+    for epoch in range(state.epoch, cfg.epochs):
+        seed_everything(recipe.seed + epoch)
+        sampler.set_epoch(epoch)
+        desc = f"pretrain {epoch + 1}/{cfg.epochs}"
+        row: dict[str, Any] = train_one_epoch(forward, loader, optimizer, scheduler, scaler, recipe.train, device,
+                                              "train", desc, inputs, None, d, sizes, criterion)  # fmt: skip
+        sync_buffers(model, d)
+        knn = _knn_accuracy(simclr.backbone, health, recipe, device, workers) if d.is_main and health else None
+        row = {"epoch": epoch + 1, **row, "knn_acc": broadcast(knn, d)}
+        state.history.append(row)
+        state.epoch = epoch + 1
+        log.info("epoch %d/%d: loss %.4f  kNN accuracy %s  %.0f img/s  %.0fs", epoch + 1, cfg.epochs,
+                 row["train_loss"], "n/a" if knn is None else f"{knn:.4f}", row["train_img_s"],
+                 row["seconds"])  # fmt: skip
+        if d.is_main:
+            save_weights(
+                simclr.backbone, run_dir / "model.safetensors", {"epoch": str(state.epoch), "method": "simclr"}
+            )
+            save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "fit": state.__dict__}, run_dir / "last.pt")  # fmt: skip
+            write_json(run_dir / "pretrain.json", {"history": state.history,
+                                                   "seconds": time.perf_counter() - start})  # fmt: skip
+            plot_pretraining(run_dir / "plots" / "pretrain.png", state.history)
+    barrier(d)
+    log.info("run folder: %s (%.0f s)", run_dir, time.perf_counter() - start)
+    return run_dir
+
+
+def _health_set(recipe: Recipe, table: SampleTable, stats: dict[str, tuple[float, ...]], in_chans: int,
+                transfer: Any) -> ImageDataset | None:  # fmt: skip
+    """Up to ``pretrain.knn_samples`` labelled validation images (seeded), or None when there are none to use."""
+    if recipe.pretrain.knn_samples == 0 or len(table.classes) < 2:
+        return None
+    idx = subset_indices(table, "val", recipe.pretrain.knn_samples, recipe.seed)
+    if len(idx) < 2:
+        return None
+    plain = build_transforms(None, recipe.data.image_size, stats["mean"], stats["std"], normalize=False)
+    return ImageDataset(table, idx, plain, recipe.data.intensity, in_chans, transfer)
+
+
+def _knn_accuracy(backbone: nn.Module, ds: ImageDataset, recipe: Recipe, device: torch.device, workers: int) -> float:
+    """Leave-one-out k-NN accuracy of the frozen features on the labelled validation images."""
+    loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
+    stats = data_config(backbone, ds.channels)
+    feats = extract_features(backbone, loader, device, recipe.train.amp, Inputs(stats["mean"], stats["std"], False))
+    labels = ds.table.labels[ds.indices]
+    probs = knn_probs(feats, feats, labels, len(ds.table.classes), recipe.train.knn_k, recipe.train.knn_temperature,
+                      exclude_self=True)  # fmt: skip
+    return float((probs.argmax(axis=1) == labels).mean())
+
+
+def plot_pretraining(path: Path, history: list[dict[str, Any]]) -> Path:
+    """Loss per epoch, and the kNN health accuracy on a second axis when it was measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 3.2), dpi=110)
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    losses = np.array([h.get("train_loss", np.nan) for h in history], dtype=float)
+    ax.plot(epochs, losses, marker="o", color="tab:blue", label="NT-Xent loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss", color="tab:blue")
+    knn = np.array([np.nan if h.get("knn_acc") is None else h["knn_acc"] for h in history], dtype=float)
+    if np.isfinite(knn).any():
+        ax2 = ax.twinx()
+        ax2.plot(epochs, knn, marker="s", color="tab:green", label="kNN accuracy (val)")
+        ax2.set_ylabel("kNN accuracy (validation)", color="tab:green")
+        ax2.set_ylim(0, 1)
+    ax.set_title("Self-supervised pretraining (SimCLR)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -1,0 +1,247 @@
+"""A run end to end: recipe -> run folder (train), and run folder -> fresh metrics (evaluate).
+
+A run folder holds everything needed to reproduce or reuse it: ``recipe.yaml`` (resolved, absolute
+paths), ``run.json`` (classes, channels, normalisation, versions), ``model.safetensors`` (best
+weights), ``last.pt`` (resume state), ``metrics.json``, ``predictions.csv``, ``report.md`` and
+``train.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medvision.data.dataset import ImageDataset
+from medvision.data.sources import load_table
+from medvision.data.table import SampleTable
+from medvision.evaluation import fit_decision
+from medvision.inference import split_outputs
+from medvision.metrics import MetricWarning
+from medvision.models.backbone import load_state as load_model_state
+from medvision.models.heads import fit_state
+from medvision.recipe import Recipe, dump_recipe
+from medvision.report import write_json
+from medvision.results import slide_comparison, slide_head, write_results
+from medvision.runs import RunError, cache_dir, run_log, versions
+from medvision.runtime import (
+    Dist,
+    EpochSampler,
+    barrier,
+    local_part,
+    make_loader,
+    resolve_amp,
+    resolve_workers,
+    seed_everything,
+    setup,
+)
+from medvision.training.build import ModelBundle, build_model, model_inputs, split_dataset
+from medvision.training.checkpoint import save_weights
+from medvision.training.loop import class_weights, classification_loss, fit
+from medvision.training.protocols import fit_frozen_head
+
+log = logging.getLogger("medvision")
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Trains a recipe into ``<output_dir>/<name>`` and writes metrics, predictions and the report.
+
+    Under ``torchrun`` every rank calls this: each trains on its slice of every global batch, and
+    rank 0 alone writes the run folder (see :mod:`medvision.runtime`).
+
+    Examples:
+        >>> run_dir = train(load_recipe("recipes/bloodmnist_effnet_lite0.yaml"))
+    """
+    d, device = setup(recipe.train.device)
+    run_dir = Path(recipe.output_dir) / recipe.name
+    if resume and not (run_dir / "last.pt").is_file():
+        raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+    if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
+        raise RunError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or --set name=<new name>"
+        )
+    if recipe.train.protocol == "finetune" and not recipe.train.phases:
+        raise RunError("train.phases is empty; protocol finetune needs at least one phase, e.g. "
+                       "[{epochs: 5, lr: 1e-3}], or set train.protocol to linear_probe or knn")  # fmt: skip
+    if recipe.data.batch_size % d.world_size:
+        raise RunError(
+            f"data.batch_size {recipe.data.batch_size} is the global batch and must divide by the world size "
+            f"{d.world_size}; use a multiple of {d.world_size}, e.g. "
+            f"{d.world_size * max(1, recipe.data.batch_size // d.world_size)}"
+        )
+    barrier(d)  # every rank has checked the folder before rank 0 starts writing into it
+    with run_log(run_dir, d):
+        return _train(recipe, run_dir, resume, d, device)
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
+    start = time.perf_counter()
+    if d.is_main:
+        if not resume:
+            for stale in ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md",
+                          "report.html"):  # fmt: skip
+                (run_dir / stale).unlink(missing_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    seed_everything(recipe.seed)
+    recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
+    log.info("device %s, amp %s, channels_last %s", device, recipe.train.amp, recipe.train.channels_last)
+    workers = resolve_workers(recipe.data.num_workers, device)
+    table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
+    bundle = build_model(recipe, table)
+    model: nn.Module = bundle.model
+    if recipe.train.sync_bn and d.world_size > 1:
+        if device.type != "cuda":
+            raise RunError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set it to false "
+                           "(and consider bn: frozen phases, which need no batch statistics)")  # fmt: skip
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info("BatchNorm -> SyncBatchNorm: statistics over the global batch of %d ranks", d.world_size)
+    model = model.to(device)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    bundle.model = model
+    datasets = {s: split_dataset(recipe, table, bundle, s, train=s == "train") for s in ("train", "val", "test")}
+    sizes = {s: len(ds) for s, ds in datasets.items()}
+    log.info("data %s: %d classes, split sizes %s", table.origin, len(table.classes), sizes)
+    for split in ("train", "val"):
+        if sizes[split] == 0:
+            raise RunError(f"the {split} split of {table.origin} is empty; adjust data.val_fraction or the split")
+    meta = {
+        "name": recipe.name,
+        "classes": table.classes,
+        "in_chans": bundle.in_chans,
+        "mean": bundle.mean,
+        "std": bundle.std,
+        "image_size": recipe.data.image_size,
+        "model": recipe.model.name,
+        "split_sizes": sizes,
+        "transfer": datasets["val"].transfer,  # how evaluation batches travelled; score and export do the same
+        "device": str(device),
+        "world_size": d.world_size,
+        "protocol": recipe.train.protocol,
+        "train_fraction": recipe.data.train_fraction,
+        "tta": list(recipe.evaluation.tta),
+        "versions": versions(),
+    }
+    if d.is_main:
+        write_json(run_dir / "run.json", meta)
+
+    train_labels = table.labels[datasets["train"].indices]
+    if recipe.data.train_fraction < 1.0:
+        counts = np.bincount(train_labels, minlength=len(table.classes)).tolist()
+        log.info("data.train_fraction %g: %d training images with labels (per class %s)",
+                 recipe.data.train_fraction, sizes["train"], counts)  # fmt: skip
+    if recipe.train.protocol != "finetune":
+        return _train_frozen(recipe, run_dir, bundle, table, meta, datasets, d, device, workers, start)
+    per_rank = recipe.data.batch_size // d.world_size
+    weights = None
+    if recipe.train.balance == "sampler":
+        weights = class_weights(train_labels, len(table.classes)).numpy()[train_labels]
+        log.info("train.balance sampler: each epoch draws %d training images class-balanced, with replacement",
+                 sizes["train"])  # fmt: skip
+    sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size,
+                           datasets["train"].groups, recipe.data.tiles_per_slide, weights)  # fmt: skip
+    criterion = None
+    if recipe.train.balance == "loss" or recipe.train.focal_gamma > 0:
+        cw = class_weights(train_labels, len(table.classes)) if recipe.train.balance == "loss" else None
+        criterion = classification_loss(recipe.train, cw)
+        log.info("loss: %s%s", f"focal (gamma {recipe.train.focal_gamma:g})" if recipe.train.focal_gamma > 0
+                 else "cross-entropy", f", class weights {[round(w, 3) for w in cw.tolist()]}" if cw is not None
+                 else "")  # fmt: skip
+    if recipe.data.tiles_per_slide is not None:
+        log.info("training on at most %d tiles per slide per epoch: %d of %d tiles", recipe.data.tiles_per_slide,
+                 sampler.n, sizes["train"])  # fmt: skip
+    train_loader = make_loader(datasets["train"], per_rank, workers, device, sampler)
+    val_loader = make_loader(local_part(datasets["val"], d), recipe.data.eval_batch_size, workers, device)
+    inputs = model_inputs(recipe, bundle)
+    if d.world_size > 1:
+        dropped = sizes["train"] - sampler.used
+        log.info("distributed: %d ranks (%s), global batch %d = %d per rank; validation in %d shards gathered on "
+                 "rank 0%s", d.world_size, "nccl" if device.type == "cuda" else "gloo", recipe.data.batch_size,
+                 per_rank, d.world_size,
+                 f"; the last {dropped} training sample(s) of each epoch are dropped (fewer than the ranks)"
+                 if dropped else "")  # fmt: skip
+    log.info("loader: %d worker(s), batches travel as %s and are normalised on %s%s", workers,
+             datasets["train"].transfer, device, ", flips/rot90 on the device" if inputs.flips else "")  # fmt: skip
+    state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs, d,
+                criterion)  # fmt: skip
+
+    barrier(d)  # rank 0 has written model.safetensors
+    best = run_dir / "model.safetensors"
+    if best.is_file():
+        model.load_state_dict(load_model_state(best))
+    elif d.is_main:
+        log.warning("%s was never finite; keeping the last weights as model.safetensors", recipe.train.monitor)
+        save_weights(model, best)
+    extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history}
+    _evaluate_splits(recipe, run_dir, bundle, table, meta, sizes, d, device, workers, start, extra)
+    return run_dir
+
+
+def _train_frozen(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
+                  datasets: dict[str, ImageDataset], d: Dist, device: torch.device, workers: int,
+                  start: float) -> Path:  # fmt: skip
+    """``linear_probe`` / ``knn``: rank 0 fits the head on frozen features; every rank then loads it."""
+    info: dict[str, Any] = {}
+    plain_train = split_dataset(recipe, table, bundle, "train", train=False)  # features without augmentation
+    if d.is_main:
+        info = fit_frozen_head(bundle.model, recipe, plain_train, datasets["val"], len(table.classes), device,
+                               workers, model_inputs(recipe, bundle), run_dir)  # fmt: skip
+    barrier(d)
+    if not d.is_main:
+        state = load_model_state(run_dir / "model.safetensors")
+        fit_state(bundle.model, state, len(table.classes), recipe.train.knn_k, recipe.train.knn_temperature)
+        bundle.model.load_state_dict(state)
+        bundle.model.to(device)
+    sizes = {s: len(ds) for s, ds in datasets.items()}
+    extra: dict[str, Any] = {"best_epoch": 0, "monitor": None, "history": [], "protocol": info}
+    _evaluate_splits(recipe, run_dir, bundle, table, meta, sizes, d, device, workers, start, extra)
+    return run_dir
+
+
+def _evaluate_splits(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
+                     sizes: dict[str, int], d: Dist, device: torch.device, workers: int, start: float,
+                     extra: dict[str, Any]) -> None:  # fmt: skip
+    """The trained model on validation and test (sharded over the ranks), then rank 0 writes the results."""
+    splits = {}
+    for split in ("val", "test"):
+        if sizes[split] == 0:
+            log.warning("no %s split; skipping its metrics", split)
+            continue
+        outputs = split_outputs(bundle, recipe, table, split, device, workers, d)
+        if outputs is not None:
+            splits[split] = outputs
+    if d.is_main:
+        _finish(recipe, run_dir, bundle, table, meta, splits, extra, start, device)
+    barrier(d)  # no rank returns before the run folder is complete
+
+
+def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
+            splits: dict[str, Any], extra: dict[str, Any], start: float, device: torch.device) -> None:  # fmt: skip
+    """Rank 0: calibration and operating points on validation, then metrics, predictions and the report."""
+    if recipe.evaluation.patient_aggregate == "abmil":
+        slide_head(recipe, bundle, table, splits, device, run_dir, fit=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        decision = fit_decision(splits["val"][0], table.classes, recipe.evaluation)
+    for w in caught:
+        log.warning("%s", w.message)
+    log.info("calibration: temperature %.3f fitted on validation", decision.temperature)
+    meta["decision"] = decision.to_json()
+    write_json(run_dir / "run.json", meta)
+    seconds = time.perf_counter() - start
+    weights = recipe.model.pretrained if isinstance(recipe.model.pretrained, str) else (
+        "timm hub weights" if recipe.model.pretrained else
+        f"init_from {recipe.model.init_from}" if recipe.model.init_from else "random init")  # fmt: skip
+    meta["weights"] = weights
+    meta["data"], meta["source"] = table.origin, recipe.data.source
+    extra = {**extra, "seconds": seconds, "tta": list(recipe.evaluation.tta)}
+    extra.update(slide_comparison(recipe, splits, decision))
+    write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)
+    log.info("run folder: %s (%.0f s)", run_dir, seconds)

@@ -1,0 +1,389 @@
+"""The training loop: ``fit`` runs the freeze phases, ``train_one_epoch`` and ``evaluate`` do the work.
+
+One AMP path: ``torch.autocast`` with the recipe's dtype, and a GradScaler that is only enabled for
+fp16 (when disabled it passes the loss and the step straight through). The optimizer is stepped in
+exactly one place. The host reads the loss from the device only every ``log_interval`` steps, to
+update the progress bar and to stop on a NaN/Inf loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from medvision.data.transforms import tta_views
+from medvision.metrics import MetricAccumulator, compute_metrics, softmax
+from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
+from medvision.recipe import PhaseConfig, TrainConfig
+from medvision.runtime import (
+    SINGLE,
+    Dist,
+    EpochSampler,
+    Inputs,
+    all_gather_tensor,
+    autocast,
+    broadcast,
+    gather,
+    seed_everything,
+    sync_buffers,
+    to_device,
+    wrap_ddp,
+)
+from medvision.training.checkpoint import load_state, save_state, save_weights
+
+log = logging.getLogger("medvision")
+Batch = Any  # (images, labels) as collated by the DataLoader
+Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(model, images, labels) -> per-sample losses (B,)``, run inside autocast: what a training step minimises."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or Inf; the run stops rather than train on garbage."""
+
+
+def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warmup over ``warmup`` of the steps, then cosine to ``floor``."""
+    warm = round(warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def classification_loss(cfg: TrainConfig, class_weights: torch.Tensor | None = None) -> Criterion:
+    """Cross-entropy (with ``cfg.label_smoothing``), focal when ``cfg.focal_gamma > 0``, class-weighted when given.
+
+    Focal loss (Lin et al. 2017) multiplies each sample's cross-entropy by ``(1 - p_true) ** gamma``.
+    ``class_weights`` (mean 1 over the training samples, see :func:`class_weights`) weigh each
+    sample by its label, so the per-sample losses keep their scale and the DDP sum stays exact.
+    """
+
+    def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model(images).float()
+        ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, reduction="none")
+        if cfg.focal_gamma > 0:
+            p_true = torch.softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+            ce = (1.0 - p_true).clamp_min(0.0).pow(cfg.focal_gamma) * ce
+        if class_weights is not None:
+            ce = ce * class_weights.to(ce.device)[labels]
+        return ce
+
+    return loss
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, ``n / (classes present * n_class)``: every class weighs the same in total.
+
+    Their mean over the training samples is 1, so the loss keeps its scale. A class absent from the
+    training labels gets weight 0 (it has no samples to weigh).
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = max(1, int((counts > 0).sum()))
+    w = np.where(counts > 0, len(labels) / (present * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    device: torch.device,
+    bn: str,
+    desc: str,
+    inputs: Inputs | None = None,
+    generator: torch.Generator | None = None,
+    d: Dist = SINGLE,
+    global_sizes: list[int] | None = None,
+    criterion: Criterion | None = None,
+) -> dict[str, float]:
+    """One pass over the training data; returns the mean loss, throughput and final LR.
+
+    ``inputs`` turns loader batches into model input on the device; ``generator`` drives its
+    on-device augmentation. ``criterion`` gives per-sample losses: the classification loss of
+    ``cfg`` by default, the self-supervised objective in :mod:`medvision.pretrain`.
+
+    On several ranks (``d``, with ``model`` wrapped in DDP) each rank's loss is its share of the
+    global batch's mean, ``sum(loss_i) * world / global_sizes[step]``, so DDP's averaged gradient is
+    exactly the gradient of the global batch's mean loss, as on one process, even when the last
+    batch splits unevenly. The logged loss is the mean over ranks, and a NaN on any rank stops every
+    rank with the same message.
+    """
+    criterion = criterion or classification_loss(cfg)
+    model.train()
+    set_bn_policy(model, bn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    window_loss = torch.zeros((), device=device)
+    total_loss = 0.0
+    window_steps = seen = 0
+    start = time.perf_counter()
+    n_steps = len(loader)
+    bar = tqdm(total=n_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for step, (images, labels) in enumerate(loader):
+        images = to_device(images, device, inputs, generator)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            per_sample = criterion(model, images, labels)
+            if d.world_size > 1:
+                share = d.world_size / (global_sizes[step] if global_sizes else len(images) * d.world_size)
+                loss = per_sample.sum() * share
+            else:
+                loss = per_sample.mean()
+        scaler.scale(loss / cfg.accumulate).backward()
+        window_loss += loss.detach()
+        window_steps += 1
+        seen += global_sizes[step] if global_sizes and d.world_size > 1 else len(images)
+        last = step + 1 == n_steps
+        if (step + 1) % cfg.accumulate == 0 or last:
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        if (step + 1) % cfg.log_interval == 0 or last:
+            ranks = all_gather_tensor(window_loss / window_steps, d).tolist()  # the one host sync per log interval
+            mean = sum(ranks) / len(ranks)
+            if not math.isfinite(mean):
+                bar.close()
+                where = "" if d.world_size == 1 else " on rank(s) " + ", ".join(
+                    f"{r} of {d.world_size}" for r, v in enumerate(ranks) if not math.isfinite(v))  # fmt: skip
+                raise NonFiniteLoss(
+                    f"{desc}: loss became {mean} between steps {step + 2 - window_steps} and {step + 1}{where}; "
+                    "stopping. Lower the LR, set train.grad_clip, or use amp: bf16 instead of fp16. "
+                    "The last good checkpoint is kept."
+                )
+            total_loss += mean * window_steps
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.update(window_steps)
+            window_loss.zero_()
+            window_steps = 0
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(1, n_steps),
+        "train_img_s": seen / elapsed,
+        "lr": optimizer.param_groups[-1]["lr"],
+        "seconds": elapsed,
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader[Batch],
+    device: torch.device,
+    amp: str,
+    inputs: Inputs | None,
+    max_batches: int | None = None,
+    tta: tuple[str, ...] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels over a loader (in eval mode); on several ranks, this rank's shard.
+
+    Logits rather than probabilities, because calibration fits a temperature to them; the loss is
+    :func:`mean_cross_entropy` of the whole split, once the shards are gathered. With ``tta``
+    (``evaluation.tta``) the logits are (N, 1 + len(tta), K): the image itself, then each transform.
+    """
+    model.eval()
+    acc = MetricAccumulator()
+    parts = []
+    for i, (images, labels) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = to_device(images, device, inputs)
+        with autocast(device, amp):
+            views = [model(v).float() for v in tta_views(x, tta)]
+        acc.update(views[0], labels.to(device, non_blocking=True))
+        if tta:
+            parts.append(torch.stack(views, dim=1).cpu().numpy())
+    logits, labels = acc.logits_and_labels()
+    if tta:
+        logits = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 1 + len(tta), 0), np.float32)
+    return logits, labels
+
+
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of logits (NaN for none)."""
+    if len(labels) == 0:
+        return float("nan")
+    log_probs = np.log(softmax(logits) + 1e-300)
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+# --------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitState:
+    """What a resumed run needs besides the tensors: where it was and how well it did."""
+
+    epoch: int = 0
+    best: float | None = None
+    best_epoch: int = -1
+    stale: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    best_loss: float = math.inf
+
+    def improved(self, value: float, val_loss: float, monitor: str) -> bool:
+        """Better on ``monitor``; a tie (AUC saturates at 1.0) is broken by a lower validation loss."""
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        if value == self.best:
+            return val_loss < self.best_loss
+        return value < self.best if monitor == "val_loss" else value > self.best
+
+
+def _phase_of(epoch: int, phases: list[PhaseConfig]) -> tuple[int, int]:
+    """(phase index, epoch within phase) of a global epoch number."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if epoch < start + phase.epochs:
+            return i, epoch - start
+        start += phase.epochs
+    return len(phases), 0
+
+
+def gather_outputs(
+    logits: np.ndarray, labels: np.ndarray, d: Dist
+) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The ranks' evaluation shards (contiguous, in rank order) put back together on rank 0; None elsewhere."""
+    parts = gather((logits, labels), d)
+    if parts is None:
+        return None
+    if len(parts) == 1:
+        return logits, labels
+    shaped = [p[0].shape[1:] for p in parts if p[0].ndim >= 2 and len(p[0])]  # (K,), or (views, K) with TTA
+    trailing = shaped[0] if shaped else (0,)
+    return (np.concatenate([p[0].reshape(-1, *trailing) for p in parts]).astype(np.float32),
+            np.concatenate([p[1] for p in parts]).astype(np.int64))  # fmt: skip
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader[Batch],
+    val_loader: DataLoader[Batch],
+    cfg: TrainConfig,
+    device: torch.device,
+    run_dir: Path,
+    seed: int,
+    resume: bool = False,
+    inputs: Inputs | None = None,
+    d: Dist = SINGLE,
+    criterion: Criterion | None = None,
+) -> FitState:
+    """Runs every freeze phase; keeps ``model.safetensors`` (best) and ``last.pt`` (resume) in ``run_dir``.
+
+    Each epoch starts by re-seeding from (seed, epoch), and the sampler and augmentation are seeded
+    the same way, so resuming from ``last.pt`` replays exactly what an uninterrupted run would do.
+
+    On several ranks (``d``): the model is wrapped in DDP per freeze phase, around the parameters
+    that phase trains (so no parameter is ever unused); ``val_loader`` holds this rank's shard of the
+    validation split, whose logits rank 0 gathers; rank 0 decides on the best checkpoint and early
+    stopping and broadcasts its decision; only rank 0 writes; every rank reads ``last.pt`` on resume.
+    """
+    compiled = cast(nn.Module, torch.compile(model)) if cfg.compile else model
+    state = FitState()
+    saved: dict[str, Any] | None = None
+    if resume:
+        saved = load_state(run_dir / "last.pt")
+        model.load_state_dict(saved["model"])
+        state = FitState(**saved["fit"])
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+
+    _, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
+    log.info("sanity check: 2 validation batches evaluate (%d images%s)", len(labels),
+             "" if d.world_size == 1 else " on rank 0")  # fmt: skip
+
+    sampler = getattr(train_loader, "sampler", None)  # any iterable of batches works (benchmarks)
+    sizes = sampler.global_batch_sizes() if isinstance(sampler, EpochSampler) else None
+    phase_idx, phase_epoch = _phase_of(state.epoch, cfg.phases)
+    for p_i in range(phase_idx, len(cfg.phases)):
+        phase = cfg.phases[p_i]
+        n_train, n_frozen = apply_trainable(model, select_trainable(model, phase.trainable))
+        log.info(
+            "phase %s: %d epochs, trainable %s, lr %g, bn %s%s -- %s trainable / %s frozen parameters",
+            phase.name, phase.epochs, ",".join(phase.trainable), phase.lr, phase.bn,
+            f", layer_decay {phase.layer_decay}" if phase.layer_decay else "", f"{n_train:,}", f"{n_frozen:,}",
+        )  # fmt: skip
+        forward = wrap_ddp(compiled, d, device) if d.world_size > 1 else compiled
+        optimizer = torch.optim.AdamW(optimizer_groups(model, phase.lr, cfg.weight_decay, phase.layer_decay))
+        steps = phase.epochs * math.ceil(len(train_loader) / cfg.accumulate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, phase.warmup))
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        if saved is not None and p_i == phase_idx and phase_epoch > 0:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+        saved = None
+        for e in range(phase_epoch if p_i == phase_idx else 0, phase.epochs):
+            seed_everything(seed + state.epoch)
+            if isinstance(sampler, EpochSampler):
+                sampler.set_epoch(state.epoch)
+            generator = torch.Generator(device=device).manual_seed(seed * 100_003 + state.epoch)
+            desc = f"{phase.name} {e + 1}/{phase.epochs}"
+            stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc,
+                                    inputs, generator, d, sizes, criterion)  # fmt: skip
+            sync_buffers(model, d)
+            logits, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs)
+            whole = gather_outputs(logits, labels, d)
+            decision: tuple[dict[str, Any], bool] | None = None
+            if whole is not None:
+                val_loss = mean_cross_entropy(*whole)
+                val = compute_metrics(whole[1], softmax(whole[0]))
+                row: dict[str, Any] = {"epoch": state.epoch + 1, "phase": phase.name, **stats, "val_loss": val_loss,
+                       "val_auc": val["auc"], "val_acc": val["acc"]}  # fmt: skip
+                decision = row, state.improved(float(row[cfg.monitor]), val_loss, cfg.monitor)
+            row, improved = broadcast(decision, d)  # type: ignore[misc]  # rank 0 decides for every rank
+            state.history.append(row)
+            state.epoch += 1
+            if improved:
+                state.best, state.best_loss, state.best_epoch, state.stale = (
+                    float(row[cfg.monitor]), row["val_loss"], state.epoch, 0)  # fmt: skip
+                if d.is_main:
+                    save_weights(model, run_dir / "model.safetensors", {"epoch": str(state.epoch)})
+            else:
+                state.stale += 1
+            log.info(
+                "epoch %d (%s %d/%d): train_loss %.4f  val_loss %.4f  val_auc %.4f  val_acc %.4f  "
+                "%.0f img/s  %.0fs%s",
+                state.epoch, phase.name, e + 1, phase.epochs, row["train_loss"], row["val_loss"], row["val_auc"],
+                row["val_acc"], row["train_img_s"], row["seconds"], "  *best*" if state.stale == 0 else "",
+            )  # fmt: skip
+            if d.is_main:
+                save_state(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "fit": state.__dict__,
+                    },
+                    run_dir / "last.pt",
+                )
+            if cfg.patience is not None and state.stale >= cfg.patience:
+                log.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
+                return state
+    return state
