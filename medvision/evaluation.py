@@ -37,7 +37,7 @@ from medvision.metrics import (
     per_class_metrics,
     tta_softmax,
 )
-from medvision.recipe import EvalConfig
+from medvision.recipe import EvalConfig, RecipeError
 
 LEVELS = ("image", "patient")
 MIN_CLASS_COUNT = 10
@@ -89,7 +89,7 @@ def positive_index(classes: list[str], cfg: EvalConfig) -> int | None:
     if cfg.positive_class is None:
         return 1 if len(classes) == 2 else None
     if cfg.positive_class not in classes:
-        raise ValueError(f"evaluation.positive_class {cfg.positive_class!r} is not one of the classes {classes}")
+        raise RecipeError(f"evaluation.positive_class {cfg.positive_class!r} is not one of the classes {classes}")
     return classes.index(cfg.positive_class)
 
 

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvision.errors import MedvisionError
+
 log = logging.getLogger("medvision")
 Method = Literal["gradcam", "gradcam++"]
 METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
 
 
-class ExplainError(ValueError):
+class ExplainError(MedvisionError, ValueError):
     """A model, method, target or image that Grad-CAM cannot work with; the message says what was expected."""
 
 

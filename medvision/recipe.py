@@ -20,12 +20,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medvision.errors import MedvisionError
 from medvision.io.dicom import parse_window
 
 SHARED_DEFAULT = "../shared"
 
 
-class RecipeError(ValueError):
+class RecipeError(MedvisionError, ValueError):
     """A recipe that cannot be used; the message names the file, the key path and the fix."""
 
 

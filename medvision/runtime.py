@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from medvision.data.transforms import flip_rot90_batch, normalize_batch
+from medvision.errors import EnvironmentProblem
 
 log = logging.getLogger("medvision")
 T = TypeVar("T")
@@ -49,7 +50,7 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        raise EnvironmentProblem("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -128,7 +129,7 @@ def setup(device_setting: str = "auto", timeout: datetime.timedelta | None = Non
     local = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise EnvironmentProblem(
                 f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} CUDA device(s); "
                 "give torchrun --nproc-per-node at most that many"
             )

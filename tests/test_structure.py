@@ -152,8 +152,14 @@ def test_no_module_imports_a_higher_layer() -> None:
 
 
 def test_shared_layers_never_import_a_task() -> None:
-    shared = {m: t for m, t in _graph().items() if not m.startswith(("medvision.tasks", "medvision.cli", "medvision.__main__"))}
-    offenders = sorted(f"{m} -> {x}" for m, targets in shared.items() for x in targets if x.startswith("medvision.tasks"))
+    shared = {
+        m: t
+        for m, t in _graph().items()
+        if not m.startswith(("medvision.tasks", "medvision.cli", "medvision.__main__"))
+    }
+    offenders = sorted(
+        f"{m} -> {x}" for m, targets in shared.items() for x in targets if x.startswith("medvision.tasks")
+    )
     assert offenders == []
 
 

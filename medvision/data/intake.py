@@ -44,7 +44,7 @@ from medvision.io.dicom import (
     select_frames,
 )
 from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
-from medvision.models.deploy import ScoringSpec
+from medvision.runs import ScoringSpec
 
 Status = Literal["ok", "error", "skipped"]
 

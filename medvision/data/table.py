@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medvision.errors import MedvisionError
 from medvision.io.image import read_image_raw
 
 SPLITS = ("train", "val", "test")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(MedvisionError, ValueError):
     """A data source that cannot be used; the message names the file, row or value at fault."""
 
 

@@ -14,11 +14,13 @@ import cv2
 import numpy as np
 import tifffile
 
+from medvision.errors import MedvisionError
+
 Intensity = Literal["dtype", "minmax", "percentile"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class ImageReadError(OSError):
+class ImageReadError(MedvisionError, OSError):
     """A file that is missing, unreadable, or not an image we can use; the message names the file."""
 
 

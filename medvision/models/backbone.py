@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from medvision.errors import MedvisionError
 from medvision.models.heads import classifier_keys
 from medvision.recipe import ModelConfig
 
 log = logging.getLogger("medvision")
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(MedvisionError, RuntimeError):
     """ImageNet weights were asked for but cannot be reached (offline, or a missing file)."""
 
 

@@ -18,10 +18,12 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+from medvision.errors import MedvisionError
+
 log = logging.getLogger("medvision")
 
 
-class FreezeError(ValueError):
+class FreezeError(MedvisionError, ValueError):
     """A ``trainable`` token that names nothing in this backbone."""
 
 

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,13 +54,13 @@ from medvision.data.intake import (
     read_chunk,
     read_file,
 )
+from medvision.errors import EnvironmentProblem
 from medvision.evaluation import Decision
-from medvision.inference import load_run
+from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry, scan
-from medvision.io.files import atomic_write, sha256
-from medvision.models.deploy import CalibratedClassifier, ScoringSpec
-from medvision.runs import RunError, versions
-from medvision.runtime import autocast, barrier, broadcast, gather, resolve_amp, resolve_device, setup
+from medvision.io.files import atomic_write
+from medvision.runs import RunError, ScoringSpec, versions
+from medvision.runtime import barrier, broadcast, gather, setup
 from medvision.workers import Failure, PoolStats, isolated_map
 
 log = logging.getLogger("medvision")
@@ -98,59 +98,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------- engines
-
-
-class Engine(Protocol):
-    """Raw batches (N, C, H, W) in the spec's transfer dtype -> calibrated probabilities (N, K) float32."""
-
-    name: str
-
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-class TorchEngine:
-    """The run's model in PyTorch, on CUDA when present, with the run's autocast setting."""
-
-    name = "torch"
-
-    def __init__(self, model: CalibratedClassifier, device: torch.device, amp: str, channels_last: bool) -> None:
-        self.model, self.device, self.amp, self.channels_last = model.eval().to(device), device, amp, channels_last
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(self.device, self.amp):
-            return self.model(x).float().cpu().numpy()
-
-
-def load_scorer(model: Path, engine: str, cpu_threads: int | None = None) -> tuple[Engine, ScoringSpec, dict[str, Any]]:
-    """The engine, the spec and the provenance of a model: a run folder, or (onnxruntime) an exported .onnx.
-
-    ``cpu_threads``: ONNX Runtime's threads on the CPU (PyTorch's are set by the caller, for the run).
-    Raises :class:`medvision.tasks.train.RunError` (or ``ExportError``) when the model cannot be loaded.
-    """
-    if engine == "torch":
-        device = resolve_device("auto")
-        recipe, meta, bundle = load_run(model, device)
-        spec = ScoringSpec.from_run(model, recipe, meta)
-        net = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature, spec.tta)
-        amp = resolve_amp(recipe.train.amp, device)
-        torch_engine = TorchEngine(net, device, amp, recipe.train.channels_last)
-        return torch_engine, spec, {"model_file": str(model / "model.safetensors"), "device": str(device), "amp": amp}
-    if engine == "onnxruntime":
-        try:
-            from medvision.tasks.export.onnx import load_onnx  # onnx and onnxruntime are the optional `export` extra
-        except ModuleNotFoundError as err:
-            raise RunError(f"--engine onnxruntime needs {err.name}; pip install 'medvision[export]'") from None
-        path = model / "export" / "model.onnx" if model.is_dir() else model
-        if not path.is_file():
-            raise RunError(f"{path}: no exported ONNX model; run `medvision export {model} --format onnx` first")
-        ort_engine, spec = load_onnx(path, cpu_threads)
-        providers = ort_engine.session.get_providers()
-        return ort_engine, spec, {"model_file": str(path), "model_file_sha256": sha256(path),
-                                  "device": ort_engine.device, "onnxruntime_providers": providers}  # fmt: skip
-    raise RunError(f"--engine {engine!r} is not one of torch, onnxruntime")
 
 
 # ------------------------------------------------------------------------------- the run
@@ -383,7 +330,7 @@ def merge_parts(parts: list[Path], order: list[str], merged: Path) -> None:
             if head is None:
                 continue
             if header is not None and head != header:
-                raise RuntimeError(f"{part}: its columns differ from the other parts' ({head} vs {header})")
+                raise RunError(f"{part}: its columns differ from the other parts' ({head} vs {header})")
             header = head
             rows.extend((rank[r[0]], k, r) for k, r in enumerate(reader) if r and r[0] in rank)
     rows.sort(key=lambda t: (t[0], t[1]))  # the folder's order; a file's frames stay in their order
@@ -461,7 +408,7 @@ def _to_parquet(table_path: Path, out: Path) -> None:
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
     except ImportError:
-        raise RuntimeError(
+        raise EnvironmentProblem(
             f"Parquet output needs pyarrow (pip install pyarrow); the rows are in {table_path}"
         ) from None
     text = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "pred", "status", "reason")

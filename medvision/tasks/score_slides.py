@@ -44,9 +44,8 @@ from medvision.data.transforms import build_transforms
 from medvision.evaluation import Decision
 from medvision.io.files import atomic_write
 from medvision.metrics import aggregate_by_group
-from medvision.models.deploy import ScoringSpec
 from medvision.recipe import SlidesConfig
-from medvision.runs import RunError, versions
+from medvision.runs import RunError, ScoringSpec, versions
 from medvision.runtime import barrier, broadcast, gather, setup
 from medvision.tasks.score import (
     Engine,
@@ -305,7 +304,7 @@ def _score_one(folder: Path, item: _Slide, cfg: SlidesConfig, spec: ScoringSpec,
         if n < batch_size:  # fixed batch shape: a tile's probability does not depend on its batch mates
             x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
         if head is not None:
-            p, f = _torch_probs_and_features(scorer, x)
+            p, f = scorer.predict_with_features(x)
             feats.append(f[:n])
         else:
             p = scorer.predict(x)
@@ -329,22 +328,6 @@ def _score_one(folder: Path, item: _Slide, cfg: SlidesConfig, spec: ScoringSpec,
         hm = probability_grid(coords, tile_probs[:, k], grid.side0, tuple(item.info["size0"]), scale)
         title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
         plot_heatmap(heat_dir / f"{_safe_name(item.rel)}.png", thumb, hm, title, f"tile P({spec.classes[k]})")
-
-
-def _torch_probs_and_features(scorer: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated tile probabilities and the backbone's pre-logits features, in one pass (PyTorch engine)."""
-    from medvision.runtime import autocast
-
-    net = scorer.model  # type: ignore[attr-defined]
-    device = scorer.device  # type: ignore[attr-defined]
-    t = torch.from_numpy(x).to(device)
-    with torch.inference_mode(), autocast(device, scorer.amp):  # type: ignore[attr-defined]
-        scale = 1.0 / 255.0 if t.dtype == torch.uint8 else 1.0
-        z = (t.float() * scale - net.mean) / net.std
-        feats = net.model.forward_head(net.model.forward_features(z), pre_logits=True)
-        logits = net.model.get_classifier()(feats)
-        probs = torch.softmax(logits.float() / net.temperature, dim=1)
-    return probs.float().cpu().numpy(), feats.float().flatten(1).cpu().numpy()
 
 
 def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray, probs: np.ndarray,

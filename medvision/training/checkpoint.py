@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from medvision.io.files import atomic_write
+from medvision.runs import RunError
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -33,8 +34,8 @@ def save_state(state: dict[str, Any], path: Path) -> None:
 def load_state(path: Path) -> dict[str, Any]:
     """Reads a full training state with ``weights_only=True`` (no arbitrary code from the file)."""
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        raise RunError(f"no checkpoint at {str(path)!r}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path}: not a medvision training state (expected a dict with a 'model' entry)")
+        raise RunError(f"{path}: not a medvision training state (expected a dict with a 'model' entry)")
     return state

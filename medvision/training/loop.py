@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from medvision.data.transforms import tta_views
+from medvision.errors import MedvisionError
 from medvision.metrics import MetricAccumulator, compute_metrics, softmax
 from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
 from medvision.recipe import PhaseConfig, TrainConfig
@@ -49,7 +50,7 @@ Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(model, images, labels) -> per-sample losses (B,)``, run inside autocast: what a training step minimises."""
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(MedvisionError, FloatingPointError):
     """The training loss became NaN or Inf; the run stops rather than train on garbage."""
 
 

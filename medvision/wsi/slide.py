@@ -42,6 +42,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from medvision.errors import MedvisionError
+
 Backend = Literal["auto", "openslide", "tiffslide", "dicom"]
 
 #: File suffixes read as slides (a DICOM WSI is a folder of ``.dcm`` instances).
@@ -50,7 +52,7 @@ SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".sv
 _CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54}
 
 
-class SlideError(ValueError):
+class SlideError(MedvisionError, ValueError):
     """A slide that cannot be opened or used; the message names the file and what was expected."""
 
 

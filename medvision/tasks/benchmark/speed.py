@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from medvision.errors import MedvisionError
 from medvision.models.backbone import create_backbone
 from medvision.recipe import ModelConfig, Recipe
 from medvision.runtime import autocast, resolve_amp
@@ -67,7 +68,7 @@ _DEFAULTS = {  # per device type: image_size, batch_size, warmup, repeats, steps
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(MedvisionError, ValueError):
     """A benchmark that cannot run as asked; the message names the option, the value and what is allowed."""
 
 

@@ -27,21 +27,18 @@ import torch
 from medvision.data.dataset import ImageDataset
 from medvision.data.sources import load_table
 from medvision.data.table import DataSourceError
+from medvision.errors import ExportError
 from medvision.inference import load_run
 from medvision.io.files import atomic_write
 from medvision.io.image import ImageReadError
-from medvision.models.deploy import CalibratedClassifier, ScoringSpec
+from medvision.models.deploy import CalibratedClassifier
 from medvision.recipe import Recipe
-from medvision.runs import cache_dir, versions
+from medvision.runs import ScoringSpec, cache_dir, versions
 from medvision.training.build import ModelBundle, split_dataset
 
 log = logging.getLogger("medvision")
 
 FORMATS = ("onnx", "monai-bundle")
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be made or that fails its checks; nothing was written. The message says why."""
 
 
 @dataclass(frozen=True)

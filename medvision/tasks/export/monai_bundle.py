@@ -53,7 +53,7 @@ from monai.data import save_net_with_metadata
 from medvision.data.table import FileLoader
 from medvision.io.files import sha256
 from medvision.io.image import IMAGE_SUFFIXES
-from medvision.models.deploy import ScoringSpec
+from medvision.runs import ScoringSpec
 from medvision.tasks.export.common import (
     PARITY_ATOL,
     ExportError,

@@ -26,17 +26,16 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
+from medvision.inference import SPEC_KEY, OrtEngine
 from medvision.io.files import sha256
-from medvision.models.deploy import ScoringSpec
+from medvision.runs import ScoringSpec
 from medvision.tasks.export.common import (
     PARITY_ATOL,
     ExportError,
@@ -61,8 +60,6 @@ log = logging.getLogger("medvision")
 INPUT = "image"
 OUTPUT = "probabilities"
 OPSET = 18
-SPEC_KEY = "medvision_spec"
-_NUMPY = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 
 
 def export_onnx(
@@ -220,85 +217,3 @@ def _record(
         "parity": parity,
         "versions": export_versions("onnx", "onnxruntime", "onnxscript"),
     }
-
-
-class OrtEngine:
-    """An exported model in ONNX Runtime: raw batches (N, C, H, W) in the transfer dtype -> probabilities (N, K).
-
-    Runs on CUDA when ONNX Runtime has its CUDA provider, else on the CPU (``providers`` overrides).
-
-    Examples:
-        >>> engine = OrtEngine(Path("runs/demo/export/model.onnx"))
-        >>> probs = engine.predict(batch)  # float32 (N, K)
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        self.path = Path(path)
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        if threads:  # CPU threads for one batch (default: ONNX Runtime's, one per physical core)
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].type not in _NUMPY:
-            got = [(i.name, i.type) for i in inputs]
-            raise ExportError(f"{self.path}: expected one uint8 or float input, the graph has {got}")
-        self.input_name = inputs[0].name
-        self.input_dtype = np.dtype(_NUMPY[inputs[0].type])
-        self.input_shape = list(inputs[0].shape)
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``batch``: (N, C, H, W) uint8 (for a uint8 graph), float16 or float32 in [0, 1] (for a float graph)."""
-        if batch.ndim != 4:
-            raise ValueError(f"{self.path.name}: expected a batch (N, C, H, W), got shape {batch.shape}")
-        if self.input_dtype == np.uint8:
-            if batch.dtype != np.uint8:
-                raise ValueError(f"{self.path.name} takes uint8 batches (0..255), got {batch.dtype}")
-        elif batch.dtype in (np.float16, np.float32, np.float64):
-            batch = batch.astype(np.float32, copy=False)
-        else:
-            raise ValueError(f"{self.path.name} takes float batches in [0, 1], got {batch.dtype}")
-        (probs,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})
-        return np.asarray(probs, dtype=np.float32)
-
-
-def load_onnx(path: Path, threads: int | None = None) -> tuple[OrtEngine, ScoringSpec]:
-    """An exported ``model.onnx`` in ONNX Runtime and the :class:`ScoringSpec` stored in its metadata.
-
-    ``threads``: ONNX Runtime's intra-op threads on the CPU (default: its own choice).
-
-    Raises :class:`ExportError`, naming the file, when it is not an ONNX model ONNX Runtime can load
-    or not a medvision export.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file")
-    try:
-        engine = OrtEngine(path, threads=threads)
-    except ExportError:
-        raise
-    except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, NoSuchFile)
-        raise ExportError(f"{path}: ONNX Runtime cannot load it ({type(err).__name__}: {err})") from None
-    text = engine.session.get_modelmeta().custom_metadata_map.get(SPEC_KEY)
-    if text is None:
-        raise ExportError(
-            f"{path}: not a medvision export (its ONNX metadata has no {SPEC_KEY!r}); "
-            "make one with `medvision export RUN --format onnx`"
-        )
-    try:
-        spec = ScoringSpec.from_json(text, str(path))
-    except ValueError as err:
-        raise ExportError(str(err)) from None
-    want = np.dtype(np.uint8 if spec.transfer == "uint8" else np.float32)
-    shape = engine.input_shape[1:]
-    if engine.input_dtype != want or shape != [spec.in_chans, spec.image_size, spec.image_size]:
-        raise ExportError(
-            f"{path}: the graph takes {engine.input_dtype} {shape} but its spec says {want} "
-            f"{[spec.in_chans, spec.image_size, spec.image_size]}; the file was edited after export"
-        )
-    return engine, spec
