@@ -23,19 +23,12 @@ from medvision.cli import main  # noqa: E402
 from medvision.data.dataset import prepare  # noqa: E402
 from medvision.data.sources import load_table  # noqa: E402
 from medvision.data.transforms import build_transforms  # noqa: E402
-from medvision.inference import (  # noqa: E402
-    OrtEngine,
-    load_onnx,
-    load_run,  # noqa: E402
-)
+from medvision.inference import OrtEngine, load_onnx, load_run  # noqa: E402
 from medvision.io.files import sha256  # noqa: E402
 from medvision.io.image import read_image_raw, to_channels, to_unit_range  # noqa: E402
 from medvision.models.deploy import CalibratedClassifier  # noqa: E402
 from medvision.recipe import load_recipe, recipe_from_dict  # noqa: E402
-from medvision.runs import (
-    ScoringSpec,
-    cache_dir,  # noqa: E402
-)
+from medvision.runs import ScoringSpec, cache_dir  # noqa: E402
 from medvision.tasks.export import ExportError, ExportResult  # noqa: E402
 from medvision.tasks.export.monai_bundle import export_monai_bundle  # noqa: E402
 from medvision.tasks.export.onnx import export_onnx  # noqa: E402
