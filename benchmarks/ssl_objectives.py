@@ -44,7 +44,8 @@ from medvision.recipe import load_recipe
 from medvision.runtime import EpochSampler, Inputs, make_loader, resolve_amp, seed_everything
 from medvision.tasks.train import train
 from medvision.training.checkpoint import save_weights
-from medvision.training.loop import train_one_epoch, warmup_cosine
+from medvision.training.loop import train_one_epoch
+from medvision.training.setup import warmup_cosine
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

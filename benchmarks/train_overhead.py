@@ -43,7 +43,8 @@ from medvision.models.freeze import optimizer_groups
 from medvision.recipe import TrainConfig
 from medvision.runtime import EpochSampler, Inputs, autocast, resolve_amp, seed_everything
 from medvision.tasks.benchmark.speed import device_name
-from medvision.training.loop import fit, train_one_epoch, warmup_cosine
+from medvision.training.loop import fit, train_one_epoch
+from medvision.training.setup import warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEDVISION_SHARED", ROOT.parent / "shared"))

@@ -32,7 +32,7 @@ from medvision.metrics import bootstrap_cis, compute_accuracy, compute_auc, expe
 from medvision.runs import cache_dir
 from medvision.runtime import make_loader, resolve_amp
 from medvision.training.build import model_inputs, split_dataset
-from medvision.training.loop import evaluate
+from medvision.training.loop import predict_logits
 
 HERE = Path(__file__).parent
 
@@ -41,14 +41,14 @@ def views_of(run_dir: Path, tta: tuple[str, ...]) -> tuple[str, list[str], dict[
     """The run's name, classes and (N, 1 + len(tta), K) logits of its validation and test splits."""
     device = torch.device("cpu")
     recipe, meta, bundle = load_run(run_dir, device)
-    recipe.data.classes = meta["classes"]
+    recipe = recipe.changed({"data.classes": meta["classes"]})
     amp = resolve_amp(recipe.train.amp, device)
     table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     out = {}
     for split in ("val", "test"):
         ds = split_dataset(recipe, table, bundle, split, train=False)
         loader = make_loader(ds, recipe.data.eval_batch_size, 0, device)
-        logits, labels = evaluate(bundle.model, loader, device, amp, model_inputs(recipe, bundle), tta=tta)
+        logits, labels = predict_logits(bundle.model, loader, device, amp, model_inputs(recipe, bundle), tta=tta)
         out[split] = SplitOutputs(logits[:, 0], labels, ds.groups, views=logits)
     return recipe.name, meta["classes"], out
 

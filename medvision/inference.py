@@ -45,7 +45,7 @@ from medvision.runtime import (
     resolve_device,
 )
 from medvision.training.build import ModelBundle, model_inputs, split_dataset
-from medvision.training.loop import evaluate, gather_outputs
+from medvision.training.loop import gather_outputs, predict_logits
 
 log = logging.getLogger("medvision")
 
@@ -63,9 +63,7 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any
             raise RunError(f"{run_dir} is not a finished medvision run: {needed} is missing")
     recipe = load_recipe(run_dir / "recipe.yaml")
     meta = read_run_json(run_dir)
-    recipe.model.pretrained = False
-    recipe.model.init_from = None
-    recipe.model.in_chans = meta["in_chans"]
+    recipe = recipe.changed({"model.pretrained": False, "model.init_from": None, "model.in_chans": meta["in_chans"]})
     model = create_backbone(recipe.model, num_classes=len(meta["classes"]), in_chans=meta["in_chans"])
     state = load_model_state(run_dir / "model.safetensors")
     fit_state(model, state, len(meta["classes"]), recipe.train.knn_k, recipe.train.knn_temperature)  # a knn run's bank
@@ -89,7 +87,8 @@ def split_outputs(
     ds = split_dataset(recipe, table, bundle, split, train=False)
     loader = make_loader(local_part(ds, d), recipe.data.eval_batch_size, workers, device)
     tta = tuple(recipe.evaluation.tta)
-    logits, labels = evaluate(bundle.model, loader, device, recipe.train.amp, model_inputs(recipe, bundle), tta=tta)
+    inputs = model_inputs(recipe, bundle)
+    logits, labels = predict_logits(bundle.model, loader, device, recipe.train.amp, inputs, tta=tta)
     whole = gather_outputs(logits, labels, d)
     if whole is None:
         return None

@@ -31,7 +31,7 @@ class RecipeError(MedvisionError, ValueError):
 
 
 class _Node(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, frozen=True)
 
 
 WindowItem = str | list[float] | dict[str, float]
@@ -53,7 +53,8 @@ class DicomConfig(_Node):
     labels: str | None = None
     """CSV with ``label`` and ``path`` (relative to the folder) or ``sop_instance_uid``; default: class folders."""
     cache: bool = True
-    """Cache decoded, windowed pixels as float16 ``.npy`` files so later epochs skip decoding."""
+    """Cache decoded, windowed pixels as float16 ``.npy`` files, filled as the table is built (damaged pixels are
+    found before training), so epochs skip decoding."""
 
     @field_validator("windows")
     @classmethod
@@ -120,6 +121,8 @@ class DataConfig(_Node):
     preload: bool = False
     """Decode every image of a folder or CSV source into memory once, before the workers start, so later
     epochs skip PNG/JPEG/TIFF decoding (``.npz`` is always in memory; DICOM has its own disk cache)."""
+    on_error: Literal["stop", "skip"] = "stop"
+    """Unreadable (corrupt, truncated) images: ``stop`` the run before training, naming them, or ``skip`` them."""
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     """How DICOM pixels are windowed and which frames are used (``source: dicom`` and ``score``)."""
     slides: SlidesConfig = Field(default_factory=SlidesConfig)
@@ -234,6 +237,12 @@ class TrainConfig(_Node):
     """Steps between progress-bar updates (and loss finiteness checks, which need a device sync)."""
     sync_bn: bool = False
     """On several GPUs, convert BatchNorm to SyncBatchNorm: statistics over the global batch, not each rank's."""
+
+    @field_validator("phases")
+    @classmethod
+    def _named_phases(cls, phases: list[PhaseConfig]) -> list[PhaseConfig]:
+        """A phase without a name is called ``phase<i>`` in logs and history."""
+        return [p if p.name else p.model_copy(update={"name": f"phase{i}"}) for i, p in enumerate(phases)]
 
 
 class OperatingPointConfig(_Node):
@@ -352,14 +361,26 @@ class Recipe(_Node):
             raise ValueError(f"train.focal_gamma is a training loss; protocol {self.train.protocol!r} trains none")
         if len(set(self.evaluation.tta)) != len(self.evaluation.tta):
             raise ValueError(f"evaluation.tta lists a transform twice: {self.evaluation.tta}")
-        for i, phase in enumerate(self.train.phases):
-            if not phase.name:
-                phase.name = f"phase{i}"
         return self
 
     @property
     def total_epochs(self) -> int:
         return sum(p.epochs for p in self.train.phases)
+
+    def changed(self, changes: dict[str, Any], origin: str = "<changed recipe>") -> Recipe:
+        """A validated copy with ``changes`` applied (``{"train.amp": "bf16", "data.limit": None}``, keys as in
+        ``--set``). A recipe never changes once loaded: every task that adjusts one works on such a copy.
+
+        Examples:
+            >>> fp32 = recipe.changed({"train.amp": "none"})
+        """
+        tree = self.model_dump(mode="python")
+        for key, value in changes.items():
+            set_key(tree, key, value)
+        try:
+            return Recipe.model_validate(tree)
+        except ValidationError as err:
+            raise _explain(err, origin) from None
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -400,8 +421,12 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"override {assignment!r} has no '='; expected KEY=VALUE, e.g. train.phases[0].lr=1e-3")
     key, raw = assignment.split("=", 1)
-    parts = _parse_key_path(key.strip())
-    value = yaml.safe_load(raw) if raw.strip() else None
+    set_key(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+
+
+def set_key(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Sets ``a.b[1].c`` in a raw recipe dict to ``value``, making the mappings on the way."""
+    parts = _parse_key_path(key)
     node: Any = tree
     for depth, part in enumerate(parts[:-1]):
         nxt = parts[depth + 1]
@@ -470,15 +495,18 @@ def _explain(err: ValidationError, origin: str) -> RecipeError:
 
 def _resolve_paths(recipe: Recipe) -> Recipe:
     """Expands variables and makes every path absolute, so a saved recipe reproduces from anywhere."""
-    recipe.data.path = str(Path(expand_path(recipe.data.path)).resolve())
+
+    def absolute(value: str) -> str:
+        return str(Path(expand_path(value)).resolve())
+
+    changes: dict[str, Any] = {"data.path": absolute(recipe.data.path), "output_dir": absolute(recipe.output_dir)}
     if recipe.data.slides.stain_reference:
-        recipe.data.slides.stain_reference = str(Path(expand_path(recipe.data.slides.stain_reference)).resolve())
-    recipe.output_dir = str(Path(expand_path(recipe.output_dir)).resolve())
+        changes["data.slides.stain_reference"] = absolute(recipe.data.slides.stain_reference)
     if isinstance(recipe.model.pretrained, str):
-        recipe.model.pretrained = str(Path(expand_path(recipe.model.pretrained)).resolve())
+        changes["model.pretrained"] = absolute(recipe.model.pretrained)
     if recipe.model.init_from:
-        recipe.model.init_from = str(Path(expand_path(recipe.model.init_from)).resolve())
-    return recipe
+        changes["model.init_from"] = absolute(recipe.model.init_from)
+    return recipe.changed(changes)
 
 
 def recipe_from_dict(tree: dict[str, Any], origin: str = "<dict>", overrides: list[str] | None = None) -> Recipe:

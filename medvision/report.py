@@ -264,6 +264,11 @@ def build_report(
               _fmt(h["val_acc"], 4), f"{h['train_img_s']:.0f}", f"{h['lr']:.2e}"] for h in history]))]  # fmt: skip
     warned = sorted({w for lv in ("image", "patient") for s in clinical[lv].values() if isinstance(s, dict)
                      for w in s.get("warnings", [])})  # fmt: skip
+    left_out = (extra.get("data_audit") or {}).get("errors", 0)
+    if left_out:
+        listed = "; `data_audit.csv` names each with its reason" if (out_dir / "data_audit.csv").is_file() else ""
+        warned.insert(0, f"{left_out} unreadable image file(s) were left out of the data (data.on_error: skip)"
+                         f"{listed}")  # fmt: skip
     if warned:
         blocks += [("h2", "Warnings"), ("ul", warned)]
     blocks.append(("p", "Files: `metrics.json` (everything above, at image and patient level), `predictions.csv`, "

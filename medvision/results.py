@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medvision.data.audit import counts as audit_counts
 from medvision.data.dataset import ImageDataset
 from medvision.data.table import SampleTable
 from medvision.data.transforms import normalize_batch
@@ -22,6 +23,8 @@ from medvision.gradcam import (
 )
 from medvision.metrics import softmax
 from medvision.models.heads import extract_features
+from medvision.models.mil import load_abmil, predict_abmil
+from medvision.models.slide_head import MIL_FILE, bags, compare_aggregations, fit_slide_head
 from medvision.recipe import EvalConfig, Recipe
 from medvision.report import write_json, write_predictions, write_report
 from medvision.runs import RunError, mean_count
@@ -97,6 +100,8 @@ def write_results(
             if messages:
                 more = f" (and {len(messages) - 1} more; see metrics.json)" if len(messages) > 1 else ""
                 log.warning("%s, %s level: %s%s", split, level, messages[0], more)
+    if table.audit:  # what the data source met: files used, skipped, and unreadable ones left out
+        extra = {**extra, "data_audit": {**audit_counts(table.audit), "on_error": recipe.data.on_error}}
     write_json(out_dir / "metrics.json", {**headline, **clinical, "decision": decision.to_json(), **extra})
     rows = [(split, ids, out.labels, out.probs(decision.temperature))
             for split, (out, ids, _) in splits.items()]  # fmt: skip
@@ -121,9 +126,6 @@ def slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: 
     ``fit`` trains the head on the training slides' frozen tile features and saves it in ``run_dir``;
     otherwise the run's saved head is applied.
     """
-    from medvision.models.mil import load_abmil, predict_abmil
-    from medvision.models.slide_head import MIL_FILE, bags, fit_slide_head
-
     workers = resolve_workers(recipe.data.num_workers, device)
     inputs = model_inputs(recipe, bundle)
     features, outputs = {}, {}
@@ -153,7 +155,5 @@ def slide_comparison(recipe: Recipe, splits: dict[str, Any], decision: Decision)
     split = "test" if "test" in splits else "val"
     if split not in splits or recipe.data.source != "slides":
         return {}
-    from medvision.models.slide_head import compare_aggregations
-
     out = splits[split][0]
     return {"slide_aggregates": compare_aggregations(out, decision.temperature, recipe.evaluation, out.unit_probs)}

@@ -120,7 +120,7 @@ def read_metrics_json(run_dir: Path) -> dict[str, Any]:
     return read_json(run_dir / "metrics.json", "metrics.json")
 
 
-Inputs = Literal["dicom", "images", "slides"]
+InputKind = Literal["dicom", "images", "slides"]
 Transfer = Literal["uint8", "float16", "float32"]
 
 
@@ -134,7 +134,7 @@ class ScoringSpec:
     in_chans: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    inputs: Inputs
+    inputs: InputKind
     """Which files are scored: DICOM (a run trained on DICOM) or PNG/JPEG/TIFF/BMP images (any other source)."""
     intensity: str
     """``data.intensity`` of the recipe: how native pixel values map to [0, 1]."""
@@ -181,7 +181,7 @@ class ScoringSpec:
         for images, and as the recipe says for DICOM (whose windows are never 8-bit).
         """
         source = recipe.data.source
-        inputs: Inputs = "dicom" if source == "dicom" else "slides" if source == "slides" else "images"
+        inputs: InputKind = "dicom" if source == "dicom" else "slides" if source == "slides" else "images"
         if inputs == "dicom":
             transfer: Transfer = "float16" if recipe.data.transfer == "float16" else "float32"
         else:

@@ -32,7 +32,7 @@ def test_focal_loss_is_cross_entropy_scaled_by_one_minus_p_true() -> None:
     identity = nn.Identity()
     ce = F.cross_entropy(logits, labels, reduction="none")
     assert torch.allclose(classification_loss(cfg)(identity, logits, labels), ce)
-    cfg.focal_gamma = 2.0
+    cfg = cfg.model_copy(update={"focal_gamma": 2.0})
     p_true = torch.softmax(logits, 1)[torch.arange(3), labels]
     assert torch.allclose(classification_loss(cfg)(identity, logits, labels), (1 - p_true) ** 2 * ce)
     weights = torch.tensor([0.5, 1.0, 3.0])

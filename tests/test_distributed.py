@@ -31,7 +31,8 @@ from medvision.tasks.demo import make_dataset
 from medvision.tasks.evaluate import evaluate_run
 from medvision.tasks.score import score_folder
 from medvision.tasks.train import train
-from medvision.training.loop import NonFiniteLoss, train_one_epoch, warmup_cosine
+from medvision.training.loop import NonFiniteLoss, train_one_epoch
+from medvision.training.setup import warmup_cosine
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
 

@@ -107,6 +107,8 @@ def test_onnx_rgb_uint8(rgb_run: Path, rgb_onnx: ExportResult) -> None:
     assert record["parity"]["max_abs_diff"] <= 1e-4 and record["parity"]["images"] == rgb_onnx.images > 0
     assert record["parity"]["split"] == "test" and record["parity"]["batch_sizes"] == [1, 16]
     assert rgb_onnx.parity == record["parity"]["max_abs_diff"]
+    assert record["dicom_parity"] == {"checked": False, "reason": "the run was trained on PNG/JPEG/TIFF/BMP images, "
+                                                                  "not DICOM"}  # fmt: skip
     meta = _metadata(path)
     assert float(meta["parity_max_abs_diff"]) <= 1e-4
     assert json.loads(meta["classes"]) == ["stroma", "tumor"] and meta["input_dtype"] == "uint8"
@@ -133,6 +135,11 @@ def test_onnx_rgb_uint8(rgb_run: Path, rgb_onnx: ExportResult) -> None:
 def test_onnx_greyscale_float_from_dicom(dicom_run: Path, dicom_onnx: ExportResult) -> None:
     result = dicom_onnx
     assert result.parity is not None and result.parity <= 1e-4
+    dicom = json.loads(result.record.read_text())["dicom_parity"]  # the real DICOM set (tests/test_engine_parity.py)
+    if dicom["checked"]:
+        assert dicom["max_abs_diff"] <= 1e-4 and dicom["files"] >= 25
+    else:
+        assert "pydicom-data is not installed" in dicom["reason"]
     engine, spec = load_onnx(result.path)
     assert spec.inputs == "dicom" and spec.in_chans == 1 and spec.transfer == "float32"
     assert engine.input_dtype == np.float32 and engine.input_shape[1:] == [1, spec.image_size, spec.image_size]
@@ -295,6 +302,7 @@ def test_monai_bundle_rgb_runs_in_monai(rgb_run: Path, tiles_manifest: Path, tmp
     assert meta["medvision"]["model_sha256"] == sha256(rgb_run / "model.safetensors")
     assert meta["medvision"]["calibration_temperature"] > 0 and meta["medvision"]["positive_class"] == "tumor"
     checks = meta["medvision_checks"]
+    assert json.loads(result.record.read_text())["dicom_parity"]["checked"] is False  # bundles of DICOM runs: refused
     assert checks["preprocessing_max_pixel_diff"] <= 1  # one 8-bit level: rounding of the two resizes' exact ties
 
     files = _some_tiles(tiles_manifest, tmp_path / "incoming")

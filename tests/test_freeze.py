@@ -14,7 +14,8 @@ from medvision.models.freeze import (
     select_trainable,
 )
 from medvision.recipe import TrainConfig
-from medvision.training.loop import train_one_epoch, warmup_cosine
+from medvision.training.loop import train_one_epoch
+from medvision.training.setup import warmup_cosine
 
 
 def test_partition_uses_timm_groups() -> None:

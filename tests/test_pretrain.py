@@ -110,9 +110,9 @@ def test_two_views_differ_and_repeat_with_the_seed() -> None:
 def test_view_defaults_follow_the_domain(tiles_manifest: Path, tmp_path: Path) -> None:
     recipe = recipe_from_dict(_recipe(tiles_manifest, tmp_path))
     assert view_kind(recipe, 3) == "pathology"  # the tiny recipe's augment preset
-    recipe.augment.preset = "none"
+    recipe = recipe.changed({"augment.preset": "none"})
     assert view_kind(recipe, 1) == "radiology" and view_kind(recipe, 3) == "pathology"
-    recipe.pretrain.views = "radiology"
+    recipe = recipe.changed({"pretrain.views": "radiology"})
     assert view_kind(recipe, 3) == "radiology"
 
 
@@ -222,3 +222,13 @@ def test_pretraining_on_two_ranks(tiles_manifest: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     history = json.loads((tmp_path / "two" / "pretrain.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2] and all(math.isfinite(h["train_loss"]) for h in history[1:])
+
+
+def test_sync_bn_follows_the_same_rule_as_train(tiles_manifest: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """One set-up for both tasks: SyncBatchNorm on CPU ranks is an error in pretrain too (it was skipped)."""
+    tree = _recipe(tiles_manifest, tmp_path, name="syncbn")
+    tree["train"]["sync_bn"] = True
+    monkeypatch.setattr(pretrain_run, "setup", lambda device: (Dist(0, 2), torch.device("cpu")))
+    with pytest.raises(RunError, match="SyncBatchNorm runs on GPUs only"):
+        pretrain(recipe_from_dict(tree))

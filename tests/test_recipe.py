@@ -116,3 +116,18 @@ def test_every_shipped_recipe_loads(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.train.phases or "simclr" in path.name  # a pretraining recipe needs no fine-tuning phases
     assert yaml.safe_load(dump_recipe(recipe))["name"] == recipe.name
+
+
+def test_a_loaded_recipe_is_frozen_and_changes_go_through_a_validated_copy() -> None:
+    recipe = recipe_from_dict(minimal())
+    with pytest.raises(ValueError, match="frozen"):
+        recipe.train.amp = "bf16"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        recipe.train.phases[0].lr = 1.0  # type: ignore[misc]
+    changed = recipe.changed({"train.amp": "bf16", "train.phases[1].lr": 0.5, "data.limit": 10})
+    assert (changed.train.amp, changed.train.phases[1].lr, changed.data.limit) == ("bf16", 0.5, 10)
+    assert (recipe.train.amp, recipe.train.phases[1].lr, recipe.data.limit) == ("auto", 1e-4, None)
+    assert changed.data.path == recipe.data.path  # paths stay resolved
+    with pytest.raises(RecipeError, match=r"train\.amp"):
+        recipe.changed({"train.amp": "fp8"})
+    assert [p.name for p in recipe.train.phases] == ["phase0", "phase1"]  # unnamed phases are named on loading

@@ -118,17 +118,18 @@ def test_opt_in_tags(trained: Path, folder: Path, tmp_path: Path) -> None:
 KILLER = """
 import os, signal, sys
 from pathlib import Path
-import medvision.tasks.score as s  # noqa: E402
+import medvision.tasks.score as s
+import medvision.tasks.score.job as job
 calls = [0]
-real_write = s._Rows.write
-def dying_write(self, files, header=False):
+real_write = job.RowWriter.write
+def dying_write(self, text):
     calls[0] += 1
-    if calls[0] == 4:  # header and two batches are flushed; die like kill -9 halfway through this write
+    if calls[0] == 4:  # the header and two files are flushed; die like kill -9 halfway through this write
         self.fh.write(self.fh.name[:0] + "ct/series0/img0.dcm,1.2.3,1.2")
         self.fh.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    real_write(self, files, header)
-s._Rows.write = dying_write
+    real_write(self, text)
+job.RowWriter.write = dying_write
 s.score_folder(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), batch_size=2, workers=0)
 """
 

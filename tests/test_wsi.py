@@ -353,7 +353,7 @@ def test_score_resumes_after_kill_9(scored: dict, tmp_path: Path) -> None:
 
 
 def test_abmil_head_is_trained_saved_compared_and_used_by_score(cohort: tuple[Path, dict], tmp_path: Path) -> None:
-    from medvision.tasks.score_slides import score_slides
+    from medvision.tasks.score import score_slides
     from medvision.tasks.train import train
 
     manifest, _ = cohort

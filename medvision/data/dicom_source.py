@@ -1,8 +1,12 @@
 """DICOM folders as sample tables: labels from class folders or a CSV, patients from PatientID.
 
-The folder is searched recursively. Files that are not DICOM, or are DICOM without an image (SR,
-RTDOSE, SEG ...), are skipped and counted. Each sample is a (file, frame) pair, so a multi-frame
-file can give one sample (``frames: first`` or ``middle``) or one per frame (``frames: all``).
+The folder is searched recursively and every file in it is accounted for in the table's audit
+(:mod:`medvision.data.audit`): files that are not DICOM, DICOM without an image (SR, RTDOSE, SEG ...)
+and unlabelled files are skipped; a DICOM-looking file that cannot be read (it does not parse, its pixel
+data is cut short or does not decode) is an error, which stops the run unless ``data.on_error`` is
+``skip``. Patient identifiers group the samples and never reach a message. Each sample is a
+(file, frame) pair, so a multi-frame file can give one sample (``frames: first`` or ``middle``) or
+one per frame (``frames: all``).
 Decoded, windowed pixels can be cached as float16 ``.npy`` files, so that epoch 2 does not decode
 JPEG 2000 again.
 """
@@ -13,21 +17,18 @@ import csv
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from tqdm import tqdm
 
-from medvision.data.table import DataSourceError, SampleTable, class_index
-from medvision.io.dicom import (
-    DicomSpec,
-    FramePolicy,
-    NotADicomImage,
-    parse_window,
-    read_dataset,
-    read_dicom,
-    select_frames,
-)
+from medvision.data.audit import OnError, clean_reason, counts, settle
+from medvision.data.table import AuditRow, DataSourceError, SampleTable, class_index
+from medvision.io.archive import Entry, scan
+from medvision.io.dicom import DicomSpec, FramePolicy, parse_window, read_dicom, select_frames
+from medvision.io.triage import IDENTIFYING_TAGS, open_dicom, pixel_data_problem, read_head, redact
 from medvision.recipe import DicomConfig
 
 log = logging.getLogger("medvision")
@@ -103,20 +104,42 @@ def _read_labels(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, 
     return by_path, by_uid, splits
 
 
-def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, cache_dir: Path | None) -> SampleTable:
-    """Builds the sample table of a DICOM folder (see the module docstring)."""
+def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, cache_dir: Path | None,
+                      on_error: OnError = "stop") -> SampleTable:  # fmt: skip
+    """Builds the sample table of a DICOM folder, with its audit (see the module docstring).
+
+    Every header is parsed. With the decode cache on (``cfg.cache`` and a ``cache_dir``) every image is
+    also decoded once, into the cache, so that damaged pixel data is an audit error now rather than a
+    crash in epoch 1; with it off, only what the header shows is checked (:func:`pixel_data_problem`).
+
+    Raises:
+        DataSourceError: no labelled image, a bad labels CSV, or (``on_error`` ``stop``) unreadable images.
+    """
     if not root.is_dir():
         raise DataSourceError(f"{root}: DICOM folder does not exist")
     labels_csv = _read_labels(Path(cfg.labels)) if cfg.labels else None
-    paths, frames, labels_text, groups, ids, splits = [], [], [], [], [], []
-    skipped = unlabelled = 0
-    for f in walk_files(root):
-        rel = f.relative_to(root).as_posix()
-        try:
-            ds = read_dataset_header(f)
-        except NotADicomImage:
-            skipped += 1
+    spec = dicom_spec(cfg)
+    cache = cache_dir if cfg.cache else None
+    audit: list[AuditRow] = []
+    found: list[_Found] = []
+    for entry in tqdm(scan(root), desc="check", unit="file", leave=False, disable=None):
+        rel = entry.rel
+        if entry.outcome != "candidate":
+            audit.append(AuditRow(rel, entry.outcome, entry.reason))
             continue
+        if Path(rel).name.startswith("."):
+            audit.append(AuditRow(rel, "skipped", "hidden file; not read"))
+            continue
+        path = root / rel
+        try:
+            opened = open_dicom(path, rel, read_head(path), entry.size)
+        except OSError as err:
+            opened = Entry(rel, "error", f"cannot open ({type(err).__name__}: {err.strerror or err})")
+        if isinstance(opened, Entry):
+            audit.append(AuditRow(rel, "error" if opened.outcome == "error" else "skipped",
+                                  clean_reason(opened.reason, path, rel)))  # fmt: skip
+            continue
+        ds = opened
         uid = str(ds.get("SOPInstanceUID", ""))
         if labels_csv is not None:
             by_path, by_uid, split_of = labels_csv
@@ -126,27 +149,38 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
             label = rel.split("/")[0] if "/" in rel else None
             split = ""
         if label is None:
-            unlabelled += 1
+            why = "not in data.dicom.labels" if labels_csv is not None else "not in a class folder"
+            audit.append(AuditRow(rel, "skipped", f"no label: {why}"))
+            continue
+        problem = pixel_data_problem(ds, entry.size)
+        if problem:
+            audit.append(AuditRow(rel, "error", problem))
             continue
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        for frame in select_frames(n_frames, cfg.frames):
-            paths.append(str(f))
+        found.append(_Found(rel, str(path), label, split, str(ds.get("PatientID", "")) or rel,
+                            select_frames(n_frames, cfg.frames), n_frames, _identifiers(ds)))  # fmt: skip
+    found = _decodable(found, spec, cache, audit)
+    paths, frames, labels_text, groups, ids, splits = [], [], [], [], [], []
+    for f in found:
+        audit.append(AuditRow(f.rel, "used", "", len(f.frames)))
+        for frame in f.frames:
+            paths.append(f.path)
             frames.append(frame)
-            labels_text.append(label)
-            groups.append(str(ds.get("PatientID", "")) or rel)
-            ids.append(rel if n_frames == 1 or cfg.frames != "all" else f"{rel}#{frame}")
-            splits.append(split)
-    log.info("DICOM folder %s: %d samples; skipped %d non-image files, %d unlabelled", root, len(paths), skipped,
-             unlabelled)  # fmt: skip
+            labels_text.append(f.label)
+            groups.append(f.group)
+            ids.append(f.rel if f.n_frames == 1 or cfg.frames != "all" else f"{f.rel}#{frame}")
+            splits.append(f.split)
+    settle(audit, on_error, str(root))
     if not paths:
-        raise DataSourceError(f"{root}: no labelled DICOM images found ({skipped} non-image, {unlabelled} unlabelled)")
+        n = counts(audit)
+        raise DataSourceError(f"{root}: no labelled DICOM images found ({n['skipped']} skipped: non-image or "
+                              f"unlabelled; {n['errors']} unreadable)", audit=audit)  # fmt: skip
     if classes is None:
         classes = sorted(set(labels_text))
     label_idx = [class_index(classes, t, f"{root}/{i}") for t, i in zip(labels_text, ids, strict=True)]
     if any(splits) and not all(splits):
         raise DataSourceError(f"{cfg.labels}: 'split' is set for some images and not others; fill all or none")
-    spec = dicom_spec(cfg)
-    loader = DicomLoader(paths, frames, spec, cache_dir if cfg.cache else None)
+    loader = DicomLoader(paths, frames, spec, cache)
     grayscale = len(cfg.windows) == 1 and loader(0).shape[-1] == 1
     return SampleTable(
         ids=ids,
@@ -157,15 +191,50 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
         loader=loader,
         grayscale=grayscale,
         origin=str(root),
+        audit=audit,
     )
 
 
-def read_dataset_header(path: Path) -> pydicom.Dataset:
-    """Reads tags only (no pixel data); raises :class:`NotADicomImage` for non-DICOM and non-image files."""
-    try:
-        ds = pydicom.dcmread(str(path), defer_size=1024)
-    except Exception as err:
-        raise NotADicomImage(f"{path}: not a DICOM file ({type(err).__name__})") from None
-    if "PixelData" not in ds:
-        return read_dataset(path)  # raises with the right reason (non-image, or truncated image)
-    return ds
+@dataclass(frozen=True)
+class _Found:
+    """A labelled DICOM image whose header is sound: its samples, once its pixels are known to decode."""
+
+    rel: str
+    path: str
+    label: str
+    split: str
+    group: str
+    frames: list[int]
+    n_frames: int
+    identifiers: dict[str, str]
+
+
+def _identifiers(ds: pydicom.Dataset) -> dict[str, str]:
+    """The patient identifiers of a file, kept only to remove them from a decoder's error message."""
+    return {tag: str(ds.get(tag, "") or "") for tag in IDENTIFYING_TAGS}
+
+
+def _decodable(found: list[_Found], spec: DicomSpec, cache: Path | None, audit: list[AuditRow]) -> list[_Found]:
+    """The files whose samples decode; the others become audit errors.
+
+    With a cache, every sample is decoded into it (what epoch 1 would do). Without one, files are
+    decoded only until the first one succeeds: the table needs one image to tell grey from colour.
+    """
+    kept: list[_Found] = []
+    for f in tqdm(found, desc="decode", unit="file", leave=False, disable=None if cache is not None else True):
+        if cache is None and kept:
+            kept.append(f)
+            continue
+        loader = DicomLoader([f.path] * len(f.frames), f.frames, spec, cache)
+        try:
+            for i in range(len(f.frames)):
+                loader(i)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # a damaged stream; a Rust decoder's panic is a BaseException (pyo3)
+            what = f"{type(err).__name__}: {err}" if isinstance(err, Exception) else f"decoder failed: {err!r}"
+            text = redact(what, Path(f.path), f.rel, f.identifiers)
+            audit.append(AuditRow(f.rel, "error", clean_reason(text, Path(f.path), f.rel)))
+            continue
+        kept.append(f)
+    return kept

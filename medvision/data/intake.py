@@ -10,7 +10,8 @@
 
 What is clearly not an input (no DICM magic, not parseable and no DICOM suffix; DICOM without pixel data)
 is ``skipped``; anything that looks like an input and fails is an ``error``, with a reason that names the
-file relative to the folder and never holds a patient identifier.
+file relative to the folder and never holds a patient identifier. That sorting is :mod:`medvision.io.triage`'s,
+which training's data audit shares.
 """
 
 from __future__ import annotations
@@ -31,25 +32,15 @@ import torch
 
 from medvision.data.dataset import prepare
 from medvision.data.transforms import build_transforms
-from medvision.io.archive import DICOM_SUFFIXES, looks_like_dicom, sniff
-from medvision.io.dicom import (
-    DicomParseError,
-    DicomSpec,
-    NotADicomImage,
-    NotDicom,
-    declared_values,
-    parse_window,
-    read_dataset,
-    read_dicom,
-    select_frames,
-)
-from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
+from medvision.io.archive import Entry
+from medvision.io.dicom import DicomSpec, declared_values, parse_window, read_dicom, select_frames
+from medvision.io.image import read_image_raw
+from medvision.io.triage import IDENTIFYING_TAGS as IDENTIFYING_TAGS  # re-exported: score names them
+from medvision.io.triage import open_dicom, read_head, redact, triage_image
 from medvision.runs import ScoringSpec
 
 Status = Literal["ok", "error", "skipped"]
 
-#: Tags that identify a patient; never written unless the user names them in ``--include-tags``.
-IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs")
 #: Default ``--max-pixels``: values one decoded frame may hold (about 1 GiB as float32), e.g. 16k x 16k RGB.
 MAX_PIXELS = 1 << 28
 #: Default ``--max-file-size``: bytes; a larger file is an error row, never read into memory.
@@ -104,20 +95,15 @@ def _transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...])
     return build_transforms(None, image_size, mean, std, normalize=False)
 
 
-def _prepare(raw: np.ndarray, cfg: ReadConfig) -> np.ndarray:
-    spec = cfg.spec
-    tensor = prepare(raw, spec.intensity, spec.in_chans, _transform(spec.image_size, spec.mean, spec.std),  # type: ignore[arg-type]
-                     spec.transfer)  # fmt: skip
-    return tensor.numpy()
+def preprocess(raw: np.ndarray, spec: ScoringSpec) -> np.ndarray:
+    """The one preprocessing of scoring: a decoded image (H, W[, C], native values) -> the model's raw input
+    (C, H, W) in the spec's transfer dtype, exactly as the run's evaluation batches were made.
 
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read(132)
-
-
-def _size_text(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    Files (:func:`read_file`) and slide tiles (``score`` on slides) both come through here; the engines
+    (PyTorch, or the ONNX graph) then take it from there, normalisation and calibration included.
+    """
+    transform = _transform(spec.image_size, spec.mean, spec.std)
+    return prepare(raw, spec.intensity, spec.in_chans, transform, spec.transfer).numpy()  # type: ignore[arg-type]
 
 
 def read_file(path: Path, rel: str, cfg: ReadConfig) -> FileResult:
@@ -128,7 +114,7 @@ def read_file(path: Path, rel: str, cfg: ReadConfig) -> FileResult:
     scanned folder. Limits are checked from the header, before any pixel data is read.
     """
     try:
-        head = _head(path)
+        head = read_head(path)
         size = os.path.getsize(path)
     except OSError as err:
         return FileResult(rel, "error", f"cannot open ({type(err).__name__}: {err.strerror or err})")
@@ -137,47 +123,14 @@ def read_file(path: Path, rel: str, cfg: ReadConfig) -> FileResult:
     return _read_image_file(path, rel, cfg, head, size)
 
 
-def _redact(text: str, path: Path, rel: str, ds: Any = None) -> str:
-    """An error message with the absolute path shortened to ``rel`` and any patient identifier removed."""
-    text = text.replace(str(path), rel)
-    for tag in IDENTIFYING_TAGS if ds is not None else ():
-        value = str(ds.get(tag, "") or "")
-        if len(value) >= 3:
-            text = text.replace(value, f"<{tag}>")
-    return text
+def _verdict(entry: Entry) -> FileResult:
+    return FileResult(entry.rel, "error" if entry.outcome == "error" else "skipped", entry.reason)
 
 
 def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: int) -> FileResult:
-    expected = looks_like_dicom(rel, head)
-    kind = sniff(head)
-    if size == 0:
-        return FileResult(rel, "error", "empty file (0 bytes)") if expected else (
-            FileResult(rel, "skipped", "empty file; not DICOM"))  # fmt: skip
-    if size > cfg.max_file_bytes:
-        status: Status = "error" if expected else "skipped"
-        return FileResult(rel, status, f"file is {_size_text(size)}, above --max-file-size "
-                                       f"{_size_text(cfg.max_file_bytes)}; not read")  # fmt: skip
-    try:
-        try:
-            ds = read_dataset(path, defer_size=1 << 16)
-        except NotDicom:
-            if not rel.lower().endswith(DICOM_SUFFIXES) or kind:
-                raise
-            ds = read_dataset(path, defer_size=1 << 16, force=True)  # a .dcm without preamble: older files
-    except (NotDicom, DicomParseError) as err:
-        if not expected:
-            what = f"it is {kind}" if kind else "no DICM magic, not parseable"
-            return FileResult(rel, "skipped", f"not DICOM ({what})")
-        if kind and kind != "DICOM":
-            return FileResult(rel, "error", f"not DICOM: the file is {kind} (renamed?)")
-        if isinstance(err, NotDicom):
-            return FileResult(rel, "error", "not a readable DICOM file: no DICM preamble, and read without one it "
-                                            "is not a DICOM dataset")  # fmt: skip
-        return FileResult(rel, "error", _redact(f"not a readable DICOM file: {err}", path, rel))
-    except NotADicomImage as err:  # a valid DICOM object without an image: SR, RT plan, presentation state
-        return FileResult(rel, "skipped", _redact(str(err), path, rel))
-    except Exception as err:
-        return FileResult(rel, "error", _redact(f"{type(err).__name__}: {err}", path, rel))
+    ds = open_dicom(path, rel, head, size, cfg.max_file_bytes)  # skipped and error verdicts: medvision.io.triage
+    if isinstance(ds, Entry):
+        return _verdict(ds)
     result = FileResult(rel, "ok")
     try:
         result.uids = (str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")),
@@ -192,11 +145,11 @@ def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
         for frame in select_frames(int(ds.get("NumberOfFrames", 1) or 1), policy):
             whole = policy == "tiled"  # one image from all tiles
             pixels, _ = read_dicom(path, cfg.dicom, frame=None if whole else frame, dataset=ds)
-            result.arrays.append(_prepare(pixels[0], cfg))
+            result.arrays.append(preprocess(pixels[0], cfg.spec))
             result.frames.append(frame)
     except Exception as err:  # one bad file is one error row; the rest of the folder is still scored
         result.status, result.arrays, result.frames = "error", [], []
-        result.reason = _redact(_reason(err), path, rel, ds)
+        result.reason = redact(_reason(err), path, rel, ds)
     return result
 
 
@@ -218,25 +171,17 @@ def _image_values(path: Path) -> int:
 
 
 def _read_image_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: int) -> FileResult:
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        kind = sniff(head)
-        if kind == "DICOM" or suffix in DICOM_SUFFIXES:
-            return FileResult(rel, "skipped", "a DICOM file; this model was trained on PNG/JPEG/TIFF/BMP images")
-        return FileResult(rel, "skipped", f"not an image file (suffix {suffix or 'none'}{', ' + kind if kind else ''})")
-    if size == 0:
-        return FileResult(rel, "error", "empty file (0 bytes)")
-    if size > cfg.max_file_bytes:
-        return FileResult(rel, "error", f"file is {_size_text(size)}, above --max-file-size "
-                                        f"{_size_text(cfg.max_file_bytes)}; not read")  # fmt: skip
+    verdict = triage_image(rel, head, size, cfg.max_file_bytes, "this model was trained on PNG/JPEG/TIFF/BMP images")
+    if verdict is not None:
+        return _verdict(verdict)
     try:
         values = _image_values(path)
         if values > cfg.max_pixels:
             raise TooLarge(f"header declares {values:,} pixel values, above --max-pixels {cfg.max_pixels:,}; "
                              "not decoded")  # fmt: skip
-        return FileResult(rel, "ok", frames=[0], arrays=[_prepare(read_image_raw(path), cfg)])
+        return FileResult(rel, "ok", frames=[0], arrays=[preprocess(read_image_raw(path), cfg.spec)])
     except Exception as err:
-        return FileResult(rel, "error", _redact(_reason(err), path, rel))
+        return FileResult(rel, "error", redact(_reason(err), path, rel))
 
 
 # ------------------------------------------------------------------ the worker side of the pool

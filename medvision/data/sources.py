@@ -2,7 +2,9 @@
 
 Sources are a folder of class subfolders, a CSV manifest (``path,label[,patient_id][,split]``) and
 MedMNIST-style ``.npz`` files. When the source has no split, :func:`assign_splits` makes one that is
-stratified by label and grouped by patient, so that no patient is in two splits.
+stratified by label and grouped by patient, so that no patient is in two splits. Every source
+accounts for each file it meets in the table's audit (:mod:`medvision.data.audit`): used, skipped,
+or an unreadable image that stops the run unless ``data.on_error`` is ``skip``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medvision.data.audit import OnError, check_image, counts, settle, write_audit
 from medvision.data.dicom_source import load_dicom_folder
 from medvision.data.table import (
     SPLITS,
     ArrayLoader,
+    AuditRow,
     DataSourceError,
     FileLoader,
     SampleTable,
@@ -27,6 +31,7 @@ from medvision.data.table import (
     grouped_stratified_split,
     read_manifest,
 )
+from medvision.io.archive import scan
 from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
 from medvision.recipe import DataConfig
 from medvision.wsi.source import load_slide_table
@@ -84,6 +89,7 @@ def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
         loader=ArrayLoader(all_images),
         grayscale=grayscale,
         origin=str(path),
+        audit=[AuditRow(path.name, "used", "", len(ids))],
     )
 
 
@@ -97,11 +103,15 @@ UNLABELLED = "unlabelled"
 
 
 def load_folder(
-    root: Path, classes: list[str] | None, patient_regex: str | None, labelled: bool = True
+    root: Path, classes: list[str] | None, patient_regex: str | None, labelled: bool = True,
+    on_error: OnError = "stop",
 ) -> SampleTable:  # fmt: skip
     """``root/<class>/**/<image>``; the patient is the first group of ``patient_regex`` in the file name.
 
     With ``labelled=False`` a folder without class subfolders is read as one ``unlabelled`` class.
+    Every file under ``root`` gets an audit row: an image whose header is damaged is an error
+    (:func:`medvision.data.audit.check_image`); other files, hidden files and files outside the class
+    folders are skipped.
     """
     if not root.is_dir():
         raise DataSourceError(f"{root}: folder does not exist")
@@ -118,22 +128,39 @@ def load_folder(
     if not classes:
         raise DataSourceError(f"{root}: no class subfolders; expected {root}/<class>/<image>.png")
     pattern = re.compile(patient_regex) if patient_regex else None
-    paths, labels, groups = [], [], []
-    for label, name in enumerate(classes):
-        sub = root if flat else root / name
-        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if sub.is_dir() else []
-        for p in files:
-            group = str(p.relative_to(root))
-            if pattern:
-                match = pattern.search(p.name)
-                if not match:
-                    raise DataSourceError(f"{p}: file name does not match patient_regex {patient_regex!r}")
-                group = match.group(1)
-            paths.append(str(p))
-            labels.append(label)
-            groups.append(group)
+    by_class: list[list[tuple[str, str]]] = [[] for _ in classes]  # (path, group) in each class's order
+    audit: list[AuditRow] = []
+    for entry in tqdm(scan(root), desc="check", unit="file", leave=False, disable=None):
+        rel, parts = entry.rel, entry.rel.split("/")
+        if entry.outcome != "candidate":
+            audit.append(AuditRow(rel, entry.outcome, entry.reason))
+            continue
+        if parts[-1].startswith("."):
+            audit.append(AuditRow(rel, "skipped", "hidden file; not read"))
+            continue
+        if not flat and (len(parts) == 1 or parts[0] not in classes):
+            audit.append(AuditRow(rel, "skipped", "no label: not in a class folder"))
+            continue
+        p = root / rel
+        outcome, reason = check_image(p, rel)
+        if outcome != "used":
+            audit.append(AuditRow(rel, outcome, reason))
+            continue
+        group = rel
+        if pattern:
+            match = pattern.search(p.name)
+            if not match:
+                raise DataSourceError(f"{p}: file name does not match patient_regex {patient_regex!r}")
+            group = match.group(1)
+        by_class[0 if flat else classes.index(parts[0])].append((str(p), group))
+        audit.append(AuditRow(rel, "used", "", 1))
+    settle(audit, on_error, str(root))
+    paths = [path for members in by_class for path, _ in members]
+    groups = [group for members in by_class for _, group in members]
+    labels = [label for label, members in enumerate(by_class) for _ in members]
     if not paths:
-        raise DataSourceError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} under the class folders")
+        raise DataSourceError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} under the class folders "
+                              f"({counts(audit)['errors']} unreadable)", audit=audit)  # fmt: skip
     return SampleTable(
         ids=[str(Path(p).relative_to(root)) for p in paths],
         labels=np.asarray(labels, dtype=np.int64),
@@ -143,13 +170,15 @@ def load_folder(
         loader=FileLoader(paths),
         grayscale=_peek_grayscale(paths),
         origin=str(root),
+        audit=audit,
     )
 
 
-def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> SampleTable:
+def load_csv(path: Path, classes: list[str] | None, labelled: bool = True, on_error: OnError = "stop") -> SampleTable:
     """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it.
 
-    With ``labelled=False`` the ``label`` column may be absent: every row is then ``unlabelled``.
+    With ``labelled=False`` the ``label`` column may be absent: every row is then ``unlabelled``. A row
+    whose file is missing or not a whole image is an audit error that names the row (``m.csv, line 6``).
     """
     rows = read_manifest(path, ("path",) if not labelled else ("path", "label"))
     if rows and "label" not in rows[0]:
@@ -158,28 +187,35 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
     if classes is None:
         classes = sorted({r["label"] for r in rows})
     base = path.parent
-    paths, labels, groups, splits, missing = [], [], [], [], []
-    for line, row in enumerate(rows, start=2):
+    paths, labels, groups, splits, all_splits = [], [], [], [], []
+    audit: list[AuditRow] = []
+    for line, row in enumerate(tqdm(rows, desc="check", unit="file", leave=False, disable=None), start=2):
         where = f"{path}, line {line}"
         rel = (row["path"] or "").strip()
         if not rel:
             raise DataSourceError(f"{where}: empty 'path'")
         full = (base / rel) if not Path(rel).is_absolute() else Path(rel)
-        if not full.is_file():
-            missing.append(f"line {line}: {full}")
-        labels.append(class_index(classes, (row["label"] or "").strip(), where))
+        label = class_index(classes, (row["label"] or "").strip(), where)
         split = (row.get("split") or "").strip()
         if split not in ("", *SPLITS):
             raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
+        all_splits.append(split)
+        shown = str(full.relative_to(base)) if full.is_relative_to(base) else rel
+        outcome, reason = check_image(full, shown) if full.is_file() else ("error", "file not found")
+        if outcome != "used":  # the manifest lists it as an image: anything else is an error
+            audit.append(AuditRow(shown, "error", f"{path.name}, line {line}: {reason}"))
+            continue
+        audit.append(AuditRow(shown, "used", "", 1))
         paths.append(str(full))
+        labels.append(label)
         groups.append((row.get("patient_id") or "").strip() or rel)
         splits.append(split)
-    if missing:
-        shown = "; ".join(missing[:5])
-        raise DataSourceError(f"{path}: {len(missing)} image file(s) not found: {shown}")
-    if any(splits) and not all(splits):
-        blank = splits.index("") + 2
+    if any(all_splits) and not all(all_splits):
+        blank = all_splits.index("") + 2
         raise DataSourceError(f"{path}, line {blank}: 'split' is empty while other rows have one; fill all or none")
+    settle(audit, on_error, str(path))
+    if not paths:
+        raise DataSourceError(f"{path}: no readable image in the manifest", audit=audit)
     return SampleTable(
         ids=[str(Path(p).relative_to(base)) if Path(p).is_relative_to(base) else p for p in paths],
         labels=np.asarray(labels, dtype=np.int64),
@@ -189,6 +225,7 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
         loader=FileLoader(paths),
         grayscale=_peek_grayscale(paths),
         origin=str(path),
+        audit=audit,
     )
 
 
@@ -235,23 +272,40 @@ def preload(table: SampleTable, max_fraction: float = 0.5) -> SampleTable:
 Source = Callable[[Path, DataConfig, Path | None, bool], SampleTable]
 """(path, the recipe's data section, the decode cache folder, labelled) -> the source's sample table."""
 
-#: ``data.source`` -> the function that reads it. Each names the file at fault in its DataSourceError.
+#: ``data.source`` -> the function that reads it. Each names the file at fault in its DataSourceError, and
+#: records every file it met in the table's audit, applying ``data.on_error`` to the unreadable ones.
 SOURCES: dict[str, Source] = {
     "npz": lambda path, cfg, cache, labelled: load_npz(path, cfg.classes),
-    "folder": lambda path, cfg, cache, labelled: load_folder(path, cfg.classes, cfg.patient_regex, labelled),
-    "csv": lambda path, cfg, cache, labelled: load_csv(path, cfg.classes, labelled),
-    "dicom": lambda path, cfg, cache, labelled: load_dicom_folder(path, cfg.dicom, cfg.classes, cache),
+    "folder": lambda path, cfg, cache, labelled: load_folder(
+        path, cfg.classes, cfg.patient_regex, labelled, cfg.on_error
+    ),
+    "csv": lambda path, cfg, cache, labelled: load_csv(path, cfg.classes, labelled, cfg.on_error),
+    "dicom": lambda path, cfg, cache, labelled: load_dicom_folder(path, cfg.dicom, cfg.classes, cache, cfg.on_error),
     "slides": lambda path, cfg, cache, labelled: load_slide_table(path, cfg, cache),
 }
 
 
-def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None, labelled: bool = True) -> SampleTable:
+def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None, labelled: bool = True,
+               audit_dir: Path | None = None) -> SampleTable:  # fmt: skip
     """Builds the sample table for a recipe's data section, with every row assigned to a split.
 
     ``labelled=False`` (self-supervised pretraining) also accepts a flat folder and a CSV without
-    a ``label`` column, read as one ``unlabelled`` class.
+    a ``label`` column, read as one ``unlabelled`` class. ``audit_dir`` (a run folder) gets
+    ``data_audit.csv``, every file the source met with its outcome, also when unreadable images stop
+    the run (``data.on_error: stop``).
+
+    Examples:
+        >>> table = load_table(recipe.data, recipe.seed, cache_dir(recipe), audit_dir=run_dir)
     """
-    table = SOURCES[cfg.source](Path(cfg.path), cfg, cache_dir, labelled)
+    try:
+        table = SOURCES[cfg.source](Path(cfg.path), cfg, cache_dir, labelled)
+    except DataSourceError as err:
+        if audit_dir is None or not err.audit:
+            raise
+        written = write_audit(audit_dir, err.audit)
+        raise DataSourceError(f"{err}; every file's outcome: {written}", err.audit) from None
+    if audit_dir is not None:
+        write_audit(audit_dir, table.audit)
     if not any(table.splits):
         table.splits = grouped_stratified_split(table.labels, table.groups, cfg.val_fraction, cfg.test_fraction, seed)
     check_patient_disjoint(table)

@@ -1,8 +1,9 @@
 """The sample table every data source produces, and the split logic that works on it.
 
-A :class:`SampleTable` is (item id, label, patient/group, split) rows plus a loader of pixels. The
-sources (:mod:`medvision.data.sources`) build one; everything downstream (datasets, training,
-evaluation, the data audit) reads only this.
+A :class:`SampleTable` is (item id, label, patient/group, split) rows plus a loader of pixels, and
+the audit of how it was made: one :class:`AuditRow` per file the source met. The sources
+(:mod:`medvision.data.sources`) build one; everything downstream (datasets, training, evaluation,
+the data audit) reads only this.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -21,8 +23,33 @@ from medvision.io.image import read_image_raw
 SPLITS = ("train", "val", "test")
 
 
+Outcome = Literal["used", "skipped", "error"]
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One file a source met: ``used`` (giving ``samples`` rows), ``skipped`` (not an image), or ``error``.
+
+    ``path`` is relative to the data folder (or as the CSV manifest names it); ``reason`` never holds a
+    patient identifier.
+    """
+
+    path: str
+    outcome: Outcome
+    reason: str = ""
+    samples: int = 0
+
+
 class DataSourceError(MedvisionError, ValueError):
-    """A data source that cannot be used; the message names the file, row or value at fault."""
+    """A data source that cannot be used; the message names the file, row or value at fault.
+
+    ``audit`` holds the source's files so far when the failure came after they were looked at (so that
+    the run folder's ``data_audit.csv`` lists every file even when the run stops).
+    """
+
+    def __init__(self, message: str, audit: list[AuditRow] | None = None) -> None:
+        super().__init__(message)
+        self.audit = audit or []
 
 
 class FileLoader:
@@ -59,6 +86,8 @@ class SampleTable:
     origin: str
     units: list[str] | None = None
     """The unit each row's prediction is aggregated to when it is not the patient: the slide of a tile."""
+    audit: list[AuditRow] = field(default_factory=list)
+    """Every file the source met, each once: used, skipped (not an image) or error (unreadable, left out)."""
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -8,7 +8,7 @@ for PNG/JPEG/BMP, tifffile for TIFF) and mapped to float32 in [0, 1] by pure fun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -54,6 +54,61 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ImageReadError(f"{path}: expected a 2-D image (H, W) or (H, W, C), got shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def check_image_header(path: str | Path) -> None:
+    """Checks, without decoding pixels, that a PNG/JPEG/TIFF/BMP file is whole; raises :class:`ImageReadError`.
+
+    PNG: every chunk's CRC (PIL ``verify``): a truncated file or a changed byte is found. JPEG: the header
+    parses and the end-of-image marker is in the last KiB (a file cut short has none). TIFF: the pages parse
+    and their strips or tiles lie inside the file. BMP: the header parses. Not found here: damage inside a
+    JPEG's or TIFF's compressed data; that file fails when it is decoded.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            size = fh.seek(0, 2)
+            fh.seek(max(0, size - 1024))
+            tail = fh.read()
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot open ({type(err).__name__}: {err.strerror or err})") from None
+    is_tiff = head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+    if suffix in (".tif", ".tiff") or is_tiff:
+        if not is_tiff:
+            raise ImageReadError(f"{path}: suffix {suffix} but no TIFF header; expected a TIFF file")
+        _check_tiff(path, size)
+        return
+    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin
+
+    plugins: dict[bytes, Any] = {
+        b"\x89PNG": PngImagePlugin.PngImageFile,
+        b"\xff\xd8\xff": JpegImagePlugin.JpegImageFile,
+        b"BM": BmpImagePlugin.BmpImageFile,
+    }
+    plugin = next((p for magic, p in plugins.items() if head.startswith(magic)), None)
+    if plugin is None:
+        raise ImageReadError(f"{path}: not a PNG, JPEG, TIFF or BMP image (first bytes {head[:8]!r})")
+    try:
+        with plugin(path) as img:  # the plugin itself: no decompression-bomb limit, the reader decides sizes
+            img.verify()
+    except Exception as err:
+        raise ImageReadError(f"{path}: damaged {plugin.format} file ({type(err).__name__}: {err})") from None
+    if plugin is JpegImagePlugin.JpegImageFile and b"\xff\xd9" not in tail:
+        raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
+
+
+def _check_tiff(path: Path, size: int) -> None:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            ends = [int(o) + int(n) for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts,
+                                                                            strict=False)]  # fmt: skip
+    except Exception as err:
+        raise ImageReadError(f"{path}: damaged TIFF file ({type(err).__name__}: {err})") from None
+    if ends and max(ends) > size:
+        raise ImageReadError(f"{path}: TIFF image data runs to byte {max(ends):,} but the file has {size:,}; "
+                             "the file is cut short")  # fmt: skip
 
 
 def to_unit_range(image: np.ndarray, mode: Intensity = "dtype") -> np.ndarray:

@@ -11,6 +11,8 @@ Shared by ``score`` (PyTorch or ONNX Runtime), ``export --format onnx`` and ``ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -76,5 +78,6 @@ class CalibratedClassifier(nn.Module):
         """:meth:`forward`'s probabilities and the backbone's pre-logits features of the image itself (the
         input of an ABMIL head), in one pass of the backbone over the image."""
         z = self.normalise(x)
-        feats = self.model.forward_head(self.model.forward_features(z), pre_logits=True)
-        return self.calibrate(self.model.get_classifier()(feats), z), feats
+        backbone: Any = self.model  # a timm model: forward_features, forward_head and get_classifier
+        feats = backbone.forward_head(backbone.forward_features(z), pre_logits=True)
+        return self.calibrate(backbone.get_classifier()(feats), z), feats

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from medvision.evaluation import SplitOutputs
-from medvision.metrics import aggregate_by_group, compute_accuracy, compute_auc, softmax
+from medvision.metrics import aggregate_by_group, bootstrap_cis, compute_accuracy, compute_auc, softmax
+from medvision.models.mil import MILConfig, fit_abmil, predict_abmil, save_abmil
 from medvision.recipe import EvalConfig
 
 log = logging.getLogger("medvision")
@@ -46,8 +47,6 @@ def fit_slide_head(
     ``features`` and ``outputs`` are keyed by split and must include ``train``; the head is written to
     ``out`` (``abmil.safetensors``) with ``meta``.
     """
-    from medvision.models.mil import MILConfig, fit_abmil, predict_abmil, save_abmil
-
     train = outputs["train"]
     _, train_bags, train_y = bags(features["train"], train.groups, train.labels)
     val_bags: list[np.ndarray] = []
@@ -71,8 +70,6 @@ def fit_slide_head(
 def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig,
                          mil_probs: np.ndarray | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Slide-level AUC (with a bootstrap CI) and accuracy of mean, max, top-k, and ABMIL when given."""
-    from medvision.metrics import bootstrap_cis
-
     p_tiles = out.probs(temperature)
     rows: dict[str, dict[str, Any]] = {}
     methods: list[tuple[str, str]] = [("mean", "mean"), ("max", "max"), (f"top-{cfg.top_k} mean", "topk")]

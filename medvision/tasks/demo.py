@@ -189,5 +189,5 @@ def run_demo(out: Path) -> Path:
     except PretrainedUnavailable as err:
         log.warning("pretrained weights unavailable: %s", err)
         log.warning("continuing from random initialisation (the demo data can be learnt from scratch, if less well)")
-        recipe.model.pretrained = False
+        recipe = recipe.changed({"model.pretrained": False})
     return train(recipe, overwrite=True)

@@ -33,17 +33,15 @@ def open_split(
     """A finished run and the table it is to be applied to: its own, or ``data`` with the same classes."""
     _, device = setup("auto")  # under torchrun: this rank's device, and the process group
     recipe, meta, bundle = load_run(run_dir, device)
-    recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
+    changes: dict[str, Any] = {"train.amp": resolve_amp(recipe.train.amp, device), "data.classes": meta["classes"]}
     if data is not None:
         path = Path(data).resolve()
-        recipe.data.path = str(path)
         folder_kind = "dicom" if recipe.data.source == "dicom" else "folder"
         guessed = "npz" if path.suffix == ".npz" else "csv" if path.suffix == ".csv" else folder_kind
         if recipe.data.source == "slides":  # a slide run evaluates slide manifests
             guessed = "slides"
-        recipe.data.source = source or guessed  # type: ignore[assignment]
-        recipe.data.limit = None
-    recipe.data.classes = meta["classes"]
+        changes.update({"data.path": str(path), "data.source": source or guessed, "data.limit": None})
+    recipe = recipe.changed(changes, origin=f"{run_dir / 'recipe.yaml'} applied to --data {data}")
     split = split or ("test" if data is None else "all")
     table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     if split != "all" and len(table.indices(split)) == 0:

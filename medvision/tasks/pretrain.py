@@ -16,7 +16,6 @@ accuracy.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,9 @@ from medvision.data.table import SampleTable, subset_indices
 from medvision.data.transforms import build_transforms
 from medvision.data.views import TwoViews, view_kind, view_transforms
 from medvision.models.backbone import create_backbone, data_config
-from medvision.models.freeze import optimizer_groups
 from medvision.models.heads import extract_features, knn_probs
 from medvision.models.simclr import SimCLR, simclr_criterion
-from medvision.recipe import Recipe, dump_recipe
+from medvision.recipe import Recipe
 from medvision.report import write_json
 from medvision.runs import RunError, cache_dir, run_log, versions
 from medvision.runtime import (
@@ -53,8 +51,16 @@ from medvision.runtime import (
     wrap_ddp,
 )
 from medvision.training.build import resolve_transfer
-from medvision.training.checkpoint import load_state, save_state, save_weights
-from medvision.training.loop import FitState, train_one_epoch, warmup_cosine
+from medvision.training.checkpoint import save_weights
+from medvision.training.loop import FitState, train_one_epoch
+from medvision.training.setup import (
+    optimiser,
+    optimiser_steps,
+    place_model,
+    preflight,
+    read_checkpoint,
+    start_run_folder,
+)
 
 log = logging.getLogger("medvision")
 
@@ -71,15 +77,8 @@ def pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> P
     """
     d, device = setup(recipe.train.device)
     run_dir = Path(recipe.output_dir) / recipe.name
-    if resume and not (run_dir / "last.pt").is_file():
-        raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-    if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
-        raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                       "replace it, or --set name=<new name>")  # fmt: skip
-    if recipe.data.batch_size % d.world_size or recipe.data.batch_size // d.world_size < 2:
-        raise RunError(f"data.batch_size {recipe.data.batch_size} must be a multiple of the world size {d.world_size} "
-                       "with at least 2 images per rank (the projection head's BatchNorm needs a batch)")  # fmt: skip
-    barrier(d)
+    preflight(recipe, run_dir, d, resume, overwrite, min_per_rank=2,
+              why_min=" (the projection head's BatchNorm needs a batch)")  # fmt: skip
     with run_log(run_dir, d):
         return _pretrain(recipe, run_dir, resume, d, device)
 
@@ -87,25 +86,18 @@ def pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> P
 def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
     start = time.perf_counter()
     cfg = recipe.pretrain
-    if d.is_main:
-        if not resume:
-            for stale in ("model.safetensors", "last.pt", "pretrain.json"):
-                (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    start_run_folder(recipe, run_dir, d, resume, ("model.safetensors", "last.pt", "pretrain.json"))
     seed_everything(recipe.seed)
-    recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
+    recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device)})
     workers = resolve_workers(recipe.data.num_workers, device)
-    table = load_table(recipe.data, recipe.seed, cache_dir(recipe), labelled=False)
+    table = load_table(
+        recipe.data, recipe.seed, cache_dir(recipe), labelled=False, audit_dir=run_dir if d.is_main else None
+    )
     in_chans = recipe.model.in_chans or (1 if table.grayscale else 3)
     backbone = create_backbone(recipe.model, num_classes=0, in_chans=in_chans)
     stats = data_config(backbone, in_chans)
     simclr = SimCLR(backbone, cfg.proj_hidden, cfg.proj_dim)
-    model: nn.Module = simclr
-    if recipe.train.sync_bn and d.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if recipe.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(simclr, recipe, d, device)
     kind = view_kind(recipe, in_chans)
     if kind == "pathology" and in_chans != 3:
         raise RunError(f"pretrain.views 'pathology' jitters stain and colour and needs RGB input; the model takes "
@@ -133,18 +125,12 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
         write_json(run_dir / "run.json", meta)
 
     state = FitState()
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.lr, recipe.train.weight_decay, None))
-    steps = cfg.epochs * math.ceil(len(loader) / recipe.train.accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.amp == "fp16")
+    steps = optimiser_steps(cfg.epochs, len(loader), recipe.train.accumulate)
+    opt = optimiser(model, cfg.lr, recipe.train.weight_decay, None, steps, cfg.warmup, recipe.train.amp, device)
     if resume:
-        saved = load_state(run_dir / "last.pt")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        saved = read_checkpoint(run_dir, model)
+        opt.restore(saved)
         state = FitState(**saved["fit"])
-        log.info("resuming %s after epoch %d", run_dir, state.epoch)
     if not resume:  # the starting weights' health: what pretraining has to improve on
         knn0 = _knn_accuracy(simclr.backbone, health, recipe, device, workers) if d.is_main and health else None
         state.history.append({"epoch": 0, "knn_acc": broadcast(knn0, d)})
@@ -157,8 +143,8 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
         seed_everything(recipe.seed + epoch)
         sampler.set_epoch(epoch)
         desc = f"pretrain {epoch + 1}/{cfg.epochs}"
-        row: dict[str, Any] = train_one_epoch(forward, loader, optimizer, scheduler, scaler, recipe.train, device,
-                                              "train", desc, inputs, None, d, sizes, criterion)  # fmt: skip
+        row: dict[str, Any] = train_one_epoch(forward, loader, opt.optimizer, opt.scheduler, opt.scaler, recipe.train,
+                                              device, "train", desc, inputs, None, d, sizes, criterion)  # fmt: skip
         sync_buffers(model, d)
         knn = _knn_accuracy(simclr.backbone, health, recipe, device, workers) if d.is_main and health else None
         row = {"epoch": epoch + 1, **row, "knn_acc": broadcast(knn, d)}
@@ -171,9 +157,7 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
             save_weights(
                 simclr.backbone, run_dir / "model.safetensors", {"epoch": str(state.epoch), "method": "simclr"}
             )
-            save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "fit": state.__dict__}, run_dir / "last.pt")  # fmt: skip
+            opt.save(model, state.__dict__, run_dir / "last.pt")
             write_json(run_dir / "pretrain.json", {"history": state.history,
                                                    "seconds": time.perf_counter() - start})  # fmt: skip
             plot_pretraining(run_dir / "plots" / "pretrain.png", state.history)

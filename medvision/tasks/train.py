@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from medvision.data.dataset import ImageDataset
 from medvision.data.sources import load_table
@@ -26,7 +25,7 @@ from medvision.inference import split_outputs
 from medvision.metrics import MetricWarning
 from medvision.models.backbone import load_state as load_model_state
 from medvision.models.heads import fit_state
-from medvision.recipe import Recipe, dump_recipe
+from medvision.recipe import Recipe
 from medvision.report import write_json
 from medvision.results import slide_comparison, slide_head, write_results
 from medvision.runs import RunError, cache_dir, run_log, versions
@@ -45,8 +44,12 @@ from medvision.training.build import ModelBundle, build_model, model_inputs, spl
 from medvision.training.checkpoint import save_weights
 from medvision.training.loop import class_weights, classification_loss, fit
 from medvision.training.protocols import fit_frozen_head
+from medvision.training.setup import place_model, preflight, start_run_folder
 
 log = logging.getLogger("medvision")
+
+#: What a finished run folder holds besides recipe.yaml and run.json: removed when a run starts afresh.
+RESULTS = ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html")
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
@@ -60,51 +63,24 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
     """
     d, device = setup(recipe.train.device)
     run_dir = Path(recipe.output_dir) / recipe.name
-    if resume and not (run_dir / "last.pt").is_file():
-        raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-    if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
-        raise RunError(
-            f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or --set name=<new name>"
-        )
     if recipe.train.protocol == "finetune" and not recipe.train.phases:
         raise RunError("train.phases is empty; protocol finetune needs at least one phase, e.g. "
                        "[{epochs: 5, lr: 1e-3}], or set train.protocol to linear_probe or knn")  # fmt: skip
-    if recipe.data.batch_size % d.world_size:
-        raise RunError(
-            f"data.batch_size {recipe.data.batch_size} is the global batch and must divide by the world size "
-            f"{d.world_size}; use a multiple of {d.world_size}, e.g. "
-            f"{d.world_size * max(1, recipe.data.batch_size // d.world_size)}"
-        )
-    barrier(d)  # every rank has checked the folder before rank 0 starts writing into it
+    preflight(recipe, run_dir, d, resume, overwrite)
     with run_log(run_dir, d):
         return _train(recipe, run_dir, resume, d, device)
 
 
 def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
     start = time.perf_counter()
-    if d.is_main:
-        if not resume:
-            for stale in ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md",
-                          "report.html"):  # fmt: skip
-                (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    start_run_folder(recipe, run_dir, d, resume, RESULTS)
     seed_everything(recipe.seed)
-    recipe.train.amp = resolve_amp(recipe.train.amp, device)  # type: ignore[assignment]
+    recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device)})
     log.info("device %s, amp %s, channels_last %s", device, recipe.train.amp, recipe.train.channels_last)
     workers = resolve_workers(recipe.data.num_workers, device)
-    table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
+    table = load_table(recipe.data, recipe.seed, cache_dir(recipe), audit_dir=run_dir if d.is_main else None)
     bundle = build_model(recipe, table)
-    model: nn.Module = bundle.model
-    if recipe.train.sync_bn and d.world_size > 1:
-        if device.type != "cuda":
-            raise RunError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set it to false "
-                           "(and consider bn: frozen phases, which need no batch statistics)")  # fmt: skip
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        log.info("BatchNorm -> SyncBatchNorm: statistics over the global batch of %d ranks", d.world_size)
-    model = model.to(device)
-    if recipe.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(bundle.model, recipe, d, device)
     bundle.model = model
     datasets = {s: split_dataset(recipe, table, bundle, s, train=s == "train") for s in ("train", "val", "test")}
     sizes = {s: len(ds) for s, ds in datasets.items()}

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from medvision.data.transforms import tta_views
 from medvision.errors import MedvisionError
 from medvision.metrics import MetricAccumulator, compute_metrics, softmax
-from medvision.models.freeze import apply_trainable, optimizer_groups, select_trainable, set_bn_policy
+from medvision.models.freeze import apply_trainable, select_trainable, set_bn_policy
 from medvision.recipe import PhaseConfig, TrainConfig
 from medvision.runtime import (
     SINGLE,
@@ -42,7 +42,8 @@ from medvision.runtime import (
     to_device,
     wrap_ddp,
 )
-from medvision.training.checkpoint import load_state, save_state, save_weights
+from medvision.training.checkpoint import save_weights
+from medvision.training.setup import optimiser, optimiser_steps, read_checkpoint
 
 log = logging.getLogger("medvision")
 Batch = Any  # (images, labels) as collated by the DataLoader
@@ -52,19 +53,6 @@ Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class NonFiniteLoss(MedvisionError, FloatingPointError):
     """The training loss became NaN or Inf; the run stops rather than train on garbage."""
-
-
-def warmup_cosine(total_steps: int, warmup: float, floor: float = 0.01) -> Callable[[int], float]:
-    """LR factor per optimizer step: linear warmup over ``warmup`` of the steps, then cosine to ``floor``."""
-    warm = round(warmup * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def classification_loss(cfg: TrainConfig, class_weights: torch.Tensor | None = None) -> Criterion:
@@ -190,7 +178,7 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(
+def predict_logits(
     model: nn.Module,
     loader: DataLoader[Batch],
     device: torch.device,
@@ -309,12 +297,10 @@ def fit(
     state = FitState()
     saved: dict[str, Any] | None = None
     if resume:
-        saved = load_state(run_dir / "last.pt")
-        model.load_state_dict(saved["model"])
+        saved = read_checkpoint(run_dir, model)
         state = FitState(**saved["fit"])
-        log.info("resuming %s after epoch %d", run_dir, state.epoch)
 
-    _, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
+    _, labels = predict_logits(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images%s)", len(labels),
              "" if d.world_size == 1 else " on rank 0")  # fmt: skip
 
@@ -330,14 +316,10 @@ def fit(
             f", layer_decay {phase.layer_decay}" if phase.layer_decay else "", f"{n_train:,}", f"{n_frozen:,}",
         )  # fmt: skip
         forward = wrap_ddp(compiled, d, device) if d.world_size > 1 else compiled
-        optimizer = torch.optim.AdamW(optimizer_groups(model, phase.lr, cfg.weight_decay, phase.layer_decay))
-        steps = phase.epochs * math.ceil(len(train_loader) / cfg.accumulate)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, phase.warmup))
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        steps = optimiser_steps(phase.epochs, len(train_loader), cfg.accumulate)
+        opt = optimiser(model, phase.lr, cfg.weight_decay, phase.layer_decay, steps, phase.warmup, cfg.amp, device)
         if saved is not None and p_i == phase_idx and phase_epoch > 0:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
+            opt.restore(saved)
         saved = None
         for e in range(phase_epoch if p_i == phase_idx else 0, phase.epochs):
             seed_everything(seed + state.epoch)
@@ -345,10 +327,10 @@ def fit(
                 sampler.set_epoch(state.epoch)
             generator = torch.Generator(device=device).manual_seed(seed * 100_003 + state.epoch)
             desc = f"{phase.name} {e + 1}/{phase.epochs}"
-            stats = train_one_epoch(forward, train_loader, optimizer, scheduler, scaler, cfg, device, phase.bn, desc,
-                                    inputs, generator, d, sizes, criterion)  # fmt: skip
+            stats = train_one_epoch(forward, train_loader, opt.optimizer, opt.scheduler, opt.scaler, cfg, device,
+                                    phase.bn, desc, inputs, generator, d, sizes, criterion)  # fmt: skip
             sync_buffers(model, d)
-            logits, labels = evaluate(compiled, val_loader, device, cfg.amp, inputs)
+            logits, labels = predict_logits(compiled, val_loader, device, cfg.amp, inputs)
             whole = gather_outputs(logits, labels, d)
             decision: tuple[dict[str, Any], bool] | None = None
             if whole is not None:
@@ -374,16 +356,7 @@ def fit(
                 row["val_acc"], row["train_img_s"], row["seconds"], "  *best*" if state.stale == 0 else "",
             )  # fmt: skip
             if d.is_main:
-                save_state(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "fit": state.__dict__,
-                    },
-                    run_dir / "last.pt",
-                )
+                opt.save(model, state.__dict__, run_dir / "last.pt")
             if cfg.patience is not None and state.stale >= cfg.patience:
                 log.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
                 return state

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.table import SPLITS, DataSourceError, SampleTable, class_index, read_manifest
+from medvision.data.audit import settle
+from medvision.data.table import SPLITS, AuditRow, DataSourceError, SampleTable, class_index, read_manifest
 from medvision.io.files import atomic_write
 from medvision.recipe import DataConfig, SlidesConfig
 from medvision.wsi.slide import Slide, SlideError, open_slide
@@ -98,9 +99,12 @@ def stain_transform(cfg: SlidesConfig) -> Any:
 def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None) -> SampleTable:
     """One row per tissue tile of every slide in the manifest at ``path``; see the module docstring.
 
+    Every row gets an audit row: a slide that cannot be opened, or has no tile with enough tissue, is an
+    error that names the manifest line (``data.on_error`` decides whether the run stops or goes on without it).
+
     Raises:
-        DataSourceError: a row names a missing or unreadable slide, an unknown label or split, or a
-            slide has no tile with enough tissue (the message says which, on which line).
+        DataSourceError: a row with an unknown label or split, a slide listed twice, or (``data.on_error``
+            ``stop``) a slide that cannot be used; the message says which, on which line.
     """
     rows = read_manifest(path, ("slide_path", "label"))
     classes = cfg.classes if cfg.classes is not None else sorted({(r["label"] or "").strip() for r in rows})
@@ -115,6 +119,8 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     slide_index: list[np.ndarray] = []
     coords: list[np.ndarray] = []
     seen: dict[str, int] = {}
+    audit: list[AuditRow] = []
+    all_splits: list[str] = []
     for line, row in enumerate(tqdm(rows, desc="tissue", unit="slide", leave=False, disable=None), start=2):
         where = f"{path}, line {line}"
         rel = (row["slide_path"] or "").strip()
@@ -128,17 +134,22 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
         split = (row.get("split") or "").strip()
         if split not in ("", *SPLITS):
             raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
+        all_splits.append(split)
+        row_name = f"{path.name}, line {line}"
         try:
             slide, grid = plan_slide(full, sc, cache_dir)
             slide.close()
         except SlideError as err:
-            raise DataSourceError(f"{where}: {err}") from None
+            audit.append(AuditRow(rel, "error", f"{row_name}: {str(err).replace(str(full), rel)}"))
+            continue
         keep = subsample(grid.coords, sc.max_tiles_per_slide, rel)
         if len(keep) == 0:
-            raise DataSourceError(
-                f"{where}: slide {rel} has no tile with at least {sc.min_tissue:.0%} tissue at {sc.target_mpp} µm/px "
+            why = (
+                f"{row_name}: no tile with at least {sc.min_tissue:.0%} tissue at {sc.target_mpp} µm/px "
                 f"(tissue area {grid.tissue_area_mm2:.2f} mm²); check the slide, or lower data.slides.min_tissue"
             )
+            audit.append(AuditRow(rel, "error", why))
+            continue
         s = len(refs)
         refs.append(SlideRef(path=str(full), mpp=sc.mpp, level=grid.level, read_size=grid.read_size))
         xy = grid.coords[keep]
@@ -150,8 +161,12 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
         splits += [split] * n
         slide_index.append(np.full(n, s, np.int64))
         coords.append(xy)
-    if any(splits) and not all(splits):
+        audit.append(AuditRow(rel, "used", "", n))
+    if any(all_splits) and not all(all_splits):
         raise DataSourceError(f"{path}: 'split' is empty on some rows and set on others; fill all or none")
+    settle(audit, cfg.on_error, str(path))
+    if not refs:
+        raise DataSourceError(f"{path}: no slide with tissue tiles could be read", audit=audit)
     tile_cache = (cache_dir / "tiles") if (sc.tile_cache and cache_dir is not None) else None
     stain = stain_transform(sc)
     reader = TileReader(refs, np.concatenate(slide_index), np.concatenate(coords), sc.tile_size, sc.backend,
@@ -159,4 +174,5 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     log.info("slides %s: %d slides, %d tissue tiles of %d px at %g µm/px", path, len(refs), len(ids),
              sc.tile_size, sc.target_mpp)  # fmt: skip
     return SampleTable(ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=groups, splits=splits,
-                       classes=classes, loader=reader, grayscale=False, origin=str(path), units=units)  # fmt: skip
+                       classes=classes, loader=reader, grayscale=False, origin=str(path), units=units,
+                       audit=audit)  # fmt: skip

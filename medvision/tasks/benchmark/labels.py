@@ -121,25 +121,22 @@ def init_label(init: str) -> str:
 
 def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: int, out: Path,
                min_steps: int, train_size: int) -> Recipe:  # fmt: skip
-    r = base.model_copy(deep=True)
     tag = init if init in ("imagenet", "random") else Path(init).name
-    r.name = f"{tag}-{protocol}-f{fraction:g}-s{seed}"
-    r.output_dir = str(out / "runs")
-    r.seed = seed
-    r.data.train_fraction = fraction
-    r.train.protocol = protocol  # type: ignore[assignment]
-    r.evaluation.explain = 0  # Grad-CAM panels are not what this benchmark is about
-    if init == "random":
-        r.model.pretrained, r.model.init_from = False, None
-    elif init == "imagenet":
-        r.model.pretrained, r.model.init_from = base.model.pretrained or True, None
-    else:
-        r.model.pretrained, r.model.init_from = False, str(Path(init).resolve())
+    weights: dict[str, Any] = (
+        {"model.pretrained": False, "model.init_from": None} if init == "random"
+        else {"model.pretrained": base.model.pretrained or True, "model.init_from": None} if init == "imagenet"
+        else {"model.pretrained": False, "model.init_from": str(Path(init).resolve())}
+    )  # fmt: skip
+    r = base.changed({
+        "name": f"{tag}-{protocol}-f{fraction:g}-s{seed}", "output_dir": str(out / "runs"), "seed": seed,
+        "data.train_fraction": fraction, "train.protocol": protocol,
+        "evaluation.explain": 0,  # Grad-CAM panels are not what this benchmark is about
+        **weights,
+    })  # fmt: skip
     if protocol == "finetune" and r.train.phases:
         steps = sum(p.epochs for p in r.train.phases) * math.ceil(train_size / r.data.batch_size)
         factor = max(1, math.ceil(min_steps / max(1, steps)))
-        for phase in r.train.phases:
-            phase.epochs *= factor
+        r = r.changed({f"train.phases[{i}].epochs": phase.epochs * factor for i, phase in enumerate(r.train.phases)})
         if factor > 1:
             log.info("%s: %d training images; phase epochs x%d to reach %d optimizer steps", r.name, train_size,
                      factor, min_steps)  # fmt: skip

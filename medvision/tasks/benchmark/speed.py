@@ -447,9 +447,8 @@ def recipe_benchmark(
         rows.append(row)
         try:
             check_backbone(name)
-            r = recipe.model_copy(deep=True)
-            r.model, row.init = starting_weights(recipe.model, name, pretrained)
-            r.name = f"{recipe.name}-{name}"
+            model, row.init = starting_weights(recipe.model, name, pretrained)
+            r = recipe.changed({"model": model.model_dump(mode="python"), "name": f"{recipe.name}-{name}"})
             log.info("recipe %s with %s (%s)", recipe.name, name, row.init)
             run_dir = train(r, overwrite=overwrite)
             row.run_dir = str(run_dir)

@@ -3,8 +3,10 @@
 Both contain one function, :class:`medvision.models.deploy.CalibratedClassifier`: the raw batch the
 loader produces (uint8 0..255, or float in [0, 1]) -> calibrated class probabilities, with the
 backbone's normalisation and the fitted temperature inside. Every export is checked before it is
-kept: the exported model must give the PyTorch model's probabilities (to 1e-4) on real images of
-the run's own test split, pushed through the run's own preprocessing; otherwise nothing is written.
+kept: the exported model must give the PyTorch model's probabilities (to 1e-4, both in float32) on
+real images of the run's own test split, pushed through the run's own preprocessing, and for a run
+trained on DICOM on every file of a set of real DICOMs of every kind read as ``score`` reads them
+(:func:`~medvision.tasks.export.common.check_dicom_parity`); otherwise nothing is written.
 
 - :mod:`medvision.tasks.export.onnx`: ``model.onnx`` with the :class:`~medvision.models.deploy.ScoringSpec`
   in its metadata, :class:`~medvision.tasks.export.onnx.OrtEngine` to run it, and

@@ -29,8 +29,10 @@ resize implementations' rounding can fall either way), float runs within 1e-5.
 
 Runs trained on DICOM are refused: MONAI's DICOM reader does not apply medvision's VOI windows
 and MONOCHROME1 handling, so a bundle would score other pixels than the run was trained on. Use
-``--format onnx`` and ``medvision score --engine onnxruntime`` for them. Runs on 16-bit colour
-images are refused too: PIL (MONAI's PNG reader here) reduces 48-bit RGB to 8 bits.
+``--format onnx`` and ``medvision score --engine onnxruntime`` for them. The DICOM parity set of
+:func:`~medvision.tasks.export.common.check_dicom_parity` therefore never runs for a bundle: its
+record says so (``dicom_parity``: not checked, with the reason) rather than claiming a pass. Runs
+on 16-bit colour images are refused too: PIL (MONAI's PNG reader here) reduces 48-bit RGB to 8 bits.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ from medvision.io.image import IMAGE_SUFFIXES
 from medvision.runs import ScoringSpec
 from medvision.tasks.export.common import (
     PARITY_ATOL,
+    DicomParity,
     ExportError,
     ExportResult,
     ExportSource,
     ParityImages,
+    check_dicom_parity,
     check_parity,
     export_versions,
     load_parity_images,
@@ -131,7 +135,10 @@ def export_monai_bundle(
             monai_batch = _monai_preprocess(stage, images)
             pixels = _check_pixels(spec, monai_batch, images)
             bundle_diff = float(np.abs(torch_probabilities(loaded, monai_batch) - reference).max())
-        metadata["medvision_checks"] = _checks_record(diff, pixels, bundle_diff, images, atol)
+        # the bundle's network on medvision-read DICOM frames; skipped with its reason, as DICOM runs are refused
+        dicom = check_dicom_parity("torchscript", lambda batch: torch_probabilities(loaded, bundle_input(
+            torch.from_numpy(batch))), source, atol)  # fmt: skip
+        metadata["medvision_checks"] = _checks_record(diff, pixels, bundle_diff, images, atol, dicom)
         (stage / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
         (stage / "docs" / "README.md").write_text(readme(source, max_value, metadata["medvision_checks"]))
         (stage / "configs" / "logging.conf").write_text(_LOGGING)
@@ -419,10 +426,11 @@ def _check_pixels(spec: ScoringSpec, monai_batch: torch.Tensor, images: ParityIm
 
 
 def _checks_record(
-    diff: float | None, pixels: float | None, bundle_diff: float | None, images: ParityImages | None, atol: float
-) -> dict[str, Any]:
+    diff: float | None, pixels: float | None, bundle_diff: float | None, images: ParityImages | None, atol: float,
+    dicom: DicomParity,
+) -> dict[str, Any]:  # fmt: skip
     if images is None:
-        return {"checked": False, "reason": "--parity-images 0"}
+        return {"checked": False, "reason": "--parity-images 0", "dicom_parity": dicom.record(atol)}
     return {
         "images": len(images),
         "split": images.split,
@@ -430,6 +438,7 @@ def _checks_record(
         "atol": atol,
         "preprocessing_max_pixel_diff": pixels,
         "bundle_vs_medvision_max_abs_diff": bundle_diff,
+        "dicom_parity": dicom.record(atol),
     }
 
 
@@ -440,7 +449,8 @@ def _record(source: ExportSource, stage: Path, how: str, checks: dict[str, Any])
         "run": str(source.run_dir.resolve()),
         "model_sha256": source.spec.model_sha256,
         "torchscript": how,
-        "checks": checks,
+        "checks": {key: value for key, value in checks.items() if key != "dicom_parity"},
+        "dicom_parity": checks["dicom_parity"],
         "files": {str(p.relative_to(stage)): sha256(p) for p in files},
         "versions": export_versions("monai", "ignite"),
     }

@@ -15,8 +15,10 @@ matched PyTorch to 2e-6 in ONNX Runtime, so the supported path wins. It is slowe
 on 2 CPU cores against 0.5-4 s), once per run.
 
 The file is written to a scratch folder, checked with ``onnx.checker`` (full check), run in ONNX
-Runtime on batches of 1 and of several of the run's own test images, compared with PyTorch, and
-only then renamed into place, with a ``model.onnx.json`` record next to it.
+Runtime on batches of 1 and of several of the run's own test images, compared with PyTorch (fp32),
+for a run trained on DICOM also on the DICOM parity set (real files read as ``score`` reads them,
+:func:`~medvision.tasks.export.common.check_dicom_parity`), and only then renamed into place, with a
+``model.onnx.json`` record next to it.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from medvision.io.files import sha256
 from medvision.runs import ScoringSpec
 from medvision.tasks.export.common import (
     PARITY_ATOL,
+    DicomParity,
     ExportError,
     ExportResult,
     ExportSource,
     ParityImages,
+    check_dicom_parity,
     check_parity,
     chunk_sizes,
     export_versions,
@@ -69,8 +73,9 @@ def export_onnx(
 
     ``out`` ending in ``.onnx`` is the file, otherwise a folder for ``model.onnx``. The export is
     kept only if ``onnx.checker`` passes and ONNX Runtime's probabilities on ``parity_images`` of the
-    run's test images are within ``atol`` of PyTorch's; otherwise :class:`ExportError` is raised and
-    nothing is written (an earlier export at ``out`` stays as it was).
+    run's test images (and, for a run trained on DICOM, on every file of the DICOM parity set) are
+    within ``atol`` of PyTorch's in float32; otherwise :class:`ExportError` is raised and nothing is
+    written (an earlier export at ``out`` stays as it was).
 
     Examples:
         >>> result = export_onnx(Path("runs/demo"))
@@ -101,12 +106,21 @@ def export_onnx(
         checks.append(_check_dynamic_batch(engine, source))
         diff = _parity(engine, source, images, atol)
         checks.append(parity_line("onnx", diff, images, atol))
+        dicom = check_dicom_parity("onnx", engine.predict, source, atol)
+        if source.spec.inputs == "dicom":
+            checks.append(dicom.line("onnx", atol))
+        props: dict[str, str] = {}
         if images is not None:
-            _add_metadata(staged, {"parity_max_abs_diff": f"{diff:.3e}", "parity_images": str(len(images)),
-                                   "parity_split": images.split})  # fmt: skip
+            props.update(parity_max_abs_diff=f"{diff:.3e}", parity_images=str(len(images)), parity_split=images.split)
+        if dicom.max_abs_diff is not None:
+            props.update(
+                dicom_parity_max_abs_diff=f"{dicom.max_abs_diff:.3e}", dicom_parity_files=str(len(dicom.diffs))
+            )
+        if props:
+            _add_metadata(staged, props)
             _check_model(staged)
         staged_record = stage / f"{out.name}.json"
-        write_json(staged_record, _record(source, staged, opset, diff, images, atol))
+        write_json(staged_record, _record(source, staged, opset, diff, images, atol, dicom))
         for extra in sorted(stage.iterdir()):  # external weights (if any) first, then the model, then its record
             if extra not in (staged, staged_record):
                 os.replace(extra, out.parent / extra.name)
@@ -195,8 +209,9 @@ def onnx_metadata(spec: ScoringSpec) -> dict[str, str]:
 
 
 def _record(
-    source: ExportSource, model: Path, opset: int, diff: float | None, images: ParityImages | None, atol: float
-) -> dict[str, Any]:
+    source: ExportSource, model: Path, opset: int, diff: float | None, images: ParityImages | None, atol: float,
+    dicom: DicomParity,
+) -> dict[str, Any]:  # fmt: skip
     spec = source.spec
     size = spec.image_size
     parity = None
@@ -215,5 +230,6 @@ def _record(
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(spec.classes)], "classes": spec.classes},
         "checker": "onnx.checker.check_model(full_check=True): ok",
         "parity": parity,
+        "dicom_parity": dicom.record(atol),
         "versions": export_versions("onnx", "onnxruntime", "onnxscript"),
     }

@@ -1,0 +1,88 @@
+"""``medvision score DIR --model RUN --out scores.csv``: every file or slide under a folder, scored and accounted for.
+
+One job (:mod:`medvision.tasks.score.job`: shard, parts, resume, merge, tally, provenance) over a unit: a
+file gives frames (:mod:`~medvision.tasks.score.files`, for runs trained on images or DICOM) and a slide
+gives tiles (:mod:`~medvision.tasks.score.slides`, for runs trained on whole slides). Every probability
+comes from the engine (:mod:`medvision.inference`): the run in PyTorch, or its ONNX export in ONNX Runtime,
+both in float32 unless ``amp`` says otherwise.
+
+Examples:
+    >>> score_folder(Path("/data/cr"), Path("runs/chest"), Path("scores.csv")).line()
+    >>> score_slides(Path("/data/slides"), Path("runs/camelyon"), Path("slides.csv")).line()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medvision.data.intake import MAX_FILE_BYTES, MAX_PIXELS, ReadConfig, Reader, read_file
+from medvision.inference import Engine
+from medvision.models.slide_head import MIL_FILE
+from medvision.runs import RunError, ScoringSpec
+from medvision.tasks.score.files import FILE_TIMEOUT, FileUnit
+from medvision.tasks.score.job import (
+    EXIT_FILE_ERRORS,
+    EXIT_MODEL,
+    EXIT_NO_IMAGES,
+    EXIT_OK,
+    ScoreSummary,
+    in_shard,
+    parse_shard,
+    run_job,
+)
+from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SLIDE_TIMEOUT, SlideUnit
+
+__all__ = [
+    "EXIT_FILE_ERRORS", "EXIT_MODEL", "EXIT_NO_IMAGES", "EXIT_OK", "FILE_TIMEOUT", "SLIDE_TIMEOUT", "ScoreSummary",
+    "in_shard", "parse_shard", "score_folder", "score_slides",
+]  # fmt: skip
+
+
+def score_folder(
+    folder: Path,
+    model: Path,
+    out: Path,
+    include_tags: list[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int | None = None,
+    workers: int | None = None,
+    engine: str = "torch",
+    file_timeout: float = FILE_TIMEOUT,
+    max_pixels: int = MAX_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    reader: Reader = read_file,
+    amp: str = "none",
+) -> ScoreSummary:
+    """Scores every file under ``folder`` with a run (or its ONNX export); see :mod:`~medvision.tasks.score.files`.
+
+    ``workers`` decode processes (default min(4, cores)); ``0`` decodes in this process, without crash
+    isolation (for debugging). ``reader`` turns one file into a :class:`~medvision.data.intake.FileResult`.
+    ``amp``: the PyTorch engine's precision (``none``: float32, the same function as the ONNX export).
+    A ``.parquet`` ``out`` is written from a CSV beside it.
+    """
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    parquet = out.suffix == ".parquet"
+
+    def unit(spec: ScoringSpec, model_: Path, engine_: Engine) -> FileUnit:
+        cfg = ReadConfig(spec, tuple(include_tags or ()), max_pixels, max_file_bytes)
+        return FileUnit(spec, cfg, reader, n_workers, file_timeout, batch_size or 16, parquet)
+
+    table = out.with_suffix(".partial.csv") if parquet else None
+    return run_job(folder, model, out, unit, shard, engine, amp, n_workers, table)
+
+
+def score_slides(
+    folder: Path, model: Path, out: Path, shard: tuple[int, int] = (0, 1), batch_size: int | None = None,
+    workers: int | None = None, engine: str = "torch", slide_timeout: float = SLIDE_TIMEOUT, heatmaps: bool = True,
+    amp: str = "none",
+) -> ScoreSummary:  # fmt: skip
+    """Scores every slide under ``folder`` with a slide-trained run; see :mod:`~medvision.tasks.score.slides`."""
+    if engine != "torch" and (model / MIL_FILE).is_file():  # fail before loading anything
+        raise RunError(ABMIL_NEEDS_TORCH)
+    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+
+    def unit(spec: ScoringSpec, model_: Path, engine_: Engine) -> SlideUnit:
+        return SlideUnit(spec, model_, engine_, out, n_workers, slide_timeout, batch_size or 32, heatmaps)
+
+    return run_job(folder, model, out, unit, shard, engine, amp, n_workers)

@@ -1,0 +1,153 @@
+"""The file unit of scoring: a file gives frames, each frame a row (DICOM first; PNG/JPEG/TIFF/BMP).
+
+Every entry under the folder (:func:`medvision.io.archive.scan`) is one outcome:
+
+- ``ok``: one row per scored image (per frame of a multi-frame DICOM), with calibrated probabilities and a
+  0/1 call at each of the run's operating points;
+- ``error``: a file that should have been an image and could not be scored, with the reason (a damaged,
+  truncated, empty or renamed DICOM; a decoder that raised, crashed or hung; a header that declares more
+  pixels than ``--max-pixels``; a broken or looping link);
+- ``skipped``: clearly not an input, with the reason (no DICM magic, not parseable and no DICOM suffix; a
+  DICOM object without pixel data such as SR, RT plan or presentation state; a FIFO; a directory named
+  like a file).
+
+Files are read and preprocessed by :func:`medvision.data.intake.read_file` in worker processes that may
+die (:mod:`medvision.workers`): a decoder that panics, segfaults, aborts or hangs costs the one file it was
+reading. Every batch the engine sees has the same size (the last one is padded with zeros), so a file's
+probabilities do not depend on which other files shared its batch. No patient identifiers are written
+unless asked for with ``--include-tags``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medvision.data.intake import IDENTIFYING_TAGS, FileResult, ReadConfig, Reader, init_worker, read_chunk
+from medvision.errors import EnvironmentProblem
+from medvision.evaluation import Decision
+from medvision.inference import Engine
+from medvision.io.archive import Entry, scan
+from medvision.runs import ScoringSpec
+from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
+from medvision.workers import Failure, PoolStats
+
+BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
+#: Default ``--file-timeout``: seconds one file may take to read and preprocess in its worker.
+FILE_TIMEOUT = 300.0
+
+#: Modules the decode workers' forkserver imports once. A new worker (at the start, or in place of one a
+#: decoder killed) re-runs the program's main module: for the CLI that imports all of medvision and timm,
+#: 3.5 s a worker on 2 cores unless they are already loaded in the forkserver it is forked from (0.05 s).
+WORKER_PRELOAD = ("medvision.data.intake", "medvision.tasks.score.files", "medvision.cli")
+
+
+class FileUnit:
+    """Files to frames to rows (see the module docstring)."""
+
+    item = "image"
+    operating_level = "image"
+
+    def __init__(self, spec: ScoringSpec, cfg: ReadConfig, reader: Reader, workers: int, timeout: float,
+                 batch_size: int, parquet: bool) -> None:  # fmt: skip
+        self.spec, self.cfg, self.reader = spec, cfg, reader
+        self.workers, self.timeout, self.batch_size, self.parquet = workers, timeout, batch_size, parquet
+        self.tags = list(cfg.tags)
+        self.decision = Decision.from_json(spec.decision)
+        self.calls = operating_calls(self.decision)
+        self.columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in spec.classes], *[n for n, _ in self.calls], "status",
+                        "reason", *[f"tag_{t}" for t in self.tags]]  # fmt: skip
+
+    def entries(self, folder: Path) -> list[Entry]:
+        return scan(folder)
+
+    def items(self, row: dict[str, str]) -> int:
+        return int(row["status"] == "ok")
+
+    def rows(self, f: FileResult) -> str:
+        """A file's rows: one per frame when it was scored, else one with its status and reason."""
+        extra = [f.tags.get(t, "") for t in self.tags]
+        if f.status != "ok":
+            blank = [""] * (len(self.spec.classes) + len(self.calls))
+            return csv_line([f.rel, *f.uids, "", "", *blank, f.status, one_line(f.reason), *extra])
+        out = []
+        for frame, p in zip(f.frames, f.probs, strict=True):
+            flags = [str(int(p[self.decision.positive] >= thr)) for _, thr in self.calls]
+            out.append([f.rel, *f.uids, frame, self.spec.classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags,
+                        "ok", "", *extra])  # fmt: skip
+        return csv_line(*out)
+
+    def _outcomes(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[FileResult]:
+        """Each entry's result, in order: rows the scan already decided, and files read in the isolated pool."""
+        for entry, result in isolated(folder, todo, read_chunk, stats, workers=self.workers, timeout=self.timeout,
+                                      initializer=init_worker, initargs=(str(folder), self.cfg, self.reader),
+                                      preload=WORKER_PRELOAD):  # fmt: skip
+            if result is None:  # the scan's own verdict
+                yield FileResult(entry.rel, "error" if entry.outcome == "error" else "skipped", entry.reason)
+            else:
+                yield FileResult(entry.rel, "error", result.reason) if isinstance(result, Failure) else result
+
+    def score(self, folder: Path, todo: list[Entry], engine: Engine, stats: PoolStats) -> Iterator[tuple[str, int]]:
+        """Batches the files' images through the engine; a file's rows are yielded once all its images are scored."""
+        pending: deque[FileResult] = deque()
+        images: list[tuple[FileResult, np.ndarray]] = []
+        size = self.batch_size
+
+        def run(n: int) -> None:
+            batch = np.stack([a for _, a in images[:n]])
+            if n < size:
+                batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+            for (owner, _), p in zip(images[:n], engine.predict(batch), strict=False):
+                owner.probs.append(p)
+            del images[:n]
+
+        def ready() -> Iterator[tuple[str, int]]:
+            while pending and len(pending[0].probs) == len(pending[0].frames):
+                done = pending.popleft()
+                yield self.rows(done), len(done.frames) if done.status == "ok" else 0
+
+        with tqdm(total=len(todo), desc="score", unit="file", dynamic_ncols=True, disable=None) as bar:
+            for result in self._outcomes(folder, todo, stats):
+                pending.append(result)
+                images.extend((result, a) for a in result.arrays)
+                result.arrays = []
+                while len(images) >= size:
+                    run(size)
+                yield from ready()
+                bar.update(1)
+            while images:
+                run(min(size, len(images)))
+            yield from ready()
+
+    def finish(self, out: Path, table: Path) -> None:
+        if self.parquet:
+            to_parquet(table, out)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "included_identifying_tags": [t for t in self.tags if t in IDENTIFYING_TAGS],
+            "included_tags": self.tags,
+            "limits": {"max_pixels": self.cfg.max_pixels, "max_file_bytes": self.cfg.max_file_bytes,
+                       "file_timeout_s": self.timeout},
+        }  # fmt: skip
+
+
+def to_parquet(table_path: Path, out: Path) -> None:
+    """The CSV table as Parquet, its text columns typed as strings."""
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EnvironmentProblem(
+            f"Parquet output needs pyarrow (pip install pyarrow); the rows are in {table_path}"
+        ) from None
+    text = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "pred", "status", "reason")
+    string_columns = {c: pa.string() for c in text}
+    table = pacsv.read_csv(table_path, convert_options=pacsv.ConvertOptions(column_types=string_columns))
+    pq.write_table(table, out)

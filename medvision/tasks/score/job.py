@@ -1,0 +1,353 @@
+"""The one scoring job: shard, per-rank parts, resume, rows, merge, tally and provenance, for any unit.
+
+A :class:`Unit` says what one entry of the folder is and how it becomes rows: a file gives frames
+(:mod:`medvision.tasks.score.files`), a slide gives tiles (:mod:`medvision.tasks.score.slides`). Everything
+else is here, once:
+
+- the entries are sharded by a hash of their relative path (``--shard i/n``), and under ``torchrun`` rank
+  ``r`` of ``W`` takes the part of shard ``i/n`` whose hash is ``i + n*r`` modulo ``n*W``, writing its own
+  ``<out>.parts/rank<r>-of-<W>.csv``;
+- rows are appended and flushed one entry at a time (:class:`RowWriter`), in the folder's order; re-running
+  with the same ``--out`` resumes after the last complete entry (:func:`resume`);
+- rank 0 merges the parts in the folder's order, counts every entry found (:func:`tally`: found = ok +
+  error + skipped), and writes ``<out>.json``: the model's and recipe's SHA-256, versions, calibration,
+  operating points, precision, counts and speed, plus what the unit adds.
+
+The probabilities themselves come from the engine (:mod:`medvision.inference`), never from here.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from medvision.evaluation import Decision
+from medvision.inference import Engine, load_scorer
+from medvision.io.archive import Entry
+from medvision.io.files import atomic_write
+from medvision.runs import RunError, ScoringSpec, versions
+from medvision.runtime import barrier, broadcast, gather, setup
+from medvision.workers import PoolStats, isolated_map
+
+log = logging.getLogger("medvision")
+
+#: How long a rank waits for the others at the merge: ranks of one archive can finish hours apart.
+RANK_TIMEOUT = datetime.timedelta(hours=72)
+
+#: Exit codes of ``medvision score`` (documented in the score page of the docs).
+EXIT_OK, EXIT_MODEL, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 2, 3, 4
+
+
+def in_shard(rel: str, shard: tuple[int, int]) -> bool:
+    """Deterministic, overlap-free split of entries across ``n`` workers by a hash of the relative path."""
+    i, n = shard
+    return int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16) % n == i
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+@dataclass
+class ScoreSummary:
+    """Counts and speed of one scoring run (over the whole output, resumed parts included)."""
+
+    files_found: int = 0
+    ok_files: int = 0
+    ok_images: int = 0
+    error_files: int = 0
+    skipped_files: int = 0
+    scored_now: int = 0
+    images_now: int = 0
+    already_done: int = 0
+    lost_chunks: int = 0
+    crashed_files: int = 0
+    timed_out_files: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    engine: str = "torch"
+    shard: str = "0/1"
+    out: str = ""
+    item: str = "image"
+    """What ``ok_images`` and ``images_now`` count: images (frames), or the tiles of whole slides."""
+
+    @property
+    def reconciled(self) -> bool:
+        return self.files_found == self.ok_files + self.error_files + self.skipped_files
+
+    @property
+    def exit_code(self) -> int:
+        """0: every input scored; 3: some entries are error rows; 4: no input at all (nothing to score)."""
+        if self.error_files:
+            return EXIT_FILE_ERRORS
+        return EXIT_OK if self.ok_files else EXIT_NO_IMAGES
+
+    def line(self) -> str:
+        return (
+            f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} {self.item}(s)), "
+            f"{self.error_files} error(s), {self.skipped_files} skipped; {self.already_done} were already in "
+            f"{self.out}; {self.images_now} {self.item}(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} "
+            f"{'img' if self.item == 'image' else self.item + 's'}/s)"
+        )
+
+
+def operating_calls(decision: Decision, level: str = "image") -> list[tuple[str, float]]:
+    """(column name, threshold) of each operating point of ``level`` (``image``, or ``patient`` for slides)
+    with a finite threshold."""
+    calls = []
+    for op in decision.points.get(level, []) if decision.positive is not None else []:
+        name = "call_youden" if op["rule"] == "youden" else f"call_{op['rule']}_{op['target']:g}"
+        if op["threshold"] is not None and np.isfinite(op["threshold"]):
+            calls.append((name, float(op["threshold"])))
+    return calls
+
+
+def csv_line(*rows: list[Any]) -> str:
+    """Rows as CSV text, each ``reason`` already one line (see :func:`one_line`)."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def one_line(reason: str) -> str:
+    """A reason as one CSV-friendly line: its non-blank lines joined with `` | ``."""
+    return " | ".join(line.strip() for line in reason.splitlines() if line.strip())
+
+
+class Unit(Protocol):
+    """What one entry of the scanned folder is, and how it becomes rows (see the module docstring)."""
+
+    item: str
+    """What an ok row's ``items`` count: ``image`` (frames) or ``tile``."""
+    columns: list[str]
+    """The output's header; the first column is ``path``, the relative path of the entry."""
+    operating_level: str
+    """Whose operating points give the 0/1 calls: ``image``, or ``patient`` (the slide level)."""
+
+    def entries(self, folder: Path) -> list[Entry]:
+        """Every entry under ``folder`` in a stable order, each a ``candidate`` or already an error/skip."""
+        ...
+
+    def score(self, folder: Path, todo: list[Entry], engine: Engine, stats: PoolStats) -> Iterator[tuple[str, int]]:
+        """Scores ``todo`` in order; yields, per entry and once its rows are final, the rows' CSV text and how
+        many items (images or tiles) were scored for it now."""
+        ...
+
+    def items(self, row: dict[str, str]) -> int:
+        """How many items an output row counts for the tally (0 for error and skipped rows)."""
+        ...
+
+    def finish(self, out: Path, table: Path) -> None:
+        """After the merge, on rank 0: any further output (Parquet, the merged tile table)."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """What this unit adds to ``<out>.json`` (limits, tags, aggregation, slide settings)."""
+        ...
+
+
+def isolated(folder: Path, todo: list[Entry], read: Callable[[list[str]], list[Any]], stats: PoolStats,
+             **pool: Any) -> Iterator[tuple[Entry, Any]]:  # fmt: skip
+    """Each entry of ``todo`` in order, with what ``read`` made of it in the crash-isolated pool
+    (:func:`medvision.workers.isolated_map`; a :class:`~medvision.workers.Failure` when its worker died or hung),
+    or ``None`` for an entry the scan already decided (an error or a skip)."""
+    results = isolated_map(read, [e.rel for e in todo if e.outcome == "candidate"], stats=stats, **pool)
+    for entry in todo:
+        yield entry, (next(results)[1] if entry.outcome == "candidate" else None)
+
+
+class RowWriter:
+    """Appends an entry's rows with one write and a flush, so that finished entries survive a kill."""
+
+    def __init__(self, table: Path, columns: list[str]) -> None:
+        new = not table.is_file() or table.stat().st_size == 0
+        table.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = table.open("a", newline="")
+        if new:
+            self.write(csv_line(columns))
+
+    def write(self, text: str) -> None:
+        self.fh.write(text)
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def resume(table: Path) -> set[str]:
+    """Paths already finished in a previous output. A row cut short by a kill and the rows of the last
+    entry (it may have been cut between two of its frames) are removed, so that entry is scored again."""
+    if not table.is_file():
+        return set()
+    data = table.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    lines = keep.splitlines(keepends=True)
+    if len(lines) > 1:
+        last = next(csv.reader([lines[-1].decode()]))[0]
+        while len(lines) > 1 and next(csv.reader([lines[-1].decode()]))[0] == last:
+            lines.pop()
+        keep = b"".join(lines)
+    if keep != data:  # keep is a prefix of data
+        with table.open("r+b") as fh:
+            fh.truncate(len(keep))
+    with table.open(newline="") as fh:
+        return {row["path"] for row in csv.DictReader(fh) if row.get("path")}
+
+
+def part_path(out: Path, rank: int, world_size: int) -> Path:
+    """Rank ``rank``'s own output under torchrun: ``<out>.parts/rank<r>-of-<W>.csv``, kept for resume."""
+    return Path(f"{out}.parts") / f"rank{rank}-of-{world_size}.csv"
+
+
+def merge_parts(parts: list[Path], order: list[str], merged: Path) -> None:
+    """The ranks' part files as one table, rows in the folder's order, written atomically over ``merged``.
+
+    The parts hold disjoint entries (hash shards), so nothing is duplicated; an entry without rows in
+    any part would show up as a reconciliation mismatch in the tally.
+    """
+    rank = {rel: k for k, rel in enumerate(order)}
+    header: list[str] | None = None
+    rows: list[tuple[int, int, list[str]]] = []
+    for part in parts:
+        with part.open(newline="") as fh:
+            reader = csv.reader(fh)
+            head = next(reader, None)
+            if head is None:
+                continue
+            if header is not None and head != header:
+                raise RunError(f"{part}: its columns differ from the other parts' ({head} vs {header})")
+            header = head
+            rows.extend((rank[r[0]], k, r) for k, r in enumerate(reader) if r and r[0] in rank)
+    rows.sort(key=lambda t: (t[0], t[1]))  # the folder's order; an entry's frames stay in their order
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header or [])
+            writer.writerows(r for _, _, r in rows)
+
+    atomic_write(merged, write)
+
+
+def tally(table: Path, found: set[str], summary: ScoreSummary, items: Callable[[dict[str, str]], int]) -> None:
+    """Counts outcomes over the whole output (earlier, resumed parts too) for the entries found now."""
+    status: dict[str, str] = {}
+    counted: dict[str, int] = {}
+    with table.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["path"] in found:
+                status[row["path"]] = row["status"]
+                counted[row["path"]] = counted.get(row["path"], 0) + items(row)
+    summary.files_found = len(found)
+    summary.ok_images = sum(counted.values())
+    summary.ok_files = sum(s == "ok" for s in status.values())
+    summary.error_files = sum(s == "error" for s in status.values())
+    summary.skipped_files = sum(s == "skipped" for s in status.values())
+
+
+UnitFactory = Callable[[ScoringSpec, Path, Engine], Unit]
+"""``(spec, model path, engine) -> unit``: a unit is built once the model is loaded."""
+
+
+def run_job(
+    folder: Path, model: Path, out: Path, make_unit: UnitFactory, shard: tuple[int, int], engine: str, amp: str,
+    workers: int, table_path: Path | None = None,
+) -> ScoreSummary:  # fmt: skip
+    """Scores every entry under ``folder`` with ``model`` into ``out``; see the module docstring.
+
+    ``make_unit(spec, model, engine)`` builds the unit once the model is loaded. ``workers`` decode processes keep
+    their cores: the engine's CPU threads are the rest. ``table_path``: where the rows go when that is not
+    ``out`` itself (a Parquet output is written from a CSV beside it).
+    """
+    start = time.perf_counter()
+    d, _ = setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
+    cpu_threads = max(1, (os.cpu_count() or 1) - workers) if workers > 0 else None
+    scorer, spec, provenance = load_scorer(model, engine, cpu_threads, amp)
+    unit = make_unit(spec, model, scorer)
+    merged = table_path or out
+    entries = [e for e in unit.entries(folder) if in_shard(e.rel, shard)]
+    if d.world_size > 1:
+        i, n = shard
+        mine = [e for e in entries if in_shard(e.rel, (i + n * d.rank, n * d.world_size))]
+        table = part_path(out, d.rank, d.world_size)
+    else:
+        mine, table = entries, merged
+    done = resume(table)
+    todo = [e for e in mine if e.rel not in done]
+    summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
+                           out=str(out), engine=scorer.name, item=unit.item)  # fmt: skip
+    stats = PoolStats()
+    rows = RowWriter(table, unit.columns)
+    threads = torch.get_num_threads()
+    if cpu_threads and scorer.name == "torch" and provenance["device"] == "cpu":
+        torch.set_num_threads(cpu_threads)
+    try:
+        for text, items in unit.score(folder, todo, scorer, stats):
+            rows.write(text)
+            summary.scored_now += 1
+            summary.images_now += items
+    finally:
+        torch.set_num_threads(threads)
+        rows.close()
+    counts = (summary.images_now, summary.scored_now, summary.already_done, stats.lost_chunks, stats.crashed_files,
+              stats.timed_out_files)  # fmt: skip
+    per_rank = gather(counts, d)
+    if per_rank is not None:  # rank 0 (or the only process): the whole output
+        (summary.images_now, summary.scored_now, summary.already_done, summary.lost_chunks, summary.crashed_files,
+         summary.timed_out_files) = (sum(c) for c in zip(*per_rank, strict=True))  # fmt: skip
+        if d.world_size > 1:
+            parts = [part_path(out, r, d.world_size) for r in range(d.world_size)]
+            merge_parts(parts, [e.rel for e in entries], merged)
+            provenance["world_size"] = d.world_size
+        summary.seconds = time.perf_counter() - start
+        summary.images_per_second = summary.images_now / summary.seconds if summary.seconds else 0.0
+        tally(merged, {e.rel for e in entries}, summary, unit.items)
+        if not summary.reconciled:
+            log.warning("accounting mismatch: %d found, %d ok + %d error + %d skipped", summary.files_found,
+                        summary.ok_files, summary.error_files, summary.skipped_files)  # fmt: skip
+        unit.finish(out, merged)
+        write_provenance(out, spec, provenance, summary, unit)
+    summary = broadcast(summary, d)
+    barrier(d)  # no rank returns before the merged output is written
+    return summary
+
+
+def write_provenance(
+    out: Path, spec: ScoringSpec, provenance: dict[str, Any], summary: ScoreSummary, unit: Unit
+) -> None:
+    """``<out>.json``: what scored, with which weights, settings and precision, and what came of it."""
+    decision = Decision.from_json(spec.decision)
+    record = {
+        **provenance,
+        "model_sha256": spec.model_sha256,
+        "recipe_sha256": spec.recipe_sha256,
+        "versions": versions(),
+        "calibration_temperature": decision.temperature,
+        "tta": spec.tta,
+        "operating_points": decision.points.get(unit.operating_level, []),
+        **unit.provenance(),
+        **asdict(summary),
+        "reconciled": summary.reconciled,
+        "exit_code": summary.exit_code,
+    }
+    Path(f"{out}.json").write_text(json.dumps(record, indent=2) + "\n")

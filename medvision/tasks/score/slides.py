@@ -1,0 +1,304 @@
+"""The slide unit of scoring: a whole slide gives tiles, the tiles give one row for the slide.
+
+Every entry under the folder is one row:
+
+- ``ok``: the slide's probabilities (its tiles aggregated as the run was evaluated: mean, max, top-k or
+  the run's ABMIL head), a 0/1 call at each of the run's slide-level operating points, the number of tiles
+  used, the tissue area in mm² and the MPP used (with where it came from);
+- ``error``: a slide that cannot be read (unknown format, damaged file, no MPP, no tissue, a reader that
+  raised, crashed or hung), with the reason;
+- ``skipped``: not a slide (a file without a slide suffix), with the reason.
+
+A slide is a file with a slide suffix (``.svs``, ``.ndpi``, ``.mrxs``, ``.tif``, ...) or a folder of DICOM
+instances (a DICOM WSI series; not searched further). Opening a slide and finding its tissue run in an
+isolated worker process (:mod:`medvision.workers`), so a reader that segfaults or hangs on one file costs
+that slide only; its tiles are then read by DataLoader workers with a timeout, preprocessed by
+:func:`medvision.data.intake.preprocess` (the same function as for files) and scored by the engine, TTA
+and the ABMIL head's features included.
+
+Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
+tissue fraction, probabilities) and ``<out>.heatmaps/<slide>.png``. A slide's tile file and heatmap are
+written before its row, so a row means the slide is complete. Nothing from the slides' metadata is written
+but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from medvision.data.intake import preprocess
+from medvision.evaluation import Decision
+from medvision.inference import Engine
+from medvision.io.archive import Entry
+from medvision.io.files import atomic_write
+from medvision.metrics import aggregate_by_group, softmax
+from medvision.models.mil import ABMIL, load_abmil, predict_abmil
+from medvision.models.slide_head import MIL_FILE
+from medvision.recipe import SlidesConfig
+from medvision.runs import RunError, ScoringSpec
+from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
+from medvision.workers import Failure, PoolStats
+from medvision.wsi.heatmap import plot_heatmap, probability_grid
+from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
+from medvision.wsi.source import plan_slide, stain_transform
+from medvision.wsi.tiles import SlideRef, TileReader, grid_from_json, grid_to_json, subsample
+
+#: Seconds one slide may take to open and find its tissue, and one batch of tiles to be read.
+SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
+THUMBNAIL = 1024
+ABMIL_NEEDS_TORCH = "this run aggregates tiles with its ABMIL head, which needs tile features: use --engine torch"
+WORKER_PRELOAD = ("medvision.wsi.source", "medvision.tasks.score.slides", "medvision.cli")  # see score.files
+
+
+def find_slides(folder: Path) -> list[Entry]:
+    """Every entry, sorted: ``candidate`` slides and ``skipped`` others."""
+    if not folder.is_dir():
+        raise RunError(f"{folder}: slides folder does not exist")
+    found: list[Entry] = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        mrxs = {Path(f).stem for f in files if f.lower().endswith(".mrxs")}
+        keep = []
+        for d in sorted(dirs):
+            if d in mrxs:
+                continue  # a MIRAX slide's data folder belongs to its .mrxs file
+            if is_dicom_slide_dir(here / d):
+                found.append(Entry(str((here / d).relative_to(folder)), "candidate"))
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            rel = str((here / f).relative_to(folder))
+            if here == folder and is_dicom_slide_dir(folder):
+                found.append(Entry(rel, "skipped", "the folder itself is one DICOM series; pass its parent folder"))
+            elif f.lower().endswith(SLIDE_SUFFIXES):
+                found.append(Entry(rel, "candidate"))
+            else:
+                why = f"not a slide (suffix {Path(f).suffix or 'none'!r}; expected one of {', '.join(SLIDE_SUFFIXES)}"
+                found.append(Entry(rel, "skipped", why + " or a DICOM series folder)"))
+    return sorted(found, key=lambda e: e.rel)
+
+
+_PLAN: dict[str, Any] = {}
+
+
+def _init_planner(root: str, slides: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    _PLAN.update(root=Path(root), cfg=SlidesConfig.model_validate(slides))
+
+
+def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
+    """Opens each slide and finds its tissue; an error of any kind is that slide's reason, as a string."""
+    out: list[dict[str, Any] | str] = []
+    for rel in rels:
+        try:
+            slide, grid = plan_slide(_PLAN["root"] / rel, _PLAN["cfg"])
+            try:
+                thumb = slide.thumbnail(THUMBNAIL)
+                info = {"grid": grid_to_json(grid), "thumbnail": thumb, "size0": slide.level_dimensions[0],
+                        "mpp_source": slide.mpp_source}  # fmt: skip
+            finally:
+                slide.close()
+            out.append(info)
+        except KeyboardInterrupt:
+            raise
+        except SlideError as err:
+            out.append(str(err).replace(str(_PLAN["root"] / rel), rel))
+        except BaseException as err:
+            out.append(f"{rel}: slide reader failed ({type(err).__name__}: {err})")
+    return out
+
+
+class _Tiles(Dataset[np.ndarray]):
+    """One slide's tiles, preprocessed exactly as the run's evaluation tiles were."""
+
+    def __init__(self, reader: TileReader, spec: ScoringSpec) -> None:
+        self.reader, self.spec = reader, spec
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return preprocess(self.reader(i), self.spec)
+
+
+@dataclass
+class _Slide:
+    rel: str
+    status: str
+    reason: str = ""
+    probs: np.ndarray | None = None
+    info: dict[str, Any] | None = None
+
+
+def _safe_name(rel: str) -> str:
+    return rel.replace(os.sep, "__").replace("/", "__")
+
+
+class SlideUnit:
+    """Slides to tiles to one row a slide (see the module docstring)."""
+
+    item = "tile"
+    operating_level = "patient"  # the slide level's points, chosen on validation slides
+
+    def __init__(self, spec: ScoringSpec, model: Path, engine: Engine, out: Path, workers: int, timeout: float,
+                 batch_size: int, heatmaps: bool) -> None:  # fmt: skip
+        if spec.aggregate == "abmil" and engine.name != "torch":
+            raise RunError(
+                "this run aggregates tiles with its ABMIL head, which needs tile features: use --engine torch"
+            )
+        if spec.inputs != "slides":
+            raise RunError(f"{model}: this run was not trained on slides (data.source {spec.inputs}); "
+                           "use score on images")  # fmt: skip
+        self.spec, self.workers, self.timeout, self.batch_size = spec, workers, timeout, batch_size
+        self.cfg = SlidesConfig.model_validate(spec.slides)
+        self.decision = Decision.from_json(spec.decision)
+        self.calls = operating_calls(self.decision, self.operating_level)
+        self.head = _mil_head(model, spec)
+        self.stain = stain_transform(self.cfg)  # fitted once, to the run's reference tile
+        self.tiles_dir = Path(f"{out}.tiles")
+        self.heat_dir = Path(f"{out}.heatmaps") if heatmaps else None
+        self.columns = ["path", "status", "reason", "pred", *[f"prob_{c}" for c in spec.classes],
+                        *[n for n, _ in self.calls], "tiles", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
+                        "level"]  # fmt: skip
+
+    def entries(self, folder: Path) -> list[Entry]:
+        return find_slides(folder)
+
+    def items(self, row: dict[str, str]) -> int:
+        return int(row["tiles"] or 0) if row["status"] == "ok" else 0
+
+    def _planned(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[_Slide]:
+        cfg = self.cfg.model_dump(mode="json")
+        for entry, result in isolated(folder, todo, _plan_chunk, stats, workers=min(self.workers, 2),
+                                      timeout=self.timeout, chunk=1, initializer=_init_planner,
+                                      initargs=(str(folder), cfg), preload=WORKER_PRELOAD):  # fmt: skip
+            rel = entry.rel
+            if result is None:
+                yield _Slide(rel, entry.outcome, entry.reason)
+            elif isinstance(result, Failure):
+                yield _Slide(rel, "error", f"{rel}: {result.reason}")
+            elif isinstance(result, str):
+                yield _Slide(rel, "error", result)
+            else:
+                yield _Slide(rel, "ok", info=result)
+
+    def score(self, folder: Path, todo: list[Entry], engine: Engine, stats: PoolStats) -> Iterator[tuple[str, int]]:
+        for item in tqdm(self._planned(folder, todo, stats), total=len(todo), desc="slides", unit="slide",
+                         disable=None):  # fmt: skip
+            if item.status == "ok":
+                try:
+                    self._score_one(folder, item, engine)
+                except Exception as err:  # a tile reader that raised, died or hung: this slide's row says so
+                    why = f"{type(err).__name__}: {err}"
+                    item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({why})"
+            tiles = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
+            yield self._row(item), tiles
+
+    def _score_one(self, folder: Path, item: _Slide, engine: Engine) -> None:
+        """Reads the slide's tiles, scores them, aggregates, and writes its tile table and heatmap."""
+        assert item.info is not None
+        cfg, spec, size = self.cfg, self.spec, self.batch_size
+        grid = grid_from_json(item.info["grid"])
+        keep = subsample(grid.coords, cfg.max_tiles_per_slide, item.rel)
+        coords, tissue = grid.coords[keep], grid.tissue[keep]
+        item.info.update(n_tiles=len(coords), tissue_mm2=grid.tissue_area_mm2, mpp=grid.mpp, level=grid.level)
+        if len(coords) == 0:
+            item.status = "error"
+            item.reason = (f"{item.rel}: no tile with at least {cfg.min_tissue:.0%} tissue at {cfg.target_mpp} "
+                           f"µm/px (tissue area {grid.tissue_area_mm2:.2f} mm²)")  # fmt: skip
+            return
+        ref = SlideRef(path=str(folder / item.rel), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
+        reader = TileReader([ref], np.zeros(len(coords), np.int64), coords, cfg.tile_size, cfg.backend,
+                            transform=self.stain)  # fmt: skip
+        loader = DataLoader(_Tiles(reader, spec), batch_size=size, num_workers=self.workers,
+                            timeout=TILE_BATCH_TIMEOUT if self.workers else 0)  # fmt: skip
+        probs, feats = [], []
+        for batch in loader:
+            x = batch.numpy()
+            n = len(x)
+            if n < size:  # fixed batch shape: a tile's probability does not depend on its batch mates
+                x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+            if self.head is not None:
+                p, f = engine.predict_with_features(x)
+                feats.append(f[:n])
+            else:
+                p = engine.predict(x)
+            probs.append(p[:n])
+        tile_probs = np.concatenate(probs).astype(np.float64)
+        if self.head is not None:
+            slide_p = softmax(predict_abmil(self.head, [np.concatenate(feats)])[0])[0]
+        else:
+            _, _, agg, _ = aggregate_by_group(["s"] * len(tile_probs), np.zeros(len(tile_probs), np.int64),
+                                              tile_probs, spec.aggregate, spec.top_k)  # fmt: skip
+            slide_p = agg[0]
+        item.probs = slide_p
+        _write_tiles(self.tiles_dir / f"{_safe_name(item.rel)}.parquet", item.rel, coords, grid.side0, tissue,
+                     tile_probs, spec)  # fmt: skip
+        if self.heat_dir is not None:
+            k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
+            thumb = item.info["thumbnail"]
+            scale = thumb.shape[1] / item.info["size0"][0]
+            hm = probability_grid(coords, tile_probs[:, k], grid.side0, tuple(item.info["size0"]), scale)
+            title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
+            heatmap = self.heat_dir / f"{_safe_name(item.rel)}.png"
+            plot_heatmap(heatmap, thumb, hm, title, f"tile P({spec.classes[k]})")
+
+    def _row(self, item: _Slide) -> str:
+        blank = [""] * (len(self.spec.classes) + len(self.calls))
+        target = self.cfg.target_mpp
+        if item.status != "ok" or item.probs is None or item.info is None:
+            return csv_line([item.rel, item.status, one_line(item.reason), "", *blank, "", "", "", "", target, ""])
+        p, info, positive = item.probs, item.info, self.decision.positive
+        flags = [str(int(p[positive] >= thr)) for _, thr in self.calls] if positive is not None else []
+        return csv_line([item.rel, "ok", "", self.spec.classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags,
+                         info["n_tiles"], f"{info['tissue_mm2']:.3f}", f"{info['mpp']:.6g}", info["mpp_source"],
+                         target, info["level"]])  # fmt: skip
+
+    def finish(self, out: Path, table: Path) -> None:
+        _merge_tiles(out, self.tiles_dir)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"aggregate": self.spec.aggregate, "slides": self.spec.slides}
+
+
+def _mil_head(model: Path, spec: ScoringSpec) -> ABMIL | None:
+    if spec.aggregate != "abmil":
+        return None
+    if not (model / MIL_FILE).is_file():
+        raise RunError(f"{model}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
+    return load_abmil(model / MIL_FILE)[0]
+
+
+def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray, probs: np.ndarray,
+                 spec: ScoringSpec) -> None:  # fmt: skip
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"slide": pa.array([rel] * len(coords), pa.string()), "x": pa.array(coords[:, 0], pa.int64()),
+            "y": pa.array(coords[:, 1], pa.int64()), "side_level0": pa.array(np.full(len(coords), side0), pa.float64()),
+            "tissue": pa.array(tissue, pa.float32())}  # fmt: skip
+    for j, c in enumerate(spec.classes):
+        cols[f"prob_{c}"] = pa.array(probs[:, j].astype(np.float32), pa.float32())
+    atomic_write(path, lambda tmp: pq.write_table(pa.table(cols), tmp))
+
+
+def _merge_tiles(out: Path, tiles_dir: Path) -> None:
+    """All slides' tile tables as one ``<out>.tiles.parquet``, in slide order (the per-slide files stay, for resume)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(tiles_dir.glob("*.parquet")) if tiles_dir.is_dir() else []
+    if not parts:
+        return
+    merged = pa.concat_tables([pq.read_table(p) for p in parts])
+    atomic_write(Path(f"{out}.tiles.parquet"), lambda tmp: pq.write_table(merged, tmp))

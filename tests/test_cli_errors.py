@@ -1,0 +1,74 @@
+"""One error root: every failure a user can cause is one line on stderr naming the file or key, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import medvision.cli as cli
+from medvision.errors import EnvironmentProblem, ExportError, MedvisionError
+from medvision.recipe import RecipeError
+from medvision.runs import RunError, read_run_json
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_every_user_error_derives_from_the_root() -> None:
+    from medvision.data.table import DataSourceError
+    from medvision.gradcam import ExplainError
+    from medvision.io.dicom import DicomReadError
+    from medvision.models.backbone import PretrainedUnavailable
+    from medvision.models.freeze import FreezeError
+    from medvision.tasks.benchmark.speed import BenchmarkError
+    from medvision.training.loop import NonFiniteLoss
+    from medvision.wsi.slide import SlideError
+
+    for kind in (RecipeError, DataSourceError, RunError, ExportError, EnvironmentProblem, ExplainError, DicomReadError,
+                 PretrainedUnavailable, FreezeError, BenchmarkError, NonFiniteLoss, SlideError):  # fmt: skip
+        assert issubclass(kind, MedvisionError), kind
+
+
+def test_a_damaged_run_folder_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    tree = {"name": "x", "data": {"source": "npz", "path": "x.npz"}, "model": {"name": "resnet18"},
+            "train": {"phases": [{"epochs": 1, "lr": 1e-3}]}}  # fmt: skip
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    (run / "model.safetensors").write_bytes(b"")
+    (run / "run.json").write_text('{"classes": ["a", "b"], "in_chans": 3}')
+    with pytest.raises(RunError, match=r"run\.json: missing mean, std"):
+        read_run_json(run)
+    (run / "run.json").write_text("{not json")
+    assert cli.main(["evaluate", str(run)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("medvision evaluate: error: ") and str(run / "run.json") in line
+
+
+def test_a_recipe_with_several_problems_is_still_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ndata: {source: npz, path: x.npz, batchsize: 4}\nmodel: {name: resnet18}\nmodle: {}\n")
+    assert cli.main(["train", str(recipe)]) == 2
+    line = _one_error_line(capsys)
+    assert "data.batchsize: unknown key" in line and "modle" in line
+
+
+def test_a_bug_is_one_line_too_and_debug_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("decision")
+
+    monkeypatch.setattr(cli, "evaluate_run", broken)
+    monkeypatch.delenv("MEDVISION_DEBUG", raising=False)
+    assert cli.main(["evaluate", str(tmp_path)]) == 1
+    line = _one_error_line(capsys)
+    assert "internal error: KeyError: 'decision'" in line and "MEDVISION_DEBUG=1" in line
+    monkeypatch.setenv("MEDVISION_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["evaluate", str(tmp_path)])
