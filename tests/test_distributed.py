@@ -8,9 +8,11 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +253,10 @@ def test_two_rank_scoring_merges_to_the_one_process_output(ddp_setup: tuple[Path
     assert sizes[0] < resumed["already_done"] < sum(sizes)  # rank 0 kept its part, rank 1 half of its
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 @pytest.mark.slow
 def test_a_bad_file_on_one_rank_stops_both_with_its_error(ddp_setup: tuple[Path, Path], tmp_path: Path) -> None:
     root, recipe_path = ddp_setup
@@ -263,7 +269,9 @@ def test_a_bad_file_on_one_rank_stops_both_with_its_error(ddp_setup: tuple[Path,
     assert isinstance(table.loader, FileLoader) and position != 0
     bad = Path(table.loader.paths[int(train_idx[position])])
     good = bad.read_bytes()
-    bad.write_bytes(good[:40])  # a PNG cut short
+    # pixel data that only decoding finds broken: whole chunks with valid checksums, so the data audit (which
+    # checks headers and stops a run on a PNG cut short before any rank trains) lets it through
+    bad.write_bytes(good[:33] + _png_chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 64) + _png_chunk(b"IEND", b""))
     try:
         start = time.monotonic()
         proc = _torchrun("train", str(recipe_path), "--set", "name=bad", cwd=root)
