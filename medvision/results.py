@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""A trained model on its splits, to the files a person reads: metrics.json, predictions.csv and the report.
+
+Shared by ``train`` (on validation and test, after fitting the decision on validation) and ``evaluate``
+(on any split, with the run's decision as it is): clinical metrics with CIs, the calibrated predictions,
+the Grad-CAM panel of the most confident errors, and for slide runs the slide-level head (ABMIL) and the
+comparison of tile aggregations.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""``medvision evaluate RUN [--data PATH]``: a finished run on its own test split, or on another dataset.
+
+The run's temperature and operating-point thresholds, chosen on its validation split, are applied as they
+are; nothing is refitted on the data being evaluated. Under ``torchrun`` the split is sharded over the ranks.
+"""
 
 from __future__ import annotations
 

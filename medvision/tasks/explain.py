@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""``medvision explain RUN``: Grad-CAM overlays of given images, or of a run's most confident errors.
+
+The Grad-CAM maths (target layer, weights, overlays, choosing the errors) is shared with the report's
+error panel and lives in :mod:`medvision.gradcam`; this task reads the images as the run was trained
+(DICOM windows included) and writes the PNGs, a panel and a CSV with item ids only, no patient identifiers.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""A run end to end: recipe -> run folder (train), and run folder -> fresh metrics (evaluate).
+"""``medvision train RECIPE``: a recipe to a run folder (see :mod:`medvision.runs` for what the folder holds).
 
-A run folder holds everything needed to reproduce or reuse it: ``recipe.yaml`` (resolved, absolute
-paths), ``run.json`` (classes, channels, normalisation, versions), ``model.safetensors`` (best
-weights), ``last.pt`` (resume state), ``metrics.json``, ``predictions.csv``, ``report.md`` and
-``train.log``.
+Set-up shared with ``pretrain`` (:mod:`medvision.training.setup`), the data audit, the model, then either the
+freeze phases (:func:`medvision.training.loop.fit`) or a head on frozen features (``linear_probe``, ``knn``),
+then calibration and operating points on validation and the results (:mod:`medvision.results`).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def train_one_epoch(
 
     ``inputs`` turns loader batches into model input on the device; ``generator`` drives its
     on-device augmentation. ``criterion`` gives per-sample losses: the classification loss of
-    ``cfg`` by default, the self-supervised objective in :mod:`medvision.pretrain`.
+    ``cfg`` by default, the self-supervised objective in :mod:`medvision.tasks.pretrain`.
 
     On several ranks (``d``, with ``model`` wrapped in DDP) each rank's loss is its share of the
     global batch's mean, ``sum(loss_i) * world / global_sizes[step]``, so DDP's averaged gradient is

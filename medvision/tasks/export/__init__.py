@@ -8,9 +8,9 @@ real images of the run's own test split, pushed through the run's own preprocess
 trained on DICOM on every file of a set of real DICOMs of every kind read as ``score`` reads them
 (:func:`~medvision.tasks.export.common.check_dicom_parity`); otherwise nothing is written.
 
-- :mod:`medvision.tasks.export.onnx`: ``model.onnx`` with the :class:`~medvision.models.deploy.ScoringSpec`
-  in its metadata, :class:`~medvision.tasks.export.onnx.OrtEngine` to run it, and
-  :func:`~medvision.tasks.export.onnx.load_onnx` to read it back.
+- :mod:`medvision.tasks.export.onnx`: ``model.onnx`` with the :class:`~medvision.runs.ScoringSpec`
+  in its metadata, :class:`~medvision.inference.OrtEngine` to run it, and
+  :func:`~medvision.inference.load_onnx` to read it back.
 - :mod:`medvision.tasks.export.monai_bundle`: a MONAI bundle (TorchScript model, ``inference.json`` whose
   MONAI transforms reproduce medvision's preprocessing) that ``python -m monai.bundle run`` executes.
 

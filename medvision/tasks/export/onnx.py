@@ -4,7 +4,7 @@ The graph is :class:`~medvision.models.deploy.CalibratedClassifier` in eval mode
 the raw NCHW batch as the loader produces it (uint8 0..255 when the run's batches travel as uint8,
 else float32 in [0, 1]), dynamic batch; output ``probabilities``, calibrated (N, K). Normalisation
 and the temperature are inside the graph, so nothing about the model lives outside the file:
-:func:`load_onnx` reads the :class:`~medvision.models.deploy.ScoringSpec` back from its metadata.
+:func:`load_onnx` reads the :class:`~medvision.runs.ScoringSpec` back from its metadata.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript), the default
 since torch 2.9. The TorchScript-based exporter still runs in torch 2.14 but is deprecated (it
