@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="which split to score (default: test, or all with --data)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="how the data is read, e.g. data.on_error=skip (repeatable); the rest of the recipe is "
+                        "the run's own")  # fmt: skip
     _nproc_option(p)
 
     p = sub.add_parser(
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"pretrained backbone: {out / 'model.safetensors'}  (fine-tune with --set model.init_from={out})")
         elif args.command == "evaluate":
-            out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out)
+            out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out, args.overrides)
             print(f"AUC {metrics['auc']:.4f}  accuracy {metrics['acc']:.4f}  n={metrics['n']}")
             print(f"metrics: {out / 'metrics.json'}")
             print(f"report: {out / 'report.html'}")

@@ -109,8 +109,8 @@ def test_train_stops_on_a_corrupt_dicom_naming_it(corrupt_dicom: Path, tmp_path:
     assert set(audit) == _all_files(corrupt_dicom) and audit["ct/truncated.dcm"]["outcome"] == "error"
 
 
-def test_skip_trains_and_accounts_for_every_file(corrupt_dicom: Path, tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_skip_trains_and_accounts_for_every_file(corrupt_dicom: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     tree = tiny_recipe(corrupt_dicom, tmp_path, phases=ONE_EPOCH)
     tree["data"].update(source="dicom", path=str(corrupt_dicom), on_error="skip", dicom={"windows": ["percentile"]})
     tree["augment"] = {"preset": "radiology"}
@@ -130,6 +130,15 @@ def test_skip_trains_and_accounts_for_every_file(corrupt_dicom: Path, tmp_path: 
     warnings = report.split("## Warnings", 1)[1]
     assert "3 unreadable image file(s) were left out of the data (data.on_error: skip)" in warnings
     assert "data_audit.csv" in warnings
+
+    # evaluate reads the data as the run did (skip), and --set data.KEY=VALUE changes only how it is read
+    assert main(["evaluate", str(run_dir), "--out", str(tmp_path / "eval")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--set", "data.on_error=stop"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 of 18 files are unreadable images" in err[0] and "ct/truncated.dcm" in err[0]
+    assert main(["evaluate", str(run_dir), "--set", "model.name=resnet50"]) == 2
+    assert "evaluate takes data.KEY=VALUE only" in capsys.readouterr().err
 
 
 def _png(path: Path, value: int) -> None:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from medvision.data.sources import load_table
 from medvision.data.table import SampleTable
 from medvision.evaluation import Decision
 from medvision.inference import load_run, split_outputs
-from medvision.recipe import Recipe
+from medvision.recipe import Recipe, RecipeError
 from medvision.results import slide_comparison, slide_head, write_results
 from medvision.runs import RunError, cache_dir
 from medvision.runtime import (
@@ -32,9 +33,13 @@ log = logging.getLogger("medvision")
 
 
 def open_split(
-    run_dir: Path, data: str | None, source: str | None, split: str | None
+    run_dir: Path, data: str | None, source: str | None, split: str | None, data_overrides: list[str] | None = None
 ) -> tuple[torch.device, Recipe, dict[str, Any], ModelBundle, SampleTable, str]:
-    """A finished run and the table it is to be applied to: its own, or ``data`` with the same classes."""
+    """A finished run and the table it is to be applied to: its own, or ``data`` with the same classes.
+
+    ``data_overrides`` (``--set data.KEY=VALUE``) change how the data is read (``data.on_error=skip``,
+    ``data.num_workers=0``); nothing else of the run's recipe can change, since its weights depend on it.
+    """
     _, device = setup("auto")  # under torchrun: this rank's device, and the process group
     recipe, meta, bundle = load_run(run_dir, device)
     changes: dict[str, Any] = {"train.amp": resolve_amp(recipe.train.amp, device), "data.classes": meta["classes"]}
@@ -45,7 +50,15 @@ def open_split(
         if recipe.data.source == "slides":  # a slide run evaluates slide manifests
             guessed = "slides"
         changes.update({"data.path": str(path), "data.source": source or guessed, "data.limit": None})
-    recipe = recipe.changed(changes, origin=f"{run_dir / 'recipe.yaml'} applied to --data {data}")
+    for assignment in data_overrides or []:
+        key, sep, value = assignment.partition("=")
+        if not key.strip().startswith("data.") or not sep:
+            raise RecipeError(
+                f"--set {assignment!r}: evaluate takes data.KEY=VALUE only (how the data is read), e.g. --set "
+                "data.on_error=skip; the rest of the run's recipe is fixed by its weights"
+            )
+        changes[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    recipe = recipe.changed(changes, origin=f"{run_dir / 'recipe.yaml'} with --data {data} and --set {data_overrides}")
     split = split or ("test" if data is None else "all")
     table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     if split != "all" and len(table.indices(split)) == 0:
@@ -55,14 +68,14 @@ def open_split(
 
 def evaluate_run(
     run_dir: Path, data: str | None = None, source: str | None = None, split: str | None = None,
-    out: Path | None = None,
+    out: Path | None = None, data_overrides: list[str] | None = None,
 ) -> tuple[Path, dict[str, float]]:  # fmt: skip
     """Re-scores a run on its own test split, or on another dataset (``data``) with the same classes.
 
     The run's temperature and operating-point thresholds (chosen on its validation split) are
     applied as they are; nothing is refitted on the data being evaluated.
     """
-    device, recipe, meta, bundle, table, split = open_split(run_dir, data, source, split)
+    device, recipe, meta, bundle, table, split = open_split(run_dir, data, source, split, data_overrides)
     d = current()
     workers = resolve_workers(recipe.data.num_workers, device)
     out = out or run_dir / "eval" / (f"{Path(table.origin).stem}-{split}" if data else split)
