@@ -19,7 +19,6 @@ test images for both). Finished runs are reused, so an interrupted benchmark res
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from medvision.data.sources import load_table
 from medvision.data.table import subset_indices
 from medvision.metrics import bootstrap_cis, compute_auc
 from medvision.recipe import Recipe
-from medvision.runs import cache_dir
+from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.train import train
 
@@ -109,9 +108,9 @@ def init_label(init: str) -> str:
     path = Path(init)
     run = path if path.is_dir() else path.parent
     try:
-        meta = json.loads((run / "run.json").read_text())
+        meta = read_json(run / "run.json", "run.json")
         recipe = (run / "recipe.yaml").read_text()
-    except (OSError, ValueError):
+    except (OSError, RunError):  # not a run folder: its name will do
         return run.name
     if meta.get("kind") == "pretrain":
         started = "random" if "pretrained: false" in recipe else "imagenet"
@@ -144,9 +143,9 @@ def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: in
 
 
 def _read(run_dir: Path, row: LabelRun) -> LabelRun:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics_json(run_dir)
     test = metrics["image"]["test"]
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = read_run_json(run_dir)
     row.labels = int(meta["split_sizes"]["train"])
     row.auc, row.acc = float(test["auc"]), float(test["acc"])
     row.auc_lo, row.auc_hi = (test.get("auc_ci") or [math.nan, math.nan])[:2]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import gc
-import json
 import logging
 import os
 import platform
@@ -53,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medvision.errors import MedvisionError
 from medvision.models.backbone import create_backbone
 from medvision.recipe import ModelConfig, Recipe
+from medvision.runs import read_metrics_json, read_run_json
 from medvision.runtime import autocast, resolve_amp
 from medvision.tasks.benchmark import report
 from medvision.tasks.benchmark.report import ModeResult, RecipeRow, Report, SpeedRow, Spread, summarize
@@ -398,7 +398,7 @@ def _num(value: Any) -> float:
 
 def _read_run(row: RecipeRow, run_dir: Path, last_phase: str) -> None:
     """Test AUC/ACC with their CIs, training img/s and wall time, from the run's ``metrics.json``."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics_json(run_dir)
     test = metrics.get("image", {}).get("test", {})
     row.test_auc, row.test_acc = _num(metrics["test"]["auc"]), _num(metrics["test"]["acc"])
     lo, hi = test.get("auc_ci") or (None, None)  # no CIs when evaluation.bootstrap is 0
@@ -453,7 +453,7 @@ def recipe_benchmark(
             run_dir = train(r, overwrite=overwrite)
             row.run_dir = str(run_dir)
             _read_run(row, run_dir, r.train.phases[-1].name if r.train.phases else "")
-            meta = json.loads((run_dir / "run.json").read_text())
+            meta = read_run_json(run_dir)
             cfg = replace(base, in_chans=meta["in_chans"], num_classes=len(meta["classes"]))
             speed = benchmark_backbone(name, cfg, modes=("infer",))
             row.params, row.gflops = speed.params, speed.gflops
