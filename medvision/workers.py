@@ -23,7 +23,7 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -82,7 +82,7 @@ def isolated_map(
     initargs: tuple[Any, ...] = (),
     preload: Sequence[str] = (),
     stats: PoolStats | None = None,
-) -> Iterator[tuple[T, R | Failure]]:
+) -> Generator[tuple[T, R | Failure], None, None]:
     """Yields ``(item, fn's result for it)`` in input order, or ``(item, Failure)`` for an item that kills its worker.
 
     ``fn`` takes a list of items and returns one result per item; it runs in ``workers`` processes

@@ -71,7 +71,7 @@ def _all_files(root: Path) -> set[str]:
 
 def test_dicom_audit_gives_each_file_one_outcome(corrupt_dicom: Path, tmp_path: Path) -> None:
     cfg = DicomConfig()
-    table = load_dicom_folder(corrupt_dicom, cfg, None, tmp_path / "cache", on_error="skip")
+    table = load_dicom_folder(corrupt_dicom, cfg, None, tmp_path / "cache")
     audit = {r.path: r for r in table.audit}
     assert set(audit) == _all_files(corrupt_dicom)
     outcome = {path: r.outcome for path, r in audit.items()}
@@ -88,7 +88,7 @@ def test_dicom_audit_gives_each_file_one_outcome(corrupt_dicom: Path, tmp_path: 
     assert not any(pid in r.reason for pid in patients for r in table.audit)  # e.g. "CT-0" never in a reason
 
     # without the decode cache only the header is checked: the damaged RLE stream is found later, in training
-    plain = load_dicom_folder(corrupt_dicom, DicomConfig(cache=False), None, None, on_error="skip")
+    plain = load_dicom_folder(corrupt_dicom, DicomConfig(cache=False), None, None)
     by_path = {r.path: r.outcome for r in plain.audit}
     assert by_path["mr/damaged_rle.dcm"] == "used" and by_path["ct/truncated.dcm"] == "error"
 
@@ -174,7 +174,7 @@ def test_image_folder_with_a_corrupt_png(corrupt_pngs: Path, tmp_path: Path) -> 
     manifest = corrupt_pngs / "m.csv"
     manifest.write_text("path,label\nbenign/p0_benign.png,benign\nbenign/cut.png,benign\nbenign/gone.png,benign\n"
                         "malignant/p0_malignant.png,malignant\n")  # fmt: skip
-    table = load_csv(manifest, None, on_error="skip")
+    table = load_csv(manifest, None)
     reason = {r.path: (r.outcome, r.reason) for r in table.audit}
     assert reason["benign/cut.png"][0] == "error" and reason["benign/cut.png"][1].startswith("m.csv, line 3: damaged")
     assert reason["benign/gone.png"] == ("error", "m.csv, line 4: file not found") and len(table) == 2

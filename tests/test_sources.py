@@ -58,7 +58,7 @@ def test_csv_source_and_its_errors(tmp_path: Path) -> None:
     missing = [*rows, ["img/404.png", "normal", "P9"]]
     with pytest.raises(DataSourceError, match=r"1 of 5 files are unreadable images: img/404.png \(m3.csv, line 6: "
                                               r"file not found\).*--set data.on_error=skip"):  # fmt: skip
-        load_csv(_manifest(tmp_path / "m3.csv", missing), None)
+        load_table(DataConfig(source="csv", path=str(_manifest(tmp_path / "m3.csv", missing))), 0)
     with pytest.raises(DataSourceError, match="missing column"):
         load_csv(_manifest(tmp_path / "m4.csv", [["img/0.png"]], header="file"), None)
 

@@ -1,7 +1,8 @@
 """The data audit: every file a source meets is used, skipped (not an image) or an error (an unreadable image).
 
-Each source (:mod:`medvision.data.sources`) records one :class:`~medvision.data.table.AuditRow` per file
-and then calls :func:`settle`, which logs the counts and applies ``data.on_error``: ``stop`` raises a
+Each source (:mod:`medvision.data.sources`) records one :class:`~medvision.data.table.AuditRow` per file,
+leaving unreadable images out of its samples; :func:`~medvision.data.sources.load_table` then calls
+:func:`settle`, once for every source, which logs the counts and applies ``data.on_error``: ``stop`` raises a
 :class:`~medvision.data.table.DataSourceError` that names the first unreadable files, ``skip`` leaves them
 out with a warning. :func:`write_audit` writes the rows as ``data_audit.csv`` into the run folder.
 
@@ -10,7 +11,9 @@ What is checked while the table is built, before any training step:
 - ``dicom``: every header is parsed; a DICOM-looking file (DICM magic or a DICOM suffix) that does not
   parse, and uncompressed Pixel Data that the header shows to be cut short, are errors. With the decode
   cache on (``data.dicom.cache``, the default) every image is decoded once, filling the cache that the
-  first epoch would fill anyway, so damaged compressed pixel data is found too. With the cache off only
+  first epoch would fill anyway, so damaged compressed pixel data is found too; the decoding runs in
+  crash-isolated workers, so a decoder that panics, segfaults or hangs costs its file an audit error, not
+  the run. With the cache off only
   the header checks run (and the first image is decoded): damage inside a compressed stream then shows
   when that image is read in training, which stops the run with its name.
 - ``folder`` and ``csv``: each image file's header is checked without decoding (PNG chunk checksums, the

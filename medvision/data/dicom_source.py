@@ -13,23 +13,26 @@ JPEG 2000 again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from tqdm import tqdm
 
-from medvision.data.audit import OnError, clean_reason, counts, settle
+from medvision.data.audit import clean_reason, counts
 from medvision.data.table import AuditRow, DataSourceError, SampleTable, class_index
 from medvision.io.archive import Entry, scan
 from medvision.io.dicom import DicomSpec, FramePolicy, parse_window, read_dicom, select_frames
 from medvision.io.triage import IDENTIFYING_TAGS, open_dicom, pixel_data_problem, read_head, redact
 from medvision.recipe import DicomConfig
+from medvision.workers import Failure, isolated_map
 
 log = logging.getLogger("medvision")
 
@@ -104,8 +107,7 @@ def _read_labels(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, 
     return by_path, by_uid, splits
 
 
-def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, cache_dir: Path | None,
-                      on_error: OnError = "stop") -> SampleTable:  # fmt: skip
+def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, cache_dir: Path | None) -> SampleTable:
     """Builds the sample table of a DICOM folder, with its audit (see the module docstring).
 
     Every header is parsed. With the decode cache on (``cfg.cache`` and a ``cache_dir``) every image is
@@ -113,7 +115,7 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
     crash in epoch 1; with it off, only what the header shows is checked (:func:`pixel_data_problem`).
 
     Raises:
-        DataSourceError: no labelled image, a bad labels CSV, or (``on_error`` ``stop``) unreadable images.
+        DataSourceError: no labelled image, or a bad labels CSV (unreadable images are audit errors).
     """
     if not root.is_dir():
         raise DataSourceError(f"{root}: DICOM folder does not exist")
@@ -170,7 +172,6 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
             groups.append(f.group)
             ids.append(f.rel if f.n_frames == 1 or cfg.frames != "all" else f"{f.rel}#{frame}")
             splits.append(f.split)
-    settle(audit, on_error, str(root))
     if not paths:
         n = counts(audit)
         raise DataSourceError(f"{root}: no labelled DICOM images found ({n['skipped']} skipped: non-image or "
@@ -214,27 +215,56 @@ def _identifiers(ds: pydicom.Dataset) -> dict[str, str]:
     return {tag: str(ds.get(tag, "") or "") for tag in IDENTIFYING_TAGS}
 
 
-def _decodable(found: list[_Found], spec: DicomSpec, cache: Path | None, audit: list[AuditRow]) -> list[_Found]:
-    """The files whose samples decode; the others become audit errors.
+#: Seconds one file may take to decode all its frames in the audit's worker; then it is an audit error.
+DECODE_TIMEOUT = 300.0
 
-    With a cache, every sample is decoded into it (what epoch 1 would do). Without one, files are
-    decoded only until the first one succeeds: the table needs one image to tell grey from colour.
-    """
-    kept: list[_Found] = []
-    for f in tqdm(found, desc="decode", unit="file", leave=False, disable=None if cache is not None else True):
-        if cache is None and kept:
-            kept.append(f)
-            continue
-        loader = DicomLoader([f.path] * len(f.frames), f.frames, spec, cache)
+_DECODER: dict[str, Any] = {}
+
+
+def _init_decoder(spec: DicomSpec, cache: Path | None) -> None:
+    _DECODER.update(spec=spec, cache=cache)
+
+
+def _decode_chunk(items: list[tuple[str, list[int]]]) -> list[str]:
+    """Decodes each file's frames (into the cache when there is one); ``""`` or the reason it failed."""
+    out = []
+    for path, frames in items:
+        loader = DicomLoader([path] * len(frames), frames, _DECODER["spec"], _DECODER["cache"])
         try:
-            for i in range(len(f.frames)):
+            for i in range(len(frames)):
                 loader(i)
+            out.append("")
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # a damaged stream; a Rust decoder's panic is a BaseException (pyo3)
-            what = f"{type(err).__name__}: {err}" if isinstance(err, Exception) else f"decoder failed: {err!r}"
-            text = redact(what, Path(f.path), f.rel, f.identifiers)
-            audit.append(AuditRow(f.rel, "error", clean_reason(text, Path(f.path), f.rel)))
-            continue
-        kept.append(f)
+            out.append(f"{type(err).__name__}: {err}" if isinstance(err, Exception) else f"decoder failed: {err!r}")
+    return out
+
+
+def _decodable(found: list[_Found], spec: DicomSpec, cache: Path | None, audit: list[AuditRow]) -> list[_Found]:
+    """The files whose samples decode; the others become audit errors.
+
+    Decoding runs in crash-isolated worker processes (:func:`medvision.workers.isolated_map`), so a decoder
+    that raises, panics, segfaults or hangs on one file makes that file an audit error naming it, never a
+    dead run. With a cache, every sample is decoded into it (what epoch 1 would do). Without one, files are
+    decoded only until the first one succeeds: the table needs one image to tell grey from colour.
+    """
+    if not found:
+        return []
+    workers = min(2, os.cpu_count() or 1)
+    results = isolated_map(_decode_chunk, [(f.path, f.frames) for f in found], workers=workers,
+                           timeout=DECODE_TIMEOUT, chunk=4 if cache is not None else 1, initializer=_init_decoder,
+                           initargs=(spec, cache), preload=("medvision.data.dicom_source",))  # fmt: skip
+    kept: list[_Found] = []
+    with contextlib.closing(results):
+        for k, (f, (_, result)) in enumerate(zip(found, tqdm(results, total=len(found), desc="decode", unit="file",
+                                                             leave=False, disable=None), strict=False)):  # fmt: skip
+            why = result.reason if isinstance(result, Failure) else result
+            if why:
+                text = redact(why, Path(f.path), f.rel, f.identifiers)
+                audit.append(AuditRow(f.rel, "error", clean_reason(text, Path(f.path), f.rel)))
+            else:
+                kept.append(f)
+            if cache is None and kept:  # one image decodes: the rest are checked by their headers only
+                return kept + found[k + 1 :]
     return kept

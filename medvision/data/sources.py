@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.audit import OnError, check_image, counts, settle, write_audit
+from medvision.data.audit import check_image, counts, settle, write_audit
 from medvision.data.dicom_source import load_dicom_folder
 from medvision.data.table import (
     SPLITS,
@@ -102,10 +102,7 @@ UNLABELLED = "unlabelled"
 """The one class of a source read without labels (``medvision pretrain`` on a flat folder or a path-only CSV)."""
 
 
-def load_folder(
-    root: Path, classes: list[str] | None, patient_regex: str | None, labelled: bool = True,
-    on_error: OnError = "stop",
-) -> SampleTable:  # fmt: skip
+def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None, labelled: bool = True) -> SampleTable:
     """``root/<class>/**/<image>``; the patient is the first group of ``patient_regex`` in the file name.
 
     With ``labelled=False`` a folder without class subfolders is read as one ``unlabelled`` class.
@@ -154,7 +151,6 @@ def load_folder(
             group = match.group(1)
         by_class[0 if flat else classes.index(parts[0])].append((str(p), group))
         audit.append(AuditRow(rel, "used", "", 1))
-    settle(audit, on_error, str(root))
     paths = [path for members in by_class for path, _ in members]
     groups = [group for members in by_class for _, group in members]
     labels = [label for label, members in enumerate(by_class) for _ in members]
@@ -174,7 +170,7 @@ def load_folder(
     )
 
 
-def load_csv(path: Path, classes: list[str] | None, labelled: bool = True, on_error: OnError = "stop") -> SampleTable:
+def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> SampleTable:
     """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it.
 
     With ``labelled=False`` the ``label`` column may be absent: every row is then ``unlabelled``. A row
@@ -213,7 +209,6 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True, on_er
     if any(all_splits) and not all(all_splits):
         blank = all_splits.index("") + 2
         raise DataSourceError(f"{path}, line {blank}: 'split' is empty while other rows have one; fill all or none")
-    settle(audit, on_error, str(path))
     if not paths:
         raise DataSourceError(f"{path}: no readable image in the manifest", audit=audit)
     return SampleTable(
@@ -272,15 +267,14 @@ def preload(table: SampleTable, max_fraction: float = 0.5) -> SampleTable:
 Source = Callable[[Path, DataConfig, Path | None, bool], SampleTable]
 """(path, the recipe's data section, the decode cache folder, labelled) -> the source's sample table."""
 
-#: ``data.source`` -> the function that reads it. Each names the file at fault in its DataSourceError, and
-#: records every file it met in the table's audit, applying ``data.on_error`` to the unreadable ones.
+#: ``data.source`` -> the function that reads it. Each names the file at fault in its DataSourceError and
+#: records every file it met in the table's audit (unreadable images left out of the samples, as errors);
+#: :func:`load_table` then applies ``data.on_error`` to them, once for every source.
 SOURCES: dict[str, Source] = {
     "npz": lambda path, cfg, cache, labelled: load_npz(path, cfg.classes),
-    "folder": lambda path, cfg, cache, labelled: load_folder(
-        path, cfg.classes, cfg.patient_regex, labelled, cfg.on_error
-    ),
-    "csv": lambda path, cfg, cache, labelled: load_csv(path, cfg.classes, labelled, cfg.on_error),
-    "dicom": lambda path, cfg, cache, labelled: load_dicom_folder(path, cfg.dicom, cfg.classes, cache, cfg.on_error),
+    "folder": lambda path, cfg, cache, labelled: load_folder(path, cfg.classes, cfg.patient_regex, labelled),
+    "csv": lambda path, cfg, cache, labelled: load_csv(path, cfg.classes, labelled),
+    "dicom": lambda path, cfg, cache, labelled: load_dicom_folder(path, cfg.dicom, cfg.classes, cache),
     "slides": lambda path, cfg, cache, labelled: load_slide_table(path, cfg, cache),
 }
 
@@ -298,7 +292,13 @@ def load_table(cfg: DataConfig, seed: int, cache_dir: Path | None = None, labell
         >>> table = load_table(recipe.data, recipe.seed, cache_dir(recipe), audit_dir=run_dir)
     """
     try:
-        table = SOURCES[cfg.source](Path(cfg.path), cfg, cache_dir, labelled)
+        try:
+            table = SOURCES[cfg.source](Path(cfg.path), cfg, cache_dir, labelled)
+        except DataSourceError as err:  # e.g. nothing usable: unreadable images, if any, are said first
+            if err.audit:
+                settle(err.audit, cfg.on_error, cfg.path)
+            raise
+        settle(table.audit, cfg.on_error, table.origin)
     except DataSourceError as err:
         if audit_dir is None or not err.audit:
             raise

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.audit import settle
 from medvision.data.table import SPLITS, AuditRow, DataSourceError, SampleTable, class_index, read_manifest
 from medvision.io.files import atomic_write
 from medvision.recipe import DataConfig, SlidesConfig
@@ -103,8 +102,8 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     error that names the manifest line (``data.on_error`` decides whether the run stops or goes on without it).
 
     Raises:
-        DataSourceError: a row with an unknown label or split, a slide listed twice, or (``data.on_error``
-            ``stop``) a slide that cannot be used; the message says which, on which line.
+        DataSourceError: a row with an unknown label or split, or a slide listed twice; the message says
+            which, on which line (a slide that cannot be used is an audit error, see :func:`load_table`).
     """
     rows = read_manifest(path, ("slide_path", "label"))
     classes = cfg.classes if cfg.classes is not None else sorted({(r["label"] or "").strip() for r in rows})
@@ -164,7 +163,6 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
         audit.append(AuditRow(rel, "used", "", n))
     if any(all_splits) and not all(all_splits):
         raise DataSourceError(f"{path}: 'split' is empty on some rows and set on others; fill all or none")
-    settle(audit, cfg.on_error, str(path))
     if not refs:
         raise DataSourceError(f"{path}: no slide with tissue tiles could be read", audit=audit)
     tile_cache = (cache_dir / "tiles") if (sc.tile_cache and cache_dir is not None) else None
