@@ -12,7 +12,7 @@ trained on DICOM on every file of a set of real DICOMs of every kind read as ``s
   in its metadata, :class:`~medvision.inference.OrtEngine` to run it, and
   :func:`~medvision.inference.load_onnx` to read it back.
 - :mod:`medvision.tasks.export.monai_bundle`: a MONAI bundle (TorchScript model, ``inference.json`` whose
-  MONAI transforms reproduce medvision's preprocessing) that ``python -m monai.bundle run`` executes.
+  reader is medvision's own, :mod:`medvision.data.bundle_intake`) that ``python -m monai.bundle run`` executes.
 
 This module imports neither onnx nor MONAI (both are the optional ``export`` extra), so the CLI can
 import it on any install.

@@ -1,10 +1,10 @@
-"""``medvision export RUN --format monai-bundle``: a MONAI bundle that MONAI runs on a folder of images.
+"""``medvision export RUN --format monai-bundle``: a MONAI bundle that MONAI runs on a folder of files.
 
 Layout (the MONAI Bundle specification)::
 
     monai_bundle/
-      configs/metadata.json    bundle metadata: versions, network_data_format, classes, operating points
-      configs/inference.json   MONAI transforms + SupervisedEvaluator + ClassificationSaver
+      configs/metadata.json    bundle metadata: versions, network_data_format, classes, operating points, the spec
+      configs/inference.json   medvision's reader + SupervisedEvaluator + ClassificationSaver
       configs/logging.conf     console logging, as MONAI's model-zoo bundles have
       models/model.ts          TorchScript of CalibratedClassifier (metadata and inference.json inside too)
       models/model.pt          its state dict (needs timm + medvision to instantiate; model.ts needs neither)
@@ -13,26 +13,17 @@ Layout (the MONAI Bundle specification)::
       medvision_export.json    the export record
 
 ``python -m monai.bundle run --config_file configs/inference.json --dataset_dir DIR`` (run in the
-bundle folder) scores every PNG/JPEG/TIFF/BMP under DIR and writes ``eval/predictions.csv``: one
-row per file, the path then the calibrated probability of each class in metadata order.
+bundle folder) scores every file under DIR and writes ``eval/predictions.csv``: one row per file, the
+path then the calibrated probability of each class in metadata order (NaN for a file that cannot be read).
 
-The preprocessing is MONAI's transforms, chosen to reproduce :func:`medvision.data.dataset.prepare`:
-PILReader at native depth in (H, W) order, channel first, [0, 1] by the training images' bit depth
-(or per-image min-max / percentiles, as the recipe's ``data.intensity`` says), medvision's channel
-rule (grey replicated, alpha dropped, RGB to grey by ITU-R 601 luma; a one-line ``Lambdad``, as
-MONAI has no such transform), bilinear ``Resized`` (half-pixel centres, no antialiasing, as OpenCV's
-INTER_LINEAR), and rounding to 8-bit levels when the run's batches travel as uint8. The model gets
-float32 in [0, 1] either way (MONAI's tools, e.g. ``verify_net_in_out``, make float test inputs only);
-the TorchScript module divides uint8 batches by 255 and passes float ones through. Export checks it on
-the run's own images: every pixel within one 8-bit level of medvision's (exact ties of the two
-resize implementations' rounding can fall either way), float runs within 1e-5.
-
-Runs trained on DICOM are refused: MONAI's DICOM reader does not apply medvision's VOI windows
-and MONOCHROME1 handling, so a bundle would score other pixels than the run was trained on. Use
-``--format onnx`` and ``medvision score --engine onnxruntime`` for them. The DICOM parity set of
-:func:`~medvision.tasks.export.common.check_dicom_parity` therefore never runs for a bundle: its
-record says so (``dicom_parity``: not checked, with the reason) rather than claiming a pass. Runs
-on 16-bit colour images are refused too: PIL (MONAI's PNG reader here) reduces 48-bit RGB to 8 bits.
+The preprocessing is medvision's own: ``inference.json`` names :mod:`medvision.data.bundle_intake`,
+whose transform reads each file with :func:`medvision.data.intake.read_file` and the run's
+:class:`~medvision.runs.ScoringSpec` (kept in ``metadata.json``), as ``medvision score`` and the ONNX
+path do. So images and DICOM runs both export (DICOM windows, MONOCHROME1, frames and all), and the
+bundle needs medvision installed where it runs (``required_packages_version`` says so). Export checks
+the bundle end to end: the run's own test files through the bundle's parsed ``preprocessing`` and its
+TorchScript network against ``read_file`` and the PyTorch model, and for DICOM runs every file of the
+real DICOM parity set (:func:`~medvision.tasks.export.common.check_dicom_parity`), each within 1e-4.
 """
 
 from __future__ import annotations
@@ -47,15 +38,16 @@ import cv2
 import ignite
 import monai
 import numpy as np
-import PIL
 import torch
 from monai.bundle import ConfigParser
 from monai.data import save_net_with_metadata
 
+import medvision
+from medvision.data.bundle_intake import network_input
+from medvision.data.dicom_source import DicomLoader
+from medvision.data.intake import ReadConfig, read_file
 from medvision.data.table import FileLoader
 from medvision.io.files import sha256
-from medvision.io.image import IMAGE_SUFFIXES
-from medvision.runs import ScoringSpec
 from medvision.tasks.export.common import (
     PARITY_ATOL,
     DicomParity,
@@ -90,36 +82,33 @@ def export_monai_bundle(
     """Writes the run as a MONAI bundle folder (default ``RUN/export/monai_bundle``), checked, or raises.
 
     Kept only if the TorchScript model gives the PyTorch model's probabilities within ``atol`` on
-    ``parity_images`` of the run's test images, and the bundle's MONAI preprocessing reproduces
-    medvision's on the same image files (see the module docstring); otherwise :class:`ExportError`
-    is raised and an earlier bundle at ``out`` stays as it was.
+    ``parity_images`` of the run's test images, the whole bundle (its parsed preprocessing, then its
+    network) gives ``medvision score``'s probabilities within ``atol`` on the same files, and, for a
+    DICOM run, on every file of the DICOM parity set; otherwise :class:`ExportError` is raised and an
+    earlier bundle at ``out`` stays as it was.
 
     Examples:
         >>> result = export_monai_bundle(Path("runs/demo"))
         >>> # cd runs/demo/export/monai_bundle && python -m monai.bundle run --config_file configs/inference.json \\
-        >>> #     --dataset_dir /data/tiles --output_dir /tmp/scores
+        >>> #     --dataset_dir /data/incoming --output_dir /tmp/scores
     """
     source = open_run(run_dir)
     spec = source.spec
-    if spec.inputs == "dicom":
-        windows = ", ".join(map(str, spec.dicom.get("windows") or ["file"]))
+    if spec.inputs == "dicom" and spec.dicom.get("frames") == "all":
         raise ExportError(
-            f"{source.run_dir} was trained on DICOM (windows: {windows}); a MONAI bundle would read the files "
-            "with MONAI's DICOM reader, which applies neither these windows nor medvision's MONOCHROME1 and frame "
-            "handling, and so would score other pixels. --format monai-bundle exports runs trained on "
-            "PNG/JPEG/TIFF/BMP images only; export this run with --format onnx and score with "
-            "`medvision score --engine onnxruntime`"
+            f"{source.run_dir} scores every frame of a file as its own row (data.dicom.frames: all); a MONAI bundle "
+            "gives one row per file. Export it with --format onnx and score with `medvision score --engine onnxruntime`"
         )
     out = Path(out) if out is not None else source.run_dir / "export" / "monai_bundle"
     images = load_parity_images(source, parity_images)
-    max_value = _bit_depth_max(source, images)
-    inference = inference_config(spec, max_value)
-    metadata = bundle_metadata(source, max_value)
+    inference = inference_config()
+    metadata = bundle_metadata(source)
     checks = []
     with staging_dir(out) as stage:
         for sub in ("configs", "models", "docs"):
             (stage / sub).mkdir()
         (stage / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n")
+        (stage / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")  # the reader's spec
         scripted, how = _torchscript(source)
         ts_path = stage / "models" / "model.ts"
         extra = {"inference.json": json.dumps(inference).encode()}
@@ -127,20 +116,18 @@ def export_monai_bundle(
             save_net_with_metadata(scripted, str(ts_path), meta_values=metadata, more_extra_files=extra)
             loaded = torch.jit.load(str(ts_path), map_location="cpu").eval()
         torch.save(source.model.state_dict(), stage / "models" / "model.pt")
-        diff = pixels = bundle_diff = None
+        diff = bundle_diff = None
         if images is not None:
             reference = torch_probabilities(source.model, images.batch)
-            exported = torch_probabilities(loaded, bundle_input(images.batch))  # what the bundle feeds it
+            exported = torch_probabilities(loaded, network_input(images.batch))  # float32, as the bundle feeds it
             diff = check_parity("torchscript", exported, reference, atol, images)
-            monai_batch = _monai_preprocess(stage, images)
-            pixels = _check_pixels(spec, monai_batch, images)
-            bundle_diff = float(np.abs(torch_probabilities(loaded, monai_batch) - reference).max())
-        # the bundle's network on medvision-read DICOM frames; skipped with its reason, as DICOM runs are refused
-        dicom = check_dicom_parity("torchscript", lambda batch: torch_probabilities(loaded, bundle_input(
+            bundle_diff = _check_bundle(stage, loaded, source, images, atol)
+        # the bundle's network on the DICOM parity set read by read_file, which is the bundle's own reader
+        dicom = check_dicom_parity("torchscript", lambda batch: torch_probabilities(loaded, network_input(
             torch.from_numpy(batch))), source, atol)  # fmt: skip
-        metadata["medvision_checks"] = _checks_record(diff, pixels, bundle_diff, images, atol, dicom)
+        metadata["medvision_checks"] = _checks_record(diff, bundle_diff, images, atol, dicom)
         (stage / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
-        (stage / "docs" / "README.md").write_text(readme(source, max_value, metadata["medvision_checks"]))
+        (stage / "docs" / "README.md").write_text(readme(source, metadata["medvision_checks"]))
         (stage / "configs" / "logging.conf").write_text(_LOGGING)
         (stage / "LICENSE").write_text(_LICENSE.format(name=spec.name))
         record = _record(source, stage, how, metadata["medvision_checks"])
@@ -148,99 +135,36 @@ def export_monai_bundle(
         replace_dir(stage, out)
     checks.append(f"models/model.ts: TorchScript ({how}) of the calibrated model")
     checks.append(parity_line("torchscript", diff, images, atol))
-    if images is not None and pixels is not None and bundle_diff is not None:
-        unit = f"{pixels:.0f} 8-bit level(s)" if spec.transfer == "uint8" else f"{pixels:.2e} (in [0, 1])"
-        checks.append(f"MONAI preprocessing vs medvision's on the same {len(images)} files: max pixel difference "
-                      f"{unit}; max |p_bundle - p_medvision| = {bundle_diff:.2e}")  # fmt: skip
+    if images is not None and bundle_diff is not None:
+        checks.append(f"the bundle run by MONAI (medvision's reader, TorchScript network) vs `medvision score` on "
+                      f"{len(images)} {images.split} files: max |dp| = {bundle_diff:.2e}")  # fmt: skip
+    if dicom.diffs:
+        checks.append(f"DICOM parity: {len(dicom.diffs)} real DICOM files, max |dp| = {dicom.max_abs_diff:.2e} "
+                      f"(worst {dicom.worst})")  # fmt: skip
     checks.append(f"run it: cd {out} && {RUN_COMMAND}")
     log.info("exported %s", out)
     return ExportResult("monai-bundle", out, out / "medvision_export.json", diff, len(images) if images else 0,
                         images.split if images else None, checks)  # fmt: skip
 
 
-def _bit_depth_max(source: ExportSource, images: ParityImages | None) -> int:
-    """The largest value of the training images' integer type (255 or 65535), from one of the run's images."""
-    if images is None:
-        if source.spec.transfer == "uint8":
-            return 255
-        raise ExportError(
-            "without parity images the bit depth of the run's images is unknown (its batches are float); "
-            "give --parity-images 1 or more"
-        )
-    ds = images.dataset
-    raw = ds.table.loader(int(ds.indices[0]))
-    colour = raw.ndim == 3 and raw.shape[2] >= 3
-    if raw.dtype == np.uint16 and colour:
-        raise ExportError(
-            f"{source.run_dir} was trained on 16-bit colour images; MONAI reads PNG with PIL, which reduces them to "
-            "8 bits, so a bundle would not see the pixels the run saw. Export it with --format onnx"
-        )
-    if raw.dtype in (np.uint8, np.uint16):
-        return int(np.iinfo(raw.dtype).max)
-    if source.spec.intensity != "dtype":
-        return 0  # per-image scaling does not depend on the depth
-    raise ExportError(
-        f"{source.run_dir} was trained on {raw.dtype} images with data.intensity 'dtype'; a MONAI bundle supports "
-        "8- and 16-bit integer images there. Export it with --format onnx"
-    )
+def inference_config() -> dict[str, Any]:
+    """``configs/inference.json``: files under ``dataset_dir`` -> ``output_dir/predictions.csv``.
 
-
-def _channels_expression(channels: int) -> str:
-    """medvision's :func:`~medvision.io.image.to_channels` on a (C, H, W) tensor, as a MONAI config expression."""
-    if channels == 1:
-        return "$lambda x: x if x.shape[0] == 1 else x[0:1] * 0.299 + x[1:2] * 0.587 + x[2:3] * 0.114"
-    if channels == 3:
-        return "$lambda x: x if x.shape[0] == 3 else x[:3] if x.shape[0] > 3 else x.repeat(3, 1, 1)"
-    return f"$lambda x: x if x.shape[0] == {channels} else x.repeat({channels}, 1, 1)"
-
-
-def preprocessing_config(spec: ScoringSpec, max_value: int) -> list[dict[str, Any]]:
-    """The MONAI transforms (as bundle config) that turn an image file into the run's model input."""
-    key = "image"
-    scale: dict[str, Any]
-    if spec.intensity == "dtype":
-        scale = {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": 0.0, "a_max": float(max_value),
-                 "b_min": 0.0, "b_max": 1.0}  # fmt: skip
-    elif spec.intensity == "minmax":
-        scale = {"_target_": "ScaleIntensityd", "keys": key, "minv": 0.0, "maxv": 1.0}
-    else:
-        scale = {"_target_": "ScaleIntensityRangePercentilesd", "keys": key, "lower": 0.5, "upper": 99.5,
-                 "b_min": 0.0, "b_max": 1.0, "clip": True}  # fmt: skip
-    steps: list[dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": key, "reader": "PILReader", "reverse_indexing": False, "dtype": None,
-         "image_only": True},
-        {"_target_": "EnsureChannelFirstd", "keys": key},
-        scale,
-        {"_target_": "Lambdad", "keys": key, "func": _channels_expression(spec.in_chans)},
-        {"_target_": "Resized", "keys": key, "spatial_size": [spec.image_size, spec.image_size], "mode": "bilinear",
-         "align_corners": False, "anti_aliasing": False},
-    ]  # fmt: skip
-    if spec.transfer == "uint8":
-        steps += [
-            {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": 0.0, "a_max": 1.0, "b_min": 0.0,
-             "b_max": 255.0, "clip": True},
-            {"_target_": "Lambdad", "keys": key, "func": "$torch.round"},
-            {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
-             "b_max": 1.0},
-        ]  # fmt: skip
-    steps.append({"_target_": "EnsureTyped", "keys": key, "dtype": "$torch.float32"})
-    return steps
-
-
-def inference_config(spec: ScoringSpec, max_value: int) -> dict[str, Any]:
-    """``configs/inference.json``: files under ``dataset_dir`` -> ``output_dir/predictions.csv``."""
+    Reading and preprocessing are :mod:`medvision.data.bundle_intake`'s (medvision's own reader and the
+    run's spec from ``metadata.json``); MONAI runs the evaluator and writes the CSV.
+    """
+    intake = "medvision.data.bundle_intake"
     return {
-        "imports": ["$import glob", "$import os", "$import torch", "$import monai"],
+        "imports": ["$import torch", "$import monai", f"$import {intake} as bundle_intake"],
         "bundle_root": ".",
         "dataset_dir": "/workspace/data",
         "output_dir": "$@bundle_root + '/eval'",
         "output_filename": "predictions.csv",
+        "metadata_file": "$@bundle_root + '/configs/metadata.json'",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "suffixes": list(IMAGE_SUFFIXES),
-        "datalist": "$[{'image': f} for f in sorted(glob.glob(os.path.join(@dataset_dir, '**', '*'), recursive=True))"
-        " if f.lower().endswith(tuple(@suffixes))]",
+        "datalist": "$bundle_intake.datalist(@dataset_dir)",
         "network": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": preprocessing_config(spec, max_value)},
+        "preprocessing": {"_target_": f"{intake}.ReadForModel", "metadata_file": "@metadata_file"},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {
             "_target_": "DataLoader",
@@ -250,6 +174,7 @@ def inference_config(spec: ScoringSpec, max_value: int) -> dict[str, Any]:
             "num_workers": 0,
         },
         "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": f"{intake}.MarkUnread"},
         "handlers": [
             {
                 "_target_": "ClassificationSaver",
@@ -265,6 +190,7 @@ def inference_config(spec: ScoringSpec, max_value: int) -> dict[str, Any]:
             "val_data_loader": "@dataloader",
             "network": "@network",
             "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": False,
         },
@@ -272,13 +198,7 @@ def inference_config(spec: ScoringSpec, max_value: int) -> dict[str, Any]:
     }
 
 
-def _depth_words(spec: ScoringSpec, max_value: int) -> str:
-    if spec.intensity != "dtype":
-        return f"any depth, scaled per image ({spec.intensity})"
-    return {255: "8-bit", 65535: "16-bit"}.get(max_value, f"max value {max_value}")
-
-
-def bundle_metadata(source: ExportSource, max_value: int) -> dict[str, Any]:
+def bundle_metadata(source: ExportSource) -> dict[str, Any]:
     """``configs/metadata.json`` in the MONAI bundle schema, with medvision's decision and provenance added."""
     spec = source.spec
     summary = spec_summary(spec)
@@ -287,7 +207,7 @@ def bundle_metadata(source: ExportSource, max_value: int) -> dict[str, Any]:
     channel_def = {"0": "R", "1": "G", "2": "B"} if c == 3 else {str(i): f"channel {i}" for i in range(c)}
     if c == 1:
         channel_def = {"0": "grey"}
-    depth = _depth_words(spec, max_value)
+    kind = "DICOM" if spec.inputs == "dicom" else "PNG/JPEG/TIFF/BMP"
     return {
         "schema": SCHEMA,
         "version": "1.0.0",
@@ -295,18 +215,18 @@ def bundle_metadata(source: ExportSource, max_value: int) -> dict[str, Any]:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"pytorch-ignite": ignite.__version__, "pillow": PIL.__version__},
+        "required_packages_version": {"pytorch-ignite": ignite.__version__, "medvision": medvision.__version__},
         "name": spec.name,
         "task": f"Image classification into {k} classes: {', '.join(spec.classes)}",
         "description": (
-            f"{source.recipe.model.name} (timm) fine-tuned by medvision run {spec.name}. Reads {depth} "
-            f"PNG/JPEG/TIFF/BMP images, resizes them to {size} x {size} and returns calibrated probabilities "
-            f"(temperature {spec.temperature:.4g}, fitted on validation) for {spec.classes}."
+            f"{source.recipe.model.name} (timm) fine-tuned by medvision run {spec.name}. Reads {kind} files with "
+            f"medvision's reader as the run was trained, resizes them to {size} x {size} and returns calibrated "
+            f"probabilities (temperature {spec.temperature:.4g}, fitted on validation) for {spec.classes}."
         ),
         "authors": f"medvision run {spec.name}",
         "copyright": "See LICENSE",
         "data_source": f"{source.recipe.data.source}: {Path(source.recipe.data.path).name}",
-        "data_type": f"{depth} {'RGB' if c == 3 else 'greyscale' if c == 1 else f'{c}-channel'} images",
+        "data_type": f"{kind} files, read as {'RGB' if c == 3 else 'greyscale' if c == 1 else f'{c}-channel'} images",
         "image_classes": f"{c} channel data in [0, 1] (float32){', on 8-bit levels' if uint8 else ''}",
         "label_classes": ", ".join(f"{i}: {name}" for i, name in enumerate(spec.classes)),
         "pred_classes": f"{k} calibrated probabilities summing to 1, in label order",
@@ -345,7 +265,6 @@ def bundle_metadata(source: ExportSource, max_value: int) -> dict[str, Any]:
             "positive_class": summary["positive_class"],
             "operating_points": summary["operating_points"],
             "intensity": spec.intensity,
-            "bit_depth_max": max_value,
             "spec": json.loads(spec.to_json()),
         },
     }
@@ -366,69 +285,63 @@ def _torchscript(source: ExportSource) -> tuple[torch.jit.ScriptModule, str]:
         raise ExportError(f"TorchScript cannot hold {source.recipe.model.name}: {type(err).__name__}: {err}") from None
 
 
-def _monai_preprocess(bundle: Path, images: ParityImages) -> torch.Tensor:
-    """The parity images' files through the bundle's own ``preprocessing``, as MONAI's ConfigParser builds it.
-
-    The run's original files when its table reads files; otherwise (npz, preloaded) the decoded
-    arrays written losslessly as PNG.
-    """
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
+def _parity_files(images: ParityImages, scratch: Path) -> list[Path]:
+    """The parity images' own files; for in-memory tables (npz) the arrays written losslessly as PNG."""
     ds = images.dataset
     indices = [int(i) for i in ds.indices[: len(images)]]
-    with tempfile.TemporaryDirectory(dir=bundle) as scratch, quiet(_NVIMGCODEC_LOG):
-        preprocess = parser.get_parsed_content("preprocessing")
-        if isinstance(ds.table.loader, FileLoader):
-            files = [ds.table.loader.paths[i] for i in indices]
-        else:
-            files = [_write_png(Path(scratch) / f"{i}.png", ds.table.loader(i)) for i in indices]
-        try:
-            tensors = [preprocess({"image": f})["image"] for f in files]
-        except Exception as err:  # MONAI wraps reader errors in RuntimeError with the transform's name
-            raise ExportError(f"the bundle's MONAI preprocessing fails on the run's own images: {err}") from None
-    return torch.stack([torch.as_tensor(t) for t in tensors])
+    loader = ds.table.loader
+    if isinstance(loader, (FileLoader, DicomLoader)):
+        return [Path(loader.paths[i]) for i in indices]
+    return [_write_png(scratch / f"{i}.png", loader(i)) for i in indices]
 
 
-def _write_png(path: Path, raw: np.ndarray) -> str:
+def _write_png(path: Path, raw: np.ndarray) -> Path:
     if raw.ndim == 3 and raw.shape[2] in (3, 4):
         raw = raw[:, :, [2, 1, 0, 3][: raw.shape[2]]]  # OpenCV writes BGR(A)
     if not cv2.imwrite(str(path), raw):
         raise ExportError(f"{path}: OpenCV could not write a {raw.dtype} {raw.shape} check image")
-    return str(path)
+    return path
 
 
-def bundle_input(batch: torch.Tensor) -> torch.Tensor:
-    """A loader batch as the bundle's preprocessing gives it: float32 in [0, 1] (uint8 levels divided by 255)."""
-    return batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
-
-
-def _check_pixels(spec: ScoringSpec, monai_batch: torch.Tensor, images: ParityImages) -> float:
-    """Largest pixel difference between MONAI's and medvision's inputs (8-bit levels for uint8 runs, else
-    in [0, 1]); raises when it is more than rounding."""
-    ours = bundle_input(images.batch)
-    if monai_batch.shape != ours.shape:
+def _check_bundle(
+    bundle: Path, network: torch.jit.ScriptModule, source: ExportSource, images: ParityImages, atol: float
+) -> float:
+    """The bundle end to end (its ``preprocessing`` as MONAI's ConfigParser builds it, then its network) against
+    ``medvision score``'s path (:func:`~medvision.data.intake.read_file`, then the PyTorch model) on the parity
+    images' files; the largest difference, or :class:`ExportError` naming the worst file."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    cfg = ReadConfig(source.spec)
+    with tempfile.TemporaryDirectory(dir=bundle) as scratch:
+        preprocess = parser.get_parsed_content("preprocessing")
+        ours, theirs, names = [], [], []
+        for path in _parity_files(images, Path(scratch)):
+            item = preprocess({"image": str(path)})["image"]
+            if item.meta["medvision_status"] != "ok":
+                raise ExportError(f"the bundle cannot read the run's own file {path}: {item.meta['medvision_reason']}")
+            theirs.append(torch.as_tensor(item).clone())
+            result = read_file(path, path.name, cfg)
+            if result.status != "ok":
+                raise ExportError(f"medvision cannot read the run's own file {path}: {result.reason}")
+            ours.append(torch.from_numpy(result.arrays[0]))
+            names.append(str(path))
+    reference = torch_probabilities(source.model, torch.stack(ours))
+    exported = torch_probabilities(network, torch.stack(theirs))
+    per_file = np.abs(exported.astype(np.float64) - reference).max(axis=1)
+    worst = int(per_file.argmax())
+    if not per_file[worst] <= atol:
         raise ExportError(
-            f"the bundle's MONAI preprocessing gives batches of shape {tuple(monai_batch.shape)}, medvision's "
-            f"{tuple(ours.shape)}"
+            f"the bundle run by MONAI gives other probabilities than `medvision score` on the run's own "
+            f"{images.split} images: max |dp| = {per_file[worst]:.3g} > {atol:g} (worst: {names[worst]}); "
+            "it was not written"
         )
-    diff = float((monai_batch.double() - ours.double()).abs().max())
-    # uint8: one level, where OpenCV and torch land a hair apart around an exact .5 and round to different
-    # sides; float16 batches round [0, 1] to 2^-11; float32 ones differ by float noise only
-    scale, limit = {"uint8": (255.0, 1.001), "float16": (1.0, 1e-3)}.get(spec.transfer, (1.0, 1e-5))
-    if diff * scale > limit:
-        raise ExportError(
-            f"the bundle's MONAI preprocessing differs from medvision's on the run's own {images.split} images by "
-            f"up to {diff * scale:.3g}{' 8-bit levels' if scale > 1 else ''} (allowed {limit:g}); the bundle "
-            "would not see the pixels the run saw, so it was not written"
-        )
-    return diff * scale
+    return float(per_file[worst])
 
 
 def _checks_record(
-    diff: float | None, pixels: float | None, bundle_diff: float | None, images: ParityImages | None, atol: float,
-    dicom: DicomParity,
-) -> dict[str, Any]:  # fmt: skip
+    diff: float | None, bundle_diff: float | None, images: ParityImages | None, atol: float, dicom: DicomParity
+) -> dict[str, Any]:
     if images is None:
         return {"checked": False, "reason": "--parity-images 0", "dicom_parity": dicom.record(atol)}
     return {
@@ -436,8 +349,7 @@ def _checks_record(
         "split": images.split,
         "torchscript_vs_torch_max_abs_diff": diff,
         "atol": atol,
-        "preprocessing_max_pixel_diff": pixels,
-        "bundle_vs_medvision_max_abs_diff": bundle_diff,
+        "bundle_vs_score_max_abs_diff": bundle_diff,
         "dicom_parity": dicom.record(atol),
     }
 
@@ -484,7 +396,7 @@ or for the data they were trained on: ask the run's owner before sharing the bun
 """
 
 
-def readme(source: ExportSource, max_value: int, checks: dict[str, Any]) -> str:
+def readme(source: ExportSource, checks: dict[str, Any]) -> str:
     """``docs/README.md``: what the bundle expects, how to run it, what was checked at export."""
     spec = source.spec
     points = "\n".join(
@@ -492,16 +404,18 @@ def readme(source: ExportSource, max_value: int, checks: dict[str, Any]) -> str:
         f"{op['threshold']}" for level, ops in (spec.decision.get("points") or {}).items() for op in ops
     )  # fmt: skip
     positive = spec_summary(spec)["positive_class"]
-    rounding = " and rounds it to 8-bit levels" if spec.transfer == "uint8" else ""
-    levels = " 8-bit level(s)" if spec.transfer == "uint8" else ""
+    kind = "DICOM files" if spec.inputs == "dicom" else "PNG/JPEG/TIFF/BMP images"
     checked = (
         f"On {checks['images']} {checks['split']} images of the run: TorchScript vs PyTorch max |dp| = "
-        f"{checks['torchscript_vs_torch_max_abs_diff']:.2e}; MONAI's preprocessing vs medvision's max pixel "
-        f"difference {checks['preprocessing_max_pixel_diff']:.3g}{levels}; bundle vs medvision max |dp| = "
-        f"{checks['bundle_vs_medvision_max_abs_diff']:.2e}."
+        f"{checks['torchscript_vs_torch_max_abs_diff']:.2e}; this bundle run by MONAI vs `medvision score` "
+        f"max |dp| = {checks['bundle_vs_score_max_abs_diff']:.2e}."
         if checks.get("images")
         else "Not checked at export (--parity-images 0)."
     )
+    dicom = checks["dicom_parity"]
+    if dicom.get("checked"):
+        checked += (f" DICOM parity set: {dicom['files']} real DICOM files ({dicom['frames']} frames), max |dp| = "
+                    f"{dicom['max_abs_diff']:.2e}.")  # fmt: skip
     return f"""# {spec.name}
 
 {source.recipe.model.name} fine-tuned by medvision on {len(spec.classes)} classes: {", ".join(spec.classes)}.
@@ -510,7 +424,8 @@ Exported with `medvision export --format monai-bundle` (medvision {spec.medvisio
 
 ## Run it
 
-From this folder, on a folder of images (searched recursively):
+Needs `pip install medvision[export]` (medvision reads the files; MONAI runs the rest). From this
+folder, on a folder of files (searched recursively):
 
 ```bash
 {RUN_COMMAND}
@@ -521,16 +436,19 @@ or from anywhere, adding `--meta_file BUNDLE/configs/metadata.json --bundle_root
 In Python: `monai.bundle.run(config_file=..., meta_file=..., bundle_root=..., dataset_dir=..., output_dir=...)`.
 
 `OUT/predictions.csv` has one row per file and no header: the file's path, then the calibrated
-probability of each class in this order: {", ".join(spec.classes)}.
+probability of each class in this order: {", ".join(spec.classes)}. A file that cannot be read, or
+is not an input, gets NaN probabilities and a warning in the log with its reason.
 
 ## Input
 
-{_depth_words(spec, max_value)} PNG/JPEG/TIFF/BMP files with the kind of content the run was trained on.
-MONAI reads each file at its native depth, scales it to [0, 1] ({spec.intensity}), makes it
-{spec.in_chans}-channel (grey is replicated, alpha dropped, RGB to grey by ITU-R 601 luma), resizes it
-bilinearly to {spec.image_size} x {spec.image_size}{rounding}:
-the preprocessing medvision trained with. The model (`models/model.ts`) takes that batch (float32
-in [0, 1]) and applies the backbone's normalisation and the calibration itself.
+{kind} with the kind of content the run was trained on. Each file is read by medvision's own
+reader (`medvision.data.bundle_intake.ReadForModel`, the code `medvision score` runs) with the run's
+settings from `configs/metadata.json`: scaled to [0, 1] ({spec.intensity}), made
+{spec.in_chans}-channel, resized to {spec.image_size} x {spec.image_size}. The model
+(`models/model.ts`) takes that batch (float32 in [0, 1]) and applies the backbone's normalisation,
+test-time augmentation ({", ".join(spec.tta) or "none"}) and the calibration itself. The files are
+read in MONAI's process: for untrusted folders, where a decoder may crash or hang, use
+`medvision score`, which isolates each file.
 
 ## Output and decision
 
