@@ -8,11 +8,12 @@
 # twice, for training and inference, needs a call of its own):
 #   run(command="bash benchmarks/gpu_all.sh all $OUT",      carry=[".whl", ".carry"])   # speed (eager) + train
 #   run(command="bash benchmarks/gpu_all.sh compiled $OUT", carry=[".whl", ".carry"])
-# or the stages one by one: speed | compiled | train.
+#   run(command="bash benchmarks/gpu_all.sh medmnist $OUT", carry=[".whl", ".carry"])  # issue 19: 224 px, 3 seeds
+# or the stages one by one: speed | compiled | train | medmnist.
 # Each leaves its CSV/Markdown/PNG files and a log in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage="${1:?stage: prepare | all | speed | compiled | train}"
+stage="${1:?stage: prepare | all | speed | compiled | train | medmnist}"
 out="${2:-gpu-results}"
 B=resnet18,resnet50,efficientnet_b0,tf_efficientnet_lite0,convnext_tiny,regnety_016,mobilenetv3_large_100,densenet121,efficientnet_b3
 
@@ -20,7 +21,7 @@ if [ "$stage" = prepare ]; then
   mkdir -p .git/info .whl .carry
   for d in /.whl/ /.carry/ /.carry-shared/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   shared="${MEDVISION_SHARED:-../shared}"
-  cp "$shared/data/bloodmnist.npz" "$shared/weights/tf_efficientnet_lite0.in1k.safetensors" .carry/
+  cp "$shared/data/bloodmnist.npz" "$shared/data/breastmnist.npz" "$shared/weights/tf_efficientnet_lite0.in1k.safetensors" .carry/
   # the GPU image has torch, timm, numpy, opencv, scipy, PyYAML, safetensors, matplotlib, tifffile, tqdm;
   # these it lacks (python 3.12 there):
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -34,6 +35,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 MEDVISION_SHARED="$PWD/.carry-shared"
 mkdir -p .carry-shared/data .carry-shared/weights
 ln -sf "$PWD/.carry/bloodmnist.npz" .carry-shared/data/bloodmnist.npz
+[ -f .carry/breastmnist.npz ] && ln -sf "$PWD/.carry/breastmnist.npz" .carry-shared/data/breastmnist.npz
 ln -sf "$PWD/.carry/tf_efficientnet_lite0.in1k.safetensors" .carry-shared/weights/
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD:/tmp/site"
@@ -61,5 +63,12 @@ case "$stage" in
       --set data.num_workers=12 --set name=bloodmnist_224 --set output_dir=/tmp/runs 2>&1 | tee -a "$out/train.log"
     cp /tmp/runs/bloodmnist_224/metrics.json "$out/bloodmnist_224_metrics.json"
     cp /tmp/runs/bloodmnist_224/report.html "$out/bloodmnist_224_report.html" ;;
+  medmnist)
+    # the shipped MedMNIST recipes at 224 px (the 28 px files upsampled), 3 seeds each, beside the published rows
+    for r in bloodmnist_effnet_lite0 breastmnist_effnet_lite0_gray; do
+      python3 -m medvision.cli benchmark medmnist "recipes/$r.yaml" --seeds 0,1,2 --set data.image_size=224 \
+        --set data.num_workers=12 --out "/tmp/medmnist-$r" 2>&1 | tee -a "$out/medmnist.log"
+      for f in medmnist.md medmnist.csv medmnist_summary.csv; do cp "/tmp/medmnist-$r/$f" "$out/$r-224-$f"; done
+    done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -225,6 +225,21 @@ class TrainConfig(_Node):
     """AdamW weight decay (L2 regularisation); never applied to norm and bias parameters."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Cross-entropy label smoothing."""
+    mixup: float = Field(0.0, ge=0.0)
+    """Mixup's Beta(alpha, alpha) (Zhang et al. 2018), timm's ``Mixup``: each training batch is blended with
+    itself reversed, and so are its one-hot labels; 0 is off. Typical: 0.2-0.8."""
+    cutmix: float = Field(0.0, ge=0.0)
+    """CutMix's Beta(alpha, alpha) (Yun et al. 2019): a box of the reversed batch is pasted in, labels mixed by
+    area; 0 is off. With ``mixup`` too, each batch uses one of the two (``mix_switch``)."""
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of training batches that are mixed when ``mixup`` or ``cutmix`` is on."""
+    mix_switch: float = Field(0.5, ge=0.0, le=1.0)
+    """With both on: the chance that a mixed batch uses CutMix rather than Mixup."""
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
+    """Exponential moving average of the weights (timm's ``ModelEmaV3``), e.g. 0.999: updated after every
+    optimizer step, with its warm-up (the decay rises from 0 towards this value over the first steps).
+    Validation, the best checkpoint and everything after (test, export, score) use the averaged weights;
+    ``None`` is off."""
     grad_clip: float | None = Field(None, gt=0.0)
     """Clip the global gradient norm to this value; ``None`` is off."""
     accumulate: int = Field(1, ge=1)
@@ -237,6 +252,10 @@ class TrainConfig(_Node):
     """Steps between progress-bar updates (and loss finiteness checks, which need a device sync)."""
     sync_bn: bool = False
     """On several GPUs, convert BatchNorm to SyncBatchNorm: statistics over the global batch, not each rank's."""
+    deterministic: bool = False
+    """Bit-identical reruns of the same recipe on the same machine: deterministic kernels only
+    (``torch.use_deterministic_algorithms``; an op without one is an error that names it) and no cuDNN
+    autotuning. Costs speed on GPUs, little on a CPU. ``medvision train --deterministic`` sets it."""
 
     @field_validator("phases")
     @classmethod
@@ -359,6 +378,12 @@ class Recipe(_Node):
                              "use balance: loss with tiles_per_slide")  # fmt: skip
         if self.train.protocol != "finetune" and self.train.focal_gamma > 0:
             raise ValueError(f"train.focal_gamma is a training loss; protocol {self.train.protocol!r} trains none")
+        mixing = self.train.mixup > 0 or self.train.cutmix > 0
+        if mixing and self.train.focal_gamma > 0:
+            raise ValueError("train.focal_gamma needs hard labels; train.mixup / train.cutmix make them soft. Use one")
+        if mixing and self.train.protocol != "finetune":
+            raise ValueError(f"train.mixup / train.cutmix mix training batches; protocol {self.train.protocol!r} "
+                             "trains none")  # fmt: skip
         if len(set(self.evaluation.tta)) != len(self.evaluation.tta):
             raise ValueError(f"evaluation.tta lists a transform twice: {self.evaluation.tta}")
         return self

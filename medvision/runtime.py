@@ -48,6 +48,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_deterministic(on: bool) -> None:
+    """``train.deterministic``: deterministic kernels only, and no cuDNN autotuning.
+
+    With it, a rerun of the same recipe on the same machine (same thread count) gives bit-identical
+    weights and metrics; seeding alone does not promise that, as cuDNN picks kernels by timing and some
+    CUDA kernels add in whatever order their threads finish.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism on CUDA >= 10.2
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")

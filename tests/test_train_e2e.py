@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import medvision.training.loop as loop
 from medvision.cli import main
 from medvision.models.backbone import PretrainedUnavailable, create_backbone
-from medvision.recipe import ModelConfig, TrainConfig, recipe_from_dict
+from medvision.recipe import ModelConfig, RecipeError, TrainConfig, recipe_from_dict
 from medvision.runs import mean_count
 from medvision.tasks.demo import CLASSES, synthetic_tile
 from medvision.tasks.evaluate import evaluate_run
@@ -114,11 +115,13 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "last.pt", weights_only=True)["model"]
 
 
-def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.9, "mixup": 0.4, "cutmix": 1.0, "label_smoothing": 0.1}],
+                         ids=["plain", "ema_mixup_cutmix"])  # fmt: skip
+def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            extra: dict[str, float]) -> None:  # fmt: skip
     phases = [{"name": "head", "epochs": 1, "trainable": "head", "lr": 1e-2},
               {"name": "full", "epochs": 2, "trainable": "all", "lr": 3e-3, "warmup": 0.2}]  # fmt: skip
-    straight = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "a", phases=phases)))
+    straight = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "a", phases=phases, **extra)))
 
     real = loop.train_one_epoch
     calls = {"n": 0}
@@ -129,18 +132,21 @@ def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path
             raise KeyboardInterrupt("simulated kill in the middle of the 'full' phase")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases))
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases, **extra))
     monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
         train(recipe)
     monkeypatch.setattr(loop, "train_one_epoch", real)
     interrupted = tmp_path / "b" / "tiny"
     assert torch.load(interrupted / "last.pt", weights_only=True)["fit"]["epoch"] == 2
-    resumed = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases)), resume=True)
+    resumed = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases, **extra)), resume=True)
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    if extra:  # the moving average resumed too, and the run's weights are the average
+        ema_a, ema_b = (torch.load(run / "last.pt", weights_only=True)["ema"] for run in (straight, resumed))
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     history = json.loads((resumed / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
@@ -276,3 +282,42 @@ def test_cli_explain_says_why_when_the_test_split_has_no_errors(tmp_path: Path,
     assert "--images FILE" in printed and "wrote 0" not in printed
     assert (out / "errors.csv").read_text().splitlines() == ["id,label,call,confidence,kind,file"]
     assert not list(out.glob("*.png"))
+
+
+def test_soft_targets_and_an_odd_batch_match_hard_label_cross_entropy() -> None:
+    """The soft-target loss of mixup/cutmix is cross-entropy: on smoothed one-hot targets it is F.cross_entropy."""
+    cfg = TrainConfig(phases=[{"epochs": 1, "lr": 0.1}], mixup=0.4, label_smoothing=0.1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    images, labels = torch.randn(5, 3, 2, 2), torch.tensor([0, 2, 1, 1, 0])
+    mix = loop.batch_mixer(cfg, 3)
+    assert mix is not None
+    same, soft = mix(images, labels)  # odd batch: not mixed, labels smoothed as timm smooths them
+    assert torch.equal(same, images) and torch.allclose(soft.sum(1), torch.ones(5))
+    criterion = loop.classification_loss(cfg)
+    expected = F.cross_entropy(model(images), labels, label_smoothing=0.1, reduction="none")
+    assert torch.allclose(criterion(model, images, soft), expected, atol=1e-6)
+    np.random.seed(0)  # timm's Mixup draws lambda from NumPy's global generator (fit seeds it every epoch)
+    mixed, targets = mix(images[:4].clone(), labels[:4])  # even batch: mixed with itself reversed (in place)
+    assert targets.shape == (4, 3) and not torch.equal(mixed, images[:4])
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_ema_weights_are_the_checkpoint(tiles_manifest: Path, tmp_path: Path) -> None:
+    phases = [{"name": "all", "epochs": 1, "trainable": "all", "lr": 3e-3}]
+    run = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path, phases=phases, ema=0.9)))
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = load_file(run / "model.safetensors")  # one epoch, so the best one: saved from the moving average
+    assert all(torch.equal(best[k], last["ema"][k]) for k in best)
+    assert any(not torch.equal(best[k], last["model"][k]) for k in best if best[k].is_floating_point())
+
+
+def test_mixing_needs_hard_label_free_settings() -> None:
+    with pytest.raises(RecipeError, match="focal_gamma needs hard labels"):
+        recipe_from_dict(
+            {
+                "name": "x",
+                "data": {"source": "csv", "path": "x.csv"},
+                "model": {"name": "resnet18"},
+                "train": {"mixup": 0.2, "focal_gamma": 2.0, "phases": [{"epochs": 1, "lr": 0.1}]},
+            }
+        )

@@ -46,6 +46,7 @@ from medvision.runtime import (
     resolve_amp,
     resolve_workers,
     seed_everything,
+    set_deterministic,
     setup,
     sync_buffers,
     wrap_ddp,
@@ -88,6 +89,7 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
     cfg = recipe.pretrain
     start_run_folder(recipe, run_dir, d, resume, ("model.safetensors", "last.pt", "pretrain.json"))
     seed_everything(recipe.seed)
+    set_deterministic(recipe.train.deterministic)
     recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device)})
     workers = resolve_workers(recipe.data.num_workers, device)
     table = load_table(

@@ -37,6 +37,7 @@ from medvision.runtime import (
     resolve_amp,
     resolve_workers,
     seed_everything,
+    set_deterministic,
     setup,
 )
 from medvision.training.build import ModelBundle, build_model, model_inputs, split_dataset
@@ -74,6 +75,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     start = time.perf_counter()
     start_run_folder(recipe, run_dir, d, resume, RESULTS)
     seed_everything(recipe.seed)
+    set_deterministic(recipe.train.deterministic)
     recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device)})
     log.info("device %s, amp %s, channels_last %s", device, recipe.train.amp, recipe.train.channels_last)
     workers = resolve_workers(recipe.data.num_workers, device)
@@ -98,6 +100,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         "split_sizes": sizes,
         "transfer": datasets["val"].transfer,  # how evaluation batches travelled; score and export do the same
         "device": str(device),
+        "amp": recipe.train.amp,  # resolved: what the run trained in (bf16 / fp16 / none), not "auto"
+        "deterministic": recipe.train.deterministic,
         "world_size": d.world_size,
         "protocol": recipe.train.protocol,
         "train_fraction": recipe.data.train_fraction,

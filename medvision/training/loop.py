@@ -65,6 +65,9 @@ def classification_loss(cfg: TrainConfig, class_weights: torch.Tensor | None = N
 
     def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = model(images).float()
+        if labels.is_floating_point():  # soft targets from mixup / cutmix, label smoothing already in them
+            ce = -(labels * F.log_softmax(logits, dim=1)).sum(dim=1)
+            return ce if class_weights is None else ce * (labels @ class_weights.to(ce.device))
         ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, reduction="none")
         if cfg.focal_gamma > 0:
             p_true = torch.softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
@@ -88,6 +91,34 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+Mix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(images, labels) -> (mixed images, soft targets)``: mixup / cutmix of one training batch."""
+
+
+def batch_mixer(cfg: TrainConfig, num_classes: int) -> Mix | None:
+    """timm's ``Mixup`` for ``train.mixup`` / ``train.cutmix`` (None when both are 0).
+
+    It draws from NumPy's global generator, which :func:`fit` re-seeds every epoch, so a resumed run
+    mixes as an uninterrupted one would. A batch of odd size (a last, short one) is left unmixed, with
+    its labels smoothed the same way, as timm's batch mode needs pairs.
+    """
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch,
+                  mode="batch", label_smoothing=cfg.label_smoothing, num_classes=num_classes)  # fmt: skip
+    off = cfg.label_smoothing / num_classes
+
+    def mix(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(images) % 2 == 0:
+            return cast(tuple[torch.Tensor, torch.Tensor], mixup(images, labels))
+        soft = torch.full((len(labels), num_classes), off, device=labels.device)
+        return images, soft.scatter_(1, labels[:, None], 1.0 - cfg.label_smoothing + off)
+
+    return mix
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader[Batch],
@@ -103,8 +134,13 @@ def train_one_epoch(
     d: Dist = SINGLE,
     global_sizes: list[int] | None = None,
     criterion: Criterion | None = None,
+    mix: Mix | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the training data; returns the mean loss, throughput and final LR.
+
+    ``mix`` mixes each batch (mixup / cutmix) before the loss; ``after_step`` runs after every
+    optimizer step (the weights' moving average).
 
     ``inputs`` turns loader batches into model input on the device; ``generator`` drives its
     on-device augmentation. ``criterion`` gives per-sample losses: the classification loss of
@@ -130,6 +166,8 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(loader):
         images = to_device(images, device, inputs, generator)
         labels = labels.to(device, non_blocking=True)
+        if mix is not None:
+            images, labels = mix(images, labels)
         with autocast(device, cfg.amp):
             per_sample = criterion(model, images, labels)
             if d.world_size > 1:
@@ -150,6 +188,8 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if after_step is not None:
+                after_step()
         if (step + 1) % cfg.log_interval == 0 or last:
             ranks = all_gather_tensor(window_loss / window_steps, d).tolist()  # the one host sync per log interval
             mean = sum(ranks) / len(ranks)
@@ -233,6 +273,8 @@ class FitState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     best_loss: float = math.inf
+    ema_steps: int = 0
+    """Optimizer steps the weights' moving average has seen (its warm-up depends on it)."""
 
     def improved(self, value: float, val_loss: float, monitor: str) -> bool:
         """Better on ``monitor``; a tie (AUC saturates at 1.0) is broken by a lower validation loss."""
@@ -299,6 +341,21 @@ def fit(
     if resume:
         saved = read_checkpoint(run_dir, model)
         state = FitState(**saved["fit"])
+    mix = batch_mixer(cfg, int(getattr(model, "num_classes", 0))) if criterion is None else None
+    ema = None
+    if cfg.ema is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True)
+        if saved is not None:
+            ema.module.load_state_dict(saved["ema"])
+
+    def ema_step() -> None:
+        assert ema is not None
+        state.ema_steps += 1
+        ema.update(model, step=state.ema_steps)
+
+    evaluated = ema.module if ema is not None else compiled  # validation and the best checkpoint: the average
 
     _, labels = predict_logits(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images%s)", len(labels),
@@ -328,9 +385,10 @@ def fit(
             generator = torch.Generator(device=device).manual_seed(seed * 100_003 + state.epoch)
             desc = f"{phase.name} {e + 1}/{phase.epochs}"
             stats = train_one_epoch(forward, train_loader, opt.optimizer, opt.scheduler, opt.scaler, cfg, device,
-                                    phase.bn, desc, inputs, generator, d, sizes, criterion)  # fmt: skip
+                                    phase.bn, desc, inputs, generator, d, sizes, criterion, mix,
+                                    ema_step if ema is not None else None)  # fmt: skip
             sync_buffers(model, d)
-            logits, labels = predict_logits(compiled, val_loader, device, cfg.amp, inputs)
+            logits, labels = predict_logits(evaluated, val_loader, device, cfg.amp, inputs)
             whole = gather_outputs(logits, labels, d)
             decision: tuple[dict[str, Any], bool] | None = None
             if whole is not None:
@@ -346,7 +404,8 @@ def fit(
                 state.best, state.best_loss, state.best_epoch, state.stale = (
                     float(row[cfg.monitor]), row["val_loss"], state.epoch, 0)  # fmt: skip
                 if d.is_main:
-                    save_weights(model, run_dir / "model.safetensors", {"epoch": str(state.epoch)})
+                    best = ema.module if ema is not None else model
+                    save_weights(best, run_dir / "model.safetensors", {"epoch": str(state.epoch)})
             else:
                 state.stale += 1
             log.info(
@@ -356,7 +415,8 @@ def fit(
                 row["val_acc"], row["train_img_s"], row["seconds"], "  *best*" if state.stale == 0 else "",
             )  # fmt: skip
             if d.is_main:
-                opt.save(model, state.__dict__, run_dir / "last.pt")
+                opt.save(model, state.__dict__, run_dir / "last.pt",
+                         {"ema": ema.module.state_dict()} if ema is not None else None)  # fmt: skip
             if cfg.patience is not None and state.stale >= cfg.patience:
                 log.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
                 return state

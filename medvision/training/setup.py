@@ -107,11 +107,12 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
 
-    def save(self, model: nn.Module, progress: dict[str, Any], path: Path) -> None:
-        """``last.pt``, atomically: the model, this state and ``progress`` (epoch, best, history)."""
+    def save(self, model: nn.Module, progress: dict[str, Any], path: Path, extra: dict[str, Any] | None = None) -> None:
+        """``last.pt``, atomically: the model, this state, ``progress`` (epoch, best, history) and ``extra``
+        (the weights' moving average)."""
         save_state({"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "fit": progress}, path)  # fmt: skip
+                    "fit": progress, **(extra or {})}, path)  # fmt: skip
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continues from a ``last.pt`` read with :func:`read_checkpoint` (the model is restored by the caller)."""

@@ -22,9 +22,10 @@ import csv
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -41,15 +42,11 @@ log = logging.getLogger("medvision")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
 
 
-@dataclass
-class LabelRun:
-    """One trained and tested run of the grid (``error`` set when it failed; the others still run)."""
+@dataclass(kw_only=True)
+class TestFigures:
+    """A finished run's test AUC and accuracy with their 95% bootstrap CIs, epochs and wall time; ``error`` set
+    when the run failed (the other runs of a benchmark still run)."""
 
-    init: str
-    protocol: str
-    fraction: float
-    seed: int
-    labels: int = 0
     auc: float = math.nan
     auc_lo: float = math.nan
     auc_hi: float = math.nan
@@ -61,14 +58,46 @@ class LabelRun:
     run_dir: str = ""
     error: str = ""
 
+    def read_test(self, run_dir: Path) -> dict[str, Any]:
+        """Fills the figures from the run's ``metrics.json``; returns that file's contents."""
+        metrics = read_metrics_json(run_dir)
+        test = metrics["image"]["test"]
+        self.auc, self.acc = float(test["auc"]), float(test["acc"])
+        self.auc_lo, self.auc_hi = (test.get("auc_ci") or [math.nan, math.nan])[:2]
+        self.acc_lo, self.acc_hi = (test.get("acc_ci") or [math.nan, math.nan])[:2]
+        self.epochs = len(metrics.get("history", []))
+        self.seconds = float(metrics.get("seconds", math.nan))
+        self.run_dir = str(run_dir)
+        return metrics
+
 
 @dataclass
-class LabelResult:
-    rows: list[LabelRun]
+class LabelRun(TestFigures):
+    """One trained and tested run of the label-efficiency grid."""
+
+    init: str
+    protocol: str
+    fraction: float
+    seed: int
+    labels: int = 0
+
+
+R = TypeVar("R", bound=TestFigures)
+
+
+@dataclass
+class StudyResult(Generic[R]):
+    """A benchmark of many runs: one row per run, the summary over seeds, the paired deltas, the Markdown and
+    the files written."""
+
+    rows: list[R]
     summary: list[dict[str, Any]]
     deltas: list[dict[str, Any]]
     markdown: str
     files: list[Path] = field(default_factory=list)
+
+
+LabelResult = StudyResult[LabelRun]
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -143,16 +172,8 @@ def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: in
 
 
 def _read(run_dir: Path, row: LabelRun) -> LabelRun:
-    metrics = read_metrics_json(run_dir)
-    test = metrics["image"]["test"]
-    meta = read_run_json(run_dir)
-    row.labels = int(meta["split_sizes"]["train"])
-    row.auc, row.acc = float(test["auc"]), float(test["acc"])
-    row.auc_lo, row.auc_hi = (test.get("auc_ci") or [math.nan, math.nan])[:2]
-    row.acc_lo, row.acc_hi = (test.get("acc_ci") or [math.nan, math.nan])[:2]
-    row.epochs = len(metrics.get("history", []))
-    row.seconds = float(metrics.get("seconds", math.nan))
-    row.run_dir = str(run_dir)
+    row.read_test(run_dir)
+    row.labels = int(read_run_json(run_dir)["split_sizes"]["train"])
     return row
 
 
@@ -206,8 +227,8 @@ def label_benchmark(
     deltas = paired_deltas(rows, init_label(reference), resamples, recipe.evaluation.bootstrap_seed)
     files = [out / "label_efficiency.csv", out / "label_efficiency_summary.csv", out / "label_efficiency_deltas.csv",
              out / "label_efficiency.md", out / "label_efficiency.png"]  # fmt: skip
-    _write_dicts(files[1], summary)
-    _write_dicts(files[2], deltas)
+    write_dicts(files[1], summary)
+    write_dicts(files[2], deltas)
     md = to_markdown(summary, deltas, recipe.name)
     files[3].write_text(md)
     plot_curves(files[4], summary, recipe.name)
@@ -247,41 +268,50 @@ def _test_probs(run_dir: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     return [r[1] for r in rows], labels, np.array([[float(v) for v in r[4:]] for r in rows])
 
 
-def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: int) -> list[dict[str, Any]]:
-    """Test AUC of each init minus the reference init's, per fraction and protocol, averaged over paired seeds.
+def paired_difference(
+    pairs: list[tuple[str, str]], metric: Callable[[np.ndarray, np.ndarray], float], resamples: int, seed: int
+) -> tuple[float, float, float]:
+    """``metric`` of the second run of each pair minus the first's, on their test rows, averaged over the pairs,
+    with a 95% CI from a stratified bootstrap over the test images.
 
-    The CI is a stratified bootstrap over the test images, the same resample for both runs and every
-    seed, so the shared test-set noise cancels and what is left is the difference of the models.
+    The same resample is used for both runs and every pair, so the shared test-set noise cancels and
+    what is left is the difference of the models. Runs tested on different images are an error.
     """
+    y, blocks, k = None, [], 0
+    for base, other in pairs:
+        ids_a, y_a, p_a = _test_probs(base)
+        ids_b, _, p_b = _test_probs(other)
+        if ids_a != ids_b:
+            raise BenchmarkError(f"{base} and {other} were tested on different images")
+        y, k = y_a, p_a.shape[1]
+        blocks += [p_a, p_b]
+    if y is None:
+        raise BenchmarkError("paired_difference needs at least one pair of runs")
+    stacked = np.concatenate(blocks, axis=1)
+
+    def delta(yy: np.ndarray, pp: np.ndarray, n: int = len(pairs), width: int = k) -> float:
+        return float(np.mean([metric(yy, pp[:, (2 * j + 1) * width : (2 * j + 2) * width])
+                              - metric(yy, pp[:, 2 * j * width : (2 * j + 1) * width]) for j in range(n)]))  # fmt: skip
+
+    lo, hi = bootstrap_cis(y, stacked, {"delta": delta}, resamples, seed)["delta"] if resamples else (math.nan,) * 2
+    return delta(y, stacked), lo, hi
+
+
+def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: int) -> list[dict[str, Any]]:
+    """Test AUC of each init minus the reference init's, per fraction and protocol, averaged over paired seeds
+    (:func:`paired_difference`)."""
     done = {(r.init, r.protocol, r.fraction, r.seed): r for r in rows if not r.error}
     out = []
     for init, protocol, fraction in dict.fromkeys((r.init, r.protocol, r.fraction) for r in rows if not r.error):
         if init == reference:
             continue
-        pairs = [(done[(reference, protocol, fraction, s)], r) for (i, p, f, s), r in done.items()
+        pairs = [(done[(reference, protocol, fraction, s)].run_dir, r.run_dir) for (i, p, f, s), r in done.items()
                  if (i, p, f) == (init, protocol, fraction) and (reference, protocol, fraction, s) in done]  # fmt: skip
         if not pairs:
             continue
-        y, blocks, k = None, [], 0
-        for base, other in pairs:
-            ids_a, y_a, p_a = _test_probs(base.run_dir)
-            ids_b, _, p_b = _test_probs(other.run_dir)
-            if ids_a != ids_b:
-                raise BenchmarkError(f"{base.run_dir} and {other.run_dir} were tested on different images")
-            y, k = y_a, p_a.shape[1]
-            blocks += [p_a, p_b]
-        assert y is not None
-        stacked = np.concatenate(blocks, axis=1)
-        n_pairs = len(pairs)
-
-        def delta(yy: np.ndarray, pp: np.ndarray, n: int = n_pairs, width: int = k) -> float:
-            return float(np.mean([compute_auc(yy, pp[:, (2 * j + 1) * width : (2 * j + 2) * width])
-                                  - compute_auc(yy, pp[:, 2 * j * width : (2 * j + 1) * width])
-                                  for j in range(n)]))  # fmt: skip
-
-        lo, hi = bootstrap_cis(y, stacked, {"delta": delta}, resamples, seed)["delta"] if resamples else (math.nan,) * 2
+        value, lo, hi = paired_difference(pairs, compute_auc, resamples, seed)
         out.append({"init": init, "reference": reference, "protocol": protocol, "fraction": fraction,
-                    "seeds": n_pairs, "delta_auc": delta(y, stacked), "delta_lo": lo, "delta_hi": hi})  # fmt: skip
+                    "seeds": len(pairs), "delta_auc": value, "delta_lo": lo, "delta_hi": hi})  # fmt: skip
     inits = list(dict.fromkeys(r.init for r in rows))
     return sorted(out, key=lambda e: (e["fraction"], inits.index(e["init"]), e["protocol"]))
 
@@ -373,10 +403,11 @@ def read_rows(path: Path) -> list[LabelRun]:
 
 
 def _write_rows(path: Path, rows: list[LabelRun]) -> None:
-    _write_dicts(path, [asdict(r) for r in rows])
+    write_dicts(path, [asdict(r) for r in rows])
 
 
-def _write_dicts(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_dicts(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV, floats to 6 significant digits (an empty file for no rows)."""
     with path.open("w", newline="") as fh:
         if not rows:
             return
