@@ -1,0 +1,279 @@
+"""Frozen patch encoders for pathology: a registry of foundation models, loaded from local checkpoints.
+
+Each :class:`EncoderSpec` holds what it takes to reproduce a model's published embedding: the exact
+construction keyword arguments, the input size and resize, the normalisation, how the embedding is
+formed from the network's output (pooled, the CLS token, or CLS ⊕ mean of the patch tokens) and its
+width, and the magnification the model was trained at. The figures come from each model's card and
+loader code (cited per entry; the same values as the reference pipeline TRIDENT, mahmoodlab/TRIDENT,
+``trident/patch_encoder_models/load.py``).
+
+Weights are gated on the Hugging Face hub and a run here has no network, so a checkpoint is a local
+file (or, for transformers models, a folder with ``config.json``): given directly, or through the
+entry's environment variable (``MEDVISION_ENCODER_UNI=/models/uni/pytorch_model.bin``). ``hub`` keeps
+the real download path (``timm.create_model("hf-hub:...", pretrained=True)``, which needs a token with
+access). Any timm model with local weights works too: ``timm:<name>`` (e.g.
+``timm:tf_efficientnet_lite0`` with ``../shared/weights/tf_efficientnet_lite0.in1k.safetensors``).
+
+:func:`load_encoder` returns a :class:`PatchEncoder`: uint8 RGB tiles (B, 3, H, W) in, float32
+embeddings (B, dim) out, with the resize and normalisation inside, so every caller preprocesses alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvision.errors import MedvisionError
+from medvision.models.backbone import load_state
+
+Pooling = Literal["pooled", "cls", "cls+mean"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EncoderError(MedvisionError, ValueError):
+    """An unknown encoder, a missing or mismatched checkpoint, or a missing optional library."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One patch encoder: how to build it, feed it and read its embedding."""
+
+    name: str
+    architecture: str
+    """timm model name (``library: timm``) or ``transformers`` AutoModel (read from the checkpoint folder)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Exact construction keyword arguments, as the model card gives them."""
+    input_size: int = 224
+    resize: int | None = None
+    """Resize the shorter side to this, then centre-crop ``input_size`` (None: resize straight to it)."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dim: int = 0
+    pooling: Pooling = "pooled"
+    """``pooled``: the model's own pooled output; ``cls``: token 0; ``cls+mean``: token 0 ⊕ the mean of
+    the patch tokens (after ``prefix_tokens`` class and register tokens)."""
+    prefix_tokens: int = 1
+    mpp: float | None = 0.5
+    """Microns per pixel the model was trained at (0.5 is 20x); tile the slide at this MPP."""
+    tile_size: int = 224
+    """Tile side at ``mpp`` that the reference pipelines feed it (resized to ``input_size`` here)."""
+    library: Literal["timm", "transformers"] = "timm"
+    hub: str = ""
+    """Hub id for the download path (``checkpoint="hub"``)."""
+    source: str = ""
+    """Model card: where the figures above come from."""
+
+    @property
+    def env(self) -> str:
+        """The environment variable that points at a local checkpoint of this encoder."""
+        return "MEDVISION_ENCODER_" + "".join(c if c.isalnum() else "_" for c in self.name.upper())
+
+
+def _swiglu() -> dict[str, Any]:
+    return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+#: Built lazily so that importing this module does not touch timm's layers.
+_ENTRIES: dict[str, Callable[[], EncoderSpec]] = {
+    # https://huggingface.co/MahmoodLab/UNI (model card, "Model Usage"): ViT-L/16, 1024-d CLS token
+    "uni": lambda: EncoderSpec(
+        "uni", "vit_large_patch16_224",
+        {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        resize=224, dim=1024, pooling="pooled", tile_size=256, hub="hf-hub:MahmoodLab/uni",
+        source="https://huggingface.co/MahmoodLab/UNI"),
+    # https://huggingface.co/MahmoodLab/UNI2-h (model card): ViT-H/14-style, 8 register tokens, SwiGLU, 1536-d
+    "uni2-h": lambda: EncoderSpec(
+        "uni2-h", "vit_giant_patch14_224",
+        {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
+         "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True, "reg_tokens": 8,
+         "dynamic_img_size": True, **_swiglu()},
+        resize=224, dim=1536, pooling="pooled", tile_size=256, hub="hf-hub:MahmoodLab/UNI2-h",
+        source="https://huggingface.co/MahmoodLab/UNI2-h"),
+    # https://huggingface.co/paige-ai/Virchow2 (model card): ViT-H/14, 4 register tokens, SwiGLU;
+    # embedding = CLS ⊕ mean of the 256 patch tokens (tokens 5:), 2560-d; bicubic resize to 224
+    "virchow2": lambda: EncoderSpec(
+        "virchow2", "vit_huge_patch14_224",
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "reg_tokens": 4, "mlp_ratio": 5.3375,
+         "global_pool": "", "dynamic_img_size": True, **_swiglu()},
+        interpolation="bicubic", dim=2560, pooling="cls+mean", prefix_tokens=5, tile_size=224,
+        hub="hf-hub:paige-ai/Virchow2", source="https://huggingface.co/paige-ai/Virchow2"),
+    # https://huggingface.co/bioptimus/H-optimus-0 (model card): ViT-g/14 with 4 registers, 1536-d, its own mean/std
+    "h-optimus-0": lambda: EncoderSpec(
+        "h-optimus-0", "vit_giant_patch14_reg4_dinov2",
+        {"num_classes": 0, "img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True},
+        mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517), dim=1536, pooling="pooled",
+        tile_size=224, hub="hf-hub:bioptimus/H-optimus-0", source="https://huggingface.co/bioptimus/H-optimus-0"),
+    # https://huggingface.co/prov-gigapath/prov-gigapath (model card; prov-gigapath demo/3_load_tile_encoder.py):
+    # ViT-g/16 (DINOv2 layout), 1536-d; resize 256 bicubic, centre crop 224
+    "prov-gigapath": lambda: EncoderSpec(
+        "prov-gigapath", "vit_giant_patch14_dinov2",
+        {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+         "mlp_ratio": 5.33334, "num_classes": 0, "dynamic_img_size": True},
+        resize=256, interpolation="bicubic", dim=1536, pooling="pooled", tile_size=256,
+        hub="hf_hub:prov-gigapath/prov-gigapath", source="https://huggingface.co/prov-gigapath/prov-gigapath"),
+    # https://huggingface.co/owkin/phikon-v2 (model card): a DINOv2 ViT-L/16 in transformers; CLS of the last
+    # hidden state, 1024-d; the checkpoint is the card's folder (config.json + model.safetensors)
+    "phikon-v2": lambda: EncoderSpec(
+        "phikon-v2", "transformers", {}, resize=224, dim=1024, pooling="cls", tile_size=224, library="transformers",
+        hub="owkin/phikon-v2", source="https://huggingface.co/owkin/phikon-v2"),
+}  # fmt: skip
+ENCODERS = tuple(_ENTRIES)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The registry entry ``name``, or for ``timm:<model>`` an entry read from timm's own config.
+
+    Examples:
+        >>> encoder_spec("uni").dim
+        1024
+    """
+    if name in _ENTRIES:
+        return _ENTRIES[name]()
+    if name.startswith("timm:"):
+        arch = name[len("timm:") :]
+        if not timm.is_model(arch):
+            raise EncoderError(f"encoder {name!r}: timm has no model {arch!r}")
+        cfg = timm.get_pretrained_cfg(arch)
+        size = int(cfg.input_size[-1]) if cfg is not None else 224
+        mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
+        std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
+        return EncoderSpec(name, arch, {"num_classes": 0}, input_size=size, mean=mean, std=std,  # type: ignore[arg-type]
+                           pooling="pooled", mpp=None, tile_size=size, source=f"timm {arch}")  # fmt: skip
+    raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}, or timm:<model name>")
+
+
+def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | Path | None) -> str | Path:
+    """The checkpoint to load: the one given, else the entry's environment variable; ``hub`` downloads."""
+    given = checkpoint if checkpoint is not None else os.environ.get(spec.env)
+    if given is None or str(given) == "":
+        raise EncoderError(
+            f"encoder {spec.name!r} needs its weights: pass a local checkpoint or set {spec.env}=/path/to/"
+            f"{'folder' if spec.library == 'transformers' else 'weights'} (download it, with access granted, from "
+            f"{spec.source or spec.hub}); 'hub' downloads it where the hub is reachable"
+        )
+    if str(given) == "hub":
+        return "hub"
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise EncoderError(f"encoder {spec.name!r}: checkpoint {path} does not exist")
+    return path
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint file (of ``model.safetensors`` for a folder), recorded with every feature file."""
+    p = Path(path)
+    if p.is_dir():
+        p = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()), p / "config.json")
+    digest = hashlib.sha256()
+    with p.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_network(spec: EncoderSpec, checkpoint: str | Path) -> nn.Module:
+    """The encoder's network with its weights: from a local file (strictly, every key) or from the hub."""
+    if spec.library == "transformers":
+        try:
+            from transformers import AutoModel
+        except ModuleNotFoundError:
+            raise EncoderError(
+                f"encoder {spec.name!r} needs transformers: pip install 'medvision[pathology]'"
+            ) from None
+        where = spec.hub if checkpoint == "hub" else str(checkpoint)
+        if checkpoint != "hub" and not (Path(where) / "config.json").is_file():
+            raise EncoderError(f"encoder {spec.name!r}: {where} must be a folder with config.json and the weights "
+                               f"(as on {spec.source})")  # fmt: skip
+        return AutoModel.from_pretrained(where).eval()
+    if checkpoint == "hub":
+        return timm.create_model(spec.hub or spec.architecture, pretrained=True, **spec.kwargs).eval()
+    model = timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
+    state = load_state(Path(checkpoint))
+    if spec.name.startswith("timm:"):  # a classifier's checkpoint: its head is not part of the encoder
+        heads: Any = timm.get_pretrained_cfg_value(spec.architecture, "classifier") or "head"
+        prefixes = tuple(f"{h}." for h in ([heads] if isinstance(heads, str) else heads))
+        state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise EncoderError(f"encoder {spec.name!r}: {checkpoint} does not fit {spec.architecture} built as its "
+                           f"card says: {' '.join(first)}") from None  # fmt: skip
+    return model.eval()
+
+
+class PatchEncoder(nn.Module):
+    """uint8 RGB tiles (B, 3, H, W) -> embeddings (B, dim) float32, preprocessing inside.
+
+    Resize (shorter side to ``resize`` then centre crop, or straight to ``input_size``; antialiased, as
+    torchvision's ``Resize`` on tensors), scale to [0, 1], normalise, run the network, pool as the card says.
+    """
+
+    def __init__(self, spec: EncoderSpec, network: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.network = network
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.float() / 255.0 if tiles.dtype == torch.uint8 else tiles.float()
+        size, resize = self.spec.input_size, self.spec.resize
+        h, w = x.shape[-2:]
+        if resize is not None and (h, w) != (size, size):
+            scale = resize / min(h, w)
+            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode=self.spec.interpolation,
+                              antialias=True, align_corners=False)  # fmt: skip
+            top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+            x = x[..., top : top + size, left : left + size]
+        elif (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode=self.spec.interpolation, antialias=True, align_corners=False)
+        return (x.clamp(0.0, 1.0) - self.mean) / self.std
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(tiles)
+        if self.spec.library == "transformers":
+            tokens = self.network(pixel_values=x).last_hidden_state
+            return tokens[:, 0].float()
+        out = self.network(x)
+        if self.spec.pooling == "pooled":
+            return out.float()
+        if self.spec.pooling == "cls":
+            return out[:, 0].float()
+        return torch.cat([out[:, 0], out[:, self.spec.prefix_tokens :].mean(1)], dim=-1).float()
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+
+def load_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[PatchEncoder, str]:
+    """The frozen encoder ``name`` in eval mode, and its checkpoint's SHA-256 (``hub`` for a download).
+
+    Examples:
+        >>> encoder, sha = load_encoder("uni", "/models/uni/pytorch_model.bin")
+        >>> encoder(torch.zeros(2, 3, 256, 256, dtype=torch.uint8)).shape
+        torch.Size([2, 1024])
+    """
+    spec = encoder_spec(name)
+    where = resolve_checkpoint(spec, checkpoint)
+    network = build_network(spec, where)
+    if spec.dim == 0:  # timm:<model>: the width is the network's
+        spec = EncoderSpec(**{**spec.__dict__, "dim": int(getattr(network, "num_features", 0))})
+    encoder = PatchEncoder(spec, network).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder, "hub" if where == "hub" else checkpoint_sha256(where)
