@@ -29,7 +29,7 @@ from medvision.gradcam import (
 )
 from medvision.metrics import softmax
 from medvision.models.heads import extract_features
-from medvision.models.mil import load_abmil, predict_abmil
+from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.models.slide_head import MIL_FILE, bags, compare_aggregations, fit_slide_head
 from medvision.recipe import EvalConfig, Recipe
 from medvision.report import write_json, write_predictions, write_report
@@ -147,11 +147,11 @@ def slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: 
     else:
         if not (run_dir / MIL_FILE).is_file():
             raise RunError(f"{run_dir}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
-        head, _ = load_abmil(run_dir / MIL_FILE)
+        head, _ = load_mil(run_dir / MIL_FILE)
         probs = {}
         for split in splits:
             _, split_bags, _ = bags(features[split], outputs[split].groups, outputs[split].labels)
-            probs[split] = softmax(predict_abmil(head, split_bags)[0])
+            probs[split] = softmax(predict_mil(head, split_bags)[0])
     for split, p in probs.items():
         splits[split][0].unit_probs = p
 

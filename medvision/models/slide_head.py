@@ -22,7 +22,7 @@ import numpy as np
 
 from medvision.evaluation import SplitOutputs
 from medvision.metrics import aggregate_by_group, bootstrap_cis, compute_accuracy, compute_auc, softmax
-from medvision.models.mil import MILConfig, fit_abmil, predict_abmil, save_abmil
+from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil
 from medvision.recipe import EvalConfig
 
 log = logging.getLogger("medvision")
@@ -54,14 +54,14 @@ def fit_slide_head(
     if "val" in outputs:
         _, val_bags, val_y = bags(features["val"], outputs["val"].groups, outputs["val"].labels)
     cfg = MILConfig(seed=seed)
-    model, history = fit_abmil(train_bags, train_y, val_bags, val_y, num_classes, cfg)
-    save_abmil(model, out / MIL_FILE, meta)
+    model, history = fit_mil(train_bags, train_y, val_bags, val_y, num_classes, cfg)
+    save_mil(model, out / MIL_FILE, meta)
     probs = {}
     for split, o in outputs.items():
         if split == "train":
             continue
         _, split_bags, _ = bags(features[split], o.groups, o.labels)
-        logits, _ = predict_abmil(model, split_bags)
+        logits, _ = predict_mil(model, split_bags)
         probs[split] = softmax(logits)
     log.info("ABMIL head: %d training slides, best epoch %s", len(train_bags), history.get("best_epoch"))
     return probs, history

@@ -3,7 +3,7 @@
 Every entry under the folder is one row:
 
 - ``ok``: the slide's probabilities (its tiles aggregated as the run was evaluated: mean, max, top-k or
-  the run's ABMIL head), a 0/1 call at each of the run's slide-level operating points, the number of tiles
+  the run's MIL head), a 0/1 call at each of the run's slide-level operating points, the number of tiles
   used, the tissue area in mm² and the MPP used (with where it came from);
 - ``error``: a slide that cannot be read (unknown format, damaged file, no MPP, no tissue, a reader that
   raised, crashed or hung), with the reason;
@@ -14,7 +14,7 @@ instances (a DICOM WSI series; not searched further). Opening a slide and findin
 isolated worker process (:mod:`medvision.workers`), so a reader that segfaults or hangs on one file costs
 that slide only; its tiles are then read by DataLoader workers with a timeout, preprocessed by
 :func:`medvision.data.intake.preprocess` (the same function as for files) and scored by the engine, TTA
-and the ABMIL head's features included.
+and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
 tissue fraction, probabilities) and ``<out>.heatmaps/<slide>.png``. A slide's tile file and heatmap are
@@ -41,7 +41,8 @@ from medvision.inference import Engine
 from medvision.io.archive import Entry
 from medvision.io.files import atomic_write
 from medvision.metrics import aggregate_by_group, softmax
-from medvision.models.mil import ABMIL, load_abmil, predict_abmil
+from medvision.models.mil import MILHead
+from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.models.slide_head import MIL_FILE
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
@@ -236,7 +237,7 @@ class SlideUnit:
             probs.append(p[:n])
         tile_probs = np.concatenate(probs).astype(np.float64)
         if self.head is not None:
-            slide_p = softmax(predict_abmil(self.head, [np.concatenate(feats)])[0])[0]
+            slide_p = softmax(predict_mil(self.head, [np.concatenate(feats)])[0])[0]
         else:
             _, _, agg, _ = aggregate_by_group(["s"] * len(tile_probs), np.zeros(len(tile_probs), np.int64),
                                               tile_probs, spec.aggregate, spec.top_k)  # fmt: skip
@@ -271,12 +272,12 @@ class SlideUnit:
         return {"aggregate": self.spec.aggregate, "slides": self.spec.slides}
 
 
-def _mil_head(model: Path, spec: ScoringSpec) -> ABMIL | None:
+def _mil_head(model: Path, spec: ScoringSpec) -> MILHead | None:
     if spec.aggregate != "abmil":
         return None
     if not (model / MIL_FILE).is_file():
         raise RunError(f"{model}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
-    return load_abmil(model / MIL_FILE)[0]
+    return load_mil(model / MIL_FILE)[0]
 
 
 def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray, probs: np.ndarray,
