@@ -65,7 +65,7 @@ case "$stage" in
     cp /tmp/runs/bloodmnist_224/report.html "$out/bloodmnist_224_report.html" ;;
   medmnist)
     # the shipped MedMNIST recipes at 224 px (the 28 px files upsampled), 3 seeds each, beside the published rows
-    for r in bloodmnist_effnet_lite0 breastmnist_effnet_lite0_gray; do
+    for r in bloodmnist_effnet_lite0 breastmnist_effnet_lite0_gray breastmnist_resnet18_scratch; do
       python3 -m medvision.cli benchmark medmnist "recipes/$r.yaml" --seeds 0,1,2 --set data.image_size=224 \
         --set data.num_workers=12 --out "/tmp/medmnist-$r" 2>&1 | tee -a "$out/medmnist.log"
       for f in medmnist.md medmnist.csv medmnist_summary.csv; do cp "/tmp/medmnist-$r/$f" "$out/$r-224-$f"; done

@@ -53,7 +53,7 @@ class Published:
     acc_sd: float | None = None
 
 
-_V2 = "MedMNIST v2 (Yang et al., Sci Data 2023, Table 3)"
+_V2 = "MedMNIST v2 (Yang et al., Sci Data 2023, benchmark table)"
 _PLUS = "MedMNIST+ (Doerrich et al. 2024, BENCHMARK.md)"
 #: The figures to beat at 28 px. MedMNIST+'s are its best 28 px ACC and best 28 px AUC over 10 models and
 #: 3 protocols (both from one model here); its 64-224 px columns are other files (images scanned at that
@@ -81,6 +81,7 @@ class SeedRun(TestFigures):
     acc_youden: float = math.nan
     best_epoch: int = 0
     amp: str = ""
+    model: str = ""
 
 
 MedmnistResult = StudyResult[SeedRun]
@@ -128,7 +129,8 @@ def read_run(run_dir: Path, row: SeedRun) -> SeedRun:
             cm = np.asarray(op["confusion_matrix"], dtype=float)
             row.acc_youden = float(np.trace(cm) / cm.sum())
     row.best_epoch = int(metrics.get("best_epoch") or 0)
-    row.amp = str(read_run_json(run_dir).get("amp", ""))
+    meta = read_run_json(run_dir)
+    row.amp, row.model = str(meta.get("amp", "")), str(meta.get("model", ""))
     return row
 
 
@@ -206,6 +208,7 @@ def summarise(rows: list[SeedRun], names: list[str]) -> list[dict[str, Any]]:
                 entry[f"{metric}_hi"] = float(np.mean([getattr(r, f"{metric}_hi") for r in ok])) if ok else math.nan
                 entry[f"{metric}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
         entry["amp"] = ",".join(sorted({r.amp for r in ok}))
+        entry["model"] = ",".join(sorted({r.model for r in ok}))
         out.append(entry)
     return out
 
@@ -236,26 +239,29 @@ def _f(value: float, digits: int = 3) -> str:
 
 
 def _with_ci_sd(e: dict[str, Any], metric: str) -> str:
+    """Four decimals: near the published figures the third one decides."""
     if not math.isfinite(e[metric]):
         return "n/a"
-    ci = f" ({e[f'{metric}_lo']:.3f}-{e[f'{metric}_hi']:.3f})" if math.isfinite(e[f"{metric}_lo"]) else ""
-    sd = f" ± {e[f'{metric}_sd']:.3f}" if math.isfinite(e[f"{metric}_sd"]) else ""
-    return f"{e[metric]:.3f}{sd}{ci}"
+    ci = f" ({e[f'{metric}_lo']:.4f}-{e[f'{metric}_hi']:.4f})" if math.isfinite(e[f"{metric}_lo"]) else ""
+    sd = f" ± {e[f'{metric}_sd']:.4f}" if math.isfinite(e[f"{metric}_sd"]) else ""
+    return f"{e[metric]:.4f}{sd}{ci}"
 
 
 def verdict(recipe: Recipe, summary: list[dict[str, Any]]) -> str:
-    """One sentence: the best variant's mean test AUC and ACC against the best published 28 px figures."""
+    """One sentence: the mean test AUC and ACC of the variant with the best validation AUC (then accuracy): the
+    one a user would pick without looking at the test split, against the best published 28 px figures."""
     published = PUBLISHED.get(dataset_key(recipe), [])
-    done = [e for e in summary if e["seeds"] and math.isfinite(e["auc"])]
+    done = [e for e in summary if e["seeds"] and math.isfinite(e["val_auc"])]
     if not published or not done:
         return ""
-    best = max(done, key=lambda e: (e["acc"], e["auc"]))
+    best = max(done, key=lambda e: (e["val_auc"], e["val_acc"]))
     auc_bar, acc_bar = max(p.auc for p in published), max(p.acc for p in published)
 
     def side(value: float, bar: float) -> str:
-        return f"{value:.3f} >= {bar:.3f}" if value >= bar else f"{value:.3f} < {bar:.3f} (gap {bar - value:.3f})"
+        return f"{value:.4f} >= {bar:.4g}" if value >= bar else f"{value:.4f} < {bar:.4g} (gap {bar - value:.4f})"
 
-    return (f"{dataset_key(recipe)}: medvision `{best['variant']}` (mean of {best['seeds']} seeds) test AUC "
+    return (f"{dataset_key(recipe)}: medvision `{best['variant']}` (best validation AUC; mean of {best['seeds']} "
+            f"seeds) test AUC "
             f"{side(best['auc'], auc_bar)}, ACC {side(best['acc'], acc_bar)}, against the best published 28 px "
             "figures.")  # fmt: skip
 
@@ -275,14 +281,15 @@ def to_markdown(recipe: Recipe, summary: list[dict[str, Any]], deltas: list[dict
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in PUBLISHED.get(dataset_key(recipe), []):
-        auc = f"{p.auc:.3f}" + (f" ± {p.auc_sd:.3f}" if p.auc_sd is not None else "")
-        acc = f"{p.acc:.3f}" + (f" ± {p.acc_sd:.3f}" if p.acc_sd is not None else "")
+        auc = f"{p.auc:.4g}" + (f" ± {p.auc_sd:.4f}" if p.auc_sd is not None else "")  # as published: 3 or 4 places
+        acc = f"{p.acc:.4g}" + (f" ± {p.acc_sd:.4f}" if p.acc_sd is not None else "")
         seeds = 3 if p.auc_sd is not None else "-"
         lines.append(f"| {p.source} | {p.model} | {seeds} | - | {auc} | {acc} | - | - | - |")
     for e in summary:
         failed = f" ({e['failed']} failed)" if e["failed"] else ""
         lines.append(
-            f"| medvision ({e['amp'] or '-'}) | {recipe.model.name}, `{e['variant']}` | {e['seeds']}{failed} | "
+            f"| medvision ({e['amp'] or '-'}) | {e['model'] or recipe.model.name}, `{e['variant']}` | "
+            f"{e['seeds']}{failed} | "
             f"{_f(e['val_auc'])} / {_f(e['val_acc'])} | {_with_ci_sd(e, 'auc')} | {_with_ci_sd(e, 'acc')} | "
             f"{_f(e['acc_youden'])} | "
             f"{_f(e['epochs'], 0)} ({_f(e['best_epoch'], 0)}) | {_f(e['seconds'] / 60, 1)} |"
