@@ -9,7 +9,7 @@ preprocessing definition, not a second one rebuilt from MONAI transforms. The bu
 medvision installed where it runs (its ``metadata.json`` lists it under ``required_packages_version``);
 its TorchScript model does not.
 
-- :func:`datalist`: every regular file under the folder, as ``score`` finds them (:func:`medvision.io.archive.scan`).
+- :func:`datalist`: every entry under the folder, as ``score`` finds them (:func:`medvision.io.archive.scan`).
 - :class:`ReadForModel`: ``{"image": path}`` -> the model's input as a ``MetaTensor`` (C, H, W) float32 in
   [0, 1], with ``filename_or_obj`` and medvision's verdict (``medvision_status``, ``medvision_reason``) in its
   meta. A file that cannot be read (or is not an input) becomes a zero image marked with its reason, and
@@ -52,11 +52,13 @@ def read_spec(metadata_file: str | Path) -> ScoringSpec:
 
 
 def datalist(dataset_dir: str | Path) -> list[dict[str, str]]:
-    """``{"image": path}`` for every regular file under ``dataset_dir``, in ``score``'s order."""
+    """``{"image": path}`` for every entry under ``dataset_dir``, in ``score``'s order: the ones ``score`` rejects
+    while scanning (a broken link, a directory that cannot be listed) too, so that each gets its NaN row and
+    logged reason from :class:`ReadForModel` instead of vanishing from ``predictions.csv``."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset_dir {root} is not a folder")
-    return [{"image": str(root / e.rel)} for e in scan(root) if e.outcome == "candidate"]
+    return [{"image": str(root / e.rel)} for e in scan(root)]
 
 
 def network_input(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -272,7 +272,7 @@ def load_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[Patch
     where = resolve_checkpoint(spec, checkpoint)
     network = build_network(spec, where)
     if spec.dim == 0:  # timm:<model>: the width is the network's
-        spec = EncoderSpec(**{**spec.__dict__, "dim": int(getattr(network, "num_features", 0))})
+        spec = replace(spec, dim=int(getattr(network, "num_features", 0)))
     encoder = PatchEncoder(spec, network).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)

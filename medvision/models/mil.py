@@ -175,12 +175,15 @@ class _TransLayer(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.heads, self.dropout = heads, dropout
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The layer's output and, when asked, the class token's attention over all tokens (mean of heads)."""
         n, dim = x.shape
         q, k, v = self.qkv(self.norm(x)).view(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        cls_attention = torch.softmax(q[:, :1] @ k.transpose(-1, -2) / math.sqrt(dim // self.heads), dim=-1)
-        return x + self.out(y.transpose(0, 1).reshape(n, dim)), cls_attention.mean(0)[0]
+        weights = None
+        if cls_attention:  # one extra row of scores, only in the layer whose attention is reported
+            weights = torch.softmax(q[:, :1] @ k.transpose(-1, -2) / math.sqrt(dim // self.heads), dim=-1).mean(0)[0]
+        return x + self.out(y.transpose(0, 1).reshape(n, dim)), weights
 
 
 class _PPEG(nn.Module):
@@ -228,7 +231,8 @@ class TransMIL(MILHead):
         side = math.ceil(math.sqrt(n))
         h = torch.cat([h, h[: side * side - n]]) if side * side > n else h  # pad the grid by repeating tiles
         x, _ = self.layer1(torch.cat([self.cls_token, h]))
-        x, attention = self.layer2(self.ppeg(x, side))
+        x, attention = self.layer2(self.ppeg(x, side), cls_attention=True)
+        assert attention is not None
         weights = attention[1 : n + 1]  # the real tiles, not the class token or the padding
         return self.classifier(self.norm(x)[0]), weights / weights.sum()
 

@@ -104,6 +104,9 @@ def batch_mixer(cfg: TrainConfig, num_classes: int) -> Mix | None:
     """
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
+    if num_classes < 2:
+        raise ValueError(f"train.mixup / train.cutmix need the model's class count for their soft targets; got "
+                         f"{num_classes} (a model without a timm classifier head?)")  # fmt: skip
     from timm.data import Mixup
 
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch,
