@@ -24,6 +24,7 @@ from medvision.tasks.score import (
     EXIT_FILE_ERRORS,
     EXIT_NO_IMAGES,
     FILE_TIMEOUT,
+    SLIDE_TIMEOUT,
     parse_shard,
     score_folder,
     score_slides,
@@ -61,7 +62,7 @@ def _slide_run(model: Path) -> bool:
         tree = yaml.safe_load(recipe.read_text()) or {}
     except yaml.YAMLError:
         return False  # load_run reports the damaged recipe
-    return isinstance(tree, dict) and (tree.get("data") or {}).get("source") == "slides"
+    return isinstance(tree, dict) and (tree.get("data") or {}).get("source") in ("slides", "slide_features")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="most values (rows x cols x samples) a header may declare (default: %(default)d)")  # fmt: skip
     p.add_argument("--max-file-size", type=float, default=MAX_FILE_BYTES / 2**30, metavar="GIB",
                    help="larger files are error rows, never read (default: %(default)g GiB)")  # fmt: skip
+    p.add_argument("--encoder-checkpoint", metavar="PATH",
+                   help="a run trained on cached slide features: its encoder's weights (default: "
+                        "$MEDVISION_ENCODER_<NAME>); checked against the run's SHA-256")  # fmt: skip
     p.add_argument("--include-tags", default="", metavar="TAG,TAG",
                    help="opt in to extra DICOM tags as columns, e.g. AccessionNumber (none by default)")  # fmt: skip
     p.add_argument(
@@ -126,6 +130,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="decode worker processes (default: min(4, cores)); 0 decodes in-process, without crash "
                         "isolation")  # fmt: skip
+    _nproc_option(p)
+
+    p = sub.add_parser(
+        "features",
+        help="embed every slide's tissue tiles with a frozen pathology encoder: one HDF5 file per slide",
+        description="Exit codes: 0 every slide embedded; 2 the encoder cannot be loaded; 3 some slides are error "
+        "rows (all rows are written); 4 no slide found. Re-run with the same --out to resume.",
+    )
+    p.add_argument("folder", type=Path, help="slides folder, searched recursively (a DICOM WSI is a series folder)")
+    p.add_argument("--encoder", required=True, metavar="NAME",
+                   help="uni, uni2-h, virchow2, h-optimus-0, prov-gigapath, phikon-v2, or timm:<model>")  # fmt: skip
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="local weights (a folder for phikon-v2); default: $MEDVISION_ENCODER_<NAME>; 'hub' "
+                        "downloads (needs access and network)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="folder for the .h5 files, features.csv and .json")
+    p.add_argument("--tile-size", type=int, help="tile side in pixels at --target-mpp (default: the encoder's)")
+    p.add_argument("--target-mpp", type=float, help="µm/px of the tiles (default: the encoder's, else 0.5)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a tile (default: 0.5)")
+    p.add_argument("--max-tiles", type=int, help="at most this many tiles a slide (seeded choice; default: all)")
+    p.add_argument("--mpp", type=float, help="level-0 µm/px of every slide, for scans whose files lack it")
+    p.add_argument("--stain-reference", metavar="PNG", help="Macenko-normalise every tile to this tile's stains")
+    p.add_argument("--backend", choices=["auto", "openslide", "tiffslide", "dicom"], default="auto")
+    p.add_argument("--amp", choices=SCORE_AMP, default="none",
+                   help="none = float32 (default); auto = bf16/fp16 where the hardware runs it natively")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per encoder batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tile-reading processes (default: %(default)s; 0 reads in-process, without crash "
+                        "isolation)")  # fmt: skip
+    p.add_argument("--slide-timeout", type=float, default=SLIDE_TIMEOUT, metavar="S",
+                   help="seconds a slide may take to open and find its tissue (default: %(default)g)")  # fmt: skip
+    p.add_argument(
+        "--shard", default=(0, 1), type=_shard, metavar="I/N", help="embed only shard I of N (deterministic)"
+    )
     _nproc_option(p)
 
     p = sub.add_parser("explain", help="Grad-CAM heatmaps: of given images, or of a run's most confident errors")
@@ -294,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
             if _slide_run(args.model):  # a run trained on whole slides scores slides: one row per slide
                 summary = score_slides(args.folder, args.model, args.out, args.shard, args.batch_size, args.workers,
-                                       args.engine, args.file_timeout, amp=args.amp)  # fmt: skip
+                                       args.engine, args.file_timeout, amp=args.amp,
+                                       encoder_checkpoint=args.encoder_checkpoint)  # fmt: skip
             else:
                 summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
                                        args.workers, args.engine, args.file_timeout, args.max_pixels,
@@ -308,6 +346,40 @@ def main(argv: list[str] | None = None) -> int:
                       "say why (status error)", file=sys.stderr)  # fmt: skip
             elif summary.exit_code == EXIT_NO_IMAGES:
                 print(f"medvision score: error: no image file to score in {args.folder}", file=sys.stderr)
+            return summary.exit_code
+        elif args.command == "features":
+            from medvision.recipe import SlidesConfig
+            from medvision.tasks.features import TABLE, extract_features
+
+            if not args.folder.is_dir():
+                print(f"medvision features: error: {args.folder} is not a folder", file=sys.stderr)
+                return EXIT_NO_IMAGES
+            slides = None
+            if (
+                any(
+                    v is not None
+                    for v in (args.tile_size, args.target_mpp, args.max_tiles, args.mpp, args.stain_reference)
+                )
+                or args.min_tissue != 0.5
+                or args.backend != "auto"
+            ):
+                from medvision.models.encoders import encoder_spec
+
+                spec = encoder_spec(args.encoder)
+                slides = SlidesConfig(tile_size=args.tile_size or spec.tile_size,
+                                      target_mpp=args.target_mpp or spec.mpp or 0.5, min_tissue=args.min_tissue,
+                                      max_tiles_per_slide=args.max_tiles, mpp=args.mpp,
+                                      stain_reference=args.stain_reference, backend=args.backend)  # fmt: skip
+            summary = extract_features(args.folder, args.out, args.encoder, args.checkpoint, slides=slides,
+                                       batch_size=args.batch_size, workers=args.workers, shard=args.shard,
+                                       amp=args.amp, slide_timeout=args.slide_timeout)  # fmt: skip
+            print(summary.line().replace("file(s)", "slide(s)"))
+            print(f"features: {args.out}/*.h5, index {args.out / TABLE}")
+            if ranked:
+                return 0
+            if summary.exit_code == EXIT_FILE_ERRORS:
+                print(f"medvision features: {summary.error_files} slide(s) could not be embedded; their rows in "
+                      f"{args.out / TABLE} say why (status error)", file=sys.stderr)  # fmt: skip
             return summary.exit_code
         elif args.command == "explain":
             from medvision.tasks.explain import explain_errors, explain_images

@@ -1,7 +1,7 @@
-"""Classification metrics as pure functions, checked against scikit-learn in the tests.
+"""Classification and regression metrics as pure functions, checked against scikit-learn in the tests.
 
 AUC on data with a single class is undefined: it is NaN with a warning, never a crash and never a
-silent 0.5.
+silent 0.5. Likewise a regression metric of an empty set, and R² of a constant target.
 """
 
 from __future__ import annotations
@@ -149,6 +149,55 @@ class MetricAccumulator:
         return compute_metrics(labels, softmax(logits) if len(labels) else logits)
 
 
+# ------------------------------------------------------------------------------- regression metrics
+
+
+def _regression_pair(y_true: np.ndarray, pred: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Targets and predictions as 1-D float64 (a prediction may be (n,) or (n, 1), as a regression head's
+    output); None, with a warning, where ``name`` is undefined: no rows, or NaN/inf among them."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(pred, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 1:
+        p = p[:, 0]
+    if p.ndim != 1 or len(p) != len(y):
+        raise ValueError(f"{name}: pred has shape {p.shape} for {len(y)} targets: expected ({len(y)},) or "
+                         f"({len(y)}, 1)")  # fmt: skip
+    if len(y) == 0:
+        warnings.warn(f"{name} of an empty set is undefined; reporting NaN", MetricWarning, stacklevel=3)
+        return None
+    if not (np.isfinite(y).all() and np.isfinite(p).all()):
+        warnings.warn(f"{name}: targets or predictions contain NaN or Inf; reporting NaN", MetricWarning, stacklevel=3)
+        return None
+    return y, p
+
+
+def compute_mse(y_true: np.ndarray, pred: np.ndarray) -> float:
+    """Mean squared error of continuous predictions ``(n,)`` or ``(n, 1)`` (scikit-learn's ``mean_squared_error``)."""
+    pair = _regression_pair(y_true, pred, "MSE")
+    return float("nan") if pair is None else float(np.mean(np.square(pair[0] - pair[1])))
+
+
+def compute_mae(y_true: np.ndarray, pred: np.ndarray) -> float:
+    """Mean absolute error of continuous predictions (scikit-learn's ``mean_absolute_error``), in the target's units."""
+    pair = _regression_pair(y_true, pred, "MAE")
+    return float("nan") if pair is None else float(np.mean(np.abs(pair[0] - pair[1])))
+
+
+def compute_r2(y_true: np.ndarray, pred: np.ndarray) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` (scikit-learn's ``r2_score``): 1 is perfect, 0 is no
+    better than predicting the targets' own mean, below 0 worse. Undefined (NaN, with a warning) when the
+    targets are constant, where scikit-learn reports 0 or 1 by convention."""
+    pair = _regression_pair(y_true, pred, "R2")
+    if pair is None:
+        return float("nan")
+    y, p = pair
+    ss_tot = float(np.sum(np.square(y - y.mean())))
+    if ss_tot == 0.0:
+        warnings.warn("R2 is undefined for a constant target; reporting NaN", MetricWarning, stacklevel=2)
+        return float("nan")
+    return 1.0 - float(np.sum(np.square(y - p))) / ss_tot
+
+
 # ------------------------------------------------------------------ threshold and calibration metrics
 
 
@@ -250,17 +299,22 @@ def bootstrap_cis(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    *,
+    stratify: bool = True,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile CIs of several metrics over the same stratified bootstrap resamples.
+    """Percentile CIs of several metrics over the same (by default stratified) bootstrap resamples.
 
-    Each class is resampled on its own, so every resample keeps the data's class mix and AUC is
-    defined in each one. Resamples where a metric is NaN are dropped for that metric; a metric
-    that is NaN in every resample gets a (NaN, NaN) interval.
+    With ``stratify`` each class is resampled on its own, so every resample keeps the data's class mix
+    and AUC is defined in each one. Continuous targets need ``stratify=False``: every distinct value
+    would be its own stratum, resampled only to itself, and the interval would collapse to the point
+    estimate; then all rows are resampled together. Resamples where a metric is NaN are dropped for that
+    metric; a metric that is NaN in every resample gets a (NaN, NaN) interval.
     """
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs)
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(y == c) for c in np.unique(y)]
+    strata = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
+    groups = [g for g in strata if len(g)]  # no rows: no resamples, (NaN, NaN)
     values: dict[str, list[float]] = {name: [] for name in metrics}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
@@ -286,9 +340,12 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    *,
+    stratify: bool = True,
 ) -> tuple[float, float]:
-    """Percentile CI of one ``metric`` over stratified bootstrap resamples (see ``bootstrap_cis``)."""
-    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level)["m"]
+    """Percentile CI of one ``metric`` over bootstrap resamples, stratified by class by default (see
+    ``bootstrap_cis``)."""
+    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level, stratify=stratify)["m"]
 
 
 def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medvision.errors import MedvisionError
-from medvision.io.dicom import parse_window
+from medvision.recipe_nodes import DicomConfig, MILSection, SlidesConfig, _Node
 
 SHARED_DEFAULT = "../shared"
 
@@ -30,69 +30,11 @@ class RecipeError(MedvisionError, ValueError):
     """A recipe that cannot be used; the message names the file, the key path and the fix."""
 
 
-class _Node(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, frozen=True)
-
-
-WindowItem = str | list[float] | dict[str, float]
-
-
-def _file_window() -> list[WindowItem]:
-    return ["file"]
-
-
-class DicomConfig(_Node):
-    windows: list[WindowItem] = Field(default_factory=_file_window)
-    """VOI windows, one channel each: ``file``, ``file:<i>``, ``percentile``, a preset (lung, mediastinum,
-    soft_tissue, bone, brain, subdural, liver) or ``{center: C, width: W}``."""
-    voi_function: Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"] | None = None
-    """Windowing function; default: the file's VOILUTFunction, else LINEAR."""
-    frames: Literal["first", "middle", "all", "tiled"] = "first"
-    """Multi-frame files: the first or middle frame, each frame as a sample, or (``tiled``) a whole-slide
-    image's tiles assembled into one image."""
-    labels: str | None = None
-    """CSV with ``label`` and ``path`` (relative to the folder) or ``sop_instance_uid``; default: class folders."""
-    cache: bool = True
-    """Cache decoded, windowed pixels as float16 ``.npy`` files, filled as the table is built (damaged pixels are
-    found before training), so epochs skip decoding."""
-
-    @field_validator("windows")
-    @classmethod
-    def _known_windows(cls, value: list[Any]) -> list[Any]:
-        if not value:
-            raise ValueError("at least one window is needed")
-        for item in value:
-            parse_window(item)
-        return value
-
-
-class SlidesConfig(_Node):
-    target_mpp: float = Field(0.5, gt=0.0)
-    """Microns per pixel of the tiles (0.5 is about 20x, 0.25 about 40x); read from the best pyramid level."""
-    tile_size: int = Field(224, ge=16, le=4096)
-    """Tile side in pixels at ``target_mpp`` (tiles are then resized to ``data.image_size`` if it differs)."""
-    min_tissue: float = Field(0.5, ge=0.0, le=1.0)
-    """Keep tiles whose tissue fraction (from the thumbnail's tissue mask) is at least this."""
-    tissue_method: Literal["saturation", "od"] = "saturation"
-    """Tissue detection: Otsu on HSV saturation, or on optical density (catches pale tissue too)."""
-    tissue_mpp: float = Field(8.0, gt=0.0)
-    """Resolution (µm/px) of the thumbnail that tissue is detected on."""
-    mpp: float | None = Field(None, gt=0.0)
-    """Level-0 microns per pixel of every slide, for scans whose files lack it; default: the file's metadata."""
-    max_tiles_per_slide: int | None = Field(None, ge=1)
-    """Keep at most this many tissue tiles of each slide (a seeded random choice), for every split and score."""
-    backend: Literal["auto", "openslide", "tiffslide", "dicom"] = "auto"
-    """Slide reader: ``auto`` picks wsidicom for DICOM folders, tiffslide for OME-TIFF, else OpenSlide."""
-    tile_cache: bool = False
-    """Store each tile, once read (and stain-normalised), in a memory-mapped cache so later epochs skip decoding."""
-    stain_reference: str | None = None
-    """An RGB reference tile (PNG/TIFF): Macenko stain normalisation of every tile to its stain colours."""
-
-
 class DataConfig(_Node):
-    source: Literal["npz", "folder", "csv", "dicom", "slides"]
-    """Where samples come from: a MedMNIST ``.npz``, class subfolders, a CSV manifest, a DICOM folder, or a
-    CSV of whole slides (``slide_path,label[,patient_id,split]``) cut into tissue tiles."""
+    source: Literal["npz", "folder", "csv", "dicom", "slides", "slide_features"]
+    """Where samples come from: a MedMNIST ``.npz``, class subfolders, a CSV manifest, a DICOM folder, a CSV of
+    whole slides (``slide_path,label[,patient_id,split]``) cut into tissue tiles, or the same CSV over the
+    slides' cached tile features (``medvision features``; the run trains the ``mil`` head by cross-validation)."""
     path: str
     """File or folder of the source; ``${MEDVISION_SHARED}`` expands (default ``../shared``)."""
     classes: list[str] | None = None
@@ -129,6 +71,12 @@ class DataConfig(_Node):
     """How whole slides are tiled: magnification, tile size, tissue rule, stain (``source: slides`` and ``score``)."""
     tiles_per_slide: int | None = Field(None, ge=1)
     """Training tiles sampled per slide per epoch (a new seeded draw each epoch), so big slides do not dominate."""
+    features: str | None = None
+    """``source: slide_features``: the folder ``medvision features`` wrote (its ``features.csv`` maps each
+    ``slide_path`` of the manifest to its ``.h5`` file); ``${MEDVISION_SHARED}`` expands."""
+    target: Literal["class", "continuous"] = "class"
+    """``source: slide_features``: ``class`` labels (classification) or a ``continuous`` number per slide
+    (regression, reported as MSE, MAE and R² with CIs)."""
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Share of the training split used, with its labels: whole patients, stratified by label, at least one
     patient per class, and nested (the 1% subset is inside the 10% one for the same seed); val and test stay whole."""
@@ -351,10 +299,12 @@ class Recipe(_Node):
     """Where the images come from and how they are split and batched."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     """Train-time augmentation; evaluation always uses resize and the backbone's normalisation only."""
-    model: ModelConfig
-    """The timm backbone and its starting weights."""
-    train: TrainConfig
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name=""))
+    """The timm backbone and its starting weights (required, except for ``data.source: slide_features``)."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
     """Freeze phases, optimizer, precision and checkpointing policy."""
+    mil: MILSection = Field(default_factory=MILSection)
+    """``data.source: slide_features``: the MIL head on the cached tile features and its cross-validation."""
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     """Confidence intervals, calibration, operating points and patient-level aggregation of the report."""
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -362,6 +312,31 @@ class Recipe(_Node):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
+        given = self.model_fields_set
+        if self.data.source == "slide_features":
+            if self.data.features is None:
+                raise ValueError("data.source 'slide_features' needs data.features: the folder `medvision features` "
+                                 "wrote")  # fmt: skip
+            defaults = {"model": ModelConfig(name=""), "train": TrainConfig(), "augment": AugmentConfig(),
+                        "pretrain": PretrainConfig()}  # fmt: skip
+            ignored = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} do not apply to data.source 'slide_features' (the tile "
+                                 "features are frozen; the MIL head is set under mil)")  # fmt: skip
+            if self.data.target == "continuous" and self.mil.head == "clam_sb":
+                raise ValueError("mil.head 'clam_sb' needs classes (its instance loss); use abmil, transmil or mean "
+                                 "for a continuous target")  # fmt: skip
+            if self.mil.head == "transmil" and self.mil.hidden % self.mil.heads:
+                raise ValueError(f"mil.hidden {self.mil.hidden} must divide by mil.heads {self.mil.heads}")
+            return self
+        if "model" not in given or not self.model.name:
+            raise ValueError("model.name is required: a timm backbone, e.g. model: {name: resnet18, pretrained: true}")
+        if "train" not in given:
+            raise ValueError("train is required: at least train.phases (see recipes/ for examples)")
+        if self.mil != MILSection():
+            raise ValueError("mil applies to data.source 'slide_features' only")
+        if self.data.target != "class":
+            raise ValueError("data.target 'continuous' applies to data.source 'slide_features' only")
         if self.train.amp == "fp16" and self.train.device == "cpu":
             raise ValueError("train.amp 'fp16' needs a CUDA device (it uses a GradScaler); use 'bf16' on CPU")
         if self.model.init_from and self.model.pretrained:
@@ -525,6 +500,8 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
         return str(Path(expand_path(value)).resolve())
 
     changes: dict[str, Any] = {"data.path": absolute(recipe.data.path), "output_dir": absolute(recipe.output_dir)}
+    if recipe.data.features:
+        changes["data.features"] = absolute(recipe.data.features)
     if recipe.data.slides.stain_reference:
         changes["data.slides.stain_reference"] = absolute(recipe.data.slides.stain_reference)
     if isinstance(recipe.model.pretrained, str):

@@ -3,15 +3,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
 
 from medvision.metrics import (
     MetricAccumulator,
     MetricWarning,
     aggregate_by_group,
     binary_auc,
+    bootstrap_ci,
+    bootstrap_cis,
     compute_accuracy,
     compute_auc,
+    compute_mae,
+    compute_mse,
+    compute_r2,
     multilabel_auc,
     softmax,
 )
@@ -146,3 +151,44 @@ def test_patient_aggregation_multiclass_renormalises_and_votes() -> None:
     assert list(yp) == [2, 1] and mixed == 1  # majority label
     np.testing.assert_allclose(mx[0], np.array([0.6, 0.3, 0.7]) / 1.6)
     np.testing.assert_allclose(mx.sum(1), 1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regression_metrics_match_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.normal(50.0, 10.0, 200)
+    pred = y + rng.normal(0.0, 4.0, 200) + 2.0
+    for p in (pred, pred[:, None]):  # a regression head's (n, 1) output as well as (n,)
+        assert compute_mse(y, p) == pytest.approx(mean_squared_error(y, pred), rel=1e-12)
+        assert compute_mae(y, p) == pytest.approx(mean_absolute_error(y, pred), rel=1e-12)
+        assert compute_r2(y, p) == pytest.approx(r2_score(y, pred), rel=1e-12)
+    assert compute_r2(y, np.full(200, y.mean())) == pytest.approx(0.0, abs=1e-12)
+    assert compute_r2(y, y - 100.0) < 0  # worse than the mean
+
+
+def test_regression_metrics_undefined_are_nan_with_a_warning() -> None:
+    for metric in (compute_mse, compute_mae, compute_r2):
+        with pytest.warns(MetricWarning, match="empty set"):
+            assert np.isnan(metric(np.array([]), np.zeros((0, 1))))
+        with pytest.warns(MetricWarning, match="NaN or Inf"):
+            assert np.isnan(metric(np.array([1.0, 2.0]), np.array([1.0, np.nan])))
+    with pytest.warns(MetricWarning, match="constant target"):
+        assert np.isnan(compute_r2(np.full(5, 3.0), np.arange(5.0)))
+    with pytest.raises(ValueError, match=r"pred has shape \(3, 2\) for 3 targets"):
+        compute_mse(np.zeros(3), np.zeros((3, 2)))
+
+
+def test_bootstrap_ci_of_mse_unstratified_for_continuous_targets() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.0, 1.0, 120)
+    pred = (y + rng.normal(0.0, 0.5, 120))[:, None]
+    point = compute_mse(y, pred)
+    lo, hi = bootstrap_ci(y, pred, compute_mse, n_resamples=500, stratify=False)
+    assert lo < point < hi and hi - lo > 0.05
+    # Stratified by "class", every distinct continuous value is its own stratum: the CI collapses to the point.
+    assert bootstrap_ci(y, pred, compute_mse, n_resamples=50) == pytest.approx((point, point))
+    cis = bootstrap_cis(y, pred, {"mse": compute_mse, "r2": compute_r2}, n_resamples=200, stratify=False)
+    assert cis["r2"][0] < compute_r2(y, pred) < cis["r2"][1]
+    assert bootstrap_cis(np.array([]), np.zeros((0, 1)), {"mse": compute_mse}, stratify=False)["mse"] == (
+        pytest.approx((np.nan, np.nan), nan_ok=True)
+    )

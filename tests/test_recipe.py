@@ -59,7 +59,7 @@ def test_values_are_type_checked() -> None:
 def test_missing_key_and_cross_field_rules() -> None:
     tree = minimal()
     del tree["model"]
-    assert "model: required key is missing" in error_of(tree)
+    assert "model.name is required" in error_of(tree)
     tree = minimal()
     tree["data"].update(val_fraction=0.6, test_fraction=0.5)
     assert "below 1" in error_of(tree)

@@ -21,6 +21,7 @@ LAYERS = {
     "medvision.workers": 0,
     "medvision.metrics": 0,
     "medvision.recipe": 1,
+    "medvision.recipe_nodes": 1,
     "medvision.evaluation": 2,
     "medvision.runs": 2,
     "medvision.plots": 2,

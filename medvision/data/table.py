@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -118,6 +118,21 @@ def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patie
     if not rows:
         raise DataSourceError(f"{path}: manifest has a header but no rows")
     return rows
+
+
+def slide_rows(path: Path, rows: Iterable[dict[str, str]]) -> Iterator[tuple[int, str, str, dict[str, str]]]:
+    """A slide manifest's rows as (line, where, slide_path, row), each ``slide_path`` checked: not empty and
+    not listed twice (a :class:`DataSourceError` naming the line otherwise)."""
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        where = f"{path}, line {line}"
+        rel = (row["slide_path"] or "").strip()
+        if not rel:
+            raise DataSourceError(f"{where}: empty 'slide_path'")
+        if rel in seen:
+            raise DataSourceError(f"{where}: slide {rel!r} is listed twice (first on line {seen[rel]})")
+        seen[rel] = line
+        yield line, where, rel, row
 
 
 def check_patient_disjoint(table: SampleTable) -> None:

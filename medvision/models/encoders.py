@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import nn
 
 from medvision.errors import MedvisionError
 from medvision.models.backbone import load_state
+from medvision.runtime import autocast
 
 Pooling = Literal["pooled", "cls", "cls+mean"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -258,6 +260,16 @@ class PatchEncoder(nn.Module):
     @property
     def dim(self) -> int:
         return self.spec.dim
+
+    def embed(self, batches: Iterable[Any], device: torch.device, amp: str = "none") -> np.ndarray:
+        """Embeddings of uint8 tile batches (B, 3, H, W) on ``device`` in ``amp`` (``none``: float32), as float32
+        (N, dim): the one path by which ``features`` and ``score`` embed tiles."""
+        out = []
+        with torch.inference_mode(), autocast(device, amp):
+            for batch in batches:
+                x = torch.as_tensor(batch).to(device, non_blocking=True)
+                out.append(self(x).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
 def load_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[PatchEncoder, str]:

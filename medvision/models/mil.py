@@ -7,6 +7,12 @@ a weight per tile (non-negative, summing to 1: where the model looked, drawn as 
 standardises the features with the training tiles' per-feature mean and std, kept as buffers, so a
 saved head carries its own normalisation. Training, prediction and files: :mod:`medvision.models.mil_fit`.
 
+``num_classes=1`` makes any head but CLAM-SB a regression head for a continuous slide target (a score,
+a biomarker level): its one output is the prediction in the target's own units. It learns the target
+standardised with the training targets' mean and std, kept as the buffers ``target_mean`` and
+``target_std`` (registered only on regression heads, so classification files from before them load
+unchanged); the loss is the squared error of that standardised target, without class weights.
+
 - :class:`MeanMIL`: the mean of the tile features, then a linear classifier. The baseline: a few
   positive tiles are diluted by the bag size.
 - :class:`ABMIL`: gated attention pooling (Ilse, Tomczak & Welling, ICML 2018): ``h = ReLU(W x)``,
@@ -33,19 +39,24 @@ from torch import Tensor, nn
 
 
 class MILHead(nn.Module):
-    """What every MIL head shares: the feature standardisation, the bag check, the loss and ``arch``."""
+    """What every MIL head shares: the feature standardisation, the bag check, the loss and ``arch``.
+
+    ``num_classes`` is 2 or more for classification (binary is 2 logits) and 1 for regression.
+    """
 
     kind = ""
     feat_mean: Tensor
     feat_std: Tensor
+    target_mean: Tensor
+    target_std: Tensor
 
     def __init__(self, in_features: int, num_classes: int, **arch: Any) -> None:
         super().__init__()
         if in_features < 1:
             raise ValueError(f"{type(self).__name__} in_features={in_features}: expected a positive width")
-        if num_classes < 2:
-            raise ValueError(f"{type(self).__name__} num_classes={num_classes}: expected 2 or more (binary is 2 "
-                             "logits)")  # fmt: skip
+        if num_classes < 1:
+            raise ValueError(f"{type(self).__name__} num_classes={num_classes}: expected 2 or more classes (binary "
+                             "is 2 logits), or 1 for a regression output")  # fmt: skip
         dropout = arch.get("dropout", 0.0)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{type(self).__name__} dropout={dropout}: expected a probability in [0, 1)")
@@ -53,6 +64,14 @@ class MILHead(nn.Module):
         # Identity until training sets them from the training bags; saved with the weights.
         self.register_buffer("feat_mean", torch.zeros(in_features))
         self.register_buffer("feat_std", torch.ones(in_features))
+        if num_classes == 1:  # only here, so classification files written before regression load strictly
+            self.register_buffer("target_mean", torch.zeros(()))
+            self.register_buffer("target_std", torch.ones(()))
+
+    @property
+    def regression(self) -> bool:
+        """One output, a continuous target in its own units, rather than class logits."""
+        return self.num_classes == 1
 
     def arch(self) -> dict[str, Any]:
         """The constructor arguments, as saved with the weights to rebuild the head."""
@@ -64,11 +83,31 @@ class MILHead(nn.Module):
                              f"{self.in_features})")  # fmt: skip
         return (bag - self.feat_mean) / self.feat_std
 
-    def bag_loss(self, bag: Tensor, label: int, class_weight: Tensor) -> Tensor:
-        """Class-weighted cross-entropy of one bag (the weight multiplies the loss explicitly:
-        ``F.cross_entropy(weight=...)`` divides by the summed weight, which for one bag cancels it)."""
-        logits, _ = self(bag)
-        return class_weight[label] * F.cross_entropy(logits.unsqueeze(0), torch.tensor([label]))
+    def output(self, z: Tensor) -> Tensor:
+        """The classifier's raw output as the head returns it: logits, or for regression the standardised
+        prediction mapped back to the target's units."""
+        return z * self.target_std + self.target_mean if self.regression else z
+
+    def bag_loss(self, bag: Tensor, target: float, class_weight: Tensor | None = None) -> Tensor:
+        """The training loss of one bag.
+
+        Classification: the cross-entropy of class index ``target``, times ``class_weight[target]`` when
+        given (the weight multiplies the loss explicitly: ``F.cross_entropy(weight=...)`` divides by the
+        summed weight, which for one bag cancels it). Regression: the squared error of the target
+        standardised with ``target_mean`` and ``target_std``; there are no classes to weight, so
+        ``class_weight`` must be None.
+        """
+        out, _ = self(bag)
+        if self.regression:
+            if class_weight is not None:
+                raise ValueError(f"{type(self).__name__} regression bag_loss got a class_weight: expected None")
+            return ((out[0] - target) / self.target_std).square()
+        return self._weighted_ce(out, int(target), class_weight)
+
+    @staticmethod
+    def _weighted_ce(logits: Tensor, label: int, class_weight: Tensor | None) -> Tensor:
+        loss = F.cross_entropy(logits.unsqueeze(0), torch.tensor([label]))
+        return loss if class_weight is None else class_weight[label] * loss
 
 
 class MeanMIL(MILHead):
@@ -84,7 +123,7 @@ class MeanMIL(MILHead):
     def forward(self, bag: Tensor) -> tuple[Tensor, Tensor]:
         x = self.standardise(bag)
         weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
-        return self.classifier(self.drop(x.mean(0))), weights
+        return self.output(self.classifier(self.drop(x.mean(0)))), weights
 
 
 class ABMIL(MILHead):
@@ -92,7 +131,8 @@ class ABMIL(MILHead):
 
     Args:
         in_features: Width of each tile feature vector.
-        num_classes: Number of slide classes (two or more; the loss is softmax cross-entropy).
+        num_classes: Number of slide classes (two or more; the loss is softmax cross-entropy), or 1 for a
+            regression output (the loss is the squared error of the standardised target).
         hidden: Width of the per-tile embedding ``h`` (the paper's M).
         attention: Width of the attention branch (the paper's L).
         dropout: Dropout on the tile embedding and the attention branch, for regularisation on few slides.
@@ -122,10 +162,11 @@ class ABMIL(MILHead):
         return torch.softmax(self.attn_w(gate).squeeze(-1), dim=0)
 
     def forward(self, bag: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits ``(num_classes,)`` and attention weights ``(n_tiles,)`` (non-negative, summing to 1)."""
+        """Logits ``(num_classes,)`` (regression: the prediction, ``(1,)``) and attention weights ``(n_tiles,)``
+        (non-negative, summing to 1)."""
         h = self.embed(self.standardise(bag))
         weights = self.attend(h)
-        return self.classifier(weights @ h), weights
+        return self.output(self.classifier(weights @ h)), weights
 
 
 class CLAMSB(ABMIL):
@@ -141,6 +182,9 @@ class CLAMSB(ABMIL):
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 128, attention: int = 64,
                  dropout: float = 0.25, gated: bool = True, k: int = 8, bag_weight: float = 0.7) -> None:  # fmt: skip
+        if num_classes == 1:
+            raise ValueError("CLAM-SB num_classes=1: regression is not supported (its instance loss trains one "
+                             "classifier per class); use abmil, mean or transmil")  # fmt: skip
         super().__init__(in_features, num_classes, hidden, attention, dropout, gated)
         if k < 1 or not 0.0 <= bag_weight <= 1.0:
             raise ValueError(f"CLAM-SB k={k}, bag_weight={bag_weight}: expected k >= 1 and bag_weight in [0, 1]")
@@ -157,11 +201,11 @@ class CLAMSB(ABMIL):
         targets = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)])
         return F.cross_entropy(logits, targets)
 
-    def bag_loss(self, bag: Tensor, label: int, class_weight: Tensor) -> Tensor:
+    def bag_loss(self, bag: Tensor, target: float, class_weight: Tensor | None = None) -> Tensor:
+        label = int(target)
         h = self.embed(self.standardise(bag))
         weights = self.attend(h)
-        logits = self.classifier(weights @ h)
-        bag_ce = class_weight[label] * F.cross_entropy(logits.unsqueeze(0), torch.tensor([label]))
+        bag_ce = self._weighted_ce(self.classifier(weights @ h), label, class_weight)
         return self.bag_weight * bag_ce + (1.0 - self.bag_weight) * self.instance_loss(h, weights, label)
 
 
@@ -234,7 +278,7 @@ class TransMIL(MILHead):
         x, attention = self.layer2(self.ppeg(x, side), cls_attention=True)
         assert attention is not None
         weights = attention[1 : n + 1]  # the real tiles, not the class token or the padding
-        return self.classifier(self.norm(x)[0]), weights / weights.sum()
+        return self.output(self.classifier(self.norm(x)[0])), weights / weights.sum()
 
 
 #: Every head by its ``kind`` (the recipe's and the saved file's name for it).

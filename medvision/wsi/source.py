@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.table import SPLITS, AuditRow, DataSourceError, SampleTable, class_index, read_manifest
+from medvision.data.table import SPLITS, AuditRow, DataSourceError, SampleTable, class_index, read_manifest, slide_rows
 from medvision.io.files import atomic_write
 from medvision.recipe import DataConfig, SlidesConfig
 from medvision.wsi.slide import Slide, SlideError, open_slide
@@ -117,17 +117,10 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     splits: list[str] = []
     slide_index: list[np.ndarray] = []
     coords: list[np.ndarray] = []
-    seen: dict[str, int] = {}
     audit: list[AuditRow] = []
     all_splits: list[str] = []
-    for line, row in enumerate(tqdm(rows, desc="tissue", unit="slide", leave=False, disable=None), start=2):
-        where = f"{path}, line {line}"
-        rel = (row["slide_path"] or "").strip()
-        if not rel:
-            raise DataSourceError(f"{where}: empty 'slide_path'")
-        if rel in seen:
-            raise DataSourceError(f"{where}: slide {rel!r} is listed twice (first on line {seen[rel]})")
-        seen[rel] = line
+    progress = tqdm(rows, desc="tissue", unit="slide", leave=False, disable=None)
+    for line, where, rel, row in slide_rows(path, progress):
         full = Path(rel) if Path(rel).is_absolute() else base / rel
         label = class_index(classes, (row["label"] or "").strip(), where)
         split = (row.get("split") or "").strip()

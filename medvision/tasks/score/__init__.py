@@ -31,6 +31,7 @@ from medvision.tasks.score.job import (
     parse_shard,
     run_job,
 )
+from medvision.tasks.score.mil import is_mil_run, score_mil_slides
 from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SLIDE_TIMEOUT, SlideUnit
 
 __all__ = [
@@ -66,7 +67,7 @@ def score_folder(
 
     def unit(spec: ScoringSpec, model_: Path, engine_: Engine) -> FileUnit:
         cfg = ReadConfig(spec, tuple(include_tags or ()), max_pixels, max_file_bytes)
-        return FileUnit(spec, cfg, reader, n_workers, file_timeout, batch_size or 16, parquet)
+        return FileUnit(spec, engine_, cfg, reader, n_workers, file_timeout, batch_size or 16, parquet)
 
     table = out.with_suffix(".partial.csv") if parquet else None
     return run_job(folder, model, out, unit, shard, engine, amp, n_workers, table)
@@ -75,9 +76,17 @@ def score_folder(
 def score_slides(
     folder: Path, model: Path, out: Path, shard: tuple[int, int] = (0, 1), batch_size: int | None = None,
     workers: int | None = None, engine: str = "torch", slide_timeout: float = SLIDE_TIMEOUT, heatmaps: bool = True,
-    amp: str = "none",
+    amp: str = "none", encoder_checkpoint: str | Path | None = None,
 ) -> ScoreSummary:  # fmt: skip
-    """Scores every slide under ``folder`` with a slide-trained run; see :mod:`~medvision.tasks.score.slides`."""
+    """Scores every slide under ``folder`` with a slide-trained run; see :mod:`~medvision.tasks.score.slides`,
+    and :mod:`~medvision.tasks.score.mil` for a run trained on cached features (``encoder_checkpoint``: its
+    encoder's weights, default ``$MEDVISION_ENCODER_<NAME>``)."""
+    if is_mil_run(model):
+        if engine != "torch" or amp != "none":
+            raise RunError("a run trained on cached features scores with its encoder in PyTorch at the precision "
+                           "its features were made in: leave --engine and --amp at their defaults")  # fmt: skip
+        return score_mil_slides(folder, model, out, encoder_checkpoint, shard, batch_size or 32,
+                                1 if workers is None else workers, slide_timeout, heatmaps)  # fmt: skip
     if engine != "torch" and (model / MIL_FILE).is_file():  # fail before loading anything
         raise RunError(ABMIL_NEEDS_TORCH)
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)

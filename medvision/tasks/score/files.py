@@ -53,9 +53,9 @@ class FileUnit:
     item = "image"
     operating_level = "image"
 
-    def __init__(self, spec: ScoringSpec, cfg: ReadConfig, reader: Reader, workers: int, timeout: float,
-                 batch_size: int, parquet: bool) -> None:  # fmt: skip
-        self.spec, self.cfg, self.reader = spec, cfg, reader
+    def __init__(self, spec: ScoringSpec, engine: Engine, cfg: ReadConfig, reader: Reader, workers: int,
+                 timeout: float, batch_size: int, parquet: bool) -> None:  # fmt: skip
+        self.spec, self.engine, self.cfg, self.reader = spec, engine, cfg, reader
         self.workers, self.timeout, self.batch_size, self.parquet = workers, timeout, batch_size, parquet
         self.tags = list(cfg.tags)
         self.decision = Decision.from_json(spec.decision)
@@ -92,8 +92,9 @@ class FileUnit:
             else:
                 yield FileResult(entry.rel, "error", result.reason) if isinstance(result, Failure) else result
 
-    def score(self, folder: Path, todo: list[Entry], engine: Engine, stats: PoolStats) -> Iterator[tuple[str, int]]:
+    def score(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[tuple[str, int]]:
         """Batches the files' images through the engine; a file's rows are yielded once all its images are scored."""
+        engine = self.engine
         pending: deque[FileResult] = deque()
         images: list[tuple[FileResult, np.ndarray]] = []
         size = self.batch_size

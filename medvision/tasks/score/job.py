@@ -148,9 +148,9 @@ class Unit(Protocol):
         """Every entry under ``folder`` in a stable order, each a ``candidate`` or already an error/skip."""
         ...
 
-    def score(self, folder: Path, todo: list[Entry], engine: Engine, stats: PoolStats) -> Iterator[tuple[str, int]]:
-        """Scores ``todo`` in order; yields, per entry and once its rows are final, the rows' CSV text and how
-        many items (images or tiles) were scored for it now."""
+    def score(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[tuple[str, int]]:
+        """Scores ``todo`` in order with the unit's own model; yields, per entry and once its rows are final, the
+        rows' CSV text and how many items (images or tiles) were scored for it now."""
         ...
 
     def items(self, row: dict[str, str]) -> int:
@@ -266,7 +266,7 @@ def tally(table: Path, found: set[str], summary: ScoreSummary, items: Callable[[
 
 
 UnitFactory = Callable[[ScoringSpec, Path, Engine], Unit]
-"""``(spec, model path, engine) -> unit``: a unit is built once the model is loaded."""
+"""``(spec, model path, engine) -> unit``: a unit is built once the model is loaded, and keeps the engine."""
 
 
 def run_job(
@@ -280,10 +280,36 @@ def run_job(
     ``out`` itself (a Parquet output is written from a CSV beside it).
     """
     start = time.perf_counter()
-    d, _ = setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
+    setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
     cpu_threads = max(1, (os.cpu_count() or 1) - workers) if workers > 0 else None
     scorer, spec, provenance = load_scorer(model, engine, cpu_threads, amp)
     unit = make_unit(spec, model, scorer)
+    decision = Decision.from_json(spec.decision)
+    record = {
+        **provenance,
+        "engine": scorer.name,
+        "model_sha256": spec.model_sha256,
+        "recipe_sha256": spec.recipe_sha256,
+        "versions": versions(),
+        "calibration_temperature": decision.temperature,
+        "tta": spec.tta,
+        "operating_points": decision.points.get(unit.operating_level, []),
+    }
+    on_cpu = scorer.name == "torch" and provenance["device"] == "cpu"
+    return run_units(folder, out, unit, shard, record, cpu_threads if on_cpu else None, table_path, start)
+
+
+def run_units(
+    folder: Path, out: Path, unit: Unit, shard: tuple[int, int], record: dict[str, Any], torch_threads: int | None,
+    table_path: Path | None = None, start: float | None = None,
+) -> ScoreSummary:  # fmt: skip
+    """The job itself, for a unit that holds its own model: shard, resume, rows, merge, tally, ``<out>.json``.
+
+    ``record``: what ``<out>.json`` says about the model (hashes, versions, device, precision), before the unit's
+    own provenance and the counts. ``torch_threads``: PyTorch's CPU threads while scoring (None: unchanged).
+    """
+    start = time.perf_counter() if start is None else start
+    d, _ = setup("auto", timeout=RANK_TIMEOUT)
     merged = table_path or out
     entries = [e for e in unit.entries(folder) if in_shard(e.rel, shard)]
     if d.world_size > 1:
@@ -295,14 +321,14 @@ def run_job(
     done = resume(table)
     todo = [e for e in mine if e.rel not in done]
     summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
-                           out=str(out), engine=scorer.name, item=unit.item)  # fmt: skip
+                           out=str(out), engine=str(record.get("engine", "torch")), item=unit.item)  # fmt: skip
     stats = PoolStats()
     rows = RowWriter(table, unit.columns)
     threads = torch.get_num_threads()
-    if cpu_threads and scorer.name == "torch" and provenance["device"] == "cpu":
-        torch.set_num_threads(cpu_threads)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     try:
-        for text, items in unit.score(folder, todo, scorer, stats):
+        for text, items in unit.score(folder, todo, stats):
             rows.write(text)
             summary.scored_now += 1
             summary.images_now += items
@@ -318,7 +344,7 @@ def run_job(
         if d.world_size > 1:
             parts = [part_path(out, r, d.world_size) for r in range(d.world_size)]
             merge_parts(parts, [e.rel for e in entries], merged)
-            provenance["world_size"] = d.world_size
+            record = {**record, "world_size": d.world_size}
         summary.seconds = time.perf_counter() - start
         summary.images_per_second = summary.images_now / summary.seconds if summary.seconds else 0.0
         tally(merged, {e.rel for e in entries}, summary, unit.items)
@@ -326,28 +352,14 @@ def run_job(
             log.warning("accounting mismatch: %d found, %d ok + %d error + %d skipped", summary.files_found,
                         summary.ok_files, summary.error_files, summary.skipped_files)  # fmt: skip
         unit.finish(out, merged)
-        write_provenance(out, spec, provenance, summary, unit)
+        write_provenance(out, record, summary, unit)
     summary = broadcast(summary, d)
     barrier(d)  # no rank returns before the merged output is written
     return summary
 
 
-def write_provenance(
-    out: Path, spec: ScoringSpec, provenance: dict[str, Any], summary: ScoreSummary, unit: Unit
-) -> None:
+def write_provenance(out: Path, record: dict[str, Any], summary: ScoreSummary, unit: Unit) -> None:
     """``<out>.json``: what scored, with which weights, settings and precision, and what came of it."""
-    decision = Decision.from_json(spec.decision)
-    record = {
-        **provenance,
-        "model_sha256": spec.model_sha256,
-        "recipe_sha256": spec.recipe_sha256,
-        "versions": versions(),
-        "calibration_temperature": decision.temperature,
-        "tta": spec.tta,
-        "operating_points": decision.points.get(unit.operating_level, []),
-        **unit.provenance(),
-        **asdict(summary),
-        "reconciled": summary.reconciled,
-        "exit_code": summary.exit_code,
-    }
-    Path(f"{out}.json").write_text(json.dumps(record, indent=2) + "\n")
+    full = {**record, **unit.provenance(), **asdict(summary), "reconciled": summary.reconciled,
+            "exit_code": summary.exit_code}  # fmt: skip
+    Path(f"{out}.json").write_text(json.dumps(full, indent=2) + "\n")

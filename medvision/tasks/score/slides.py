@@ -25,6 +25,7 @@ but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,11 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
 from medvision.workers import Failure, PoolStats
+from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
 from medvision.wsi.source import plan_slide, stain_transform
-from medvision.wsi.tiles import SlideRef, TileReader, grid_from_json, grid_to_json, subsample
+from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, grid_to_json, subsample
 
 #: Seconds one slide may take to open and find its tissue, and one batch of tiles to be read.
 SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
@@ -105,8 +107,9 @@ def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
             slide, grid = plan_slide(_PLAN["root"] / rel, _PLAN["cfg"])
             try:
                 thumb = slide.thumbnail(THUMBNAIL)
+                tissue = tissue_polygons(grid.mask, grid.mask_scale) if grid.mask is not None else []
                 info = {"grid": grid_to_json(grid), "thumbnail": thumb, "size0": slide.level_dimensions[0],
-                        "mpp_source": slide.mpp_source}  # fmt: skip
+                        "mpp_source": slide.mpp_source, "tissue": tissue}  # fmt: skip
             finally:
                 slide.close()
             out.append(info)
@@ -133,7 +136,9 @@ class _Tiles(Dataset[np.ndarray]):
 
 
 @dataclass
-class _Slide:
+class PlannedSlide:
+    """A slide entry after planning: ``ok`` with its tile grid and thumbnail in ``info``, or an error or skip."""
+
     rel: str
     status: str
     reason: str = ""
@@ -141,15 +146,153 @@ class _Slide:
     info: dict[str, Any] | None = None
 
 
+def planned_slides(folder: Path, todo: list[Entry], cfg: SlidesConfig, stats: PoolStats, workers: int,
+                   timeout: float) -> Iterator[PlannedSlide]:  # fmt: skip
+    """Each entry of ``todo`` in order, opened and its tissue found in the crash-isolated pool (at most two
+    processes: tissue detection is light next to the tiles' model)."""
+    initargs = (str(folder), cfg.model_dump(mode="json"))
+    for entry, result in isolated(folder, todo, _plan_chunk, stats, workers=min(workers, 2), timeout=timeout,
+                                  chunk=1, initializer=_init_planner, initargs=initargs,
+                                  preload=WORKER_PRELOAD):  # fmt: skip
+        rel = entry.rel
+        if result is None:
+            yield PlannedSlide(rel, entry.outcome, entry.reason)
+        elif isinstance(result, Failure):
+            yield PlannedSlide(rel, "error", f"{rel}: {result.reason}")
+        elif isinstance(result, str):
+            yield PlannedSlide(rel, "error", result)
+        else:
+            yield PlannedSlide(rel, "ok", info=result)
+
+
 def _safe_name(rel: str) -> str:
     return rel.replace(os.sep, "__").replace("/", "__")
 
 
-class SlideUnit:
-    """Slides to tiles to one row a slide (see the module docstring)."""
+@dataclass
+class SlideTiles:
+    """A planned slide's kept tiles and the reader of their pixels."""
+
+    grid: TileGrid
+    coords: np.ndarray
+    tissue: np.ndarray
+    reader: TileReader
+
+
+class SlideScan:
+    """What every slide unit shares (scoring, feature extraction): the scan, planning in the isolated pool, the
+    kept tiles and their reader, and a row a slide whatever happens to it. A unit adds :meth:`process`
+    (what it makes of a slide's tiles) and :meth:`row`."""
 
     item = "tile"
     operating_level = "patient"  # the slide level's points, chosen on validation slides
+    columns: list[str]
+
+    def __init__(self, cfg: SlidesConfig, workers: int, timeout: float) -> None:
+        self.cfg, self.workers, self.timeout = cfg, workers, timeout
+        self.stain = stain_transform(cfg)  # fitted once, to the reference tile
+
+    def entries(self, folder: Path) -> list[Entry]:
+        return find_slides(folder)
+
+    def items(self, row: dict[str, str]) -> int:
+        return int(row["tiles"] or 0) if row["status"] == "ok" else 0
+
+    def score(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[tuple[str, int]]:
+        planned = planned_slides(folder, todo, self.cfg, stats, self.workers, self.timeout)
+        for item in tqdm(planned, total=len(todo), desc="slides", unit="slide", disable=None):
+            start = time.perf_counter()
+            if item.status == "ok":
+                try:
+                    self.process(folder, item)
+                except Exception as err:  # a tile reader that raised, died or hung: this slide's row says so
+                    why = f"{type(err).__name__}: {err}"
+                    item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({why})"
+            tiles = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
+            yield self.row(item, time.perf_counter() - start), tiles
+
+    def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
+        """The slide's kept tiles (``data.slides.max_tiles_per_slide``) and their reader; None, with the slide
+        marked an error, when no tile has enough tissue."""
+        assert item.info is not None
+        cfg = self.cfg
+        grid = grid_from_json(item.info["grid"])
+        keep = subsample(grid.coords, cfg.max_tiles_per_slide, item.rel)
+        coords, tissue = grid.coords[keep], grid.tissue[keep]
+        item.info.update(n_tiles=len(coords), tissue_mm2=grid.tissue_area_mm2, mpp=grid.mpp, level=grid.level)
+        if len(coords) == 0:
+            item.status = "error"
+            item.reason = (f"{item.rel}: no tile with at least {cfg.min_tissue:.0%} tissue at {cfg.target_mpp} "
+                           f"µm/px (tissue area {grid.tissue_area_mm2:.2f} mm²)")  # fmt: skip
+            return None
+        ref = SlideRef(path=str(folder / item.rel), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
+        reader = TileReader([ref], np.zeros(len(coords), np.int64), coords, cfg.tile_size, cfg.backend,
+                            transform=self.stain)  # fmt: skip
+        return SlideTiles(grid, coords, tissue, reader)
+
+    def loader(self, data: Dataset[np.ndarray], batch_size: int, pin: bool = False) -> DataLoader[np.ndarray]:
+        """Batches of a slide's tiles, read by the unit's workers (a batch that hangs is an error after a timeout)."""
+        return DataLoader(data, batch_size=batch_size, num_workers=self.workers,
+                          timeout=TILE_BATCH_TIMEOUT if self.workers else 0, pin_memory=pin)  # fmt: skip
+
+    def process(self, folder: Path, item: PlannedSlide) -> None:
+        """What the unit makes of one planned slide (may mark it an error)."""
+        raise NotImplementedError
+
+    def row(self, item: PlannedSlide, seconds: float) -> str:
+        """The slide's row, ok or not."""
+        raise NotImplementedError
+
+    def finish(self, out: Path, table: Path) -> None:
+        """Nothing beyond the rows, unless the unit says otherwise."""
+
+
+class SlideOutputs:
+    """What scoring writes per slide besides its row, before the row (so a row means the slide is complete):
+
+    - ``<out>.tiles/<slide>.parquet``: one row per tile (slide, level-0 x and y, tile side at level 0, tissue
+      fraction, and the tile's measurements: class probabilities, MIL attention), merged into
+      ``<out>.tiles.parquet`` at the end;
+    - ``<out>.heatmaps/<slide>.png``: the map over the slide's thumbnail;
+    - ``<out>.geojson/<slide>.geojson``: for QuPath (File > Import objects, or drag and drop onto the slide): the
+      tissue contours as locked annotations and the tiles as detections carrying their measurements
+      (:mod:`medvision.wsi.geojson`), in level-0 pixels.
+    """
+
+    def __init__(self, out: Path, heatmaps: bool) -> None:
+        self.tiles_dir = Path(f"{out}.tiles")
+        self.heat_dir = Path(f"{out}.heatmaps") if heatmaps else None
+        self.geo_dir = Path(f"{out}.geojson")
+
+    def write(self, item: PlannedSlide, tiles: SlideTiles, measurements: dict[str, np.ndarray],
+              classification: list[str] | None, heat: tuple[np.ndarray, str], title: str) -> None:  # fmt: skip
+        """``heat``: the values drawn (0-1) and the colour bar's label."""
+        assert item.info is not None
+        name = _safe_name(item.rel)
+        _write_tiles(self.tiles_dir / f"{name}.parquet", item.rel, tiles.coords, tiles.grid.side0, tiles.tissue,
+                     measurements)  # fmt: skip
+        collection = slide_geojson(item.info.get("tissue", []), tiles.coords, tiles.grid.side0,
+                                   {k: np.asarray(v, np.float64) for k, v in measurements.items()}, classification,
+                                   slide_id=item.rel)  # fmt: skip
+        write_geojson(self.geo_dir / f"{name}.geojson", collection)
+        if self.heat_dir is not None:
+            thumb = item.info["thumbnail"]
+            scale = thumb.shape[1] / item.info["size0"][0]
+            grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, tuple(item.info["size0"]), scale)
+            plot_heatmap(self.heat_dir / f"{name}.png", thumb, grid, title, heat[1])
+
+    def finish(self, out: Path) -> None:
+        _merge_tiles(out, self.tiles_dir)
+
+
+def attention_measure(attention: np.ndarray) -> np.ndarray:
+    """MIL attention relative to the slide's most attended tile (0-1), so slides of any size read alike."""
+    top = float(np.max(attention)) if len(attention) else 0.0
+    return attention / top if top > 0 else attention
+
+
+class SlideUnit(SlideScan):
+    """Slides to tiles to one row a slide (see the module docstring)."""
 
     def __init__(self, spec: ScoringSpec, model: Path, engine: Engine, out: Path, workers: int, timeout: float,
                  batch_size: int, heatmaps: bool) -> None:  # fmt: skip
@@ -160,69 +303,25 @@ class SlideUnit:
         if spec.inputs != "slides":
             raise RunError(f"{model}: this run was not trained on slides (data.source {spec.inputs}); "
                            "use score on images")  # fmt: skip
-        self.spec, self.workers, self.timeout, self.batch_size = spec, workers, timeout, batch_size
-        self.cfg = SlidesConfig.model_validate(spec.slides)
+        super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout)
+        self.spec, self.engine, self.batch_size = spec, engine, batch_size
         self.decision = Decision.from_json(spec.decision)
         self.calls = operating_calls(self.decision, self.operating_level)
         self.head = _mil_head(model, spec)
-        self.stain = stain_transform(self.cfg)  # fitted once, to the run's reference tile
-        self.tiles_dir = Path(f"{out}.tiles")
-        self.heat_dir = Path(f"{out}.heatmaps") if heatmaps else None
+        self.outputs = SlideOutputs(out, heatmaps)
         self.columns = ["path", "status", "reason", "pred", *[f"prob_{c}" for c in spec.classes],
                         *[n for n, _ in self.calls], "tiles", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
                         "level"]  # fmt: skip
 
-    def entries(self, folder: Path) -> list[Entry]:
-        return find_slides(folder)
-
-    def items(self, row: dict[str, str]) -> int:
-        return int(row["tiles"] or 0) if row["status"] == "ok" else 0
-
-    def _planned(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[_Slide]:
-        cfg = self.cfg.model_dump(mode="json")
-        for entry, result in isolated(folder, todo, _plan_chunk, stats, workers=min(self.workers, 2),
-                                      timeout=self.timeout, chunk=1, initializer=_init_planner,
-                                      initargs=(str(folder), cfg), preload=WORKER_PRELOAD):  # fmt: skip
-            rel = entry.rel
-            if result is None:
-                yield _Slide(rel, entry.outcome, entry.reason)
-            elif isinstance(result, Failure):
-                yield _Slide(rel, "error", f"{rel}: {result.reason}")
-            elif isinstance(result, str):
-                yield _Slide(rel, "error", result)
-            else:
-                yield _Slide(rel, "ok", info=result)
-
-    def score(self, folder: Path, todo: list[Entry], engine: Engine, stats: PoolStats) -> Iterator[tuple[str, int]]:
-        for item in tqdm(self._planned(folder, todo, stats), total=len(todo), desc="slides", unit="slide",
-                         disable=None):  # fmt: skip
-            if item.status == "ok":
-                try:
-                    self._score_one(folder, item, engine)
-                except Exception as err:  # a tile reader that raised, died or hung: this slide's row says so
-                    why = f"{type(err).__name__}: {err}"
-                    item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({why})"
-            tiles = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
-            yield self._row(item), tiles
-
-    def _score_one(self, folder: Path, item: _Slide, engine: Engine) -> None:
+    def process(self, folder: Path, item: PlannedSlide) -> None:
         """Reads the slide's tiles, scores them, aggregates, and writes its tile table and heatmap."""
-        assert item.info is not None
-        cfg, spec, size = self.cfg, self.spec, self.batch_size
-        grid = grid_from_json(item.info["grid"])
-        keep = subsample(grid.coords, cfg.max_tiles_per_slide, item.rel)
-        coords, tissue = grid.coords[keep], grid.tissue[keep]
-        item.info.update(n_tiles=len(coords), tissue_mm2=grid.tissue_area_mm2, mpp=grid.mpp, level=grid.level)
-        if len(coords) == 0:
-            item.status = "error"
-            item.reason = (f"{item.rel}: no tile with at least {cfg.min_tissue:.0%} tissue at {cfg.target_mpp} "
-                           f"µm/px (tissue area {grid.tissue_area_mm2:.2f} mm²)")  # fmt: skip
+        tiles = self.tiles(folder, item)
+        if tiles is None:
             return
-        ref = SlideRef(path=str(folder / item.rel), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
-        reader = TileReader([ref], np.zeros(len(coords), np.int64), coords, cfg.tile_size, cfg.backend,
-                            transform=self.stain)  # fmt: skip
-        loader = DataLoader(_Tiles(reader, spec), batch_size=size, num_workers=self.workers,
-                            timeout=TILE_BATCH_TIMEOUT if self.workers else 0)  # fmt: skip
+        assert item.info is not None
+        spec, size, engine = self.spec, self.batch_size, self.engine
+        coords = tiles.coords
+        loader = self.loader(_Tiles(tiles.reader, spec), size)
         probs, feats = [], []
         for batch in loader:
             x = batch.numpy()
@@ -236,25 +335,24 @@ class SlideUnit:
                 p = engine.predict(x)
             probs.append(p[:n])
         tile_probs = np.concatenate(probs).astype(np.float64)
+        measurements = {f"prob_{c}": tile_probs[:, j] for j, c in enumerate(spec.classes)}
         if self.head is not None:
-            slide_p = softmax(predict_mil(self.head, [np.concatenate(feats)])[0])[0]
+            logits, attention = predict_mil(self.head, [np.concatenate(feats)])
+            slide_p = softmax(logits)[0]
+            measurements["attention"] = attention_measure(attention[0])
         else:
             _, _, agg, _ = aggregate_by_group(["s"] * len(tile_probs), np.zeros(len(tile_probs), np.int64),
                                               tile_probs, spec.aggregate, spec.top_k)  # fmt: skip
             slide_p = agg[0]
         item.probs = slide_p
-        _write_tiles(self.tiles_dir / f"{_safe_name(item.rel)}.parquet", item.rel, coords, grid.side0, tissue,
-                     tile_probs, spec)  # fmt: skip
-        if self.heat_dir is not None:
-            k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
-            thumb = item.info["thumbnail"]
-            scale = thumb.shape[1] / item.info["size0"][0]
-            hm = probability_grid(coords, tile_probs[:, k], grid.side0, tuple(item.info["size0"]), scale)
-            title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
-            heatmap = self.heat_dir / f"{_safe_name(item.rel)}.png"
-            plot_heatmap(heatmap, thumb, hm, title, f"tile P({spec.classes[k]})")
+        k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
+        title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
+        heat = (measurements["attention"], "ABMIL attention (÷ the slide's max)") if self.head is not None else \
+            (tile_probs[:, k], f"tile P({spec.classes[k]})")  # fmt: skip
+        names = [spec.classes[int(i)] for i in tile_probs.argmax(axis=1)]
+        self.outputs.write(item, tiles, measurements, names, heat, title)
 
-    def _row(self, item: _Slide) -> str:
+    def row(self, item: PlannedSlide, seconds: float) -> str:
         blank = [""] * (len(self.spec.classes) + len(self.calls))
         target = self.cfg.target_mpp
         if item.status != "ok" or item.probs is None or item.info is None:
@@ -266,7 +364,7 @@ class SlideUnit:
                          target, info["level"]])  # fmt: skip
 
     def finish(self, out: Path, table: Path) -> None:
-        _merge_tiles(out, self.tiles_dir)
+        self.outputs.finish(out)
 
     def provenance(self) -> dict[str, Any]:
         return {"aggregate": self.spec.aggregate, "slides": self.spec.slides}
@@ -280,16 +378,16 @@ def _mil_head(model: Path, spec: ScoringSpec) -> MILHead | None:
     return load_mil(model / MIL_FILE)[0]
 
 
-def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray, probs: np.ndarray,
-                 spec: ScoringSpec) -> None:  # fmt: skip
+def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray,
+                 measurements: dict[str, np.ndarray]) -> None:  # fmt: skip
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cols = {"slide": pa.array([rel] * len(coords), pa.string()), "x": pa.array(coords[:, 0], pa.int64()),
             "y": pa.array(coords[:, 1], pa.int64()), "side_level0": pa.array(np.full(len(coords), side0), pa.float64()),
             "tissue": pa.array(tissue, pa.float32())}  # fmt: skip
-    for j, c in enumerate(spec.classes):
-        cols[f"prob_{c}"] = pa.array(probs[:, j].astype(np.float32), pa.float32())
+    for name, values in measurements.items():
+        cols[name] = pa.array(np.asarray(values, np.float32), pa.float32())
     atomic_write(path, lambda tmp: pq.write_table(pa.table(cols), tmp))
 
 

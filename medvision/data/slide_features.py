@@ -1,0 +1,172 @@
+"""``data.source: slide_features``: a manifest of slides over their cached tile features, as bags for MIL.
+
+The manifest is the one ``source: slides`` reads (``slide_path,label[,patient_id]``, paths relative to the
+CSV); ``data.features`` is the folder ``medvision features`` wrote, whose ``features.csv`` says which ``.h5``
+file holds each slide (the slides were embedded from a folder: ``slide_path`` is matched on its path relative
+to that folder, or, failing that, on its file name when that is unique). Every manifest line is accounted
+for in the audit: a slide whose features are missing, failed, or were made with another encoder, weights or
+tiling than the rest is an error row (``data.on_error`` decides whether the run stops).
+
+Labels are class names (``data.target: class``) or numbers (``continuous``). The folds of the
+cross-validation are whole patients (a slide without ``patient_id`` is its own patient), stratified by
+label for classes (scikit-learn's ``StratifiedGroupKFold``).
+
+Examples:
+    >>> cohort = load_feature_cohort(Path("slides/manifest.csv"), recipe.data)
+    >>> folds = patient_folds(cohort.labels, cohort.patients, k=5, seed=0, stratify=True)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+from medvision.data.audit import settle
+from medvision.data.table import AuditRow, DataSourceError, class_index, read_manifest, slide_rows
+from medvision.recipe import DataConfig
+from medvision.wsi.features import FeatureFileError, read_features, same_extraction
+
+
+@dataclass
+class FeatureCohort:
+    """The usable slides of a manifest: one bag of tile features each, with its label and patient."""
+
+    slides: list[str]
+    bags: list[np.ndarray]
+    coords: list[np.ndarray]
+    labels: np.ndarray
+    """Class indices (int64) or continuous targets (float64)."""
+    patients: list[str]
+    classes: list[str] | None
+    """Class names, or None for a continuous target."""
+    extraction: dict[str, Any]
+    """The feature files' shared settings: encoder, checkpoint SHA-256, dim, tiling, preprocessing."""
+    audit: list[AuditRow] = field(default_factory=list)
+
+    @property
+    def continuous(self) -> bool:
+        return self.classes is None
+
+
+def _feature_index(folder: Path) -> dict[str, dict[str, str]]:
+    table = folder / "features.csv"
+    if not table.is_file():
+        raise DataSourceError(f"data.features {folder}: no features.csv; run `medvision features SLIDES --out "
+                              f"{folder}` first")  # fmt: skip
+    with table.open(newline="") as fh:
+        return {row["path"]: row for row in csv.DictReader(fh)}
+
+
+def _match(rel: str, index: dict[str, dict[str, str]], by_name: dict[str, list[str]]) -> dict[str, str] | None:
+    if rel in index:
+        return index[rel]
+    names = by_name.get(Path(rel).name, [])
+    return index[names[0]] if len(names) == 1 else None
+
+
+def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
+    """The manifest's slides as bags; see the module docstring.
+
+    Raises:
+        DataSourceError: a bad label or a slide listed twice (naming the line); with ``data.on_error: stop``,
+            any slide without usable features; or no usable slide at all.
+    """
+    assert cfg.features is not None
+    folder = Path(cfg.features)
+    rows = read_manifest(manifest, ("slide_path", "label"), optional=",patient_id")
+    continuous = cfg.target == "continuous"
+    classes = None if continuous else (cfg.classes or sorted({(r["label"] or "").strip() for r in rows}))
+    index = _feature_index(folder)
+    by_name: dict[str, list[str]] = {}
+    for rel in index:
+        by_name.setdefault(Path(rel).name, []).append(rel)
+    out = FeatureCohort([], [], [], np.zeros(0), [], classes, {})
+    labels: list[float] = []
+    for line, where, rel, row in slide_rows(manifest, rows):
+        text = (row["label"] or "").strip()
+        if continuous:
+            try:
+                label = float(text)
+            except ValueError:
+                raise DataSourceError(f"{where}: label {text!r} is not a number (data.target is continuous)") from None
+            if not math.isfinite(label):
+                raise DataSourceError(f"{where}: label {text!r} is not a finite number")
+        else:
+            assert classes is not None
+            label = class_index(classes, text, where)
+        name = f"{manifest.name}, line {line}"
+        hit = _match(rel, index, by_name)
+        if hit is None:
+            out.audit.append(AuditRow(rel, "error", f"{name}: {rel} is not in {folder / 'features.csv'}"))
+            continue
+        if hit["status"] != "ok":
+            out.audit.append(AuditRow(rel, "error", f"{name}: its features were not made ({hit['reason']})"))
+            continue
+        try:
+            bag = read_features(folder / hit["file"])
+        except FeatureFileError as err:
+            out.audit.append(AuditRow(rel, "error", f"{name}: {err}"))
+            continue
+        if not out.extraction:
+            out.extraction = {k: bag.attrs.get(k) for k in ("encoder", "encoder_sha256", "dim", "tile_size",
+                                                             "target_mpp", "preprocessing", "min_tissue")}  # fmt: skip
+        differ = same_extraction(out.extraction, bag.attrs)
+        if differ:
+            out.audit.append(AuditRow(rel, "error", f"{name}: features made differently from the first slide's "
+                                                    f"({'; '.join(differ)})"))  # fmt: skip
+            continue
+        out.slides.append(rel)
+        out.bags.append(bag.features)
+        out.coords.append(bag.coords)
+        labels.append(label)
+        out.patients.append((row.get("patient_id") or "").strip() or rel)
+        out.audit.append(AuditRow(rel, "used", "", len(bag.features)))
+    settle(out.audit, cfg.on_error, str(manifest))
+    if not out.slides:
+        raise DataSourceError(f"{manifest}: no slide with usable features in {folder}", audit=out.audit)
+    out.labels = np.asarray(labels, np.float64 if continuous else np.int64)
+    return out
+
+
+def patient_folds(labels: np.ndarray, patients: list[str], k: int, seed: int, stratify: bool) -> np.ndarray:
+    """The fold (0..k-1) of each slide: whole patients, label-stratified when ``stratify``, shuffled by ``seed``.
+
+    Raises:
+        DataSourceError: fewer patients than folds.
+    """
+    n_patients = len(set(patients))
+    if n_patients < k:
+        raise DataSourceError(f"{k}-fold cross-validation needs at least {k} patients; the cohort has {n_patients}")
+    folds = np.full(len(labels), -1, np.int64)
+    x = np.zeros((len(labels), 1))
+    if stratify:
+        splitter: Any = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(x, labels, groups=patients)
+    else:  # GroupKFold balances fold sizes; the patients are shuffled first so the seed matters
+        order = {p: i for i, p in enumerate(np.random.default_rng(seed).permutation(sorted(set(patients))))}
+        parts = GroupKFold(n_splits=k).split(x, groups=[order[p] for p in patients])
+    for f, (_, test) in enumerate(parts):
+        folds[test] = f
+    return folds
+
+
+def inner_validation(labels: np.ndarray, patients: list[str], train: np.ndarray, fraction: float, seed: int,
+                     stratify: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Splits a fold's training slides into (fit, validation) by whole patients: about ``fraction`` of them
+    validate (for early stopping); the fold's test slides are never seen. With under 4 patients nothing is
+    held out."""
+    sub_patients = [patients[i] for i in train]
+    k = max(2, round(1 / fraction))
+    if len(set(sub_patients)) < max(4, k):
+        return train, train[:0]
+    sub = patient_folds(labels[train], sub_patients, k, seed, stratify)
+    for f in range(k):  # the first fold that holds every class of the training slides validates
+        if not stratify or set(labels[train][sub == f]) == set(labels[train]):
+            return train[sub != f], train[sub == f]
+    return train[sub != 0], train[sub == 0]

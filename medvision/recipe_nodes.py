@@ -1,0 +1,104 @@
+"""The recipe's leaf sections: how DICOM pixels are windowed, how slides are tiled, and the MIL head.
+
+Split from :mod:`medvision.recipe` for size only: the tree, its loading and its rules live there, and every
+section is imported from there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medvision.io.dicom import parse_window
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, frozen=True)
+
+
+WindowItem = str | list[float] | dict[str, float]
+
+
+def _file_window() -> list[WindowItem]:
+    return ["file"]
+
+
+class DicomConfig(_Node):
+    windows: list[WindowItem] = Field(default_factory=_file_window)
+    """VOI windows, one channel each: ``file``, ``file:<i>``, ``percentile``, a preset (lung, mediastinum,
+    soft_tissue, bone, brain, subdural, liver) or ``{center: C, width: W}``."""
+    voi_function: Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"] | None = None
+    """Windowing function; default: the file's VOILUTFunction, else LINEAR."""
+    frames: Literal["first", "middle", "all", "tiled"] = "first"
+    """Multi-frame files: the first or middle frame, each frame as a sample, or (``tiled``) a whole-slide
+    image's tiles assembled into one image."""
+    labels: str | None = None
+    """CSV with ``label`` and ``path`` (relative to the folder) or ``sop_instance_uid``; default: class folders."""
+    cache: bool = True
+    """Cache decoded, windowed pixels as float16 ``.npy`` files, filled as the table is built (damaged pixels are
+    found before training), so epochs skip decoding."""
+
+    @field_validator("windows")
+    @classmethod
+    def _known_windows(cls, value: list[Any]) -> list[Any]:
+        if not value:
+            raise ValueError("at least one window is needed")
+        for item in value:
+            parse_window(item)
+        return value
+
+
+class SlidesConfig(_Node):
+    target_mpp: float = Field(0.5, gt=0.0)
+    """Microns per pixel of the tiles (0.5 is about 20x, 0.25 about 40x); read from the best pyramid level."""
+    tile_size: int = Field(224, ge=16, le=4096)
+    """Tile side in pixels at ``target_mpp`` (tiles are then resized to ``data.image_size`` if it differs)."""
+    min_tissue: float = Field(0.5, ge=0.0, le=1.0)
+    """Keep tiles whose tissue fraction (from the thumbnail's tissue mask) is at least this."""
+    tissue_method: Literal["saturation", "od"] = "saturation"
+    """Tissue detection: Otsu on HSV saturation, or on optical density (catches pale tissue too)."""
+    tissue_mpp: float = Field(8.0, gt=0.0)
+    """Resolution (µm/px) of the thumbnail that tissue is detected on."""
+    mpp: float | None = Field(None, gt=0.0)
+    """Level-0 microns per pixel of every slide, for scans whose files lack it; default: the file's metadata."""
+    max_tiles_per_slide: int | None = Field(None, ge=1)
+    """Keep at most this many tissue tiles of each slide (a seeded random choice), for every split and score."""
+    backend: Literal["auto", "openslide", "tiffslide", "dicom"] = "auto"
+    """Slide reader: ``auto`` picks wsidicom for DICOM folders, tiffslide for OME-TIFF, else OpenSlide."""
+    tile_cache: bool = False
+    """Store each tile, once read (and stain-normalised), in a memory-mapped cache so later epochs skip decoding."""
+    stain_reference: str | None = None
+    """An RGB reference tile (PNG/TIFF): Macenko stain normalisation of every tile to its stain colours."""
+
+
+class MILSection(_Node):
+    head: Literal["mean", "abmil", "clam_sb", "transmil"] = "abmil"
+    """The MIL model: ``mean`` (mean-pool linear baseline), ``abmil``, ``clam_sb`` (with its instance loss) or
+    ``transmil``."""
+    folds: int = Field(5, ge=2, le=20)
+    """k of the k-fold cross-validation, grouped by patient (no patient's slides on both sides of a fold)."""
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    """Share of each fold's training patients held out for early stopping (never the fold's test slides)."""
+    epochs: int = Field(40, ge=1)
+    """Most passes over the training bags of a fold; early stopping usually ends sooner."""
+    lr: float = Field(5e-4, gt=0.0)
+    """Adam learning rate (ABMIL's 5e-4)."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    """Adam L2 weight decay (ABMIL's 1e-4)."""
+    patience: int = Field(10, ge=1)
+    """Epochs without a lower validation loss before a fold stops; its best epoch's weights are kept."""
+    hidden: int = Field(128, ge=1)
+    """Width of the per-tile embedding."""
+    attention: int = Field(64, ge=1)
+    """Width of the attention branch (abmil, clam_sb)."""
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    """Dropout on the embedding and attention branch."""
+    heads: int = Field(8, ge=1)
+    """Attention heads of ``transmil``; ``hidden`` must divide by it."""
+    k: int = Field(8, ge=1)
+    """CLAM-SB: tiles from each end of the attention ranking for the instance loss."""
+    bag_weight: float = Field(0.7, ge=0.0, le=1.0)
+    """CLAM-SB: weight of the bag loss; the instance loss gets the rest."""
+    max_tiles_train: int | None = Field(512, ge=1)
+    """Random tiles kept per bag per training step (fresh each epoch); None keeps all. Prediction sees all."""

@@ -1,0 +1,152 @@
+"""``medvision features SLIDES --encoder NAME --out DIR``: each slide's tissue tiles, embedded once by a frozen encoder.
+
+One job with ``score`` (:mod:`medvision.tasks.score.job`): the slides are found and opened the same way
+(:func:`~medvision.tasks.score.slides.find_slides`, tissue detection in the crash-isolated pool), sharded by
+``--shard``/torchrun, and every entry is one row of ``DIR/features.csv``:
+
+- ``ok``: the slide's feature file (``DIR/<slide path, flattened>.h5``, :mod:`medvision.wsi.features`), its
+  tile count, embedding width, tissue area, MPP and pyramid level;
+- ``error``: a slide that cannot be read, has no tissue tile, or whose tiles could not be read (a reader that
+  raised, crashed or hung), with the reason; ``skipped``: not a slide.
+
+A slide's file is written (atomically) before its row, so a row means the file is complete, and a re-run with
+the same ``--out`` resumes after the last finished slide. ``DIR/features.json`` records the encoder, its
+checkpoint's SHA-256, the tiling and preprocessing, the precision and the counts; a second run into the same
+folder must use the same encoder, weights and tiling, so one folder never mixes two feature spaces.
+
+Tiles are read by DataLoader workers (uint8, stain-normalised when a reference is given) while the encoder
+runs; the encoder resizes and normalises them itself (:class:`~medvision.models.encoders.PatchEncoder`).
+
+Examples:
+    >>> extract_features(Path("/data/slides"), Path("feats/uni"), "uni", "/models/uni/pytorch_model.bin").line()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medvision.models.encoders import PatchEncoder, load_encoder
+from medvision.recipe import SlidesConfig
+from medvision.runs import RunError, versions
+from medvision.runtime import resolve_amp, setup
+from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
+from medvision.tasks.score.slides import SLIDE_TIMEOUT, PlannedSlide, SlideScan
+from medvision.wsi.features import feature_name, write_features
+from medvision.wsi.tiles import TileReader
+
+TABLE, RECORD = "features.csv", "features.json"
+COLUMNS = ["path", "status", "reason", "file", "tiles", "dim", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
+           "level", "seconds"]  # fmt: skip
+
+
+class RawTiles(Dataset[np.ndarray]):
+    """One slide's tiles as uint8 (3, H, W): the encoder does its own resize and normalisation."""
+
+    def __init__(self, reader: TileReader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.ascontiguousarray(self.reader(i).transpose(2, 0, 1))
+
+
+def preprocessing(encoder: PatchEncoder, cfg: SlidesConfig, amp: str) -> dict[str, Any]:
+    """What happens to a tile between the slide and the embedding: recorded in every feature file."""
+    s = encoder.spec
+    return {"input_size": s.input_size, "resize": s.resize, "interpolation": s.interpolation,
+            "mean": list(s.mean), "std": list(s.std), "pooling": s.pooling, "stain_reference": cfg.stain_reference,
+            "precision": amp}  # fmt: skip
+
+
+class FeatureUnit(SlideScan):
+    """Slides to tiles to one feature file and one row a slide (see the module docstring)."""
+
+    def __init__(self, encoder: PatchEncoder, sha256: str, cfg: SlidesConfig, out_dir: Path, device: torch.device,
+                 amp: str, workers: int, timeout: float, batch_size: int) -> None:  # fmt: skip
+        super().__init__(cfg, workers, timeout)
+        self.encoder, self.sha256, self.out_dir = encoder.to(device), sha256, out_dir
+        self.device, self.amp, self.batch_size = device, amp, batch_size
+        self.columns = COLUMNS
+        self.settings = preprocessing(encoder, cfg, amp)
+
+    def process(self, folder: Path, item: PlannedSlide) -> None:
+        tiles = self.tiles(folder, item)
+        if tiles is None:
+            return
+        assert item.info is not None
+        cfg, grid = self.cfg, tiles.grid
+        loader = self.loader(RawTiles(tiles.reader), self.batch_size, self.device.type == "cuda")
+        feats = self.encoder.embed(loader, self.device, self.amp)
+        attrs = {"slide": item.rel, "encoder": self.encoder.spec.name, "encoder_sha256": self.sha256,
+                 "tile_size": cfg.tile_size, "target_mpp": cfg.target_mpp, "mpp": float(grid.mpp),
+                 "mpp_source": str(item.info["mpp_source"]), "tissue_mm2": float(grid.tissue_area_mm2),
+                 "min_tissue": cfg.min_tissue, "tissue_method": cfg.tissue_method,
+                 "slide_size": list(item.info["size0"]), "preprocessing": self.settings,
+                 "medvision": versions().get("medvision", "")}  # fmt: skip
+        path = self.out_dir / feature_name(item.rel)
+        write_features(path, feats, tiles.coords, tiles.tissue, grid.side0, grid.level, attrs)
+
+    def row(self, item: PlannedSlide, seconds: float) -> str:
+        target = self.cfg.target_mpp
+        if item.status != "ok" or item.info is None:
+            return csv_line([item.rel, item.status, one_line(item.reason), "", "", "", "", "", "", target, "", ""])
+        info = item.info
+        return csv_line([item.rel, "ok", "", feature_name(item.rel), info["n_tiles"], self.encoder.dim,
+                         f"{info['tissue_mm2']:.3f}", f"{info['mpp']:.6g}", info["mpp_source"], target, info["level"],
+                         f"{seconds:.2f}"])  # fmt: skip
+
+    def provenance(self) -> dict[str, Any]:
+        return {"slides": self.cfg.model_dump(mode="json"), "preprocessing": self.settings}
+
+
+def _check_same_folder(out_dir: Path, record: dict[str, Any]) -> None:
+    """A folder holds one feature space: a resumed or extended run must use the same encoder, weights and tiling."""
+    old_path = out_dir / RECORD
+    if not old_path.is_file():
+        return
+    old = json.loads(old_path.read_text())
+    keys = ("encoder", "encoder_sha256", "slides", "preprocessing")
+    differ = [k for k in keys if old.get(k) != record.get(k)]
+    if differ:
+        raise RunError(f"{out_dir} holds features made with other settings ({', '.join(differ)} differ from "
+                       f"{old_path}); give another --out")  # fmt: skip
+
+
+def extract_features(
+    folder: Path, out_dir: Path, encoder: str, checkpoint: str | Path | None = None, *,
+    slides: SlidesConfig | None = None, batch_size: int = 32, workers: int | None = None,
+    shard: tuple[int, int] = (0, 1), amp: str = "none", slide_timeout: float = SLIDE_TIMEOUT,
+) -> ScoreSummary:  # fmt: skip
+    """Embeds every slide under ``folder`` into ``out_dir``; see the module docstring.
+
+    ``slides``: the tiling (default: the encoder's own tile size and magnification from its card, 50% tissue).
+    ``workers``: tile-reading processes (default 1: reading is light next to a foundation model; 0 reads in
+    this process, without crash isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``.
+    """
+    if not folder.is_dir():
+        raise RunError(f"{folder}: slides folder does not exist")
+    d, device = setup("auto")
+    net, sha = load_encoder(encoder, checkpoint)
+    spec = net.spec
+    cfg = slides or SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5)
+    precision = resolve_amp(amp, device)
+    n_workers = 1 if workers is None else workers
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unit = FeatureUnit(net, sha, cfg, out_dir, device, precision, n_workers, slide_timeout, batch_size)
+    record = {"encoder": spec.name, "encoder_sha256": sha, "encoder_source": spec.source, "dim": net.dim,
+              "engine": "torch", "device": str(device), "amp": precision, "versions": versions(),
+              "slides": cfg.model_dump(mode="json"), "preprocessing": unit.settings}  # fmt: skip
+    if d.rank == 0:
+        _check_same_folder(out_dir, record)
+    threads = (os.cpu_count() or 1) if device.type == "cpu" else None  # readers are light: the encoder takes the cores
+    return run_units(folder, out_dir / RECORD.replace(".json", ""), unit, shard, record, threads,
+                     table_path=out_dir / TABLE)  # fmt: skip

@@ -1,0 +1,214 @@
+"""``medvision train`` with ``data.source: slide_features``: a MIL head on cached tile features, cross-validated.
+
+The slides' tile features were made once by ``medvision features``; training a MIL head on them takes seconds a
+fold, so every run is a k-fold cross-validation grouped by patient
+(:func:`medvision.data.slide_features.patient_folds`):
+
+1. fold ``f``'s test slides are its patients'; of the other patients, ``mil.val_fraction`` validate (early
+   stopping) and the rest fit the head (:func:`medvision.models.mil_fit.fit_mil`);
+2. the head predicts its test slides (out-of-fold), and is kept as ``folds/fold<f>.safetensors``;
+3. the report gives every fold's metrics with bootstrap CIs, their mean ± SD across folds, and the pooled
+   out-of-fold metric with its CI (:mod:`medvision.tasks.mil_report`).
+
+``score`` on a slide folder with such a run embeds each slide's tiles with the same encoder and weights
+(checked by SHA-256) and averages the k fold heads' probabilities and attention (:mod:`medvision.tasks.score.mil`).
+The run folder: ``recipe.yaml``, ``run.json``, ``mil.json`` (what scoring needs), ``folds.csv`` (each slide's
+patient and fold), ``folds/``, ``predictions.csv`` (out-of-fold), ``metrics.json``, ``report.md``/``.html``,
+``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvision.data.audit import write_audit
+from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
+from medvision.io.files import atomic_write
+from medvision.metrics import operating_point, softmax
+from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil
+from medvision.recipe import Recipe, dump_recipe
+from medvision.report import write_json
+from medvision.runs import RunError, run_log, versions
+from medvision.runtime import setup
+from medvision.tasks.mil_report import cv_metrics, metrics_positive, write_cv_report
+
+log = logging.getLogger("medvision")
+
+RESULTS = ("metrics.json", "predictions.csv", "report.md", "report.html", "folds.csv", "mil.json")
+MIL_RUN = "mil.json"
+
+
+def mil_config(recipe: Recipe, seed: int) -> MILConfig:
+    """The fit settings of the recipe's ``mil`` section (same seed, same data: same head)."""
+    m = recipe.mil
+    return MILConfig(head=m.head, epochs=m.epochs, lr=m.lr, weight_decay=m.weight_decay, patience=m.patience,
+                     seed=seed, hidden=m.hidden, attention=m.attention, dropout=m.dropout, heads=m.heads, k=m.k,
+                     bag_weight=m.bag_weight, max_tiles_train=m.max_tiles_train,
+                     task="regression" if recipe.data.target == "continuous" else "classification")  # fmt: skip
+
+
+def _fold(cohort: FeatureCohort, folds: np.ndarray, f: int, recipe: Recipe) -> tuple[Any, dict[str, Any]]:
+    """Fits fold ``f``'s head and predicts its test slides: (head, record)."""
+    start = time.perf_counter()
+    stratify = not cohort.continuous
+    train = np.flatnonzero(folds != f)
+    test = np.flatnonzero(folds == f)
+    fit, val = inner_validation(cohort.labels, cohort.patients, train, recipe.mil.val_fraction,
+                                recipe.seed + 1000 + f, stratify)  # fmt: skip
+    cfg = mil_config(recipe, recipe.seed + f)
+    n_out = 1 if cohort.continuous else len(cohort.classes or [])
+    if not cohort.continuous:
+        missing = sorted(set(range(n_out)) - set(cohort.labels[fit].tolist()))
+        if missing:
+            raise RunError(f"fold {f}: its training patients hold no slide of class {missing}; use fewer "
+                           "mil.folds or more slides of that class")  # fmt: skip
+    head, history = fit_mil([cohort.bags[i] for i in fit], cohort.labels[fit], [cohort.bags[i] for i in val],
+                            cohort.labels[val], n_out, cfg)  # fmt: skip
+    out, attention = predict_mil(head, [cohort.bags[i] for i in test])
+    scores = out[:, 0] if cohort.continuous else softmax(out)
+    top = [cohort.coords[i][int(np.argmax(a))].tolist() for i, a in zip(test, attention, strict=True)]
+    record = {"fold": f, "test": [cohort.slides[i] for i in test], "fit_slides": len(fit), "val_slides": len(val),
+              "predictions": scores.tolist(), "best_epoch": history["best_epoch"],
+              "epochs_run": history["epochs_run"], "seconds": round(time.perf_counter() - start, 3),
+              "top_tiles": top}  # fmt: skip
+    return head, record
+
+
+def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Cross-validates the recipe's MIL head on its slides' cached features; see the module docstring.
+
+    Examples:
+        >>> run = train_mil(load_recipe("recipes/slides_uni_abmil.yaml"))
+        >>> json.loads((run / "metrics.json").read_text())["summary"]["auc"]
+    """
+    d, _ = setup("cpu")
+    if d.world_size > 1:
+        raise RunError("data.source slide_features trains a MIL head in seconds a fold on one process; run it "
+                       "without torchrun / --nproc")  # fmt: skip
+    run_dir = Path(recipe.output_dir) / recipe.name
+    fold_dir = run_dir / "folds"
+    if resume and not fold_dir.is_dir():
+        raise RunError(f"cannot resume: {fold_dir} does not exist")
+    if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
+        raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                       "replace it, or --set name=<new name>")  # fmt: skip
+    with run_log(run_dir, d):
+        if not resume:
+            for stale in RESULTS:
+                (run_dir / stale).unlink(missing_ok=True)
+            for old in fold_dir.glob("fold*") if fold_dir.is_dir() else []:
+                old.unlink()
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        cohort = load_feature_cohort(Path(recipe.data.path), recipe.data)
+        write_audit(run_dir, cohort.audit)
+        k = recipe.mil.folds
+        folds = patient_folds(cohort.labels, cohort.patients, k, recipe.seed, stratify=not cohort.continuous)
+        _write_folds(run_dir / "folds.csv", cohort, folds)
+        log.info("%s: %d slides of %d patients, %s features (%s), %d-fold CV of %s", recipe.name,
+                 len(cohort.slides), len(set(cohort.patients)), cohort.extraction["encoder"],
+                 str(cohort.extraction["encoder_sha256"])[:12], k, recipe.mil.head)  # fmt: skip
+        records = []
+        meta = {"classes": cohort.classes, "target": recipe.data.target, "encoder": cohort.extraction["encoder"],
+                "encoder_sha256": cohort.extraction["encoder_sha256"], "recipe": recipe.name}  # fmt: skip
+        for f in range(k):
+            weights, done = fold_dir / f"fold{f}.safetensors", fold_dir / f"fold{f}.json"
+            if resume and weights.is_file() and done.is_file():
+                record = json.loads(done.read_text())
+                if record["test"] == [cohort.slides[i] for i in np.flatnonzero(folds == f)]:
+                    records.append(record)
+                    log.info("fold %d: kept from the interrupted run", f)
+                    continue
+            head, record = _fold(cohort, folds, f, recipe)
+            save_mil(head, weights, {**meta, "fold": f})
+            _write_text(done, json.dumps(record))
+            records.append(record)
+            log.info("fold %d: %d test slides, best epoch %d, %.1f s", f, len(record["test"]), record["best_epoch"],
+                     record["seconds"])  # fmt: skip
+        metrics = cv_metrics(cohort, folds, records, recipe.evaluation)
+        threshold = _threshold(cohort, folds, records, metrics)
+        _write_predictions(run_dir / "predictions.csv", cohort, folds, records)
+        write_json(run_dir / "metrics.json", metrics)
+        spec = _scoring_record(recipe, cohort, k, threshold)
+        write_json(run_dir / MIL_RUN, spec)
+        write_json(run_dir / "run.json", {"kind": "mil", "versions": versions(), "classes": cohort.classes,
+                                          "target": recipe.data.target, "folds": k, "head": recipe.mil.head,
+                                          "extraction": cohort.extraction})  # fmt: skip
+        write_cv_report(run_dir, recipe, cohort, metrics, spec)
+    return run_dir
+
+
+def _oof(cohort: FeatureCohort, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each slide's out-of-fold prediction, by slide path."""
+    return {rel: p for r in records for rel, p in zip(r["test"], r["predictions"], strict=True)}
+
+
+def _threshold(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str, Any]],
+               metrics: dict[str, Any]) -> float | None:  # fmt: skip
+    """The Youden threshold of the pooled out-of-fold probabilities (binary classes), for score's 0/1 call."""
+    positive = metrics.get("positive_index")
+    if cohort.classes is None or positive is None:
+        return None
+    oof = _oof(cohort, records)
+    p = np.asarray([oof[s][positive] for s in cohort.slides])
+    y = (cohort.labels == positive).astype(np.int64)
+    if len(set(y.tolist())) < 2:
+        return None
+    return float(operating_point(y, p, "youden"))
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(path, write)
+
+
+def _write_folds(path: Path, cohort: FeatureCohort, folds: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["slide_path", "patient_id", "label", "fold"])
+            for rel, pat, y, f in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
+                                      strict=True):  # fmt: skip
+                w.writerow([rel, pat, y if cohort.classes is None else cohort.classes[int(y)], f])
+
+    atomic_write(path, write)
+
+
+def _write_predictions(path: Path, cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str, Any]]) -> None:
+    oof = _oof(cohort, records)
+    cols = ["prediction"] if cohort.classes is None else [f"prob_{c}" for c in cohort.classes]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["slide_path", "patient_id", "fold", "label", *cols])
+            for rel, pat, y, f in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
+                                      strict=True):  # fmt: skip
+                p = oof[rel]
+                vals = [f"{p:.9g}"] if cohort.classes is None else [f"{v:.6f}" for v in p]
+                w.writerow([rel, pat, f, y if cohort.classes is None else cohort.classes[int(y)], *vals])
+
+    atomic_write(path, write)
+
+
+def _scoring_record(recipe: Recipe, cohort: FeatureCohort, k: int, threshold: float | None) -> dict[str, Any]:
+    """``mil.json``: what ``score`` needs to embed new slides alike and apply the fold heads."""
+    features = Path(recipe.data.features or "")
+    made = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
+    return {"classes": cohort.classes, "target": recipe.data.target, "head": recipe.mil.head,
+            "heads": [f"folds/fold{f}.safetensors" for f in range(k)], "encoder": cohort.extraction["encoder"],
+            "encoder_sha256": cohort.extraction["encoder_sha256"], "dim": cohort.extraction["dim"],
+            "slides": made.get("slides", {"tile_size": cohort.extraction["tile_size"],
+                                          "target_mpp": cohort.extraction["target_mpp"]}),
+            "precision": (cohort.extraction.get("preprocessing") or {}).get("precision", "none"),
+            "positive_index": metrics_positive(cohort, recipe.evaluation), "threshold": threshold,
+            "threshold_rule": "youden on the pooled out-of-fold probabilities"}  # fmt: skip

@@ -1,0 +1,159 @@
+"""The numbers and the report of a cross-validated MIL run (:mod:`medvision.tasks.mil`).
+
+Three views, all on out-of-fold predictions (a slide is only ever predicted by the head that did not see its
+patient):
+
+- every fold: its metrics with stratified bootstrap CIs (few slides a fold: the CIs are wide, and say so);
+- across folds: the mean ± SD of each fold metric (how much the result depends on the split), with a
+  t-interval of the mean over the k folds;
+- pooled: the metric of all out-of-fold predictions together, with its bootstrap CI.
+
+Classes: AUC (one-vs-rest macro for more than two), accuracy and balanced accuracy. A continuous target:
+MSE, MAE and R², resampled without stratification.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from medvision.data.slide_features import FeatureCohort
+from medvision.evaluation import positive_index
+from medvision.metrics import (
+    MetricWarning,
+    balanced_accuracy,
+    bootstrap_cis,
+    compute_accuracy,
+    compute_auc,
+    compute_mae,
+    compute_mse,
+    compute_r2,
+)
+from medvision.plots import plot_roc
+from medvision.recipe import EvalConfig, Recipe
+from medvision.report import Block, to_html, to_markdown
+
+
+def metrics_positive(cohort: FeatureCohort, cfg: EvalConfig) -> int | None:
+    """The class the operating threshold is about (the second of two, or ``evaluation.positive_class``)."""
+    return None if cohort.classes is None else positive_index(cohort.classes, cfg)
+
+
+def _balanced(y: np.ndarray, p: np.ndarray) -> float:
+    return balanced_accuracy(y, p.argmax(axis=1), p.shape[1]) if len(y) else math.nan
+
+
+def metric_functions(continuous: bool) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
+    """The report's metrics, by name, as pure (y, prediction) functions."""
+    if continuous:
+        return {"mse": compute_mse, "mae": compute_mae, "r2": compute_r2}
+    return {"auc": compute_auc, "acc": compute_accuracy, "balanced_acc": _balanced}
+
+
+def _with_cis(y: np.ndarray, p: np.ndarray, continuous: bool, cfg: EvalConfig, seed: int) -> dict[str, Any]:
+    fns = metric_functions(continuous)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        row: dict[str, Any] = {"n": len(y), **{k: fn(y, p) for k, fn in fns.items()}}
+        if cfg.bootstrap and len(y) > 1:
+            cis = bootstrap_cis(y, p, fns, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous)
+            row.update({f"{k}_ci": list(v) for k, v in cis.items()})
+    return row
+
+
+def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str, Any]],
+               cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
+    """Per-fold, across-fold and pooled metrics of the out-of-fold predictions (see the module docstring)."""
+    continuous = cohort.continuous
+    index = {rel: i for i, rel in enumerate(cohort.slides)}
+    per_fold = []
+    all_y, all_p = [], []
+    for r in records:
+        idx = np.asarray([index[s] for s in r["test"]], np.int64)
+        y, p = cohort.labels[idx], np.asarray(r["predictions"], np.float64)
+        row = _with_cis(y, p, continuous, cfg, cfg.bootstrap_seed + r["fold"])
+        row.update(fold=r["fold"], patients=len({cohort.patients[i] for i in idx}), best_epoch=r["best_epoch"],
+                   seconds=r["seconds"])  # fmt: skip
+        per_fold.append(row)
+        all_y.append(y)
+        all_p.append(p)
+    y, p = np.concatenate(all_y), np.concatenate(all_p)
+    pooled = _with_cis(y, p, continuous, cfg, cfg.bootstrap_seed)
+    across: dict[str, Any] = {}
+    for name in metric_functions(continuous):
+        vals = np.asarray([r[name] for r in per_fold], np.float64)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) == 0:
+            across[name] = {"mean": math.nan, "sd": math.nan, "ci": [math.nan, math.nan], "folds": 0}
+            continue
+        mean, sd = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        half = float(stats.t.ppf(0.5 + cfg.ci_level / 2, len(vals) - 1) * sd / math.sqrt(len(vals))) \
+            if len(vals) > 1 else math.nan  # fmt: skip
+        across[name] = {"mean": mean, "sd": sd, "ci": [mean - half, mean + half], "folds": len(vals)}
+    return {"target": "continuous" if continuous else "class", "classes": cohort.classes, "folds": per_fold,
+            "across_folds": across, "pooled": pooled, "slides": len(cohort.slides),
+            "patients": len(set(cohort.patients)), "ci_level": cfg.ci_level, "bootstrap": cfg.bootstrap,
+            "positive_index": metrics_positive(cohort, cfg)}  # fmt: skip
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(row: dict[str, Any], name: str) -> str:
+    ci = row.get(f"{name}_ci")
+    return f"{_f(row[name])} [{_f(ci[0])}, {_f(ci[1])}]" if ci else _f(row[name])
+
+
+def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metrics: dict[str, Any],
+                    spec: dict[str, Any]) -> None:  # fmt: skip
+    """``report.md`` and the self-contained ``report.html`` of a cross-validated MIL run."""
+    names = list(metric_functions(cohort.continuous))
+    level = f"{metrics['ci_level']:.0%}"
+    ext = cohort.extraction
+    blocks: list[Block] = [("h1", f"{recipe.name}: {recipe.mil.head} on {ext['encoder']} features, "
+                                  f"{recipe.mil.folds}-fold cross-validation")]  # fmt: skip
+    blocks.append(("p", f"{metrics['slides']} slides of {metrics['patients']} patients; folds grouped by patient"
+                        f"{'' if cohort.continuous else ' and stratified by label'} (seed {recipe.seed}). Features: "
+                        f"`{ext['encoder']}` (checkpoint SHA-256 `{str(ext['encoder_sha256'])[:16]}…`, "
+                        f"{ext['dim']}-d), "
+                        f"{ext['tile_size']}-px tiles at {ext['target_mpp']} µm/px."))  # fmt: skip
+    head = ["fold", "slides", "patients", *[f"{n} ({level} CI)" for n in names], "best epoch", "s"]
+    rows = [[str(r["fold"]), str(r["n"]), str(r["patients"]), *[_ci(r, n) for n in names], str(r["best_epoch"]),
+             f"{r['seconds']:.1f}"] for r in metrics["folds"]]  # fmt: skip
+    blocks += [("h2", "Every fold (out-of-fold test slides)"), ("table", (head, rows))]
+    across, pooled = metrics["across_folds"], metrics["pooled"]
+    summary = [[n, f"{_f(across[n]['mean'])} ± {_f(across[n]['sd'])}",
+                f"[{_f(across[n]['ci'][0])}, {_f(across[n]['ci'][1])}]", _ci(pooled, n)] for n in names]  # fmt: skip
+    blocks += [("h2", "Summary"), ("table", (["metric", "mean ± SD over folds", f"{level} t-interval of the mean",
+                                             f"pooled out-of-fold ({level} bootstrap CI)"], summary))]  # fmt: skip
+    notes = [
+        "Each slide is predicted by the one fold head that never saw its patient; early stopping used a "
+        f"{recipe.mil.val_fraction:.0%} share of the fold's training patients, never its test slides.",
+        f"With {metrics['slides'] // recipe.mil.folds}-odd slides a fold, a fold's CI is wide: read the pooled "
+        "interval and the spread across folds together.",
+    ]
+    if spec.get("threshold") is not None:
+        notes.append(f"score's 0/1 call uses the Youden threshold {spec['threshold']:.3f} of the pooled out-of-fold "
+                     "probabilities: chosen on these same slides, so its sensitivity and specificity here are "
+                     "optimistic; check them on new slides.")  # fmt: skip
+    blocks += [("h2", "How to read this"), ("ul", notes)]
+    if not cohort.continuous and cohort.classes is not None and metrics["pooled"]["n"] > 1:
+        with (run_dir / "predictions.csv").open(newline="") as fh:
+            rows_p = list(csv.DictReader(fh))
+        y = np.asarray([cohort.classes.index(r["label"]) for r in rows_p])
+        p = np.asarray([[float(r[f"prob_{c}"]) for c in cohort.classes] for r in rows_p])
+        if len(set(y.tolist())) > 1:
+            (run_dir / "plots").mkdir(exist_ok=True)
+            plot_roc(run_dir / "plots" / "roc_oof.png", y, p, cohort.classes)
+            blocks.append(("img", ("plots/roc_oof.png", "ROC of the pooled out-of-fold predictions, with its "
+                                                        "bootstrap band")))  # fmt: skip
+    (run_dir / "report.md").write_text(to_markdown(blocks))
+    (run_dir / "report.html").write_text(to_html(blocks, run_dir))

@@ -1,0 +1,130 @@
+"""The slide unit of scoring for a run trained on cached features (``data.source: slide_features``).
+
+A slide is planned and tiled as the feature cache was (the run's ``mil.json`` holds the extraction's tiling),
+its tiles embedded by the same encoder with the same weights (the checkpoint's SHA-256 must match the one the
+run was trained on, else nothing is scored) and precision, and the k fold heads each predict the bag; the
+slide's probabilities (or continuous prediction) and every tile's attention are the mean over the folds.
+
+Every entry is one row, as for tile-trained runs (:mod:`medvision.tasks.score.slides`), and each scored slide
+also gets its tile table (attention per tile), its attention heatmap and its QuPath GeoJSON, written before
+its row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvision.metrics import softmax
+from medvision.models.encoders import PatchEncoder, load_encoder
+from medvision.models.mil import MILHead
+from medvision.models.mil_fit import load_mil, predict_mil
+from medvision.recipe import SlidesConfig
+from medvision.runs import RunError, versions
+from medvision.runtime import setup
+from medvision.tasks.features import RawTiles
+from medvision.tasks.mil import MIL_RUN
+from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
+from medvision.tasks.score.slides import SLIDE_TIMEOUT, PlannedSlide, SlideOutputs, SlideScan, attention_measure
+
+
+def is_mil_run(model: Path) -> bool:
+    """Whether ``model`` is a run folder trained on cached slide features."""
+    return (model / MIL_RUN).is_file()
+
+
+class FeatureMILUnit(SlideScan):
+    """Slides to tiles to embeddings to the fold heads' mean, one row a slide (see the module docstring)."""
+
+    def __init__(self, spec: dict[str, Any], encoder: PatchEncoder, heads: list[MILHead],
+                 device: torch.device, out: Path, workers: int, timeout: float, batch_size: int,
+                 heatmaps: bool) -> None:  # fmt: skip
+        super().__init__(SlidesConfig.model_validate(spec["slides"]), workers, timeout)
+        self.spec, self.encoder, self.heads, self.device = spec, encoder.to(device), heads, device
+        self.batch_size, self.outputs = batch_size, SlideOutputs(out, heatmaps)
+        self.classes: list[str] | None = spec["classes"]
+        self.positive: int | None = spec.get("positive_index")
+        self.threshold: float | None = spec.get("threshold")
+        outputs = ["prediction"] if self.classes is None else ["pred", *[f"prob_{c}" for c in self.classes]]
+        calls = ["call_youden"] if self.threshold is not None else []
+        self.columns = ["path", "status", "reason", *outputs, *calls, "tiles", "tissue_mm2", "mpp", "mpp_source",
+                        "target_mpp", "level"]  # fmt: skip
+
+    def process(self, folder: Path, item: PlannedSlide) -> None:
+        tiles = self.tiles(folder, item)
+        if tiles is None:
+            return
+        assert item.info is not None
+        loader = self.loader(RawTiles(tiles.reader), self.batch_size, self.device.type == "cuda")
+        bag = self.encoder.embed(loader, self.device, self.spec.get("precision", "none"))
+        outs, attention = [], []
+        for head in self.heads:
+            logits, weights = predict_mil(head, [bag])
+            outs.append(logits[0] if self.classes is None else softmax(logits)[0])
+            attention.append(weights[0])
+        slide = np.mean(outs, axis=0)
+        attn = attention_measure(np.mean(attention, axis=0))
+        item.probs = slide
+        k = len(self.heads)
+        if self.classes is None:
+            title = f"{item.rel}: prediction {slide[0]:.4g} (mean of {k} fold heads, {len(tiles.coords)} tiles)"
+        else:
+            c = self.positive if self.positive is not None else int(slide.argmax())
+            title = (f"{item.rel}: P({self.classes[c]}) = {slide[c]:.3f} (mean of {k} fold heads, "
+                     f"{len(tiles.coords)} tiles)")  # fmt: skip
+        label = f"{self.spec['head']} attention (÷ the slide's max, mean of {k} folds)"
+        self.outputs.write(item, tiles, {"attention": attn}, None, (attn, label), title)
+
+    def row(self, item: PlannedSlide, seconds: float) -> str:
+        n_out = 1 if self.classes is None else 1 + len(self.classes)
+        calls = 1 if self.threshold is not None else 0
+        target = self.cfg.target_mpp
+        if item.status != "ok" or item.probs is None or item.info is None:
+            blank = [""] * (n_out + calls)
+            return csv_line([item.rel, item.status, one_line(item.reason), *blank, "", "", "", "", target, ""])
+        p, info = item.probs, item.info
+        classes = self.classes
+        values = [f"{p[0]:.9g}"] if classes is None else [classes[int(p.argmax())], *[f"{v:.6f}" for v in p]]
+        if self.threshold is not None and self.positive is not None:
+            values.append(str(int(p[self.positive] >= self.threshold)))
+        return csv_line([item.rel, "ok", "", *values, info["n_tiles"], f"{info['tissue_mm2']:.3f}",
+                         f"{info['mpp']:.6g}", info["mpp_source"], target, info["level"]])  # fmt: skip
+
+    def finish(self, out: Path, table: Path) -> None:
+        self.outputs.finish(out)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"aggregate": f"{self.spec['head']} (mean of {len(self.heads)} fold heads)",
+                "slides": self.cfg.model_dump(mode="json"), "threshold": self.threshold}  # fmt: skip
+
+
+def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path | None = None,
+                     shard: tuple[int, int] = (0, 1), batch_size: int = 32, workers: int = 1,
+                     slide_timeout: float = SLIDE_TIMEOUT, heatmaps: bool = True) -> ScoreSummary:  # fmt: skip
+    """Scores every slide under ``folder`` with a cross-validated MIL run; see the module docstring.
+
+    ``checkpoint``: the encoder's weights (default: ``$MEDVISION_ENCODER_<NAME>``), checked against the run's.
+    """
+    spec = json.loads((run / MIL_RUN).read_text())
+    _, device = setup("auto")
+    encoder, sha = load_encoder(spec["encoder"], checkpoint)
+    if sha != spec["encoder_sha256"]:
+        raise RunError(f"{run} was trained on {spec['encoder']} features from the checkpoint with SHA-256 "
+                       f"{spec['encoder_sha256'][:16]}…; the checkpoint given has {sha[:16]}…: embed with the "
+                       "same weights")  # fmt: skip
+    heads = []
+    for rel in spec["heads"]:
+        try:
+            heads.append(load_mil(run / rel)[0])
+        except (OSError, ValueError) as err:
+            raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
+    unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps)
+    record = {"model_file": str(run / MIL_RUN), "encoder": spec["encoder"], "encoder_sha256": sha,
+              "engine": "torch", "device": str(device), "amp": spec.get("precision", "none"), "versions": versions(),
+              "heads": spec["heads"], "operating_points": []}  # fmt: skip
+    threads = (torch.get_num_threads() or 1) if device.type == "cpu" else None
+    return run_units(folder, out, unit, shard, record, threads)

@@ -1,0 +1,146 @@
+"""The feature cache: one HDF5 file per slide with its tiles' embeddings and where each tile came from.
+
+``medvision features`` writes a file per slide and ``data.source: slide_features`` reads them back, so a
+slide is embedded once and every MIL model and fold after that takes seconds. The layout follows the
+reference pipelines (CLAM's ``features``/``coords`` datasets, TRIDENT's ``patch_size_level0``), so their
+readers open these files too:
+
+- ``features`` (n, d) float32: tile ``i``'s embedding, from the frozen encoder.
+- ``coords`` (n, 2) int64: the level-0 (x, y) of tile ``i``'s top-left corner; attributes
+  ``patch_size`` (the tile side in pixels at ``target_mpp``), ``patch_size_level0`` and ``level``.
+- ``tissue`` (n,) float32: tile ``i``'s tissue fraction in the tissue mask.
+- file attributes: ``format``, ``encoder``, ``encoder_sha256``, ``dim``, ``tile_size``, ``target_mpp``,
+  ``mpp`` (the slide's level-0 µm/px) and ``mpp_source``, ``tissue_mm2``, and ``preprocessing`` (JSON: the
+  encoder's resize, crop, mean and std, and the stain normaliser's reference when one was used).
+
+Nothing from the slide's own metadata is stored (no file name of the scan, no vendor fields): the
+file is keyed by the slide's path relative to the folder that was embedded, which the caller chooses.
+A file is written to a temporary name and renamed, so a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvision.errors import MedvisionError
+from medvision.io.files import atomic_write
+
+FORMAT = "medvision.features/1"
+SUFFIX = ".h5"
+#: Attributes every feature file carries (the reader checks them; callers may add more).
+REQUIRED = ("format", "slide", "encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "mpp")
+
+
+class FeatureFileError(MedvisionError, ValueError):
+    """A feature file that is missing, damaged, of another format, or inconsistent with the others."""
+
+
+@dataclass
+class SlideFeatures:
+    """One slide's tiles: embeddings, level-0 corners, tissue fractions and the file's attributes."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    tissue: np.ndarray
+    attrs: dict[str, Any]
+    side0: float
+    """Tile side in level-0 pixels (``coords/patch_size_level0``)."""
+
+    @property
+    def encoder(self) -> str:
+        return str(self.attrs["encoder"])
+
+
+def feature_name(rel: str) -> str:
+    """The cache file of the slide at ``rel`` (relative to the embedded folder): its path, flattened."""
+    return rel.replace("\\", "__").replace("/", "__") + SUFFIX
+
+
+def write_features(path: Path, features: np.ndarray, coords: np.ndarray, tissue: np.ndarray, side0: float,
+                   level: int, attrs: dict[str, Any]) -> None:  # fmt: skip
+    """Writes one slide's feature file atomically (see the module docstring for the layout).
+
+    Raises:
+        ValueError: shapes that disagree, a non-finite embedding, or a missing required attribute.
+    """
+    import h5py
+
+    feats = np.ascontiguousarray(features, dtype=np.float32)
+    xy = np.ascontiguousarray(coords, dtype=np.int64)
+    if feats.ndim != 2 or xy.shape != (len(feats), 2) or np.shape(tissue) != (len(feats),):
+        raise ValueError(f"{path}: features {feats.shape}, coords {xy.shape} and tissue {np.shape(tissue)} must be "
+                         "(n, d), (n, 2) and (n,)")  # fmt: skip
+    if not np.isfinite(feats).all():
+        bad = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
+        raise ValueError(f"{path}: tile {bad} at {xy[bad].tolist()} has a non-finite embedding")
+    missing = [k for k in REQUIRED if k not in attrs and k not in ("format", "dim")]
+    if missing:
+        raise ValueError(f"{path}: feature file attributes {missing} are required")
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("features", data=feats)
+            c = fh.create_dataset("coords", data=xy)
+            c.attrs["patch_size"] = int(attrs["tile_size"])
+            c.attrs["patch_size_level0"] = float(side0)
+            c.attrs["level"] = int(level)
+            fh.create_dataset("tissue", data=np.asarray(tissue, np.float32))
+            for key, value in {**attrs, "format": FORMAT, "dim": int(feats.shape[1])}.items():
+                fh.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+
+    atomic_write(Path(path), write)
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_features(path: Path) -> SlideFeatures:
+    """Reads a file written by :func:`write_features`, checking its format and shapes.
+
+    Raises:
+        FeatureFileError: the file is missing, not HDF5, another format, or inconsistent.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: no feature file (run `medvision features` on the slides first)")
+    try:
+        with h5py.File(path, "r") as fh:
+            attrs = {k: _attr(v) for k, v in fh.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise FeatureFileError(f"{path}: format {attrs.get('format')!r}, expected {FORMAT!r}")
+            feats = np.asarray(fh["features"][()], np.float32)
+            coords = np.asarray(fh["coords"][()], np.int64)
+            side0 = float(fh["coords"].attrs["patch_size_level0"])
+            tissue = np.asarray(fh["tissue"][()], np.float32) if "tissue" in fh else np.ones(len(feats), np.float32)
+    except FeatureFileError:
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise FeatureFileError(f"{path}: not a readable feature file ({type(err).__name__}: {err})") from None
+    missing = [k for k in REQUIRED if k not in attrs]
+    if missing:
+        raise FeatureFileError(f"{path}: attributes {missing} are missing")
+    if feats.ndim != 2 or coords.shape != (len(feats), 2) or feats.shape[1] != int(attrs["dim"]):
+        raise FeatureFileError(f"{path}: features {feats.shape} and coords {coords.shape} disagree with "
+                               f"dim {attrs['dim']}")  # fmt: skip
+    for key, value in attrs.items():  # dicts and lists were stored as JSON text
+        if isinstance(value, str) and value[:1] in "[{":
+            attrs[key] = json.loads(value)
+    return SlideFeatures(feats, coords, tissue, attrs, side0)
+
+
+def same_extraction(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The settings on which two feature files differ (encoder, weights, tiling): bags that may not be mixed."""
+    keys = ("encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "preprocessing")
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

@@ -1,0 +1,128 @@
+"""``medvision features``: one HDF5 file per slide, every entry a row, resumable, one feature space per folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from medvision.cli import main
+from medvision.models.encoders import load_encoder
+from medvision.recipe import SlidesConfig
+from medvision.runs import RunError
+from medvision.tasks.features import extract_features
+from medvision.wsi.features import FeatureFileError, feature_name, read_features
+from medvision.wsi.slide import open_slide
+from medvision.wsi.source import plan_slide
+from medvision.wsi.tiles import read_tile
+
+ENCODER = "timm:tf_efficientnet_lite0"
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as fh:
+        return {r["path"]: r for r in csv.DictReader(fh)}
+
+
+def test_every_slide_is_one_file_with_coords_mpp_encoder_and_preprocessing(
+    cohort_features: Path, slide_cohort: Path, shared: Path
+) -> None:
+    rows = _rows(cohort_features / "features.csv")
+    truth = json.loads((slide_cohort.parent / "truth.json").read_text())
+    assert {r for r, row in rows.items() if row["status"] == "ok"} == set(truth)
+    assert {rows["manifest.csv"]["status"], rows["truth.json"]["status"]} == {"skipped"}
+    record = json.loads((cohort_features / "features.json").read_text())
+    assert record["encoder"] == ENCODER and record["reconciled"] and record["dim"] == 1280
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    encoder, sha = load_encoder(ENCODER, weights)
+    assert record["encoder_sha256"] == sha
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0)
+    for rel in truth:
+        bag = read_features(cohort_features / feature_name(rel))
+        assert rows[rel]["file"] == feature_name(rel) and int(rows[rel]["tiles"]) == len(bag.features)
+        assert bag.features.shape == (len(bag.coords), 1280) and bag.features.dtype == np.float32
+        assert bag.attrs["encoder_sha256"] == sha and bag.attrs["mpp"] == pytest.approx(0.5)
+        assert bag.attrs["tile_size"] == 112 and bag.attrs["target_mpp"] == 1.0 and bag.side0 == pytest.approx(224)
+        assert (
+            bag.attrs["slide_size"] == [1536, 1152]
+            and bag.attrs["preprocessing"]["input_size"] == 224
+            and bag.attrs["preprocessing"]["precision"] == "none"
+        )
+        slide, grid = plan_slide(slide_cohort.parent / rel, cfg)
+        slide.close()
+        assert np.array_equal(bag.coords, grid.coords) and np.allclose(bag.tissue, grid.tissue, atol=1e-4)
+    # a stored embedding is the encoder's own output on that tile, read straight from the slide
+    rel = next(iter(truth))
+    bag = read_features(cohort_features / feature_name(rel))
+    slide, grid = plan_slide(slide_cohort.parent / rel, cfg)
+    tiles = [read_tile(slide, grid.level, grid.read_size, int(x), int(y), 112) for x, y in bag.coords[:3]]
+    slide.close()
+    with torch.no_grad():
+        direct = encoder(torch.as_tensor(np.stack(tiles)).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(bag.features[:3], direct, rtol=1e-4, atol=1e-4)
+    # CLAM/TRIDENT readers find what they expect
+    with h5py.File(cohort_features / feature_name(rel), "r") as fh:
+        assert fh["coords"].attrs["patch_size_level0"] == pytest.approx(224.0) and "features" in fh
+
+
+def test_a_broken_slide_is_an_error_row_the_rest_resume_and_a_second_encoder_is_refused(
+    slide_cohort: Path, cohort_features: Path, shared: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("slide_000.svs", "slide_001.tif"):
+        shutil.copy(slide_cohort.parent / name, folder / name)
+    (folder / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)
+    (folder / "notes.txt").write_text("not a slide")
+    out = tmp_path / "feats"
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0, max_tiles_per_slide=5)
+    first = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    rows = _rows(out / "features.csv")
+    assert [rows[k]["status"] for k in sorted(rows)] == ["error", "skipped", "ok", "ok"]
+    assert "broken.svs" in rows["broken.svs"]["reason"] and first.exit_code == 3
+    assert first.files_found == 4 and first.reconciled and int(rows["slide_000.svs"]["tiles"]) == 5
+    stamp = (out / feature_name("slide_000.svs")).stat().st_mtime_ns
+    (folder / "slide_002.svs").write_bytes((slide_cohort.parent / "slide_003.svs").read_bytes())
+    again = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    # the last row of a run is redone on resume (it may have been cut short); the others are kept
+    assert again.already_done == 3 and again.scored_now == 2 and again.ok_files == 3 and again.files_found == 5
+    assert (out / feature_name("slide_000.svs")).stat().st_mtime_ns == stamp
+    with pytest.raises(RunError, match="other settings"):
+        extract_features(folder, out, ENCODER, weights, slides=SlidesConfig(tile_size=128, target_mpp=1.0), workers=0)
+
+
+def test_feature_files_are_checked_on_read(tmp_path: Path) -> None:
+    with pytest.raises(FeatureFileError, match="no feature file"):
+        read_features(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(FeatureFileError, match="not a readable feature file"):
+        read_features(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as fh:
+        fh.create_dataset("features", data=np.zeros((2, 4), np.float32))
+    with pytest.raises(FeatureFileError, match="format"):
+        read_features(tmp_path / "other.h5")
+
+
+def test_the_real_aperio_slide_is_embedded_at_its_own_mpp(cmu_svs: Path, shared: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    folder = tmp_path / "real"
+    folder.mkdir()
+    shutil.copy(cmu_svs, folder / "cmu.svs")
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    code = main(["features", str(folder), "--encoder", ENCODER, "--checkpoint", str(weights), "--out",
+                 str(tmp_path / "f"), "--tile-size", "224", "--target-mpp", "0.5", "--workers", "1"])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    bag = read_features(tmp_path / "f" / "cmu.svs.h5")
+    slide = open_slide(folder / "cmu.svs")
+    assert bag.attrs["mpp"] == pytest.approx(slide.mpp) and slide.mpp == pytest.approx(0.499)
+    slide.close()
+    assert len(bag.features) == 42 and bag.features.shape[1] == 1280 and np.isfinite(bag.features).all()
+    text = (tmp_path / "f" / "features.json").read_text() + (tmp_path / "f" / "features.csv").read_text()
+    assert "CMU-1" not in text  # the Aperio header's Filename stays inside the reader

@@ -1,0 +1,210 @@
+"""``data.source: slide_features``: MIL heads cross-validated by patient on cached features, reported per fold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from medvision.cli import main
+from medvision.data.slide_features import inner_validation, patient_folds
+from medvision.data.table import DataSourceError
+from medvision.metrics import softmax
+from medvision.models.mil_fit import load_mil, predict_mil
+from medvision.recipe import RecipeError, load_recipe
+from medvision.runs import RunError
+from medvision.tasks.score import score_slides
+from medvision.tasks.train import train
+from medvision.wsi.features import feature_name, read_features
+
+
+def _recipe(tmp: Path, manifest: Path, features: Path, **mil: Any) -> Path:
+    tree = {"name": "mil", "output_dir": str(tmp / "runs"), "seed": 0,
+            "data": {"source": "slide_features", "path": str(manifest), "features": str(features)},
+            "mil": {"folds": 3, "epochs": 15, "patience": 5, "hidden": 32, "attention": 16, "lr": 2e-3, **mil},
+            "evaluation": {"bootstrap": 200}}  # fmt: skip
+    path = tmp / "mil.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_patient_folds_keep_patients_whole_and_classes_in_every_fold() -> None:
+    rng = np.random.default_rng(0)
+    patients = [f"P{i // 3}" for i in range(60)]  # 3 slides a patient
+    labels = np.asarray([int(p[1:]) % 2 for p in patients])
+    folds = patient_folds(labels, patients, 5, seed=1, stratify=True)
+    for p in set(patients):
+        assert len({folds[i] for i, q in enumerate(patients) if q == p}) == 1
+    for f in range(5):
+        assert set(labels[folds == f]) == {0, 1} and 9 <= (folds == f).sum() <= 15
+    assert not np.array_equal(folds, patient_folds(labels, patients, 5, seed=2, stratify=True))
+    cont = patient_folds(rng.normal(size=60), patients, 4, seed=0, stratify=False)
+    assert sorted(np.bincount(cont).tolist()) == [15, 15, 15, 15]
+    fit, val = inner_validation(labels, patients, np.flatnonzero(folds != 0), 0.2, 0, True)
+    assert not {patients[i] for i in fit} & {patients[i] for i in val} and set(labels[val]) == {0, 1}
+    with pytest.raises(DataSourceError, match="at least 5 patients"):
+        patient_folds(labels[:6], patients[:6], 5, 0, True)
+
+
+def test_cross_validated_abmil_run_reports_every_fold_and_scores_out_of_fold(
+    slide_cohort: Path, cohort_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", str(_recipe(tmp_path, slide_cohort, cohort_features))]) == 0, capsys.readouterr().err
+    run = tmp_path / "runs" / "mil"
+    folds = _csv(run / "folds.csv")
+    assert len(folds) == 12
+    by_patient: dict[str, set[str]] = {}
+    for r in folds:
+        by_patient.setdefault(r["patient_id"], set()).add(r["fold"])
+    assert all(len(v) == 1 for v in by_patient.values())  # two slides a patient, always in the same fold
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [f["fold"] for f in metrics["folds"]] == [0, 1, 2] and sum(f["n"] for f in metrics["folds"]) == 12
+    assert all(len(f["auc_ci"]) == 2 for f in metrics["folds"] if f["auc"] == f["auc"])
+    aucs = [f["auc"] for f in metrics["folds"]]
+    assert metrics["across_folds"]["auc"]["mean"] == pytest.approx(np.nanmean(aucs))
+    assert metrics["across_folds"]["auc"]["sd"] == pytest.approx(np.nanstd(aucs, ddof=1))
+    preds = _csv(run / "predictions.csv")
+    y = np.asarray([r["label"] == "tumour" for r in preds], int)
+    p = np.asarray([float(r["prob_tumour"]) for r in preds])
+    assert metrics["pooled"]["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert metrics["pooled"]["auc"] >= 0.8  # planted tumour tiles in ImageNet features: measured 1.0
+    # every out-of-fold probability is the saved head of that fold on that slide's bag
+    for r in preds:
+        head, meta = load_mil(run / "folds" / f"fold{r['fold']}.safetensors")
+        bag = read_features(cohort_features / feature_name(r["slide_path"])).features
+        assert meta["fold"] == int(r["fold"]) and meta["encoder"] == "timm:tf_efficientnet_lite0"
+        assert softmax(predict_mil(head, [bag])[0])[0, 1] == pytest.approx(float(r["prob_tumour"]), abs=1e-5)
+    html = (run / "report.html").read_text()
+    assert "mean ± SD over folds" in html and "Every fold" in html and "data:image/png;base64" in html
+    spec = json.loads((run / "mil.json").read_text())
+    assert spec["encoder_sha256"] == json.loads((cohort_features / "features.json").read_text())["encoder_sha256"]
+    assert spec["slides"]["tile_size"] == 112 and 0 < spec["threshold"] < 1 and len(spec["heads"]) == 3
+    # resume keeps finished folds; the result is the same
+    kept = (run / "folds" / "fold0.json").stat().st_mtime_ns
+    (run / "folds" / "fold2.json").unlink()
+    recipe = load_recipe(run / "recipe.yaml")
+    train(recipe, resume=True)
+    assert (run / "folds" / "fold0.json").stat().st_mtime_ns == kept
+    assert json.loads((run / "metrics.json").read_text())["pooled"]["auc"] == pytest.approx(metrics["pooled"]["auc"])
+
+
+@pytest.mark.parametrize("head", ["mean", "clam_sb", "transmil"])
+def test_every_head_cross_validates(head: str, slide_cohort: Path, cohort_features: Path, tmp_path: Path) -> None:
+    run = train(load_recipe(_recipe(tmp_path, slide_cohort, cohort_features, head=head, heads=4)))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["folds"]) == 3 and metrics["pooled"]["n"] == 12
+    assert json.loads((run / "run.json").read_text())["head"] == head
+
+
+def test_continuous_target_reports_mse_mae_r2_with_cis(slide_cohort: Path, cohort_features: Path,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    truth = json.loads((slide_cohort.parent / "truth.json").read_text())
+    manifest = tmp_path / "scores.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_path", "label", "patient_id"])
+        for rel, t in truth.items():  # tumour area in mm² at 0.5 µm/px: a continuous slide label
+            w.writerow([rel, sum(b[2] * b[3] for b in t["tumour_boxes"]) * 0.25e-6, t["patient_id"]])
+    path = _recipe(tmp_path, manifest, cohort_features, head="abmil")
+    tree = yaml.safe_load(path.read_text())
+    tree["data"]["target"] = "continuous"
+    path.write_text(yaml.safe_dump(tree))
+    run = train(load_recipe(path))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["target"] == "continuous" and set(metrics["across_folds"]) == {"mse", "mae", "r2"}
+    pooled = metrics["pooled"]
+    assert pooled["mse_ci"][0] <= pooled["mse"] <= pooled["mse_ci"][1] and pooled["mae"] >= 0
+    preds = _csv(run / "predictions.csv")
+    err = np.asarray([float(r["prediction"]) - float(r["label"]) for r in preds])
+    assert pooled["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-6)
+    assert json.loads((run / "mil.json").read_text())["threshold"] is None
+    tree["mil"]["head"] = "clam_sb"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(RecipeError, match="clam_sb"):
+        load_recipe(path)
+
+
+def test_missing_features_are_audit_errors_and_the_recipe_is_checked(
+    slide_cohort: Path, cohort_features: Path, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(slide_cohort.read_text() + "slide_999.svs,tumour,P999\n")
+    with pytest.raises(DataSourceError, match=r"slide_999\.svs"):
+        train(load_recipe(_recipe(tmp_path, manifest, cohort_features)))
+    recipe = load_recipe(_recipe(tmp_path, manifest, cohort_features), ["data.on_error=skip", "name=skip"])
+    run = train(recipe)
+    audit = {r["path"]: r for r in _csv(run / "data_audit.csv")}
+    assert audit["slide_999.svs"]["outcome"] == "error"
+    assert json.loads((run / "metrics.json").read_text())["slides"] == 12
+    bad = yaml.safe_load(_recipe(tmp_path, manifest, cohort_features).read_text())
+    bad["model"] = {"name": "resnet18"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(RecipeError, match="do not apply"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_score_embeds_new_slides_alike_and_writes_attention_heatmaps_and_qupath_geojson(
+    slide_cohort: Path, cohort_features: Path, shared: Path, cmu_svs: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from test_geojson import _validate as validate_qupath
+
+    run = train(load_recipe(_recipe(tmp_path, slide_cohort, cohort_features)))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for name in ("slide_000.svs", "slide_002"):  # an Aperio file and a DICOM WSI series folder
+        src = slide_cohort.parent / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, folder / name)
+    shutil.copy(cmu_svs, folder / "cmu.svs")  # the real scan: 0.499 µm/px, tiled at the run's 1 µm/px
+    (folder / "broken.svs").write_bytes(b"not a slide at all")
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    out = tmp_path / "scores.csv"
+    code = main(["score", str(folder), "--model", str(run), "--out", str(out), "--encoder-checkpoint", str(weights)])
+    assert code == 3, capsys.readouterr().err  # one error row, the rest scored
+    rows = {r["path"]: r for r in _csv(out)}
+    assert rows["broken.svs"]["status"] == "error" and "broken.svs" in rows["broken.svs"]["reason"]
+    assert all(rows[k]["status"] == "ok" for k in ("slide_000.svs", "slide_002", "cmu.svs"))
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert record["reconciled"] and record["encoder_sha256"] == json.loads((run / "mil.json").read_text())[
+        "encoder_sha256"]  # fmt: skip
+    # the slide's probability is the mean of the fold heads on the cached bag of the same slide
+    bag = read_features(cohort_features / feature_name("slide_000.svs")).features
+    heads = [load_mil(run / "folds" / f"fold{f}.safetensors")[0] for f in range(3)]
+    expected = np.mean([softmax(predict_mil(h, [bag])[0])[0] for h in heads], axis=0)
+    assert float(rows["slide_000.svs"]["prob_tumour"]) == pytest.approx(expected[1], abs=1e-4)
+    assert rows["slide_000.svs"]["call_youden"] in ("0", "1") and float(rows["cmu.svs"]["mpp"]) == pytest.approx(0.499)
+    import pyarrow.parquet as pq
+
+    one = [t for t in pq.read_table(f"{out}.tiles.parquet").to_pylist() if t["slide"] == "slide_000.svs"]
+    assert len(one) == int(rows["slide_000.svs"]["tiles"]) and max(t["attention"] for t in one) == pytest.approx(1.0)
+    assert Path(f"{out}.heatmaps/slide_000.svs.png").is_file()
+    geo = json.loads(Path(f"{out}.geojson/slide_000.svs.geojson").read_text())
+    validate_qupath(geo)
+    kinds = [f["properties"]["objectType"] for f in geo["features"]]
+    assert kinds.count("detection") == len(one) and kinds.count("annotation") >= 1
+    first = next(f for f in geo["features"] if f["properties"]["objectType"] == "detection")
+    x, y = first["geometry"]["coordinates"][0][0]
+    assert [x, y] == [one[0]["x"], one[0]["y"]]
+    assert first["properties"]["measurements"]["attention"] == pytest.approx(one[0]["attention"], abs=1e-6)
+    assert "CMU-1" not in Path(f"{out}.geojson/cmu.svs.geojson").read_text()
+    # other weights than the run's: refused before anything is scored
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    state = {k: (v + 1e-3 if v.is_floating_point() else v) for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, other)
+    with pytest.raises(RunError, match="SHA-256"):
+        score_slides(folder, run, tmp_path / "again.csv", encoder_checkpoint=other)
