@@ -276,7 +276,9 @@ def _launch(argv: list[str], nproc: int, command: str, out: Path | None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "medvision", *rest]  # fmt: skip
     code = subprocess.run(cmd, check=False).returncode
-    sidecar = Path(f"{out}.json") if command == "score" and out is not None else None
+    sidecar = None
+    if out is not None and command in ("score", "features"):
+        sidecar = out / "features.json" if command == "features" else Path(f"{out}.json")
     if code == 0 and sidecar is not None and sidecar.is_file():
         return int(json.loads(sidecar.read_text()).get("exit_code", 0))
     return code
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = extract_features(args.folder, args.out, args.encoder, args.checkpoint, slides=slides,
                                        batch_size=args.batch_size, workers=args.workers, shard=args.shard,
                                        amp=args.amp, slide_timeout=args.slide_timeout)  # fmt: skip
-            print(summary.line().replace("file(s)", "slide(s)"))
+            print(summary.line().replace("file(s)", "slide(s)").replace(" scored (", " embedded ("))
             print(f"features: {args.out}/*.h5, index {args.out / TABLE}")
             if ranked:
                 return 0

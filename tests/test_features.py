@@ -126,3 +126,46 @@ def test_the_real_aperio_slide_is_embedded_at_its_own_mpp(cmu_svs: Path, shared:
     assert len(bag.features) == 42 and bag.features.shape[1] == 1280 and np.isfinite(bag.features).all()
     text = (tmp_path / "f" / "features.json").read_text() + (tmp_path / "f" / "features.csv").read_text()
     assert "CMU-1" not in text  # the Aperio header's Filename stays inside the reader
+
+
+def test_two_ranks_split_the_slides_and_write_the_same_files(slide_cohort: Path, shared: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("slide_000.svs", "slide_001.tif", "slide_003.svs", "slide_004.tif"):
+        shutil.copy(slide_cohort.parent / name, folder / name)
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    args = ["features", str(folder), "--encoder", ENCODER, "--checkpoint", str(weights), "--tile-size", "112",
+            "--target-mpp", "1.0", "--max-tiles", "3", "--workers", "0"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "medvision", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    record = json.loads((tmp_path / "two" / "features.json").read_text())
+    assert record["world_size"] == 2 and record["ok_files"] == 4 and record["reconciled"]
+    assert list(_rows(tmp_path / "two" / "features.csv")) == list(_rows(tmp_path / "one" / "features.csv"))
+    for name in ("slide_000.svs", "slide_001.tif", "slide_003.svs", "slide_004.tif"):
+        a, b = (read_features(tmp_path / d / feature_name(name)) for d in ("one", "two"))
+        assert np.array_equal(a.coords, b.coords)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
+
+
+def test_stain_normalisation_runs_before_the_encoder_and_is_recorded(
+    slide_cohort: Path, shared: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(slide_cohort.parent / "slide_000.svs", folder / "slide_000.svs")
+    reference = sorted((shared / "data" / "he_tiles").glob("*"))[0]
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    plain = SlidesConfig(tile_size=112, target_mpp=1.0, max_tiles_per_slide=4)
+    normalised = plain.model_copy(update={"stain_reference": str(reference)})
+    extract_features(folder, tmp_path / "plain", ENCODER, weights, slides=plain, workers=0)
+    extract_features(folder, tmp_path / "norm", ENCODER, weights, slides=normalised, workers=0)
+    a = read_features(tmp_path / "plain" / "slide_000.svs.h5")
+    b = read_features(tmp_path / "norm" / "slide_000.svs.h5")
+    assert a.attrs["preprocessing"]["stain_reference"] is None
+    assert b.attrs["preprocessing"]["stain_reference"] == str(reference)
+    assert np.array_equal(a.coords, b.coords) and not np.allclose(a.features, b.features, atol=1e-3)

@@ -148,5 +148,7 @@ def extract_features(
     if d.rank == 0:
         _check_same_folder(out_dir, record)
     threads = (os.cpu_count() or 1) if device.type == "cpu" else None  # readers are light: the encoder takes the cores
-    return run_units(folder, out_dir / RECORD.replace(".json", ""), unit, shard, record, threads,
-                     table_path=out_dir / TABLE)  # fmt: skip
+    summary = run_units(folder, out_dir / RECORD.replace(".json", ""), unit, shard, record, threads,
+                        table_path=out_dir / TABLE)  # fmt: skip
+    summary.out = str(out_dir / TABLE)
+    return summary

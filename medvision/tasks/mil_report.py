@@ -137,7 +137,7 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
     notes = [
         "Each slide is predicted by the one fold head that never saw its patient; early stopping used a "
         f"{recipe.mil.val_fraction:.0%} share of the fold's training patients, never its test slides.",
-        f"With {metrics['slides'] // recipe.mil.folds}-odd slides a fold, a fold's CI is wide: read the pooled "
+        f"With about {metrics['slides'] / recipe.mil.folds:.0f} slides a fold, a fold's CI is wide: read the pooled "
         "interval and the spread across folds together.",
     ]
     if spec.get("threshold") is not None:
