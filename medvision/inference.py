@@ -58,6 +58,10 @@ SCORE_AMP = ("none", "auto", "bf16", "fp16")
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any], ModelBundle]:
     """The recipe, metadata and best model of a finished run (weights read as safetensors)."""
+    if (run_dir / "mil.json").is_file():
+        raise RunError(f"{run_dir} is a MIL run on cached slide features: its evaluation is the cross-validation in "
+                       "its report.html, and `medvision score SLIDES --model RUN` scores new slides with it; it has "
+                       "no image model to evaluate, explain or export")  # fmt: skip
     for needed in ("recipe.yaml", "run.json", "model.safetensors"):
         if not (run_dir / needed).is_file():
             raise RunError(f"{run_dir} is not a finished medvision run: {needed} is missing")

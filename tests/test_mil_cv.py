@@ -20,6 +20,7 @@ from medvision.metrics import softmax
 from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.recipe import RecipeError, load_recipe
 from medvision.runs import RunError
+from medvision.tasks.evaluate import evaluate_run
 from medvision.tasks.score import score_slides
 from medvision.tasks.train import train
 from medvision.wsi.features import feature_name, read_features
@@ -130,6 +131,8 @@ def test_continuous_target_reports_mse_mae_r2_with_cis(slide_cohort: Path, cohor
     err = np.asarray([float(r["prediction"]) - float(r["label"]) for r in preds])
     assert pooled["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-6)
     assert json.loads((run / "mil.json").read_text())["threshold"] is None
+    with pytest.raises(RunError, match="MIL run on cached slide features"):
+        evaluate_run(run)
     tree["mil"]["head"] = "clam_sb"
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(RecipeError, match="clam_sb"):
