@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
         p.add_argument("--deterministic", action="store_true",
                        help="bit-identical reruns on the same machine (sets train.deterministic)")  # fmt: skip
+        p.add_argument("--track", action="store_true",
+                       help="log the run to MLflow (sets tracking.mlflow; the store is tracking.uri)")  # fmt: skip
         _nproc_option(p)
 
     p = sub.add_parser("evaluate", help="re-score a trained run on its test split or another dataset")
@@ -237,6 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("label-efficiency"),
                    help="folder for the runs, CSVs, table and plot (default: %(default)s)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="retrain finished runs instead of reusing them")
+    p.add_argument("--track", action="store_true",
+                   help="log the benchmark to MLflow, each grid run a child run (sets tracking.mlflow)")  # fmt: skip
 
     p = sub.add_parser(
         "export",
@@ -252,8 +256,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-images", type=int, default=32, metavar="N",
                    help="test images the export is checked on (default: %(default)s; 0 skips the check)")  # fmt: skip
 
+    p = sub.add_parser(
+        "compare",
+        help="compare runs tested on the same images: AUC/ACC with CIs, paired differences, DeLong, ROC curves",
+        description="Reads each run's predictions.csv (no model is run). Exit codes: 0 compared; 2 a run cannot "
+        "be read, or the runs differ in classes, images or labels.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders; the first is the reference")
+    p.add_argument("--split", default="test", help="the split of predictions.csv to compare (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("compare"), metavar="DIR",
+                   help="folder for compare.md, .html, .json and plots/ (default: %(default)s)")  # fmt: skip
+    p.add_argument("--resamples", type=int, default=1000, metavar="N", help="bootstrap resamples (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
+
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
     p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
+    p.add_argument("--amp", choices=["auto", "none", "bf16"], default="auto",
+                   help="training precision: auto = bf16 on a CPU with native bf16, else fp32; none pins fp32, "
+                        "the precision of the README's figures (default: %(default)s)")  # fmt: skip
     return parser
 
 
@@ -310,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "--deterministic")  # fmt: skip
                 run_dir = Path(args.resume)
                 recipe = load_recipe(run_dir / "recipe.yaml")
-                recipe = recipe.changed({"output_dir": str(run_dir.resolve().parent), "name": run_dir.resolve().name})
+                recipe = recipe.changed({"output_dir": str(run_dir.resolve().parent), "name": run_dir.resolve().name,
+                                         **({"tracking.mlflow": True} if args.track else {})})  # fmt: skip
                 out = job(recipe, resume=True)
             elif args.recipe:
-                overrides = [*args.overrides, *(["train.deterministic=true"] if args.deterministic else [])]
+                overrides = [*args.overrides, *(["train.deterministic=true"] if args.deterministic else []),
+                             *(["tracking.mlflow=true"] if args.track else [])]  # fmt: skip
                 out = job(load_recipe(args.recipe, overrides), overwrite=args.overwrite)
             else:
                 raise RunError("give a RECIPE, or --resume RUN_DIR")
@@ -414,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "labels":
                 from medvision.tasks.benchmark import labels as le
 
-                grid = le.label_benchmark(load_recipe(args.recipe, args.overrides), le.parse_fractions(args.fractions),
+                overrides = [*args.overrides, *(["tracking.mlflow=true"] if args.track else [])]
+                grid = le.label_benchmark(load_recipe(args.recipe, overrides), le.parse_fractions(args.fractions),
                                           le.parse_inits(args.inits), le.parse_protocols(args.protocols), args.seeds,
                                           args.out, args.min_steps, args.overwrite)  # fmt: skip
                 print(grid.markdown)
@@ -440,10 +463,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             exported = export_run(args.run_dir, args.fmt, args.out, args.parity_images)
             print("\n".join(exported.lines()))
+        elif args.command == "compare":
+            from medvision.tasks.compare import compare_runs
+
+            compared = compare_runs(args.runs, args.split, args.out, args.resamples, args.seed)
+            print(compared.markdown)
+            print("wrote " + ", ".join(str(f) for f in compared.files))
         elif args.command == "demo":
             from medvision.tasks.demo import run_demo
 
-            out = run_demo(args.out)
+            out = run_demo(args.out, args.amp)
+            amp = json.loads((out / "run.json").read_text()).get("amp", "none")
+            print(f"precision: {'fp32' if amp == 'none' else amp} (train.amp {args.amp}); the README's figures are "
+                  "fp32, from a CPU without native bf16: `medvision demo --amp none` reproduces them")  # fmt: skip
             print(f"report: {out / 'report.html'}")
     except USER_ERRORS as err:
         print(f"medvision {args.command}: error: {_one_line(err)}", file=sys.stderr)

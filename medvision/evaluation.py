@@ -35,6 +35,7 @@ from medvision.metrics import (
     fit_temperature,
     operating_point,
     per_class_metrics,
+    proportion_ci,
     tta_softmax,
 )
 from medvision.recipe import EvalConfig, RecipeError
@@ -70,6 +71,9 @@ class Decision:
     positive: int | None = None
     points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Per level (``image``, ``patient``): ``{rule, target, threshold}`` on the positive-class probability."""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """How the temperature was judged: the validation ECE before and after it, cross-fitted, and why T = 1
+    was kept when it made things worse."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +85,12 @@ class Decision:
             return cls()
         points = {level: [{**op, "threshold": math.nan if op["threshold"] is None else op["threshold"]} for op in ops]
                   for level, ops in data.get("points", {}).items()}  # fmt: skip
-        return cls(temperature=data["temperature"], positive=data["positive"], points=points)
+        return cls(
+            temperature=data["temperature"],
+            positive=data["positive"],
+            points=points,
+            calibration=data.get("calibration", {}),
+        )
 
 
 def positive_index(classes: list[str], cfg: EvalConfig) -> int | None:
@@ -110,9 +119,9 @@ def level_arrays(
 
 def fit_decision(val: SplitOutputs, classes: list[str], cfg: EvalConfig) -> Decision:
     """Temperature and operating-point thresholds, all from the validation split."""
-    temperature = 1.0
+    temperature, calibration = 1.0, dict[str, Any]()
     if cfg.calibrate and len(val.labels) > 0:
-        temperature = fit_temperature(val.views if val.views is not None else val.logits, val.labels)
+        temperature, calibration = judged_temperature(val.views if val.views is not None else val.logits, val.labels)
     positive = positive_index(classes, cfg)
     points: dict[str, list[dict[str, Any]]] = {}
     if positive is not None:
@@ -131,7 +140,39 @@ def fit_decision(val: SplitOutputs, classes: list[str], cfg: EvalConfig) -> Deci
                  "threshold": operating_point(is_pos, p[:, positive], op.rule, op.target) if both else math.nan}
                 for op in cfg.operating_points
             ]  # fmt: skip
-    return Decision(temperature=temperature, positive=positive, points=points)
+    return Decision(temperature=temperature, positive=positive, points=points, calibration=calibration)
+
+
+def judged_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[float, dict[str, Any]]:
+    """A temperature fitted on validation, kept only if it lowers the validation ECE when judged honestly.
+
+    The validation set is cut in two halves, stratified by label; a temperature fitted on each half is judged
+    by the ECE of the other half before and after it (cross-fitting: never on the cases it was fitted to).
+    When the mean ECE after is not lower than before, temperature scaling would make the probabilities worse,
+    so T = 1 is kept and the record says why; otherwise T is fitted on the whole validation split.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        half[idx[: len(idx) // 2]] = True
+    full = fit_temperature(logits, labels)
+    if half.sum() < 10 or (~half).sum() < 10:
+        return full, {"temperature_fitted": full, "rule": "fitted on validation (too few cases to cross-fit)"}
+    before, after = [], []
+    for fit_part, judge in ((half, ~half), (~half, half)):
+        t = fit_temperature(logits[fit_part], labels[fit_part])
+        before.append(expected_calibration_error(labels[judge], tta_softmax(logits[judge], 1.0)))
+        after.append(expected_calibration_error(labels[judge], tta_softmax(logits[judge], t)))
+    record: dict[str, Any] = {"temperature_fitted": full, "val_ece_before": float(np.mean(before)),
+                              "val_ece_after": float(np.mean(after)),
+                              "rule": "2-fold cross-fitted on validation"}  # fmt: skip
+    if not record["val_ece_after"] < record["val_ece_before"]:
+        ece = f"{record['val_ece_before']:.3f} to {record['val_ece_after']:.3f}"
+        record["kept_t1"] = f"temperature {full:.3f} raised the cross-fitted validation ECE from {ece}; T = 1 kept"
+        return 1.0, record
+    return full, record
 
 
 def _at_threshold(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -140,12 +181,21 @@ def _at_threshold(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> dic
     An undefined threshold (validation had a single class) leaves every metric NaN, not 0."""
     if not math.isfinite(threshold):
         nan = math.nan
-        return {"sensitivity": nan, "specificity": nan, "ppv": nan, "npv": nan, "f1": nan, "confusion_matrix": None}
+        return {
+            "sensitivity": nan,
+            "specificity": nan,
+            "ppv": nan,
+            "npv": nan,
+            "f1": nan,
+            "accuracy": nan,
+            "confusion_matrix": None,
+        }
     pred = (score >= threshold).astype(np.int64)
     cm = confusion_matrix(y_pos.astype(np.int64), pred, 2)
     m = per_class_metrics(cm)[1]
+    accuracy = float(np.trace(cm) / cm.sum()) if cm.sum() else math.nan
     return {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "ppv": m["ppv"], "npv": m["npv"],
-            "f1": m["f1"], "confusion_matrix": cm.tolist()}  # fmt: skip
+            "f1": m["f1"], "accuracy": accuracy, "confusion_matrix": cm.tolist()}  # fmt: skip
 
 
 def _recall_of(k: int) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -173,6 +223,15 @@ def _threshold_rate(positive: int, threshold: float, of_positives: bool) -> Call
         return float(called.mean() if of_positives else (~called).mean())
 
     return fn
+
+
+def _accuracy_at(positive: int, threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:
+    def acc(y: np.ndarray, p: np.ndarray) -> float:
+        if not math.isfinite(threshold) or len(y) == 0:
+            return math.nan
+        return float(np.mean((p[:, positive] >= threshold) == (y == positive)))
+
+    return acc
 
 
 def split_summary(
@@ -246,6 +305,7 @@ def _summary(
             points.append(row)
             metrics[f"op{j}_sens"] = _threshold_rate(pos, thr, True)
             metrics[f"op{j}_spec"] = _threshold_rate(pos, thr, False)
+            metrics[f"op{j}_acc"] = _accuracy_at(pos, thr)
     cis = bootstrap_cis(y, probs, metrics, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level) if cfg.bootstrap else {}
     if cis:
         out["auc_ci"], out["acc_ci"] = list(cis["auc"]), list(cis["acc"])
@@ -254,6 +314,7 @@ def _summary(
             out["per_class"][c]["specificity_ci"] = list(cis[f"spec{i}"])
         for j, row in enumerate(points):
             row["sensitivity_ci"], row["specificity_ci"] = list(cis[f"op{j}_sens"]), list(cis[f"op{j}_spec"])
+            row["accuracy_ci"] = list(cis[f"op{j}_acc"])
     if pos is not None:
         out["positive_class"] = classes[pos]
         out["operating_points"] = points
@@ -286,5 +347,42 @@ def clinical_metrics(
                 summary["images_per_patient"] = len(out.labels) / max(1, len(y))
                 summary["mixed_label_patients"] = mixed
             result[level][split] = summary
+    for level in LEVELS:
+        val, test = result[level].get("val"), result[level].get("test")
+        if isinstance(val, dict) and isinstance(test, dict):
+            name = "image" if level == "image" else unit
+            shifts = shift_warnings(val, test, name, cfg.ci_level)
+            if shifts:
+                test.setdefault("warnings", []).extend(shifts)
     result["bootstrap"] = {"resamples": cfg.bootstrap, "seed": cfg.bootstrap_seed, "level": cfg.ci_level}
     return result
+
+
+def _apart(a: list[float] | None, b: list[float] | None) -> bool:
+    """Whether two intervals are given, finite and do not overlap."""
+    if not a or not b or not all(math.isfinite(v) for v in (*a, *b)):
+        return False
+    return a[1] < b[0] or b[1] < a[0]
+
+
+def shift_warnings(val: dict[str, Any], test: dict[str, Any], level: str, ci_level: float = 0.95) -> list[str]:
+    """Plain warnings when validation and test differ beyond their CIs: on AUC (bootstrap CIs), or in the share of
+    a class (Wilson intervals). Either means the numbers chosen on validation (checkpoint, temperature,
+    thresholds) may not carry over to test, or to the data the model will meet."""
+    out = []
+    if _apart(val.get("auc_ci"), test.get("auc_ci")):
+        vc, tc = val["auc_ci"], test["auc_ci"]
+        out.append(f"shift, per {level}: validation AUC {val['auc']:.3f} ({vc[0]:.3f}–{vc[1]:.3f}) and test AUC "
+                   f"{test['auc']:.3f} ({tc[0]:.3f}–{tc[1]:.3f}) differ beyond their {ci_level:.0%} CIs; choices "
+                   "made on validation may not carry over to test")  # fmt: skip
+    nv, nt = val.get("n_per_class") or {}, test.get("n_per_class") or {}
+    n_val, n_test = sum(nv.values()), sum(nt.values())
+    for c in nv:
+        if c not in nt or not n_val or not n_test:
+            continue
+        a, b = proportion_ci(nv[c], n_val, ci_level), proportion_ci(nt[c], n_test, ci_level)
+        if _apart(list(a), list(b)):
+            out.append(f"shift, per {level}: class {c} is {nv[c] / n_val:.1%} of validation and {nt[c] / n_test:.1%} "
+                       f"of test, beyond their {ci_level:.0%} intervals; thresholds and PPV chosen on validation "
+                       "assume its prevalence")  # fmt: skip
+    return out

@@ -488,3 +488,73 @@ def aggregate_by_group(
             mixed += 1
         out_y.append(int(labels.max()) if binary else int(np.bincount(labels).argmax()))
     return list(index), np.asarray(out_y, dtype=np.int64), np.asarray(out_p).reshape(-1, p.shape[1]), mixed
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    stratify: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The difference ``metric(b) - metric(a)`` of two models on the same cases, with a paired bootstrap.
+
+    Each resample draws one set of case indices (within each class when ``stratify``, as
+    :func:`bootstrap_cis` draws them) and scores both models on it, so what the two have in common (the
+    hard cases, the easy ones) cancels out of the difference. Returns, per metric: ``diff`` (on all
+    cases), ``ci`` (percentile interval of the resampled differences) and ``p``, the two-sided
+    bootstrap p-value of "no difference": twice the smaller share of resampled differences at or below
+    zero and at or above it, counted as ``(1 + k) / (1 + resamples)`` so it is never 0, capped at 1. So
+    p < 1 - ``level`` where the interval leaves out 0, up to the resolution of the resampling. Resamples
+    where the difference is NaN are dropped (``resamples`` says how many were kept).
+    """
+    y = np.asarray(y_true).ravel()
+    a, b = np.asarray(probs_a), np.asarray(probs_b)
+    if len(a) != len(y) or len(b) != len(y):
+        raise ValueError(f"paired bootstrap: {len(y)} labels but {len(a)} and {len(b)} prediction rows; expected "
+                         "both models' predictions of the same cases")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    strata = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
+    groups = [g for g in strata if len(g)]
+    diffs: dict[str, list[float]] = {name: [] for name in metrics}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        observed = {name: metric(y, b) - metric(y, a) for name, metric in metrics.items()}
+        for _ in range(n_resamples if groups else 0):
+            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+            for name, metric in metrics.items():
+                diffs[name].append(metric(y[idx], b[idx]) - metric(y[idx], a[idx]))
+    alpha = (1 - level) / 2
+    out: dict[str, dict[str, Any]] = {}
+    for name, vals in diffs.items():
+        d = np.asarray(vals, dtype=np.float64)
+        d = d[np.isfinite(d)]
+        if d.size == 0:
+            out[name] = {"diff": float(observed[name]), "ci": (math.nan, math.nan), "p": math.nan, "resamples": 0}
+            continue
+        tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
+        out[name] = {
+            "diff": float(observed[name]),
+            "ci": (float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))),
+            "p": min(1.0, 2 * (1 + tail) / (1 + d.size)),
+            "resamples": int(d.size),
+        }
+    return out
+
+
+def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (NaN, NaN for ``n == 0``); checked against SciPy's
+    ``binomtest(k, n).proportion_ci(method="wilson")``."""
+    if n == 0:
+        return math.nan, math.nan
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half

@@ -376,3 +376,35 @@ def plot_image_grid(path: Path, images: list[np.ndarray], titles: list[str], nco
         # wrapped so neighbouring titles never run into each other
         ax.set_title("\n".join(textwrap.wrap(title, 34)), fontsize=6.5)
     return _save(fig, path)
+
+
+def plot_roc_curves(
+    path: Path, y_true: np.ndarray, probs: dict[str, np.ndarray], classes: Sequence[str], title: str = "ROC"
+) -> Path:
+    """Several models' ROC curves on the same cases, overlaid: class 1 for two classes, else the macro
+    one-vs-rest curve (mean per-class TPR on a shared FPR grid, as :func:`plot_roc` draws it).
+
+    ``probs`` maps each model's name (the legend, with its AUC) to its (N, K) probabilities.
+
+    Examples:
+        >>> plot_roc_curves(out / "roc.png", y, {"A": p_a, "B": p_b}, ["benign", "malignant"])  # doctest: +SKIP
+    """
+    fig = Figure(figsize=SIZE)
+    ax = fig.add_subplot()
+    binary = len(classes) == 2
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.6", label="chance")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(f"{title}, positive class {classes[1]!r}" if binary else f"{title}, macro one-vs-rest", fontsize=9)
+    for i, (name, model_probs) in enumerate(probs.items()):
+        y, p = _check_probs(y_true, model_probs, len(classes))
+        present = np.unique(y)
+        why = _why_undefined(p) or (f"only one class ({classes[present[0]]})" if len(present) < 2 else None)
+        if why is not None:
+            _note(ax, f"undefined: {why}")
+            break
+        targets = [1] if binary else list(present)
+        tpr = np.mean([_staircase(y == k, p[:, k], _GRID) for k in targets], axis=0)
+        auc = np.mean([binary_auc(y == k, p[:, k]) for k in targets])
+        ax.plot(_GRID, tpr, drawstyle="steps-post", lw=1.6, color=f"C{i}", label=f"{name}: AUC {auc:.3f}")
+    ax.legend(loc="lower right", fontsize=6.5, framealpha=0.85)
+    return _save(fig, path)

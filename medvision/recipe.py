@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medvision.errors import MedvisionError
-from medvision.recipe_nodes import DicomConfig, MILSection, SlidesConfig, _Node
+from medvision.recipe_nodes import DicomConfig, MILSection, SlidesConfig, TrackingConfig, _Node
 
 SHARED_DEFAULT = "../shared"
 
@@ -194,6 +194,9 @@ class TrainConfig(_Node):
     """Micro-batches per optimizer step (gradient accumulation)."""
     monitor: Literal["val_auc", "val_acc", "val_loss"] = "val_auc"
     """Validation metric that picks the best checkpoint and drives early stopping."""
+    monitor_tolerance: float = Field(0.002, ge=0.0, lt=1.0)
+    """``val_auc``/``val_acc``: an epoch within this of the best (and of the highest seen) is a tie, decided by the
+    lower validation loss, so noise-level AUC gains do not pick a worse-calibrated model; 0 compares exactly."""
     patience: int | None = Field(None, ge=1)
     """Stop after this many epochs without improvement of ``monitor``; ``None`` never stops early."""
     log_interval: int = Field(10, ge=1)
@@ -309,6 +312,8 @@ class Recipe(_Node):
     """Confidence intervals, calibration, operating points and patient-level aggregation of the report."""
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     """Self-supervised pretraining (``medvision pretrain``) on the training images, labels ignored."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking: MLflow and TensorBoard, both off by default (``--track`` turns MLflow on)."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:

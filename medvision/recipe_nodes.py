@@ -102,3 +102,18 @@ class MILSection(_Node):
     """CLAM-SB: weight of the bag loss; the instance loss gets the rest."""
     max_tiles_train: int | None = Field(512, ge=1)
     """Random tiles kept per bag per training step (fresh each epoch); None keeps all. Prediction sees all."""
+
+
+class TrackingConfig(_Node):
+    mlflow: bool = False
+    """Log the run to MLflow: the recipe as parameters, each epoch's metrics, the final metrics with their CIs,
+    the run folder's report, metrics and recipe, and the calibrated model (``medvision train --track``)."""
+    uri: str | None = Field(None, min_length=1)
+    """MLflow tracking URI, e.g. ``http://127.0.0.1:5000`` or ``sqlite:///mlflow.db``; default
+    ``sqlite:///<output_dir>/mlflow.db``, a local store beside the run folders (no server needed)."""
+    experiment: str = Field("medvision", min_length=1)
+    """MLflow experiment the run is logged under; created when it does not exist."""
+    log_model: bool = True
+    """Log the calibrated model as an MLflow pyfunc model (the ONNX export, checked against PyTorch)."""
+    tensorboard: bool = False
+    """Write each epoch's metrics as TensorBoard scalars into ``<run folder>/tensorboard``."""

@@ -48,14 +48,17 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def write_predictions(
     path: Path, rows: list[tuple[str, list[str], np.ndarray, np.ndarray]], classes: list[str]
 ) -> None:
-    """One row per image: split, id, true label, predicted label and one probability column per class."""
+    """One row per image: split, id, true label, predicted label and one probability column per class.
+
+    Probabilities keep 7 significant digits (not 6 decimals): tiny probabilities keep their order, so an AUC
+    computed from this file is the report's."""
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["split", "id", "label", "pred", *[f"prob_{c}" for c in classes]])
         for split, ids, labels, probs in rows:
             preds = probs.argmax(axis=1)
             for item, y, pred, p in zip(ids, labels, preds, probs, strict=True):
-                writer.writerow([split, item, classes[int(y)], classes[int(pred)], *[f"{v:.6f}" for v in p]])
+                writer.writerow([split, item, classes[int(y)], classes[int(pred)], *[f"{v:.7g}" for v in p]])
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -106,10 +109,30 @@ def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
                 continue
             cal = s.get("calibration", {})
             rows.append([_label(clinical, level), split, str(s["n"]), _with_ci(s, "auc"), _with_ci(s, "acc"),
-                         _fmt(s.get("balanced_acc")), _fmt(s.get("average_precision")),
+                         _at_point(s), _fmt(s.get("balanced_acc")), _fmt(s.get("average_precision")),
                          f"{_fmt(cal.get('ece_before'))} → {_fmt(cal.get('ece_after'))}",
                          _fmt(cal.get("brier_after"))])  # fmt: skip
     return rows
+
+
+def _at_point(summary: dict[str, Any]) -> str:
+    """Accuracy at the first operating point chosen on validation, naming its rule; n/a without one."""
+    points = summary.get("operating_points") or []
+    if not points:
+        return "n/a"
+    op = points[0]
+    return f"{_with_ci(op, 'accuracy')} at {_rule(op)} ≥ {_fmt(op['threshold'], 3)}"
+
+
+def _temperature_fact(decision: Decision) -> str:
+    """How the probabilities were calibrated, and why T = 1 when temperature scaling would have made them worse."""
+    cal = decision.calibration or {}
+    if cal.get("kept_t1"):
+        return f"temperature 1 (not calibrated): {cal['kept_t1']}"
+    judged = ""
+    if "val_ece_after" in cal:
+        judged = f"; cross-fitted validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}"
+    return f"temperature {decision.temperature:.3f} (fitted on validation{judged}; probabilities below are calibrated)"
 
 
 def _operating_point_rows(clinical: dict[str, Any], split: str) -> list[list[str]]:
@@ -177,7 +200,7 @@ def build_report(
         f"{meta['image_size']} px",
         f"data: `{meta.get('data', '?')}` ({meta.get('source', '?')}), classes: {', '.join(classes)}",
         f"split sizes: {', '.join(f'{k} {v}' for k, v in meta['split_sizes'].items())}",
-        f"temperature {decision.temperature:.3f} (fitted on validation; probabilities below are calibrated)",
+        _temperature_fact(decision),
     ]
     if cfg.tta:
         facts.append(f"test-time augmentation: calibrated probabilities averaged over the image and its "
@@ -199,7 +222,16 @@ def build_report(
     if "run" in extra:
         facts.append(f"evaluated run: `{extra['run']}`")
     level = f"{cfg.ci_level:.0%}"
-    header = ["level", "split", "n", f"AUC ({level} CI)", f"accuracy ({level} CI)", "balanced acc.", "avg. precision"]
+    header = [
+        "level",
+        "split",
+        "n",
+        f"AUC ({level} CI)",
+        f"accuracy, argmax ({level} CI)",
+        f"accuracy at the validation threshold ({level} CI)",
+        "balanced acc.",
+        "avg. precision",
+    ]
     header += ["ECE before → after", "Brier"]
     k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
     ci_text = (

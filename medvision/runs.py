@@ -26,6 +26,7 @@ import medvision
 from medvision.errors import MedvisionError
 from medvision.io.files import sha256
 from medvision.recipe import Recipe
+from medvision.tracking import Tracker, tracked
 
 if TYPE_CHECKING:
     from medvision.runtime import Dist
@@ -64,10 +65,35 @@ def mean_count(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
+EPOCH_ROW = "epoch_row"
+"""Key of an epoch's metrics in a log record's ``extra``: the loop logs ``log.info(..., extra={EPOCH_ROW: row})``
+with ``row["epoch"]`` the step, and the run log hands the row to the run's tracker."""
+
+
+class _EpochRows(logging.Handler):
+    """Hands each epoch row that reaches the run log to the tracker (:mod:`medvision.tracking`)."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__(logging.INFO)
+        self.tracker = tracker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        row = getattr(record, EPOCH_ROW, None)
+        if isinstance(row, dict) and "epoch" in row:
+            self.tracker.log_epoch(int(row["epoch"]), row)
+
+
 @contextlib.contextmanager
-def run_log(run_dir: Path, d: Dist) -> Iterator[None]:
+def run_log(run_dir: Path, d: Dist, recipe: Recipe | None = None, parent: Tracker | None = None,
+            kind: str = "train") -> Iterator[Tracker]:  # fmt: skip
     """Rank 0 logs at INFO into ``run_dir/train.log`` (complete even when the console shows only warnings);
-    the other ranks log warnings only, so there is one log: rank 0's."""
+    the other ranks log warnings only, so there is one log: rank 0's.
+
+    With a ``recipe``, rank 0 also tracks the run as ``recipe.tracking`` asks (a child of ``parent``): the
+    tracker is started here, receives every epoch row logged with ``extra={EPOCH_ROW: row}``, is yielded for
+    the task to :meth:`~medvision.tracking.Tracker.finish`, and ends with the run (FAILED on an error). Other
+    ranks, and runs without a recipe, get an idle tracker.
+    """
     level = log.level
     handler = None
     if d.is_main:
@@ -77,7 +103,16 @@ def run_log(run_dir: Path, d: Dist) -> Iterator[None]:
     else:
         log.setLevel(logging.WARNING)
     try:
-        yield
+        if recipe is None or not d.is_main:
+            yield Tracker()
+            return
+        with tracked(run_dir, recipe, parent, kind) as tracker:
+            rows = _EpochRows(tracker)
+            log.addHandler(rows)
+            try:
+                yield tracker
+            finally:
+                log.removeHandler(rows)
     finally:
         log.setLevel(level)
         if handler is not None:

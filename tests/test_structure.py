@@ -24,6 +24,7 @@ LAYERS = {
     "medvision.recipe_nodes": 1,
     "medvision.evaluation": 2,
     "medvision.runs": 2,
+    "medvision.tracking": 2,
     "medvision.plots": 2,
     "medvision.data": 3,
     "medvision.wsi": 3,

@@ -157,7 +157,7 @@ def make_dataset(root: Path, patients: int = 120, tiles_per_patient: int = 6, se
     return manifest
 
 
-def demo_recipe(manifest: Path, out: Path) -> dict[str, Any]:
+def demo_recipe(manifest: Path, out: Path, amp: str = "auto") -> dict[str, Any]:
     return {
         "name": "demo",
         "seed": 0,
@@ -167,7 +167,7 @@ def demo_recipe(manifest: Path, out: Path) -> dict[str, Any]:
         "augment": {"preset": "pathology"},
         "model": {"name": "resnet18", "pretrained": True},
         "train": {
-            "amp": "auto",
+            "amp": amp,
             "phases": [
                 {"name": "head", "epochs": 1, "trainable": "head", "lr": 3e-3, "bn": "frozen"},
                 {"name": "full", "epochs": 8, "trainable": "all", "lr": 2e-3, "warmup": 0.1},
@@ -177,13 +177,16 @@ def demo_recipe(manifest: Path, out: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_demo(out: Path) -> Path:
-    """Generates the data, trains the demo recipe and returns the run folder."""
+def run_demo(out: Path, amp: str = "auto") -> Path:
+    """Generates the data, trains the demo recipe and returns the run folder.
+
+    ``amp``: ``auto`` trains in bf16 on a CPU with native bf16 (and fp32 elsewhere), so figures differ by
+    machine; ``none`` pins fp32, the precision of the figures in the README and docs."""
     out = out.resolve()
     manifest = make_dataset(out / "data")
     rows = list(csv.DictReader(manifest.open()))
     log.info("demo data: %s (%d tiles, %d patients)", manifest, len(rows), len({r["patient_id"] for r in rows}))
-    recipe: Recipe = recipe_from_dict(demo_recipe(manifest, out), origin="demo")
+    recipe: Recipe = recipe_from_dict(demo_recipe(manifest, out, amp), origin="demo")
     try:
         create_backbone(recipe.model, num_classes=len(CLASSES), in_chans=3)
     except PretrainedUnavailable as err:

@@ -28,35 +28,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from medvision.models.encoders import PatchEncoder, load_encoder
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
-from medvision.tasks.score.slides import SLIDE_TIMEOUT, PlannedSlide, SlideScan
+from medvision.tasks.score.slides import SLIDE_TIMEOUT, PlannedSlide, RawTiles, SlideScan
 from medvision.wsi.features import feature_name, write_features
-from medvision.wsi.tiles import TileReader
 
 TABLE, RECORD = "features.csv", "features.json"
 COLUMNS = ["path", "status", "reason", "file", "tiles", "dim", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
            "level", "seconds"]  # fmt: skip
-
-
-class RawTiles(Dataset[np.ndarray]):
-    """One slide's tiles as uint8 (3, H, W): the encoder does its own resize and normalisation."""
-
-    def __init__(self, reader: TileReader) -> None:
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.ascontiguousarray(self.reader(i).transpose(2, 0, 1))
 
 
 def preprocessing(encoder: PatchEncoder, cfg: SlidesConfig, amp: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from medvision.models.heads import extract_features, knn_probs
 from medvision.models.simclr import SimCLR, simclr_criterion
 from medvision.recipe import Recipe
 from medvision.report import write_json
-from medvision.runs import RunError, cache_dir, run_log, versions
+from medvision.runs import EPOCH_ROW, RunError, cache_dir, run_log, versions
 from medvision.runtime import (
     Dist,
     EpochSampler,
@@ -51,6 +51,7 @@ from medvision.runtime import (
     sync_buffers,
     wrap_ddp,
 )
+from medvision.tasks.track import log_pretrained_run
 from medvision.training.build import resolve_transfer
 from medvision.training.checkpoint import save_weights
 from medvision.training.loop import FitState, train_one_epoch
@@ -80,8 +81,10 @@ def pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> P
     run_dir = Path(recipe.output_dir) / recipe.name
     preflight(recipe, run_dir, d, resume, overwrite, min_per_rank=2,
               why_min=" (the projection head's BatchNorm needs a batch)")  # fmt: skip
-    with run_log(run_dir, d):
-        return _pretrain(recipe, run_dir, resume, d, device)
+    with run_log(run_dir, d, recipe, kind="pretrain") as tracker:
+        _pretrain(recipe, run_dir, resume, d, device)
+        log_pretrained_run(tracker, run_dir)
+    return run_dir
 
 
 def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
@@ -137,7 +140,7 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
         knn0 = _knn_accuracy(simclr.backbone, health, recipe, device, workers) if d.is_main and health else None
         state.history.append({"epoch": 0, "knn_acc": broadcast(knn0, d)})
         if knn0 is not None:
-            log.info("epoch 0 (starting weights): kNN accuracy %.4f", knn0)
+            log.info("epoch 0 (starting weights): kNN accuracy %.4f", knn0, extra={EPOCH_ROW: state.history[-1]})
     forward = wrap_ddp(model, d, device)
     criterion = simclr_criterion(cfg.temperature, d, recipe.train.channels_last)
     sizes = sampler.global_batch_sizes()
@@ -154,7 +157,7 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
         state.epoch = epoch + 1
         log.info("epoch %d/%d: loss %.4f  kNN accuracy %s  %.0f img/s  %.0fs", epoch + 1, cfg.epochs,
                  row["train_loss"], "n/a" if knn is None else f"{knn:.4f}", row["train_img_s"],
-                 row["seconds"])  # fmt: skip
+                 row["seconds"], extra={EPOCH_ROW: row})  # fmt: skip
         if d.is_main:
             save_weights(
                 simclr.backbone, run_dir / "model.safetensors", {"epoch": str(state.epoch), "method": "simclr"}

@@ -40,6 +40,8 @@ from medvision.runtime import (
     set_deterministic,
     setup,
 )
+from medvision.tasks.track import log_trained_run
+from medvision.tracking import Tracker
 from medvision.training.build import ModelBundle, build_model, model_inputs, split_dataset
 from medvision.training.checkpoint import save_weights
 from medvision.training.loop import class_weights, classification_loss, fit
@@ -52,11 +54,12 @@ log = logging.getLogger("medvision")
 RESULTS = ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html")
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, parent: Tracker | None = None) -> Path:
     """Trains a recipe into ``<output_dir>/<name>`` and writes metrics, predictions and the report.
 
     Under ``torchrun`` every rank calls this: each trains on its slice of every global batch, and
-    rank 0 alone writes the run folder (see :mod:`medvision.runtime`).
+    rank 0 alone writes the run folder (see :mod:`medvision.runtime`). With ``recipe.tracking`` on, rank 0
+    logs the run to MLflow / TensorBoard (a child run of ``parent``, see :mod:`medvision.tracking`).
 
     Examples:
         >>> run_dir = train(load_recipe("recipes/bloodmnist_effnet_lite0.yaml"))
@@ -71,8 +74,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
         raise RunError("train.phases is empty; protocol finetune needs at least one phase, e.g. "
                        "[{epochs: 5, lr: 1e-3}], or set train.protocol to linear_probe or knn")  # fmt: skip
     preflight(recipe, run_dir, d, resume, overwrite)
-    with run_log(run_dir, d):
-        return _train(recipe, run_dir, resume, d, device)
+    with run_log(run_dir, d, recipe, parent) as tracker:
+        _train(recipe, run_dir, resume, d, device)
+        log_trained_run(tracker, run_dir)
+    return run_dir
 
 
 def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +37,9 @@ from medvision.metrics import bootstrap_cis, compute_auc
 from medvision.recipe import Recipe
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.speed import BenchmarkError
+from medvision.tasks.track import log_reused_run
 from medvision.tasks.train import train
+from medvision.tracking import Tracker, tracked
 
 log = logging.getLogger("medvision")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
@@ -183,6 +186,10 @@ def label_benchmark(
 ) -> LabelResult:  # fmt: skip
     """Trains and tests the whole grid (reusing finished runs) and writes the tables, deltas and plot.
 
+    With ``recipe.tracking.mlflow`` on, the benchmark is one MLflow run (its tables and plot as artifacts, the
+    curves as metrics ``test_auc.<init>.<protocol>`` whose step is the number of labels) and each grid run, a
+    reused one too, is a child run of it.
+
     Examples:
         >>> label_benchmark(load_recipe("recipes/bloodmnist_effnet_lite0.yaml"), [0.01, 0.1, 1.0],
         ...                 ["imagenet", "random", "runs/bloodmnist_simclr_lite0"], ["finetune", "linear_probe"],
@@ -191,6 +198,23 @@ def label_benchmark(
     if seeds < 1:
         raise BenchmarkError(f"--seeds must be >= 1, got {seeds}")
     out.mkdir(parents=True, exist_ok=True)
+    with tracked(out, recipe, kind="benchmark-labels", name=f"{recipe.name}-labels") as parent:
+        parent.log_params({"benchmark.fractions": str(fractions), "benchmark.inits": ",".join(inits),
+                           "benchmark.protocols": ",".join(protocols), "benchmark.seeds": str(seeds),
+                           "benchmark.min_steps": str(min_steps)})  # fmt: skip
+        result = _label_grid(recipe, fractions, inits, protocols, seeds, out, min_steps, overwrite, resamples, parent)
+        for e in result.summary:
+            if math.isfinite(e["labels"]):
+                name = re.sub(r"[^\w.\-/ :]", "_", f"{e['init']}.{e['protocol']}")
+                parent.log_metrics({f"test_auc.{name}": e["auc"], f"test_acc.{name}": e["acc"]}, round(e["labels"]))
+        parent.finish(out, {"runs": len(result.rows), "failed": sum(1 for r in result.rows if r.error)}, None,
+                      result.files)  # fmt: skip
+    return result
+
+
+def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: int,
+                out: Path, min_steps: int, overwrite: bool, resamples: int,
+                parent: Tracker) -> LabelResult:  # fmt: skip
     earlier = read_rows(out / "label_efficiency.csv")  # an earlier grid in this folder: its rows stay in the tables
     rows: list[LabelRun] = []
 
@@ -213,7 +237,9 @@ def label_benchmark(
                     try:
                         if overwrite or not (run_dir / "metrics.json").is_file():
                             log.info("label benchmark: %s (%d labelled training images)", r.name, size)
-                            train(r, overwrite=True)
+                            train(r, overwrite=True, parent=parent)
+                        else:
+                            log_reused_run(parent, run_dir, r)
                         record(_read(run_dir, row))
                     except Exception as err:  # one failed run is a row with its error; the grid goes on
                         row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"

@@ -26,10 +26,16 @@ from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import setup
-from medvision.tasks.features import RawTiles
 from medvision.tasks.mil import MIL_RUN
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
-from medvision.tasks.score.slides import SLIDE_TIMEOUT, PlannedSlide, SlideOutputs, SlideScan, attention_measure
+from medvision.tasks.score.slides import (
+    SLIDE_TIMEOUT,
+    PlannedSlide,
+    RawTiles,
+    SlideOutputs,
+    SlideScan,
+    attention_measure,
+)
 
 
 def is_mil_run(model: Path) -> bool:

@@ -135,6 +135,19 @@ class _Tiles(Dataset[np.ndarray]):
         return preprocess(self.reader(i), self.spec)
 
 
+class RawTiles(Dataset[np.ndarray]):
+    """One slide's tiles as uint8 (3, H, W): the encoder does its own resize and normalisation."""
+
+    def __init__(self, reader: TileReader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.ascontiguousarray(self.reader(i).transpose(2, 0, 1))
+
+
 @dataclass
 class PlannedSlide:
     """A slide entry after planning: ``ok`` with its tile grid and thumbnail in ``info``, or an error or skip."""

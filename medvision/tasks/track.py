@@ -1,0 +1,90 @@
+"""What a finished ``train`` or ``pretrain`` run hands to experiment tracking (:mod:`medvision.tracking`).
+
+The run log starts the tracker and feeds it the epochs; these functions, called by the tasks once
+the run folder is complete, log the final metrics, the folder's files and the model. The model of a
+``train`` run is its ONNX export (:func:`medvision.tasks.export.export_run`, written to
+``RUN/export/model.onnx`` and checked against PyTorch on the run's test images), logged as an MLflow
+model whose pyfunc maps the raw NCHW batch to calibrated probabilities, as ``medvision score`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from medvision.errors import ExportError
+from medvision.io.files import sha256
+from medvision.recipe import Recipe
+from medvision.runs import read_json, read_metrics_json, read_run_json
+from medvision.tasks.export import export_run
+from medvision.tracking import Tracker, run_metrics, tracked
+
+log = logging.getLogger("medvision")
+
+TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "predictions.csv", "report.html", "report.md",
+               "data_audit.csv", "train.log", "plots")  # fmt: skip
+PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
+
+
+def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
+    """A finished ``train`` run: the metrics of ``metrics.json`` with their CIs, its files, and (unless
+    ``tracking.log_model`` is off) the calibrated model; an export that fails leaves the model out, with a
+    warning that says why."""
+    if not tracker.active:
+        return
+    metrics, tags = run_metrics(read_metrics_json(run_dir))
+    meta = read_run_json(run_dir)
+    tags = {**tags, "medvision.model": str(meta.get("model", "")), "medvision.classes": ",".join(meta["classes"])}
+    model, model_meta = None, {"classes": meta["classes"], "input": "raw NCHW batch", "output": "probabilities"}
+    if tracker.log_model and tracker.run_id is not None:
+        try:
+            model = checked_onnx(run_dir)
+        except (ExportError, RuntimeError, ValueError, OSError) as err:
+            log.warning("tracking: the model is not logged: its ONNX export failed (%s: %s)", type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+    tracker.finish(run_dir, metrics, tags, [run_dir / f for f in TRAIN_FILES], model, model_meta)
+
+
+def checked_onnx(run_dir: Path) -> Path:
+    """The run's ONNX export: ``RUN/export/model.onnx`` when its record says it was made, and checked, from the
+    run's present weights (a benchmark's reused run, a second tracking), else a new export."""
+    path = run_dir / "export" / "model.onnx"
+    try:
+        record = json.loads(path.with_name("model.onnx.json").read_text())
+        if (record.get("parity") and record["sha256"] == sha256(path)
+                and record["model_sha256"] == sha256(run_dir / "model.safetensors")):  # fmt: skip
+            log.info("tracking: the checked ONNX export %s is of the present weights; logging it", path)
+            return path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return export_run(run_dir, "onnx").path
+
+
+def log_pretrained_run(tracker: Tracker, run_dir: Path) -> None:
+    """A finished ``pretrain`` run: the last epoch's loss and kNN accuracy, its files and the backbone's weights
+    (``model.safetensors``, what ``model.init_from`` loads)."""
+    if not tracker.active:
+        return
+    record = read_json(run_dir / "pretrain.json", "pretrain.json")
+    history: list[dict[str, Any]] = record.get("history") or []
+    last = history[-1] if history else {}
+    metrics = {f"final_{k}": v for k, v in last.items() if k in ("train_loss", "knn_acc")}
+    metrics["seconds"] = record.get("seconds")
+    first = history[0].get("knn_acc") if history else None
+    if first is not None:
+        metrics["start_knn_acc"] = first
+    tags = {"medvision.model": str(read_json(run_dir / "run.json", "run.json").get("model", ""))}
+    tracker.finish(run_dir, metrics, tags, [run_dir / f for f in PRETRAIN_FILES])
+
+
+def log_reused_run(parent: Tracker, run_dir: Path, recipe: Recipe) -> None:
+    """A run a benchmark found finished, as a child run of ``parent``: its recipe, its epochs (from
+    ``metrics.json``'s history), then as :func:`log_trained_run`. TensorBoard already has its epochs."""
+    if parent.run_id is None:
+        return
+    with tracked(run_dir, recipe.changed({"tracking.tensorboard": False}), parent) as child:
+        for row in read_metrics_json(run_dir).get("history") or []:
+            child.log_epoch(int(row["epoch"]), row)
+        log_trained_run(child, run_dir)

@@ -1,0 +1,406 @@
+"""Experiment tracking: one small adapter between a run and MLflow or TensorBoard, off by default.
+
+The run log (:func:`medvision.runs.run_log`) starts a :class:`Tracker` for the recipe's ``tracking``
+section, hands it each epoch's row as the training loop logs it, and ends it with the run's status;
+the task that wrote the run folder then calls :meth:`Tracker.finish` with the final metrics, the
+folder's files and the model. The training loop never calls it.
+
+What a tracked run holds in MLflow:
+
+- parameters: the recipe flattened to dotted keys (``train.phases.0.lr``; a list of models is numbered,
+  a list of values is JSON), see :func:`recipe_params`;
+- metrics: each epoch's row (``train_loss``, ``val_auc``, ``lr``, ...) at its epoch as the step, and the
+  final metrics of ``metrics.json`` with their CIs (``test_auc``, ``test_auc_ci_low``, ...), see
+  :func:`run_metrics`;
+- tags: ``medvision.*`` (kind, run folder, version, positive class, headline AUC with its CI);
+- artifacts: ``recipe.yaml``, ``metrics.json``, ``report.html`` and the other files the task names, and
+  under ``model/`` an MLflow model that ``mlflow.pyfunc.load_model`` runs (ONNX flavour).
+
+Only rank 0 tracks: :func:`~medvision.runs.run_log` gives the other ranks an idle tracker. MLflow and
+TensorBoard are imported only when the recipe turns them on, and MLflow's telemetry is switched off
+(``MLFLOW_DISABLE_TELEMETRY``) before it is imported, unless the environment says otherwise.
+
+Examples:
+    >>> with tracked(run_dir, recipe) as tracker:
+    ...     tracker.log_epoch(1, {"train_loss": 0.61, "val_auc": 0.83})
+    ...     tracker.finish(run_dir, {"test_auc": 0.81}, artifacts=[run_dir / "metrics.json"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import medvision
+from medvision.errors import MedvisionError
+from medvision.recipe import Recipe
+
+log = logging.getLogger("medvision")
+
+INSTALL = "pip install 'medvision[tracking]'"
+MAX_PARAM_LENGTH = 6000
+"""MLflow's limit on a parameter value's length; longer values are cut (and end with an ellipsis)."""
+LOCAL_ARTIFACTS = "mlartifacts"
+"""Beside a local ``sqlite:///`` store: the folder that holds its runs' artifacts."""
+
+
+class TrackingError(MedvisionError, RuntimeError):
+    """Tracking that cannot start as the recipe asks: a missing package or an unusable ``tracking.uri``."""
+
+
+def default_uri(output_dir: str | Path) -> str:
+    """``sqlite:///<output_dir>/mlflow.db``: a local MLflow store beside the run folders, no server needed.
+
+    MLflow 3 refuses the old ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``; SQLite is
+    what it now uses by default, and what ``mlflow ui --backend-store-uri`` reads.
+    """
+    return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def recipe_params(recipe: Recipe) -> dict[str, str]:
+    """The recipe as MLflow parameters: dotted keys, strings as they are, other values as JSON.
+
+    A list of sections is numbered (``train.phases.0.lr``: MLflow keys allow no brackets); a list of
+    values stays one parameter (``evaluation.tta`` = ``["hflip"]``).
+
+    Examples:
+        >>> recipe_params(recipe)["train.phases.0.lr"]
+        '0.01'
+    """
+    out: dict[str, str] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for name, item in value.items():
+                walk(f"{key}.{name}" if key else str(name), item)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                walk(f"{key}.{i}", item)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[key] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 1] + "…"
+
+    walk("", recipe.model_dump(mode="json"))
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(v is None or _number(v) for v in value)
+
+
+def run_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """The final metrics of a run's ``metrics.json`` as flat MLflow metrics, and its headline as tags.
+
+    Image level: ``test_<metric>`` (``test_auc``, ``test_acc``, ``test_average_precision``), a CI
+    ``<metric>_ci: [low, high]`` as ``test_auc_ci_low`` / ``test_auc_ci_high``, calibration as
+    ``test_ece_after`` / ``test_brier_after``, and the positive class's ``test_sensitivity``,
+    ``test_specificity`` (with CIs), ``test_ppv``, ``test_npv``. Validation the same as ``best_val_*``
+    (the chosen checkpoint, calibrated), so it does not mix with the epochs' ``val_auc`` curve; the
+    patient (or slide) level as ``patient_test_*`` and ``patient_val_*``. Values that are undefined
+    (``None``) are left out; NaN stays NaN.
+    """
+    out: dict[str, float] = {}
+
+    def put(name: str, value: Any) -> None:
+        if _number(value):
+            out[name] = float(value)
+        elif name.endswith("_ci") and _pair(value):
+            for end, bound in zip(("low", "high"), value, strict=True):
+                if bound is not None:
+                    out[f"{name}_{end}"] = float(bound)
+
+    stems = {("image", "val"): "best_val", ("image", "test"): "test", ("patient", "val"): "patient_val",
+             ("patient", "test"): "patient_test"}  # fmt: skip
+    for (level, split), stem in stems.items():
+        block = metrics.get(level)
+        section = block.get(split) if isinstance(block, dict) else None
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            put(f"{stem}_{key}", value)
+        for key, value in (section.get("calibration") or {}).items():
+            if key.startswith(("ece", "brier")):
+                put(f"{stem}_{key}", value)
+        positive = (section.get("per_class") or {}).get(section.get("positive_class"), {})
+        for key, value in positive.items():
+            if key != "support":
+                put(f"{stem}_{key}", value)
+    for split in ("val", "test"):
+        put(f"{stems['image', split]}_loss", (metrics.get(split) or {}).get("loss"))
+    put("best_epoch", metrics.get("best_epoch"))
+    put("seconds", metrics.get("seconds"))
+
+    tags: dict[str, str] = {}
+    test = (metrics.get("image") or {}).get("test") or {}
+    level = (metrics.get("bootstrap") or {}).get("level", 0.95)
+    for key in ("auc", "acc"):
+        value, ci = test.get(key), test.get(f"{key}_ci") or []
+        if _number(value):
+            known = _pair(ci) and None not in ci
+            ci_text = f" ({level:.0%} CI {ci[0]:.3f}-{ci[1]:.3f})" if known else ""
+            tags[f"medvision.test_{key}"] = f"{value:.3f}{ci_text}"
+    if test.get("positive_class"):
+        tags["medvision.positive_class"] = str(test["positive_class"])
+    if metrics.get("monitor"):
+        tags["medvision.monitor"] = str(metrics["monitor"])
+    return out, tags
+
+
+def _import_mlflow() -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage data leaves the machine
+    try:
+        import mlflow
+    except ModuleNotFoundError as err:
+        raise TrackingError(f"tracking.mlflow is true but {err.name} is not installed; {INSTALL}") from None
+    return mlflow
+
+
+def _summary_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # torch raises ImportError, not ModuleNotFoundError, without tensorboard
+        raise TrackingError(f"tracking.tensorboard is true but TensorBoard is missing ({err}); {INSTALL}") from None
+    return SummaryWriter
+
+
+def _open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
+    """An MlflowClient on ``uri`` and the id of ``experiment`` (created when missing); a local SQLite store
+    keeps its artifacts in ``mlartifacts/<experiment>`` beside the database, not in the current folder."""
+    from mlflow.tracking import MlflowClient
+
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        location = str(db.resolve().parent / LOCAL_ARTIFACTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment))
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return client, found.experiment_id
+        return client, client.create_experiment(experiment, artifact_location=location)
+    except Exception as err:  # MLflow raises many kinds (MlflowException, SQLAlchemy, requests)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise TrackingError(f"tracking.uri {uri!r}: cannot open MLflow experiment {experiment!r} "
+                            f"({type(err).__name__}: {first[:400]})") from None  # fmt: skip
+
+
+def _tensor_spec(value_info: Any) -> Any:
+    """An MLflow TensorSpec for an ONNX graph input or output (a named dimension is the batch: -1)."""
+    from mlflow.types.schema import TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    tensor = value_info.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    return TensorSpec(tensor_dtype_to_np_dtype(tensor.elem_type), shape, value_info.name)
+
+
+class Tracker:
+    """A run's MLflow run and TensorBoard writer; ``Tracker()`` tracks nothing (every call is a no-op).
+
+    Start one with :meth:`start` (or :func:`tracked`, which also ends it). A failure to log an epoch
+    is a warning, not the end of the training run.
+    """
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.uri: str | None = None
+        self.experiment_id: str | None = None
+        self.log_model = False
+        self._client: Any = None
+        self._writer: Any = None
+        self._step = 0
+        self._warned = False
+        self._failed = False
+
+    @property
+    def active(self) -> bool:
+        return self._client is not None or self._writer is not None
+
+    @classmethod
+    def start(cls, run_dir: Path, recipe: Recipe, parent: Tracker | None = None, kind: str = "train",
+              name: str | None = None) -> Tracker:  # fmt: skip
+        """Starts tracking ``recipe``'s run in ``run_dir`` as its ``tracking`` section asks (a child run of
+        ``parent`` when that one is an MLflow run), logging the recipe as parameters.
+
+        Raises:
+            TrackingError: MLflow or TensorBoard is asked for but not installed, or ``tracking.uri`` is unusable.
+        """
+        cfg, tracker = recipe.tracking, cls()
+        writer = _summary_writer_class() if cfg.tensorboard else None  # both checked before anything is written
+        if cfg.mlflow:
+            _import_mlflow()
+            tracker._start_mlflow(run_dir, recipe, parent, kind, name)
+        if writer is not None:
+            tracker._writer = writer(log_dir=str(run_dir / "tensorboard"))
+        return tracker
+
+    def _start_mlflow(self, run_dir: Path, recipe: Recipe, parent: Tracker | None, kind: str,
+                      name: str | None) -> None:  # fmt: skip
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        cfg = recipe.tracking
+        if parent is not None and parent._client is not None:
+            self._client, self.uri, self.experiment_id = parent._client, parent.uri, parent.experiment_id
+        else:
+            self.uri = cfg.uri or default_uri(recipe.output_dir)
+            self._client, self.experiment_id = _open_experiment(self.uri, cfg.experiment)
+        tags = {"medvision.kind": kind, "medvision.run_dir": str(run_dir.resolve()),
+                "medvision.version": medvision.__version__}  # fmt: skip
+        if parent is not None and parent.run_id is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+        try:
+            run = self._client.create_run(self.experiment_id, run_name=name or recipe.name, tags=tags)
+        except Exception as err:
+            raise TrackingError(f"tracking.uri {self.uri!r}: cannot start an MLflow run ({type(err).__name__}: "
+                                f"{err})") from None  # fmt: skip
+        self.run_id, self.log_model = run.info.run_id, cfg.log_model
+        try:
+            self.log_params(recipe_params(recipe))
+        except Exception:
+            self._failed = True
+            self.end()
+            raise
+        log.info("tracking: MLflow run %s (%s) in experiment %r at %s", self.run_id, name or recipe.name,
+                 cfg.experiment, self.uri)  # fmt: skip
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters a batch
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """The numeric values of ``metrics`` (strings, booleans and ``None`` are skipped) at ``step``; a failure
+        is a warning, once per run: a tracking hiccup must not end hours of training."""
+        values = {k: float(v) for k, v in metrics.items() if _number(v)}
+        self._step = max(self._step, step)
+        try:
+            if self._writer is not None:
+                for key, value in values.items():
+                    self._writer.add_scalar(key, value, step)
+                self._writer.flush()
+            if self._client is not None and values:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                items = [Metric(k, v, now, step) for k, v in values.items()]
+                for i in range(0, len(items), 1000):
+                    self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        except Exception as err:  # MLflow raises many kinds (MlflowException, SQLAlchemy, requests)
+            if not self._warned:
+                log.warning("tracking: metrics of step %d not logged (%s: %s); the run goes on", step,
+                            type(err).__name__, err)  # fmt: skip
+                self._warned = True
+
+    def log_epoch(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One epoch's row as the loop logs it (``epoch``, ``phase``, ``train_loss``, ``val_auc``...) at ``step``."""
+        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def finish(self, run_dir: Path, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+               artifacts: Iterable[Path] = (), model: Path | None = None,
+               model_metadata: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """The run's final ``metrics`` and ``tags``, its ``artifacts`` (files and folders of ``run_dir``, which
+        keep their relative paths) and, when given, the ONNX ``model`` as an MLflow model under ``model/``.
+
+        A failure is logged as an error and ends the MLflow run as FAILED; the run folder stays as it is.
+        """
+        if not self.active:
+            return
+        try:
+            if self._writer is not None:
+                for key, value in metrics.items():
+                    if _number(value):
+                        self._writer.add_scalar(f"final/{key}", float(value), self._step)
+                self._writer.flush()
+            if self._client is None:
+                return
+            from mlflow.entities import Metric, RunTag
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _number(v)]
+            for i in range(0, len(items), 1000):
+                self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            if tags:
+                self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            for path in artifacts:
+                if not path.exists():
+                    continue
+                rel = path.resolve().relative_to(run_dir.resolve()).parent.as_posix()
+                folder = None if rel == "." else rel
+                if path.is_dir():
+                    self._client.log_artifacts(self.run_id, str(path), path.name if folder is None else
+                                               f"{folder}/{path.name}")  # fmt: skip
+                else:
+                    self._client.log_artifact(self.run_id, str(path), folder)
+            if model is not None:
+                self._log_onnx(model, model_metadata or {})
+        except Exception as err:
+            self._failed = True
+            log.error("tracking: the MLflow run %s of %s is incomplete (%s: %s); the run folder itself is complete",
+                      self.run_id, run_dir, type(err).__name__, err)  # fmt: skip
+
+    def _log_onnx(self, path: Path, metadata: dict[str, Any]) -> None:
+        """The ONNX file as an MLflow model (pyfunc: raw NCHW batch in, calibrated probabilities out)."""
+        import mlflow.onnx
+        import onnx
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema
+
+        proto = onnx.load(str(path))
+        graph = proto.graph
+        signature = ModelSignature(inputs=Schema([_tensor_spec(v) for v in graph.input]),
+                                   outputs=Schema([_tensor_spec(v) for v in graph.output]))  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="medvision-mlflow-") as tmp:
+            local = Path(tmp) / "model"
+            # the requirements are onnx and onnxruntime: inferring them runs a subprocess (12 s on 2 cores)
+            mlflow.onnx.save_model(proto, str(local), signature=signature, metadata=metadata,
+                                   pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                                   save_as_external_data=proto.ByteSize() > 2**30)  # fmt: skip
+            self._client.log_artifacts(self.run_id, str(local), "model")
+        log.info("tracking: model logged as runs:/%s/model (ONNX, pyfunc)", self.run_id)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Closes the TensorBoard writer and ends the MLflow run (FAILED if :meth:`finish` failed)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._client is not None:
+            try:
+                self._client.set_terminated(self.run_id, "FAILED" if self._failed else status)
+            except Exception as err:
+                log.warning("tracking: cannot end MLflow run %s (%s: %s)", self.run_id, type(err).__name__, err)
+            self._client = None
+
+
+@contextlib.contextmanager
+def tracked(run_dir: Path, recipe: Recipe, parent: Tracker | None = None, kind: str = "train",
+            name: str | None = None) -> Iterator[Tracker]:  # fmt: skip
+    """:meth:`Tracker.start`, and at the end :meth:`Tracker.end`: FINISHED, FAILED on an error, KILLED on Ctrl-C."""
+    tracker = Tracker.start(run_dir, recipe, parent, kind, name)
+    status = "FINISHED"
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.end(status)

@@ -1,0 +1,386 @@
+"""Experiment tracking: a real training run logged to a real MLflow store (and a real ``mlflow server``), read
+back with MLflow's own client and REST API; TensorBoard event files read back with TensorBoard's reader."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe
+
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+pytest.importorskip("onnxruntime")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from medvision.cli import main  # noqa: E402
+from medvision.data.sources import load_table  # noqa: E402
+from medvision.inference import load_run  # noqa: E402
+from medvision.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict  # noqa: E402
+from medvision.runs import EPOCH_ROW, cache_dir, run_log  # noqa: E402
+from medvision.runtime import Dist  # noqa: E402
+from medvision.tasks.benchmark.labels import label_benchmark  # noqa: E402
+from medvision.tasks.pretrain import pretrain  # noqa: E402
+from medvision.tasks.track import log_trained_run  # noqa: E402
+from medvision.tracking import Tracker, TrackingError, default_uri, recipe_params  # noqa: E402
+from medvision.training.build import split_dataset  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's store
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+LOCAL_FILES = ("mlruns", "mlflow.db", "mlartifacts", "tensorboard")
+"""What tracking could leave in the working folder if it wrote to MLflow's or TensorBoard's defaults."""
+
+
+def _unflatten(params: dict[str, str]) -> dict[str, Any]:
+    """MLflow parameters back to a recipe tree: numbered keys become lists, values are JSON unless plain text."""
+    tree: dict[str, Any] = {}
+    for key, text in params.items():
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *path, last = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+    def lists(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node and all(k.isdigit() for k in node):
+            return [lists(node[str(i)]) for i in range(len(node))]
+        return {k: lists(v) for k, v in node.items()}
+
+    return lists(tree)
+
+
+@dataclass
+class Tracked:
+    run_dir: Path
+    uri: str
+    client: Any
+    run: Any
+    cwd: Path
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracked]:
+    """``medvision train RECIPE --track`` (2 epochs at 32 px) into a SQLite store, TensorBoard on, run from an
+    empty working folder."""
+    root = tmp_path_factory.mktemp("tracking")
+    cwd = root / "cwd"
+    cwd.mkdir()
+    uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiles_manifest, root / "runs")))
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(["train", str(recipe), "--track", "--set", f"tracking.uri={uri}",
+                     "--set", "tracking.tensorboard=true", "--set", "tracking.experiment=tiny-tests"])  # fmt: skip
+    finally:
+        os.chdir(before)
+    assert code == 0
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny-tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    yield Tracked(root / "runs" / "tiny", uri, client, runs[0], cwd)
+
+
+def test_params_are_the_flattened_recipe(tracked_run: Tracked) -> None:
+    params = tracked_run.run.data.params
+    saved = load_recipe(tracked_run.run_dir / "recipe.yaml")
+    assert params == recipe_params(saved)
+    assert Recipe.model_validate(_unflatten(params)) == saved  # nothing lost: the parameters are the recipe
+    assert params["model.name"] == "test_efficientnet" and params["train.phases.1.lr"] == "0.003"
+    assert params["train.phases.0.trainable"] == '["head"]' and params["tracking.mlflow"] == "true"
+    assert tracked_run.run.info.run_name == "tiny" and tracked_run.run.info.status == "FINISHED"
+
+
+def test_every_epoch_is_logged_at_its_step(tracked_run: Tracked) -> None:
+    history = json.loads((tracked_run.run_dir / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_auc", "val_acc", "lr", "train_img_s"):
+        logged = tracked_run.client.get_metric_history(tracked_run.run.info.run_id, key)
+        assert [(m.step, m.value) for m in sorted(logged, key=lambda m: m.step)] == [
+            (h["epoch"], pytest.approx(h[key])) for h in history
+        ], key
+
+
+def test_final_metrics_carry_their_confidence_intervals(tracked_run: Tracked) -> None:
+    metrics = json.loads((tracked_run.run_dir / "metrics.json").read_text())
+    logged, tags = tracked_run.run.data.metrics, tracked_run.run.data.tags
+    test, patient = metrics["image"]["test"], metrics["patient"]["test"]
+    assert logged["test_auc"] == pytest.approx(test["auc"])
+    assert (logged["test_auc_ci_low"], logged["test_auc_ci_high"]) == pytest.approx(tuple(test["auc_ci"]))
+    assert (logged["test_acc_ci_low"], logged["test_acc_ci_high"]) == pytest.approx(tuple(test["acc_ci"]))
+    positive = test["per_class"][test["positive_class"]]
+    assert logged["test_sensitivity"] == pytest.approx(positive["sensitivity"])
+    assert logged["test_sensitivity_ci_high"] == pytest.approx(positive["sensitivity_ci"][1])
+    assert logged["patient_test_auc"] == pytest.approx(patient["auc"])
+    assert logged["test_loss"] == pytest.approx(metrics["test"]["loss"])
+    assert logged["best_val_auc"] == pytest.approx(metrics["image"]["val"]["auc"])  # not mixed into val_auc's epochs
+    assert logged["best_epoch"] == metrics["best_epoch"]
+    lo, hi = test["auc_ci"]
+    assert tags["medvision.test_auc"] == f"{test['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+    assert tags["medvision.kind"] == "train" and tags["medvision.run_dir"] == str(tracked_run.run_dir)
+    assert tags["medvision.positive_class"] == test["positive_class"] == "tumor"
+
+
+def test_run_folder_files_are_artifacts(tracked_run: Tracked, tmp_path: Path) -> None:
+    client, run_id = tracked_run.client, tracked_run.run.info.run_id
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.html", "metrics.json", "recipe.yaml", "predictions.csv", "plots", "model"} <= names
+    assert "plots/roc.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
+    for name in ("metrics.json", "report.html", "recipe.yaml"):
+        copy = Path(client.download_artifacts(run_id, name, str(tmp_path)))
+        assert copy.read_bytes() == (tracked_run.run_dir / name).read_bytes(), name
+
+
+def _test_batch(run_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """The run's test images as its loader hands them to the model (raw NCHW, the run's transfer dtype)."""
+    recipe, _, bundle = load_run(run_dir, torch.device("cpu"))
+    table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
+    ds = split_dataset(recipe, table, bundle, "test", train=False)
+    return np.stack([ds[i][0].numpy() for i in range(len(ds))]), [table.ids[j] for j in ds.indices]
+
+
+def _predicted(run_dir: Path, ids: list[str]) -> np.ndarray:
+    with (run_dir / "predictions.csv").open(newline="") as fh:
+        rows = {r["id"]: r for r in csv.DictReader(fh) if r["split"] == "test"}
+    columns = [c for c in next(iter(rows.values())) if c.startswith("prob_")]
+    return np.array([[float(rows[i][c]) for c in columns] for i in ids])
+
+
+def test_logged_model_loads_with_pyfunc_and_predicts_as_the_run(
+    tracked_run: Tracked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked_run.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{tracked_run.run.info.run_id}/model")
+    batch, ids = _test_batch(tracked_run.run_dir)
+    assert batch.dtype == np.uint8 and batch.shape[1:] == (3, 32, 32) and len(batch) == 18
+    out = model.predict(batch)
+    assert np.abs(out["probabilities"] - _predicted(tracked_run.run_dir, ids)).max() < 1e-4
+    inputs = model.metadata.get_input_schema().inputs
+    assert [(i.name, i.type, i.shape) for i in inputs] == [("image", np.dtype("uint8"), (-1, 3, 32, 32))]
+    assert model.metadata.metadata["classes"] == ["stroma", "tumor"]
+
+
+def test_tensorboard_event_files_hold_the_epochs(tracked_run: Tracked) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = json.loads((tracked_run.run_dir / "metrics.json").read_text())["history"]
+    events = EventAccumulator(str(tracked_run.run_dir / "tensorboard"))
+    events.Reload()
+    for key in ("val_auc", "train_loss"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [
+            (h["epoch"], pytest.approx(h[key], rel=1e-6)) for h in history
+        ]
+    assert events.Scalars("final/test_auc")[0].step == 2
+
+
+def test_tracking_writes_nothing_in_the_working_folder(tracked_run: Tracked) -> None:
+    assert list(tracked_run.cwd.iterdir()) == []
+    store = Path(tracked_run.uri.removeprefix("sqlite:///")).parent
+    assert sorted(p.name for p in store.iterdir()) == ["mlartifacts", "mlflow.db"]
+
+
+def test_tracking_off_imports_and_writes_nothing(tiles_manifest: Path, tmp_path: Path) -> None:
+    """The default recipe through the run log, an epoch row included: no MLflow, no TensorBoard, no store."""
+    tree = tiny_recipe(tiles_manifest, tmp_path / "runs")
+    code = f"""
+import logging, sys
+from pathlib import Path
+from medvision.recipe import recipe_from_dict
+from medvision.runs import EPOCH_ROW, run_log
+from medvision.runtime import Dist
+recipe = recipe_from_dict({tree!r})
+with run_log(Path(recipe.output_dir) / recipe.name, Dist(), recipe) as tracker:
+    logging.getLogger("medvision").info("epoch 1", extra={{EPOCH_ROW: {{"epoch": 1, "val_auc": 0.5}}}})
+print(tracker.active, "mlflow" in sys.modules, "torch.utils.tensorboard" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **QUIET}, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False", "False"]
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert written == ["runs", "runs/tiny", "runs/tiny/train.log"]
+
+
+def test_tracking_section_is_strict_and_off_by_default(tiles_manifest: Path, tmp_path: Path) -> None:
+    tree = tiny_recipe(tiles_manifest, tmp_path)
+    cfg = recipe_from_dict(tree).tracking
+    assert (cfg.mlflow, cfg.tensorboard, cfg.uri, cfg.experiment, cfg.log_model) == (False, False, None,
+                                                                                    "medvision", True)  # fmt: skip
+    with pytest.raises(RecipeError, match=r"tracking\.mlfow: unknown key; did you mean 'mlflow'"):
+        recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path), overrides=["tracking.mlfow=true"])
+    assert default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_a_missing_package_or_a_bad_uri_names_the_fix(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tiny_recipe(tiles_manifest, tmp_path)
+    bad = recipe_from_dict(tree, overrides=["tracking.mlflow=true", "tracking.uri=nosuchscheme://host/x"])
+    with pytest.raises(TrackingError, match=r"tracking\.uri 'nosuchscheme://host/x': cannot open MLflow"):
+        Tracker.start(tmp_path / "run", bad)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
+    with pytest.raises(TrackingError, match=r"mlflow is not installed; pip install 'medvision\[tracking\]'"):
+        Tracker.start(tmp_path / "run", recipe_from_dict(tree, overrides=["tracking.mlflow=true"]))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(TrackingError, match=r"TensorBoard is missing .*pip install 'medvision\[tracking\]'"):
+        Tracker.start(tmp_path / "run", recipe_from_dict(tree, overrides=["tracking.tensorboard=true"]))
+
+
+def test_pretrain_is_tracked(tiles_manifest: Path, tracked_run: Tracked, tmp_path: Path) -> None:
+    tree = tiny_recipe(tiles_manifest, tmp_path / "runs")
+    tree.update(name="ssl", pretrain={"epochs": 1, "proj_dim": 16, "proj_hidden": 32})
+    tree["data"]["batch_size"] = 8
+    tree["tracking"] = {"mlflow": True, "uri": tracked_run.uri, "experiment": "tiny-pretrain"}
+    run_dir = pretrain(recipe_from_dict(tree))
+    client = tracked_run.client
+    run = client.search_runs([client.get_experiment_by_name("tiny-pretrain").experiment_id])[0]
+    history = json.loads((run_dir / "pretrain.json").read_text())["history"]
+    knn = sorted(client.get_metric_history(run.info.run_id, "knn_acc"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in knn] == [(h["epoch"], pytest.approx(h["knn_acc"])) for h in history]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+    assert run.data.metrics["final_train_loss"] == pytest.approx(history[-1]["train_loss"])
+    assert run.data.tags["medvision.kind"] == "pretrain" and run.info.status == "FINISHED"
+    assert {"pretrain.json", "model.safetensors", "recipe.yaml"} <= {a.path for a in client.list_artifacts(
+        run.info.run_id)}  # fmt: skip
+
+
+def test_label_benchmark_is_a_parent_run_with_a_child_per_grid_run(tiles_manifest: Path, tmp_path: Path) -> None:
+    """Default store (``<output_dir>/mlflow.db``); the second call reuses the runs and logs them as children too."""
+    tree = tiny_recipe(tiles_manifest, tmp_path / "base")
+    tree["tracking"] = {"mlflow": True, "log_model": False}
+    recipe = recipe_from_dict(tree)
+    args = (recipe, [0.5, 1.0], ["random"], ["knn"], 1, tmp_path / "grid")
+    first = label_benchmark(*args, resamples=20)
+    label_benchmark(*args, resamples=20)
+    client = MlflowClient(tracking_uri=default_uri(tmp_path / "base"))
+    experiment = client.get_experiment_by_name("medvision").experiment_id
+    parents = client.search_runs([experiment], "tags.`medvision.kind` = 'benchmark-labels'", order_by=["start_time"])
+    assert len(parents) == 2 and all(p.info.run_name == "tiny-labels" for p in parents)
+    for parent in parents:
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        by_fraction = {c.data.params["data.train_fraction"]: c for c in children}
+        assert sorted(by_fraction) == ["0.5", "1.0"]
+        for row in first.rows:
+            child = by_fraction[str(row.fraction)]
+            assert child.data.params["train.protocol"] == "knn" and child.info.status == "FINISHED"
+            assert child.data.metrics["test_auc"] == pytest.approx(row.auc)
+            assert child.data.tags["medvision.run_dir"] == row.run_dir
+        curve = sorted(client.get_metric_history(parent.info.run_id, "test_auc.random.knn"), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in curve] == [(round(e["labels"]), pytest.approx(e["auc"]))
+                                                      for e in first.summary]  # fmt: skip
+        assert {"label_efficiency.csv", "label_efficiency.md", "label_efficiency.png"} <= {
+            a.path for a in client.list_artifacts(parent.info.run_id)}  # fmt: skip
+    assert not (tmp_path / "grid" / "tensorboard").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on a free local port, SQLite behind it, artifacts proxied into ``tmp_path``."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "served")]  # fmt: skip
+    log_file = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(cmd, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT,
+                              env={**os.environ, **QUIET}, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:  # the server runs uvicorn as a child process: end the session this test started, by its id
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log_file.close()
+
+
+@pytest.mark.slow  # about a minute: the server takes 30-40 s to start on 2 CPU cores
+def test_a_run_logged_to_a_tracking_server(
+    tracked_run: Tracked, mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run log and the train task's finish, pointed at a server by ``tracking.uri``; read back over REST."""
+    run_dir = tmp_path / "runs" / "tiny"
+    shutil.copytree(tracked_run.run_dir, run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml").changed({
+        "output_dir": str(run_dir.parent), "tracking.uri": mlflow_server, "tracking.tensorboard": False,
+        "tracking.experiment": "served"})  # fmt: skip
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    with run_log(run_dir, Dist(), recipe) as tracker:
+        for row in history:  # as the training loop logs them
+            logging.getLogger("medvision").info("epoch %d", row["epoch"], extra={EPOCH_ROW: row})
+        log_trained_run(tracker, run_dir)
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = _get(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]["experiment_id"]
+    runs = _get(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
+    assert len(runs) == 1 and runs[0]["info"]["run_id"] == tracker.run_id
+    run = _get(f"{api}/runs/get?run_id={tracker.run_id}")["run"]
+    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "tiny"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params == recipe_params(recipe)
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    test = json.loads((run_dir / "metrics.json").read_text())["image"]["test"]
+    assert metrics["test_auc"] == pytest.approx(test["auc"]) and metrics["test_auc_ci_low"] == pytest.approx(
+        test["auc_ci"][0])  # fmt: skip
+    query = urllib.parse.urlencode({"run_id": tracker.run_id, "metric_key": "val_auc"})
+    steps = _get(f"{api}/metrics/get-history?{query}")["metrics"]
+    assert sorted((m["step"], m["value"]) for m in steps) == [(h["epoch"], pytest.approx(h["val_auc"]))
+                                                              for h in history]  # fmt: skip
+    listed = _get(f"{api}/artifacts/list?run_id={tracker.run_id}")["files"]
+    assert {"report.html", "metrics.json", "recipe.yaml", "model"} <= {f["path"] for f in listed}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/model")  # through the server's artifact proxy
+    batch, ids = _test_batch(run_dir)
+    assert np.abs(model.predict(batch)["probabilities"] - _predicted(run_dir, ids)).max() < 1e-4
