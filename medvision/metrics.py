@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from math import erf, sqrt
 from typing import Any
 
@@ -292,6 +292,17 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 # ------------------------------------------------------------------------ uncertainty and thresholds
 
 
+def bootstrap_indices(y: np.ndarray, n_resamples: int, seed: int, stratify: bool = True) -> Iterator[np.ndarray]:
+    """The row indices of each bootstrap resample: within each class when ``stratify`` (every resample keeps the
+    class mix), else over all rows; none when there are no rows. One definition for every bootstrap here, so
+    paired and single CIs drawn with the same seed use the same resamples."""
+    rng = np.random.default_rng(seed)
+    strata = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
+    groups = [g for g in strata if len(g)]
+    for _ in range(n_resamples if groups else 0):
+        yield np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+
+
 def bootstrap_cis(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -312,14 +323,10 @@ def bootstrap_cis(
     """
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs)
-    rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
-    groups = [g for g in strata if len(g)]  # no rows: no resamples, (NaN, NaN)
     values: dict[str, list[float]] = {name: [] for name in metrics}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
-        for _ in range(n_resamples if groups else 0):
-            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        for idx in bootstrap_indices(y, n_resamples, seed, stratify):
             for name, metric in metrics.items():
                 values[name].append(metric(y[idx], p[idx]))
     alpha = (1 - level) / 2
@@ -517,15 +524,11 @@ def paired_bootstrap(
     if len(a) != len(y) or len(b) != len(y):
         raise ValueError(f"paired bootstrap: {len(y)} labels but {len(a)} and {len(b)} prediction rows; expected "
                          "both models' predictions of the same cases")  # fmt: skip
-    rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
-    groups = [g for g in strata if len(g)]
     diffs: dict[str, list[float]] = {name: [] for name in metrics}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         observed = {name: metric(y, b) - metric(y, a) for name, metric in metrics.items()}
-        for _ in range(n_resamples if groups else 0):
-            idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        for idx in bootstrap_indices(y, n_resamples, seed, stratify):
             for name, metric in metrics.items():
                 diffs[name].append(metric(y[idx], b[idx]) - metric(y[idx], a[idx]))
     alpha = (1 - level) / 2
