@@ -33,6 +33,7 @@ from medvision.metrics import (
     delong_test,
     expected_calibration_error,
     fit_temperature,
+    mean_ci,
     operating_point,
     per_class_metrics,
     proportion_ci,
@@ -43,6 +44,15 @@ from medvision.recipe import EvalConfig, RecipeError
 LEVELS = ("image", "patient")
 MIN_CLASS_COUNT = 10
 """A split with fewer samples than this of a class gets a warning in metrics.json and the report."""
+IMAGE_MEASURES = ("mean_intensity", "height", "width")
+"""What :func:`image_shift_warnings` compares: each image's mean intensity on the 0-1 scale the model reads
+(after ``data.intensity``, before resizing and normalisation), and its height and width in pixels as decoded."""
+MIN_EFFECT = 0.2
+"""|Cohen's d| below this is no image shift, however many images show it (Cohen's "small" effect)."""
+MIN_INTENSITY_CHANGE = 0.01
+"""Mean intensities closer than this (1% of the 0-1 range, 2.5 grey levels of 8 bits) are no shift."""
+MIN_SIZE_CHANGE = 0.01
+"""Mean heights or widths closer than this fraction of the larger one (5 px of 512) are no shift."""
 
 
 @dataclass
@@ -385,4 +395,77 @@ def shift_warnings(val: dict[str, Any], test: dict[str, Any], level: str, ci_lev
             out.append(f"shift, per {level}: class {c} is {nv[c] / n_val:.1%} of validation and {nt[c] / n_test:.1%} "
                        f"of test, beyond their {ci_level:.0%} intervals; thresholds and PPV chosen on validation "
                        "assume its prevalence")  # fmt: skip
+    return out
+
+
+def image_summary(measures: dict[str, np.ndarray], ci_level: float = 0.95,
+                  groups: list[str] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """``{measure: {images, n, mean, sd, ci}}`` of a split's per-image measures (:data:`IMAGE_MEASURES`).
+
+    With ``groups`` (each image's patient, or slide for tiles) each group's images are averaged first, and
+    ``n``, the mean, SD and CI are over the groups: a patient's images, a slide's tiles, share a scanner and a
+    stain, so counting them as independent would make the CI too narrow. The CI is the Student-t interval of
+    the mean; values that are not finite (an image that did not decode) are left out.
+    """
+    out = {}
+    for name, values in measures.items():
+        x = np.asarray(values, dtype=np.float64)
+        ok = np.isfinite(x)
+        images, x = int(ok.sum()), x[ok]
+        if groups is not None and images:
+            _, inverse = np.unique(np.asarray(groups)[ok], return_inverse=True)
+            x = np.bincount(inverse, x) / np.bincount(inverse)
+        out[name] = {
+            "images": images,
+            "n": len(x),
+            "mean": float(x.mean()) if len(x) else math.nan,
+            "sd": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+            "ci": list(mean_ci(x, ci_level)),
+        }
+    return out
+
+
+def cohens_d(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """(mean b - mean a) over the pooled SD of two :func:`image_summary` entries; ±inf when both splits are
+    constant and differ, 0 when they are constant and equal."""
+    n1, n2, diff = a["n"], b["n"], b["mean"] - a["mean"]
+    pooled = math.sqrt(((n1 - 1) * a["sd"] ** 2 + (n2 - 1) * b["sd"] ** 2) / (n1 + n2 - 2)) if n1 + n2 > 2 else math.nan
+    if pooled == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    return diff / pooled
+
+
+def image_shift_warnings(val: dict[str, Any], test: dict[str, Any], what: str = "images", unit: str = "patient",
+                         ci_level: float = 0.95) -> list[str]:  # fmt: skip
+    """Plain warnings when validation and test images differ in mean intensity, height or width.
+
+    A measure has shifted when all three hold: the CIs of the two means do not overlap (the difference is
+    not noise); |Cohen's d| is at least :data:`MIN_EFFECT` (it is material: with 10,000 in each split the CIs part
+    at a difference of 4% of an SD, which no one would call a shift); and the means differ by at least
+    :data:`MIN_INTENSITY_CHANGE` on the 0-1 scale, or by :data:`MIN_SIZE_CHANGE` of the larger size (a
+    1 px crop of otherwise constant sizes is no shift). Sizes that are all the same never warn.
+    ``val`` and ``test`` are :func:`image_summary` results; ``what`` names the items (``images``, ``tiles``) and
+    ``unit`` the groups they were averaged over (``patient``, ``slide``).
+    """
+    out = []
+    for name in IMAGE_MEASURES:
+        a, b = val.get(name), test.get(name)
+        if not a or not b or not a["n"] or not b["n"] or not _apart(a["ci"], b["ci"]):
+            continue
+        d, diff = cohens_d(a, b), b["mean"] - a["mean"]
+        intensity = name == "mean_intensity"
+        floor = MIN_INTENSITY_CHANGE if intensity else MIN_SIZE_CHANGE * max(a["mean"], b["mean"])
+        if abs(d) < MIN_EFFECT or abs(diff) < floor:
+            continue
+        fmt, px = (".3f", "") if intensity else (".0f", " px")
+        shown = [f"{s['mean']:{fmt}}{px} ({s['ci'][0]:{fmt}}–{s['ci'][1]:{fmt}})" for s in (a, b)]
+        effect = f"Cohen's d {d:+.2f}" if math.isfinite(d) else "no spread within either split"
+        if a["images"] > a["n"] or b["images"] > b["n"]:  # the CIs are over groups of images
+            effect = f"means of {a['n']} and {b['n']} {unit}s, {effect}"
+        why = (f"test {what} are {'darker' if diff < 0 else 'brighter'} (0-1 scale, before normalisation)" if intensity
+               else f"test {what} are {'smaller' if diff < 0 else 'larger'} before resizing, so structures appear at "
+               "another scale")  # fmt: skip
+        out.append(f"shift, {what}: {name.replace('_', ' ')} {shown[0]} on validation vs {shown[1]} on test, beyond "
+                   f"their {ci_level:.0%} CIs ({effect}); {why}, and choices made on validation may not carry "
+                   "over")  # fmt: skip
     return out

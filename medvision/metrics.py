@@ -561,3 +561,15 @@ def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of a mean (NaN, NaN for fewer than two values); checked against SciPy's
+    ``ttest_1samp(values, 0).confidence_interval``. Constant values give the point ``(mean, mean)``."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return math.nan, math.nan
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return float(x.mean()) - half, float(x.mean()) + half

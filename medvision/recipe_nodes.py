@@ -110,7 +110,8 @@ class TrackingConfig(_Node):
     the run folder's report, metrics and recipe, and the calibrated model (``medvision train --track``)."""
     uri: str | None = Field(None, min_length=1)
     """MLflow tracking URI, e.g. ``http://127.0.0.1:5000`` or ``sqlite:///mlflow.db``; default
-    ``sqlite:///<output_dir>/mlflow.db``, a local store beside the run folders (no server needed)."""
+    ``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<output_dir>/mlflow.db``, a local store beside the run
+    folders (no server needed)."""
     experiment: str = Field("medvision", min_length=1)
     """MLflow experiment the run is logged under; created when it does not exist."""
     log_model: bool = True

@@ -14,12 +14,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from medvision.data.audit import counts as audit_counts
-from medvision.data.dataset import ImageDataset
-from medvision.data.table import SampleTable
+from medvision.data.dataset import ImageDataset, ImageMeasures
+from medvision.data.table import SampleTable, subset_indices
 from medvision.data.transforms import normalize_batch
-from medvision.evaluation import Decision, SplitOutputs, clinical_metrics
+from medvision.evaluation import (
+    IMAGE_MEASURES,
+    Decision,
+    SplitOutputs,
+    clinical_metrics,
+    image_shift_warnings,
+    image_summary,
+)
 from medvision.gradcam import (
     ExplainError,
     confident_errors,
@@ -41,6 +49,12 @@ from medvision.runtime import (
 from medvision.training.build import ModelBundle, model_inputs, split_dataset
 
 log = logging.getLogger("medvision")
+
+MEASURED_PER_SPLIT = 1000
+"""Images of a split whose size and intensity the shift check measures (a seeded sample of a larger split):
+enough for two splits' CIs to part at an eighth of an SD, below the material 0.2 SD
+(:data:`~medvision.evaluation.MIN_EFFECT`), and few enough that a split of 100,000 large PNGs is not decoded again
+at the end of the run."""
 
 
 def _headline(clinical: dict[str, Any], split: str, loss: float) -> dict[str, float]:
@@ -91,6 +105,8 @@ def write_results(
     outputs = {split: out for split, (out, _, _) in splits.items()}
     clinical = clinical_metrics(outputs, classes, recipe.evaluation, decision,
                                 "slide" if table.units is not None else "patient")  # fmt: skip
+    if "val" in splits and "test" in splits:
+        image_shift(recipe, table, clinical, device)
     headline = {split: _headline(clinical, split, loss) for split, (_, _, loss) in splits.items()}
     for split, m in headline.items():
         log.info("%s: AUC %.4f  accuracy %.4f  (n=%d)", split, m["auc"], m["acc"], m["n"])
@@ -103,9 +119,13 @@ def write_results(
     for level in ("image", "patient"):
         for split, summary in clinical[level].items():
             messages = summary.get("warnings", []) if isinstance(summary, dict) else []
-            if messages:
-                more = f" (and {len(messages) - 1} more; see metrics.json)" if len(messages) > 1 else ""
-                log.warning("%s, %s level: %s%s", split, level, messages[0], more)
+            shifts = [m for m in messages if m.startswith("shift")]  # each in full: they name the measure
+            others = [m for m in messages if m not in shifts]
+            for message in shifts:
+                log.warning("%s, %s level: %s", split, level, message)
+            if others:
+                more = f" (and {len(others) - 1} more; see metrics.json)" if len(others) > 1 else ""
+                log.warning("%s, %s level: %s%s", split, level, others[0], more)
     if table.audit:  # what the data source met: files used, skipped, and unreadable ones left out
         extra = {**extra, "data_audit": {**audit_counts(table.audit), "on_error": recipe.data.on_error}}
     write_json(out_dir / "metrics.json", {**headline, **clinical, "decision": decision.to_json(), **extra})
@@ -123,6 +143,43 @@ def write_results(
             log.warning("no Grad-CAM panel: %s", err)
     write_report(out_dir, meta, extra, clinical, outputs[focus], focus, decision, panel, recipe.evaluation)
     return headline
+
+
+def image_measures(recipe: Recipe, table: SampleTable, split: str,
+                   device: torch.device) -> tuple[dict[str, np.ndarray], list[str]]:  # fmt: skip
+    """Height, width and mean intensity (:data:`~medvision.evaluation.IMAGE_MEASURES`) of the split's evaluated
+    rows, at most :data:`MEASURED_PER_SPLIT` of them, decoded in the run's loader workers; and each row's unit
+    (its patient, or its slide for tiles).
+
+    Pixels come from the table's loader: the arrays of an npz file, the preload or the DICOM decode cache
+    where there is one, else the image files, read once more.
+    """
+    idx = subset_indices(table, split, recipe.data.limit, recipe.seed)
+    if len(idx) > MEASURED_PER_SPLIT:
+        idx = np.sort(np.random.default_rng(recipe.seed).choice(idx, MEASURED_PER_SPLIT, replace=False))
+    loader = DataLoader(ImageMeasures(table, idx, recipe.data.intensity), batch_size=64,
+                        num_workers=resolve_workers(recipe.data.num_workers, device))  # fmt: skip
+    batches = list(loader)
+    measures = {name: np.concatenate([b[name].numpy() for b in batches]) if batches else np.zeros(0)
+                for name in IMAGE_MEASURES}  # fmt: skip
+    units = table.units if table.units is not None else table.groups
+    return measures, [units[i] for i in idx]
+
+
+def image_shift(recipe: Recipe, table: SampleTable, clinical: dict[str, Any], device: torch.device) -> None:
+    """Validation's and test's image statistics into ``clinical`` (``image_stats`` of each image-level split), and a
+    test warning for each measure that differs (:func:`~medvision.evaluation.image_shift_warnings`)."""
+    level = recipe.evaluation.ci_level
+    stats = {}
+    for split in ("val", "test"):
+        measures, units = image_measures(recipe, table, split, device)
+        stats[split] = image_summary(measures, level, units)
+    for split, summary in stats.items():
+        clinical["image"][split]["image_stats"] = summary
+    what, unit = ("tiles", "slide") if table.units is not None else ("images", "patient")
+    shifts = image_shift_warnings(stats["val"], stats["test"], what, unit, level)
+    if shifts:
+        clinical["image"]["test"].setdefault("warnings", []).extend(shifts)
 
 
 def slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: dict[str, Any],
@@ -147,7 +204,10 @@ def slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: 
     else:
         if not (run_dir / MIL_FILE).is_file():
             raise RunError(f"{run_dir}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
-        head, _ = load_mil(run_dir / MIL_FILE)
+        try:
+            head, _ = load_mil(run_dir / MIL_FILE, len(table.classes))
+        except ValueError as err:
+            raise RunError(f"{run_dir}: {err}") from None
         probs = {}
         for split in splits:
             _, split_bags, _ = bags(features[split], outputs[split].groups, outputs[split].labels)

@@ -11,10 +11,12 @@ What a tracked run holds in MLflow:
   a list of values is JSON), see :func:`recipe_params`;
 - metrics: each epoch's row (``train_loss``, ``val_auc``, ``lr``, ...) at its epoch as the step, and the
   final metrics of ``metrics.json`` with their CIs (``test_auc``, ``test_auc_ci_low``, ...), see
-  :func:`run_metrics`;
+  :func:`run_metrics`; a cross-validated MIL run has no epochs: each fold's row at the fold's index as the
+  step (``fold_auc``), and the summary over the folds as its final metrics (``cv_auc_mean``, ``pooled_auc``);
 - tags: ``medvision.*`` (kind, run folder, version, positive class, headline AUC with its CI);
 - artifacts: ``recipe.yaml``, ``metrics.json``, ``report.html`` and the other files the task names, and
-  under ``model/`` an MLflow model that ``mlflow.pyfunc.load_model`` runs (ONNX flavour).
+  under ``model/`` an MLflow model that ``mlflow.pyfunc.load_model`` runs (ONNX flavour; not for a MIL run,
+  whose heads score tile features, not images).
 
 Only rank 0 tracks: :func:`~medvision.runs.run_log` gives the other ranks an idle tracker. MLflow and
 TensorBoard are imported only when the recipe turns them on, and MLflow's telemetry is switched off
@@ -100,6 +102,33 @@ def _pair(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(v is None or _number(v) for v in value)
 
 
+def _put(out: dict[str, float], name: str, value: Any) -> None:
+    """``value`` as ``out[name]`` when it is a number; a CI ``<name>_ci: [low, high]`` as ``<name>_ci_low`` and
+    ``<name>_ci_high`` (an undefined bound left out); anything else is left out."""
+    if _number(value):
+        out[name] = float(value)
+    elif name.endswith("_ci") and _pair(value):
+        for end, bound in zip(("low", "high"), value, strict=True):
+            if bound is not None:
+                out[f"{name}_{end}"] = float(bound)
+
+
+def flat_metrics(section: Mapping[str, Any], stem: str, skip: Iterable[str] = ()) -> dict[str, float]:
+    """The numbers of one section of ``metrics.json`` as ``<stem>_<key>``, its CIs as ``<stem>_<key>_ci_low`` /
+    ``_ci_high``; text, ``None``, nested sections and the keys in ``skip`` are left out.
+
+    Examples:
+        >>> flat_metrics({"auc": 0.9, "auc_ci": [0.8, 0.97], "n": 12, "fold": 0}, "fold", skip=["fold"])
+        {'fold_auc': 0.9, 'fold_auc_ci_low': 0.8, 'fold_auc_ci_high': 0.97, 'fold_n': 12.0}
+    """
+    out: dict[str, float] = {}
+    left_out = set(skip)
+    for key, value in section.items():
+        if key not in left_out:
+            _put(out, f"{stem}_{key}", value)
+    return out
+
+
 def run_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """The final metrics of a run's ``metrics.json`` as flat MLflow metrics, and its headline as tags.
 
@@ -110,17 +139,20 @@ def run_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str,
     (the chosen checkpoint, calibrated), so it does not mix with the epochs' ``val_auc`` curve; the
     patient (or slide) level as ``patient_test_*`` and ``patient_val_*``. Values that are undefined
     (``None``) are left out; NaN stays NaN.
+
+    A cross-validated MIL run's ``metrics.json`` (:func:`medvision.tasks.mil_report.cv_metrics`, recognised by
+    its ``across_folds``) gives the summary over its folds instead: per metric (``auc``, ``acc``,
+    ``balanced_acc``; ``mse``, ``mae``, ``r2`` for a continuous target) ``cv_<metric>_mean``, ``cv_<metric>_sd``,
+    the t-interval of the mean as ``cv_<metric>_ci_low`` / ``_ci_high`` and ``cv_<metric>_folds`` (the folds
+    where it is defined); the pooled out-of-fold ``pooled_<metric>`` with its bootstrap CI; and ``slides``,
+    ``patients``, ``folds``. Its tags are ``medvision.cv_<metric>`` (mean ± SD with the t-interval),
+    ``medvision.pooled_<metric>`` (with its CI), ``medvision.target`` and the positive class. Each fold's own
+    row is not a final metric: it is logged at the fold's index as the step
+    (:func:`medvision.tasks.track.log_mil_run`).
     """
+    if "across_folds" in metrics:
+        return _cross_validated(metrics)
     out: dict[str, float] = {}
-
-    def put(name: str, value: Any) -> None:
-        if _number(value):
-            out[name] = float(value)
-        elif name.endswith("_ci") and _pair(value):
-            for end, bound in zip(("low", "high"), value, strict=True):
-                if bound is not None:
-                    out[f"{name}_{end}"] = float(bound)
-
     stems = {("image", "val"): "best_val", ("image", "test"): "test", ("patient", "val"): "patient_val",
              ("patient", "test"): "patient_test"}  # fmt: skip
     for (level, split), stem in stems.items():
@@ -128,19 +160,15 @@ def run_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str,
         section = block.get(split) if isinstance(block, dict) else None
         if not isinstance(section, dict):
             continue
-        for key, value in section.items():
-            put(f"{stem}_{key}", value)
-        for key, value in (section.get("calibration") or {}).items():
-            if key.startswith(("ece", "brier")):
-                put(f"{stem}_{key}", value)
+        out.update(flat_metrics(section, stem))
+        calibration = section.get("calibration") or {}
+        out.update(flat_metrics(calibration, stem, skip=[k for k in calibration if not k.startswith(("ece", "brier"))]))
         positive = (section.get("per_class") or {}).get(section.get("positive_class"), {})
-        for key, value in positive.items():
-            if key != "support":
-                put(f"{stem}_{key}", value)
+        out.update(flat_metrics(positive, stem, skip=["support"]))
     for split in ("val", "test"):
-        put(f"{stems['image', split]}_loss", (metrics.get(split) or {}).get("loss"))
-    put("best_epoch", metrics.get("best_epoch"))
-    put("seconds", metrics.get("seconds"))
+        _put(out, f"{stems['image', split]}_loss", (metrics.get(split) or {}).get("loss"))
+    _put(out, "best_epoch", metrics.get("best_epoch"))
+    _put(out, "run_seconds", metrics.get("seconds"))  # not "seconds": that is each epoch's series
 
     tags: dict[str, str] = {}
     test = (metrics.get("image") or {}).get("test") or {}
@@ -148,13 +176,39 @@ def run_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str,
     for key in ("auc", "acc"):
         value, ci = test.get(key), test.get(f"{key}_ci") or []
         if _number(value):
-            known = _pair(ci) and None not in ci
-            ci_text = f" ({level:.0%} CI {ci[0]:.3f}-{ci[1]:.3f})" if known else ""
-            tags[f"medvision.test_{key}"] = f"{value:.3f}{ci_text}"
+            tags[f"medvision.test_{key}"] = f"{value:.3f}{_ci_text(ci, level)}"
     if test.get("positive_class"):
         tags["medvision.positive_class"] = str(test["positive_class"])
     if metrics.get("monitor"):
         tags["medvision.monitor"] = str(metrics["monitor"])
+    return out, tags
+
+
+def _ci_text(ci: Any, level: float, what: str = "CI") -> str:
+    return f" ({level:.0%} {what} {ci[0]:.3f}-{ci[1]:.3f})" if _pair(ci) and None not in ci else ""
+
+
+def _cross_validated(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`run_metrics` of a cross-validated MIL run (see there)."""
+    out: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    level = metrics.get("ci_level") or 0.95
+    pooled = metrics.get("pooled") or {}
+    for name, across in (metrics.get("across_folds") or {}).items():
+        out.update(flat_metrics(across, f"cv_{name}"))
+        if _number(across.get("mean")) and _number(across.get("sd")):
+            tags[f"medvision.cv_{name}"] = (f"{across['mean']:.3f} ± {across['sd']:.3f} over {across.get('folds')} "
+                                            f"folds{_ci_text(across.get('ci'), level, 't-interval')}")  # fmt: skip
+        if _number(pooled.get(name)):
+            tags[f"medvision.pooled_{name}"] = f"{pooled[name]:.3f}{_ci_text(pooled.get(f'{name}_ci'), level)}"
+    out.update(flat_metrics(pooled, "pooled", skip=["n"]))
+    _put(out, "slides", metrics.get("slides"))
+    _put(out, "patients", metrics.get("patients"))
+    _put(out, "folds", len(metrics.get("folds") or []))
+    tags["medvision.target"] = str(metrics.get("target"))
+    classes, positive = metrics.get("classes"), metrics.get("positive_index")
+    if classes and isinstance(positive, int):
+        tags["medvision.positive_class"] = str(classes[positive])
     return out, tags
 
 
@@ -255,7 +309,7 @@ class Tracker:
         if parent is not None and parent._client is not None:
             self._client, self.uri, self.experiment_id = parent._client, parent.uri, parent.experiment_id
         else:
-            self.uri = cfg.uri or default_uri(recipe.output_dir)
+            self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(recipe.output_dir)
             self._client, self.experiment_id = _open_experiment(self.uri, cfg.experiment)
         tags = {"medvision.kind": kind, "medvision.run_dir": str(run_dir.resolve()),
                 "medvision.version": medvision.__version__}  # fmt: skip

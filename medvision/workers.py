@@ -23,9 +23,10 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from itertools import chain, islice
 from typing import Any, Generic, TypeVar
 
 from pebble import ProcessExpired, ProcessPool
@@ -71,9 +72,34 @@ class _Inline(Generic[R]):
         return self.value
 
 
+def _context(preload: Sequence[str]) -> Any:
+    """The start method of every pool: a ``forkserver`` with ``preload`` imported once (``spawn`` without one)."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if preload and "forkserver" in methods:
+        context.set_forkserver_preload(list(preload))
+    return context
+
+
+def start_forkserver(preload: Sequence[str]) -> None:
+    """Starts the forkserver the pools fork from now, with ``preload`` imported (seconds: it imports torch), so
+    that its start-up overlaps with loading a model instead of delaying the first file. No-op when it runs."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        _context(preload)
+        forkserver.ensure_running()
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while part := list(islice(it, size)):
+        yield part
+
+
 def isolated_map(
     fn: Callable[[list[T]], list[R]],
-    items: Sequence[T],
+    items: Iterable[T],
     *,
     workers: int,
     timeout: float,
@@ -90,28 +116,29 @@ def isolated_map(
     forkserver), at most ``timeout`` seconds per item. ``workers=0`` runs ``fn`` in this process:
     no isolation, for debugging.
 
+    ``items`` may be a lazy iterable: it is drawn only as far as the pool works ahead (two chunks a worker), so a
+    stream whose items are made as it goes (a slide's tile batches once the slide is opened) flows through one pool.
+
     Examples:
         >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
     """
     stats = stats if stats is not None else PoolStats()
-    chunks = [list(items[i : i + chunk]) for i in range(0, len(items), chunk)]
-    if not chunks:
-        return
+    chunks = _chunks(items, chunk)
     if workers <= 0:
         if initializer is not None:
             initializer(*initargs)
         for part in chunks:
             yield from zip(part, _Inline(fn, part).result(), strict=True)
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if preload and "forkserver" in methods:
-        context.set_forkserver_preload(list(preload))
+    context = _context(preload)
+    first = next(chunks, None)
+    if first is None:
+        return
     pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
     try:
         ahead = max(2, 2 * workers)
         pending: deque[tuple[list[T], Any]] = deque()
-        queued = iter(chunks)
+        queued = chain([first], chunks)
         for part in queued:
             pending.append((part, pool.schedule(fn, (part,), timeout=timeout * len(part))))
             if len(pending) >= ahead:

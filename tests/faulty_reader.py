@@ -12,6 +12,8 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
+
 from medvision.data.intake import FileResult, ReadConfig, read_file
 
 
@@ -32,3 +34,22 @@ def read(path: Path, rel: str, cfg: ReadConfig) -> FileResult:
     if kind == "hang":
         time.sleep(3600)
     return read_file(path, rel, cfg)
+
+
+class TileFault:
+    """A tile transform that fails as a compiled slide decoder can: ``raise``, ``exit`` (the worker dies), ``segv``
+    or ``hang``. Set on the tile reader of a slide named ``FAULT-<kind>...`` to test the tile stream."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        if self.kind == "raise":
+            raise OSError("JPEG tile data is damaged")
+        if self.kind == "exit":
+            os._exit(3)
+        if self.kind == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self.kind == "hang":
+            time.sleep(3600)
+        return tile

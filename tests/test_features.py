@@ -169,3 +169,47 @@ def test_stain_normalisation_runs_before_the_encoder_and_is_recorded(
     assert a.attrs["preprocessing"]["stain_reference"] is None
     assert b.attrs["preprocessing"]["stain_reference"] == str(reference)
     assert np.array_equal(a.coords, b.coords) and not np.allclose(a.features, b.features, atol=1e-3)
+
+
+def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
+    slide_cohort: Path, cohort_features: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One reader pool serves the whole run: a slide whose tiles kill or hang their reader is an error row, the pool
+    replaces the worker, and the slides after it are embedded exactly as in a clean run."""
+    import faulty_reader
+
+    from medvision.tasks.score import slides as slide_scan
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    names = ["a_slide_000.svs", "b_FAULT-raise.svs", "c_FAULT-exit.svs", "d_FAULT-hang.svs", "e_slide_003.svs"]
+    sources = ["slide_000.svs", "slide_001.tif", "slide_003.svs", "slide_001.tif", "slide_003.svs"]
+    for name, source in zip(names, sources, strict=True):
+        shutil.copy(slide_cohort.parent / source, folder / name)
+    real_tiles = slide_scan.SlideScan.tiles
+
+    def faulty_tiles(self, folder_, item):
+        tiles = real_tiles(self, folder_, item)
+        if tiles is not None and "FAULT-" in item.rel:
+            tiles.reader.transform = faulty_reader.TileFault(item.rel.split("FAULT-")[1].split(".")[0])
+        return tiles
+
+    monkeypatch.setattr(slide_scan.SlideScan, "tiles", faulty_tiles)
+    monkeypatch.setattr(slide_scan, "TILE_BATCH_TIMEOUT", 5.0)
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0)
+    summary = extract_features(folder, tmp_path / "f", ENCODER, weights, slides=cfg, workers=1, batch_size=8)
+    rows = _rows(tmp_path / "f" / "features.csv")
+    assert [rows[n]["status"] for n in names] == ["ok", "error", "error", "error", "ok"]
+    assert summary.reconciled and summary.files_found == 5 and summary.exit_code == 3
+    assert "tiles could not be read (OSError: JPEG tile data is damaged)" in rows["b_FAULT-raise.svs"]["reason"]
+    assert "exited with code 3" in rows["c_FAULT-exit.svs"]["reason"]
+    assert "timed out after 5 s" in rows["d_FAULT-hang.svs"]["reason"]
+    assert not (tmp_path / "f" / feature_name("c_FAULT-exit.svs")).exists()
+    for name, source in (("a_slide_000.svs", "slide_000.svs"), ("e_slide_003.svs", "slide_003.svs")):
+        got, clean = (
+            read_features(tmp_path / "f" / feature_name(name)),
+            read_features(cohort_features / feature_name(source)),
+        )
+        assert np.array_equal(got.coords, clean.coords) and len(got.features) > 8  # several batches a slide
+        np.testing.assert_allclose(got.features, clean.features, rtol=1e-4, atol=1e-4)

@@ -22,7 +22,9 @@ from medvision.recipe import RecipeError, load_recipe
 from medvision.runs import RunError
 from medvision.tasks.evaluate import evaluate_run
 from medvision.tasks.score import score_slides
+from medvision.tasks.track import MIL_FILES
 from medvision.tasks.train import train
+from medvision.tracking import recipe_params, run_metrics
 from medvision.wsi.features import feature_name, read_features
 
 
@@ -131,12 +133,76 @@ def test_continuous_target_reports_mse_mae_r2_with_cis(slide_cohort: Path, cohor
     err = np.asarray([float(r["prediction"]) - float(r["label"]) for r in preds])
     assert pooled["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-6)
     assert json.loads((run / "mil.json").read_text())["threshold"] is None
+    tracked, tags = run_metrics(metrics)  # what tracking logs of it
+    assert tracked["cv_mae_mean"] == pytest.approx(metrics["across_folds"]["mae"]["mean"])
+    assert tracked["pooled_r2_ci_high"] == pytest.approx(pooled["r2_ci"][1]) and tracked["slides"] == 12
+    assert tags["medvision.target"] == "continuous" and "medvision.pooled_mse" in tags
     with pytest.raises(RunError, match="MIL run on cached slide features"):
         evaluate_run(run)
     tree["mil"]["head"] = "clam_sb"
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(RecipeError, match="clam_sb"):
         load_recipe(path)
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's own store
+def test_a_tracked_run_logs_each_fold_at_its_step_the_summary_and_the_run_folder(
+    slide_cohort: Path, cohort_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train --track`` into a SQLite store, TensorBoard on; read back by MLflow's client and TensorBoard's reader."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    code = main(["train", str(_recipe(tmp_path, slide_cohort, cohort_features)), "--track",
+                 "--set", f"tracking.uri={uri}", "--set", "tracking.tensorboard=true",
+                 "--set", "tracking.experiment=mil"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "mil"
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mil").experiment_id])
+    run_id, logged, tags = run.info.run_id, run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED" and run.info.run_name == "mil"
+    assert run.data.params == recipe_params(load_recipe(run_dir / "recipe.yaml"))
+    assert run.data.params["data.source"] == "slide_features" and run.data.params["mil.folds"] == "3"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    folds = metrics["folds"]
+    for key, name in (("auc", "fold_auc"), ("acc", "fold_acc"), ("balanced_acc", "fold_balanced_acc"),
+                      ("n", "fold_slides"), ("best_epoch", "fold_best_epoch")):  # fmt: skip
+        history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == [(f["fold"], pytest.approx(f[key])) for f in folds], name
+    lows = sorted(client.get_metric_history(run_id, "fold_auc_ci_low"), key=lambda m: m.step)
+    assert [m.step for m in lows] == [0, 1, 2] and lows[1].value == pytest.approx(folds[1]["auc_ci"][0])
+    across, pooled = metrics["across_folds"]["auc"], metrics["pooled"]
+    assert (logged["cv_auc_mean"], logged["cv_auc_sd"]) == pytest.approx((across["mean"], across["sd"]))
+    assert (logged["cv_auc_ci_low"], logged["cv_auc_ci_high"]) == pytest.approx(tuple(across["ci"]))
+    assert logged["cv_acc_mean"] == pytest.approx(metrics["across_folds"]["acc"]["mean"])
+    assert (logged["pooled_auc"], logged["pooled_auc_ci_low"], logged["pooled_auc_ci_high"]) == pytest.approx(
+        (pooled["auc"], *pooled["auc_ci"]))  # fmt: skip
+    assert (logged["slides"], logged["patients"], logged["folds"]) == (12, 6, 3)
+    assert not any(k.startswith(("test_", "best_val_")) for k in logged)  # no test split: the folds are the test
+    lo, hi = pooled["auc_ci"]
+    assert tags["medvision.pooled_auc"] == f"{pooled['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+    assert tags["medvision.cv_auc"].startswith(f"{across['mean']:.3f} ± {across['sd']:.3f} over 3 folds")
+    assert (tags["medvision.kind"], tags["medvision.mil_head"], tags["medvision.positive_class"]) == (
+        "mil", "abmil", "tumour")  # fmt: skip
+    assert tags["medvision.encoder_sha256"] == json.loads((run_dir / "mil.json").read_text())["encoder_sha256"]
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert names == {f for f in MIL_FILES if (run_dir / f).exists()} and "model" not in names
+    assert {"mil.json", "folds", "folds.csv", "predictions.csv", "report.html", "train.log", "run.json"} <= names
+    assert {a.path for a in client.list_artifacts(run_id, "folds")} == {
+        f"folds/fold{f}.{ext}" for f in range(3) for ext in ("safetensors", "json")}  # fmt: skip
+    for name in ("folds/fold1.safetensors", "metrics.json", "mil.json"):
+        copy = Path(client.download_artifacts(run_id, name, str(tmp_path / "download")))
+        assert copy.read_bytes() == (run_dir / name).read_bytes(), name
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("fold_auc")] == [
+        (f["fold"], pytest.approx(f["auc"], rel=1e-6)) for f in folds
+    ]
+    assert events.Scalars("final/pooled_auc")[0].value == pytest.approx(pooled["auc"], rel=1e-6)
 
 
 def test_missing_features_are_audit_errors_and_the_recipe_is_checked(
@@ -211,3 +277,17 @@ def test_score_embeds_new_slides_alike_and_writes_attention_heatmaps_and_qupath_
     save_file({k: v.contiguous() for k, v in state.items()}, other)
     with pytest.raises(RunError, match="SHA-256"):
         score_slides(folder, run, tmp_path / "again.csv", encoder_checkpoint=other)
+
+
+def test_the_interval_over_folds_is_students_t_clipped_to_the_metrics_range() -> None:
+    from scipy import stats
+
+    from medvision.tasks.mil_report import METRIC_RANGE, fold_summary
+
+    folds = [1.0, 1.0, 0.5]  # a wide spread: the raw t-interval reaches 1.37
+    got = fold_summary(folds, 0.95, METRIC_RANGE["auc"])
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(folds), scale=stats.sem(folds))
+    assert high > 1 and got["ci"] == [pytest.approx(low), 1.0] and got["sd"] == pytest.approx(np.std(folds, ddof=1))
+    assert fold_summary([0.1, 0.02, 0.4], 0.95, METRIC_RANGE["mse"])["ci"][0] == 0.0
+    one = fold_summary([0.8, float("nan")], 0.95, METRIC_RANGE["auc"])  # a fold where AUC is undefined
+    assert one["folds"] == 1 and one["mean"] == 0.8 and np.isnan(one["ci"]).all()

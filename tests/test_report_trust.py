@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from conftest import tiny_recipe
 
+from medvision.data.dataset import measure_image
 from medvision.evaluation import (
     Decision,
     SplitOutputs,
     clinical_metrics,
     fit_decision,
+    image_shift_warnings,
+    image_summary,
     judged_temperature,
     shift_warnings,
 )
-from medvision.metrics import proportion_ci
-from medvision.recipe import EvalConfig
+from medvision.metrics import mean_ci, proportion_ci
+from medvision.recipe import EvalConfig, recipe_from_dict
 from medvision.report import _at_point
 from medvision.training.loop import FitState
 
@@ -108,3 +116,114 @@ def test_a_shift_between_validation_and_test_is_a_plain_warning() -> None:
     assert any("class pneumonia is 50.0% of validation and 30.0% of test" in w for w in found)
     same = {"auc": 0.990, "auc_ci": [0.985, 0.995], "n_per_class": {"normal": 480, "pneumonia": 520}}
     assert shift_warnings(val, same, "image") == []
+
+
+def test_t_interval_of_a_mean_matches_scipy() -> None:
+    from scipy.stats import ttest_1samp
+
+    x = np.random.default_rng(0).normal(0.4, 0.1, 37)
+    ref = ttest_1samp(x, 0.0).confidence_interval(0.9)
+    assert mean_ci(x, 0.9) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert mean_ci(np.full(5, 28.0)) == (28.0, 28.0)
+    assert all(math.isnan(v) for v in mean_ci(np.array([0.5])))
+
+
+def _images(n: int, intensity: tuple[float, float], size: float = 64.0, size_sd: float = 0.0,
+            seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    side = np.round(rng.normal(size, size_sd, n)) if size_sd else np.full(n, size)
+    return {"mean_intensity": rng.normal(*intensity, n), "height": side, "width": side.copy()}
+
+
+def _shifts(val: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> list[str]:
+    return image_shift_warnings(image_summary(val), image_summary(test))
+
+
+def test_darker_test_images_are_a_shift_that_names_the_measure() -> None:
+    found = _shifts(_images(300, (0.512, 0.06)), _images(300, (0.431, 0.06), seed=1))
+    assert len(found) == 1 and found[0].startswith("shift, images: mean intensity 0.5")
+    assert "on validation vs 0.4" in found[0] and "beyond their 95% CIs" in found[0] and "darker" in found[0]
+
+
+def test_the_same_distribution_is_no_shift() -> None:
+    assert _shifts(_images(300, (0.5, 0.1), 512, 40), _images(300, (0.5, 0.1), 512, 40, seed=1)) == []
+
+
+def test_a_difference_of_a_hundredth_of_an_sd_in_10000_images_is_no_shift() -> None:
+    val, test = _images(10_000, (0.5, 0.1)), _images(10_000, (0.5, 0.1), seed=1)
+    test["mean_intensity"] = val["mean_intensity"] + 0.001  # 1% of the SD
+    assert _shifts(val, test) == []
+    test["mean_intensity"] = val["mean_intensity"] + 0.005  # the CIs part at 5% of an SD, but it is not material
+    a, b = image_summary(val)["mean_intensity"]["ci"], image_summary(test)["mean_intensity"]["ci"]
+    assert a[1] < b[0] and _shifts(val, test) == []
+    flat = {**val, "mean_intensity": np.random.default_rng(2).normal(0.5, 0.0005, 10_000)}
+    assert _shifts(flat, {**flat, "mean_intensity": flat["mean_intensity"] + 0.005}) == []  # d 10, under 0.01
+
+
+def test_constant_sizes_never_warn_and_different_sizes_do() -> None:
+    assert _shifts(_images(500, (0.5, 0.1)), _images(40, (0.5, 0.1), seed=1)) == []  # MedMNIST: all 64 x 64
+    assert _shifts(_images(500, (0.5, 0.1), 512), _images(500, (0.5, 0.1), 511, seed=1)) == []  # a 1 px crop
+    found = _shifts(_images(200, (0.5, 0.1), 64), _images(200, (0.5, 0.1), 96, seed=1))
+    assert [w.split(" 64")[0] for w in found] == ["shift, images: height", "shift, images: width"]
+    assert "64 px (64–64) on validation vs 96 px (96–96) on test" in found[0] and "larger" in found[0]
+    found = _shifts(_images(200, (0.5, 0.1), 512, 40), _images(200, (0.5, 0.1), 420, 40, seed=1))
+    assert len(found) == 2 and "Cohen's d -2." in found[0] and "smaller" in found[0]
+
+
+def test_a_patients_images_count_once_for_the_image_shift() -> None:
+    rng = np.random.default_rng(0)
+    patients = [f"p{i}" for i in range(4) for _ in range(50)]
+
+    def split(means: list[float]) -> dict[str, np.ndarray]:  # 4 patients (scanners, stains), 50 images each
+        return {**_images(200, (0.0, 0.01)), "mean_intensity": np.repeat(means, 50) + rng.normal(0, 0.01, 200)}
+
+    val, test = split([0.47, 0.52, 0.57, 0.62]), split([0.44, 0.49, 0.54, 0.59])
+    assert len(_shifts(val, test)) == 1  # 200 independent images each would be a shift
+    grouped = image_summary(val, 0.95, patients), image_summary(test, 0.95, patients)
+    assert grouped[0]["mean_intensity"]["n"] == 4 and grouped[0]["mean_intensity"]["images"] == 200
+    assert image_shift_warnings(*grouped) == []  # 4 patients each are not
+    test = split([0.24, 0.29, 0.34, 0.39])
+    assert "(means of 4 and 4 patients, Cohen's d" in image_shift_warnings(
+        grouped[0], image_summary(test, 0.95, patients))[0]  # fmt: skip
+
+
+def test_image_measures_are_on_the_0_1_scale_before_resizing() -> None:
+    grey16 = np.full((30, 40), 65535 // 4, np.uint16)
+    assert measure_image(grey16, "dtype") == pytest.approx({"mean_intensity": 0.25, "height": 30, "width": 40},
+                                                           abs=1e-4)  # fmt: skip
+    rgba = np.zeros((8, 6, 4), np.uint8)
+    rgba[..., 3] = 255  # alpha is not intensity
+    assert measure_image(rgba, "dtype") == {"mean_intensity": 0.0, "height": 8, "width": 6}
+
+
+def test_darker_larger_test_images_warn_in_metrics_log_and_report(tiles_manifest: Path, tmp_path: Path) -> None:
+    from medvision.tasks.train import train
+
+    with tiles_manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    (tmp_path / "test").mkdir()
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "patient_id", "split"])
+        for row in rows:
+            p = int(row["patient_id"][1:])
+            split, path = ("train" if p < 6 else "val" if p < 9 else "test"), tiles_manifest.parent / row["path"]
+            if split == "test":  # another scanner: darker, and 96 px instead of 64
+                image = cv2.imread(str(path))
+                path = tmp_path / "test" / path.name
+                cv2.imwrite(str(path), cv2.resize((image * 0.6).astype(np.uint8), (96, 96)))
+            writer.writerow([str(path), row["label"], row["patient_id"], split])
+    phases = [{"name": "head", "epochs": 1, "trainable": "head", "lr": 1e-2}]
+    run = train(recipe_from_dict(tiny_recipe(manifest, tmp_path / "runs", phases=phases)))
+    metrics = json.loads((run / "metrics.json").read_text())
+    shifts = [w for w in metrics["image"]["test"]["warnings"] if w.startswith("shift, images")]
+    assert [w.split(" ")[2] for w in shifts] == ["mean", "height", "width"]
+    assert "on validation vs 96 px (96–96) on test" in shifts[1]
+    stats = metrics["image"]["val"]["image_stats"]
+    assert stats["height"]["mean"] == 64 and stats["mean_intensity"]["images"] == 18  # of 3 patients
+    assert stats["mean_intensity"]["n"] == 3 and "means of 3 and 3 patients" in shifts[0]
+    assert metrics["image"]["test"]["image_stats"]["mean_intensity"]["mean"] < stats["mean_intensity"]["mean"] - 0.1
+    log, html = (run / "train.log").read_text(), (run / "report.html").read_text()
+    for warning in shifts:
+        assert warning in log and warning.split(";")[0] in html

@@ -41,7 +41,7 @@ from medvision.runtime import Dist  # noqa: E402
 from medvision.tasks.benchmark.labels import label_benchmark  # noqa: E402
 from medvision.tasks.pretrain import pretrain  # noqa: E402
 from medvision.tasks.track import log_trained_run  # noqa: E402
-from medvision.tracking import Tracker, TrackingError, default_uri, recipe_params  # noqa: E402
+from medvision.tracking import Tracker, TrackingError, default_uri, recipe_params, tracked  # noqa: E402
 from medvision.training.build import split_dataset  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's store
@@ -142,6 +142,10 @@ def test_final_metrics_carry_their_confidence_intervals(tracked_run: Tracked) ->
     assert logged["test_loss"] == pytest.approx(metrics["test"]["loss"])
     assert logged["best_val_auc"] == pytest.approx(metrics["image"]["val"]["auc"])  # not mixed into val_auc's epochs
     assert logged["best_epoch"] == metrics["best_epoch"]
+    # the run's time is its own metric, not a last point on the epochs' "seconds" series
+    assert logged["run_seconds"] == pytest.approx(metrics["seconds"])
+    epochs = tracked_run.client.get_metric_history(tracked_run.run.info.run_id, "seconds")
+    assert sorted(m.step for m in epochs) == [h["epoch"] for h in metrics["history"]]
     lo, hi = test["auc_ci"]
     assert tags["medvision.test_auc"] == f"{test['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
     assert tags["medvision.kind"] == "train" and tags["medvision.run_dir"] == str(tracked_run.run_dir)
@@ -236,6 +240,21 @@ def test_tracking_section_is_strict_and_off_by_default(tiles_manifest: Path, tmp
     with pytest.raises(RecipeError, match=r"tracking\.mlfow: unknown key; did you mean 'mlflow'"):
         recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path), overrides=["tracking.mlfow=true"])
     assert default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_mlflow_tracking_uri_from_the_environment_is_the_default(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'env-store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs"), overrides=["tracking.mlflow=true"])
+    with tracked(tmp_path / "runs" / "tiny", recipe) as tracker:
+        assert tracker.uri == uri
+    run = MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and not (tmp_path / "runs" / "mlflow.db").exists()
+    given = recipe.changed({"tracking.uri": f"sqlite:///{tmp_path / 'given.db'}"})
+    with tracked(tmp_path / "runs" / "tiny", given) as tracker:  # the recipe's uri wins over the environment
+        assert tracker.uri == given.tracking.uri
 
 
 def test_a_missing_package_or_a_bad_uri_names_the_fix(

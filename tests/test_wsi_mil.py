@@ -181,6 +181,14 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         load_mil(corrupt)
     with pytest.raises(ValueError, match="JSON"):
         save_mil(ABMIL(4, 2), tmp_path / "m.safetensors", meta={"bad": object()})
+    # a caller that reads class probabilities refuses a regression head (or another class count) by name
+    save_mil(ABMIL(4, 1), tmp_path / "regression.safetensors", meta={})
+    assert load_mil(tmp_path / "regression.safetensors", 1)[0].num_classes == 1
+    with pytest.raises(ValueError, match=r"regression\.safetensors.*regression head.*classifier of 2 classes"):
+        load_mil(tmp_path / "regression.safetensors", 2)
+    save_mil(ABMIL(4, 3), tmp_path / "three.safetensors", meta={})
+    with pytest.raises(ValueError, match="a head of 3 classes: expected a classifier of 2"):
+        load_mil(tmp_path / "three.safetensors", 2)
 
 
 def test_input_errors_name_the_value(data: dict[str, Split]) -> None:

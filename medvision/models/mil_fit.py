@@ -367,8 +367,12 @@ def save_mil(model: MILHead, path: Path, meta: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
-def load_mil(path: Path) -> tuple[MILHead, dict[str, Any]]:
-    """Rebuilds a head written by :func:`save_mil`, in eval mode, and returns it with its ``meta`` dict."""
+def load_mil(path: Path, num_classes: int | None = None) -> tuple[MILHead, dict[str, Any]]:
+    """Rebuilds a head written by :func:`save_mil`, in eval mode, and returns it with its ``meta`` dict.
+
+    ``num_classes``: what the caller will read from its logits (softmax over that many classes); a head with
+    another output (a regression head's single value) is refused rather than turned into probabilities.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no MIL head file at {str(path)!r}")
@@ -388,4 +392,8 @@ def load_mil(path: Path) -> tuple[MILHead, dict[str, Any]]:
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{str(path)!r} does not hold a consistent {kind} head: {exc}") from exc
+    if num_classes is not None and model.num_classes != num_classes:
+        what = "a regression head (one continuous output)" if model.num_classes == 1 else \
+            f"a head of {model.num_classes} classes"  # fmt: skip
+        raise ValueError(f"{str(path)!r} holds {what}: expected a classifier of {num_classes} classes")
     return model.eval(), meta

@@ -14,8 +14,10 @@ the same ``--out`` resumes after the last finished slide. ``DIR/features.json`` 
 checkpoint's SHA-256, the tiling and preprocessing, the precision and the counts; a second run into the same
 folder must use the same encoder, weights and tiling, so one folder never mixes two feature spaces.
 
-Tiles are read by DataLoader workers (uint8, stain-normalised when a reference is given) while the encoder
-runs; the encoder resizes and normalises them itself (:class:`~medvision.models.encoders.PatchEncoder`).
+Tiles are read (uint8, stain-normalised when a reference is given) by one pool of reader processes for the
+whole run, which works ahead across slides while the encoder runs
+(:meth:`~medvision.tasks.score.slides.SlideScan.stream`); the encoder resizes and normalises them itself
+(:class:`~medvision.models.encoders.PatchEncoder`).
 
 Examples:
     >>> extract_features(Path("/data/slides"), Path("feats/uni"), "uni", "/models/uni/pytorch_model.bin").line()
@@ -35,7 +37,15 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
-from medvision.tasks.score.slides import SLIDE_TIMEOUT, PlannedSlide, RawTiles, SlideScan
+from medvision.tasks.score.slides import (
+    SLIDE_TIMEOUT,
+    WORKER_PRELOAD,
+    PlannedSlide,
+    SlideBatches,
+    SlideScan,
+    SlideTiles,
+)
+from medvision.workers import start_forkserver
 from medvision.wsi.features import feature_name, write_features
 
 TABLE, RECORD = "features.csv", "features.json"
@@ -54,6 +64,8 @@ def preprocessing(encoder: PatchEncoder, cfg: SlidesConfig, amp: str) -> dict[st
 class FeatureUnit(SlideScan):
     """Slides to tiles to one feature file and one row a slide (see the module docstring)."""
 
+    drawn = False  # no heatmap or GeoJSON: planning skips the thumbnail and the tissue contours
+
     def __init__(self, encoder: PatchEncoder, sha256: str, cfg: SlidesConfig, out_dir: Path, device: torch.device,
                  amp: str, workers: int, timeout: float, batch_size: int) -> None:  # fmt: skip
         super().__init__(cfg, workers, timeout)
@@ -62,14 +74,10 @@ class FeatureUnit(SlideScan):
         self.columns = COLUMNS
         self.settings = preprocessing(encoder, cfg, amp)
 
-    def process(self, folder: Path, item: PlannedSlide) -> None:
-        tiles = self.tiles(folder, item)
-        if tiles is None:
-            return
+    def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
         assert item.info is not None
         cfg, grid = self.cfg, tiles.grid
-        loader = self.loader(RawTiles(tiles.reader), self.batch_size, self.device.type == "cuda")
-        feats = self.encoder.embed(loader, self.device, self.amp)
+        feats = self.encoder.embed(batches, self.device, self.amp)
         attrs = {"slide": item.rel, "encoder": self.encoder.spec.name, "encoder_sha256": self.sha256,
                  "tile_size": cfg.tile_size, "target_mpp": cfg.target_mpp, "mpp": float(grid.mpp),
                  "mpp_source": str(item.info["mpp_source"]), "tissue_mm2": float(grid.tissue_area_mm2),
@@ -119,11 +127,13 @@ def extract_features(
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
     d, device = setup("auto")
+    n_workers = 1 if workers is None else workers
+    if n_workers:
+        start_forkserver(WORKER_PRELOAD)  # its start-up overlaps with loading the encoder
     net, sha = load_encoder(encoder, checkpoint)
     spec = net.spec
     cfg = slides or SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5)
     precision = resolve_amp(amp, device)
-    n_workers = 1 if workers is None else workers
     out_dir.mkdir(parents=True, exist_ok=True)
     unit = FeatureUnit(net, sha, cfg, out_dir, device, precision, n_workers, slide_timeout, batch_size)
     record = {"encoder": spec.name, "encoder_sha256": sha, "encoder_source": spec.source, "dim": net.dim,

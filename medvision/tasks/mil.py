@@ -14,7 +14,9 @@ fold, so every run is a k-fold cross-validation grouped by patient
 (checked by SHA-256) and averages the k fold heads' probabilities and attention (:mod:`medvision.tasks.score.mil`).
 The run folder: ``recipe.yaml``, ``run.json``, ``mil.json`` (what scoring needs), ``folds.csv`` (each slide's
 patient and fold), ``folds/``, ``predictions.csv`` (out-of-fold), ``metrics.json``, ``report.md``/``.html``,
-``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds.
+``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds. With ``tracking.mlflow`` (``--track``) or
+``tracking.tensorboard`` on, the run is tracked: every fold's metrics at its index as the step, the summary over
+the folds, and the run folder's files (:func:`medvision.tasks.track.log_mil_run`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from medvision.report import write_json
 from medvision.runs import RunError, run_log, versions
 from medvision.runtime import setup
 from medvision.tasks.mil_report import cv_metrics, metrics_positive, write_cv_report
+from medvision.tasks.track import log_mil_run
+from medvision.tracking import Tracker
 
 log = logging.getLogger("medvision")
 
@@ -81,8 +85,9 @@ def _fold(cohort: FeatureCohort, folds: np.ndarray, f: int, recipe: Recipe) -> t
     return head, record
 
 
-def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Cross-validates the recipe's MIL head on its slides' cached features; see the module docstring.
+def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, parent: Tracker | None = None) -> Path:
+    """Cross-validates the recipe's MIL head on its slides' cached features; see the module docstring. With
+    ``recipe.tracking`` on, the run is tracked (a child run of ``parent``, see :mod:`medvision.tracking`).
 
     Examples:
         >>> run = train_mil(load_recipe("recipes/slides_uni_abmil.yaml"))
@@ -99,7 +104,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
         raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                        "replace it, or --set name=<new name>")  # fmt: skip
-    with run_log(run_dir, d):
+    with run_log(run_dir, d, recipe, parent, kind="mil") as tracker:
         if not resume:
             for stale in RESULTS:
                 (run_dir / stale).unlink(missing_ok=True)
@@ -133,31 +138,33 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
             log.info("fold %d: %d test slides, best epoch %d, %.1f s", f, len(record["test"]), record["best_epoch"],
                      record["seconds"])  # fmt: skip
         metrics = cv_metrics(cohort, folds, records, recipe.evaluation)
-        threshold = _threshold(cohort, folds, records, metrics)
-        _write_predictions(run_dir / "predictions.csv", cohort, folds, records)
+        oof = _oof(cohort, records)
+        threshold = _threshold(cohort, oof, metrics)
+        _write_predictions(run_dir / "predictions.csv", cohort, folds, oof)
         write_json(run_dir / "metrics.json", metrics)
         spec = _scoring_record(recipe, cohort, k, threshold)
         write_json(run_dir / MIL_RUN, spec)
         write_json(run_dir / "run.json", {"kind": "mil", "versions": versions(), "classes": cohort.classes,
                                           "target": recipe.data.target, "folds": k, "head": recipe.mil.head,
                                           "extraction": cohort.extraction})  # fmt: skip
-        write_cv_report(run_dir, recipe, cohort, metrics, spec)
+        write_cv_report(run_dir, recipe, cohort, metrics, spec, oof)
+        log_mil_run(tracker, run_dir)
     return run_dir
 
 
-def _oof(cohort: FeatureCohort, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each slide's out-of-fold prediction, by slide path."""
-    return {rel: p for r in records for rel, p in zip(r["test"], r["predictions"], strict=True)}
+def _oof(cohort: FeatureCohort, records: list[dict[str, Any]]) -> np.ndarray:
+    """Each slide's out-of-fold prediction in the cohort's slide order: (slides, classes) probabilities, or
+    (slides,) values for a continuous target."""
+    by_slide = {rel: p for r in records for rel, p in zip(r["test"], r["predictions"], strict=True)}
+    return np.asarray([by_slide[rel] for rel in cohort.slides], np.float64)
 
 
-def _threshold(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str, Any]],
-               metrics: dict[str, Any]) -> float | None:  # fmt: skip
+def _threshold(cohort: FeatureCohort, oof: np.ndarray, metrics: dict[str, Any]) -> float | None:
     """The Youden threshold of the pooled out-of-fold probabilities (binary classes), for score's 0/1 call."""
     positive = metrics.get("positive_index")
     if cohort.classes is None or positive is None:
         return None
-    oof = _oof(cohort, records)
-    p = np.asarray([oof[s][positive] for s in cohort.slides])
+    p = oof[:, positive]
     y = (cohort.labels == positive).astype(np.int64)
     if len(set(y.tolist())) < 2:
         return None
@@ -183,17 +190,15 @@ def _write_folds(path: Path, cohort: FeatureCohort, folds: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _write_predictions(path: Path, cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str, Any]]) -> None:
-    oof = _oof(cohort, records)
+def _write_predictions(path: Path, cohort: FeatureCohort, folds: np.ndarray, oof: np.ndarray) -> None:
     cols = ["prediction"] if cohort.classes is None else [f"prob_{c}" for c in cohort.classes]
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["slide_path", "patient_id", "fold", "label", *cols])
-            for rel, pat, y, f in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
-                                      strict=True):  # fmt: skip
-                p = oof[rel]
+            for rel, pat, y, f, p in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
+                                         oof.tolist(), strict=True):  # fmt: skip
                 vals = [f"{p:.9g}"] if cohort.classes is None else [f"{v:.6f}" for v in p]
                 w.writerow([rel, pat, f, y if cohort.classes is None else cohort.classes[int(y)], *vals])
 

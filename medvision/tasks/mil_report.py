@@ -5,7 +5,7 @@ patient):
 
 - every fold: its metrics with stratified bootstrap CIs (few slides a fold: the CIs are wide, and say so);
 - across folds: the mean ± SD of each fold metric (how much the result depends on the split), with a
-  t-interval of the mean over the k folds;
+  t-interval of the mean over the k folds, clipped to the metric's range (:func:`fold_summary`);
 - pooled: the metric of all out-of-fold predictions together, with its bootstrap CI.
 
 Classes: AUC (one-vs-rest macro for more than two), accuracy and balanced accuracy. A continuous target:
@@ -14,7 +14,6 @@ MSE, MAE and R², resampled without stratification.
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from collections.abc import Callable
@@ -57,6 +56,27 @@ def metric_functions(continuous: bool) -> dict[str, Callable[[np.ndarray, np.nda
     return {"auc": compute_auc, "acc": compute_accuracy, "balanced_acc": _balanced}
 
 
+#: The range each metric can take: a t-interval of the fold mean is clipped to it (an AUC interval never
+#: reaches past 1, an MSE interval never below 0).
+METRIC_RANGE = {"auc": (0.0, 1.0), "acc": (0.0, 1.0), "balanced_acc": (0.0, 1.0), "mse": (0.0, math.inf),
+                "mae": (0.0, math.inf), "r2": (-math.inf, 1.0)}  # fmt: skip
+
+
+def fold_summary(values: list[float], level: float, bounds: tuple[float, float]) -> dict[str, Any]:
+    """Mean, SD and the t-interval of the mean of one metric over the folds where it is defined, the interval
+    clipped to ``bounds`` (the metric's range); NaN with fewer than two folds."""
+    vals = np.asarray(values, np.float64)
+    vals = vals[np.isfinite(vals)]
+    if len(vals) == 0:
+        return {"mean": math.nan, "sd": math.nan, "ci": [math.nan, math.nan], "folds": 0}
+    mean, sd = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    if len(vals) < 2:
+        return {"mean": mean, "sd": sd, "ci": [math.nan, math.nan], "folds": 1}
+    half = float(stats.t.ppf(0.5 + level / 2, len(vals) - 1) * sd / math.sqrt(len(vals)))
+    return {"mean": mean, "sd": sd, "ci": [max(bounds[0], mean - half), min(bounds[1], mean + half)],
+            "folds": len(vals)}  # fmt: skip
+
+
 def _with_cis(y: np.ndarray, p: np.ndarray, continuous: bool, cfg: EvalConfig, seed: int) -> dict[str, Any]:
     fns = metric_functions(continuous)
     with warnings.catch_warnings():
@@ -88,15 +108,7 @@ def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str,
     pooled = _with_cis(y, p, continuous, cfg, cfg.bootstrap_seed)
     across: dict[str, Any] = {}
     for name in metric_functions(continuous):
-        vals = np.asarray([r[name] for r in per_fold], np.float64)
-        vals = vals[np.isfinite(vals)]
-        if len(vals) == 0:
-            across[name] = {"mean": math.nan, "sd": math.nan, "ci": [math.nan, math.nan], "folds": 0}
-            continue
-        mean, sd = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        half = float(stats.t.ppf(0.5 + cfg.ci_level / 2, len(vals) - 1) * sd / math.sqrt(len(vals))) \
-            if len(vals) > 1 else math.nan  # fmt: skip
-        across[name] = {"mean": mean, "sd": sd, "ci": [mean - half, mean + half], "folds": len(vals)}
+        across[name] = fold_summary([r[name] for r in per_fold], cfg.ci_level, METRIC_RANGE[name])
     return {"target": "continuous" if continuous else "class", "classes": cohort.classes, "folds": per_fold,
             "across_folds": across, "pooled": pooled, "slides": len(cohort.slides),
             "patients": len(set(cohort.patients)), "ci_level": cfg.ci_level, "bootstrap": cfg.bootstrap,
@@ -113,8 +125,9 @@ def _ci(row: dict[str, Any], name: str) -> str:
 
 
 def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metrics: dict[str, Any],
-                    spec: dict[str, Any]) -> None:  # fmt: skip
-    """``report.md`` and the self-contained ``report.html`` of a cross-validated MIL run."""
+                    spec: dict[str, Any], oof: np.ndarray) -> None:  # fmt: skip
+    """``report.md`` and the self-contained ``report.html`` of a cross-validated MIL run; ``oof`` holds each
+    slide's out-of-fold probabilities in the cohort's slide order (what ``predictions.csv`` holds), for the ROC."""
     names = list(metric_functions(cohort.continuous))
     level = f"{metrics['ci_level']:.0%}"
     ext = cohort.extraction
@@ -145,15 +158,10 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
                      "probabilities: chosen on these same slides, so its sensitivity and specificity here are "
                      "optimistic; check them on new slides.")  # fmt: skip
     blocks += [("h2", "How to read this"), ("ul", notes)]
-    if not cohort.continuous and cohort.classes is not None and metrics["pooled"]["n"] > 1:
-        with (run_dir / "predictions.csv").open(newline="") as fh:
-            rows_p = list(csv.DictReader(fh))
-        y = np.asarray([cohort.classes.index(r["label"]) for r in rows_p])
-        p = np.asarray([[float(r[f"prob_{c}"]) for c in cohort.classes] for r in rows_p])
-        if len(set(y.tolist())) > 1:
-            (run_dir / "plots").mkdir(exist_ok=True)
-            plot_roc(run_dir / "plots" / "roc_oof.png", y, p, cohort.classes)
-            blocks.append(("img", ("plots/roc_oof.png", "ROC of the pooled out-of-fold predictions, with its "
-                                                        "bootstrap band")))  # fmt: skip
+    if cohort.classes is not None and metrics["pooled"]["n"] > 1 and len(set(cohort.labels.tolist())) > 1:
+        (run_dir / "plots").mkdir(exist_ok=True)
+        plot_roc(run_dir / "plots" / "roc_oof.png", cohort.labels, oof, cohort.classes)
+        blocks.append(("img", ("plots/roc_oof.png", "ROC of the pooled out-of-fold predictions, with its "
+                                                    "bootstrap band")))  # fmt: skip
     (run_dir / "report.md").write_text(to_markdown(blocks))
     (run_dir / "report.html").write_text(to_html(blocks, run_dir))

@@ -1,10 +1,12 @@
-"""What a finished ``train`` or ``pretrain`` run hands to experiment tracking (:mod:`medvision.tracking`).
+"""What a finished ``train``, cross-validated MIL or ``pretrain`` run hands to experiment tracking
+(:mod:`medvision.tracking`).
 
 The run log starts the tracker and feeds it the epochs; these functions, called by the tasks once
 the run folder is complete, log the final metrics, the folder's files and the model. The model of a
 ``train`` run is its ONNX export (:func:`medvision.tasks.export.export_run`, written to
 ``RUN/export/model.onnx`` and checked against PyTorch on the run's test images), logged as an MLflow
 model whose pyfunc maps the raw NCHW batch to calibrated probabilities, as ``medvision score`` does.
+A MIL run logs no model (see :func:`log_mil_run`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from medvision.io.files import sha256
 from medvision.recipe import Recipe
 from medvision.runs import read_json, read_metrics_json, read_run_json
 from medvision.tasks.export import export_run
-from medvision.tracking import Tracker, run_metrics, tracked
+from medvision.tracking import Tracker, flat_metrics, run_metrics, tracked
 
 log = logging.getLogger("medvision")
 
 TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "predictions.csv", "report.html", "report.md",
                "data_audit.csv", "train.log", "plots")  # fmt: skip
 PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
+MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "predictions.csv", "folds.csv", "report.html",
+             "report.md", "data_audit.csv", "train.log", "plots", "folds")  # fmt: skip
+"""A MIL run's files (:mod:`medvision.tasks.mil`): ``mil.json`` is its scoring record, ``folds/`` the fold heads."""
 
 
 def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
@@ -45,6 +50,34 @@ def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
             log.warning("tracking: the model is not logged: its ONNX export failed (%s: %s)", type(err).__name__,
                         str(err).splitlines()[0] if str(err) else "")  # fmt: skip
     tracker.finish(run_dir, metrics, tags, [run_dir / f for f in TRAIN_FILES], model, model_meta)
+
+
+def log_mil_run(tracker: Tracker, run_dir: Path) -> None:
+    """A finished cross-validated MIL run (``data.source: slide_features``): each fold's metrics with their CIs
+    at the fold's index as the step (``fold_auc``, ``fold_auc_ci_low``, ``fold_acc``, ... or ``fold_mae``,
+    ``fold_mse``, ``fold_r2``; ``fold_slides``, ``fold_patients``, ``fold_best_epoch``, ``fold_seconds``), the
+    summary over the folds and the pooled out-of-fold metrics as final metrics and tags (:func:`run_metrics`),
+    and its files: the fold heads (``folds/``) and the scoring record ``mil.json`` among them.
+
+    No MLflow model: a fold head maps a slide's bag of tile features, not an image, to its prediction, and
+    scoring a new slide needs the encoder that made the features (named, with its SHA-256, in ``mil.json``)
+    and all k heads; ``medvision score SLIDES --model RUN`` does that from the run folder.
+    """
+    if not tracker.active:
+        return
+    record = read_metrics_json(run_dir)
+    for row in record.get("folds") or []:
+        fold = flat_metrics({**row, "slides": row.get("n")}, "fold", skip=["fold", "n"])
+        tracker.log_metrics(fold, step=int(row["fold"]))
+    metrics, tags = run_metrics(record)
+    meta = read_json(run_dir / "run.json", "run.json")
+    extraction = meta.get("extraction") or {}
+    tags = {**tags, "medvision.mil_head": str(meta.get("head", "")),
+            "medvision.encoder": str(extraction.get("encoder", "")),
+            "medvision.encoder_sha256": str(extraction.get("encoder_sha256", ""))}  # fmt: skip
+    if meta.get("classes"):
+        tags["medvision.classes"] = ",".join(meta["classes"])
+    tracker.finish(run_dir, metrics, tags, [run_dir / f for f in MIL_FILES])
 
 
 def checked_onnx(run_dir: Path) -> Path:
@@ -71,7 +104,7 @@ def log_pretrained_run(tracker: Tracker, run_dir: Path) -> None:
     history: list[dict[str, Any]] = record.get("history") or []
     last = history[-1] if history else {}
     metrics = {f"final_{k}": v for k, v in last.items() if k in ("train_loss", "knn_acc")}
-    metrics["seconds"] = record.get("seconds")
+    metrics["run_seconds"] = record.get("seconds")
     first = history[0].get("knn_acc") if history else None
     if first is not None:
         metrics["start_knn_acc"] = first

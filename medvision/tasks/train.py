@@ -67,7 +67,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, parent:
     if recipe.data.source == "slide_features":  # a MIL head on cached tile features, cross-validated
         from medvision.tasks.mil import train_mil
 
-        return train_mil(recipe, resume=resume, overwrite=overwrite)
+        return train_mil(recipe, resume=resume, overwrite=overwrite, parent=parent)
     d, device = setup(recipe.train.device)
     run_dir = Path(recipe.output_dir) / recipe.name
     if recipe.train.protocol == "finetune" and not recipe.train.phases:

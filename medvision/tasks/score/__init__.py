@@ -33,6 +33,8 @@ from medvision.tasks.score.job import (
 )
 from medvision.tasks.score.mil import is_mil_run, score_mil_slides
 from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SLIDE_TIMEOUT, SlideUnit
+from medvision.tasks.score.slides import WORKER_PRELOAD as SLIDE_PRELOAD
+from medvision.workers import start_forkserver
 
 __all__ = [
     "EXIT_FILE_ERRORS", "EXIT_MODEL", "EXIT_NO_IMAGES", "EXIT_OK", "FILE_TIMEOUT", "SLIDE_TIMEOUT", "ScoreSummary",
@@ -81,6 +83,8 @@ def score_slides(
     """Scores every slide under ``folder`` with a slide-trained run; see :mod:`~medvision.tasks.score.slides`,
     and :mod:`~medvision.tasks.score.mil` for a run trained on cached features (``encoder_checkpoint``: its
     encoder's weights, default ``$MEDVISION_ENCODER_<NAME>``)."""
+    if workers != 0:
+        start_forkserver(SLIDE_PRELOAD)  # its start-up overlaps with loading the model
     if is_mil_run(model):
         if engine != "torch" or amp != "none":
             raise RunError("a run trained on cached features scores with its encoder in PyTorch at the precision "

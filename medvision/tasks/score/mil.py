@@ -31,9 +31,10 @@ from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_unit
 from medvision.tasks.score.slides import (
     SLIDE_TIMEOUT,
     PlannedSlide,
-    RawTiles,
+    SlideBatches,
     SlideOutputs,
     SlideScan,
+    SlideTiles,
     attention_measure,
 )
 
@@ -60,13 +61,9 @@ class FeatureMILUnit(SlideScan):
         self.columns = ["path", "status", "reason", *outputs, *calls, "tiles", "tissue_mm2", "mpp", "mpp_source",
                         "target_mpp", "level"]  # fmt: skip
 
-    def process(self, folder: Path, item: PlannedSlide) -> None:
-        tiles = self.tiles(folder, item)
-        if tiles is None:
-            return
+    def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
         assert item.info is not None
-        loader = self.loader(RawTiles(tiles.reader), self.batch_size, self.device.type == "cuda")
-        bag = self.encoder.embed(loader, self.device, self.spec.get("precision", "none"))
+        bag = self.encoder.embed(batches, self.device, self.spec.get("precision", "none"))
         outs, attention = [], []
         for head in self.heads:
             logits, weights = predict_mil(head, [bag])

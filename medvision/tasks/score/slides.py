@@ -12,9 +12,11 @@ Every entry under the folder is one row:
 A slide is a file with a slide suffix (``.svs``, ``.ndpi``, ``.mrxs``, ``.tif``, ...) or a folder of DICOM
 instances (a DICOM WSI series; not searched further). Opening a slide and finding its tissue run in an
 isolated worker process (:mod:`medvision.workers`), so a reader that segfaults or hangs on one file costs
-that slide only; its tiles are then read by DataLoader workers with a timeout, preprocessed by
-:func:`medvision.data.intake.preprocess` (the same function as for files) and scored by the engine, TTA
-and the MIL head's features included.
+that slide only. Its tiles then join one stream of tile batches for the whole run (:meth:`SlideScan.stream`):
+one pool of reader processes, started once, reads ahead across slide boundaries while the model works, so
+the model never waits for a new slide's first batch. A batch whose reader raises, crashes or hangs costs its
+slide only. Tiles are preprocessed in the readers by :func:`medvision.data.intake.preprocess` (the same
+function as for files) and scored by the engine, TTA and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
 tissue fraction, probabilities) and ``<out>.heatmaps/<slide>.png``. A slide's tile file and heatmap are
@@ -24,16 +26,19 @@ but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medvision.data.intake import preprocess
@@ -48,14 +53,14 @@ from medvision.models.slide_head import MIL_FILE
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
-from medvision.workers import Failure, PoolStats
+from medvision.workers import Failure, PoolStats, isolated_map
 from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
 from medvision.wsi.source import plan_slide, stain_transform
 from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, grid_to_json, subsample
 
-#: Seconds one slide may take to open and find its tissue, and one batch of tiles to be read.
+#: Seconds one slide may take to open and find its tissue, and one batch of its tiles to be read.
 SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
 THUMBNAIL = 1024
 ABMIL_NEEDS_TORCH = "this run aggregates tiles with its ABMIL head, which needs tile features: use --engine torch"
@@ -94,20 +99,24 @@ def find_slides(folder: Path) -> list[Entry]:
 _PLAN: dict[str, Any] = {}
 
 
-def _init_planner(root: str, slides: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    _PLAN.update(root=Path(root), cfg=SlidesConfig.model_validate(slides))
+def _init_planner(root: str, slides: dict[str, Any], drawn: bool) -> None:
+    if multiprocessing.parent_process() is not None:  # a worker, not the in-process (workers=0) path
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+    _PLAN.update(root=Path(root), cfg=SlidesConfig.model_validate(slides), drawn=drawn)
 
 
 def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
-    """Opens each slide and finds its tissue; an error of any kind is that slide's reason, as a string."""
+    """Opens each slide and finds its tissue (and, for a unit that draws the slide, its thumbnail and tissue
+    contours); an error of any kind is that slide's reason, as a string."""
     out: list[dict[str, Any] | str] = []
     for rel in rels:
         try:
             slide, grid = plan_slide(_PLAN["root"] / rel, _PLAN["cfg"])
             try:
-                thumb = slide.thumbnail(THUMBNAIL)
-                tissue = tissue_polygons(grid.mask, grid.mask_scale) if grid.mask is not None else []
+                drawn = _PLAN["drawn"]
+                thumb = slide.thumbnail(THUMBNAIL) if drawn else None
+                tissue = tissue_polygons(grid.mask, grid.mask_scale) if drawn and grid.mask is not None else []
                 info = {"grid": grid_to_json(grid), "thumbnail": thumb, "size0": slide.level_dimensions[0],
                         "mpp_source": slide.mpp_source, "tissue": tissue}  # fmt: skip
             finally:
@@ -122,30 +131,9 @@ def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
     return out
 
 
-class _Tiles(Dataset[np.ndarray]):
-    """One slide's tiles, preprocessed exactly as the run's evaluation tiles were."""
-
-    def __init__(self, reader: TileReader, spec: ScoringSpec) -> None:
-        self.reader, self.spec = reader, spec
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return preprocess(self.reader(i), self.spec)
-
-
-class RawTiles(Dataset[np.ndarray]):
-    """One slide's tiles as uint8 (3, H, W): the encoder does its own resize and normalisation."""
-
-    def __init__(self, reader: TileReader) -> None:
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.ascontiguousarray(self.reader(i).transpose(2, 0, 1))
+def chw(tile: np.ndarray) -> np.ndarray:
+    """A tile as uint8 (3, H, W), for an encoder that does its own resize and normalisation."""
+    return np.ascontiguousarray(tile.transpose(2, 0, 1))
 
 
 @dataclass
@@ -160,10 +148,11 @@ class PlannedSlide:
 
 
 def planned_slides(folder: Path, todo: list[Entry], cfg: SlidesConfig, stats: PoolStats, workers: int,
-                   timeout: float) -> Iterator[PlannedSlide]:  # fmt: skip
+                   timeout: float, drawn: bool = True) -> Iterator[PlannedSlide]:  # fmt: skip
     """Each entry of ``todo`` in order, opened and its tissue found in the crash-isolated pool (at most two
-    processes: tissue detection is light next to the tiles' model)."""
-    initargs = (str(folder), cfg.model_dump(mode="json"))
+    processes: tissue detection is light next to the tiles' model). ``drawn``: also the thumbnail and the
+    tissue contours, for the heatmap and the GeoJSON."""
+    initargs = (str(folder), cfg.model_dump(mode="json"), drawn)
     for entry, result in isolated(folder, todo, _plan_chunk, stats, workers=min(workers, 2), timeout=timeout,
                                   chunk=1, initializer=_init_planner, initargs=initargs,
                                   preload=WORKER_PRELOAD):  # fmt: skip
@@ -192,18 +181,99 @@ class SlideTiles:
     reader: TileReader
 
 
+@dataclass
+class TileJob:
+    """One batch of a slide's tiles for the reader pool: items ``start:stop`` of ``reader``. ``key`` is the slide's
+    place in the run's stream; a job without a reader stands for a slide with nothing to read (its row only)."""
+
+    key: int
+    reader: TileReader | None
+    start: int = 0
+    stop: int = 0
+    last: bool = True
+
+
+_READ: dict[str, Any] = {}
+
+
+def _init_reader(prepare: Callable[[np.ndarray], np.ndarray]) -> None:
+    if multiprocessing.parent_process() is not None:  # a worker, not the in-process (workers=0) path
+        torch.set_num_threads(1)  # one core a reader: the model's threads have the others
+        cv2.setNumThreads(1)
+    _READ.update(prepare=prepare, open={})
+
+
+def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
+    """Each job's tiles, prepared and stacked; a reader that raised gives its reason instead. A worker keeps the
+    slides of its last two keys open (a slide's batches come in a row), closing older ones."""
+    out: list[np.ndarray | str | None] = []
+    prepare, readers = _READ["prepare"], _READ["open"]
+    for job in jobs:
+        if job.reader is None:
+            out.append(None)
+            continue
+        reader = readers.setdefault(job.key, job.reader)
+        for key in [k for k in readers if k < job.key - 1]:
+            readers.pop(key).close()
+        try:
+            out.append(np.stack([prepare(reader(i)) for i in range(job.start, job.stop)]))
+        except Exception as err:
+            out.append(f"{type(err).__name__}: {err}")
+    return out
+
+
+class TileReadError(Exception):
+    """A batch of a slide's tiles could not be read (its reader raised, crashed or hung)."""
+
+
+class SlideBatches:
+    """One slide's tile batches, in order, from the run's stream; iterating past a batch that could not be read
+    raises :class:`TileReadError`. :meth:`drain` skips what the unit did not take and returns the next slide's
+    first result."""
+
+    def __init__(self, head: tuple[TileJob, Any], results: Iterator[tuple[TileJob, Any]]) -> None:
+        self.head: tuple[TileJob, Any] | None = head
+        self.results, self.done = results, False
+
+    def _next(self) -> tuple[TileJob, Any]:
+        if self.head is not None:
+            result, self.head = self.head, None
+        else:
+            result = next(self.results)
+        self.done = result[0].last
+        return result
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while not self.done:
+            _, value = self._next()
+            if isinstance(value, Failure | str):
+                raise TileReadError(value.reason if isinstance(value, Failure) else value)
+            if value is not None:
+                yield value
+
+    def drain(self) -> tuple[TileJob, Any] | None:
+        while not self.done:
+            self._next()
+        return next(self.results, None)
+
+
 class SlideScan:
     """What every slide unit shares (scoring, feature extraction): the scan, planning in the isolated pool, the
-    kept tiles and their reader, and a row a slide whatever happens to it. A unit adds :meth:`process`
-    (what it makes of a slide's tiles) and :meth:`row`."""
+    kept tiles, the run's one stream of tile batches, and a row a slide whatever happens to it. A unit sets
+    ``batch_size`` and ``prepare`` (what a reader makes of a tile: :func:`chw` by default) and adds
+    :meth:`process` (what it makes of a slide's batches) and :meth:`row`."""
 
     item = "tile"
     operating_level = "patient"  # the slide level's points, chosen on validation slides
+    drawn = True  # the unit draws each slide (heatmap over its thumbnail, tissue contours for QuPath)
     columns: list[str]
+    batch_size: int
 
     def __init__(self, cfg: SlidesConfig, workers: int, timeout: float) -> None:
         self.cfg, self.workers, self.timeout = cfg, workers, timeout
         self.stain = stain_transform(cfg)  # fitted once, to the reference tile
+        self.prepare: Callable[[np.ndarray], np.ndarray] = chw
+        self.read_stats = PoolStats()  # tile batches lost to a reader that died or hung
 
     def entries(self, folder: Path) -> list[Entry]:
         return find_slides(folder)
@@ -212,17 +282,51 @@ class SlideScan:
         return int(row["tiles"] or 0) if row["status"] == "ok" else 0
 
     def score(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[tuple[str, int]]:
-        planned = planned_slides(folder, todo, self.cfg, stats, self.workers, self.timeout)
-        for item in tqdm(planned, total=len(todo), desc="slides", unit="slide", disable=None):
+        stream = self.stream(folder, todo, stats)
+        for item, tiles, batches in tqdm(stream, total=len(todo), desc="slides", unit="slide", disable=None):
             start = time.perf_counter()
-            if item.status == "ok":
+            if item.status == "ok" and tiles is not None:
                 try:
-                    self.process(folder, item)
-                except Exception as err:  # a tile reader that raised, died or hung: this slide's row says so
-                    why = f"{type(err).__name__}: {err}"
-                    item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({why})"
-            tiles = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
-            yield self.row(item, time.perf_counter() - start), tiles
+                    self.process(item, tiles, batches)
+                except TileReadError as err:
+                    item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({err})"
+                except Exception as err:
+                    item.status, item.reason = "error", f"{item.rel}: failed ({type(err).__name__}: {err})"
+            n = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
+            yield self.row(item, time.perf_counter() - start), n
+
+    def stream(self, folder: Path, todo: list[Entry],
+               stats: PoolStats) -> Iterator[tuple[PlannedSlide, SlideTiles | None, SlideBatches]]:  # fmt: skip
+        """Each entry of ``todo`` in order, planned, with its kept tiles (None: nothing to read) and its batches.
+
+        Every slide's batches go through one pool of ``workers`` reader processes for the whole run (each batch
+        at most ``TILE_BATCH_TIMEOUT`` s; ``workers=0`` reads in this process, without isolation). The pool
+        works ahead across slides, so the next slide's first batches are read while this one's last are used.
+        """
+        opened: deque[tuple[int, PlannedSlide, SlideTiles | None]] = deque()
+
+        def jobs() -> Iterator[TileJob]:
+            planned = planned_slides(folder, todo, self.cfg, stats, self.workers, self.timeout, self.drawn)
+            for key, item in enumerate(planned):
+                tiles = self.tiles(folder, item) if item.status == "ok" else None
+                opened.append((key, item, tiles))
+                n = len(tiles.coords) if tiles is not None else 0
+                if n == 0:
+                    yield TileJob(key, None)
+                for start in range(0, n, self.batch_size):
+                    stop = min(n, start + self.batch_size)
+                    yield TileJob(key, tiles.reader if tiles else None, start, stop, stop == n)
+
+        results = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
+                               initializer=_init_reader, initargs=(self.prepare,), preload=WORKER_PRELOAD,
+                               stats=self.read_stats)  # fmt: skip
+        head = next(results, None)
+        while head is not None:
+            key, item, tiles = opened.popleft()
+            assert head[0].key == key, (head[0].key, key)
+            batches = SlideBatches(head, results)
+            yield item, tiles, batches
+            head = batches.drain()
 
     def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
         """The slide's kept tiles (``data.slides.max_tiles_per_slide``) and their reader; None, with the slide
@@ -243,13 +347,8 @@ class SlideScan:
                             transform=self.stain)  # fmt: skip
         return SlideTiles(grid, coords, tissue, reader)
 
-    def loader(self, data: Dataset[np.ndarray], batch_size: int, pin: bool = False) -> DataLoader[np.ndarray]:
-        """Batches of a slide's tiles, read by the unit's workers (a batch that hangs is an error after a timeout)."""
-        return DataLoader(data, batch_size=batch_size, num_workers=self.workers,
-                          timeout=TILE_BATCH_TIMEOUT if self.workers else 0, pin_memory=pin)  # fmt: skip
-
-    def process(self, folder: Path, item: PlannedSlide) -> None:
-        """What the unit makes of one planned slide (may mark it an error)."""
+    def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
+        """What the unit makes of one slide's tile batches (may mark it an error)."""
         raise NotImplementedError
 
     def row(self, item: PlannedSlide, seconds: float) -> str:
@@ -318,6 +417,7 @@ class SlideUnit(SlideScan):
                            "use score on images")  # fmt: skip
         super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout)
         self.spec, self.engine, self.batch_size = spec, engine, batch_size
+        self.prepare = partial(preprocess, spec=spec)  # in the readers, as the run's evaluation tiles were made
         self.decision = Decision.from_json(spec.decision)
         self.calls = operating_calls(self.decision, self.operating_level)
         self.head = _mil_head(model, spec)
@@ -326,18 +426,13 @@ class SlideUnit(SlideScan):
                         *[n for n, _ in self.calls], "tiles", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
                         "level"]  # fmt: skip
 
-    def process(self, folder: Path, item: PlannedSlide) -> None:
-        """Reads the slide's tiles, scores them, aggregates, and writes its tile table and heatmap."""
-        tiles = self.tiles(folder, item)
-        if tiles is None:
-            return
+    def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
+        """Scores the slide's tiles, aggregates, and writes its tile table and heatmap."""
         assert item.info is not None
         spec, size, engine = self.spec, self.batch_size, self.engine
         coords = tiles.coords
-        loader = self.loader(_Tiles(tiles.reader, spec), size)
         probs, feats = [], []
-        for batch in loader:
-            x = batch.numpy()
+        for x in batches:
             n = len(x)
             if n < size:  # fixed batch shape: a tile's probability does not depend on its batch mates
                 x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
@@ -388,7 +483,10 @@ def _mil_head(model: Path, spec: ScoringSpec) -> MILHead | None:
         return None
     if not (model / MIL_FILE).is_file():
         raise RunError(f"{model}: evaluation.patient_aggregate is abmil but {MIL_FILE} is missing")
-    return load_mil(model / MIL_FILE)[0]
+    try:
+        return load_mil(model / MIL_FILE, len(spec.classes))[0]
+    except ValueError as err:
+        raise RunError(f"{model}: {err}") from None
 
 
 def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray,
