@@ -8,7 +8,8 @@ whose tasks can time out, and whose dead workers are replaced without breaking t
 
 1. a chunk whose worker dies or passes its deadline is detected by the pool, which starts a fresh
    worker in its place;
-2. that chunk's files are retried one by one, each in its own task (a fresh or healthy worker);
+2. that chunk's files are retried one by one, each in its own task (a fresh or healthy worker); a chunk of
+   one item is not retried (it already was alone);
 3. the one file that still kills or hangs its worker becomes a :class:`Failure` with the reason
    ("decoder crashed: signal 11 (SIGSEGV)", "decoder timed out after 60 s"), and the run goes on.
 
@@ -60,6 +61,17 @@ def _death(exitcode: int | None) -> str:
             name = "unknown signal"
         return f"decoder crashed: signal {-exitcode} ({name})"
     return f"decoder crashed: its worker process exited with code {exitcode}"
+
+
+def _failure(err: Exception, timeout: float, stats: PoolStats) -> Failure:
+    """What became of an item whose task failed on its own (it was alone in its chunk), counted in ``stats``."""
+    if isinstance(err, FutureTimeout):
+        stats.timed_out_files += 1
+        return Failure(f"decoder timed out after {timeout:g} s")
+    stats.crashed_files += 1
+    if isinstance(err, ProcessExpired):
+        return Failure(_death(err.exitcode))
+    return Failure(f"reading failed in its worker process ({type(err).__name__}: {err})")
 
 
 class _Inline(Generic[R]):
@@ -156,20 +168,16 @@ def isolated_map(
                 what = f"failed ({type(err).__name__}: {err})"
                 if isinstance(err, FutureTimeout | ProcessExpired):
                     what = "timed out" if isinstance(err, FutureTimeout) else "died"
+                if len(part) == 1:  # alone already: retrying would only cost the time again
+                    yield part[0], _failure(err, timeout, stats)
+                    continue
                 log.warning("a decode worker %s while reading %d file(s); retrying them one by one", what, len(part))
             singles = [(item, pool.schedule(fn, ([item],), timeout=timeout)) for item in part]
             for item, single in singles:
                 try:
                     yield item, single.result()[0]
-                except ProcessExpired as err:
-                    stats.crashed_files += 1
-                    yield item, Failure(_death(err.exitcode))
-                except FutureTimeout:
-                    stats.timed_out_files += 1
-                    yield item, Failure(f"decoder timed out after {timeout:g} s")
                 except Exception as err:
-                    stats.crashed_files += 1
-                    yield item, Failure(f"reading failed in its worker process ({type(err).__name__}: {err})")
+                    yield item, _failure(err, timeout, stats)
     except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
         pool.stop()
         pool.join()

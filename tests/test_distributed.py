@@ -139,7 +139,8 @@ def ddp_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def two_rank_run(ddp_setup: tuple[Path, Path]) -> Path:
     root, recipe = ddp_setup
-    proc = _medvision("train", str(recipe), "--set", "name=two", "--nproc", "2", cwd=root)
+    proc = _medvision("train", str(recipe), "--set", "name=two", "--nproc", "2", "--track", "--set",
+                      "tracking.tensorboard=true", "--set", "tracking.log_model=false", cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("report: ") == 1  # one rank prints
     return root / "runs" / "two"
@@ -165,6 +166,21 @@ def test_two_ranks_train_like_one_process(ddp_setup: tuple[Path, Path], two_rank
     assert [h["epoch"] for h in history[0]] == [h["epoch"] for h in history[1]]
     np.testing.assert_allclose([h["train_loss"] for h in history[0]], [h["train_loss"] for h in history[1]],
                                rtol=1e-5)  # fmt: skip
+
+
+def test_only_rank_0_tracks(ddp_setup: tuple[Path, Path], two_rank_run: Path) -> None:
+    """``--nproc 2 --track``: one MLflow run whose every epoch is logged once, and one TensorBoard file."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    root, _ = ddp_setup
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medvision").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "two"
+    epochs = [h["epoch"] for h in json.loads((two_rank_run / "metrics.json").read_text())["history"]]
+    logged = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in logged) == epochs  # once each, not once a rank
+    assert len(list((two_rank_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_sharded_evaluation_equals_one_process(ddp_setup: tuple[Path, Path], two_rank_run: Path) -> None:

@@ -191,7 +191,8 @@ def test_a_tracked_run_logs_each_fold_at_its_step_the_summary_and_the_run_folder
     assert tags["medvision.encoder_sha256"] == json.loads((run_dir / "mil.json").read_text())["encoder_sha256"]
     names = {a.path for a in client.list_artifacts(run_id)}
     assert names == {f for f in MIL_FILES if (run_dir / f).exists()} and "model" not in names
-    assert {"mil.json", "folds", "folds.csv", "predictions.csv", "report.html", "train.log", "run.json"} <= names
+    assert {"mil.json", "folds", "report.html", "train.log", "run.json"} <= names
+    assert not {"folds.csv", "predictions.csv"} & names  # they name patients: the run folder keeps them
     assert {a.path for a in client.list_artifacts(run_id, "folds")} == {
         f"folds/fold{f}.{ext}" for f in range(3) for ext in ("safetensors", "json")}  # fmt: skip
     for name in ("folds/fold1.safetensors", "metrics.json", "mil.json"):
@@ -290,4 +291,4 @@ def test_the_interval_over_folds_is_students_t_clipped_to_the_metrics_range() ->
     assert high > 1 and got["ci"] == [pytest.approx(low), 1.0] and got["sd"] == pytest.approx(np.std(folds, ddof=1))
     assert fold_summary([0.1, 0.02, 0.4], 0.95, METRIC_RANGE["mse"])["ci"][0] == 0.0
     one = fold_summary([0.8, float("nan")], 0.95, METRIC_RANGE["auc"])  # a fold where AUC is undefined
-    assert one["folds"] == 1 and one["mean"] == 0.8 and np.isnan(one["ci"]).all()
+    assert one["folds"] == 1 and one["mean"] == 0.8 and np.isnan(one["sd"]) and np.isnan(one["ci"]).all()

@@ -187,8 +187,10 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"regression\.safetensors.*regression head.*classifier of 2 classes"):
         load_mil(tmp_path / "regression.safetensors", 2)
     save_mil(ABMIL(4, 3), tmp_path / "three.safetensors", meta={})
-    with pytest.raises(ValueError, match="a head of 3 classes: expected a classifier of 2"):
+    with pytest.raises(ValueError, match="a classifier of 3 classes: expected a classifier of 2 classes"):
         load_mil(tmp_path / "three.safetensors", 2)
+    with pytest.raises(ValueError, match="a classifier of 3 classes: expected a regression head"):
+        load_mil(tmp_path / "three.safetensors", 1)
 
 
 def test_input_errors_name_the_value(data: dict[str, Split]) -> None:

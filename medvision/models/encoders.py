@@ -270,7 +270,8 @@ class PatchEncoder(nn.Module):
         out = []
         with torch.inference_mode(), autocast(device, amp):
             for batch in batches:
-                x = torch.as_tensor(batch).to(device, non_blocking=True)
+                x = torch.as_tensor(batch)
+                x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
                 out.append(self(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 

@@ -393,7 +393,9 @@ def load_mil(path: Path, num_classes: int | None = None) -> tuple[MILHead, dict[
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{str(path)!r} does not hold a consistent {kind} head: {exc}") from exc
     if num_classes is not None and model.num_classes != num_classes:
-        what = "a regression head (one continuous output)" if model.num_classes == 1 else \
-            f"a head of {model.num_classes} classes"  # fmt: skip
-        raise ValueError(f"{str(path)!r} holds {what}: expected a classifier of {num_classes} classes")
+
+        def what(n: int) -> str:
+            return "a regression head (one continuous output)" if n == 1 else f"a classifier of {n} classes"
+
+        raise ValueError(f"{str(path)!r} holds {what(model.num_classes)}: expected {what(num_classes)}")
     return model.eval(), meta

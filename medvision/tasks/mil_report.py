@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from medvision.data.slide_features import FeatureCohort
 from medvision.evaluation import positive_index
@@ -34,6 +33,7 @@ from medvision.metrics import (
     compute_mae,
     compute_mse,
     compute_r2,
+    mean_ci,
 )
 from medvision.plots import plot_roc
 from medvision.recipe import EvalConfig, Recipe
@@ -63,18 +63,16 @@ METRIC_RANGE = {"auc": (0.0, 1.0), "acc": (0.0, 1.0), "balanced_acc": (0.0, 1.0)
 
 
 def fold_summary(values: list[float], level: float, bounds: tuple[float, float]) -> dict[str, Any]:
-    """Mean, SD and the t-interval of the mean of one metric over the folds where it is defined, the interval
-    clipped to ``bounds`` (the metric's range); NaN with fewer than two folds."""
+    """Mean, SD and the t-interval of the mean (:func:`~medvision.metrics.mean_ci`) of one metric over the folds
+    where it is defined, the interval clipped to ``bounds`` (the metric's range). The SD and the interval are NaN
+    with fewer than two such folds."""
     vals = np.asarray(values, np.float64)
     vals = vals[np.isfinite(vals)]
-    if len(vals) == 0:
-        return {"mean": math.nan, "sd": math.nan, "ci": [math.nan, math.nan], "folds": 0}
-    mean, sd = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-    if len(vals) < 2:
-        return {"mean": mean, "sd": sd, "ci": [math.nan, math.nan], "folds": 1}
-    half = float(stats.t.ppf(0.5 + level / 2, len(vals) - 1) * sd / math.sqrt(len(vals)))
-    return {"mean": mean, "sd": sd, "ci": [max(bounds[0], mean - half), min(bounds[1], mean + half)],
-            "folds": len(vals)}  # fmt: skip
+    mean = float(vals.mean()) if len(vals) else math.nan
+    sd = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+    low, high = mean_ci(vals, level)
+    ci = [max(bounds[0], low), min(bounds[1], high)] if len(vals) > 1 else [math.nan, math.nan]
+    return {"mean": mean, "sd": sd, "ci": ci, "folds": len(vals)}
 
 
 def _with_cis(y: np.ndarray, p: np.ndarray, continuous: bool, cfg: EvalConfig, seed: int) -> dict[str, Any]:

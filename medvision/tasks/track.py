@@ -28,9 +28,11 @@ log = logging.getLogger("medvision")
 TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "predictions.csv", "report.html", "report.md",
                "data_audit.csv", "train.log", "plots")  # fmt: skip
 PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
-MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "predictions.csv", "folds.csv", "report.html",
-             "report.md", "data_audit.csv", "train.log", "plots", "folds")  # fmt: skip
-"""A MIL run's files (:mod:`medvision.tasks.mil`): ``mil.json`` is its scoring record, ``folds/`` the fold heads."""
+MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "data_audit.csv",
+             "train.log", "plots", "folds")  # fmt: skip
+"""A MIL run's files that tracking uploads (:mod:`medvision.tasks.mil`): ``mil.json`` is its scoring record,
+``folds/`` the fold heads. ``predictions.csv`` and ``folds.csv`` stay in the run folder: they name each slide's
+patient (the manifest's ``patient_id``), and a tracking server is no place for patient identifiers."""
 
 
 def log_trained_run(tracker: Tracker, run_dir: Path) -> None:

@@ -7,10 +7,10 @@ that is still at least as fine as the target, so that resampling only ever shrin
 coordinates are level-0 pixels: the same numbers address the tile at every level and in every
 viewer.
 
-:class:`TileReader` reads tiles on the fly inside DataLoader worker processes: it pickles as paths
-and grids only, and each process opens its own slide handles (OpenSlide handles are not
-fork-safe). With a cache folder, each tile is written once into a per-slide memory-mapped array
-and served from it afterwards (``benchmarks/wsi_tiling.py`` measures both).
+:class:`TileReader` reads tiles on the fly inside worker processes (DataLoader workers in training, the
+reader pool of ``score``/``features``): it pickles as paths and grids only, and each process opens its
+own slide handles (OpenSlide handles are not fork-safe). With a cache folder, each tile is written once
+into a per-slide memory-mapped array and served from it afterwards (``benchmarks/wsi_tiling.py`` measures both).
 """
 
 from __future__ import annotations
@@ -294,6 +294,19 @@ class TileReader:
         ds = slide.level_downsamples[ref.level]
         return fast.read(round(x / ds), round(y / ds), ref.read_size, ref.read_size)
 
+    def read_at(self, s: int, x: int, y: int) -> np.ndarray:
+        """The tile of slide ``s`` at level-0 (x, y), resized and transformed (not cached): for a reader made
+        for its slides only, whose coordinates come with each request (the tile stream of ``score``)."""
+        self._own_handles()
+        try:
+            tile = resize_tile(self._region(s, x, y), self.tile_size)
+        except SlideError:
+            raise
+        except Exception as err:
+            what = f"{type(err).__name__}: {err}"
+            raise SlideError(f"{self.slides[s].path}: tile at level-0 ({x}, {y}) cannot be read ({what})") from err
+        return self.transform(tile) if self.transform is not None else tile
+
     def __call__(self, i: int) -> np.ndarray:
         self._own_handles()
         s = int(self.slide_index[i])
@@ -303,15 +316,7 @@ class TileReader:
             if done[k]:
                 return np.array(tiles[k])
         x, y = (int(v) for v in self.coords[i])
-        try:
-            tile = resize_tile(self._region(s, x, y), self.tile_size)
-        except SlideError:
-            raise
-        except Exception as err:
-            what = f"{type(err).__name__}: {err}"
-            raise SlideError(f"{self.slides[s].path}: tile at level-0 ({x}, {y}) cannot be read ({what})") from err
-        if self.transform is not None:
-            tile = self.transform(tile)
+        tile = self.read_at(s, x, y)
         if self.cache_dir is not None:
             tiles[k] = tile
             done[k] = 1  # after the pixels: a reader that sees the flag sees the tile

@@ -122,7 +122,7 @@ def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path 
     heads = []
     for rel in spec["heads"]:
         try:
-            heads.append(load_mil(run / rel)[0])
+            heads.append(load_mil(run / rel, 1 if spec["classes"] is None else len(spec["classes"]))[0])
         except (OSError, ValueError) as err:
             raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
     unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps)

@@ -26,6 +26,7 @@ but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -59,6 +60,8 @@ from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
 from medvision.wsi.source import plan_slide, stain_transform
 from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, grid_to_json, subsample
+
+log = logging.getLogger("medvision")
 
 #: Seconds one slide may take to open and find its tissue, and one batch of its tiles to be read.
 SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
@@ -173,7 +176,7 @@ def _safe_name(rel: str) -> str:
 
 @dataclass
 class SlideTiles:
-    """A planned slide's kept tiles and the reader of their pixels."""
+    """A planned slide's kept tiles and the reader of their pixels (:meth:`TileReader.read_at`)."""
 
     grid: TileGrid
     coords: np.ndarray
@@ -183,14 +186,18 @@ class SlideTiles:
 
 @dataclass
 class TileJob:
-    """One batch of a slide's tiles for the reader pool: items ``start:stop`` of ``reader``. ``key`` is the slide's
-    place in the run's stream; a job without a reader stands for a slide with nothing to read (its row only)."""
+    """One batch of a slide's tiles for the reader pool: the level-0 ``coords`` to read with ``reader`` (which
+    holds the slide, not its tiles: a job pickles a few hundred bytes). ``key`` is the slide's place in the run's
+    stream; ``last`` ends the slide. A job without a reader (:meth:`empty`) ends a slide with nothing (more) to read."""
 
     key: int
     reader: TileReader | None
-    start: int = 0
-    stop: int = 0
-    last: bool = True
+    coords: np.ndarray
+    last: bool
+
+    @classmethod
+    def empty(cls, key: int) -> TileJob:
+        return cls(key, None, np.zeros((0, 2), np.int64), True)
 
 
 _READ: dict[str, Any] = {}
@@ -200,7 +207,14 @@ def _init_reader(prepare: Callable[[np.ndarray], np.ndarray]) -> None:
     if multiprocessing.parent_process() is not None:  # a worker, not the in-process (workers=0) path
         torch.set_num_threads(1)  # one core a reader: the model's threads have the others
         cv2.setNumThreads(1)
+    _close_readers()
     _READ.update(prepare=prepare, open={})
+
+
+def _close_readers() -> None:
+    for reader in _READ.get("open", {}).values():
+        reader.close()
+    _READ["open"] = {}
 
 
 def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
@@ -216,7 +230,7 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
         for key in [k for k in readers if k < job.key - 1]:
             readers.pop(key).close()
         try:
-            out.append(np.stack([prepare(reader(i)) for i in range(job.start, job.stop)]))
+            out.append(np.stack([prepare(reader.read_at(0, int(x), int(y))) for x, y in job.coords]))
         except Exception as err:
             out.append(f"{type(err).__name__}: {err}")
     return out
@@ -228,25 +242,25 @@ class TileReadError(Exception):
 
 class SlideBatches:
     """One slide's tile batches, in order, from the run's stream; iterating past a batch that could not be read
-    raises :class:`TileReadError`. :meth:`drain` skips what the unit did not take and returns the next slide's
-    first result."""
+    raises :class:`TileReadError` and adds the slide's key to ``failed`` (the stream then reads no more of it).
+    :meth:`drain` skips what the unit did not take and returns the next slide's first result."""
 
-    def __init__(self, head: tuple[TileJob, Any], results: Iterator[tuple[TileJob, Any]]) -> None:
+    def __init__(self, head: tuple[TileJob, Any], results: Iterator[tuple[TileJob, Any]], failed: set[int]) -> None:
         self.head: tuple[TileJob, Any] | None = head
-        self.results, self.done = results, False
+        self.results, self.failed, self.done = results, failed, False
 
     def _next(self) -> tuple[TileJob, Any]:
-        if self.head is not None:
-            result, self.head = self.head, None
-        else:
-            result = next(self.results)
-        self.done = result[0].last
+        result = self.head if self.head is not None else next(self.results, None)
+        if result is None:
+            raise RuntimeError("the tile stream ended before the slide's last batch")
+        self.head, self.done = None, result[0].last
         return result
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while not self.done:
-            _, value = self._next()
+            job, value = self._next()
             if isinstance(value, Failure | str):
+                self.failed.add(job.key)
                 raise TileReadError(value.reason if isinstance(value, Failure) else value)
             if value is not None:
                 yield value
@@ -273,7 +287,6 @@ class SlideScan:
         self.cfg, self.workers, self.timeout = cfg, workers, timeout
         self.stain = stain_transform(cfg)  # fitted once, to the reference tile
         self.prepare: Callable[[np.ndarray], np.ndarray] = chw
-        self.read_stats = PoolStats()  # tile batches lost to a reader that died or hung
 
     def entries(self, folder: Path) -> list[Entry]:
         return find_slides(folder)
@@ -302,31 +315,50 @@ class SlideScan:
         Every slide's batches go through one pool of ``workers`` reader processes for the whole run (each batch
         at most ``TILE_BATCH_TIMEOUT`` s; ``workers=0`` reads in this process, without isolation). The pool
         works ahead across slides, so the next slide's first batches are read while this one's last are used.
+        After a batch that could not be read, the slide's other batches are not read.
         """
         opened: deque[tuple[int, PlannedSlide, SlideTiles | None]] = deque()
+        failed: set[int] = set()
+        lost = PoolStats()
 
         def jobs() -> Iterator[TileJob]:
             planned = planned_slides(folder, todo, self.cfg, stats, self.workers, self.timeout, self.drawn)
             for key, item in enumerate(planned):
-                tiles = self.tiles(folder, item) if item.status == "ok" else None
+                tiles = None
+                if item.status == "ok":
+                    try:
+                        tiles = self.tiles(folder, item)
+                    except Exception as err:  # a grid that cannot be used: this slide's row says so
+                        item.status, item.reason = "error", f"{item.rel}: failed ({type(err).__name__}: {err})"
                 opened.append((key, item, tiles))
-                n = len(tiles.coords) if tiles is not None else 0
-                if n == 0:
-                    yield TileJob(key, None)
-                for start in range(0, n, self.batch_size):
-                    stop = min(n, start + self.batch_size)
-                    yield TileJob(key, tiles.reader if tiles else None, start, stop, stop == n)
+                ended = False
+                for start in range(0, len(tiles.coords) if tiles is not None else 0, self.batch_size):
+                    assert tiles is not None
+                    if key in failed:
+                        break
+                    batch = tiles.coords[start : start + self.batch_size]
+                    ended = start + len(batch) == len(tiles.coords)
+                    yield TileJob(key, tiles.reader, batch, ended)
+                if not ended:
+                    yield TileJob.empty(key)  # nothing to read, or nothing more after a failed batch
 
         results = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
                                initializer=_init_reader, initargs=(self.prepare,), preload=WORKER_PRELOAD,
-                               stats=self.read_stats)  # fmt: skip
-        head = next(results, None)
-        while head is not None:
-            key, item, tiles = opened.popleft()
-            assert head[0].key == key, (head[0].key, key)
-            batches = SlideBatches(head, results)
-            yield item, tiles, batches
-            head = batches.drain()
+                               stats=lost)  # fmt: skip
+        try:
+            head = next(results, None)
+            while head is not None:
+                key, item, tiles = opened.popleft()
+                assert head[0].key == key, (head[0].key, key)
+                batches = SlideBatches(head, results, failed)
+                yield item, tiles, batches
+                head = batches.drain()
+        finally:
+            _close_readers()  # workers=0: the slides read in this process
+            if lost.lost_chunks:
+                log.warning("%d tile batch(es) lost to a reader that crashed or hung (%d crashed, %d timed out); "
+                            "their slides are error rows", lost.lost_chunks, lost.crashed_files,
+                            lost.timed_out_files)  # fmt: skip
 
     def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
         """The slide's kept tiles (``data.slides.max_tiles_per_slide``) and their reader; None, with the slide
@@ -343,7 +375,8 @@ class SlideScan:
                            f"µm/px (tissue area {grid.tissue_area_mm2:.2f} mm²)")  # fmt: skip
             return None
         ref = SlideRef(path=str(folder / item.rel), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
-        reader = TileReader([ref], np.zeros(len(coords), np.int64), coords, cfg.tile_size, cfg.backend,
+        # the slide only: each job of the tile stream carries its coordinates
+        reader = TileReader([ref], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), cfg.tile_size, cfg.backend,
                             transform=self.stain)  # fmt: skip
         return SlideTiles(grid, coords, tissue, reader)
 
