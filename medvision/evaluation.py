@@ -37,6 +37,7 @@ from medvision.metrics import (
     operating_point,
     per_class_metrics,
     proportion_ci,
+    round_significant,
     tta_softmax,
 )
 from medvision.recipe import EvalConfig, RecipeError
@@ -69,8 +70,9 @@ class SplitOutputs:
     """With test-time augmentation: (N, V, K) logits of the image (``logits``) and its transformed views."""
 
     def probs(self, temperature: float = 1.0) -> np.ndarray:
-        """Calibrated probabilities (N, K): softmax(logits / T), averaged over the TTA views when there are any."""
-        return tta_softmax(self.views if self.views is not None else self.logits, temperature)
+        """Calibrated probabilities (N, K): softmax(logits / T), averaged over the TTA views when there are any, to
+        the digits ``predictions.csv`` keeps (:data:`~medvision.metrics.PROB_DIGITS`): the metrics are the file's."""
+        return round_significant(tta_softmax(self.views if self.views is not None else self.logits, temperature))
 
 
 @dataclass

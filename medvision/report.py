@@ -23,6 +23,7 @@ import numpy as np
 
 from medvision import plots
 from medvision.evaluation import Decision, SplitOutputs
+from medvision.metrics import PROB_DIGITS
 from medvision.recipe import EvalConfig
 
 Block = tuple[str, Any]
@@ -50,15 +51,17 @@ def write_predictions(
 ) -> None:
     """One row per image: split, id, true label, predicted label and one probability column per class.
 
-    Probabilities keep 7 significant digits (not 6 decimals): tiny probabilities keep their order, so an AUC
-    computed from this file is the report's."""
+    Probabilities keep :data:`~medvision.metrics.PROB_DIGITS` significant digits (not 6 decimals), the digits the
+    report's metrics were computed on (:meth:`~medvision.evaluation.SplitOutputs.probs`), so an AUC computed from
+    this file is the report's."""
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["split", "id", "label", "pred", *[f"prob_{c}" for c in classes]])
         for split, ids, labels, probs in rows:
             preds = probs.argmax(axis=1)
             for item, y, pred, p in zip(ids, labels, preds, probs, strict=True):
-                writer.writerow([split, item, classes[int(y)], classes[int(pred)], *[f"{v:.7g}" for v in p]])
+                values = [f"{v:.{PROB_DIGITS}g}" for v in p]
+                writer.writerow([split, item, classes[int(y)], classes[int(pred)], *values])
 
 
 # ------------------------------------------------------------------------------------ formatting

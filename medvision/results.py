@@ -166,7 +166,7 @@ def image_measures(recipe: Recipe, table: SampleTable, split: str,
     batches = list(loader)
     measures = {name: np.concatenate([b[name].numpy() for b in batches]) if batches else np.zeros(0)
                 for name in IMAGE_MEASURES}  # fmt: skip
-    units = table.units if table.units is not None else table.groups
+    units = table.aggregates_to
     return measures, [units[i] for i in idx]
 
 

@@ -24,7 +24,7 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -36,12 +36,30 @@ log = logging.getLogger("medvision")
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: The modules every pool's workers use, imported once in the forkserver they are all forked from. A new worker
+#: (at the start, or in place of one a decoder killed) re-runs the program's main module: for the CLI that imports
+#: all of medvision and timm, 3.5 s a worker on 2 cores unless they are already loaded in the forkserver (0.05 s).
+#: One set for every pool, because a process has one forkserver and whichever pool comes first starts it: with a
+#: set per pool, a slide run after a DICOM decode paid the import for every reader it started or replaced.
+WORKER_MODULES = (
+    "medvision.data.dicom_source",
+    "medvision.data.intake",
+    "medvision.wsi.source",
+    "medvision.tasks.score.files",
+    "medvision.tasks.score.slides",
+    "medvision.cli",
+)
+
 
 @dataclass
 class Failure:
     """An item whose worker died or hung even when it was retried alone."""
 
     reason: str
+
+
+#: What an item that ``isolated_map`` was told to skip yields in place of a result.
+SKIPPED = Failure("not read: skipped")
 
 
 @dataclass
@@ -84,22 +102,24 @@ class _Inline(Generic[R]):
         return self.value
 
 
-def _context(preload: Sequence[str]) -> Any:
-    """The start method of every pool: a ``forkserver`` with ``preload`` imported once (``spawn`` without one)."""
+def _context() -> Any:
+    """The start method of every pool: a ``forkserver`` with :data:`WORKER_MODULES` imported once (``spawn``
+    where there is no forkserver)."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if preload and "forkserver" in methods:
-        context.set_forkserver_preload(list(preload))
+    if "forkserver" in methods:
+        context.set_forkserver_preload(list(WORKER_MODULES))
     return context
 
 
-def start_forkserver(preload: Sequence[str]) -> None:
-    """Starts the forkserver the pools fork from now, with ``preload`` imported (seconds: it imports torch), so
-    that its start-up overlaps with loading a model instead of delaying the first file. No-op when it runs."""
+def start_forkserver() -> None:
+    """Starts the forkserver the pools fork from now, with :data:`WORKER_MODULES` imported (seconds: they import
+    torch), so that its start-up overlaps with loading a model instead of delaying the first file. No-op when it
+    runs."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         from multiprocessing import forkserver
 
-        _context(preload)
+        _context()
         forkserver.ensure_running()
 
 
@@ -118,18 +138,20 @@ def isolated_map(
     chunk: int = 4,
     initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
-    preload: Sequence[str] = (),
     stats: PoolStats | None = None,
+    skip: Callable[[T], bool] | None = None,
 ) -> Generator[tuple[T, R | Failure], None, None]:
     """Yields ``(item, fn's result for it)`` in input order, or ``(item, Failure)`` for an item that kills its worker.
 
     ``fn`` takes a list of items and returns one result per item; it runs in ``workers`` processes
-    (each set up by ``initializer(*initargs)``, with the modules in ``preload`` imported once in the
-    forkserver), at most ``timeout`` seconds per item. ``workers=0`` runs ``fn`` in this process:
+    (each set up by ``initializer(*initargs)``, forked from a forkserver that has :data:`WORKER_MODULES` imported),
+    at most ``timeout`` seconds per item. ``workers=0`` runs ``fn`` in this process:
     no isolation, for debugging.
 
     ``items`` may be a lazy iterable: it is drawn only as far as the pool works ahead (two chunks a worker), so a
     stream whose items are made as it goes (a slide's tile batches once the slide is opened) flows through one pool.
+    A chunk whose items all meet ``skip`` when its turn comes is not waited for: its task is cancelled (a worker
+    that runs it is stopped and replaced) and each item yields :data:`SKIPPED` (a batch of a slide already lost).
 
     Examples:
         >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
@@ -142,7 +164,7 @@ def isolated_map(
         for part in chunks:
             yield from zip(part, _Inline(fn, part).result(), strict=True)
         return
-    context = _context(preload)
+    context = _context()
     first = next(chunks, None)
     if first is None:
         return
@@ -160,6 +182,10 @@ def isolated_map(
             nxt = next(queued, None)
             if nxt is not None:
                 pending.append((nxt, pool.schedule(fn, (nxt,), timeout=timeout * len(nxt))))
+            if skip is not None and all(skip(item) for item in part):
+                future.cancel()
+                yield from ((item, SKIPPED) for item in part)
+                continue
             try:
                 yield from zip(part, future.result(), strict=True)
                 continue

@@ -172,10 +172,12 @@ def test_stain_normalisation_runs_before_the_encoder_and_is_recorded(
 
 
 def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
-    slide_cohort: Path, cohort_features: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slide_cohort: Path, cohort_features: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One reader pool serves the whole run: a slide whose tiles kill or hang their reader is an error row, the pool
-    replaces the worker, and the slides after it are embedded exactly as in a clean run."""
+    replaces the worker, and the slides after it are embedded exactly as in a clean run. A hung slide costs one
+    timeout: its batches already handed to the reader are cancelled, not each waited for."""
     import faulty_reader
 
     from medvision.tasks.score import slides as slide_scan
@@ -206,6 +208,7 @@ def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
     assert "exited with code 3" in rows["c_FAULT-exit.svs"]["reason"]
     assert "timed out after 5 s" in rows["d_FAULT-hang.svs"]["reason"]
     assert not (tmp_path / "f" / feature_name("c_FAULT-exit.svs")).exists()
+    assert "2 tile batch(es) lost to a reader that crashed or hung (1 crashed, 1 timed out)" in caplog.text
     for name, source in (("a_slide_000.svs", "slide_000.svs"), ("e_slide_003.svs", "slide_003.svs")):
         got, clean = (
             read_features(tmp_path / "f" / feature_name(name)),

@@ -6,6 +6,7 @@ import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
 
 from medvision.metrics import (
+    PROB_DIGITS,
     MetricAccumulator,
     MetricWarning,
     aggregate_by_group,
@@ -18,6 +19,7 @@ from medvision.metrics import (
     compute_mse,
     compute_r2,
     multilabel_auc,
+    round_significant,
     softmax,
 )
 
@@ -192,3 +194,14 @@ def test_bootstrap_ci_of_mse_unstratified_for_continuous_targets() -> None:
     assert bootstrap_cis(np.array([]), np.zeros((0, 1)), {"mse": compute_mse}, stratify=False)["mse"] == (
         pytest.approx((np.nan, np.nan), nan_ok=True)
     )
+
+
+def test_probabilities_are_rounded_as_the_predictions_file_writes_them() -> None:
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.random(20000), 10 ** rng.uniform(-30, 0, 20000), rng.dirichlet(np.ones(8), 2000).ravel(),
+                        [1.0, 0.5, 1e-6, 1e-3, 0.0099999996, 0.99999996, 0.0, 1e-300]])  # fmt: skip
+    rounded = round_significant(x, PROB_DIGITS)
+    assert rounded.tolist() == [float(f"{v:.{PROB_DIGITS}g}") for v in x]
+    # two images whose probabilities differ only beyond the written digits are tied, in the AUC as in the file
+    y, p = np.array([0, 1, 0, 1]), np.array([0.1234567801, 0.1234567809, 0.2, 0.9])
+    assert compute_auc(y, p) == 0.75 and compute_auc(y, round_significant(p)) == 0.625

@@ -25,6 +25,7 @@ pydicom = pytest.importorskip("pydicom")
 import faulty_reader  # noqa: E402
 
 from medvision.tasks.score import score_folder  # noqa: E402
+from medvision.tasks.score.job import ScoreSummary  # noqa: E402
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # globbed: get_testdata_files may go online
 BASES = [
@@ -167,18 +168,27 @@ def clean_scores(dicom_run: Path, corpus: tuple[Path, dict[str, str]], tmp_path_
             (clean / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(root / rel, clean / rel)
     out = clean.parent / "clean.csv"
-    summary = score_folder(clean, dicom_run, out, workers=2)
+    summary = score_folder(clean, dicom_run, out, workers=2, batch_size=4)
     assert summary.exit_code == 0 and summary.error_files == 0
     return _rows(out)
 
 
+@pytest.fixture(scope="module")
+def hostile_scores(dicom_run: Path, corpus: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
+                   ) -> tuple[ScoreSummary, Path]:  # fmt: skip
+    """The whole hostile archive scored once, uninterrupted: checked by one test, the reference of the resume test."""
+    out = tmp_path_factory.mktemp("hostile_scores") / "scores.csv"
+    summary = score_folder(corpus[0], dicom_run, out, workers=2, batch_size=4, file_timeout=TIMEOUT,
+                           reader=faulty_reader.read)  # fmt: skip
+    return summary, out
+
+
 def test_hostile_archive_is_accounted_for_and_isolated(
-    dicom_run: Path, corpus: tuple[Path, dict[str, str]], clean_scores: list[dict[str, str]], tmp_path: Path
+    corpus: tuple[Path, dict[str, str]], clean_scores: list[dict[str, str]], hostile_scores: tuple[ScoreSummary, Path]
 ) -> None:
     root, expect = corpus
     assert len(expect) >= 300
-    out = tmp_path / "scores.csv"
-    summary = score_folder(root, dicom_run, out, workers=2, file_timeout=TIMEOUT, reader=faulty_reader.read)
+    summary, out = hostile_scores
     rows = _rows(out)
     outcomes = _outcomes(rows)
     assert set(outcomes) == set(expect)  # every entry found has rows, and nothing else does
@@ -212,11 +222,10 @@ def test_hostile_archive_is_accounted_for_and_isolated(
 
 
 def test_hostile_archive_resumes_after_kill_9(
-    dicom_run: Path, corpus: tuple[Path, dict[str, str]], tmp_path: Path
+    dicom_run: Path, corpus: tuple[Path, dict[str, str]], hostile_scores: tuple[ScoreSummary, Path], tmp_path: Path
 ) -> None:
     root, expect = corpus
-    reference = tmp_path / "reference.csv"
-    score_folder(root, dicom_run, reference, workers=2, batch_size=4, file_timeout=TIMEOUT, reader=faulty_reader.read)
+    reference = hostile_scores[1]
     out = tmp_path / "killed.csv"
     script = ("import sys, faulty_reader; from pathlib import Path; from medvision.tasks.score import score_folder; "
               "score_folder(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), workers=2, batch_size=4, "

@@ -175,3 +175,17 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _layer("medvision.data.sources") == 3 and _layer("medvision.tasks.score") == 9
+
+
+def test_every_pool_forks_from_a_server_that_has_its_worker_code_loaded() -> None:
+    """A process has one forkserver, started by whichever pool comes first, so every pool's worker code must be in
+    the one preload set: a slide reader forked from a server that a DICOM decode started used to re-import torch
+    (seconds) for every worker it started or replaced."""
+    from medvision import workers
+    from medvision.data import dicom_source
+    from medvision.tasks.score import files, slides
+
+    code = [dicom_source._decode_chunk, dicom_source._init_decoder, files.read_chunk, files.init_worker,
+            slides._plan_chunk, slides._init_planner, slides._read_batches, slides._init_reader]  # fmt: skip
+    assert {fn.__module__ for fn in code} <= set(workers.WORKER_MODULES)
+    assert workers._context().get_start_method() == "forkserver"

@@ -111,5 +111,5 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     @property
     def groups(self) -> list[str]:
         """The unit predictions are aggregated to: each row's slide for whole-slide tiles, else its patient."""
-        units = self.table.units if self.table.units is not None else self.table.groups
+        units = self.table.aggregates_to
         return [units[i] for i in self.indices]

@@ -254,7 +254,7 @@ def _decodable(found: list[_Found], spec: DicomSpec, cache: Path | None, audit: 
     workers = min(2, os.cpu_count() or 1)
     results = isolated_map(_decode_chunk, [(f.path, f.frames) for f in found], workers=workers,
                            timeout=DECODE_TIMEOUT, chunk=4 if cache is not None else 1, initializer=_init_decoder,
-                           initargs=(spec, cache), preload=("medvision.data.dicom_source",))  # fmt: skip
+                           initargs=(spec, cache))  # fmt: skip
     kept: list[_Found] = []
     with contextlib.closing(results):
         for k, (f, (_, result)) in enumerate(zip(found, tqdm(results, total=len(found), desc="decode", unit="file",

@@ -95,6 +95,11 @@ class SampleTable:
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.splits) == split)
 
+    @property
+    def aggregates_to(self) -> list[str]:
+        """Each row's unit of aggregation: its slide for whole-slide tiles (``units``), else its patient."""
+        return self.units if self.units is not None else self.groups
+
 
 def class_index(classes: list[str], value: str, where: str) -> int:
     try:

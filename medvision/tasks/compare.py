@@ -212,8 +212,7 @@ def read_patients(run: RunPredictions) -> Patients | str:
         table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
     except (MedvisionError, OSError) as err:
         return f"the patients of {run.name} could not be read from its data ({' '.join(str(err).split())})"
-    units = table.units if table.units is not None else table.groups
-    group_of = dict(zip(table.ids, units, strict=True))
+    group_of = dict(zip(table.ids, table.aggregates_to, strict=True))
     missing = [i for i in run.ids if i not in group_of]
     if missing:
         return f"{len(missing)} of the images of {run.name} are no longer in its data ({_listed(missing)})"

@@ -39,7 +39,6 @@ from medvision.runtime import resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
 from medvision.tasks.score.slides import (
     SLIDE_TIMEOUT,
-    WORKER_PRELOAD,
     PlannedSlide,
     SlideBatches,
     SlideScan,
@@ -129,7 +128,7 @@ def extract_features(
     d, device = setup("auto")
     n_workers = 1 if workers is None else workers
     if n_workers:
-        start_forkserver(WORKER_PRELOAD)  # its start-up overlaps with loading the encoder
+        start_forkserver()  # its start-up overlaps with loading the encoder
     net, sha = load_encoder(encoder, checkpoint)
     spec = net.spec
     cfg = slides or SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5)

@@ -33,7 +33,6 @@ from medvision.tasks.score.job import (
 )
 from medvision.tasks.score.mil import is_mil_run, score_mil_slides
 from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SLIDE_TIMEOUT, SlideUnit
-from medvision.tasks.score.slides import WORKER_PRELOAD as SLIDE_PRELOAD
 from medvision.workers import start_forkserver
 
 __all__ = [
@@ -84,7 +83,7 @@ def score_slides(
     and :mod:`~medvision.tasks.score.mil` for a run trained on cached features (``encoder_checkpoint``: its
     encoder's weights, default ``$MEDVISION_ENCODER_<NAME>``)."""
     if workers != 0:
-        start_forkserver(SLIDE_PRELOAD)  # its start-up overlaps with loading the model
+        start_forkserver()  # its start-up overlaps with loading the model
     if is_mil_run(model):
         if engine != "torch" or amp != "none":
             raise RunError("a run trained on cached features scores with its encoder in PyTorch at the precision "

@@ -33,6 +33,7 @@ from medvision.errors import EnvironmentProblem
 from medvision.evaluation import Decision
 from medvision.inference import Engine
 from medvision.io.archive import Entry, scan
+from medvision.metrics import round_significant
 from medvision.runs import ScoringSpec
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
 from medvision.workers import Failure, PoolStats
@@ -40,11 +41,6 @@ from medvision.workers import Failure, PoolStats
 BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
 #: Default ``--file-timeout``: seconds one file may take to read and preprocess in its worker.
 FILE_TIMEOUT = 300.0
-
-#: Modules the decode workers' forkserver imports once. A new worker (at the start, or in place of one a
-#: decoder killed) re-runs the program's main module: for the CLI that imports all of medvision and timm,
-#: 3.5 s a worker on 2 cores unless they are already loaded in the forkserver it is forked from (0.05 s).
-WORKER_PRELOAD = ("medvision.data.intake", "medvision.tasks.score.files", "medvision.cli")
 
 
 class FileUnit:
@@ -76,7 +72,7 @@ class FileUnit:
             blank = [""] * (len(self.spec.classes) + len(self.calls))
             return csv_line([f.rel, *f.uids, "", "", *blank, f.status, one_line(f.reason), *extra])
         out = []
-        for frame, p in zip(f.frames, f.probs, strict=True):
+        for frame, p in zip(f.frames, round_significant(np.asarray(f.probs)), strict=True):  # as the report's
             flags = [str(int(p[self.decision.positive] >= thr)) for _, thr in self.calls]
             out.append([f.rel, *f.uids, frame, self.spec.classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags,
                         "ok", "", *extra])  # fmt: skip
@@ -85,8 +81,8 @@ class FileUnit:
     def _outcomes(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[FileResult]:
         """Each entry's result, in order: rows the scan already decided, and files read in the isolated pool."""
         for entry, result in isolated(folder, todo, read_chunk, stats, workers=self.workers, timeout=self.timeout,
-                                      initializer=init_worker, initargs=(str(folder), self.cfg, self.reader),
-                                      preload=WORKER_PRELOAD):  # fmt: skip
+                                      initializer=init_worker,
+                                      initargs=(str(folder), self.cfg, self.reader)):  # fmt: skip
             if result is None:  # the scan's own verdict
                 yield FileResult(entry.rel, "error" if entry.outcome == "error" else "skipped", entry.reason)
             else:

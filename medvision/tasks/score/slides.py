@@ -49,7 +49,7 @@ from medvision.evaluation import Decision
 from medvision.inference import Engine
 from medvision.io.archive import Entry
 from medvision.io.files import atomic_write
-from medvision.metrics import aggregate_by_group, softmax
+from medvision.metrics import aggregate_by_group, round_significant, softmax
 from medvision.models.mil import MILHead
 from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.models.slide_head import MIL_FILE
@@ -69,7 +69,6 @@ log = logging.getLogger("medvision")
 SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
 THUMBNAIL = 1024
 ABMIL_NEEDS_TORCH = "this run aggregates tiles with its ABMIL head, which needs tile features: use --engine torch"
-WORKER_PRELOAD = ("medvision.wsi.source", "medvision.tasks.score.slides", "medvision.cli")  # see score.files
 
 
 def find_slides(folder: Path) -> list[Entry]:
@@ -159,8 +158,7 @@ def planned_slides(folder: Path, todo: list[Entry], cfg: SlidesConfig, stats: Po
     tissue contours, for the heatmap and the GeoJSON."""
     initargs = (str(folder), cfg.model_dump(mode="json"), drawn)
     for entry, result in isolated(folder, todo, _plan_chunk, stats, workers=min(workers, 2), timeout=timeout,
-                                  chunk=1, initializer=_init_planner, initargs=initargs,
-                                  preload=WORKER_PRELOAD):  # fmt: skip
+                                  chunk=1, initializer=_init_planner, initargs=initargs):  # fmt: skip
         rel = entry.rel
         if result is None:
             yield PlannedSlide(rel, entry.outcome, entry.reason)
@@ -317,7 +315,8 @@ class SlideScan:
         Every slide's batches go through one pool of ``workers`` reader processes for the whole run (each batch
         at most ``TILE_BATCH_TIMEOUT`` s; ``workers=0`` reads in this process, without isolation). The pool
         works ahead across slides, so the next slide's first batches are read while this one's last are used.
-        After a batch that could not be read, the slide's other batches are not read.
+        After a batch that could not be read, the slide's other batches are not read, and those already handed to a
+        reader are cancelled (a hung one costs its slide one timeout, not one a batch).
         """
         opened: deque[tuple[int, PlannedSlide, SlideTiles | None]] = deque()
         failed: set[int] = set()
@@ -345,8 +344,8 @@ class SlideScan:
                     yield TileJob.empty(key)  # nothing to read, or nothing more after a failed batch
 
         results = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
-                               initializer=_init_reader, initargs=(self.prepare,), preload=WORKER_PRELOAD,
-                               stats=lost)  # fmt: skip
+                               initializer=_init_reader, initargs=(self.prepare,), stats=lost,
+                               skip=lambda job: job.key in failed and job.reader is not None)  # fmt: skip
         try:
             head = next(results, None)
             while head is not None:
@@ -500,7 +499,7 @@ class SlideUnit(SlideScan):
         target = self.cfg.target_mpp
         if item.status != "ok" or item.probs is None or item.info is None:
             return csv_line([item.rel, item.status, one_line(item.reason), "", *blank, "", "", "", "", target, ""])
-        p, info, positive = item.probs, item.info, self.decision.positive
+        p, info, positive = round_significant(item.probs), item.info, self.decision.positive  # as the report's
         flags = [str(int(p[positive] >= thr)) for _, thr in self.calls] if positive is not None else []
         return csv_line([item.rel, "ok", "", self.spec.classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags,
                          info["n_tiles"], f"{info['tissue_mm2']:.3f}", f"{info['mpp']:.6g}", info["mpp_source"],
