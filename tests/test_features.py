@@ -172,7 +172,11 @@ def test_stain_normalisation_runs_before_the_encoder_and_is_recorded(
 
 
 def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
-    slide_cohort: Path, cohort_features: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    slide_cohort: Path,
+    cohort_features: Path,
+    shared: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One reader pool serves the whole run: a slide whose tiles kill or hang their reader is an error row, the pool
