@@ -465,7 +465,7 @@ PROB_DIGITS = 7
 def round_significant(x: np.ndarray, digits: int = PROB_DIGITS) -> np.ndarray:
     """``x`` rounded to ``digits`` significant digits, as ``float(f"{v:.{digits}g}")`` rounds each value, so that a
     metric on the rounded array is the metric on the written file: ``[0.123456789, 0.0]`` -> ``[0.123, 0.0]`` (3)."""
-    out = x = np.asarray(x, dtype=np.float64).copy()
+    x = np.array(x, dtype=np.float64)  # a copy: the rounded values go back into it
     ok = np.isfinite(x) & (x != 0)
     mag = np.abs(x[ok])
     exponent = np.floor(np.log10(mag))
@@ -476,8 +476,8 @@ def round_significant(x: np.ndarray, digits: int = PROB_DIGITS) -> np.ndarray:
     values = x[ok]
     values[exact] = np.round(values[exact] * 10.0 ** power[exact]) / 10.0 ** power[exact]
     values[~exact] = [float(f"{v:.{digits}g}") for v in values[~exact]]
-    out[ok] = values
-    return out
+    x[ok] = values
+    return x
 
 
 def aggregate_by_group(

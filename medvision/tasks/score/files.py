@@ -33,9 +33,8 @@ from medvision.errors import EnvironmentProblem
 from medvision.evaluation import Decision
 from medvision.inference import Engine
 from medvision.io.archive import Entry, scan
-from medvision.metrics import round_significant
 from medvision.runs import ScoringSpec
-from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
+from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
 from medvision.workers import Failure, PoolStats
 
 BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
@@ -72,10 +71,9 @@ class FileUnit:
             blank = [""] * (len(self.spec.classes) + len(self.calls))
             return csv_line([f.rel, *f.uids, "", "", *blank, f.status, one_line(f.reason), *extra])
         out = []
-        for frame, p in zip(f.frames, round_significant(np.asarray(f.probs)), strict=True):  # as the report's
-            flags = [str(int(p[self.decision.positive] >= thr)) for _, thr in self.calls]
-            out.append([f.rel, *f.uids, frame, self.spec.classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags,
-                        "ok", "", *extra])  # fmt: skip
+        for frame, p in zip(f.frames, f.probs, strict=True):
+            cells = prediction_cells(p, self.spec.classes, self.decision.positive, self.calls)
+            out.append([f.rel, *f.uids, frame, *cells, "ok", "", *extra])
         return csv_line(*out)
 
     def _outcomes(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[FileResult]:

@@ -38,6 +38,7 @@ from medvision.evaluation import Decision
 from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry
 from medvision.io.files import atomic_write
+from medvision.metrics import round_significant
 from medvision.runs import RunError, ScoringSpec, versions
 from medvision.runtime import barrier, broadcast, gather, setup
 from medvision.workers import PoolStats, isolated_map
@@ -120,6 +121,16 @@ def operating_calls(decision: Decision, level: str = "image") -> list[tuple[str,
         if op["threshold"] is not None and np.isfinite(op["threshold"]):
             calls.append((name, float(op["threshold"])))
     return calls
+
+
+def prediction_cells(p: np.ndarray, classes: list[str], positive: int | None, calls: list[tuple[str, float]]
+                     ) -> list[str]:  # fmt: skip
+    """A scored row's predicted class, class probabilities (6 decimals) and 0/1 call at each operating point. The
+    calls compare the probabilities at the digits the run's report chose its thresholds on
+    (:func:`~medvision.metrics.round_significant`), so a validation image at a threshold is called as it was there."""
+    p = round_significant(np.asarray(p))
+    flags = [str(int(p[positive] >= thr)) for _, thr in calls] if positive is not None else []
+    return [classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags]
 
 
 def csv_line(*rows: list[Any]) -> str:

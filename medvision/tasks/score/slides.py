@@ -49,13 +49,13 @@ from medvision.evaluation import Decision
 from medvision.inference import Engine
 from medvision.io.archive import Entry
 from medvision.io.files import atomic_write
-from medvision.metrics import aggregate_by_group, round_significant, softmax
+from medvision.metrics import aggregate_by_group, softmax
 from medvision.models.mil import MILHead
 from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.models.slide_head import MIL_FILE
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
-from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls
+from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
 from medvision.workers import Failure, PoolStats, isolated_map
 from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
@@ -499,11 +499,9 @@ class SlideUnit(SlideScan):
         target = self.cfg.target_mpp
         if item.status != "ok" or item.probs is None or item.info is None:
             return csv_line([item.rel, item.status, one_line(item.reason), "", *blank, "", "", "", "", target, ""])
-        p, info, positive = round_significant(item.probs), item.info, self.decision.positive  # as the report's
-        flags = [str(int(p[positive] >= thr)) for _, thr in self.calls] if positive is not None else []
-        return csv_line([item.rel, "ok", "", self.spec.classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags,
-                         info["n_tiles"], f"{info['tissue_mm2']:.3f}", f"{info['mpp']:.6g}", info["mpp_source"],
-                         target, info["level"]])  # fmt: skip
+        info, cells = item.info, prediction_cells(item.probs, self.spec.classes, self.decision.positive, self.calls)
+        return csv_line([item.rel, "ok", "", *cells, info["n_tiles"], f"{info['tissue_mm2']:.3f}",
+                         f"{info['mpp']:.6g}", info["mpp_source"], target, info["level"]])  # fmt: skip
 
     def finish(self, out: Path, table: Path) -> None:
         self.outputs.finish(out)
