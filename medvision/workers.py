@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 from typing import Any, Generic, TypeVar
 
 from pebble import ProcessExpired, ProcessPool
@@ -129,6 +131,73 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield part
 
 
+class _Drawn(Generic[T]):
+    """``items`` drawn in chunks by a thread of its own, at most ``ahead`` chunks ahead of the pool. An item that
+    is slow to make (the next slide's tile batches wait for the slide to be opened) then holds back nothing that
+    is ready: the pool's finished results are handed on while the thread waits for it.
+
+    :meth:`get` gives the next chunk, or None at the end (or, not blocking, when none is ready yet); an exception
+    raised while drawing ends the items and is kept in ``error``. :meth:`close` stops the thread, which closes
+    ``items`` if it is a generator (its ``finally`` runs in the thread that ran it)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable[T], size: int, ahead: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self.ended = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._draw, args=(items, size), name="medvision-draw", daemon=True)
+        self._thread.start()
+
+    def _put(self, value: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _draw(self, items: Iterable[T], size: int) -> None:
+        it = iter(items)
+        part: list[T] = []
+        last: Any = self._END
+        try:
+            for item in it:
+                part.append(item)
+                if len(part) == size:
+                    if not self._put(part):
+                        break
+                    part = []
+        except BaseException as err:  # the drawing's own error: the consumer raises it after the items before it
+            last = err
+        finally:
+            close = getattr(it, "close", None)
+            if self._stop.is_set() and close is not None:
+                close()
+        if part and not self._stop.is_set():
+            self._put(part)
+        self._put(last)
+
+    def get(self, block: bool) -> list[T] | None:
+        if self.ended:
+            return None
+        try:
+            value = self._queue.get(block=block)
+        except queue.Empty:
+            return None
+        if value is self._END or isinstance(value, BaseException):
+            self.ended = True
+            self.error = value if isinstance(value, BaseException) else None
+            return None
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)  # a thread still waiting for its item stops when that item comes
+
+
 def isolated_map(
     fn: Callable[[list[T]], list[R]],
     items: Iterable[T],
@@ -148,8 +217,9 @@ def isolated_map(
     at most ``timeout`` seconds per item. ``workers=0`` runs ``fn`` in this process:
     no isolation, for debugging.
 
-    ``items`` may be a lazy iterable: it is drawn only as far as the pool works ahead (two chunks a worker), so a
-    stream whose items are made as it goes (a slide's tile batches once the slide is opened) flows through one pool.
+    ``items`` may be a lazy iterable: it is drawn by a thread of its own only as far as the pool works ahead (two
+    chunks a worker), so a stream whose items are made as it goes (a slide's tile batches once the slide is opened)
+    flows through one pool, and an item that is slow to make does not hold back the results already read.
     A chunk whose items all meet ``skip`` when its turn comes is not waited for: its task is cancelled (a worker
     that runs it is stopped and replaced) and each item yields :data:`SKIPPED` (a batch of a slide already lost).
 
@@ -157,56 +227,80 @@ def isolated_map(
         >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
     """
     stats = stats if stats is not None else PoolStats()
-    chunks = _chunks(items, chunk)
     if workers <= 0:
         if initializer is not None:
             initializer(*initargs)
-        for part in chunks:
+        for part in _chunks(items, chunk):
             yield from zip(part, _Inline(fn, part).result(), strict=True)
         return
     context = _context()
-    first = next(chunks, None)
-    if first is None:
-        return
-    pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
+    ahead = max(2, 2 * workers)
+    drawn = _Drawn(items, chunk, ahead)
     try:
-        ahead = max(2, 2 * workers)
-        pending: deque[tuple[list[T], Any]] = deque()
-        queued = chain([first], chunks)
-        for part in queued:
-            pending.append((part, pool.schedule(fn, (part,), timeout=timeout * len(part))))
-            if len(pending) >= ahead:
-                break
-        while pending:
-            part, future = pending.popleft()
-            nxt = next(queued, None)
-            if nxt is not None:
-                pending.append((nxt, pool.schedule(fn, (nxt,), timeout=timeout * len(nxt))))
-            if skip is not None and all(skip(item) for item in part):
-                future.cancel()
-                yield from ((item, SKIPPED) for item in part)
-                continue
-            try:
-                yield from zip(part, future.result(), strict=True)
-                continue
-            except Exception as err:  # ProcessExpired, a timeout, or a result that could not travel back
-                stats.lost_chunks += 1
-                what = f"failed ({type(err).__name__}: {err})"
-                if isinstance(err, FutureTimeout | ProcessExpired):
-                    what = "timed out" if isinstance(err, FutureTimeout) else "died"
-                if len(part) == 1:  # alone already: retrying would only cost the time again
-                    yield part[0], _failure(err, timeout, stats)
-                    continue
-                log.warning("a decode worker %s while reading %d file(s); retrying them one by one", what, len(part))
-            singles = [(item, pool.schedule(fn, ([item],), timeout=timeout)) for item in part]
-            for item, single in singles:
-                try:
-                    yield item, single.result()[0]
-                except Exception as err:
-                    yield item, _failure(err, timeout, stats)
-    except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
-        pool.stop()
+        first = drawn.get(block=True)
+        if first is None:
+            return
+        pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
+        try:
+            yield from _results(pool, fn, first, drawn, ahead, timeout, stats, skip)
+        except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
+            pool.stop()
+            pool.join()
+            raise
+        pool.close()
         pool.join()
-        raise
-    pool.close()
-    pool.join()
+    finally:
+        drawn.close()
+
+
+def _results(
+    pool: ProcessPool,
+    fn: Callable[[list[T]], list[R]],
+    first: list[T],
+    drawn: _Drawn[T],
+    ahead: int,
+    timeout: float,
+    stats: PoolStats,
+    skip: Callable[[T], bool] | None,
+) -> Iterator[tuple[T, R | Failure]]:
+    """:func:`isolated_map`'s results, in input order: up to ``ahead`` chunks scheduled, topped up from ``drawn``
+    without waiting for it while a result is pending; a lost chunk retried item by item."""
+
+    def skipped(part: list[T]) -> bool:
+        return skip is not None and all(skip(item) for item in part)
+
+    def submit(part: list[T]) -> tuple[list[T], Any]:
+        return part, None if skipped(part) else pool.schedule(fn, (part,), timeout=timeout * len(part))
+
+    pending: deque[tuple[list[T], Any]] = deque([submit(first)])
+    while True:
+        while len(pending) < ahead and (nxt := drawn.get(block=not pending)) is not None:
+            pending.append(submit(nxt))
+        if not pending:
+            if drawn.error is not None:  # raised after the results of every item drawn before it
+                raise drawn.error
+            return
+        part, future = pending.popleft()
+        if future is None or skipped(part):
+            if future is not None:
+                future.cancel()
+            yield from ((item, SKIPPED) for item in part)
+            continue
+        try:
+            yield from zip(part, future.result(), strict=True)
+            continue
+        except Exception as err:  # ProcessExpired, a timeout, or a result that could not travel back
+            stats.lost_chunks += 1
+            what = f"failed ({type(err).__name__}: {err})"
+            if isinstance(err, FutureTimeout | ProcessExpired):
+                what = "timed out" if isinstance(err, FutureTimeout) else "died"
+            if len(part) == 1:  # alone already: retrying would only cost the time again
+                yield part[0], _failure(err, timeout, stats)
+                continue
+            log.warning("a decode worker %s while reading %d file(s); retrying them one by one", what, len(part))
+        singles = [(item, pool.schedule(fn, ([item],), timeout=timeout)) for item in part]
+        for item, single in singles:
+            try:
+                yield item, single.result()[0]
+            except Exception as err:
+                yield item, _failure(err, timeout, stats)

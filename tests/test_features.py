@@ -220,3 +220,39 @@ def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
         )
         assert np.array_equal(got.coords, clean.coords) and len(got.features) > 8  # several batches a slide
         np.testing.assert_allclose(got.features, clean.features, rtol=1e-4, atol=1e-4)
+
+
+def test_a_slide_slow_to_open_holds_back_nothing_already_read(
+    slide_cohort: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream's batches are drawn by a thread of their own: while the second slide is still being opened,
+    the first slide's batches already read reach the encoder and its file is written. Here the second slide opens
+    only once the first is finished (or after a minute, which would mean the stream waited for it)."""
+    import threading
+
+    from medvision.tasks import features as feature_task
+    from medvision.tasks.score import slides as slide_scan
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name, source in (("a_first.svs", "slide_000.svs"), ("b_slow.svs", "slide_003.svs")):
+        shutil.copy(slide_cohort.parent / source, folder / name)
+    first_done, waited = threading.Event(), []
+    real_tiles, real_process = slide_scan.SlideScan.tiles, feature_task.FeatureUnit.process
+
+    def slow_tiles(self, folder_, item):
+        if item.rel == "b_slow.svs":
+            waited.append(first_done.wait(timeout=60))
+        return real_tiles(self, folder_, item)
+
+    def process(self, item, tiles, batches):
+        real_process(self, item, tiles, batches)
+        if item.rel == "a_first.svs":
+            first_done.set()
+
+    monkeypatch.setattr(slide_scan.SlideScan, "tiles", slow_tiles)
+    monkeypatch.setattr(feature_task.FeatureUnit, "process", process)
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0)
+    summary = extract_features(folder, tmp_path / "f", ENCODER, weights, slides=cfg, workers=1, batch_size=8)
+    assert summary.ok_files == 2 and waited == [True]

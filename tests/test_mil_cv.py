@@ -81,7 +81,8 @@ def test_cross_validated_abmil_run_reports_every_fold_and_scores_out_of_fold(
     preds = _csv(run / "predictions.csv")
     y = np.asarray([r["label"] == "tumour" for r in preds], int)
     p = np.asarray([float(r["prob_tumour"]) for r in preds])
-    assert metrics["pooled"]["auc"] == pytest.approx(roc_auc_score(y, p))
+    # the metrics are the file's: equal but for the order of a sum (the pooled AUC adds the slides fold by fold)
+    assert metrics["pooled"]["auc"] == pytest.approx(roc_auc_score(y, p), rel=0, abs=1e-12)
     assert metrics["pooled"]["auc"] >= 0.8  # planted tumour tiles in ImageNet features: measured 1.0
     # every out-of-fold probability is the saved head of that fold on that slide's bag
     for r in preds:

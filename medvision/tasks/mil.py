@@ -33,7 +33,7 @@ import numpy as np
 from medvision.data.audit import write_audit
 from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
 from medvision.io.files import atomic_write
-from medvision.metrics import operating_point, softmax
+from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
 from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil
 from medvision.recipe import Recipe, dump_recipe
 from medvision.report import write_json
@@ -76,7 +76,8 @@ def _fold(cohort: FeatureCohort, folds: np.ndarray, f: int, recipe: Recipe) -> t
     head, history = fit_mil([cohort.bags[i] for i in fit], cohort.labels[fit], [cohort.bags[i] for i in val],
                             cohort.labels[val], n_out, cfg)  # fmt: skip
     out, attention = predict_mil(head, [cohort.bags[i] for i in test])
-    scores = out[:, 0] if cohort.continuous else softmax(out)
+    # probabilities at the digits predictions.csv keeps: the metrics, the threshold and the file agree
+    scores = out[:, 0] if cohort.continuous else round_significant(softmax(out))
     top = [cohort.coords[i][int(np.argmax(a))].tolist() for i, a in zip(test, attention, strict=True)]
     record = {"fold": f, "test": [cohort.slides[i] for i in test], "fit_slides": len(fit), "val_slides": len(val),
               "predictions": scores.tolist(), "best_epoch": history["best_epoch"],
@@ -199,7 +200,7 @@ def _write_predictions(path: Path, cohort: FeatureCohort, folds: np.ndarray, oof
             w.writerow(["slide_path", "patient_id", "fold", "label", *cols])
             for rel, pat, y, f, p in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
                                          oof.tolist(), strict=True):  # fmt: skip
-                vals = [f"{p:.9g}"] if cohort.classes is None else [f"{v:.6f}" for v in p]
+                vals = [f"{p:.9g}"] if cohort.classes is None else [f"{v:.{PROB_DIGITS}g}" for v in p]
                 w.writerow([rel, pat, f, y if cohort.classes is None else cohort.classes[int(y)], *vals])
 
     atomic_write(path, write)

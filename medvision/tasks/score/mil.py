@@ -27,7 +27,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import setup
 from medvision.tasks.mil import MIL_RUN
-from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
+from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, prediction_cells, run_units
 from medvision.tasks.score.slides import (
     SLIDE_TIMEOUT,
     PlannedSlide,
@@ -90,10 +90,11 @@ class FeatureMILUnit(SlideScan):
             blank = [""] * (n_out + calls)
             return csv_line([item.rel, item.status, one_line(item.reason), *blank, "", "", "", "", target, ""])
         p, info = item.probs, item.info
-        classes = self.classes
-        values = [f"{p[0]:.9g}"] if classes is None else [classes[int(p.argmax())], *[f"{v:.6f}" for v in p]]
-        if self.threshold is not None and self.positive is not None:
-            values.append(str(int(p[self.positive] >= self.threshold)))
+        if self.classes is None:
+            values = [f"{p[0]:.9g}"]
+        else:  # the Youden call compares the digits the threshold was chosen on, as image rows do
+            points = [("youden", self.threshold)] if self.threshold is not None else []
+            values = prediction_cells(p, self.classes, self.positive, points)
         return csv_line([item.rel, "ok", "", *values, info["n_tiles"], f"{info['tissue_mm2']:.3f}",
                          f"{info['mpp']:.6g}", info["mpp_source"], target, info["level"]])  # fmt: skip
 

@@ -14,11 +14,11 @@ instances (a DICOM WSI series; not searched further). Opening a slide and findin
 isolated worker process (:mod:`medvision.workers`), so a reader that segfaults or hangs on one file costs
 that slide only. Its tiles then join one stream of tile batches for the whole run (:meth:`SlideScan.stream`):
 one pool of reader processes, started once, reads ahead across slide boundaries while the model works, so
-a new slide's first batches are usually read before the model needs them (a slide that is slow to open
-still holds the stream up). A batch whose reader raises, crashes or hangs (one timeout) costs its slide only:
-its other batches are not read. Tiles are preprocessed in the readers by
-:func:`medvision.data.intake.preprocess` (the same function as for files) and scored by the engine, TTA and
-the MIL head's features included.
+a new slide's first batches are usually read before the model needs them. The batches are drawn by a thread
+of their own, so a slide that is slow to open holds back nothing already read. A batch whose reader raises,
+crashes or hangs (one timeout) costs its slide only: its other batches are not read. Tiles are preprocessed in
+the readers by :func:`medvision.data.intake.preprocess` (the same function as for files) and scored by the
+engine, TTA and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
 tissue fraction, probabilities) and ``<out>.heatmaps/<slide>.png``. A slide's tile file and heatmap are
