@@ -126,8 +126,19 @@ def start_forkserver() -> None:
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size``; when drawing them raises, the items drawn before it come first as a
+    shorter list, then the error."""
     it = iter(items)
-    while part := list(islice(it, size)):
+    while True:
+        part: list[T] = []
+        try:
+            part.extend(islice(it, size))
+        except BaseException:
+            if part:
+                yield part
+            raise
+        if not part:
+            return
         yield part
 
 
@@ -161,23 +172,17 @@ class _Drawn(Generic[T]):
 
     def _draw(self, items: Iterable[T], size: int) -> None:
         it = iter(items)
-        part: list[T] = []
         last: Any = self._END
         try:
-            for item in it:
-                part.append(item)
-                if len(part) == size:
-                    if not self._put(part):
-                        break
-                    part = []
+            for part in _chunks(it, size):
+                if not self._put(part):
+                    break
         except BaseException as err:  # the drawing's own error: the consumer raises it after the items before it
             last = err
         finally:
             close = getattr(it, "close", None)
             if self._stop.is_set() and close is not None:
                 close()
-        if part and not self._stop.is_set():
-            self._put(part)
         self._put(last)
 
     def get(self, block: bool) -> list[T] | None:
@@ -192,6 +197,11 @@ class _Drawn(Generic[T]):
             self.error = value if isinstance(value, BaseException) else None
             return None
         return value
+
+    def raise_error(self) -> None:
+        """At the end of the results: the error that ended the drawing, if one did."""
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
         self._stop.set()
@@ -239,6 +249,7 @@ def isolated_map(
     try:
         first = drawn.get(block=True)
         if first is None:
+            drawn.raise_error()  # drawing the very first item may have failed
             return
         pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
         try:
@@ -277,8 +288,7 @@ def _results(
         while len(pending) < ahead and (nxt := drawn.get(block=not pending)) is not None:
             pending.append(submit(nxt))
         if not pending:
-            if drawn.error is not None:  # raised after the results of every item drawn before it
-                raise drawn.error
+            drawn.raise_error()  # after the results of every item drawn before it
             return
         part, future = pending.popleft()
         if future is None or skipped(part):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import h5py
@@ -228,8 +229,6 @@ def test_a_slide_slow_to_open_holds_back_nothing_already_read(
     """The stream's batches are drawn by a thread of their own: while the second slide is still being opened,
     the first slide's batches already read reach the encoder and its file is written. Here the second slide opens
     only once the first is finished (or after a minute, which would mean the stream waited for it)."""
-    import threading
-
     from medvision.tasks import features as feature_task
     from medvision.tasks.score import slides as slide_scan
 

@@ -45,6 +45,13 @@ def test_an_error_while_making_the_items_reaches_the_consumer_after_the_results_
             got.append(item)
     assert got == [0, 1, 2]
 
+    def nothing_drawn() -> Iterator[int]:
+        raise ValueError("slide folder is unreadable")
+        yield 0
+
+    with pytest.raises(ValueError, match="slide folder is unreadable"):  # not an empty stream
+        list(isolated_map(list, nothing_drawn(), workers=1, timeout=30, chunk=2))
+
 
 def test_a_consumer_that_stops_early_closes_the_lazy_input() -> None:
     """Closing the input runs its ``finally`` (a planning pool of its own is stopped there)."""
