@@ -17,10 +17,12 @@ The distributed pieces are few, and each keeps a 1-process result unchanged:
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,6 +41,38 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------ device and precision
+
+#: Blocks up to this size come from, and go back to, the malloc heap (see :func:`reuse_freed_memory`).
+KEEP_FREED = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_ALLOCATOR: dict[str, bool] = {}
+
+
+def reuse_freed_memory() -> bool:
+    """Lets glibc's malloc keep freed blocks up to :data:`KEEP_FREED` for the next allocation (once a process).
+
+    By default glibc gives every block over 32 MB (and, until it adapts, over 128 kB) its own ``mmap`` and
+    returns it to the system when freed, so each forward pass of a CNN on a batch of 32 at 224 px page-faults
+    its activations in again: on the 2-core machine of ``benchmarks/cpu_allocator.py``, 13-46% of the CPU time
+    went to the kernel. Raising the mmap and trim thresholds (what ``MALLOC_MMAP_THRESHOLD_`` does; jemalloc and
+    tcmalloc, which PyTorch's CPU tuning guide recommends, cache freed memory too) keeps that memory in the
+    process: ``tf_efficientnet_lite0`` embedded 1.6-2.4x and trained 1.2-1.4x faster there, with 2-17% more
+    peak memory. Linux with glibc only; ``MEDVISION_MALLOC=system`` leaves malloc as it is. Returns whether the
+    thresholds were set.
+    """
+    if "done" in _ALLOCATOR:
+        return _ALLOCATOR["done"]
+    done = False
+    if sys.platform.startswith("linux") and os.environ.get("MEDVISION_MALLOC", "") != "system":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            done = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED)) and bool(
+                libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED)
+            )
+        except (OSError, AttributeError):  # another C library (musl has no mallopt thresholds)
+            done = False
+    _ALLOCATOR["done"] = done
+    return done
 
 
 def seed_everything(seed: int) -> None:
@@ -135,8 +169,10 @@ def setup(device_setting: str = "auto", timeout: datetime.timedelta | None = Non
     """The device of this process, and its rank: opens the process group when torchrun launched it.
 
     gloo on the CPU, NCCL on CUDA, where rank ``r`` of a node takes ``cuda:LOCAL_RANK``. A second
-    call (train, then evaluate, in one process) reuses the group.
+    call (train, then evaluate, in one process) reuses the group. Sets malloc to reuse freed memory
+    (:func:`reuse_freed_memory`).
     """
+    reuse_freed_memory()
     device = resolve_device(device_setting)
     if not launched_by_torchrun():
         return Dist(), device

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -85,6 +86,12 @@ def test_timm_encoder_with_the_real_imagenet_weights(shared: Path) -> None:
         ours = encoder(tiles)
         theirs = reference((tiles.float() / 255 - 0.5) / 0.5)
     assert torch.allclose(ours, theirs, atol=1e-5)  # the real weights, the head dropped, pooled 1280-d
+    # embed takes the batches as the readers stack them, (B, H, W, 3), and gives the same embeddings
+    as_read = [tiles.permute(0, 2, 3, 1).contiguous().numpy()[:1], tiles.permute(0, 2, 3, 1).contiguous().numpy()[1:]]
+    embedded = encoder.embed(as_read, torch.device("cpu"))
+    assert embedded.shape == (2, 1280) and np.allclose(embedded, ours.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"tile batch of shape \(2, 3, 224, 224\): expected uint8 \(B, H, W, 3\)"):
+        encoder.embed([tiles.numpy()], torch.device("cpu"))
 
 
 def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

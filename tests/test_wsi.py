@@ -427,6 +427,29 @@ def test_direct_jpeg_tile_path_gives_the_backends_pixels(flavour: str, small_rgb
         reader.close()
 
 
+def test_direct_jpeg_tile_path_decodes_each_jpeg_tile_once_over_a_grid(tmp_path: Path) -> None:
+    # a wide slide: one row of 448 px cells touches 3 rows of 32 JPEG tiles (more than the old 64-tile LRU held)
+    rgb = np.random.default_rng(0).integers(0, 256, (1536, 8192, 3), dtype=np.uint8)
+    path = write_pyramidal_tiff(tmp_path / "wide.svs", rgb, 0.5, downsamples=(1, 16))
+    coords = np.array([(x, y) for y in range(0, 1536 - 447, 448) for x in range(0, 8192 - 447, 448)])
+    reader = TileReader([SlideRef(str(path), None, 0, 448)], np.zeros(len(coords), np.int64), coords, 224)
+    reader(0)
+    fast, decoded = reader._fast[0], []
+    assert fast is not None and fast.keep == 3 * 32
+    fast.cache.clear()
+    decode = fast.page.decode
+    fast.page.decode = lambda data, index, **kw: decoded.append(index) or decode(data, index, **kw)
+    tiles = [reader(i) for i in range(len(coords))]
+    reader.close()
+    touched = {ty * 32 + tx for cx, cy in coords for ty in range(cy // 256, (cy + 447) // 256 + 1)
+               for tx in range(cx // 256, (cx + 447) // 256 + 1)}  # fmt: skip
+    assert len(decoded) == len(set(decoded)) and set(decoded) == touched  # each JPEG tile decoded once
+    with open_slide(path) as slide:  # and the pixels are still the backend's
+        for i in (0, 20, len(coords) - 1):
+            want = read_tile(slide, 0, 448, int(coords[i, 0]), int(coords[i, 1]), 224)
+            assert np.abs(tiles[i].astype(int) - want).max() <= 1
+
+
 def test_evaluate_a_slide_run_on_a_manifest_and_cap_tiles_by_slide_name(slide_run: Path, cohort: tuple[Path, dict],
                                                                           tmp_path: Path) -> None:  # fmt: skip
     from medvision.data.sources import load_table

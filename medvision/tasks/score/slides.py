@@ -55,6 +55,7 @@ from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.models.slide_head import MIL_FILE
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
+from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
 from medvision.workers import Failure, PoolStats, isolated_map
 from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
@@ -135,11 +136,6 @@ def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
     return out
 
 
-def chw(tile: np.ndarray) -> np.ndarray:
-    """A tile as uint8 (3, H, W), for an encoder that does its own resize and normalisation."""
-    return np.ascontiguousarray(tile.transpose(2, 0, 1))
-
-
 @dataclass
 class PlannedSlide:
     """A slide entry after planning: ``ok`` with its tile grid and thumbnail in ``info``, or an error or skip."""
@@ -203,10 +199,11 @@ class TileJob:
 _READ: dict[str, Any] = {}
 
 
-def _init_reader(prepare: Callable[[np.ndarray], np.ndarray]) -> None:
+def _init_reader(prepare: Callable[[np.ndarray], np.ndarray] | None) -> None:
     if multiprocessing.parent_process() is not None:  # a worker, not the in-process (workers=0) path
         torch.set_num_threads(1)  # one core a reader: the model's threads have the others
         cv2.setNumThreads(1)
+        reuse_freed_memory()  # a tile's kernel time: 0.16-0.23 -> 0.05 ms (benchmarks/RESULTS.md)
     _close_readers()
     _READ.update(prepare=prepare, open={})
 
@@ -230,7 +227,8 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
         for key in [k for k in readers if k < job.key - 1]:
             readers.pop(key).close()
         try:
-            out.append(np.stack([prepare(reader.read_at(0, int(x), int(y))) for x, y in job.coords]))
+            tiles = [reader.read_at(0, int(x), int(y)) for x, y in job.coords]
+            out.append(np.stack(tiles if prepare is None else [prepare(t) for t in tiles]))
         except Exception as err:
             out.append(f"{type(err).__name__}: {err}")
     return out
@@ -274,7 +272,8 @@ class SlideBatches:
 class SlideScan:
     """What every slide unit shares (scoring, feature extraction): the scan, planning in the isolated pool, the
     kept tiles, the run's one stream of tile batches, and a row a slide whatever happens to it. A unit sets
-    ``batch_size`` and ``prepare`` (what a reader makes of a tile: :func:`chw` by default) and adds
+    ``batch_size`` and ``prepare`` (what a reader makes of a tile; None: the tile as read,
+    RGB uint8 (H, W, 3), for an encoder that does its own resize and normalisation) and adds
     :meth:`process` (what it makes of a slide's batches) and :meth:`row`."""
 
     item = "tile"
@@ -286,7 +285,7 @@ class SlideScan:
     def __init__(self, cfg: SlidesConfig, workers: int, timeout: float) -> None:
         self.cfg, self.workers, self.timeout = cfg, workers, timeout
         self.stain = stain_transform(cfg)  # fitted once, to the reference tile
-        self.prepare: Callable[[np.ndarray], np.ndarray] = chw
+        self.prepare: Callable[[np.ndarray], np.ndarray] | None = None
 
     def entries(self, folder: Path) -> list[Entry]:
         return find_slides(folder)
