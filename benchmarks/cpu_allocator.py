@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_info, write_csv
+from machine import cpu_info, print_table, write_csv
 
 CASES = [("embed", 224, 32, "fp32"), ("embed", 224, 32, "bf16"), ("train", 64, 128, "fp32"), ("train", 224, 32, "fp32")]
 
@@ -104,14 +104,12 @@ def main() -> None:
         row["ratio"] = round(med[True]["images_s"] / med[False]["images_s"], 2)
         rows.append(row)
         print(row, flush=True)
-    print()
-    print("| case | px | batch | precision | default malloc (img/s) | kernel share | reuse (img/s) | kernel share "
-          "| ratio | peak RSS default / reuse (MB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['px']} | {r['batch']} | {r['precision']} | {r['default_images_s']:.1f} | "
-              f"{r['default_kernel_share']:.0%} | {r['reuse_images_s']:.1f} | {r['reuse_kernel_share']:.0%} | "
-              f"{r['ratio']:.2f}x | {r['default_peak_rss_mb']:.0f} / {r['reuse_peak_rss_mb']:.0f} |")  # fmt: skip
+    heads = ["case", "px", "batch", "precision", "default malloc (img/s)", "kernel share", "reuse (img/s)",
+             "kernel share", "ratio", "peak RSS default / reuse (MB)"]  # fmt: skip
+    print_table(heads, [[r["case"], r["px"], r["batch"], r["precision"], f"{r['default_images_s']:.1f}",
+                         f"{r['default_kernel_share']:.0%}", f"{r['reuse_images_s']:.1f}",
+                         f"{r['reuse_kernel_share']:.0%}", f"{r['ratio']:.2f}x",
+                         f"{r['default_peak_rss_mb']:.0f} / {r['reuse_peak_rss_mb']:.0f}"] for r in rows])  # fmt: skip
     write_csv(args.csv, rows, f"{cpu_info()}; torch {torch.__version__}")
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from machine import cpu_info, write_csv
+from machine import cpu_info, print_table, write_csv
 from safetensors.torch import save_file
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -157,14 +157,11 @@ def main() -> None:
                        "workers": args.workers, "batch": args.batch_size}  # fmt: skip
                 rows.append(row)
                 print(row, flush=True)
-        print()
-        print("| encoder | precision | slides | tiles | encoder alone (tiles/s) | `medvision features` (tiles/s) "
-              "| ratio | reader (CPU ms a tile) | CPU bound on the ratio |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['encoder']} | {r['precision']} | {r['slides']} | {r['tiles']} | {r['encoder_tiles_s']} | "
-                  f"{r['pipeline_tiles_s']} | {r['ratio']:.2f} | {r['reader_ms']:.2f} | "
-                  f"{r['cpu_bound']:.2f} |")  # fmt: skip
+        heads = ["encoder", "precision", "slides", "tiles", "encoder alone (tiles/s)", "`medvision features` (tiles/s)",
+                 "ratio", "reader (CPU ms a tile)", "CPU bound on the ratio"]  # fmt: skip
+        print_table(heads, [[r["encoder"], r["precision"], r["slides"], r["tiles"], r["encoder_tiles_s"],
+                             r["pipeline_tiles_s"], f"{r['ratio']:.2f}", f"{r['reader_ms']:.2f}",
+                             f"{r['cpu_bound']:.2f}"] for r in rows])  # fmt: skip
         write_csv(args.csv, rows, machine)
     finally:
         shutil.rmtree(root, ignore_errors=True)

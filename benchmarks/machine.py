@@ -33,3 +33,12 @@ def write_csv(path: Path, rows: list[dict[str, Any]], machine: str) -> None:
         for r in rows:
             w.writerow({**r, "date": datetime.date.today().isoformat(), "machine": machine})
     print(f"wrote {path}")
+
+
+def print_table(headers: list[str], cells: list[list[Any]]) -> None:
+    """A Markdown table, as ``benchmarks/RESULTS.md`` holds them (a blank line before it)."""
+    print()
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in cells:
+        print("| " + " | ".join(str(c) for c in row) + " |")
