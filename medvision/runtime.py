@@ -57,8 +57,8 @@ def reuse_freed_memory() -> bool:
     went to the kernel. Raising the mmap and trim thresholds (what ``MALLOC_MMAP_THRESHOLD_`` does; jemalloc and
     tcmalloc, which PyTorch's CPU tuning guide recommends, cache freed memory too) keeps that memory in the
     process: ``tf_efficientnet_lite0`` embedded 1.6-2.4x faster there and a bare training step ran 1.2-1.4x
-    faster, with 2-17% more peak memory (a whole BloodMNIST epoch at 64 px: no measurable change). Linux with glibc only; ``MEDVISION_MALLOC=system`` leaves malloc as it is. Returns whether the
-    thresholds were set.
+    faster, with 2-17% more peak memory (a whole BloodMNIST epoch at 64 px: no measurable change). Linux with
+    glibc only; ``MEDVISION_MALLOC=system`` leaves malloc as it is. Returns whether the thresholds were set.
     """
     if "done" in _ALLOCATOR:
         return _ALLOCATOR["done"]
