@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import logging
 import os
 import random
@@ -45,9 +46,9 @@ T = TypeVar("T")
 #: Blocks up to this size come from, and go back to, the malloc heap (see :func:`reuse_freed_memory`).
 KEEP_FREED = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_ALLOCATOR: dict[str, bool] = {}
 
 
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Lets glibc's malloc keep freed blocks up to :data:`KEEP_FREED` for the next allocation (once a process).
 
@@ -60,19 +61,13 @@ def reuse_freed_memory() -> bool:
     faster, with 2-17% more peak memory (a whole BloodMNIST epoch at 64 px: no measurable change). Linux with
     glibc only; ``MEDVISION_MALLOC=system`` leaves malloc as it is. Returns whether the thresholds were set.
     """
-    if "done" in _ALLOCATOR:
-        return _ALLOCATOR["done"]
-    done = False
-    if sys.platform.startswith("linux") and os.environ.get("MEDVISION_MALLOC", "") != "system":
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            done = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED)) and bool(
-                libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED)
-            )
-        except (OSError, AttributeError):  # another C library (musl has no mallopt thresholds)
-            done = False
-    _ALLOCATOR["done"] = done
-    return done
+    if not sys.platform.startswith("linux") or os.environ.get("MEDVISION_MALLOC", "") == "system":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl has no mallopt thresholds)
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED))
 
 
 def seed_everything(seed: int) -> None:
