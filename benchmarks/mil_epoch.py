@@ -23,36 +23,18 @@ per-feature mean and std (``tile_statistics``).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_info, print_table, write_csv
 
 from medvision.models.mil_fit import MILConfig, fit_mil
 
 HEADS = ("mean", "abmil", "clam_sb", "transmil")
-
-
-def cpu_info() -> tuple[str, bool]:
-    """The CPU's model name and whether it has AVX512-BF16, from ``/proc/cpuinfo``."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return model, False
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            break
-    return model, "avx512_bf16" in flags
 
 
 def busy_seconds() -> float:
@@ -129,28 +111,20 @@ def main() -> None:
             print(f"{kind} max_tiles_train={tiles}: fit_mil {seconds:.1f} s, epoch {epoch:.1f} s "
                   f"({epoch / args.bags * 1e3:.1f} ms/bag); other processes {other:.2f} cores", flush=True)  # fmt: skip
 
-    model, bf16 = cpu_info()
-    machine = (f"{model}, {os.cpu_count()} cores, avx512_bf16 {'yes' if bf16 else 'no'}; torch {torch.__version__}, "
-               f"process threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}), "
-               f"fit_mil threads {MILConfig().threads}")  # fmt: skip
+    machine = (
+        f"{cpu_info()}; torch {torch.__version__}, process threads {torch.get_num_threads()} "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}), fit_mil threads {MILConfig().threads}"
+    )
+    write_csv(args.out, rows, machine)
     today = datetime.date.today().isoformat()
-    for r in rows:
-        r.update(machine=machine, date=today)
-    with args.out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
     print(f"\nmachine: {machine}; {today}; {time.perf_counter() - started:.0f} s in all")
     print(f"one epoch = fit_mil(epochs=1, no validation) over {args.bags} bags ({distinct} distinct arrays, "
           f"cycled) of {args.tiles} x {args.features}; 1 untimed warm-up call on {args.warmup} bags per row; "
           f"fit_mil adds the set-up (tile_statistics over every tile) to the epoch\n")  # fmt: skip
-    print("| head | max_tiles_train | epoch (s) | ms per bag | bags/s | fit_mil call (s) | other load (cores) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['head']} | {r['max_tiles_train']} | {r['epoch_s']:.1f} | {r['ms_per_bag']:.1f} "
-              f"| {r['bags_per_s']:.1f} | {r['fit_mil_s']:.1f} | {r['other_cores']:.2f} |")  # fmt: skip
-    print(f"\nCSV: {args.out}")
+    heads = ["head", "max_tiles_train", "epoch (s)", "ms per bag", "bags/s", "fit_mil call (s)", "other load (cores)"]
+    print_table(heads, [[r["head"], r["max_tiles_train"], f"{r['epoch_s']:.1f}", f"{r['ms_per_bag']:.1f}",
+                         f"{r['bags_per_s']:.1f}", f"{r['fit_mil_s']:.1f}", f"{r['other_cores']:.2f}"]
+                        for r in rows])  # fmt: skip
 
 
 if __name__ == "__main__":

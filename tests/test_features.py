@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from medvision.models.encoders import load_encoder
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError
 from medvision.tasks.features import extract_features
+from medvision.workers import HANDOFF_DIR
 from medvision.wsi.features import FeatureFileError, feature_name, read_features
 from medvision.wsi.slide import open_slide
 from medvision.wsi.source import plan_slide
@@ -213,6 +215,7 @@ def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
     assert "exited with code 3" in rows["c_FAULT-exit.svs"]["reason"]
     assert "timed out after 5 s" in rows["d_FAULT-hang.svs"]["reason"]
     assert not (tmp_path / "f" / feature_name("c_FAULT-exit.svs")).exists()
+    assert not list(HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*"))  # none left by a lost or cancelled batch
     assert "2 tile batch(es) lost to a reader that crashed or hung (1 crashed, 1 timed out)" in caplog.text
     for name, source in (("a_slide_000.svs", "slide_000.svs"), ("e_slide_003.svs", "slide_003.svs")):
         got, clean = (

@@ -5,12 +5,17 @@ chunk, so each item's result is the item."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from medvision.workers import isolated_map
+from medvision.workers import HANDOFF_DIR, HandOff, discard, handoff_path, isolated_map, sweep_handoffs
 
 
 def test_an_item_slow_to_make_does_not_hold_back_the_results_already_read() -> None:
@@ -67,3 +72,62 @@ def test_a_consumer_that_stops_early_closes_the_lazy_input() -> None:
     assert next(stream) == (0, 0)
     stream.close()
     assert closed.wait(timeout=5)
+
+
+def _batch(i: int) -> np.ndarray:
+    shapes = [(8, 64, 64, 3), (4, 3, 32, 32), (0, 64, 64, 3)]
+    dtypes = [np.uint8, np.float32, np.uint8]
+    return (np.arange(np.prod(shapes[i])) % 251).astype(dtypes[i]).reshape(shapes[i])
+
+
+def _hand_off(items: list[tuple[int, str]]) -> list[HandOff | np.ndarray]:
+    """A reader's work: a batch left in the file its parent named."""
+    return [HandOff.leave(_batch(i), path) for i, path in items]
+
+
+def _mine() -> list[Path]:
+    return sorted(HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*"))
+
+
+def test_a_worker_hands_a_batch_back_through_a_file_in_ram_that_the_parent_removes() -> None:
+    """Tile batches come back from the readers through /dev/shm instead of the pool's pipe (2.4-4.2x less time and
+    2.2-4.0x less of the encoder's CPU for a 4.8 MB batch, benchmarks/RESULTS.md): the same array, dtype and shape,
+    and no file left once it is taken."""
+    items = [(i, handoff_path()) for i in range(3)]
+    got = list(isolated_map(_hand_off, items, workers=1, timeout=60, chunk=2))
+    assert all(isinstance(value, HandOff) for _, value in got)  # not the pipe
+    for (i, path), (_, value) in zip(items, got, strict=True):
+        assert isinstance(value, HandOff) and value.path == path and Path(path).is_file()
+        array = value.take()
+        assert array.dtype == _batch(i).dtype and np.array_equal(array, _batch(i))
+        assert not Path(path).exists()
+    assert _mine() == []
+
+
+def test_a_batch_that_cannot_be_left_in_a_file_travels_as_itself_and_a_short_file_is_an_error(tmp_path: Path) -> None:
+    """A full /dev/shm (Docker's 64 MB) is no error: the array goes through the pipe. A file cut short is an
+    OSError naming it (its slide becomes an error row), and the file is removed all the same."""
+    batch = _batch(0)
+    assert HandOff.leave(batch, str(tmp_path / "missing-folder" / "x")) is batch
+    path = str(tmp_path / "short")
+    handed = HandOff.leave(batch, path)
+    assert isinstance(handed, HandOff) and handed.shape == batch.shape
+    Path(path).write_bytes(Path(path).read_bytes()[:100])
+    with pytest.raises(OSError, match=rf"{path}: hand-off file holds 100 bytes, expected {batch.nbytes}"):
+        handed.take()
+    assert not Path(path).exists()
+    discard(path)  # a file already gone is no error
+
+
+def test_sweeping_removes_the_hand_off_files_of_a_parent_that_is_gone_and_keeps_a_live_ones() -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = HANDOFF_DIR / f"medvision-handoff-{int(gone.stdout)}-0"
+    live = Path(handoff_path())
+    for path in (dead, live):
+        path.write_bytes(b"tiles")
+    try:
+        sweep_handoffs()
+        assert not dead.exists() and live.exists()
+    finally:
+        discard(str(dead))
+        discard(str(live))

@@ -16,9 +16,10 @@ that slide only. Its tiles then join one stream of tile batches for the whole ru
 one pool of reader processes, started once, reads ahead across slide boundaries while the model works, so
 a new slide's first batches are usually read before the model needs them. The batches are drawn by a thread
 of their own, so a slide that is slow to open holds back nothing already read. A batch whose reader raises,
-crashes or hangs (one timeout) costs its slide only: its other batches are not read. Tiles are preprocessed in
-the readers by :func:`medvision.data.intake.preprocess` (the same function as for files) and scored by the
-engine, TTA and the MIL head's features included.
+crashes or hangs (one timeout) costs its slide only: its other batches are not read. A reader hands its batch
+back through a file in RAM that this process names and removes (:class:`~medvision.workers.HandOff`), not
+through the pool's pipe. Tiles are preprocessed in the readers by :func:`medvision.data.intake.preprocess`
+(the same function as for files) and scored by the engine, TTA and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
 tissue fraction, probabilities) and ``<out>.heatmaps/<slide>.png``. A slide's tile file and heatmap are
@@ -33,7 +34,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,7 +58,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
-from medvision.workers import Failure, PoolStats, isolated_map
+from medvision.workers import Failure, HandOff, PoolStats, discard, handoff_path, isolated_map, sweep_handoffs
 from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
@@ -190,6 +191,8 @@ class TileJob:
     reader: TileReader | None
     coords: np.ndarray
     last: bool
+    handoff: str = ""
+    """The file the reader leaves the batch in (:class:`~medvision.workers.HandOff`); "" in this process."""
 
     @classmethod
     def empty(cls, key: int) -> TileJob:
@@ -214,10 +217,10 @@ def _close_readers() -> None:
     _READ["open"] = {}
 
 
-def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
+def _read_batches(jobs: list[TileJob]) -> list[HandOff | np.ndarray | str | None]:
     """Each job's tiles, prepared and stacked; a reader that raised gives its reason instead. A worker keeps the
     slides of its last two keys open (a slide's batches come in a row), closing older ones."""
-    out: list[np.ndarray | str | None] = []
+    out: list[HandOff | np.ndarray | str | None] = []
     prepare, readers = _READ["prepare"], _READ["open"]
     for job in jobs:
         if job.reader is None:
@@ -228,7 +231,8 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
             readers.pop(key).close()
         try:
             tiles = [reader.read_at(0, int(x), int(y)) for x, y in job.coords]
-            out.append(np.stack(tiles if prepare is None else [prepare(t) for t in tiles]))
+            batch = np.stack(tiles if prepare is None else [prepare(t) for t in tiles])
+            out.append(HandOff.leave(batch, job.handoff) if job.handoff else batch)
         except Exception as err:
             out.append(f"{type(err).__name__}: {err}")
     return out
@@ -338,13 +342,31 @@ class SlideScan:
                         break
                     batch = tiles.coords[start : start + self.batch_size]
                     ended = start + len(batch) == len(tiles.coords)
-                    yield TileJob(key, tiles.reader, batch, ended)
+                    handoff = handoff_path() if self.workers else ""  # workers=0: read in this process
+                    if handoff:
+                        named.add(handoff)
+                    yield TileJob(key, tiles.reader, batch, ended, handoff)
                 if not ended:
                     yield TileJob.empty(key)  # nothing to read, or nothing more after a failed batch
 
-        results = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
-                               initializer=_init_reader, initargs=(self.prepare,), stats=lost,
-                               skip=lambda job: job.key in failed and job.reader is not None)  # fmt: skip
+        def received() -> Generator[tuple[TileJob, Any], None, None]:
+            """The readers' results, each batch taken from the file its reader left it in."""
+            for job, value in isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT,
+                                           chunk=1, initializer=_init_reader, initargs=(self.prepare,), stats=lost,
+                                           skip=lambda job: job.key in failed and job.reader is not None):  # fmt: skip
+                named.discard(job.handoff)
+                if isinstance(value, HandOff):
+                    try:
+                        value = value.take()
+                    except OSError as err:  # the batch is lost: its slide is an error row, the run goes on
+                        value = f"its tiles could not be handed over ({err})"
+                elif job.handoff:
+                    discard(job.handoff)  # lost with its worker, or cancelled: whatever it had written
+                yield job, value
+
+        named: set[str] = set()
+        sweep_handoffs()
+        results = received()
         try:
             head = next(results, None)
             while head is not None:
@@ -354,6 +376,9 @@ class SlideScan:
                 yield item, tiles, batches
                 head = batches.drain()
         finally:
+            results.close()  # stops the readers (at once, when the run ends early) before their files are removed
+            for path in list(named):
+                discard(path)
             _close_readers()  # workers=0: the slides read in this process
             if lost.lost_chunks:
                 log.warning("%d tile batch(es) lost to a reader that crashed or hung (%d crashed, %d timed out); "
