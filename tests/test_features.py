@@ -258,3 +258,24 @@ def test_a_slide_slow_to_open_holds_back_nothing_already_read(
     cfg = SlidesConfig(tile_size=112, target_mpp=1.0)
     summary = extract_features(folder, tmp_path / "f", ENCODER, weights, slides=cfg, workers=1, batch_size=8)
     assert summary.ok_files == 2 and waited == [True]
+
+
+def test_a_run_stopped_mid_slide_leaves_no_tile_batch_in_ram(slide_cohort: Path, tmp_path: Path) -> None:
+    """The readers work ahead, each batch in a file in /dev/shm: a consumer that stops after one batch (an
+    interrupted run) stops the readers first, then removes every file they were given, written or not."""
+    from medvision.tasks.score.slides import SlideScan, find_slides
+    from medvision.workers import PoolStats
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("slide_000.svs", "slide_003.svs"):
+        shutil.copy(slide_cohort.parent / name, folder / name)
+    scan = SlideScan(SlidesConfig(tile_size=112, target_mpp=1.0), workers=1, timeout=60)
+    scan.batch_size = 4  # many batches a slide, two of them ahead in the reader
+    stream = scan.stream(folder, find_slides(folder), PoolStats())
+    item, tiles, batches = next(stream)
+    assert item.status == "ok" and tiles is not None and len(tiles.coords) > 12
+    first = next(iter(batches))
+    assert first.shape == (4, 112, 112, 3) and first.dtype == np.uint8
+    stream.close()
+    assert not list(HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*"))

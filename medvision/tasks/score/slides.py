@@ -350,19 +350,24 @@ class SlideScan:
                     yield TileJob.empty(key)  # nothing to read, or nothing more after a failed batch
 
         def received() -> Generator[tuple[TileJob, Any], None, None]:
-            """The readers' results, each batch taken from the file its reader left it in."""
-            for job, value in isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT,
-                                           chunk=1, initializer=_init_reader, initargs=(self.prepare,), stats=lost,
-                                           skip=lambda job: job.key in failed and job.reader is not None):  # fmt: skip
-                named.discard(job.handoff)
-                if isinstance(value, HandOff):
-                    try:
-                        value = value.take()
-                    except OSError as err:  # the batch is lost: its slide is an error row, the run goes on
-                        value = f"its tiles could not be handed over ({err})"
-                elif job.handoff:
-                    discard(job.handoff)  # lost with its worker, or cancelled: whatever it had written
-                yield job, value
+            """The readers' results, each batch taken from the file its reader left it in; closing it stops the
+            readers at once (the pool's own ``finally``), so none writes a file after the sweep below."""
+            read = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
+                                initializer=_init_reader, initargs=(self.prepare,), stats=lost,
+                                skip=lambda job: job.key in failed and job.reader is not None)  # fmt: skip
+            try:
+                for job, value in read:
+                    named.discard(job.handoff)
+                    if isinstance(value, HandOff):
+                        try:
+                            value = value.take()
+                        except OSError as err:  # the batch is lost: its slide is an error row, the run goes on
+                            value = f"its tiles could not be handed over ({err})"
+                    elif job.handoff:
+                        discard(job.handoff)  # lost with its worker, or cancelled: whatever it had written
+                    yield job, value
+            finally:
+                read.close()
 
         named: set[str] = set()
         sweep_handoffs()
@@ -376,7 +381,7 @@ class SlideScan:
                 yield item, tiles, batches
                 head = batches.drain()
         finally:
-            results.close()  # stops the readers (at once, when the run ends early) before their files are removed
+            results.close()  # the readers stopped (at once, when the run ends early) before their files are removed
             for path in list(named):
                 discard(path)
             _close_readers()  # workers=0: the slides read in this process
