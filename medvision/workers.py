@@ -130,8 +130,8 @@ class HandOff:
     def leave(cls, array: np.ndarray, path: str) -> HandOff | np.ndarray:
         """Worker side: ``array`` written to ``path``; ``array`` itself when it cannot be."""
         data = np.ascontiguousarray(array)
-        try:
-            with open(path, "xb") as fh:
+        try:  # readable by this user only: the pixels are a patient's
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
                 fh.write(data.reshape(-1).view(np.uint8).data)
         except OSError:
             discard(path)

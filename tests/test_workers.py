@@ -98,6 +98,7 @@ def test_a_worker_hands_a_batch_back_through_a_file_in_ram_that_the_parent_remov
     assert all(isinstance(value, HandOff) for _, value in got)  # not the pipe
     for (i, path), (_, value) in zip(items, got, strict=True):
         assert isinstance(value, HandOff) and value.path == path and Path(path).is_file()
+        assert Path(path).stat().st_mode & 0o777 == 0o600  # tile pixels are a patient's: no other user reads them
         array = value.take()
         assert array.dtype == _batch(i).dtype and np.array_equal(array, _batch(i))
         assert not Path(path).exists()
