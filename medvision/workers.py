@@ -114,8 +114,8 @@ class HandOff:
     """A worker's numpy result, left in a file in RAM for its parent instead of pickled through the pool's pipe.
 
     Pebble sends a result down a pipe in 64 KB steps, each a switch between the two processes: a batch of 32
-    tiles of 224 px (4.8 MB) took 13-29 ms and 6-13 ms of the parent's CPU, on the cores the encoder needs, against
-    6-7 ms and 3 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. The parent names the
+    tiles of 224 px (4.8 MB) took 11 ms and 3.0-3.4 ms of the parent's CPU, on the cores the encoder needs, against
+    4.3-4.5 ms and 1.8-2.2 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. The parent names the
     file (:func:`handoff_path`) and removes it after reading, or with :func:`discard` when the worker died, hung
     or was cancelled. A file that cannot be written (``/dev/shm`` full: Docker's default is 64 MB) is no error: the
     array then travels through the pipe as before. Plain ``write``/``read``, not a shared mapping, so a full
@@ -299,6 +299,7 @@ def isolated_map(
     initargs: tuple[Any, ...] = (),
     stats: PoolStats | None = None,
     skip: Callable[[T], bool] | None = None,
+    hand_off: bool = False,
 ) -> Generator[tuple[T, R | Failure], None, None]:
     """Yields ``(item, fn's result for it)`` in input order, or ``(item, Failure)`` for an item that kills its worker.
 
@@ -307,11 +308,17 @@ def isolated_map(
     at most ``timeout`` seconds per item. ``workers=0`` runs ``fn`` in this process:
     no isolation, for debugging.
 
-    ``items`` may be a lazy iterable: it is drawn by a thread of its own only as far as the pool works ahead (two
+    ``items`` may be a lazy iterable: it is drawn by a thread of their own only as far as the pool works ahead (two
     chunks a worker), so a stream whose items are made as it goes (a slide's tile batches once the slide is opened)
     flows through one pool, and an item that is slow to make does not hold back the results already read.
     A chunk whose items all meet ``skip`` when its turn comes is not waited for: its task is cancelled (a worker
     that runs it is stopped and replaced) and each item yields :data:`SKIPPED` (a batch of a slide already lost).
+
+    ``hand_off``: a result that is a numpy array comes back through a file in RAM (:class:`HandOff`), not the
+    pool's pipe. Each file is named here, read back and removed; the files of results lost, cancelled or not
+    taken (the consumer stopped early) are removed once the workers are stopped, so none is written afterwards;
+    those of a parent that was killed are swept by the next pool that hands off. A file that cannot be read back
+    makes that item a :class:`Failure`.
 
     Examples:
         >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
@@ -326,6 +333,10 @@ def isolated_map(
     context = _context()
     ahead = max(2, 2 * workers)
     drawn = _Drawn(items, chunk, ahead)
+    handed: set[str] | None = None
+    if hand_off:
+        sweep_handoffs()
+        handed = set()
     try:
         first = drawn.get(block=True)
         if first is None:
@@ -333,7 +344,7 @@ def isolated_map(
             return
         pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
         try:
-            yield from _results(pool, fn, first, drawn, ahead, timeout, stats, skip)
+            yield from _results(pool, fn, first, drawn, ahead, timeout, stats, skip, handed)
         except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
             pool.stop()
             pool.join()
@@ -342,6 +353,14 @@ def isolated_map(
         pool.join()
     finally:
         drawn.close()
+        for path in handed or ():  # no worker runs any more: nothing can write these after they are removed
+            discard(path)
+
+
+def _hand_back(fn: Callable[[list[T]], list[R]], part: list[T], paths: list[str]) -> list[Any]:
+    """A task of a pool that hands off: ``fn``'s results, each array left in the file named for it."""
+    results = fn(part)
+    return [HandOff.leave(r, p) if isinstance(r, np.ndarray) else r for r, p in zip(results, paths, strict=True)]
 
 
 def _results(
@@ -353,33 +372,65 @@ def _results(
     timeout: float,
     stats: PoolStats,
     skip: Callable[[T], bool] | None,
+    handed: set[str] | None,
 ) -> Iterator[tuple[T, R | Failure]]:
     """:func:`isolated_map`'s results, in input order: up to ``ahead`` chunks scheduled, topped up from ``drawn``
-    without waiting for it while a result is pending; a lost chunk retried item by item."""
+    without waiting for it while a result is pending; a lost chunk retried item by item. ``handed``: the hand-off
+    files named so far and not yet read back (None: results come through the pipe)."""
 
     def skipped(part: list[T]) -> bool:
         return skip is not None and all(skip(item) for item in part)
 
-    def submit(part: list[T]) -> tuple[list[T], Any]:
-        return part, None if skipped(part) else pool.schedule(fn, (part,), timeout=timeout * len(part))
+    def schedule(part: list[T]) -> tuple[Any, list[str]]:
+        """The task for ``part``, and the files its arrays come back in."""
+        if handed is None:
+            return pool.schedule(fn, (part,), timeout=timeout * len(part)), [""] * len(part)
+        paths = [handoff_path() for _ in part]
+        handed.update(paths)
+        return pool.schedule(_hand_back, (fn, part, paths), timeout=timeout * len(part)), paths
 
-    pending: deque[tuple[list[T], Any]] = deque([submit(first)])
+    def received(value: Any, path: str) -> Any:
+        """A result as the consumer gets it: a handed-off array read back, its file removed."""
+        if not path:
+            return value
+        if handed is not None:
+            handed.discard(path)
+        if not isinstance(value, HandOff):
+            discard(path)  # the array went through the pipe (its file could not be written), or not an array
+            return value
+        try:
+            return value.take()
+        except OSError as err:
+            return Failure(f"its result could not be read back ({err})")
+
+    def drop(paths: list[str]) -> None:
+        """Removes the files of results lost or cancelled now; their names stay in ``handed``, so that one a
+        worker being stopped still writes is removed at the end."""
+        for path in paths:
+            if path:
+                discard(path)
+
+    def submit(part: list[T]) -> tuple[list[T], Any, list[str]]:
+        return (part, None, []) if skipped(part) else (part, *schedule(part))
+
+    pending: deque[tuple[list[T], Any, list[str]]] = deque([submit(first)])
     while True:
         while len(pending) < ahead and (nxt := drawn.get(block=not pending)) is not None:
             pending.append(submit(nxt))
         if not pending:
             drawn.raise_error()  # after the results of every item drawn before it
             return
-        part, future = pending.popleft()
+        part, future, paths = pending.popleft()
         if future is None or skipped(part):
             if future is not None:
                 future.cancel()
+            drop(paths)
             yield from ((item, SKIPPED) for item in part)
             continue
         try:
-            yield from zip(part, future.result(), strict=True)
-            continue
+            got = list(zip(part, future.result(), paths, strict=True))
         except Exception as err:  # ProcessExpired, a timeout, or a result that could not travel back
+            drop(paths)
             stats.lost_chunks += 1
             what = f"failed ({type(err).__name__}: {err})"
             if isinstance(err, FutureTimeout | ProcessExpired):
@@ -388,9 +439,15 @@ def _results(
                 yield part[0], _failure(err, timeout, stats)
                 continue
             log.warning("a decode worker %s while reading %d file(s); retrying them one by one", what, len(part))
-        singles = [(item, pool.schedule(fn, ([item],), timeout=timeout)) for item in part]
-        for item, single in singles:
+        else:
+            yield from ((item, received(value, path)) for item, value, path in got)
+            continue
+        singles = [(item, *schedule([item])) for item in part]
+        for item, single, (path,) in singles:
             try:
-                yield item, single.result()[0]
+                value = single.result()[0]
             except Exception as err:
+                drop([path])
                 yield item, _failure(err, timeout, stats)
+            else:
+                yield item, received(value, path)

@@ -17,7 +17,7 @@ one pool of reader processes, started once, reads ahead across slide boundaries 
 a new slide's first batches are usually read before the model needs them. The batches are drawn by a thread
 of their own, so a slide that is slow to open holds back nothing already read. A batch whose reader raises,
 crashes or hangs (one timeout) costs its slide only: its other batches are not read. A reader hands its batch
-back through a file in RAM that this process names and removes (:class:`~medvision.workers.HandOff`), not
+back through a file in RAM that this process names and removes (``isolated_map(hand_off=True)``), not
 through the pool's pipe. Tiles are preprocessed in the readers by :func:`medvision.data.intake.preprocess`
 (the same function as for files) and scored by the engine, TTA and the MIL head's features included.
 
@@ -34,7 +34,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,7 +58,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
-from medvision.workers import Failure, HandOff, PoolStats, discard, handoff_path, isolated_map, sweep_handoffs
+from medvision.workers import Failure, PoolStats, isolated_map
 from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
@@ -191,8 +191,6 @@ class TileJob:
     reader: TileReader | None
     coords: np.ndarray
     last: bool
-    handoff: str = ""
-    """The file the reader leaves the batch in (:class:`~medvision.workers.HandOff`); "" in this process."""
 
     @classmethod
     def empty(cls, key: int) -> TileJob:
@@ -217,10 +215,10 @@ def _close_readers() -> None:
     _READ["open"] = {}
 
 
-def _read_batches(jobs: list[TileJob]) -> list[HandOff | np.ndarray | str | None]:
+def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
     """Each job's tiles, prepared and stacked; a reader that raised gives its reason instead. A worker keeps the
     slides of its last two keys open (a slide's batches come in a row), closing older ones."""
-    out: list[HandOff | np.ndarray | str | None] = []
+    out: list[np.ndarray | str | None] = []
     prepare, readers = _READ["prepare"], _READ["open"]
     for job in jobs:
         if job.reader is None:
@@ -231,8 +229,7 @@ def _read_batches(jobs: list[TileJob]) -> list[HandOff | np.ndarray | str | None
             readers.pop(key).close()
         try:
             tiles = [reader.read_at(0, int(x), int(y)) for x, y in job.coords]
-            batch = np.stack(tiles if prepare is None else [prepare(t) for t in tiles])
-            out.append(HandOff.leave(batch, job.handoff) if job.handoff else batch)
+            out.append(np.stack(tiles if prepare is None else [prepare(t) for t in tiles]))
         except Exception as err:
             out.append(f"{type(err).__name__}: {err}")
     return out
@@ -342,36 +339,15 @@ class SlideScan:
                         break
                     batch = tiles.coords[start : start + self.batch_size]
                     ended = start + len(batch) == len(tiles.coords)
-                    handoff = handoff_path() if self.workers else ""  # workers=0: read in this process
-                    if handoff:
-                        named.add(handoff)
-                    yield TileJob(key, tiles.reader, batch, ended, handoff)
+                    yield TileJob(key, tiles.reader, batch, ended)
                 if not ended:
                     yield TileJob.empty(key)  # nothing to read, or nothing more after a failed batch
 
-        def received() -> Generator[tuple[TileJob, Any], None, None]:
-            """The readers' results, each batch taken from the file its reader left it in; closing it stops the
-            readers at once (the pool's own ``finally``), so none writes a file after the sweep below."""
-            read = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
-                                initializer=_init_reader, initargs=(self.prepare,), stats=lost,
-                                skip=lambda job: job.key in failed and job.reader is not None)  # fmt: skip
-            try:
-                for job, value in read:
-                    named.discard(job.handoff)
-                    if isinstance(value, HandOff):
-                        try:
-                            value = value.take()
-                        except OSError as err:  # the batch is lost: its slide is an error row, the run goes on
-                            value = f"its tiles could not be handed over ({err})"
-                    elif job.handoff:
-                        discard(job.handoff)  # lost with its worker, or cancelled: whatever it had written
-                    yield job, value
-            finally:
-                read.close()
-
-        named: set[str] = set()
-        sweep_handoffs()
-        results = received()
+        # batches come back through RAM, not the pool's pipe (benchmarks/tile_handoff.py)
+        results = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
+                               initializer=_init_reader, initargs=(self.prepare,), stats=lost,
+                               skip=lambda job: job.key in failed and job.reader is not None,
+                               hand_off=True)  # fmt: skip
         try:
             head = next(results, None)
             while head is not None:
@@ -381,9 +357,7 @@ class SlideScan:
                 yield item, tiles, batches
                 head = batches.drain()
         finally:
-            results.close()  # the readers stopped (at once, when the run ends early) before their files are removed
-            for path in list(named):
-                discard(path)
+            results.close()  # the readers stopped at once when the run ends early, and their files removed
             _close_readers()  # workers=0: the slides read in this process
             if lost.lost_chunks:
                 log.warning("%d tile batch(es) lost to a reader that crashed or hung (%d crashed, %d timed out); "
