@@ -11,22 +11,33 @@ class and the patient grouping is real. Nothing is downloaded; nothing is commit
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import warnings
 from pathlib import Path
 
 import pydicom
-from pydicom.data import get_testdata_files
 from pydicom.uid import generate_uid
 
 MODALITIES = ("CT", "MR", "CR", "US", "OT")
 
 
+def shipped_files() -> list[Path]:
+    """Every file under pydicom's ``data/test_files`` and pydicom-data's data folder (when installed), sorted.
+
+    Globbed, not found through ``pydicom.data.get_testdata_files()``, which may try the network for a missing file.
+    """
+    folders = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # pydicom-data is optional
+        folders.append(Path(str(importlib.metadata.distribution("pydicom-data").locate_file("data_store/data"))))
+    return sorted((p for folder in folders for p in folder.rglob("*") if p.is_file()), key=str)
+
+
 def source_files(max_bytes: int = 4_000_000) -> list[tuple[Path, str]]:
     """(file, modality) for every decodable single-frame image of the chosen modalities."""
     out = []
-    for name in sorted(get_testdata_files()):
-        path = Path(name)
-        if not path.is_file() or path.stat().st_size > max_bytes:
+    for path in shipped_files():
+        if path.stat().st_size > max_bytes:
             continue
         try:
             with warnings.catch_warnings():

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from medvision.metrics import (
+    TEMPERATURE_RANGE,
     MetricWarning,
     aggregate_by_group,
     average_precision,
@@ -38,6 +39,7 @@ from medvision.metrics import (
     per_class_metrics,
     proportion_ci,
     round_significant,
+    temperature_at_bound,
     tta_softmax,
 )
 from medvision.recipe import EvalConfig, RecipeError
@@ -171,7 +173,8 @@ def judged_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
         half[idx[: len(idx) // 2]] = True
     full = fit_temperature(logits, labels)
     if half.sum() < 10 or (~half).sum() < 10:
-        return full, {"temperature_fitted": full, "rule": "fitted on validation (too few cases to cross-fit)"}
+        return full, _flag_bound(full, {"temperature_fitted": full,
+                                        "rule": "fitted on validation (too few cases to cross-fit)"})  # fmt: skip
     before, after = [], []
     for fit_part, judge in ((half, ~half), (~half, half)):
         t = fit_temperature(logits[fit_part], labels[fit_part])
@@ -184,7 +187,26 @@ def judged_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
         ece = f"{record['val_ece_before']:.3f} to {record['val_ece_after']:.3f}"
         record["kept_t1"] = f"temperature {full:.3f} raised the cross-fitted validation ECE from {ece}; T = 1 kept"
         return 1.0, record
-    return full, record
+    return full, _flag_bound(full, record)
+
+
+def _flag_bound(t: float, record: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``at_bound`` (and warns) when the kept temperature is an end of the range it was searched in.
+
+    Validation then asked for more sharpening (or softening) than the range allows: the model's confidence differs
+    so much from image to image that one temperature cannot calibrate it, and on new images its errors can be
+    confident (lower end) or its right answers timid (upper end)."""
+    end = temperature_at_bound(t)
+    if end:
+        lo, hi = TEMPERATURE_RANGE
+        record["at_bound"] = (
+            f"the fitted temperature {t:.3g} is the {end} end of the range searched ({lo:g} to {hi:g}); one "
+            f"temperature cannot calibrate this model on validation, and its probabilities on new images are "
+            + ("sharpened that much: its errors can be confident" if end == "lower"
+               else "flattened that much: its right answers can look unsure")
+        )  # fmt: skip
+        warnings.warn(f"calibration: {record['at_bound']}", MetricWarning, stacklevel=3)
+    return record
 
 
 def _at_threshold(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:

@@ -410,6 +410,19 @@ def operating_point(y_true: np.ndarray, score: np.ndarray, rule: str, target: fl
     raise ValueError(f"operating point rule {rule!r} is not one of youden, sensitivity, specificity")
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)
+"""Where :func:`fit_temperature` searches: a temperature at either end is the range's limit, not an optimum."""
+
+
+def temperature_at_bound(t: float) -> str:
+    """``"lower"`` or ``"upper"`` when a fitted temperature is (within the search's precision) an end of
+    :data:`TEMPERATURE_RANGE`, else ``""``."""
+    for end, name in zip(TEMPERATURE_RANGE, ("lower", "upper"), strict=True):
+        if abs(np.log(t) - np.log(end)) < 1e-6:
+            return name
+    return ""
+
+
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """The temperature T > 0 minimising validation NLL of softmax(logits / T) (golden-section on log T).
 
@@ -428,7 +441,7 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
         logp = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
         return float(-logp[np.arange(len(y)), y].mean())
 
-    lo, hi = np.log(0.05), np.log(20.0)
+    lo, hi = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5) - 1) / 2
     for _ in range(80):
         m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)

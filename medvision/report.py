@@ -135,7 +135,8 @@ def _temperature_fact(decision: Decision) -> str:
     judged = ""
     if "val_ece_after" in cal:
         judged = f"; cross-fitted validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}"
-    return f"temperature {decision.temperature:.3f} (fitted on validation{judged}; probabilities below are calibrated)"
+    fact = f"temperature {decision.temperature:.3f} (fitted on validation{judged}; probabilities below are calibrated)"
+    return f"{fact}. Warning: {cal['at_bound']}" if cal.get("at_bound") else fact
 
 
 def _operating_point_rows(clinical: dict[str, Any], split: str) -> list[list[str]]:
@@ -304,6 +305,8 @@ def build_report(
         listed = "; `data_audit.csv` names each with its reason" if (out_dir / "data_audit.csv").is_file() else ""
         warned.insert(0, f"{left_out} unreadable image file(s) were left out of the data (data.on_error: skip)"
                          f"{listed}")  # fmt: skip
+    if (decision.calibration or {}).get("at_bound"):
+        warned.insert(0, f"calibration: {decision.calibration['at_bound']}")
     if warned:
         blocks += [("h2", "Warnings"), ("ul", warned)]
     blocks.append(("p", "Files: `metrics.json` (everything above, at image and patient level), `predictions.csv`, "

@@ -23,9 +23,9 @@ from medvision.evaluation import (
     judged_temperature,
     shift_warnings,
 )
-from medvision.metrics import mean_ci, proportion_ci
+from medvision.metrics import TEMPERATURE_RANGE, MetricWarning, mean_ci, proportion_ci, temperature_at_bound
 from medvision.recipe import EvalConfig, recipe_from_dict
-from medvision.report import _at_point
+from medvision.report import _at_point, _temperature_fact
 from medvision.training.loop import FitState
 
 
@@ -80,6 +80,25 @@ def test_temperature_is_kept_only_when_it_lowers_the_cross_fitted_validation_ece
     decision = Decision(temperature=1.0, calibration={"kept_t1": "temperature 0.9 raised the ECE; T = 1 kept"})
     back = Decision.from_json(decision.to_json())
     assert back.calibration["kept_t1"].endswith("T = 1 kept")
+
+
+def test_a_temperature_at_the_end_of_its_range_is_flagged_in_the_record_the_log_and_the_report() -> None:
+    """Logits 100x too timid ask for T = 0.01, below the range searched: the record, a warning and the report's
+    facts and warnings say the temperature is the range's limit and what that does to new images."""
+    logits, y = _logits(400, 0.01, 3)
+    with pytest.warns(MetricWarning, match="lower end of the range searched"):
+        t, record = judged_temperature(logits, y)
+    assert t == pytest.approx(TEMPERATURE_RANGE[0]) and temperature_at_bound(t) == "lower"
+    assert "errors can be confident" in record["at_bound"] and "kept_t1" not in record
+    with pytest.warns(MetricWarning, match="upper end"):
+        t, record = judged_temperature(*_logits(400, 100.0, 3))
+    assert t == pytest.approx(TEMPERATURE_RANGE[1]) and "right answers can look unsure" in record["at_bound"]
+    for scale in (0.5, 1.0, 3.0):  # an inside optimum: nothing flagged
+        t, record = judged_temperature(*_logits(2000, scale, 4))
+        assert not temperature_at_bound(t) and "at_bound" not in record
+    decision = Decision(temperature=0.05, calibration={"temperature_fitted": 0.05, "at_bound": "the fitted x"})
+    assert _temperature_fact(decision).endswith("Warning: the fitted x")
+    assert Decision.from_json(decision.to_json()).calibration["at_bound"] == "the fitted x"
 
 
 def test_headline_accuracy_is_reported_at_the_validation_threshold_next_to_argmax() -> None:

@@ -27,8 +27,10 @@ from medvision.data.transforms import build_transforms  # noqa: E402
 from medvision.inference import load_run  # noqa: E402
 from medvision.io.dicom import read_dicom  # noqa: E402
 from medvision.io.files import sha256  # noqa: E402
+from medvision.metrics import round_significant  # noqa: E402
 from medvision.recipe import recipe_from_dict  # noqa: E402
 from medvision.tasks.score import in_shard, score_folder  # noqa: E402
+from medvision.tasks.score.job import prediction_cells  # noqa: E402
 from medvision.tasks.train import train  # noqa: E402
 
 
@@ -105,6 +107,56 @@ def test_probabilities_match_a_plain_loop(trained: Path, folder: Path, tmp_path:
         assert row["call_youden"] == str(int(p[1] >= thresholds["youden"]))
         checked += 1
     assert checked == 4
+
+
+def test_written_probabilities_are_the_ones_the_calls_compare() -> None:
+    """A score row's probabilities carry predictions.csv's digits: a value just under a threshold is not written
+    as the threshold itself next to a 0 call, and a confident 3e-09 is not written 0 (a tie with every other)."""
+    calls = [("youden", 0.5), ("sensitivity_0.95", 1.5e-9)]
+    for p in ([0.5000004, 0.4999996], [1 - 3e-9, 3e-9], [1 - 2.5e-12, 2.5e-12], [0.25, 0.75], [0.0, 1.0]):
+        cells = prediction_cells(np.array(p), ["normal", "tumour"], 1, calls)
+        written = [float(v) for v in cells[1:3]]
+        assert written == round_significant(np.array(p)).tolist(), cells
+        assert cells[3:] == [str(int(written[1] >= thr)) for _, thr in calls], cells
+    assert prediction_cells(np.array([0.5000004, 0.4999996]), ["a", "b"], 1, calls) == ["a", "0.5000004", "0.4999996",
+                                                                                         "0", "1"]  # fmt: skip
+    assert prediction_cells(np.array([1 - 3e-9, 3e-9]), ["a", "b"], 1, calls)[1:] == ["1", "3e-09", "0", "1"]
+    # no positive class (multi-class): the probabilities only
+    assert prediction_cells(np.array([0.2, 0.3, 0.5]), ["a", "b", "c"], None, []) == ["c", "0.2", "0.3", "0.5"]
+
+
+def test_the_walkthrough_archive_gets_one_outcome_per_entry(trained: Path, tmp_path: Path) -> None:
+    """The README's messy archive (benchmarks/messy_archive.py): 48 real images of pydicom and pydicom-data, damaged
+    and non-image files, links, a directory named like a file. Every entry gets the outcome the docs show."""
+    pytest.importorskip("data_store", reason="pydicom-data (module data_store) ships the archive's CR and US images")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from messy_archive import make_archive
+
+    assert make_archive(tmp_path / "archive", 48) == 48
+    out = tmp_path / "scores.csv"
+    summary = score_folder(tmp_path / "archive", trained, out, workers=2)
+    assert (summary.files_found, summary.ok_files, summary.error_files, summary.skipped_files) == (58, 48, 6, 4)
+    assert summary.ok_images == 48 and summary.reconciled and summary.exit_code == 3
+    rows = {r["path"]: r for r in _rows(out)}
+    assert len(rows) == 58 and sum(r["status"] == "ok" for r in rows.values()) == 48
+    reasons = {path: (r["status"], r["reason"]) for path, r in rows.items() if r["status"] != "ok"}
+    expected = {
+        "CT/absurd.dcm": ("error", "65535 x 65535 x 3"),
+        "CT/cut.dcm": ("error", "truncated"),
+        "MR/empty.dcm": ("error", "empty file (0 bytes)"),
+        "MR/scan.dcm": ("error", "PNG image"),
+        "link.dcm": ("error", "broken symbolic link"),
+        "loop.dcm": ("error", "symbolic link loop"),
+        "notes.txt": ("skipped", "not DICOM"),
+        "plan.dcm": ("skipped", "without image pixel data (RTPLAN)"),
+        "report.dcm": ("skipped", "without image pixel data (SR)"),
+        "series.dcm": ("skipped", "a directory named like a file"),
+    }
+    assert set(reasons) == set(expected), reasons
+    for path, (status, words) in expected.items():
+        assert reasons[path][0] == status and words in reasons[path][1], (path, reasons[path])
+    assert {"series.dcm/000.dcm", "series.dcm/001.dcm"} <= {p for p, r in rows.items() if r["status"] == "ok"}
+    assert {p.split("/")[0] for p, r in rows.items() if r["status"] == "ok"} >= {"CR", "CT", "MR", "OT", "US"}
 
 
 def test_opt_in_tags(trained: Path, folder: Path, tmp_path: Path) -> None:
@@ -204,7 +256,7 @@ def test_png_folder_scores_like_evaluate_and_exit_codes(
     for p in predicted:
         assert rows[p["id"]]["status"] == "ok"
         for c in ("prob_stroma", "prob_tumor"):
-            assert abs(float(rows[p["id"]][c]) - float(p[c])) <= 2e-6, (p["id"], c)
+            assert float(rows[p["id"]][c]) == pytest.approx(float(p[c]), rel=1e-6, abs=1e-12), (p["id"], c)
     assert "0 error(s)" in capsys.readouterr().out
 
     bad = tmp_path / "bad"

@@ -38,7 +38,7 @@ from medvision.evaluation import Decision
 from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry
 from medvision.io.files import atomic_write
-from medvision.metrics import round_significant
+from medvision.metrics import PROB_DIGITS, round_significant
 from medvision.runs import RunError, ScoringSpec, versions
 from medvision.runtime import barrier, broadcast, gather, setup
 from medvision.workers import PoolStats, isolated_map
@@ -125,12 +125,15 @@ def operating_calls(decision: Decision, level: str = "image") -> list[tuple[str,
 
 def prediction_cells(p: np.ndarray, classes: list[str], positive: int | None, calls: list[tuple[str, float]]
                      ) -> list[str]:  # fmt: skip
-    """A scored row's predicted class, class probabilities (6 decimals) and 0/1 call at each operating point. The
-    calls compare the probabilities at the digits the run's report chose its thresholds on
-    (:func:`~medvision.metrics.round_significant`), so a validation image at a threshold is called as it was there."""
+    """A scored row's predicted class, class probabilities and 0/1 call at each operating point. The probabilities
+    are written with the digits ``predictions.csv`` keeps (:data:`~medvision.metrics.PROB_DIGITS` significant), and
+    the calls compare exactly those values with the thresholds the run's report chose on them: a validation image at
+    a threshold is called as it was there, a written probability is never on the other side of its call's
+    threshold, and a confident 3e-09 is not written 0 (which would tie it with every other confident image).
+    """
     p = round_significant(np.asarray(p))
     flags = [str(int(p[positive] >= thr)) for _, thr in calls] if positive is not None else []
-    return [classes[int(p.argmax())], *[f"{v:.6f}" for v in p], *flags]
+    return [classes[int(p.argmax())], *[f"{v:.{PROB_DIGITS}g}" for v in p], *flags]
 
 
 def csv_line(*rows: list[Any]) -> str:
