@@ -28,7 +28,8 @@ on this machine even with perfect overlap: a CPU-only ceiling, which does not ap
 a GPU. Encoders: ``timm:tf_efficientnet_lite0`` with its real ImageNet weights (a fast encoder, the
 hard case for the pipeline) and UNI's architecture (ViT-L/16, built as its card says, random weights: real
 UNI weights are gated and not available here; the compute is the same). Each figure is the median of
-``--rounds`` alternating rounds.
+``--rounds`` alternating rounds. Both sides run on the device ``extract_features`` picks (CUDA when there is
+one); there the CPU bound does not apply and is printed as ``-``.
 
     python benchmarks/feature_throughput.py [--slides 4] [--size 6144 4608] [--encoders timm:tf_efficientnet_lite0,uni]
 """
@@ -53,7 +54,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from medvision.models.encoders import encoder_spec, load_encoder
 from medvision.recipe import SlidesConfig
-from medvision.runtime import resolve_amp, reuse_freed_memory
+from medvision.runtime import resolve_amp, resolve_device, reuse_freed_memory
 from medvision.tasks.features import extract_features
 from medvision.wsi.source import plan_slide
 from medvision.wsi.synthetic import build_slide_set
@@ -114,14 +115,17 @@ def main() -> None:
                         mpp=0.25, formats=("aperio",), seed=0)  # fmt: skip
         for extra in ("manifest.csv", "truth.json"):
             (root / "slides" / extra).unlink()
-        device = torch.device("cpu")
+        device = resolve_device("auto")  # as extract_features' setup("auto"): both sides on the same device
         reuse_freed_memory()  # as every task's setup() does: the encoder alone runs with the pipeline's malloc
         rows = []
         machine = f"{cpu_info()}; torch {torch.__version__}, timm {timm.__version__}"
+        if device.type == "cuda":
+            machine += f"; {torch.cuda.get_device_name(device)}"
         print(f"machine: {machine}; {torch.get_num_threads()} torch threads; workers {args.workers}")
         for e, name in enumerate(args.encoders.split(",")):
             weights = checkpoint(name, root)
             encoder, _ = load_encoder(name, weights)
+            encoder = encoder.to(device)
             spec = encoder.spec
             cap = args.max_tiles[e] if e < len(args.max_tiles) and args.max_tiles[e] else None
             cfg = SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5, max_tiles_per_slide=cap)
@@ -157,7 +161,10 @@ def main() -> None:
                        "pipeline_tiles_s": round(p, 2), "ratio": round(p / a, 3),
                        "round_ratio_min": round(min(paired), 3), "round_ratio_max": round(max(paired), 3),
                        "reader_ms": round(read_ms, 2),
-                       "cpu_bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3),
+                       # the readers share the encoder's cores only when the encoder runs on the CPU
+                       "cpu_bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3)
+                       if device.type == "cpu" else None,
+                       "device": device.type,
                        "first_call_s": round(first_call, 1),
                        "workers": args.workers, "batch": args.batch_size}  # fmt: skip
                 rows.append(row)
@@ -167,7 +174,7 @@ def main() -> None:
         print_table(heads, [[r["encoder"], r["precision"], r["slides"], r["tiles"], r["encoder_tiles_s"],
                              r["pipeline_tiles_s"], f"{r['ratio']:.2f}",
                              f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}", f"{r['reader_ms']:.2f}",
-                             f"{r['cpu_bound']:.2f}"] for r in rows])  # fmt: skip
+                             "-" if r["cpu_bound"] is None else f"{r['cpu_bound']:.2f}"] for r in rows])  # fmt: skip
         write_csv(args.csv, rows, machine)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 5, ready for a lent machine (nvidia-h100-x1 or nvidia-h200).
+# Every GPU measurement of issues 5, 19 and 20, ready for a lent machine (nvidia-h100-x1 or nvidia-h200).
 #
 # Once, here (the machine with internet access to the package index):
 #   bash benchmarks/gpu_all.sh prepare
@@ -9,11 +9,12 @@
 #   run(command="bash benchmarks/gpu_all.sh all $OUT",      carry=[".whl", ".carry"])   # speed (eager) + train
 #   run(command="bash benchmarks/gpu_all.sh compiled $OUT", carry=[".whl", ".carry"])
 #   run(command="bash benchmarks/gpu_all.sh medmnist $OUT", carry=[".whl", ".carry"])  # issue 19: 224 px, 3 seeds
-# or the stages one by one: speed | compiled | train | medmnist.
+#   run(command="bash benchmarks/gpu_all.sh features $OUT", carry=[".whl", ".carry"])  # issue 20: features vs encoder
+# or the stages one by one: speed | compiled | train | medmnist | features.
 # Each leaves its CSV/Markdown/PNG files and a log in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage="${1:?stage: prepare | all | speed | compiled | train | medmnist}"
+stage="${1:?stage: prepare | all | speed | compiled | train | medmnist | features}"
 out="${2:-gpu-results}"
 B=resnet18,resnet50,efficientnet_b0,tf_efficientnet_lite0,convnext_tiny,regnety_016,mobilenetv3_large_100,densenet121,efficientnet_b3
 
@@ -22,12 +23,15 @@ if [ "$stage" = prepare ]; then
   for d in /.whl/ /.carry/ /.carry-shared/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   shared="${MEDVISION_SHARED:-../shared}"
   cp "$shared/data/bloodmnist.npz" "$shared/data/breastmnist.npz" "$shared/weights/tf_efficientnet_lite0.in1k.safetensors" .carry/
+  cp -r "$shared/data/he_tiles" .carry/  # the real H&E tiles the synthetic slides of the features stage are built from
   # the GPU image has torch, timm, numpy, opencv, scipy, PyYAML, safetensors, matplotlib, tifffile, tqdm;
   # these it lacks (python 3.12 there):
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
-    annotated-types typing-inspection pydicom pebble
+    annotated-types typing-inspection pydicom pebble \
+    h5py imagecodecs openslide-python openslide-bin scikit-learn joblib threadpoolctl \
+    pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
   exit 0
 fi
 
@@ -37,6 +41,7 @@ mkdir -p .carry-shared/data .carry-shared/weights
 ln -sf "$PWD/.carry/bloodmnist.npz" .carry-shared/data/bloodmnist.npz
 [ -f .carry/breastmnist.npz ] && ln -sf "$PWD/.carry/breastmnist.npz" .carry-shared/data/breastmnist.npz
 ln -sf "$PWD/.carry/tf_efficientnet_lite0.in1k.safetensors" .carry-shared/weights/
+[ -d .carry/he_tiles ] && ln -sfn "$PWD/.carry/he_tiles" .carry-shared/data/he_tiles
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD:/tmp/site"
 mv_results() { for f in "$1"/*; do command cp "$f" "$out/$2-$(basename "$f")"; done; }
@@ -70,5 +75,12 @@ case "$stage" in
         --set data.num_workers=12 --out "/tmp/medmnist-$r" 2>&1 | tee -a "$out/medmnist.log"
       for f in medmnist.md medmnist.csv medmnist_summary.csv; do cp "/tmp/medmnist-$r/$f" "$out/$r-224-$f"; done
     done ;;
+  features)
+    # issue 20: `medvision features` against the encoder alone on the same batches, both on the GPU, the tiles read
+    # by 12 reader processes on the CPU cores; the fast CNN (real ImageNet weights) and UNI's ViT-L/16 (random
+    # weights: the real ones are gated), fp32 and bf16; 3 SVS slides of 24576 x 18432 px (about 2,400 tiles)
+    python3 benchmarks/feature_throughput.py --slides 3 --size 24576 18432 \
+      --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp none,auto --workers 12 --rounds 3 \
+      --csv "$out/feature_throughput.csv" 2>&1 | tee "$out/features.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from medvision.metrics import (
-    TEMPERATURE_RANGE,
     MetricWarning,
     aggregate_by_group,
     average_precision,
@@ -33,13 +32,11 @@ from medvision.metrics import (
     confusion_matrix,
     delong_test,
     expected_calibration_error,
-    fit_temperature,
     mean_ci,
     operating_point,
     per_class_metrics,
     proportion_ci,
     round_significant,
-    temperature_at_bound,
     tta_softmax,
 )
 from medvision.recipe import EvalConfig, RecipeError
@@ -155,6 +152,48 @@ def fit_decision(val: SplitOutputs, classes: list[str], cfg: EvalConfig) -> Deci
                 for op in cfg.operating_points
             ]  # fmt: skip
     return Decision(temperature=temperature, positive=positive, points=points, calibration=calibration)
+
+
+TEMPERATURE_RANGE = (0.05, 20.0)
+"""Where :func:`fit_temperature` searches: a temperature at either end is the range's limit, not an optimum."""
+
+
+def temperature_at_bound(t: float) -> str:
+    """``"lower"`` or ``"upper"`` when a fitted temperature is (within the search's precision) an end of
+    :data:`TEMPERATURE_RANGE`, else ``""``."""
+    for end, name in zip(TEMPERATURE_RANGE, ("lower", "upper"), strict=True):
+        if abs(np.log(t) - np.log(end)) < 1e-6:
+            return name
+    return ""
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The temperature T > 0 minimising validation NLL of softmax(logits / T) (golden-section on log T).
+
+    (N, V, K) logits of test-time-augmentation views are fitted as they are used: the NLL of the
+    views' averaged calibrated probabilities (:func:`tta_softmax`).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).ravel()
+
+    def nll(log_t: float) -> float:
+        if z.ndim == 3:
+            p = tta_softmax(z, float(np.exp(log_t)))[np.arange(len(y)), y]
+            return float(-np.log(np.maximum(p, 1e-300)).mean())
+        scaled = z / np.exp(log_t)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        logp = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y].mean())
+
+    lo, hi = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(80):
+        m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if nll(m1) < nll(m2):
+            hi = m2
+        else:
+            lo = m1
+    return float(np.exp((lo + hi) / 2))
 
 
 def judged_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[float, dict[str, Any]]:

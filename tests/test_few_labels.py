@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from medvision.data.sources import load_table
 from medvision.data.table import DataSourceError, label_subset, subset_indices
 from medvision.data.transforms import tta_views
-from medvision.evaluation import Decision, SplitOutputs, clinical_metrics
-from medvision.metrics import fit_temperature, softmax, tta_softmax
+from medvision.evaluation import Decision, SplitOutputs, clinical_metrics, fit_temperature
+from medvision.metrics import softmax, tta_softmax
 from medvision.models.deploy import CalibratedClassifier
 from medvision.models.heads import (
     LOG_FLOOR,

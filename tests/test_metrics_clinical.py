@@ -131,7 +131,7 @@ def test_operating_points_by_hand() -> None:
 
 
 def test_temperature_scaling_recovers_the_temperature_and_lowers_ece() -> None:
-    from medvision.metrics import fit_temperature
+    from medvision.evaluation import fit_temperature
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 3, (6000, 4))

@@ -14,6 +14,7 @@ from conftest import tiny_recipe
 
 from medvision.data.dataset import measure_image
 from medvision.evaluation import (
+    TEMPERATURE_RANGE,
     Decision,
     SplitOutputs,
     clinical_metrics,
@@ -22,8 +23,9 @@ from medvision.evaluation import (
     image_summary,
     judged_temperature,
     shift_warnings,
+    temperature_at_bound,
 )
-from medvision.metrics import TEMPERATURE_RANGE, MetricWarning, mean_ci, proportion_ci, temperature_at_bound
+from medvision.metrics import MetricWarning, mean_ci, proportion_ci
 from medvision.recipe import EvalConfig, recipe_from_dict
 from medvision.report import _at_point, _temperature_fact
 from medvision.training.loop import FitState
