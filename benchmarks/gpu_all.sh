@@ -9,7 +9,8 @@
 #   run(command="bash benchmarks/gpu_all.sh all $OUT",      carry=[".whl", ".carry"])   # speed (eager) + train
 #   run(command="bash benchmarks/gpu_all.sh compiled $OUT", carry=[".whl", ".carry"])
 #   run(command="bash benchmarks/gpu_all.sh medmnist $OUT", carry=[".whl", ".carry"])  # issue 19: 224 px, 3 seeds
-#   run(command="bash benchmarks/gpu_all.sh features $OUT", carry=[".whl", ".carry"])  # issue 20: features vs encoder
+#   run(command="bash benchmarks/gpu_all.sh features $OUT", carry=[".whl", ".whl-wsi", ".carry-wsi"])  # issue 20
+# (the carry limit is 64 MiB a call: the slide stage has its own wheels and data, without BloodMNIST)
 # or the stages one by one: speed | compiled | train | medmnist | features.
 # Each leaves its CSV/Markdown/PNG files and a log in $OUT.
 set -euo pipefail
@@ -19,19 +20,23 @@ out="${2:-gpu-results}"
 B=resnet18,resnet50,efficientnet_b0,tf_efficientnet_lite0,convnext_tiny,regnety_016,mobilenetv3_large_100,densenet121,efficientnet_b3
 
 if [ "$stage" = prepare ]; then
-  mkdir -p .git/info .whl .carry
-  for d in /.whl/ /.carry/ /.carry-shared/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+  mkdir -p .git/info .whl .whl-wsi .carry .carry-wsi
+  for d in /.whl/ /.whl-wsi/ /.carry/ /.carry-wsi/ /.carry-shared/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   shared="${MEDVISION_SHARED:-../shared}"
   cp "$shared/data/bloodmnist.npz" "$shared/data/breastmnist.npz" "$shared/weights/tf_efficientnet_lite0.in1k.safetensors" .carry/
-  cp -r "$shared/data/he_tiles" .carry/  # the real H&E tiles the synthetic slides of the features stage are built from
+  cp -r "$shared/data/he_tiles" .carry-wsi/  # the real H&E tiles the features stage builds its slides from
   # the GPU image has torch, timm, numpy, opencv, scipy, PyYAML, safetensors, matplotlib, tifffile, tqdm;
   # these it lacks (python 3.12 there):
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
-    annotated-types typing-inspection pydicom pebble \
-    h5py imagecodecs openslide-python openslide-bin scikit-learn joblib threadpoolctl \
+    annotated-types typing-inspection pydicom pebble
+  # and what the slide readers and the feature cache need besides (the features stage only)
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl-wsi h5py imagecodecs openslide-python openslide-bin scikit-learn joblib threadpoolctl \
     pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
+  du -sh .whl .whl-wsi .carry .carry-wsi
   exit 0
 fi
 
@@ -41,8 +46,9 @@ mkdir -p .carry-shared/data .carry-shared/weights
 ln -sf "$PWD/.carry/bloodmnist.npz" .carry-shared/data/bloodmnist.npz
 [ -f .carry/breastmnist.npz ] && ln -sf "$PWD/.carry/breastmnist.npz" .carry-shared/data/breastmnist.npz
 ln -sf "$PWD/.carry/tf_efficientnet_lite0.in1k.safetensors" .carry-shared/weights/
-[ -d .carry/he_tiles ] && ln -sfn "$PWD/.carry/he_tiles" .carry-shared/data/he_tiles
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -d .carry-wsi/he_tiles ]; then ln -sfn "$PWD/.carry-wsi/he_tiles" .carry-shared/data/he_tiles; fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $(ls .whl-wsi/*.whl 2>/dev/null)
 export PYTHONPATH="$PWD:/tmp/site"
 mv_results() { for f in "$1"/*; do command cp "$f" "$out/$2-$(basename "$f")"; done; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } | tee "$out/machine.txt"
@@ -78,7 +84,8 @@ case "$stage" in
   features)
     # issue 20: `medvision features` against the encoder alone on the same batches, both on the GPU, the tiles read
     # by 12 reader processes on the CPU cores; the fast CNN (real ImageNet weights) and UNI's ViT-L/16 (random
-    # weights: the real ones are gated), fp32 and bf16; 3 SVS slides of 24576 x 18432 px (about 2,400 tiles)
+    # weights: the real ones are gated), fp32 and bf16; 3 SVS slides of 24576 x 18432 px (about 2,400 tiles).
+    # The lite0 ImageNet file is not carried (64 MiB a call): its architecture with random weights, the same compute
     python3 benchmarks/feature_throughput.py --slides 3 --size 24576 18432 \
       --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp none,auto --workers 12 --rounds 3 \
       --csv "$out/feature_throughput.csv" 2>&1 | tee "$out/features.log" ;;
