@@ -11,25 +11,20 @@ class and the patient grouping is real. Nothing is downloaded; nothing is commit
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import warnings
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
 
+from medvision.io.dicom import shipped_test_folders
+
 MODALITIES = ("CT", "MR", "CR", "US", "OT")
 
 
 def shipped_files() -> list[Path]:
-    """Every file under pydicom's ``data/test_files`` and pydicom-data's data folder (when installed), sorted.
-
-    Globbed, not found through ``pydicom.data.get_testdata_files()``, which may try the network for a missing file.
-    """
-    folders = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # pydicom-data is optional
-        folders.append(Path(str(importlib.metadata.distribution("pydicom-data").locate_file("data_store/data"))))
+    """Every file under pydicom's and (when installed) pydicom-data's test folders, sorted."""
+    folders = shipped_test_folders().values()
     return sorted((p for folder in folders for p in folder.rglob("*") if p.is_file()), key=str)
 
 

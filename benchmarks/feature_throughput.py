@@ -66,10 +66,10 @@ SHARED = Path(os.environ.get("MEDVISION_SHARED", Path(__file__).resolve().parent
 def checkpoint(name: str, folder: Path) -> Path:
     """The real ImageNet weights for the timm encoder (when ``../shared`` has them); the card's architecture with
     random weights otherwise, which computes exactly as much."""
-    real = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
-    if name == "timm:tf_efficientnet_lite0" and real.is_file():
-        return real
     if name == "timm:tf_efficientnet_lite0":
+        real = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+        if real.is_file():
+            return real
         print(f"{real} not found: tf_efficientnet_lite0 with random weights (same compute)")
     spec = encoder_spec(name)
     path = folder / f"{name}.safetensors"

@@ -27,14 +27,15 @@ if [ "$stage" = prepare ]; then
   cp -r "$shared/data/he_tiles" .carry-wsi/  # the real H&E tiles the features stage builds its slides from
   # the GPU image has torch, timm, numpy, opencv, scipy, PyYAML, safetensors, matplotlib, tifffile, tqdm;
   # these it lacks (python 3.12 there):
-  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
+  wheels() {  # wheels for the image's python 3.12 into folder $1
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$@"
+  }
+  wheels .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
     annotated-types typing-inspection pydicom pebble
   # and what the slide readers and the feature cache need besides (the features stage only)
-  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl-wsi h5py imagecodecs openslide-python openslide-bin scikit-learn joblib threadpoolctl \
+  wheels .whl-wsi h5py imagecodecs openslide-python openslide-bin scikit-learn joblib threadpoolctl \
     pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
   du -sh .whl .whl-wsi .carry .carry-wsi
   exit 0

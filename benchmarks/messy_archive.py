@@ -28,8 +28,7 @@ import cv2
 import numpy as np
 import pydicom
 from dicom_corpus import MODALITIES, shipped_files, source_files
-
-JPEG_2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+from pydicom.uid import JPEG2000TransferSyntaxes
 
 
 def pick(images: int) -> list[tuple[Path, str]]:
@@ -45,14 +44,13 @@ def pick(images: int) -> list[tuple[Path, str]]:
     return chosen
 
 
-def shipped(name: str) -> Path:
-    """One of pydicom's test files, by name."""
-    return next(p for p in shipped_files() if p.name == name)
-
-
 def make_archive(out: Path, images: int) -> int:
     """Writes the archive; returns the number of real images in it."""
     chosen = pick(images)
+    shipped = {p.name: p for p in shipped_files()}
+    needed = {"CT_small.dcm", "rtplan.dcm", "test-SR.dcm"} - set(shipped)
+    if needed:
+        raise FileNotFoundError(f"pydicom's test files lack {sorted(needed)}; the archive is built from them")
     for i, (path, modality) in enumerate(chosen):
         folder = out / "series.dcm" if i < 2 else out / modality
         folder.mkdir(parents=True, exist_ok=True)
@@ -60,19 +58,24 @@ def make_archive(out: Path, images: int) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (out / "CT").mkdir(parents=True, exist_ok=True)
-        ds = pydicom.dcmread(shipped("CT_small.dcm"))
+        ds = pydicom.dcmread(shipped["CT_small.dcm"])
         ds.Rows, ds.Columns, ds.SamplesPerPixel = 65535, 65535, 3
         ds.save_as(out / "CT" / "absurd.dcm", enforce_file_format=False)
-        j2k = next(p for p, _ in chosen if str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-                   in JPEG_2000)  # fmt: skip
-    data = j2k.read_bytes()
+        j2k = [
+            p
+            for p, _ in chosen
+            if pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID in JPEG2000TransferSyntaxes
+        ]
+    if not j2k:
+        raise ValueError(f"none of the {len(chosen)} images chosen is JPEG 2000; cut.dcm needs one (ask for more)")
+    data = j2k[0].read_bytes()
     (out / "CT" / "cut.dcm").write_bytes(data[: int(len(data) * 0.6)])
     (out / "MR").mkdir(parents=True, exist_ok=True)
     (out / "MR" / "empty.dcm").write_bytes(b"")
     picture = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
     (out / "MR" / "scan.dcm").write_bytes(cv2.imencode(".png", picture)[1].tobytes())
-    shutil.copyfile(shipped("rtplan.dcm"), out / "plan.dcm")
-    shutil.copyfile(shipped("test-SR.dcm"), out / "report.dcm")
+    shutil.copyfile(shipped["rtplan.dcm"], out / "plan.dcm")
+    shutil.copyfile(shipped["test-SR.dcm"], out / "report.dcm")
     (out / "notes.txt").write_text("reading list for the tumour board; not an image\n")
     os.symlink("missing.dcm", out / "link.dcm")
     os.symlink("loop.dcm", out / "loop.dcm")

@@ -125,11 +125,13 @@ def test_written_probabilities_are_the_ones_the_calls_compare() -> None:
     assert prediction_cells(np.array([0.2, 0.3, 0.5]), ["a", "b", "c"], None, []) == ["c", "0.2", "0.3", "0.5"]
 
 
-def test_the_walkthrough_archive_gets_one_outcome_per_entry(trained: Path, tmp_path: Path) -> None:
+def test_the_walkthrough_archive_gets_one_outcome_per_entry(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
     """The README's messy archive (benchmarks/messy_archive.py): 48 real images of pydicom and pydicom-data, damaged
     and non-image files, links, a directory named like a file. Every entry gets the outcome the docs show."""
     pytest.importorskip("data_store", reason="pydicom-data (module data_store) ships the archive's CR and US images")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from messy_archive import make_archive
 
     assert make_archive(tmp_path / "archive", 48) == 48

@@ -16,6 +16,7 @@ Nothing is rescaled to 8 bit and nothing is resized here; that happens in the tr
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,19 @@ class DicomParseError(DicomReadError):
 
 class DicomDecodeError(DicomReadError):
     """Pixel data that no installed decoder can decode; names the file and its transfer syntax."""
+
+
+def shipped_test_folders() -> dict[str, Path]:
+    """The real DICOM files installed with the packages: ``"pydicom"`` (its ``data/test_files``) and, when
+    installed, ``"pydicom-data"`` (its data store). Read from disk, never through
+    ``pydicom.data.get_testdata_files()``, which may try the network for a file it lacks."""
+    folders = {"pydicom": Path(pydicom.__file__).parent / "data" / "test_files"}
+    try:
+        dist = importlib.metadata.distribution("pydicom-data")
+    except importlib.metadata.PackageNotFoundError:
+        return folders
+    folders["pydicom-data"] = Path(str(dist.locate_file("data_store/data")))
+    return folders
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ by default with either engine.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import math
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 
 from medvision.data.dataset import ImageDataset
@@ -42,6 +40,7 @@ from medvision.data.sources import load_table
 from medvision.data.table import DataSourceError
 from medvision.errors import ExportError
 from medvision.inference import load_run
+from medvision.io.dicom import shipped_test_folders
 from medvision.io.files import atomic_write
 from medvision.io.image import ImageReadError
 from medvision.models.deploy import CalibratedClassifier
@@ -246,11 +245,9 @@ def dicom_parity_files() -> tuple[list[tuple[str, Path]], str]:
     ``pydicom.data.get_testdata_files()`` (which may try the network). A name a package version does
     not ship is left out.
     """
-    try:
-        data = Path(str(importlib.metadata.distribution("pydicom-data").locate_file("data_store/data")))
-    except importlib.metadata.PackageNotFoundError:
+    folders = shipped_test_folders()
+    if "pydicom-data" not in folders:
         return [], "pydicom-data is not installed (pip install pydicom-data, or medvision[dev])"
-    folders = {"pydicom": Path(pydicom.__file__).parent / "data" / "test_files", "pydicom-data": data}
     files = []
     for package, names in DICOM_PARITY_SET.items():
         present = {p.name: p for p in folders[package].glob("*.dcm")}
