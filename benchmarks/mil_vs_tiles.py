@@ -23,12 +23,13 @@ tissue) and compared two ways, cross-validated by patient:
   tiles are exactly the coordinates in its feature file.
 
 Every row's numbers come from the same code (``medvision.tasks.mil_report.cv_metrics``): per-fold AUC, mean ±
-SD across folds, pooled out-of-fold AUC with a stratified bootstrap CI (``--bootstrap`` resamples). For each
-MIL head, ``Δ vs tiles`` is its pooled AUC minus the tile row's, with a paired stratified bootstrap CI over
-the slides. Train seconds per fold: the MIL fold's fit + prediction (from its record), or the whole tile run
-(``train()`` wall time: tissue grid, training, validation, test, calibration, report); feature extraction is
-a one-off cost shared by every MIL head and fold, shown in its own column. Timings on a shared machine are
-upper bounds: the script reports how many cores other processes used meanwhile.
+SD across folds, pooled out-of-fold AUC with a stratified bootstrap CI (``--bootstrap`` resamples of whole
+patients: a patient's two slides are drawn together). For each MIL head, ``Δ vs tiles`` is its pooled AUC minus
+the tile row's, with a paired stratified bootstrap CI over the patients. Train seconds per fold: the MIL
+fold's fit + prediction (from its record), or the whole tile run (``train()`` wall time: tissue grid, training,
+validation, test, calibration, report); feature extraction is a one-off cost shared by every MIL head and fold,
+shown in its own column. Timings on a shared machine are upper bounds: the script reports how many cores other
+processes used meanwhile.
 
     OMP_NUM_THREADS=2 python benchmarks/mil_vs_tiles.py [--slides 40] [--folds 5] [--seed 0] [--quick]
 
@@ -225,14 +226,15 @@ def tile_fold(run: Path, split: dict[str, str], feats: Path, tumour: set[str]) -
 # ----------------------------------------------------------------------------------------------------- the table
 
 
-def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int) -> tuple[float, float, float]:
-    """AUC(a) - AUC(b) on the same slides, with a paired stratified bootstrap CI."""
+def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, patients: list[str],
+                 resamples: int) -> tuple[float, float, float]:  # fmt: skip
+    """AUC(a) - AUC(b) on the same slides, with a paired stratified bootstrap CI that resamples whole patients."""
     both = np.stack([a, b], axis=1)
 
     def delta(yy: np.ndarray, pp: np.ndarray) -> float:
         return compute_auc(yy, pp[:, 0]) - compute_auc(yy, pp[:, 1])
 
-    lo, hi = bootstrap_cis(y, both, {"d": delta}, resamples, 0)["d"]
+    lo, hi = bootstrap_cis(y, both, {"d": delta}, resamples, 0, groups=patients)["d"]
     return delta(y, both), lo, hi
 
 
@@ -341,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MetricWarning)
             check = compute_auc(y, p)
-            d, dlo, dhi = (math.nan,) * 3 if name == tile_name else paired_delta(y, p, p_tiles, args.bootstrap)
+            paired = name != tile_name
+            d, dlo, dhi = paired_delta(y, p, p_tiles, shell.patients, args.bootstrap) if paired else (math.nan,) * 3
         if abs(check - pooled["auc"]) > 1e-6:
             raise SystemExit(f"{name}: pooled AUC {pooled['auc']} in its metrics, {check} from its predictions")
         table.append({

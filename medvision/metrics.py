@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from math import erf, sqrt
 from typing import Any
 
@@ -292,15 +292,39 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 # ------------------------------------------------------------------------ uncertainty and thresholds
 
 
-def bootstrap_indices(y: np.ndarray, n_resamples: int, seed: int, stratify: bool = True) -> Iterator[np.ndarray]:
+def bootstrap_indices(y: np.ndarray, n_resamples: int, seed: int, stratify: bool = True,
+                      groups: Sequence[Any] | np.ndarray | None = None) -> Iterator[np.ndarray]:  # fmt: skip
     """The row indices of each bootstrap resample: within each class when ``stratify`` (every resample keeps the
     class mix), else over all rows; none when there are no rows. One definition for every bootstrap here, so
-    paired and single CIs drawn with the same seed use the same resamples."""
+    paired and single CIs drawn with the same seed use the same resamples.
+
+    ``groups`` (one id per row, e.g. the patient of each slide) makes it a cluster bootstrap: whole groups are
+    drawn with replacement and every row of a drawn group comes along, so rows that are not independent (a
+    patient's several slides) count as the one unit they are and the interval is not too narrow. With
+    ``stratify`` the groups are drawn within the class of their rows; a group whose rows carry different
+    labels counts in the class most of its rows have (ties: the lowest). Groups are taken in the order of
+    their first row, so one group per row draws exactly the rows (and random numbers) of ``groups=None``.
+    """
     rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
-    groups = [g for g in strata if len(g)]
-    for _ in range(n_resamples if groups else 0):
-        yield np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+    y = np.asarray(y).ravel()
+    members: list[np.ndarray] | None = None  # each group's rows, groups in the order of their first row
+    unit_y = y
+    if groups is not None:
+        ids = np.asarray(groups).ravel()
+        if len(ids) != len(y):
+            raise ValueError(f"bootstrap groups: {len(ids)} group ids for {len(y)} rows; expected one per row")
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        unit = rank[inverse.ravel()]
+        members = np.split(np.argsort(unit, kind="stable"), np.cumsum(np.bincount(unit))[:-1]) if len(y) else []
+        counts = [np.unique(y[rows], return_counts=True) for rows in members]  # a group's class: its most common
+        unit_y = np.asarray([v[int(np.argmax(c))] for v, c in counts], dtype=y.dtype)  # label (ties: the lowest)
+    strata = [np.flatnonzero(unit_y == c) for c in np.unique(unit_y)] if stratify else [np.arange(len(unit_y))]
+    strata = [g for g in strata if len(g)]
+    for _ in range(n_resamples if strata else 0):
+        drawn = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in strata])
+        yield drawn if members is None else np.concatenate([members[u] for u in drawn])
 
 
 def bootstrap_cis(
@@ -312,21 +336,23 @@ def bootstrap_cis(
     level: float = 0.95,
     *,
     stratify: bool = True,
+    groups: Sequence[Any] | np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile CIs of several metrics over the same (by default stratified) bootstrap resamples.
 
     With ``stratify`` each class is resampled on its own, so every resample keeps the data's class mix
     and AUC is defined in each one. Continuous targets need ``stratify=False``: every distinct value
     would be its own stratum, resampled only to itself, and the interval would collapse to the point
-    estimate; then all rows are resampled together. Resamples where a metric is NaN are dropped for that
-    metric; a metric that is NaN in every resample gets a (NaN, NaN) interval.
+    estimate; then all rows are resampled together. ``groups`` (one id per row, e.g. each slide's patient)
+    resamples whole groups instead of rows (:func:`bootstrap_indices`). Resamples where a metric is NaN are
+    dropped for that metric; a metric that is NaN in every resample gets a (NaN, NaN) interval.
     """
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs)
     values: dict[str, list[float]] = {name: [] for name in metrics}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
-        for idx in bootstrap_indices(y, n_resamples, seed, stratify):
+        for idx in bootstrap_indices(y, n_resamples, seed, stratify, groups):
             for name, metric in metrics.items():
                 values[name].append(metric(y[idx], p[idx]))
     alpha = (1 - level) / 2
@@ -349,10 +375,11 @@ def bootstrap_ci(
     level: float = 0.95,
     *,
     stratify: bool = True,
+    groups: Sequence[Any] | np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Percentile CI of one ``metric`` over bootstrap resamples, stratified by class by default (see
-    ``bootstrap_cis``)."""
-    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level, stratify=stratify)["m"]
+    """Percentile CI of one ``metric`` over bootstrap resamples, stratified by class by default, of whole
+    ``groups`` when given (see ``bootstrap_cis``)."""
+    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level, stratify=stratify, groups=groups)["m"]
 
 
 def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -502,11 +529,12 @@ def paired_bootstrap(
     level: float = 0.95,
     *,
     stratify: bool = True,
+    groups: Sequence[Any] | np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The difference ``metric(b) - metric(a)`` of two models on the same cases, with a paired bootstrap.
 
-    Each resample draws one set of case indices (within each class when ``stratify``, as
-    :func:`bootstrap_cis` draws them) and scores both models on it, so what the two have in common (the
+    Each resample draws one set of case indices (within each class when ``stratify``, of whole ``groups``
+    when given, as :func:`bootstrap_cis` draws them) and scores both models on it, so what the two have in common (the
     hard cases, the easy ones) cancels out of the difference. Returns, per metric: ``diff`` (on all
     cases), ``ci`` (percentile interval of the resampled differences) and ``p``, the two-sided
     bootstrap p-value of "no difference": twice the smaller share of resampled differences at or below
@@ -523,7 +551,7 @@ def paired_bootstrap(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         observed = {name: metric(y, b) - metric(y, a) for name, metric in metrics.items()}
-        for idx in bootstrap_indices(y, n_resamples, seed, stratify):
+        for idx in bootstrap_indices(y, n_resamples, seed, stratify, groups):
             for name, metric in metrics.items():
                 diffs[name].append(metric(y[idx], b[idx]) - metric(y[idx], a[idx]))
     alpha = (1 - level) / 2

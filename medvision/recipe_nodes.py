@@ -79,7 +79,8 @@ class MILSection(_Node):
     folds: int = Field(5, ge=2, le=20)
     """k of the k-fold cross-validation, grouped by patient (no patient's slides on both sides of a fold)."""
     val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    """Share of each fold's training patients held out for early stopping (never the fold's test slides)."""
+    """Share of each fold's training patients held out for early stopping, as one of ``round(1 / val_fraction)``
+    stratified patient folds (0.3 holds out about a third; the report gives the share held out)."""
     epochs: int = Field(40, ge=1)
     """Most passes over the training bags of a fold; early stopping usually ends sooner."""
     lr: float = Field(5e-4, gt=0.0)
@@ -92,8 +93,8 @@ class MILSection(_Node):
     """Width of the per-tile embedding."""
     attention: int = Field(64, ge=1)
     """Width of the attention branch (abmil, clam_sb)."""
-    dropout: float = Field(0.25, ge=0.0, lt=1.0)
-    """Dropout on the embedding and attention branch."""
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """Dropout of the head; default its own: 0.25 for mean, abmil and clam_sb, 0.1 for transmil (its reference's)."""
     heads: int = Field(8, ge=1)
     """Attention heads of ``transmil``; ``hidden`` must divide by it."""
     k: int = Field(8, ge=1)

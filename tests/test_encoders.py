@@ -4,6 +4,8 @@ and preprocessing; the real ImageNet tf_efficientnet_lite0 from ../shared throug
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,11 @@ from medvision.models.encoders import (
     EncoderError,
     PatchEncoder,
     build_network,
+    checkpoint_sha256,
     encoder_spec,
     load_encoder,
 )
+from medvision.models.heads import feature_width
 
 #: Slow on a CPU (random init, save and load of 0.3-1.1 B parameters, up to 4.5 GB each): run with -m slow.
 #: UNI (ViT-L, 0.3 B) stays in the default run as the representative ViT entry.
@@ -115,3 +119,84 @@ def _resnet(tmp_path: Path) -> Path:
     path = tmp_path / "r18.pth"
     torch.save(timm.create_model("resnet18").state_dict(), path)  # a classifier checkpoint, head included
     return path
+
+
+#: Parameters of each entry built as its card says (timm 1.0.31; the cards give 0.3 B for UNI, 0.68 B for UNI2-h,
+#: 0.63 B for Virchow2 and 1.1 B for H-optimus-0 and Prov-GigaPath): a changed construction argument changes them.
+PARAMETERS = {"uni": 303_350_784, "uni2-h": 681_394_176, "virchow2": 631_239_424, "h-optimus-0": 1_134_774_272,
+              "prov-gigapath": 1_134_953_984}  # fmt: skip
+
+
+def test_every_timm_entry_has_its_cards_size() -> None:
+    assert set(PARAMETERS) == {n for n in ENCODERS if encoder_spec(n).library == "timm"}
+    for name, count in PARAMETERS.items():
+        spec = encoder_spec(name)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            net = timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
+        assert sum(p.numel() for p in net.parameters()) == count, name
+        assert feature_width(net) == (spec.dim if spec.pooling != "cls+mean" else spec.dim // 2), name
+
+
+@pytest.mark.parametrize(("name", "shape"), [("prov-gigapath", (224, 224)), ("uni", (224, 301)), ("uni", (256, 256)),
+                                             ("prov-gigapath", (300, 257))])  # fmt: skip
+def test_resize_and_crop_are_torchvisions(name: str, shape: tuple[int, int]) -> None:
+    """Resize(shorter side) then CenterCrop, as the cards compose them: Prov-GigaPath upsamples a 224 px tile to 256
+    and crops 224 (not a no-op), the longer side is truncated, the crop offset rounded."""
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    spec = encoder_spec(name)
+    encoder = PatchEncoder(spec, torch.nn.Identity())  # preprocessing only: the network is not involved
+    tiles = torch.randint(0, 256, (2, 3, *shape), dtype=torch.uint8)
+    mode = tvf.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else tvf.InterpolationMode.BILINEAR
+    assert spec.resize is not None
+    ref = tvf.center_crop(tvf.resize(tiles.float() / 255, spec.resize, mode, antialias=True), [spec.input_size] * 2)
+    ours = encoder.preprocess(tiles) * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(
+        1, 3, 1, 1
+    )
+    assert ours.shape == ref.shape and torch.allclose(ours, ref.clamp(0, 1), atol=1e-5)
+
+
+def test_hub_path_records_the_cached_weights_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--checkpoint hub`` through timm's real hub loader, offline: a hub cache holding a snapshot (random weights;
+    no network here). The recorded SHA-256 is the cached file's, so these features and those embedded from a local
+    copy of the same file are one feature space; the width is timm's pooled one (MobileNetV3: 1024, not 288)."""
+    from huggingface_hub import constants
+
+    arch = "mobilenetv3_small_050"
+    cfg = timm.get_pretrained_cfg(arch)
+    assert cfg is not None and cfg.hf_hub_id
+    snapshot = tmp_path / "hub" / f"models--{cfg.hf_hub_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(0)
+    save_file(timm.create_model(arch).state_dict(), str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 1000,
+                                                      "pretrained_cfg": cfg.to_dict()}))  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub, hub_sha = load_encoder(f"timm:{arch}", "hub")
+    local, local_sha = load_encoder(f"timm:{arch}", snapshot / "model.safetensors")
+    assert hub_sha == local_sha == checkpoint_sha256(snapshot) and len(hub_sha) == 64
+    tiles = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert hub.dim == local.dim == 1024 and torch.equal(hub(tiles), local(tiles))
+    assert hub.spec.interpolation == "bicubic"  # timm's own for this model
+
+
+def test_folder_hash_covers_every_shard(tmp_path: Path) -> None:
+    (tmp_path / "a.safetensors").write_bytes(b"first shard")
+    (tmp_path / "b.safetensors").write_bytes(b"second shard")
+    index = {"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text("{}")
+    assert checkpoint_sha256(tmp_path) == hashlib.sha256(b"first shardsecond shard").hexdigest()
+    (tmp_path / "b.safetensors").write_bytes(b"another second shard")
+    assert checkpoint_sha256(tmp_path) == hashlib.sha256(b"first shardanother second shard").hexdigest()
+    (tmp_path / "b.safetensors").unlink()
+    with pytest.raises(EncoderError, match=r"b\.safetensors: weight shard named by .* index is missing"):
+        checkpoint_sha256(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(EncoderError, match=r"empty: no weights in the folder \(expected model\.safetensors"):
+        checkpoint_sha256(empty)

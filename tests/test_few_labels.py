@@ -29,13 +29,16 @@ from medvision.models.deploy import CalibratedClassifier
 from medvision.models.heads import (
     LOG_FLOOR,
     KNNClassifier,
+    attach_knn_head,
     classifier_keys,
     extract_features,
+    feature_width,
     fit_linear_probe,
     fit_state,
     knn_probs,
     set_classifier,
 )
+from medvision.models.simclr import SimCLR
 from medvision.recipe import DataConfig, EvalConfig, RecipeError, recipe_from_dict
 from medvision.runs import RunError
 from medvision.tasks.benchmark.labels import (
@@ -649,3 +652,20 @@ def test_a_later_grid_in_the_same_folder_adds_to_the_tables(label_grid: Grid, sh
     assert ("imagenet", "knn", 0.5) in keys and ("random", "linear_probe", 0.25) in keys and len(keys) == 9
     assert len(list(csv.DictReader((label_grid.out / "label_efficiency.csv").open()))) == 9
     assert "| imagenet | knn | 0.5 |" in more.markdown
+
+
+def test_heads_take_the_width_timm_pools_to_where_a_pre_logits_layer_widens_it() -> None:
+    """MobileNetV3's classifier sees 1024 features (timm's ``head_hidden_size``), not ``num_features`` (288): the
+    k-NN bank and SimCLR's projector are built on what the backbone really hands on."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3).eval()
+    images = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert pooled.shape[1] == feature_width(model) == 1024 != model.num_features
+    attach_knn_head(model, 6, 3, k=3, temperature=0.1)
+    with torch.no_grad():
+        assert model(images).shape == (4, 3)  # the bank's width fits the pooled features
+    simclr = SimCLR(timm.create_model("mobilenetv3_small_050", num_classes=0), hidden=32, out=16).eval()
+    with torch.no_grad():
+        assert simclr(images).shape == (4, 16)

@@ -205,3 +205,54 @@ def test_probabilities_are_rounded_as_the_predictions_file_writes_them() -> None
     # two images whose probabilities differ only beyond the written digits are tied, in the AUC as in the file
     y, p = np.array([0, 1, 0, 1]), np.array([0.1234567801, 0.1234567809, 0.2, 0.9])
     assert compute_auc(y, p) == 0.75 and compute_auc(y, round_significant(p)) == 0.625
+
+
+def _patients_with_four_slides(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """40 patients, 4 slides each with the patient's label and nearly the patient's score: slides that are not
+    independent, so a bootstrap of slides sees 160 cases where there are 40."""
+    rng = np.random.default_rng(seed)
+    label = (np.arange(40) % 2).astype(np.int64)
+    score = rng.normal(0.0, 1.0, 40) + 1.0 * label
+    patients = np.repeat([f"P{i:02d}" for i in range(40)], 4)
+    return np.repeat(label, 4), np.repeat(score, 4) + rng.normal(0.0, 0.05, 160), patients
+
+
+def test_a_cluster_bootstrap_resamples_whole_patients_and_is_wider() -> None:
+    from medvision.metrics import bootstrap_indices, paired_bootstrap
+
+    y, score, patients = _patients_with_four_slides(0)
+    rows_of = {p: np.flatnonzero(patients == p) for p in np.unique(patients)}
+    for idx in bootstrap_indices(y, 50, 3, groups=patients):
+        drawn = np.bincount(idx, minlength=len(y))
+        for rows in rows_of.values():  # a patient comes with all four of its slides, as often as it is drawn
+            assert len(set(drawn[rows].tolist())) == 1
+        assert (y[idx] == 1).sum() == 80 and len(idx) == 160  # stratified: 20 positive patients in every resample
+    slide_lo, slide_hi = bootstrap_ci(y, score, compute_auc, n_resamples=400, seed=1)
+    lo, hi = bootstrap_ci(y, score, compute_auc, n_resamples=400, seed=1, groups=patients)
+    assert lo <= compute_auc(y, score) <= hi
+    assert hi - lo > 1.5 * (slide_hi - slide_lo), ((lo, hi), (slide_lo, slide_hi))  # about 2x: 4 slides a patient
+    # one group per row is the bootstrap of rows, draw for draw
+    ids = [f"slide{i}" for i in range(len(y))]
+    for stratify in (True, False):
+        plain = list(bootstrap_indices(y, 30, 5, stratify))
+        grouped = list(bootstrap_indices(y, 30, 5, stratify, groups=ids))
+        assert all(np.array_equal(a, b) for a, b in zip(plain, grouped, strict=True))
+    metrics = {"auc": compute_auc, "acc": compute_accuracy}
+    assert bootstrap_cis(y, score, metrics, 100, 2, groups=ids) == bootstrap_cis(y, score, metrics, 100, 2)
+    other = score + np.random.default_rng(9).normal(0, 0.5, len(y))
+    assert paired_bootstrap(y, score, other, metrics, 100, 2, groups=ids) == paired_bootstrap(
+        y, score, other, metrics, 100, 2
+    )
+    with pytest.raises(ValueError, match="159 group ids for 160 rows"):
+        bootstrap_ci(y, score, compute_auc, groups=patients[:-1])
+
+
+def test_a_patient_with_mixed_labels_is_stratified_by_its_most_common_label() -> None:
+    from medvision.metrics import bootstrap_indices
+
+    y = np.array([1, 1, 0, 0, 0, 1, 1, 0, 0])  # A: 1, 1, 0 (class 1); B: 0, 0; C: 1, 1; E: 0; F: 0
+    groups = np.array(["A", "A", "A", "B", "B", "C", "C", "E", "F"])
+    for idx in bootstrap_indices(y, 40, 0, groups=groups):
+        draws = {g: int((idx == np.flatnonzero(groups == g)[0]).sum()) for g in "ABCEF"}
+        assert draws["A"] + draws["C"] == 2  # the two class-1 groups are drawn from their own stratum
+        assert draws["B"] + draws["E"] + draws["F"] == 3

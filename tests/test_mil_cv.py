@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +16,22 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medvision.cli import main
-from medvision.data.slide_features import inner_validation, patient_folds
+from medvision.data.slide_features import FeatureCohort, inner_validation, patient_folds
 from medvision.data.table import DataSourceError
-from medvision.metrics import softmax
-from medvision.models.mil_fit import load_mil, predict_mil
-from medvision.recipe import RecipeError, load_recipe
+from medvision.metrics import bootstrap_cis, softmax
+from medvision.models.mil import build_head
+from medvision.models.mil_fit import head_arguments, load_mil, predict_mil, top_tiles
+from medvision.recipe import EvalConfig, RecipeError, load_recipe
 from medvision.runs import RunError
 from medvision.tasks.evaluate import evaluate_run
+from medvision.tasks.mil import mil_config
+from medvision.tasks.mil_report import cv_metrics, metric_functions, validation_note
 from medvision.tasks.score import score_slides
 from medvision.tasks.track import MIL_FILES
 from medvision.tasks.train import train
 from medvision.tracking import recipe_params, run_metrics
 from medvision.wsi.features import feature_name, read_features
+from medvision.wsi.geojson import NAMESPACE as GEOJSON_NAMESPACE
 
 
 def _recipe(tmp: Path, manifest: Path, features: Path, **mil: Any) -> Path:
@@ -92,6 +98,11 @@ def test_cross_validated_abmil_run_reports_every_fold_and_scores_out_of_fold(
         assert softmax(predict_mil(head, [bag])[0])[0, 1] == pytest.approx(float(r["prob_tumour"]), abs=1e-5)
     html = (run / "report.html").read_text()
     assert "mean ± SD over folds" in html and "Every fold" in html and "data:image/png;base64" in html
+    # 4 training patients a fold are too few to hold out a fifth (val_fraction 0.2): the report says so
+    assert [(f["fit_patients"], f["val_patients"]) for f in metrics["folds"]] == [(4, 0)] * 3
+    report = (run / "report.md").read_text()
+    assert "No fold held out validation patients" in report and "20% share" not in report
+    assert "resamples patients, not slides" in report and metrics["bootstrap_unit"] == "patient"
     spec = json.loads((run / "mil.json").read_text())
     assert spec["encoder_sha256"] == json.loads((cohort_features / "features.json").read_text())["encoder_sha256"]
     assert spec["slides"]["tile_size"] == 112 and 0 < spec["threshold"] < 1 and len(spec["heads"]) == 3
@@ -110,6 +121,13 @@ def test_every_head_cross_validates(head: str, slide_cohort: Path, cohort_featur
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["folds"]) == 3 and metrics["pooled"]["n"] == 12
     assert json.loads((run / "run.json").read_text())["head"] == head
+    for f in range(3):  # each test slide's top tile: the head's own ranking (the mean head's: not always tile 0)
+        record = json.loads((run / "folds" / f"fold{f}.json").read_text())
+        model, _ = load_mil(run / "folds" / f"fold{f}.safetensors")
+        feats = [read_features(cohort_features / feature_name(rel)) for rel in record["test"]]
+        _, attention = predict_mil(model, [b.features for b in feats])
+        best = top_tiles(model, [b.features for b in feats], attention)
+        assert record["top_tiles"] == [b.coords[t].tolist() for b, t in zip(feats, best, strict=True)]
 
 
 def test_continuous_target_reports_mse_mae_r2_with_cis(slide_cohort: Path, cohort_features: Path,
@@ -270,6 +288,14 @@ def test_score_embeds_new_slides_alike_and_writes_attention_heatmaps_and_qupath_
     assert [x, y] == [one[0]["x"], one[0]["y"]]
     assert first["properties"]["measurements"]["attention"] == pytest.approx(one[0]["attention"], abs=1e-6)
     assert "CMU-1" not in Path(f"{out}.geojson/cmu.svs.geojson").read_text()
+    # the ids are the run's: its spec and fold heads (hashed into the record), and the output
+    heads_sha = hashlib.sha256((run / "mil.json").read_bytes())
+    for f in range(3):
+        heads_sha.update((run / "folds" / f"fold{f}.safetensors").read_bytes())
+    assert record["model_sha256"] == heads_sha.hexdigest()
+    assert geo["features"][0]["id"] == str(uuid.uuid5(
+        GEOJSON_NAMESPACE, json.dumps([json.dumps([record["model_sha256"], str(out.resolve())]), "slide_000.svs",
+                                       "tissue-0"])))  # fmt: skip
     # other weights than the run's: refused before anything is scored
     other = tmp_path / "other.safetensors"
     from safetensors.torch import load_file, save_file
@@ -293,3 +319,60 @@ def test_the_interval_over_folds_is_students_t_clipped_to_the_metrics_range() ->
     assert fold_summary([0.1, 0.02, 0.4], 0.95, METRIC_RANGE["mse"])["ci"][0] == 0.0
     one = fold_summary([0.8, float("nan")], 0.95, METRIC_RANGE["auc"])  # a fold where AUC is undefined
     assert one["folds"] == 1 and one["mean"] == 0.8 and np.isnan(one["sd"]) and np.isnan(one["ci"]).all()
+
+
+def _shell(patients: list[str], labels: list[int]) -> FeatureCohort:
+    """A cohort without bags: what :func:`cv_metrics` reads (slides, labels, patients, classes)."""
+    slides = [f"s{i}.svs" for i in range(len(labels))]
+    return FeatureCohort(slides, [], [], np.asarray(labels, np.int64), patients, ["normal", "tumour"], {})
+
+
+def test_every_ci_of_the_cv_report_resamples_whole_patients() -> None:
+    rng = np.random.default_rng(0)
+    patients = [f"P{i // 3:02d}" for i in range(60)]  # 3 slides a patient, all with the patient's label
+    labels = [int(p[1:]) % 2 for p in patients]
+    cohort = _shell(patients, labels)
+    folds = patient_folds(cohort.labels, patients, 3, seed=0, stratify=True)
+    by_patient = {p: rng.normal(0.0, 1.0) + 0.8 * (int(p[1:]) % 2) for p in set(patients)}
+    prob = 1 / (1 + np.exp(-np.asarray([by_patient[p] for p in patients])))
+    records = [{"fold": f, "test": [cohort.slides[i] for i in np.flatnonzero(folds == f)],
+                "predictions": [[1 - prob[i], prob[i]] for i in np.flatnonzero(folds == f)], "best_epoch": 0,
+                "seconds": 0.0} for f in range(3)]  # fmt: skip
+    cfg = EvalConfig(bootstrap=200)
+    metrics = cv_metrics(cohort, folds, records, cfg)
+    fns = metric_functions(False)
+    order = np.concatenate([np.flatnonzero(folds == f) for f in range(3)])  # the folds' slides, fold by fold
+    y, p = cohort.labels[order], np.stack([1 - prob, prob], 1)[order]
+    pooled = bootstrap_cis(y, p, fns, 200, cfg.bootstrap_seed, cfg.ci_level, groups=[patients[i] for i in order])
+    assert metrics["pooled"]["auc_ci"] == list(pooled["auc"])
+    assert metrics["pooled"]["balanced_acc_ci"] == list(pooled["balanced_acc"])
+    for f, row in enumerate(metrics["folds"]):
+        idx = np.flatnonzero(folds == f)
+        own = bootstrap_cis(cohort.labels[idx], np.stack([1 - prob, prob], 1)[idx], fns, 200, cfg.bootstrap_seed + f,
+                            cfg.ci_level, groups=[patients[i] for i in idx])  # fmt: skip
+        assert row["auc_ci"] == list(own["auc"]) and row["patients"] == len({patients[i] for i in idx})
+    by_slide = bootstrap_cis(y, p, fns, 200, cfg.bootstrap_seed, cfg.ci_level)["auc"]
+    assert np.diff(metrics["pooled"]["auc_ci"])[0] > np.diff(by_slide)[0]  # slides of one patient are not 3 cases
+
+
+def test_the_report_gives_the_share_of_patients_actually_held_out() -> None:
+    rows = [{"fold": 0, "fit_patients": 16, "val_patients": 4}, {"fold": 1, "fit_patients": 15, "val_patients": 5}]
+    assert validation_note(rows, 0.2) == ("Early stopping used 20%-25% of each fold's training patients (4 of 20, "
+                                          "5 of 20; mil.val_fraction 0.2), never its test slides.")  # fmt: skip
+    half = validation_note([{"fold": 0, "fit_patients": 4, "val_patients": 4}], 0.4)  # 0.4 is one of 2 folds
+    assert "50% of each fold's training patients" in half and "40%" not in half
+    some = validation_note([*rows, {"fold": 2, "fit_patients": 3, "val_patients": 0}], 0.2)
+    assert some.endswith("Fold 2 had too few training patients to hold any out: trained all mil.epochs and kept "
+                         "the last epoch.")  # fmt: skip
+    none = validation_note([{"fold": f, "fit_patients": 3, "val_patients": 0} for f in range(2)], 0.2)
+    assert none.startswith("No fold held out validation patients") and "%" not in none
+
+
+def test_mil_dropout_defaults_to_each_heads_own(tmp_path: Path) -> None:
+    manifest, features = tmp_path / "manifest.csv", tmp_path / "features"  # loading a recipe does not read them
+    for head, own in (("mean", 0.25), ("abmil", 0.25), ("clam_sb", 0.25), ("transmil", 0.1)):
+        recipe = load_recipe(_recipe(tmp_path, manifest, features, head=head))
+        assert recipe.mil.dropout is None
+        assert build_head(head, 8, 2, **head_arguments(mil_config(recipe, 0))).arch()["dropout"] == own, head
+    recipe = load_recipe(_recipe(tmp_path, manifest, features, head="transmil"), ["mil.dropout=0.3"])
+    assert build_head("transmil", 8, 2, **head_arguments(mil_config(recipe, 0))).arch()["dropout"] == 0.3

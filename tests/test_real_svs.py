@@ -109,3 +109,30 @@ def test_identifying_aperio_fields_stay_inside_the_reader(cmu_svs: Path) -> None
             written = json.dumps([slide.describe(), grid_to_json(plan_tiles(slide, SPEC))])
         for value in identifying:
             assert value not in written, (backend, value)
+
+
+def test_score_outlines_the_tissue_exactly_at_the_masks_own_x_and_y_scales(cmu_svs: Path) -> None:
+    """The tissue annotation score writes for QuPath: its area is the tissue mask's pixel count and it ends at the
+    scan's bottom edge. The 138 x 185 px mask spans 2220 x 2967 px: 16.09 level-0 px a column, 16.04 a row, so
+    rows scaled by the column width would put the bottom 9 px below the scan."""
+    from medvision.io.archive import Entry
+    from medvision.recipe import SlidesConfig
+    from medvision.tasks.score.slides import planned_slides
+    from medvision.workers import PoolStats
+    from medvision.wsi.tiles import grid_from_json
+
+    cfg = SlidesConfig(target_mpp=0.5, tile_size=224)
+    (item,) = planned_slides(cmu_svs.parent, [Entry(cmu_svs.name, "candidate")], cfg, PoolStats(), 0, 120.0)
+    assert item.status == "ok" and item.info is not None
+    grid, polygons = grid_from_json(item.info["grid"]), item.info["tissue"]
+    sx, sy = grid.mask_scale, 185 / SIZE[1]  # the mask at tissue_mpp 8: 2967 * 0.499 / 8 = 185 rows
+    assert sx == 138 / SIZE[0]
+    points = np.concatenate([np.asarray(ring) for polygon in polygons for ring in polygon])
+    assert (points >= 0).all() and points[:, 0].max() <= SIZE[0] and points[:, 1].max() == SIZE[1]
+
+    def area(ring: list[list[float]]) -> float:
+        x, y = np.asarray(ring[:-1]).T
+        return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+    pixels = sum(area(ring) for polygon in polygons for ring in polygon) * sx * sy
+    assert pixels == pytest.approx(grid.tissue_px, rel=1e-5)  # 8715 mask pixels; coordinates kept to 0.01 px

@@ -29,7 +29,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from medvision.models.mil import ABMIL, CLAMSB, MeanMIL, MILHead, TransMIL, build_head
-from medvision.models.mil_fit import MILConfig, fit_mil, load_mil, predict_mil, save_mil, tile_statistics
+from medvision.models.mil_fit import (
+    MILConfig,
+    fit_mil,
+    load_mil,
+    predict_mil,
+    save_mil,
+    tile_statistics,
+    top_tiles,
+)
 
 DIM = 32
 SHIFT = 3.5
@@ -255,11 +263,114 @@ def test_clam_instance_loss_and_transmil_padding() -> None:
     logits, _ = clam(bag)
     bag_ce = F.cross_entropy(logits.unsqueeze(0), torch.tensor([1]))
     assert total.item() == pytest.approx(0.7 * bag_ce.item() + 0.3 * loss.item(), rel=1e-5)
-    assert clam.instance_loss(h[:3], clam.attend(h[:3]), 0).item() > 0  # fewer than 2k tiles: k shrinks
+    short = clam.instance_loss(h[:3], clam.attend(h[:3]), 0)  # fewer than 2k tiles: k shrinks
+    assert short is not None and short.item() > 0
     trans = TransMIL(8, 3, hidden=16, heads=4).eval()
     for n in (1, 5, 16, 17):  # 5 and 17 pad the token grid; the weights cover the real tiles only
         logits, weights = trans(torch.randn(n, 8))
         assert logits.shape == (3,) and weights.shape == (n,) and weights.sum().item() == pytest.approx(1.0)
+
+
+def test_clam_with_more_than_two_classes_uses_clams_subtyping_instance_loss() -> None:
+    torch.manual_seed(0)
+    clam = CLAMSB(8, 3, hidden=16, attention=8, dropout=0.0, k=3).eval()
+    h = clam.embed(torch.randn(10, 8))
+    weights = clam.attend(h)
+    top, bottom = torch.argsort(weights, descending=True)[:3], torch.argsort(weights)[:3]
+    pseudo = torch.tensor([1, 1, 1, 0, 0, 0])  # the bag's class (1): top-k tiles positive, bottom-k negative
+    own = F.cross_entropy(clam.instance_classifiers[1](h[torch.cat([top, bottom])]), pseudo)
+    others = [F.cross_entropy(clam.instance_classifiers[c](h[top]), torch.zeros(3, dtype=torch.long)) for c in (0, 2)]
+    got = clam.instance_loss(h, weights, 1)
+    assert got is not None and got.item() == pytest.approx((own + sum(others)).item() / 3, rel=1e-6)
+    binary = CLAMSB(8, 2, hidden=16, attention=8, dropout=0.0, k=3).eval()  # two classes: the own class's term only
+    h2 = binary.embed(torch.randn(10, 8))
+    w2 = binary.attend(h2)
+    t2, b2 = torch.argsort(w2, descending=True)[:3], torch.argsort(w2)[:3]
+    own2 = F.cross_entropy(binary.instance_classifiers[0](h2[torch.cat([t2, b2])]), pseudo)
+    got2 = binary.instance_loss(h2, w2, 0)
+    assert got2 is not None and got2.item() == pytest.approx(own2.item(), rel=1e-6)
+
+
+def test_a_one_tile_bag_has_no_clam_instance_loss() -> None:
+    torch.manual_seed(0)
+    clam = CLAMSB(8, 2, hidden=16, attention=8, dropout=0.0, k=3).eval()
+    bag = torch.randn(1, 8)
+    h = clam.embed(clam.standardise(bag))
+    assert clam.instance_loss(h, clam.attend(h), 1) is None  # its one tile cannot be both top and bottom
+    logits, _ = clam(bag)
+    weight = torch.tensor([0.5, 2.0])
+    assert clam.bag_loss(bag, 1, weight).item() == pytest.approx(
+        2.0 * F.cross_entropy(logits.unsqueeze(0), torch.tensor([1])).item(), rel=1e-6)  # fmt: skip
+
+
+def test_clam_stops_early_on_the_bag_loss_alone(data: dict[str, Split]) -> None:
+    tr, va = data["train"], data["val"]
+    cfg = replace(FAST, head="clam_sb", epochs=3, patience=3)
+    model, history = fit_mil(tr.bags[:16], tr.labels[:16], va.bags[:8], va.labels[:8], 2, cfg)
+    w = history["class_weights"]
+    logits, _ = predict_mil(model, va.bags[:8])
+    ce = F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(va.labels[:8]), reduction="none").numpy()
+    weights = np.asarray([w[y] for y in va.labels[:8]])
+    expected = float((weights * ce).sum() / weights.sum())  # the weighted bag CE of the kept weights, no instance loss
+    assert history["val_loss"][history["best_epoch"]] == pytest.approx(expected, rel=1e-5)
+
+
+def test_transmil_heatmap_gives_the_padding_copies_attention_back_to_their_tiles() -> None:
+    torch.manual_seed(0)
+    model = TransMIL(8, 2, hidden=16, heads=4, dropout=0.0).eval()
+    bag = torch.randn(17, 8)  # a 5 x 5 grid: the first 8 tiles are repeated to fill it
+    with torch.no_grad():
+        _, weights = model(bag)
+        h = model.project(model.standardise(bag))
+        x, _ = model.layer1(torch.cat([model.cls_token, h, h[:8]]))
+        x = model.ppeg(x, 5)
+        q, k, _ = model.layer2.qkv(model.layer2.norm(x)).view(26, 3, 4, 4).permute(1, 2, 0, 3)
+        scores = torch.einsum("hd,htd->ht", q[:, 0], k) / 2.0  # the class token's, per head; sqrt(head width 4)
+        attention = torch.softmax(scores, dim=-1).mean(0)  # over the 26 tokens: class, 17 tiles, 8 copies
+    expected = attention[1:18].clone()
+    expected[:8] += attention[18:]
+    expected /= expected.sum()
+    assert weights.sum().item() == pytest.approx(1.0) and torch.allclose(weights, expected, atol=1e-6)
+    assert not torch.allclose(weights, attention[1:18] / attention[1:18].sum(), atol=1e-4)
+
+
+def test_transmil_dropout_is_on_the_attention_output_not_the_attention_probabilities() -> None:
+    torch.manual_seed(0)
+    model = TransMIL(8, 2, hidden=16, heads=4, dropout=0.5)
+    layer = model.layer1.train()
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        q, k, v = layer.qkv(layer.norm(x)).view(10, 3, 4, 4).permute(1, 2, 0, 3)
+        attended = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # every probability kept
+        full = layer.out(attended.transpose(0, 1).reshape(10, 16))
+        out, _ = layer(x)
+    residual = out - x
+    dropped = residual.abs() < 1e-7
+    assert 0 < dropped.float().mean() < 1  # some outputs dropped, the others scaled by 1 / (1 - p)
+    assert torch.allclose(residual[~dropped], full[~dropped] * 2.0, atol=1e-5)
+
+
+def test_the_mean_head_ranks_tiles_by_their_own_logits() -> None:
+    model = MeanMIL(4, 2, dropout=0.0).eval()
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.tensor([[-1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
+        model.classifier.bias.zero_()
+    bag = np.zeros((6, 4), np.float32)
+    bag[:, 0] = [0.1, 0.3, -0.2, 2.0, 0.5, 0.0]  # tumour-ward along feature 0: tile 3 most
+    logits, attention = predict_mil(model, [bag, -bag])
+    assert logits[0].argmax() == 1 and logits[1].argmax() == 0
+    assert np.allclose(attention[0], 1 / 6)  # the mean head attends to nothing
+    assert top_tiles(model, [bag, -bag], attention) == [3, 3]  # the tile that most favours the predicted class
+    scores = model.tile_scores(torch.as_tensor(bag), torch.as_tensor(attention[0]))
+    assert scores.mean().item() == pytest.approx((logits[0, 1] - logits[0].mean()).item(), rel=1e-6)
+    abmil = ABMIL(4, 2).eval()
+    _, att = predict_mil(abmil, [bag])
+    assert top_tiles(abmil, [bag], att) == [int(np.argmax(att[0]))]
+    reg = MeanMIL(4, 1, dropout=0.0).eval()
+    with torch.no_grad():
+        reg.classifier.weight.copy_(torch.tensor([[0.0, 0, 1.0, 0]]))
+    bag[4, 2] = 5.0
+    assert top_tiles(reg, [bag], predict_mil(reg, [bag])[1]) == [4]
 
 
 def test_every_head_round_trips_and_old_abmil_files_load(tmp_path: Path) -> None:

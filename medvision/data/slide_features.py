@@ -158,9 +158,12 @@ def patient_folds(labels: np.ndarray, patients: list[str], k: int, seed: int, st
 
 def inner_validation(labels: np.ndarray, patients: list[str], train: np.ndarray, fraction: float, seed: int,
                      stratify: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Splits a fold's training slides into (fit, validation) by whole patients: about ``fraction`` of them
-    validate (for early stopping); the fold's test slides are never seen. With under 4 patients nothing is
-    held out."""
+    """Splits a fold's training slides into (fit, validation) by whole patients for early stopping; the fold's
+    test slides are never seen. The validation patients are one of ``k = max(2, round(1 / fraction))`` patient
+    folds (stratified when ``stratify``; the first that holds every class), so the share held out is about
+    ``1 / k``, not ``fraction`` itself: 0.2 holds out a fifth, 0.3 a third, 0.4 a half. With fewer than
+    ``max(4, k)`` patients nothing is held out (an empty validation set); the report says so, and gives the
+    share each fold held out as measured (:func:`medvision.tasks.mil_report.validation_note`)."""
     sub_patients = [patients[i] for i in train]
     k = max(2, round(1 / fraction))
     if len(set(sub_patients)) < max(4, k):

@@ -22,6 +22,7 @@ embeddings (B, dim) out, with the resize and normalisation inside, so every call
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from torch import nn
 
 from medvision.errors import MedvisionError
 from medvision.models.backbone import load_state
+from medvision.models.heads import feature_width
 from medvision.runtime import autocast
 
 Pooling = Literal["pooled", "cls", "cls+mean"]
@@ -58,7 +60,8 @@ class EncoderSpec:
     """Exact construction keyword arguments, as the model card gives them."""
     input_size: int = 224
     resize: int | None = None
-    """Resize the shorter side to this, then centre-crop ``input_size`` (None: resize straight to it)."""
+    """Resize the shorter side to this, then centre-crop ``input_size``, as the card's transform does even for a tile
+    that already has the input size (Prov-GigaPath: 224 -> 256 -> 224); None: resize straight to ``input_size``."""
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -151,8 +154,12 @@ def encoder_spec(name: str) -> EncoderSpec:
         size = int(cfg.input_size[-1]) if cfg is not None else 224
         mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
         std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
+        bicubic = cfg is not None and cfg.interpolation == "bicubic"
+        interpolation: Literal["bilinear", "bicubic"] = "bicubic" if bicubic else "bilinear"
+        hub = f"hf-hub:{cfg.hf_hub_id}" if cfg is not None and cfg.hf_hub_id else ""
         return EncoderSpec(name, arch, {"num_classes": 0}, input_size=size, mean=mean, std=std,  # type: ignore[arg-type]
-                           pooling="pooled", mpp=None, tile_size=size, source=f"timm {arch}")  # fmt: skip
+                           interpolation=interpolation, pooling="pooled", mpp=None, tile_size=size, hub=hub,
+                           source=f"timm {arch}")  # fmt: skip
     raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}, or timm:<model name>")
 
 
@@ -173,16 +180,70 @@ def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | Path | None) -> str 
     return path
 
 
+#: The weights of a checkpoint folder (a hub snapshot or a transformers folder), in the order the loaders prefer.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files that hold a checkpoint folder's weights: one file, or every shard its index names (sorted)."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    for name in WEIGHT_INDEXES:
+        if (folder / name).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise EncoderError(f"{folder / name}: not a weight index ({type(err).__name__}: {err}); expected "
+                                   '{"weight_map": {parameter: shard file}}') from None  # fmt: skip
+            return [folder / s for s in shards]
+    return []
+
+
 def checkpoint_sha256(path: str | Path) -> str:
-    """SHA-256 of a checkpoint file (of ``model.safetensors`` for a folder), recorded with every feature file."""
+    """SHA-256 of a checkpoint, recorded with every feature file: of the file, or for a folder of its weights
+    (:func:`weight_files`; the shards one after another), so a folder's hash is its single weight file's.
+
+    Raises:
+        EncoderError: a folder without weights, or a shard its index names that is missing.
+    """
     p = Path(path)
-    if p.is_dir():
-        p = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()), p / "config.json")
+    files = weight_files(p) if p.is_dir() else [p]
+    if not files:
+        raise EncoderError(f"{p}: no weights in the folder (expected {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)})")
     digest = hashlib.sha256()
-    with p.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    for f in files:
+        if not f.is_file():
+            raise EncoderError(f"{f}: weight shard named by {p}'s index is missing")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def hub_repo(spec: EncoderSpec) -> str:
+    """The hub repository of an entry (``hf-hub:org/name`` -> ``org/name``)."""
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if spec.hub.startswith(prefix):
+            return spec.hub[len(prefix) :]
+    return spec.hub
+
+
+def hub_sha256(spec: EncoderSpec) -> str:
+    """SHA-256 of the weights a ``hub`` load read, from the hub's local cache (the snapshot it resolved): the same
+    hash as a local copy of that file, so features embedded either way are known to share one feature space.
+    ``hub:<repo>`` when the cache does not hold them (a custom cache the loader was pointed at)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = hub_repo(spec)
+    try:
+        found = try_to_load_from_cache(repo, "config.json") if repo else None
+    except ValueError:  # not a hub repository id
+        found = None
+    if isinstance(found, str) and weight_files(Path(found).parent):
+        return checkpoint_sha256(Path(found).parent)
+    return f"hub:{repo or spec.architecture}"
 
 
 def build_network(spec: EncoderSpec, checkpoint: str | Path) -> nn.Module:
@@ -239,11 +300,13 @@ class PatchEncoder(nn.Module):
         x = tiles.float() / 255.0 if tiles.dtype == torch.uint8 else tiles.float()
         size, resize = self.spec.input_size, self.spec.resize
         h, w = x.shape[-2:]
-        if resize is not None and (h, w) != (size, size):
-            scale = resize / min(h, w)
-            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode=self.spec.interpolation,
-                              antialias=True, align_corners=False)  # fmt: skip
-            top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        if resize is not None:  # torchvision's Resize(resize) then CenterCrop(size), as the cards compose them
+            if min(h, w) != resize:
+                short, long = (h, w) if h <= w else (w, h)
+                long = int(resize * long / short)  # Resize truncates the longer side
+                x = F.interpolate(x, size=(resize, long) if h <= w else (long, resize), mode=self.spec.interpolation,
+                                  antialias=True, align_corners=False)  # fmt: skip
+            top, left = round((x.shape[-2] - size) / 2), round((x.shape[-1] - size) / 2)  # CenterCrop rounds
             x = x[..., top : top + size, left : left + size]
         elif (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode=self.spec.interpolation, antialias=True, align_corners=False)
@@ -284,7 +347,8 @@ class PatchEncoder(nn.Module):
 
 
 def load_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[PatchEncoder, str]:
-    """The frozen encoder ``name`` in eval mode, and its checkpoint's SHA-256 (``hub`` for a download).
+    """The frozen encoder ``name`` in eval mode, and its checkpoint's SHA-256 (for a download, of the file the hub
+    cache holds: :func:`hub_sha256`).
 
     Examples:
         >>> encoder, sha = load_encoder("uni", "/models/uni/pytorch_model.bin")
@@ -295,8 +359,8 @@ def load_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[Patch
     where = resolve_checkpoint(spec, checkpoint)
     network = build_network(spec, where)
     if spec.dim == 0:  # timm:<model>: the width is the network's
-        spec = replace(spec, dim=int(getattr(network, "num_features", 0)))
+        spec = replace(spec, dim=feature_width(network))
     encoder = PatchEncoder(spec, network).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return encoder, "hub" if where == "hub" else checkpoint_sha256(where)
+    return encoder, hub_sha256(spec) if where == "hub" else checkpoint_sha256(where)

@@ -118,9 +118,15 @@ def set_classifier(model: nn.Module, head: nn.Module) -> None:
     setattr(parent, last, head)
 
 
+def feature_width(model: nn.Module) -> int:
+    """The width of the pooled features a timm model hands its classifier (what ``num_classes=0`` returns): timm's
+    ``head_hidden_size`` where a pre-logits layer widens them (MobileNetV3: 288 -> 1024), else ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or cast(Any, model).num_features)
+
+
 def attach_knn_head(model: nn.Module, bank_size: int, num_classes: int, k: int, temperature: float) -> None:
     """An empty k-NN head of the right shape, for loading a saved ``knn`` run's weights into."""
-    width = cast(Any, model).num_features
+    width = feature_width(model)
     set_classifier(model, KNNClassifier(torch.zeros(bank_size, width), torch.zeros(bank_size, dtype=torch.long),
                                         num_classes, k, temperature))  # fmt: skip
 

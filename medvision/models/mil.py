@@ -14,18 +14,27 @@ standardised with the training targets' mean and std, kept as the buffers ``targ
 unchanged); the loss is the squared error of that standardised target, without class weights.
 
 - :class:`MeanMIL`: the mean of the tile features, then a linear classifier. The baseline: a few
-  positive tiles are diluted by the bag size.
+  positive tiles are diluted by the bag size. It attends to nothing (its weights are uniform), so its
+  tiles are ranked by their own logits instead (:meth:`MeanMIL.tile_scores`).
 - :class:`ABMIL`: gated attention pooling (Ilse, Tomczak & Welling, ICML 2018): ``h = ReLU(W x)``,
   ``a = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))``, logits ``C sum_k a_k h_k``.
 - :class:`CLAMSB`: CLAM single-branch (Lu et al., Nat. Biomed. Eng. 2021): ABMIL's gated attention plus
   one instance classifier per class, trained on the ``k`` most and least attended tiles of the slide's
-  own class as pseudo-positives and -negatives; the loss is ``0.7 * bag CE + 0.3 * instance CE``
-  (CLAM's ``bag_weight``, and its cross-entropy instance loss option).
+  own class as pseudo-positives and -negatives; with more than two classes (CLAM's ``subtyping``) every
+  other class's classifier also learns the ``k`` most attended tiles as negatives, and the summed
+  instance loss is divided by the number of classes. The training loss is ``0.7 * bag CE + 0.3 *
+  instance CE`` (CLAM's ``bag_weight``, and its cross-entropy instance loss option); validation, and so
+  early stopping, uses the bag CE alone, as CLAM's ``validate_clam`` does.
 - :class:`TransMIL`: Shao et al., NeurIPS 2021: a class token and the projected tiles, padded to a
   square grid, through two transformer layers with the PPEG convolutional position encoding between
   them; the class token classifies. Attention is exact softmax attention
-  (``scaled_dot_product_attention``) where the paper approximates it with Nyström attention; the tile
-  weights are the class token's attention in the last layer, averaged over heads.
+  (``scaled_dot_product_attention``) where the paper approximates it with Nyström attention, so the
+  Nyström attention's depthwise convolution residual on the values (``res_conv``, kernel 33, in
+  ``nystrom-attention``) is not used either. Dropout follows the reference (``NystromAttention(dropout=0.1)``):
+  on each attention layer's output projection, not on the attention probabilities; the dropout after
+  the input projection is medvision's own (the reference has none there). The tile weights are the class
+  token's attention in the last layer, averaged over heads, with the attention on the tiles repeated to
+  square the token grid added back to the tiles they repeat.
 """
 
 from __future__ import annotations
@@ -104,6 +113,15 @@ class MILHead(nn.Module):
             return ((out[0] - target) / self.target_std).square()
         return self._weighted_ce(out, int(target), class_weight)
 
+    def validation_loss(self, bag: Tensor, target: float, class_weight: Tensor | None = None) -> Tensor:
+        """The loss early stopping follows: :meth:`bag_loss` (CLAM-SB's leaves its instance loss out)."""
+        return self.bag_loss(bag, target, class_weight)
+
+    def tile_scores(self, bag: Tensor, weights: Tensor) -> Tensor:
+        """How much each tile drives the prediction, to rank the tiles (the top tile a run reports): the
+        weights ``forward`` returned for ``bag``."""
+        return weights
+
     @staticmethod
     def _weighted_ce(logits: Tensor, label: int, class_weight: Tensor | None) -> Tensor:
         loss = F.cross_entropy(logits.unsqueeze(0), torch.tensor([label]))
@@ -111,11 +129,15 @@ class MILHead(nn.Module):
 
 
 class MeanMIL(MILHead):
-    """Mean of the standardised tile features, then a linear layer: the baseline the others must beat."""
+    """Mean of the standardised tile features, then a linear layer: the baseline the others must beat.
+
+    ``dropout`` (on the mean feature) defaults to 0.25, as ABMIL's and CLAM-SB's: the value the recipe's
+    ``mil.dropout`` has always trained this head with.
+    """
 
     kind = "mean"
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.25) -> None:
         super().__init__(in_features, num_classes, dropout=dropout)
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_features, num_classes)
@@ -124,6 +146,16 @@ class MeanMIL(MILHead):
         x = self.standardise(bag)
         weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
         return self.output(self.classifier(self.drop(x.mean(0)))), weights
+
+    def tile_scores(self, bag: Tensor, weights: Tensor) -> Tensor:
+        """Each tile's own logits, the linear layer on its standardised feature (the bag's logits are their
+        mean, without dropout), for the class the bag is predicted: centred over the classes, since softmax
+        ignores a shift shared by all (for two classes half the tile's logit margin). Regression: each
+        tile's own standardised prediction. The uniform ``weights`` cannot rank anything."""
+        z = self.classifier(self.standardise(bag))
+        if self.regression:
+            return z[:, 0]
+        return (z - z.mean(1, keepdim=True))[:, int(z.mean(0).argmax())]
 
 
 class ABMIL(MILHead):
@@ -174,7 +206,8 @@ class CLAMSB(ABMIL):
 
     Args:
         k: Tiles taken from each end of the attention ranking for the instance loss (CLAM's ``k_sample``, 8);
-            a bag of fewer than ``2k`` tiles uses half of it.
+            a bag of fewer than ``2k`` tiles uses half of it, and a bag of one tile has no instance loss
+            (its one tile would be both a pseudo-positive and a pseudo-negative): its loss is the bag loss.
         bag_weight: Weight of the bag loss; the instance loss gets ``1 - bag_weight`` (CLAM's 0.7).
     """
 
@@ -192,42 +225,72 @@ class CLAMSB(ABMIL):
         self.k, self.bag_weight = k, bag_weight
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(num_classes))
 
-    def instance_loss(self, h: Tensor, weights: Tensor, label: int) -> Tensor:
-        """Cross-entropy of the true class's instance classifier: top-k attended tiles 1, bottom-k 0."""
-        k = min(self.k, max(1, h.shape[0] // 2))
+    def instance_loss(self, h: Tensor, weights: Tensor, label: int) -> Tensor | None:
+        """CLAM's instance loss of one bag, None for a bag of one tile (see ``k``).
+
+        The true class's instance classifier: cross-entropy of its top-k attended tiles as 1 and bottom-k as 0
+        (CLAM's ``inst_eval``). With more than two classes (CLAM's ``subtyping=True``) each other class's
+        classifier adds the cross-entropy of the top-k tiles as 0 (``inst_eval_out``: what the slide is made
+        of is not that class), and the sum is divided by the number of classes. Two classes: the true
+        class's term alone (CLAM's ``subtyping=False``).
+        """
+        if h.shape[0] < 2:
+            return None
+        k = min(self.k, h.shape[0] // 2)
         top = torch.topk(weights, k).indices
         bottom = torch.topk(-weights, k).indices
         logits = self.instance_classifiers[label](h[torch.cat([top, bottom])])
         targets = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)])
-        return F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits, targets)
+        if self.num_classes == 2:
+            return loss
+        negative = torch.zeros(k, dtype=torch.long)
+        for c in range(self.num_classes):
+            if c != label:
+                loss = loss + F.cross_entropy(self.instance_classifiers[c](h[top]), negative)
+        return loss / self.num_classes
 
     def bag_loss(self, bag: Tensor, target: float, class_weight: Tensor | None = None) -> Tensor:
+        """``bag_weight * bag CE + (1 - bag_weight) * instance loss``; the bag CE alone for a one-tile bag."""
         label = int(target)
         h = self.embed(self.standardise(bag))
         weights = self.attend(h)
         bag_ce = self._weighted_ce(self.classifier(weights @ h), label, class_weight)
-        return self.bag_weight * bag_ce + (1.0 - self.bag_weight) * self.instance_loss(h, weights, label)
+        instance = self.instance_loss(h, weights, label)
+        return bag_ce if instance is None else self.bag_weight * bag_ce + (1.0 - self.bag_weight) * instance
+
+    def validation_loss(self, bag: Tensor, target: float, class_weight: Tensor | None = None) -> Tensor:
+        """The weighted bag cross-entropy alone: CLAM's ``validate_clam`` stops early on it (the instance loss
+        trains the attention; it is no measure of the slide prediction)."""
+        logits, _ = self(bag)
+        return self._weighted_ce(logits, int(target), class_weight)
 
 
 class _TransLayer(nn.Module):
-    """Pre-norm multi-head self-attention with a residual, returning the class token's attention too."""
+    """Pre-norm multi-head self-attention with a residual, returning the class token's attention too.
+
+    Dropout is on the output projection, as ``to_out`` of the reference's ``NystromAttention`` has it; the
+    attention probabilities are not dropped (which also keeps ``scaled_dot_product_attention`` on its fast
+    CPU path, where ``dropout_p > 0`` falls back to materialising the attention and a mask over it).
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, dim * 3)
         self.out = nn.Linear(dim, dim)
-        self.heads, self.dropout = heads, dropout
+        self.drop = nn.Dropout(dropout)
+        self.heads = heads
 
     def forward(self, x: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         """The layer's output and, when asked, the class token's attention over all tokens (mean of heads)."""
         n, dim = x.shape
         q, k, v = self.qkv(self.norm(x)).view(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v)
         weights = None
         if cls_attention:  # one extra row of scores, only in the layer whose attention is reported
             weights = torch.softmax(q[:, :1] @ k.transpose(-1, -2) / math.sqrt(dim // self.heads), dim=-1).mean(0)[0]
-        return x + self.out(y.transpose(0, 1).reshape(n, dim)), weights
+        return x + self.drop(self.out(y.transpose(0, 1).reshape(n, dim))), weights
 
 
 class _PPEG(nn.Module):
@@ -250,7 +313,8 @@ class TransMIL(MILHead):
     Args:
         hidden: Token width (the paper's 512).
         heads: Attention heads (the paper's 8).
-        dropout: Dropout on the projection and inside attention.
+        dropout: Dropout after the input projection and on each attention layer's output projection (the
+            reference's 0.1).
     """
 
     kind = "transmil"
@@ -277,7 +341,9 @@ class TransMIL(MILHead):
         x, _ = self.layer1(torch.cat([self.cls_token, h]))
         x, attention = self.layer2(self.ppeg(x, side), cls_attention=True)
         assert attention is not None
-        weights = attention[1 : n + 1]  # the real tiles, not the class token or the padding
+        weights = attention[1 : n + 1].clone()  # the real tiles, not the class token
+        pad = side * side - n
+        weights[:pad] += attention[n + 1 :]  # a repeated tile's attention is its original's
         return self.output(self.classifier(self.norm(x)[0])), weights / weights.sum()
 
 

@@ -1,9 +1,9 @@
 """Training, prediction and files of the MIL heads in :mod:`medvision.models.mil`.
 
 Training follows ABMIL's paper for every head: Adam, one bag per step, early stopping on the
-validation loss, the training tiles' per-feature statistics stored in the head. A head is saved as
-one safetensors file whose header holds its kind, its constructor arguments and the caller's
-metadata, so it is rebuilt without code or pickle. With ``MILConfig(task="regression")`` and
+validation loss (CLAM-SB's: the bag loss alone), the training tiles' per-feature statistics stored in the
+head. A head is saved as one safetensors file whose header holds its kind, its constructor arguments and
+the caller's metadata, so it is rebuilt without code or pickle. With ``MILConfig(task="regression")`` and
 ``num_classes=1`` a head learns a continuous slide target instead (see :func:`fit_mil`).
 
 Examples:
@@ -46,7 +46,7 @@ _STD_FLOOR = 1e-6
 
 @dataclass
 class MILConfig:
-    """How :func:`fit_mil` trains which head; the defaults follow ABMIL's Adam settings and a CLAM-style dropout."""
+    """How :func:`fit_mil` trains which head; the defaults follow ABMIL's Adam settings and each head's own dropout."""
 
     head: str = "abmil"
     """``mean`` (mean-pool linear baseline), ``abmil``, ``clam_sb`` or ``transmil``."""
@@ -68,8 +68,8 @@ class MILConfig:
     """Width of the per-tile embedding."""
     attention: int = 64
     """Width of the attention branch."""
-    dropout: float = 0.25
-    """Dropout on the embedding and attention branch."""
+    dropout: float | None = None
+    """Dropout of the head; None: the head's own default (0.25 for mean, abmil and clam_sb, TransMIL's 0.1)."""
     gated: bool = True
     """Gated attention (the paper's better variant) rather than plain tanh attention (abmil, clam_sb)."""
     heads: int = 8
@@ -199,8 +199,8 @@ def tile_statistics(bags: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 
 
 def head_arguments(cfg: MILConfig) -> dict[str, Any]:
-    """The constructor arguments of ``cfg.head`` taken from ``cfg``."""
-    common = {"dropout": cfg.dropout}
+    """The constructor arguments of ``cfg.head`` taken from ``cfg`` (no ``dropout`` when it is None: the head's own)."""
+    common: dict[str, Any] = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     if cfg.head == "mean":
         return common
     if cfg.head == "transmil":
@@ -223,8 +223,9 @@ def fit_mil(
     Classification (``cfg.task``, the default): the loss weights each class by
     ``n_bags / (num_classes * n_bags_of_class)`` in the training set, so a rare positive class counts as
     much as the common one; the validation loss is the same weighted cross-entropy, averaged as
-    ``sum(w_i * loss_i) / sum(w_i)``. Regression: the labels are one finite float per slide and
-    ``num_classes`` is 1; the head stores the training targets' mean and std (``target_mean``,
+    ``sum(w_i * loss_i) / sum(w_i)`` (for CLAM-SB of the bag loss alone, without its instance loss:
+    :meth:`~medvision.models.mil.MILHead.validation_loss`). Regression: the labels are one finite float per
+    slide and ``num_classes`` is 1; the head stores the training targets' mean and std (``target_mean``,
     ``target_std``; a std of 0 is taken as 1) and both losses are the mean squared error of the target so
     standardised, i.e. the MSE in the target's units divided by the training targets' variance, so early
     stopping follows the validation MSE. With no validation bags, training runs all ``cfg.epochs`` and
@@ -313,7 +314,8 @@ def fit_mil(
                 continue
             model.eval()
             with torch.no_grad():
-                losses = [model.bag_loss(b, y.item(), class_weight).item() for b, y in zip(val_t, y_val, strict=True)]
+                losses = [model.validation_loss(b, y.item(), class_weight).item()
+                          for b, y in zip(val_t, y_val, strict=True)]  # fmt: skip
             val_loss = sum(losses) / val_weight
             history["val_loss"].append(val_loss)
             history["epoch_seconds"].append(time.perf_counter() - started)
@@ -348,6 +350,17 @@ def predict_mil(model: MILHead, bags: list[np.ndarray]) -> tuple[np.ndarray, lis
             logits[i] = out.double().numpy()
             attention.append(weights.double().numpy())
     return logits, attention
+
+
+def top_tiles(model: MILHead, bags: list[np.ndarray], attention: list[np.ndarray]) -> list[int]:
+    """The index of each bag's top tile, the one that drives its prediction most: the most attended tile
+    (``attention`` as :func:`predict_mil` returned it), or for the ``mean`` head, which attends to none, the
+    tile whose own logit most favours the predicted class (:meth:`~medvision.models.mil.MILHead.tile_scores`)."""
+    model.eval()
+    with torch.no_grad():
+        scores = [model.tile_scores(torch.as_tensor(np.asarray(b, dtype=np.float32)), torch.as_tensor(a))
+                  for b, a in zip(bags, attention, strict=True)]  # fmt: skip
+    return [int(torch.argmax(s)) for s in scores]
 
 
 def save_mil(model: MILHead, path: Path, meta: dict[str, Any]) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medvision.models.heads import feature_width
 from medvision.runtime import Dist, all_gather_tensor
 
 
@@ -22,7 +23,7 @@ class SimCLR(nn.Module):
     def __init__(self, backbone: nn.Module, hidden: int, out: int) -> None:
         super().__init__()
         self.backbone = backbone
-        width = int(cast(Any, backbone).num_features)
+        width = feature_width(backbone)
         self.projector = nn.Sequential(
             nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
         )

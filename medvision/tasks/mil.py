@@ -4,11 +4,14 @@ The slides' tile features were made once by ``medvision features``; training a M
 fold, so every run is a k-fold cross-validation grouped by patient
 (:func:`medvision.data.slide_features.patient_folds`):
 
-1. fold ``f``'s test slides are its patients'; of the other patients, ``mil.val_fraction`` validate (early
-   stopping) and the rest fit the head (:func:`medvision.models.mil_fit.fit_mil`);
-2. the head predicts its test slides (out-of-fold), and is kept as ``folds/fold<f>.safetensors``;
+1. fold ``f``'s test slides are its patients'; of the other patients, about ``mil.val_fraction`` validate (early
+   stopping; :func:`medvision.data.slide_features.inner_validation`) and the rest fit the head
+   (:func:`medvision.models.mil_fit.fit_mil`);
+2. the head predicts its test slides (out-of-fold), and is kept as ``folds/fold<f>.safetensors``, with its record
+   ``folds/fold<f>.json``: the test slides and their predictions, the fit and validation slide and patient
+   counts, the best epoch, and each test slide's top tile (:func:`medvision.models.mil_fit.top_tiles`);
 3. the report gives every fold's metrics with bootstrap CIs, their mean ± SD across folds, and the pooled
-   out-of-fold metric with its CI (:mod:`medvision.tasks.mil_report`).
+   out-of-fold metric with its CI, every CI resampling whole patients (:mod:`medvision.tasks.mil_report`).
 
 ``score`` on a slide folder with such a run embeds each slide's tiles with the same encoder and weights
 (checked by SHA-256) and averages the k fold heads' probabilities and attention (:mod:`medvision.tasks.score.mil`).
@@ -34,7 +37,7 @@ from medvision.data.audit import write_audit
 from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
 from medvision.io.files import atomic_write
 from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
-from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil
+from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil, top_tiles
 from medvision.recipe import Recipe, dump_recipe
 from medvision.report import write_json
 from medvision.runs import RunError, run_log, versions
@@ -75,11 +78,14 @@ def _fold(cohort: FeatureCohort, folds: np.ndarray, f: int, recipe: Recipe) -> t
                            "mil.folds or more slides of that class")  # fmt: skip
     head, history = fit_mil([cohort.bags[i] for i in fit], cohort.labels[fit], [cohort.bags[i] for i in val],
                             cohort.labels[val], n_out, cfg)  # fmt: skip
-    out, attention = predict_mil(head, [cohort.bags[i] for i in test])
+    bags = [cohort.bags[i] for i in test]
+    out, attention = predict_mil(head, bags)
     # probabilities at the digits predictions.csv keeps: the metrics, the threshold and the file agree
     scores = out[:, 0] if cohort.continuous else round_significant(softmax(out))
-    top = [cohort.coords[i][int(np.argmax(a))].tolist() for i, a in zip(test, attention, strict=True)]
+    top = [cohort.coords[i][t].tolist() for i, t in zip(test, top_tiles(head, bags, attention), strict=True)]
     record = {"fold": f, "test": [cohort.slides[i] for i in test], "fit_slides": len(fit), "val_slides": len(val),
+              "fit_patients": len({cohort.patients[i] for i in fit}),
+              "val_patients": len({cohort.patients[i] for i in val}),
               "predictions": scores.tolist(), "best_epoch": history["best_epoch"],
               "epochs_run": history["epochs_run"], "seconds": round(time.perf_counter() - start, 3),
               "top_tiles": top}  # fmt: skip

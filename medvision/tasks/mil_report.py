@@ -8,8 +8,11 @@ patient):
   t-interval of the mean over the k folds, clipped to the metric's range (:func:`fold_summary`);
 - pooled: the metric of all out-of-fold predictions together, with its bootstrap CI.
 
-Classes: AUC (one-vs-rest macro for more than two), accuracy and balanced accuracy. A continuous target:
-MSE, MAE and R², resampled without stratification.
+Every bootstrap resamples patients, not slides (``groups=`` of :func:`~medvision.metrics.bootstrap_cis`): a
+patient's slides are drawn together, as the folds keep them together, because they are not independent; drawn
+one by one they would make the intervals too narrow. Classes: AUC (one-vs-rest macro for more than two),
+accuracy and balanced accuracy, the patients stratified by label. A continuous target: MSE, MAE and R²,
+resampled without stratification.
 """
 
 from __future__ import annotations
@@ -75,13 +78,16 @@ def fold_summary(values: list[float], level: float, bounds: tuple[float, float])
     return {"mean": mean, "sd": sd, "ci": ci, "folds": len(vals)}
 
 
-def _with_cis(y: np.ndarray, p: np.ndarray, continuous: bool, cfg: EvalConfig, seed: int) -> dict[str, Any]:
+def _with_cis(y: np.ndarray, p: np.ndarray, patients: list[str], continuous: bool, cfg: EvalConfig,
+              seed: int) -> dict[str, Any]:  # fmt: skip
+    """The metrics of one set of slides, with CIs that resample their ``patients`` (one per slide) whole."""
     fns = metric_functions(continuous)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         row: dict[str, Any] = {"n": len(y), **{k: fn(y, p) for k, fn in fns.items()}}
         if cfg.bootstrap and len(y) > 1:
-            cis = bootstrap_cis(y, p, fns, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous)
+            cis = bootstrap_cis(y, p, fns, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous,
+                                groups=patients)  # fmt: skip
             row.update({f"{k}_ci": list(v) for k, v in cis.items()})
     return row
 
@@ -92,25 +98,27 @@ def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str,
     continuous = cohort.continuous
     index = {rel: i for i, rel in enumerate(cohort.slides)}
     per_fold = []
-    all_y, all_p = [], []
+    all_y, all_p, all_patients = [], [], []
     for r in records:
         idx = np.asarray([index[s] for s in r["test"]], np.int64)
         y, p = cohort.labels[idx], np.asarray(r["predictions"], np.float64)
-        row = _with_cis(y, p, continuous, cfg, cfg.bootstrap_seed + r["fold"])
-        row.update(fold=r["fold"], patients=len({cohort.patients[i] for i in idx}), best_epoch=r["best_epoch"],
-                   seconds=r["seconds"])  # fmt: skip
+        patients = [cohort.patients[i] for i in idx]
+        row = _with_cis(y, p, patients, continuous, cfg, cfg.bootstrap_seed + r["fold"])
+        row.update(fold=r["fold"], patients=len(set(patients)), best_epoch=r["best_epoch"], seconds=r["seconds"],
+                   fit_patients=r.get("fit_patients"), val_patients=r.get("val_patients"))  # fmt: skip
         per_fold.append(row)
         all_y.append(y)
         all_p.append(p)
+        all_patients += patients
     y, p = np.concatenate(all_y), np.concatenate(all_p)
-    pooled = _with_cis(y, p, continuous, cfg, cfg.bootstrap_seed)
+    pooled = _with_cis(y, p, all_patients, continuous, cfg, cfg.bootstrap_seed)
     across: dict[str, Any] = {}
     for name in metric_functions(continuous):
         across[name] = fold_summary([r[name] for r in per_fold], cfg.ci_level, METRIC_RANGE[name])
     return {"target": "continuous" if continuous else "class", "classes": cohort.classes, "folds": per_fold,
             "across_folds": across, "pooled": pooled, "slides": len(cohort.slides),
             "patients": len(set(cohort.patients)), "ci_level": cfg.ci_level, "bootstrap": cfg.bootstrap,
-            "positive_index": metrics_positive(cohort, cfg)}  # fmt: skip
+            "bootstrap_unit": "patient", "positive_index": metrics_positive(cohort, cfg)}  # fmt: skip
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -120,6 +128,31 @@ def _f(v: Any, digits: int = 3) -> str:
 def _ci(row: dict[str, Any], name: str) -> str:
     ci = row.get(f"{name}_ci")
     return f"{_f(row[name])} [{_f(ci[0])}, {_f(ci[1])}]" if ci else _f(row[name])
+
+
+def validation_note(folds: list[dict[str, Any]], val_fraction: float) -> str:
+    """What the report says about early stopping: the share of each fold's training patients that was held out
+    to validate, measured from the folds' rows (``fit_patients``, ``val_patients``), not ``val_fraction`` (which
+    :func:`~medvision.data.slide_features.inner_validation` meets only as one of ``round(1 / val_fraction)``
+    patient folds), and the folds where too few patients left nothing to hold out."""
+    known = [r for r in folds if r.get("val_patients") is not None and r.get("fit_patients") is not None]
+    held = [r for r in known if r["val_patients"]]
+    empty = [str(r["fold"]) for r in known if not r["val_patients"]]
+    asked = f"mil.val_fraction {val_fraction:g}"
+    if known and not held:
+        return (f"No fold held out validation patients ({asked}; each fold had too few training patients to "
+                "split): every head trained all mil.epochs and kept the last epoch.")  # fmt: skip
+    if not known:
+        return f"Early stopping used a share of each fold's training patients ({asked}), never its test slides."
+    shares = [r["val_patients"] / (r["val_patients"] + r["fit_patients"]) for r in held]
+    counts = sorted({f"{r['val_patients']} of {r['val_patients'] + r['fit_patients']}" for r in held})
+    low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+    text = (f"Early stopping used {low if low == high else f'{low}-{high}'} of each fold's training patients "
+            f"({', '.join(counts)}; {asked}), never its test slides.")  # fmt: skip
+    if empty:
+        text += (f" Fold{'s' if len(empty) > 1 else ''} {', '.join(empty)} had too few training patients to hold "
+                 "any out: trained all mil.epochs and kept the last epoch.")  # fmt: skip
+    return text
 
 
 def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metrics: dict[str, Any],
@@ -146,8 +179,10 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
     blocks += [("h2", "Summary"), ("table", (["metric", "mean ± SD over folds", f"{level} t-interval of the mean",
                                              f"pooled out-of-fold ({level} bootstrap CI)"], summary))]  # fmt: skip
     notes = [
-        "Each slide is predicted by the one fold head that never saw its patient; early stopping used a "
-        f"{recipe.mil.val_fraction:.0%} share of the fold's training patients, never its test slides.",
+        "Each slide is predicted by the one fold head that never saw its patient. "
+        + validation_note(metrics["folds"], recipe.mil.val_fraction),
+        f"Every bootstrap CI resamples patients, not slides: a patient's slides are drawn together"
+        f"{'' if cohort.continuous else ' (stratified by label)'}, since they are not independent.",
         f"With about {metrics['slides'] / recipe.mil.folds:.0f} slides a fold, a fold's CI is wide: read the pooled "
         "interval and the spread across folds together.",
     ]

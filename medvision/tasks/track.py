@@ -57,7 +57,8 @@ def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
 def log_mil_run(tracker: Tracker, run_dir: Path) -> None:
     """A finished cross-validated MIL run (``data.source: slide_features``): each fold's metrics with their CIs
     at the fold's index as the step (``fold_auc``, ``fold_auc_ci_low``, ``fold_acc``, ... or ``fold_mae``,
-    ``fold_mse``, ``fold_r2``; ``fold_slides``, ``fold_patients``, ``fold_best_epoch``, ``fold_seconds``), the
+    ``fold_mse``, ``fold_r2``; ``fold_slides``, ``fold_patients``, ``fold_best_epoch``, ``fold_seconds``, and the
+    training patients that fitted and validated it, ``fold_fit_patients`` and ``fold_val_patients``), the
     summary over the folds and the pooled out-of-fold metrics as final metrics and tags (:func:`run_metrics`),
     and its files: the fold heads (``folds/``) and the scoring record ``mil.json`` among them.
 

@@ -11,6 +11,16 @@ a ``FeatureCollection`` whose Features carry a UUID ``id`` (read since 0.4) and 
 ``{"name", "color": [r, g, b]}``, ``isLocked``, and ``measurements`` as a name -> number object (the
 0.4+ form; 0.3 wrote a list of name/value pairs). Coordinates are level-0 pixels with the origin at the
 top-left corner of the full-resolution image, the same numbers as :class:`~medvision.wsi.tiles.TileGrid`.
+A NaN or infinite measurement (JSON has neither) is left out of that tile's ``measurements``: QuPath reads
+a missing measurement as NaN, so the tile shows the same value it has in the tile table.
+
+Feature ids are uuid5 of the run, the slide and the object, so importing a second run's file onto the same
+slide (another model, a rescore) adds objects instead of asking to "Update IDs", while one run gives the
+same ids every time it writes a slide.
+
+The tissue outline is exact (:mod:`medvision.wsi.outline`): it follows the edges of the mask's pixels, so
+an annotation's area in QuPath is the mask's tissue area, holes included, and its rings are valid geometry
+for QuPath's JTS (simple rings that touch other rings at single corner points at most).
 
 Rings follow RFC 7946 (closed, at least four positions, exterior counter-clockwise and holes clockwise
 by the signed area of the raw (x, y) numbers; seen on screen, where y points down, that looks the other
@@ -26,21 +36,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from medvision.errors import MedvisionError
 from medvision.io.files import atomic_write
+from medvision.wsi.outline import mask_outline
 
 Position = list[float]
 Ring = list[Position]
 Polygon = list[Ring]
 
-#: Namespace of the feature ids: uuid5(NAMESPACE, f"{slide_id}/tile-{i}") is the same on every run.
+#: Namespace of the feature ids: uuid5(NAMESPACE, '["<run_id>", "<slide_id>", "tile-<i>"]').
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://medvision/wsi/geojson")
 #: Colour of the tissue annotations (QuPath keeps a class's colour once the project has that class).
 TISSUE_COLOR = (80, 180, 80)
-#: Colours of tile classes not given in ``class_colors``, in the sorted order of their names (tab10).
+#: Colours of tile classes (tab10): :func:`palette_colors` gives them in the order of the run's classes.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))  # fmt: skip
 #: Decimals kept in level-0 coordinates of tissue outlines (a hundredth of a scan pixel).
@@ -48,97 +58,84 @@ DECIMALS = 2
 
 
 class GeoJSONError(MedvisionError, ValueError):
-    """Input that cannot become valid GeoJSON (a NaN score, mismatched lengths); the message names it."""
+    """Input that cannot become valid GeoJSON (a NaN coordinate, mismatched lengths); the message names it."""
 
 
-def _signed_area(ring: np.ndarray) -> float:
-    """Shoelace area of an (n, 2) open ring: positive when counter-clockwise in a y-up frame."""
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+def _scales(mask_scale: float | tuple[float, float]) -> tuple[float, float]:
+    """``(sx, sy)`` from one scale or a pair, refusing anything but two positive finite numbers."""
+    try:
+        values = np.broadcast_to(np.asarray(mask_scale, np.float64), (2,)).tolist()
+    except (TypeError, ValueError):  # not numbers, or not one or two of them
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise GeoJSONError(f"mask_scale must be a positive number of mask pixels per level-0 pixel, or an (x, y) "
+                           f"pair of them; got {mask_scale}")  # fmt: skip
+    return values[0], values[1]
 
 
-def _ring(contour: np.ndarray, mask_scale: float, exterior: bool) -> Ring | None:
-    """An OpenCV contour as a closed level-0 ring in RFC 7946 orientation, or None when degenerate.
-
-    Contour points are the centres of boundary pixels of the mask; mask pixel ``i`` covers level-0
-    ``[i / mask_scale, (i + 1) / mask_scale)``, so its centre is ``(i + 0.5) / mask_scale``.
-    """
-    pts = np.round((contour.reshape(-1, 2).astype(np.float64) + 0.5) / mask_scale, DECIMALS)
-    keep = np.ones(len(pts), bool)
-    keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)  # consecutive repeats after rounding
-    pts = pts[keep]
-    if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
-        pts = pts[:-1]
-    if len(np.unique(pts, axis=0)) < 3:
-        return None
-    area = _signed_area(pts)
-    if area == 0.0:
-        return None
-    if (area > 0) != exterior:
-        pts = pts[::-1]
-    closed: Ring = pts.tolist()
-    closed.append(list(closed[0]))
-    return closed
-
-
-def tissue_polygons(mask: np.ndarray, mask_scale: float, min_area_px: int = 16) -> list[Polygon]:
+def tissue_polygons(mask: np.ndarray, mask_scale: float | tuple[float, float],
+                    min_area_px: int = 16) -> list[Polygon]:  # fmt: skip
     """The tissue regions of a mask as GeoJSON Polygon coordinates in level-0 pixels, holes included.
+
+    The outline follows the edges of the mask's pixels (:func:`~medvision.wsi.outline.mask_outline`, whose
+    docstring gives the connectivity: pixels that meet only at a corner are separate regions): mask column
+    ``c`` begins at level-0 ``x = c / sx`` and row ``r`` at ``y = r / sy``, so a polygon's area is its tissue
+    pixels times ``1 / (sx * sy)`` level-0 px² (the score table's ``tissue_mm2`` counts the same pixels, with
+    ``sx`` for both sides).
 
     Args:
         mask: (H, W) tissue mask (bool or integer, non-zero is tissue), e.g. ``TileGrid.mask``.
-        mask_scale: mask pixels per level-0 pixel (``TileGrid.mask_scale``).
-        min_area_px: outlines and holes enclosing fewer mask pixels than this (contour area) are
-            dropped, and a dropped outline takes its holes with it.
+        mask_scale: mask pixels per level-0 pixel, one number or ``(sx, sy)``; for a mask of the whole slide,
+            ``(W / w0, H / h0)`` with ``(w0, h0)`` the level-0 size (a thumbnail's sides are rounded apart, so
+            ``TileGrid.mask_scale``, the x scale, can be a few pixels out over a long y side).
+        min_area_px: regions whose outline encloses fewer mask pixels than this are dropped with their holes,
+            and so are holes of fewer pixels.
 
     Returns:
-        One entry per region: its exterior ring first, then its holes; each ring a closed list of
-        ``[x, y]`` level-0 positions (see the module docstring for orientation).
+        One entry per region, in the order of their top-left pixels: its exterior ring first, then its holes;
+        each ring a closed list of ``[x, y]`` level-0 positions (see the module docstring for orientation),
+        rounded to :data:`DECIMALS` decimals where a mask pixel spans more than twice that.
 
     Examples:
-        >>> polygons = tissue_polygons(grid.mask, grid.mask_scale)
+        >>> w0, h0 = slide.level_dimensions[0]
+        >>> polygons = tissue_polygons(grid.mask, (grid.mask.shape[1] / w0, grid.mask.shape[0] / h0))
     """
     if mask.ndim != 2:
         raise GeoJSONError(f"tissue_polygons needs a 2-D mask; got shape {mask.shape}")
-    if not (math.isfinite(mask_scale) and mask_scale > 0):
-        raise GeoJSONError(f"mask_scale must be a positive number of mask pixels per level-0 pixel; got {mask_scale}")
-    binary = np.ascontiguousarray(mask != 0, dtype=np.uint8)
-    contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if hierarchy is None:
-        return []
-    links = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
+    sx, sy = _scales(mask_scale)
+    exact = max(sx, sy) > 0.5 * 10**DECIMALS  # rounding would merge neighbouring vertices: keep every digit
     polygons: list[Polygon] = []
-    for k in np.flatnonzero(links[:, 3] == -1).tolist():
-        if cv2.contourArea(contours[k]) < min_area_px:
-            continue
-        exterior = _ring(contours[k], mask_scale, exterior=True)
-        if exterior is None:
-            continue
-        rings = [exterior]
-        child = int(links[k, 2])
-        while child != -1:
-            if cv2.contourArea(contours[child]) >= min_area_px:
-                hole = _ring(contours[child], mask_scale, exterior=False)
-                if hole is not None:
-                    rings.append(hole)
-            child = int(links[child, 0])
+    for region in mask_outline(mask, min_area_px):
+        rings = []
+        for ring in region:
+            xy = np.stack([ring[:, 0] / sx, ring[:, 1] / sy], axis=1)
+            closed: Ring = (xy if exact else np.round(xy, DECIMALS)).tolist()
+            closed.append(list(closed[0]))
+            rings.append(closed)
         polygons.append(rings)
     return polygons
 
 
-def _floats(name: str, values: np.ndarray, n: int) -> list[float]:
-    """A measurement as plain floats, refusing wrong shapes and non-finite values (not valid JSON)."""
+def palette_colors(classes: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """:data:`PALETTE` colours by the order of a run's classes, for ``slide_geojson(class_colors=...)``.
+
+    Built from the run's whole class list, not the classes a slide happens to have, so a class has the
+    same colour on every slide: QuPath keeps the first colour it meets for a class name.
+    """
+    return {str(name): PALETTE[k % len(PALETTE)] for k, name in enumerate(classes)}
+
+
+def _floats(name: str, values: np.ndarray, n: int) -> list[float | None]:
+    """A measurement as plain floats, None where it is NaN or infinite (JSON has neither); wrong shapes refused."""
     arr = np.asarray(values)
     if arr.shape != (n,):
         raise GeoJSONError(f"measurement {name!r} has shape {arr.shape}; expected ({n},), one value per tile")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise GeoJSONError(f"measurement {name!r} has dtype {arr.dtype}; expected real numbers")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if len(bad):
-        raise GeoJSONError(f"measurement {name!r} is {arr[bad[0]]} at tile index {int(bad[0])} "
-                           f"({len(bad)} non-finite value(s) in all); GeoJSON allows finite numbers only")  # fmt: skip
-    if arr.dtype in (np.float32, np.float16):
-        return [float(str(v)) for v in arr]  # shortest decimal that reads back as the same float32
-    return [float(v) for v in arr.tolist()]
+    finite = np.isfinite(arr).tolist()
+    short = arr.dtype in (np.float32, np.float16)  # the shortest decimal that reads back as the same float32
+    floats = [float(str(v)) for v in arr] if short else [float(v) for v in arr.tolist()]
+    return [v if ok else None for v, ok in zip(floats, finite, strict=True)]
 
 
 def _color(name: str, rgb: Sequence[int]) -> list[int]:
@@ -148,8 +145,8 @@ def _color(name: str, rgb: Sequence[int]) -> list[int]:
     return color
 
 
-def _feature(key: str, coordinates: Polygon, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "Feature", "id": str(uuid.uuid5(NAMESPACE, key)),
+def _feature(key: list[str], coordinates: Polygon, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "Feature", "id": str(uuid.uuid5(NAMESPACE, json.dumps(key))),
             "geometry": {"type": "Polygon", "coordinates": coordinates}, "properties": properties}  # fmt: skip
 
 
@@ -162,6 +159,7 @@ def slide_geojson(
     tissue_name: str = "Tissue",
     slide_id: str = "",
     class_colors: Mapping[str, Sequence[int]] | None = None,
+    run_id: str = "",
 ) -> dict[str, Any]:
     """A FeatureCollection of the tissue (locked annotations) and the tiles (detections with measurements).
 
@@ -169,22 +167,29 @@ def slide_geojson(
         tissue: polygons from :func:`tissue_polygons`.
         coords: (N, 2) level-0 (x, y) top-left corners of the tiles (``TileGrid.coords``).
         side0: side of a tile in level-0 pixels (``TileGrid.side0``).
-        measurements: name -> (N,) values, e.g. one probability per class; written as plain floats.
+        measurements: name -> (N,) values, e.g. one probability per class; written as plain floats, and
+            left out of a tile where NaN or infinite (QuPath shows a missing measurement as NaN).
         classification: a class name per tile (e.g. the argmax class), or None for unclassified tiles.
         tissue_name: class given to the tissue annotations.
         slide_id: mixed into every feature id, so that two slides' objects never share an id.
-        class_colors: name -> (r, g, b) of tile classes; others take :data:`PALETTE` colours in the
-            sorted order of their names (pass this to keep colours the same across slides).
+        class_colors: name -> (r, g, b) of tile classes, e.g. :func:`palette_colors` of the run's classes
+            (the same colours on every slide); a class not in it takes a :data:`PALETTE` colour by the
+            sorted order of the names missing on this slide, which can differ from slide to slide.
+        run_id: what identifies the run that made the scores (e.g. the model's SHA-256 and the output),
+            mixed into every feature id with ``slide_id``: two runs' files for one slide share no id, and
+            one run writes the same ids every time.
 
     Raises:
-        GeoJSONError: (a ValueError) mismatched lengths, a bad side, or a non-finite measurement
-            (named with its tile index).
+        GeoJSONError: (a ValueError) mismatched lengths, a bad side or a non-finite coordinate.
 
     Examples:
         >>> # probs: (N, C) tile probabilities in grid order, classes: the C class names
-        >>> fc = slide_geojson(tissue_polygons(grid.mask, grid.mask_scale), grid.coords, grid.side0,
+        >>> w0, h0 = slide.level_dimensions[0]
+        >>> tissue = tissue_polygons(grid.mask, (grid.mask.shape[1] / w0, grid.mask.shape[0] / h0))
+        >>> fc = slide_geojson(tissue, grid.coords, grid.side0,
         ...                    {f"p_{c}": probs[:, k] for k, c in enumerate(classes)},
-        ...                    [classes[k] for k in probs.argmax(1)], slide_id=slide.path.name)
+        ...                    [classes[k] for k in probs.argmax(1)], slide_id=slide.path.name,
+        ...                    class_colors=palette_colors(classes), run_id=model_sha256)
         >>> write_geojson(out / f"{slide.path.stem}.geojson", fc)
     """
     xy = np.asarray(coords)
@@ -210,16 +215,17 @@ def slide_geojson(
     tissue_class = {"name": tissue_name, "color": list(TISSUE_COLOR)}
     for k, polygon in enumerate(tissue):
         properties = {"objectType": "annotation", "classification": dict(tissue_class), "isLocked": True}
-        features.append(_feature(f"{slide_id}/tissue-{k}", [list(r) for r in polygon], properties))
+        features.append(_feature([run_id, slide_id, f"tissue-{k}"], [list(r) for r in polygon], properties))
     corners = xy.tolist()
     for i, (x, y) in enumerate(corners):
         x1, y1 = x + float(side0), y + float(side0)
         square: Polygon = [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]  # counter-clockwise by RFC 7946 signed area
-        properties = {"objectType": "detection", "measurements": {name: col[i] for name, col in columns.items()}}
+        values = {name: col[i] for name, col in columns.items() if col[i] is not None}
+        properties = {"objectType": "detection", "measurements": values}
         if classification is not None:
             name = str(classification[i])
             properties["classification"] = {"name": name, "color": colors[name]}
-        features.append(_feature(f"{slide_id}/tile-{i}", square, properties))
+        features.append(_feature([run_id, slide_id, f"tile-{i}"], square, properties))
     return {"type": "FeatureCollection", "features": features}
 
 

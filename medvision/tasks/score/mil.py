@@ -12,6 +12,7 @@ its row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,10 @@ class FeatureMILUnit(SlideScan):
 
     def __init__(self, spec: dict[str, Any], encoder: PatchEncoder, heads: list[MILHead],
                  device: torch.device, out: Path, workers: int, timeout: float, batch_size: int,
-                 heatmaps: bool) -> None:  # fmt: skip
+                 heatmaps: bool, run_id: str = "") -> None:  # fmt: skip
         super().__init__(SlidesConfig.model_validate(spec["slides"]), workers, timeout)
         self.spec, self.encoder, self.heads, self.device = spec, encoder.to(device), heads, device
-        self.batch_size, self.outputs = batch_size, SlideOutputs(out, heatmaps)
+        self.batch_size, self.outputs = batch_size, SlideOutputs(out, heatmaps, run=run_id)
         self.classes: list[str] | None = spec["classes"]
         self.positive: int | None = spec.get("positive_index")
         self.threshold: float | None = spec.get("threshold")
@@ -121,13 +122,17 @@ def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path 
                        f"{spec['encoder_sha256'][:16]}…; the checkpoint given has {sha[:16]}…: embed with the "
                        "same weights")  # fmt: skip
     heads = []
+    digest = hashlib.sha256((run / MIL_RUN).read_bytes())  # the run's identity: its spec and every fold head
     for rel in spec["heads"]:
         try:
             heads.append(load_mil(run / rel, 1 if spec["classes"] is None else len(spec["classes"]))[0])
+            digest.update((run / rel).read_bytes())
         except (OSError, ValueError) as err:
             raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
-    unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps)
-    record = {"model_file": str(run / MIL_RUN), "encoder": spec["encoder"], "encoder_sha256": sha,
+    unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps,
+                          run_id=digest.hexdigest())  # fmt: skip
+    record = {"model_file": str(run / MIL_RUN), "model_sha256": digest.hexdigest(), "encoder": spec["encoder"],
+              "encoder_sha256": sha,
               "engine": "torch", "device": str(device), "amp": spec.get("precision", "none"), "versions": versions(),
               "heads": spec["heads"], "operating_points": []}  # fmt: skip
     threads = (torch.get_num_threads() or 1) if device.type == "cpu" else None

@@ -22,19 +22,22 @@ through the pool's pipe. Tiles are preprocessed in the readers by :func:`medvisi
 (the same function as for files) and scored by the engine, TTA and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
-tissue fraction, probabilities) and ``<out>.heatmaps/<slide>.png``. A slide's tile file and heatmap are
-written before its row, so a row means the slide is complete. Nothing from the slides' metadata is written
-but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
+tissue fraction, probabilities), ``<out>.heatmaps/<slide>.png`` and ``<out>.geojson/<slide>.geojson``
+(:class:`SlideOutputs`). A slide's files are written before its row, its tile file last, and a slide that
+ends as an error row has them removed, so a row means the slide is complete and the merged tile table holds
+ok slides only. Nothing from the slides' metadata is written but geometry and MPP: no Aperio
+``Filename``/``User``, no DICOM patient tags.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,7 +62,7 @@ from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
 from medvision.workers import Failure, PoolStats, isolated_map
-from medvision.wsi.geojson import slide_geojson, tissue_polygons, write_geojson
+from medvision.wsi.geojson import palette_colors, slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
 from medvision.wsi.source import plan_slide, stain_transform
@@ -122,7 +125,10 @@ def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
             try:
                 drawn = _PLAN["drawn"]
                 thumb = slide.thumbnail(THUMBNAIL) if drawn else None
-                tissue = tissue_polygons(grid.mask, grid.mask_scale) if drawn and grid.mask is not None else []
+                w0, h0 = slide.level_dimensions[0]
+                tissue = []
+                if drawn and grid.mask is not None:  # the mask's own x and y scales (its sides are rounded apart)
+                    tissue = tissue_polygons(grid.mask, (grid.mask.shape[1] / w0, grid.mask.shape[0] / h0))
                 info = {"grid": grid_to_json(grid), "thumbnail": thumb, "size0": slide.level_dimensions[0],
                         "mpp_source": slide.mpp_source, "tissue": tissue}  # fmt: skip
             finally:
@@ -305,6 +311,8 @@ class SlideScan:
                     item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({err})"
                 except Exception as err:
                     item.status, item.reason = "error", f"{item.rel}: failed ({type(err).__name__}: {err})"
+            if item.status == "error":
+                self.discard(item)
             n = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
             yield self.row(item, time.perf_counter() - start), n
 
@@ -384,6 +392,13 @@ class SlideScan:
                             transform=self.stain)  # fmt: skip
         return SlideTiles(grid, coords, tissue, reader)
 
+    def discard(self, item: PlannedSlide) -> None:
+        """Removes the files of a slide that ends as an error row (a unit's :class:`SlideOutputs`, when it has
+        them), including those a run killed before the slide's row left behind."""
+        outputs = getattr(self, "outputs", None)
+        if isinstance(outputs, SlideOutputs):
+            outputs.discard(item.rel)
+
     def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
         """What the unit makes of one slide's tile batches (may mark it an error)."""
         raise NotImplementedError
@@ -399,36 +414,59 @@ class SlideScan:
 class SlideOutputs:
     """What scoring writes per slide besides its row, before the row (so a row means the slide is complete):
 
+    - ``<out>.geojson/<slide>.geojson``: for QuPath (File > Import objects, or drag and drop onto the slide): the
+      tissue outline as locked annotations and the tiles as detections carrying their measurements
+      (:mod:`medvision.wsi.geojson`), in level-0 pixels; tile classes keep one colour across slides (the run's
+      class list), and feature ids are keyed by the run and the output, so two runs' files for one slide
+      import side by side;
+    - ``<out>.heatmaps/<slide>.png``: the map over the slide's thumbnail;
     - ``<out>.tiles/<slide>.parquet``: one row per tile (slide, level-0 x and y, tile side at level 0, tissue
       fraction, and the tile's measurements: class probabilities, MIL attention), merged into
-      ``<out>.tiles.parquet`` at the end;
-    - ``<out>.heatmaps/<slide>.png``: the map over the slide's thumbnail;
-    - ``<out>.geojson/<slide>.geojson``: for QuPath (File > Import objects, or drag and drop onto the slide): the
-      tissue contours as locked annotations and the tiles as detections carrying their measurements
-      (:mod:`medvision.wsi.geojson`), in level-0 pixels.
+      ``<out>.tiles.parquet`` at the end. Written last, and removed with the others by :meth:`discard` when
+      the slide ends as an error, so only complete slides are merged.
+
+    ``run``: what identifies the scoring run in the feature ids (e.g. the model's SHA-256), beside the output's
+    path. ``classes``: the run's classes, in order, that tiles are classified into (their colours).
     """
 
-    def __init__(self, out: Path, heatmaps: bool) -> None:
+    def __init__(self, out: Path, heatmaps: bool, run: str = "", classes: Sequence[str] | None = None) -> None:
         self.tiles_dir = Path(f"{out}.tiles")
         self.heat_dir = Path(f"{out}.heatmaps") if heatmaps else None
         self.geo_dir = Path(f"{out}.geojson")
+        self.run_id = json.dumps([run, str(Path(out).resolve())])
+        self.colors = palette_colors(classes) if classes is not None else None
+
+    def paths(self, rel: str) -> list[Path]:
+        """The slide's files, in the order they are written."""
+        name = _safe_name(rel)
+        heat = [self.heat_dir / f"{name}.png"] if self.heat_dir is not None else []
+        return [self.geo_dir / f"{name}.geojson", *heat, self.tiles_dir / f"{name}.parquet"]
 
     def write(self, item: PlannedSlide, tiles: SlideTiles, measurements: dict[str, np.ndarray],
               classification: list[str] | None, heat: tuple[np.ndarray, str], title: str) -> None:  # fmt: skip
-        """``heat``: the values drawn (0-1) and the colour bar's label."""
+        """``heat``: the values drawn (0-1) and the colour bar's label. A NaN measurement stays NaN in the tile
+        table and is left out of that tile's GeoJSON measurements (QuPath reads a missing one as NaN)."""
         assert item.info is not None
         name = _safe_name(item.rel)
-        _write_tiles(self.tiles_dir / f"{name}.parquet", item.rel, tiles.coords, tiles.grid.side0, tiles.tissue,
-                     measurements)  # fmt: skip
         collection = slide_geojson(item.info.get("tissue", []), tiles.coords, tiles.grid.side0,
                                    {k: np.asarray(v, np.float64) for k, v in measurements.items()}, classification,
-                                   slide_id=item.rel)  # fmt: skip
+                                   slide_id=item.rel, class_colors=self.colors, run_id=self.run_id)  # fmt: skip
         write_geojson(self.geo_dir / f"{name}.geojson", collection)
         if self.heat_dir is not None:
             thumb = item.info["thumbnail"]
             scale = thumb.shape[1] / item.info["size0"][0]
             grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, tuple(item.info["size0"]), scale)
             plot_heatmap(self.heat_dir / f"{name}.png", thumb, grid, title, heat[1])
+        _write_tiles(self.tiles_dir / f"{name}.parquet", item.rel, tiles.coords, tiles.grid.side0, tiles.tissue,
+                     measurements)  # fmt: skip
+
+    def discard(self, rel: str) -> None:
+        """Removes whatever of the slide's files exist: the slide ends as an error row."""
+        for path in self.paths(rel):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:  # e.g. a folder in the file's place: the slide's reason says why
+                log.warning("%s: could not remove %s of a failed slide (%s)", rel, path, err)
 
     def finish(self, out: Path) -> None:
         _merge_tiles(out, self.tiles_dir)
@@ -458,7 +496,7 @@ class SlideUnit(SlideScan):
         self.decision = Decision.from_json(spec.decision)
         self.calls = operating_calls(self.decision, self.operating_level)
         self.head = _mil_head(model, spec)
-        self.outputs = SlideOutputs(out, heatmaps)
+        self.outputs = SlideOutputs(out, heatmaps, run=spec.model_sha256 or str(model.resolve()), classes=spec.classes)
         self.columns = ["path", "status", "reason", "pred", *[f"prob_{c}" for c in spec.classes],
                         *[n for n, _ in self.calls], "tiles", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
                         "level"]  # fmt: skip

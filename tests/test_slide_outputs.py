@@ -1,0 +1,159 @@
+"""What scoring writes per slide beside its row (``SlideOutputs``): the QuPath GeoJSON, the heatmap and the tile
+table, through the real slide scan and job (planning, tile stream, rows, merge).
+
+The unit here has no model: a tile's measurements are its brightness and an "attention" made by the scoring
+path's own :func:`attention_measure` from its darkness, with the first tile's value NaN, as an attention head
+that overflowed gives. Everything else (the scan, the reader pool run in-process, the rows, the merge) is the
+code ``medvision score`` runs on a slide folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from medvision.recipe import SlidesConfig
+from medvision.tasks.score.job import csv_line, one_line, run_units
+from medvision.tasks.score.slides import (
+    PlannedSlide,
+    SlideBatches,
+    SlideOutputs,
+    SlideScan,
+    SlideTiles,
+    _write_tiles,
+    attention_measure,
+)
+from medvision.wsi.geojson import palette_colors, write_geojson
+from medvision.wsi.tiles import TileGrid, TileReader
+
+CLASSES = ["dark", "pale"]
+
+
+class BrightnessUnit(SlideScan):
+    """Slides to tiles to one row a slide, measuring brightness; slides named ``FAULT-raise`` get a tile reader
+    that raises (``faulty_reader.TileFault``), as a damaged JPEG tile does."""
+
+    def __init__(self, out: Path, run: str) -> None:
+        super().__init__(SlidesConfig(target_mpp=1.0, tile_size=64, min_tissue=0.5), workers=0, timeout=120.0)
+        self.columns, self.batch_size = ["path", "status", "reason", "tiles"], 8
+        self.outputs = SlideOutputs(out, heatmaps=True, run=run, classes=CLASSES)
+
+    def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
+        from faulty_reader import TileFault
+
+        tiles = super().tiles(folder, item)
+        if tiles is not None and "FAULT-raise" in item.rel:
+            tiles.reader.transform = TileFault("raise")
+        return tiles
+
+    def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
+        bright = np.concatenate([b.reshape(len(b), -1).mean(axis=1) for b in batches]) / 255.0
+        darkness = 1.0 - bright
+        darkness[0] = np.nan
+        attention = attention_measure(darkness)
+        names = [CLASSES[int(v > 0.7)] for v in bright]
+        measurements = {"brightness": bright, "attention": attention}
+        self.outputs.write(item, tiles, measurements, names, (attention, "attention"), item.rel)
+        item.probs = bright
+
+    def row(self, item: PlannedSlide, seconds: float) -> str:
+        n = item.info["n_tiles"] if item.status == "ok" and item.info else ""
+        return csv_line([item.rel, item.status, one_line(item.reason), n])
+
+    def finish(self, out: Path, table: Path) -> None:
+        self.outputs.finish(out)
+
+    def provenance(self) -> dict[str, Any]:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def slide_folder(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medvision.wsi.synthetic import write_pyramidal_tiff
+    from medvision.wsi.synthetic_compose import compose_slide
+
+    folder = tmp_path_factory.mktemp("slides")
+    rgb = compose_slide(shared / "data" / "he_tiles", 1024, 768, [(64, 64, 760, 600)], [], seed=1)
+    write_pyramidal_tiff(folder / "a.svs", rgb, 0.5, flavour="aperio")
+    for name in ("b_FAULT-raise.svs", "c.svs"):
+        shutil.copy(folder / "a.svs", folder / name)
+    return folder
+
+
+def test_a_failed_slide_leaves_no_files_and_a_nan_measurement_is_left_out(slide_folder: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scores.csv"
+    # a run killed after writing b's files but before b's row: this run finds b failing and must not keep them
+    _write_tiles(Path(f"{out}.tiles/b_FAULT-raise.svs.parquet"), "b_FAULT-raise.svs", np.zeros((1, 2), np.int64),
+                 128.0, np.ones(1), {"brightness": np.ones(1), "attention": np.ones(1)})  # fmt: skip
+    write_geojson(Path(f"{out}.geojson/b_FAULT-raise.svs.geojson"), {"type": "FeatureCollection", "features": []})
+    Path(f"{out}.heatmaps/c.svs.png").mkdir(parents=True)  # c's heatmap cannot be written: a folder in its place
+    unit = BrightnessUnit(out, run="brightness-v1")
+    summary = run_units(slide_folder, out, unit, (0, 1), {}, None)
+
+    rows = {r["path"]: r for r in csv.DictReader(out.open())}
+    assert summary.reconciled and [rows[k]["status"] for k in ("a.svs", "b_FAULT-raise.svs", "c.svs")] == [
+        "ok", "error", "error"]  # fmt: skip
+    assert "tiles could not be read (OSError: JPEG tile data is damaged)" in rows["b_FAULT-raise.svs"]["reason"]
+    assert "IsADirectoryError" in rows["c.svs"]["reason"]
+    for name in ("b_FAULT-raise.svs", "c.svs"):  # neither the stale files nor the ones written before the failure
+        assert not Path(f"{out}.tiles/{name}.parquet").exists() and not Path(f"{out}.geojson/{name}.geojson").exists()
+    assert sorted(p.name for p in Path(f"{out}.tiles").iterdir()) == ["a.svs.parquet"]
+
+    merged = pq.read_table(f"{out}.tiles.parquet").to_pylist()
+    assert {t["slide"] for t in merged} == {"a.svs"} and len(merged) == int(rows["a.svs"]["tiles"]) > 4
+    assert math.isnan(merged[0]["attention"]) and not any(math.isnan(t["attention"]) for t in merged[1:])
+    geo = json.loads(Path(f"{out}.geojson/a.svs.geojson").read_text())
+    tiles = [f for f in geo["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(tiles) == len(merged)
+    assert "attention" not in tiles[0]["properties"]["measurements"]  # QuPath reads it as NaN
+    assert tiles[0]["properties"]["measurements"]["brightness"] == pytest.approx(merged[0]["brightness"], rel=1e-6)
+    for f, t in zip(tiles[1:], merged[1:], strict=True):
+        assert f["properties"]["measurements"]["attention"] == pytest.approx(t["attention"], rel=1e-6)
+    colors = palette_colors(CLASSES)
+    assert all(f["properties"]["classification"]["color"] == list(colors[f["properties"]["classification"]["name"]])
+               for f in tiles)  # fmt: skip
+
+
+def _slide(rel: str, n: int) -> tuple[PlannedSlide, SlideTiles]:
+    coords = np.stack([np.arange(n) * 128, np.zeros(n)], axis=1).astype(np.int64)
+    grid = TileGrid(level=0, read_size=64, side0=128.0, coords=coords, tissue=np.ones(n), mask_scale=1 / 16,
+                    tissue_px=0, mpp=0.5)  # fmt: skip
+    reader = TileReader([], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), 64)
+    return PlannedSlide(rel, "ok", info={"tissue": []}), SlideTiles(grid, coords, grid.tissue, reader)
+
+
+def test_tile_classes_keep_one_colour_on_every_slide_and_ids_differ_between_runs(tmp_path: Path) -> None:
+    """QuPath keeps the first colour it meets for a class name, and asks to "Update IDs" for repeated ids."""
+    classes = ["normal", "stroma", "tumour"]
+    slides = {"one.svs": ["tumour", "tumour"], "two.svs": ["stroma", "tumour"], "three.svs": ["normal", "stroma"]}
+
+    def write(out: Path, run: str) -> dict[str, dict[str, Any]]:
+        outputs = SlideOutputs(out, heatmaps=False, run=run, classes=classes)
+        for rel, names in slides.items():
+            item, tiles = _slide(rel, len(names))
+            outputs.write(item, tiles, {"p": np.array([0.25, 0.75])}, names, (np.zeros(2), "p"), rel)
+        return {rel: json.loads(Path(f"{out}.geojson/{rel}.geojson").read_text()) for rel in slides}
+
+    first = write(tmp_path / "a.csv", "model-sha-1")
+    colors: dict[str, set[tuple[int, ...]]] = defaultdict(set)
+    for geo in first.values():
+        for f in geo["features"]:
+            colors[f["properties"]["classification"]["name"]].add(tuple(f["properties"]["classification"]["color"]))
+    assert all(len(c) == 1 for c in colors.values()) and len(set().union(*colors.values())) == 3
+
+    def ids(collections: dict[str, dict[str, Any]]) -> list[str]:
+        return [f["id"] for geo in collections.values() for f in geo["features"]]
+
+    assert ids(write(tmp_path / "a.csv", "model-sha-1")) == ids(first)  # the same run writes the same ids
+    assert not set(ids(first)) & set(ids(write(tmp_path / "a.csv", "model-sha-2")))  # another model
+    assert not set(ids(first)) & set(ids(write(tmp_path / "b.csv", "model-sha-1")))  # another output
