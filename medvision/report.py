@@ -127,6 +127,30 @@ def _at_point(summary: dict[str, Any]) -> str:
     return f"{_with_ci(op, 'accuracy')} at {_rule(op)} ≥ {_fmt(op['threshold'], 3)}"
 
 
+def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
+    """What the CIs of the metrics table are, and which level's to quote: the image (tile) level resamples images
+    one by one, which a patient's (slide's) several images are not, so its intervals are too narrow."""
+    k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
+    text = (
+        f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}. AUC is binary, or macro "
+        "one-vs-rest for more than two classes."
+    )
+    if clinical.get("unit") == "slide":
+        how = (
+            "an attention-MIL head (ABMIL, Ilse et al. 2018) on the fine-tuned backbone's frozen tile features"
+            if cfg.patient_aggregate == "abmil"
+            else f"`{cfg.patient_aggregate}`{k_text} of its tile probabilities"
+        )
+        return (f"{text} Slide level: each slide's probability is {how}. The tile-level CIs resample tiles one by "
+                "one, as if a slide's tiles were independent, so they are narrower than the data supports: quote "
+                "the slide level.")  # fmt: skip
+    if _one_image_per_patient(clinical):
+        return f"{text} Every patient has one image here, so the patient level equals the image level and is not shown."
+    return (f"{text} Patient level: each patient's image probabilities are aggregated by `{cfg.patient_aggregate}`"
+            f"{k_text}. The image-level CIs resample images one by one, as if a patient's images were independent, "
+            "so they are narrower than the data supports: quote the patient level.")  # fmt: skip
+
+
 def _temperature_fact(decision: Decision) -> str:
     """How the probabilities were calibrated, and why T = 1 when temperature scaling would have made them worse."""
     cal = decision.calibration or {}
@@ -237,27 +261,12 @@ def build_report(
         "avg. precision",
     ]
     header += ["ECE before → after", "Brier"]
-    k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
-    ci_text = (
-        f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}. AUC is binary, or macro "
-        "one-vs-rest for more than two classes. Patient level: each patient's image probabilities are aggregated "
-        f"by `{cfg.patient_aggregate}`{k_text}."
-    )
-    if clinical.get("unit") == "slide":
-        how = (
-            "an attention-MIL head (ABMIL, Ilse et al. 2018) on the fine-tuned backbone's frozen tile features"
-            if cfg.patient_aggregate == "abmil"
-            else f"`{cfg.patient_aggregate}`{k_text} of its tile probabilities"
-        )
-        ci_text = ci_text.split(" Patient level:")[0] + f" Slide level: each slide's probability is {how}."
-    elif _one_image_per_patient(clinical):
-        ci_text += " Every patient has one image here, so the patient level equals the image level and is not shown."
     blocks: list[Block] = [
         ("h1", f"medvision run `{meta['name']}`"),
         ("ul", facts),
         ("h2", "Metrics"),
         ("table", (header, _metric_rows(clinical))),
-        ("p", ci_text),
+        ("p", ci_note(clinical, cfg)),
     ]
     compare = extra.get("slide_aggregates")
     if compare:

@@ -27,7 +27,7 @@ from medvision.evaluation import (
 )
 from medvision.metrics import MetricWarning, mean_ci, proportion_ci
 from medvision.recipe import EvalConfig, recipe_from_dict
-from medvision.report import _at_point, _temperature_fact
+from medvision.report import _at_point, _temperature_fact, ci_note
 from medvision.training.loop import FitState
 
 
@@ -248,3 +248,18 @@ def test_darker_larger_test_images_warn_in_metrics_log_and_report(tiles_manifest
     log, html = (run / "train.log").read_text(), (run / "report.html").read_text()
     for warning in shifts:
         assert warning in log and warning.split(";")[0] in html
+
+
+def test_the_ci_note_says_which_levels_intervals_to_quote() -> None:
+    """Image (tile) level CIs resample images one by one; with several images a patient (tiles a slide) the report
+    says they are too narrow and points at the patient (slide) level, whose unit is independent."""
+    cfg = EvalConfig()
+    several = {"patient": {"aggregate": "mean", "test": {"images_per_patient": 6.0}}, "unit": "patient"}
+    text = ci_note(several, cfg)
+    assert "image-level CIs resample images one by one" in text and "quote the patient level" in text
+    one = {"patient": {"aggregate": "mean", "test": {"images_per_patient": 1}}, "unit": "patient"}
+    assert "not shown" in ci_note(one, cfg) and "quote" not in ci_note(one, cfg)
+    slides = {"patient": {"aggregate": "mean", "test": {"images_per_patient": 40.0}}, "unit": "slide"}
+    text = ci_note(slides, cfg)
+    assert "tile-level CIs resample tiles one by one" in text and "quote the slide level" in text
+    assert "`mean` of its tile probabilities" in text
