@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                 slides = SlidesConfig(tile_size=args.tile_size or spec.tile_size,
                                       target_mpp=args.target_mpp or spec.mpp or 0.5, min_tissue=args.min_tissue,
                                       max_tiles_per_slide=args.max_tiles, mpp=args.mpp,
-                                      stain_reference=args.stain_reference, backend=args.backend)  # fmt: skip
+                                      stain_reference=str(Path(args.stain_reference).resolve())
+                                      if args.stain_reference else None, backend=args.backend)  # fmt: skip
             summary = extract_features(args.folder, args.out, args.encoder, args.checkpoint, slides=slides,
                                        batch_size=args.batch_size, workers=args.workers, shard=args.shard,
                                        amp=args.amp, slide_timeout=args.slide_timeout)  # fmt: skip

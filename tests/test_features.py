@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from medvision.cli import main
+from medvision.io.files import sha256
 from medvision.models.encoders import load_encoder
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError
 from medvision.tasks.features import extract_features
+from medvision.tasks.score.mil import _check_stain_reference
 from medvision.workers import HANDOFF_DIR
 from medvision.wsi.features import FeatureFileError, feature_name, read_features
 from medvision.wsi.slide import open_slide
@@ -169,9 +171,61 @@ def test_stain_normalisation_runs_before_the_encoder_and_is_recorded(
     extract_features(folder, tmp_path / "norm", ENCODER, weights, slides=normalised, workers=0)
     a = read_features(tmp_path / "plain" / "slide_000.svs.h5")
     b = read_features(tmp_path / "norm" / "slide_000.svs.h5")
-    assert a.attrs["preprocessing"]["stain_reference"] is None
+    assert a.attrs["preprocessing"]["stain_reference"] is None and "stain_reference_sha256" not in a.attrs[
+        "preprocessing"]  # fmt: skip
     assert b.attrs["preprocessing"]["stain_reference"] == str(reference)
+    assert b.attrs["preprocessing"]["stain_reference_sha256"] == sha256(reference)  # its pixels, not only its path
     assert np.array_equal(a.coords, b.coords) and not np.allclose(a.features, b.features, atol=1e-3)
+
+
+def test_a_stain_reference_is_recorded_by_content_and_absolute_path(
+    slide_cohort: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--stain-reference ref.png`` is recorded as an absolute path with the file's SHA-256, so ``score`` finds it
+    from any folder, and a folder refuses features normalised to other pixels behind the same path."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(slide_cohort.parent / "slide_000.svs", folder / "slide_000.svs")
+    tiles = [next((shared / "data" / "he_tiles").glob(f"{k}-*")) for k in ("NORM", "TUM")]  # two tissue tiles
+    shutil.copy(tiles[0], tmp_path / f"ref{tiles[0].suffix}")
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    monkeypatch.chdir(tmp_path)
+    args = ["features", "slides", "--encoder", ENCODER, "--checkpoint", str(weights), "--out", "f", "--tile-size",
+            "112", "--target-mpp", "1.0", "--max-tiles", "2", "--workers", "0", "--stain-reference",
+            f"ref{tiles[0].suffix}"]  # fmt: skip
+    assert main(args) == 0
+    made = json.loads((tmp_path / "f" / "features.json").read_text())["preprocessing"]
+    assert made["stain_reference"] == str(tmp_path / f"ref{tiles[0].suffix}")
+    assert made["stain_reference_sha256"] == sha256(tiles[0])
+    shutil.copy(tiles[1], tmp_path / f"ref{tiles[0].suffix}")  # other pixels behind the same path
+    (folder / "slide_000.svs").rename(folder / "again.svs")  # a new slide to embed into the same folder
+    with pytest.raises(RunError, match=r"holds features made with other settings \(preprocessing differ"):
+        extract_features(
+            folder,
+            tmp_path / "f",
+            ENCODER,
+            weights,
+            workers=0,
+            slides=SlidesConfig(
+                tile_size=112, target_mpp=1.0, max_tiles_per_slide=2, stain_reference=made["stain_reference"]
+            ),
+        )
+
+
+def test_score_refuses_a_stain_reference_that_changed_since_the_features(shared: Path, tmp_path: Path) -> None:
+    tiles = [next((shared / "data" / "he_tiles").glob(f"{k}-*")) for k in ("NORM", "TUM")]  # two tissue tiles
+    reference = tmp_path / f"ref{tiles[0].suffix}"
+    shutil.copy(tiles[0], reference)
+    slides = SlidesConfig(tile_size=112, target_mpp=1.0, stain_reference=str(reference)).model_dump(mode="json")
+    spec = {"slides": slides, "stain_reference_sha256": sha256(reference)}
+    _check_stain_reference(tmp_path, spec)  # the same pixels: scored alike
+    _check_stain_reference(tmp_path, {"slides": slides})  # a run from before the hash was recorded
+    shutil.copy(tiles[1], reference)
+    with pytest.raises(RunError, match=r"stain-normalised to .*ref.* with SHA-256 .*put back the reference"):
+        _check_stain_reference(tmp_path, spec)
+    reference.unlink()
+    with pytest.raises(RunError, match=r"reference that cannot be read now"):
+        _check_stain_reference(tmp_path, spec)
 
 
 def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(

@@ -73,6 +73,12 @@ def speck() -> np.ndarray:
     return img
 
 
+def noisy(color: tuple[int, int, int], sd: float) -> np.ndarray:
+    """One flat colour with Gaussian pixel noise of ``sd`` grey levels, as a scanner gives it."""
+    rng = np.random.default_rng(0)
+    return np.clip(np.asarray(color) + rng.normal(0, sd, (224, 224, 3)), 0, 255).astype(np.uint8)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -81,8 +87,12 @@ def speck() -> np.ndarray:
         lambda tiles: tiles["BACK"],
         lambda tiles: speck(),
         lambda tiles: np.full((224, 224, 3), (200, 120, 170), np.uint8),  # one flat colour: no stain plane
+        lambda tiles: noisy((200, 120, 170), 2),  # the same with scanner noise: a round OD cloud, no stain axis
+        lambda tiles: noisy((150, 150, 150), 2),
+        lambda tiles: noisy((90, 60, 160), 3),  # blue ink
+        lambda tiles: noisy((5, 5, 5), 2),  # near-black
     ],
-    ids=["white", "glass240", "BACK", "speck", "flat-pink"],
+    ids=["white", "glass240", "BACK", "speck", "flat-pink", "noisy-pink", "noisy-grey", "noisy-ink", "near-black"],
 )
 def test_tissue_poor_tile_is_returned_unchanged(make, tiles: dict[str, np.ndarray], norm: MacenkoNormalizer):
     tile = make(tiles)

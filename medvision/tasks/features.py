@@ -46,6 +46,7 @@ from medvision.tasks.score.slides import (
 )
 from medvision.workers import start_forkserver
 from medvision.wsi.features import feature_name, write_features
+from medvision.wsi.source import stain_fingerprint
 
 TABLE, RECORD = "features.csv", "features.json"
 COLUMNS = ["path", "status", "reason", "file", "tiles", "dim", "tissue_mm2", "mpp", "mpp_source", "target_mpp",
@@ -55,9 +56,12 @@ COLUMNS = ["path", "status", "reason", "file", "tiles", "dim", "tissue_mm2", "mp
 def preprocessing(encoder: PatchEncoder, cfg: SlidesConfig, amp: str) -> dict[str, Any]:
     """What happens to a tile between the slide and the embedding: recorded in every feature file."""
     s = encoder.spec
-    return {"input_size": s.input_size, "resize": s.resize, "interpolation": s.interpolation,
-            "mean": list(s.mean), "std": list(s.std), "pooling": s.pooling, "stain_reference": cfg.stain_reference,
-            "precision": amp}  # fmt: skip
+    out = {"input_size": s.input_size, "resize": s.resize, "interpolation": s.interpolation,
+           "mean": list(s.mean), "std": list(s.std), "pooling": s.pooling, "stain_reference": cfg.stain_reference,
+           "precision": amp}  # fmt: skip
+    if cfg.stain_reference:  # its pixels, not only its path: a folder refuses features normalised to another tile
+        out["stain_reference_sha256"] = stain_fingerprint(cfg)
+    return out
 
 
 class FeatureUnit(SlideScan):

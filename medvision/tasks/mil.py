@@ -222,5 +222,6 @@ def _scoring_record(recipe: Recipe, cohort: FeatureCohort, k: int, threshold: fl
             "slides": made.get("slides", {"tile_size": cohort.extraction["tile_size"],
                                           "target_mpp": cohort.extraction["target_mpp"]}),
             "precision": (cohort.extraction.get("preprocessing") or {}).get("precision", "none"),
+            "stain_reference_sha256": (cohort.extraction.get("preprocessing") or {}).get("stain_reference_sha256"),
             "positive_index": metrics_positive(cohort, recipe.evaluation), "threshold": threshold,
             "threshold_rule": "youden on the pooled out-of-fold probabilities"}  # fmt: skip

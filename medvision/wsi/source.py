@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medvision.data.table import SPLITS, AuditRow, DataSourceError, SampleTable, class_index, read_manifest, slide_rows
-from medvision.io.files import atomic_write
+from medvision.io.files import atomic_write, sha256
 from medvision.recipe import DataConfig, SlidesConfig
 from medvision.wsi.slide import Slide, SlideError, open_slide
 from medvision.wsi.tiles import (
@@ -81,6 +81,17 @@ def plan_slide(path: Path, cfg: SlidesConfig, cache_dir: Path | None = None) -> 
 
         atomic_write(cached, write)
     return slide, grid
+
+
+def stain_fingerprint(cfg: SlidesConfig) -> str | None:
+    """SHA-256 of the stain reference file, None without one: what a feature folder, a tile cache and a scoring
+    run compare, because a path can hold other pixels tomorrow (and a relative one others elsewhere)."""
+    if not cfg.stain_reference:
+        return None
+    try:
+        return sha256(Path(cfg.stain_reference))
+    except OSError as err:
+        raise DataSourceError(f"data.slides.stain_reference {cfg.stain_reference}: cannot be read ({err})") from None
 
 
 def stain_transform(cfg: SlidesConfig) -> Any:
@@ -161,7 +172,8 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     tile_cache = (cache_dir / "tiles") if (sc.tile_cache and cache_dir is not None) else None
     stain = stain_transform(sc)
     reader = TileReader(refs, np.concatenate(slide_index), np.concatenate(coords), sc.tile_size, sc.backend,
-                        tile_cache, stain, cache_key=str(sc.stain_reference))  # fmt: skip
+                        tile_cache, stain, cache_key=f"{sc.stain_reference}@{stain_fingerprint(sc)}"
+                        if sc.stain_reference else "None")  # fmt: skip
     log.info("slides %s: %d slides, %d tissue tiles of %d px at %g µm/px", path, len(refs), len(ids),
              sc.tile_size, sc.target_mpp)  # fmt: skip
     return SampleTable(ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=groups, splits=splits,

@@ -18,10 +18,12 @@ safe on tissue-poor input, which this module guards against:
 - a few stained pixels (under ~25) give stain vectors with negative OD and a negative concentration
   scale; a white tile with a 3 x 3 stained speck came back dark purple everywhere;
 - one flat colour has a rank-one OD cloud, so both stain vectors are the same and a pink tile turns
-  dark purple.
+  dark purple; with scanner noise the cloud is round instead, and every such tile (pink, grey, ink,
+  near-black) came back as the same dark purple noise.
 
 So a tile with fewer than ``min_tissue_pixels`` tissue pixels (OD >= ``beta`` in every channel, the
-same mask torchstain uses), or whose tissue OD spans no plane, is returned unchanged: normalising
+same mask torchstain uses), or whose tissue OD spans no stain plane (a line, or a round noise cloud), is
+returned unchanged: normalising
 glass is meaningless and the decomposition is unstable there. The default of 2000 pixels is where
 the estimate settles: stain matrices of random crops of the shared tiles, compared with the whole
 tile's, had a median error of 0.07 with 1000-2000 tissue pixels and 0.02 with 2000-5000.
@@ -52,6 +54,12 @@ MIN_TISSUE_PIXELS_FLOOR = 10
 #: Second over first eigenvalue of the tissue OD covariance below this: the pixels lie on a line (one
 #: colour), so the plane both stain vectors are sought in is undefined. Real tiles measured 0.017-0.11.
 MIN_PLANE_RATIO = 1e-6
+#: ... and above this the cloud is nearly as wide as it is long: scanner noise around one colour, with no stain
+#: axis to find. The shared H&E tissue tiles measured 0.017-0.11 (debris the highest); flat colours with pixel
+#: noise of SD 1-5 grey levels 0.44-0.99 (pink, grey, blue and green ink, near-black), which Macenko turned into
+#: the same dark purple noise whatever their colour. A very saturated flat colour (one channel far darker than
+#: the others) makes a narrower noise cloud and is not caught.
+MAX_PLANE_RATIO = 0.3
 
 
 def _od_table(io: int) -> np.ndarray:
@@ -73,11 +81,12 @@ def tissue_od(rgb: np.ndarray, *, io: int = 240, beta: float = 0.15) -> np.ndarr
 
 
 def spans_plane(od: np.ndarray) -> bool:
-    """Whether tissue OD pixels span a plane, as the two-stain model needs (a flat colour is a line)."""
+    """Whether tissue OD pixels spread along the plane of two stains, as the two-stain model needs: not a line
+    (one flat colour) and not a round cloud (pixel noise around one colour); see :data:`MAX_PLANE_RATIO`."""
     if len(od) < 3:
         return False
     eig = np.linalg.eigvalsh(np.cov(od.T))
-    return bool(np.all(np.isfinite(eig)) and eig[2] > 0 and eig[1] / eig[2] >= MIN_PLANE_RATIO)
+    return bool(np.all(np.isfinite(eig)) and eig[2] > 0 and MIN_PLANE_RATIO <= eig[1] / eig[2] <= MAX_PLANE_RATIO)
 
 
 def _check_rgb(rgb: Any, what: str) -> np.ndarray:
@@ -141,8 +150,9 @@ class MacenkoNormalizer:
             )
         if not spans_plane(od):
             raise ValueError(
-                "reference tissue is a single flat colour (its OD pixels lie on a line), so two stain vectors"
-                " cannot be told apart; choose a reference tile showing both hematoxylin and eosin"
+                "reference tissue is a single flat colour (its OD pixels lie on a line, or in a round cloud of"
+                " noise), so two stain vectors cannot be told apart; choose a reference tile showing both"
+                " hematoxylin and eosin"
             )
         self._torchstain = NumpyMacenkoNormalizer()
         with np.errstate(invalid="raise", divide="raise"):

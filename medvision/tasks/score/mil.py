@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medvision.data.table import DataSourceError
 from medvision.metrics import softmax
 from medvision.models.encoders import PatchEncoder, load_encoder
 from medvision.models.mil import MILHead
@@ -38,6 +39,7 @@ from medvision.tasks.score.slides import (
     SlideTiles,
     attention_measure,
 )
+from medvision.wsi.source import stain_fingerprint
 
 
 def is_mil_run(model: Path) -> bool:
@@ -107,6 +109,24 @@ class FeatureMILUnit(SlideScan):
                 "slides": self.cfg.model_dump(mode="json"), "threshold": self.threshold}  # fmt: skip
 
 
+def _check_stain_reference(run: Path, spec: dict[str, Any]) -> None:
+    """New slides are stain-normalised to the same pixels as the run's features, not to whatever the recorded path
+    holds now: the reference's SHA-256 must match the one ``features`` recorded."""
+    slides, recorded = SlidesConfig.model_validate(spec["slides"]), spec.get("stain_reference_sha256")
+    if not (slides.stain_reference and recorded):
+        return
+    try:
+        now = stain_fingerprint(slides)
+    except DataSourceError as err:
+        raise RunError(
+            f"{run}: its features were stain-normalised to a reference that cannot be read now ({err})"
+        ) from None
+    if now != recorded:
+        raise RunError(f"{run}: its features were stain-normalised to {slides.stain_reference} with SHA-256 "
+                       f"{recorded[:16]}…; that file now has {str(now)[:16]}…: put back the reference the features "
+                       "were made with")  # fmt: skip
+
+
 def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path | None = None,
                      shard: tuple[int, int] = (0, 1), batch_size: int = 32, workers: int = 1,
                      slide_timeout: float = SLIDE_TIMEOUT, heatmaps: bool = True) -> ScoreSummary:  # fmt: skip
@@ -121,6 +141,7 @@ def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path 
         raise RunError(f"{run} was trained on {spec['encoder']} features from the checkpoint with SHA-256 "
                        f"{spec['encoder_sha256'][:16]}…; the checkpoint given has {sha[:16]}…: embed with the "
                        "same weights")  # fmt: skip
+    _check_stain_reference(run, spec)
     heads = []
     digest = hashlib.sha256((run / MIL_RUN).read_bytes())  # the run's identity: its spec and every fold head
     for rel in spec["heads"]:
