@@ -30,10 +30,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, for provenance records."""
+def sha256(*paths: Path) -> str:
+    """Hex SHA-256 of a file, for provenance records; of several, of their bytes one after another (a sharded
+    checkpoint, a run's spec and its fold heads), so one file's hash is the same either way."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()

@@ -21,7 +21,6 @@ embeddings (B, dim) out, with the resize and normalisation inside, so every call
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvision.errors import MedvisionError
+from medvision.io.files import sha256
 from medvision.models.backbone import load_state
 from medvision.models.heads import feature_width
 from medvision.runtime import autocast
@@ -212,14 +212,10 @@ def checkpoint_sha256(path: str | Path) -> str:
     files = weight_files(p) if p.is_dir() else [p]
     if not files:
         raise EncoderError(f"{p}: no weights in the folder (expected {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)})")
-    digest = hashlib.sha256()
-    for f in files:
-        if not f.is_file():
-            raise EncoderError(f"{f}: weight shard named by {p}'s index is missing")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise EncoderError(f"{missing[0]}: weight shard named by {p}'s index is missing")
+    return sha256(*files)
 
 
 def hub_repo(spec: EncoderSpec) -> str:

@@ -23,8 +23,8 @@ safe on tissue-poor input, which this module guards against:
 
 So a tile with fewer than ``min_tissue_pixels`` tissue pixels (OD >= ``beta`` in every channel, the
 same mask torchstain uses), or whose tissue OD spans no stain plane (a line, or a round noise cloud), is
-returned unchanged: normalising
-glass is meaningless and the decomposition is unstable there. The default of 2000 pixels is where
+returned unchanged: normalising glass is meaningless and the decomposition is unstable there. The
+default of 2000 pixels is where
 the estimate settles: stain matrices of random crops of the shared tiles, compared with the whole
 tile's, had a median error of 0.07 with 1000-2000 tissue pixels and 0.02 with 2000-5000.
 

@@ -12,7 +12,6 @@ its row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from medvision.data.table import DataSourceError
+from medvision.io.files import sha256
 from medvision.metrics import softmax
 from medvision.models.encoders import PatchEncoder, load_encoder
 from medvision.models.mil import MILHead
@@ -49,6 +49,8 @@ def is_mil_run(model: Path) -> bool:
 
 class FeatureMILUnit(SlideScan):
     """Slides to tiles to embeddings to the fold heads' mean, one row a slide (see the module docstring)."""
+
+    outputs: SlideOutputs
 
     def __init__(self, spec: dict[str, Any], encoder: PatchEncoder, heads: list[MILHead],
                  device: torch.device, out: Path, workers: int, timeout: float, batch_size: int,
@@ -143,16 +145,15 @@ def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path 
                        "same weights")  # fmt: skip
     _check_stain_reference(run, spec)
     heads = []
-    digest = hashlib.sha256((run / MIL_RUN).read_bytes())  # the run's identity: its spec and every fold head
     for rel in spec["heads"]:
         try:
             heads.append(load_mil(run / rel, 1 if spec["classes"] is None else len(spec["classes"]))[0])
-            digest.update((run / rel).read_bytes())
         except (OSError, ValueError) as err:
             raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
+    run_id = sha256(run / MIL_RUN, *(run / rel for rel in spec["heads"]))  # the run: its spec and every fold head
     unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps,
-                          run_id=digest.hexdigest())  # fmt: skip
-    record = {"model_file": str(run / MIL_RUN), "model_sha256": digest.hexdigest(), "encoder": spec["encoder"],
+                          run_id=run_id)  # fmt: skip
+    record = {"model_file": str(run / MIL_RUN), "model_sha256": run_id, "encoder": spec["encoder"],
               "encoder_sha256": sha,
               "engine": "torch", "device": str(device), "amp": spec.get("precision", "none"), "versions": versions(),
               "heads": spec["heads"], "operating_points": []}  # fmt: skip

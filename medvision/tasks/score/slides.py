@@ -288,6 +288,8 @@ class SlideScan:
     drawn = True  # the unit draws each slide (heatmap over its thumbnail, tissue contours for QuPath)
     columns: list[str]
     batch_size: int
+    outputs: SlideOutputs | None = None
+    """The files a unit writes per slide besides its row (scoring units); removed when a slide ends an error."""
 
     def __init__(self, cfg: SlidesConfig, workers: int, timeout: float) -> None:
         self.cfg, self.workers, self.timeout = cfg, workers, timeout
@@ -311,8 +313,8 @@ class SlideScan:
                     item.status, item.reason = "error", f"{item.rel}: tiles could not be read ({err})"
                 except Exception as err:
                     item.status, item.reason = "error", f"{item.rel}: failed ({type(err).__name__}: {err})"
-            if item.status == "error":
-                self.discard(item)
+            if item.status == "error" and self.outputs is not None:
+                self.outputs.discard(item.rel)  # with those a run killed before this slide's row left behind
             n = int(item.info["n_tiles"]) if item.status == "ok" and item.info else 0
             yield self.row(item, time.perf_counter() - start), n
 
@@ -391,13 +393,6 @@ class SlideScan:
         reader = TileReader([ref], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), cfg.tile_size, cfg.backend,
                             transform=self.stain)  # fmt: skip
         return SlideTiles(grid, coords, tissue, reader)
-
-    def discard(self, item: PlannedSlide) -> None:
-        """Removes the files of a slide that ends as an error row (a unit's :class:`SlideOutputs`, when it has
-        them), including those a run killed before the slide's row left behind."""
-        outputs = getattr(self, "outputs", None)
-        if isinstance(outputs, SlideOutputs):
-            outputs.discard(item.rel)
 
     def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
         """What the unit makes of one slide's tile batches (may mark it an error)."""
@@ -480,6 +475,8 @@ def attention_measure(attention: np.ndarray) -> np.ndarray:
 
 class SlideUnit(SlideScan):
     """Slides to tiles to one row a slide (see the module docstring)."""
+
+    outputs: SlideOutputs
 
     def __init__(self, spec: ScoringSpec, model: Path, engine: Engine, out: Path, workers: int, timeout: float,
                  batch_size: int, heatmaps: bool) -> None:  # fmt: skip
