@@ -24,14 +24,19 @@ share the encoder's cores, so the script also times **the reader alone**:
 that reading beforehand (``TileReader.read_at``: the JPEG tiles decoded straight from the file, then resized),
 in one process, as CPU ms a tile. With the encoder on ``T`` threads at
 ``E`` tiles/s (``1000 T / E`` core-ms a tile), the ratio cannot pass ``bound = 1 / (1 + reader_ms E / 1000 T)``
-on this machine even with perfect overlap: a CPU-only ceiling, which does not apply where the encoder runs on
-a GPU. Encoders: ``timm:tf_efficientnet_lite0`` with its real ImageNet weights (a fast encoder, the
+on this machine even with perfect overlap. Beside a GPU the readers have cores of their own, and ``W`` of them
+supply at most ``1000 W / reader_ms`` tiles/s (one process's rate, its best case: the slide's JPEG tiles stay in
+its LRU from one row of cells to the next), so there ``bound = min(1, 1000 W / (reader_ms E))``. Encoders:
+``timm:tf_efficientnet_lite0`` with its real ImageNet weights (a fast encoder, the
 hard case for the pipeline) and UNI's architecture (ViT-L/16, built as its card says, random weights: real
 UNI weights are gated and not available here; the compute is the same). Each figure is the median of
 ``--rounds`` alternating rounds. Both sides run on the device ``extract_features`` picks (CUDA when there is
-one); there the CPU bound does not apply and is printed as ``-``.
+one). A GPU embeds a few slides in a second or two, where the pipeline's start (its pools, the first slide's
+tissue detection) weighs; ``--copies`` runs each built slide several times under other names, for a run long
+enough to show the steady rate.
 
     python benchmarks/feature_throughput.py [--slides 4] [--size 6144 4608] [--encoders timm:tf_efficientnet_lite0,uni]
+        [--copies 1] [--workers 1|auto]
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from medvision.models.encoders import encoder_spec, load_encoder
 from medvision.recipe import SlidesConfig
-from medvision.runtime import resolve_amp, resolve_device, reuse_freed_memory
+from medvision.runtime import reader_processes, resolve_amp, resolve_device, reuse_freed_memory
 from medvision.tasks.features import extract_features
 from medvision.wsi.source import plan_slide
 from medvision.wsi.synthetic import build_slide_set
@@ -83,9 +88,15 @@ def checkpoint(name: str, folder: Path) -> Path:
 def kept_batches(folder: Path, cfg: SlidesConfig, batch_size: int) -> tuple[list[np.ndarray], float]:
     """The batches ``features`` will embed: every kept tile, read by the pipeline's own reader function
     (``TileReader.read_at``, tiles (H, W, 3) as read) in the same order, batched within each slide as the pipeline
-    batches them; and the CPU ms a tile that reading took in this one process (the reader alone)."""
+    batches them; and the CPU ms a tile that reading took in this one process (the reader alone). A copy of a slide
+    (``--copies``: the same file under another name) gives that slide's batches again, read once."""
     batches, spent, n = [], 0.0, 0
+    seen: dict[int, list[np.ndarray]] = {}
     for path in sorted(folder.glob("*.svs")):
+        inode = path.stat().st_ino
+        if inode in seen:
+            batches += seen[inode]
+            continue
         slide, grid = plan_slide(path, cfg)
         slide.close()
         keep = subsample(grid.coords, cfg.max_tiles_per_slide, path.name)
@@ -96,7 +107,8 @@ def kept_batches(folder: Path, cfg: SlidesConfig, batch_size: int) -> tuple[list
         spent += time.process_time() - start
         n += len(tiles)
         reader.close()
-        batches += [np.stack(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+        seen[inode] = [np.stack(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+        batches += seen[inode]
     return batches, 1000.0 * spent / max(n, 1)
 
 
@@ -109,7 +121,9 @@ def main() -> None:
                     help="tile cap per slide for each encoder (0: all), in --encoders order")  # fmt: skip
     ap.add_argument("--amp", default="none,auto", help="precisions, comma separated")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--copies", type=int, default=1,
+                    help="each slide this many times (hard links, other names): longer runs")  # fmt: skip
+    ap.add_argument("--workers", default="1", help="reader processes, or auto (features' default)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
     args = ap.parse_args()
@@ -119,13 +133,17 @@ def main() -> None:
                         mpp=0.25, formats=("aperio",), seed=0)  # fmt: skip
         for extra in ("manifest.csv", "truth.json"):
             (root / "slides" / extra).unlink()
+        for path in sorted((root / "slides").glob("*.svs")):
+            for k in range(1, args.copies):
+                os.link(path, path.with_name(f"{path.stem}-copy{k}.svs"))
         device = resolve_device("auto")  # as extract_features' setup("auto"): both sides on the same device
+        workers = reader_processes(device, on_cpu=1) if args.workers == "auto" else int(args.workers)
         reuse_freed_memory()  # as every task's setup() does: the encoder alone runs with the pipeline's malloc
         rows = []
         machine = f"{cpu_info()}; torch {torch.__version__}, timm {timm.__version__}"
         if device.type == "cuda":
             machine += f"; {torch.cuda.get_device_name(device)}"
-        print(f"machine: {machine}; {torch.get_num_threads()} torch threads; workers {args.workers}")
+        print(f"machine: {machine}; {torch.get_num_threads()} torch threads; workers {workers}")
         for e, name in enumerate(args.encoders.split(",")):
             weights = checkpoint(name, root)
             encoder, _ = load_encoder(name, weights)
@@ -140,7 +158,7 @@ def main() -> None:
             # once here, on one tile a slide, and then warm for the measured runs, as the encoder is warmed up
             start = time.perf_counter()
             extract_features(root / "slides", root / "warm", name, weights, slides=cfg.model_copy(
-                update={"max_tiles_per_slide": 1}), workers=args.workers)  # fmt: skip
+                update={"max_tiles_per_slide": 1}), workers=workers)  # fmt: skip
             first_call = time.perf_counter() - start
             shutil.rmtree(root / "warm")
             print(f"{name}: first call in this process (one tile a slide) {first_call:.1f} s", flush=True)
@@ -154,31 +172,32 @@ def main() -> None:
                     alone.append(n_tiles / (time.perf_counter() - start))
                     out = root / f"out-{r}"
                     summary = extract_features(root / "slides", out, name, weights, slides=cfg, amp=amp_name,
-                                               batch_size=args.batch_size, workers=args.workers)  # fmt: skip
+                                               batch_size=args.batch_size, workers=workers)  # fmt: skip
                     assert summary.ok_images == n_tiles, (summary.ok_images, n_tiles)
                     piped.append(summary.ok_images / summary.seconds)
                     shutil.rmtree(out)
                 a, p = statistics.median(alone), statistics.median(piped)
                 paired = [q / b for q, b in zip(piped, alone, strict=True)]  # each round's pipeline over its encoder
-                row = {"encoder": name, "precision": amp, "slides": args.slides, "tiles": n_tiles,
+                row = {"encoder": name, "precision": amp, "slides": args.slides * args.copies, "tiles": n_tiles,
                        "tile_px": spec.tile_size, "input_px": spec.input_size, "encoder_tiles_s": round(a, 2),
                        "pipeline_tiles_s": round(p, 2), "ratio": round(p / a, 3),
                        "round_ratio_min": round(min(paired), 3), "round_ratio_max": round(max(paired), 3),
                        "reader_ms": round(read_ms, 2),
-                       # the readers share the encoder's cores only when the encoder runs on the CPU
-                       "cpu_bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3)
-                       if device.type == "cpu" else None,
+                       # on a CPU the readers share the encoder's cores; beside a GPU they have their own, and
+                       # supply at most workers x 1000 / reader_ms tiles/s (one process's figure, its best case)
+                       "bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3) if device.type == "cpu"
+                       else round(min(1.0, workers * 1000.0 / read_ms / a), 3),
                        "device": device.type,
                        "first_call_s": round(first_call, 1),
-                       "workers": args.workers, "batch": args.batch_size}  # fmt: skip
+                       "workers": workers, "batch": args.batch_size}  # fmt: skip
                 rows.append(row)
                 print(row, flush=True)
         heads = ["encoder", "precision", "slides", "tiles", "encoder alone (tiles/s)", "`medvision features` (tiles/s)",
-                 "ratio", "ratio in each round", "reader (CPU ms a tile)", "CPU bound on the ratio"]  # fmt: skip
+                 "ratio", "ratio in each round", "reader (CPU ms a tile)", "bound on the ratio"]  # fmt: skip
         print_table(heads, [[r["encoder"], r["precision"], r["slides"], r["tiles"], r["encoder_tiles_s"],
                              r["pipeline_tiles_s"], f"{r['ratio']:.2f}",
                              f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}", f"{r['reader_ms']:.2f}",
-                             "-" if r["cpu_bound"] is None else f"{r['cpu_bound']:.2f}"] for r in rows])  # fmt: skip
+                             f"{r['bound']:.2f}"] for r in rows])  # fmt: skip
         write_csv(args.csv, rows, machine)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -34,9 +34,10 @@ if [ "$stage" = prepare ]; then
   }
   wheels .whl albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic==2.14.3 pydantic-core==2.50.4 \
     annotated-types typing-inspection pydicom pebble
-  # and what the slide readers and the feature cache need besides (the features stage only)
-  wheels .whl-wsi h5py imagecodecs openslide-python openslide-bin scikit-learn joblib threadpoolctl \
-    pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
+  # and what the slide readers need besides (the features stage only; the image has h5py, scikit-learn, joblib and
+  # threadpoolctl: carrying them too put a call within 1 MiB of its 64 MiB)
+  wheels .whl-wsi imagecodecs openslide-python openslide-bin pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg \
+    pylibjpeg-rle
   du -sh .whl .whl-wsi .carry .carry-wsi
   exit 0
 fi
@@ -84,11 +85,13 @@ case "$stage" in
     done ;;
   features)
     # issue 20: `medvision features` against the encoder alone on the same batches, both on the GPU, the tiles read
-    # by 12 reader processes on the CPU cores; the fast CNN (real ImageNet weights) and UNI's ViT-L/16 (random
-    # weights: the real ones are gated), fp32 and bf16; 3 SVS slides of 24576 x 18432 px (about 2,400 tiles).
-    # The lite0 ImageNet file is not carried (64 MiB a call): its architecture with random weights, the same compute
-    python3 benchmarks/feature_throughput.py --slides 3 --size 24576 18432 \
-      --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp none,auto --workers 12 --rounds 3 \
+    # by features' default readers (every core but one); the fast CNN and UNI's ViT-L/16 (random weights: the real
+    # ones are gated), bf16; 3 SVS slides of 24576 x 18432 px, each run 8 times under other names (24 slides,
+    # about 21,000 tiles: a steady rate, not the pools' start). The lite0 ImageNet file is not carried (64 MiB a
+    # call): its architecture with random weights, the same compute. (The runs of 2026-12-04 and what they
+    # showed: benchmarks/RESULTS.md, "Feature extraction on an H200".)
+    python3 benchmarks/feature_throughput.py --slides 3 --size 24576 18432 --copies 8 \
+      --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp auto --workers auto --rounds 3 \
       --csv "$out/feature_throughput.csv" 2>&1 | tee "$out/features.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

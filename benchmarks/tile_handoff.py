@@ -13,16 +13,24 @@ memory as the tasks and their readers do (``runtime.reuse_freed_memory``).
 Batches: what ``features`` reads (uint8 (32, 224, 224, 3), 4.8 MB) and what ``score`` reads (the model's input,
 float32 (32, 3, 224, 224), 19 MB). The worker's time to make the batch (``np.full``) is in both.
 
-    python benchmarks/tile_handoff.py [--batches 30] [--rounds 5]
+Then the file itself, two ways, alternating, in the same run (``--file-batches`` batches a round): a new file a
+batch (the writer makes it, the parent reads it back and removes it: the hand-off as first written) against a few
+slots written in place and used again once read back (what ``isolated_map`` does now), both through
+:class:`~medvision.workers.HandOff` with four batches in flight, one writer process: MB/s moved, and the
+parent's CPU time a batch. A new file needs new pages from the kernel for every batch; a slot keeps its pages.
+
+    python benchmarks/tile_handoff.py [--batches 30] [--rounds 5] [--file-batches 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from machine import cpu_info, print_table, write_csv
@@ -30,7 +38,9 @@ from machine import cpu_info, print_table, write_csv
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from medvision.runtime import reuse_freed_memory
-from medvision.workers import isolated_map, start_forkserver
+from medvision.workers import HandOff, handoff_path, isolated_map, start_forkserver
+
+IN_FLIGHT = 4  # as the tile stream reads ahead: two batches a worker
 
 BATCHES = {"features: uint8 (32, 224, 224, 3)": ((32, 224, 224, 3), "uint8"),
            "score: float32 (32, 3, 224, 224)": ((32, 3, 224, 224), "float32")}  # fmt: skip
@@ -41,10 +51,56 @@ def make(batches: list[tuple[tuple[int, ...], str]]) -> list[np.ndarray]:
     return [np.full(shape, 7, dtype) for shape, dtype in batches]
 
 
+def _writer(paths: Any, handed: Any, shape: tuple[int, ...], dtype: str, fresh: bool) -> None:
+    """The reader's side: a batch into each path it is given, in a new file (``fresh``) or the slot as it is."""
+    reuse_freed_memory()
+    batch = np.full(shape, 7, dtype)
+    while (path := paths.get()) is not None:
+        if fresh:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        handed.put(HandOff.leave(batch, path))
+
+
+def _name() -> str:
+    """A new hand-off file's name, the file not made (the writer makes it, as the hand-off first did)."""
+    path = handoff_path()
+    os.unlink(path)
+    return path
+
+
+def file_way(shape: tuple[int, ...], dtype: str, n: int, fresh: bool) -> tuple[float, float]:
+    """MB/s through the hand-off file over ``n`` batches, and the parent's CPU ms a batch."""
+    ctx = multiprocessing.get_context("forkserver")
+    paths, handed = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_writer, args=(paths, handed, shape, dtype, fresh))
+    proc.start()
+    slots = [_name() if fresh else handoff_path() for _ in range(IN_FLIGHT)]  # fresh: the writer makes each file
+    c, t = time.process_time(), time.perf_counter()
+    for slot in slots:
+        paths.put(slot)
+    for i in range(n):
+        got = handed.get()
+        assert isinstance(got, HandOff), "the hand-off file could not be written"
+        array = got.take(keep=not fresh)
+        assert array.shape == shape
+        if i + IN_FLIGHT < n:
+            paths.put(_name() if fresh else got.path)
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    paths.put(None)
+    proc.join()
+    for slot in slots:
+        Path(slot).unlink(missing_ok=True)
+    if fresh:
+        for path in Path(slots[0]).parent.glob(f"medvision-handoff-{os.getpid()}-*"):
+            path.unlink()
+    return n * int(np.prod(shape)) * np.dtype(dtype).itemsize / seconds / 1e6, 1000 * cpu / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--file-batches", type=int, default=200)
     ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
     args = ap.parse_args()
     reuse_freed_memory()  # as in every task, and in the tile readers (the pool's initializer)
@@ -78,6 +134,31 @@ def main() -> None:
                          r["pipe_parent_cpu_ms"], r["hand-off_parent_cpu_ms"], f"{r['cpu_ratio']:.1f}x"]
                         for r in rows])  # fmt: skip
     write_csv(args.csv, rows, machine)
+
+    files = []
+    for what, (shape, dtype) in BATCHES.items():
+        got: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for r in range(args.rounds + 1):  # round 0 warms up: not counted
+            for fresh in (True, False):
+                result = file_way(shape, dtype, args.file_batches, fresh)
+                if r:
+                    got[fresh].append(result)
+        row = {"batch": what, "batches": args.file_batches}
+        for fresh, name in ((True, "new_file"), (False, "slot")):
+            row[f"{name}_mb_s"] = round(statistics.median(m for m, _ in got[fresh]))
+            row[f"{name}_mb_s_min"] = round(min(m for m, _ in got[fresh]))
+            row[f"{name}_mb_s_max"] = round(max(m for m, _ in got[fresh]))
+            row[f"{name}_parent_cpu_ms"] = round(statistics.median(c for _, c in got[fresh]), 2)
+        row["ratio"] = round(row["slot_mb_s"] / row["new_file_mb_s"], 2)
+        files.append(row)
+        print(row, flush=True)
+    print(f"the hand-off file: {args.rounds} rounds of {args.file_batches} batches each way, alternating")
+    heads = ["batch", "new file a batch (MB/s)", "slot used again (MB/s)", "ratio", "parent CPU, new file (ms)",
+             "parent CPU, slot (ms)"]  # fmt: skip
+    print_table(heads, [[r["batch"], f"{r['new_file_mb_s']} ({r['new_file_mb_s_min']}-{r['new_file_mb_s_max']})",
+                         f"{r['slot_mb_s']} ({r['slot_mb_s_min']}-{r['slot_mb_s_max']})", f"{r['ratio']:.1f}x",
+                         r["new_file_parent_cpu_ms"], r["slot_parent_cpu_ms"]] for r in files])  # fmt: skip
+    write_csv(args.csv.with_name(args.csv.stem + "_file.csv"), files, machine)
 
 
 if __name__ == "__main__":

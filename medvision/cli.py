@@ -130,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: %(default)s)")
     p.add_argument("--workers", type=int,
-                   help="decode worker processes (default: min(4, cores)); 0 decodes in-process, without crash "
-                        "isolation")  # fmt: skip
+                   help="decode worker processes (default: min(4, cores) for files, 2 for slides, every core "
+                        "but one for slides beside a GPU); 0 decodes in-process, without crash isolation")  # fmt: skip
     _nproc_option(p)
 
     p = sub.add_parser(
@@ -157,9 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=SCORE_AMP, default="none",
                    help="none = float32 (default); auto = bf16/fp16 where the hardware runs it natively")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="tiles per encoder batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="tile-reading processes (default: %(default)s; 0 reads in-process, without crash "
-                        "isolation)")  # fmt: skip
+    p.add_argument("--workers", type=int,
+                   help="tile-reading processes (default: 1 on a CPU; beside a GPU every core but one, shared "
+                        "among torchrun ranks; 0 reads in-process, without crash isolation)")  # fmt: skip
     p.add_argument("--slide-timeout", type=float, default=SLIDE_TIMEOUT, metavar="S",
                    help="seconds a slide may take to open and find its tissue (default: %(default)g)")  # fmt: skip
     p.add_argument(

@@ -86,9 +86,14 @@ _handoff_ids = itertools.count()
 
 
 def handoff_path() -> str:
-    """A new file name for one :class:`HandOff`, chosen by the parent (so that it can remove the file whatever
-    becomes of the worker) and carrying the parent's pid (so that :func:`sweep_handoffs` knows whose it is)."""
-    return str(HANDOFF_DIR / f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}")
+    """A new hand-off slot: an empty file (this user's only) for :class:`HandOff`, made by the parent (so that it
+    can remove the file whatever becomes of the worker) and named with the parent's pid (so that
+    :func:`sweep_handoffs` knows whose it is). A file that cannot be made (no room) is no error: the worker cannot
+    open it, and its array travels through the pipe."""
+    path = str(HANDOFF_DIR / f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}")
+    with suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # readable by this user only: the
+    return path  # pixels are a patient's
 
 
 def discard(path: str) -> None:
@@ -114,12 +119,15 @@ class HandOff:
     """A worker's numpy result, left in a file in RAM for its parent instead of pickled through the pool's pipe.
 
     Pebble sends a result down a pipe in 64 KB steps, each a switch between the two processes: a batch of 32
-    tiles of 224 px (4.8 MB) took 11 ms and 3.0-3.4 ms of the parent's CPU, on the cores the encoder needs, against
-    4.3-4.5 ms and 1.8-2.2 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. The parent names the
-    file (:func:`handoff_path`) and removes it after reading, or with :func:`discard` when the worker died, hung
-    or was cancelled. A file that cannot be written (``/dev/shm`` full: Docker's default is 64 MB) is no error: the
-    array then travels through the pipe as before. Plain ``write``/``read``, not a shared mapping, so a full
-    tmpfs is an ``OSError`` here and never a ``SIGBUS`` in the middle of a copy.
+    tiles of 224 px (4.8 MB) took 11.6 ms and 4.4 ms of the parent's CPU, on the cores the encoder needs, against
+    4.9 ms and 1.5 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. The parent makes
+    the file, a slot (:func:`handoff_path`), and the worker writes into it in place, from its start: the parent
+    reads it back and uses the slot again for a later result, so the file's pages stay in RAM from one batch to
+    the next, where a new file a batch made the kernel find fresh pages for every one (slots move 2.3x the MB/s).
+    A slot whose worker died, hung or was cancelled is removed (:func:`discard`), never used again.
+    A file that cannot be written (``/dev/shm`` full: Docker's default is 64 MB, or a slot already removed) is no
+    error: the array then travels through the pipe as before. Plain ``write``/``read``, not a shared mapping, so a
+    full tmpfs is an ``OSError`` here and never a ``SIGBUS`` in the middle of a copy.
     """
 
     path: str
@@ -128,25 +136,29 @@ class HandOff:
 
     @classmethod
     def leave(cls, array: np.ndarray, path: str) -> HandOff | np.ndarray:
-        """Worker side: ``array`` written to ``path``; ``array`` itself when it cannot be."""
+        """Worker side: ``array`` written into the slot ``path`` (the parent's file: never made here), from its
+        start; ``array`` itself when it cannot be."""
         data = np.ascontiguousarray(array)
-        try:  # readable by this user only: the pixels are a patient's
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        try:
+            with os.fdopen(os.open(path, os.O_WRONLY), "wb") as fh:
                 fh.write(data.reshape(-1).view(np.uint8).data)
         except OSError:
-            discard(path)
             return array
         return cls(path, data.shape, data.dtype.str)
 
-    def take(self) -> np.ndarray:
-        """Parent side: the array, read back, and its file removed."""
+    def take(self, keep: bool = False) -> np.ndarray:
+        """Parent side: the array, read back; its file removed unless ``keep`` (a slot to be used again), and
+        removed all the same when it cannot be read."""
         out = np.empty(self.shape, np.dtype(self.dtype))
         view, done = out.reshape(-1).view(np.uint8).data, 0
         try:
             with open(self.path, "rb", buffering=0) as fh:
                 while done < len(view) and (n := fh.readinto(view[done:])):
                     done += n
-        finally:
+        except BaseException:
+            discard(self.path)
+            raise
+        if not keep or done != out.nbytes:
             discard(self.path)
         if done != out.nbytes:
             raise OSError(f"{self.path}: hand-off file holds {done} bytes, expected {out.nbytes} for {self.shape}")
@@ -315,8 +327,9 @@ def isolated_map(
     that runs it is stopped and replaced) and each item yields :data:`SKIPPED` (a batch of a slide already lost).
 
     ``hand_off``: a result that is a numpy array comes back through a file in RAM (:class:`HandOff`), not the
-    pool's pipe. Each file is named here, read back and removed; the files of results lost, cancelled or not
-    taken (the consumer stopped early) are removed once the workers are stopped, so none is written afterwards;
+    pool's pipe. Each file is a slot made here, written in place by a worker, read back, and used again for a later
+    result (at most as many slots as results in flight); the slots of results lost or cancelled are removed at
+    once and never used again, and every other one once the workers are stopped, so none is written afterwards;
     those of a parent that was killed are swept by the next pool that hands off. A file that cannot be read back
     makes that item a :class:`Failure`.
 
@@ -375,37 +388,38 @@ def _results(
     handed: set[str] | None,
 ) -> Iterator[tuple[T, R | Failure]]:
     """:func:`isolated_map`'s results, in input order: up to ``ahead`` chunks scheduled, topped up from ``drawn``
-    without waiting for it while a result is pending; a lost chunk retried item by item. ``handed``: the hand-off
-    files named so far and not yet read back (None: results come through the pipe)."""
+    without waiting for it while a result is pending; a lost chunk retried item by item. ``handed``: every hand-off
+    slot made so far, removed by the caller at the end (None: results come through the pipe)."""
+    free: list[str] = []  # slots read back, to be used again
 
     def skipped(part: list[T]) -> bool:
         return skip is not None and all(skip(item) for item in part)
 
     def schedule(part: list[T]) -> tuple[Any, list[str]]:
-        """The task for ``part``, and the files its arrays come back in."""
+        """The task for ``part``, and the slots its arrays come back in."""
         if handed is None:
             return pool.schedule(fn, (part,), timeout=timeout * len(part)), [""] * len(part)
-        paths = [handoff_path() for _ in part]
+        paths = [free.pop() if free else handoff_path() for _ in part]
         handed.update(paths)
         return pool.schedule(_hand_back, (fn, part, paths), timeout=timeout * len(part)), paths
 
     def received(value: Any, path: str) -> Any:
-        """A result as the consumer gets it: a handed-off array read back, its file removed."""
+        """A result as the consumer gets it: a handed-off array read back; its slot free again."""
         if not path:
             return value
-        if handed is not None:
-            handed.discard(path)
-        if not isinstance(value, HandOff):
-            discard(path)  # the array went through the pipe (its file could not be written), or not an array
+        if not isinstance(value, HandOff):  # through the pipe (the slot could not be written), or not an array
+            free.append(path)
             return value
         try:
-            return value.take()
-        except OSError as err:
+            array = value.take(keep=True)
+        except OSError as err:  # the slot is gone with it
             return Failure(f"its result could not be read back ({err})")
+        free.append(path)
+        return array
 
     def drop(paths: list[str]) -> None:
-        """Removes the files of results lost or cancelled now; their names stay in ``handed``, so that one a
-        worker being stopped still writes is removed at the end."""
+        """Removes the slots of results lost or cancelled now, never to be used again; their names stay in
+        ``handed``, so that one a worker being stopped still writes is removed at the end."""
         for path in paths:
             if path:
                 discard(path)

@@ -35,7 +35,7 @@ import torch
 from medvision.models.encoders import PatchEncoder, load_encoder
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
-from medvision.runtime import resolve_amp, setup
+from medvision.runtime import reader_processes, resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
 from medvision.tasks.score.slides import (
     SLIDE_TIMEOUT,
@@ -124,13 +124,14 @@ def extract_features(
     """Embeds every slide under ``folder`` into ``out_dir``; see the module docstring.
 
     ``slides``: the tiling (default: the encoder's own tile size and magnification from its card, 50% tissue).
-    ``workers``: tile-reading processes (default 1: reading is light next to a foundation model; 0 reads in
-    this process, without crash isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``.
+    ``workers``: tile-reading processes (default: 1 on a CPU, where the encoder needs the cores; beside a GPU,
+    :func:`~medvision.runtime.reader_processes`, every core but one; 0 reads in this process, without crash
+    isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``.
     """
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
     d, device = setup("auto")
-    n_workers = 1 if workers is None else workers
+    n_workers = reader_processes(device, on_cpu=1) if workers is None else workers
     if n_workers:
         start_forkserver()  # its start-up overlaps with loading the encoder
     net, sha = load_encoder(encoder, checkpoint)
