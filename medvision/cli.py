@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             out = run_demo(args.out, args.amp)
             amp = json.loads((out / "run.json").read_text()).get("amp", "none")
             print(f"precision: {'fp32' if amp == 'none' else amp} (train.amp {args.amp}); the README's figures are "
-                  "fp32, from a CPU without native bf16: `medvision demo --amp none` reproduces them")  # fmt: skip
+                  "fp32, from another CPU: `medvision demo --amp none` trains at their precision, and the numbers "
+                  "still move with the CPU and torch version")  # fmt: skip
             print(f"report: {out / 'report.html'}")
     except USER_ERRORS as err:
         print(f"medvision {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -315,11 +315,13 @@ def split_summary(
     cfg: EvalConfig,
     decision: Decision,
     level: str,
+    groups: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Every metric of one split at one level, with bootstrap CIs; warnings are collected, not lost."""
+    """Every metric of one split at one level, with bootstrap CIs; warnings are collected, not lost. ``groups``
+    (each row's patient or slide) makes the bootstrap draw whole groups: a patient's images are not independent."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
-        out = _summary(y, probs, probs_uncalibrated, classes, cfg, decision, level)
+        out = _summary(y, probs, probs_uncalibrated, classes, cfg, decision, level, groups)
     messages = sorted({str(w.message) for w in caught if issubclass(w.category, MetricWarning)})
     if messages:
         out["warnings"] = messages
@@ -328,7 +330,7 @@ def split_summary(
 
 def _summary(
     y: np.ndarray, probs: np.ndarray, raw: np.ndarray, classes: list[str], cfg: EvalConfig, decision: Decision,
-    level: str,
+    level: str, groups: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     k = len(classes)
     n = len(y)
@@ -379,7 +381,8 @@ def _summary(
             metrics[f"op{j}_sens"] = _threshold_rate(pos, thr, True)
             metrics[f"op{j}_spec"] = _threshold_rate(pos, thr, False)
             metrics[f"op{j}_acc"] = _accuracy_at(pos, thr)
-    cis = bootstrap_cis(y, probs, metrics, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level) if cfg.bootstrap else {}
+    cis = bootstrap_cis(y, probs, metrics, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level, groups=groups) \
+        if cfg.bootstrap else {}  # fmt: skip
     if cis:
         out["auc_ci"], out["acc_ci"] = list(cis["auc"]), list(cis["acc"])
         for i, c in enumerate(classes):
@@ -407,7 +410,10 @@ def clinical_metrics(
     for split, out in outputs.items():
         for level in LEVELS:
             y, p_cal, p_raw, mixed = level_arrays(out, decision.temperature, level, cfg)
-            summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level)
+            # an image row's patient (a tile's slide): the image-level bootstrap draws them whole; one image a
+            # patient draws exactly the resamples of images one by one
+            groups = out.groups if level == "image" else None
+            summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level, groups)
             counted = "images" if level == "image" else f"{unit}s"
             few = {c: n for c, n in summary.get("n_per_class", {}).items() if n < MIN_CLASS_COUNT}
             if few:

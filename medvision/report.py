@@ -128,8 +128,8 @@ def _at_point(summary: dict[str, Any]) -> str:
 
 
 def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
-    """What the CIs of the metrics table are, and which level's to quote: the image (tile) level resamples images
-    one by one, which a patient's (slide's) several images are not, so its intervals are too narrow."""
+    """What the CIs of the metrics table are, and which level's to quote: the image (tile) level's bootstrap draws a
+    patient's (slide's) images together, as they are not independent, but weighs each patient by its images."""
     k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
     text = (
         f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}. AUC is binary, or macro "
@@ -141,14 +141,15 @@ def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
             if cfg.patient_aggregate == "abmil"
             else f"`{cfg.patient_aggregate}`{k_text} of its tile probabilities"
         )
-        return (f"{text} Slide level: each slide's probability is {how}. The tile-level CIs resample tiles one by "
-                "one, as if a slide's tiles were independent, so they are narrower than the data supports: quote "
-                "the slide level.")  # fmt: skip
+        return (f"{text} Slide level: each slide's probability is {how}. The tile-level CIs resample slides, not "
+                "tiles (a slide's tiles are not independent: they are drawn together), and each slide counts as many "
+                "times as it has tiles: quote the slide level.")  # fmt: skip
     if _one_image_per_patient(clinical):
         return f"{text} Every patient has one image here, so the patient level equals the image level and is not shown."
     return (f"{text} Patient level: each patient's image probabilities are aggregated by `{cfg.patient_aggregate}`"
-            f"{k_text}. The image-level CIs resample images one by one, as if a patient's images were independent, "
-            "so they are narrower than the data supports: quote the patient level.")  # fmt: skip
+            f"{k_text}. The image-level CIs resample patients, not images (a patient's images are not independent: "
+            "they are drawn together), and each patient counts as many times as it has images: quote the patient "
+            "level.")  # fmt: skip
 
 
 def _temperature_fact(decision: Decision) -> str:

@@ -160,3 +160,29 @@ def test_a_first_positive_class_is_what_ap_and_operating_points_are_about() -> N
     youden = s["operating_points"][0]
     called = p[:, 0] >= youden["threshold"]
     assert youden["sensitivity"] == pytest.approx(called[test.labels == 0].mean())
+
+
+def test_image_level_cis_draw_whole_patients_and_equal_the_image_bootstrap_with_one_image_each() -> None:
+    """A patient's images are not independent: the image-level bootstrap draws patients whole (a cluster
+    bootstrap), so 8 near-copies of each patient's image do not narrow the interval as 8 patients would. With one
+    image a patient it draws exactly the resamples of images one by one."""
+    from medvision.metrics import bootstrap_cis, compute_auc
+
+    cfg, classes = EvalConfig(bootstrap=300, bootstrap_seed=5), ["benign", "malignant"]
+    one = _binary_split(48, 21)
+    rng = np.random.default_rng(0)  # each patient's image 8 times, barely changed: 48 patients, 384 images
+    copies = SplitOutputs(logits=np.repeat(one.logits, 8, axis=0) + rng.normal(0, 0.01, (384, 2)),
+                          labels=np.repeat(one.labels, 8), groups=list(np.repeat(one.groups, 8)))  # fmt: skip
+    decision = Decision(positive=1)
+    s_one = clinical_metrics({"test": one}, classes, cfg, decision)["image"]["test"]
+    s_copies = clinical_metrics({"test": copies}, classes, cfg, decision)["image"]["test"]
+    p = copies.probs()
+    assert s_copies["auc_ci"] == pytest.approx(list(bootstrap_cis(copies.labels, p, {"auc": compute_auc}, 300, 5,
+                                                                    groups=copies.groups)["auc"]))  # fmt: skip
+    by_image = bootstrap_cis(copies.labels, p, {"auc": compute_auc}, 300, 5)["auc"]
+    width = {"one": np.diff(s_one["auc_ci"])[0], "copies": np.diff(s_copies["auc_ci"])[0],
+             "copies, images one by one": by_image[1] - by_image[0]}  # fmt: skip
+    assert width["copies"] > 2 * width["copies, images one by one"]  # sqrt(8) narrower when counted as 384
+    assert width["copies"] == pytest.approx(width["one"], rel=0.25)  # as wide as the 48 patients it has
+    plain = bootstrap_cis(one.labels, one.probs(), {"auc": compute_auc}, 300, 5)["auc"]
+    assert s_one["auc_ci"] == pytest.approx(list(plain))  # one image a patient: the same resamples

@@ -125,8 +125,8 @@ def test_score_outlines_the_tissue_exactly_at_the_masks_own_x_and_y_scales(cmu_s
     (item,) = planned_slides(cmu_svs.parent, [Entry(cmu_svs.name, "candidate")], cfg, PoolStats(), 0, 120.0)
     assert item.status == "ok" and item.info is not None
     grid, polygons = grid_from_json(item.info["grid"]), item.info["tissue"]
-    sx, sy = grid.mask_scale, 185 / SIZE[1]  # the mask at tissue_mpp 8: 2967 * 0.499 / 8 = 185 rows
-    assert sx == 138 / SIZE[0]
+    sx, sy = grid.mask_scales  # the mask at tissue_mpp 8: 2967 * 0.499 / 8 = 185 rows
+    assert (sx, sy) == (138 / SIZE[0], 185 / SIZE[1])
     points = np.concatenate([np.asarray(ring) for polygon in polygons for ring in polygon])
     assert (points >= 0).all() and points[:, 0].max() <= SIZE[0] and points[:, 1].max() == SIZE[1]
 
@@ -134,5 +134,26 @@ def test_score_outlines_the_tissue_exactly_at_the_masks_own_x_and_y_scales(cmu_s
         x, y = np.asarray(ring[:-1]).T
         return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
-    pixels = sum(area(ring) for polygon in polygons for ring in polygon) * sx * sy
-    assert pixels == pytest.approx(grid.tissue_px, rel=1e-5)  # 8715 mask pixels; coordinates kept to 0.01 px
+    level0_px2 = sum(area(ring) for polygon in polygons for ring in polygon)
+    assert level0_px2 * sx * sy == pytest.approx(grid.tissue_px, rel=1e-5)  # 8715 mask pixels; to 0.01 px
+    # the tissue area in every row of score and features is that outline's area at the scan's MPP (a mask pixel
+    # covers 1/sx by 1/sy level-0 pixels: with sx for both, 0.3% too much)
+    assert grid.tissue_area_mm2 == pytest.approx(level0_px2 * (grid.mpp / 1000) ** 2, rel=1e-5)
+    assert grid.tissue_area_mm2 * sy / sx == pytest.approx(grid.tissue_px * (grid.mpp / sx / 1000) ** 2, rel=1e-9)
+
+
+def test_the_heatmap_grid_covers_the_thumbnail_at_its_own_x_and_y_scales() -> None:
+    """A thumbnail's sides are rounded apart (the CMU scan's at 8 µm/px is 138 x 185 for 2220 x 2967 px): the
+    tile map has the thumbnail's shape and a tile at the bottom edge ends on its last row, where one scale for
+    both axes made a map a row short (184), stretched over the thumbnail."""
+    from medvision.wsi.heatmap import probability_grid
+
+    thumb_hw = (185, 138)
+    scales = (thumb_hw[1] / SIZE[0], thumb_hw[0] / SIZE[1])
+    side0 = 448.0
+    coords = np.array([[0, 0], [1772, SIZE[1] - 448]])
+    grid = probability_grid(coords, np.array([0.25, 0.75]), side0, SIZE, scales)
+    assert grid.shape == thumb_hw
+    assert grid[-1, 120] == np.float32(0.75) and grid[0, 0] == np.float32(0.25)
+    assert np.isnan(grid[100, 60])
+    assert probability_grid(coords, np.array([0.25, 0.75]), side0, SIZE, scales[0]).shape != thumb_hw

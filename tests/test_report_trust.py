@@ -251,15 +251,15 @@ def test_darker_larger_test_images_warn_in_metrics_log_and_report(tiles_manifest
 
 
 def test_the_ci_note_says_which_levels_intervals_to_quote() -> None:
-    """Image (tile) level CIs resample images one by one; with several images a patient (tiles a slide) the report
-    says they are too narrow and points at the patient (slide) level, whose unit is independent."""
+    """Image (tile) level CIs draw a patient's images (a slide's tiles) together; with several images a patient
+    the report says so and points at the patient (slide) level, where each patient counts once."""
     cfg = EvalConfig()
     several = {"patient": {"aggregate": "mean", "test": {"images_per_patient": 6.0}}, "unit": "patient"}
     text = ci_note(several, cfg)
-    assert "image-level CIs resample images one by one" in text and "quote the patient level" in text
+    assert "image-level CIs resample patients, not images" in text and "quote the patient level" in text
     one = {"patient": {"aggregate": "mean", "test": {"images_per_patient": 1}}, "unit": "patient"}
     assert "not shown" in ci_note(one, cfg) and "quote" not in ci_note(one, cfg)
     slides = {"patient": {"aggregate": "mean", "test": {"images_per_patient": 40.0}}, "unit": "slide"}
     text = ci_note(slides, cfg)
-    assert "tile-level CIs resample tiles one by one" in text and "quote the slide level" in text
+    assert "tile-level CIs resample slides, not tiles" in text and "quote the slide level" in text
     assert "`mean` of its tile probabilities" in text

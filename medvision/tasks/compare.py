@@ -81,6 +81,9 @@ class Level:
     probs: dict[str, np.ndarray]
     """Run name -> (N, K) probabilities, rows in the same order for every run."""
     how: str = ""
+    groups: list[str] | None = None
+    """Each row's patient (or slide) where rows of one are not independent (images of a patient): every bootstrap
+    then draws them whole. None: the rows are the units."""
 
 
 @dataclass
@@ -220,8 +223,9 @@ def read_patients(run: RunPredictions) -> Patients | str:
     return Patients([group_of[i] for i in run.ids], unit, cfg.patient_aggregate, cfg.top_k)
 
 
-def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> Level | str:
-    """The patient (or slide) level of aligned runs, each aggregated as its recipe says; or why there is none."""
+def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level, list[str]] | str:
+    """The patient (or slide) level of aligned runs, each aggregated as its recipe says, and each image's patient
+    (slide); or why there is none."""
     found = []
     for run in runs:
         patients = read_patients(run)
@@ -242,7 +246,8 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> Level | str
         text = (f"each {ref.unit}'s image probabilities aggregated as each run's recipe says: "
                 + ", ".join(f"{r.name} `{p.aggregate}`" for r, p in zip(runs, found, strict=True))
                 + "; the difference includes that choice")  # fmt: skip
-    return Level(ref.unit, y, probs, text + f" ({len(labels) / len(y):.1f} images a {ref.unit} on average)")
+    how_text = text + f" ({len(labels) / len(y):.1f} images a {ref.unit} on average)"
+    return Level(ref.unit, y, probs, how_text), ref.groups
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -257,14 +262,15 @@ def compare_level(level: Level, n_resamples: int, seed: int, ci_level: float) ->
         warnings.simplefilter("always", MetricWarning)
         runs = {}
         for name, p in level.probs.items():
-            cis = bootstrap_cis(y, p, METRICS, n_resamples, seed, ci_level)
+            cis = bootstrap_cis(y, p, METRICS, n_resamples, seed, ci_level, groups=level.groups)
             runs[name] = {"n": len(y), "auc": compute_auc(y, p), "acc": compute_accuracy(y, p),
                           "auc_ci": cis["auc"], "acc_ci": cis["acc"]}  # fmt: skip
         ref, pairs = names[0], []
         for name in names[1:]:
             pa, pb = level.probs[ref], level.probs[name]
             pair: dict[str, Any] = {"reference": ref, "run": name,
-                                    **paired_bootstrap(y, pa, pb, METRICS, n_resamples, seed, ci_level)}  # fmt: skip
+                                    **paired_bootstrap(y, pa, pb, METRICS, n_resamples, seed, ci_level,
+                                                       groups=level.groups)}  # fmt: skip
             pair["delong_p"] = None  # more than two classes: DeLong does not apply
             if binary:  # its variance needs two cases of each class
                 pair["delong_p"] = delong_test(y == 1, pa[:, 1], pb[:, 1])["p"] if enough else math.nan
@@ -408,8 +414,11 @@ def reading_notes(
     if isinstance(patients, str):
         notes.append(f"No patient level: {patients}.")
     else:
-        notes.append(f"The {levels[0].name}s of one {patients.name} are not independent, so the {levels[0].name}-level "
-                     f"CIs are too narrow and the per-{patients.name} comparison is the one to trust.")  # fmt: skip
+        unit, item = patients.name, levels[0].name
+        notes.append(f"The {item}s of one {unit} are not independent, so the {item}-level CIs and Δ resample "
+                     f"{unit}s, not {item}s (a {unit}'s {item}s are drawn together); DeLong's test at the {item} "
+                     f"level still counts {item}s as independent, and each {unit} weighs as many {item}s as it has: "
+                     f"the per-{unit} comparison is the one to trust.")  # fmt: skip
     if len(runs) > 2:
         notes.append(f"The {len(runs) - 1} comparisons' p-values are not adjusted for multiple testing.")
     return notes
@@ -441,10 +450,12 @@ def compare_runs(
     classes = runs[0].classes
     labels = np.asarray([classes.index(c) for c in runs[0].labels], dtype=np.int64)
     levels = [Level("image", labels, {r.name: r.probs for r in runs})]
-    patients = patient_level(runs, labels)
-    if isinstance(patients, Level):
-        levels.append(patients)
-        if patients.name == "slide":  # a slide run's images are its tiles
+    found = patient_level(runs, labels)
+    patients: Level | str = found if isinstance(found, str) else found[0]
+    if not isinstance(found, str):
+        levels[0].groups = found[1]  # a patient's images are drawn together
+        levels.append(found[0])
+        if found[0].name == "slide":  # a slide run's images are its tiles
             levels[0].name = "tile"
     stats = [compare_level(level, n_resamples, seed, ci_level) for level in levels]
 

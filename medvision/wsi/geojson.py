@@ -80,14 +80,13 @@ def tissue_polygons(mask: np.ndarray, mask_scale: float | tuple[float, float],
     The outline follows the edges of the mask's pixels (:func:`~medvision.wsi.outline.mask_outline`, whose
     docstring gives the connectivity: pixels that meet only at a corner are separate regions): mask column
     ``c`` begins at level-0 ``x = c / sx`` and row ``r`` at ``y = r / sy``, so a polygon's area is its tissue
-    pixels times ``1 / (sx * sy)`` level-0 px² (the score table's ``tissue_mm2`` counts the same pixels, with
-    ``sx`` for both sides).
+    pixels times ``1 / (sx * sy)`` level-0 px², as the score table's ``tissue_mm2`` counts them.
 
     Args:
         mask: (H, W) tissue mask (bool or integer, non-zero is tissue), e.g. ``TileGrid.mask``.
         mask_scale: mask pixels per level-0 pixel, one number or ``(sx, sy)``; for a mask of the whole slide,
-            ``(W / w0, H / h0)`` with ``(w0, h0)`` the level-0 size (a thumbnail's sides are rounded apart, so
-            ``TileGrid.mask_scale``, the x scale, can be a few pixels out over a long y side).
+            ``(W / w0, H / h0)`` with ``(w0, h0)`` the level-0 size, ``TileGrid.mask_scales`` (a thumbnail's sides
+            are rounded apart: one scale for both can be a few pixels out over a long y side).
         min_area_px: regions whose outline encloses fewer mask pixels than this are dropped with their holes,
             and so are holes of fewer pixels.
 

@@ -12,14 +12,16 @@ import numpy as np
 
 
 def probability_grid(coords: np.ndarray, probs: np.ndarray, side0: float, size0: tuple[int, int],
-                     scale: float) -> np.ndarray:  # fmt: skip
-    """An (H, W) float map at ``scale`` of level 0: each tile's probability over its square, NaN elsewhere."""
+                     scale: float | tuple[float, float]) -> np.ndarray:  # fmt: skip
+    """An (H, W) float map at ``scale`` of level 0 (one number, or (x, y): a thumbnail's sides are rounded apart),
+    each tile's probability over its square, NaN elsewhere."""
     w0, h0 = size0
-    h, w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+    sx, sy = (scale, scale) if isinstance(scale, int | float) else scale
+    h, w = max(1, round(h0 * sy)), max(1, round(w0 * sx))
     grid = np.full((h, w), np.nan, np.float32)
     for (x, y), p in zip(coords.tolist(), probs.tolist(), strict=True):
-        x0, y0 = round(x * scale), round(y * scale)
-        x1, y1 = max(x0 + 1, round((x + side0) * scale)), max(y0 + 1, round((y + side0) * scale))
+        x0, y0 = round(x * sx), round(y * sy)
+        x1, y1 = max(x0 + 1, round((x + side0) * sx)), max(y0 + 1, round((y + side0) * sy))
         grid[y0:y1, x0:x1] = p
     return grid
 

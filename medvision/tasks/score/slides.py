@@ -125,10 +125,9 @@ def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
             try:
                 drawn = _PLAN["drawn"]
                 thumb = slide.thumbnail(THUMBNAIL) if drawn else None
-                w0, h0 = slide.level_dimensions[0]
                 tissue = []
                 if drawn and grid.mask is not None:  # the mask's own x and y scales (its sides are rounded apart)
-                    tissue = tissue_polygons(grid.mask, (grid.mask.shape[1] / w0, grid.mask.shape[0] / h0))
+                    tissue = tissue_polygons(grid.mask, grid.mask_scales)
                 info = {"grid": grid_to_json(grid), "thumbnail": thumb, "size0": slide.level_dimensions[0],
                         "mpp_source": slide.mpp_source, "tissue": tissue}  # fmt: skip
             finally:
@@ -448,9 +447,9 @@ class SlideOutputs:
                                    slide_id=item.rel, class_colors=self.colors, run_id=self.run_id)  # fmt: skip
         write_geojson(self.geo_dir / f"{name}.geojson", collection)
         if self.heat_dir is not None:
-            thumb = item.info["thumbnail"]
-            scale = thumb.shape[1] / item.info["size0"][0]
-            grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, tuple(item.info["size0"]), scale)
+            thumb, (w0, h0) = item.info["thumbnail"], item.info["size0"]
+            scales = (thumb.shape[1] / w0, thumb.shape[0] / h0)  # the thumbnail's sides are rounded apart
+            grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, (w0, h0), scales)
             plot_heatmap(self.heat_dir / f"{name}.png", thumb, grid, title, heat[1])
         _write_tiles(self.tiles_dir / f"{name}.parquet", item.rel, tiles.coords, tiles.grid.side0, tiles.tissue,
                      measurements)  # fmt: skip
