@@ -67,11 +67,31 @@ class SplitOutputs:
     groups' first-seen order; they replace the aggregation of the image probabilities."""
     views: np.ndarray | None = None
     """With test-time augmentation: (N, V, K) logits of the image (``logits``) and its transformed views."""
+    patients: list[str] | None = None
+    """Each row's patient where rows aggregate to something else (a tile's slide, in ``groups``), so that every
+    bootstrap draws a patient's rows, and slides, together. None: ``groups`` are the patients."""
+
+    def bootstrap_groups(self, level: str) -> list[str] | None:
+        """What the bootstrap of ``level`` draws whole: at the image level each row's patient; at the unit
+        level each unit's patient (units in first-seen order, as they are aggregated) where the units are
+        slides, none where they are the patients themselves."""
+        if level == "image":
+            return self.patients if self.patients is not None else self.groups
+        return None if self.patients is None else unit_patients(self.groups, self.patients)
 
     def probs(self, temperature: float = 1.0) -> np.ndarray:
         """Calibrated probabilities (N, K): softmax(logits / T), averaged over the TTA views when there are any, to
         the digits ``predictions.csv`` keeps (:data:`~medvision.metrics.PROB_DIGITS`): the metrics are the file's."""
         return round_significant(tta_softmax(self.views if self.views is not None else self.logits, temperature))
+
+
+def unit_patients(units: list[str], patients: list[str]) -> list[str]:
+    """The patient of each unit (a slide), units in first-seen order as :func:`~medvision.metrics.aggregate_by_group`
+    lists them, from each row's unit and patient."""
+    first: dict[str, str] = {}
+    for unit, patient in zip(units, patients, strict=True):
+        first.setdefault(unit, patient)
+    return list(first.values())
 
 
 @dataclass
@@ -410,10 +430,9 @@ def clinical_metrics(
     for split, out in outputs.items():
         for level in LEVELS:
             y, p_cal, p_raw, mixed = level_arrays(out, decision.temperature, level, cfg)
-            # an image row's patient (a tile's slide): the image-level bootstrap draws them whole; one image a
-            # patient draws exactly the resamples of images one by one
-            groups = out.groups if level == "image" else None
-            summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level, groups)
+            # a row's patient (a slide's, for the slide level): the bootstrap draws them whole; one image a patient
+            # draws exactly the resamples of images one by one
+            summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level, out.bootstrap_groups(level))
             counted = "images" if level == "image" else f"{unit}s"
             few = {c: n for c, n in summary.get("n_per_class", {}).items() if n < MIN_CLASS_COUNT}
             if few:

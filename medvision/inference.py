@@ -98,9 +98,9 @@ def split_outputs(
         return None
     logits, labels = whole
     if tta:  # (N, 1 + views, K): the image's own logits first
-        out = SplitOutputs(logits[:, 0], labels, ds.groups, views=logits)
+        out = SplitOutputs(logits[:, 0], labels, ds.groups, views=logits, patients=ds.patients)
     else:
-        out = SplitOutputs(logits, labels, ds.groups)
+        out = SplitOutputs(logits, labels, ds.groups, patients=ds.patients)
     probs = out.probs()  # the TTA average when there are views
     loss = float(-np.log(probs[np.arange(len(labels)), labels] + 1e-300).mean()) if len(labels) else float("nan")
     return out, ds.ids, loss

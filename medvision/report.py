@@ -143,7 +143,8 @@ def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
         )
         return (f"{text} Slide level: each slide's probability is {how}. The tile-level CIs resample slides, not "
                 "tiles (a slide's tiles are not independent: they are drawn together), and each slide counts as many "
-                "times as it has tiles: quote the slide level.")  # fmt: skip
+                "times as it has tiles: quote the slide level. Where the manifest names patients, every bootstrap "
+                "draws a patient's slides together.")  # fmt: skip
     if _one_image_per_patient(clinical):
         return f"{text} Every patient has one image here, so the patient level equals the image level and is not shown."
     return (f"{text} Patient level: each patient's image probabilities are aggregated by `{cfg.patient_aggregate}`"

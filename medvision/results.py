@@ -201,7 +201,8 @@ def slide_head(recipe: Recipe, bundle: ModelBundle, table: SampleTable, splits: 
         loader = make_loader(ds, recipe.data.eval_batch_size, workers, device)
         features[split] = extract_features(bundle.model, loader, device, recipe.train.amp, inputs)
         outputs[split] = splits[split][0] if split in splits else SplitOutputs(
-            np.zeros((len(ds), len(table.classes))), table.labels[ds.indices], ds.groups)  # fmt: skip
+            np.zeros((len(ds), len(table.classes))), table.labels[ds.indices], ds.groups,
+            patients=ds.patients)  # fmt: skip
     if fit:
         probs, _ = fit_slide_head(features, outputs, len(table.classes), recipe.seed, run_dir,
                                   {"model": recipe.model.name})  # fmt: skip

@@ -166,7 +166,10 @@ def test_speed_writes_csv_table_and_plot_with_real_measurements(speed_run: tuple
             assert float(r[f"{mode}_step_ms"]) * med == pytest.approx(4 * 1000)  # batch 4 per step
             gflops = float(r["train_gflops" if mode == "train" else "gflops"])
             assert float(r[f"{mode}_tflops"]) == pytest.approx(gflops * med / 1e3)
-            assert 0 < float(r[f"{mode}_mfu"]) < 1.5
+            # against the run's own measured peak (a 256 px matmul on a busy 2-core machine can measure below a
+            # tiny model's rate, so no upper bound: the ratio itself is checked)
+            mfu = float(r[f"{mode}_mfu"])
+            assert mfu > 0 and mfu == pytest.approx(float(r[f"{mode}_tflops"]) / float(r["peak_tflops"]), rel=1e-3)
             assert r[f"{mode}_mem_gib"] == ""  # not measured on a CPU, rather than a wrong number
         assert float(r["peak_tflops_min"]) <= float(r["peak_tflops"]) <= float(r["peak_tflops_max"])
     bad = rows[1]

@@ -186,3 +186,32 @@ def test_image_level_cis_draw_whole_patients_and_equal_the_image_bootstrap_with_
     assert width["copies"] == pytest.approx(width["one"], rel=0.25)  # as wide as the 48 patients it has
     plain = bootstrap_cis(one.labels, one.probs(), {"auc": compute_auc}, 300, 5)["auc"]
     assert s_one["auc_ci"] == pytest.approx(list(plain))  # one image a patient: the same resamples
+
+
+def test_a_patients_slides_are_drawn_together_at_the_tile_and_the_slide_level() -> None:
+    """Tiles aggregate to slides, and a patient has two slides: the slide-level bootstrap draws a patient's slides
+    together, the tile-level one a patient's tiles; a slide run without patient ids draws slides whole."""
+    from medvision.metrics import aggregate_by_group, bootstrap_cis, compute_auc
+
+    rng = np.random.default_rng(3)
+    n_pat, tiles = 20, 5
+    y_pat = np.arange(n_pat) % 2
+    slides = [f"s{i // tiles}" for i in range(n_pat * 2 * tiles)]  # 40 slides of 5 tiles
+    patients = [f"p{i // (2 * tiles)}" for i in range(n_pat * 2 * tiles)]  # two slides a patient
+    y = np.repeat(y_pat, 2 * tiles)
+    margin = rng.normal(size=len(y)) + np.repeat(rng.normal(size=n_pat), 2 * tiles) + 0.8 * (2 * y - 1)
+    out = SplitOutputs(np.stack([-margin / 2, margin / 2], 1), y, slides, patients=patients)
+    cfg, classes = EvalConfig(bootstrap=200, bootstrap_seed=2, patient_aggregate="mean"), ["normal", "tumour"]
+    m = clinical_metrics({"test": out}, classes, cfg, Decision(positive=1), unit="slide")
+    p = out.probs()
+    tile_ci = bootstrap_cis(y, p, {"auc": compute_auc}, 200, 2, groups=patients)["auc"]
+    assert m["image"]["test"]["auc_ci"] == pytest.approx(list(tile_ci))
+    ids, y_slide, p_slide, _ = aggregate_by_group(slides, y, p, "mean")
+    slide_patients = [f"p{int(s[1:]) // 2}" for s in ids]
+    slide_ci = bootstrap_cis(y_slide, p_slide, {"auc": compute_auc}, 200, 2, groups=slide_patients)
+    assert m["patient"]["test"]["auc_ci"] == pytest.approx(list(slide_ci["auc"]))
+    assert 0.6 < m["patient"]["test"]["auc"] < 1 and out.bootstrap_groups("patient") == slide_patients
+    one_by_one = bootstrap_cis(y_slide, p_slide, {"auc": compute_auc}, 200, 2)["auc"]
+    assert m["patient"]["test"]["auc_ci"] != pytest.approx(list(one_by_one))
+    no_patients = SplitOutputs(out.logits, y, slides)
+    assert no_patients.bootstrap_groups("image") == slides and no_patients.bootstrap_groups("patient") is None

@@ -113,3 +113,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         """The unit predictions are aggregated to: each row's slide for whole-slide tiles, else its patient."""
         units = self.table.aggregates_to
         return [units[i] for i in self.indices]
+
+    @property
+    def patients(self) -> list[str] | None:
+        """Each row's patient where the rows aggregate to slides (:attr:`groups`); None where those are patients."""
+        return None if self.table.units is None else [self.table.groups[i] for i in self.indices]

@@ -69,22 +69,25 @@ def fit_slide_head(
 
 def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig,
                          mil_probs: np.ndarray | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Slide-level AUC (with a bootstrap CI) and accuracy of mean, max, top-k, and ABMIL when given."""
+    """Slide-level AUC (with a bootstrap CI: a patient's slides drawn together where the data names patients) and
+    accuracy of mean, max, top-k, and ABMIL when given."""
     p_tiles = out.probs(temperature)
     rows: dict[str, dict[str, Any]] = {}
     methods: list[tuple[str, str]] = [("mean", "mean"), ("max", "max"), (f"top-{cfg.top_k} mean", "topk")]
     y = np.zeros(0, np.int64)
+    patients = out.bootstrap_groups("patient")
     for name, method in methods:
         _, y, p, _ = aggregate_by_group(out.groups, out.labels, p_tiles, method, cfg.top_k)
-        rows[name] = _row(y, p, cfg, bootstrap_cis)
+        rows[name] = _row(y, p, cfg, patients)
     if mil_probs is not None:
-        rows["ABMIL (attention MIL)"] = _row(y, mil_probs, cfg, bootstrap_cis)
+        rows["ABMIL (attention MIL)"] = _row(y, mil_probs, cfg, patients)
     return rows
 
 
-def _row(y: np.ndarray, p: np.ndarray, cfg: EvalConfig, bootstrap_cis: Any) -> dict[str, Any]:
+def _row(y: np.ndarray, p: np.ndarray, cfg: EvalConfig, patients: list[str] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"n": len(y), "auc": compute_auc(y, p), "acc": compute_accuracy(y, p)}
     if cfg.bootstrap and len(y) and math.isfinite(row["auc"]):
-        cis = bootstrap_cis(y, p, {"auc": compute_auc}, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level)
+        cis = bootstrap_cis(y, p, {"auc": compute_auc}, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level,
+                            groups=patients)  # fmt: skip
         row["auc_ci"] = list(cis["auc"])
     return row

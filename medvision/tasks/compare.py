@@ -32,6 +32,7 @@ import numpy as np
 from medvision import plots
 from medvision.data.sources import load_table
 from medvision.errors import MedvisionError
+from medvision.evaluation import unit_patients
 from medvision.metrics import (
     MetricWarning,
     aggregate_by_group,
@@ -192,6 +193,8 @@ class Patients:
     unit: str
     aggregate: str
     top_k: int
+    patients: list[str] | None = None
+    """Each image's patient where ``groups`` are slides; None where they are the patients."""
 
 
 def read_patients(run: RunPredictions) -> Patients | str:
@@ -219,13 +222,17 @@ def read_patients(run: RunPredictions) -> Patients | str:
     missing = [i for i in run.ids if i not in group_of]
     if missing:
         return f"{len(missing)} of the images of {run.name} are no longer in its data ({_listed(missing)})"
-    unit = "slide" if table.units is not None else "patient"
-    return Patients([group_of[i] for i in run.ids], unit, cfg.patient_aggregate, cfg.top_k)
+    groups = [group_of[i] for i in run.ids]
+    if table.units is None:
+        return Patients(groups, "patient", cfg.patient_aggregate, cfg.top_k)
+    patient_of = dict(zip(table.ids, table.groups, strict=True))
+    return Patients(groups, "slide", cfg.patient_aggregate, cfg.top_k, [patient_of[i] for i in run.ids])
 
 
 def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level, list[str]] | str:
     """The patient (or slide) level of aligned runs, each aggregated as its recipe says, and each image's patient
-    (slide); or why there is none."""
+    (what the image-level bootstrap draws whole); or why there is none. For slides, the slide level's bootstrap
+    draws a patient's slides together."""
     found = []
     for run in runs:
         patients = read_patients(run)
@@ -247,7 +254,9 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level
                 + ", ".join(f"{r.name} `{p.aggregate}`" for r, p in zip(runs, found, strict=True))
                 + "; the difference includes that choice")  # fmt: skip
     how_text = text + f" ({len(labels) / len(y):.1f} images a {ref.unit} on average)"
-    return Level(ref.unit, y, probs, how_text), ref.groups
+    if ref.patients is None:
+        return Level(ref.unit, y, probs, how_text), ref.groups
+    return Level(ref.unit, y, probs, how_text, unit_patients(ref.groups, ref.patients)), ref.patients
 
 
 # ------------------------------------------------------------------------------------------ statistics
