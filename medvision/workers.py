@@ -72,11 +72,15 @@ SKIPPED = Failure("not read: skipped")
 
 @dataclass
 class PoolStats:
-    """What the pool went through: chunks lost to a dead or hung worker, and the files that caused it."""
+    """What the pool went through: chunks lost to a dead or hung worker, and the files that caused it; with
+    ``hand_off``, the arrays that came back through their slot and those that could not and came through the
+    pool's pipe (slower: a full or missing ``/dev/shm``)."""
 
     lost_chunks: int = 0
     crashed_files: int = 0
     timed_out_files: int = 0
+    handed_off: int = 0
+    piped: int = 0
 
 
 #: Where a worker leaves a large array for its parent (:class:`HandOff`): RAM (tmpfs) where the system has it.
@@ -137,13 +141,23 @@ class HandOff:
     @classmethod
     def leave(cls, array: np.ndarray, path: str) -> HandOff | np.ndarray:
         """Worker side: ``array`` written into the slot ``path`` (the parent's file: never made here), from its
-        start; ``array`` itself when it cannot be."""
+        start; ``array`` itself when it cannot be, and then the slot emptied, so that a write cut short by a full
+        tmpfs does not keep its pages from the other slots."""
         data = np.ascontiguousarray(array)
         try:
-            with os.fdopen(os.open(path, os.O_WRONLY), "wb") as fh:
-                fh.write(data.reshape(-1).view(np.uint8).data)
+            fd = os.open(path, os.O_WRONLY)
         except OSError:
             return array
+        try:
+            view = data.reshape(-1).view(np.uint8).data
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with suppress(OSError):
+                os.ftruncate(fd, 0)
+            return array
+        finally:
+            os.close(fd)
         return cls(path, data.shape, data.dtype.str)
 
     def take(self, keep: bool = False) -> np.ndarray:
@@ -408,12 +422,14 @@ def _results(
         if not path:
             return value
         if not isinstance(value, HandOff):  # through the pipe (the slot could not be written), or not an array
+            stats.piped += isinstance(value, np.ndarray)
             free.append(path)
             return value
         try:
             array = value.take(keep=True)
         except OSError as err:  # the slot is gone with it
             return Failure(f"its result could not be read back ({err})")
+        stats.handed_off += 1
         free.append(path)
         return array
 

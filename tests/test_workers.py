@@ -6,6 +6,7 @@ chunk, so each item's result is the item."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -125,6 +126,32 @@ def test_a_batch_that_cannot_be_left_in_a_file_travels_as_itself_and_a_short_fil
     discard(path)  # a file already gone is no error
 
 
+def _leave_with_a_file_size_limit(path: str) -> tuple[bool, int]:
+    """In a process whose files may not grow past 1 MB (as a full tmpfs stops a write): whether the batch came
+    back as itself, and the slot's size after."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    batch = np.full((32, 224, 224, 3), 7, np.uint8)  # 4.8 MB
+    returned = HandOff.leave(batch, path) is batch
+    return returned, os.path.getsize(path)
+
+
+def test_a_batch_whose_write_is_cut_short_travels_as_itself_and_its_slot_gives_its_pages_back(
+    tmp_path: Path,
+) -> None:
+    """A slot whose write fails part way (a full /dev/shm) would otherwise keep the megabytes it got, in RAM,
+    from the other slots: it is emptied, and the batch goes through the pipe."""
+    import multiprocessing
+
+    path = tmp_path / "slot"
+    path.touch(0o600)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        returned, size = pool.apply(_leave_with_a_file_size_limit, (str(path),))
+    assert returned and size == 0
+
+
 def test_sweeping_removes_the_hand_off_files_of_a_parent_that_is_gone_and_keeps_a_live_ones() -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = HANDOFF_DIR / f"medvision-handoff-{int(gone.stdout)}-0"
@@ -194,3 +221,22 @@ def test_slide_readers_default_to_the_cores_beside_a_gpu_and_stay_few_beside_a_c
     assert reader_processes(torch.device("cuda"), on_cpu=2) == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert reader_processes(torch.device("cuda"), on_cpu=2) == 1
+
+
+def test_a_pool_whose_slots_cannot_be_made_sends_the_arrays_through_the_pipe_and_counts_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No /dev/shm, or none left: every array still arrives, through the pipe, and the pool's stats say how many
+    did (the tile stream warns with that count: a silent slow path is a setting nobody fixes)."""
+    from medvision import workers
+    from medvision.workers import PoolStats
+
+    monkeypatch.setattr(workers, "HANDOFF_DIR", tmp_path / "no-such-folder")
+    stats = PoolStats()
+    got = list(isolated_map(_arrays, [0, 1, 9, 2], workers=1, timeout=60, chunk=1, hand_off=True, stats=stats))
+    assert [np.array_equal(v, _batch(i % 3)) if i != 9 else v == "tile data is damaged" for i, v in got] == [True] * 4
+    assert (stats.piped, stats.handed_off) == (3, 0)
+    stats = PoolStats()
+    monkeypatch.undo()
+    list(isolated_map(_arrays, [0, 1, 9, 2], workers=1, timeout=60, chunk=1, hand_off=True, stats=stats))
+    assert (stats.piped, stats.handed_off) == (0, 3)

@@ -61,7 +61,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
-from medvision.workers import Failure, PoolStats, isolated_map
+from medvision.workers import HANDOFF_DIR, Failure, PoolStats, isolated_map
 from medvision.wsi.geojson import palette_colors, slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
@@ -372,6 +372,10 @@ class SlideScan:
                 log.warning("%d tile batch(es) lost to a reader that crashed or hung (%d crashed, %d timed out); "
                             "their slides are error rows", lost.lost_chunks, lost.crashed_files,
                             lost.timed_out_files)  # fmt: skip
+            if lost.piped:  # slower, nothing lost: say so, it is a machine's setting to fix
+                log.warning("%d of %d tile batches came back through the reader pool's pipe, not through %s (no "
+                            "room there, or no access): slower; give it room (Docker: --shm-size)", lost.piped,
+                            lost.piped + lost.handed_off, HANDOFF_DIR)  # fmt: skip
 
     def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
         """The slide's kept tiles (``data.slides.max_tiles_per_slide``) and their reader; None, with the slide
