@@ -72,12 +72,8 @@ class SplitOutputs:
     bootstrap draws a patient's rows, and slides, together. None: ``groups`` are the patients."""
 
     def bootstrap_groups(self, level: str) -> list[str] | None:
-        """What the bootstrap of ``level`` draws whole: at the image level each row's patient; at the unit
-        level each unit's patient (units in first-seen order, as they are aggregated) where the units are
-        slides, none where they are the patients themselves."""
-        if level == "image":
-            return self.patients if self.patients is not None else self.groups
-        return None if self.patients is None else unit_patients(self.groups, self.patients)
+        """What the bootstrap of ``level`` draws whole (:func:`bootstrap_groups`)."""
+        return bootstrap_groups(self.groups, self.patients, level)
 
     def probs(self, temperature: float = 1.0) -> np.ndarray:
         """Calibrated probabilities (N, K): softmax(logits / T), averaged over the TTA views when there are any, to
@@ -85,11 +81,17 @@ class SplitOutputs:
         return round_significant(tta_softmax(self.views if self.views is not None else self.logits, temperature))
 
 
-def unit_patients(units: list[str], patients: list[str]) -> list[str]:
-    """The patient of each unit (a slide), units in first-seen order as :func:`~medvision.metrics.aggregate_by_group`
-    lists them, from each row's unit and patient."""
+def bootstrap_groups(groups: list[str], patients: list[str] | None, level: str) -> list[str] | None:
+    """What the bootstrap of ``level`` draws whole, from each row's unit (``groups``: its patient, or its slide)
+    and, where the units are slides, its patient: at the image level each row's patient; at the unit level each
+    unit's patient (units in first-seen order, as :func:`~medvision.metrics.aggregate_by_group` lists them), or
+    None where the units are the patients themselves."""
+    if level == "image":
+        return patients if patients is not None else groups
+    if patients is None:
+        return None
     first: dict[str, str] = {}
-    for unit, patient in zip(units, patients, strict=True):
+    for unit, patient in zip(groups, patients, strict=True):
         first.setdefault(unit, patient)
     return list(first.values())
 

@@ -183,6 +183,28 @@ def test_hub_path_records_the_cached_weights_hash(tmp_path: Path, monkeypatch: p
     assert hub.spec.interpolation == "bicubic"  # timm's own for this model
 
 
+def test_the_hub_hash_finds_the_cache_of_either_spelling_of_the_hub_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prov-GigaPath's card writes ``hf_hub:``, timm's configs ``hf-hub:``: both name the same cached snapshot,
+    whose weights' hash is recorded, not the ``hub:`` placeholder."""
+    from huggingface_hub import constants
+
+    from medvision.models.encoders import hub_sha256
+
+    spec = encoder_spec("prov-gigapath")
+    assert spec.hub.startswith("hf_hub:")
+    snapshot = tmp_path / "hub" / "models--prov-gigapath--prov-gigapath" / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("1" * 40)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "pytorch_model.bin").write_bytes(b"weights")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_sha256(spec) == checkpoint_sha256(snapshot) == hashlib.sha256(b"weights").hexdigest()
+
+
 def test_folder_hash_covers_every_shard(tmp_path: Path) -> None:
     (tmp_path / "a.safetensors").write_bytes(b"first shard")
     (tmp_path / "b.safetensors").write_bytes(b"second shard")

@@ -126,8 +126,8 @@ def test_a_failed_slide_leaves_no_files_and_a_nan_measurement_is_left_out(slide_
 
 def _slide(rel: str, n: int) -> tuple[PlannedSlide, SlideTiles]:
     coords = np.stack([np.arange(n) * 128, np.zeros(n)], axis=1).astype(np.int64)
-    grid = TileGrid(level=0, read_size=64, side0=128.0, coords=coords, tissue=np.ones(n), mask_scale=1 / 16,
-                    tissue_px=0, mpp=0.5)  # fmt: skip
+    grid = TileGrid(level=0, read_size=64, side0=128.0, coords=coords, tissue=np.ones(n),
+                    mask_scales=(1 / 16, 1 / 16), tissue_px=0, mpp=0.5)  # fmt: skip
     reader = TileReader([], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), 64)
     return PlannedSlide(rel, "ok", info={"tissue": []}), SlideTiles(grid, coords, grid.tissue, reader)
 

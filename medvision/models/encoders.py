@@ -218,21 +218,14 @@ def checkpoint_sha256(path: str | Path) -> str:
     return sha256(*files)
 
 
-def hub_repo(spec: EncoderSpec) -> str:
-    """The hub repository of an entry (``hf-hub:org/name`` -> ``org/name``)."""
-    for prefix in ("hf-hub:", "hf_hub:"):
-        if spec.hub.startswith(prefix):
-            return spec.hub[len(prefix) :]
-    return spec.hub
-
-
 def hub_sha256(spec: EncoderSpec) -> str:
     """SHA-256 of the weights a ``hub`` load read, from the hub's local cache (the snapshot it resolved): the same
     hash as a local copy of that file, so features embedded either way are known to share one feature space.
     ``hub:<repo>`` when the cache does not hold them (a custom cache the loader was pointed at)."""
     from huggingface_hub import try_to_load_from_cache
 
-    repo = hub_repo(spec)
+    # timm's prefix, in either spelling the cards use (Prov-GigaPath's hf_hub:); transformers entries have none
+    repo = spec.hub.removeprefix("hf-hub:").removeprefix("hf_hub:")
     try:
         found = try_to_load_from_cache(repo, "config.json") if repo else None
     except ValueError:  # not a hub repository id

@@ -32,7 +32,7 @@ import numpy as np
 from medvision import plots
 from medvision.data.sources import load_table
 from medvision.errors import MedvisionError
-from medvision.evaluation import unit_patients
+from medvision.evaluation import bootstrap_groups
 from medvision.metrics import (
     MetricWarning,
     aggregate_by_group,
@@ -254,9 +254,10 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level
                 + ", ".join(f"{r.name} `{p.aggregate}`" for r, p in zip(runs, found, strict=True))
                 + "; the difference includes that choice")  # fmt: skip
     how_text = text + f" ({len(labels) / len(y):.1f} images a {ref.unit} on average)"
-    if ref.patients is None:
-        return Level(ref.unit, y, probs, how_text), ref.groups
-    return Level(ref.unit, y, probs, how_text, unit_patients(ref.groups, ref.patients)), ref.patients
+    unit = Level(ref.unit, y, probs, how_text, bootstrap_groups(ref.groups, ref.patients, "patient"))
+    image_groups = bootstrap_groups(ref.groups, ref.patients, "image")
+    assert image_groups is not None
+    return unit, image_groups
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -459,12 +460,14 @@ def compare_runs(
     classes = runs[0].classes
     labels = np.asarray([classes.index(c) for c in runs[0].labels], dtype=np.int64)
     levels = [Level("image", labels, {r.name: r.probs for r in runs})]
+    patients: Level | str
     found = patient_level(runs, labels)
-    patients: Level | str = found if isinstance(found, str) else found[0]
-    if not isinstance(found, str):
-        levels[0].groups = found[1]  # a patient's images are drawn together
-        levels.append(found[0])
-        if found[0].name == "slide":  # a slide run's images are its tiles
+    if isinstance(found, str):
+        patients = found
+    else:
+        patients, levels[0].groups = found  # a patient's images are drawn together
+        levels.append(patients)
+        if patients.name == "slide":  # a slide run's images are its tiles
             levels[0].name = "tile"
     stats = [compare_level(level, n_resamples, seed, ci_level) for level in levels]
 

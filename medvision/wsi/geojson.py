@@ -96,8 +96,7 @@ def tissue_polygons(mask: np.ndarray, mask_scale: float | tuple[float, float],
         rounded to :data:`DECIMALS` decimals where a mask pixel spans more than twice that.
 
     Examples:
-        >>> w0, h0 = slide.level_dimensions[0]
-        >>> polygons = tissue_polygons(grid.mask, (grid.mask.shape[1] / w0, grid.mask.shape[0] / h0))
+        >>> polygons = tissue_polygons(grid.mask, grid.mask_scales)
     """
     if mask.ndim != 2:
         raise GeoJSONError(f"tissue_polygons needs a 2-D mask; got shape {mask.shape}")

@@ -55,28 +55,28 @@ class TileGrid:
     """(N, 2) int64 level-0 (x, y) of each kept tile's top-left corner."""
     tissue: np.ndarray
     """(N,) tissue fraction of each kept tile."""
-    mask_scale: float
-    """Tissue-mask columns per level-0 pixel (x)."""
+    mask_scales: tuple[float, float]
+    """Tissue-mask pixels per level-0 pixel, (x, y): the mask's sides are rounded apart, so the two can differ
+    (0.3% for the real CMU scan); :func:`image_scales`."""
     tissue_px: int
     """Tissue pixels in the mask (all of them, not only those in kept tiles)."""
     mpp: float
     """The slide's level-0 microns per pixel that was used."""
     mask: np.ndarray | None = None
     """The tissue mask the tiles were chosen from, at ``mask_scales`` of level 0 (not kept in caches)."""
-    mask_scale_y: float | None = None
-    """Tissue-mask rows per level-0 pixel (y): the mask's sides are rounded apart, so it can differ from
-    ``mask_scale`` (0.3% for the real CMU scan). None: as ``mask_scale`` (a grid cached before it was kept)."""
-
-    @property
-    def mask_scales(self) -> tuple[float, float]:
-        """Mask pixels per level-0 pixel, (x, y)."""
-        return self.mask_scale, self.mask_scale if self.mask_scale_y is None else self.mask_scale_y
 
     @property
     def tissue_area_mm2(self) -> float:
         """Tissue area of the whole slide in mm², from the mask: a mask pixel covers 1/sx by 1/sy level-0 pixels."""
         sx, sy = self.mask_scales
         return self.tissue_px * (self.mpp / sx / 1000.0) * (self.mpp / sy / 1000.0)
+
+
+def image_scales(image: np.ndarray, size0: tuple[int, int]) -> tuple[float, float]:
+    """Pixels of ``image`` (a thumbnail or tissue mask of the whole slide) per level-0 pixel, (x, y): each side is
+    rounded on its own, so each is scaled on its own."""
+    w0, h0 = size0
+    return image.shape[1] / w0, image.shape[0] / h0
 
 
 def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
@@ -97,7 +97,7 @@ def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
     thumb_long = max(64, round(max(w0, h0) * slide.mpp / spec.tissue_mpp))
     thumb = slide.thumbnail(min(thumb_long, max(w0, h0)))
     mask = tissue_mask(thumb, spec.tissue_method)
-    sx, sy = thumb.shape[1] / w0, thumb.shape[0] / h0  # each side rounded on its own: scaled on its own
+    sx, sy = image_scales(thumb, (w0, h0))
     cols, rows = int(w0 // side0), int(h0 // side0)
     gx, gy = np.meshgrid(np.arange(cols), np.arange(rows))
     x0 = np.floor(gx.ravel() * side0).astype(np.int64)
@@ -107,7 +107,7 @@ def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
     keep = fractions >= spec.min_tissue if spec.min_tissue > 0 else np.ones(len(fractions), bool)
     coords = np.stack([x0[keep], y0[keep]], axis=1) if keep.any() else np.zeros((0, 2), np.int64)
     return TileGrid(level=level, read_size=read_size, side0=side0, coords=coords, tissue=fractions[keep],
-                    mask_scale=sx, tissue_px=int(mask.sum()), mpp=slide.mpp, mask=mask, mask_scale_y=sy)  # fmt: skip
+                    mask_scales=(sx, sy), tissue_px=int(mask.sum()), mpp=slide.mpp, mask=mask)  # fmt: skip
 
 
 def read_tile(slide: Slide, level: int, read_size: int, x: int, y: int, tile_size: int) -> np.ndarray:
@@ -365,14 +365,15 @@ def _cache_key(ref: SlideRef, coords: np.ndarray, tile_size: int, extra: str) ->
 def grid_to_json(grid: TileGrid) -> dict[str, Any]:
     """A grid without its mask, for caching a slide's tissue detection between runs."""
     return {"level": grid.level, "read_size": grid.read_size, "side0": grid.side0, "coords": grid.coords.tolist(),
-            "tissue": [round(float(t), 4) for t in grid.tissue], "mpp": grid.mpp, "mask_scale": grid.mask_scale,
+            "tissue": [round(float(t), 4) for t in grid.tissue], "mpp": grid.mpp, "mask_scale": grid.mask_scales[0],
             "mask_scale_y": grid.mask_scales[1], "tissue_px": grid.tissue_px}  # fmt: skip
 
 
 def grid_from_json(data: dict[str, Any]) -> TileGrid:
+    """The grid :func:`grid_to_json` wrote; a grid cached before the y scale was kept takes the x scale for both."""
     coords = np.asarray(data["coords"], dtype=np.int64).reshape(-1, 2)
+    sx = float(data["mask_scale"])
     return TileGrid(level=int(data["level"]), read_size=int(data["read_size"]), side0=float(data["side0"]),
                     coords=coords, tissue=np.asarray(data["tissue"], dtype=np.float64),
-                    mask_scale=float(data["mask_scale"]), tissue_px=int(data["tissue_px"]),
-                    mask_scale_y=float(data["mask_scale_y"]) if data.get("mask_scale_y") is not None else None,
+                    mask_scales=(sx, float(data.get("mask_scale_y") or sx)), tissue_px=int(data["tissue_px"]),
                     mpp=float(data["mpp"]))  # fmt: skip

@@ -66,7 +66,7 @@ from medvision.wsi.geojson import palette_colors, slide_geojson, tissue_polygons
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
 from medvision.wsi.source import plan_slide, stain_transform
-from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, grid_to_json, subsample
+from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, grid_to_json, image_scales, subsample
 
 log = logging.getLogger("medvision")
 
@@ -451,9 +451,8 @@ class SlideOutputs:
                                    slide_id=item.rel, class_colors=self.colors, run_id=self.run_id)  # fmt: skip
         write_geojson(self.geo_dir / f"{name}.geojson", collection)
         if self.heat_dir is not None:
-            thumb, (w0, h0) = item.info["thumbnail"], item.info["size0"]
-            scales = (thumb.shape[1] / w0, thumb.shape[0] / h0)  # the thumbnail's sides are rounded apart
-            grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, (w0, h0), scales)
+            thumb, size0 = item.info["thumbnail"], tuple(item.info["size0"])
+            grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, size0, image_scales(thumb, size0))
             plot_heatmap(self.heat_dir / f"{name}.png", thumb, grid, title, heat[1])
         _write_tiles(self.tiles_dir / f"{name}.parquet", item.rel, tiles.coords, tiles.grid.side0, tiles.tissue,
                      measurements)  # fmt: skip
