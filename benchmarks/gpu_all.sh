@@ -93,8 +93,8 @@ case "$stage" in
     # First the machine's /dev/shm (a container's may be 64 MB: the slots are memory files now, not files there)
     # and the hand-off alone beside a consumer that holds the GIL as the model's launches do (one minute).
     { df -h /dev/shm; nproc; } 2>&1 | tee "$out/features.log"
-    (cd benchmarks && python3 tile_handoff.py --only consumer --rounds 2 --workers 4 15 \
-      --csv "$out/tile_handoff.csv") 2>&1 | tee -a "$out/features.log"
+    python3 benchmarks/tile_handoff.py --only consumer --rounds 1 --workers 4 15 --csv "$out/tile_handoff.csv" 2>&1 \
+      | tee -a "$out/features.log"
     python3 benchmarks/feature_throughput.py --slides 3 --size 24576 18432 --copies 8 \
       --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp auto --workers auto --rounds 3 \
       --csv "$out/feature_throughput.csv" 2>&1 | tee -a "$out/features.log" ;;

@@ -157,7 +157,8 @@ class Slots:
             except OSError:
                 self.memfd = False
             else:
-                os.fchmod(fd, 0o600)  # the pixels are a patient's: this user only
+                with suppress(OSError):  # the pixels are a patient's: this user only (as /proc allows already)
+                    os.fchmod(fd, 0o600)
                 path = f"/proc/{os.getpid()}/fd/{fd}"
                 self.fds[path] = fd
                 return path

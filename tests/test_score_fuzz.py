@@ -152,6 +152,15 @@ def _probs(rows: list[dict[str, str]]) -> dict[tuple[str, str], list[str]]:
             if r["status"] == "ok"}  # fmt: skip
 
 
+def _same_probs(a: dict[tuple[str, str], list[str]], b: dict[tuple[str, str], list[str]]) -> bool:
+    """The same files, each probability equal to within one unit of its 7th digit: a file scored in a batch of
+    other files may round its last digit the other way (the CPU's kernels depend on the batch's size: seen once,
+    0.4926332 against 0.4926333)."""
+    if a.keys() != b.keys():
+        return False
+    return all(abs(float(x) - float(y)) <= 1.5e-7 for key in a for x, y in zip(a[key], b[key], strict=True))
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("hostile")
@@ -213,9 +222,9 @@ def test_hostile_archive_is_accounted_for_and_isolated(
     assert "FIFO" in reason["pipe.dcm"] and "directory named like a file" in reason["x.dcm"]
     assert all(r["reason"] for r in rows if r["status"] != "ok")
     assert str(root) not in out.read_text()
-    # each good file: the clean run's probabilities, digit for digit
+    # each good file: the clean run's probabilities, to the last digit's rounding
     clean = _probs(clean_scores)
-    assert clean and {k: v for k, v in _probs(rows).items() if k in clean} == clean
+    assert clean and _same_probs({k: v for k, v in _probs(rows).items() if k in clean}, clean)
     for r in rows:
         if r["status"] == "ok":
             assert abs(sum(float(v) for k, v in r.items() if k.startswith("prob_")) - 1) < 1e-4
@@ -249,4 +258,4 @@ def test_hostile_archive_resumes_after_kill_9(
     rows, ref = _rows(out), _rows(reference)
     assert len(rows) == len(ref)  # nothing lost, nothing twice
     assert _outcomes(rows) == _outcomes(ref)
-    assert _probs(rows) == _probs(ref)
+    assert _same_probs(_probs(rows), _probs(ref))
