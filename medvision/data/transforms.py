@@ -20,6 +20,24 @@ from albumentations.pytorch import ToTensorV2
 from medvision.recipe import AugmentConfig, RecipeError
 
 
+def tissue_invariances(stain_scale: float, stain_shift: float) -> list[A.BasicTransform]:
+    """What H&E tissue is invariant to: flips, rot90 (tissue has no up), and HED stain jitter (scanner and stain
+    batches) scaling each stain by up to ``1 ± stain_scale`` and shifting it by up to ``± stain_shift``. The
+    fine-tuning preset uses it mildly, SimCLR's views (:mod:`medvision.data.views`) strongly."""
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.HEStain(
+            method="preset",
+            preset="ruifrok",
+            intensity_scale_range=(1 - stain_scale, 1 + stain_scale),
+            intensity_shift_range=(-stain_shift, stain_shift),
+            p=0.5,
+        ),
+    ]
+
+
 def preset(name: str) -> list[A.BasicTransform]:
     """The named train-time augmentations.
 
@@ -27,18 +45,7 @@ def preset(name: str) -> list[A.BasicTransform]:
     radiology: window jitter as brightness/contrast, gamma, small affine; no flips (anatomy has sides).
     """
     if name == "pathology":
-        return [
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomRotate90(p=0.5),
-            A.HEStain(
-                method="preset",
-                preset="ruifrok",
-                intensity_scale_range=(0.9, 1.1),
-                intensity_shift_range=(-0.05, 0.05),
-                p=0.5,
-            ),
-        ]
+        return tissue_invariances(0.1, 0.05)
     if name == "radiology":
         return [
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.7),

@@ -15,7 +15,7 @@ import albumentations as A
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from medvision.data.transforms import explicit
+from medvision.data.transforms import explicit, tissue_invariances
 from medvision.recipe import Recipe
 
 ViewKind = Literal["pathology", "radiology"]
@@ -37,16 +37,7 @@ def view_transforms(kind: ViewKind, image_size: int, min_crop: float, extra: lis
     ]
     if kind == "pathology":
         steps += [
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomRotate90(p=0.5),
-            A.HEStain(
-                method="preset",
-                preset="ruifrok",
-                intensity_scale_range=(0.8, 1.2),
-                intensity_shift_range=(-0.1, 0.1),
-                p=0.5,
-            ),
+            *tissue_invariances(0.2, 0.1),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),
             A.ToGray(p=0.1),
         ]
