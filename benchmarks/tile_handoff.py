@@ -3,12 +3,13 @@
 The readers of ``score`` and ``features`` run in a Pebble pool (crash isolation, :mod:`medvision.workers`). A result
 that comes back through the pool's pipe goes in 64 KB steps, each a switch between the two processes, and is
 unpickled in the parent, on the cores the encoder needs. With ``isolated_map(..., hand_off=True)`` (what the tile
-stream uses) a worker writes each array result to a file in ``/dev/shm`` that the parent named, reads back and
-removes (:class:`~medvision.workers.HandOff`). This script runs ``isolated_map`` both ways over ``--batches``
-batches (one worker, a batch a task, reading ahead as the tile stream does), alternating, ``--rounds`` times:
-the wall time a batch (the whole call over the batches, the pool's start included) and the parent's CPU time a
-batch (``time.process_time``: all the parent's threads), medians over the rounds. Both processes reuse freed
-memory as the tasks and their readers do (``runtime.reuse_freed_memory``).
+stream uses) a worker writes each array result into a slot in RAM that the parent made (a memory file, or a file in
+``/dev/shm`` where there are none), which the parent reads back and gives out again
+(:class:`~medvision.workers.Slots`, :class:`~medvision.workers.HandOff`). This script runs ``isolated_map`` both
+ways over ``--batches`` batches (one worker, a batch a task, reading ahead as the tile stream does), alternating,
+``--rounds`` times: the wall time a batch (the whole call over the batches, the pool's start included) and the
+parent's CPU time a batch (``time.process_time``: all the parent's threads), medians over the rounds. Both processes
+reuse freed memory as the tasks and their readers do (``runtime.reuse_freed_memory``).
 
 Batches: what ``features`` reads (uint8 (32, 224, 224, 3), 4.8 MB) and what ``score`` reads (the model's input,
 float32 (32, 3, 224, 224), 19 MB). The worker's time to make the batch (``np.full``) is in both.
@@ -115,19 +116,21 @@ def _hold_gil(ms: float) -> None:
 def consumer_way(way: str, n: int, workers_n: int, ms: float) -> tuple[float, int]:
     """Batches/s a GIL-holding consumer gets from ``isolated_map`` over ``n`` features batches, and how many came
     through the pipe: ``pipe``, ``memfd`` slots or ``file`` slots in ``workers.HANDOFF_DIR``."""
-    Slots.memory_files = way == "memfd"
     stats = PoolStats()
     shape, dtype = BATCHES["features: uint8 (32, 224, 224, 3)"]
-    stream = isolated_map(make, [(shape, dtype)] * (n + 2 * workers_n), workers=workers_n, timeout=60, chunk=1,
-                          initializer=reuse_freed_memory, hand_off=way != "pipe", stats=stats)  # fmt: skip
-    for _ in range(2 * workers_n):  # the pool started and the readers ahead: then the steady rate
-        next(stream)
+    Slots.memory_files = way == "memfd"  # read when the pool makes its slots, at its first result
+    try:
+        stream = isolated_map(make, [(shape, dtype)] * (n + 2 * workers_n), workers=workers_n, timeout=60, chunk=1,
+                              initializer=reuse_freed_memory, hand_off=way != "pipe", stats=stats)  # fmt: skip
+        for _ in range(2 * workers_n):  # the pool started and the readers ahead: then the steady rate
+            next(stream)
+    finally:
+        Slots.memory_files = True
     start, got = time.perf_counter(), 0
     for _, batch in stream:
         assert isinstance(batch, np.ndarray) and batch.shape == shape
         _hold_gil(ms)
         got += 1
-    Slots.memory_files = True
     return got / (time.perf_counter() - start), stats.piped
 
 

@@ -493,7 +493,7 @@ def _results(
 
     def received(value: Any, path: str) -> Any:
         """A result as the consumer gets it: a handed-off array read back; its slot given out again."""
-        if slots is None or not path:
+        if slots is None:
             return value
         if not isinstance(value, HandOff):  # through the pipe (the slot could not be written), or not an array
             if isinstance(value, np.ndarray):
@@ -514,8 +514,8 @@ def _results(
     def drop(paths: list[str]) -> None:
         """Retires the slots of results lost or cancelled now, never to be given out again (a worker being stopped
         may still write them)."""
-        for path in paths:
-            if slots is not None and path:
+        if slots is not None:
+            for path in paths:
                 slots.retire(path)
 
     def submit(part: list[T]) -> tuple[list[T], Any, list[str]]:

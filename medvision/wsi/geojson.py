@@ -182,8 +182,7 @@ def slide_geojson(
 
     Examples:
         >>> # probs: (N, C) tile probabilities in grid order, classes: the C class names
-        >>> w0, h0 = slide.level_dimensions[0]
-        >>> tissue = tissue_polygons(grid.mask, (grid.mask.shape[1] / w0, grid.mask.shape[0] / h0))
+        >>> tissue = tissue_polygons(grid.mask, grid.mask_scales)
         >>> fc = slide_geojson(tissue, grid.coords, grid.side0,
         ...                    {f"p_{c}": probs[:, k] for k, c in enumerate(classes)},
         ...                    [classes[k] for k in probs.argmax(1)], slide_id=slide.path.name,

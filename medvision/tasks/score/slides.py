@@ -374,9 +374,9 @@ class SlideScan:
                             lost.timed_out_files)  # fmt: skip
             if lost.piped:  # slower, nothing lost: say so, it is a machine's setting to fix
                 log.warning("%d of %d tile batches came back through the reader pool's pipe, not through RAM: "
-                            "slower. The readers could not open this process's memory files (/proc), and %s had no "
-                            "room (Docker: --shm-size)", lost.piped, lost.piped + lost.handed_off,
-                            HANDOFF_DIR)  # fmt: skip
+                            "slower. The readers could not write this process's memory files (no memfd, or no "
+                            "access to its /proc), nor files in %s (no room there; Docker: --shm-size)", lost.piped,
+                            lost.piped + lost.handed_off, HANDOFF_DIR)  # fmt: skip
 
     def tiles(self, folder: Path, item: PlannedSlide) -> SlideTiles | None:
         """The slide's kept tiles (``data.slides.max_tiles_per_slide``) and their reader; None, with the slide
