@@ -7,7 +7,7 @@ Builds a few Aperio SVS slides from the real H&E tiles (``build_slide_set``: JPE
   function as its uint8 batches (``--batch-size`` a batch within a slide, the slide's last one shorter), through
   ``PatchEncoder.embed`` (the function ``features`` calls), timed;
 - **pipeline**: ``extract_features`` on the folder (slides found, opened and their tissue detected in the
-  crash-isolated pool, tiles read by the run's one pool of ``--workers`` reader processes while the encoder
+  crash-isolated pool, tiles read by the run's one pool of reader processes (``--ways``) while the encoder
   runs, one HDF5 file written per slide), timed from its first slide to its last file
   (``ScoreSummary.seconds``: the encoder is loaded before; the pools' start-up is inside), into a fresh
   folder. Both are warm: the encoder has embedded one batch, and the process has run ``extract_features`` once
@@ -35,8 +35,14 @@ one). A GPU embeds a few slides in a second or two, where the pipeline's start (
 tissue detection) weighs; ``--copies`` runs each built slide several times under other names, for a run long
 enough to show the steady rate.
 
+On a CPU the readers take turns with the encoder (they read while it waits for a batch: ``SlideScan.take_turns``);
+``--ways 2:on,2:off,1:off`` runs the pipeline three ways in each round (2 readers in turns, 2 and 1 reading any
+time; the default is ``auto:on``, what ``features`` does). The
+column *forward time in the pipeline* is the time spent in the encoder's forward passes during the pipeline run
+over that during the encoder-alone run (same batches): above 1, the readers slowed the encoder itself.
+
     python benchmarks/feature_throughput.py [--slides 4] [--size 6144 4608] [--encoders timm:tf_efficientnet_lite0,uni]
-        [--copies 1] [--workers 1|auto]
+        [--copies 1] [--ways auto:on,1:off]
 """
 
 from __future__ import annotations
@@ -57,10 +63,11 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from medvision.models.encoders import encoder_spec, load_encoder
+from medvision.models.encoders import EncoderSpec, PatchEncoder, encoder_spec, load_encoder
 from medvision.recipe import SlidesConfig
 from medvision.runtime import reader_processes, resolve_amp, resolve_device, reuse_freed_memory
 from medvision.tasks.features import extract_features
+from medvision.tasks.score.slides import SlideScan
 from medvision.wsi.source import plan_slide
 from medvision.wsi.synthetic import build_slide_set
 from medvision.wsi.tiles import SlideRef, TileReader, subsample
@@ -123,7 +130,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--copies", type=int, default=1,
                     help="each slide this many times (hard links, other names): longer runs")  # fmt: skip
-    ap.add_argument("--workers", default="1", help="reader processes, or auto (features' default)")
+    ap.add_argument("--ways", default="auto:on",
+                    help="pipeline settings to run in each round, comma separated, each READERS:TURNS: READERS a "
+                         "number or auto (features' default), TURNS on (features' default: readers beside a CPU "
+                         "encoder read while it waits) or off (any time)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
     args = ap.parse_args()
@@ -137,13 +147,15 @@ def main() -> None:
             for k in range(1, args.copies):
                 os.link(path, path.with_name(f"{path.stem}-copy{k}.svs"))
         device = resolve_device("auto")  # as extract_features' setup("auto"): both sides on the same device
-        workers = reader_processes(device, on_cpu=1) if args.workers == "auto" else int(args.workers)
+        ways = [(reader_processes(device) if w == "auto" else int(w), t)
+                for w, t in (way.split(":") for way in args.ways.split(","))]  # fmt: skip
+        workers = ways[0][0]
         reuse_freed_memory()  # as every task's setup() does: the encoder alone runs with the pipeline's malloc
         rows = []
         machine = f"{cpu_info()}; torch {torch.__version__}, timm {timm.__version__}"
         if device.type == "cuda":
             machine += f"; {torch.cuda.get_device_name(device)}"
-        print(f"machine: {machine}; {torch.get_num_threads()} torch threads; workers {workers}")
+        print(f"machine: {machine}; {torch.get_num_threads()} torch threads; readers and turns {ways}")
         for e, name in enumerate(args.encoders.split(",")):
             weights = checkpoint(name, root)
             encoder, _ = load_encoder(name, weights)
@@ -165,42 +177,94 @@ def main() -> None:
             for amp_name in args.amp.split(","):
                 amp = resolve_amp(amp_name, device)
                 encoder.embed(batches[:1], device, amp)  # warm-up
-                alone, piped = [], []
+                alone: list[float] = []
+                piped: dict[tuple[int, str], list[float]] = {w: [] for w in ways}
+                forward: dict[tuple[int, str], list[float]] = {w: [] for w in [(0, "alone"), *ways]}
                 for r in range(args.rounds):
-                    start = time.perf_counter()
-                    encoder.embed(batches, device, amp)
-                    alone.append(n_tiles / (time.perf_counter() - start))
-                    out = root / f"out-{r}"
-                    summary = extract_features(root / "slides", out, name, weights, slides=cfg, amp=amp_name,
-                                               batch_size=args.batch_size, workers=workers)  # fmt: skip
-                    assert summary.ok_images == n_tiles, (summary.ok_images, n_tiles)
-                    piped.append(summary.ok_images / summary.seconds)
-                    shutil.rmtree(out)
-                a, p = statistics.median(alone), statistics.median(piped)
-                paired = [q / b for q, b in zip(piped, alone, strict=True)]  # each round's pipeline over its encoder
-                row = {"encoder": name, "precision": amp, "slides": args.slides * args.copies, "tiles": n_tiles,
-                       "tile_px": spec.tile_size, "input_px": spec.input_size, "encoder_tiles_s": round(a, 2),
-                       "pipeline_tiles_s": round(p, 2), "ratio": round(p / a, 3),
-                       "round_ratio_min": round(min(paired), 3), "round_ratio_max": round(max(paired), 3),
-                       "reader_ms": round(read_ms, 2),
-                       # on a CPU the readers share the encoder's cores; beside a GPU they have their own, and
-                       # supply at most workers x 1000 / reader_ms tiles/s (one process's figure, its best case)
-                       "bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3) if device.type == "cpu"
-                       else round(min(1.0, workers * 1000.0 / read_ms / a), 3),
-                       "device": device.type,
-                       "first_call_s": round(first_call, 1),
-                       "workers": workers, "batch": args.batch_size}  # fmt: skip
-                rows.append(row)
-                print(row, flush=True)
-        heads = ["encoder", "precision", "slides", "tiles", "encoder alone (tiles/s)", "`medvision features` (tiles/s)",
-                 "ratio", "ratio in each round", "reader (CPU ms a tile)", "bound on the ratio"]  # fmt: skip
-        print_table(heads, [[r["encoder"], r["precision"], r["slides"], r["tiles"], r["encoder_tiles_s"],
-                             r["pipeline_tiles_s"], f"{r['ratio']:.2f}",
-                             f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}", f"{r['reader_ms']:.2f}",
+                    with ForwardClock() as clock:
+                        encoder.embed(batches, device, amp)
+                    alone.append(n_tiles / clock.wall)
+                    forward[0, "alone"].append(clock.seconds)
+                    for way in ways:
+                        SlideScan.take_turns = way[1] == "on"
+                        out = root / f"out-{r}"
+                        with ForwardClock() as clock:
+                            summary = extract_features(
+                                root / "slides",
+                                out,
+                                name,
+                                weights,
+                                slides=cfg,
+                                amp=amp_name,
+                                batch_size=args.batch_size,
+                                workers=way[0],
+                            )
+                        assert summary.ok_images == n_tiles, (summary.ok_images, n_tiles)
+                        piped[way].append(summary.ok_images / summary.seconds)
+                        forward[way].append(clock.seconds)
+                        shutil.rmtree(out)
+                    SlideScan.take_turns = True
+                for way in ways:
+                    slower = statistics.median(forward[way]) / statistics.median(forward[0, "alone"])
+                    rows.append(result_row(name, amp, way, n_tiles, alone, piped[way], read_ms, threads, first_call,
+                                           device, spec, args))  # fmt: skip
+                    rows[-1]["forward_in_pipeline_x"] = round(slower, 3) if device.type == "cpu" else None
+                    print(rows[-1], flush=True)
+        heads = ["encoder", "precision", "tiles", "readers", "turns", "encoder alone (tiles/s)",
+                 "`medvision features` (tiles/s)", "ratio", "ratio in each round",
+                 "forward time in the pipeline (x alone)", "reader (CPU ms a tile)", "bound on the ratio"]  # fmt: skip
+        print_table(heads, [[r["encoder"], r["precision"], r["tiles"], r["workers"], r["turns"],
+                             r["encoder_tiles_s"], r["pipeline_tiles_s"], f"{r['ratio']:.2f}",
+                             f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}",
+                             r["forward_in_pipeline_x"] or "n/a", f"{r['reader_ms']:.2f}",
                              f"{r['bound']:.2f}"] for r in rows])  # fmt: skip
         write_csv(args.csv, rows, machine)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class ForwardClock:
+    """Wall seconds of the block, and the seconds spent in ``PatchEncoder.forward`` within it (any encoder: the
+    pipeline loads its own). Only a CPU figure: on a GPU the call returns before its kernels have run."""
+
+    def __init__(self) -> None:
+        self.seconds, self.wall, self.original = 0.0, 0.0, PatchEncoder.forward
+
+    def __enter__(self) -> ForwardClock:
+        def timed(encoder: PatchEncoder, tiles: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            try:
+                return self.original(encoder, tiles)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        PatchEncoder.forward = timed  # type: ignore[method-assign]
+        self.wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        PatchEncoder.forward = self.original  # type: ignore[method-assign]
+
+
+def result_row(name: str, amp: str, way: tuple[int, str], n_tiles: int, alone: list[float], piped: list[float],
+               read_ms: float, threads: int, first_call: float, device: torch.device, spec: EncoderSpec,
+               args: argparse.Namespace) -> dict[str, object]:  # fmt: skip
+    """One CSV row: the medians, each round's pipeline over the encoder-alone run just before it, and the bound."""
+    a, p = statistics.median(alone), statistics.median(piped)
+    paired = [q / b for q, b in zip(piped, alone, strict=True)]
+    workers, turns = way
+    return {"encoder": name, "precision": amp, "turns": turns, "slides": args.slides * args.copies, "tiles": n_tiles,
+            "tile_px": spec.tile_size, "input_px": spec.input_size, "encoder_tiles_s": round(a, 2),
+            "pipeline_tiles_s": round(p, 2), "ratio": round(p / a, 3),
+            "round_ratio_min": round(min(paired), 3), "round_ratio_max": round(max(paired), 3),
+            "reader_ms": round(read_ms, 2),
+            # on a CPU the readers share the encoder's cores; beside a GPU they have their own, and
+            # supply at most workers x 1000 / reader_ms tiles/s (one process's figure, its best case)
+            "bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3) if device.type == "cpu"
+            else round(min(1.0, workers * 1000.0 / read_ms / a), 3),
+            "device": device.type, "first_call_s": round(first_call, 1), "workers": workers,
+            "batch": args.batch_size}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ case "$stage" in
     python3 benchmarks/tile_handoff.py --only consumer --rounds 1 --workers 4 15 --csv "$out/tile_handoff.csv" 2>&1 \
       | tee -a "$out/features.log"
     python3 benchmarks/feature_throughput.py --slides 3 --size 24576 18432 --copies 8 \
-      --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp auto --workers auto --rounds 3 \
+      --encoders timm:tf_efficientnet_lite0,uni --max-tiles 0 0 --amp auto --ways auto:on --rounds 3 \
       --csv "$out/feature_throughput.csv" 2>&1 | tee -a "$out/features.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -130,8 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: %(default)s)")
     p.add_argument("--workers", type=int,
-                   help="decode worker processes (default: min(4, cores) for files, 2 for slides, every core "
-                        "but one for slides beside a GPU); 0 decodes in-process, without crash isolation")  # fmt: skip
+                   help="decode worker processes (default: min(4, cores) for files; for slides one per model "
+                        "thread on a CPU, at most 8, reading while it waits, and every core but one beside a GPU); "
+                        "0 decodes in-process, without crash isolation")  # fmt: skip
     _nproc_option(p)
 
     p = sub.add_parser(
@@ -158,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="none = float32 (default); auto = bf16/fp16 where the hardware runs it natively")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="tiles per encoder batch (default: %(default)s)")
     p.add_argument("--workers", type=int,
-                   help="tile-reading processes (default: 1 on a CPU; beside a GPU every core but one, shared "
-                        "among torchrun ranks; 0 reads in-process, without crash isolation)")  # fmt: skip
+                   help="tile-reading processes (default: on a CPU one per encoder thread, at most 8, reading "
+                        "while it waits; beside a GPU every core but one, shared among torchrun ranks; 0 reads "
+                        "in-process, without crash isolation)")  # fmt: skip
     p.add_argument("--slide-timeout", type=float, default=SLIDE_TIMEOUT, metavar="S",
                    help="seconds a slide may take to open and find its tissue (default: %(default)g)")  # fmt: skip
     p.add_argument(

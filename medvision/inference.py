@@ -111,6 +111,11 @@ class Engine(Protocol):
 
     name: str
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the model computes on this machine's CPU (then tile readers take turns with it)."""
+        ...
+
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
     def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +131,10 @@ class TorchEngine:
     def __init__(self, model: CalibratedClassifier, device: torch.device, amp: str = "none",
                  channels_last: bool = False) -> None:  # fmt: skip
         self.model, self.device, self.amp, self.channels_last = model.eval().to(device), device, amp, channels_last
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
 
     def _input(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
@@ -209,6 +218,10 @@ class OrtEngine:
         self.input_name = inputs[0].name
         self.input_dtype = np.dtype(_NUMPY[inputs[0].type])
         self.input_shape = list(inputs[0].shape)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """``batch``: (N, C, H, W) uint8 (for a uint8 graph), float16 or float32 in [0, 1] (for a float graph)."""

@@ -123,13 +123,14 @@ def resolve_workers(setting: int | str, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
-def reader_processes(device: torch.device, on_cpu: int) -> int:
-    """How many tile-reading processes a slide stream starts by default: ``on_cpu`` where the model runs on the
-    CPU (it needs the cores the readers would take); beside a GPU, every core but this process's own, shared among
-    this machine's torchrun ranks (``LOCAL_WORLD_SIZE``): one reader reads 300-450 tiles a second, a fast encoder on
-    an H200 embeds over 4,000 (``benchmarks/RESULTS.md``)."""
+def reader_processes(device: torch.device) -> int:
+    """How many tile-reading processes a slide stream starts by default. Beside a model on the CPU, one per thread
+    of the model (at most 8): they take turns with it, reading while it waits for a batch
+    (``isolated_map(turns=True)``), so the wait is shortest with every core reading. Beside a GPU, every core
+    but this process's own, shared among this machine's torchrun ranks (``LOCAL_WORLD_SIZE``): one reader reads
+    300-450 tiles a second, a fast encoder on an H200 embeds over 4,000 (``benchmarks/RESULTS.md``)."""
     if device.type == "cpu":
-        return on_cpu
+        return max(1, min(8, torch.get_num_threads()))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 

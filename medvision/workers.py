@@ -31,7 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -81,6 +81,25 @@ class PoolStats:
     timed_out_files: int = 0
     handed_off: int = 0
     piped: int = 0
+
+
+#: The longest a worker waits at :func:`wait_turn` at a time, in seconds: beside a consumer that keeps a result
+#: longer (a slow model), a worker reads a step each wait, so no task comes near its timeout for waiting.
+TURN_PAUSE = 0.5
+_TURN: dict[str, Any] = {}
+
+
+def wait_turn() -> None:
+    """In a worker of ``isolated_map(turns=True)``: waits while the consumer works on a result (at most
+    :data:`TURN_PAUSE` s); no-op anywhere else. A task calls it between its steps (before each tile)."""
+    if (go := _TURN.get("go")) is not None:
+        go.wait(_TURN["pause"])
+
+
+def _init_turns(go: Any, pause: float, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    _TURN.update(go=go, pause=pause)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 #: Where a worker leaves a large array for its parent when no memory file can be shared (:class:`Slots`): RAM
@@ -403,6 +422,7 @@ def isolated_map(
     stats: PoolStats | None = None,
     skip: Callable[[T], bool] | None = None,
     hand_off: bool = False,
+    turns: bool = False,
 ) -> Generator[tuple[T, R | Failure], None, None]:
     """Yields ``(item, fn's result for it)`` in input order, or ``(item, Failure)`` for an item that kills its worker.
 
@@ -422,6 +442,10 @@ def isolated_map(
     back; the slots of results lost or cancelled are retired at once, and all are closed once the workers are
     stopped, so none is written afterwards (files left in ``/dev/shm`` by a parent that was killed are swept by the
     next pool that hands off). A slot that cannot be read back makes that item a :class:`Failure`.
+
+    ``turns``: the workers share the consumer's cores (a model on the CPU). From a result's yield until the consumer
+    asks for the next, a worker waits at each :func:`wait_turn`, so reading and computing take turns instead of
+    both running on too few cores (``benchmarks/RESULTS.md``, "Readers in turns").
 
     Examples:
         >>> for path, rows in isolated_map(read_files, paths, workers=2, timeout=60): ...
@@ -445,9 +469,20 @@ def isolated_map(
         if first is None:
             drawn.raise_error()  # drawing the very first item may have failed
             return
+        go = context.Event() if turns else None  # set: the workers' turn
+        if go is not None:
+            go.set()
+            initializer, initargs = _init_turns, (go, TURN_PAUSE, initializer, initargs)
         pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
+        results = _results(pool, fn, first, drawn, ahead, timeout, stats, skip, slots)
         try:
-            yield from _results(pool, fn, first, drawn, ahead, timeout, stats, skip, slots)
+            with closing(results):
+                for result in results:
+                    if go is not None:
+                        go.clear()
+                    yield result
+                    if go is not None:
+                        go.set()
         except BaseException:  # an error downstream, Ctrl-C, or the caller abandoning the generator: stop at once
             pool.stop()
             pool.join()
@@ -476,7 +511,7 @@ def _results(
     stats: PoolStats,
     skip: Callable[[T], bool] | None,
     slots: Slots | None,
-) -> Iterator[tuple[T, R | Failure]]:
+) -> Generator[tuple[T, R | Failure], None, None]:
     """:func:`isolated_map`'s results, in input order: up to ``ahead`` chunks scheduled, topped up from ``drawn``
     without waiting for it while a result is pending; a lost chunk retried item by item. ``slots``: the hand-off
     slots, closed by the caller at the end (None: results come through the pipe)."""

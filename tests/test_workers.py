@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from conftest import handoff_leftovers
 
+from medvision import workers
 from medvision.runtime import reader_processes
 from medvision.workers import HANDOFF_DIR, HandOff, Slots, discard, handoff_path, isolated_map, sweep_handoffs
 
@@ -217,20 +219,67 @@ def test_a_pool_that_hands_off_returns_the_arrays_through_ram_and_leaves_no_file
     assert handoff_leftovers() == []
 
 
-def test_slide_readers_default_to_the_cores_beside_a_gpu_and_stay_few_beside_a_cpu_model(
+def test_slide_readers_default_to_the_cores_beside_a_gpu_and_to_the_model_threads_beside_a_cpu_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On a GPU the encoder needs no cores and one reader (300-450 tiles/s) cannot feed it: every core but the
-    main process's, shared among the machine's torchrun ranks; on a CPU the given few, which leave the cores to
-    the model."""
+    main process's, shared among the machine's torchrun ranks. On a CPU one per thread of the model (at most 8):
+    they read in turns with it, and its wait for a batch is shortest with every core reading."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert reader_processes(torch.device("cpu"), on_cpu=1) == 1
-    assert reader_processes(torch.device("cuda"), on_cpu=1) == 15
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert reader_processes(torch.device("cpu")) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert reader_processes(torch.device("cpu")) == 8
+    assert reader_processes(torch.device("cuda")) == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert reader_processes(torch.device("cuda"), on_cpu=2) == 3
+    assert reader_processes(torch.device("cuda")) == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert reader_processes(torch.device("cuda"), on_cpu=2) == 1
+    assert reader_processes(torch.device("cuda")) == 1
+
+
+def _stamped(items: list[int]) -> list[list[float]]:
+    """A reader's work in steps (a tile each): the system-wide monotonic time at which each step began."""
+    out = []
+    for _ in items:
+        steps = []
+        for _ in range(3):
+            workers.wait_turn()
+            steps.append(time.monotonic())
+            time.sleep(0.04)
+        out.append(steps)
+    return out
+
+
+def _steps_while_busy(turns: bool) -> tuple[int, int]:
+    """Steps that began while the consumer worked on a result (0.25 s each), and all steps."""
+    busy, steps = [], []
+    for _, stamps in isolated_map(_stamped, list(range(6)), workers=2, timeout=60, chunk=1, turns=turns):
+        start = time.monotonic()
+        time.sleep(0.25)  # the model's forward pass
+        busy.append((start + 0.06, time.monotonic() - 0.01))  # margins: a step let go just before the result came
+        steps += stamps if isinstance(stamps, list) else []
+    inside = sum(any(a < t < b for a, b in busy) for t in steps)
+    return inside, len(steps)
+
+
+def test_readers_in_turns_step_only_while_the_consumer_waits_and_never_wait_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``isolated_map(turns=True)`` (readers beside a model on the CPU): a worker waits at ``wait_turn`` from the
+    moment a result is handed to the consumer until it asks for the next, so no step runs while the model
+    computes; without turns steps run then. A consumer that keeps its result longer than ``TURN_PAUSE`` does not
+    stop the workers (no task waits near its timeout): they go on a step each pause. ``wait_turn`` outside such a
+    pool returns at once."""
+    assert _steps_while_busy(turns=True) == (0, 18)
+    inside, steps = _steps_while_busy(turns=False)
+    assert steps == 18 and inside > 0
+    monkeypatch.setattr(workers, "TURN_PAUSE", 0.02)
+    inside, steps = _steps_while_busy(turns=True)
+    assert steps == 18 and inside > 0
+    start = time.monotonic()
+    workers.wait_turn()
+    assert time.monotonic() - start < 0.01
 
 
 def test_a_pool_whose_slots_cannot_be_made_sends_the_arrays_through_the_pipe_and_counts_them(

@@ -71,7 +71,7 @@ class FeatureUnit(SlideScan):
 
     def __init__(self, encoder: PatchEncoder, sha256: str, cfg: SlidesConfig, out_dir: Path, device: torch.device,
                  amp: str, workers: int, timeout: float, batch_size: int) -> None:  # fmt: skip
-        super().__init__(cfg, workers, timeout)
+        super().__init__(cfg, workers, timeout, device.type == "cpu")
         self.encoder, self.sha256, self.out_dir = encoder.to(device), sha256, out_dir
         self.device, self.amp, self.batch_size = device, amp, batch_size
         self.columns = COLUMNS
@@ -124,14 +124,14 @@ def extract_features(
     """Embeds every slide under ``folder`` into ``out_dir``; see the module docstring.
 
     ``slides``: the tiling (default: the encoder's own tile size and magnification from its card, 50% tissue).
-    ``workers``: tile-reading processes (default: 1 on a CPU, where the encoder needs the cores; beside a GPU,
-    :func:`~medvision.runtime.reader_processes`, every core but one; 0 reads in this process, without crash
-    isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``.
+    ``workers``: tile-reading processes (default, :func:`~medvision.runtime.reader_processes`: on a CPU one per
+    thread of the encoder, which read while it waits for a batch; beside a GPU every core but one; 0 reads in this
+    process, without crash isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``.
     """
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
     d, device = setup("auto")
-    n_workers = reader_processes(device, on_cpu=1) if workers is None else workers
+    n_workers = reader_processes(device) if workers is None else workers
     if n_workers:
         start_forkserver()  # its start-up overlaps with loading the encoder
     net, sha = load_encoder(encoder, checkpoint)

@@ -84,9 +84,9 @@ def score_slides(
 ) -> ScoreSummary:  # fmt: skip
     """Scores every slide under ``folder`` with a slide-trained run; see :mod:`~medvision.tasks.score.slides`,
     and :mod:`~medvision.tasks.score.mil` for a run trained on cached features (``encoder_checkpoint``: its
-    encoder's weights, default ``$MEDVISION_ENCODER_<NAME>``). ``workers``: tile-reading processes (default: on
-    a CPU 2, or 1 for a run on cached features; beside a GPU every core but one,
-    :func:`~medvision.runtime.reader_processes`)."""
+    encoder's weights, default ``$MEDVISION_ENCODER_<NAME>``). ``workers``: tile-reading processes (default,
+    :func:`~medvision.runtime.reader_processes`: on a CPU one per thread of the model, which read while it waits
+    for a batch; beside a GPU every core but one)."""
     if workers != 0:
         start_forkserver()  # its start-up overlaps with loading the model
     model_device = resolve_device("auto") if engine == "torch" else torch.device("cpu")  # ONNX Runtime: the CPU
@@ -95,11 +95,11 @@ def score_slides(
             raise RunError("a run trained on cached features scores with its encoder in PyTorch at the precision "
                            "its features were made in: leave --engine and --amp at their defaults")  # fmt: skip
         return score_mil_slides(folder, model, out, encoder_checkpoint, shard, batch_size or 32,
-                                reader_processes(model_device, on_cpu=1) if workers is None else workers,
+                                reader_processes(model_device) if workers is None else workers,
                                 slide_timeout, heatmaps)  # fmt: skip
     if engine != "torch" and (model / MIL_FILE).is_file():  # fail before loading anything
         raise RunError(ABMIL_NEEDS_TORCH)
-    n_workers = workers if workers is not None else reader_processes(model_device, min(2, os.cpu_count() or 1))
+    n_workers = workers if workers is not None else reader_processes(model_device)
 
     def unit(spec: ScoringSpec, model_: Path, engine_: Engine) -> SlideUnit:
         return SlideUnit(spec, model_, engine_, out, n_workers, slide_timeout, batch_size or 32, heatmaps)

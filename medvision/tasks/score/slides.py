@@ -18,8 +18,9 @@ a new slide's first batches are usually read before the model needs them. The ba
 of their own, so a slide that is slow to open holds back nothing already read. A batch whose reader raises,
 crashes or hangs (one timeout) costs its slide only: its other batches are not read. A reader hands its batch
 back through a file in RAM that this process names and removes (``isolated_map(hand_off=True)``), not
-through the pool's pipe. Tiles are preprocessed in the readers by :func:`medvision.data.intake.preprocess`
-(the same function as for files) and scored by the engine, TTA and the MIL head's features included.
+through the pool's pipe. Beside a model on the CPU the readers read while it waits, not while it computes.
+Tiles are preprocessed in the readers by :func:`medvision.data.intake.preprocess` (the same function as for
+files) and scored by the engine, TTA and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
 tissue fraction, probabilities), ``<out>.heatmaps/<slide>.png`` and ``<out>.geojson/<slide>.geojson``
@@ -61,7 +62,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
-from medvision.workers import HANDOFF_DIR, Failure, PoolStats, isolated_map
+from medvision.workers import HANDOFF_DIR, Failure, PoolStats, isolated_map, wait_turn
 from medvision.wsi.geojson import palette_colors, slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
@@ -233,7 +234,10 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
         for key in [k for k in readers if k < job.key - 1]:
             readers.pop(key).close()
         try:
-            tiles = [reader.read_at(0, int(x), int(y)) for x, y in job.coords]
+            tiles = []
+            for x, y in job.coords:
+                wait_turn()  # a model on these cores computes: read while it waits (SlideScan.take_turns)
+                tiles.append(reader.read_at(0, int(x), int(y)))
             out.append(np.stack(tiles if prepare is None else [prepare(t) for t in tiles]))
         except Exception as err:
             out.append(f"{type(err).__name__}: {err}")
@@ -290,8 +294,13 @@ class SlideScan:
     outputs: SlideOutputs | None = None
     """The files a unit writes per slide besides its row (scoring units); removed when a slide ends an error."""
 
-    def __init__(self, cfg: SlidesConfig, workers: int, timeout: float) -> None:
+    take_turns = True
+    """A model on the CPU and the readers take turns (``isolated_map(turns=True)``): readers read while it waits
+    for a batch, not while it computes. False: never (``benchmarks/feature_throughput.py`` measures both)."""
+
+    def __init__(self, cfg: SlidesConfig, workers: int, timeout: float, model_on_cpu: bool = False) -> None:
         self.cfg, self.workers, self.timeout = cfg, workers, timeout
+        self.turns = model_on_cpu and self.take_turns
         self.stain = stain_transform(cfg)  # fitted once, to the reference tile
         self.prepare: Callable[[np.ndarray], np.ndarray] | None = None
 
@@ -356,7 +365,7 @@ class SlideScan:
         results = isolated_map(_read_batches, jobs(), workers=self.workers, timeout=TILE_BATCH_TIMEOUT, chunk=1,
                                initializer=_init_reader, initargs=(self.prepare,), stats=lost,
                                skip=lambda job: job.key in failed and job.reader is not None,
-                               hand_off=True)  # fmt: skip
+                               hand_off=True, turns=self.turns)  # fmt: skip
         try:
             head = next(results, None)
             while head is not None:
@@ -490,7 +499,7 @@ class SlideUnit(SlideScan):
         if spec.inputs != "slides":
             raise RunError(f"{model}: this run was not trained on slides (data.source {spec.inputs}); "
                            "use score on images")  # fmt: skip
-        super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout)
+        super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout, engine.on_cpu)
         self.spec, self.engine, self.batch_size = spec, engine, batch_size
         self.prepare = partial(preprocess, spec=spec)  # in the readers, as the run's evaluation tiles were made
         self.decision = Decision.from_json(spec.decision)
