@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import cpu_info, print_table, write_csv
+from machine import busy, cpu_info, print_table, write_csv
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -47,12 +47,6 @@ from medvision.runtime import resolve_amp, reuse_freed_memory
 
 SHARED = Path(os.environ.get("MEDVISION_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WAYS = ["alone", "beside, any time", "beside, nice 19", "beside, SCHED_IDLE", "in turns"]
-
-
-def spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
 
 
 def stand_in(way: str, busy_s: float, tokens: Any, done: Any) -> None:
@@ -64,7 +58,7 @@ def stand_in(way: str, busy_s: float, tokens: Any, done: Any) -> None:
     done.release()  # started
     while True:
         tokens.acquire()
-        spin(busy_s)
+        busy(busy_s)
         done.release()
 
 
@@ -74,26 +68,23 @@ def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: floa
     ctx = mp.get_context("spawn")  # not fork: see the module docstring
     tokens, done = ctx.Semaphore(0), ctx.Semaphore(0)
     readers = 0 if way == "alone" else torch.get_num_threads()
-    share = busy_s / readers if way == "in turns" else busy_s
-    procs = [ctx.Process(target=stand_in, args=(way, share, tokens, done), daemon=True) for _ in range(readers)]
+    turns, ahead = way == "in turns", readers and way != "in turns"
+    procs = [ctx.Process(target=stand_in, args=(way, busy_s / readers if turns else busy_s, tokens, done),
+                         daemon=True) for _ in range(readers)]  # fmt: skip
     for p in procs:
         p.start()
     for _ in procs:
         done.acquire()
-    if readers and way != "in turns":
-        tokens.release()
+    for _ in range(2 if ahead else 0):
         tokens.release()
     start = time.perf_counter()
     for batch in batches:
-        if way == "in turns":
-            for _ in range(readers):
-                tokens.release()
-            for _ in range(readers):
-                done.acquire()
-        elif readers:
-            done.acquire()  # this batch has been read
+        for _ in range(readers if turns else 0):  # every reader reads its share of the batch
+            tokens.release()
+        for _ in range(readers if turns else 1 if ahead else 0):  # the batch has been read
+            done.acquire()
         encoder.embed([batch], torch.device("cpu"), amp)
-        if readers and way != "in turns":
+        if ahead:
             tokens.release()  # room for one more ahead
     seconds = time.perf_counter() - start
     for p in procs:

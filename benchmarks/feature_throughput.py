@@ -205,10 +205,8 @@ def main() -> None:
                         shutil.rmtree(out)
                     SlideScan.take_turns = True
                 for way in ways:
-                    slower = statistics.median(forward[way]) / statistics.median(forward[0, "alone"])
-                    rows.append(result_row(name, amp, way, n_tiles, alone, piped[way], read_ms, threads, first_call,
-                                           device, spec, args))  # fmt: skip
-                    rows[-1]["forward_in_pipeline_x"] = round(slower, 3) if device.type == "cpu" else None
+                    rows.append(result_row(name, amp, way, n_tiles, alone, piped[way], forward[0, "alone"],
+                                           forward[way], read_ms, threads, first_call, device, spec, args))  # fmt: skip
                     print(rows[-1], flush=True)
         heads = ["encoder", "precision", "tiles", "readers", "turns", "encoder alone (tiles/s)",
                  "`medvision features` (tiles/s)", "ratio", "ratio in each round",
@@ -248,15 +246,18 @@ class ForwardClock:
 
 
 def result_row(name: str, amp: str, way: tuple[int, str], n_tiles: int, alone: list[float], piped: list[float],
-               read_ms: float, threads: int, first_call: float, device: torch.device, spec: EncoderSpec,
-               args: argparse.Namespace) -> dict[str, object]:  # fmt: skip
-    """One CSV row: the medians, each round's pipeline over the encoder-alone run just before it, and the bound."""
+               forward_alone: list[float], forward_piped: list[float], read_ms: float, threads: int, first_call: float,
+               device: torch.device, spec: EncoderSpec, args: argparse.Namespace) -> dict[str, object]:  # fmt: skip
+    """One CSV row: the medians, each round's pipeline over the encoder-alone run just before it, the forward
+    passes' time in the pipeline over theirs alone (CPU only), and the bound."""
     a, p = statistics.median(alone), statistics.median(piped)
+    slower = statistics.median(forward_piped) / statistics.median(forward_alone) if device.type == "cpu" else None
     paired = [q / b for q, b in zip(piped, alone, strict=True)]
     workers, turns = way
     return {"encoder": name, "precision": amp, "turns": turns, "slides": args.slides * args.copies, "tiles": n_tiles,
             "tile_px": spec.tile_size, "input_px": spec.input_size, "encoder_tiles_s": round(a, 2),
             "pipeline_tiles_s": round(p, 2), "ratio": round(p / a, 3),
+            "forward_in_pipeline_x": round(slower, 3) if slower is not None else None,
             "round_ratio_min": round(min(paired), 3), "round_ratio_max": round(max(paired), 3),
             "reader_ms": round(read_ms, 2),
             # on a CPU the readers share the encoder's cores; beside a GPU they have their own, and

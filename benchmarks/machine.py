@@ -1,4 +1,5 @@
-"""What every benchmark records with its figures: the machine it ran on, and its rows as a CSV.
+"""What every benchmark records with its figures: the machine it ran on, and its rows as a CSV; and a stand-in
+for work that keeps one core busy.
 
 Scripts here run as ``python benchmarks/<name>.py``, so they import this module as ``machine``.
 """
@@ -9,6 +10,7 @@ import csv
 import datetime
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,11 @@ def print_table(headers: list[str], cells: list[list[Any]]) -> None:
     print("|" + "---|" * len(headers))
     for row in cells:
         print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def busy(seconds: float) -> None:
+    """Pure Python for ``seconds``: one core busy, and the GIL held the whole time (as by an eager model's kernel
+    launches, or a tile reader's decoding in a process of its own)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import cpu_info, print_table, write_csv
+from machine import busy, cpu_info, print_table, write_csv
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -106,13 +106,6 @@ def file_way(shape: tuple[int, ...], dtype: str, n: int, fresh: bool) -> tuple[f
     return n * int(np.prod(shape)) * np.dtype(dtype).itemsize / seconds / 1e6, 1000 * cpu / n
 
 
-def _hold_gil(ms: float) -> None:
-    """Pure Python for ``ms``: the GIL held the whole time, as by an eager model's kernel launches."""
-    end = time.perf_counter() + ms / 1000
-    while time.perf_counter() < end:
-        pass
-
-
 def consumer_way(way: str, n: int, workers_n: int, ms: float) -> tuple[float, int]:
     """Batches/s a GIL-holding consumer gets from ``isolated_map`` over ``n`` features batches, and how many came
     through the pipe: ``pipe``, ``memfd`` slots or ``file`` slots in ``workers.HANDOFF_DIR``."""
@@ -129,7 +122,7 @@ def consumer_way(way: str, n: int, workers_n: int, ms: float) -> tuple[float, in
     start, got = time.perf_counter(), 0
     for _, batch in stream:
         assert isinstance(batch, np.ndarray) and batch.shape == shape
-        _hold_gil(ms)
+        busy(ms / 1000)  # the GIL held, as by an eager model's kernel launches
         got += 1
     return got / (time.perf_counter() - start), stats.piped
 

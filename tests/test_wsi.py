@@ -18,10 +18,12 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("openslide")
 pytest.importorskip("wsidicom")
@@ -350,6 +352,27 @@ def test_score_resumes_after_kill_9(scored: dict, tmp_path: Path) -> None:
     for rel, row in first.items():
         assert second[rel]["status"] == row["status"] and second[rel]["prob_tumour"] == row["prob_tumour"]
     assert json.loads(Path(f"{out}.json").read_text())["already_done"] >= 1
+
+
+def test_slide_scoring_on_the_cpu_gives_the_model_every_core_while_its_readers_take_turns(
+    slide_run: Path, scored: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slide readers wait while a CPU model computes, so the model keeps every core (scoring DICOM files, whose
+    decoders run all the time, leaves them theirs)."""
+    from medvision.tasks.score import score_slides
+    from medvision.tasks.score.slides import SlideUnit
+
+    threads: list[int] = []
+    real = SlideUnit.process
+
+    def process(self: SlideUnit, *args: Any) -> None:
+        threads.append(torch.get_num_threads())
+        assert self.turns  # the readers take turns with this CPU model
+        real(self, *args)
+
+    monkeypatch.setattr(SlideUnit, "process", process)
+    summary = score_slides(scored["folder"], slide_run, tmp_path / "s.csv", workers=1)
+    assert summary.ok_images and threads and set(threads) == {os.cpu_count()}
 
 
 def test_abmil_head_is_trained_saved_compared_and_used_by_score(cohort: tuple[Path, dict], tmp_path: Path) -> None:

@@ -285,17 +285,20 @@ UnitFactory = Callable[[ScoringSpec, Path, Engine], Unit]
 
 def run_job(
     folder: Path, model: Path, out: Path, make_unit: UnitFactory, shard: tuple[int, int], engine: str, amp: str,
-    workers: int, table_path: Path | None = None,
+    workers: int, table_path: Path | None = None, turns: bool = False,
 ) -> ScoreSummary:  # fmt: skip
     """Scores every entry under ``folder`` with ``model`` into ``out``; see the module docstring.
 
     ``make_unit(spec, model, engine)`` builds the unit once the model is loaded. ``workers`` decode processes keep
-    their cores: the engine's CPU threads are the rest. ``table_path``: where the rows go when that is not
-    ``out`` itself (a Parquet output is written from a CSV beside it).
+    their cores: the engine's CPU threads are the rest; unless they take turns with a model on the CPU (``turns``:
+    a slide stream, :class:`~medvision.tasks.score.slides.SlideScan`), which then keeps every core.
+    ``table_path``: where the rows go when that is not ``out`` itself (a Parquet output is written from a CSV
+    beside it).
     """
     start = time.perf_counter()
     setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
-    cpu_threads = max(1, (os.cpu_count() or 1) - workers) if workers > 0 else None
+    cores = os.cpu_count() or 1
+    cpu_threads = (cores if turns else max(1, cores - workers)) if workers > 0 else None
     scorer, spec, provenance = load_scorer(model, engine, cpu_threads, amp)
     unit = make_unit(spec, model, scorer)
     decision = Decision.from_json(spec.decision)
