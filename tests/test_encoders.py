@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from medvision.models.encoders import (
     ENCODERS,
+    IN_FLIGHT,
     EncoderError,
     PatchEncoder,
     build_network,
@@ -83,18 +84,21 @@ def test_timm_encoder_with_the_real_imagenet_weights(shared: Path) -> None:
     weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
     encoder, sha = load_encoder("timm:tf_efficientnet_lite0", weights)
     assert encoder.dim == 1280 and encoder.spec.mean == (0.5, 0.5, 0.5) and len(sha) == 64
-    tiles = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    tiles = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8)
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay={"file": str(weights)}).eval()  # fmt: skip
     with torch.inference_mode():
         ours = encoder(tiles)
         theirs = reference((tiles.float() / 255 - 0.5) / 0.5)
     assert torch.allclose(ours, theirs, atol=1e-5)  # the real weights, the head dropped, pooled 1280-d
-    # embed takes the batches as the readers stack them, (B, H, W, 3), and gives the same embeddings
-    as_read = [tiles.permute(0, 2, 3, 1).contiguous().numpy()[:1], tiles.permute(0, 2, 3, 1).contiguous().numpy()[1:]]
+    # embed takes the batches as the readers stack them, (B, H, W, 3), and gives the same embeddings in their order,
+    # with more batches than it keeps in flight (IN_FLIGHT) and batches of any size
+    stacked = tiles.permute(0, 2, 3, 1).contiguous().numpy()
+    as_read = [stacked[:2], stacked[2:3], stacked[3:4], stacked[4:]]
     embedded = encoder.embed(as_read, torch.device("cpu"))
-    assert embedded.shape == (2, 1280) and np.allclose(embedded, ours.numpy(), atol=1e-5)
-    with pytest.raises(ValueError, match=r"tile batch of shape \(2, 3, 224, 224\): expected uint8 \(B, H, W, 3\)"):
+    assert len(as_read) > IN_FLIGHT and embedded.shape == (5, 1280) and np.allclose(embedded, ours.numpy(), atol=1e-5)
+    assert encoder.embed([], torch.device("cpu")).shape == (0, 1280)
+    with pytest.raises(ValueError, match=r"tile batch of shape \(5, 3, 224, 224\): expected uint8 \(B, H, W, 3\)"):
         encoder.embed([tiles.numpy()], torch.device("cpu"))
 
 
@@ -177,7 +181,7 @@ def test_hub_path_records_the_cached_weights_hash(tmp_path: Path, monkeypatch: p
     hub, hub_sha = load_encoder(f"timm:{arch}", "hub")
     local, local_sha = load_encoder(f"timm:{arch}", snapshot / "model.safetensors")
     assert hub_sha == local_sha == checkpoint_sha256(snapshot) and len(hub_sha) == 64
-    tiles = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    tiles = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8)
     with torch.inference_mode():
         assert hub.dim == local.dim == 1024 and torch.equal(hub(tiles), local(tiles))
     assert hub.spec.interpolation == "bicubic"  # timm's own for this model
