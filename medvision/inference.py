@@ -33,6 +33,7 @@ from medvision.models.backbone import create_backbone
 from medvision.models.backbone import load_state as load_model_state
 from medvision.models.deploy import CalibratedClassifier
 from medvision.models.heads import fit_state
+from medvision.options import SCORE_AMP
 from medvision.recipe import Recipe, load_recipe
 from medvision.runs import RunError, ScoringSpec, read_run_json
 from medvision.runtime import (
@@ -52,8 +53,6 @@ log = logging.getLogger("medvision")
 #: Where an exported ONNX model keeps its :class:`ScoringSpec` (``metadata_props``).
 SPEC_KEY = "medvision_spec"
 _NUMPY = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
-#: ``score --amp`` choices: the precision of the PyTorch engine (ONNX Runtime always runs its float32 graph).
-SCORE_AMP = ("none", "auto", "bf16", "fp16")
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[Recipe, dict[str, Any], ModelBundle]:

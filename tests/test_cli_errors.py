@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import medvision.cli as cli
+import medvision.tasks.evaluate as evaluate_task
 from medvision.errors import EnvironmentProblem, ExportError, MedvisionError
 from medvision.recipe import RecipeError
 from medvision.runs import RunError, read_run_json
@@ -64,7 +65,7 @@ def test_a_bug_is_one_line_too_and_debug_shows_the_traceback(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("decision")
 
-    monkeypatch.setattr(cli, "evaluate_run", broken)
+    monkeypatch.setattr(evaluate_task, "evaluate_run", broken)  # the CLI imports it once the command is understood
     monkeypatch.delenv("MEDVISION_DEBUG", raising=False)
     assert cli.main(["evaluate", str(tmp_path)]) == 1
     line = _one_error_line(capsys)

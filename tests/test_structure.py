@@ -9,6 +9,8 @@ and do not count. A new module must be given a layer here: the test names any th
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medvision"
@@ -17,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medvision"
 LAYERS = {
     "medvision": 0,
     "medvision.errors": 0,
+    "medvision.options": 0,
     "medvision.io": 0,
     "medvision.workers": 0,
     "medvision.metrics": 0,
@@ -189,3 +192,13 @@ def test_every_pool_forks_from_a_server_that_has_its_worker_code_loaded() -> Non
             slides._plan_chunk, slides._init_planner, slides._read_batches, slides._init_reader]  # fmt: skip
     assert {fn.__module__ for fn in code} <= set(workers.WORKER_MODULES)
     assert workers._context().get_start_method() == "forkserver"
+
+
+def test_the_command_line_parses_without_loading_torch() -> None:
+    """``medvision --help`` and a mistyped option answer at once: the parser's module imports no task, torch, timm
+    or scikit-learn (6 s on 2 cores before); a command imports its task once it is understood."""
+    heavy = "{'torch', 'timm', 'sklearn', 'medvision.tasks'}"
+    code = f"import sys, medvision.cli; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert LAYERS["medvision.options"] == 0 and "medvision.options" in _graph()["medvision.cli"]

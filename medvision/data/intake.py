@@ -37,14 +37,10 @@ from medvision.io.dicom import DicomSpec, declared_values, parse_window, read_di
 from medvision.io.image import read_image_raw
 from medvision.io.triage import IDENTIFYING_TAGS as IDENTIFYING_TAGS  # re-exported: score names them
 from medvision.io.triage import open_dicom, read_head, redact, triage_image
+from medvision.options import MAX_FILE_BYTES, MAX_PIXELS
 from medvision.runs import ScoringSpec
 
 Status = Literal["ok", "error", "skipped"]
-
-#: Default ``--max-pixels``: values one decoded frame may hold (about 1 GiB as float32), e.g. 16k x 16k RGB.
-MAX_PIXELS = 1 << 28
-#: Default ``--max-file-size``: bytes; a larger file is an error row, never read into memory.
-MAX_FILE_BYTES = 4 << 30
 
 
 class TooLarge(ValueError):

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from medvision.models.encoders import PatchEncoder, load_encoder
+from medvision.options import SLIDE_TIMEOUT
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import reader_processes, resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
 from medvision.tasks.score.slides import (
-    SLIDE_TIMEOUT,
     PlannedSlide,
     SlideBatches,
     SlideScan,

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medvision.tasks.export.common import FORMATS, ExportError, ExportResult
+from medvision.options import EXPORT_FORMATS
+from medvision.tasks.export.common import ExportError, ExportResult
 
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None, parity_images: int = 32) -> ExportResult:
@@ -32,8 +33,8 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, parity_images: 
         >>> result = export_run(Path("runs/bloodmnist_effnet_lite0"), "onnx")
         >>> print("\\n".join(result.lines()))
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     try:
         if fmt == "onnx":
             from medvision.tasks.export.onnx import export_onnx

@@ -50,8 +50,6 @@ from medvision.training.build import ModelBundle, split_dataset
 
 log = logging.getLogger("medvision")
 
-FORMATS = ("onnx", "monai-bundle")
-
 
 @dataclass(frozen=True)
 class ExportResult:

@@ -18,30 +18,19 @@ from pathlib import Path
 
 import torch
 
-from medvision.data.intake import MAX_FILE_BYTES, MAX_PIXELS, ReadConfig, Reader, read_file
+from medvision.data.intake import ReadConfig, Reader, read_file
 from medvision.inference import Engine
 from medvision.models.slide_head import MIL_FILE
+from medvision.options import FILE_TIMEOUT, MAX_FILE_BYTES, MAX_PIXELS, SLIDE_TIMEOUT
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reader_processes, resolve_device
-from medvision.tasks.score.files import FILE_TIMEOUT, FileUnit
-from medvision.tasks.score.job import (
-    EXIT_FILE_ERRORS,
-    EXIT_MODEL,
-    EXIT_NO_IMAGES,
-    EXIT_OK,
-    ScoreSummary,
-    in_shard,
-    parse_shard,
-    run_job,
-)
+from medvision.tasks.score.files import FileUnit
+from medvision.tasks.score.job import ScoreSummary, in_shard, run_job
 from medvision.tasks.score.mil import is_mil_run, score_mil_slides
-from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SLIDE_TIMEOUT, SlideUnit
+from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SlideUnit
 from medvision.workers import start_forkserver
 
-__all__ = [
-    "EXIT_FILE_ERRORS", "EXIT_MODEL", "EXIT_NO_IMAGES", "EXIT_OK", "FILE_TIMEOUT", "SLIDE_TIMEOUT", "ScoreSummary",
-    "in_shard", "parse_shard", "score_folder", "score_slides",
-]  # fmt: skip
+__all__ = ["ScoreSummary", "in_shard", "score_folder", "score_slides"]
 
 
 def score_folder(

@@ -38,8 +38,6 @@ from medvision.tasks.score.job import csv_line, isolated, one_line, operating_ca
 from medvision.workers import Failure, PoolStats
 
 BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
-#: Default ``--file-timeout``: seconds one file may take to read and preprocess in its worker.
-FILE_TIMEOUT = 300.0
 
 
 class FileUnit:

@@ -39,6 +39,7 @@ from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry
 from medvision.io.files import atomic_write
 from medvision.metrics import PROB_DIGITS, round_significant
+from medvision.options import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, EXIT_OK
 from medvision.runs import RunError, ScoringSpec, versions
 from medvision.runtime import barrier, broadcast, gather, setup
 from medvision.workers import PoolStats, isolated_map
@@ -48,25 +49,11 @@ log = logging.getLogger("medvision")
 #: How long a rank waits for the others at the merge: ranks of one archive can finish hours apart.
 RANK_TIMEOUT = datetime.timedelta(hours=72)
 
-#: Exit codes of ``medvision score`` (documented in the score page of the docs).
-EXIT_OK, EXIT_MODEL, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 2, 3, 4
-
 
 def in_shard(rel: str, shard: tuple[int, int]) -> bool:
     """Deterministic, overlap-free split of entries across ``n`` workers by a hash of the relative path."""
     i, n = shard
     return int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16) % n == i
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` with 0 <= i < n."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
-    return i, n
 
 
 @dataclass

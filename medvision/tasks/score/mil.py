@@ -25,13 +25,13 @@ from medvision.metrics import softmax
 from medvision.models.encoders import PatchEncoder, load_encoder
 from medvision.models.mil import MILHead
 from medvision.models.mil_fit import load_mil, predict_mil
+from medvision.options import SLIDE_TIMEOUT
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import setup
 from medvision.tasks.mil import MIL_RUN
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, prediction_cells, run_units
 from medvision.tasks.score.slides import (
-    SLIDE_TIMEOUT,
     PlannedSlide,
     SlideBatches,
     SlideOutputs,

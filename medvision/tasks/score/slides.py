@@ -71,8 +71,8 @@ from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, 
 
 log = logging.getLogger("medvision")
 
-#: Seconds one slide may take to open and find its tissue, and one batch of its tiles to be read.
-SLIDE_TIMEOUT, TILE_BATCH_TIMEOUT = 600.0, 300.0
+#: Seconds one batch of a slide's tiles may take to be read (a slide's opening: ``--slide-timeout``).
+TILE_BATCH_TIMEOUT = 300.0
 THUMBNAIL = 1024
 ABMIL_NEEDS_TORCH = "this run aggregates tiles with its ABMIL head, which needs tile features: use --engine torch"
 
