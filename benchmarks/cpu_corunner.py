@@ -68,7 +68,8 @@ def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: floa
     ctx = mp.get_context("spawn")  # not fork: see the module docstring
     tokens, done = ctx.Semaphore(0), ctx.Semaphore(0)
     readers = 0 if way == "alone" else torch.get_num_threads()
-    turns, ahead = way == "in turns", readers and way != "in turns"
+    turns = way == "in turns"
+    ahead = readers > 0 and not turns  # a reader reads whenever it has room, up to two batches ahead
     procs = [ctx.Process(target=stand_in, args=(way, busy_s / readers if turns else busy_s, tokens, done),
                          daemon=True) for _ in range(readers)]  # fmt: skip
     for p in procs:
@@ -79,10 +80,13 @@ def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: floa
         tokens.release()
     start = time.perf_counter()
     for batch in batches:
-        for _ in range(readers if turns else 0):  # every reader reads its share of the batch
-            tokens.release()
-        for _ in range(readers if turns else 1 if ahead else 0):  # the batch has been read
-            done.acquire()
+        if turns:  # every reader reads its share of the batch, and the encoder waits for them all
+            for _ in procs:
+                tokens.release()
+            for _ in procs:
+                done.acquire()
+        elif ahead:
+            done.acquire()  # the batch has been read
         encoder.embed([batch], torch.device("cpu"), amp)
         if ahead:
             tokens.release()  # room for one more ahead

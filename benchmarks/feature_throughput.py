@@ -35,7 +35,7 @@ one). A GPU embeds a few slides in a second or two, where the pipeline's start (
 tissue detection) weighs; ``--copies`` runs each built slide several times under other names, for a run long
 enough to show the steady rate.
 
-On a CPU the readers take turns with the encoder (they read while it waits for a batch: ``SlideScan.take_turns``);
+On a CPU the readers take turns with the encoder (they read while it waits for a batch: ``extract_features(turns=)``);
 ``--ways 2:on,2:off,1:off`` runs the pipeline three ways in each round (2 readers in turns, 2 and 1 reading any
 time; the default is ``auto:on``, what ``features`` does). The
 column *forward time in the pipeline* is the time spent in the encoder's forward passes during the pipeline run
@@ -67,7 +67,6 @@ from medvision.models.encoders import EncoderSpec, PatchEncoder, encoder_spec, l
 from medvision.recipe import SlidesConfig
 from medvision.runtime import reader_processes, resolve_amp, resolve_device, reuse_freed_memory
 from medvision.tasks.features import extract_features
-from medvision.tasks.score.slides import SlideScan
 from medvision.wsi.source import plan_slide
 from medvision.wsi.synthetic import build_slide_set
 from medvision.wsi.tiles import SlideRef, TileReader, subsample
@@ -186,7 +185,6 @@ def main() -> None:
                     alone.append(n_tiles / clock.wall)
                     forward[0, "alone"].append(clock.seconds)
                     for way in ways:
-                        SlideScan.take_turns = way[1] == "on"
                         out = root / f"out-{r}"
                         with ForwardClock() as clock:
                             summary = extract_features(
@@ -198,15 +196,16 @@ def main() -> None:
                                 amp=amp_name,
                                 batch_size=args.batch_size,
                                 workers=way[0],
+                                turns=way[1] == "on",
                             )
                         assert summary.ok_images == n_tiles, (summary.ok_images, n_tiles)
                         piped[way].append(summary.ok_images / summary.seconds)
                         forward[way].append(clock.seconds)
                         shutil.rmtree(out)
-                    SlideScan.take_turns = True
                 for way in ways:
                     rows.append(result_row(name, amp, way, n_tiles, alone, piped[way], forward[0, "alone"],
-                                           forward[way], read_ms, threads, first_call, device, spec, args))  # fmt: skip
+                                           forward[way], read_ms, threads, first_call, device, spec,
+                                           args.slides * args.copies, args.batch_size))  # fmt: skip
                     print(rows[-1], flush=True)
         heads = ["encoder", "precision", "tiles", "readers", "turns", "encoder alone (tiles/s)",
                  "`medvision features` (tiles/s)", "ratio", "ratio in each round",
@@ -247,14 +246,14 @@ class ForwardClock:
 
 def result_row(name: str, amp: str, way: tuple[int, str], n_tiles: int, alone: list[float], piped: list[float],
                forward_alone: list[float], forward_piped: list[float], read_ms: float, threads: int, first_call: float,
-               device: torch.device, spec: EncoderSpec, args: argparse.Namespace) -> dict[str, object]:  # fmt: skip
+               device: torch.device, spec: EncoderSpec, slides: int, batch: int) -> dict[str, object]:  # fmt: skip
     """One CSV row: the medians, each round's pipeline over the encoder-alone run just before it, the forward
     passes' time in the pipeline over theirs alone (CPU only), and the bound."""
     a, p = statistics.median(alone), statistics.median(piped)
     slower = statistics.median(forward_piped) / statistics.median(forward_alone) if device.type == "cpu" else None
     paired = [q / b for q, b in zip(piped, alone, strict=True)]
     workers, turns = way
-    return {"encoder": name, "precision": amp, "turns": turns, "slides": args.slides * args.copies, "tiles": n_tiles,
+    return {"encoder": name, "precision": amp, "turns": turns, "slides": slides, "tiles": n_tiles,
             "tile_px": spec.tile_size, "input_px": spec.input_size, "encoder_tiles_s": round(a, 2),
             "pipeline_tiles_s": round(p, 2), "ratio": round(p / a, 3),
             "forward_in_pipeline_x": round(slower, 3) if slower is not None else None,
@@ -265,7 +264,7 @@ def result_row(name: str, amp: str, way: tuple[int, str], n_tiles: int, alone: l
             "bound": round(1.0 / (1.0 + read_ms * a / (1000.0 * threads)), 3) if device.type == "cpu"
             else round(min(1.0, workers * 1000.0 / read_ms / a), 3),
             "device": device.type, "first_call_s": round(first_call, 1), "workers": workers,
-            "batch": args.batch_size}  # fmt: skip
+            "batch": batch}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ SCORE_AMP = ("none", "auto", "bf16", "fp16")
 #: ``export --format`` choices.
 EXPORT_FORMATS = ("onnx", "monai-bundle")
 
-#: Exit codes of ``medvision score`` and ``medvision features`` (documented on their pages of the docs).
-EXIT_OK, EXIT_MODEL, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 2, 3, 4
+#: Exit codes of ``medvision score`` and ``medvision features`` (documented on their pages of the docs; a model
+#: that cannot be loaded is a user error, 2, as for every command).
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_NO_IMAGES = 0, 3, 4
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -70,8 +70,8 @@ class FeatureUnit(SlideScan):
     drawn = False  # no heatmap or GeoJSON: planning skips the thumbnail and the tissue contours
 
     def __init__(self, encoder: PatchEncoder, sha256: str, cfg: SlidesConfig, out_dir: Path, device: torch.device,
-                 amp: str, workers: int, timeout: float, batch_size: int) -> None:  # fmt: skip
-        super().__init__(cfg, workers, timeout, device.type == "cpu")
+                 amp: str, workers: int, timeout: float, batch_size: int, turns: bool = True) -> None:  # fmt: skip
+        super().__init__(cfg, workers, timeout, turns=turns and device.type == "cpu")
         self.encoder, self.sha256, self.out_dir = encoder.to(device), sha256, out_dir
         self.device, self.amp, self.batch_size = device, amp, batch_size
         self.columns = COLUMNS
@@ -119,14 +119,16 @@ def _check_same_folder(out_dir: Path, record: dict[str, Any]) -> None:
 def extract_features(
     folder: Path, out_dir: Path, encoder: str, checkpoint: str | Path | None = None, *,
     slides: SlidesConfig | None = None, batch_size: int = 32, workers: int | None = None,
-    shard: tuple[int, int] = (0, 1), amp: str = "none", slide_timeout: float = SLIDE_TIMEOUT,
+    shard: tuple[int, int] = (0, 1), amp: str = "none", slide_timeout: float = SLIDE_TIMEOUT, turns: bool = True,
 ) -> ScoreSummary:  # fmt: skip
     """Embeds every slide under ``folder`` into ``out_dir``; see the module docstring.
 
     ``slides``: the tiling (default: the encoder's own tile size and magnification from its card, 50% tissue).
     ``workers``: tile-reading processes (default, :func:`~medvision.runtime.reader_processes`: on a CPU one per
     thread of the encoder, which read while it waits for a batch; beside a GPU every core but one; 0 reads in this
-    process, without crash isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``.
+    process, without crash isolation). ``amp``: ``none`` (float32) or ``auto``/``bf16``/``fp16``. ``turns``:
+    readers beside a CPU encoder read while it waits for a batch (False: at any time;
+    ``benchmarks/feature_throughput.py`` compares both).
     """
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
@@ -139,7 +141,7 @@ def extract_features(
     cfg = slides or SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5)
     precision = resolve_amp(amp, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unit = FeatureUnit(net, sha, cfg, out_dir, device, precision, n_workers, slide_timeout, batch_size)
+    unit = FeatureUnit(net, sha, cfg, out_dir, device, precision, n_workers, slide_timeout, batch_size, turns)
     record = {"encoder": spec.name, "encoder_sha256": sha, "encoder_source": spec.source, "dim": net.dim,
               "engine": "torch", "device": str(device), "amp": precision, "versions": versions(),
               "slides": cfg.model_dump(mode="json"), "preprocessing": unit.settings}  # fmt: skip

@@ -93,5 +93,5 @@ def score_slides(
     def unit(spec: ScoringSpec, model_: Path, engine_: Engine) -> SlideUnit:
         return SlideUnit(spec, model_, engine_, out, n_workers, slide_timeout, batch_size or 32, heatmaps)
 
-    # on the CPU the slide readers take turns with the model: it keeps every core
-    return run_job(folder, model, out, unit, shard, engine, amp, n_workers, turns=SlideUnit.take_turns)
+    # on the CPU the slide readers take turns with the model (SlideUnit: turns=engine.on_cpu): it keeps every core
+    return run_job(folder, model, out, unit, shard, engine, amp, n_workers, turns=True)

@@ -284,8 +284,8 @@ def run_job(
     """
     start = time.perf_counter()
     setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
-    cores = os.cpu_count() or 1
-    cpu_threads = (cores if turns else max(1, cores - workers)) if workers > 0 else None
+    busy = 0 if turns else workers  # decode processes that run while the model computes keep their cores
+    cpu_threads = max(1, (os.cpu_count() or 1) - busy) if workers > 0 else None
     scorer, spec, provenance = load_scorer(model, engine, cpu_threads, amp)
     unit = make_unit(spec, model, scorer)
     decision = Decision.from_json(spec.decision)

@@ -55,7 +55,7 @@ class FeatureMILUnit(SlideScan):
     def __init__(self, spec: dict[str, Any], encoder: PatchEncoder, heads: list[MILHead],
                  device: torch.device, out: Path, workers: int, timeout: float, batch_size: int,
                  heatmaps: bool, run_id: str = "") -> None:  # fmt: skip
-        super().__init__(SlidesConfig.model_validate(spec["slides"]), workers, timeout, device.type == "cpu")
+        super().__init__(SlidesConfig.model_validate(spec["slides"]), workers, timeout, turns=device.type == "cpu")
         self.spec, self.encoder, self.heads, self.device = spec, encoder.to(device), heads, device
         self.batch_size, self.outputs = batch_size, SlideOutputs(out, heatmaps, run=run_id)
         self.classes: list[str] | None = spec["classes"]

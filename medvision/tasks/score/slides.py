@@ -236,7 +236,7 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
         try:
             tiles = []
             for x, y in job.coords:
-                wait_turn()  # a model on these cores computes: read while it waits (SlideScan.take_turns)
+                wait_turn()  # a model on these cores computes: read while it waits (SlideScan.turns)
                 tiles.append(reader.read_at(0, int(x), int(y)))
             out.append(np.stack(tiles if prepare is None else [prepare(t) for t in tiles]))
         except Exception as err:
@@ -294,13 +294,10 @@ class SlideScan:
     outputs: SlideOutputs | None = None
     """The files a unit writes per slide besides its row (scoring units); removed when a slide ends an error."""
 
-    take_turns = True
-    """A model on the CPU and the readers take turns (``isolated_map(turns=True)``): readers read while it waits
-    for a batch, not while it computes. False: never (``benchmarks/feature_throughput.py`` measures both)."""
-
-    def __init__(self, cfg: SlidesConfig, workers: int, timeout: float, model_on_cpu: bool = False) -> None:
-        self.cfg, self.workers, self.timeout = cfg, workers, timeout
-        self.turns = model_on_cpu and self.take_turns
+    def __init__(self, cfg: SlidesConfig, workers: int, timeout: float, turns: bool = False) -> None:
+        """``turns``: the readers take turns with a model on this machine's CPU (``isolated_map(turns=True)``):
+        they read while it waits for a batch, not while it computes."""
+        self.cfg, self.workers, self.timeout, self.turns = cfg, workers, timeout, turns
         self.stain = stain_transform(cfg)  # fitted once, to the reference tile
         self.prepare: Callable[[np.ndarray], np.ndarray] | None = None
 
@@ -499,7 +496,7 @@ class SlideUnit(SlideScan):
         if spec.inputs != "slides":
             raise RunError(f"{model}: this run was not trained on slides (data.source {spec.inputs}); "
                            "use score on images")  # fmt: skip
-        super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout, engine.on_cpu)
+        super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout, turns=engine.on_cpu)
         self.spec, self.engine, self.batch_size = spec, engine, batch_size
         self.prepare = partial(preprocess, spec=spec)  # in the readers, as the run's evaluation tiles were made
         self.decision = Decision.from_json(spec.decision)
