@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medvision.metrics import average_precision, binary_auc, expected_calibration_error
+from medvision.metrics import average_precision, binary_auc, bootstrap_indices, expected_calibration_error
 
 DPI = 110
 SIZE = (4.2, 3.6)
@@ -89,27 +89,34 @@ def _staircase(y: np.ndarray, score: np.ndarray, grid: np.ndarray) -> np.ndarray
 
 
 def _bootstrap_band(
-    curve: Callable[[np.ndarray], np.ndarray], groups: list[np.ndarray], n_grid: int, n_resamples: int, seed: int,
-    level: float,
+    curve: Callable[[np.ndarray], np.ndarray], y: np.ndarray, groups: Sequence[Any] | None, n_grid: int,
+    n_resamples: int, seed: int, level: float,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Pointwise percentile band of ``curve(indices)`` over resamples drawn within each group."""
+    """Pointwise percentile band of ``curve(indices)`` over the resamples of
+    :func:`~medvision.metrics.bootstrap_indices` (within each class of ``y``; ``groups``, each row's patient: whole
+    patients), the bootstrap of the report's CIs with the same seed."""
     if not 0 < level < 1:
         raise ValueError(f"level is {level}; expected a coverage strictly between 0 and 1, e.g. 0.95")
     if n_resamples < 0:
         raise ValueError(f"n_resamples is {n_resamples}; expected 0 (no band) or more")
     if n_resamples == 0:
         return np.full(n_grid, np.nan), np.full(n_grid, np.nan)
-    rng = np.random.default_rng(seed)
     curves = np.empty((n_resamples, n_grid))
-    for r in range(n_resamples):
-        curves[r] = curve(np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for r, rows in enumerate(bootstrap_indices(y, n_resamples, seed, groups=groups)):
+            curves[r] = curve(rows)
+    # a resample of whole patients may leave a class out (a patient's slides with two labels): it has no curve,
+    # and is skipped as bootstrap_cis skips its undefined metrics
+    curves = curves[np.isfinite(curves).all(axis=1)]
+    if not len(curves):
+        return np.full(n_grid, np.nan), np.full(n_grid, np.nan)
     alpha = (1 - level) / 2
     return np.quantile(curves, alpha, axis=0), np.quantile(curves, 1 - alpha, axis=0)
 
 
 def roc_band(
     y_true: np.ndarray, score: np.ndarray, fpr_grid: np.ndarray, n_resamples: int = 200, seed: int = 0,
-    level: float = 0.95,
+    level: float = 0.95, groups: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """The ROC curve on a grid of false-positive rates, with a stratified-bootstrap percentile band.
 
@@ -125,6 +132,8 @@ def roc_band(
         n_resamples: bootstrap resamples; 0 gives a NaN band.
         seed: seed of ``np.random.default_rng``; the same seed gives the same band.
         level: coverage of the pointwise band.
+        groups: each row's patient: the bootstrap draws whole patients (a cluster bootstrap), as the CIs do
+            where rows are not independent; one group per row draws exactly the resamples of None.
 
     Returns:
         (tpr, lo, hi), each shaped like ``fpr_grid``.
@@ -146,19 +155,20 @@ def roc_band(
     if (why := _why_undefined(s, y)) is not None:
         raise ValueError(f"roc_band needs finite scores and both classes; {why}")
     tpr = _staircase(y, s, grid)
-    groups = [np.flatnonzero(~y), np.flatnonzero(y)]
-    lo, hi = _bootstrap_band(lambda i: _staircase(y[i], s[i], grid), groups, len(grid), n_resamples, seed, level)
+    lo, hi = _bootstrap_band(lambda i: _staircase(y[i], s[i], grid), y, groups, len(grid), n_resamples, seed, level)
     return tpr, lo, hi
 
 
 def plot_roc(
     path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_resamples: int = 200,
     seed: int = 0, level: float = 0.95, points: list[dict[str, Any]] | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> Path:  # fmt: skip
     """ROC with its bootstrap band: class 1 for two classes, else the macro one-vs-rest average.
 
     The macro curve is the mean per-class TPR on a shared FPR grid; its band resamples within each class
-    and reuses one index set for all classes, so the band reflects the correlation between them.
+    and reuses one index set for all classes, so the band reflects the correlation between them. ``groups``
+    (each row's patient) makes the band's bootstrap draw whole patients, as the CIs beside it do.
     ``points`` (dicts with ``label``, ``fpr``, ``tpr``) mark chosen operating points.
 
     Examples:
@@ -180,8 +190,7 @@ def plot_roc(
         def curve(i: np.ndarray) -> np.ndarray:  # binary: class 1; else the mean one-vs-rest TPR
             return np.mean([_staircase(y[i] == k, p[i, k], _GRID) for k in targets], axis=0)
 
-        groups = [np.flatnonzero(y == k) for k in present]  # for two classes: as roc_band draws them
-        lo, hi = _bootstrap_band(curve, groups, len(_GRID), n_resamples, seed, level)
+        lo, hi = _bootstrap_band(curve, y, groups, len(_GRID), n_resamples, seed, level)
         aucs = [binary_auc(y == k, p[:, k]) for k in targets]
         for k, auc in zip(targets, aucs, strict=True):
             if not binary:  # the thin per-class curves under the macro average

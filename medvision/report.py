@@ -194,8 +194,9 @@ def _figures(
     blocks: list[Block] = [("h2", f"Figures ({split} split, per image)")]
     band = min(cfg.bootstrap, 200)  # evaluation.bootstrap: 0 turns the band off with the CIs
     plots.plot_roc(fig_dir / "roc.png", roc_y, roc_p, roc_classes, n_resamples=band, seed=cfg.bootstrap_seed,
-                   level=cfg.ci_level, points=points)  # fmt: skip
-    caption = f"ROC curve with its {cfg.ci_level:.0%} bootstrap band ({band} resamples)" if band else "ROC curve"
+                   level=cfg.ci_level, points=points, groups=focus.bootstrap_groups("image"))  # fmt: skip
+    caption = (f"ROC curve with its {cfg.ci_level:.0%} bootstrap band ({band} resamples, drawn as the image-level "
+               "CIs are)") if band else "ROC curve"  # fmt: skip
     blocks.append(("img", ("plots/roc.png", caption + ("; markers are the operating points" if points else ""))))
     plots.plot_pr(fig_dir / "pr.png", roc_y, roc_p, roc_classes)
     blocks.append(("img", ("plots/pr.png", "Precision-recall curve")))

@@ -118,7 +118,7 @@ def test_skip_trains_and_accounts_for_every_file(corrupt_dicom: Path, tmp_path: 
     with caplog.at_level("INFO", logger="medvision"):
         run_dir = train(recipe_from_dict(tree))
     assert "data: 18 files: 12 used (12 samples), 3 skipped (not images or unlabelled), 3 errors" in caplog.text
-    assert "3 unreadable image file(s) left out" in caplog.text
+    assert "data.on_error skip: 3 of 18 files are unreadable images, left out: " in caplog.text
     audit = _audit_csv(run_dir / AUDIT_FILE)
     assert set(audit) == _all_files(corrupt_dicom)
     assert {p for p, r in audit.items() if r["outcome"] == "error"} == {

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 import medvision.data.dicom_source as dicom_source  # noqa: E402
 from medvision.data.sources import load_table  # noqa: E402
-from medvision.data.table import check_patient_disjoint  # noqa: E402
+from medvision.data.table import DataSourceError, check_patient_disjoint  # noqa: E402
 from medvision.recipe import DataConfig, recipe_from_dict  # noqa: E402
 from medvision.tasks.evaluate import evaluate_run  # noqa: E402
 from medvision.tasks.train import train  # noqa: E402
@@ -69,6 +69,26 @@ def test_labels_csv_by_uid_and_windows_as_channels(dicom_folder: tuple[Path, dic
     table = load_table(cfg, 0, tmp_path / "cache")
     assert len(table) == 8 and table.classes == ["abnormal", "normal"]
     assert table.loader(0).shape == (128, 128, 3) and not table.grayscale
+
+
+def test_a_patient_in_two_splits_is_refused_without_naming_the_patient(
+    dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """The patient is the file's PatientID: the error names two of its files, never the identifier."""
+    root, uids = dicom_folder
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        for rel in uids:
+            k = int(rel.rsplit("img", 1)[1].split(".")[0])  # img0 and img1 are patient CT-0's: one goes to val
+            split = "val" if rel == "ct/series1/img1.dcm" else "train" if k < 6 else "test"
+            w.writerow([rel, rel.split("/")[0], split])
+    cfg = DataConfig.model_validate({"source": "dicom", "path": str(root), "dicom": {"labels": str(labels)}})
+    with pytest.raises(DataSourceError, match=r"ct/series0/img0\.dcm \('train'\) and ct/series1/img1\.dcm "
+                                              r"\('val'\) belong to one patient") as err:  # fmt: skip
+        load_table(cfg, 0, tmp_path / "cache")
+    assert "CT-0" not in str(err.value)
 
 
 def test_decoded_pixels_are_cached(dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medvision.cli import main
-from medvision.data.slide_features import FeatureCohort, inner_validation, patient_folds
+from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
 from medvision.data.table import DataSourceError
 from medvision.metrics import bootstrap_cis, softmax
 from medvision.models.mil import build_head
@@ -25,7 +26,14 @@ from medvision.recipe import EvalConfig, RecipeError, load_recipe
 from medvision.runs import RunError
 from medvision.tasks.evaluate import evaluate_run
 from medvision.tasks.mil import mil_config
-from medvision.tasks.mil_report import cv_metrics, metric_functions, validation_note
+from medvision.tasks.mil_report import (
+    METRIC_RANGE,
+    _across,
+    cv_metrics,
+    fold_summary,
+    metric_functions,
+    validation_note,
+)
 from medvision.tasks.score import score_slides
 from medvision.tasks.track import MIL_FILES
 from medvision.tasks.train import train
@@ -103,6 +111,8 @@ def test_cross_validated_abmil_run_reports_every_fold_and_scores_out_of_fold(
     report = (run / "report.md").read_text()
     assert "No fold held out validation patients" in report and "20% share" not in report
     assert "resamples patients, not slides" in report and metrics["bootstrap_unit"] == "patient"
+    # the ROC's band: the bootstrap of the CIs beside it (whole patients, evaluation.ci_level and .bootstrap)
+    assert "with its 95% bootstrap band (200 resamples of whole patients, as the pooled CIs)" in report
     spec = json.loads((run / "mil.json").read_text())
     assert spec["encoder_sha256"] == json.loads((cohort_features / "features.json").read_text())["encoder_sha256"]
     assert spec["slides"]["tile_size"] == 112 and 0 < spec["threshold"] < 1 and len(spec["heads"]) == 3
@@ -151,6 +161,11 @@ def test_continuous_target_reports_mse_mae_r2_with_cis(slide_cohort: Path, cohor
     preds = _csv(run / "predictions.csv")
     err = np.asarray([float(r["prediction"]) - float(r["label"]) for r in preds])
     assert pooled["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-6)
+    # areas of about 1e-3 mm²: the report writes significant digits, never 0.000
+    report = (run / "report.md").read_text()
+    assert f"| mse | {metrics['across_folds']['mse']['mean']:.4g} ± " in report
+    assert f"{pooled['mae']:.4g} [{pooled['mae_ci'][0]:.4g}, {pooled['mae_ci'][1]:.4g}]" in report
+    assert "0.000 [0.000, 0.000]" not in report and pooled["mse"] < 1e-3
     assert json.loads((run / "mil.json").read_text())["threshold"] is None
     tracked, tags = run_metrics(metrics)  # what tracking logs of it
     assert tracked["cv_mae_mean"] == pytest.approx(metrics["across_folds"]["mae"]["mean"])
@@ -223,6 +238,30 @@ def test_a_tracked_run_logs_each_fold_at_its_step_the_summary_and_the_run_folder
         (f["fold"], pytest.approx(f["auc"], rel=1e-6)) for f in folds
     ]
     assert events.Scalars("final/pooled_auc")[0].value == pytest.approx(pooled["auc"], rel=1e-6)
+
+
+def test_a_slide_is_matched_by_its_path_or_by_a_file_name_no_other_slide_has(
+    slide_cohort: Path, cohort_features: Path, tmp_path: Path
+) -> None:
+    """features.csv names slides relative to the folder that was embedded. A manifest elsewhere finds them by file
+    name, but two of its slides with one name (two sites' s1.svs) are errors: they never share one bag."""
+    rows = _csv(slide_cohort)
+    first = rows[0]["slide_path"]
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_path", "label", "patient_id"])
+        w.writerow([f"./{rows[1]['slide_path']}", rows[1]["label"], rows[1]["patient_id"]])  # the same path
+        w.writerow([f"elsewhere/{rows[2]['slide_path']}", rows[2]["label"], rows[2]["patient_id"]])  # by name
+        w.writerows([[f"site{s}/{first}", label, f"X{s}"] for s, label in (("A", "tumour"), ("B", "normal"))])
+    cfg = load_recipe(_recipe(tmp_path, manifest, cohort_features), ["data.on_error=skip"]).data
+    cohort = load_feature_cohort(manifest, cfg)
+    assert cohort.slides == [rows[1]["slide_path"], f"elsewhere/{rows[2]['slide_path']}"]
+    errors = {r.path: r.reason for r in cohort.audit if r.outcome == "error"}
+    assert set(errors) == {f"siteA/{first}", f"siteB/{first}"}
+    assert f"its file name {first!r} names 1 slide(s) there and 2 in the manifest" in errors[f"siteA/{first}"]
+    with pytest.raises(DataSourceError, match=r"2 of 4 slides have no usable features: siteA/"):
+        load_feature_cohort(manifest, cfg.model_copy(update={"on_error": "stop"}))
 
 
 def test_missing_features_are_audit_errors_and_the_recipe_is_checked(
@@ -353,6 +392,14 @@ def test_every_ci_of_the_cv_report_resamples_whole_patients() -> None:
         assert row["auc_ci"] == list(own["auc"]) and row["patients"] == len({patients[i] for i in idx})
     by_slide = bootstrap_cis(y, p, fns, 200, cfg.bootstrap_seed, cfg.ci_level)["auc"]
     assert np.diff(metrics["pooled"]["auc_ci"])[0] > np.diff(by_slide)[0]  # slides of one patient are not 3 cases
+
+
+def test_the_summary_says_in_how_many_folds_a_metric_was_defined() -> None:
+    """A fold whose test slides hold one class has no AUC: the mean over the others says it is over fewer folds."""
+    summary = fold_summary([0.8, math.nan, 0.9], 0.95, METRIC_RANGE["auc"])
+    cell, interval = _across(summary, "auc", 3)
+    assert cell == "0.850 ± 0.071 (2 of 3 folds: undefined in the others)" and interval.startswith("[")
+    assert _across(fold_summary([0.8, 0.7, 0.9], 0.95, METRIC_RANGE["auc"]), "auc", 3)[0] == "0.800 ± 0.100"
 
 
 def test_the_report_gives_the_share_of_patients_actually_held_out() -> None:

@@ -77,6 +77,21 @@ def test_roc_band_narrows_with_more_data_and_is_seeded() -> None:
     assert not np.array_equal(first[1], roc_band(y, s, GRID, seed=8)[1])
 
 
+def test_roc_band_of_whole_patients_is_wider_where_a_patients_slides_agree() -> None:
+    """Five slides a patient, scored alike: drawn one by one they pass for five cases and the band is too narrow.
+    One group a row draws exactly the resamples of no groups (the report's CIs and its band share one bootstrap)."""
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(16), 5)
+    y = patients % 2 == 1
+    s = (rng.normal(size=16) + 0.8 * (np.arange(16) % 2))[patients] + 0.05 * rng.normal(size=80)
+    _, lo, hi = roc_band(y, s, GRID, seed=1)
+    _, lo_p, hi_p = roc_band(y, s, GRID, seed=1, groups=patients.tolist())
+    assert float(np.mean(hi_p - lo_p)) > 1.4 * float(np.mean(hi - lo))
+    alone = roc_band(y, s, GRID, seed=1, groups=[f"row{i}" for i in range(80)])
+    np.testing.assert_array_equal(alone[1], lo)
+    np.testing.assert_array_equal(alone[2], hi)
+
+
 def test_roc_band_rejects_single_class_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="12 positive, 0 negative"):
         roc_band(np.ones(12, dtype=bool), np.linspace(0, 1, 12), GRID)

@@ -87,8 +87,9 @@ def first_errors(rows: list[AuditRow], limit: int = 3) -> str:
     return "; ".join(shown) + more
 
 
-def settle(rows: list[AuditRow], on_error: OnError, origin: str) -> None:
+def settle(rows: list[AuditRow], on_error: OnError, origin: str, errors: str = "files are unreadable images") -> None:
     """Logs the counts, then stops on unreadable images (``stop``) or leaves them out with a warning (``skip``).
+    ``errors`` says what the error rows are (``slides have no usable features``).
 
     Raises:
         DataSourceError: ``on_error`` is ``stop`` and some file is an error; the message names the count
@@ -101,11 +102,11 @@ def settle(rows: list[AuditRow], on_error: OnError, origin: str) -> None:
         return
     if on_error == "stop":
         raise DataSourceError(
-            f"{origin}: {n_errors} of {len(rows)} files are unreadable images: {first_errors(rows)}; fix or remove "
+            f"{origin}: {n_errors} of {len(rows)} {errors}: {first_errors(rows)}; fix or remove "
             "them, or leave them out with --set data.on_error=skip",
             audit=rows,
         )
-    log.warning("data.on_error skip: %d unreadable image file(s) left out: %s", n_errors, first_errors(rows))
+    log.warning("data.on_error skip: %d of %d %s, left out: %s", n_errors, len(rows), errors, first_errors(rows))
 
 
 def write_audit(folder: Path, rows: list[AuditRow]) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,24 @@ def _feature_index(folder: Path) -> dict[str, dict[str, str]]:
         return {row["path"]: row for row in csv.DictReader(fh)}
 
 
-def _match(rel: str, index: dict[str, dict[str, str]], by_name: dict[str, list[str]]) -> dict[str, str] | None:
+def _match(rel: str, index: dict[str, dict[str, str]], by_name: dict[str, list[str]], listed: Counter[str],
+           table: Path) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+    """The ``table`` (``features.csv``) row of the manifest's slide ``rel``, by path, else by file name when that
+    name is the only one of its kind in both the table and the manifest (``listed``: how many manifest lines have
+    each name); None and why not otherwise. Two slides of one name (``siteA/s1.svs``, ``siteB/s1.svs``) never share
+    one bag of features."""
     if rel in index:
-        return index[rel]
-    names = by_name.get(Path(rel).name, [])
-    return index[names[0]] if len(names) == 1 else None
+        return index[rel], ""
+    name = Path(rel).name
+    names = by_name.get(name, [])
+    if len(names) == 1 and listed[name] == 1:
+        return index[names[0]], ""
+    if not names:
+        return None, f"{rel} is not in {table}"
+    return None, (
+        f"{rel} is not in {table} by its path, and its file name {name!r} names {len(names)} slide(s) "
+        f"there and {listed[name]} in the manifest: give the path relative to the folder that was embedded"
+    )
 
 
 def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
@@ -86,6 +100,7 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
     by_name: dict[str, list[str]] = {}
     for rel in index:
         by_name.setdefault(Path(rel).name, []).append(rel)
+    listed = Counter(Path(rel).name for _, _, rel, _ in slide_rows(manifest, rows))
     out = FeatureCohort([], [], [], np.zeros(0), [], classes, {})
     labels: list[float] = []
     for line, where, rel, row in slide_rows(manifest, rows):
@@ -101,9 +116,9 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
             assert classes is not None
             label = class_index(classes, text, where)
         name = f"{manifest.name}, line {line}"
-        hit = _match(rel, index, by_name)
+        hit, why = _match(rel, index, by_name, listed, folder / "features.csv")
         if hit is None:
-            out.audit.append(AuditRow(rel, "error", f"{name}: {rel} is not in {folder / 'features.csv'}"))
+            out.audit.append(AuditRow(rel, "error", f"{name}: {why}"))
             continue
         if hit["status"] != "ok":
             out.audit.append(AuditRow(rel, "error", f"{name}: its features were not made ({hit['reason']})"))
@@ -127,7 +142,7 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
         labels.append(label)
         out.patients.append((row.get("patient_id") or "").strip() or rel)
         out.audit.append(AuditRow(rel, "used", "", len(bag.features)))
-    settle(out.audit, cfg.on_error, str(manifest))
+    settle(out.audit, cfg.on_error, str(manifest), "slides have no usable features")
     if not out.slides:
         raise DataSourceError(f"{manifest}: no slide with usable features in {folder}", audit=out.audit)
     out.labels = np.asarray(labels, np.float64 if continuous else np.int64)

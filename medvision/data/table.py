@@ -9,6 +9,7 @@ the data audit) reads only this.
 from __future__ import annotations
 
 import csv
+import posixpath
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -127,13 +128,15 @@ def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patie
 
 def slide_rows(path: Path, rows: Iterable[dict[str, str]]) -> Iterator[tuple[int, str, str, dict[str, str]]]:
     """A slide manifest's rows as (line, where, slide_path, row), each ``slide_path`` checked: not empty and
-    not listed twice (a :class:`DataSourceError` naming the line otherwise)."""
+    not listed twice (a :class:`DataSourceError` naming the line otherwise), and normalised (``./a/s1.svs`` and
+    ``a//s1.svs`` are ``a/s1.svs``: one slide, as features.csv names it)."""
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         where = f"{path}, line {line}"
         rel = (row["slide_path"] or "").strip()
         if not rel:
             raise DataSourceError(f"{where}: empty 'slide_path'")
+        rel = posixpath.normpath(rel)
         if rel in seen:
             raise DataSourceError(f"{where}: slide {rel!r} is listed twice (first on line {seen[rel]})")
         seen[rel] = line
@@ -141,13 +144,14 @@ def slide_rows(path: Path, rows: Iterable[dict[str, str]]) -> Iterator[tuple[int
 
 
 def check_patient_disjoint(table: SampleTable) -> None:
-    """Raises when one patient appears in two splits (a leak that inflates every test metric)."""
-    seen: dict[str, str] = {}
+    """Raises when one patient appears in two splits (a leak that inflates every test metric). The message names
+    two of the patient's items, never the patient: the id may be a DICOM PatientID."""
+    seen: dict[str, tuple[str, int]] = {}
     for i, (group, split) in enumerate(zip(table.groups, table.splits, strict=True)):
-        first = seen.setdefault(group, split)
+        first, j = seen.setdefault(group, (split, i))
         if first != split:
             raise DataSourceError(
-                f"{table.origin}: patient {group!r} is in both '{first}' and '{split}' (item {table.ids[i]}); "
+                f"{table.origin}: {table.ids[j]} ('{first}') and {table.ids[i]} ('{split}') belong to one patient; "
                 "a patient must be in exactly one split"
             )
 

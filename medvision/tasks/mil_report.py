@@ -121,13 +121,29 @@ def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str,
             "bootstrap_unit": "patient", "positive_index": metrics_positive(cohort, cfg)}  # fmt: skip
 
 
-def _f(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+#: Metrics in the target's own units (squared for MSE), written to 4 significant digits: an area in mm² of
+#: about 1e-4 must not read 0.000. The others are fractions (AUC, accuracy, R²), written to 3 decimals.
+IN_UNITS = ("mse", "mae")
+
+
+def _f(v: Any, name: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.4g}" if name in IN_UNITS else f"{v:.3f}"
 
 
 def _ci(row: dict[str, Any], name: str) -> str:
     ci = row.get(f"{name}_ci")
-    return f"{_f(row[name])} [{_f(ci[0])}, {_f(ci[1])}]" if ci else _f(row[name])
+    return f"{_f(row[name], name)} [{_f(ci[0], name)}, {_f(ci[1], name)}]" if ci else _f(row[name], name)
+
+
+def _across(summary: dict[str, Any], name: str, folds: int) -> list[str]:
+    """The summary table's mean ± SD and t-interval of one metric; the folds it was defined in, when not all."""
+    low, high = summary["ci"]
+    cell = f"{_f(summary['mean'], name)} ± {_f(summary['sd'], name)}"
+    if summary["folds"] < folds:
+        cell += f" ({summary['folds']} of {folds} folds: undefined in the others)"
+    return [cell, f"[{_f(low, name)}, {_f(high, name)}]"]
 
 
 def validation_note(folds: list[dict[str, Any]], val_fraction: float) -> str:
@@ -174,8 +190,8 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
              f"{r['seconds']:.1f}"] for r in metrics["folds"]]  # fmt: skip
     blocks += [("h2", "Every fold (out-of-fold test slides)"), ("table", (head, rows))]
     across, pooled = metrics["across_folds"], metrics["pooled"]
-    summary = [[n, f"{_f(across[n]['mean'])} ± {_f(across[n]['sd'])}",
-                f"[{_f(across[n]['ci'][0])}, {_f(across[n]['ci'][1])}]", _ci(pooled, n)] for n in names]  # fmt: skip
+    k = len(metrics["folds"])
+    summary = [[n, *_across(across[n], n, k), _ci(pooled, n)] for n in names]
     blocks += [("h2", "Summary"), ("table", (["metric", "mean ± SD over folds", f"{level} t-interval of the mean",
                                              f"pooled out-of-fold ({level} bootstrap CI)"], summary))]  # fmt: skip
     notes = [
@@ -193,8 +209,16 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
     blocks += [("h2", "How to read this"), ("ul", notes)]
     if cohort.classes is not None and metrics["pooled"]["n"] > 1 and len(set(cohort.labels.tolist())) > 1:
         (run_dir / "plots").mkdir(exist_ok=True)
-        plot_roc(run_dir / "plots" / "roc_oof.png", cohort.labels, oof, cohort.classes)
-        blocks.append(("img", ("plots/roc_oof.png", "ROC of the pooled out-of-fold predictions, with its "
-                                                    "bootstrap band")))  # fmt: skip
+        cfg = recipe.evaluation
+        y, p, classes = cohort.labels, oof, cohort.classes
+        if len(classes) == 2 and metrics["positive_index"] == 0:  # the curve is drawn for class 1: swap them
+            y, p, classes = 1 - y, p[:, ::-1], classes[::-1]
+        band = min(cfg.bootstrap, 200)  # as the training report's: 0 turns the band off with the CIs
+        plot_roc(run_dir / "plots" / "roc_oof.png", y, p, classes, n_resamples=band, seed=cfg.bootstrap_seed,
+                 level=cfg.ci_level, groups=cohort.patients)  # fmt: skip
+        caption = "ROC of the pooled out-of-fold predictions"
+        if band:
+            caption += f", with its {level} bootstrap band ({band} resamples of whole patients, as the pooled CIs)"
+        blocks.append(("img", ("plots/roc_oof.png", caption)))
     (run_dir / "report.md").write_text(to_markdown(blocks))
     (run_dir / "report.html").write_text(to_html(blocks, run_dir))
