@@ -56,7 +56,8 @@ import numpy as np
 import yaml
 
 from medvision.data.slide_features import FeatureCohort, inner_validation
-from medvision.metrics import MetricWarning, bootstrap_cis, compute_auc
+from medvision.intervals import bootstrap_cis
+from medvision.metrics import MetricWarning, compute_auc
 from medvision.recipe import EvalConfig, SlidesConfig, load_recipe
 from medvision.tasks.benchmark.medmnist import machine
 from medvision.tasks.mil_report import cv_metrics

@@ -28,7 +28,8 @@ import torch
 from medvision.data.sources import load_table
 from medvision.evaluation import SplitOutputs, fit_decision
 from medvision.inference import load_run
-from medvision.metrics import bootstrap_cis, compute_accuracy, compute_auc, expected_calibration_error
+from medvision.intervals import bootstrap_cis
+from medvision.metrics import compute_accuracy, compute_auc, expected_calibration_error
 from medvision.runs import cache_dir
 from medvision.runtime import make_loader, resolve_amp
 from medvision.training.build import model_inputs, split_dataset

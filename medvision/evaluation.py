@@ -20,22 +20,19 @@ from typing import Any
 
 import numpy as np
 
+from medvision.intervals import bootstrap_cis, delong_test, mean_ci, proportion_ci
 from medvision.metrics import (
     MetricWarning,
     aggregate_by_group,
     average_precision,
     balanced_accuracy,
-    bootstrap_cis,
     brier_score,
     compute_accuracy,
     compute_auc,
     confusion_matrix,
-    delong_test,
     expected_calibration_error,
-    mean_ci,
     operating_point,
     per_class_metrics,
-    proportion_ci,
     round_significant,
     tta_softmax,
 )
@@ -136,17 +133,20 @@ def positive_index(classes: list[str], cfg: EvalConfig) -> int | None:
 
 
 def level_arrays(
-    out: SplitOutputs, temperature: float, level: str, cfg: EvalConfig
+    out: SplitOutputs, temperature: float, level: str, cfg: EvalConfig, positive: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(labels, calibrated probs, uncalibrated probs, patients with mixed labels) at image or patient level."""
+    """(labels, calibrated probs, uncalibrated probs, patients with mixed labels) at image or patient level; two
+    classes are aggregated for ``positive`` (:func:`positive_index`; None: the second class)."""
     calibrated, raw = out.probs(temperature), out.probs()
     if level == "image":
         return out.labels, calibrated, raw, 0
+    pos = 1 if positive is None else positive
     if out.unit_probs is not None:  # a slide-level model: its probabilities, the slides' labels
-        _, y, _, mixed = aggregate_by_group(out.groups, out.labels, calibrated, "mean")
+        _, y, _, mixed = aggregate_by_group(out.groups, out.labels, calibrated, "mean", positive=pos)
         return y, out.unit_probs, out.unit_probs, mixed
-    _, y, p_cal, mixed = aggregate_by_group(out.groups, out.labels, calibrated, cfg.patient_aggregate, cfg.top_k)
-    _, _, p_raw, _ = aggregate_by_group(out.groups, out.labels, raw, cfg.patient_aggregate, cfg.top_k)
+    how = (cfg.patient_aggregate, cfg.top_k, pos)
+    _, y, p_cal, mixed = aggregate_by_group(out.groups, out.labels, calibrated, *how)
+    _, _, p_raw, _ = aggregate_by_group(out.groups, out.labels, raw, *how)
     return y, p_cal, p_raw, mixed
 
 
@@ -159,7 +159,7 @@ def fit_decision(val: SplitOutputs, classes: list[str], cfg: EvalConfig) -> Deci
     points: dict[str, list[dict[str, Any]]] = {}
     if positive is not None:
         for level in LEVELS:
-            y, p, _, _ = level_arrays(val, temperature, level, cfg)
+            y, p, _, _ = level_arrays(val, temperature, level, cfg, positive)
             is_pos = y == positive
             both = bool(is_pos.any() and not is_pos.all())
             if not both:
@@ -380,7 +380,9 @@ def _summary(
     else:
         p_pos = 1 if pos is None else pos
         out["average_precision"] = average_precision(y == p_pos, probs[:, p_pos])
-        out["auc_ci_delong"] = list(delong_test(y == p_pos, probs[:, p_pos], probs[:, p_pos])["ci_a"])
+        if groups is None or len(set(groups)) == len(groups):  # DeLong takes the cases as independent: not a
+            delong = delong_test(y == p_pos, probs[:, p_pos], probs[:, p_pos], cfg.ci_level)  # patient's images
+            out["auc_ci_delong"] = list(delong["ci_a"])
     out["calibration"] = {
         "temperature": decision.temperature,
         "ece_before": expected_calibration_error(y, raw),
@@ -431,7 +433,7 @@ def clinical_metrics(
         result["patient"]["top_k"] = cfg.top_k
     for split, out in outputs.items():
         for level in LEVELS:
-            y, p_cal, p_raw, mixed = level_arrays(out, decision.temperature, level, cfg)
+            y, p_cal, p_raw, mixed = level_arrays(out, decision.temperature, level, cfg, decision.positive)
             # a row's patient (a slide's, for the slide level): the bootstrap draws them whole; one image a patient
             # draws exactly the resamples of images one by one
             summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level, out.bootstrap_groups(level))

@@ -176,6 +176,11 @@ def load_scorer(
         if not path.is_file():
             raise RunError(f"{path}: no exported ONNX model; run `medvision export {model} --format onnx` first")
         ort_engine, spec = load_onnx(path, cpu_threads)
+        weights = model / "model.safetensors" if model.is_dir() else path.parent.parent / "model.safetensors"
+        if weights.is_file() and (now := sha256(weights)) != spec.model_sha256:
+            raise RunError(f"{path} was exported from other weights (SHA-256 {spec.model_sha256[:12]}…) than the "
+                           f"run's {weights} ({now[:12]}…): trained again since? Run `medvision export "
+                           f"{weights.parent} --format onnx` again")  # fmt: skip
         providers = ort_engine.session.get_providers()
         return ort_engine, spec, {"model_file": str(path), "model_file_sha256": sha256(path),
                                   "device": ort_engine.device, "onnxruntime_providers": providers}  # fmt: skip

@@ -6,11 +6,7 @@ silent 0.5. Likewise a regression metric of an empty set, and R² of a constant 
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from math import erf, sqrt
-from typing import Any
 
 import numpy as np
 import torch
@@ -263,9 +259,13 @@ def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
 
 
 def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Mean squared error of the probabilities against one-hot labels (binary: of the positive class)."""
+    """Mean squared error of the probabilities against the labels: for two classes (N,) or (N, 2), of the second
+    class's probability (scikit-learn's ``brier_score_loss``; the same for either class); for more, summed over
+    the one-hot classes (Brier's original form, which for two classes would be twice the binary score)."""
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
     if p.ndim == 1:
         return float(np.mean((p - y) ** 2))
     onehot = np.eye(p.shape[1])[y]
@@ -289,124 +289,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     return float(ece)
 
 
-# ------------------------------------------------------------------------ uncertainty and thresholds
-
-
-def bootstrap_indices(y: np.ndarray, n_resamples: int, seed: int, stratify: bool = True,
-                      groups: Sequence[Any] | np.ndarray | None = None) -> Iterator[np.ndarray]:  # fmt: skip
-    """The row indices of each bootstrap resample: within each class when ``stratify`` (every resample keeps the
-    class mix), else over all rows; none when there are no rows. One definition for every bootstrap here, so
-    paired and single CIs drawn with the same seed use the same resamples.
-
-    ``groups`` (one id per row, e.g. the patient of each slide) makes it a cluster bootstrap: whole groups are
-    drawn with replacement and every row of a drawn group comes along, so rows that are not independent (a
-    patient's several slides) count as the one unit they are and the interval is not too narrow. With
-    ``stratify`` the groups are drawn within the class of their rows; a group whose rows carry different
-    labels counts in the class most of its rows have (ties: the lowest). Groups are taken in the order of
-    their first row, so one group per row draws exactly the rows (and random numbers) of ``groups=None``.
-    """
-    rng = np.random.default_rng(seed)
-    y = np.asarray(y).ravel()
-    members: list[np.ndarray] | None = None  # each group's rows, groups in the order of their first row
-    unit_y = y
-    if groups is not None:
-        ids = np.asarray(groups).ravel()
-        if len(ids) != len(y):
-            raise ValueError(f"bootstrap groups: {len(ids)} group ids for {len(y)} rows; expected one per row")
-        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-        rank = np.empty(len(first), np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-        unit = rank[inverse.ravel()]
-        members = np.split(np.argsort(unit, kind="stable"), np.cumsum(np.bincount(unit))[:-1]) if len(y) else []
-        counts = [np.unique(y[rows], return_counts=True) for rows in members]  # a group's class: its most common
-        unit_y = np.asarray([v[int(np.argmax(c))] for v, c in counts], dtype=y.dtype)  # label (ties: the lowest)
-    strata = [np.flatnonzero(unit_y == c) for c in np.unique(unit_y)] if stratify else [np.arange(len(unit_y))]
-    strata = [g for g in strata if len(g)]
-    for _ in range(n_resamples if strata else 0):
-        drawn = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in strata])
-        yield drawn if members is None else np.concatenate([members[u] for u in drawn])
-
-
-def bootstrap_cis(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-    *,
-    stratify: bool = True,
-    groups: Sequence[Any] | np.ndarray | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Percentile CIs of several metrics over the same (by default stratified) bootstrap resamples.
-
-    With ``stratify`` each class is resampled on its own, so every resample keeps the data's class mix
-    and AUC is defined in each one. Continuous targets need ``stratify=False``: every distinct value
-    would be its own stratum, resampled only to itself, and the interval would collapse to the point
-    estimate; then all rows are resampled together. ``groups`` (one id per row, e.g. each slide's patient)
-    resamples whole groups instead of rows (:func:`bootstrap_indices`). Resamples where a metric is NaN are
-    dropped for that metric; a metric that is NaN in every resample gets a (NaN, NaN) interval.
-    """
-    y = np.asarray(y_true).ravel()
-    p = np.asarray(probs)
-    values: dict[str, list[float]] = {name: [] for name in metrics}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        for idx in bootstrap_indices(y, n_resamples, seed, stratify, groups):
-            for name, metric in metrics.items():
-                values[name].append(metric(y[idx], p[idx]))
-    alpha = (1 - level) / 2
-    out = {}
-    for name, vals in values.items():
-        arr = np.asarray(vals, dtype=np.float64)
-        arr = arr[np.isfinite(arr)]
-        out[name] = (
-            (float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))) if arr.size else (math.nan, math.nan)
-        )
-    return out
-
-
-def bootstrap_ci(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    metric: Callable[[np.ndarray, np.ndarray], float],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-    *,
-    stratify: bool = True,
-    groups: Sequence[Any] | np.ndarray | None = None,
-) -> tuple[float, float]:
-    """Percentile CI of one ``metric`` over bootstrap resamples, stratified by class by default, of whole
-    ``groups`` when given (see ``bootstrap_cis``)."""
-    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level, stratify=stratify, groups=groups)["m"]
-
-
-def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """DeLong's structural components: V10 per positive, V01 per negative (ties count one half)."""
-    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    return wins.mean(axis=1), wins.mean(axis=0)
-
-
-def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, Any]:
-    """DeLong et al. (1988): AUCs of two models on the same cases, their 95% CIs and the two-sided p-value."""
-    y = np.asarray(y_true).astype(bool).ravel()
-    a, b = np.asarray(score_a, dtype=np.float64).ravel(), np.asarray(score_b, dtype=np.float64).ravel()
-    if y.all() or not y.any():
-        warnings.warn("DeLong test needs both classes; reporting NaN", MetricWarning, stacklevel=2)
-        nan = float("nan")
-        return {"auc_a": nan, "auc_b": nan, "ci_a": (nan, nan), "ci_b": (nan, nan), "z": nan, "p": nan}
-    m, n = int(y.sum()), int((~y).sum())
-    comps = [_placements(s[y], s[~y]) for s in (a, b)]
-    aucs = np.array([v10.mean() for v10, _ in comps])
-    s10 = np.cov(np.stack([v10 for v10, _ in comps]))
-    s01 = np.cov(np.stack([v01 for _, v01 in comps]))
-    cov = s10 / m + s01 / n
-    var_diff = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    z = (aucs[0] - aucs[1]) / np.sqrt(var_diff) if var_diff > 0 else 0.0
-    p = 2 * (1 - 0.5 * (1 + erf(abs(z) / sqrt(2))))
-    ci = [(aucs[i] - 1.959964 * np.sqrt(cov[i, i]), aucs[i] + 1.959964 * np.sqrt(cov[i, i])) for i in range(2)]
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "ci_a": ci[0], "ci_b": ci[1], "z": float(z), "p": p}
+# ------------------------------------------------------------------------ thresholds
 
 
 def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -479,15 +362,16 @@ def round_significant(x: np.ndarray, digits: int = PROB_DIGITS) -> np.ndarray:
 
 
 def aggregate_by_group(
-    groups: list[str], y_true: np.ndarray, probs: np.ndarray, method: str = "mean", top_k: int = 3
-) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    groups: list[str], y_true: np.ndarray, probs: np.ndarray, method: str = "mean", top_k: int = 3,
+    positive: int = 1,
+) -> tuple[list[str], np.ndarray, np.ndarray, int]:  # fmt: skip
     """Image (or patch) probabilities -> one row per patient (or slide): ``mean``, ``max`` or ``topk`` mean.
 
-    For two classes the positive-class probability is aggregated and the negative one is its
-    complement, so ``max`` means "the slide is as suspicious as its most suspicious patch". For more
-    classes each column is aggregated and the row renormalised to sum to one. A patient whose images
-    carry different labels takes the positive label if any image has it (binary) or the most common
-    label (multiclass); the number of such patients is returned so it can be reported.
+    For two classes the ``positive`` class's probability (``evaluation.positive_class``; the second class by
+    default) is aggregated and the other one is its complement, so ``max`` means "the slide is as suspicious as
+    its most suspicious patch". For more classes each column is aggregated and the row renormalised to sum to
+    one. A patient whose images carry different labels takes the positive label if any image has it (binary) or
+    the most common label (multiclass); the number of such patients is returned so it can be reported.
 
     Returns (group ids in first-seen order, labels, probabilities, patients with mixed labels).
     """
@@ -501,7 +385,9 @@ def aggregate_by_group(
     for i, g in enumerate(groups):
         index.setdefault(g, []).append(i)
     binary = p.shape[1] == 2
-    cols = p[:, 1:] if binary else p
+    if binary and positive not in (0, 1):
+        raise ValueError(f"positive class index {positive}; expected 0 or 1 for two classes")
+    cols = p[:, [positive]] if binary else p
     out_p, out_y, mixed = [], [], 0
     for rows in index.values():
         block = cols[rows]
@@ -511,88 +397,13 @@ def aggregate_by_group(
             agg = block.max(axis=0)
         else:
             agg = np.sort(block, axis=0)[::-1][: max(1, top_k)].mean(axis=0)
-        out_p.append(np.r_[1.0 - agg[0], agg[0]] if binary else agg / agg.sum())
+        out_p.append((np.r_[1.0 - agg[0], agg[0]] if positive == 1 else np.r_[agg[0], 1.0 - agg[0]]) if binary
+                     else agg / agg.sum())  # fmt: skip
         labels = y[rows]
         if (labels != labels[0]).any():
             mixed += 1
-        out_y.append(int(labels.max()) if binary else int(np.bincount(labels).argmax()))
+        if binary:
+            out_y.append(positive if (labels == positive).any() else 1 - positive)
+        else:
+            out_y.append(int(np.bincount(labels).argmax()))
     return list(index), np.asarray(out_y, dtype=np.int64), np.asarray(out_p).reshape(-1, p.shape[1]), mixed
-
-
-def paired_bootstrap(
-    y_true: np.ndarray,
-    probs_a: np.ndarray,
-    probs_b: np.ndarray,
-    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-    *,
-    stratify: bool = True,
-    groups: Sequence[Any] | np.ndarray | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The difference ``metric(b) - metric(a)`` of two models on the same cases, with a paired bootstrap.
-
-    Each resample draws one set of case indices (within each class when ``stratify``, of whole ``groups``
-    when given, as :func:`bootstrap_cis` draws them) and scores both models on it, so what the two have in common (the
-    hard cases, the easy ones) cancels out of the difference. Returns, per metric: ``diff`` (on all
-    cases), ``ci`` (percentile interval of the resampled differences) and ``p``, the two-sided
-    bootstrap p-value of "no difference": twice the smaller share of resampled differences at or below
-    zero and at or above it, counted as ``(1 + k) / (1 + resamples)`` so it is never 0, capped at 1. So
-    p < 1 - ``level`` where the interval leaves out 0, up to the resolution of the resampling. Resamples
-    where the difference is NaN are dropped (``resamples`` says how many were kept).
-    """
-    y = np.asarray(y_true).ravel()
-    a, b = np.asarray(probs_a), np.asarray(probs_b)
-    if len(a) != len(y) or len(b) != len(y):
-        raise ValueError(f"paired bootstrap: {len(y)} labels but {len(a)} and {len(b)} prediction rows; expected "
-                         "both models' predictions of the same cases")  # fmt: skip
-    diffs: dict[str, list[float]] = {name: [] for name in metrics}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        observed = {name: metric(y, b) - metric(y, a) for name, metric in metrics.items()}
-        for idx in bootstrap_indices(y, n_resamples, seed, stratify, groups):
-            for name, metric in metrics.items():
-                diffs[name].append(metric(y[idx], b[idx]) - metric(y[idx], a[idx]))
-    alpha = (1 - level) / 2
-    out: dict[str, dict[str, Any]] = {}
-    for name, vals in diffs.items():
-        d = np.asarray(vals, dtype=np.float64)
-        d = d[np.isfinite(d)]
-        if d.size == 0:
-            out[name] = {"diff": float(observed[name]), "ci": (math.nan, math.nan), "p": math.nan, "resamples": 0}
-            continue
-        tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
-        out[name] = {
-            "diff": float(observed[name]),
-            "ci": (float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))),
-            "p": min(1.0, 2 * (1 + tail) / (1 + d.size)),
-            "resamples": int(d.size),
-        }
-    return out
-
-
-def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (NaN, NaN for ``n == 0``); checked against SciPy's
-    ``binomtest(k, n).proportion_ci(method="wilson")``."""
-    if n == 0:
-        return math.nan, math.nan
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + level / 2))
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of a mean (NaN, NaN for fewer than two values); checked against SciPy's
-    ``ttest_1samp(values, 0).confidence_interval``. Constant values give the point ``(mean, mean)``."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return math.nan, math.nan
-    from scipy.stats import t
-
-    half = float(t.ppf(0.5 + level / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return float(x.mean()) - half, float(x.mean()) + half

@@ -21,7 +21,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medvision.metrics import average_precision, binary_auc, bootstrap_indices, expected_calibration_error
+from medvision.intervals import bootstrap_indices
+from medvision.metrics import average_precision, binary_auc, expected_calibration_error
 
 DPI = 110
 SIZE = (4.2, 3.6)
@@ -93,7 +94,7 @@ def _bootstrap_band(
     n_resamples: int, seed: int, level: float,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Pointwise percentile band of ``curve(indices)`` over the resamples of
-    :func:`~medvision.metrics.bootstrap_indices` (within each class of ``y``; ``groups``, each row's patient: whole
+    :func:`~medvision.intervals.bootstrap_indices` (within each class of ``y``; ``groups``, each row's patient: whole
     patients), the bootstrap of the report's CIs with the same seed."""
     if not 0 < level < 1:
         raise ValueError(f"level is {level}; expected a coverage strictly between 0 and 1, e.g. 0.95")
@@ -313,12 +314,13 @@ def _column(history: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([np.nan if row.get(key) is None else float(row[key]) for row in history], dtype=np.float64)
 
 
-def plot_training(path: Path, history: list[dict[str, Any]], monitor: str | None = None) -> Path:
+def plot_training(path: Path, history: list[dict[str, Any]], monitor: str | None = None,
+                  best_epoch: int | None = None) -> Path:  # fmt: skip
     """Loss, learning rate and validation AUC/accuracy per epoch, with freeze-phase boundaries marked.
 
-    The phase lines show where a jump in loss or LR comes from (unfreezing, a new LR). ``monitor``
-    (``val_auc``, ``val_acc`` or ``val_loss``) marks the best epoch as the training loop picks it: the
-    best value, ties broken by the lower validation loss.
+    The phase lines show where a jump in loss or LR comes from (unfreezing, a new LR). ``best_epoch``, the epoch
+    whose weights the run kept (``metrics.json``: the training loop's choice, with its ``monitor_tolerance``), is
+    starred on the ``monitor`` curve (``val_auc``, ``val_acc`` or ``val_loss``).
     """
     if not history:
         return _message_figure(path, "no epochs")
@@ -351,12 +353,11 @@ def plot_training(path: Path, history: list[dict[str, Any]], monitor: str | None
         for ax, _ in panels if i > 0 else []:
             ax.axvline(x, ls="--", lw=0.8, color="0.5")
         ax_loss.text(x, 1.02, f" {phases[i]}", transform=ax_loss.get_xaxis_transform(), fontsize=7, va="bottom")
-    if monitor is not None and np.isfinite(values := _column(history, monitor)).any():
-        sign = 1.0 if monitor == "val_loss" else -1.0
-        val_loss = np.nan_to_num(_column(history, "val_loss"), nan=np.inf)
-        best = np.lexsort((val_loss, np.nan_to_num(sign * values, nan=np.inf)))[0]
+    kept = np.flatnonzero(epoch == best_epoch) if monitor is not None and best_epoch is not None else np.zeros(0)
+    if len(kept):
+        values, best = _column(history, str(monitor)), kept[0]
         ax = ax_loss if monitor == "val_loss" else ax_val
-        ax.plot(epoch[best], values[best], "*", ms=10, color="crimson", label=f"best {monitor}")
+        ax.plot(epoch[best], values[best], "*", ms=10, color="crimson", label=f"kept epoch ({monitor})")
         ax.legend(fontsize=6.5, loc="best")
     ax_val.set_xlabel("epoch")
     ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -178,7 +178,8 @@ def _operating_point_rows(clinical: dict[str, Any], split: str) -> list[list[str
 
 def _figures(
     out_dir: Path, focus: SplitOutputs, split: str, classes: list[str], clinical: dict[str, Any], decision: Decision,
-    history: list[dict[str, Any]], monitor: str | None, panel: list[tuple[np.ndarray, str]], cfg: EvalConfig,
+    history: list[dict[str, Any]], monitor: str | None, best_epoch: int | None, panel: list[tuple[np.ndarray, str]],
+    cfg: EvalConfig,
 ) -> list[Block]:  # fmt: skip
     """Draws the PNGs into ``plots/`` and returns the figure blocks that show them."""
     fig_dir = out_dir / "plots"
@@ -212,8 +213,9 @@ def _figures(
     caption = f"Reliability before and after temperature scaling (T = {decision.temperature:.3f})"
     blocks.append(("img", ("plots/reliability.png", caption)))
     if history:
-        plots.plot_training(fig_dir / "training.png", history, monitor)
-        blocks.append(("img", ("plots/training.png", "Training curves; dashed lines mark phase boundaries")))
+        plots.plot_training(fig_dir / "training.png", history, monitor, best_epoch)
+        kept = "; the star marks the epoch kept" if best_epoch else ""
+        blocks.append(("img", ("plots/training.png", f"Training curves; dashed lines mark phase boundaries{kept}")))
     if panel:
         plots.plot_image_grid(fig_dir / "gradcam_errors.png", [img for img, _ in panel], [t for _, t in panel])
         caption = f"Grad-CAM ({cfg.explain_method}) of the most confident errors on {split}"
@@ -304,7 +306,8 @@ def build_report(
         ("table", (["class", "support", "sensitivity", "specificity", "PPV", "NPV", "F1"], class_rows)),
     ]
     history = extra.get("history", [])
-    blocks += _figures(out_dir, focus, split, classes, clinical, decision, history, extra.get("monitor"), panel, cfg)
+    blocks += _figures(out_dir, focus, split, classes, clinical, decision, history, extra.get("monitor"),
+                       extra.get("best_epoch"), panel, cfg)  # fmt: skip
     if history:
         blocks += [("h2", "Epochs"), ("table", (
             ["epoch", "phase", "train loss", "val loss", "val AUC", "val acc", "img/s", "lr"],

@@ -227,4 +227,5 @@ def slide_comparison(recipe: Recipe, splits: dict[str, Any], decision: Decision)
     if split not in splits or recipe.data.source != "slides":
         return {}
     out = splits[split][0]
-    return {"slide_aggregates": compare_aggregations(out, decision.temperature, recipe.evaluation, out.unit_probs)}
+    return {"slide_aggregates": compare_aggregations(out, decision.temperature, recipe.evaluation, out.unit_probs,
+                                                     decision.positive)}  # fmt: skip

@@ -212,15 +212,19 @@ class ScoringSpec:
     def from_run(cls, run_dir: Path, recipe: Any, meta: dict[str, Any]) -> ScoringSpec:
         """The spec of a finished run, from its resolved recipe and ``run.json``.
 
-        Runs written before ``run.json`` recorded ``transfer`` score in float32 (exact for any depth)
-        for images, and as the recipe says for DICOM (whose windows are never 8-bit).
+        The batches are made in the dtype the run's evaluation used (``run.json``'s ``transfer``: a DICOM run
+        trained with ``data.transfer: uint8`` is scored in uint8 too). Runs written before ``run.json`` recorded it
+        score in float32 (exact for any depth) for images, and as the recipe says for DICOM.
         """
         source = recipe.data.source
         inputs: InputKind = "dicom" if source == "dicom" else "slides" if source == "slides" else "images"
-        if inputs == "dicom":
-            transfer: Transfer = "float16" if recipe.data.transfer == "float16" else "float32"
+        transfer: Transfer
+        if meta.get("transfer"):
+            transfer = meta["transfer"]
+        elif inputs == "dicom":
+            transfer = "float16" if recipe.data.transfer == "float16" else "float32"
         else:
-            transfer = meta.get("transfer") or (recipe.data.transfer if recipe.data.transfer != "auto" else "float32")
+            transfer = recipe.data.transfer if recipe.data.transfer != "auto" else "float32"
         return cls(
             name=str(meta.get("name", run_dir.name)),
             classes=list(meta["classes"]),

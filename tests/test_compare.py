@@ -14,7 +14,8 @@ from conftest import tiny_recipe
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medvision.cli import main
-from medvision.metrics import compute_accuracy, compute_auc, delong_test, paired_bootstrap
+from medvision.intervals import delong_test, paired_bootstrap
+from medvision.metrics import compute_accuracy, compute_auc
 from medvision.recipe import recipe_from_dict
 from medvision.tasks.compare import CompareError, compare_runs
 from medvision.tasks.train import train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -102,7 +103,32 @@ def test_decoded_pixels_are_cached(dicom_folder: tuple[Path, dict[str, str]], tm
         raise AssertionError("decoded again instead of reading the cache")
 
     monkeypatch.setattr(dicom_source, "read_dicom", no_decoding)
-    np.testing.assert_allclose(table.loader(3), first, atol=1e-3)  # float16 cache
+    np.testing.assert_array_equal(table.loader(3), first)  # the pixels score decodes: training sees the same
+
+
+@pytest.mark.parametrize("transfer", ["auto", "uint8"])
+def test_score_gives_the_probabilities_the_run_evaluated(
+    dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path, transfer: str
+) -> None:
+    """The same file, the same answer: ``score`` reads a run's DICOM files as its evaluation did, with the decode
+    cache on (it keeps the decoded pixels exactly) and with ``data.transfer: uint8`` (scored in uint8 too)."""
+    from medvision.cli import main
+
+    root, _ = dicom_folder
+    tree = tiny_recipe(root, tmp_path)
+    tree["data"].update(source="dicom", path=str(root), transfer=transfer, dicom={"windows": ["percentile"]})
+    tree["augment"] = {"preset": "radiology"}
+    run = train(recipe_from_dict(tree))
+    assert json.loads((run / "run.json").read_text())["transfer"] == ("uint8" if transfer == "uint8" else "float32")
+    assert main(["score", str(root), "--model", str(run), "--out", str(tmp_path / "s.csv"), "--workers", "0"]) == 0
+    with (run / "predictions.csv").open(newline="") as fh:
+        evaluated = {r["id"]: r for r in csv.DictReader(fh)}
+    with (tmp_path / "s.csv").open(newline="") as fh:
+        scored = {r["path"]: r for r in csv.DictReader(fh) if r["status"] == "ok"}
+    assert set(evaluated) <= set(scored) and len(evaluated) == 8  # the validation and test images
+    for rel, row in evaluated.items():
+        for c in ("prob_ct", "prob_mr"):
+            assert float(scored[rel][c]) == pytest.approx(float(row[c]), abs=2e-6), (rel, c)
 
 
 def test_every_frame_as_a_sample(tmp_path: Path) -> None:

@@ -166,7 +166,8 @@ def test_image_level_cis_draw_whole_patients_and_equal_the_image_bootstrap_with_
     """A patient's images are not independent: the image-level bootstrap draws patients whole (a cluster
     bootstrap), so 8 near-copies of each patient's image do not narrow the interval as 8 patients would. With one
     image a patient it draws exactly the resamples of images one by one."""
-    from medvision.metrics import bootstrap_cis, compute_auc
+    from medvision.intervals import bootstrap_cis
+    from medvision.metrics import compute_auc
 
     cfg, classes = EvalConfig(bootstrap=300, bootstrap_seed=5), ["benign", "malignant"]
     one = _binary_split(48, 21)
@@ -191,7 +192,8 @@ def test_image_level_cis_draw_whole_patients_and_equal_the_image_bootstrap_with_
 def test_a_patients_slides_are_drawn_together_at_the_tile_and_the_slide_level() -> None:
     """Tiles aggregate to slides, and a patient has two slides: the slide-level bootstrap draws a patient's slides
     together, the tile-level one a patient's tiles; a slide run without patient ids draws slides whole."""
-    from medvision.metrics import aggregate_by_group, bootstrap_cis, compute_auc
+    from medvision.intervals import bootstrap_cis
+    from medvision.metrics import aggregate_by_group, compute_auc
 
     rng = np.random.default_rng(3)
     n_pat, tiles = 20, 5

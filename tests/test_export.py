@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -238,6 +239,14 @@ def test_score_onnxruntime_dicom_same_rows_as_torch(dicom_run: Path, dicom_onnx:
     shutil.copy(dicom_onnx.path, alone)
     summary = score_folder(folder, alone, tmp_path / "alone.csv", engine="onnxruntime", workers=0)
     assert summary.engine == "onnxruntime" and summary.reconciled
+    # trained again since the export: the old graph is refused, not used in the new weights' name
+    again = tmp_path / "again"
+    shutil.copytree(dicom_run, again)
+    weights = load_file(again / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, again / "model.safetensors")
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "stale.csv"), "--model", str(again), "--engine", "onnxruntime"]) == 2
+    assert "was exported from other weights" in capsys.readouterr().err
     assert _same_scores(tmp_path / "torch.csv", tmp_path / "alone.csv") == 8
 
 

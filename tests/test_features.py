@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -100,6 +101,41 @@ def test_a_broken_slide_is_an_error_row_the_rest_resume_and_a_second_encoder_is_
     assert (out / feature_name("slide_000.svs")).stat().st_mtime_ns == stamp
     with pytest.raises(RunError, match="other settings"):
         extract_features(folder, out, ENCODER, weights, slides=SlidesConfig(tile_size=128, target_mpp=1.0), workers=0)
+
+
+def test_a_run_stopped_before_its_end_still_keeps_its_folder_one_feature_space(
+    slide_cohort: Path, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """features.json is written when a run starts: a second run with other settings into the folder of one that was
+    interrupted (no final record yet) is refused, and so is one in another precision."""
+    from medvision.tasks.features import FeatureUnit
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("slide_000.svs", "slide_001.tif", "slide_003.svs"):
+        shutil.copy(slide_cohort.parent / name, folder / name)
+    out, weights = tmp_path / "feats", shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    real, seen = FeatureUnit.process, []
+
+    def stopped_on_the_second_slide(self: FeatureUnit, *args: Any) -> None:
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt("the run is stopped")
+        real(self, *args)
+
+    monkeypatch.setattr(FeatureUnit, "process", stopped_on_the_second_slide)
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0, max_tiles_per_slide=3)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    monkeypatch.setattr(FeatureUnit, "process", real)
+    assert json.loads((out / "features.json").read_text())["finished"] is False
+    with pytest.raises(RunError, match="other settings"):
+        extract_features(folder, out, ENCODER, weights, slides=cfg.model_copy(update={"target_mpp": 2.0}), workers=0)
+    with pytest.raises(RunError, match=r"other settings \(preprocessing differ"):  # its precision
+        extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0, amp="bf16")
+    done = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    assert done.already_done == 0 and done.ok_files == 3  # the first slide's row was the last: redone
+    assert json.loads((out / "features.json").read_text())["finished"] is True
 
 
 def test_feature_files_are_checked_on_read(tmp_path: Path) -> None:

@@ -5,14 +5,13 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
 
+from medvision.intervals import bootstrap_ci, bootstrap_cis
 from medvision.metrics import (
     PROB_DIGITS,
     MetricAccumulator,
     MetricWarning,
     aggregate_by_group,
     binary_auc,
-    bootstrap_ci,
-    bootstrap_cis,
     compute_accuracy,
     compute_auc,
     compute_mae,
@@ -145,6 +144,27 @@ def test_patient_aggregation_mean_max_topk() -> None:
         aggregate_by_group(groups, y, probs, "median")
 
 
+def test_patient_aggregation_is_about_the_positive_class_whichever_it_is() -> None:
+    """``positive=0`` (BreastMNIST's positive_class: malignant, the first class): ``max`` takes the most suspicious
+    image's P(malignant), and a patient with one malignant image is malignant; the same as class 1 mirrored."""
+    groups = ["a", "a", "b", "b"]
+    y = np.array([0, 1, 1, 1])  # a: one malignant (0) image and one benign (1)
+    p0 = np.array([0.95, 0.05, 0.3, 0.1])
+    probs = np.stack([p0, 1 - p0], axis=1)
+    _, yp, mx, mixed = aggregate_by_group(groups, y, probs, "max", positive=0)
+    assert list(yp) == [0, 1] and mixed == 1
+    np.testing.assert_allclose(mx, [[0.95, 0.05], [0.3, 0.7]])
+    mirrored = aggregate_by_group(groups, 1 - y, probs[:, ::-1], "max", positive=1)
+    np.testing.assert_array_equal(mirrored[1], 1 - yp)
+    np.testing.assert_allclose(mirrored[2], mx[:, ::-1])
+    for method in ("mean", "topk"):
+        a = aggregate_by_group(groups, y, probs, method, top_k=1, positive=0)
+        b = aggregate_by_group(groups, 1 - y, probs[:, ::-1], method, top_k=1, positive=1)
+        np.testing.assert_allclose(a[2], b[2][:, ::-1])
+    with pytest.raises(ValueError, match="positive class index 2"):
+        aggregate_by_group(groups, y, probs, "max", positive=2)
+
+
 def test_patient_aggregation_multiclass_renormalises_and_votes() -> None:
     groups = ["a", "a", "a", "b"]
     y = np.array([2, 2, 0, 1])
@@ -218,7 +238,7 @@ def _patients_with_four_slides(seed: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def test_a_cluster_bootstrap_resamples_whole_patients_and_is_wider() -> None:
-    from medvision.metrics import bootstrap_indices, paired_bootstrap
+    from medvision.intervals import bootstrap_indices, paired_bootstrap
 
     y, score, patients = _patients_with_four_slides(0)
     rows_of = {p: np.flatnonzero(patients == p) for p in np.unique(patients)}
@@ -248,7 +268,7 @@ def test_a_cluster_bootstrap_resamples_whole_patients_and_is_wider() -> None:
 
 
 def test_a_patient_with_mixed_labels_is_stratified_by_its_most_common_label() -> None:
-    from medvision.metrics import bootstrap_indices
+    from medvision.intervals import bootstrap_indices
 
     y = np.array([1, 1, 0, 0, 0, 1, 1, 0, 0])  # A: 1, 1, 0 (class 1); B: 0, 0; C: 1, 1; E: 0; F: 0
     groups = np.array(["A", "A", "A", "B", "B", "C", "C", "E", "F"])

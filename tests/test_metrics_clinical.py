@@ -50,7 +50,11 @@ def test_brier_and_ece() -> None:
     p = np.clip(rng.random(500) * 0.5 + 0.4 * y, 0, 1)
     assert brier_score(y, p) == pytest.approx(brier_score_loss(y, p))
     probs = np.stack([1 - p, p], axis=1)
-    assert brier_score(y, probs) == pytest.approx(2 * brier_score_loss(y, p))  # multiclass form sums both columns
+    assert brier_score(y, probs) == pytest.approx(brier_score_loss(y, p))  # two columns: the binary score
+    assert brier_score(1 - y, probs[:, ::-1]) == pytest.approx(brier_score_loss(y, p))  # either class
+    three = np.stack([0.5 * (1 - p), 0.5 * (1 - p), p], axis=1)  # more classes: summed over the one-hot columns
+    onehot = np.eye(3)[2 * y]
+    assert brier_score(2 * y, three) == pytest.approx(float(np.mean(np.sum((three - onehot) ** 2, axis=1))))
     # ECE by hand: all predictions at confidence 0.8 and 60% correct -> |0.6 - 0.8| = 0.2
     conf = np.tile([[0.8, 0.2]], (10, 1))
     labels = np.array([0] * 6 + [1] * 4)
@@ -71,7 +75,8 @@ def test_degenerate_inputs_warn_and_give_nan() -> None:
 def test_bootstrap_ci_covers_the_true_auc() -> None:
     from math import erf
 
-    from medvision.metrics import bootstrap_ci, compute_auc
+    from medvision.intervals import bootstrap_ci
+    from medvision.metrics import compute_auc
 
     d = 1.0
     true_auc = 0.5 * (1 + erf(d / 2))  # binormal: Phi(d / sqrt 2)
@@ -103,7 +108,7 @@ def _delong_by_midranks(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np
 
 
 def test_delong_matches_an_independent_implementation() -> None:
-    from medvision.metrics import delong_test
+    from medvision.intervals import delong_test
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 250)
@@ -116,6 +121,12 @@ def test_delong_matches_an_independent_implementation() -> None:
     assert out["z"] == pytest.approx(z)
     assert 0 < out["p"] < 1
     assert out["ci_a"][0] < out["auc_a"] < out["ci_a"][1]
+    from scipy.stats import norm
+
+    for level in (0.95, 0.8):  # evaluation.ci_level: the interval's coverage, as for the bootstrap CIs
+        low, high = delong_test(y, a, b, level)["ci_b"]
+        half = norm.ppf(0.5 + level / 2) * np.sqrt(cov[1, 1])
+        assert (low, high) == pytest.approx((aucs[1] - half, aucs[1] + half), rel=1e-9)
 
 
 def test_operating_points_by_hand() -> None:

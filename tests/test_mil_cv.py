@@ -19,7 +19,8 @@ from sklearn.metrics import roc_auc_score
 from medvision.cli import main
 from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
 from medvision.data.table import DataSourceError
-from medvision.metrics import bootstrap_cis, softmax
+from medvision.intervals import bootstrap_cis
+from medvision.metrics import softmax
 from medvision.models.mil import build_head
 from medvision.models.mil_fit import head_arguments, load_mil, predict_mil, top_tiles
 from medvision.recipe import EvalConfig, RecipeError, load_recipe

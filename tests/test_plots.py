@@ -202,6 +202,9 @@ def history_rows() -> list[dict[str, object]]:
 
 def test_plot_training(tmp_path: Path) -> None:
     assert_png(plot_training(tmp_path / "train.png", history_rows(), monitor="val_loss"))
+    # the star is the run's kept epoch as given (the loop's choice, with its tolerance), not one recomputed here
+    assert_png(plot_training(tmp_path / "kept.png", history_rows(), monitor="val_auc", best_epoch=4))
+    assert_png(plot_training(tmp_path / "absent.png", history_rows(), monitor="val_auc", best_epoch=99))
 
 
 def test_plot_training_degenerate(tmp_path: Path) -> None:

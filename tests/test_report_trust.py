@@ -25,7 +25,8 @@ from medvision.evaluation import (
     shift_warnings,
     temperature_at_bound,
 )
-from medvision.metrics import MetricWarning, mean_ci, proportion_ci
+from medvision.intervals import mean_ci, proportion_ci
+from medvision.metrics import MetricWarning
 from medvision.recipe import EvalConfig, recipe_from_dict
 from medvision.report import _at_point, _temperature_fact, ci_note
 from medvision.training.loop import FitState

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from medvision.io.dicom import read_dicom  # noqa: E402
 from medvision.io.files import sha256  # noqa: E402
 from medvision.metrics import round_significant  # noqa: E402
 from medvision.recipe import recipe_from_dict  # noqa: E402
+from medvision.runs import RunError  # noqa: E402
 from medvision.tasks.score import in_shard, score_folder  # noqa: E402
 from medvision.tasks.score.job import prediction_cells  # noqa: E402
 from medvision.tasks.train import train  # noqa: E402
@@ -216,6 +218,19 @@ def test_shards_partition_the_folder(trained: Path, folder: Path, tmp_path: Path
     assert in_shard("a/b.dcm", (0, 1))
 
 
+def test_an_out_that_another_job_began_is_refused_not_mixed(trained: Path, folder: Path, tmp_path: Path) -> None:
+    """Rows of two jobs never share one table: another precision or shard into the same --out stops, naming it."""
+    out = tmp_path / "s.csv"
+    score_folder(folder, trained, out, shard=(0, 2), workers=0)
+    kept = out.read_bytes()
+    with pytest.raises(RunError, match=r"holds rows of another job \(shard differ"):
+        score_folder(folder, trained, out, shard=(1, 2), workers=0)
+    with pytest.raises(RunError, match=r"holds rows of another job \(amp differ"):
+        score_folder(folder, trained, out, shard=(0, 2), workers=0, amp="bf16")
+    assert out.read_bytes() == kept  # refused before the resume trims anything
+    assert score_folder(folder, trained, out, shard=(0, 2), workers=0).already_done > 0  # the same job resumes
+
+
 def test_parquet_and_parallel_workers(trained: Path, folder: Path, tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "scores.parquet"
@@ -223,6 +238,60 @@ def test_parquet_and_parallel_workers(trained: Path, folder: Path, tmp_path: Pat
     table = pq.read_table(out)
     assert table.num_rows == 14 and summary.ok_images == 11 and summary.reconciled
     assert "prob_mr" in table.column_names
+    # an included tag stays text: an accession number's leading zeros are kept
+    tagged = tmp_path / "tagged"
+    shutil.copytree(folder, tagged, symlinks=True)
+    one = next(p for p in sorted(tagged.rglob("*.dcm")) if p.is_file() and not p.is_symlink())
+    ds = pydicom.dcmread(one)
+    ds.AccessionNumber = "0004217"
+    ds.save_as(one)
+    score_folder(tagged, trained, tmp_path / "tags.parquet", include_tags=["AccessionNumber"], workers=0)
+    rows = pq.read_table(tmp_path / "tags.parquet").to_pylist()
+    assert "0004217" in {r["tag_AccessionNumber"] for r in rows}
+
+
+def test_a_file_name_that_is_not_utf8_is_one_error_row_and_the_rest_are_scored(trained: Path, tmp_path: Path) -> None:
+    """A Latin-1 name from an old share (``caf\\xe9.dcm``) cannot be written in a text row as it is: its row names it
+    with the byte escaped, the other files are scored, and a second run resumes all of them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    (folder / "a.dcm").write_bytes(ct)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.dcm"), "wb") as fh:
+        fh.write(ct)
+    out = tmp_path / "s.csv"
+    summary = score_folder(folder, trained, out, workers=1)
+    rows = {r["path"]: r for r in _rows(out)}
+    assert rows["a.dcm"]["status"] == "ok" and summary.reconciled and summary.exit_code == 3
+    assert rows["caf\\xe9.dcm"]["status"] == "error" and "not valid UTF-8" in rows["caf\\xe9.dcm"]["reason"]
+    again = score_folder(folder, trained, out, workers=1)
+    assert again.files_found == 2 and again.reconciled and len(_rows(out)) == 2
+
+
+def test_a_file_name_with_a_line_break_is_one_row_through_a_resume(trained: Path, tmp_path: Path) -> None:
+    """The row quotes the name; resuming reads records, not lines, so nothing is cut or lost."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    for name in ("a.dcm", "b\nc.dcm", "d\r.dcm", "z.dcm"):
+        (folder / name).write_bytes(ct)
+    out = tmp_path / "s.csv"
+    first = score_folder(folder, trained, out, workers=0)
+    again = score_folder(folder, trained, out, workers=0)
+    assert first.exit_code == again.exit_code == 0 and again.reconciled and again.already_done == 3
+    assert sorted(r["path"] for r in _rows(out)) == ["a.dcm", "b\nc.dcm", "d\r.dcm", "z.dcm"]
+
+
+def test_a_broken_link_to_an_absolute_path_does_not_print_it(trained: Path, tmp_path: Path) -> None:
+    """A link's absolute target lies outside the folder and may name a patient (``/pacs/DOE^JOHN/IM1.dcm``)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "abs.dcm").symlink_to("/nonexistent/DOE^JOHN_1961/IM0001.dcm")
+    (folder / "rel.dcm").symlink_to("gone.dcm")
+    score_folder(folder, trained, tmp_path / "s.csv", workers=0)
+    reason = {r["path"]: r["reason"] for r in _rows(tmp_path / "s.csv")}
+    assert reason["abs.dcm"] == "broken symbolic link: its target, outside the folder, does not exist"
+    assert reason["rel.dcm"] == "broken symbolic link: its target 'gone.dcm' does not exist"
 
 
 def test_cli_exit_codes(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

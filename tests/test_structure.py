@@ -23,6 +23,7 @@ LAYERS = {
     "medvision.io": 0,
     "medvision.workers": 0,
     "medvision.metrics": 0,
+    "medvision.intervals": 0,
     "medvision.recipe": 1,
     "medvision.recipe_nodes": 1,
     "medvision.evaluation": 2,

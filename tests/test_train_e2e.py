@@ -151,6 +151,40 @@ def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+def test_a_run_killed_after_it_stopped_early_resumes_without_training_on(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Early stopping (no epoch improves after the first, patience 1) ends the run at epoch 2 of 4; a kill during its
+    final evaluation leaves last.pt at that point, and --resume trains no further epoch: the same run."""
+    phases = [{"name": "all", "epochs": 4, "trainable": "all", "lr": 1e-2}]
+    monkeypatch.setattr(loop.FitState, "improved", lambda self, *args, **kwargs: self.best is None)
+    straight = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "a", phases=phases, patience=1)))
+    assert [h["epoch"] for h in json.loads((straight / "metrics.json").read_text())["history"]] == [1, 2]
+
+    import medvision.tasks.train as train_task
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("simulated kill in the final evaluation")
+
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases, patience=1))
+    real_evaluate = train_task._evaluate_splits
+    monkeypatch.setattr(train_task, "_evaluate_splits", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    monkeypatch.setattr(train_task, "_evaluate_splits", real_evaluate)
+
+    def no_epoch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained an epoch after early stopping")
+
+    monkeypatch.setattr(loop, "train_one_epoch", no_epoch)
+    resumed = train(recipe, resume=True)
+    a, b = _state(straight), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    histories = [json.loads((run / "metrics.json").read_text())["history"] for run in (straight, resumed)]
+    timeless = [[{k: v for k, v in h.items() if k not in ("seconds", "train_img_s")} for h in hs] for hs in histories]
+    assert timeless[0] == timeless[1]
+
+
 def test_nan_loss_stops_with_a_clear_message() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with torch.no_grad():

@@ -100,6 +100,26 @@ def test_a_slide_without_mpp_is_an_error_naming_the_file_unless_set(small_rgb: n
         open_slide(junk)
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_a_slide_with_pixels_that_are_not_square_is_an_error_unless_the_mpp_is_set(
+    small_rgb: np.ndarray, tmp_path: Path, backend: str
+) -> None:
+    """0.25 µm wide and 0.5 µm high: a tile of so many µm would be twice as high as wide, and the tissue area half."""
+    import tifffile
+
+    path = tmp_path / "tall.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for i, ds in enumerate((1, 4)):
+            size = (small_rgb.shape[1] // ds, small_rgb.shape[0] // ds)
+            level = small_rgb if ds == 1 else cv2.resize(small_rgb, size, interpolation=cv2.INTER_AREA)
+            tif.write(level, tile=(256, 256), subfiletype=1 if i else 0, compression="jpeg", photometric="rgb",
+                      resolution=(1e4 / (0.25 * ds), 1e4 / (0.5 * ds)), resolutionunit="CENTIMETER")  # fmt: skip
+    with pytest.raises(SlideError, match=r"tall\.tif: its pixels are not square \(.* 0\.25 µm wide, 0\.5 µm high\)"):
+        open_slide(path, backend=backend)
+    with open_slide(path, backend=backend, mpp=0.25) as slide:
+        assert slide.mpp == 0.25 and slide.mpp_source == "recipe"
+
+
 def test_tissue_mask_keeps_tissue_and_excludes_glass_and_pen(he_dir: Path) -> None:
     tissue, pen = (100, 100, 900, 700), (1200, 150, 500, 200)
     rgb = compose_slide(he_dir, 2048, 1024, [tissue], [], seed=5, pen_boxes=[pen])

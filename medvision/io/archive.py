@@ -70,7 +70,9 @@ def _link_problem(path: str, err: OSError) -> tuple[Outcome, str]:
     if err.errno == errno.ELOOP:
         return "error", "symbolic link loop: the link resolves to itself"
     if err.errno == errno.ENOENT:
-        return "error", f"broken symbolic link: its target {os.readlink(path)!r} does not exist"
+        target = os.readlink(path)  # an absolute target is a path outside the folder, which may name a patient
+        shown = f"its target {target!r}" if not os.path.isabs(target) else "its target, outside the folder,"
+        return "error", f"broken symbolic link: {shown} does not exist"
     return "error", f"cannot stat the link target ({type(err).__name__}: {err.strerror or err})"
 
 
@@ -87,7 +89,20 @@ def scan(root: Path) -> list[Entry]:
     top = os.stat(root)
     visited = {(top.st_dev, top.st_ino)}
     _scan_dir(str(root), "", out, visited)
-    return out
+    return [text_entry(e) for e in out]
+
+
+def text_entry(entry: Entry) -> Entry:
+    """An entry whose path is not valid UTF-8 (a Latin-1 name from an old share: ``caf\\xe9.dcm``) as an error row
+    that names it with its bytes escaped: a row is text, and such a name cannot be written, sharded or resumed as
+    it is. Its file is not read."""
+    try:
+        entry.rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = entry.rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return Entry(shown, "error", "its path is not valid UTF-8 (shown here with its bytes escaped); rename it to "
+                                     "read it")  # fmt: skip
+    return entry
 
 
 def _scan_dir(path: str, rel: str, out: list[Entry], visited: set[tuple[int, int]]) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from medvision.evaluation import SplitOutputs
-from medvision.metrics import aggregate_by_group, bootstrap_cis, compute_accuracy, compute_auc, softmax
+from medvision.intervals import bootstrap_cis
+from medvision.metrics import aggregate_by_group, compute_accuracy, compute_auc, softmax
 from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil
 from medvision.recipe import EvalConfig
 
@@ -67,8 +68,8 @@ def fit_slide_head(
     return probs, history
 
 
-def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig,
-                         mil_probs: np.ndarray | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig, mil_probs: np.ndarray | None = None,
+                         positive: int | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Slide-level AUC (with a bootstrap CI: a patient's slides drawn together where the data names patients) and
     accuracy of mean, max, top-k, and ABMIL when given."""
     p_tiles = out.probs(temperature)
@@ -77,7 +78,8 @@ def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig,
     y = np.zeros(0, np.int64)
     patients = out.bootstrap_groups("patient")
     for name, method in methods:
-        _, y, p, _ = aggregate_by_group(out.groups, out.labels, p_tiles, method, cfg.top_k)
+        _, y, p, _ = aggregate_by_group(out.groups, out.labels, p_tiles, method, cfg.top_k,
+                                        1 if positive is None else positive)  # fmt: skip
         rows[name] = _row(y, p, cfg, patients)
     if mil_probs is not None:
         rows["ABMIL (attention MIL)"] = _row(y, mil_probs, cfg, patients)

@@ -33,15 +33,8 @@ from medvision import plots
 from medvision.data.sources import load_table
 from medvision.errors import MedvisionError
 from medvision.evaluation import bootstrap_groups
-from medvision.metrics import (
-    MetricWarning,
-    aggregate_by_group,
-    bootstrap_cis,
-    compute_accuracy,
-    compute_auc,
-    delong_test,
-    paired_bootstrap,
-)
+from medvision.intervals import bootstrap_cis, delong_test, paired_bootstrap
+from medvision.metrics import MetricWarning, aggregate_by_group, compute_accuracy, compute_auc
 from medvision.recipe import load_recipe
 from medvision.report import Block, to_html, to_markdown, write_json
 from medvision.runs import cache_dir, read_run_json
@@ -246,7 +239,9 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level
         return f"every {ref.unit} has one image here, so the {ref.unit} level equals the image level"
     probs = {}
     for run, p in zip(runs, found, strict=True):
-        _, y, probs[run.name], _ = aggregate_by_group(p.groups, labels, run.probs, p.aggregate, p.top_k)
+        positive = (run.meta.get("decision") or {}).get("positive")  # the run's evaluation.positive_class
+        _, y, probs[run.name], _ = aggregate_by_group(p.groups, labels, run.probs, p.aggregate, p.top_k,
+                                                      1 if positive is None else positive)  # fmt: skip
     how = {f"`{p.aggregate}`" + (f" (k = {p.top_k})" if p.aggregate == "topk" else "") for p in found}
     text = f"each {ref.unit}'s image probabilities aggregated by " + ", ".join(sorted(how))
     if len(how) > 1:

@@ -8,7 +8,7 @@ patient):
   t-interval of the mean over the k folds, clipped to the metric's range (:func:`fold_summary`);
 - pooled: the metric of all out-of-fold predictions together, with its bootstrap CI.
 
-Every bootstrap resamples patients, not slides (``groups=`` of :func:`~medvision.metrics.bootstrap_cis`): a
+Every bootstrap resamples patients, not slides (``groups=`` of :func:`~medvision.intervals.bootstrap_cis`): a
 patient's slides are drawn together, as the folds keep them together, because they are not independent; drawn
 one by one they would make the intervals too narrow. Classes: AUC (one-vs-rest macro for more than two),
 accuracy and balanced accuracy, the patients stratified by label. A continuous target: MSE, MAE and R²,
@@ -27,16 +27,15 @@ import numpy as np
 
 from medvision.data.slide_features import FeatureCohort
 from medvision.evaluation import positive_index
+from medvision.intervals import bootstrap_cis, mean_ci
 from medvision.metrics import (
     MetricWarning,
     balanced_accuracy,
-    bootstrap_cis,
     compute_accuracy,
     compute_auc,
     compute_mae,
     compute_mse,
     compute_r2,
-    mean_ci,
 )
 from medvision.plots import plot_roc
 from medvision.recipe import EvalConfig, Recipe
@@ -66,7 +65,7 @@ METRIC_RANGE = {"auc": (0.0, 1.0), "acc": (0.0, 1.0), "balanced_acc": (0.0, 1.0)
 
 
 def fold_summary(values: list[float], level: float, bounds: tuple[float, float]) -> dict[str, Any]:
-    """Mean, SD and the t-interval of the mean (:func:`~medvision.metrics.mean_ci`) of one metric over the folds
+    """Mean, SD and the t-interval of the mean (:func:`~medvision.intervals.mean_ci`) of one metric over the folds
     where it is defined, the interval clipped to ``bounds`` (the metric's range). The SD and the interval are NaN
     with fewer than two such folds."""
     vals = np.asarray(values, np.float64)

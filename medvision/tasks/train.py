@@ -51,7 +51,7 @@ from medvision.training.setup import place_model, preflight, start_run_folder
 log = logging.getLogger("medvision")
 
 #: What a finished run folder holds besides recipe.yaml and run.json: removed when a run starts afresh.
-RESULTS = ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html")
+RESULTS = ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html", "export")
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, parent: Tracker | None = None) -> Path:

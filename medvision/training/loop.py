@@ -368,6 +368,11 @@ def fit(
         ema.update(model, step=state.ema_steps)
 
     evaluated = ema.module if ema is not None else compiled  # validation and the best checkpoint: the average
+    if cfg.patience is not None and state.stale >= cfg.patience:
+        # resumed after early stopping (killed during its final evaluation): training on would make another run
+        log.info("early stopping: the run had stopped at epoch %d (%s did not improve for %d epochs)",
+                 state.epoch, cfg.monitor, cfg.patience)  # fmt: skip
+        return state
 
     _, labels = predict_logits(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
     log.info("sanity check: 2 validation batches evaluate (%d images%s)", len(labels),

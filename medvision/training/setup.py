@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,16 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
 
 
 def start_run_folder(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, results: tuple[str, ...]) -> None:
-    """Rank 0: removes an earlier run's ``results`` (unless resuming) and writes the resolved ``recipe.yaml``."""
+    """Rank 0: removes an earlier run's ``results`` (files or folders, e.g. ``export/``, whose ONNX model would
+    be the old weights) unless resuming, and writes the resolved ``recipe.yaml``."""
     if not d.is_main:
         return
     if not resume:
         for stale in results:
-            (run_dir / stale).unlink(missing_ok=True)
+            if (run_dir / stale).is_dir():
+                shutil.rmtree(run_dir / stale)
+            else:
+                (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 
 

@@ -135,23 +135,27 @@ def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _mpp_from_properties(props: dict[str, str], prefix: str) -> tuple[float | None, str]:
-    """MPP from OpenSlide-style properties: the vendor-normalised key, else TIFF resolution tags."""
-    for key in (f"{prefix}.mpp-x", "aperio.MPP"):
-        value = props.get(key)
-        if value:
-            try:
-                mpp = float(value)
-            except ValueError:
-                continue
-            if math.isfinite(mpp) and mpp > 0:
-                return mpp, key
+def _positive(value: str | None) -> float | None:
+    try:
+        v = float(value) if value else math.nan
+    except ValueError:
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _mpp_from_properties(props: dict[str, str], prefix: str) -> tuple[float | None, str, float | None]:
+    """MPP from OpenSlide-style properties: the vendor-normalised key, else TIFF resolution tags; with the
+    pixel height in µm where the metadata gives one (``mpp-y``, ``YResolution``)."""
+    for key, y_key in ((f"{prefix}.mpp-x", f"{prefix}.mpp-y"), ("aperio.MPP", "")):
+        if (mpp := _positive(props.get(key))) is not None:
+            return mpp, key, _positive(props.get(y_key))
     res, unit = props.get("tiff.XResolution"), (props.get("tiff.ResolutionUnit") or "").lower()
     if res and unit in _CM_PER_UNIT:
         per_cm = float(res) / _CM_PER_UNIT[unit]
         if per_cm > 100:  # 72 dpi and such are screen defaults, not a scanner's calibration
-            return 1e4 / per_cm, "tiff.XResolution"
-    return None, ""
+            y_res = _positive(props.get("tiff.YResolution"))
+            return 1e4 / per_cm, "tiff.XResolution", 1e4 * _CM_PER_UNIT[unit] / y_res if y_res else None
+    return None, "", None
 
 
 class _OpenSlideLike(Slide):
@@ -161,8 +165,8 @@ class _OpenSlideLike(Slide):
         self.path, self.backend, self._handle = path, backend, handle
         self.level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
         props = {str(k): str(v) for k, v in dict(handle.properties).items()}
-        found, key = _mpp_from_properties(props, prefix)
-        self.mpp, self.mpp_source = _choose_mpp(path, found, key, mpp)
+        found, key, height = _mpp_from_properties(props, prefix)
+        self.mpp, self.mpp_source = _choose_mpp(path, found, key, mpp, height)
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         image = self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h)))
@@ -202,13 +206,14 @@ class DicomSlide(Slide):
             raise SlideError(f"{path}: DICOM series has no whole-slide pyramid levels (ImageType VOLUME)")
         self._levels = [lv.level for lv in levels]
         self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
-        found = None
+        found = height = None
         try:
             spacing = self._wsi.mpp
-            found = float(spacing.width) if spacing is not None else None
+            if spacing is not None:
+                found, height = float(spacing.width), float(spacing.height)
         except Exception:  # wsidicom raises when PixelSpacing is absent
-            found = None
-        self.mpp, self.mpp_source = _choose_mpp(path, found, "PixelSpacing", mpp)
+            found = height = None
+        self.mpp, self.mpp_source = _choose_mpp(path, found, "PixelSpacing", mpp, height)
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
@@ -226,9 +231,16 @@ class DicomSlide(Slide):
         self._wsi.close()
 
 
-def _choose_mpp(path: Path, found: float | None, key: str, override: float | None) -> tuple[float, str]:
+def _choose_mpp(path: Path, found: float | None, key: str, override: float | None,
+                height: float | None = None) -> tuple[float, str]:  # fmt: skip
+    """The slide's µm per pixel: ``override`` (the recipe's), else the metadata's ``found`` under ``key``, whose
+    pixels must be square (``height``, µm, within 1%): a tile of so many µm would not be square otherwise."""
     if override is not None:
         return float(override), "recipe"
+    if found is not None and height is not None and abs(height / found - 1) > 0.01:
+        raise SlideError(f"{path}: its pixels are not square ({key} says {found:g} µm wide, {height:g} µm high); "
+                         "tiles and tissue areas here assume square pixels: resample the slide, or set "
+                         "data.slides.mpp to use one value for both")  # fmt: skip
     if found is None:
         raise SlideError(
             f"{path}: the slide has no microns-per-pixel metadata (no openslide.mpp-x, TIFF resolution, OME "

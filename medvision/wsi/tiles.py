@@ -146,8 +146,11 @@ class TiffLevelTiles:
     OpenSlide spends ~2.4 ms on a 256 px tile it has already decoded (compositing through cairo);
     decoding the tile straight from the file takes ~0.3 ms, and neighbouring grid cells share tiles.
     Pixels are identical to OpenSlide's (both decode the same JPEG with libjpeg-turbo; checked in
-    the tests). :meth:`open` returns None for anything else (other compressions, OME SubIFDs,
-    DICOM), which then goes through :meth:`Slide.read_region`.
+    the tests) wherever a region starts on a pixel of its level: always at level 0. Above it, a level-0
+    position between two level pixels is read from the nearest one (``TileReader``: ``round(x / downsample)``),
+    where OpenSlide resamples at the fraction: the two differ by less than half a pixel of that level.
+    :meth:`open` returns None for anything else (other compressions, OME SubIFDs, DICOM), which then goes
+    through :meth:`Slide.read_region`.
 
     Grid cells come in rows, and a row of ``span``-pixel cells touches ``ceil(span / tile) + 1`` rows of JPEG
     tiles, the last of which the next row of cells touches again. The LRU holds that many whole rows of tiles

@@ -33,7 +33,8 @@ from matplotlib.figure import Figure
 
 from medvision.data.sources import load_table
 from medvision.data.table import subset_indices
-from medvision.metrics import bootstrap_cis, compute_auc
+from medvision.intervals import bootstrap_cis
+from medvision.metrics import compute_auc
 from medvision.recipe import Recipe
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.speed import BenchmarkError

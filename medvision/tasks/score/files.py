@@ -20,6 +20,7 @@ unless asked for with ``--include-tags``.
 
 from __future__ import annotations
 
+import csv
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,7 +141,10 @@ def to_parquet(table_path: Path, out: Path) -> None:
         raise EnvironmentProblem(
             f"Parquet output needs pyarrow (pip install pyarrow); the rows are in {table_path}"
         ) from None
+    with table_path.open(newline="") as fh:
+        header = next(csv.reader(fh), [])
     text = ("path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "pred", "status", "reason")
-    string_columns = {c: pa.string() for c in text}
+    # --include-tags values are text too: AccessionNumber 0004217 must not become the number 4217
+    string_columns = {c: pa.string() for c in header if c in text or c.startswith("tag_")}
     table = pacsv.read_csv(table_path, convert_options=pacsv.ConvertOptions(column_types=string_columns))
     pq.write_table(table, out)

@@ -85,17 +85,20 @@ class ScoreSummary:
 
     @property
     def exit_code(self) -> int:
-        """0: every input scored; 3: some entries are error rows; 4: no input at all (nothing to score)."""
-        if self.error_files:
+        """0: every input scored; 3: some entries are error rows, or have no row at all (the table does not account
+        for every entry found: never a success); 4: no input at all (nothing to score)."""
+        if self.error_files or not self.reconciled:
             return EXIT_FILE_ERRORS
         return EXIT_OK if self.ok_files else EXIT_NO_IMAGES
 
     def line(self) -> str:
+        rowless = self.files_found - self.ok_files - self.error_files - self.skipped_files
         return (
             f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} {self.item}(s)), "
             f"{self.error_files} error(s), {self.skipped_files} skipped; {self.already_done} were already in "
             f"{self.out}; {self.images_now} {self.item}(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} "
             f"{'img' if self.item == 'image' else self.item + 's'}/s)"
+            + ("" if self.reconciled else f"; {rowless} file(s) found have no row")
         )
 
 
@@ -197,20 +200,36 @@ class RowWriter:
 
 def resume(table: Path) -> set[str]:
     """Paths already finished in a previous output. A row cut short by a kill and the rows of the last
-    entry (it may have been cut between two of its frames) are removed, so that entry is scored again."""
+    entry (it may have been cut between two of its frames) are removed, so that entry is scored again. Rows are
+    read as CSV records, so a quoted path that holds a line break is one row."""
     if not table.is_file():
         return set()
     data = table.read_bytes()
-    keep = data[: data.rfind(b"\n") + 1]
-    lines = keep.splitlines(keepends=True)
-    if len(lines) > 1:
-        last = next(csv.reader([lines[-1].decode()]))[0]
-        while len(lines) > 1 and next(csv.reader([lines[-1].decode()]))[0] == last:
-            lines.pop()
-        keep = b"".join(lines)
+    pieces = data.decode("utf-8", "surrogateescape").split("\n")  # a kill may cut a character in two
+    lines = [p + "\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    ends: list[tuple[str, int]] = []  # each complete record's first field and the line it ends on
+    consumed = 0
+
+    def feed() -> Iterator[str]:
+        nonlocal consumed
+        for line in lines:
+            consumed += 1
+            yield line
+
+    try:
+        for record in csv.reader(feed(), strict=True):
+            if lines[consumed - 1].endswith("\n"):
+                ends.append((record[0] if record else "", consumed))
+    except csv.Error:  # the file ends inside a quoted field: the record was cut short
+        pass
+    if len(ends) > 1:  # the header, and the rows of the last path dropped
+        last = ends[-1][0]
+        while len(ends) > 1 and ends[-1][0] == last:
+            ends.pop()
+    keep = "".join(lines[: ends[-1][1]] if ends else []).encode("utf-8", "surrogateescape")
     if keep != data:  # keep is a prefix of data
-        with table.open("r+b") as fh:
-            fh.truncate(len(keep))
+        with table.open("r+b") as raw:
+            raw.truncate(len(keep))
     with table.open(newline="") as fh:
         return {row["path"] for row in csv.DictReader(fh) if row.get("path")}
 
@@ -322,6 +341,12 @@ def run_units(
         table = part_path(out, d.rank, d.world_size)
     else:
         mine, table = entries, merged
+    job = {**record, **unit.provenance(), "shard": f"{shard[0]}/{shard[1]}"}
+    same_job(out, job, table)
+    barrier(d)  # every rank has checked the record before rank 0 writes this job's
+    if d.is_main:
+        started = json.dumps({**job, "finished": False}, indent=2) + "\n"
+        atomic_write(Path(f"{out}.json"), lambda tmp: _write_text(tmp, started))
     done = resume(table)
     todo = [e for e in mine if e.rel not in done]
     summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
@@ -362,8 +387,39 @@ def run_units(
     return summary
 
 
+#: What a resumed job may change: the machine and the software around the model, not the model, its settings, its
+#: engine and precision, or the shard (a row is one job's answer, whichever run wrote it).
+RESUMABLE = frozenset({"versions", "device", "model_file", "limits", "world_size", "finished"})
+
+
+def same_job(out: Path, job: dict[str, Any], table: Path) -> None:
+    """Refuses to add rows to a table that another job began (``<out>.json``, written when a job starts and when it
+    ends): another model, settings, engine, precision or shard would leave rows of two jobs under one record.
+
+    Raises:
+        RunError: naming what differs, and what to do.
+    """
+    path = Path(f"{out}.json")
+    if not path.is_file() or not table.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise RunError(f"{path} cannot be read, so the rows of {table} cannot be told apart from another job's; "
+                       "give another --out") from None  # fmt: skip
+    new = json.loads(json.dumps(job))  # as it reads back: tuples are lists
+    differ = sorted(k for k in new if k not in RESUMABLE and k in old and old[k] != new[k])
+    if differ:
+        raise RunError(f"{table} holds rows of another job ({', '.join(differ)} differ from {path}): resume with the "
+                       "same model, settings and --shard, or give another --out")  # fmt: skip
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
 def write_provenance(out: Path, record: dict[str, Any], summary: ScoreSummary, unit: Unit) -> None:
     """``<out>.json``: what scored, with which weights, settings and precision, and what came of it."""
     full = {**record, **unit.provenance(), **asdict(summary), "reconciled": summary.reconciled,
-            "exit_code": summary.exit_code}  # fmt: skip
+            "exit_code": summary.exit_code, "finished": True}  # fmt: skip
     Path(f"{out}.json").write_text(json.dumps(full, indent=2) + "\n")

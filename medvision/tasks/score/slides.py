@@ -52,7 +52,7 @@ from tqdm import tqdm
 from medvision.data.intake import preprocess
 from medvision.evaluation import Decision
 from medvision.inference import Engine
-from medvision.io.archive import Entry
+from medvision.io.archive import Entry, text_entry
 from medvision.io.files import atomic_write
 from medvision.metrics import aggregate_by_group, softmax
 from medvision.models.mil import MILHead
@@ -103,7 +103,7 @@ def find_slides(folder: Path) -> list[Entry]:
             else:
                 why = f"not a slide (suffix {Path(f).suffix or 'none'!r}; expected one of {', '.join(SLIDE_SUFFIXES)}"
                 found.append(Entry(rel, "skipped", why + " or a DICOM series folder)"))
-    return sorted(found, key=lambda e: e.rel)
+    return sorted((text_entry(e) for e in found), key=lambda e: e.rel)
 
 
 _PLAN: dict[str, Any] = {}
@@ -529,12 +529,12 @@ class SlideUnit(SlideScan):
             logits, attention = predict_mil(self.head, [np.concatenate(feats)])
             slide_p = softmax(logits)[0]
             measurements["attention"] = attention_measure(attention[0])
-        else:
+        k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
+        if self.head is None:  # aggregated as the run was evaluated: for its positive class
             _, _, agg, _ = aggregate_by_group(["s"] * len(tile_probs), np.zeros(len(tile_probs), np.int64),
-                                              tile_probs, spec.aggregate, spec.top_k)  # fmt: skip
+                                              tile_probs, spec.aggregate, spec.top_k, k)  # fmt: skip
             slide_p = agg[0]
         item.probs = slide_p
-        k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
         title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
         heat = (measurements["attention"], "ABMIL attention (÷ the slide's max)") if self.head is not None else \
             (tile_probs[:, k], f"tile P({spec.classes[k]})")  # fmt: skip

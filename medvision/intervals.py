@@ -1,0 +1,218 @@
+"""How sure a metric is: bootstrap CIs (stratified, or of whole patients), the paired bootstrap of two models,
+DeLong's test, and the Wilson and Student-t intervals; pure functions, checked against scikit-learn and SciPy in
+the tests. One bootstrap (:func:`bootstrap_indices`) draws every resample here, and the ROC bands of
+:mod:`medvision.plots` too, so a CI and the band beside it come from the same resamples.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from math import erf, sqrt
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from medvision.metrics import MetricWarning
+
+
+def bootstrap_indices(y: np.ndarray, n_resamples: int, seed: int, stratify: bool = True,
+                      groups: Sequence[Any] | np.ndarray | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """The row indices of each bootstrap resample: within each class when ``stratify`` (every resample keeps the
+    class mix), else over all rows; none when there are no rows. One definition for every bootstrap here, so
+    paired and single CIs drawn with the same seed use the same resamples.
+
+    ``groups`` (one id per row, e.g. the patient of each slide) makes it a cluster bootstrap: whole groups are
+    drawn with replacement and every row of a drawn group comes along, so rows that are not independent (a
+    patient's several slides) count as the one unit they are and the interval is not too narrow. With
+    ``stratify`` the groups are drawn within the class of their rows; a group whose rows carry different
+    labels counts in the class most of its rows have (ties: the lowest). Groups are taken in the order of
+    their first row, so one group per row draws exactly the rows (and random numbers) of ``groups=None``.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).ravel()
+    members: list[np.ndarray] | None = None  # each group's rows, groups in the order of their first row
+    unit_y = y
+    if groups is not None:
+        ids = np.asarray(groups).ravel()
+        if len(ids) != len(y):
+            raise ValueError(f"bootstrap groups: {len(ids)} group ids for {len(y)} rows; expected one per row")
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        unit = rank[inverse.ravel()]
+        members = np.split(np.argsort(unit, kind="stable"), np.cumsum(np.bincount(unit))[:-1]) if len(y) else []
+        counts = [np.unique(y[rows], return_counts=True) for rows in members]  # a group's class: its most common
+        unit_y = np.asarray([v[int(np.argmax(c))] for v, c in counts], dtype=y.dtype)  # label (ties: the lowest)
+    strata = [np.flatnonzero(unit_y == c) for c in np.unique(unit_y)] if stratify else [np.arange(len(unit_y))]
+    strata = [g for g in strata if len(g)]
+    for _ in range(n_resamples if strata else 0):
+        drawn = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in strata])
+        yield drawn if members is None else np.concatenate([members[u] for u in drawn])
+
+
+def bootstrap_cis(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    stratify: bool = True,
+    groups: Sequence[Any] | np.ndarray | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of several metrics over the same (by default stratified) bootstrap resamples.
+
+    With ``stratify`` each class is resampled on its own, so every resample keeps the data's class mix
+    and AUC is defined in each one. Continuous targets need ``stratify=False``: every distinct value
+    would be its own stratum, resampled only to itself, and the interval would collapse to the point
+    estimate; then all rows are resampled together. ``groups`` (one id per row, e.g. each slide's patient)
+    resamples whole groups instead of rows (:func:`bootstrap_indices`). Resamples where a metric is NaN are
+    dropped for that metric; a metric that is NaN in every resample gets a (NaN, NaN) interval.
+    """
+    y = np.asarray(y_true).ravel()
+    p = np.asarray(probs)
+    values: dict[str, list[float]] = {name: [] for name in metrics}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        for idx in bootstrap_indices(y, n_resamples, seed, stratify, groups):
+            for name, metric in metrics.items():
+                values[name].append(metric(y[idx], p[idx]))
+    alpha = (1 - level) / 2
+    out = {}
+    for name, vals in values.items():
+        arr = np.asarray(vals, dtype=np.float64)
+        arr = arr[np.isfinite(arr)]
+        out[name] = (
+            (float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))) if arr.size else (math.nan, math.nan)
+        )
+    return out
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    stratify: bool = True,
+    groups: Sequence[Any] | np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Percentile CI of one ``metric`` over bootstrap resamples, stratified by class by default, of whole
+    ``groups`` when given (see ``bootstrap_cis``)."""
+    return bootstrap_cis(y_true, probs, {"m": metric}, n_resamples, seed, level, stratify=stratify, groups=groups)["m"]
+
+
+def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components: V10 per positive, V01 per negative (ties count one half)."""
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return wins.mean(axis=1), wins.mean(axis=0)
+
+
+def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, level: float = 0.95) -> dict[str, Any]:
+    """DeLong et al. (1988): AUCs of two models on the same cases, their ``level`` CIs and the two-sided p-value.
+    The cases are taken as independent (one a patient)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level is {level}; expected a coverage strictly between 0 and 1, e.g. 0.95")
+    y = np.asarray(y_true).astype(bool).ravel()
+    a, b = np.asarray(score_a, dtype=np.float64).ravel(), np.asarray(score_b, dtype=np.float64).ravel()
+    if y.all() or not y.any():
+        warnings.warn("DeLong test needs both classes; reporting NaN", MetricWarning, stacklevel=2)
+        nan = float("nan")
+        return {"auc_a": nan, "auc_b": nan, "ci_a": (nan, nan), "ci_b": (nan, nan), "z": nan, "p": nan}
+    m, n = int(y.sum()), int((~y).sum())
+    comps = [_placements(s[y], s[~y]) for s in (a, b)]
+    aucs = np.array([v10.mean() for v10, _ in comps])
+    s10 = np.cov(np.stack([v10 for v10, _ in comps]))
+    s01 = np.cov(np.stack([v01 for _, v01 in comps]))
+    cov = s10 / m + s01 / n
+    var_diff = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    z = (aucs[0] - aucs[1]) / np.sqrt(var_diff) if var_diff > 0 else 0.0
+    p = 2 * (1 - 0.5 * (1 + erf(abs(z) / sqrt(2))))
+    z_level = NormalDist().inv_cdf(0.5 + level / 2)  # 1.959964 for 0.95
+    ci = [(aucs[i] - z_level * np.sqrt(cov[i, i]), aucs[i] + z_level * np.sqrt(cov[i, i])) for i in range(2)]
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "ci_a": ci[0], "ci_b": ci[1], "z": float(z), "p": p}
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    stratify: bool = True,
+    groups: Sequence[Any] | np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The difference ``metric(b) - metric(a)`` of two models on the same cases, with a paired bootstrap.
+
+    Each resample draws one set of case indices (within each class when ``stratify``, of whole ``groups``
+    when given, as :func:`bootstrap_cis` draws them) and scores both models on it, so what the two have in common (the
+    hard cases, the easy ones) cancels out of the difference. Returns, per metric: ``diff`` (on all
+    cases), ``ci`` (percentile interval of the resampled differences) and ``p``, the two-sided
+    bootstrap p-value of "no difference": twice the smaller share of resampled differences at or below
+    zero and at or above it, counted as ``(1 + k) / (1 + resamples)`` so it is never 0, capped at 1. So
+    p < 1 - ``level`` where the interval leaves out 0, up to the resolution of the resampling. Resamples
+    where the difference is NaN are dropped (``resamples`` says how many were kept).
+    """
+    y = np.asarray(y_true).ravel()
+    a, b = np.asarray(probs_a), np.asarray(probs_b)
+    if len(a) != len(y) or len(b) != len(y):
+        raise ValueError(f"paired bootstrap: {len(y)} labels but {len(a)} and {len(b)} prediction rows; expected "
+                         "both models' predictions of the same cases")  # fmt: skip
+    diffs: dict[str, list[float]] = {name: [] for name in metrics}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        observed = {name: metric(y, b) - metric(y, a) for name, metric in metrics.items()}
+        for idx in bootstrap_indices(y, n_resamples, seed, stratify, groups):
+            for name, metric in metrics.items():
+                diffs[name].append(metric(y[idx], b[idx]) - metric(y[idx], a[idx]))
+    alpha = (1 - level) / 2
+    out: dict[str, dict[str, Any]] = {}
+    for name, vals in diffs.items():
+        d = np.asarray(vals, dtype=np.float64)
+        d = d[np.isfinite(d)]
+        if d.size == 0:
+            out[name] = {"diff": float(observed[name]), "ci": (math.nan, math.nan), "p": math.nan, "resamples": 0}
+            continue
+        tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
+        out[name] = {
+            "diff": float(observed[name]),
+            "ci": (float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))),
+            "p": min(1.0, 2 * (1 + tail) / (1 + d.size)),
+            "resamples": int(d.size),
+        }
+    return out
+
+
+def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (NaN, NaN for ``n == 0``); checked against SciPy's
+    ``binomtest(k, n).proportion_ci(method="wilson")``."""
+    if n == 0:
+        return math.nan, math.nan
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of a mean (NaN, NaN for fewer than two values); checked against SciPy's
+    ``ttest_1samp(values, 0).confidence_interval``. Constant values give the point ``(mean, mean)``."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return math.nan, math.nan
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return float(x.mean()) - half, float(x.mean()) + half
