@@ -449,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "medmnist":
                 from medvision.tasks.benchmark import medmnist as mm
 
-                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+                try:
+                    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+                except ValueError:
+                    raise RunError(f"--seeds {args.seeds!r}: expected whole numbers, comma separated, "
+                                   "e.g. 0,1,2") from None  # fmt: skip
                 found = mm.medmnist_benchmark(load_recipe(args.recipe, args.overrides), seeds,
                                               [mm.parse_variant(v) for v in args.variants], args.out, args.overwrite,
                                               args.resamples)  # fmt: skip

@@ -426,7 +426,13 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"override {assignment!r} has no '='; expected KEY=VALUE, e.g. train.phases[0].lr=1e-3")
     key, raw = assignment.split("=", 1)
-    set_key(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise RecipeError(f"override {assignment!r}: its value {raw!r} is not valid YAML ({problem}); quote a "
+                          "string, e.g. data.path='a: b'") from None  # fmt: skip
+    set_key(tree, key.strip(), value)
 
 
 def set_key(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -539,13 +545,33 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         0.0003
     """
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {str(path)!r} is a folder; expected a recipe YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # SafeLoader's tags only
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#x} at offset "
+                          f"{err.start}); save it as UTF-8") from None  # fmt: skip
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
     return recipe_from_dict(tree if tree is not None else {}, origin=repr(str(path)), overrides=overrides)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (the same safe tags), but a key given twice in one mapping is an error: YAML
+    keeps the last silently, and ``lr: 3e-3`` then ``lr: 9.0`` would train a different experiment than it reads."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice (lines "
+                                                        f"{seen[key]} and {line}); keep one")  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -36,8 +36,8 @@ class DicomConfig(_Node):
     labels: str | None = None
     """CSV with ``label`` and ``path`` (relative to the folder) or ``sop_instance_uid``; default: class folders."""
     cache: bool = True
-    """Cache decoded, windowed pixels as float16 ``.npy`` files, filled as the table is built (damaged pixels are
-    found before training), so epochs skip decoding."""
+    """Cache decoded, windowed pixels as float32 ``.npy`` files (the pixels exactly, as ``score`` decodes them),
+    filled as the table is built (damaged pixels are found before training), so epochs skip decoding."""
 
     @field_validator("windows")
     @classmethod

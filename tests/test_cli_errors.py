@@ -59,6 +59,19 @@ def test_a_recipe_with_several_problems_is_still_one_line(tmp_path: Path, capsys
     assert "data.batchsize: unknown key" in line and "modle" in line
 
 
+def test_seeds_that_are_not_numbers_and_an_out_that_is_a_folder_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "bloodmnist_effnet_lite0.yaml"
+    assert cli.main(["benchmark", "medmnist", str(recipe), "--seeds", "a,b"]) == 2
+    assert "--seeds 'a,b': expected whole numbers" in _one_error_line(capsys)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    args = ["score", str(tmp_path / "in"), "--model", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    assert cli.main([*args, "--workers", "0"]) == 2
+    assert "is a folder; expected the table's file" in _one_error_line(capsys)
+
+
 def test_a_bug_is_one_line_too_and_debug_shows_the_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,7 +39,7 @@ from medvision.models.heads import (
     set_classifier,
 )
 from medvision.models.simclr import SimCLR
-from medvision.recipe import DataConfig, EvalConfig, RecipeError, recipe_from_dict
+from medvision.recipe import DataConfig, EvalConfig, RecipeError, load_recipe, recipe_from_dict
 from medvision.runs import RunError
 from medvision.tasks.benchmark.labels import (
     LabelResult,
@@ -652,6 +652,53 @@ def test_a_later_grid_in_the_same_folder_adds_to_the_tables(label_grid: Grid, sh
     assert ("imagenet", "knn", 0.5) in keys and ("random", "linear_probe", 0.25) in keys and len(keys) == 9
     assert len(list(csv.DictReader((label_grid.out / "label_efficiency.csv").open()))) == 9
     assert "| imagenet | knn | 0.5 |" in more.markdown
+
+
+def test_a_changed_recipe_is_trained_again_and_two_inits_of_one_name_are_refused(shared: Path, tmp_path: Path) -> None:
+    """A run is reused only when it was trained from exactly this recipe: another image size trains it again."""
+    tree = _blood(shared, tmp_path / "unused", "blood", "finetune", 40)
+    label_benchmark(recipe_from_dict(tree), [1.0], ["imagenet"], ["knn"], 1, tmp_path, resamples=0)
+    (run,) = (tmp_path / "runs").iterdir()
+    first = (run / "metrics.json").stat().st_mtime_ns
+    tree["data"]["image_size"] = 48
+    label_benchmark(recipe_from_dict(tree), [1.0], ["imagenet"], ["knn"], 1, tmp_path, resamples=0)
+    assert (run / "metrics.json").stat().st_mtime_ns != first
+    assert load_recipe(run / "recipe.yaml").data.image_size == 48
+    for name in ("a", "b"):
+        (tmp_path / name / "simclr").mkdir(parents=True)
+    with pytest.raises(BenchmarkError, match="have the same folder name 'simclr'"):
+        label_benchmark(recipe_from_dict(tree), [1.0], [str(tmp_path / "a" / "simclr"), str(tmp_path / "b" / "simclr")],
+                        ["knn"], 1, tmp_path / "two", resamples=0)  # fmt: skip
+
+
+def _predictions(run: Path, ids: list[str], labels: list[int], p1: np.ndarray) -> str:
+    run.mkdir(parents=True)
+    rows = ["split,id,label,pred,prob_a,prob_b"] + [f"test,{i},{'ab'[y]},{'ab'[int(p > 0.5)]},{1 - p},{p}"
+                                                    for i, y, p in zip(ids, labels, p1, strict=True)]  # fmt: skip
+    (run / "predictions.csv").write_text("\n".join(rows) + "\n")
+    return str(run)
+
+
+def test_paired_deltas_score_each_seed_on_its_own_test_images(tmp_path: Path) -> None:
+    """Seeds split a CSV differently: each seed's pair is scored against its own labels, never the last seed's."""
+    from medvision.metrics import compute_auc
+    from medvision.tasks.benchmark.labels import paired_difference
+
+    rng = np.random.default_rng(0)
+    pairs, expected = [], []
+    for seed in range(2):
+        ids = [f"s{seed}_{i}" for i in range(40)]
+        y = rng.integers(0, 2, 40)
+        a, b = np.clip(0.5 + (y - 0.5) * rng.random(40), 0, 1), np.clip(0.5 + (y - 0.5) * rng.random(40) * 2, 0, 1)
+        pairs.append((_predictions(tmp_path / f"a{seed}", ids, y.tolist(), a),
+                      _predictions(tmp_path / f"b{seed}", ids, y.tolist(), b)))  # fmt: skip
+        two = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
+        expected.append(compute_auc(y, two(b)) - compute_auc(y, two(a)))
+    value, lo, hi = paired_difference(pairs, compute_auc, 200, 0)
+    assert value == pytest.approx(float(np.mean(expected)), abs=1e-6) and lo <= value <= hi
+    _predictions(tmp_path / "c", [f"s0_{i}" for i in range(40)], [0] * 40, np.full(40, 0.5))
+    with pytest.raises(BenchmarkError, match="tested on different images"):
+        paired_difference([(pairs[1][0], str(tmp_path / "c"))], compute_auc, 0, 0)
 
 
 def test_heads_take_the_width_timm_pools_to_where_a_pre_logits_layer_widens_it() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medvision.recipe import RecipeError, apply_override, dump_recipe, load_recipe, recipe_from_dict
+from medvision.recipe import DataConfig, RecipeError, apply_override, dump_recipe, load_recipe, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -102,6 +102,29 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         load_recipe(bad)
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_recipe_that_is_a_folder_not_utf8_or_has_a_key_twice_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="is a folder; expected a recipe YAML file"):
+        load_recipe(tmp_path)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_recipe(latin1)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: t\ntrain:\n  phases:\n    - {epochs: 1, lr: 3.0e-3}\n  amp: none\n  amp: bf16\n")
+    with pytest.raises(RecipeError, match=r"not valid YAML: the key 'amp' is given twice \(lines 5 and 6\)"):
+        load_recipe(twice)
+
+
+def test_an_override_whose_value_is_not_yaml_and_a_misspelt_window_are_clear_errors() -> None:
+    with pytest.raises(RecipeError, match=r"override 'data.image_size=\[1': its value '\[1' is not valid YAML"):
+        apply_override({}, "data.image_size=[1")
+    with pytest.raises(RecipeError, match=r"override .*is not valid YAML"):
+        apply_override({}, "data.path=!!python/object:os.system")
+    for window in ({"centre": 40, "width": 80}, {"center": 40, "width": 80, "level": 3}):
+        with pytest.raises(ValueError, match=r"expected exactly the keys center and width"):  # pydantic's
+            DataConfig.model_validate({"source": "dicom", "path": "x", "dicom": {"windows": [window]}})
 
 
 def test_yaml_is_loaded_safely(tmp_path: Path) -> None:

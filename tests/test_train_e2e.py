@@ -211,6 +211,32 @@ def test_init_from_an_earlier_run_reinitialises_a_different_head(finished_run: P
     assert torch.equal(same.state_dict()["classifier.weight"], saved["classifier.weight"])
 
 
+def test_init_from_adapts_a_stem_for_other_channels_and_refuses_another_backbone(
+    finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An RGB run seeding a greyscale task: the stem is adapted as timm adapts ImageNet weights (never left random
+    under the name of a head); a tensor of the backbone itself that does not fit is an error."""
+    import shutil
+
+    import timm
+    from safetensors.torch import save_file
+
+    caplog.set_level(logging.INFO, logger="medvision")
+    saved = load_file(finished_run / "model.safetensors")
+    grey = create_backbone(ModelConfig(name="test_efficientnet", init_from=str(finished_run)), 2, 1)
+    expected = timm.models.adapt_input_conv(1, saved["conv_stem.weight"])
+    assert torch.equal(grey.state_dict()["conv_stem.weight"], expected)
+    assert "stem adapted from 3 to 1 input channel(s)" in caplog.text and "head re-initialised" not in caplog.text
+    other = tmp_path / "other"
+    shutil.copytree(finished_run, other)
+    changed = dict(saved)
+    key = next(k for k in saved if k.startswith("blocks.") and k.endswith("conv_pw.weight"))
+    changed[key] = torch.zeros(saved[key].shape[0] + 1, *saved[key].shape[1:])
+    save_file(changed, other / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"another architecture, not only another head: {key} "):
+        create_backbone(ModelConfig(name="test_efficientnet", init_from=str(other)), 2, 3)
+
+
 def test_local_pretrained_file_with_new_head_and_grayscale_stem(shared: Path) -> None:
     path = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
     file = load_file(path)

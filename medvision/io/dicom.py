@@ -94,6 +94,9 @@ class Window:
 def parse_window(value: Any) -> Window:
     """``"file"``, ``"file:1"``, ``"lung"``, ``"percentile"``, ``{center: 40, width: 80}`` or ``[40, 80]``."""
     if isinstance(value, dict):
+        if set(value) != {"center", "width"}:
+            raise ValueError(f"window {value!r}: expected exactly the keys center and width (found "
+                             f"{', '.join(map(str, value)) or 'none'})")  # fmt: skip
         c, w = float(value["center"]), float(value["width"])
         return Window("explicit", c, w, name=f"{c:g}/{w:g}")
     if isinstance(value, list | tuple) and len(value) == 2:

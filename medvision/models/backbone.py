@@ -129,19 +129,36 @@ def load_run_weights(model: nn.Module, source: str | Path) -> list[str]:
     """Loads an earlier run's weights; head tensors whose shape differs are left freshly initialised.
 
     Returns the names of the re-initialised tensors (and logs them), so a 8-class BloodMNIST model
-    can seed a 2-class task.
+    can seed a 2-class task. A stem made for other input channels (a greyscale SimCLR backbone seeding an
+    RGB task) is adapted by timm's ``adapt_input_conv``, as timm adapts ImageNet weights; any other tensor whose
+    shape differs is an error: the backbone would be partly random.
     """
     path = run_weights_path(source)
     state = load_state(path)
     own = model.state_dict()
-    head_name = cast(Any, model).pretrained_cfg.get("classifier") or "classifier"
-    if not classifier_keys(model):  # a headless model (pretraining) takes a fine-tuned run's backbone only
+    cfg = cast(Any, model).pretrained_cfg
+    head_name = cfg.get("classifier") or "classifier"
+    head_keys = classifier_keys(model)
+    if not head_keys:  # a headless model (pretraining) takes a fine-tuned run's backbone only
         state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
-    reinit = []
+    stem = f"{cfg.get('first_conv') or ''}.weight"
+    reinit, wrong = [], []
     for key, value in list(state.items()):
-        if key in own and own[key].shape != value.shape:
-            reinit.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
+        if key not in own or own[key].shape == value.shape:
+            continue
+        change = f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}"
+        if key in head_keys or key.startswith(head_name + "."):
+            reinit.append(change)
             del state[key]
+        elif key == stem and value.ndim == 4 and value.shape[0] == own[key].shape[0] \
+                and value.shape[2:] == own[key].shape[2:]:  # fmt: skip
+            state[key] = timm.models.adapt_input_conv(own[key].shape[1], value)
+            log.info("stem adapted from %d to %d input channel(s) (timm's adapt_input_conv): %s", value.shape[1],
+                     own[key].shape[1], key)  # fmt: skip
+        else:
+            wrong.append(change)
+    if wrong:
+        raise ValueError(f"{path}: weights of another architecture, not only another head: {'; '.join(wrong[:5])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = classifier_keys(model)
     source_keys = set(state) | {r.split(" ")[0] for r in reinit}

@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,9 +34,9 @@ from matplotlib.figure import Figure
 
 from medvision.data.sources import load_table
 from medvision.data.table import subset_indices
-from medvision.intervals import bootstrap_cis
-from medvision.metrics import compute_auc
-from medvision.recipe import Recipe
+from medvision.intervals import bootstrap_indices
+from medvision.metrics import MetricWarning, compute_auc
+from medvision.recipe import Recipe, dump_recipe
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.track import log_reused_run
@@ -151,9 +152,20 @@ def init_label(init: str) -> str:
     return run.name
 
 
+def _tag(init: str) -> str:
+    return init if init in ("imagenet", "random") else Path(init).name
+
+
+def _finished_as(run_dir: Path, recipe: Recipe) -> bool:
+    """A finished run of exactly this recipe, to reuse: one trained with another model, size or schedule (the
+    base recipe or its --set changed since) is trained again."""
+    saved = run_dir / "recipe.yaml"
+    return (run_dir / "metrics.json").is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe)
+
+
 def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: int, out: Path,
                min_steps: int, train_size: int) -> Recipe:  # fmt: skip
-    tag = init if init in ("imagenet", "random") else Path(init).name
+    tag = _tag(init)
     weights: dict[str, Any] = (
         {"model.pretrained": False, "model.init_from": None} if init == "random"
         else {"model.pretrained": base.model.pretrained or True, "model.init_from": None} if init == "imagenet"
@@ -198,6 +210,11 @@ def label_benchmark(
     """
     if seeds < 1:
         raise BenchmarkError(f"--seeds must be >= 1, got {seeds}")
+    tags: dict[str, str] = {}
+    for init in inits:  # an init's run folders are named by its folder's name: two of one name would share them
+        if (first := tags.setdefault(_tag(init), init)) != init:
+            raise BenchmarkError(f"--inits {first} and {init} have the same folder name {_tag(init)!r}, which names "
+                                 "their runs; give them folders of different names")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     with tracked(out, recipe, kind="benchmark-labels", name=f"{recipe.name}-labels") as parent:
         parent.log_params({"benchmark.fractions": str(fractions), "benchmark.inits": ",".join(inits),
@@ -236,7 +253,7 @@ def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protoc
                     run_dir = Path(r.output_dir) / r.name
                     start = time.perf_counter()
                     try:
-                        if overwrite or not (run_dir / "metrics.json").is_file():
+                        if overwrite or not _finished_as(run_dir, r):
                             log.info("label benchmark: %s (%d labelled training images)", r.name, size)
                             train(r, overwrite=True, parent=parent)
                         else:
@@ -301,27 +318,36 @@ def paired_difference(
     """``metric`` of the second run of each pair minus the first's, on their test rows, averaged over the pairs,
     with a 95% CI from a stratified bootstrap over the test images.
 
-    The same resample is used for both runs and every pair, so the shared test-set noise cancels and
-    what is left is the difference of the models. Runs tested on different images are an error.
+    Each pair (a seed) is scored on its own test rows and labels: a seed's split may test other images. The two
+    runs of a pair share each resample, so the test-set noise they share cancels and what is left is the
+    difference of the models; pairs tested on the same images draw the same resamples (one seed). The two runs
+    of a pair tested on different images are an error.
     """
-    y, blocks, k = None, [], 0
+    tested = []
     for base, other in pairs:
         ids_a, y_a, p_a = _test_probs(base)
-        ids_b, _, p_b = _test_probs(other)
-        if ids_a != ids_b:
+        ids_b, y_b, p_b = _test_probs(other)
+        if ids_a != ids_b or not np.array_equal(y_a, y_b):
             raise BenchmarkError(f"{base} and {other} were tested on different images")
-        y, k = y_a, p_a.shape[1]
-        blocks += [p_a, p_b]
-    if y is None:
+        tested.append((y_a, p_a, p_b))
+    if not tested:
         raise BenchmarkError("paired_difference needs at least one pair of runs")
-    stacked = np.concatenate(blocks, axis=1)
 
-    def delta(yy: np.ndarray, pp: np.ndarray, n: int = len(pairs), width: int = k) -> float:
-        return float(np.mean([metric(yy, pp[:, (2 * j + 1) * width : (2 * j + 2) * width])
-                              - metric(yy, pp[:, 2 * j * width : (2 * j + 1) * width]) for j in range(n)]))  # fmt: skip
+    def delta(rows: list[np.ndarray | slice]) -> float:
+        pairs_rows = zip(tested, rows, strict=True)
+        return float(np.mean([metric(y[i], b[i]) - metric(y[i], a[i]) for (y, a, b), i in pairs_rows]))
 
-    lo, hi = bootstrap_cis(y, stacked, {"delta": delta}, resamples, seed)["delta"] if resamples else (math.nan,) * 2
-    return delta(y, stacked), lo, hi
+    value = delta([slice(None)] * len(tested))
+    if not resamples:
+        return value, math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        draws = zip(*(bootstrap_indices(y, resamples, seed) for y, _, _ in tested), strict=True)
+        spread = np.asarray([delta(list(rows)) for rows in draws])
+    spread = spread[np.isfinite(spread)]
+    if not spread.size:
+        return value, math.nan, math.nan
+    return value, float(np.quantile(spread, 0.025)), float(np.quantile(spread, 0.975))
 
 
 def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: int) -> list[dict[str, Any]]:

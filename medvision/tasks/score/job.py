@@ -301,6 +301,8 @@ def run_job(
     ``table_path``: where the rows go when that is not ``out`` itself (a Parquet output is written from a CSV
     beside it).
     """
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; expected the table's file, e.g. {out / 'scores.csv'}")
     start = time.perf_counter()
     setup("auto", timeout=RANK_TIMEOUT)  # under torchrun: this rank's device, and the process group
     busy = 0 if turns else workers  # decode processes that run while the model computes keep their cores
