@@ -140,11 +140,10 @@ def level_arrays(
     calibrated, raw = out.probs(temperature), out.probs()
     if level == "image":
         return out.labels, calibrated, raw, 0
-    pos = 1 if positive is None else positive
     if out.unit_probs is not None:  # a slide-level model: its probabilities, the slides' labels
-        _, y, _, mixed = aggregate_by_group(out.groups, out.labels, calibrated, "mean", positive=pos)
+        _, y, _, mixed = aggregate_by_group(out.groups, out.labels, calibrated, "mean", positive=positive)
         return y, out.unit_probs, out.unit_probs, mixed
-    how = (cfg.patient_aggregate, cfg.top_k, pos)
+    how = (cfg.patient_aggregate, cfg.top_k, positive)
     _, y, p_cal, mixed = aggregate_by_group(out.groups, out.labels, calibrated, *how)
     _, _, p_raw, _ = aggregate_by_group(out.groups, out.labels, raw, *how)
     return y, p_cal, p_raw, mixed

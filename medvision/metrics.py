@@ -363,15 +363,16 @@ def round_significant(x: np.ndarray, digits: int = PROB_DIGITS) -> np.ndarray:
 
 def aggregate_by_group(
     groups: list[str], y_true: np.ndarray, probs: np.ndarray, method: str = "mean", top_k: int = 3,
-    positive: int = 1,
+    positive: int | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray, int]:  # fmt: skip
     """Image (or patch) probabilities -> one row per patient (or slide): ``mean``, ``max`` or ``topk`` mean.
 
-    For two classes the ``positive`` class's probability (``evaluation.positive_class``; the second class by
-    default) is aggregated and the other one is its complement, so ``max`` means "the slide is as suspicious as
-    its most suspicious patch". For more classes each column is aggregated and the row renormalised to sum to
-    one. A patient whose images carry different labels takes the positive label if any image has it (binary) or
-    the most common label (multiclass); the number of such patients is returned so it can be reported.
+    For two classes the ``positive`` class's probability (``evaluation.positive_class``, a run's
+    ``Decision.positive``; None: the second class) is aggregated and the other one is its complement, so ``max``
+    means "the slide is as suspicious as its most suspicious patch". For more classes each column is aggregated
+    and the row renormalised to sum to one. A patient whose images carry different labels takes the positive
+    label if any image has it (binary) or the most common label (multiclass); the number of such patients is
+    returned so it can be reported.
 
     Returns (group ids in first-seen order, labels, probabilities, patients with mixed labels).
     """
@@ -385,6 +386,7 @@ def aggregate_by_group(
     for i, g in enumerate(groups):
         index.setdefault(g, []).append(i)
     binary = p.shape[1] == 2
+    positive = 1 if positive is None else positive
     if binary and positive not in (0, 1):
         raise ValueError(f"positive class index {positive}; expected 0 or 1 for two classes")
     cols = p[:, [positive]] if binary else p

@@ -160,6 +160,16 @@ def roc_band(
     return tpr, lo, hi
 
 
+def for_positive(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels, probabilities and class names with ``positive`` (``evaluation.positive_class``) second, as
+    :func:`plot_roc` and :func:`plot_pr` draw two classes: the first class swapped in when it is the positive one."""
+    if len(classes) == 2 and positive == 0:
+        return 1 - np.asarray(y_true), np.asarray(probs)[:, ::-1], list(classes)[::-1]
+    return np.asarray(y_true), np.asarray(probs), list(classes)
+
+
 def plot_roc(
     path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_resamples: int = 200,
     seed: int = 0, level: float = 0.95, points: list[dict[str, Any]] | None = None,

@@ -185,9 +185,7 @@ def _figures(
     fig_dir = out_dir / "plots"
     fig_dir.mkdir(exist_ok=True)
     y, p_cal, p_raw = focus.labels, focus.probs(decision.temperature), focus.probs()
-    roc_y, roc_p, roc_classes = y, p_cal, classes
-    if len(classes) == 2 and decision.positive == 0:  # the curves are drawn for class 1: swap the classes
-        roc_y, roc_p, roc_classes = 1 - y, p_cal[:, ::-1], classes[::-1]
+    roc_y, roc_p, roc_classes = plots.for_positive(y, p_cal, classes, decision.positive)
     summary = clinical["image"][split]
     ops = summary.get("operating_points", [])
     points = [{"label": _rule(op), "fpr": 1 - op["specificity"], "tpr": op["sensitivity"]}

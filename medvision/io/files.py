@@ -30,6 +30,15 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` as the whole of ``path``, written atomically (:func:`atomic_write`)."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(path, write)
+
+
 def sha256(*paths: Path) -> str:
     """Hex SHA-256 of a file, for provenance records; of several, of their bytes one after another (a sharded
     checkpoint, a run's spec and its fold heads), so one file's hash is the same either way."""

@@ -147,7 +147,7 @@ def load_run_weights(model: nn.Module, source: str | Path) -> list[str]:
         if key not in own or own[key].shape == value.shape:
             continue
         change = f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}"
-        if key in head_keys or key.startswith(head_name + "."):
+        if key in head_keys:
             reinit.append(change)
             del state[key]
         elif key == stem and value.ndim == 4 and value.shape[0] == own[key].shape[0] \

@@ -78,8 +78,7 @@ def compare_aggregations(out: SplitOutputs, temperature: float, cfg: EvalConfig,
     y = np.zeros(0, np.int64)
     patients = out.bootstrap_groups("patient")
     for name, method in methods:
-        _, y, p, _ = aggregate_by_group(out.groups, out.labels, p_tiles, method, cfg.top_k,
-                                        1 if positive is None else positive)  # fmt: skip
+        _, y, p, _ = aggregate_by_group(out.groups, out.labels, p_tiles, method, cfg.top_k, positive)
         rows[name] = _row(y, p, cfg, patients)
     if mil_probs is not None:
         rows["ABMIL (attention MIL)"] = _row(y, mil_probs, cfg, patients)

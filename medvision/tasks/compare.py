@@ -240,8 +240,7 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level
     probs = {}
     for run, p in zip(runs, found, strict=True):
         positive = (run.meta.get("decision") or {}).get("positive")  # the run's evaluation.positive_class
-        _, y, probs[run.name], _ = aggregate_by_group(p.groups, labels, run.probs, p.aggregate, p.top_k,
-                                                      1 if positive is None else positive)  # fmt: skip
+        _, y, probs[run.name], _ = aggregate_by_group(p.groups, labels, run.probs, p.aggregate, p.top_k, positive)
     how = {f"`{p.aggregate}`" + (f" (k = {p.top_k})" if p.aggregate == "topk" else "") for p in found}
     text = f"each {ref.unit}'s image probabilities aggregated by " + ", ".join(sorted(how))
     if len(how) > 1:

@@ -35,7 +35,7 @@ import numpy as np
 
 from medvision.data.audit import write_audit
 from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
-from medvision.io.files import atomic_write
+from medvision.io.files import atomic_write, atomic_write_text
 from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
 from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil, top_tiles
 from medvision.recipe import Recipe, dump_recipe
@@ -140,7 +140,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
                     continue
             head, record = _fold(cohort, folds, f, recipe)
             save_mil(head, weights, {**meta, "fold": f})
-            _write_text(done, json.dumps(record))
+            atomic_write_text(done, json.dumps(record))
             records.append(record)
             log.info("fold %d: %d test slides, best epoch %d, %.1f s", f, len(record["test"]), record["best_epoch"],
                      record["seconds"])  # fmt: skip
@@ -176,13 +176,6 @@ def _threshold(cohort: FeatureCohort, oof: np.ndarray, metrics: dict[str, Any]) 
     if len(set(y.tolist())) < 2:
         return None
     return float(operating_point(y, p, "youden"))
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-
-    atomic_write(path, write)
 
 
 def _write_folds(path: Path, cohort: FeatureCohort, folds: np.ndarray) -> None:

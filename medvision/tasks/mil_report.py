@@ -37,7 +37,7 @@ from medvision.metrics import (
     compute_mse,
     compute_r2,
 )
-from medvision.plots import plot_roc
+from medvision.plots import for_positive, plot_roc
 from medvision.recipe import EvalConfig, Recipe
 from medvision.report import Block, to_html, to_markdown
 
@@ -209,9 +209,7 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
     if cohort.classes is not None and metrics["pooled"]["n"] > 1 and len(set(cohort.labels.tolist())) > 1:
         (run_dir / "plots").mkdir(exist_ok=True)
         cfg = recipe.evaluation
-        y, p, classes = cohort.labels, oof, cohort.classes
-        if len(classes) == 2 and metrics["positive_index"] == 0:  # the curve is drawn for class 1: swap them
-            y, p, classes = 1 - y, p[:, ::-1], classes[::-1]
+        y, p, classes = for_positive(cohort.labels, oof, cohort.classes, metrics["positive_index"])
         band = min(cfg.bootstrap, 200)  # as the training report's: 0 turns the band off with the CIs
         plot_roc(run_dir / "plots" / "roc_oof.png", y, p, classes, n_resamples=band, seed=cfg.bootstrap_seed,
                  level=cfg.ci_level, groups=cohort.patients)  # fmt: skip

@@ -37,7 +37,7 @@ import torch
 from medvision.evaluation import Decision
 from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry
-from medvision.io.files import atomic_write
+from medvision.io.files import atomic_write, atomic_write_text
 from medvision.metrics import PROB_DIGITS, round_significant
 from medvision.options import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, EXIT_OK
 from medvision.runs import RunError, ScoringSpec, versions
@@ -208,18 +208,11 @@ def resume(table: Path) -> set[str]:
     pieces = data.decode("utf-8", "surrogateescape").split("\n")  # a kill may cut a character in two
     lines = [p + "\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
     ends: list[tuple[str, int]] = []  # each complete record's first field and the line it ends on
-    consumed = 0
-
-    def feed() -> Iterator[str]:
-        nonlocal consumed
-        for line in lines:
-            consumed += 1
-            yield line
-
+    reader = csv.reader(lines, strict=True)
     try:
-        for record in csv.reader(feed(), strict=True):
-            if lines[consumed - 1].endswith("\n"):
-                ends.append((record[0] if record else "", consumed))
+        for record in reader:
+            if lines[reader.line_num - 1].endswith("\n"):
+                ends.append((record[0] if record else "", reader.line_num))
     except csv.Error:  # the file ends inside a quoted field: the record was cut short
         pass
     if len(ends) > 1:  # the header, and the rows of the last path dropped
@@ -347,8 +340,7 @@ def run_units(
     same_job(out, job, table)
     barrier(d)  # every rank has checked the record before rank 0 writes this job's
     if d.is_main:
-        started = json.dumps({**job, "finished": False}, indent=2) + "\n"
-        atomic_write(Path(f"{out}.json"), lambda tmp: _write_text(tmp, started))
+        write_record(out, {**job, "finished": False})
     done = resume(table)
     todo = [e for e in mine if e.rel not in done]
     summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
@@ -416,12 +408,12 @@ def same_job(out: Path, job: dict[str, Any], table: Path) -> None:
                        "same model, settings and --shard, or give another --out")  # fmt: skip
 
 
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
+def write_record(out: Path, record: dict[str, Any]) -> None:
+    """``<out>.json``, written atomically: when a job starts, and with what came of it when it ends."""
+    atomic_write_text(Path(f"{out}.json"), json.dumps(record, indent=2) + "\n")
 
 
 def write_provenance(out: Path, record: dict[str, Any], summary: ScoreSummary, unit: Unit) -> None:
     """``<out>.json``: what scored, with which weights, settings and precision, and what came of it."""
-    full = {**record, **unit.provenance(), **asdict(summary), "reconciled": summary.reconciled,
-            "exit_code": summary.exit_code, "finished": True}  # fmt: skip
-    Path(f"{out}.json").write_text(json.dumps(full, indent=2) + "\n")
+    write_record(out, {**record, **unit.provenance(), **asdict(summary), "reconciled": summary.reconciled,
+                       "exit_code": summary.exit_code, "finished": True})  # fmt: skip

@@ -529,12 +529,12 @@ class SlideUnit(SlideScan):
             logits, attention = predict_mil(self.head, [np.concatenate(feats)])
             slide_p = softmax(logits)[0]
             measurements["attention"] = attention_measure(attention[0])
-        k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
-        if self.head is None:  # aggregated as the run was evaluated: for its positive class
-            _, _, agg, _ = aggregate_by_group(["s"] * len(tile_probs), np.zeros(len(tile_probs), np.int64),
-                                              tile_probs, spec.aggregate, spec.top_k, k)  # fmt: skip
+        else:  # aggregated as the run was evaluated: for its positive class
+            one_slide = (["s"] * len(tile_probs), np.zeros(len(tile_probs), np.int64), tile_probs)
+            _, _, agg, _ = aggregate_by_group(*one_slide, spec.aggregate, spec.top_k, self.decision.positive)
             slide_p = agg[0]
         item.probs = slide_p
+        k = self.decision.positive if self.decision.positive is not None else (1 if len(spec.classes) > 1 else 0)
         title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
         heat = (measurements["attention"], "ABMIL attention (÷ the slide's max)") if self.head is not None else \
             (tile_probs[:, k], f"tile P({spec.classes[k]})")  # fmt: skip
