@@ -504,21 +504,20 @@ def _explain(err: ValidationError, origin: str) -> RecipeError:
     return RecipeError(f"invalid recipe {origin}:\n" + "\n".join(lines))
 
 
-def _resolve_paths(recipe: Recipe) -> Recipe:
+def _resolve_paths(recipe: Recipe, origin: str) -> Recipe:
     """Expands variables and makes every path absolute, so a saved recipe reproduces from anywhere."""
-
-    def absolute(value: str) -> str:
-        return str(Path(expand_path(value)).resolve())
-
-    changes: dict[str, Any] = {"data.path": absolute(recipe.data.path), "output_dir": absolute(recipe.output_dir)}
-    if recipe.data.features:
-        changes["data.features"] = absolute(recipe.data.features)
-    if recipe.data.slides.stain_reference:
-        changes["data.slides.stain_reference"] = absolute(recipe.data.slides.stain_reference)
-    if isinstance(recipe.model.pretrained, str):
-        changes["model.pretrained"] = absolute(recipe.model.pretrained)
-    if recipe.model.init_from:
-        changes["model.init_from"] = absolute(recipe.model.init_from)
+    values = {"data.path": recipe.data.path, "output_dir": recipe.output_dir, "data.features": recipe.data.features,
+              "data.slides.stain_reference": recipe.data.slides.stain_reference,
+              "model.pretrained": recipe.model.pretrained if isinstance(recipe.model.pretrained, str) else None,
+              "model.init_from": recipe.model.init_from}  # fmt: skip
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if not value and key not in ("data.path", "output_dir"):
+            continue
+        try:
+            changes[key] = str(Path(expand_path(value or "")).resolve())
+        except RecipeError as err:
+            raise RecipeError(f"invalid recipe {origin}:\n  {key}: {err}") from None
     return recipe.changed(changes)
 
 
@@ -532,7 +531,7 @@ def recipe_from_dict(tree: dict[str, Any], origin: str = "<dict>", overrides: li
         recipe = Recipe.model_validate(tree)
     except ValidationError as err:
         raise _explain(err, origin) from None
-    return _resolve_paths(recipe)
+    return _resolve_paths(recipe, origin)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

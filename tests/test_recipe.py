@@ -95,6 +95,24 @@ def test_defaults_paths_and_round_trip(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_recipe(saved) == recipe
 
 
+def test_an_unset_variable_in_a_path_names_the_recipe_and_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOPE_DATA_ROOT", raising=False)
+    saved = tmp_path / "site.yaml"
+    tree = minimal()
+    tree["model"]["init_from"] = "${NOPE_DATA_ROOT}/runs/r1"
+    saved.write_text(yaml.safe_dump(tree))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(saved)
+    assert str(err.value) == (
+        f"invalid recipe {str(saved)!r}:\n  model.init_from: environment variable "
+        "${NOPE_DATA_ROOT} is not set (used in path '${NOPE_DATA_ROOT}/runs/r1')"
+    )
+    monkeypatch.setenv("NOPE_DATA_ROOT", "/data")
+    assert load_recipe(saved).model.init_from == "/data/runs/r1"
+
+
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")

@@ -163,6 +163,23 @@ def test_the_walkthrough_archive_gets_one_outcome_per_entry(
     assert {p.split("/")[0] for p, r in rows.items() if r["status"] == "ok"} >= {"CR", "CT", "MR", "OT", "US"}
 
 
+def test_each_directory_is_scanned_once_and_its_skipped_routes_say_which_route_was_taken(tmp_path: Path) -> None:
+    from medvision.io.archive import scan
+
+    (tmp_path / "b_real").mkdir()
+    (tmp_path / "b_real" / "x.dcm").write_bytes(b"x")
+    (tmp_path / "b_real" / "self").symlink_to(".")
+    (tmp_path / "a_link").symlink_to("b_real")  # sorted first: the real folder is reached through it
+    (tmp_path / "c_link").symlink_to("b_real")
+    rows = {e.rel: (e.outcome, e.reason) for e in scan(tmp_path)}
+    assert rows == {
+        "a_link/self": ("skipped", "link to a directory that contains it (a loop); not followed"),
+        "a_link/x.dcm": ("candidate", ""),
+        "b_real": ("skipped", "directory already scanned through the link 'a_link'; not scanned twice"),
+        "c_link": ("skipped", "link to a directory already scanned as 'a_link'; not scanned twice"),
+    }
+
+
 def test_opt_in_tags(trained: Path, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "tags.csv"
     score_folder(folder, trained, out, include_tags=["PatientID"], workers=0)

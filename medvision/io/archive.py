@@ -79,16 +79,17 @@ def _link_problem(path: str, err: OSError) -> tuple[Outcome, str]:
 def scan(root: Path) -> list[Entry]:
     """Every entry under ``root`` (see the module docstring), depth first, names sorted.
 
-    Links to directories are followed once: a link back to a directory already scanned (a loop) is
-    a skipped row rather than an endless walk.
+    Each directory is scanned once, by the first route the sorted walk takes to it: a link back to a directory
+    that contains it (a loop), and a second route to one already scanned (a link, or the real directory after a
+    link to it), are skipped rows that name the route taken, rather than an endless walk or rows counted twice.
 
     Examples:
         >>> [e for e in scan(Path("/data/export")) if e.outcome != "candidate"]
     """
     out: list[Entry] = []
     top = os.stat(root)
-    visited = {(top.st_dev, top.st_ino)}
-    _scan_dir(str(root), "", out, visited)
+    key = (top.st_dev, top.st_ino)
+    _scan_dir(str(root), "", out, {key: "."}, frozenset({key}))
     return [text_entry(e) for e in out]
 
 
@@ -105,7 +106,11 @@ def text_entry(entry: Entry) -> Entry:
     return entry
 
 
-def _scan_dir(path: str, rel: str, out: list[Entry], visited: set[tuple[int, int]]) -> None:
+def _scan_dir(
+    path: str, rel: str, out: list[Entry], visited: dict[tuple[int, int], str], above: frozenset[tuple[int, int]]
+) -> None:
+    """Appends the entries under ``path``; ``visited`` maps each directory scanned to the route it was scanned by,
+    ``above`` holds the directories that contain this one."""
     try:
         with os.scandir(path) as it:
             names = sorted(it, key=lambda e: e.name)
@@ -125,15 +130,19 @@ def _scan_dir(path: str, rel: str, out: list[Entry], visited: set[tuple[int, int
             out.append(Entry(sub, "candidate", size=st.st_size))
         elif stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
-            if key in visited:
-                out.append(Entry(sub, "skipped", "link to a directory already scanned (a loop); not followed"))
+            if key in above:
+                out.append(Entry(sub, "skipped", "link to a directory that contains it (a loop); not followed"))
+            elif key in visited:
+                route = "link to a directory already scanned as" if entry.is_symlink() else \
+                    "directory already scanned through the link"  # fmt: skip
+                out.append(Entry(sub, "skipped", f"{route} {visited[key]!r}; not scanned twice"))
             elif entry.name.startswith("."):
                 out.append(Entry(sub, "skipped", "hidden directory; not scanned"))
             else:
-                visited.add(key)
+                visited[key] = sub
                 if entry.name.lower().endswith(FILE_LIKE_SUFFIXES):
                     out.append(Entry(sub, "skipped", "a directory named like a file; its contents are scanned"))
-                _scan_dir(entry.path, sub, out, visited)
+                _scan_dir(entry.path, sub, out, visited, above | {key})
         else:
             kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
             out.append(Entry(sub, "skipped", f"not a regular file ({kind}); not opened"))
