@@ -57,7 +57,8 @@ class SlidesConfig(_Node):
     min_tissue: float = Field(0.5, ge=0.0, le=1.0)
     """Keep tiles whose tissue fraction (from the thumbnail's tissue mask) is at least this."""
     tissue_method: Literal["saturation", "od"] = "saturation"
-    """Tissue detection: Otsu on HSV saturation, or on optical density (catches pale tissue too)."""
+    """Tissue detection: Otsu on HSV saturation, or on optical density (also keeps dark tissue of little colour,
+    which saturation misses; pale pink tissue is found by saturation only)."""
     tissue_mpp: float = Field(8.0, gt=0.0)
     """Resolution (µm/px) of the thumbnail that tissue is detected on."""
     mpp: float | None = Field(None, gt=0.0)

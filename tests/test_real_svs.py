@@ -157,3 +157,5 @@ def test_the_heatmap_grid_covers_the_thumbnail_at_its_own_x_and_y_scales() -> No
     assert grid[-1, 120] == np.float32(0.75) and grid[0, 0] == np.float32(0.25)
     assert np.isnan(grid[100, 60])
     assert probability_grid(coords, np.array([0.25, 0.75]), side0, SIZE, scales[0]).shape != thumb_hw
+    one = probability_grid(coords, np.array([0.25, 0.75]), side0, SIZE, np.float32(0.0625))  # NumPy's number
+    assert one.shape == (round(SIZE[1] / 16), round(SIZE[0] / 16)) and one[0, 0] == np.float32(0.25)

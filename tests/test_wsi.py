@@ -137,6 +137,46 @@ def test_tissue_mask_keeps_tissue_and_excludes_glass_and_pen(he_dir: Path) -> No
     assert not tissue_mask(np.full((64, 64, 3), 242, np.uint8)).any()  # glass only: Otsu is not trusted
 
 
+def test_a_slide_smaller_than_one_tile_is_an_error_that_says_so(small_rgb: np.ndarray, tmp_path: Path) -> None:
+    path = write_pyramidal_tiff(tmp_path / "tiny.svs", np.ascontiguousarray(small_rgb[:208, :300]), 0.5,
+                                downsamples=(1,))  # fmt: skip
+    with open_slide(path) as slide, pytest.raises(SlideError) as err:
+        plan_tiles(slide, TileSpec(tile_size=224, target_mpp=0.5))
+    assert str(err.value) == (f"{path}: the slide (300 x 208 px) is smaller than one tile: 224 px at 0.5 µm/px is "
+                              "224 px of its level 0 (0.5 µm/px); lower data.slides.tile_size or "
+                              "data.slides.target_mpp")  # fmt: skip
+
+
+def test_tiffslide_regions_across_the_slide_edge_keep_every_real_pixel(tmp_path: Path) -> None:
+    """tiffslide starts a level's region at int(x / downsample); the glass fill past the edge must too."""
+    rgb = np.zeros((64, 4003, 3), np.uint8)
+    rgb[..., 0] = 200  # dark red everywhere: level 1 is 1000 px wide, downsample 4.003
+    path = write_pyramidal_tiff(tmp_path / "odd.svs", rgb, 0.25, downsamples=(1, 4))
+    with open_slide(path, backend="tiffslide") as slide:
+        x = 3605  # 900.57 level-1 pixels: tiffslide reads from column 900, so columns 900-999 are real
+        region = slide.read_region(1, x, 0, 224, 4)
+    assert (region[:, :100, 0] > 150).all() and (region[:, :100, 1] < 60).all()  # the last column was made white
+    assert (region[:, 100:] == 255).all()
+
+
+@pytest.mark.parametrize("method", ["saturation", "od"])
+def test_tissue_that_fills_the_image_is_not_split_in_two_by_otsu(he_dir: Path, method: str) -> None:
+    """Otsu splits any image in two; without glass both halves are tissue (muscle lost 20% of its area)."""
+    import tifffile
+
+    mus = tifffile.imread(next(he_dir.glob("MUS-*.tif")))
+    thumb = cv2.resize(np.tile(mus, (20, 20, 1)), (280, 280), interpolation=cv2.INTER_AREA)
+    assert tissue_mask(thumb, method=method).mean() == 1.0
+    beside_glass = np.full((280, 560, 3), 236, np.uint8)
+    beside_glass[:, :280] = thumb
+    mask = tissue_mask(beside_glass, method=method)
+    assert mask[:, :280].mean() == 1.0 and not mask[:, 290:].any()
+    pink = np.full((64, 64, 3), (200, 110, 170), np.uint8)  # one flat colour: was no tissue at all
+    assert tissue_mask(pink, method=method).all()
+    grey = np.full((64, 64, 3), (120, 120, 120), np.uint8)  # dark but colourless: optical density only
+    assert tissue_mask(grey, method=method).all() == (method == "od")
+
+
 @pytest.fixture(scope="module")
 def square_slide(he_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     rgb = compose_slide(he_dir, 2048, 2048, [(0, 0, 2048, 2048)], [(512, 512, 512, 512)], seed=2)

@@ -108,6 +108,24 @@ def test_threshold_is_the_tissue_pixel_count(tiles: dict[str, np.ndarray]):
     assert not MacenkoNormalizer(tiles["NORM"], min_tissue_pixels=n + 1).is_normalisable(tiles["TUM"])
 
 
+def test_a_tiles_fate_depends_on_what_it_shows_not_on_its_size(tile_paths: dict[str, Path], norm: MacenkoNormalizer):
+    """Macenko's scale is the 99th percentile over every pixel: mostly-glass tiles stay as they are at any size."""
+    if "MUC" not in tile_paths:
+        pytest.skip("no MUC tile in the shared set")
+    muc = load_reference(tile_paths["MUC"])
+    for k in (1, 2, 3, 4):  # 0.57% tissue at every size; 2592 tissue pixels at 672 px passed a count-only guard
+        tile = np.ascontiguousarray(np.tile(muc, (k, k, 1)))
+        np.testing.assert_array_equal(norm(tile), tile)
+    glass = np.full((1024, 1024, 3), 236, np.uint8)
+    glass[:100, :100] = load_reference(tile_paths["STR"])[:100, :100]  # 10,000 tissue pixels, 1% of the tile
+    assert len(tissue_od(glass)) >= 2000
+    np.testing.assert_array_equal(norm(glass), glass)  # was black tissue on purple glass
+    alone = np.ascontiguousarray(glass[:100, :100])
+    assert not np.array_equal(norm(alone), alone)  # the same tissue on its own is normalised
+    with pytest.raises(ValueError, match=r"min_tissue_fraction must be in 0.01..1.*got 0.001"):
+        MacenkoNormalizer(alone, min_tissue_fraction=0.001)
+
+
 @pytest.mark.parametrize(
     ("reference", "message"),
     [

@@ -16,7 +16,7 @@ def probability_grid(coords: np.ndarray, probs: np.ndarray, side0: float, size0:
     """An (H, W) float map at ``scale`` of level 0 (one number, or (x, y): a thumbnail's sides are rounded apart),
     each tile's probability over its square, NaN elsewhere."""
     w0, h0 = size0
-    sx, sy = (scale, scale) if isinstance(scale, int | float) else scale
+    sx, sy = np.broadcast_to(np.asarray(scale, np.float64), (2,)).tolist()  # one number (NumPy's too), or (x, y)
     h, w = max(1, round(h0 * sy)), max(1, round(w0 * sx))
     grid = np.full((h, w), np.nan, np.float32)
     for (x, y), p in zip(coords.tolist(), probs.tolist(), strict=True):

@@ -172,9 +172,9 @@ class _OpenSlideLike(Slide):
         image = self._handle.read_region((int(x), int(y)), int(level), (int(w), int(h)))
         rgb = _flatten_rgba(np.asarray(image.convert("RGBA") if image.mode not in ("RGB", "RGBA") else image))
         if self.backend == "tiffslide":  # it fills outside the scan with black, not transparency: make it glass
-            ds = self.level_downsamples[level]
+            ds = float(self._handle.level_downsamples[level])
             lw, lh = self.level_dimensions[level]
-            lx, ly = round(x / ds), round(y / ds)
+            lx, ly = int(int(x) / ds), int(int(y) / ds)  # where tiffslide starts reading (it truncates)
             inside_w, inside_h = max(0, min(w, lw - lx)), max(0, min(h, lh - ly))
             if inside_w < w or inside_h < h or lx < 0 or ly < 0:
                 rgb = rgb.copy()

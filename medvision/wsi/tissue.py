@@ -1,10 +1,14 @@
 """Where the tissue is: a boolean mask from a low-resolution image of the slide (pure functions).
 
 Glass is bright and grey; stained tissue is coloured (H&E is pink to purple). The mask is Otsu's
-threshold on HSV saturation (or on optical density, which also catches pale, weakly stained
-tissue), with a floor so that an all-glass or all-tissue image is not split in two by Otsu, then
-pen marks removed, then morphological closing and opening and removal of specks smaller than
-``min_area_px``. Everything works on the thumbnail: at 8 µm/px a 25 x 25 mm slide is ~3000 px.
+threshold on HSV saturation (or on optical density, which also keeps dark tissue of little colour, such
+as faded or grey stains, that saturation misses; pale pink tissue, under the OD floor, is found by
+saturation only), then pen marks removed, then morphological closing and opening and removal of specks
+smaller than ``min_area_px``. Otsu always splits an image in two, so it is trusted only where one of its
+classes is glass: the threshold never goes below a floor (an image of glass only stays glass), and where
+even Otsu's lower class is mostly above the floor (an image of tissue only, or a flat colour) the floor
+itself is the threshold, so tissue is not split into a light and a dark half. Everything works on the
+thumbnail: at 8 µm/px a 25 x 25 mm slide is ~3000 px.
 
 Pen marks (a pathologist's blue, green or black marker on the glass) are saturated or dark, so
 Otsu keeps them; they are told apart by colour. Hematoxylin is blue-purple but keeps red above
@@ -38,13 +42,17 @@ def optical_density(rgb: np.ndarray, io: float = 255.0) -> np.ndarray:
 
 
 def otsu_threshold(values: np.ndarray, floor: float) -> float:
-    """Otsu's threshold of ``values`` (any range), never below ``floor``."""
+    """Otsu's threshold of ``values`` (any range), never below ``floor``; ``floor`` itself where the values Otsu
+    puts below its threshold have their median above ``floor`` (no glass to split off: see the module docstring).
+    Values above the threshold are tissue."""
     lo, hi = float(values.min()), float(values.max())
     if hi - lo < 1e-6:
-        return max(floor, hi + 1e-6)
+        return floor
     scaled = np.round((values - lo) / (hi - lo) * 255).astype(np.uint8)
     t, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return max(floor, lo + float(t) / 255.0 * (hi - lo))
+    threshold = max(floor, lo + float(t) / 255.0 * (hi - lo))
+    below = values[values <= threshold]
+    return floor if below.size and float(np.median(below)) > floor else threshold
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
