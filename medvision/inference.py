@@ -17,6 +17,7 @@ reduced precision for speed, and the provenance records which was used.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,12 +87,18 @@ def split_outputs(
 
     On several ranks each evaluates its contiguous shard (no sample repeated, none left out) and
     rank 0 gets the whole split, in order; the other ranks get None.
+
+    Always in float32, whatever ``train.amp`` trained in: these are the probabilities the run's temperature,
+    operating points, metrics and ``predictions.csv`` come from, so they must be those of the model the run
+    ships, which ``score`` and the exports compute in float32. Evaluated in bf16 instead, a Youden threshold of
+    0.9533 sat on the validation positives' bf16 probabilities, above their float32 ones (0.9518): sensitivity
+    1.0 in the report, 0 in ``score``.
     """
     ds = split_dataset(recipe, table, bundle, split, train=False)
     loader = make_loader(local_part(ds, d), recipe.data.eval_batch_size, workers, device)
     tta = tuple(recipe.evaluation.tta)
     inputs = model_inputs(recipe, bundle)
-    logits, labels = predict_logits(bundle.model, loader, device, recipe.train.amp, inputs, tta=tta)
+    logits, labels = predict_logits(bundle.model, loader, device, "none", inputs, tta=tta)
     whole = gather_outputs(logits, labels, d)
     if whole is None:
         return None
@@ -176,13 +183,25 @@ def load_scorer(
         if not path.is_file():
             raise RunError(f"{path}: no exported ONNX model; run `medvision export {model} --format onnx` first")
         ort_engine, spec = load_onnx(path, cpu_threads)
-        weights = model / "model.safetensors" if model.is_dir() else path.parent.parent / "model.safetensors"
-        if weights.is_file() and (now := sha256(weights)) != spec.model_sha256:
+        file_sha = sha256(path)
+        # The run the file came from: the folder given, else the one its own record (OUT.json, written by the
+        # export beside the file) names, trusted only if the record is this file's; never a folder guessed from
+        # where the file lies (an export can be written anywhere with --out).
+        weights = model / "model.safetensors" if model.is_dir() else None
+        record = path.with_name(f"{path.name}.json")
+        if weights is None and record.is_file():
+            try:
+                facts = json.loads(record.read_text())
+            except (OSError, UnicodeDecodeError, ValueError):
+                facts = None
+            if isinstance(facts, dict) and facts.get("format") == "onnx" and facts.get("sha256") == file_sha:
+                weights = Path(str(facts.get("run"))) / "model.safetensors" if facts.get("run") else None
+        if weights is not None and weights.is_file() and (now := sha256(weights)) != spec.model_sha256:
             raise RunError(f"{path} was exported from other weights (SHA-256 {spec.model_sha256[:12]}…) than the "
                            f"run's {weights} ({now[:12]}…): trained again since? Run `medvision export "
                            f"{weights.parent} --format onnx` again")  # fmt: skip
         providers = ort_engine.session.get_providers()
-        return ort_engine, spec, {"model_file": str(path), "model_file_sha256": sha256(path),
+        return ort_engine, spec, {"model_file": str(path), "model_file_sha256": file_sha,
                                   "device": ort_engine.device, "onnxruntime_providers": providers}  # fmt: skip
     raise RunError(f"--engine {engine!r} is not one of torch, onnxruntime")
 

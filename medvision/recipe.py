@@ -164,7 +164,9 @@ class TrainConfig(_Node):
     """Mixed precision: bf16 autocast, fp16 with a GradScaler (GPU only), or fp32 (``none``).
 
     ``auto`` picks bf16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), and fp32 on other CPUs,
-    where bf16 is emulated and measured about 10x slower."""
+    where bf16 is emulated and measured about 10x slower. It covers training and the epochs' validation; the
+    run's final metrics, calibration, thresholds and predictions are computed in float32, as ``score`` and the
+    exports compute."""
     channels_last: bool = True
     """Keep activations in NHWC memory layout (faster convolutions with AMP)."""
     compile: bool = False

@@ -120,3 +120,6 @@ class TrackingConfig(_Node):
     """Log the calibrated model as an MLflow pyfunc model (the ONNX export, checked against PyTorch)."""
     tensorboard: bool = False
     """Write each epoch's metrics as TensorBoard scalars into ``<run folder>/tensorboard``."""
+    log_predictions: bool = False
+    """Also upload ``predictions.csv`` and ``data_audit.csv``. Off by default: they name every file, and a DICOM
+    archive's paths (``DOE_JANE_MRN1234/IM0001.dcm``) name patients; a tracking server is shared."""

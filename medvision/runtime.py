@@ -280,7 +280,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     With ``world_size`` ranks and the global ``batch_size``, each global batch of that order is cut
     into one contiguous slice per rank, so the ranks together see exactly the batches of one process.
-    A last batch too small to give every rank a sample is dropped (DDP needs every rank to step).
+    A last batch too small to give every rank ``min_per_rank`` samples is dropped: DDP needs every rank to step,
+    and a BatchNorm that trains cannot on one sample (give 2 then; timm's train script drops every last batch
+    for the same reason). One process keeps such a batch only where it is the whole epoch.
 
     ``drop_last`` leaves out the epoch's last partial batch (self-supervised pretraining).
 
@@ -295,7 +297,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __init__(
         self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1,
         groups: list[str] | None = None, per_group: int | None = None, weights: np.ndarray | None = None,
-        drop_last: bool = False,
+        drop_last: bool = False, min_per_rank: int = 1,
     ) -> None:  # fmt: skip
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         if weights is not None and len(weights) != n:
@@ -315,7 +317,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
             n -= n % batch_size
         self.n = n
         tail = n % batch_size
-        self.used = n - tail if world_size > 1 and 0 < tail < world_size else n
+        must = world_size > 1 and 0 < tail < world_size  # some rank would get nothing
+        self.used = n - tail if must or (0 < tail < min_per_rank * world_size and n > tail) else n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -347,7 +350,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         keys = self._order()
         if self.world_size == 1:
-            return iter(keys)
+            return iter(keys[: self.used])
         mine: list[tuple[int, int]] = []
         for start, m in zip(range(0, self.used, self.batch_size), self.global_batch_sizes(), strict=True):
             lo, hi = m * self.rank // self.world_size, m * (self.rank + 1) // self.world_size
@@ -356,7 +359,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         if self.world_size == 1:
-            return self.n
+            return self.used
         return sum(m * (self.rank + 1) // self.world_size - m * self.rank // self.world_size
                    for m in self.global_batch_sizes())  # fmt: skip
 

@@ -272,7 +272,7 @@ class Tracker:
         self.run_id: str | None = None
         self.uri: str | None = None
         self.experiment_id: str | None = None
-        self.log_model = False
+        self.log_model = self.log_predictions = False
         self._client: Any = None
         self._writer: Any = None
         self._step = 0
@@ -320,7 +320,7 @@ class Tracker:
         except Exception as err:
             raise TrackingError(f"tracking.uri {self.uri!r}: cannot start an MLflow run ({type(err).__name__}: "
                                 f"{err})") from None  # fmt: skip
-        self.run_id, self.log_model = run.info.run_id, cfg.log_model
+        self.run_id, self.log_model, self.log_predictions = run.info.run_id, cfg.log_model, cfg.log_predictions
         try:
             self.log_params(recipe_params(recipe))
         except Exception:
@@ -341,7 +341,9 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
         """The numeric values of ``metrics`` (strings, booleans and ``None`` are skipped) at ``step``; a failure
-        is a warning, once per run: a tracking hiccup must not end hours of training."""
+        is a warning, once per run: a tracking hiccup must not end hours of training. After one, no further step
+        is sent to MLflow (each call to a server that went away spent about 4 minutes in MLflow's own retries,
+        every epoch); the final metrics are tried once more by :meth:`finish`."""
         values = {k: float(v) for k, v in metrics.items() if _number(v)}
         self._step = max(self._step, step)
         try:
@@ -349,7 +351,7 @@ class Tracker:
                 for key, value in values.items():
                     self._writer.add_scalar(key, value, step)
                 self._writer.flush()
-            if self._client is not None and values:
+            if self._client is not None and values and not self._warned:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
@@ -358,7 +360,8 @@ class Tracker:
                     self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
         except Exception as err:  # MLflow raises many kinds (MlflowException, SQLAlchemy, requests)
             if not self._warned:
-                log.warning("tracking: metrics of step %d not logged (%s: %s); the run goes on", step,
+                log.warning("tracking: metrics of step %d not logged (%s: %s); the run goes on without sending "
+                            "MLflow its further epochs (its final metrics are tried at the end)", step,
                             type(err).__name__, err)  # fmt: skip
                 self._warned = True
 

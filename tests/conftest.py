@@ -47,6 +47,17 @@ def shared() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def rgb_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny run on 8-bit RGB PNG tiles (batches travel as uint8), shared by the export tests."""
+    from medvision.recipe import recipe_from_dict
+    from medvision.tasks.train import train
+
+    tree = tiny_recipe(tiles_manifest, tmp_path_factory.mktemp("export_runs"))
+    tree["evaluation"] = {"bootstrap": 0, "explain": 0}
+    return train(recipe_from_dict(tree))
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 

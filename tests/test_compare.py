@@ -181,6 +181,64 @@ def test_runs_tested_on_different_images_labels_or_classes_are_refused(two_runs:
         compare_runs([a, other], out=tmp_path / "x")
 
 
+def test_the_patient_level_takes_each_runs_own_positive_class_in_its_own_class_order(
+    two_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run listing its classes the other way round (tumor first, and positive) is the same model: the same
+    patient numbers. Runs with different positive classes label mixed patients differently: no patient level."""
+    a, _ = two_runs
+    flipped = _copy(a, tmp_path / "flipped")
+    with (a / "predictions.csv").open(newline="") as fh:
+        fields = list(csv.DictReader(fh).fieldnames or [])
+    order = [f for f in fields if not f.startswith("prob_")] + ["prob_tumor", "prob_stroma"]
+    rows = list(csv.DictReader((a / "predictions.csv").open(newline="")))
+    with (flipped / "predictions.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=order)
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = json.loads((a / "run.json").read_text())
+    assert meta["classes"] == ["stroma", "tumor"] and meta["decision"]["positive"] in (1, None)
+    meta["classes"], meta["decision"]["positive"] = ["tumor", "stroma"], 0
+    meta["data"] = "/mnt/site_b/manifest.csv"  # the same ids and labels, read from elsewhere
+    (flipped / "run.json").write_text(json.dumps(meta))
+    result = compare_runs([a, flipped], out=tmp_path / "cmp", n_resamples=RESAMPLES)
+    assert "The runs read their images from different data (effnet: `" in result.markdown
+    assert "flipped: `/mnt/site_b/manifest.csv`): their ids and labels agree, but nothing here checks" in (
+        result.markdown
+    )
+    level = result.data["levels"]["patient"]
+    for metric in ("auc", "acc"):
+        ours = level["runs"]["effnet"][metric]
+        assert level["runs"]["flipped"][metric] == pytest.approx(ours, nan_ok=True)
+        assert level["pairs"][0][metric]["diff"] == pytest.approx(0.0, nan_ok=True)
+    # and the other way round: the reference in the flipped order
+    again = compare_runs([flipped, a], out=tmp_path / "cmp2", n_resamples=RESAMPLES)
+    assert again.data["levels"]["patient"]["runs"]["effnet"]["acc"] == level["runs"]["effnet"]["acc"]
+
+    stroma = _copy(a, tmp_path / "stroma")
+    meta = json.loads((a / "run.json").read_text())
+    meta["decision"]["positive"] = 0
+    (stroma / "run.json").write_text(json.dumps(meta))
+    result = compare_runs([a, stroma], out=tmp_path / "cmp3", n_resamples=RESAMPLES)
+    assert "patient" not in result.data["levels"]
+    assert "No patient level: the runs name different positive classes (effnet `tumor`, stroma `stroma`)" in (
+        result.markdown
+    )
+
+
+def test_a_probability_that_is_not_one_is_refused_naming_the_file_and_line(two_runs: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    a, b = two_runs
+    first = next(r["id"] for r in _rows(b))
+    for value in ("nan", "inf", "-0.5", "1.2"):
+        bad = _copy(b, tmp_path / f"bad{value}")
+        _rewrite(bad, lambda r, v=value: {**r, "prob_stroma": v} if r["id"] == first and r["split"] == "test" else r)
+        shown = value.replace(".", "[.]")
+        with pytest.raises(CompareError, match=rf"predictions.csv, line \d+: prob_stroma = {shown}\S*; expected a "
+                                               r"probability in \[0, 1\]"):  # fmt: skip
+            compare_runs([a, bad], out=tmp_path / "x")
+
+
 def test_more_than_two_classes_use_the_macro_auc_and_say_delong_is_binary_only(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 20)

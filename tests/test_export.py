@@ -42,14 +42,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def rgb_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny run on 8-bit RGB PNG tiles: batches travel as uint8."""
-    tree = tiny_recipe(tiles_manifest, tmp_path_factory.mktemp("export_runs"))
-    tree["evaluation"] = {"bootstrap": 0, "explain": 0}
-    return train(recipe_from_dict(tree))
-
-
-@pytest.fixture(scope="module")
 def grey16_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny run on 16-bit greyscale PNGs (the tiles' luma): one input channel, batches travel as float32."""
     root = tmp_path_factory.mktemp("grey16")

@@ -177,6 +177,13 @@ def test_init_from_a_pretrained_backbone(
     tree["name"], tree["train"]["protocol"] = "finetuned", "finetune"
     finetuned = train(recipe_from_dict(tree))
     assert json.loads((finetuned / "metrics.json").read_text())["test"]["n"] > 0
+    # another seed splits the same manifest otherwise: the backbone has seen some of that run's test images
+    tree["name"], tree["seed"] = "reseeded", 1
+    with pytest.raises(RunError, match=rf"model.init_from {ssl} trained on \d+ of this run's validation and test "
+                                       r"images \(e\.g\. '.*'\): its split of .* \(seed 0\) is not this run's "
+                                       r"\(seed 1\)"):  # fmt: skip
+        train(recipe_from_dict(tree))
+    assert not (tmp_path / "reseeded" / "model.safetensors").exists()
 
 
 def test_pretrain_reads_a_flat_folder_of_unlabelled_images(tmp_path: Path) -> None:

@@ -246,6 +246,11 @@ def test_an_out_that_another_job_began_is_refused_not_mixed(trained: Path, folde
         score_folder(folder, trained, out, shard=(0, 2), workers=0, amp="bf16")
     assert out.read_bytes() == kept  # refused before the resume trims anything
     assert score_folder(folder, trained, out, shard=(0, 2), workers=0).already_done > 0  # the same job resumes
+    Path(f"{out}.json").unlink()  # rows whose record is gone may be any model's: never taken as done
+    with pytest.raises(RunError, match=r"s\.csv holds rows but .*s\.csv\.json, the record of the job that wrote "
+                                       r"them, is missing"):  # fmt: skip
+        score_folder(folder, trained, out, shard=(0, 2), workers=0)
+    assert out.read_bytes() == kept
 
 
 def test_parquet_and_parallel_workers(trained: Path, folder: Path, tmp_path: Path) -> None:
@@ -331,8 +336,12 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_png_folder_scores_like_evaluate_and_exit_codes(
     tiles_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A run trained on PNG tiles scores a PNG folder: its probabilities are evaluate's, bad images are errors."""
-    run = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs")))
+    """A run trained on PNG tiles scores a PNG folder: its probabilities are evaluate's, bad images are errors.
+    Trained in bf16: its predictions, temperature and thresholds are still float32's, as score computes them."""
+    tree = tiny_recipe(tiles_manifest, tmp_path / "runs")
+    tree["train"]["amp"] = "bf16"
+    run = train(recipe_from_dict(tree))
+    assert json.loads((run / "run.json").read_text())["amp"] == "bf16"
     folder = tiles_manifest.parent
     out = tmp_path / "tiles.csv"
     assert main(["score", str(folder), "--model", str(run), "--out", str(out), "--workers", "0"]) == 0

@@ -40,7 +40,7 @@ from medvision.runs import EPOCH_ROW, cache_dir, run_log  # noqa: E402
 from medvision.runtime import Dist  # noqa: E402
 from medvision.tasks.benchmark.labels import label_benchmark  # noqa: E402
 from medvision.tasks.pretrain import pretrain  # noqa: E402
-from medvision.tasks.track import log_trained_run  # noqa: E402
+from medvision.tasks.track import TRAIN_FILES, log_trained_run, uploaded  # noqa: E402
 from medvision.tracking import Tracker, TrackingError, default_uri, recipe_params, tracked  # noqa: E402
 from medvision.training.build import split_dataset  # noqa: E402
 
@@ -155,7 +155,12 @@ def test_final_metrics_carry_their_confidence_intervals(tracked_run: Tracked) ->
 def test_run_folder_files_are_artifacts(tracked_run: Tracked, tmp_path: Path) -> None:
     client, run_id = tracked_run.client, tracked_run.run.info.run_id
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"report.html", "metrics.json", "recipe.yaml", "predictions.csv", "plots", "model"} <= names
+    assert {"report.html", "metrics.json", "recipe.yaml", "plots", "model"} <= names
+    assert not names & {"predictions.csv", "data_audit.csv"}  # they name every file: tracking.log_predictions
+    assert uploaded(tracked_run.run_dir, TRAIN_FILES, True)[-2:] == [
+        tracked_run.run_dir / "predictions.csv",
+        tracked_run.run_dir / "data_audit.csv",
+    ]
     assert "plots/roc.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
     for name in ("metrics.json", "report.html", "recipe.yaml"):
         copy = Path(client.download_artifacts(run_id, name, str(tmp_path)))
@@ -208,6 +213,30 @@ def test_tracking_writes_nothing_in_the_working_folder(tracked_run: Tracked) -> 
     assert list(tracked_run.cwd.iterdir()) == []
     store = Path(tracked_run.uri.removeprefix("sqlite:///")).parent
     assert sorted(p.name for p in store.iterdir()) == ["mlartifacts", "mlflow.db"]
+
+
+def test_after_one_failed_epoch_mlflow_is_sent_no_further_epochs_but_the_final_metrics(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that went away cost about 4 minutes of MLflow's retries on every epoch; now only once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs"),
+                              overrides=["tracking.mlflow=true", f"tracking.uri={uri}"])  # fmt: skip
+    tracker = Tracker.start(tmp_path / "runs" / "tiny", recipe)
+    tracker.log_epoch(1, {"epoch": 1, "train_loss": 0.9})
+    working = tracker._client
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker._client = MlflowClient(tracking_uri=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="medvision"):
+        tracker.log_epoch(2, {"epoch": 2, "train_loss": 0.8})
+    assert "metrics of step 2 not logged" in caplog.text and "without sending MLflow its further epochs" in caplog.text
+    tracker._client = working  # the server is back: the epochs still are not sent, the final metrics are
+    tracker.log_epoch(3, {"epoch": 3, "train_loss": 0.7})
+    tracker.finish(tmp_path / "runs" / "tiny", {"test_auc": 0.75})
+    tracker.end()
+    history = working.get_metric_history(tracker.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.9)]
+    assert working.get_run(tracker.run_id).data.metrics["test_auc"] == 0.75
 
 
 def test_tracking_off_imports_and_writes_nothing(tiles_manifest: Path, tmp_path: Path) -> None:

@@ -138,8 +138,13 @@ def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path
         train(recipe)
     monkeypatch.setattr(loop, "train_one_epoch", real)
     interrupted = tmp_path / "b" / "tiny"
-    assert torch.load(interrupted / "last.pt", weights_only=True)["fit"]["epoch"] == 2
+    fit_state = torch.load(interrupted / "last.pt", weights_only=True)["fit"]
+    assert fit_state["epoch"] == 2 and fit_state["seconds"] > 0
     resumed = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases, **extra)), resume=True)
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    # the run's wall time counts the process before the resume: at least every epoch's own time
+    assert metrics["seconds"] > fit_state["seconds"]
+    assert metrics["seconds"] >= sum(h["seconds"] for h in metrics["history"])
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys()
     for key in a:

@@ -81,3 +81,28 @@ class CalibratedClassifier(nn.Module):
         backbone: Any = self.model  # a timm model: forward_features, forward_head and get_classifier
         feats = backbone.forward_head(backbone.forward_features(z), pre_logits=True)
         return self.calibrate(backbone.get_classifier()(feats), z), feats
+
+
+class RawBatchInput(nn.Module):
+    """The raw-batch contract (uint8 0..255 or float in [0, 1]) around a :class:`CalibratedClassifier` traced at
+    float32, for TorchScript exports of models that ``torch.jit.script`` cannot hold.
+
+    A trace records the one path its example took through :meth:`CalibratedClassifier.normalise`: traced on
+    float32, it reads a uint8 batch as floats 0..255 (probabilities 0.147 off on a kNN run). Scripted around the
+    trace, this module takes the dtype branch again and hands the trace what it was traced on: ``x / 255`` in
+    float32 is the very arithmetic ``normalise`` does for uint8, and its float path multiplies by 1.0 (exact),
+    so the result is bit for bit the untraced model's.
+
+    Examples:
+        >>> traced = torch.jit.trace(calibrated, batch.float())
+        >>> scripted = torch.jit.script(RawBatchInput(traced))  # takes uint8 or float again
+    """
+
+    def __init__(self, traced: nn.Module) -> None:
+        super().__init__()
+        self.net = traced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            return self.net(x.float() * (1.0 / 255.0))
+        return self.net(x.float())

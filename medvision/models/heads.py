@@ -91,19 +91,26 @@ class KNNClassifier(nn.Module):
     def __init__(self, bank: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, temperature: float):
         super().__init__()
         self.num_classes, self.k, self.temperature = num_classes, min(k, len(bank)), temperature
+        self.log_floor = LOG_FLOOR  # an attribute, not the global: TorchScript cannot read a global float
         self.bank: torch.Tensor
         self.bank_labels: torch.Tensor
         self.register_buffer("bank", F.normalize(bank.float(), dim=1))
         self.register_buffer("bank_labels", labels.long())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript wants a constant autocast device; a scripted export runs in fp32
+            return self._votes(x)
         with torch.autocast(x.device.type, enabled=False):  # similarities in float32: bf16 would reorder neighbours
-            sims = F.normalize(x.float().flatten(1), dim=1) @ self.bank.T
-            top, idx = sims.topk(self.k, dim=1)
-            weights = torch.exp(top / self.temperature)
-            votes = torch.zeros(x.shape[0], self.num_classes, device=x.device, dtype=weights.dtype)
-            votes = votes.scatter_add(1, self.bank_labels[idx], weights)
-            return torch.log((votes / votes.sum(dim=1, keepdim=True)).clamp_min(LOG_FLOOR))
+            return self._votes(x)
+
+    def _votes(self, x: torch.Tensor) -> torch.Tensor:
+        sims = F.normalize(x.float().flatten(1), dim=1) @ self.bank.T
+        top, idx = sims.topk(self.k, dim=1)
+        weights = torch.exp(top / self.temperature)
+        # allocated from a tensor, not with device=x.device: a trace would freeze that device as a constant
+        votes = weights.new_zeros((weights.shape[0], self.num_classes))
+        votes = votes.scatter_add(1, self.bank_labels[idx], weights)
+        return torch.log((votes / votes.sum(dim=1, keepdim=True)).clamp_min(self.log_floor))
 
 
 def set_classifier(model: nn.Module, head: nn.Module) -> None:

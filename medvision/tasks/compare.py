@@ -64,6 +64,8 @@ class RunPredictions:
     probs: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
     """The run's ``run.json`` (empty for a folder without one, such as an ``evaluate`` output)."""
+    positive: str | None = None
+    """Two classes: the run's positive class (``evaluation.positive_class``; default its second class)."""
 
 
 @dataclass
@@ -119,9 +121,13 @@ def read_predictions(folder: Path, split: str, name: str) -> RunPredictions:
             if row[col["label"]] not in classes:
                 raise CompareError(f"{path}, line {line}: label {row[col['label']]!r} is not one of {classes}")
             try:
-                rows.append([float(row[col[f"prob_{c}"]]) for c in classes])
+                values = [float(row[col[f"prob_{c}"]]) for c in classes]
             except ValueError:
                 raise CompareError(f"{path}, line {line}: a probability is not a number: {row}") from None
+            bad = next((f"prob_{c} = {v}" for c, v in zip(classes, values, strict=True) if not 0.0 <= v <= 1.0), None)
+            if bad is not None:  # NaN fails both comparisons
+                raise CompareError(f"{path}, line {line}: {bad}; expected a probability in [0, 1]")
+            rows.append(values)
             ids.append(row[col["id"]])
             labels.append(row[col["label"]])
     if not ids:
@@ -132,7 +138,11 @@ def read_predictions(folder: Path, split: str, name: str) -> RunPredictions:
         raise CompareError(f"{path}: {len(repeated)} id(s) appear more than once in split {split!r}, e.g. "
                            f"{repeated[0]!r}; expected one row per image")  # fmt: skip
     meta = read_run_json(folder) if (folder / "run.json").is_file() else {}
-    return RunPredictions(name, folder, classes, ids, labels, np.asarray(rows, dtype=np.float64), meta)
+    positive = None
+    if len(classes) == 2:  # Decision.positive indexes the run's classes, the columns' order
+        index = (meta.get("decision") or {}).get("positive")
+        positive = classes[1 if index is None else int(index)]
+    return RunPredictions(name, folder, classes, ids, labels, np.asarray(rows, dtype=np.float64), meta, positive)
 
 
 def _listed(items: list[str]) -> str:
@@ -173,7 +183,7 @@ def align(runs: list[RunPredictions], split: str) -> list[RunPredictions]:
             )
         columns = [run.classes.index(c) for c in ref.classes]
         out.append(RunPredictions(run.name, run.folder, list(ref.classes), list(ref.ids), labels,
-                                  run.probs[order][:, columns], run.meta))  # fmt: skip
+                                  run.probs[order][:, columns], run.meta, run.positive))  # fmt: skip
     return out
 
 
@@ -237,10 +247,16 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level
         return "the runs' data assign some images to different patients"
     if len(set(ref.groups)) == len(ref.groups):
         return f"every {ref.unit} has one image here, so the {ref.unit} level equals the image level"
-    probs = {}
+    positives = {run.name: run.positive for run in runs}
+    if len(set(positives.values())) > 1:  # a patient with images of both classes takes the positive label
+        return ("the runs name different positive classes (" + ", ".join(f"{k} `{v}`" for k, v in positives.items())
+                + f"), so a {ref.unit} with images of both classes has a different label in each; compare runs "
+                "with the same evaluation.positive_class")  # fmt: skip
+    probs, y = {}, None
     for run, p in zip(runs, found, strict=True):
-        positive = (run.meta.get("decision") or {}).get("positive")  # the run's evaluation.positive_class
+        positive = run.classes.index(run.positive) if run.positive is not None else None  # in the aligned order
         _, y, probs[run.name], _ = aggregate_by_group(p.groups, labels, run.probs, p.aggregate, p.top_k, positive)
+    assert y is not None
     how = {f"`{p.aggregate}`" + (f" (k = {p.top_k})" if p.aggregate == "topk" else "") for p in found}
     text = f"each {ref.unit}'s image probabilities aggregated by " + ", ".join(sorted(how))
     if len(how) > 1:
@@ -380,7 +396,7 @@ def build_blocks(
     classes, labels, ref = runs[0].classes, levels[0].labels, runs[0].name
     binary = len(classes) == 2
     # the reference's evaluation.positive_class (AUC is the same either way; the ROC curves are drawn for it)
-    flip = binary and (runs[0].meta.get("decision") or {}).get("positive") == 0
+    flip = binary and runs[0].positive == classes[0]
     counts = ", ".join(f"{c} {int((labels == k).sum())}" for k, c in enumerate(classes))
     facts = [*(_run_fact(r) for r in runs), f"reference: `{ref}` (every other run is compared with it)",
              f"{split} split: {len(labels)} images ({counts}), the same ids and labels in every run",
@@ -398,8 +414,23 @@ def build_blocks(
     return [*blocks, ("h2", "How to read this"), ("ul", notes), ("p", files)]
 
 
+def different_data(runs: list[RunPredictions]) -> str | None:
+    """A note where the runs' ``run.json`` name different data folders or files; None where they agree."""
+    sources = {r.name: r.meta["data"] for r in runs if r.meta.get("data")}
+    if len(set(sources.values())) < 2:
+        return None
+    return ("The runs read their images from different data (" + "; ".join(f"{k}: `{v}`" for k, v in sources.items())
+            + "): their ids and labels agree, but nothing here checks that the images are the same pixels (a copy, "
+            "another site's scans, a different preprocessing).")  # fmt: skip
+
+
 def reading_notes(
-    runs: list[RunPredictions], levels: list[Level], patients: Level | str, n_resamples: int, seed: int
+    runs: list[RunPredictions],
+    levels: list[Level],
+    patients: Level | str,
+    n_resamples: int,
+    seed: int,
+    stats: list[dict[str, Any]],
 ) -> list[str]:
     """How the numbers were made and what they cannot say."""
     classes = runs[0].classes
@@ -423,6 +454,15 @@ def reading_notes(
                      f"{unit}s, not {item}s (a {unit}'s {item}s are drawn together); DeLong's test at the {item} "
                      f"level still counts {item}s as independent, and each {unit} weighs as many {item}s as it has: "
                      f"the per-{unit} comparison is the one to trust.")  # fmt: skip
+    for level in stats:
+        kept = min((p[m]["resamples"] for p in level["pairs"] for m in METRICS), default=n_resamples)
+        if kept < n_resamples:
+            notes.append(f"Per {level['level']}: only {kept} of the {n_resamples} resamples gave every difference "
+                         f"(a resample without both classes has no AUC; {level['level']}s drawn whole keep the class "
+                         "mix only roughly), so those CIs and p-values are over these and hold given that a resample "
+                         "has both classes.")  # fmt: skip
+    if (differ := different_data(runs)) is not None:
+        notes.append(differ)
     if len(runs) > 2:
         notes.append(f"The {len(runs) - 1} comparisons' p-values are not adjusted for multiple testing.")
     return notes
@@ -467,7 +507,9 @@ def compare_runs(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
-    notes = reading_notes(runs, levels, patients, n_resamples, seed)
+    notes = reading_notes(runs, levels, patients, n_resamples, seed, stats)
+    if (differ := different_data(runs)) is not None:
+        log.warning("%s", differ)
     blocks = build_blocks(out, runs, levels, stats, split, ci_level, notes)
     data = {"split": split, "classes": classes, "reference": runs[0].name,
             "runs": {r.name: str(r.folder) for r in runs},

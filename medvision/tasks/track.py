@@ -25,14 +25,21 @@ from medvision.tracking import Tracker, flat_metrics, run_metrics, tracked
 
 log = logging.getLogger("medvision")
 
-TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "predictions.csv", "report.html", "report.md",
-               "data_audit.csv", "train.log", "plots")  # fmt: skip
+TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.html", "report.md", "train.log", "plots")
 PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
-MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "data_audit.csv",
-             "train.log", "plots", "folds")  # fmt: skip
+MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "train.log", "plots",
+             "folds")  # fmt: skip
 """A MIL run's files that tracking uploads (:mod:`medvision.tasks.mil`): ``mil.json`` is its scoring record,
-``folds/`` the fold heads. ``predictions.csv`` and ``folds.csv`` stay in the run folder: they name each slide's
-patient (the manifest's ``patient_id``), and a tracking server is no place for patient identifiers."""
+``folds/`` the fold heads. ``folds.csv`` stays in the run folder: it names each slide's patient (the manifest's
+``patient_id``), and a tracking server is no place for patient identifiers."""
+NAMING_FILES = ("predictions.csv", "data_audit.csv")
+"""Files that name every input file (and a MIL run's ``predictions.csv`` its patients): uploaded only with
+``tracking.log_predictions``, since an archive's paths can name patients (``DOE_JANE_MRN1234/IM0001.dcm``)."""
+
+
+def uploaded(run_dir: Path, files: tuple[str, ...], log_predictions: bool) -> list[Path]:
+    """The run folder's files that tracking uploads."""
+    return [run_dir / f for f in (*files, *(NAMING_FILES if log_predictions else ()))]
 
 
 def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
@@ -51,7 +58,7 @@ def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
         except (ExportError, RuntimeError, ValueError, OSError) as err:
             log.warning("tracking: the model is not logged: its ONNX export failed (%s: %s)", type(err).__name__,
                         str(err).splitlines()[0] if str(err) else "")  # fmt: skip
-    tracker.finish(run_dir, metrics, tags, [run_dir / f for f in TRAIN_FILES], model, model_meta)
+    tracker.finish(run_dir, metrics, tags, uploaded(run_dir, TRAIN_FILES, tracker.log_predictions), model, model_meta)
 
 
 def log_mil_run(tracker: Tracker, run_dir: Path) -> None:
@@ -80,7 +87,7 @@ def log_mil_run(tracker: Tracker, run_dir: Path) -> None:
             "medvision.encoder_sha256": str(extraction.get("encoder_sha256", ""))}  # fmt: skip
     if meta.get("classes"):
         tags["medvision.classes"] = ",".join(meta["classes"])
-    tracker.finish(run_dir, metrics, tags, [run_dir / f for f in MIL_FILES])
+    tracker.finish(run_dir, metrics, tags, uploaded(run_dir, MIL_FILES, tracker.log_predictions))
 
 
 def checked_onnx(run_dir: Path) -> Path:

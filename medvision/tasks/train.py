@@ -15,16 +15,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from medvision.data.dataset import ImageDataset
 from medvision.data.sources import load_table
-from medvision.data.table import SampleTable
+from medvision.data.table import SampleTable, subset_indices
 from medvision.evaluation import fit_decision
 from medvision.inference import split_outputs
 from medvision.metrics import MetricWarning
 from medvision.models.backbone import load_state as load_model_state
 from medvision.models.heads import fit_state
-from medvision.recipe import Recipe
+from medvision.recipe import Recipe, RecipeError, load_recipe
 from medvision.report import write_json
 from medvision.results import slide_comparison, slide_head, write_results
 from medvision.runs import RunError, cache_dir, run_log, versions
@@ -94,6 +95,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     bundle.model = model
     datasets = {s: split_dataset(recipe, table, bundle, s, train=s == "train") for s in ("train", "val", "test")}
     sizes = {s: len(ds) for s, ds in datasets.items()}
+    refuse_seen_images(recipe, table, {table.ids[i] for s in ("val", "test") for i in datasets[s].indices})
     log.info("data %s: %d classes, split sizes %s", table.origin, len(table.classes), sizes)
     for split in ("train", "val"):
         if sizes[split] == 0:
@@ -133,8 +135,12 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         weights = class_weights(train_labels, len(table.classes)).numpy()[train_labels]
         log.info("train.balance sampler: each epoch draws %d training images class-balanced, with replacement",
                  sizes["train"])  # fmt: skip
+    bn_trains = any(p.bn == "train" for p in recipe.train.phases) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in bundle.model.modules()
+    )
     sampler = EpochSampler(sizes["train"], recipe.seed, recipe.data.batch_size, d.rank, d.world_size,
-                           datasets["train"].groups, recipe.data.tiles_per_slide, weights)  # fmt: skip
+                           datasets["train"].groups, recipe.data.tiles_per_slide, weights,
+                           min_per_rank=2 if bn_trains else 1)  # fmt: skip
     criterion = None
     if recipe.train.balance == "loss" or recipe.train.focal_gamma > 0:
         cw = class_weights(train_labels, len(table.classes)) if recipe.train.balance == "loss" else None
@@ -148,13 +154,17 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     train_loader = make_loader(datasets["train"], per_rank, workers, device, sampler)
     val_loader = make_loader(local_part(datasets["val"], d), recipe.data.eval_batch_size, workers, device)
     inputs = model_inputs(recipe, bundle)
+    if sampler.used == 0:
+        raise RunError(f"{table.origin}: {sampler.n} training image(s) on {d.world_size} ranks: not one training "
+                       "step (each rank needs a sample); add training data or use fewer ranks")  # fmt: skip
     if d.world_size > 1:
-        dropped = sizes["train"] - sampler.used
         log.info("distributed: %d ranks (%s), global batch %d = %d per rank; validation in %d shards gathered on "
-                 "rank 0%s", d.world_size, "nccl" if device.type == "cuda" else "gloo", recipe.data.batch_size,
-                 per_rank, d.world_size,
-                 f"; the last {dropped} training sample(s) of each epoch are dropped (fewer than the ranks)"
-                 if dropped else "")  # fmt: skip
+                 "rank 0", d.world_size, "nccl" if device.type == "cuda" else "gloo", recipe.data.batch_size,
+                 per_rank, d.world_size)  # fmt: skip
+    if dropped := sampler.n - sampler.used:
+        log.info("the last %d training sample(s) of each epoch (a different draw each epoch) are left out: a last "
+                 "batch of %d would give a rank %s", dropped, dropped,
+                 "fewer than 2 samples, and BatchNorm cannot train on one" if bn_trains else "none")  # fmt: skip
     log.info("loader: %d worker(s), batches travel as %s and are normalised on %s%s", workers,
              datasets["train"].transfer, device, ", flips/rot90 on the device" if inputs.flips else "")  # fmt: skip
     state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs, d,
@@ -168,8 +178,40 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         log.warning("%s was never finite; keeping the last weights as model.safetensors", recipe.train.monitor)
         save_weights(model, best)
     extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history}
+    start -= state.earlier  # a resumed run's wall time counts the processes before this one
     _evaluate_splits(recipe, run_dir, bundle, table, meta, sizes, d, device, workers, start, extra)
     return run_dir
+
+
+def refuse_seen_images(recipe: Recipe, table: SampleTable, held_out: set[str]) -> None:
+    """Refuses a ``model.init_from`` run (SimCLR pretraining or an earlier fine-tuning) that trained on images this
+    run validates or tests on: same data, another split (another seed or fractions, where the data fixes none).
+    Its test metrics would be of images the backbone has seen.
+
+    Raises:
+        RunError: naming the run, how many images it saw and one of them.
+    """
+    if not recipe.model.init_from:
+        return
+    source = Path(recipe.model.init_from)
+    saved = (source if source.is_dir() else source.parent) / "recipe.yaml"
+    try:
+        other = load_recipe(saved) if saved.is_file() else None
+    except RecipeError as err:
+        log.warning("model.init_from: %s cannot be read (%s); its training images are not checked", saved, err)
+        return
+    if other is None or (other.data.source, other.data.path) != (recipe.data.source, recipe.data.path):
+        return  # other data (or a bare weights file): nothing to match by id
+    same = other.data == recipe.data and other.seed == recipe.seed
+    theirs = table if same else load_table(other.data, other.seed, cache_dir(other))
+    seen = {theirs.ids[i] for i in subset_indices(theirs, "train", other.data.limit, other.seed,
+                                                  other.data.train_fraction)} & held_out  # fmt: skip
+    if seen:
+        raise RunError(f"model.init_from {saved.parent} trained on {len(seen)} of this run's validation and test "
+                       f"images (e.g. {sorted(seen)[0]!r}): its split of {table.origin} (seed {other.seed}) is not "
+                       f"this run's (seed {recipe.seed}), so this run would be tested on images its backbone has "
+                       "seen. Use that run's seed and split fractions, a split column in the data, or pretrain "
+                       "again on this run's split")  # fmt: skip
 
 
 def _train_frozen(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTable, meta: dict[str, Any],
@@ -222,13 +264,13 @@ def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTab
         log.warning("%s", w.message)
     log.info("calibration: temperature %.3f fitted on validation", decision.temperature)
     meta["decision"] = decision.to_json()
-    write_json(run_dir / "run.json", meta)
-    seconds = time.perf_counter() - start
     weights = recipe.model.pretrained if isinstance(recipe.model.pretrained, str) else (
         "timm hub weights" if recipe.model.pretrained else
         f"init_from {recipe.model.init_from}" if recipe.model.init_from else "random init")  # fmt: skip
     meta["weights"] = weights
-    meta["data"], meta["source"] = table.origin, recipe.data.source
+    meta["data"], meta["source"] = table.origin, recipe.data.source  # in run.json too: compare names them
+    write_json(run_dir / "run.json", meta)
+    seconds = time.perf_counter() - start
     extra = {**extra, "seconds": seconds, "tta": list(recipe.evaluation.tta)}
     extra.update(slide_comparison(recipe, splits, decision))
     write_results(run_dir, bundle, recipe, table, meta, splits, decision, extra, device)

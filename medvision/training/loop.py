@@ -281,6 +281,10 @@ class FitState:
     """Optimizer steps the weights' moving average has seen (its warm-up depends on it)."""
     peak: float | None = None
     """Highest ``val_auc``/``val_acc`` seen so far (the chosen epoch may sit up to the tolerance below it)."""
+    seconds: float = 0.0
+    """Wall time of the training up to the last checkpoint, every process of a resumed run together."""
+    earlier: float = 0.0
+    """The part of ``seconds`` spent before this process (by the processes a resumed run follows)."""
 
     def improved(self, value: float, val_loss: float, monitor: str, tolerance: float = 0.0) -> bool:
         """Better on ``monitor``: lower ``val_loss``; or, for AUC and accuracy, higher by more than ``tolerance``.
@@ -368,6 +372,7 @@ def fit(
         ema.update(model, step=state.ema_steps)
 
     evaluated = ema.module if ema is not None else compiled  # validation and the best checkpoint: the average
+    state.earlier, began = state.seconds, time.perf_counter()
     if cfg.patience is not None and state.stale >= cfg.patience:
         # resumed after early stopping (killed during its final evaluation): training on would make another run
         log.info("early stopping: the run had stopped at epoch %d (%s did not improve for %d epochs)",
@@ -405,6 +410,8 @@ def fit(
                                     phase.bn, desc, inputs, generator, d, sizes, criterion, mix,
                                     ema_step if ema is not None else None)  # fmt: skip
             sync_buffers(model, d)
+            if ema is not None:  # its BatchNorm statistics average each rank's own: rank 0's, as it saves them
+                sync_buffers(ema.module, d)
             logits, labels = predict_logits(evaluated, val_loader, device, cfg.amp, inputs)
             whole = gather_outputs(logits, labels, d)
             decision: tuple[dict[str, Any], bool] | None = None
@@ -435,6 +442,7 @@ def fit(
                 row["val_acc"], row["train_img_s"], row["seconds"], "  *best*" if state.stale == 0 else "",
                 extra={EPOCH_ROW: row},  # the run log hands the row to experiment tracking
             )  # fmt: skip
+            state.seconds = state.earlier + time.perf_counter() - began
             if d.is_main:
                 opt.save(model, state.__dict__, run_dir / "last.pt",
                          {"ema": ema.module.state_dict()} if ema is not None else None)  # fmt: skip

@@ -52,7 +52,8 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
 
     Raises:
         RunError: resuming without ``last.pt``; a finished run in the way without ``--overwrite``; a global
-            batch that does not divide over the ranks (or leaves fewer than ``min_per_rank`` a rank).
+            batch that does not divide over the ranks (or leaves fewer than ``min_per_rank`` a rank); mixup or
+            cutmix with an odd number of images a rank.
     """
     if resume and not (run_dir / "last.pt").is_file():
         raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
@@ -68,6 +69,11 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
             f"data.batch_size {batch} is the global batch and must divide by the world size {world}{least}; use a "
             f"multiple of {world}, e.g. {world * max(min_per_rank, batch // world)}"
         )
+    per_rank = batch // world
+    if world > 1 and (recipe.train.mixup > 0 or recipe.train.cutmix > 0) and per_rank % 2:
+        raise RunError(f"train.mixup / train.cutmix on {world} ranks: each rank's slice of a batch (data.batch_size "
+                       f"{batch} / {world} = {per_rank}) must be even, as timm's Mixup pairs the images of a slice and "
+                       f"an odd one is never mixed; use data.batch_size {world * (per_rank + 1)}")  # fmt: skip
     barrier(d)
 
 

@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from medvision.data.dataset import ImageDataset
 from medvision.data.intake import ReadConfig, read_file
 from medvision.data.sources import load_table
 from medvision.data.table import DataSourceError
 from medvision.errors import ExportError
-from medvision.inference import load_run
+from medvision.inference import SPEC_KEY, load_run
 from medvision.io.dicom import shipped_test_folders
 from medvision.io.files import atomic_write
 from medvision.io.image import ImageReadError
@@ -101,7 +102,11 @@ class ExportSource:
 def open_run(run_dir: Path) -> ExportSource:
     """Loads a finished run on the CPU (``RunError`` names a missing file) and wraps it for export."""
     run_dir = Path(run_dir)
-    recipe, meta, bundle = load_run(run_dir, torch.device("cpu"))
+    try:
+        recipe, meta, bundle = load_run(run_dir, torch.device("cpu"))
+    except SafetensorError as err:  # a damaged or truncated file: the user's to replace, not a bug
+        raise ExportError(f"{run_dir / 'model.safetensors'}: not a readable safetensors file ({err}); expected the "
+                          "weights the run saved: restore them or train the run again") from None  # fmt: skip
     bundle.model = bundle.model.to(memory_format=torch.contiguous_format).eval()
     spec = ScoringSpec.from_run(run_dir, recipe, meta)
     model = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature, spec.tta).eval()
@@ -365,6 +370,82 @@ def staging_dir(final: Path) -> Iterator[Path]:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+BUNDLE_RECORD = "medvision_export.json"
+"""The record a bundle export writes at its root: what marks a folder as one ``--out`` may replace."""
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_bundle_out(out: Path, run_dir: Path) -> None:
+    """Refuses a bundle ``--out`` whose replacement would delete anything but an earlier bundle export.
+
+    The finished bundle replaces the whole folder, so ``--out`` must be new, empty, or a bundle medvision wrote
+    (its ``medvision_export.json`` says ``monai-bundle``); and it must not be the run, hold the run, or sit among
+    the run's own files (only under ``RUN/export``). Checked before the slow export.
+    """
+    where, run = out.resolve(), run_dir.resolve()
+    if _within(run, where):
+        raise ExportError(f"--out {out} is the run folder {run_dir} or holds it; replacing it would delete the run. "
+                          f"Expected a new folder, or {run_dir / 'export' / 'monai_bundle'} (the default)")  # fmt: skip
+    if _within(where, run) and not (where != run / "export" and _within(where, run / "export")):
+        raise ExportError(f"--out {out} is inside the run {run_dir} but not below {run_dir / 'export'}; expected a "
+                          "folder outside the run or below its export folder (which itself holds the run's other "
+                          "exports)")  # fmt: skip
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is an existing file; expected a folder for the bundle (new, empty, or an "
+                          "earlier bundle export, which is replaced)")  # fmt: skip
+    if not any(out.iterdir()):
+        return
+    if _record_format(out / BUNDLE_RECORD) != "monai-bundle":
+        raise ExportError(f"--out {out} is a folder with other files in it and no {BUNDLE_RECORD} of a monai-bundle "
+                          "export; the bundle replaces the whole folder, so expected a new or empty folder or an "
+                          "earlier bundle export")  # fmt: skip
+
+
+def check_onnx_out(out: Path) -> None:
+    """Refuses an ONNX ``--out`` that would overwrite anything but an earlier ONNX export, before the slow export.
+
+    ``out`` is the final ``.onnx`` path; it and its record ``OUT.json`` may each replace only a file an earlier
+    ``--format onnx`` export wrote (the record says ``onnx``; an ``.onnx`` file without its record must hold
+    medvision's spec in its metadata).
+    """
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"--out: {parent} is an existing file, not a folder; expected a path ending in "
+                                  ".onnx or a folder for model.onnx")  # fmt: skip
+            break
+    record = out.with_name(f"{out.name}.json")
+    if out.is_dir():
+        raise ExportError(f"--out {out} is an existing folder; expected a path for the .onnx file")
+    if record.is_dir() or (record.exists() and _record_format(record) != "onnx"):
+        raise ExportError(f"{record} exists and is not the record of an earlier ONNX export, which is all the "
+                          f"export of {out.name} may replace; choose another --out")  # fmt: skip
+    if out.exists() and _record_format(record) != "onnx":
+        try:
+            import onnx
+
+            props = {p.key for p in onnx.load(str(out), load_external_data=False).metadata_props}
+        except Exception:  # not ONNX at all (onnx raises protobuf's DecodeError and others)
+            props = set()
+        if SPEC_KEY not in props:
+            raise ExportError(f"--out {out} is an existing file that is not a medvision ONNX export; expected a new "
+                              "path or an earlier export, which is replaced")  # fmt: skip
+
+
+def _record_format(path: Path) -> str | None:
+    """The ``format`` of a medvision export record at ``path``; None when it is missing or not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return str(data.get("format")) if isinstance(data, dict) else None
 
 
 def replace_dir(stage: Path, final: Path) -> None:

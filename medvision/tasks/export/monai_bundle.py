@@ -28,6 +28,7 @@ real DICOM parity set (:func:`~medvision.tasks.export.common.check_dicom_parity`
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tempfile
@@ -47,14 +48,19 @@ from medvision.data.bundle_intake import network_input
 from medvision.data.dicom_source import DicomLoader
 from medvision.data.intake import ReadConfig, read_file
 from medvision.data.table import FileLoader
+from medvision.io.dicom import Window, parse_window
 from medvision.io.files import sha256
+from medvision.models.deploy import RawBatchInput
+from medvision.runs import ScoringSpec
 from medvision.tasks.export.common import (
+    BUNDLE_RECORD,
     PARITY_ATOL,
     DicomParity,
     ExportError,
     ExportResult,
     ExportSource,
     ParityImages,
+    check_bundle_out,
     check_dicom_parity,
     check_parity,
     export_versions,
@@ -73,6 +79,10 @@ log = logging.getLogger("medvision")
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 _NVIMGCODEC_LOG = "monai.data.nvimgcodec_pydicom_plugin"  # LoadImage builds MONAI's GPU DICOM reader too, and it warns
+TRACED = "torch.jit.trace at float32, in a scripted RawBatchInput that takes uint8 0..255 or float in [0, 1]"
+"""How ``models/model.ts`` was made when ``torch.jit.script`` cannot hold the model (recorded as ``torchscript``)."""
+NETWORK_INPUT = "NCHW uint8 0..255 or float in [0, 1] (the bundle's reader feeds float32 in [0, 1])"
+"""What ``models/model.ts`` takes, scripted or traced (recorded in ``metadata.json`` as ``network_input``)."""
 RUN_COMMAND = "python -m monai.bundle run --config_file configs/inference.json --dataset_dir DIR --output_dir OUT"
 
 
@@ -100,6 +110,7 @@ def export_monai_bundle(
             "gives one row per file. Export it with --format onnx and score with `medvision score --engine onnxruntime`"
         )
     out = Path(out) if out is not None else source.run_dir / "export" / "monai_bundle"
+    check_bundle_out(out, source.run_dir)  # the bundle replaces the folder: refuse anything but an earlier one
     images = load_parity_images(source, parity_images)
     inference = inference_config()
     metadata = bundle_metadata(source)
@@ -126,12 +137,13 @@ def export_monai_bundle(
         dicom = check_dicom_parity("torchscript", lambda batch: torch_probabilities(loaded, network_input(
             torch.from_numpy(batch))), source, atol)  # fmt: skip
         metadata["medvision_checks"] = _checks_record(diff, bundle_diff, images, atol, dicom)
+        metadata["medvision"].update(torchscript=how, network_input=NETWORK_INPUT)
         (stage / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
-        (stage / "docs" / "README.md").write_text(readme(source, metadata["medvision_checks"]))
+        (stage / "docs" / "README.md").write_text(readme(source, metadata["medvision_checks"], how))
         (stage / "configs" / "logging.conf").write_text(_LOGGING)
         (stage / "LICENSE").write_text(_LICENSE.format(name=spec.name))
         record = _record(source, stage, how, metadata["medvision_checks"])
-        write_json(stage / "medvision_export.json", record)
+        write_json(stage / BUNDLE_RECORD, record)
         replace_dir(stage, out)
     checks.append(f"models/model.ts: TorchScript ({how}) of the calibrated model")
     checks.append(parity_line("torchscript", diff, images, atol))
@@ -143,7 +155,7 @@ def export_monai_bundle(
                       f"(worst {dicom.worst})")  # fmt: skip
     checks.append(f"run it: cd {out} && {RUN_COMMAND}")
     log.info("exported %s", out)
-    return ExportResult("monai-bundle", out, out / "medvision_export.json", diff, len(images) if images else 0,
+    return ExportResult("monai-bundle", out, out / BUNDLE_RECORD, diff, len(images) if images else 0,
                         images.split if images else None, checks)  # fmt: skip
 
 
@@ -204,9 +216,7 @@ def bundle_metadata(source: ExportSource) -> dict[str, Any]:
     summary = spec_summary(spec)
     k, c, size = len(spec.classes), spec.in_chans, spec.image_size
     uint8 = spec.transfer == "uint8"
-    channel_def = {"0": "R", "1": "G", "2": "B"} if c == 3 else {str(i): f"channel {i}" for i in range(c)}
-    if c == 1:
-        channel_def = {"0": "grey"}
+    channel_def, read_as = channels(spec)
     kind = "DICOM" if spec.inputs == "dicom" else "PNG/JPEG/TIFF/BMP"
     return {
         "schema": SCHEMA,
@@ -226,7 +236,7 @@ def bundle_metadata(source: ExportSource) -> dict[str, Any]:
         "authors": f"medvision run {spec.name}",
         "copyright": "See LICENSE",
         "data_source": f"{source.recipe.data.source}: {Path(source.recipe.data.path).name}",
-        "data_type": f"{kind} files, read as {'RGB' if c == 3 else 'greyscale' if c == 1 else f'{c}-channel'} images",
+        "data_type": f"{kind} files, read as {read_as}",
         "image_classes": f"{c} channel data in [0, 1] (float32){', on 8-bit levels' if uint8 else ''}",
         "label_classes": ", ".join(f"{i}: {name}" for i, name in enumerate(spec.classes)),
         "pred_classes": f"{k} calibrated probabilities summing to 1, in label order",
@@ -270,19 +280,70 @@ def bundle_metadata(source: ExportSource) -> dict[str, Any]:
     }
 
 
+def channels(spec: ScoringSpec) -> tuple[dict[str, str], str]:
+    """``channel_def`` of the network input and what the files are read as.
+
+    A DICOM run with as many windows as channels has one window per channel (``data.dicom.windows: [lung,
+    mediastinum, bone]`` is not RGB), each named with its center/width; one window is replicated into every
+    channel. Image runs: grey, RGB, or numbered channels.
+    """
+    c = spec.in_chans
+    windows = [parse_window(w) for w in spec.dicom.get("windows") or ["file"]] if spec.inputs == "dicom" else []
+    if windows and (len(windows) == c or len(windows) == 1):
+        names = [_window_name(w) for w in windows]
+        if len(windows) == c > 1:
+            listed = "; ".join(names)
+            return {str(i): name for i, name in enumerate(names)}, f"{c} channels, one VOI window each: {listed}"
+        copies = f", in {c} identical channels" + (" (colour DICOMs as R, G, B)" if c == 3 else "") if c > 1 else ""
+        return {str(i): names[0] for i in range(c)}, f"greyscale images, {names[0]}{copies}"
+    if c == 1:
+        return {"0": "grey"}, "greyscale images"
+    if c == 3:
+        return {"0": "R", "1": "G", "2": "B"}, "RGB images"
+    return {str(i): f"channel {i}" for i in range(c)}, f"{c}-channel images"
+
+
+def _window_name(window: Window) -> str:
+    if window.kind in ("preset", "explicit"):
+        named = f"{window.name} " if window.kind == "preset" else ""
+        return f"window {named}(center {window.center:g}, width {window.width:g})"
+    if window.kind == "file":
+        return f"the file's own VOI window (entry {window.index}; the percentile range where it has none)"
+    return "window from the image's 0.5th-99.5th percentiles"
+
+
 def _torchscript(source: ExportSource) -> tuple[torch.jit.ScriptModule, str]:
-    """``torch.jit.script`` (keeps the uint8/float branch), else a trace at float32, what the bundle feeds it."""
+    """``torch.jit.script`` (keeps the uint8/float branch), else a trace at float32 inside :class:`RawBatchInput`,
+    which takes that branch again.
+
+    Scripting can succeed and still give a module that cannot be saved: a ``@torch.jit.ignore`` method stays a
+    Python call (timm's mobilevitv2_050: "Could not export Python function call '_forward_cross_attn'"). So a
+    scripted module counts only once it has been saved and loaded back; otherwise the model is traced.
+    """
     try:
         with quiet():
-            return torch.jit.script(source.model), "torch.jit.script"
+            scripted = torch.jit.script(source.model)
+            _save_and_load(scripted)
+        return scripted, "torch.jit.script"
     except Exception as err:  # TorchScript rejects some Python constructs; a trace needs none of them
-        log.info("torch.jit.script failed (%s: %s); tracing at float32", type(err).__name__, err)
+        reason = str(err).strip().split("\n")[0]
+        log.info("torch.jit.script failed (%s: %s); tracing at float32", type(err).__name__, reason)
     try:
         with torch.no_grad(), quiet():
             traced = torch.jit.trace(source.model, source.example().float(), check_trace=False)
-        return traced, "torch.jit.trace at float32"
+            wrapped = torch.jit.script(RawBatchInput(traced))
+            _save_and_load(wrapped)
+        return wrapped, TRACED
     except Exception as err:
         raise ExportError(f"TorchScript cannot hold {source.recipe.model.name}: {type(err).__name__}: {err}") from None
+
+
+def _save_and_load(module: torch.jit.ScriptModule) -> None:
+    """Raises what ``torch.jit.save`` or ``torch.jit.load`` raise for ``module`` (in memory)."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    torch.jit.load(buffer, map_location="cpu")
 
 
 def _parity_files(images: ParityImages, scratch: Path) -> list[Path]:
@@ -396,7 +457,7 @@ or for the data they were trained on: ask the run's owner before sharing the bun
 """
 
 
-def readme(source: ExportSource, checks: dict[str, Any]) -> str:
+def readme(source: ExportSource, checks: dict[str, Any], how: str = "torch.jit.script") -> str:
     """``docs/README.md``: what the bundle expects, how to run it, what was checked at export."""
     spec = source.spec
     points = "\n".join(
@@ -445,7 +506,7 @@ is not an input, gets NaN probabilities and a warning in the log with its reason
 reader (`medvision.data.bundle_intake.ReadForModel`, the code `medvision score` runs) with the run's
 settings from `configs/metadata.json`: scaled to [0, 1] ({spec.intensity}), made
 {spec.in_chans}-channel, resized to {spec.image_size} x {spec.image_size}. The model
-(`models/model.ts`) takes that batch (float32 in [0, 1]) and applies the backbone's normalisation,
+(`models/model.ts`: {how}) takes that batch ({NETWORK_INPUT}) and applies the backbone's normalisation,
 test-time augmentation ({", ".join(spec.tta) or "none"}) and the calibration itself. The files are
 read in MONAI's process: for untrusted folders, where a decoder may crash or hang, use
 `medvision score`, which isolates each file.

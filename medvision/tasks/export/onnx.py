@@ -46,6 +46,7 @@ from medvision.tasks.export.common import (
     ExportSource,
     ParityImages,
     check_dicom_parity,
+    check_onnx_out,
     check_parity,
     chunk_sizes,
     export_versions,
@@ -64,6 +65,8 @@ log = logging.getLogger("medvision")
 INPUT = "image"
 OUTPUT = "probabilities"
 OPSET = 18
+MIN_OPSET = 18
+"""torch.onnx's dynamo exporter writes opset 18 (torchlib's) and converts from there: asked for 17, it wrote 18."""
 
 
 def export_onnx(
@@ -82,12 +85,15 @@ def export_onnx(
         >>> engine, spec = load_onnx(result.path)
         >>> probs = engine.predict(batch_uint8)  # (N, K) calibrated
     """
+    highest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= highest:
+        raise ExportError(f"ONNX opset {opset}: expected {MIN_OPSET} (what torch.onnx writes natively) to {highest} "
+                          f"(the newest this onnx {onnx.__version__} knows)")  # fmt: skip
     source = open_run(run_dir)
     out = Path(out) if out is not None else source.run_dir / "export" / "model.onnx"
-    if out.suffix != ".onnx":
+    if out.suffix != ".onnx" or out.is_dir():  # an existing folder is a folder, whatever its name
         out = out / "model.onnx"
-    if opset < 17:
-        raise ExportError(f"ONNX opset {opset} is too old; use 17 or later")
+    check_onnx_out(out)  # before the slow export, as is the data below
     images = load_parity_images(source, parity_images)  # before the slow export: missing data fails in a second
     program = _torch_export(source, opset)
     for key, value in onnx_metadata(source.spec).items():
@@ -102,6 +108,11 @@ def export_onnx(
         program.save(str(staged))  # weights above 2 GB go to model.onnx.data beside it, named for the final file
         _check_model(staged)
         checks.append("onnx.checker (full check): ok")
+        written = _written_opset(staged)
+        if written != opset:  # torch.onnx falls back to its own opset when its converter cannot reach the one asked
+            raise ExportError(f"asked for ONNX opset {opset}, torch.onnx wrote opset {written} for "
+                              f"{source.recipe.model.name} (its version converter could not convert the graph); "
+                              f"nothing was written: use opset {written}")  # fmt: skip
         engine = OrtEngine(staged, providers=["CPUExecutionProvider"])
         checks.append(_check_dynamic_batch(engine, source))
         diff = _parity(engine, source, images, atol)
@@ -120,7 +131,7 @@ def export_onnx(
             _add_metadata(staged, props)
             _check_model(staged)
         staged_record = stage / f"{out.name}.json"
-        write_json(staged_record, _record(source, staged, opset, diff, images, atol, dicom))
+        write_json(staged_record, _record(source, staged, written, diff, images, atol, dicom))
         for extra in sorted(stage.iterdir()):  # external weights (if any) first, then the model, then its record
             if extra not in (staged, staged_record):
                 os.replace(extra, out.parent / extra.name)
@@ -155,6 +166,16 @@ def _torch_export(source: ExportSource, opset: int) -> Any:
         raise ExportError(
             f"torch.onnx could not export {source.recipe.model.name}: {type(err).__name__}: {reason}"
         ) from None
+
+
+def _written_opset(path: Path) -> int:
+    """The default-domain (``ai.onnx``) opset the saved model imports: what the file really needs."""
+    versions = [
+        o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
+    ]
+    if len(versions) != 1:
+        raise ExportError(f"{path.name}: expected one ai.onnx opset import, the file has {versions}")
+    return int(versions[0])
 
 
 def _check_model(path: Path) -> None:
@@ -226,6 +247,7 @@ def _record(
         "run": str(source.run_dir.resolve()),
         "model_sha256": spec.model_sha256,
         "exporter": f"torch.onnx.export(dynamo=True), opset {opset}",
+        "opset": opset,  # read back from the written file's ai.onnx import
         "input": {"name": INPUT, "dtype": _input_dtype(source), "shape": ["batch", spec.in_chans, size, size]},
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(spec.classes)], "classes": spec.classes},
         "checker": "onnx.checker.check_model(full_check=True): ok",

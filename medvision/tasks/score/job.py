@@ -394,8 +394,12 @@ def same_job(out: Path, job: dict[str, Any], table: Path) -> None:
         RunError: naming what differs, and what to do.
     """
     path = Path(f"{out}.json")
-    if not path.is_file() or not table.is_file():
+    if not table.is_file() or table.stat().st_size == 0:
         return
+    if not path.is_file():  # written before any row: rows without it are another job's, its record removed
+        raise RunError(f"{table} holds rows but {path}, the record of the job that wrote them, is missing, so they "
+                       f"cannot be told from another model's; delete {table} (and {out}.parts/, if there) to score "
+                       "afresh, or give another --out")  # fmt: skip
     try:
         old = json.loads(path.read_text())
     except ValueError:
