@@ -358,9 +358,11 @@ def _summary(
     if n == 0:
         warnings.warn(f"{level}-level split is empty; every metric is NaN", MetricWarning, stacklevel=3)
         return {"n": 0, "auc": math.nan, "acc": math.nan}
-    if not np.all(np.isfinite(probs)):
-        warnings.warn(f"{level}-level probabilities contain NaN or Inf; metrics using them are NaN", MetricWarning,
+    if not np.all(np.isfinite(probs)):  # an arg-max of NaN is class 0: accuracy and the rest would look real
+        bad = int((~np.isfinite(probs)).any(axis=1).sum())
+        warnings.warn(f"the probabilities of {bad} of {n} cases are NaN or Inf; every metric is NaN", MetricWarning,
                       stacklevel=3)  # fmt: skip
+        return {"n": n, "auc": math.nan, "acc": math.nan}
     pos = decision.positive
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(y, pred, k)
@@ -437,12 +439,22 @@ def clinical_metrics(
             # draws exactly the resamples of images one by one
             summary = split_summary(y, p_cal, p_raw, classes, cfg, decision, level, out.bootstrap_groups(level))
             counted = "images" if level == "image" else f"{unit}s"
+            where = f"{split} split, per {level if level == 'image' else unit}"
+            if summary.get("warnings"):  # which split and level each is about, once the report lists them together
+                summary["warnings"] = [f"{where}: {w}" for w in summary["warnings"]]
+            if level == "patient" and mixed:
+                rule = (f"takes the positive class `{classes[1 if decision.positive is None else decision.positive]}`"
+                        if len(classes) == 2 else "takes its most common label")  # fmt: skip
+                items = "tiles" if unit == "slide" else "images"
+                summary.setdefault("warnings", []).append(
+                    f"{where}: {mixed} of the {len(y)} {unit}s have {items} of more than one class; each {rule}"
+                )
             few = {c: n for c, n in summary.get("n_per_class", {}).items() if n < MIN_CLASS_COUNT}
             if few:
                 listed = ", ".join(f"{c} ({n})" for c, n in few.items())
                 summary.setdefault("warnings", []).append(
-                    f"{split} split, per {level if level == 'image' else unit}: fewer than {MIN_CLASS_COUNT} {counted} "
-                    f"of class {listed}; its sensitivity, PPV and their CIs rest on too few cases to trust"
+                    f"{where}: fewer than {MIN_CLASS_COUNT} {counted} of class {listed}; its sensitivity, PPV and "
+                    "their CIs rest on too few cases to trust"
                 )
             if level == "patient":
                 summary["images_per_patient"] = len(out.labels) / max(1, len(y))

@@ -135,7 +135,9 @@ def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, le
     z = (aucs[0] - aucs[1]) / np.sqrt(var_diff) if var_diff > 0 else 0.0
     p = 2 * (1 - 0.5 * (1 + erf(abs(z) / sqrt(2))))
     z_level = NormalDist().inv_cdf(0.5 + level / 2)  # 1.959964 for 0.95
-    ci = [(aucs[i] - z_level * np.sqrt(cov[i, i]), aucs[i] + z_level * np.sqrt(cov[i, i])) for i in range(2)]
+    # the normal approximation can pass 1 (0.96 +- 0.11): an AUC is in [0, 1], so is its interval
+    ci = [(max(0.0, aucs[i] - z_level * np.sqrt(cov[i, i])), min(1.0, aucs[i] + z_level * np.sqrt(cov[i, i])))
+          for i in range(2)]  # fmt: skip
     return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "ci_a": ci[0], "ci_b": ci[1], "z": float(z), "p": p}
 
 

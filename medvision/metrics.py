@@ -41,11 +41,8 @@ def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
-        warnings.warn(
-            f"AUC is undefined with only one class present ({n_pos} positive, {n_neg} negative); reporting NaN",
-            MetricWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"AUC is undefined with only one class present (all {len(y)} cases); reporting NaN",
+                      MetricWarning, stacklevel=2)  # fmt: skip
         return float("nan")
     ranks = _average_ranks(s)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
@@ -249,6 +246,10 @@ def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
     if n_pos == 0:
         warnings.warn("average precision is undefined without positives; reporting NaN", MetricWarning, stacklevel=2)
         return float("nan")
+    if n_pos == len(y):  # scikit-learn says 1.0 here, for any scores: no ranking is measured, as AUC says n/a
+        warnings.warn("average precision without negatives is 1 whatever the scores; reporting NaN", MetricWarning,
+                      stacklevel=2)  # fmt: skip
+        return float("nan")
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
@@ -305,7 +306,11 @@ def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def operating_point(y_true: np.ndarray, score: np.ndarray, rule: str, target: float | None = None) -> float:
     """A threshold chosen on validation data: ``youden`` (max sens + spec - 1), ``sensitivity`` (the highest
-    threshold reaching ``target`` sensitivity) or ``specificity`` (the lowest reaching ``target``)."""
+    threshold reaching ``target`` sensitivity) or ``specificity`` (the lowest reaching ``target``).
+
+    Every sensitivity is reached at the lowest score. A specificity no observed score reaches (the highest-scoring
+    case is a negative) is reached just above the highest score, calling every case negative, with a warning: the
+    highest score itself would miss the target on the very data it was chosen on."""
     thresholds, sens, spec = roc_points(y_true, score)
     if rule == "youden":
         return float(thresholds[int(np.argmax(sens + spec - 1))])
@@ -316,7 +321,12 @@ def operating_point(y_true: np.ndarray, score: np.ndarray, rule: str, target: fl
         return float(thresholds[ok[0]]) if ok.size else float(thresholds[-1])
     if rule == "specificity":
         ok = np.flatnonzero(spec >= target)
-        return float(thresholds[ok[-1]]) if ok.size else float(thresholds[0])
+        if ok.size:
+            return float(thresholds[ok[-1]])
+        warnings.warn(f"no score reaches specificity {target:g} on validation (its highest-scoring case is a "
+                      "negative): the threshold is just above the highest score, calling every case negative",
+                      MetricWarning, stacklevel=2)  # fmt: skip
+        return float(np.nextafter(thresholds[0], np.inf))
     raise ValueError(f"operating point rule {rule!r} is not one of youden, sensitivity, specificity")
 
 

@@ -237,13 +237,15 @@ def plot_pr(path: Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence
     binary = len(classes) == 2
     ax.set_title(f"precision-recall, positive class {classes[1]!r}" if binary else "precision-recall, one-vs-rest",
                  fontsize=9)  # fmt: skip
-    why = _why_undefined(p) or ("no positives" if binary and not (y == 1).any() else None)
+    why = _why_undefined(p) or ("no positives" if binary and not (y == 1).any() else
+                                "no negatives" if binary and (y == 1).all() else None)  # fmt: skip
     if why is not None:
         _note(ax, f"undefined: {why}")
     for k in [] if why else [1] if binary else range(len(classes)):
         pos, s = y == k, p[:, k]
-        if not pos.any():  # an empty legend entry keeps the note clear of the curves
-            ax.plot([], [], " ", label=f"{classes[k]}: no positives, AP undefined")
+        if not pos.any() or pos.all():  # an empty legend entry keeps the note clear of the curves
+            ax.plot([], [], " ", label=f"{classes[k]}: no {'positives' if not pos.any() else 'negatives'}, AP "
+                                       "undefined")  # fmt: skip
             continue
         tps, fps = _cumulative_counts(pos, s)
         recall, precision = np.r_[0.0, tps / tps[-1]], np.r_[1.0, tps / (tps + fps)]

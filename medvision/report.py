@@ -124,17 +124,16 @@ def _at_point(summary: dict[str, Any]) -> str:
     if not points:
         return "n/a"
     op = points[0]
-    return f"{_with_ci(op, 'accuracy')} at {_rule(op)} ≥ {_fmt(op['threshold'], 3)}"
+    return f"{_with_ci(op, 'accuracy')} at {_rule(op)} (threshold {_fmt(op['threshold'], 3)})"
 
 
 def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
     """What the CIs of the metrics table are, and which level's to quote: the image (tile) level's bootstrap draws a
     patient's (slide's) images together, as they are not independent, but weighs each patient by its images."""
     k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
-    text = (
-        f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}. AUC is binary, or macro "
-        "one-vs-rest for more than two classes."
-    )
+    cis = (f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}." if cfg.bootstrap
+           else "No CIs: evaluation.bootstrap is 0.")  # fmt: skip
+    text = f"{cis} AUC is binary, or macro one-vs-rest for more than two classes."
     if clinical.get("unit") == "slide":
         how = (
             "an attention-MIL head (ABMIL, Ilse et al. 2018) on the fine-tuned backbone's frozen tile features"
@@ -158,6 +157,9 @@ def _temperature_fact(decision: Decision) -> str:
     cal = decision.calibration or {}
     if cal.get("kept_t1"):
         return f"temperature 1 (not calibrated): {cal['kept_t1']}"
+    if not cal:  # evaluation.calibrate: false (or no validation split to fit on)
+        return (f"temperature {decision.temperature:g}: not calibrated (evaluation.calibrate is off, or there was no "
+                "validation split to fit on); the probabilities below are the model's own softmax")  # fmt: skip
     judged = ""
     if "val_ece_after" in cal:
         judged = f"; cross-fitted validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}"
@@ -259,7 +261,9 @@ def build_report(
         "n",
         f"AUC ({level} CI)",
         f"accuracy, argmax ({level} CI)",
-        f"accuracy at the validation threshold ({level} CI)",
+        f"accuracy at the validation threshold ({level} CI)"
+        if len(classes) == 2 or decision.positive is None
+        else f"accuracy of `{classes[decision.positive]}` vs rest at the validation threshold ({level} CI)",
         "balanced acc.",
         "avg. precision",
     ]
@@ -289,8 +293,9 @@ def build_report(
             f"Thresholds on the calibrated probability of `{classes[decision.positive]}`, chosen on the validation "
             f"split and applied unchanged to {split}: Youden J maximises sensitivity + specificity - 1; "
             "`sensitivity ≥ t` is the highest threshold whose validation sensitivity reaches t (so the fewest false "
-            "alarms at that sensitivity); `specificity ≥ t` is the lowest threshold reaching that specificity. On "
-            f"{split} the sensitivity may fall below t: its CI shows by how much it can."
+            "alarms at that sensitivity); `specificity ≥ t` is the lowest threshold reaching that specificity (where no "
+            "validation score reaches it, just above the highest score, calling every case negative, with a "
+            f"warning). On {split} the sensitivity may fall below t: its CI shows by how much it can."
         )
         op_header = ["level", "rule", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1"]
         blocks += [("h2", f"Operating points ({split} split)"), ("p", how), ("table", (op_header, op_rows))]

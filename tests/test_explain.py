@@ -160,6 +160,23 @@ def test_explain_images_writes_overlays_and_a_table(square_run: Path, held_out: 
     assert json.loads((square_run / "run.json").read_text())["classes"] == ["empty", "square"]
 
 
+def test_explain_gives_the_runs_own_calibrated_tta_probability(tiles_manifest: Path, tmp_path: Path) -> None:
+    """With evaluation.tta, an image's probability (and the class its heatmap is for) is the average over the views,
+    as predictions.csv and score give it; one view's called 9 of 25 test images otherwise."""
+    from conftest import tiny_recipe
+
+    tree = tiny_recipe(tiles_manifest, tmp_path / "runs")
+    tree["evaluation"] = {"bootstrap": 0, "explain": 0, "tta": ["hflip", "rot90"]}
+    run = train(recipe_from_dict(tree))
+    rows = [r for r in csv.DictReader((run / "predictions.csv").open()) if r["split"] == "test"]
+    paths = [tiles_manifest.parent / r["id"] for r in rows]
+    explain_images(run, paths, tmp_path / "out")
+    explained = list(csv.DictReader((tmp_path / "out" / "explain.csv").open()))
+    for row, got in zip(rows, explained, strict=True):
+        assert got["predicted_class"] == row["pred"] == got["target_class"], row["id"]
+        assert float(got["probability"]) == pytest.approx(float(row[f"prob_{row['pred']}"]), abs=2e-6), row["id"]
+
+
 def test_heatmaps_are_bounded_with_frozen_weights_and_modes_restored() -> None:
     torch.manual_seed(0)
     model: Any = timm.create_model("test_resnet", num_classes=3)

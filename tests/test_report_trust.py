@@ -264,3 +264,55 @@ def test_the_ci_note_says_which_levels_intervals_to_quote() -> None:
     text = ci_note(slides, cfg)
     assert "tile-level CIs resample slides, not tiles" in text and "quote the slide level" in text
     assert "`mean` of its tile probabilities" in text
+
+
+def test_nan_probabilities_make_every_metric_of_their_split_nan_and_warnings_name_split_and_level() -> None:
+    """An arg-max of NaN is class 0: accuracy 0.4, AP and ECE looked real where 9 of 10 probabilities were NaN."""
+    y = np.array([0, 1] * 5)
+    logits = np.full((10, 2), np.nan)
+    logits[0] = (1.0, 0.0)
+    outputs = {"test": SplitOutputs(logits=logits, labels=y, groups=[f"p{i}" for i in range(10)])}
+    decision = Decision(temperature=1.0, positive=1, points={"image": [], "patient": []})
+    clinical = clinical_metrics(outputs, ["neg", "pos"], EvalConfig(bootstrap=20), decision)
+    test = clinical["image"]["test"]
+    assert test["n"] == 10 and math.isnan(test["auc"]) and math.isnan(test["acc"])
+    assert set(test) <= {"n", "auc", "acc", "warnings"}  # nothing else that could read as a result
+    assert test["warnings"] == ["test split, per image: the probabilities of 9 of 10 cases are NaN or Inf; every "
+                                "metric is NaN"]  # fmt: skip
+
+
+def test_mixed_label_patients_are_a_warning_and_one_class_splits_say_nan_for_ap() -> None:
+    logits, y = _logits(40, 2.0, 2)
+    groups = [f"p{i // 4}" for i in range(40)]  # 10 patients of 4 images
+    y = np.tile([0, 0, 0, 1], 10)  # every patient has both classes
+    outputs = {"test": SplitOutputs(logits=logits, labels=y, groups=groups)}
+    decision = Decision(temperature=1.0, positive=1, points={"image": [], "patient": []})
+    clinical = clinical_metrics(outputs, ["neg", "pos"], EvalConfig(bootstrap=20), decision)  # warnings recorded
+    patient = clinical["patient"]["test"]
+    assert patient["mixed_label_patients"] == 10
+    assert "test split, per patient: 10 of the 10 patients have images of more than one class; each takes the " \
+           "positive class `pos`" in patient["warnings"]  # fmt: skip
+    assert math.isnan(patient["auc"]) and math.isnan(patient["average_precision"])  # every patient positive
+
+
+def test_an_unreachable_specificity_calls_every_case_negative_and_says_so() -> None:
+    from medvision.metrics import operating_point, roc_points
+
+    y = np.array([0, 1, 0, 1, 0])
+    score = np.array([0.99, 0.8, 0.5, 0.4, 0.1])  # the top case is a negative: no observed score gives 0.97
+    with pytest.warns(MetricWarning, match="no score reaches specificity 0.97 on validation"):
+        t = operating_point(y, score, "specificity", 0.97)
+    assert t > 0.99 and not (score >= t).any()  # specificity 1.0 on validation, not 0.67 at t = 0.99
+    _, _, spec = roc_points(y, score)
+    assert spec[0] < 0.97
+
+
+def test_delong_cis_stay_in_0_1_and_calibration_off_is_said() -> None:
+    from medvision.intervals import delong_test
+
+    y = np.array([0] * 5 + [1] * 5)
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.85, 0.8, 0.9, 0.95, 0.97, 0.99])
+    out = delong_test(y, score, score)
+    assert 0.0 <= out["ci_a"][0] <= out["auc_a"] <= out["ci_a"][1] <= 1.0
+    off = _temperature_fact(Decision(temperature=1.0, positive=1, points={}, calibration={}))
+    assert "not calibrated" in off and "fitted" not in off

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import torch
 
-from medvision.data.dataset import prepare
+from medvision.data.dataset import Transfer, prepare
 from medvision.data.dicom_source import dicom_spec
-from medvision.data.transforms import build_transforms
+from medvision.data.transforms import build_transforms, normalize_batch, tta_views
 from medvision.evaluation import Decision
 from medvision.gradcam import (
     ExplainError,
@@ -30,6 +31,7 @@ from medvision.gradcam import (
 from medvision.inference import load_run, split_outputs
 from medvision.io.dicom import NotADicomImage, read_dicom
 from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, read_image_raw
+from medvision.metrics import tta_softmax
 from medvision.plots import plot_image_grid
 from medvision.recipe import Recipe
 from medvision.results import explain_panel
@@ -90,8 +92,11 @@ def explain_errors(
     return written
 
 
-def load_input(path: Path, recipe: Recipe, channels: int, transform: Any) -> torch.Tensor:
-    """One file through the run's own preprocessing: the (C, H, W) tensor the model sees.
+def load_input(
+    path: Path, recipe: Recipe, channels: int, transform: Any, transfer: Transfer = "float32"
+) -> torch.Tensor:
+    """One file through the run's own preprocessing: the (C, H, W) tensor the model sees (before normalisation
+    where ``transform`` leaves it out; in the run's ``transfer`` dtype, rounded as its loader rounds).
 
     Files with a ``.dcm``/``.dicom`` suffix, or with no image suffix (DICOM is often stored without
     one), are read as DICOM with the recipe's windows; others with :func:`read_image_raw`.
@@ -104,7 +109,18 @@ def load_input(path: Path, recipe: Recipe, channels: int, transform: Any) -> tor
         except NotADicomImage as err:
             raise ImageReadError(f"{err}; expected a DICOM image or one of {IMAGE_SUFFIXES}") from None
         raw = pixels[0]
-    return prepare(raw, recipe.data.intensity, channels, transform)
+    return prepare(raw, recipe.data.intensity, channels, transform, transfer)
+
+
+def _calibrated(model: torch.nn.Module, x: torch.Tensor, tta: tuple[str, ...], temperature: float) -> np.ndarray:
+    """One image's calibrated probabilities as the report and ``score`` give them: each test-time view's softmax of
+    logits / T, averaged over the views (a single view's argmax called 9 of 25 test images otherwise)."""
+    param = next(model.parameters(), None)
+    batch = x[None].to(param.device if param is not None else x.device, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.stack([model(view) for view in tta_views(batch, tta)], dim=1)  # (1, V, K)
+    return tta_softmax(logits.float().cpu().numpy(), temperature)[0]
 
 
 def _unique_name(stem: str, method: str, used: set[str]) -> str:
@@ -124,8 +140,8 @@ def explain_images(
     predicted class) is drawn over that preprocessed input, so it lines up with what the model saw.
     An unreadable file does not stop the others: it is skipped with a logged warning and gets a row
     with its error in ``explain.csv``; only the overlays actually written are returned. The CSV holds
-    the path, prediction, its probability (divided by the run's calibration temperature, as in the
-    report and ``score``), target, method and overlay name; nothing from DICOM headers.
+    the path, prediction, its probability (calibrated with the run's temperature and averaged over its test-time
+    views, as in the report and ``score``), target, method and overlay name; nothing from DICOM headers.
 
     Examples:
         >>> explain_images(Path("runs/chest"), [Path("cxr1.dcm")], Path("explain"), method="gradcam++")
@@ -135,9 +151,13 @@ def explain_images(
     recipe, meta, bundle = load_run(run_dir, resolve_device("auto"))
     classes: list[str] = meta["classes"]
     temperature = float((meta.get("decision") or {}).get("temperature") or 1.0)
+    tta = tuple(recipe.evaluation.tta)
     if target_class is not None and target_class not in classes:
         raise ExplainError(f"target class {target_class!r} is not one of the run's classes {classes}")
-    transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std)
+    # the evaluation loader's path: resize, round to the run's transfer dtype (uint8 for 8-bit images), normalise;
+    # normalising the unrounded resize instead moved a probability by 5e-5
+    transform = build_transforms(None, recipe.data.image_size, bundle.mean, bundle.std, normalize=False)
+    transfer = meta.get("transfer", "float32")
     log.info("explaining %d image(s) with %s on layer %s", len(paths), method, target_layer_name(bundle.model))
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -147,15 +167,16 @@ def explain_images(
         writer.writerow(CSV_COLUMNS)
         for path in paths:
             try:
-                x = load_input(Path(path), recipe, bundle.in_chans, transform)
+                x = normalize_batch(load_input(Path(path), recipe, bundle.in_chans, transform, transfer)[None],
+                                    bundle.mean, bundle.std)[0]  # fmt: skip
             except (ImageReadError, OSError, ValueError) as err:
                 log.warning("skipping %s: %s", path, err)
                 writer.writerow([str(path), "", "", target_class or "", method, "", str(err)])
                 continue
-            target = None if target_class is None else torch.tensor([classes.index(target_class)])
-            heat, logits = cams_and_logits(bundle.model, x[None], target, checked)
-            probs = torch.softmax(logits.float() / temperature, dim=1)[0].cpu().numpy()
+            probs = _calibrated(bundle.model, x, tta, temperature)
             pred = int(probs.argmax())
+            target = torch.tensor([pred if target_class is None else classes.index(target_class)])
+            heat, _ = cams_and_logits(bundle.model, x[None], target, checked)
             picture = overlay(display_image(x, bundle.mean, bundle.std), heat[0])
             file = out / _unique_name(Path(path).stem, method, used)
             if not cv2.imwrite(str(file), picture[:, :, ::-1]):
