@@ -54,6 +54,9 @@ def test_transfer_auto_follows_the_source_depth(tmp_path: Path) -> None:
     assert resolve_transfer("auto", eight, np.arange(2)) == "uint8"
     assert resolve_transfer("auto", sixteen, np.arange(2)) == "float32"  # 16-bit detail is not rounded away
     assert resolve_transfer("float16", eight, np.arange(2)) == "float16"
+    # one 8-bit image first, 16-bit ones after it: the split is probed across, not on its first image
+    mixed = _table([np.zeros((8, 8, 3), np.uint8)] + [np.zeros((8, 8), np.uint16)] * 15)
+    assert resolve_transfer("auto", mixed, np.arange(16)) == "float32"
 
 
 def test_augmentation_does_not_depend_on_workers_or_persistence() -> None:

@@ -40,17 +40,27 @@ def build_model(recipe: Recipe, table: SampleTable) -> ModelBundle:
     return ModelBundle(model=model, in_chans=in_chans, mean=cfg["mean"], std=cfg["std"])
 
 
+PROBES = 64
+"""Images of a split :func:`resolve_transfer` decodes: a folder of 8-bit PNGs with 16-bit ones among them went uint8
+when the first image alone was probed, and 100 grey levels of a 16-bit image reached the model as one."""
+
+
 def resolve_transfer(setting: str, table: SampleTable, indices: np.ndarray) -> Transfer:
-    """``auto``: uint8 when the source is 8-bit (probed on the split's first image), float32 otherwise."""
+    """``auto``: uint8 when the source is 8-bit (probed on up to :data:`PROBES` images spread over the split),
+    float32 otherwise (exact for any depth)."""
     if setting != "auto":
         return setting  # type: ignore[return-value]
     if len(indices) == 0:
         return "float32"
-    try:
-        first = table.loader(int(indices[0]))
-    except Exception:  # the bad file is reported when it is loaded; float32 is exact for any depth
-        return "float32"
-    return "uint8" if first.dtype == np.uint8 else "float32"
+    probes = np.unique(indices[np.linspace(0, len(indices) - 1, min(len(indices), PROBES)).astype(np.int64)])
+    for i in probes:
+        try:
+            image = table.loader(int(i))
+        except Exception:  # the bad file is reported when it is loaded; float32 is exact for any depth
+            return "float32"
+        if image.dtype != np.uint8:
+            return "float32"
+    return "uint8"
 
 
 def split_dataset(recipe: Recipe, table: SampleTable, bundle: ModelBundle, split: str, train: bool) -> ImageDataset:
