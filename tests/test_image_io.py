@@ -78,3 +78,22 @@ def test_channel_conversion() -> None:
     hot[0, 0] = 1e6  # one hot pixel does not squash the rest under percentile scaling
     hot[1:, :] = np.linspace(0, 1, 99 * 100).reshape(99, 100)
     assert to_unit_range(hot, "percentile")[50, 50] > 0.3
+
+
+def test_a_jpeg_is_whole_up_to_its_end_marker_whatever_follows_it_for_training_and_score_alike(tmp_path: Path) -> None:
+    """A motion photo's video after the end marker is a whole JPEG (it failed the last-KiB test while OpenCV, and so
+    ``score``, decoded it); a JPEG cut short is an error in both (OpenCV fills the rest grey without a word)."""
+    from medvision.io.image import check_image_header, jpeg_is_whole
+
+    rgb = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    for params in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_RST_INTERVAL, 2]):
+        data = cv2.imencode(".jpg", rgb, params)[1].tobytes()
+        trailer, cut = tmp_path / "trailer.jpg", tmp_path / "cut.jpg"
+        trailer.write_bytes(data + bytes(range(256)) * 20)  # 5 KiB after the end marker
+        cut.write_bytes(data[: len(data) * 2 // 3])
+        assert jpeg_is_whole(data) and not jpeg_is_whole(data[:-2])
+        check_image_header(trailer)
+        assert read_image_raw(trailer).shape == (48, 48, 3)
+        for check in (check_image_header, read_image_raw):
+            with pytest.raises(ImageReadError, match=r"cut\.jpg: JPEG without its end-of-image marker"):
+                check(cut)

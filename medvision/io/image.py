@@ -37,6 +37,8 @@ def read_image_raw(path: str | Path) -> np.ndarray:
                 arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
         else:
             buf = np.fromfile(path, dtype=np.uint8)
+            if buf[:3].tobytes() == b"\xff\xd8\xff" and not jpeg_is_whole(buf.tobytes()):  # OpenCV fills it grey
+                raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
             decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
             if decoded is None:
                 raise ImageReadError(f"{path}: OpenCV could not decode this {suffix} file (corrupt or truncated?)")
@@ -56,13 +58,54 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7: markers without a length
+
+
+def jpeg_is_whole(data: bytes) -> bool:
+    """Whether a JPEG stream reaches its end-of-image marker, found by walking its segments (each length-prefixed)
+    and, after each start of scan, its entropy-coded data (where a 0xFF byte is stuffed as FF00).
+
+    Data after the marker (a phone's motion-photo video, a vendor trailer) is allowed; an end marker inside an
+    EXIF thumbnail is inside a segment, and skipped. A file cut short ends before the marker. Searching the last
+    KiB for FFD9 instead refused a whole JPEG with a longer trailer, which OpenCV decodes (``score`` scored it).
+    """
+    n, i = len(data), 2
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:
+            return True
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if i + 3 >= n:
+            return False
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next real marker
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    return False
+                if data[i + 1] == 0x00 or data[i + 1] in _STANDALONE or data[i + 1] == 0xFF:
+                    i += 1 if data[i + 1] == 0xFF else 2
+                    continue
+                break
+    return False
+
+
 def check_image_header(path: str | Path) -> None:
     """Checks, without decoding pixels, that a PNG/JPEG/TIFF/BMP file is whole; raises :class:`ImageReadError`.
 
     PNG: every chunk's CRC (PIL ``verify``): a truncated file or a changed byte is found. JPEG: the header
-    parses and the end-of-image marker is in the last KiB (a file cut short has none). TIFF: the pages parse
-    and their strips or tiles lie inside the file. BMP: the header parses. Not found here: damage inside a
-    JPEG's or TIFF's compressed data; that file fails when it is decoded.
+    parses and the stream reaches its end-of-image marker (:func:`jpeg_is_whole`; a file cut short does not).
+    TIFF: the pages parse and their strips or tiles lie inside the file. BMP: the header parses. Not found here:
+    damage inside a JPEG's or TIFF's compressed data; that file fails when it is decoded.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -70,8 +113,8 @@ def check_image_header(path: str | Path) -> None:
         with open(path, "rb") as fh:
             head = fh.read(16)
             size = fh.seek(0, 2)
-            fh.seek(max(0, size - 1024))
-            tail = fh.read()
+            fh.seek(0)
+            whole = fh.read() if head.startswith(b"\xff\xd8\xff") else b""
     except OSError as err:
         raise ImageReadError(f"{path}: cannot open ({type(err).__name__}: {err.strerror or err})") from None
     is_tiff = head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
@@ -95,7 +138,7 @@ def check_image_header(path: str | Path) -> None:
             img.verify()
     except Exception as err:
         raise ImageReadError(f"{path}: damaged {plugin.format} file ({type(err).__name__}: {err})") from None
-    if plugin is JpegImagePlugin.JpegImageFile and b"\xff\xd9" not in tail:
+    if plugin is JpegImagePlugin.JpegImageFile and not jpeg_is_whole(whole):
         raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
 
 
