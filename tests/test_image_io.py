@@ -97,3 +97,24 @@ def test_a_jpeg_is_whole_up_to_its_end_marker_whatever_follows_it_for_training_a
         for check in (check_image_header, read_image_raw):
             with pytest.raises(ImageReadError, match=r"cut\.jpg: JPEG without its end-of-image marker"):
                 check(cut)
+
+
+def test_a_tiff_must_be_one_image_of_1_3_or_4_samples_in_the_audit_and_the_reader(tmp_path: Path) -> None:
+    """A 7-page stack or a 5-channel TIFF passed the audit, then stopped training naming no file; a thumbnail page
+    (reduced resolution) is not a second image."""
+    from medvision.io.image import check_image_header
+
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((7, 8, 8), np.uint8))
+    tifffile.imwrite(
+        tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8), photometric="minisblack", planarconfig="contig"
+    )
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as tif:
+        tif.write(np.full((16, 16, 3), 7, np.uint8))
+        tif.write(np.zeros((4, 4, 3), np.uint8), subfiletype=1)
+    for check in (check_image_header, read_image_raw):
+        with pytest.raises(ImageReadError, match=r"stack\.tif: a TIFF of 7 pages .*expected one image a file"):
+            check(tmp_path / "stack.tif")
+        with pytest.raises(ImageReadError, match=r"five\.tif: a TIFF of 5 samples a pixel; expected 1 \(grey\)"):
+            check(tmp_path / "five.tif")
+    check_image_header(tmp_path / "thumb.tif")
+    assert (read_image_raw(tmp_path / "thumb.tif") == 7).all()

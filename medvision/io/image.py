@@ -32,7 +32,9 @@ def read_image_raw(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: suffix {suffix!r} is not a supported image type {IMAGE_SUFFIXES}")
     try:
         if suffix in (".tif", ".tiff"):
-            arr = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:
+                _one_image(path, _full_pages(tif), int(tif.pages.first.samplesperpixel))
+                arr = np.asarray(tif.pages.first.asarray())
             if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
                 arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
         else:
@@ -142,11 +144,29 @@ def check_image_header(path: str | Path) -> None:
         raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
 
 
+def _full_pages(tif: tifffile.TiffFile) -> int:
+    """Pages that are images of their own: a reduced-resolution copy (a thumbnail page) is not one."""
+    return sum(1 for page in tif.pages if not getattr(page, "is_reduced", False))
+
+
+def _one_image(path: Path, pages: int, samples: int) -> None:
+    """A TIFF that is one image of 1, 3 or 4 samples a pixel (grey, RGB, RGBA): a 7-page stack or a 5-channel image
+    passed the audit, then stopped training with a message that named no file, and ``--max-pixels`` counted the
+    first page only of a stack it then decoded whole."""
+    if pages != 1:
+        raise ImageReadError(f"{path}: a TIFF of {pages} pages (a stack or a series); expected one image a file")
+    if samples not in (1, 3, 4):
+        raise ImageReadError(f"{path}: a TIFF of {samples} samples a pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+
+
 def _check_tiff(path: Path, size: int) -> None:
     try:
         with tifffile.TiffFile(path) as tif:
             ends = [int(o) + int(n) for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts,
                                                                             strict=False)]  # fmt: skip
+            _one_image(path, _full_pages(tif), int(tif.pages.first.samplesperpixel))
+    except ImageReadError:
+        raise
     except Exception as err:
         raise ImageReadError(f"{path}: damaged TIFF file ({type(err).__name__}: {err})") from None
     if ends and max(ends) > size:
