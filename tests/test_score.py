@@ -171,8 +171,10 @@ def test_each_directory_is_scanned_once_and_its_skipped_routes_say_which_route_w
     (tmp_path / "b_real" / "self").symlink_to(".")
     (tmp_path / "a_link").symlink_to("b_real")  # sorted first: the real folder is reached through it
     (tmp_path / "c_link").symlink_to("b_real")
+    (tmp_path / "._x.dcm").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork: training's sources skip it
     rows = {e.rel: (e.outcome, e.reason) for e in scan(tmp_path)}
     assert rows == {
+        "._x.dcm": ("skipped", "hidden file (a macOS ._ resource fork, .DS_Store...); not read"),
         "a_link/self": ("skipped", "link to a directory that contains it (a loop); not followed"),
         "a_link/x.dcm": ("candidate", ""),
         "b_real": ("skipped", "directory already scanned through the link 'a_link'; not scanned twice"),

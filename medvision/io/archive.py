@@ -9,7 +9,8 @@ crash the walk, and returns one :class:`Entry` for each thing found, in a stable
 - a broken link, a link loop or a directory that cannot be listed is an ``error`` (something the
   user expected to be there is not readable);
 - a FIFO, socket or device, a directory named like a file (its contents are still scanned), a
-  hidden directory (not entered) and a link to a directory already scanned are ``skipped``.
+  hidden file or directory (not read, not entered, as the training sources skip them) and a second route to a
+  directory already scanned are ``skipped``.
 
 :func:`sniff` names common non-DICOM formats from a file's first bytes, so that a PNG renamed
 ``.dcm`` is reported as exactly that.
@@ -126,7 +127,9 @@ def _scan_dir(
                 "error", f"cannot stat ({type(err).__name__}: {err.strerror or err})")  # fmt: skip
             out.append(Entry(sub, outcome, reason))
             continue
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and entry.name.startswith("."):  # as training's sources skip them
+            out.append(Entry(sub, "skipped", "hidden file (a macOS ._ resource fork, .DS_Store...); not read"))
+        elif stat.S_ISREG(st.st_mode):
             out.append(Entry(sub, "candidate", size=st.st_size))
         elif stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
