@@ -118,3 +118,19 @@ def test_a_tiff_must_be_one_image_of_1_3_or_4_samples_in_the_audit_and_the_reade
             check(tmp_path / "five.tif")
     check_image_header(tmp_path / "thumb.tif")
     assert (read_image_raw(tmp_path / "thumb.tif") == 7).all()
+
+
+def test_tiff_colour_spaces_are_read_as_the_image_shows_or_refused(tmp_path: Path) -> None:
+    """Palette indices went to the model as grey levels, a min-is-white 0 as black, CMYK as RGBA."""
+    from medvision.io.image import check_image_header
+
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[0, 5] = 65535  # index 5 is red
+    tifffile.imwrite(tmp_path / "palette.tif", np.full((8, 8), 5, np.uint8), photometric="palette", colormap=colormap)
+    tifffile.imwrite(tmp_path / "white.tif", np.zeros((8, 8), np.uint8), photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((8, 8, 4), np.uint8), photometric="separated")
+    assert (read_image_raw(tmp_path / "palette.tif") == (255, 0, 0)).all()
+    assert (read_image_raw(tmp_path / "white.tif") == 255).all()
+    for check in (check_image_header, read_image_raw):
+        with pytest.raises(ImageReadError, match=r"cmyk\.tif: a TIFF in colour space SEPARATED; expected grey, RGB"):
+            check(tmp_path / "cmyk.tif")

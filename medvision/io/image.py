@@ -33,8 +33,8 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     try:
         if suffix in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
-                _one_image(path, _full_pages(tif), int(tif.pages.first.samplesperpixel))
-                arr = np.asarray(tif.pages.first.asarray())
+                _one_image(path, tif)
+                arr = _tiff_pixels(tif)
             if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
                 arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
         else:
@@ -149,14 +149,36 @@ def _full_pages(tif: tifffile.TiffFile) -> int:
     return sum(1 for page in tif.pages if not getattr(page, "is_reduced", False))
 
 
-def _one_image(path: Path, pages: int, samples: int) -> None:
-    """A TIFF that is one image of 1, 3 or 4 samples a pixel (grey, RGB, RGBA): a 7-page stack or a 5-channel image
-    passed the audit, then stopped training with a message that named no file, and ``--max-pixels`` counted the
-    first page only of a stack it then decoded whole."""
+def _one_image(path: Path, tif: tifffile.TiffFile) -> None:
+    """A TIFF that is one image of 1, 3 or 4 samples a pixel (grey, RGB, RGBA) in a colour space read as such: a
+    7-page stack or a 5-channel image passed the audit, then stopped training with a message that named no file
+    (and ``--max-pixels`` counted the first page of a stack it then decoded whole); CMYK was read as RGBA and
+    uncompressed YCbCr as RGB. Palette and min-is-white images are converted by :func:`_tiff_pixels`."""
+    page, pages = tif.pages.first, _full_pages(tif)
     if pages != 1:
         raise ImageReadError(f"{path}: a TIFF of {pages} pages (a stack or a series); expected one image a file")
+    samples = int(page.samplesperpixel)
     if samples not in (1, 3, 4):
         raise ImageReadError(f"{path}: a TIFF of {samples} samples a pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    kind = tifffile.PHOTOMETRIC(page.photometric)
+    decoded_rgb = kind == tifffile.PHOTOMETRIC.YCBCR and page.compression in (6, 7)  # JPEG: tifffile gives RGB
+    if kind.name not in ("MINISBLACK", "MINISWHITE", "RGB", "PALETTE") and not decoded_rgb:
+        raise ImageReadError(f"{path}: a TIFF in colour space {kind.name}; expected grey, RGB or palette colour "
+                             "(save it as RGB)")  # fmt: skip
+
+
+def _tiff_pixels(tif: tifffile.TiffFile) -> np.ndarray:
+    """The first page's pixels as the image shows them: palette indices through the colour map (8-bit RGB), a
+    min-is-white image inverted (its 0 is white)."""
+    page = tif.pages.first
+    arr = np.asarray(page.asarray())
+    kind = tifffile.PHOTOMETRIC(page.photometric)
+    if kind == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+        cmap = np.asarray(page.colormap)  # (3, 2**bits), 16-bit per TIFF 6.0
+        return np.ascontiguousarray((cmap[:, arr] >> 8).astype(np.uint8).transpose(1, 2, 0))
+    if kind == tifffile.PHOTOMETRIC.MINISWHITE and np.issubdtype(arr.dtype, np.unsignedinteger):
+        return np.iinfo(arr.dtype).max - arr
+    return arr
 
 
 def _check_tiff(path: Path, size: int) -> None:
@@ -164,7 +186,7 @@ def _check_tiff(path: Path, size: int) -> None:
         with tifffile.TiffFile(path) as tif:
             ends = [int(o) + int(n) for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts,
                                                                             strict=False)]  # fmt: skip
-            _one_image(path, _full_pages(tif), int(tif.pages.first.samplesperpixel))
+            _one_image(path, tif)
     except ImageReadError:
         raise
     except Exception as err:
