@@ -293,9 +293,9 @@ def build_report(
             f"Thresholds on the calibrated probability of `{classes[decision.positive]}`, chosen on the validation "
             f"split and applied unchanged to {split}: Youden J maximises sensitivity + specificity - 1; "
             "`sensitivity ≥ t` is the highest threshold whose validation sensitivity reaches t (so the fewest false "
-            "alarms at that sensitivity); `specificity ≥ t` is the lowest threshold reaching that specificity (where no "
-            "validation score reaches it, just above the highest score, calling every case negative, with a "
-            f"warning). On {split} the sensitivity may fall below t: its CI shows by how much it can."
+            "alarms at that sensitivity); `specificity ≥ t` is the lowest threshold reaching that specificity "
+            "(where no validation score reaches it, just above the highest score, calling every case negative, with "
+            f"a warning). On {split} the sensitivity may fall below t: its CI shows by how much it can."
         )
         op_header = ["level", "rule", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1"]
         blocks += [("h2", f"Operating points ({split} split)"), ("p", how), ("table", (op_header, op_rows))]
