@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,89 @@ def test_folder_hash_covers_every_shard(tmp_path: Path) -> None:
     (empty / "config.json").write_text("{}")
     with pytest.raises(EncoderError, match=r"empty: no weights in the folder \(expected model\.safetensors"):
         checkpoint_sha256(empty)
+
+
+def test_the_hashed_weights_are_those_the_loader_reads(tmp_path: Path) -> None:
+    """transformers loads model.safetensors, then its sharded index, before pytorch_model.bin: a folder with sharded
+    safetensors and a stale .bin is hashed by its safetensors shards."""
+    (tmp_path / "pytorch_model.bin").write_bytes(b"stale torch file")
+    (tmp_path / "s1.safetensors").write_bytes(b"shard one")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "s1.safetensors"}}))
+    assert checkpoint_sha256(tmp_path) == hashlib.sha256(b"shard one").hexdigest()
+    (tmp_path / "model.safetensors").write_bytes(b"one file")
+    assert checkpoint_sha256(tmp_path) == hashlib.sha256(b"one file").hexdigest()
+
+
+def _tiny_transformers(tmp_path: Path) -> Path:
+    """A tiny DINOv2 folder (64-d) whose second block's weights are missing from the checkpoint."""
+    from safetensors.torch import load_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    net = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   patch_size=16, image_size=224))  # fmt: skip
+    net.save_pretrained(tmp_path / "partial")
+    weights = tmp_path / "partial" / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if "encoder.layer.1." not in k}, str(weights), metadata={"format": "pt"})
+    return tmp_path / "partial"
+
+
+def test_a_transformers_checkpoint_is_loaded_strictly_and_its_width_checked(tmp_path: Path) -> None:
+    """AutoModel fills missing parameters with random values and only logs it: that is an error here, naming the
+    folder and the keys. A complete folder of another ViT loads, but its 48-d embedding is not phikon-v2's 1024."""
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTModel
+
+    partial = _tiny_transformers(tmp_path)
+    with pytest.raises(EncoderError, match=rf"'phikon-v2': the weights in {partial} do not fit its Dinov2Model "
+                                           r"\(config.json\): 18 missing keys \(encoder\.layer\.1\."):  # fmt: skip
+        load_encoder("phikon-v2", partial)
+    ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
+                       image_size=224, patch_size=16)).save_pretrained(tmp_path / "vit")  # fmt: skip
+    with pytest.raises(EncoderError, match=r"gives embeddings of shape \(48,\), expected \(1024,\).*"
+                                           "MEDVISION_ENCODER_PHIKON_V2=PATH"):  # fmt: skip
+        load_encoder("phikon-v2", tmp_path / "vit")
+
+
+def test_every_encoders_width_is_checked_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry entry whose network gives another width than its ``dim`` would write files that say one width
+    and hold another: refused when the encoder is loaded, before any slide."""
+    from medvision.models import encoders
+
+    spec = encoders.EncoderSpec("tiny", "resnet18", {"num_classes": 0}, dim=1024, source="https://huggingface.co/x")
+    monkeypatch.setitem(encoders._ENTRIES, "tiny", lambda: spec)
+    path = tmp_path / "r18.safetensors"
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(path))
+    with pytest.raises(EncoderError, match=rf"'tiny': {path} gives embeddings of shape \(512,\), expected \(1024,\)"):
+        load_encoder("tiny", path)
+    monkeypatch.setitem(encoders._ENTRIES, "tiny", lambda: replace(spec, dim=512))
+    assert load_encoder("tiny", path)[0].dim == 512
+
+
+def test_checkpoints_that_cannot_be_loaded_are_user_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder given to a timm entry, a truncated file and an offline hub download are EncoderErrors (exit 2) that
+    name the encoder, the path and the environment variable, not internal errors."""
+    from huggingface_hub import constants
+
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(folder / "model.safetensors"))
+    with pytest.raises(EncoderError, match=rf"'timm:resnet18': checkpoint {folder} is a folder \(the weights in it: "
+                                           r".*safetensors\).*MEDVISION_ENCODER_TIMM_RESNET18=PATH"):  # fmt: skip
+        load_encoder("timm:resnet18", folder)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(EncoderError, match=rf"'timm:resnet18': {cut} cannot be read as weights \(SafetensorError"):
+        load_encoder("timm:resnet18", cut)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, env in [
+        ("timm:resnet18", "MEDVISION_ENCODER_TIMM_RESNET18"),
+        ("phikon-v2", "MEDVISION_ENCODER_PHIKON_V2"),
+    ]:
+        if name == "phikon-v2":
+            pytest.importorskip("transformers")
+        with pytest.raises(EncoderError, match=rf"'{name}': the hub download of .* failed .*{env}=PATH"):
+            load_encoder(name, "hub")

@@ -368,3 +368,107 @@ def test_a_run_stopped_mid_slide_leaves_no_tile_batch_in_ram(slide_cohort: Path,
     assert first.shape == (4, 112, 112, 3) and first.dtype == np.uint8
     stream.close()
     assert handoff_leftovers() == []
+
+
+def _slides(slide_cohort: Path, folder: Path, names: dict[str, str]) -> Path:
+    """``folder`` with a copy of the cohort's slide ``source`` at each relative path ``rel`` (``{rel: source}``)."""
+    for rel, source in names.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(slide_cohort.parent / source, folder / rel)
+    return folder
+
+
+def test_two_slides_never_share_a_feature_file(slide_cohort: Path, shared: Path, tmp_path: Path) -> None:
+    """``a/b.svs`` and ``a__b.svs`` flatten to one file name: the later slide is an error row naming both, after
+    the slides already in features.csv (whose files keep their names, so resume finds them)."""
+    folder = _slides(slide_cohort, tmp_path / "slides", {"a__b.svs": "slide_000.svs"})
+    out, weights = tmp_path / "feats", shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0, max_tiles_per_slide=3)
+    extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    _slides(slide_cohort, folder, {"a/b.svs": "slide_003.svs", "x/y.svs": "slide_000.svs", "x__y.svs": "slide_003.svs"})
+    summary = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    rows = _rows(out / "features.csv")
+    assert {k: r["status"] for k, r in rows.items()} == {"a__b.svs": "ok", "a/b.svs": "error", "x/y.svs": "ok",
+                                                         "x__y.svs": "error"}  # fmt: skip
+    assert "a__b.svs.h5 is already that of slide a__b.svs" in rows["a/b.svs"]["reason"]
+    assert "x__y.svs.h5 is already that of slide x/y.svs" in rows["x__y.svs"]["reason"]
+    assert summary.exit_code == 3 and summary.reconciled
+    assert read_features(out / "a__b.svs.h5").attrs["slide"] == "a__b.svs"
+    assert read_features(out / "x__y.svs.h5").attrs["slide"] == "x/y.svs"
+
+
+def test_a_run_from_another_slides_folder_is_refused(
+    slide_cohort: Path, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resume takes a row's path for done: the same names in another folder would be other slides, left out."""
+    first = _slides(slide_cohort, tmp_path / "site1", {"s1.svs": "slide_000.svs"})
+    second = _slides(slide_cohort, tmp_path / "site2", {"s1.svs": "slide_003.svs", "s2.svs": "slide_000.svs"})
+    out, weights = tmp_path / "feats", shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    cfg = SlidesConfig(tile_size=112, target_mpp=1.0, max_tiles_per_slide=3)
+    extract_features(first, out, ENCODER, weights, slides=cfg, workers=0)
+    assert json.loads((out / "features.json").read_text())["folder"] == str(first.resolve())
+    args = ["features", str(second), "--encoder", ENCODER, "--checkpoint", str(weights), "--out", str(out),
+            "--tile-size", "112", "--target-mpp", "1.0", "--max-tiles", "3", "--workers", "0"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"holds features of the slides in {first.resolve()}" in err and f"not of {second.resolve()}" in err
+    assert list(_rows(out / "features.csv")) == ["s1.svs"]
+
+
+def _feature_file(path: Path, slide: str, n: int = 3, **attrs: Any) -> Path:
+    from medvision.wsi.features import write_features
+
+    base = {"slide": slide, "encoder": "e", "encoder_sha256": "0" * 64, "tile_size": 112, "target_mpp": 1.0,
+            "mpp": 0.5, "mpp_source": "", "preprocessing": {"mean": [0.5] * 3}, "slide_size": [10, 20]}  # fmt: skip
+    coords = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+    write_features(path, np.ones((n, 4), np.float32), coords, np.ones(n, np.float32), 224.0, 0, {**base, **attrs})
+    return path
+
+
+def test_feature_file_attributes_are_decoded_by_design_and_shapes_checked(tmp_path: Path) -> None:
+    """Only the JSON attributes are decoded: a slide path that looks like JSON (``[x]/c.tif``) and an empty string
+    stay strings. A tissue array of another length, a non-finite embedding or a damaged JSON attribute is a
+    FeatureFileError (a row under ``on_error``), not a crash."""
+    bag = read_features(_feature_file(tmp_path / "ok.h5", "[x]/c.tif"))
+    assert bag.attrs["slide"] == "[x]/c.tif" and bag.attrs["mpp_source"] == ""
+    assert bag.attrs["preprocessing"] == {"mean": [0.5] * 3} and bag.attrs["slide_size"] == [10, 20]
+    with pytest.raises(ValueError, match=r"attributes \['extra'\] are dicts or lists"):
+        _feature_file(tmp_path / "nested.h5", "s.tif", extra={"a": 1})
+    for name, edit, message in [
+        ("tissue", lambda fh: (fh.__delitem__("tissue"), fh.create_dataset("tissue", data=np.ones(5))),
+         r"tissue \(5,\) for 3 tiles; expected \(3,\)"),
+        ("nan", lambda fh: fh["features"].__setitem__((1, 2), np.nan), r"tile 1 at \[2, 3\] has a non-finite"),
+        ("json", lambda fh: fh.attrs.__setitem__("preprocessing", "{not json"), "not a readable feature file"),
+        ("coords", lambda fh: (fh.__delitem__("coords"), fh.create_dataset("coords", data=np.zeros((3, 3)))),
+         r"expected \(n, dim\) and \(n, 2\)"),
+    ]:  # fmt: skip
+        path = _feature_file(tmp_path / f"{name}.h5", "s.tif")
+        with h5py.File(path, "r+") as fh:
+            edit(fh)
+            if name == "coords":
+                fh["coords"].attrs["patch_size_level0"] = 224.0
+        with pytest.raises(FeatureFileError, match=message):
+            read_features(path)
+
+
+def test_a_feature_file_of_another_slide_is_an_error_row(tmp_path: Path) -> None:
+    """An index whose rows point two slides at one file (written before names were checked) gives the file to the
+    slide it holds (its ``slide`` attribute) only; a file that cannot be read is an error row, the rest load."""
+    from medvision.data.slide_features import load_feature_cohort
+    from medvision.recipe import DataConfig
+
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    _feature_file(feats / "a__b.tif.h5", "a__b.tif")
+    _feature_file(feats / "[x]__c.tif.h5", "[x]/c.tif")
+    (feats / "bad.tif.h5").write_bytes(b"not hdf5")
+    (feats / "features.csv").write_text("path,status,reason,file\na/b.tif,ok,,a__b.tif.h5\na__b.tif,ok,,a__b.tif.h5\n"
+                                        "[x]/c.tif,ok,,[x]__c.tif.h5\nbad.tif,ok,,bad.tif.h5\n")  # fmt: skip
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_path,label,patient_id\na/b.tif,t,P1\na__b.tif,n,P2\n[x]/c.tif,n,P3\nbad.tif,t,P4\n")
+    cfg = DataConfig(source="slide_features", path=str(manifest), features=str(feats), on_error="skip")
+    cohort = load_feature_cohort(manifest, cfg)
+    assert cohort.slides == ["a__b.tif", "[x]/c.tif"]
+    errors = {r.path: r.reason for r in cohort.audit if r.outcome == "error"}
+    assert set(errors) == {"a/b.tif", "bad.tif"}
+    assert "a__b.tif.h5 holds the features of slide 'a__b.tif', not of 'a/b.tif'" in errors["a/b.tif"]

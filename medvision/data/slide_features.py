@@ -4,8 +4,9 @@ The manifest is the one ``source: slides`` reads (``slide_path,label[,patient_id
 CSV); ``data.features`` is the folder ``medvision features`` wrote, whose ``features.csv`` says which ``.h5``
 file holds each slide (the slides were embedded from a folder: ``slide_path`` is matched on its path relative
 to that folder, or, failing that, on its file name when that is unique). Every manifest line is accounted
-for in the audit: a slide whose features are missing, failed, or were made with another encoder, weights or
-tiling than the rest is an error row (``data.on_error`` decides whether the run stops).
+for in the audit: a slide whose features are missing, failed, belong to another slide (the file's ``slide``
+attribute), or were made with another encoder, weights or tiling than the rest is an error row (``data.on_error``
+decides whether the run stops).
 
 Labels are class names (``data.target: class``) or numbers (``continuous``). The folds of the
 cross-validation are whole patients (a slide without ``patient_id`` is its own patient), stratified by
@@ -127,6 +128,12 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
             bag = read_features(folder / hit["file"])
         except FeatureFileError as err:
             out.audit.append(AuditRow(rel, "error", f"{name}: {err}"))
+            continue
+        if (
+            str(bag.attrs["slide"]) != hit["path"]
+        ):  # two slides' paths flattened to one file name: one overwrote the other
+            out.audit.append(AuditRow(rel, "error", f"{name}: {folder / hit['file']} holds the features of slide "
+                                                    f"{bag.attrs['slide']!r}, not of {hit['path']!r}"))  # fmt: skip
             continue
         if not out.extraction:
             out.extraction = {k: bag.attrs.get(k) for k in ("encoder", "encoder_sha256", "dim", "tile_size",

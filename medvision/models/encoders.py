@@ -141,6 +141,12 @@ ENCODERS = tuple(_ENTRIES)
 def encoder_spec(name: str) -> EncoderSpec:
     """The registry entry ``name``, or for ``timm:<model>`` an entry read from timm's own config.
 
+    A ``timm:`` entry takes timm's mean, std, input size and interpolation but not its ``crop_pct`` (timm's eval
+    transform for tf_efficientnet_lite0: resize 256, centre crop 224): a tile is already cut at the target MPP
+    with the model's input size, so that crop would zoom it by ``1 / crop_pct`` and drop its edge (23% of the
+    area at 0.875), tissue its coords say it holds. The tile is resized straight to the input size (a no-op at
+    the default tile size). Registry entries follow their own cards' transforms (``resize``).
+
     Examples:
         >>> encoder_spec("uni").dim
         1024
@@ -181,24 +187,26 @@ def resolve_checkpoint(spec: EncoderSpec, checkpoint: str | Path | None) -> str 
     return path
 
 
-#: The weights of a checkpoint folder (a hub snapshot or a transformers folder), in the order the loaders prefer.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: The weights of a checkpoint folder (a hub snapshot or a transformers folder), in the order transformers'
+#: ``from_pretrained`` looks for them: safetensors (one file, then sharded), then a torch file (one, then sharded).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The files that hold a checkpoint folder's weights: one file, or every shard its index names (sorted)."""
+    """The files that hold a checkpoint folder's weights, the first of :data:`WEIGHT_FILES` the folder has (the one
+    the loader reads): one file, or every shard its index names (sorted)."""
     for name in WEIGHT_FILES:
-        if (folder / name).is_file():
+        if not (folder / name).is_file():
+            continue
+        if not name.endswith(".index.json"):
             return [folder / name]
-    for name in WEIGHT_INDEXES:
-        if (folder / name).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise EncoderError(f"{folder / name}: not a weight index ({type(err).__name__}: {err}); expected "
-                                   '{"weight_map": {parameter: shard file}}') from None  # fmt: skip
-            return [folder / s for s in shards]
+        try:
+            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise EncoderError(f"{folder / name}: not a weight index ({type(err).__name__}: {err}); expected "
+                               '{"weight_map": {parameter: shard file}}') from None  # fmt: skip
+        return [folder / s for s in shards]
     return []
 
 
@@ -212,7 +220,7 @@ def checkpoint_sha256(path: str | Path) -> str:
     p = Path(path)
     files = weight_files(p) if p.is_dir() else [p]
     if not files:
-        raise EncoderError(f"{p}: no weights in the folder (expected {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)})")
+        raise EncoderError(f"{p}: no weights in the folder (expected {', '.join(WEIGHT_FILES)})")
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise EncoderError(f"{missing[0]}: weight shard named by {p}'s index is missing")
@@ -236,24 +244,81 @@ def hub_sha256(spec: EncoderSpec) -> str:
     return f"hub:{repo or spec.architecture}"
 
 
+def _fix(spec: EncoderSpec) -> str:
+    """What to do about a checkpoint that cannot be loaded: where the weights come from and how to point at them."""
+    what = "folder (config.json and the weights)" if spec.library == "transformers" else "weights file"
+    where = spec.source if spec.source.startswith("https://") else spec.hub or spec.source
+    return (
+        f"download the {what} from {where} and set {spec.env}=PATH or pass --checkpoint PATH "
+        "(features) / --encoder-checkpoint PATH (score)"
+    )
+
+
+def _hub_error(spec: EncoderSpec, err: Exception) -> EncoderError:
+    return EncoderError(f"encoder {spec.name!r}: the hub download of {spec.hub or spec.architecture} failed "
+                        f"({type(err).__name__}: {_first_line(err)}); offline, {_fix(spec)}")  # fmt: skip
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def _transformers_network(spec: EncoderSpec, checkpoint: str | Path) -> nn.Module:
+    """A transformers encoder from its folder (or the hub), strictly: a key the checkpoint lacks, has over, or holds
+    in another shape is an error, where ``from_pretrained`` would fill it with random values and only log it."""
+    try:
+        from transformers import AutoModel
+    except ModuleNotFoundError:
+        raise EncoderError(f"encoder {spec.name!r} needs transformers: pip install 'medvision[pathology]'") from None
+    where = spec.hub if checkpoint == "hub" else str(checkpoint)
+    if checkpoint != "hub" and not (Path(where) / "config.json").is_file():
+        raise EncoderError(f"encoder {spec.name!r}: {where} must be a folder with config.json and the weights "
+                           f"(as on {spec.source})")  # fmt: skip
+    try:
+        model, info = AutoModel.from_pretrained(where, output_loading_info=True)
+    except Exception as err:  # OSError (offline, no weights), SafetensorError (truncated), ValueError (bad config)
+        if checkpoint == "hub":
+            raise _hub_error(spec, err) from None
+        raise EncoderError(f"encoder {spec.name!r}: {where} cannot be loaded ({type(err).__name__}: "
+                           f"{_first_line(err)}); {_fix(spec)}") from None  # fmt: skip
+    bad = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        found = "; ".join(f"{len(v)} {k.replace('_', ' ')} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                          for k, v in bad.items() if v)  # fmt: skip
+        raise EncoderError(f"encoder {spec.name!r}: the weights in {where} do not fit its {type(model).__name__} "
+                           f"(config.json): {found}; expected every parameter, as on {spec.source}")  # fmt: skip
+    return model.eval()
+
+
 def build_network(spec: EncoderSpec, checkpoint: str | Path) -> nn.Module:
-    """The encoder's network with its weights: from a local file (strictly, every key) or from the hub."""
+    """The encoder's network with its weights: from a local file (strictly, every key) or from the hub.
+
+    Raises:
+        EncoderError: a checkpoint that cannot be read or does not fit, or a hub download that failed, naming the
+            encoder, the path and the fix.
+    """
     if spec.library == "transformers":
-        try:
-            from transformers import AutoModel
-        except ModuleNotFoundError:
-            raise EncoderError(
-                f"encoder {spec.name!r} needs transformers: pip install 'medvision[pathology]'"
-            ) from None
-        where = spec.hub if checkpoint == "hub" else str(checkpoint)
-        if checkpoint != "hub" and not (Path(where) / "config.json").is_file():
-            raise EncoderError(f"encoder {spec.name!r}: {where} must be a folder with config.json and the weights "
-                               f"(as on {spec.source})")  # fmt: skip
-        return AutoModel.from_pretrained(where).eval()
+        return _transformers_network(spec, checkpoint)
     if checkpoint == "hub":
-        return timm.create_model(spec.hub or spec.architecture, pretrained=True, **spec.kwargs).eval()
+        try:
+            return timm.create_model(spec.hub or spec.architecture, pretrained=True, **spec.kwargs).eval()
+        except OSError as err:  # offline, gated, not in the cache: huggingface_hub's errors are OSErrors
+            raise _hub_error(spec, err) from None
+    path = Path(checkpoint)
+    if path.is_dir():
+        inside = weight_files(path)
+        hint = f" (the weights in it: {inside[0]})" if len(inside) == 1 else ""
+        raise EncoderError(f"encoder {spec.name!r}: checkpoint {path} is a folder{hint}; a timm encoder takes its "
+                           f"weights file: {_fix(spec)}")  # fmt: skip
     model = timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
-    state = load_state(Path(checkpoint))
+    try:
+        state = load_state(path)
+    except Exception as err:  # SafetensorError (truncated), pickle's and torch's errors: not a weights file
+        raise EncoderError(f"encoder {spec.name!r}: {path} cannot be read as weights ({type(err).__name__}: "
+                           f"{_first_line(err)}); cut short, or not a checkpoint: {_fix(spec)}") from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise EncoderError(f"encoder {spec.name!r}: {path} holds a {type(state).__name__}, not a state dict of "
+                           f"tensors; {_fix(spec)}")  # fmt: skip
     if spec.name.startswith("timm:"):  # a classifier's checkpoint: its head is not part of the encoder
         heads: Any = timm.get_pretrained_cfg_value(spec.architecture, "classifier") or "head"
         prefixes = tuple(f"{h}." for h in ([heads] if isinstance(heads, str) else heads))
@@ -386,4 +451,21 @@ def load_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[Patch
     encoder = PatchEncoder(spec, network).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
+    check_width(encoder, where)
     return encoder, hub_sha256(spec) if where == "hub" else checkpoint_sha256(where)
+
+
+def check_width(encoder: PatchEncoder, checkpoint: str | Path) -> None:
+    """One tile through the encoder: its embedding must have the entry's width, or every feature file would say
+    ``dim`` while holding another (a folder of another ViT loads as any transformers entry).
+
+    Raises:
+        EncoderError: naming the encoder, the checkpoint and both widths.
+    """
+    spec = encoder.spec
+    with torch.inference_mode():
+        out = encoder(torch.zeros(1, 3, spec.tile_size, spec.tile_size, dtype=torch.uint8))
+    if tuple(out.shape) != (1, spec.dim):
+        raise EncoderError(f"encoder {spec.name!r}: {checkpoint} gives embeddings of shape {tuple(out.shape)[1:]}, "
+                           f"expected ({spec.dim},) as its card says: these are another model's weights; "
+                           f"{_fix(spec)}")  # fmt: skip

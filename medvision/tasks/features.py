@@ -11,8 +11,12 @@ One job with ``score`` (:mod:`medvision.tasks.score.job`): the slides are found 
 
 A slide's file is written (atomically) before its row, so a row means the file is complete, and a re-run with
 the same ``--out`` resumes after the last finished slide. ``DIR/features.json`` records the encoder, its
-checkpoint's SHA-256, the tiling and preprocessing, the precision and the counts; a second run into the same
-folder must use the same encoder, weights and tiling, so one folder never mixes two feature spaces.
+checkpoint's SHA-256, the tiling and preprocessing, the slides folder (absolute), the precision and the counts; a
+second run into the same folder must use the same encoder, weights, tiling and slides folder, so one folder never
+mixes two feature spaces, nor two folders' slides under one name (resume would take one for the other).
+
+Two slides whose paths flatten to one file name (``a/b.tif`` and ``a__b.tif``) would share one ``.h5``: the later
+of the two (in the scan's order, after the slides already in ``features.csv``) is an error row naming both.
 
 Tiles are read (uint8, stain-normalised when a reference is given) by one pool of reader processes for the
 whole run, which works ahead across slides while the encoder runs
@@ -25,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 
+from medvision.io.archive import Entry
 from medvision.models.encoders import PatchEncoder, load_encoder
 from medvision.options import SLIDE_TIMEOUT
 from medvision.recipe import SlidesConfig
@@ -43,6 +49,7 @@ from medvision.tasks.score.slides import (
     SlideBatches,
     SlideScan,
     SlideTiles,
+    find_slides,
 )
 from medvision.workers import start_forkserver
 from medvision.wsi.features import feature_name, write_features
@@ -77,6 +84,10 @@ class FeatureUnit(SlideScan):
         self.columns = COLUMNS
         self.settings = preprocessing(encoder, cfg, amp)
 
+    def entries(self, folder: Path) -> list[Entry]:
+        """The scan's entries, a slide whose feature file name another slide already has made an error entry."""
+        return unique_names(find_slides(folder), _indexed_files(self.out_dir / TABLE))
+
     def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
         assert item.info is not None
         cfg, grid = self.cfg, tiles.grid
@@ -103,12 +114,43 @@ class FeatureUnit(SlideScan):
         return {"slides": self.cfg.model_dump(mode="json"), "preprocessing": self.settings}
 
 
+def _indexed_files(table: Path) -> dict[str, str]:
+    """The feature file of each slide an earlier run into this folder finished (``features.csv``'s ok rows)."""
+    if not table.is_file():
+        return {}
+    with table.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return {r["path"]: r["file"] for r in csv.DictReader(fh) if r.get("status") == "ok" and r.get("file")}
+
+
+def unique_names(entries: list[Entry], indexed: dict[str, str]) -> list[Entry]:
+    """``entries`` with each candidate slide whose feature file name (:func:`feature_name`) is already another
+    slide's made an error entry naming both. ``indexed``: the file of each slide already in ``features.csv``,
+    which keeps its name (so a resumed run finds it); the scan's slides then claim names in order."""
+    owner = {file: rel for rel, file in indexed.items()}
+    out = []
+    for entry in entries:
+        if entry.outcome == "candidate":
+            name = indexed.get(entry.rel) or feature_name(entry.rel)
+            first = owner.setdefault(name, entry.rel)
+            if first != entry.rel:
+                why = (f"{entry.rel}: its feature file {name} is already that of slide {first} (both paths flatten to "
+                       "that name); rename one of them")  # fmt: skip
+                entry = Entry(entry.rel, "error", why, entry.size)
+        out.append(entry)
+    return out
+
+
 def _check_same_folder(out_dir: Path, record: dict[str, Any]) -> None:
-    """A folder holds one feature space: a resumed or extended run must use the same encoder, weights and tiling."""
+    """A folder holds one feature space of one slides folder: a resumed or extended run must embed the same folder
+    with the same encoder, weights and tiling."""
     old_path = out_dir / RECORD
     if not old_path.is_file():
         return
     old = json.loads(old_path.read_text())
+    if old.get("folder") not in (None, record["folder"]):  # a record from before the folder was kept has none
+        raise RunError(f"{out_dir} holds features of the slides in {old['folder']} ({old_path}), not of "
+                       f"{record['folder']}: a resumed run would take same-named slides for done; give another "
+                       "--out")  # fmt: skip
     keys = ("encoder", "encoder_sha256", "slides", "preprocessing")
     differ = [k for k in keys if old.get(k) != record.get(k)]
     if differ:
@@ -144,7 +186,8 @@ def extract_features(
     unit = FeatureUnit(net, sha, cfg, out_dir, device, precision, n_workers, slide_timeout, batch_size, turns)
     record = {"encoder": spec.name, "encoder_sha256": sha, "encoder_source": spec.source, "dim": net.dim,
               "engine": "torch", "device": str(device), "amp": precision, "versions": versions(),
-              "slides": cfg.model_dump(mode="json"), "preprocessing": unit.settings}  # fmt: skip
+              "slides": cfg.model_dump(mode="json"), "preprocessing": unit.settings,
+              "folder": str(folder.resolve())}  # fmt: skip
     if d.rank == 0:
         _check_same_folder(out_dir, record)
     threads = (os.cpu_count() or 1) if device.type == "cpu" else None  # readers are light: the encoder takes the cores

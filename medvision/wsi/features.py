@@ -34,6 +34,9 @@ FORMAT = "medvision.features/1"
 SUFFIX = ".h5"
 #: Attributes every feature file carries (the reader checks them; callers may add more).
 REQUIRED = ("format", "slide", "encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "mpp")
+#: Attributes stored as JSON text (a dict or a list); every other attribute is read back as it was stored, so a
+#: slide path such as ``[x]/c.tif`` stays a string.
+JSON_ATTRS = ("preprocessing", "slide_size")
 
 
 class FeatureFileError(MedvisionError, ValueError):
@@ -57,7 +60,11 @@ class SlideFeatures:
 
 
 def feature_name(rel: str) -> str:
-    """The cache file of the slide at ``rel`` (relative to the embedded folder): its path, flattened."""
+    """The cache file of the slide at ``rel`` (relative to the embedded folder): its path, flattened.
+
+    Two paths can flatten to one name (``a/b.tif`` and ``a__b.tif``): ``medvision features`` makes the later
+    slide an error row rather than let it overwrite the first one's file, and the reader checks the file's
+    ``slide`` attribute against the row that points at it."""
     return rel.replace("\\", "__").replace("/", "__") + SUFFIX
 
 
@@ -81,6 +88,9 @@ def write_features(path: Path, features: np.ndarray, coords: np.ndarray, tissue:
     missing = [k for k in REQUIRED if k not in attrs and k not in ("format", "dim")]
     if missing:
         raise ValueError(f"{path}: feature file attributes {missing} are required")
+    nested = [k for k, v in attrs.items() if isinstance(v, dict | list) and k not in JSON_ATTRS]
+    if nested:
+        raise ValueError(f"{path}: attributes {nested} are dicts or lists; only {list(JSON_ATTRS)} are stored as JSON")
 
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as fh:
@@ -124,19 +134,26 @@ def read_features(path: Path) -> SlideFeatures:
             coords = np.asarray(fh["coords"][()], np.int64)
             side0 = float(fh["coords"].attrs["patch_size_level0"])
             tissue = np.asarray(fh["tissue"][()], np.float32) if "tissue" in fh else np.ones(len(feats), np.float32)
+        for key in JSON_ATTRS:  # dicts and lists were stored as JSON text
+            if key in attrs:
+                attrs[key] = json.loads(attrs[key])
     except FeatureFileError:
         raise
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         raise FeatureFileError(f"{path}: not a readable feature file ({type(err).__name__}: {err})") from None
     missing = [k for k in REQUIRED if k not in attrs]
     if missing:
         raise FeatureFileError(f"{path}: attributes {missing} are missing")
-    if feats.ndim != 2 or coords.shape != (len(feats), 2) or feats.shape[1] != int(attrs["dim"]):
+    n, dim = len(feats), attrs["dim"]
+    if not isinstance(dim, int) or feats.ndim != 2 or coords.shape != (n, 2) or feats.shape[1] != dim:
         raise FeatureFileError(f"{path}: features {feats.shape} and coords {coords.shape} disagree with "
-                               f"dim {attrs['dim']}")  # fmt: skip
-    for key, value in attrs.items():  # dicts and lists were stored as JSON text
-        if isinstance(value, str) and value[:1] in "[{":
-            attrs[key] = json.loads(value)
+                               f"dim {attrs['dim']}; expected (n, dim) and (n, 2)")  # fmt: skip
+    if tissue.shape != (n,):
+        raise FeatureFileError(f"{path}: tissue {tissue.shape} for {n} tiles; expected ({n},), one value a tile")
+    if not np.isfinite(feats).all():
+        bad = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
+        raise FeatureFileError(f"{path}: tile {bad} at {coords[bad].tolist()} has a non-finite embedding; expected "
+                               "finite values (the writer refuses them: the file was altered)")  # fmt: skip
     return SlideFeatures(feats, coords, tissue, attrs, side0)
 
 
