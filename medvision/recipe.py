@@ -15,10 +15,10 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medvision.errors import MedvisionError
 from medvision.recipe_nodes import DicomConfig, MILSection, SlidesConfig, TrackingConfig, _Node
@@ -30,6 +30,24 @@ class RecipeError(MedvisionError, ValueError):
     """A recipe that cannot be used; the message names the file, the key path and the fix."""
 
 
+def check_patient_regex(regex: str | None) -> str | None:
+    """``data.patient_regex`` unchanged; a ValueError naming it unless it compiles with one group or ``patient``."""
+    try:
+        pattern = re.compile(regex or "()")
+    except re.error as err:
+        raise ValueError(f"{regex!r} is not a regular expression ({err}); expected one group, the patient id") from None
+    if pattern.groups != 1 and "patient" not in pattern.groupindex:
+        raise ValueError(f"{regex!r} has {pattern.groups} groups; expected one (the patient id) or (?P<patient>...)")
+    return regex
+
+
+def check_class_names(classes: list[str] | None) -> list[str] | None:
+    """``data.classes`` unchanged; a ValueError naming it if a name is empty, space-padded or repeated."""
+    if classes is not None and (len(set(classes)) < len(classes) or not all(c and c == c.strip() for c in classes)):
+        raise ValueError(f"{classes} has an empty, space-padded or repeated name; expected distinct class names")
+    return classes
+
+
 class DataConfig(_Node):
     source: Literal["npz", "folder", "csv", "dicom", "slides", "slide_features"]
     """Where samples come from: a MedMNIST ``.npz``, class subfolders, a CSV manifest, a DICOM folder, a CSV of
@@ -37,7 +55,7 @@ class DataConfig(_Node):
     slides' cached tile features (``medvision features``; the run trains the ``mil`` head by cross-validation)."""
     path: str
     """File or folder of the source; ``${MEDVISION_SHARED}`` expands (default ``../shared``)."""
-    classes: list[str] | None = None
+    classes: Annotated[list[str] | None, AfterValidator(check_class_names)] = None
     """Class names in label order; default: sorted folder names, sorted CSV labels, or ``0..K-1`` for npz."""
     image_size: int = Field(224, ge=8, le=4096)
     """Square side, in pixels, that images are resized to before entering the model."""
@@ -47,8 +65,8 @@ class DataConfig(_Node):
     """Share of samples for validation when the source has no split of its own."""
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     """Share of samples for test when the source has no split of its own."""
-    patient_regex: str | None = None
-    """For folder sources: a regex whose first group, searched in the file name, is the patient id."""
+    patient_regex: Annotated[str | None, AfterValidator(check_patient_regex)] = None
+    """For folder sources: a regex searched in the file name whose one group (or group ``patient``) is the patient."""
     batch_size: int = Field(64, ge=1)
     """Global training batch size (per optimizer micro-step); under torchrun each of N ranks takes 1/N of it."""
     eval_batch_size: int = Field(256, ge=1)
@@ -59,7 +77,8 @@ class DataConfig(_Node):
     """Use at most this many samples per split (for smoke runs); ``None`` uses all."""
     transfer: Literal["auto", "uint8", "float16", "float32"] = "auto"
     """Dtype of the (unnormalised) batches the loader hands to the device, where they are normalised; ``auto``
-    is uint8 for 8-bit sources (4x less to copy than float32) and float32 otherwise (16-bit, DICOM windows)."""
+    is uint8 for 8-bit sources (4x less to copy than float32) and float32 otherwise (16-bit, DICOM windows),
+    judged on up to 64 images spread over each split: one image of more than 8 bits among them makes it float32."""
     preload: bool = False
     """Decode every image of a folder or CSV source into memory once, before the workers start, so later
     epochs skip PNG/JPEG/TIFF decoding (``.npz`` is always in memory; DICOM has its own disk cache)."""

@@ -203,6 +203,19 @@ def test_cli_prints_one_line_and_exits_2(corrupt_dicom: Path, tmp_path: Path,
     assert "2 of 18 files" in lines[0]  # without the decode cache the damaged RLE stream is not found yet
 
 
+def test_cli_exits_2_on_a_dicom_labels_csv_with_wrong_columns(corrupt_dicom: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nct/a.dcm,ct\n")
+    tree = tiny_recipe(corrupt_dicom, tmp_path, phases=ONE_EPOCH)
+    tree["data"].update(source="dicom", path=str(corrupt_dicom), dicom={"cache": False, "labels": str(labels)})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "labels.csv: needs a 'path' or 'sop_instance_uid' column" in err
+
+
 def test_npz_is_one_used_row(tmp_path: Path) -> None:
     images = np.zeros((6, 8, 8), np.uint8)
     np.savez(tmp_path / "toy.npz", train_images=images, train_labels=np.arange(6) % 2)

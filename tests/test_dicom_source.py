@@ -72,6 +72,53 @@ def test_labels_csv_by_uid_and_windows_as_channels(dicom_folder: tuple[Path, dic
     assert table.loader(0).shape == (128, 128, 3) and not table.grayscale
 
 
+def _labels_csv(path: Path, header: str, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        fh.write(header + "\n")
+        csv.writer(fh).writerows(rows)
+    return path
+
+
+def _dicom_cfg(root: Path, labels: Path) -> DataConfig:
+    return DataConfig.model_validate({"source": "dicom", "path": str(root), "dicom": {"labels": str(labels),
+                                                                                       "cache": False}})  # fmt: skip
+
+
+@pytest.mark.parametrize(("header", "rows", "message"), [
+    ("path,label,split", [["ct/series0/img0.dcm", "ct", "train"], ["ct/series1/img1.dcm", "ct", "validation"]],
+     r"l\.csv, line 3: split 'validation' is not one of \('train', 'val', 'test'\)"),
+    ("path,label,split", [["ct/series0/img0.dcm", "ct", "Test"]], r"l\.csv, line 2: split 'Test' is not one of"),
+    ("file,label", [["ct/series0/img0.dcm", "ct"]], r"l\.csv: needs a 'path' or 'sop_instance_uid' column"),
+    ("path,Label", [["ct/series0/img0.dcm", "ct"]], r"l\.csv: column 'Label' is not a known column; expected 'label'"),
+    ("path,label", [["ct/series0/img0.dcm", "ct"], ["./ct/series0/img0.dcm", "mr"]],
+     r"l\.csv, line 3: file 'ct/series0/img0\.dcm' is listed twice \(first on line 2\)"),
+    ("path,label", [["ct/series0/img0.dcm", " "]], r"l\.csv, line 2: empty 'label'"),
+])  # fmt: skip
+def test_a_bad_labels_csv_is_a_data_source_error_naming_the_line(
+    dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path, header: str, rows: list[list[str]], message: str
+) -> None:
+    """A split that is not exactly train/val/test would drop the file from every split while counting it as used."""
+    root, _ = dicom_folder
+    with pytest.raises(DataSourceError, match=message):
+        load_table(_dicom_cfg(root, _labels_csv(tmp_path / "l.csv", header, rows)), 0)
+
+
+def test_labels_csv_paths_are_normalised_and_keys_must_agree(
+    dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    root, uids = dicom_folder
+    rows = [[f"./{rel}", rel.split("/")[0]] for rel in uids]
+    table = load_table(_dicom_cfg(root, _labels_csv(tmp_path / "l.csv", "path,label", rows)), 0)
+    assert len(table) == len(uids) and table.classes == ["ct", "mr"]
+    rel = "ct/series0/img0.dcm"
+    rows = [[rel, "", "ct"], ["", uids[rel], "mr"]]  # one file: by path it is ct, by UID mr
+    twice = (
+        r"l2\.csv: ct/series0/img0\.dcm is listed twice with different labels or splits: line 2 \(by path\) and line 3"
+    )
+    with pytest.raises(DataSourceError, match=twice):
+        load_table(_dicom_cfg(root, _labels_csv(tmp_path / "l2.csv", "path,sop_instance_uid,label", rows)), 0)
+
+
 def test_a_patient_in_two_splits_is_refused_without_naming_the_patient(
     dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:

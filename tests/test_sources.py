@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import cv2
@@ -9,7 +10,7 @@ import pytest
 
 from medvision.data.sources import load_csv, load_folder, load_npz, load_table
 from medvision.data.table import DataSourceError, check_patient_disjoint, grouped_stratified_split
-from medvision.recipe import DataConfig
+from medvision.recipe import DataConfig, RecipeError, recipe_from_dict
 
 
 def _png(path: Path, value: int, dtype: type = np.uint8, channels: int = 1) -> None:
@@ -29,10 +30,48 @@ def test_folder_source_with_16bit_images_and_patient_regex(tmp_path: Path) -> No
     assert sorted(set(table.groups)) == ["pat00", "pat01", "pat02", "pat10", "pat11", "pat12"]
     raw = table.loader(1)
     assert raw.dtype == np.uint16 and raw.max() == 2000
-    with pytest.raises(DataSourceError, match="does not match patient_regex"):
+    with pytest.raises(DataSourceError, match=r"pat00_slice0\.png: data\.patient_regex .* does not match the file"):
         load_folder(tmp_path, None, r"^(case\d+)")
     with pytest.raises(DataSourceError, match="'benign' is not one of the classes"):
         load_folder(tmp_path, ["malignant", "normal"], None)
+
+
+def _tiny_tree(data: dict[str, object]) -> dict[str, object]:
+    return {"name": "t", "data": data, "model": {"name": "resnet18"}, "train": {"phases": [{"epochs": 1, "lr": 0.1}]}}
+
+
+def test_patient_regex_needs_one_group_that_matches_every_file(tmp_path: Path) -> None:
+    """The group is the patient: a regex without one is refused at load, and a file it leaves without a patient
+    is an error naming the file, never a patient ``None`` that would join unrelated files."""
+    for bad, why in [("(P", "is not a regular expression"), (r"P\d", "has 0 groups"), (r"(P\d)_(x)", "has 2 groups")]:
+        with pytest.raises(RecipeError, match=rf"data\.patient_regex: .*{re.escape(repr(bad))} {why}.*expected one"):
+            recipe_from_dict(_tiny_tree({"source": "folder", "path": str(tmp_path), "patient_regex": bad}))
+    _png(tmp_path / "a" / "P1_x.png", 1)
+    _png(tmp_path / "b" / "P2_y.png", 2)
+    named = load_folder(tmp_path, None, r"(?P<patient>P\d)_(x|y)")
+    assert named.groups == ["P1", "P2"]  # the named group, not the first
+    _png(tmp_path / "b" / "_y.png", 3)
+    with pytest.raises(
+        DataSourceError, match=r"b/_y\.png: data\.patient_regex .* matches, but its patient group is empty"
+    ):
+        load_folder(tmp_path, None, r"(P\d)?_")
+
+
+def test_recipe_refuses_repeated_or_empty_class_names(tmp_path: Path) -> None:
+    for classes in (["a", "a"], ["a", ""], ["a", " b"]):
+        with pytest.raises(RecipeError, match=r"data\.classes: .*empty, space-padded or repeated name"):
+            recipe_from_dict(_tiny_tree({"source": "folder", "path": str(tmp_path), "classes": classes}))
+
+
+def test_macosx_and_hidden_folders_are_not_classes(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        _png(tmp_path / cls / f"{cls}0.png", 1)
+    (tmp_path / "__MACOSX" / "a").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "a" / "._a0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".thumbs").mkdir()
+    table = load_folder(tmp_path, None, None)
+    assert table.classes == ["a", "b"] and len(table) == 2
+    assert {r.path: r.outcome for r in table.audit}["__MACOSX/a/._a0.png"] == "skipped"
 
 
 def _manifest(path: Path, rows: list[list[str]], header: str = "path,label,patient_id") -> Path:
@@ -52,7 +91,7 @@ def test_csv_source_and_its_errors(tmp_path: Path) -> None:
     assert table.groups == ["P0", "P0", "P1", "P1"] and not table.grayscale
     assert table.ids[0] == "img/0.png"
 
-    bad_label = [*rows, ["img/0.png", "necrosis", "P9"]]
+    bad_label = [*rows, ["img/4.png", "necrosis", "P9"]]
     with pytest.raises(DataSourceError, match=r"line 6: label 'necrosis' is not one of the classes"):
         load_csv(_manifest(tmp_path / "m2.csv", bad_label), ["normal", "tumour"])
     missing = [*rows, ["img/404.png", "normal", "P9"]]
@@ -61,6 +100,63 @@ def test_csv_source_and_its_errors(tmp_path: Path) -> None:
         load_table(DataConfig(source="csv", path=str(_manifest(tmp_path / "m3.csv", missing))), 0)
     with pytest.raises(DataSourceError, match="missing column"):
         load_csv(_manifest(tmp_path / "m4.csv", [["img/0.png"]], header="file"), None)
+
+
+@pytest.mark.parametrize(("header", "column", "expected"),
+                         [("path,label,Patient_ID", "Patient_ID", "patient_id"), ("path, label,patient_id", " label",
+                          "label"), ("path,label,patient_id,Split", "Split", "split")])  # fmt: skip
+def test_csv_column_that_differs_only_in_case_or_spaces_is_an_error(tmp_path: Path, header: str, column: str,
+                                                                     expected: str) -> None:  # fmt: skip
+    """``Patient_ID`` ignored would silently split one patient's images across train and test."""
+    _png(tmp_path / "0.png", 1)
+    rows = [["0.png", "a", "P0", "train"][: header.count(",") + 1]]
+    with pytest.raises(
+        DataSourceError, match=rf"m\.csv: column '{column}' is not a known column; expected '{expected}'"
+    ):
+        load_csv(_manifest(tmp_path / "m.csv", rows, header), None)
+
+
+def test_csv_with_an_excel_bom_and_extra_columns(tmp_path: Path) -> None:
+    for i in range(2):
+        _png(tmp_path / f"{i}.png", i)
+    (tmp_path / "m.csv").write_bytes("path,label,Notes\r\n0.png,a,x\r\n1.png,b,\r\n".encode("utf-8-sig"))
+    table = load_csv(tmp_path / "m.csv", None)
+    assert table.ids == ["0.png", "1.png"] and table.classes == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "second", [["./img/0.png", "a", "test"], ["img/0.png", "b", "train"], ["img//0.png", "a", "train"]]
+)
+def test_csv_image_listed_twice_is_an_error_naming_both_lines(tmp_path: Path, second: list[str]) -> None:
+    """``img/0.png`` and ``./img/0.png`` are one file: listed twice it could be in train and test at once."""
+    _png(tmp_path / "img" / "0.png", 1)
+    _png(tmp_path / "img" / "1.png", 2)
+    rows = [["img/0.png", "a", "train"], ["img/1.png", "b", "train"], second]
+    with pytest.raises(
+        DataSourceError, match=r"m\.csv, line 4: image 'img/0\.png' is listed twice \(first on line 2\)"
+    ):
+        load_csv(_manifest(tmp_path / "m.csv", rows, "path,label,split"), None)
+    table = load_csv(_manifest(tmp_path / "m.csv", [["./img/0.png", "a", "train"], ["img/1.png", "b", "val"]],
+                               "path,label,split"), None)  # fmt: skip
+    assert table.ids == ["img/0.png", "img/1.png"]
+
+
+def test_csv_labels_are_stripped_and_bad_rows_name_their_line(tmp_path: Path) -> None:
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", i)
+    table = load_csv(_manifest(tmp_path / "m.csv", [["0.png", " benign"], ["1.png", "malignant "], ["2.png", "benign"]],
+                               "path,label"), None)  # fmt: skip
+    assert table.classes == ["benign", "malignant"] and table.labels.tolist() == [0, 1, 0]
+    with pytest.raises(DataSourceError, match=r"m2\.csv, line 3: empty 'label'"):
+        load_csv(_manifest(tmp_path / "m2.csv", [["0.png", "a"], ["1.png", " "]], "path,label"), None)
+    unlabelled = load_csv(tmp_path / "m2.csv", None, labelled=False)  # pretraining: partly labelled is unlabelled
+    assert unlabelled.classes == ["unlabelled"] and len(unlabelled) == 2
+    (tmp_path / "m3.csv").write_text("path,label\n0.png,a\n1.png,b\n2.png\n")
+    with pytest.raises(DataSourceError, match=r"m3\.csv, line 4: 1 field\(s\) where the header has 2"):
+        load_csv(tmp_path / "m3.csv", None)
+    for bad in ("Train", "validation"):
+        with pytest.raises(DataSourceError, match=rf"m4\.csv, line 2: split '{bad}' is not one of"):
+            load_csv(_manifest(tmp_path / "m4.csv", [["0.png", "a", bad]], "path,label,split"), None)
 
 
 def test_csv_split_column_and_leak_detection(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ JPEG 2000 again. They are the decoded pixels exactly (float16 changed probabilit
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import logging
 import os
@@ -28,7 +27,16 @@ import pydicom
 from tqdm import tqdm
 
 from medvision.data.audit import clean_reason, counts
-from medvision.data.table import AuditRow, DataSourceError, SampleTable, class_index
+from medvision.data.table import (
+    AuditRow,
+    DataSourceError,
+    SampleTable,
+    check_split,
+    class_index,
+    is_hidden_folder,
+    listed_rows,
+    read_manifest,
+)
 from medvision.io.archive import Entry, scan
 from medvision.io.dicom import DicomSpec, FramePolicy, parse_window, read_dicom, select_frames
 from medvision.io.triage import IDENTIFYING_TAGS, open_dicom, pixel_data_problem, read_head, redact
@@ -84,28 +92,56 @@ class DicomLoader:
         return image
 
 
-def _read_labels(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """label by relative path, label by SOPInstanceUID, split by either key."""
+@dataclass(frozen=True)
+class _Listed:
+    """A row of ``data.dicom.labels``: the label and split it gives, and its line (for errors naming it)."""
+
+    label: str
+    split: str
+    line: int
+
+
+def _read_labels(path: Path) -> tuple[dict[str, _Listed], dict[str, _Listed]]:
+    """The labels CSV's rows by relative path (normalised: ``./ct/a.dcm`` is ``ct/a.dcm``) and by SOPInstanceUID.
+
+    Read and checked like a CSV manifest (:func:`read_manifest`, :func:`listed_rows`, :func:`check_split`): a
+    split other than train/val/test, an empty label, a row with neither key or a file listed twice is a
+    :class:`DataSourceError` naming the line, because such a row would otherwise drop out of every split.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"data.dicom.labels: {path} does not exist")
-    by_path: dict[str, str] = {}
-    by_uid: dict[str, str] = {}
-    splits: dict[str, str] = {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        if "label" not in cols or not ({"path", "sop_instance_uid"} & set(cols)):
-            raise ValueError(f"{path}: needs a 'label' column and 'path' or 'sop_instance_uid'; found {cols}")
-        for row in reader:
-            key_path = (row.get("path") or "").strip()
-            key_uid = (row.get("sop_instance_uid") or "").strip()
-            if key_path:
-                by_path[key_path] = row["label"].strip()
-            if key_uid:
-                by_uid[key_uid] = row["label"].strip()
-            if (row.get("split") or "").strip():
-                splits[key_path or key_uid] = row["split"].strip()
-    return by_path, by_uid, splits
+        raise DataSourceError(f"data.dicom.labels: {path} does not exist; expected a CSV with columns path,label")
+    rows = read_manifest(path, ("label",), optional=",path,sop_instance_uid,split")
+    if not {"path", "sop_instance_uid"} & set(rows[0]):
+        raise DataSourceError(
+            f"{path}: needs a 'path' or 'sop_instance_uid' column beside 'label'; found {list(rows[0])}"
+        )
+    by_path: dict[str, _Listed] = {}
+    by_uid: dict[str, _Listed] = {}
+    uids = listed_rows(path, rows, "sop_instance_uid", "SOP instance UID", required=False)
+    for (line, where, key_path, row), (_, _, key_uid, _) in zip(
+        listed_rows(path, rows, "path", "file", required=False), uids, strict=True
+    ):
+        if not key_path and not key_uid:
+            raise DataSourceError(f"{where}: both 'path' and 'sop_instance_uid' are empty; expected one of them")
+        label = row["label"].strip()
+        if not label:
+            raise DataSourceError(f"{where}: empty 'label'; every listed file needs one")
+        listed = _Listed(label, check_split(row.get("split"), where), line)
+        if key_path:
+            by_path[key_path] = listed
+        if key_uid:
+            by_uid[key_uid] = listed
+    return by_path, by_uid
+
+
+def _labelled(labels_csv: Path, listed: tuple[dict[str, _Listed], dict[str, _Listed]], rel: str, uid: str
+              ) -> _Listed | None:  # fmt: skip
+    """The row giving ``rel`` its label: by path or by UID; two rows that disagree are an error naming both."""
+    by_path, by_uid = listed[0].get(rel), listed[1].get(uid)
+    if by_path and by_uid and (by_path.label, by_path.split) != (by_uid.label, by_uid.split):
+        raise DataSourceError(f"{labels_csv}: {rel} is listed twice with different labels or splits: line "
+                              f"{by_path.line} (by path) and line {by_uid.line} (by sop_instance_uid)")  # fmt: skip
+    return by_path or by_uid
 
 
 def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, cache_dir: Path | None) -> SampleTable:
@@ -127,11 +163,8 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
     found: list[_Found] = []
     for entry in tqdm(scan(root), desc="check", unit="file", leave=False, disable=None):
         rel = entry.rel
-        if entry.outcome != "candidate":
+        if entry.outcome != "candidate":  # hidden files among them: scan skips them for every task alike
             audit.append(AuditRow(rel, entry.outcome, entry.reason))
-            continue
-        if Path(rel).name.startswith("."):
-            audit.append(AuditRow(rel, "skipped", "hidden file; not read"))
             continue
         path = root / rel
         try:
@@ -145,11 +178,11 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
         ds = opened
         uid = str(ds.get("SOPInstanceUID", ""))
         if labels_csv is not None:
-            by_path, by_uid, split_of = labels_csv
-            label = by_path.get(rel) or by_uid.get(uid)
-            split = split_of.get(rel) or split_of.get(uid, "")
+            listed = _labelled(Path(cfg.labels or ""), labels_csv, rel, uid)
+            label, split = (listed.label, listed.split) if listed else (None, "")
         else:
-            label = rel.split("/")[0] if "/" in rel else None
+            top = rel.split("/")[0]
+            label = top if "/" in rel and not is_hidden_folder(top) else None
             split = ""
         if label is None:
             why = "not in data.dicom.labels" if labels_csv is not None else "not in a class folder"

@@ -27,13 +27,16 @@ from medvision.data.table import (
     FileLoader,
     SampleTable,
     check_patient_disjoint,
+    check_split,
     class_index,
     grouped_stratified_split,
+    is_hidden_folder,
+    listed_rows,
     read_manifest,
 )
 from medvision.io.archive import scan
 from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
-from medvision.recipe import DataConfig
+from medvision.recipe import DataConfig, check_patient_regex
 from medvision.wsi.source import load_slide_table
 
 # ------------------------------------------------------------------------------------ sources
@@ -102,17 +105,33 @@ UNLABELLED = "unlabelled"
 """The one class of a source read without labels (``medvision pretrain`` on a flat folder or a path-only CSV)."""
 
 
+def patient_of(pattern: re.Pattern[str], path: Path) -> str:
+    """The patient id in ``path``'s file name: the group ``patient`` of ``pattern`` if it names one, else its first.
+
+    A name the pattern does not match, or whose group matches nothing (an optional group), is an error
+    naming the file: grouping it under ``None`` or ``''`` would put unrelated patients in one group.
+    """
+    match = pattern.search(path.name)
+    group = None if match is None else match.group("patient" if "patient" in pattern.groupindex else 1)
+    if not group:
+        what = "does not match" if match is None else "matches, but its patient group is empty in"
+        raise DataSourceError(f"{path}: data.patient_regex {pattern.pattern!r} {what} the file name; expected "
+                              "every image's file name to contain its patient id")  # fmt: skip
+    return group
+
+
 def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None, labelled: bool = True) -> SampleTable:
-    """``root/<class>/**/<image>``; the patient is the first group of ``patient_regex`` in the file name.
+    """``root/<class>/**/<image>``; the patient is the group of ``patient_regex`` in the file name (:func:`patient_of`).
 
     With ``labelled=False`` a folder without class subfolders is read as one ``unlabelled`` class.
+    Hidden folders and ``__MACOSX`` are never classes (a macOS zip would otherwise add an empty one).
     Every file under ``root`` gets an audit row: an image whose header is damaged is an error
     (:func:`medvision.data.audit.check_image`); other files, hidden files and files outside the class
     folders are skipped.
     """
     if not root.is_dir():
         raise DataSourceError(f"{root}: folder does not exist")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_hidden_folder(d.name))
     if not found and not labelled:
         found, classes, flat = [UNLABELLED], [UNLABELLED], True
     else:
@@ -124,16 +143,16 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
             class_index(classes, name, f"{root}/{name}")
     if not classes:
         raise DataSourceError(f"{root}: no class subfolders; expected {root}/<class>/<image>.png")
-    pattern = re.compile(patient_regex) if patient_regex else None
+    try:
+        pattern = re.compile(check_patient_regex(patient_regex) or "") if patient_regex else None
+    except ValueError as err:
+        raise DataSourceError(f"data.patient_regex: {err}") from None
     by_class: list[list[tuple[str, str]]] = [[] for _ in classes]  # (path, group) in each class's order
     audit: list[AuditRow] = []
     for entry in tqdm(scan(root), desc="check", unit="file", leave=False, disable=None):
         rel, parts = entry.rel, entry.rel.split("/")
-        if entry.outcome != "candidate":
+        if entry.outcome != "candidate":  # hidden files among them: scan skips them for every task alike
             audit.append(AuditRow(rel, entry.outcome, entry.reason))
-            continue
-        if parts[-1].startswith("."):
-            audit.append(AuditRow(rel, "skipped", "hidden file; not read"))
             continue
         if not flat and (len(parts) == 1 or parts[0] not in classes):
             audit.append(AuditRow(rel, "skipped", "no label: not in a class folder"))
@@ -143,12 +162,7 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
         if outcome != "used":
             audit.append(AuditRow(rel, outcome, reason))
             continue
-        group = rel
-        if pattern:
-            match = pattern.search(p.name)
-            if not match:
-                raise DataSourceError(f"{p}: file name does not match patient_regex {patient_regex!r}")
-            group = match.group(1)
+        group = patient_of(pattern, p) if pattern else rel
         by_class[0 if flat else classes.index(parts[0])].append((str(p), group))
         audit.append(AuditRow(rel, "used", "", 1))
     paths = [path for members in by_class for path, _ in members]
@@ -173,28 +187,31 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
 def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> SampleTable:
     """A manifest with columns ``path,label`` and optional ``patient_id``, ``split``; paths relative to it.
 
-    With ``labelled=False`` the ``label`` column may be absent: every row is then ``unlabelled``. A row
+    With ``labelled=False`` the ``label`` column may be absent or partly empty: every row is then
+    ``unlabelled`` (pretraining reads no labels, so a partly labelled manifest is still usable). A row
     whose file is missing or not a whole image is an audit error that names the row (``m.csv, line 6``).
+    Labels are stripped and an empty one is an error naming its line (nothing documents empty as
+    unlabelled, and a class ``''`` would be a phantom class). Paths are normalised, so ``./a.png`` is
+    ``a.png``, and a file listed twice is an error naming both lines: it could otherwise sit in two splits.
     """
-    rows = read_manifest(path, ("path",) if not labelled else ("path", "label"))
-    if rows and "label" not in rows[0]:
+    optional = ",patient_id,split" if labelled else ",label,patient_id,split"
+    rows = read_manifest(path, ("path",) if not labelled else ("path", "label"), optional)
+    if "label" not in rows[0] or (not labelled and any(not r["label"].strip() for r in rows)):
         rows = [{**r, "label": UNLABELLED} for r in rows]
         classes = [UNLABELLED]
+    for line, row in enumerate(rows, start=2):
+        if not row["label"].strip():
+            raise DataSourceError(f"{path}, line {line}: empty 'label'; every listed image needs one")
     if classes is None:
-        classes = sorted({r["label"] for r in rows})
+        classes = sorted({r["label"].strip() for r in rows})
     base = path.parent
     paths, labels, groups, splits, all_splits = [], [], [], [], []
     audit: list[AuditRow] = []
-    for line, row in enumerate(tqdm(rows, desc="check", unit="file", leave=False, disable=None), start=2):
-        where = f"{path}, line {line}"
-        rel = (row["path"] or "").strip()
-        if not rel:
-            raise DataSourceError(f"{where}: empty 'path'")
+    progress = tqdm(rows, desc="check", unit="file", leave=False, disable=None)
+    for line, where, rel, row in listed_rows(path, progress, "path", "image"):
         full = (base / rel) if not Path(rel).is_absolute() else Path(rel)
-        label = class_index(classes, (row["label"] or "").strip(), where)
-        split = (row.get("split") or "").strip()
-        if split not in ("", *SPLITS):
-            raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
+        label = class_index(classes, row["label"].strip(), where)
+        split = check_split(row.get("split"), where)
         all_splits.append(split)
         shown = str(full.relative_to(base)) if full.is_relative_to(base) else rel
         outcome, reason = check_image(full, shown) if full.is_file() else ("error", "file not found")

@@ -102,6 +102,11 @@ class SampleTable:
         return self.units if self.units is not None else self.groups
 
 
+def is_hidden_folder(name: str) -> bool:
+    """A folder that is never a class: hidden (``.git``) or the ``__MACOSX`` metadata a macOS zip adds."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def class_index(classes: list[str], value: str, where: str) -> int:
     try:
         return classes.index(value)
@@ -109,38 +114,80 @@ def class_index(classes: list[str], value: str, where: str) -> int:
         raise DataSourceError(f"{where}: label {value!r} is not one of the classes {classes}") from None
 
 
+def check_split(value: str | None, where: str) -> str:
+    """A row's split, stripped: empty or exactly one of :data:`SPLITS`. Anything else (``Test``, ``validation``)
+    is an error naming ``where``, because a row in no known split would silently drop out of every split."""
+    split = (value or "").strip()
+    if split not in ("", *SPLITS):
+        raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
+    return split
+
+
+def _column_key(name: str) -> str:
+    return name.strip().lower()
+
+
 def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patient_id,split") -> list[dict[str, str]]:
-    """The rows of a CSV manifest that has the ``required`` columns; errors name the file and the columns."""
+    """The rows of a CSV manifest that has the ``required`` columns; errors name the file and the columns.
+
+    Read as ``utf-8-sig``, so the byte-order mark Excel writes does not become part of the first column's
+    name. A column that matches a known one (``required`` or ``optional``) only up to case and spaces
+    (``Patient_ID``, `` label``) is an error, not an extra column: ignoring it would silently drop the
+    patients (and leak them across splits) or the split. Other extra columns are allowed. A row with fewer
+    fields than the header is an error naming its line.
+    """
     need = ",".join(required)
+    known = [*required, *(c for c in optional.split(",") if c)]
     if not path.is_file():
         raise DataSourceError(f"{path}: CSV manifest does not exist; expected a CSV with columns {need}")
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
+        for col in columns:
+            near = [k for k in known if _column_key(k) == _column_key(col)]
+            if col not in known and near:
+                raise DataSourceError(f"{path}: column {col!r} is not a known column; expected {near[0]!r} "
+                                      "(column names are exact: lower case, no spaces)")  # fmt: skip
         missing_cols = [c for c in required if c not in columns]
         if missing_cols:
             raise DataSourceError(f"{path}: missing column(s) {missing_cols}; found {columns}, need {need}[{optional}]")
         rows = list(reader)
     if not rows:
         raise DataSourceError(f"{path}: manifest has a header but no rows")
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(c) is None for c in columns):  # csv fills the missing fields of a short row with None
+            n = sum(row.get(c) is not None for c in columns)
+            raise DataSourceError(f"{path}, line {line}: {n} field(s) where the header has {len(columns)} "
+                                  f"({','.join(columns)}); expected one value per column")  # fmt: skip
     return rows
 
 
-def slide_rows(path: Path, rows: Iterable[dict[str, str]]) -> Iterator[tuple[int, str, str, dict[str, str]]]:
-    """A slide manifest's rows as (line, where, slide_path, row), each ``slide_path`` checked: not empty and
-    not listed twice (a :class:`DataSourceError` naming the line otherwise), and normalised (``./a/s1.svs`` and
-    ``a//s1.svs`` are ``a/s1.svs``: one slide, as features.csv names it)."""
+def listed_rows(
+    path: Path, rows: Iterable[dict[str, str]], column: str, noun: str, required: bool = True
+) -> Iterator[tuple[int, str, str, dict[str, str]]]:
+    """A manifest's rows as (line, where, rel, row), ``rel`` the row's ``column`` checked: not listed twice
+    (a :class:`DataSourceError` naming both lines otherwise) and normalised (``./a/s1.svs`` and ``a//s1.svs`` are
+    ``a/s1.svs``: one file, so it cannot be in two splits or have two labels). An empty value is an error
+    naming the line when ``required``, else ``rel`` is ``""``."""
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         where = f"{path}, line {line}"
-        rel = (row["slide_path"] or "").strip()
+        rel = (row.get(column) or "").strip()
         if not rel:
-            raise DataSourceError(f"{where}: empty 'slide_path'")
+            if required:
+                raise DataSourceError(f"{where}: empty {column!r}")
+            yield line, where, rel, row
+            continue
         rel = posixpath.normpath(rel)
         if rel in seen:
-            raise DataSourceError(f"{where}: slide {rel!r} is listed twice (first on line {seen[rel]})")
+            raise DataSourceError(f"{where}: {noun} {rel!r} is listed twice (first on line {seen[rel]})")
         seen[rel] = line
         yield line, where, rel, row
+
+
+def slide_rows(path: Path, rows: Iterable[dict[str, str]]) -> Iterator[tuple[int, str, str, dict[str, str]]]:
+    """A slide manifest's rows (:func:`listed_rows` over ``slide_path``; ``a/s1.svs`` as features.csv names it)."""
+    return listed_rows(path, rows, "slide_path", "slide")
 
 
 def check_patient_disjoint(table: SampleTable) -> None:

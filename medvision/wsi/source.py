@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.table import SPLITS, AuditRow, DataSourceError, SampleTable, class_index, read_manifest, slide_rows
+from medvision.data.table import (
+    AuditRow,
+    DataSourceError,
+    SampleTable,
+    check_split,
+    class_index,
+    read_manifest,
+    slide_rows,
+)
 from medvision.io.files import atomic_write, sha256
 from medvision.recipe import DataConfig, SlidesConfig
 from medvision.wsi.slide import Slide, SlideError, open_slide
@@ -134,9 +142,7 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     for line, where, rel, row in slide_rows(path, progress):
         full = Path(rel) if Path(rel).is_absolute() else base / rel
         label = class_index(classes, (row["label"] or "").strip(), where)
-        split = (row.get("split") or "").strip()
-        if split not in ("", *SPLITS):
-            raise DataSourceError(f"{where}: split {split!r} is not one of {SPLITS} (or empty)")
+        split = check_split(row.get("split"), where)
         all_splits.append(split)
         row_name = f"{path.name}, line {line}"
         try:
