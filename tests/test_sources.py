@@ -154,6 +154,9 @@ def test_csv_labels_are_stripped_and_bad_rows_name_their_line(tmp_path: Path) ->
     (tmp_path / "m3.csv").write_text("path,label\n0.png,a\n1.png,b\n2.png\n")
     with pytest.raises(DataSourceError, match=r"m3\.csv, line 4: 1 field\(s\) where the header has 2"):
         load_csv(tmp_path / "m3.csv", None)
+    (tmp_path / "m5.csv").write_text("path,label\n0.png,a\n1,b.png,b\n")  # an unquoted comma in a path
+    with pytest.raises(DataSourceError, match=r"m5\.csv, line 3: 3 field\(s\) where the header has 2 .*quote"):
+        load_csv(tmp_path / "m5.csv", None)
     for bad in ("Train", "validation"):
         with pytest.raises(DataSourceError, match=rf"m4\.csv, line 2: split '{bad}' is not one of"):
             load_csv(_manifest(tmp_path / "m4.csv", [["0.png", "a", bad]], "path,label,split"), None)
@@ -205,6 +208,12 @@ def test_npz_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "y.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.array([0, 5]))
     with pytest.raises(DataSourceError, match=r"label 5, outside 0\.\.1"):
         load_npz(tmp_path / "y.npz", ["a", "b"])
+    np.savez(tmp_path / "f.npz", train_images=np.zeros((3, 4, 4), np.uint8), train_labels=np.array([0.0, 1.7, 1.0]))
+    with pytest.raises(DataSourceError, match=r"train_labels holds 1\.7 \(sample npz:train:1, dtype float64\); "
+                                              r"expected whole class indices"):  # fmt: skip
+        load_npz(tmp_path / "f.npz", None)
+    np.savez(tmp_path / "w.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.array([0.0, 1.0]))
+    assert load_npz(tmp_path / "w.npz", None).labels.tolist() == [0, 1]  # whole floats are class indices
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -133,8 +133,8 @@ def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patie
     Read as ``utf-8-sig``, so the byte-order mark Excel writes does not become part of the first column's
     name. A column that matches a known one (``required`` or ``optional``) only up to case and spaces
     (``Patient_ID``, `` label``) is an error, not an extra column: ignoring it would silently drop the
-    patients (and leak them across splits) or the split. Other extra columns are allowed. A row with fewer
-    fields than the header is an error naming its line.
+    patients (and leak them across splits) or the split. Other extra columns are allowed. A row with fewer or
+    more fields than the header is an error naming its line (a path with an unquoted comma shifted the label).
     """
     need = ",".join(required)
     known = [*required, *(c for c in optional.split(",") if c)]
@@ -155,10 +155,13 @@ def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patie
     if not rows:
         raise DataSourceError(f"{path}: manifest has a header but no rows")
     for line, row in enumerate(rows, start=2):
-        if any(row.get(c) is None for c in columns):  # csv fills the missing fields of a short row with None
-            n = sum(row.get(c) is not None for c in columns)
+        # csv fills the missing fields of a short row with None, and keeps a long row's extra ones under None
+        extra = row.get(None) or []
+        if any(row.get(c) is None for c in columns) or extra:
+            n = sum(row.get(c) is not None for c in columns) + len(extra)
             raise DataSourceError(f"{path}, line {line}: {n} field(s) where the header has {len(columns)} "
-                                  f"({','.join(columns)}); expected one value per column")  # fmt: skip
+                                  f"({','.join(columns)}); expected one value per column (quote a value that "
+                                  "holds a comma)")  # fmt: skip
     return rows
 
 
