@@ -386,3 +386,13 @@ def test_mixing_needs_hard_label_free_settings() -> None:
                 "train": {"mixup": 0.2, "focal_gamma": 2.0, "phases": [{"epochs": 1, "lr": 0.1}]},
             }
         )
+
+
+def test_a_class_without_training_images_is_a_warning(tiles_manifest: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    tree = tiny_recipe(tiles_manifest, tmp_path, phases=[{"name": "all", "epochs": 1, "trainable": "all", "lr": 1e-3}])
+    tree["data"]["classes"] = ["stroma", "tumor", "necrosis"]
+    tree["evaluation"] = {"bootstrap": 0, "explain": 0}
+    caplog.set_level("WARNING", logger="medvision")
+    train(recipe_from_dict(tree))
+    assert "class(es) ['necrosis'] have no training image: the model's output for them is never trained" in caplog.text

@@ -123,6 +123,11 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         write_json(run_dir / "run.json", meta)
 
     train_labels = table.labels[datasets["train"].indices]
+    absent = [c for c, n in zip(table.classes, np.bincount(train_labels, minlength=len(table.classes)), strict=True)
+              if n == 0]  # fmt: skip
+    if absent:  # a warning, not an error: a smoke run with data.limit may miss a class on purpose
+        log.warning("class(es) %s have no training image: the model's output for them is never trained (a class in "
+                    "data.classes without images, or data.limit / train_fraction left it out)", absent)  # fmt: skip
     if recipe.data.train_fraction < 1.0:
         counts = np.bincount(train_labels, minlength=len(table.classes)).tolist()
         log.info("data.train_fraction %g: %d training images with labels (per class %s)",
