@@ -118,6 +118,14 @@ def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def roc_markers(ops: list[dict[str, Any]], classes: list[str], positive: int | None) -> list[dict[str, Any]]:
+    """The operating points as ROC markers. With more than two classes a point is the positive class's one-vs-rest
+    (it sits on that class's thin curve, not on the macro average the plot is titled for), and its label says so."""
+    vs_rest = f"{classes[positive]} vs rest, " if len(classes) > 2 and positive is not None else ""
+    return [{"label": f"{vs_rest}{_rule(op)}", "fpr": 1 - op["specificity"], "tpr": op["sensitivity"]}
+            for op in ops if math.isfinite(op["sensitivity"]) and math.isfinite(op["specificity"])]  # fmt: skip
+
+
 def _at_point(summary: dict[str, Any]) -> str:
     """Accuracy at the first operating point chosen on validation, naming its rule; n/a without one."""
     points = summary.get("operating_points") or []
@@ -190,8 +198,7 @@ def _figures(
     roc_y, roc_p, roc_classes = plots.for_positive(y, p_cal, classes, decision.positive)
     summary = clinical["image"][split]
     ops = summary.get("operating_points", [])
-    points = [{"label": _rule(op), "fpr": 1 - op["specificity"], "tpr": op["sensitivity"]}
-              for op in ops if math.isfinite(op["sensitivity"]) and math.isfinite(op["specificity"])]  # fmt: skip
+    points = roc_markers(ops, classes, decision.positive)
     blocks: list[Block] = [("h2", f"Figures ({split} split, per image)")]
     band = min(cfg.bootstrap, 200)  # evaluation.bootstrap: 0 turns the band off with the CIs
     plots.plot_roc(fig_dir / "roc.png", roc_y, roc_p, roc_classes, n_resamples=band, seed=cfg.bootstrap_seed,

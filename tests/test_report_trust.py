@@ -28,7 +28,7 @@ from medvision.evaluation import (
 from medvision.intervals import mean_ci, proportion_ci
 from medvision.metrics import MetricWarning
 from medvision.recipe import EvalConfig, recipe_from_dict
-from medvision.report import _at_point, _temperature_fact, ci_note
+from medvision.report import _at_point, _temperature_fact, ci_note, roc_markers
 from medvision.training.loop import FitState
 
 
@@ -316,3 +316,11 @@ def test_delong_cis_stay_in_0_1_and_calibration_off_is_said() -> None:
     assert 0.0 <= out["ci_a"][0] <= out["auc_a"] <= out["ci_a"][1] <= 1.0
     off = _temperature_fact(Decision(temperature=1.0, positive=1, points={}, calibration={}))
     assert "not calibrated" in off and "fitted" not in off
+
+
+def test_a_multiclass_operating_point_is_marked_as_its_class_against_the_rest() -> None:
+    ops = [{"rule": "youden", "target": None, "sensitivity": 0.804, "specificity": 0.9},
+           {"rule": "sensitivity", "target": 0.95, "sensitivity": math.nan, "specificity": 0.5}]  # fmt: skip
+    assert roc_markers(ops, ["a", "b", "c"], 2) == [{"label": "c vs rest, Youden J", "fpr": pytest.approx(0.1),
+                                                      "tpr": 0.804}]  # fmt: skip
+    assert roc_markers(ops, ["neg", "pos"], 1)[0]["label"] == "Youden J"  # binary: the plot is the class's own
