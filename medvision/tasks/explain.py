@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 import torch
 
 from medvision.data.dataset import Transfer, prepare
 from medvision.data.dicom_source import dicom_spec
-from medvision.data.transforms import build_transforms, normalize_batch, tta_views
+from medvision.data.transforms import build_transforms
 from medvision.evaluation import Decision
 from medvision.gradcam import (
     ExplainError,
@@ -31,7 +30,7 @@ from medvision.gradcam import (
 from medvision.inference import load_run, split_outputs
 from medvision.io.dicom import NotADicomImage, read_dicom
 from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, read_image_raw
-from medvision.metrics import tta_softmax
+from medvision.models.deploy import CalibratedClassifier
 from medvision.plots import plot_image_grid
 from medvision.recipe import Recipe
 from medvision.results import explain_panel
@@ -112,17 +111,6 @@ def load_input(
     return prepare(raw, recipe.data.intensity, channels, transform, transfer)
 
 
-def _calibrated(model: torch.nn.Module, x: torch.Tensor, tta: tuple[str, ...], temperature: float) -> np.ndarray:
-    """One image's calibrated probabilities as the report and ``score`` give them: each test-time view's softmax of
-    logits / T, averaged over the views (a single view's argmax called 9 of 25 test images otherwise)."""
-    param = next(model.parameters(), None)
-    batch = x[None].to(param.device if param is not None else x.device, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        logits = torch.stack([model(view) for view in tta_views(batch, tta)], dim=1)  # (1, V, K)
-    return tta_softmax(logits.float().cpu().numpy(), temperature)[0]
-
-
 def _unique_name(stem: str, method: str, used: set[str]) -> str:
     name, k = f"{stem}_{method}.png", 2
     while name in used:  # two inputs with one stem (a/x.png, b/x.png) must not overwrite each other
@@ -151,7 +139,9 @@ def explain_images(
     recipe, meta, bundle = load_run(run_dir, resolve_device("auto"))
     classes: list[str] = meta["classes"]
     temperature = float((meta.get("decision") or {}).get("temperature") or 1.0)
-    tta = tuple(recipe.evaluation.tta)
+    # the function score runs: normalise, each test-time view's softmax of logits / T, averaged over the views
+    calibrated = CalibratedClassifier(bundle.model, bundle.mean, bundle.std, temperature, tuple(recipe.evaluation.tta))
+    param = next(bundle.model.parameters())
     if target_class is not None and target_class not in classes:
         raise ExplainError(f"target class {target_class!r} is not one of the run's classes {classes}")
     # the evaluation loader's path: resize, round to the run's transfer dtype (uint8 for 8-bit images), normalise;
@@ -167,13 +157,14 @@ def explain_images(
         writer.writerow(CSV_COLUMNS)
         for path in paths:
             try:
-                x = normalize_batch(load_input(Path(path), recipe, bundle.in_chans, transform, transfer)[None],
-                                    bundle.mean, bundle.std)[0]  # fmt: skip
+                raw = load_input(Path(path), recipe, bundle.in_chans, transform, transfer)[None].to(param.device)
             except (ImageReadError, OSError, ValueError) as err:
                 log.warning("skipping %s: %s", path, err)
                 writer.writerow([str(path), "", "", target_class or "", method, "", str(err)])
                 continue
-            probs = _calibrated(bundle.model, x, tta, temperature)
+            with torch.no_grad():
+                probs = calibrated.eval()(raw)[0].float().cpu().numpy()
+            x = calibrated.normalise(raw)[0]
             pred = int(probs.argmax())
             target = torch.tensor([pred if target_class is None else classes.index(target_class)])
             heat, _ = cams_and_logits(bundle.model, x[None], target, checked)
