@@ -41,8 +41,11 @@ time; the default is ``auto:on``, what ``features`` does). The
 column *forward time in the pipeline* is the time spent in the encoder's forward passes during the pipeline run
 over that during the encoder-alone run (same batches): above 1, the readers slowed the encoder itself.
 
+``--jpeg-shrink on,off`` runs both ways of decoding JPEG tiles (``data.slides.jpeg_shrink``) in each round, each
+with its own encoder-alone run on its own tiles and its own reader-alone figure.
+
     python benchmarks/feature_throughput.py [--slides 4] [--size 6144 4608] [--encoders timm:tf_efficientnet_lite0,uni]
-        [--copies 1] [--ways auto:on,1:off]
+        [--copies 1] [--ways auto:on,1:off] [--jpeg-shrink on,off]
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def kept_batches(folder: Path, cfg: SlidesConfig, batch_size: int) -> tuple[list
         slide.close()
         keep = subsample(grid.coords, cfg.max_tiles_per_slide, path.name)
         ref = SlideRef(path=str(path), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
-        reader = TileReader([ref], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), cfg.tile_size, cfg.backend)
+        reader = TileReader([ref], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), cfg.tile_size, cfg.backend,
+                            jpeg_shrink=cfg.jpeg_shrink)  # fmt: skip
         start = time.process_time()
         tiles = [reader.read_at(0, x, y) for x, y in grid.coords[keep].tolist()]
         spent += time.process_time() - start
@@ -133,6 +137,10 @@ def main() -> None:
                     help="pipeline settings to run in each round, comma separated, each READERS:TURNS: READERS a "
                          "number or auto (features' default), TURNS on (features' default: readers beside a CPU "
                          "encoder read while it waits) or off (any time)")  # fmt: skip
+    ap.add_argument("--jpeg-shrink", default="on",
+                    help="on (features' default: JPEG tiles read at least twice the tile's side are shrunk in the "
+                         "decoder), off (full-size decode and area averaging), or on,off: both in each round, "
+                         "each with its own encoder-alone run on its own tiles")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
     args = ap.parse_args()
@@ -161,9 +169,12 @@ def main() -> None:
             encoder = encoder.to(device)
             spec = encoder.spec
             cap = args.max_tiles[e] if e < len(args.max_tiles) and args.max_tiles[e] else None
-            cfg = SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5, max_tiles_per_slide=cap)
-            batches, read_ms = kept_batches(root / "slides", cfg, args.batch_size)
-            n_tiles = sum(len(b) for b in batches)
+            cfgs = {shrink: SlidesConfig(tile_size=spec.tile_size, target_mpp=spec.mpp or 0.5,
+                                         max_tiles_per_slide=cap, jpeg_shrink=shrink == "on")
+                    for shrink in args.jpeg_shrink.split(",")}  # fmt: skip
+            read = {shrink: kept_batches(root / "slides", c, args.batch_size) for shrink, c in cfgs.items()}
+            n_tiles = sum(len(b) for b in next(iter(read.values()))[0])
+            cfg = next(iter(cfgs.values()))
             threads = torch.get_num_threads()
             # the process's first run starts the forkserver (it imports medvision and torch) and its pools: timed
             # once here, on one tile a slide, and then warm for the measured runs, as the encoder is warmed up
@@ -175,42 +186,47 @@ def main() -> None:
             print(f"{name}: first call in this process (one tile a slide) {first_call:.1f} s", flush=True)
             for amp_name in args.amp.split(","):
                 amp = resolve_amp(amp_name, device)
-                encoder.embed(batches[:1], device, amp)  # warm-up
-                alone: list[float] = []
-                piped: dict[tuple[int, str], list[float]] = {w: [] for w in ways}
-                forward: dict[tuple[int, str], list[float]] = {w: [] for w in [(0, "alone"), *ways]}
+                encoder.embed(read[next(iter(read))][0][:1], device, amp)  # warm-up
+                alone: dict[str, list[float]] = {shrink: [] for shrink in cfgs}
+                piped: dict[tuple[str, tuple[int, str]], list[float]] = {(sh, w): [] for sh in cfgs for w in ways}
+                forward: dict[tuple[str, tuple[int, str]], list[float]] = {
+                    (sh, w): [] for sh in cfgs for w in [(0, "alone"), *ways]
+                }
                 for r in range(args.rounds):
-                    with ForwardClock() as clock:
-                        encoder.embed(batches, device, amp)
-                    alone.append(n_tiles / clock.wall)
-                    forward[0, "alone"].append(clock.seconds)
-                    for way in ways:
-                        out = root / f"out-{r}"
+                    for shrink, slides_cfg in cfgs.items():
                         with ForwardClock() as clock:
-                            summary = extract_features(
-                                root / "slides",
-                                out,
-                                name,
-                                weights,
-                                slides=cfg,
-                                amp=amp_name,
-                                batch_size=args.batch_size,
-                                workers=way[0],
-                                turns=way[1] == "on",
-                            )
-                        assert summary.ok_images == n_tiles, (summary.ok_images, n_tiles)
-                        piped[way].append(summary.ok_images / summary.seconds)
-                        forward[way].append(clock.seconds)
-                        shutil.rmtree(out)
-                for way in ways:
-                    rows.append(result_row(name, amp, way, n_tiles, alone, piped[way], forward[0, "alone"],
-                                           forward[way], read_ms, threads, first_call, device, spec,
-                                           args.slides * args.copies, args.batch_size))  # fmt: skip
-                    print(rows[-1], flush=True)
-        heads = ["encoder", "precision", "tiles", "readers", "turns", "encoder alone (tiles/s)",
+                            encoder.embed(read[shrink][0], device, amp)
+                        alone[shrink].append(n_tiles / clock.wall)
+                        forward[shrink, (0, "alone")].append(clock.seconds)
+                        for way in ways:
+                            out = root / f"out-{r}"
+                            with ForwardClock() as clock:
+                                summary = extract_features(
+                                    root / "slides",
+                                    out,
+                                    name,
+                                    weights,
+                                    slides=slides_cfg,
+                                    amp=amp_name,
+                                    batch_size=args.batch_size,
+                                    workers=way[0],
+                                    turns=way[1] == "on",
+                                )
+                            assert summary.ok_images == n_tiles, (summary.ok_images, n_tiles)
+                            piped[shrink, way].append(summary.ok_images / summary.seconds)
+                            forward[shrink, way].append(clock.seconds)
+                            shutil.rmtree(out)
+                for shrink in cfgs:
+                    for way in ways:
+                        rows.append(result_row(name, amp, way, n_tiles, alone[shrink], piped[shrink, way],
+                                               forward[shrink, (0, "alone")], forward[shrink, way], read[shrink][1],
+                                               threads, first_call, device, spec, args.slides * args.copies,
+                                               args.batch_size) | {"jpeg_shrink": shrink})  # fmt: skip
+                        print(rows[-1], flush=True)
+        heads = ["encoder", "precision", "tiles", "JPEG shrink", "readers", "turns", "encoder alone (tiles/s)",
                  "`medvision features` (tiles/s)", "ratio", "ratio in each round",
                  "forward time in the pipeline (x alone)", "reader (CPU ms a tile)", "bound on the ratio"]  # fmt: skip
-        print_table(heads, [[r["encoder"], r["precision"], r["tiles"], r["workers"], r["turns"],
+        print_table(heads, [[r["encoder"], r["precision"], r["tiles"], r["jpeg_shrink"], r["workers"], r["turns"],
                              r["encoder_tiles_s"], r["pipeline_tiles_s"], f"{r['ratio']:.2f}",
                              f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}",
                              r["forward_in_pipeline_x"] or "n/a", f"{r['reader_ms']:.2f}",

@@ -7,14 +7,16 @@ level 0 and shrinks it with area averaging), and reads that same list of tiles, 
 with every method:
 
 - **baseline**: the loop a user writes: ``openslide.OpenSlide(path).read_region((x, y), level, (s, s))
-  .convert("RGB")`` -> ``np.asarray`` -> ``cv2.resize`` (``INTER_AREA``, as medvision, so the pixels
-  must agree exactly), one process;
+  .convert("RGB")`` -> ``np.asarray`` -> ``cv2.resize`` (``INTER_AREA``, as medvision with
+  ``jpeg_shrink`` off, whose pixels must then agree exactly), one process;
 - MONAI 1.6's ``WSIReader(backend="openslide")`` and ``backend="tifffile"``, ``get_data`` on the same
   region, level and size, then the same resize, one process. The tifffile backend decodes the whole
   level on every call (``TiffFileWSIReader._get_patch`` calls ``asarray(level=...)``), so it reads only
   ``--tifffile-tiles`` tiles, once;
 - medvision's ``TileReader`` on the fly (OpenSlide, and tiffslide), in the loader medvision trains
-  with (``medvision.runtime.make_loader``: persistent workers, prefetch 4) at each ``--workers``;
+  with (``medvision.runtime.make_loader``: persistent workers, prefetch 4) at each ``--workers``, with the JPEG
+  tiles shrunk in the decoder (``data.slides.jpeg_shrink``, the default: 448 px read as 224) and without
+  (``--jpeg-shrink on,off``);
 - the same with its memory-mapped tile cache: one untimed pass fills it (its rate is reported as
   the ``fill`` row), the timed passes read it.
 
@@ -28,6 +30,7 @@ are not measured. Afterwards, ``--check`` tiles spread over the list are read ag
 (decode, RGBA->RGB, resize, to-float, OpenSlide's tile cache on and off) follows the table.
 
     python benchmarks/wsi_tiling.py [--slides 4] [--size 8192 6144] [--tiles 0] [--rounds 3] [--workers 0,2]
+        [--jpeg-shrink on,off]
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from medvision.runtime import make_loader
 from medvision.wsi.slide import _flatten_rgba, open_slide
 from medvision.wsi.synthetic import build_slide_set
-from medvision.wsi.tiles import SlideRef, TileReader, TileSpec, plan_tiles
+from medvision.wsi.tiles import SlideRef, TiffLevelTiles, TileReader, TileSpec, plan_tiles
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEDVISION_SHARED", str(ROOT.parent / "shared")))
@@ -166,11 +169,12 @@ class TileDataset(Dataset[torch.Tensor]):
 
 
 def medvision_loader(
-    plan: Plan, batch_size: int, workers: int, backend: str, cache_dir: Path | None
+    plan: Plan, batch_size: int, workers: int, backend: str, cache_dir: Path | None, jpeg_shrink: bool = True
 ) -> tuple[Callable[[np.ndarray], Iterable[torch.Tensor]], Callable[[], None]]:
     """Timed passes use one persistent loader over all tiles (from ``make_loader``); checks use a fresh one."""
     refs = [SlideRef(path=str(p), mpp=None, level=plan.level, read_size=plan.read_size) for p in plan.paths]
-    reader = TileReader(refs, plan.items[:, 0], plan.items[:, 1:], plan.tile_size, backend, cache_dir)  # type: ignore[arg-type]
+    reader = TileReader(refs, plan.items[:, 0], plan.items[:, 1:], plan.tile_size, backend, cache_dir,  # type: ignore[arg-type]
+                        jpeg_shrink=jpeg_shrink)  # fmt: skip
     ds = TileDataset(reader)
     state: dict[str, Any] = {}
 
@@ -302,6 +306,11 @@ def profile(plan: Plan, n: int, cache_dir: Path, reps: int = 3) -> list[tuple[st
     timed("libjpeg-turbo decode of one 256 px JPEG tile (imagecodecs)",
           lambda: [imagecodecs.jpeg8_decode(jpeg, tables=page.jpegtables, colorspace="YCBCR", outcolorspace="RGB")
                    for _ in coords])  # fmt: skip
+    half = TiffLevelTiles.open(path, handle.level_dimensions[level], s, shrink=2)
+    if half is not None and half.shrink == 2:
+        timed("the same tile decoded at 1/2 of its side (cv2.imdecode, libjpeg's scaled IDCT: jpeg_shrink)",
+              lambda: [half.decode(jpeg, 0) for _ in coords])  # fmt: skip
+        half.close()
     region = handle.read_region(tuple(coords[0]), level, (s, s))
     timed("np.asarray(PIL RGBA)", lambda: [np.asarray(region) for _ in coords])
     timed(
@@ -325,13 +334,16 @@ def profile(plan: Plan, n: int, cache_dir: Path, reps: int = 3) -> list[tuple[st
     idx = np.zeros(len(coords), np.int64)
     reader = TileReader(refs, idx, np.asarray(coords), size, "openslide")
     timed("medvision TileReader(i), on the fly, OpenSlide", lambda: [reader(i) for i in range(len(coords))])
+    full = TileReader(refs, idx, np.asarray(coords), size, "openslide", jpeg_shrink=False)
+    timed("medvision TileReader(i), on the fly, OpenSlide, JPEG shrink off",
+          lambda: [full(i) for i in range(len(coords))])  # fmt: skip
     ts_reader = TileReader(refs, idx, np.asarray(coords), size, "tiffslide")
     timed("medvision TileReader(i), on the fly, tiffslide", lambda: [ts_reader(i) for i in range(len(coords))])
     cached = TileReader(refs, idx, np.asarray(coords), size, "openslide", cache_dir / "profile-cache")
     timed("medvision TileReader(i), from its filled cache", lambda: [cached(i) for i in range(len(coords))])
     for h in (handle, nocache):
         h.close()
-    for r in (reader, ts_reader, cached):
+    for r in (reader, full, ts_reader, cached):
         r.close()
     return out
 
@@ -347,6 +359,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", default="0,2", help="comma-separated loader workers for medvision's rows")
     parser.add_argument("--backends", default="openslide,tiffslide", help="medvision backends for on-the-fly rows")
+    parser.add_argument("--jpeg-shrink", default="on,off", help="on-the-fly rows: JPEG shrink on, off, or both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--retries", type=int, default=2, help="repeats of a pass that shared the CPU")
     parser.add_argument("--max-other", type=float, default=0.2, help="other processes' cores that void a pass")
@@ -382,10 +395,12 @@ def main() -> None:
     ]
     closers = []
     for backend in args.backends.split(","):
-        for w in workers:
-            batches, close = medvision_loader(plan, bs, w, backend, None)
-            methods.append(Method("medvision TileReader, on the fly", f"medvision {backend}", w, "off", batches))
-            closers.append(close)
+        for shrink in args.jpeg_shrink.split(","):
+            for w in workers:
+                batches, close = medvision_loader(plan, bs, w, backend, None, shrink == "on")
+                name = f"medvision TileReader, on the fly, JPEG shrink {shrink}"
+                methods.append(Method(name, f"medvision {backend}", w, "off", batches))
+                closers.append(close)
     cached = []
     for w in workers:
         batches, close = medvision_loader(plan, bs, w, "openslide", cache_dir)
@@ -451,14 +466,15 @@ def main() -> None:
           f"after {' '.join(f'{v:.2f}' for v in load_after)}; {seconds:.0f} s in all")  # fmt: skip
     print(f"{n} tiles, batch {bs}, median [min–max] of {args.rounds} alternating passes after 1 warm-up pass; "
           f"pixels: {len(check_idx)} tiles vs the baseline\n")  # fmt: skip
-    print("| method | reader | workers | cache | tiles/s median [min–max] | vs baseline | max abs diff | other load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| method | reader | workers | cache | tiles/s median [min–max] | vs baseline | max abs diff | mean abs diff "
+          "| other load |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ratio = "1.00x (baseline)" if r is rows[0] else f"{r['vs_baseline']:.2f}x"
         note = f" ({r['note']})" if r["note"] else ""
         print(f"| {r['method']}{note} | {r['reader']} | {r['workers']} | {r['cache']} | {r['tiles_s']:.0f} "
               f"[{r['tiles_s_min']:.0f}–{r['tiles_s_max']:.0f}] | {ratio} | {r['max_abs_diff']:.0f} "
-              f"| {r['other_cores']:.2f} |")  # fmt: skip
+              f"| {r['mean_abs_diff']:.2f} | {r['other_cores']:.2f} |")  # fmt: skip
     print(f"\nper-tile profile, one process, {args.profile_tiles} tiles of slide 0:\n")
     print("| stage | ms per tile |")
     print("| --- | --- |")

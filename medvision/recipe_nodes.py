@@ -71,6 +71,15 @@ class SlidesConfig(_Node):
     """Store each tile, once read (and stain-normalised), in a memory-mapped cache so later epochs skip decoding."""
     stain_reference: str | None = None
     """An RGB reference tile (PNG/TIFF): Macenko stain normalisation of every tile to its stain colours."""
+    jpeg_shrink: bool = True
+    """Let the JPEG decoder shrink tiles read at least twice ``tile_size`` (libjpeg's scaled IDCT: faster reading,
+    within about a grey level of area averaging); false: the pixels of OpenSlide resized by area."""
+
+    @classmethod
+    def recorded(cls, section: dict[str, Any]) -> SlidesConfig:
+        """The section a run or feature folder recorded: one recorded before ``jpeg_shrink`` existed read its tiles
+        at full size, and new slides are read as its were."""
+        return cls.model_validate({"jpeg_shrink": False, **section})
 
 
 class MILSection(_Node):

@@ -25,7 +25,7 @@ from medvision.tasks.score.mil import _check_stain_reference
 from medvision.wsi.features import FeatureFileError, feature_name, read_features
 from medvision.wsi.slide import open_slide
 from medvision.wsi.source import plan_slide
-from medvision.wsi.tiles import read_tile
+from medvision.wsi.tiles import SlideRef, TileReader, read_tile
 
 ENCODER = "timm:tf_efficientnet_lite0"
 
@@ -62,12 +62,21 @@ def test_every_slide_is_one_file_with_coords_mpp_encoder_and_preprocessing(
         slide, grid = plan_slide(slide_cohort.parent / rel, cfg)
         slide.close()
         assert np.array_equal(bag.coords, grid.coords) and np.allclose(bag.tissue, grid.tissue, atol=1e-4)
-    # a stored embedding is the encoder's own output on that tile, read straight from the slide
+    # a stored embedding is the encoder's own output on that tile, read straight from the slide (224 px of level
+    # 0 decoded at 112 by the JPEG decoder: jpeg_shrink), and that tile is the backend's, area-averaged, within a
+    # grey level
     rel = next(iter(truth))
     bag = read_features(cohort_features / feature_name(rel))
     slide, grid = plan_slide(slide_cohort.parent / rel, cfg)
-    tiles = [read_tile(slide, grid.level, grid.read_size, int(x), int(y), 112) for x, y in bag.coords[:3]]
+    backend = [read_tile(slide, grid.level, grid.read_size, int(x), int(y), 112) for x, y in bag.coords[:3]]
     slide.close()
+    ref = SlideRef(str(slide_cohort.parent / rel), None, grid.level, grid.read_size)
+    reader = TileReader([ref], np.zeros(3, np.int64), bag.coords[:3], 112)
+    tiles = [reader(i) for i in range(3)]
+    assert reader._fast[0] is not None and reader._fast[0].shrink == 2
+    reader.close()
+    assert np.abs(np.stack(tiles).astype(int) - np.stack(backend)).mean() < 1.5
+    assert bag.attrs["preprocessing"]["jpeg_shrink"] is True
     with torch.no_grad():
         direct = encoder(torch.as_tensor(np.stack(tiles)).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(bag.features[:3], direct, rtol=1e-4, atol=1e-4)

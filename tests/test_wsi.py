@@ -500,7 +500,8 @@ def test_direct_jpeg_tile_path_gives_the_backends_pixels(flavour: str, small_rgb
     path = _write(flavour, small_rgb, tmp_path)
     coords = np.array([[0, 0], [200, 136], [900, 640], [1000, 700]])  # the last two reach past the edge
     for level, size in ((0, 128), (1, 32)):
-        reader = TileReader([SlideRef(str(path), None, level, size)], np.zeros(4, np.int64), coords, 32)
+        reader = TileReader([SlideRef(str(path), None, level, size)], np.zeros(4, np.int64), coords, 32,
+                            jpeg_shrink=False)  # fmt: skip
         with open_slide(path) as slide:
             want = [read_tile(slide, level, size, int(x), int(y), 32) for x, y in coords]
         got = [reader(i) for i in range(4)]
@@ -515,13 +516,14 @@ def test_direct_jpeg_tile_path_decodes_each_jpeg_tile_once_over_a_grid(tmp_path:
     rgb = np.random.default_rng(0).integers(0, 256, (1536, 8192, 3), dtype=np.uint8)
     path = write_pyramidal_tiff(tmp_path / "wide.svs", rgb, 0.5, downsamples=(1, 16))
     coords = np.array([(x, y) for y in range(0, 1536 - 447, 448) for x in range(0, 8192 - 447, 448)])
-    reader = TileReader([SlideRef(str(path), None, 0, 448)], np.zeros(len(coords), np.int64), coords, 224)
+    reader = TileReader([SlideRef(str(path), None, 0, 448)], np.zeros(len(coords), np.int64), coords, 224,
+                        jpeg_shrink=False)  # fmt: skip
     reader(0)
     fast, decoded = reader._fast[0], []
-    assert fast is not None and fast.keep == 3 * 32
+    assert fast is not None and fast.keep == 3 * 32 and fast.shrink == 1
     fast.cache.clear()
-    decode = fast.page.decode
-    fast.page.decode = lambda data, index, **kw: decoded.append(index) or decode(data, index, **kw)
+    decode = fast.decode
+    fast.decode = lambda data, index: decoded.append(index) or decode(data, index)  # type: ignore[method-assign]
     tiles = [reader(i) for i in range(len(coords))]
     reader.close()
     touched = {ty * 32 + tx for cx, cy in coords for ty in range(cy // 256, (cy + 447) // 256 + 1)

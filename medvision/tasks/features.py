@@ -65,7 +65,7 @@ def preprocessing(encoder: PatchEncoder, cfg: SlidesConfig, amp: str) -> dict[st
     s = encoder.spec
     out = {"input_size": s.input_size, "resize": s.resize, "interpolation": s.interpolation,
            "mean": list(s.mean), "std": list(s.std), "pooling": s.pooling, "stain_reference": cfg.stain_reference,
-           "precision": amp}  # fmt: skip
+           "jpeg_shrink": cfg.jpeg_shrink, "precision": amp}  # fmt: skip
     if cfg.stain_reference:  # its pixels, not only its path: a folder refuses features normalised to another tile
         out["stain_reference_sha256"] = stain_fingerprint(cfg)
     return out

@@ -178,7 +178,8 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
     tile_cache = (cache_dir / "tiles") if (sc.tile_cache and cache_dir is not None) else None
     stain = stain_transform(sc)
     reader = TileReader(refs, np.concatenate(slide_index), np.concatenate(coords), sc.tile_size, sc.backend,
-                        tile_cache, stain, cache_key=str(stain_fingerprint(sc)))  # fmt: skip
+                        tile_cache, stain, cache_key=str(stain_fingerprint(sc)),
+                        jpeg_shrink=sc.jpeg_shrink)  # fmt: skip
     log.info("slides %s: %d slides, %d tissue tiles of %d px at %g µm/px", path, len(refs), len(ids),
              sc.tile_size, sc.target_mpp)  # fmt: skip
     return SampleTable(ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=groups, splits=splits,

@@ -5,7 +5,9 @@ A tile is ``tile_size`` pixels square at ``target_mpp`` microns per pixel (0.5 Â
 fraction (from the thumbnail mask) reaches ``min_tissue``, and picks the coarsest pyramid level
 that is still at least as fine as the target, so that resampling only ever shrinks. Tile
 coordinates are level-0 pixels: the same numbers address the tile at every level and in every
-viewer.
+viewer. Where a JPEG-tiled level is read at least twice the tile's side, the JPEG decoder itself shrinks by 2, 4
+or 8 (libjpeg's scaled IDCT, what libvips calls shrink-on-load) before area averaging does the rest
+(``jpeg_shrink``; :class:`TiffLevelTiles`).
 
 :class:`TileReader` reads tiles on the fly inside worker processes (DataLoader workers in training, the
 reader pool of ``score``/``features``): it pickles as paths and grids only, and each process opens its
@@ -151,6 +153,26 @@ def subsample(coords: np.ndarray, cap: int | None, name: str) -> np.ndarray:
 #: The most decoded JPEG tiles a reader keeps for one slide, in bytes (an LRU; 680 tiles of 256 px).
 KEEP_BYTES = 128 << 20
 
+#: An Adobe APP14 segment with colour transform 0: libjpeg then takes three components as R, G, B. Aperio writes
+#: RGB JPEG tiles (TIFF photometric RGB) without any marker that says so; tifffile tells libjpeg the colour space
+#: instead, which ``cv2.imdecode`` cannot, so the marker goes into the stream.
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+#: ``cv2.imdecode`` flags for a JPEG decoded at 1/1, 1/2, 1/4 or 1/8 of its side, without the colour bits.
+_SCALED = {
+    1: 0,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+#: RGB straight from libjpeg (OpenCV >= 4.11); older OpenCV decodes BGR and the channels are reversed.
+_RGB_FLAG: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+def jpeg_shrink(read_size: int, tile_size: int) -> int:
+    """The largest of 8, 4 and 2 that a ``read_size`` region can be shrunk by in the JPEG decoder and still be at
+    least ``tile_size`` pixels (area averaging does the rest); 1 when it is less than twice ``tile_size``."""
+    return next((d for d in (8, 4, 2) if read_size >= d * tile_size), 1)
+
 
 class TiffLevelTiles:
     """Reads a region of one JPEG-tiled TIFF level by decoding only the tiles it touches (tifffile), with an LRU.
@@ -164,25 +186,46 @@ class TiffLevelTiles:
     :meth:`open` returns None for anything else (other compressions, OME SubIFDs, DICOM), which then goes
     through :meth:`Slide.read_region`.
 
+    With ``shrink`` 2, 4 or 8 the tiles are decoded at that fraction of their side by ``cv2.imdecode``
+    (libjpeg-turbo, as tifffile's decoder): libjpeg's scaled inverse DCT, which skips the work on pixels that
+    area averaging would then throw away, and every copy and the resize after it handle a quarter of the bytes
+    or less. Coordinates and sizes passed to :meth:`read` are then in pixels of that shrunk level. On the same
+    pixels, a shrunk tile is within 0.2 (RGB JPEG, the real Aperio scan) to 0.9 (YCbCr 4:2:0) grey levels of
+    area averaging on average, a few levels at 99% of pixels, more at sharp edges; a region whose corner falls
+    between two shrunk pixels is read from the nearest one, as on upper levels (``tests/test_tile_decode.py``;
+    the speed is in ``benchmarks/RESULTS.md``). At full size, and for colour spaces other than RGB and YCbCr,
+    tifffile decodes.
+
     Grid cells come in rows, and a row of ``span``-pixel cells touches ``ceil(span / tile) + 1`` rows of JPEG
     tiles, the last of which the next row of cells touches again. The LRU holds that many whole rows of tiles
     (up to :data:`KEEP_BYTES`), so each JPEG tile is decoded once: 3.3 decodes a 448 px cell on 256 px tiles
     against 4.2 with the former 64-tile LRU, and 1.5-1.7 against 1.9-2.1 ms a tile (``benchmarks/RESULTS.md``).
     """
 
-    def __init__(self, tif: Any, page: Any, span: int = 0) -> None:
+    def __init__(self, tif: Any, page: Any, span: int = 0, shrink: int = 1) -> None:
         self.tif, self.page = tif, page
-        self.tw, self.th = int(page.tilewidth), int(page.tilelength)
-        self.width, self.height = int(page.imagewidth), int(page.imagelength)
-        self.across = -(-self.width // self.tw)
-        rows = -(-span // self.th) + 1
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        self.across = -(-int(page.imagewidth) // tw)
+        if int(page.photometric) not in (2, 6) or tw % shrink or th % shrink:
+            shrink = 1
+        # what cv2 decodes a shrunk tile from: the level's shared tables (if any), then the tile after its SOI
+        self.prefix: bytes | None = None
+        if shrink > 1:
+            self.prefix = bytes(page.jpegtables[:-2]) if page.jpegtables else b"\xff\xd8"
+            if int(page.photometric) == 2 and not page.is_jfif:
+                self.prefix += ADOBE_RGB
+        self.shrink = shrink
+        self.tw, self.th = tw // shrink, th // shrink
+        self.width, self.height = int(page.imagewidth) // shrink, int(page.imagelength) // shrink
+        rows = -(-span // th) + 1  # span and th in pixels of the level, before any shrink
         self.keep = int(np.clip(rows * self.across, 64, max(64, KEEP_BYTES // (self.tw * self.th * 3))))
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str, size: tuple[int, int], span: int = 0) -> TiffLevelTiles | None:
+    def open(cls, path: str, size: tuple[int, int], span: int = 0, shrink: int = 1) -> TiffLevelTiles | None:
         """The level of ``path`` whose (width, height) is ``size``, if it is 8-bit RGB JPEG tiles; else None.
-        ``span``: the side of the regions that will be read, in pixels of that level (sizes the LRU)."""
+        ``span``: the side of the regions that will be read, in pixels of that level (sizes the LRU); ``shrink``:
+        decode the JPEG tiles at 1/``shrink`` of their side (1, 2, 4 or 8; 1 where the tiles cannot be)."""
         if Path(path).is_dir():
             return None
         try:
@@ -196,7 +239,7 @@ class TiffLevelTiles:
             if (int(page.imagewidth), int(page.imagelength)) == tuple(size):
                 if page.is_tiled and page.compression == 7 and page.samplesperpixel == 3 and page.bitspersample == 8 \
                         and len(level.pages) == 1:  # fmt: skip
-                    return cls(tif, level.pages[0], span)
+                    return cls(tif, level.pages[0], span, shrink)
                 break
         tif.close()
         return None
@@ -210,15 +253,28 @@ class TiffLevelTiles:
             return None
         fh = self.tif.filehandle
         fh.seek(int(self.page.dataoffsets[index]))
-        data = fh.read(count)
-        tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0].reshape(self.th, self.tw, -1)[..., :3]
+        tile = self.decode(fh.read(count), index)
         self.cache[index] = tile
         if len(self.cache) > self.keep:
             self.cache.popitem(last=False)
         return tile
 
+    def decode(self, data: bytes, index: int) -> np.ndarray:
+        """JPEG tile ``index`` of this level as RGB uint8 (th, tw, 3), at 1/``shrink`` of its side."""
+        if self.prefix is None:
+            tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
+            return tile.reshape(self.th, self.tw, -1)[..., :3]
+        stream = np.frombuffer(self.prefix + data[2:], np.uint8)
+        colour = cv2.IMREAD_COLOR if _RGB_FLAG is None else _RGB_FLAG
+        tile = cv2.imdecode(stream, _SCALED[self.shrink] | colour)
+        if tile is None or tile.shape != (self.th, self.tw, 3):
+            got = "nothing" if tile is None else f"shape {tile.shape}"
+            raise ValueError(f"JPEG tile {index} decoded to {got}; expected ({self.th}, {self.tw}, 3)")
+        return tile if _RGB_FLAG is not None else np.ascontiguousarray(tile[..., ::-1])
+
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) whose top-left corner is pixel (x, y) of this level; white outside the image."""
+        """RGB uint8 (h, w, 3) whose top-left corner is pixel (x, y) of this level (of its 1/``shrink`` size);
+        white outside the image."""
         out = np.full((h, w, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
         for ty in range(y0 // self.th, -(-y1 // self.th)) if y1 > y0 else ():
@@ -252,7 +308,9 @@ class TileReader:
     Each process keeps its own open slides (handles are dropped when pickled). With ``cache_dir``
     each slide gets a memory-mapped ``(n_tiles, s, s, 3)`` array and a written-flag array: the first
     read of a tile decodes it and stores it, later reads (any epoch, any worker) copy it from the page
-    cache. ``transform`` (e.g. stain normalisation) runs before caching.
+    cache. ``transform`` (e.g. stain normalisation) runs before caching. ``jpeg_shrink``: let the JPEG decoder
+    shrink regions read at least twice ``tile_size`` (:class:`TiffLevelTiles`); False decodes at full size and
+    area-averages: the pixels of OpenSlide's ``read_region`` resized with ``cv2.INTER_AREA``.
     """
 
     def __init__(
@@ -265,8 +323,10 @@ class TileReader:
         cache_dir: Path | None = None,
         transform: Any = None,
         cache_key: str = "",
+        jpeg_shrink: bool = True,
     ) -> None:
         self.slides, self.tile_size, self.backend, self.transform = slides, tile_size, backend, transform
+        self.jpeg_shrink = jpeg_shrink
         self.slide_index = np.asarray(slide_index, dtype=np.int64)
         self.coords = np.asarray(coords, dtype=np.int64)
         # position of each item within its slide, for the per-slide cache arrays (vectorised: tables hold 10^6 tiles)
@@ -280,7 +340,7 @@ class TileReader:
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             for s, ref in enumerate(slides):
-                key = _cache_key(ref, self.coords[self.slide_index == s], tile_size, cache_key)
+                key = _cache_key(ref, self.coords[self.slide_index == s], tile_size, f"{cache_key}|{jpeg_shrink}")
                 tiles, done = cache_dir / f"{key}.tiles.npy", cache_dir / f"{key}.done.npy"
                 if not (tiles.is_file() and done.is_file()):
                     shape = (int(counts[s]), tile_size, tile_size, 3)
@@ -321,13 +381,15 @@ class TileReader:
         """The tile's pixels at its level: straight from the JPEG tiles when possible, else via the slide."""
         slide, ref = self._slide(s), self.slides[s]
         if s not in self._fast:
-            self._fast[s] = TiffLevelTiles.open(ref.path, slide.level_dimensions[ref.level], ref.read_size) \
+            shrink = jpeg_shrink(ref.read_size, self.tile_size) if self.jpeg_shrink else 1
+            self._fast[s] = TiffLevelTiles.open(ref.path, slide.level_dimensions[ref.level], ref.read_size, shrink) \
                 if slide.backend in ("openslide", "tiffslide") else None  # fmt: skip
         fast = self._fast[s]
         if fast is None:
             return slide.read_region(ref.level, x, y, ref.read_size, ref.read_size)
-        ds = slide.level_downsamples[ref.level]
-        return fast.read(round(x / ds), round(y / ds), ref.read_size, ref.read_size)
+        scale = slide.level_downsamples[ref.level] * fast.shrink  # level-0 pixels per decoded pixel
+        side = round(ref.read_size / fast.shrink)  # at least tile_size: jpeg_shrink chose the shrink so
+        return fast.read(round(x / scale), round(y / scale), side, side)
 
     def read_at(self, s: int, x: int, y: int) -> np.ndarray:
         """The tile of slide ``s`` at level-0 (x, y), resized and transformed (not cached): for a reader made

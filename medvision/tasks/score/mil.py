@@ -55,7 +55,7 @@ class FeatureMILUnit(SlideScan):
     def __init__(self, spec: dict[str, Any], encoder: PatchEncoder, heads: list[MILHead],
                  device: torch.device, out: Path, workers: int, timeout: float, batch_size: int,
                  heatmaps: bool, run_id: str = "") -> None:  # fmt: skip
-        super().__init__(SlidesConfig.model_validate(spec["slides"]), workers, timeout, turns=device.type == "cpu")
+        super().__init__(SlidesConfig.recorded(spec["slides"]), workers, timeout, turns=device.type == "cpu")
         self.spec, self.encoder, self.heads, self.device = spec, encoder.to(device), heads, device
         self.batch_size, self.outputs = batch_size, SlideOutputs(out, heatmaps, run=run_id)
         self.classes: list[str] | None = spec["classes"]
@@ -114,7 +114,7 @@ class FeatureMILUnit(SlideScan):
 def _check_stain_reference(run: Path, spec: dict[str, Any]) -> None:
     """New slides are stain-normalised to the same pixels as the run's features, not to whatever the recorded path
     holds now: the reference's SHA-256 must match the one ``features`` recorded."""
-    slides, recorded = SlidesConfig.model_validate(spec["slides"]), spec.get("stain_reference_sha256")
+    slides, recorded = SlidesConfig.recorded(spec["slides"]), spec.get("stain_reference_sha256")
     if not (slides.stain_reference and recorded):
         return
     try:

@@ -401,7 +401,7 @@ class SlideScan:
         ref = SlideRef(path=str(folder / item.rel), mpp=cfg.mpp, level=grid.level, read_size=grid.read_size)
         # the slide only: each job of the tile stream carries its coordinates
         reader = TileReader([ref], np.zeros(0, np.int64), np.zeros((0, 2), np.int64), cfg.tile_size, cfg.backend,
-                            transform=self.stain)  # fmt: skip
+                            transform=self.stain, jpeg_shrink=cfg.jpeg_shrink)  # fmt: skip
         return SlideTiles(grid, coords, tissue, reader)
 
     def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
@@ -496,7 +496,7 @@ class SlideUnit(SlideScan):
         if spec.inputs != "slides":
             raise RunError(f"{model}: this run was not trained on slides (data.source {spec.inputs}); "
                            "use score on images")  # fmt: skip
-        super().__init__(SlidesConfig.model_validate(spec.slides), workers, timeout, turns=engine.on_cpu)
+        super().__init__(SlidesConfig.recorded(spec.slides), workers, timeout, turns=engine.on_cpu)
         self.spec, self.engine, self.batch_size = spec, engine, batch_size
         self.prepare = partial(preprocess, spec=spec)  # in the readers, as the run's evaluation tiles were made
         self.decision = Decision.from_json(spec.decision)
