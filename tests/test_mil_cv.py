@@ -17,12 +17,18 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medvision.cli import main
-from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
+from medvision.data.slide_features import (
+    FeatureCohort,
+    inner_validation,
+    load_feature_cohort,
+    patient_folds,
+    validation_split,
+)
 from medvision.data.table import DataSourceError
 from medvision.intervals import bootstrap_cis
-from medvision.metrics import softmax
+from medvision.metrics import balanced_accuracy, compute_auc, softmax
 from medvision.models.mil import build_head
-from medvision.models.mil_fit import head_arguments, load_mil, predict_mil, top_tiles
+from medvision.models.mil_fit import head_arguments, load_mil, predict_mil, save_mil, top_tiles
 from medvision.recipe import EvalConfig, RecipeError, load_recipe
 from medvision.runs import RunError
 from medvision.tasks.evaluate import evaluate_run
@@ -36,10 +42,10 @@ from medvision.tasks.mil_report import (
     validation_note,
 )
 from medvision.tasks.score import score_slides
-from medvision.tasks.track import MIL_FILES
+from medvision.tasks.track import MIL_FILES, mil_uploads
 from medvision.tasks.train import train
 from medvision.tracking import recipe_params, run_metrics
-from medvision.wsi.features import feature_name, read_features
+from medvision.wsi.features import feature_name, read_features, write_features
 from medvision.wsi.geojson import NAMESPACE as GEOJSON_NAMESPACE
 
 
@@ -225,11 +231,12 @@ def test_a_tracked_run_logs_each_fold_at_its_step_the_summary_and_the_run_folder
         "mil", "abmil", "tumour")  # fmt: skip
     assert tags["medvision.encoder_sha256"] == json.loads((run_dir / "mil.json").read_text())["encoder_sha256"]
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert names == {f for f in MIL_FILES if (run_dir / f).exists()} and "model" not in names
+    assert names == {f for f in MIL_FILES if (run_dir / f).exists()} | {"folds"} and "model" not in names
     assert {"mil.json", "folds", "report.html", "train.log", "run.json"} <= names
     assert not {"folds.csv", "predictions.csv"} & names  # they name patients: the run folder keeps them
-    assert {a.path for a in client.list_artifacts(run_id, "folds")} == {
-        f"folds/fold{f}.{ext}" for f in range(3) for ext in ("safetensors", "json")}  # fmt: skip
+    # the fold heads, but not the fold records that list the slides' paths (tracking.log_predictions is off)
+    assert {a.path for a in client.list_artifacts(run_id, "folds")} == {f"folds/fold{f}.safetensors" for f in range(3)}
+    assert {p.name for p in mil_uploads(run_dir, True)} >= {"fold0.json", "predictions.csv", "fold0.safetensors"}
     for name in ("folds/fold1.safetensors", "metrics.json", "mil.json"):
         copy = Path(client.download_artifacts(run_id, name, str(tmp_path / "download")))
         assert copy.read_bytes() == (run_dir / name).read_bytes(), name
@@ -412,6 +419,10 @@ def test_the_report_gives_the_share_of_patients_actually_held_out() -> None:
     some = validation_note([*rows, {"fold": 2, "fit_patients": 3, "val_patients": 0}], 0.2)
     assert some.endswith("Fold 2 had too few training patients to hold any out: trained all mil.epochs and kept "
                          "the last epoch.")  # fmt: skip
+    why = {"fold": 2, "fit_patients": 8, "val_patients": 0, "no_validation": "class 'tumour' has 1 training patient"}
+    assert validation_note([*rows, why], 0.2).endswith("Fold 2 held no validation patients out (class 'tumour' has 1 "
+                                                       "training patient): trained all mil.epochs and kept the last "
+                                                       "epoch.")  # fmt: skip
     none = validation_note([{"fold": f, "fit_patients": 3, "val_patients": 0} for f in range(2)], 0.2)
     assert none.startswith("No fold held out validation patients") and "%" not in none
 
@@ -424,3 +435,159 @@ def test_mil_dropout_defaults_to_each_heads_own(tmp_path: Path) -> None:
         assert build_head(head, 8, 2, **head_arguments(mil_config(recipe, 0))).arch()["dropout"] == own, head
     recipe = load_recipe(_recipe(tmp_path, manifest, features, head="transmil"), ["mil.dropout=0.3"])
     assert build_head("transmil", 8, 2, **head_arguments(mil_config(recipe, 0))).arch()["dropout"] == 0.3
+
+
+ATTRS = {"encoder": "fake:enc", "encoder_sha256": "0" * 64, "tile_size": 224, "target_mpp": 0.5, "mpp": 0.25,
+         "mpp_source": "metadata", "tissue_mm2": 1.0, "min_tissue": 0.2, "tissue_method": "od",
+         "preprocessing": {"precision": "none"}}  # fmt: skip
+
+
+def _cache(root: Path, rows: list[tuple[str, str, str]], **attrs: Any) -> tuple[Path, Path]:
+    """A manifest of ``(slide, label, patient)`` rows and a feature folder without ``features.json``, written by
+    medvision's own writer: 8-d random tiles, a fifth of a tumour slide's shifted. Returns (manifest, folder)."""
+    rng = np.random.default_rng(0)
+    folder = root / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (root / "manifest.csv").open("w", newline="") as fh, (folder / "features.csv").open("w", newline="") as ft:
+        csv.writer(fh).writerows([("slide_path", "label", "patient_id"), *rows])
+        table = csv.writer(ft)
+        table.writerow(["path", "status", "reason", "file"])
+        for rel, label, _ in rows:
+            x = rng.normal(size=(12, 8)).astype(np.float32)
+            x[:3, 0] += 2.0 * (label == "tumour")
+            xy = np.stack([np.arange(12) * 224, np.zeros(12)], 1)
+            write_features(folder / feature_name(rel), x, xy, np.ones(12), 448.0, 0, {**ATTRS, **attrs, "slide": rel})
+            table.writerow([rel, "ok", "", feature_name(rel)])
+    return root / "manifest.csv", folder
+
+
+def _pairs(n: int, tumour: set[int] | None = None) -> list[tuple[str, str, str]]:
+    """Two slides of each of ``n`` patients; the odd patients (or those in ``tumour``) are tumour."""
+    return [(f"p{p}_s{s}.svs", "tumour" if (p in tumour if tumour else p % 2) else "normal", f"P{p:02d}")
+            for p in range(n) for s in range(2)]  # fmt: skip
+
+
+def test_resume_refuses_finished_folds_of_other_settings_or_features(tmp_path: Path) -> None:
+    manifest, folder = _cache(tmp_path, _pairs(12))
+    recipe = load_recipe(_recipe(tmp_path, manifest, folder, epochs=2))
+    run = train(recipe)
+    (run / "folds" / "fold2.json").unlink()  # interrupted in fold 2
+    record = (run / "folds" / "fold0.json").read_text()
+    assert json.loads(record)["settings"]["features"]["encoder_sha256"] == "0" * 64
+    other = load_recipe(_recipe(tmp_path, manifest, folder, epochs=2, head="mean", lr=1e-2))
+    with pytest.raises(RunError, match=r"fold0\.json was trained with other settings than this recipe's \(mil\.head "
+                                       r"'abmil' -> 'mean'; mil\.lr 0\.002 -> 0\.01\); .*--overwrite"):  # fmt: skip
+        train(other, resume=True)
+    assert "head: abmil" in (run / "recipe.yaml").read_text()  # a refused resume rewrites nothing
+    _cache(tmp_path, _pairs(12), encoder_sha256="1" * 64)  # the cache re-made by other weights
+    with pytest.raises(RunError, match=r"features\.encoder_sha256 '0000.* -> '1111"):
+        train(recipe, resume=True)
+    _cache(tmp_path, _pairs(12))
+    old = json.loads(record)
+    del old["settings_sha256"], old["settings"]
+    (run / "folds" / "fold0.json").write_text(json.dumps(old))  # written before records kept their settings
+    with pytest.raises(RunError, match="does not record the settings its head was trained with"):
+        train(recipe, resume=True)
+    (run / "folds" / "fold0.json").write_text(record)
+    kept = (run / "folds" / "fold1.safetensors").stat().st_mtime_ns
+    train(recipe, resume=True)  # the same settings: the finished folds are kept
+    assert (run / "folds" / "fold1.safetensors").stat().st_mtime_ns == kept
+    assert (run / "folds" / "fold2.json").is_file()
+    heads = [p.relative_to(run).as_posix() for p in mil_uploads(run, False) if p.parent.name == "folds"]
+    assert heads == [f"folds/fold{f}.safetensors" for f in range(3)]  # no fold record: they name the slides
+
+
+def test_mil_json_keeps_the_features_tiling_and_score_checks_stain_and_heads(tmp_path: Path) -> None:
+    """Without features.json, mil.json's slides section is what the feature files record."""
+    from medvision.recipe import SlidesConfig
+    from medvision.tasks.score.mil import _check_stain_reference, _fold_heads
+
+    pre = {"precision": "none", "stain_reference": str(tmp_path / "ref.png"), "jpeg_shrink": True,
+           "stain_reference_sha256": "ab" * 32}  # fmt: skip
+    manifest, folder = _cache(tmp_path, _pairs(9), preprocessing=pre)
+    run = train(load_recipe(_recipe(tmp_path, manifest, folder, epochs=2)))
+    spec = json.loads((run / "mil.json").read_text())
+    assert spec["slides"] == {"tile_size": 224, "target_mpp": 0.5, "min_tissue": 0.2, "tissue_method": "od",
+                              "stain_reference": str(tmp_path / "ref.png"), "jpeg_shrink": True}  # fmt: skip
+    cfg = SlidesConfig.recorded(spec["slides"])
+    assert (cfg.min_tissue, cfg.tissue_method, cfg.jpeg_shrink) == (0.2, "od", True)
+    unnamed = {**spec, "slides": {k: v for k, v in spec["slides"].items() if k != "stain_reference"}}
+    with pytest.raises(RunError, match="names no stain_reference"):
+        _check_stain_reference(run, unnamed)
+    assert len(_fold_heads(run, spec)) == 3
+    head, meta = load_mil(run / "folds" / "fold1.safetensors")
+    save_mil(head, run / "folds" / "fold1.safetensors", {**meta, "encoder_sha256": "1" * 64})
+    with pytest.raises(RunError, match=r"fold1\.safetensors: this fold head was trained on features of the encoder "
+                                       "with SHA-256 1111111111111111"):  # fmt: skip
+        _fold_heads(run, spec)
+
+
+def test_features_of_another_tissue_threshold_are_not_mixed(tmp_path: Path) -> None:
+    manifest, folder = _cache(tmp_path, _pairs(4))
+    _cache(tmp_path / "other", _pairs(4)[-1:], min_tissue=0.5, tissue_method="saturation")
+    shutil.copy(tmp_path / "other" / "features" / feature_name("p3_s1.svs"), folder / feature_name("p3_s1.svs"))
+    cohort = load_feature_cohort(
+        manifest, load_recipe(_recipe(tmp_path, manifest, folder), ["data.on_error=skip"]).data
+    )
+    (error,) = [r for r in cohort.audit if r.outcome == "error"]
+    assert error.path == "p3_s1.svs" and "min_tissue 0.2 vs 0.5; tissue_method 'od' vs 'saturation'" in error.reason
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class in y:UserWarning")  # the 1-patient class
+def test_small_cohorts_validate_only_with_every_class_on_both_sides_or_not_at_all(tmp_path: Path) -> None:
+    labels, patients = np.asarray([0, 0, 0, 1, 1, 1, 1]), [f"P{i}" for i in range(7)]
+    with pytest.raises(DataSourceError, match=r"mil\.folds 5: .*patients of each class: 'normal' 3, 'tumour' 4\. "
+                                              r".*use mil\.folds 3 or fewer"):  # fmt: skip
+        patient_folds(labels, patients, 5, 0, True, ["normal", "tumour"])
+    y, pats, rows = np.asarray([0, 1] * 4), [f"P{i}" for i in range(8)], np.arange(8)
+    fit, val, why = validation_split(y, pats, rows, 0.2, 0, True)  # 4 patients a class: 4 inner folds, not 5
+    assert why == "" and set(y[fit]) == set(y[val]) == {0, 1}
+    rare = np.asarray([1, 0, 0, 0, 0, 0, 0, 0])
+    for seed in range(5):  # the rare class's only patient never leaves the fit patients
+        fit, val, why = validation_split(rare, pats, rows, 0.2, seed, True, ["normal", "tumour"])
+        assert len(val) == 0 and list(fit) == list(rows) and "class 'tumour' has 1 training patient" in why
+    two = np.asarray([1, 1, 0, 0, 0, 0, 0, 0])
+    for seed in range(5):
+        fit, val = inner_validation(two, pats, rows, 0.2, seed, True)
+        assert set(two[fit]) == set(two[val]) == {0, 1}
+    manifest, folder = _cache(
+        tmp_path, [(f"p{p}.svs", "tumour" if p % 2 else "normal", f"P{p:02d}") for p in range(12)]
+    )
+    run = train(load_recipe(_recipe(tmp_path, manifest, folder, epochs=2)))  # scikit-learn's 5 inner splits crashed
+    assert all(f["val_patients"] for f in json.loads((run / "metrics.json").read_text())["folds"])
+    manifest, folder = _cache(tmp_path / "one", _pairs(9, tumour={0}))  # one tumour patient: its fold fits none
+    with pytest.raises(RunError, match=r"its fit patients hold no slide of class 'tumour' \(patients of each class in "
+                                       r"the cohort: 'normal' 8, 'tumour' 1\)"):  # fmt: skip
+        train(load_recipe(_recipe(tmp_path / "one", manifest, folder, epochs=2)))
+
+
+def test_a_fold_lacking_a_class_has_no_auc_or_balanced_accuracy(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    for labels, names in (([0, 1, 0, 1, 0, 0, 0, 0], ["normal", "tumour"]), ([0, 1, 2, 0, 1, 0, 1, 0], list("abc"))):
+        y = np.asarray(labels)
+        cohort = FeatureCohort([f"s{i}.svs" for i in range(8)], [], [], y, [f"P{i}" for i in range(8)], names, {})
+        folds = np.asarray([0, 0, 0, 0, 1, 1, 1, 1] if len(names) == 2 else [0, 0, 0, 1, 1, 1, 1, 1])
+        p = rng.dirichlet(np.ones(len(names)), 8)
+        records = [
+            {
+                "fold": f,
+                "test": [cohort.slides[i] for i in np.flatnonzero(folds == f)],
+                "predictions": p[folds == f].tolist(),
+                "best_epoch": 0,
+                "seconds": 0.0,
+            }
+            for f in (0, 1)
+        ]
+        with caplog.at_level("WARNING", logger="medvision"):
+            metrics = cv_metrics(cohort, folds, records, EvalConfig(bootstrap=20))
+        row = metrics["folds"][1]
+        assert math.isnan(row["auc"]) and math.isnan(row["balanced_acc"]) and "auc_ci" not in row
+        assert row["acc"] == pytest.approx(np.mean(p[folds == 1].argmax(1) == y[folds == 1]))
+        assert metrics["across_folds"]["auc"]["folds"] == metrics["across_folds"]["balanced_acc"]["folds"] == 1
+        order = np.concatenate([np.flatnonzero(folds == f) for f in (0, 1)])
+        assert metrics["pooled"]["auc"] == pytest.approx(compute_auc(y[order], p[order]))  # all slides, as before
+        assert metrics["pooled"]["balanced_acc"] == pytest.approx(
+            balanced_accuracy(y[order], p[order].argmax(1), len(names))
+        )
+        missing = ", ".join(repr(c) for i, c in enumerate(names) if i not in set(y[folds == 1].tolist()))
+        assert f"fold 1: its test slides hold no slide of class {missing}" in caplog.text

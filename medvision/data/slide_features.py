@@ -137,7 +137,8 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
             continue
         if not out.extraction:
             out.extraction = {k: bag.attrs.get(k) for k in ("encoder", "encoder_sha256", "dim", "tile_size",
-                                                             "target_mpp", "preprocessing", "min_tissue")}  # fmt: skip
+                                                             "target_mpp", "preprocessing", "min_tissue",
+                                                             "tissue_method")}  # fmt: skip
         differ = same_extraction(out.extraction, bag.attrs)
         if differ:
             out.audit.append(AuditRow(rel, "error", f"{name}: features made differently from the first slide's "
@@ -156,11 +157,21 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
     return out
 
 
-def patient_folds(labels: np.ndarray, patients: list[str], k: int, seed: int, stratify: bool) -> np.ndarray:
+def class_patients(labels: np.ndarray, patients: list[str], classes: list[str] | None = None) -> dict[str, int]:
+    """How many patients hold a slide of each class (by name when ``classes`` is given, else by index), in class
+    order: what a split stratified by label can spread over its folds."""
+    n = len(classes) if classes is not None else int(labels.max()) + 1 if len(labels) else 0
+    names = classes if classes is not None else [str(i) for i in range(n)]
+    return {names[c]: len({p for p, y in zip(patients, labels.tolist(), strict=True) if y == c}) for c in range(n)}
+
+
+def patient_folds(labels: np.ndarray, patients: list[str], k: int, seed: int, stratify: bool,
+                  classes: list[str] | None = None) -> np.ndarray:  # fmt: skip
     """The fold (0..k-1) of each slide: whole patients, label-stratified when ``stratify``, shuffled by ``seed``.
 
     Raises:
-        DataSourceError: fewer patients than folds.
+        DataSourceError: fewer patients than folds, or (stratified) classes too small for scikit-learn to
+            spread over ``k`` folds; the message gives each class's patients (named by ``classes``).
     """
     n_patients = len(set(patients))
     if n_patients < k:
@@ -173,25 +184,66 @@ def patient_folds(labels: np.ndarray, patients: list[str], k: int, seed: int, st
     else:  # GroupKFold balances fold sizes; the patients are shuffled first so the seed matters
         order = {p: i for i, p in enumerate(np.random.default_rng(seed).permutation(sorted(set(patients))))}
         parts = GroupKFold(n_splits=k).split(x, groups=[order[p] for p in patients])
-    for f, (_, test) in enumerate(parts):
-        folds[test] = f
+    try:
+        for f, (_, test) in enumerate(parts):
+            folds[test] = f
+    except ValueError as err:  # scikit-learn checks the classes lazily, when the folds are drawn
+        if not stratify:
+            raise
+        counts = class_patients(labels, patients, classes)
+        least = min(counts.values())
+        fix = f"use mil.folds {least} or fewer" if least >= 2 else "add patients of the smallest class"
+        raise DataSourceError(
+            f"mil.folds {k}: the slides cannot be split into {k} folds stratified by label (scikit-learn: {err}); "
+            f"patients of each class: {', '.join(f'{c!r} {n}' for c, n in counts.items())}. Every class needs "
+            f"patients to spread over the folds: {fix}, or add patients"
+        ) from None
     return folds
+
+
+def validation_split(labels: np.ndarray, patients: list[str], train: np.ndarray, fraction: float, seed: int,
+                     stratify: bool, classes: list[str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, str]:  # fmt: skip
+    """Splits a fold's training slides into (fit, validation) by whole patients for early stopping, and says why
+    nothing was held out when nothing was ("" otherwise); the fold's test slides are never seen.
+
+    The validation patients are one of ``k = max(2, round(1 / fraction))`` patient folds (stratified when
+    ``stratify``), so the share held out is about ``1 / k``, not ``fraction`` itself: 0.2 holds out a fifth, 0.3 a
+    third, 0.4 a half. Stratified, ``k`` is at most the patients of the training slides' smallest class, and the
+    validation fold is the first whose patients and the remaining fit patients both hold every class of the
+    training slides: early stopping on a set without a class, or fitting without one, would judge or learn the
+    wrong task. Nothing is held out (an empty validation set: :func:`~medvision.models.mil_fit.fit_mil` then
+    trains all ``mil.epochs`` and keeps the last) with fewer than ``max(4, k)`` patients, when a class has fewer
+    than two training patients, or when no fold leaves every class on both sides; the report says so, and
+    gives the share each fold held out as measured (:func:`medvision.tasks.mil_report.validation_note`)."""
+    sub_patients = [patients[i] for i in train]
+    k = max(2, round(1 / fraction))
+    if len(set(sub_patients)) < max(4, k):
+        return train, train[:0], f"too few training patients ({len(set(sub_patients))}) to hold any out"
+    sub_labels = labels[train]
+    if stratify:
+        present = sorted(set(sub_labels.tolist()))
+        counts = class_patients(sub_labels, sub_patients, classes)
+        names = list(counts)
+        held = {names[c]: counts[names[c]] for c in present}
+        least = min(held, key=lambda c: held[c])
+        if held[least] < 2:
+            return train, train[:0], (f"class {least!r} has {held[least]} training patient: none can be held out "
+                                       "to validate without leaving it out of the fit patients")  # fmt: skip
+        k = min(k, held[least])
+    sub = patient_folds(sub_labels, sub_patients, k, seed, stratify, classes)
+    every = set(sub_labels.tolist())
+    for f in range(k):  # the first fold whose validation and fit patients both hold every class validates
+        if not stratify or (
+            set(sub_labels[sub == f].tolist()) == every and set(sub_labels[sub != f].tolist()) == every
+        ):
+            return train[sub != f], train[sub == f], ""
+    return train, train[:0], (f"no split of the training patients into {k} folds left every class in both the fit "
+                              "and the validation patients")  # fmt: skip
 
 
 def inner_validation(labels: np.ndarray, patients: list[str], train: np.ndarray, fraction: float, seed: int,
                      stratify: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Splits a fold's training slides into (fit, validation) by whole patients for early stopping; the fold's
-    test slides are never seen. The validation patients are one of ``k = max(2, round(1 / fraction))`` patient
-    folds (stratified when ``stratify``; the first that holds every class), so the share held out is about
-    ``1 / k``, not ``fraction`` itself: 0.2 holds out a fifth, 0.3 a third, 0.4 a half. With fewer than
-    ``max(4, k)`` patients nothing is held out (an empty validation set); the report says so, and gives the
-    share each fold held out as measured (:func:`medvision.tasks.mil_report.validation_note`)."""
-    sub_patients = [patients[i] for i in train]
-    k = max(2, round(1 / fraction))
-    if len(set(sub_patients)) < max(4, k):
-        return train, train[:0]
-    sub = patient_folds(labels[train], sub_patients, k, seed, stratify)
-    for f in range(k):  # the first fold that holds every class of the training slides validates
-        if not stratify or set(labels[train][sub == f]) == set(labels[train]):
-            return train[sub != f], train[sub == f]
-    return train[sub != 0], train[sub == 0]
+    """(fit, validation) of :func:`validation_split`, without the reason an empty validation set has."""
+    fit, val, _ = validation_split(labels, patients, train, fraction, seed, stratify)
+    return fit, val

@@ -17,14 +17,17 @@ fold, so every run is a k-fold cross-validation grouped by patient
 (checked by SHA-256) and averages the k fold heads' probabilities and attention (:mod:`medvision.tasks.score.mil`).
 The run folder: ``recipe.yaml``, ``run.json``, ``mil.json`` (what scoring needs), ``folds.csv`` (each slide's
 patient and fold), ``folds/``, ``predictions.csv`` (out-of-fold), ``metrics.json``, ``report.md``/``.html``,
-``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds. With ``tracking.mlflow`` (``--track``) or
-``tracking.tensorboard`` on, the run is tracked: every fold's metrics at its index as the step, the summary over
-the folds, and the run folder's files (:func:`medvision.tasks.track.log_mil_run`).
+``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds, each of which records a fingerprint of
+what shaped its head (:func:`fold_settings`): a resume whose recipe or features differ from a finished fold's is
+refused, so the run never claims settings some of its folds were not trained with. With ``tracking.mlflow``
+(``--track``) or ``tracking.tensorboard`` on, the run is tracked: every fold's metrics at its index as the step, the
+summary over the folds, and the run folder's files (:func:`medvision.tasks.track.log_mil_run`).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -34,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from medvision.data.audit import write_audit
-from medvision.data.slide_features import FeatureCohort, inner_validation, load_feature_cohort, patient_folds
+from medvision.data.slide_features import (
+    FeatureCohort,
+    class_patients,
+    load_feature_cohort,
+    patient_folds,
+    validation_split,
+)
 from medvision.io.files import atomic_write, atomic_write_text
 from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
 from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil, top_tiles
@@ -61,21 +70,81 @@ def mil_config(recipe: Recipe, seed: int) -> MILConfig:
                      task="regression" if recipe.data.target == "continuous" else "classification")  # fmt: skip
 
 
+def fold_settings(recipe: Recipe, cohort: FeatureCohort) -> dict[str, Any]:
+    """Everything that shapes a fold's head, as a fold record keeps it: the ``mil`` section, the seed, the cohort
+    (the target, the classes and a SHA-256 of every slide's path, label and patient, which fix the folds and
+    what the heads learn) and the features' extraction (encoder and its SHA-256, tiling, preprocessing). A
+    resumed run keeps a finished fold only when these are the same (:func:`settings_sha256`)."""
+    labels = cohort.labels.tolist() if cohort.classes is None else [cohort.classes[int(y)] for y in cohort.labels]
+    rows = json.dumps([cohort.slides, labels, cohort.patients], separators=(",", ":"))
+    return {"mil": recipe.mil.model_dump(mode="json"), "seed": recipe.seed,
+            "data": {"target": recipe.data.target, "classes": cohort.classes,
+                     "slides_sha256": hashlib.sha256(rows.encode()).hexdigest()},
+            "features": dict(sorted(cohort.extraction.items()))}  # fmt: skip
+
+
+def settings_sha256(settings: dict[str, Any]) -> str:
+    """The SHA-256 of ``settings`` as canonical JSON (sorted keys, no spaces): equal settings, equal hash."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}…"
+
+
+def _check_kept_fold(run_dir: Path, done: Path, settings: dict[str, Any]) -> None:
+    """Refuses to resume ``run_dir`` when the finished fold record ``done`` was trained with other settings than
+    ``settings`` (the resumed recipe's, :func:`fold_settings`), or does not say which it was trained with.
+
+    Raises:
+        RunError: naming every setting that differs, and how to go on.
+    """
+    record = json.loads(done.read_text())
+    go_on = ("a resumed run continues with the recipe it started with (medvision train --resume RUN_DIR); to "
+             "train with these settings pass --overwrite to replace the run, or --set name=<new name> for a new "
+             "one")  # fmt: skip
+    if "settings_sha256" not in record or not isinstance(record.get("settings"), dict):
+        raise RunError(f"cannot resume {run_dir}: {done} does not record the settings its head was trained with "
+                       f"(written before fold records kept them), so it cannot be checked against this recipe; "
+                       f"{go_on}")  # fmt: skip
+    if record["settings_sha256"] == settings_sha256(settings):
+        return
+    was, now = _flat(record["settings"]), _flat(settings)
+    differ = [f"{k} {_short(was.get(k))} -> {_short(now.get(k))}" for k in sorted({*was, *now})
+              if was.get(k) != now.get(k)] or ["the settings' fingerprint"]  # fmt: skip
+    raise RunError(f"cannot resume {run_dir}: its finished fold {done.name} was trained with other settings than "
+                   f"this recipe's ({'; '.join(differ)}); {go_on}")  # fmt: skip
+
+
 def _fold(cohort: FeatureCohort, folds: np.ndarray, f: int, recipe: Recipe) -> tuple[Any, dict[str, Any]]:
     """Fits fold ``f``'s head and predicts its test slides: (head, record)."""
     start = time.perf_counter()
     stratify = not cohort.continuous
     train = np.flatnonzero(folds != f)
     test = np.flatnonzero(folds == f)
-    fit, val = inner_validation(cohort.labels, cohort.patients, train, recipe.mil.val_fraction,
-                                recipe.seed + 1000 + f, stratify)  # fmt: skip
+    fit, val, why = validation_split(cohort.labels, cohort.patients, train, recipe.mil.val_fraction,
+                                     recipe.seed + 1000 + f, stratify, cohort.classes)  # fmt: skip
+    if why:
+        log.info("fold %d: no validation patients (%s): the head trains all %d mil.epochs and keeps the last", f,
+                 why, recipe.mil.epochs)  # fmt: skip
     cfg = mil_config(recipe, recipe.seed + f)
     n_out = 1 if cohort.continuous else len(cohort.classes or [])
-    if not cohort.continuous:
-        missing = sorted(set(range(n_out)) - set(cohort.labels[fit].tolist()))
+    if cohort.classes is not None:
+        missing = [cohort.classes[c] for c in sorted(set(range(n_out)) - set(cohort.labels[fit].tolist()))]
         if missing:
-            raise RunError(f"fold {f}: its training patients hold no slide of class {missing}; use fewer "
-                           "mil.folds or more slides of that class")  # fmt: skip
+            counts = class_patients(cohort.labels, cohort.patients, cohort.classes)
+            raise RunError(f"fold {f}: its fit patients hold no slide of class {', '.join(map(repr, missing))} "
+                           f"(patients of each class in the cohort: "
+                           f"{', '.join(f'{c!r} {n}' for c, n in counts.items())}); a class needs patients in "
+                           "more than one fold: add patients of that class, or use fewer mil.folds")  # fmt: skip
     head, history = fit_mil([cohort.bags[i] for i in fit], cohort.labels[fit], [cohort.bags[i] for i in val],
                             cohort.labels[val], n_out, cfg)  # fmt: skip
     bags = [cohort.bags[i] for i in test]
@@ -88,7 +157,7 @@ def _fold(cohort: FeatureCohort, folds: np.ndarray, f: int, recipe: Recipe) -> t
               "val_patients": len({cohort.patients[i] for i in val}),
               "predictions": scores.tolist(), "best_epoch": history["best_epoch"],
               "epochs_run": history["epochs_run"], "seconds": round(time.perf_counter() - start, 3),
-              "top_tiles": top}  # fmt: skip
+              "top_tiles": top, "no_validation": why}  # fmt: skip
     return head, record
 
 
@@ -117,12 +186,20 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
                 (run_dir / stale).unlink(missing_ok=True)
             for old in fold_dir.glob("fold*") if fold_dir.is_dir() else []:
                 old.unlink()
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         fold_dir.mkdir(parents=True, exist_ok=True)
         cohort = load_feature_cohort(Path(recipe.data.path), recipe.data)
-        write_audit(run_dir, cohort.audit)
         k = recipe.mil.folds
-        folds = patient_folds(cohort.labels, cohort.patients, k, recipe.seed, stratify=not cohort.continuous)
+        settings = fold_settings(recipe, cohort)
+        finished = [f for f in range(k) if (fold_dir / f"fold{f}.safetensors").is_file()]
+        for f in finished if resume else []:  # before anything is rewritten: a refused resume leaves the run as it was
+            if (fold_dir / f"fold{f}.json").is_file():
+                _check_kept_fold(run_dir, fold_dir / f"fold{f}.json", settings)
+        if resume:
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        write_audit(run_dir, cohort.audit)
+        folds = patient_folds(cohort.labels, cohort.patients, k, recipe.seed, stratify=not cohort.continuous,
+                              classes=cohort.classes)  # fmt: skip
         _write_folds(run_dir / "folds.csv", cohort, folds)
         log.info("%s: %d slides of %d patients, %s features (%s), %d-fold CV of %s", recipe.name,
                  len(cohort.slides), len(set(cohort.patients)), cohort.extraction["encoder"],
@@ -139,6 +216,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
                     log.info("fold %d: kept from the interrupted run", f)
                     continue
             head, record = _fold(cohort, folds, f, recipe)
+            record.update(settings_sha256=settings_sha256(settings), settings=settings)
             save_mil(head, weights, {**meta, "fold": f})
             atomic_write_text(done, json.dumps(record))
             records.append(record)
@@ -205,6 +283,20 @@ def _write_predictions(path: Path, cohort: FeatureCohort, folds: np.ndarray, oof
     atomic_write(path, write)
 
 
+def recorded_slides(extraction: dict[str, Any]) -> dict[str, Any]:
+    """The ``slides`` section of ``mil.json`` rebuilt from what the feature files record, for a feature folder
+    without ``features.json``: the tiling (``tile_size``, ``target_mpp``), the tissue threshold and method, and the
+    stain reference and ``jpeg_shrink`` of their preprocessing, so ``score`` tiles and normalises new slides as
+    the features' were. A setting a file does not record is left out: its default then applies, except
+    ``jpeg_shrink``, which :meth:`~medvision.recipe_nodes.SlidesConfig.recorded` reads as false (tiles read
+    before that setting existed)."""
+    pre = extraction.get("preprocessing") or {}
+    found = {"tile_size": extraction.get("tile_size"), "target_mpp": extraction.get("target_mpp"),
+             "min_tissue": extraction.get("min_tissue"), "tissue_method": extraction.get("tissue_method"),
+             "stain_reference": pre.get("stain_reference"), "jpeg_shrink": pre.get("jpeg_shrink")}  # fmt: skip
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def _scoring_record(recipe: Recipe, cohort: FeatureCohort, k: int, threshold: float | None) -> dict[str, Any]:
     """``mil.json``: what ``score`` needs to embed new slides alike and apply the fold heads."""
     features = Path(recipe.data.features or "")
@@ -212,8 +304,7 @@ def _scoring_record(recipe: Recipe, cohort: FeatureCohort, k: int, threshold: fl
     return {"classes": cohort.classes, "target": recipe.data.target, "head": recipe.mil.head,
             "heads": [f"folds/fold{f}.safetensors" for f in range(k)], "encoder": cohort.extraction["encoder"],
             "encoder_sha256": cohort.extraction["encoder_sha256"], "dim": cohort.extraction["dim"],
-            "slides": made.get("slides", {"tile_size": cohort.extraction["tile_size"],
-                                          "target_mpp": cohort.extraction["target_mpp"]}),
+            "slides": made.get("slides") or recorded_slides(cohort.extraction),
             "precision": (cohort.extraction.get("preprocessing") or {}).get("precision", "none"),
             "stain_reference_sha256": (cohort.extraction.get("preprocessing") or {}).get("stain_reference_sha256"),
             "positive_index": metrics_positive(cohort, recipe.evaluation), "threshold": threshold,

@@ -11,12 +11,16 @@ patient):
 Every bootstrap resamples patients, not slides (``groups=`` of :func:`~medvision.intervals.bootstrap_cis`): a
 patient's slides are drawn together, as the folds keep them together, because they are not independent; drawn
 one by one they would make the intervals too narrow. Classes: AUC (one-vs-rest macro for more than two),
-accuracy and balanced accuracy, the patients stratified by label. A continuous target: MSE, MAE and R²,
-resampled without stratification.
+accuracy and balanced accuracy, the patients stratified by label. A fold whose test slides lack a class of the
+cohort has no AUC or balanced accuracy (NaN, with a warning in ``train.log``): one class's recall, or a macro AUC
+over fewer classes, is not the metric the other folds report, so the mean over folds leaves that fold out
+(:data:`NEEDS_EVERY_CLASS`); its accuracy is kept, and the pooled metrics are over all slides. A continuous
+target: MSE, MAE and R², resampled without stratification.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -40,6 +44,11 @@ from medvision.metrics import (
 from medvision.plots import for_positive, plot_roc
 from medvision.recipe import EvalConfig, Recipe
 from medvision.report import Block, to_html, to_markdown
+
+log = logging.getLogger("medvision")
+
+#: The fold metrics that are undefined on test slides lacking a class of the cohort (accuracy is defined).
+NEEDS_EVERY_CLASS = ("auc", "balanced_acc")
 
 
 def metrics_positive(cohort: FeatureCohort, cfg: EvalConfig) -> int | None:
@@ -91,6 +100,19 @@ def _with_cis(y: np.ndarray, p: np.ndarray, patients: list[str], continuous: boo
     return row
 
 
+def _undefined_without(row: dict[str, Any], fold: int, missing: list[str]) -> None:
+    """Sets a fold row's metrics that need every class (:data:`NEEDS_EVERY_CLASS`) to NaN, without CIs, when its
+    test slides lack the ``missing`` classes, and says so in the log."""
+    if not missing:
+        return
+    for name in NEEDS_EVERY_CLASS:
+        row[name] = math.nan
+        row.pop(f"{name}_ci", None)
+    log.warning("fold %d: its test slides hold no slide of class %s: its AUC and balanced accuracy are undefined "
+                "(NaN) and left out of the mean over folds; its accuracy is kept", fold,
+                ", ".join(map(repr, missing)))  # fmt: skip
+
+
 def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str, Any]],
                cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
     """Per-fold, across-fold and pooled metrics of the out-of-fold predictions (see the module docstring)."""
@@ -103,8 +125,11 @@ def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str,
         y, p = cohort.labels[idx], np.asarray(r["predictions"], np.float64)
         patients = [cohort.patients[i] for i in idx]
         row = _with_cis(y, p, patients, continuous, cfg, cfg.bootstrap_seed + r["fold"])
+        if cohort.classes is not None:
+            _undefined_without(row, r["fold"], [c for i, c in enumerate(cohort.classes) if i not in set(y.tolist())])
         row.update(fold=r["fold"], patients=len(set(patients)), best_epoch=r["best_epoch"], seconds=r["seconds"],
-                   fit_patients=r.get("fit_patients"), val_patients=r.get("val_patients"))  # fmt: skip
+                   fit_patients=r.get("fit_patients"), val_patients=r.get("val_patients"),
+                   no_validation=r.get("no_validation") or "")  # fmt: skip
         per_fold.append(row)
         all_y.append(y)
         all_p.append(p)
@@ -149,14 +174,16 @@ def validation_note(folds: list[dict[str, Any]], val_fraction: float) -> str:
     """What the report says about early stopping: the share of each fold's training patients that was held out
     to validate, measured from the folds' rows (``fit_patients``, ``val_patients``), not ``val_fraction`` (which
     :func:`~medvision.data.slide_features.inner_validation` meets only as one of ``round(1 / val_fraction)``
-    patient folds), and the folds where too few patients left nothing to hold out."""
+    patient folds), and the folds that held none out, with why when their rows say (``no_validation``)."""
     known = [r for r in folds if r.get("val_patients") is not None and r.get("fit_patients") is not None]
     held = [r for r in known if r["val_patients"]]
     empty = [str(r["fold"]) for r in known if not r["val_patients"]]
+    why = sorted({r["no_validation"] for r in known if not r["val_patients"] and r.get("no_validation")})
     asked = f"mil.val_fraction {val_fraction:g}"
+    reasons = "; ".join(why) if why else "each fold had too few training patients to split"
     if known and not held:
-        return (f"No fold held out validation patients ({asked}; each fold had too few training patients to "
-                "split): every head trained all mil.epochs and kept the last epoch.")  # fmt: skip
+        return (f"No fold held out validation patients ({asked}; {reasons}): every head trained all mil.epochs and "
+                "kept the last epoch.")  # fmt: skip
     if not known:
         return f"Early stopping used a share of each fold's training patients ({asked}), never its test slides."
     shares = [r["val_patients"] / (r["val_patients"] + r["fit_patients"]) for r in held]
@@ -164,7 +191,10 @@ def validation_note(folds: list[dict[str, Any]], val_fraction: float) -> str:
     low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
     text = (f"Early stopping used {low if low == high else f'{low}-{high}'} of each fold's training patients "
             f"({', '.join(counts)}; {asked}), never its test slides.")  # fmt: skip
-    if empty:
+    if empty and why:
+        text += (f" Fold{'s' if len(empty) > 1 else ''} {', '.join(empty)} held no validation patients out "
+                 f"({'; '.join(why)}): trained all mil.epochs and kept the last epoch.")  # fmt: skip
+    elif empty:
         text += (f" Fold{'s' if len(empty) > 1 else ''} {', '.join(empty)} had too few training patients to hold "
                  "any out: trained all mil.epochs and kept the last epoch.")  # fmt: skip
     return text

@@ -27,11 +27,10 @@ log = logging.getLogger("medvision")
 
 TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.html", "report.md", "train.log", "plots")
 PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
-MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "train.log", "plots",
-             "folds")  # fmt: skip
-"""A MIL run's files that tracking uploads (:mod:`medvision.tasks.mil`): ``mil.json`` is its scoring record,
-``folds/`` the fold heads. ``folds.csv`` stays in the run folder: it names each slide's patient (the manifest's
-``patient_id``), and a tracking server is no place for patient identifiers."""
+MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "train.log", "plots")
+"""A MIL run's files that tracking uploads (:mod:`medvision.tasks.mil`), besides its fold heads
+(:func:`mil_uploads`): ``mil.json`` is its scoring record. ``folds.csv`` stays in the run folder: it names each
+slide's patient (the manifest's ``patient_id``), and a tracking server is no place for patient identifiers."""
 NAMING_FILES = ("predictions.csv", "data_audit.csv")
 """Files that name every input file (and a MIL run's ``predictions.csv`` its patients): uploaded only with
 ``tracking.log_predictions``, since an archive's paths can name patients (``DOE_JANE_MRN1234/IM0001.dcm``)."""
@@ -40,6 +39,18 @@ NAMING_FILES = ("predictions.csv", "data_audit.csv")
 def uploaded(run_dir: Path, files: tuple[str, ...], log_predictions: bool) -> list[Path]:
     """The run folder's files that tracking uploads."""
     return [run_dir / f for f in (*files, *(NAMING_FILES if log_predictions else ()))]
+
+
+def mil_uploads(run_dir: Path, log_predictions: bool) -> list[Path]:
+    """A MIL run's files that tracking uploads: :data:`MIL_FILES`, the fold heads ``folds/fold<k>.safetensors``
+    (what ``score`` applies) and, only with ``tracking.log_predictions``, the fold records ``folds/fold<k>.json``
+    and the :data:`NAMING_FILES`. A fold record lists its test slides' paths with their predictions and top tiles
+    (every slide of the cohort over the k records), which can name patients; each fold's metrics reach the
+    tracking server without it, from ``metrics.json``."""
+    folds = run_dir / "folds"
+    heads = sorted(folds.glob("fold*.safetensors"))
+    records = sorted(folds.glob("fold*.json")) if log_predictions else []
+    return [*uploaded(run_dir, MIL_FILES, log_predictions), *heads, *records]
 
 
 def log_trained_run(tracker: Tracker, run_dir: Path) -> None:
@@ -67,7 +78,8 @@ def log_mil_run(tracker: Tracker, run_dir: Path) -> None:
     ``fold_mse``, ``fold_r2``; ``fold_slides``, ``fold_patients``, ``fold_best_epoch``, ``fold_seconds``, and the
     training patients that fitted and validated it, ``fold_fit_patients`` and ``fold_val_patients``), the
     summary over the folds and the pooled out-of-fold metrics as final metrics and tags (:func:`run_metrics`),
-    and its files: the fold heads (``folds/``) and the scoring record ``mil.json`` among them.
+    and its files (:func:`mil_uploads`): the fold heads and the scoring record ``mil.json`` among them; the fold
+    records, which list the slides' paths, only with ``tracking.log_predictions``.
 
     No MLflow model: a fold head maps a slide's bag of tile features, not an image, to its prediction, and
     scoring a new slide needs the encoder that made the features (named, with its SHA-256, in ``mil.json``)
@@ -87,7 +99,7 @@ def log_mil_run(tracker: Tracker, run_dir: Path) -> None:
             "medvision.encoder_sha256": str(extraction.get("encoder_sha256", ""))}  # fmt: skip
     if meta.get("classes"):
         tags["medvision.classes"] = ",".join(meta["classes"])
-    tracker.finish(run_dir, metrics, tags, uploaded(run_dir, MIL_FILES, tracker.log_predictions))
+    tracker.finish(run_dir, metrics, tags, mil_uploads(run_dir, tracker.log_predictions))
 
 
 def checked_onnx(run_dir: Path) -> Path:

@@ -10,8 +10,9 @@ readers open these files too:
   ``patch_size`` (the tile side in pixels at ``target_mpp``), ``patch_size_level0`` and ``level``.
 - ``tissue`` (n,) float32: tile ``i``'s tissue fraction in the tissue mask.
 - file attributes: ``format``, ``encoder``, ``encoder_sha256``, ``dim``, ``tile_size``, ``target_mpp``,
-  ``mpp`` (the slide's level-0 µm/px) and ``mpp_source``, ``tissue_mm2``, and ``preprocessing`` (JSON: the
-  encoder's resize, crop, mean and std, and the stain normaliser's reference when one was used).
+  ``mpp`` (the slide's level-0 µm/px) and ``mpp_source``, ``tissue_mm2``, ``min_tissue`` and ``tissue_method``
+  (which tiles were kept), and ``preprocessing`` (JSON: the encoder's resize, crop, mean and std, and the stain
+  normaliser's reference when one was used).
 
 Nothing from the slide's own metadata is stored (no file name of the scan, no vendor fields): the
 file is keyed by the slide's path relative to the folder that was embedded, which the caller chooses.
@@ -158,6 +159,9 @@ def read_features(path: Path) -> SlideFeatures:
 
 
 def same_extraction(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The settings on which two feature files differ (encoder, weights, tiling): bags that may not be mixed."""
-    keys = ("encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "preprocessing")
+    """The settings on which two feature files differ (encoder, weights, tiling, the tissue threshold and
+    method that chose the tiles, preprocessing): bags that may not be mixed. A file that does not record a
+    setting differs from one that does."""
+    keys = ("encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "min_tissue", "tissue_method",
+            "preprocessing")  # fmt: skip
     return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

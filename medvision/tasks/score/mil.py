@@ -113,8 +113,14 @@ class FeatureMILUnit(SlideScan):
 
 def _check_stain_reference(run: Path, spec: dict[str, Any]) -> None:
     """New slides are stain-normalised to the same pixels as the run's features, not to whatever the recorded path
-    holds now: the reference's SHA-256 must match the one ``features`` recorded."""
+    holds now: the reference's SHA-256 must match the one ``features`` recorded, and a recorded SHA-256 needs the
+    reference's path (without it the slides would silently go unnormalised)."""
     slides, recorded = SlidesConfig.recorded(spec["slides"]), spec.get("stain_reference_sha256")
+    if recorded and not slides.stain_reference:
+        raise RunError(f"{run / MIL_RUN}: its features were stain-normalised to a reference with SHA-256 "
+                       f"{recorded[:16]}…, but its slides section names no stain_reference: new slides would be "
+                       "scored without stain normalisation; set slides.stain_reference in it to the path of the "
+                       "reference tile the features were made with")  # fmt: skip
     if not (slides.stain_reference and recorded):
         return
     try:
@@ -127,6 +133,29 @@ def _check_stain_reference(run: Path, spec: dict[str, Any]) -> None:
         raise RunError(f"{run}: its features were stain-normalised to {slides.stain_reference} with SHA-256 "
                        f"{recorded[:16]}…; that file now has {str(now)[:16]}…: put back the reference the features "
                        "were made with")  # fmt: skip
+
+
+def _fold_heads(run: Path, spec: dict[str, Any]) -> list[MILHead]:
+    """The run's fold heads, each checked to have been trained on features of the encoder ``mil.json`` names (a
+    head's own record of the encoder's SHA-256, when it has one): a head from another feature cache would score
+    embeddings it never saw.
+
+    Raises:
+        RunError: a head that cannot be loaded, or whose encoder SHA-256 is not ``mil.json``'s.
+    """
+    heads = []
+    for rel in spec["heads"]:
+        try:
+            head, meta = load_mil(run / rel, 1 if spec["classes"] is None else len(spec["classes"]))
+        except (OSError, ValueError) as err:
+            raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
+        own = meta.get("encoder_sha256")
+        if own is not None and own != spec["encoder_sha256"]:
+            raise RunError(f"{run / rel}: this fold head was trained on features of the encoder with SHA-256 "
+                           f"{str(own)[:16]}…, but {run / MIL_RUN} names {str(spec['encoder_sha256'])[:16]}…: the "
+                           "run mixes feature caches; retrain it (medvision train --overwrite)")  # fmt: skip
+        heads.append(head)
+    return heads
 
 
 def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path | None = None,
@@ -144,12 +173,7 @@ def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path 
                        f"{spec['encoder_sha256'][:16]}…; the checkpoint given has {sha[:16]}…: embed with the "
                        "same weights")  # fmt: skip
     _check_stain_reference(run, spec)
-    heads = []
-    for rel in spec["heads"]:
-        try:
-            heads.append(load_mil(run / rel, 1 if spec["classes"] is None else len(spec["classes"]))[0])
-        except (OSError, ValueError) as err:
-            raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
+    heads = _fold_heads(run, spec)
     run_id = sha256(run / MIL_RUN, *(run / rel for rel in spec["heads"]))  # the run: its spec and every fold head
     unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps,
                           run_id=run_id)  # fmt: skip
