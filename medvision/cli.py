@@ -289,8 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")
     p.add_argument("--out", type=Path, default=Path("medvision-demo"), help="folder for data and run")
     p.add_argument("--amp", choices=["auto", "none", "bf16"], default="auto",
-                   help="training precision: auto = bf16 on a CPU with native bf16, else fp32; none pins fp32, "
-                        "the precision of the README's figures (default: %(default)s)")  # fmt: skip
+                   help="training precision: auto = bf16 where the device runs it natively (a CPU with native "
+                        "bf16, a bf16 GPU), fp16 on a CUDA GPU without bf16, else fp32; none pins fp32, the "
+                        "precision of the README's figures (default: %(default)s)")  # fmt: skip
     return parser
 
 
@@ -454,11 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "medmnist":
                 from medvision.tasks.benchmark import medmnist as mm
 
-                try:
-                    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-                except ValueError:
-                    raise RunError(f"--seeds {args.seeds!r}: expected whole numbers, comma separated, "
-                                   "e.g. 0,1,2") from None  # fmt: skip
+                seeds = mm.parse_seeds(args.seeds)  # before the recipe: a bad --seeds fails at once
                 found = mm.medmnist_benchmark(load_recipe(args.recipe, args.overrides), seeds,
                                               [mm.parse_variant(v) for v in args.variants], args.out, args.overwrite,
                                               args.resamples)  # fmt: skip

@@ -15,17 +15,20 @@ import json
 import logging
 import platform
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import timm
 import torch
+from pydantic import ValidationError
 
 import medvision
 from medvision.errors import MedvisionError
 from medvision.io.files import sha256
-from medvision.recipe import Recipe
+from medvision.io.image import Intensity
+from medvision.recipe import EvalConfig, Recipe
+from medvision.recipe_nodes import DicomConfig, SlidesConfig
 from medvision.tracking import Tracker, tracked
 
 if TYPE_CHECKING:
@@ -171,7 +174,7 @@ class ScoringSpec:
     std: tuple[float, ...]
     inputs: InputKind
     """Which files are scored: DICOM (a run trained on DICOM) or PNG/JPEG/TIFF/BMP images (any other source)."""
-    intensity: str
+    intensity: Intensity
     """``data.intensity`` of the recipe: how native pixel values map to [0, 1]."""
     dicom: dict[str, Any] = field(default_factory=dict)
     """The recipe's ``data.dicom`` section (windows, VOI function, frames)."""
@@ -200,13 +203,15 @@ class ScoringSpec:
 
     @classmethod
     def from_json(cls, text: str, origin: str = "<json>") -> ScoringSpec:
-        """Reads :meth:`to_json` back; ``origin`` names the file in the error for a foreign or damaged record."""
+        """Reads :meth:`to_json` back, checked (:func:`check_spec`); ``origin`` names the file in the error for a
+        foreign or damaged record."""
         try:
             data = json.loads(text)
-            data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
-            return cls(**data)
-        except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"{origin}: not a medvision scoring spec ({type(err).__name__}: {err})") from None
+        except ValueError as err:
+            raise ValueError(f"{origin}: not a medvision scoring spec (not JSON: {err})") from None
+        check_spec(data, origin)
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        return cls(**data)
 
     @classmethod
     def from_run(cls, run_dir: Path, recipe: Any, meta: dict[str, Any]) -> ScoringSpec:
@@ -245,3 +250,87 @@ class ScoringSpec:
             recipe_sha256=sha256(run_dir / "recipe.yaml"),
             medvision_version=medvision.__version__,
         )
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` (or of the ``Literal`` items of ``list[Literal[...]]``)."""
+    args = get_args(annotation)
+    return get_args(args[0]) if len(args) == 1 and get_args(args[0]) else args
+
+
+SPEC_CHOICES: dict[str, tuple[str, ...]] = {
+    "inputs": get_args(InputKind),
+    "intensity": get_args(Intensity),
+    "transfer": get_args(Transfer),
+    "aggregate": _choices(EvalConfig.model_fields["patient_aggregate"].annotation),
+}
+"""The values each enumerated spec field may take: the very ``Literal`` types the code that reads it uses."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_spec(data: Any, origin: str) -> None:
+    """A :class:`ScoringSpec` record (``run.json``-derived JSON, an ONNX file's metadata, a MONAI bundle's
+    ``metadata.json``) checked field by field, before any file is read with it: a hand-edited or foreign record
+    is one :class:`ValueError` naming ``origin``, the field, its value and what is allowed.
+
+    Without it, a misspelt intensity fell back to min-max, ``inputs: DICOM`` read DICOM files as images, and
+    ``transfer: uint16`` became an error row on every file, so the damage showed as results, not as an error.
+    """
+
+    def bad(name: str, allowed: str) -> ValueError:
+        value = data.get(name, "<missing>") if isinstance(data, dict) else data
+        return ValueError(f"{origin}: scoring spec field {name!r} is {value!r}; expected {allowed}")
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{origin}: not a medvision scoring spec (a JSON {type(data).__name__}, expected an object)")
+    names = {f.name for f in fields(ScoringSpec)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{origin}: scoring spec field(s) {', '.join(map(repr, unknown))} unknown; expected only "
+                         f"{', '.join(sorted(names))}")  # fmt: skip
+    required = [f.name for f in fields(ScoringSpec) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ValueError(f"{origin}: scoring spec misses {', '.join(missing)}; expected a spec written by medvision")
+    for name, allowed in SPEC_CHOICES.items():
+        if name in data and data[name] not in allowed:
+            raise bad(name, f"one of {', '.join(allowed)}")
+    for name in ("name", "model_sha256", "recipe_sha256", "medvision_version"):
+        if name in data and not isinstance(data[name], str):
+            raise bad(name, "a string")
+    classes = data["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+        raise bad("classes", "a list of class names")
+    for name in ("image_size", "in_chans", "top_k"):
+        if name in data and not (_is_int(data[name]) and data[name] >= 1):
+            raise bad(name, "a whole number >= 1")
+    for name in ("mean", "std"):
+        value = data[name]
+        if not (isinstance(value, list | tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                        for v in value)):  # fmt: skip
+            raise bad(name, "a list of numbers")
+        if len(value) != data["in_chans"]:
+            raise bad(name, f"one value per input channel ({data['in_chans']}, in_chans)")
+    if any(v <= 0 for v in data["std"]):
+        raise bad("std", "positive numbers")
+    tta = _choices(EvalConfig.model_fields["tta"].annotation)
+    if not (isinstance(data.get("tta", []), list) and all(t in tta for t in data.get("tta", []))):
+        raise bad("tta", f"a list of {', '.join(tta)}")
+    if not isinstance(data.get("decision", {}), dict):
+        raise bad("decision", "an object (temperature, operating points)")
+    for name, section in (("dicom", DicomConfig), ("slides", SlidesConfig)):
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise bad(name, f"an object, the recipe's data.{name} section")
+        if value:
+            try:
+                section.model_validate(value)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{origin}: scoring spec field {name!r}: {where or name} is "
+                                 f"{first.get('input')!r}; {first['msg']} (as the recipe's data.{name} "
+                                 "allows)") from None  # fmt: skip

@@ -180,6 +180,28 @@ def test_speed_writes_csv_table_and_plot_with_real_measurements(speed_run: tuple
     assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_speed_table_gives_small_rates_in_significant_figures(speed_run: tuple[int, Path, str]) -> None:
+    """A 32 px test model's GFLOPs and TFLOP/s on a CPU are thousandths: ``0.00412``, never ``0.000`` or ``0.004``."""
+    _, out, _ = speed_run
+    record = _rows(out / "speed.csv")[0]
+    line = next(x for x in (out / "speed.md").read_text().splitlines() if x.startswith("| test_resnet |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(record["gflops"]) < 0.1 and cells[2] == f"{float(record['gflops']):.3g}"
+    assert cells[5] == f"{float(record['train_tflops']):.3g}" and cells[6] == f"{float(record['train_mfu']):.3g}"
+    assert cells[10] == f"{float(record['infer_tflops']):.3g}" and "0.000" not in cells
+
+
+def test_demo_amp_help_says_what_auto_resolves_to(capsys: pytest.CaptureFixture[str]) -> None:
+    """``auto`` is :func:`medvision.runtime.resolve_amp`'s: fp16 on a CUDA GPU without bf16, not fp32."""
+    from medvision.runtime import resolve_amp
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fp16 on a CUDA GPU without bf16" in text and "bf16 where the device runs it natively" in text
+    assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")  # the CPU half of the same rule
+
+
 def test_speed_cli_exits_nonzero_when_nothing_runs_and_names_bad_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,7 +14,15 @@ from conftest import tiny_recipe
 from medvision.cli import main
 from medvision.io.files import sha256
 from medvision.recipe import recipe_from_dict
-from medvision.tasks.benchmark.medmnist import PUBLISHED, medmnist_benchmark, parse_variant
+from medvision.tasks.benchmark.medmnist import (
+    PUBLISHED,
+    machine,
+    medmnist_benchmark,
+    parse_seeds,
+    parse_variant,
+    source_side,
+    to_markdown,
+)
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.train import train
 
@@ -90,6 +98,14 @@ def test_medmnist_benchmark_seeds_variants_and_published_rows(breast_subset: Pat
     assert {r.run_dir: (Path(r.run_dir) / "model.safetensors").stat().st_mtime_ns for r in again.rows} == stamp
     assert [r.auc for r in again.rows] == [r.auc for r in result.rows]
 
+    # the variant's overrides change: its run is trained again, the reference's is still reused
+    changed = medmnist_benchmark(recipe, [0], [("base", []), ("ls", ["train.label_smoothing=0.05"])], out,
+                                 resamples=20)  # fmt: skip
+    base_run, ls_run = (Path(r.run_dir) for r in changed.rows)
+    assert (base_run / "model.safetensors").stat().st_mtime_ns == stamp[str(base_run)]
+    assert (ls_run / "model.safetensors").stat().st_mtime_ns != stamp[str(ls_run)]
+    assert "label_smoothing: 0.05" in (ls_run / "recipe.yaml").read_text()
+
 
 def test_cli_benchmark_medmnist_rejects_a_bad_variant(breast_subset: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
@@ -112,3 +128,53 @@ def test_deterministic_reruns_are_bit_identical(tiles_manifest: Path, tmp_path: 
     assert losses[0] == losses[1] and a["image"] == b["image"]
     assert (first / "predictions.csv").read_bytes() == (second / "predictions.csv").read_bytes()
     assert json.loads((first / "run.json").read_text())["deterministic"] is True
+
+
+def test_repeated_seeds_are_refused_before_any_training(breast_subset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """``--seeds 0,0`` would count one run twice (an SD of 0, a paired delta over 'two' seeds)."""
+    assert parse_seeds("2, 0,1") == [2, 0, 1]
+    for bad in ("0,0", "1,2,1"):
+        with pytest.raises(BenchmarkError, match=r"seed \d is given more than once"):
+            parse_seeds(bad)
+    recipe = recipe_from_dict(_recipe_tree(breast_subset, tmp_path / "unused"))
+    with pytest.raises(BenchmarkError, match="--seeds 0,0: seed 0 is given more than once"):
+        medmnist_benchmark(recipe, [0, 0], [], tmp_path / "b")
+    file = tmp_path / "r.yaml"
+    file.write_text(json.dumps(_recipe_tree(breast_subset, tmp_path / "runs")))
+    assert main(["benchmark", "medmnist", str(file), "--seeds", "0,1,0", "--out", str(tmp_path / "c")]) == 2
+    assert "seed 0 is given more than once" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_table_states_the_files_image_size_and_sets_only_published_rows_of_that_size(
+    shared: Path, tmp_path: Path
+) -> None:
+    """A MedMNIST+ 64 px file is other data than the 28 px one: its table says 64 px and shows no 28 px rows."""
+    src = np.load(shared / "data" / "breastmnist.npz")
+    small = tmp_path / "breastmnist.npz"
+    big = tmp_path / "breastmnist_64.npz"
+    arrays = {f"{s}_{k}": src[f"{s}_{k}"][:4] for s in ("train", "val", "test") for k in ("images", "labels")}
+    np.savez(small, **arrays)
+    np.savez(big, **{k: np.zeros((4, 64, 64), np.uint8) if k.endswith("images") else v for k, v in arrays.items()})
+    host = machine()
+    for npz, side, size in ((small, 28, 64), (big, 64, 64), (big, 64, 32)):
+        tree = _recipe_tree(npz, tmp_path / "runs")
+        tree["data"]["image_size"] = size
+        recipe = recipe_from_dict(tree)
+        assert source_side(recipe) == side
+        summary = [{"variant": "base", "seeds": 1, "failed": 0, "val_auc": 0.9, "val_acc": 0.8, "auc": 0.85,
+                    "acc": 0.8, "acc_youden": 0.8, "epochs": 1, "best_epoch": 1, "seconds": 6.0, "amp": "none",
+                    "model": "test_efficientnet", "auc_lo": 0.7, "auc_hi": 0.95, "auc_sd": float("nan"),
+                    "acc_lo": 0.7, "acc_hi": 0.9, "acc_sd": float("nan")}]  # fmt: skip
+        md = to_markdown(recipe, summary, [], host, source_side(recipe))
+        title = md.splitlines()[0]
+        if side == 28:
+            assert "28 px source images upsampled to 64 px" in title
+            assert all(p.source in md for p in PUBLISHED["breastmnist"]) and "best published 28 px" in md
+        else:
+            resized = " downsampled to 32 px" if size == 32 else ""
+            assert f"64 px source images{resized};" in title and "28 px" not in title
+            assert not any(p.source in md for p in PUBLISHED["breastmnist"])  # no 28 px row beside a 64 px run
+            assert "breastmnist at 28 px are not shown: this file's images are 64 px" in md
+            assert "against the best published" not in md

@@ -386,3 +386,45 @@ def test_monai_bundle_refuses_frame_by_frame_dicom_runs(dicom_run: Path, tmp_pat
     with pytest.raises(ExportError, match=r"data.dicom.frames: all.*--format onnx"):
         export_monai_bundle(run, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def _bundle_spec(run: Path, folder: Path, **change: object) -> Path:
+    """A bundle's ``configs/metadata.json`` holding the run's real scoring spec with ``change`` applied."""
+    from medvision.runs import read_run_json
+
+    spec = json.loads(ScoringSpec.from_run(run, load_recipe(run / "recipe.yaml"), read_run_json(run)).to_json())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{'-'.join(change) or 'good'}.json"
+    path.write_text(json.dumps({"medvision": {"spec": {**spec, **change}}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"intensity": "dtpye"}, "'intensity' is 'dtpye'; expected one of dtype, minmax, percentile"),
+        ({"inputs": "DICOM"}, "'inputs' is 'DICOM'; expected one of dicom, images, slides"),
+        ({"transfer": "uint16"}, "'transfer' is 'uint16'; expected one of uint8, float16, float32"),
+        ({"image_size": "64"}, "'image_size' is '64'; expected a whole number >= 1"),
+        ({"image_size": 0}, "'image_size' is 0; expected a whole number >= 1"),
+        ({"in_chans": 4}, "'mean' is .*; expected one value per input channel \\(4, in_chans\\)"),
+        ({"aggregate": "median"}, "'aggregate' is 'median'; expected one of mean, max, topk, abmil"),
+        ({"tta": ["hflip", "shear"]}, "'tta' is .*expected a list of hflip, vflip, rot90"),
+        ({"std": [0.0]}, "'std' is \\[0.0\\]; expected positive numbers"),
+        ({"dicom": {"windows": ["lung-ish"], "frames": "first"}}, "'dicom': windows is \\['lung-ish'\\].*lung-ish"),
+        ({"extra": 1}, "'extra' unknown"),
+    ],
+)
+def test_bundle_reader_refuses_a_damaged_spec_once_naming_file_field_and_value(
+    dicom_run: Path, tmp_path: Path, change: dict[str, object], expected: str
+) -> None:
+    """A hand-edited metadata.json is one error when the bundle's reader is built, not a silently different
+    preprocessing or an error row on every file (a bad DICOM window was the latter)."""
+    from medvision.data.bundle_intake import ReadForModel
+
+    good = ReadForModel(str(_bundle_spec(dicom_run, tmp_path)))  # the spec the project writes loads
+    assert good.spec.inputs == "dicom" and good.spec.in_chans == 1
+    bad = _bundle_spec(dicom_run, tmp_path, **change)
+    with pytest.raises(ValueError, match=expected) as err:
+        ReadForModel(str(bad))
+    assert str(err.value).startswith(f"{bad}: scoring spec")

@@ -654,16 +654,26 @@ def test_a_later_grid_in_the_same_folder_adds_to_the_tables(label_grid: Grid, sh
     assert "| imagenet | knn | 0.5 |" in more.markdown
 
 
-def test_a_changed_recipe_is_trained_again_and_two_inits_of_one_name_are_refused(shared: Path, tmp_path: Path) -> None:
-    """A run is reused only when it was trained from exactly this recipe: another image size trains it again."""
+def test_a_changed_recipe_is_trained_again_and_two_inits_of_one_name_are_refused(
+    shared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run is reused only when it was trained from exactly this recipe: another image size trains it again, and
+    the earlier grid's other points (another model) leave the tables instead of joining its curve."""
     tree = _blood(shared, tmp_path / "unused", "blood", "finetune", 40)
-    label_benchmark(recipe_from_dict(tree), [1.0], ["imagenet"], ["knn"], 1, tmp_path, resamples=0)
-    (run,) = (tmp_path / "runs").iterdir()
+    label_benchmark(recipe_from_dict(tree), [0.5, 1.0], ["imagenet"], ["knn"], 1, tmp_path, resamples=0)
+    run = tmp_path / "runs" / "imagenet-knn-f1-s0"
     first = (run / "metrics.json").stat().st_mtime_ns
     tree["data"]["image_size"] = 48
-    label_benchmark(recipe_from_dict(tree), [1.0], ["imagenet"], ["knn"], 1, tmp_path, resamples=0)
+    with caplog.at_level("INFO", logger="medvision"):
+        again = label_benchmark(recipe_from_dict(tree), [1.0], ["imagenet"], ["knn"], 1, tmp_path, resamples=0)
     assert (run / "metrics.json").stat().st_mtime_ns != first
     assert load_recipe(run / "recipe.yaml").data.image_size == 48
+    assert "its recipe.yaml differs from the recipe this benchmark runs now" in caplog.text
+    assert [(r.fraction, r.run_dir) for r in again.rows] == [(1.0, str(run))]  # the 32 px f0.5 run is left out
+    assert [e["fraction"] for e in again.summary] == [1.0] and "| 0.5 |" not in again.markdown
+    assert len(list(csv.DictReader((tmp_path / "label_efficiency.csv").open()))) == 1
+    assert "1 earlier row(s) of label_efficiency.csv left out" in caplog.text and "imagenet-knn-f0.5-s0" in caplog.text
+    assert (tmp_path / "runs" / "imagenet-knn-f0.5-s0" / "metrics.json").is_file()  # the run itself stays
     for name in ("a", "b"):
         (tmp_path / name / "simclr").mkdir(parents=True)
     with pytest.raises(BenchmarkError, match="have the same folder name 'simclr'"):
@@ -682,7 +692,7 @@ def _predictions(run: Path, ids: list[str], labels: list[int], p1: np.ndarray) -
 def test_paired_deltas_score_each_seed_on_its_own_test_images(tmp_path: Path) -> None:
     """Seeds split a CSV differently: each seed's pair is scored against its own labels, never the last seed's."""
     from medvision.metrics import compute_auc
-    from medvision.tasks.benchmark.labels import paired_difference
+    from medvision.tasks.benchmark.labels import paired_bootstrap, paired_difference
 
     rng = np.random.default_rng(0)
     pairs, expected = [], []
@@ -696,9 +706,35 @@ def test_paired_deltas_score_each_seed_on_its_own_test_images(tmp_path: Path) ->
         expected.append(compute_auc(y, two(b)) - compute_auc(y, two(a)))
     value, lo, hi = paired_difference(pairs, compute_auc, 200, 0)
     assert value == pytest.approx(float(np.mean(expected)), abs=1e-6) and lo <= value <= hi
+    assert paired_bootstrap(pairs, compute_auc, 200, 0).unit == "images"  # no run folder tells of patients
     _predictions(tmp_path / "c", [f"s0_{i}" for i in range(40)], [0] * 40, np.full(40, 0.5))
     with pytest.raises(BenchmarkError, match="tested on different images"):
         paired_difference([(pairs[1][0], str(tmp_path / "c"))], compute_auc, 0, 0)
+
+
+def test_paired_delta_resamples_whole_patients_as_the_runs_own_cis_do(tiny_runs: tuple[Path, Path]) -> None:
+    """Six test tiles a patient: the delta's bootstrap draws patients (from the run's own table: predictions.csv
+    holds no patient ids), so its CI is not narrower than the patient-level CIs of the runs it compares."""
+    from medvision.intervals import bootstrap_indices
+    from medvision.metrics import compute_auc
+    from medvision.tasks.benchmark.labels import _test_probs, paired_bootstrap
+
+    finetune, knn = (str(r) for r in tiny_runs)
+    d = paired_bootstrap([(finetune, knn)], compute_auc, 200, 0)
+    assert d.unit == "patients"
+    recipe = load_recipe(Path(finetune) / "recipe.yaml")
+    table = load_table(recipe.data, recipe.seed)
+    ids, y, pa = _test_probs(finetune)
+    pb = _test_probs(knn)[2]
+    patient = dict(zip(table.ids, table.groups, strict=True))
+    groups = [patient[i] for i in ids]
+    assert len(set(groups)) < len(ids)  # several tiles a patient in the test split
+    spread = np.array([compute_auc(y[i], pb[i]) - compute_auc(y[i], pa[i])
+                       for i in bootstrap_indices(y, 200, 0, groups=groups)])  # fmt: skip
+    spread = spread[np.isfinite(spread)]
+    assert (d.lo, d.hi) == pytest.approx(tuple(np.quantile(spread, [0.025, 0.975])), abs=1e-12)
+    assert d.value == pytest.approx(compute_auc(y, pb) - compute_auc(y, pa), abs=1e-12)
+    assert "patient" not in (Path(finetune) / "predictions.csv").read_text().splitlines()[0]
 
 
 def test_heads_take_the_width_timm_pools_to_where_a_pre_logits_layer_widens_it() -> None:

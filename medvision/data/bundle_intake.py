@@ -79,6 +79,8 @@ class ReadForModel:
     """
 
     def __init__(self, metadata_file: str, key: str = "image") -> None:
+        # checked here, once (ScoringSpec.from_json): a bad field or DICOM window is one error naming the file,
+        # not an error row, or a silently different preprocessing, for every file the bundle reads
         self.spec = read_spec(metadata_file)
         if self.spec.inputs == "dicom" and self.spec.dicom.get("frames") == "all":
             raise ValueError(f"{metadata_file}: a run scored frame by frame (data.dicom.frames: all) gives several "

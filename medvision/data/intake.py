@@ -99,7 +99,7 @@ def preprocess(raw: np.ndarray, spec: ScoringSpec) -> np.ndarray:
     (PyTorch, or the ONNX graph) then take it from there, normalisation and calibration included.
     """
     transform = _transform(spec.image_size, spec.mean, spec.std)
-    return prepare(raw, spec.intensity, spec.in_chans, transform, spec.transfer).numpy()  # type: ignore[arg-type]
+    return prepare(raw, spec.intensity, spec.in_chans, transform, spec.transfer).numpy()
 
 
 def read_file(path: Path, rel: str, cfg: ReadConfig) -> FileResult:

@@ -13,7 +13,9 @@ bootstrap CIs, and the standard deviation over seeds), ``label_efficiency.png`` 
 against the number of labels, log axis, one line per init and protocol, CI bands), and
 ``label_efficiency_deltas.csv``: each init against the reference init at every fraction and
 protocol, the test-AUC difference averaged over seeds with a paired bootstrap CI (the same resampled
-test images for both). Finished runs are reused, so an interrupted benchmark resumes.
+test images for both; whole patients where a patient has several test images, as the runs' own CIs draw
+them). Finished runs of the same recipe are reused, so an interrupted benchmark resumes; the rows of an
+earlier grid in ``--out`` stay in the tables only when their runs were trained from the same base recipe.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import yaml
 from matplotlib.figure import Figure
 
 from medvision.data.sources import load_table
 from medvision.data.table import subset_indices
 from medvision.intervals import bootstrap_indices
 from medvision.metrics import MetricWarning, compute_auc
-from medvision.recipe import Recipe, dump_recipe
+from medvision.recipe import Recipe, dump_recipe, load_recipe
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.track import log_reused_run
@@ -156,11 +159,61 @@ def _tag(init: str) -> str:
     return init if init in ("imagenet", "random") else Path(init).name
 
 
-def _finished_as(run_dir: Path, recipe: Recipe) -> bool:
+def finished_as(run_dir: Path, recipe: Recipe) -> bool:
     """A finished run of exactly this recipe, to reuse: one trained with another model, size or schedule (the
-    base recipe or its --set changed since) is trained again."""
+    base recipe, a variant's overrides or its --set changed since) is trained again, and the log says why.
+
+    The one reuse check of both study benchmarks (``labels`` and ``medmnist``): a run folder's name says which
+    grid cell it is, not what it was trained with, so only its saved ``recipe.yaml`` can tell.
+    """
     saved = run_dir / "recipe.yaml"
-    return (run_dir / "metrics.json").is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe)
+    if not (run_dir / "metrics.json").is_file() or not saved.is_file():
+        return False
+    if saved.read_text() == dump_recipe(recipe):
+        return True
+    log.info("%s: finished, but its recipe.yaml differs from the recipe this benchmark runs now; training it again",
+             run_dir)  # fmt: skip
+    return False
+
+
+GRID_KEYS = ("name", "output_dir", "seed", "data.train_fraction", "train.protocol", "evaluation.explain",
+             "model.pretrained", "model.init_from")  # fmt: skip
+"""What :func:`_configure` sets per grid run (with the phases' epochs): the rest is the base recipe's."""
+
+
+def _base_of(tree: dict[str, Any]) -> dict[str, Any]:
+    """A grid run's recipe tree less what the grid sets per run: what runs of one base recipe share."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy, in the types recipe.yaml reads back as
+    for key in GRID_KEYS:
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(leaf, None)
+    for phase in tree.get("train", {}).get("phases") or []:
+        phase.pop("epochs", None)
+    return tree
+
+
+def same_base(rows: list[LabelRun], recipe: Recipe) -> list[LabelRun]:
+    """The rows of an earlier grid whose runs were trained from ``recipe`` (fraction, seed, init, protocol and
+    stretched epochs apart); the others are left out, and logged, so that one curve never joins two models."""
+    base = _base_of(recipe.model_dump(mode="json"))
+    kept: list[LabelRun] = []
+    left: list[LabelRun] = []
+    for row in rows:
+        saved = Path(row.run_dir) / "recipe.yaml" if row.run_dir else None
+        try:
+            ok = saved is not None and _base_of(yaml.safe_load(saved.read_text())) == base
+        except (OSError, yaml.YAMLError, AttributeError):
+            ok = False
+        (kept if ok else left).append(row)
+    if left:
+        log.warning("label benchmark: %d earlier row(s) of label_efficiency.csv left out of the tables: their runs "
+                    "were trained from another base recipe (or their recipe.yaml is gone): %s", len(left),
+                    ", ".join(Path(r.run_dir).name or f"{r.init}-{r.protocol}-f{r.fraction:g}-s{r.seed}"
+                              for r in left))  # fmt: skip
+    return kept
 
 
 def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: int, out: Path,
@@ -233,7 +286,11 @@ def label_benchmark(
 def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: int,
                 out: Path, min_steps: int, overwrite: bool, resamples: int,
                 parent: Tracker) -> LabelResult:  # fmt: skip
-    earlier = read_rows(out / "label_efficiency.csv")  # an earlier grid in this folder: its rows stay in the tables
+    # an earlier grid in this folder: its rows stay in the tables if they come from the same base recipe (the
+    # cells this grid runs again are replaced by its own rows anyway)
+    planned = {(init_label(i), p, f, recipe.seed + s) for i in inits for p in protocols for f in fractions
+               for s in range(seeds)}  # fmt: skip
+    earlier = same_base([r for r in read_rows(out / "label_efficiency.csv") if _key(r) not in planned], recipe)
     rows: list[LabelRun] = []
 
     def record(row: LabelRun) -> None:
@@ -253,7 +310,7 @@ def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protoc
                     run_dir = Path(r.output_dir) / r.name
                     start = time.perf_counter()
                     try:
-                        if overwrite or not _finished_as(run_dir, r):
+                        if overwrite or not finished_as(run_dir, r):
                             log.info("label benchmark: %s (%d labelled training images)", r.name, size)
                             train(r, overwrite=True, parent=parent)
                         else:
@@ -312,24 +369,77 @@ def _test_probs(run_dir: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     return [r[1] for r in rows], labels, np.array([[float(v) for v in r[4:]] for r in rows])
 
 
+def patient_groups(run_dir: str, ids: list[str]) -> list[str] | None:
+    """Each test row's patient, as the run's own CIs draw them (:mod:`medvision.evaluation`), or None where each
+    patient has one test image or the run folder cannot say (then the images are the unit).
+
+    ``predictions.csv`` holds no patient ids (they stay out of every output): they come from the run's own data
+    table, rebuilt from its ``recipe.yaml`` as training built it, and only where ``metrics.json`` says a
+    patient has several test images.
+    """
+    run = Path(run_dir)
+    try:
+        per_patient = float(read_metrics_json(run)["patient"]["test"]["images_per_patient"])
+    except (RunError, KeyError, TypeError, ValueError):
+        return None
+    if per_patient <= 1:
+        return None
+    try:
+        recipe = load_recipe(run / "recipe.yaml")
+        table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
+    except Exception as err:  # the data moved since: the delta is still computed, over images, and says so
+        log.warning("%s: cannot rebuild its data table (%s: %s); the paired delta resamples test images, not "
+                    "patients", run, type(err).__name__, str(err).splitlines()[0][:200])  # fmt: skip
+        return None
+    patient = dict(zip(table.ids, table.groups, strict=True))
+    if any(i not in patient for i in ids):
+        log.warning("%s: its test images are not all in its data table any more; the paired delta resamples test "
+                    "images, not patients", run)  # fmt: skip
+        return None
+    return [patient[i] for i in ids]
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """A paired difference with its 95% CI and the unit the bootstrap drew: ``images`` or ``patients``."""
+
+    value: float
+    lo: float
+    hi: float
+    unit: str
+
+
 def paired_difference(
     pairs: list[tuple[str, str]], metric: Callable[[np.ndarray, np.ndarray], float], resamples: int, seed: int
 ) -> tuple[float, float, float]:
+    """(value, lo, hi) of :func:`paired_bootstrap`."""
+    d = paired_bootstrap(pairs, metric, resamples, seed)
+    return d.value, d.lo, d.hi
+
+
+def paired_bootstrap(
+    pairs: list[tuple[str, str]], metric: Callable[[np.ndarray, np.ndarray], float], resamples: int, seed: int
+) -> PairedDelta:
     """``metric`` of the second run of each pair minus the first's, on their test rows, averaged over the pairs,
-    with a 95% CI from a stratified bootstrap over the test images.
+    with a 95% CI from a stratified bootstrap over the test images, or over whole patients where a patient has
+    several test images (:func:`patient_groups`): a patient's images are not independent, and the runs' own CIs
+    draw patients too, so a delta CI over images would be narrower than it should.
 
     Each pair (a seed) is scored on its own test rows and labels: a seed's split may test other images. The two
     runs of a pair share each resample, so the test-set noise they share cancels and what is left is the
     difference of the models; pairs tested on the same images draw the same resamples (one seed). The two runs
     of a pair tested on different images are an error.
     """
-    tested = []
+    tested: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    groups: list[list[str] | None] = []
     for base, other in pairs:
         ids_a, y_a, p_a = _test_probs(base)
         ids_b, y_b, p_b = _test_probs(other)
         if ids_a != ids_b or not np.array_equal(y_a, y_b):
             raise BenchmarkError(f"{base} and {other} were tested on different images")
         tested.append((y_a, p_a, p_b))
+        groups.append(patient_groups(base, ids_a))
+    unit = "patients" if any(g is not None for g in groups) else "images"
     if not tested:
         raise BenchmarkError("paired_difference needs at least one pair of runs")
 
@@ -339,15 +449,17 @@ def paired_difference(
 
     value = delta([slice(None)] * len(tested))
     if not resamples:
-        return value, math.nan, math.nan
+        return PairedDelta(value, math.nan, math.nan, unit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
-        draws = zip(*(bootstrap_indices(y, resamples, seed) for y, _, _ in tested), strict=True)
+        draws = zip(*(bootstrap_indices(y, resamples, seed, groups=g) for (y, _, _), g in zip(tested, groups,
+                                                                                            strict=True)),
+                    strict=True)  # fmt: skip
         spread = np.asarray([delta(list(rows)) for rows in draws])
     spread = spread[np.isfinite(spread)]
     if not spread.size:
-        return value, math.nan, math.nan
-    return value, float(np.quantile(spread, 0.025)), float(np.quantile(spread, 0.975))
+        return PairedDelta(value, math.nan, math.nan, unit)
+    return PairedDelta(value, float(np.quantile(spread, 0.025)), float(np.quantile(spread, 0.975)), unit)
 
 
 def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: int) -> list[dict[str, Any]]:
@@ -362,9 +474,10 @@ def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: in
                  if (i, p, f) == (init, protocol, fraction) and (reference, protocol, fraction, s) in done]  # fmt: skip
         if not pairs:
             continue
-        value, lo, hi = paired_difference(pairs, compute_auc, resamples, seed)
+        d = paired_bootstrap(pairs, compute_auc, resamples, seed)
         out.append({"init": init, "reference": reference, "protocol": protocol, "fraction": fraction,
-                    "seeds": len(pairs), "delta_auc": value, "delta_lo": lo, "delta_hi": hi})  # fmt: skip
+                    "seeds": len(pairs), "delta_auc": d.value, "delta_lo": d.lo, "delta_hi": d.hi,
+                    "unit": d.unit})  # fmt: skip
     inits = list(dict.fromkeys(r.init for r in rows))
     return sorted(out, key=lambda e: (e["fraction"], inits.index(e["init"]), e["protocol"]))
 
@@ -390,7 +503,8 @@ def to_markdown(summary: list[dict[str, Any]], deltas: list[dict[str, Any]], nam
         lines.append(f"| {e['init']} | {e['protocol']} | {e['fraction']:g} | {labels} | {e['seeds']}{failed} | "
                      f"{_ci(e, 'auc')} | {_sd(e['auc_sd'])} | {_ci(e, 'acc')} | {_sd(e['acc_sd'])} |")  # fmt: skip
     if deltas:
-        lines += ["", "Test AUC difference against the reference init (paired bootstrap over the test images, 95% CI)",
+        unit = "patients" if any(d.get("unit") == "patients" for d in deltas) else "images"
+        lines += ["", f"Test AUC difference against the reference init (paired bootstrap over the test {unit}, 95% CI)",
                   "", "| init | minus | protocol | fraction | seeds | delta AUC (95% CI) |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for d in deltas:

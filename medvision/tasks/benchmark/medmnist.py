@@ -10,7 +10,7 @@ Outputs, in ``--out``: ``medmnist.csv`` (one row per run: test AUC and accuracy 
 bootstrap CIs, accuracy at each operating point, epochs, wall time), ``medmnist_summary.csv`` (mean
 over seeds, mean CI, SD over seeds), ``medmnist_deltas.csv`` (each variant minus the reference, test
 AUC and accuracy, a paired bootstrap CI over the test images and the same seeds) and ``medmnist.md``:
-the machine, then the published rows and medvision's, and the deltas.
+the machine, then the published rows of the file's own image size and medvision's, and the deltas.
 
 Accuracy is the argmax of the probabilities (for two classes, a 0.5 threshold), as MedMNIST v2 and
 MedMNIST+ report it; ``acc@youden`` is the accuracy at the Youden threshold chosen on validation
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ from medvision.metrics import compute_auc
 from medvision.recipe import Recipe, recipe_from_dict
 from medvision.runs import read_run_json
 from medvision.runtime import resolve_amp
-from medvision.tasks.benchmark.labels import StudyResult, TestFigures, paired_difference, write_dicts
+from medvision.tasks.benchmark.labels import StudyResult, TestFigures, finished_as, paired_bootstrap, write_dicts
 from medvision.tasks.benchmark.speed import BenchmarkError, device_name
 from medvision.tasks.train import train
 
@@ -43,7 +44,8 @@ log = logging.getLogger("medvision")
 
 @dataclass(frozen=True)
 class Published:
-    """A published test-split figure at 28 px (AUC and ACC as fractions; SD over their seeds when given)."""
+    """A published test-split figure (AUC and ACC as fractions; SD over their seeds when given) on the files of
+    ``size`` px images: only a run on a file of that size sits beside it."""
 
     source: str
     model: str
@@ -51,6 +53,7 @@ class Published:
     acc: float
     auc_sd: float | None = None
     acc_sd: float | None = None
+    size: int = 28
 
 
 _V2 = "MedMNIST v2 (Yang et al., Sci Data 2023, benchmark table)"
@@ -107,8 +110,52 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def dataset_key(recipe: Recipe) -> str:
-    """``bloodmnist`` for ``.../bloodmnist.npz`` (or ``bloodmnist_64.npz``): which published rows apply."""
+    """``bloodmnist`` for ``.../bloodmnist.npz`` (or ``bloodmnist_64.npz``): which dataset's published rows apply."""
     return Path(recipe.data.path).stem.lower().split("_")[0]
+
+
+def source_side(recipe: Recipe) -> int | None:
+    """The side, in pixels, of the ``.npz`` file's images, from its ``test_images`` array header (nothing is
+    decoded); None when the file is not such an archive.
+
+    MedMNIST+ ships each dataset at 28, 64, 128 and 224 px as separate files, scanned at that size: the
+    file, not its name nor ``data.image_size``, says which published figures a run can be set beside.
+    """
+    try:
+        with zipfile.ZipFile(recipe.data.path) as archive, archive.open("test_images.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read(fh)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return int(shape[1]) if len(shape) >= 3 else None
+
+
+def published_rows(recipe: Recipe, side: int | None) -> list[Published]:
+    """The published figures of the recipe's dataset measured on files of ``side`` px images (none when unknown)."""
+    return [p for p in PUBLISHED.get(dataset_key(recipe), []) if side is not None and p.size == side]
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """``seeds`` unchanged; a :class:`BenchmarkError` when there are none or one is repeated (it would be one run
+    counted twice: the SD over seeds shrinks and the paired delta claims more seeds than it has)."""
+    if not seeds:
+        raise BenchmarkError("--seeds: give at least one seed, e.g. 0,1,2")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        which = f"seed {repeated[0]} is" if len(repeated) == 1 else f"seeds {', '.join(map(str, repeated))} are"
+        raise BenchmarkError(f"--seeds {','.join(map(str, seeds))}: {which} given more than once; each seed is one "
+                             "run, so give distinct seeds, e.g. 0,1,2")  # fmt: skip
+    return seeds
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``, checked by :func:`check_seeds`."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchmarkError(f"--seeds {text!r}: expected whole numbers, comma separated, e.g. 0,1,2") from None
+    return check_seeds(seeds)
 
 
 def configure(base: Recipe, variant: str, overrides: list[str], seed: int, out: Path) -> Recipe:
@@ -157,8 +204,7 @@ def medmnist_benchmark(
         >>> medmnist_benchmark(load_recipe("recipes/breastmnist_effnet_lite0_gray.yaml"), [0, 1, 2],
         ...                    [("base", []), ("no_ls", ["train.label_smoothing=0"])], Path("medmnist-breast"))
     """
-    if not seeds:
-        raise BenchmarkError("--seeds: give at least one seed, e.g. 0,1,2")
+    check_seeds(seeds)
     if not variants:
         variants = [("base", [])]
     names = [n for n, _ in variants]
@@ -173,9 +219,11 @@ def medmnist_benchmark(
             run_dir = Path(r.output_dir) / r.name
             start = time.perf_counter()
             try:
-                if overwrite or not (run_dir / "metrics.json").is_file():
+                if overwrite or not finished_as(run_dir, r):
                     log.info("medmnist benchmark: %s", r.name)
                     train(r, overwrite=True)
+                else:
+                    log.info("medmnist benchmark: %s finished earlier with this recipe; reused", r.name)
                 rows.append(read_run(run_dir, row))
             except Exception as err:  # one failed run is a row with its error; the others still run
                 row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
@@ -185,7 +233,7 @@ def medmnist_benchmark(
             write_dicts(out / "medmnist.csv", [asdict(x) for x in rows])
     summary = summarise(rows, names)
     deltas = variant_deltas(rows, names, resamples, recipe.evaluation.bootstrap_seed)
-    md = to_markdown(recipe, summary, deltas, machine())
+    md = to_markdown(recipe, summary, deltas, machine(), source_side(recipe))
     files = [out / "medmnist.csv", out / "medmnist_summary.csv", out / "medmnist_deltas.csv", out / "medmnist.md"]
     write_dicts(files[1], summary)
     write_dicts(files[2], deltas)
@@ -228,8 +276,9 @@ def variant_deltas(rows: list[SeedRun], names: list[str], resamples: int, seed: 
             continue
         entry: dict[str, Any] = {"variant": name, "reference": names[0], "seeds": len(pairs)}
         for metric, fn in (("auc", compute_auc), ("acc", _accuracy)):
-            value, lo, hi = paired_difference(pairs, fn, resamples, seed)
-            entry.update({f"delta_{metric}": value, f"delta_{metric}_lo": lo, f"delta_{metric}_hi": hi})
+            d = paired_bootstrap(pairs, fn, resamples, seed)
+            entry.update({f"delta_{metric}": d.value, f"delta_{metric}_lo": d.lo, f"delta_{metric}_hi": d.hi,
+                          "unit": d.unit})  # fmt: skip
         out.append(entry)
     return out
 
@@ -247,31 +296,37 @@ def _with_ci_sd(e: dict[str, Any], metric: str) -> str:
     return f"{e[metric]:.4f}{sd}{ci}"
 
 
-def verdict(recipe: Recipe, summary: list[dict[str, Any]]) -> str:
+def verdict(recipe: Recipe, summary: list[dict[str, Any]], side: int | None = 28) -> str:
     """One sentence: the mean test AUC and ACC of the variant with the best validation AUC (then accuracy): the
-    one a user would pick without looking at the test split, against the best published 28 px figures."""
-    published = PUBLISHED.get(dataset_key(recipe), [])
+    one a user would pick without looking at the test split, against the best published figures at the file's
+    image size (none: no sentence)."""
+    published = published_rows(recipe, side)
     done = [e for e in summary if e["seeds"] and math.isfinite(e["val_auc"])]
     if not published or not done:
         return ""
     best = max(done, key=lambda e: (e["val_auc"], e["val_acc"]))
     auc_bar, acc_bar = max(p.auc for p in published), max(p.acc for p in published)
 
-    def side(value: float, bar: float) -> str:
+    def against(value: float, bar: float) -> str:
         return f"{value:.4f} >= {bar:.4g}" if value >= bar else f"{value:.4f} < {bar:.4g} (gap {bar - value:.4f})"
 
     return (f"{dataset_key(recipe)}: medvision `{best['variant']}` (best validation AUC; mean of {best['seeds']} "
             f"seeds) test AUC "
-            f"{side(best['auc'], auc_bar)}, ACC {side(best['acc'], acc_bar)}, against the best published 28 px "
-            "figures.")  # fmt: skip
+            f"{against(best['auc'], auc_bar)}, ACC {against(best['acc'], acc_bar)}, against the best published "
+            f"{published[0].size} px figures.")  # fmt: skip
 
 
 def to_markdown(recipe: Recipe, summary: list[dict[str, Any]], deltas: list[dict[str, Any]],
-                host: dict[str, str]) -> str:  # fmt: skip
+                host: dict[str, str], side: int | None = 28) -> str:  # fmt: skip
+    """The table; ``side`` is the file's image side (:func:`source_side`), which picks the published rows."""
     size = recipe.data.image_size
+    resized = "" if side is None or size == side else f" {'upsampled' if size > side else 'downsampled'} to {size} px"
+    source = f"{side} px source images{resized}" if side else f"source image size unknown, model input {size} px"
+    published = published_rows(recipe, side)
+    other = sorted({p.size for p in PUBLISHED.get(dataset_key(recipe), [])} - {p.size for p in published})
     lines = [
-        f"MedMNIST benchmark of `{recipe.name}` ({dataset_key(recipe)}, official test split, 28 px source images"
-        f"{f' upsampled to {size} px' if size != 28 else ''}; mean over seeds ± SD, mean 95% bootstrap CI)",
+        f"MedMNIST benchmark of `{recipe.name}` ({dataset_key(recipe)}, official test split, {source}; mean over "
+        "seeds ± SD, mean 95% bootstrap CI)",
         "",
         f"Machine: {host['device']}; CPU flags {host['cpu_flags']}; amp auto = {host['amp_auto']}; torch "
         f"{host['torch']}; {host['date']}",
@@ -280,7 +335,11 @@ def to_markdown(recipe: Recipe, summary: list[dict[str, Any]], deltas: list[dict
         "| epochs (best) | min/run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for p in PUBLISHED.get(dataset_key(recipe), []):
+    if other:
+        lines[1:1] = ["", f"Published figures for {dataset_key(recipe)} at {', '.join(map(str, other))} px are not "
+                      "shown: " + (f"this file's images are {side} px" if side else "this file's image size is unknown")
+                      + ", and a file of another size is other data, not comparable."]  # fmt: skip
+    for p in published:
         auc = f"{p.auc:.4g}" + (f" ± {p.auc_sd:.4f}" if p.auc_sd is not None else "")  # as published: 3 or 4 places
         acc = f"{p.acc:.4g}" + (f" ± {p.acc_sd:.4f}" if p.acc_sd is not None else "")
         seeds = 3 if p.auc_sd is not None else "-"
@@ -295,7 +354,8 @@ def to_markdown(recipe: Recipe, summary: list[dict[str, Any]], deltas: list[dict
             f"{_f(e['epochs'], 0)} ({_f(e['best_epoch'], 0)}) | {_f(e['seconds'] / 60, 1)} |"
         )
     if deltas:
-        title = "Each variant minus the reference, same seeds, paired bootstrap over the test images (95% CI)"
+        unit = "patients" if any(d.get("unit") == "patients" for d in deltas) else "images"
+        title = f"Each variant minus the reference, same seeds, paired bootstrap over the test {unit} (95% CI)"
         lines += ["", title, "", "| variant | minus | seeds | delta AUC | delta ACC |", "| --- " * 5 + "|"]
         for d in deltas:
             lines.append(
@@ -303,5 +363,5 @@ def to_markdown(recipe: Recipe, summary: list[dict[str, Any]], deltas: list[dict
                 f"({d['delta_auc_lo']:+.4f} to {d['delta_auc_hi']:+.4f}) | {d['delta_acc']:+.4f} "
                 f"({d['delta_acc_lo']:+.4f} to {d['delta_acc_hi']:+.4f}) |"
             )
-    said = verdict(recipe, summary)
+    said = verdict(recipe, summary, side)
     return "\n".join(lines + (["", said] if said else [])) + "\n"

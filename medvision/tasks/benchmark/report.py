@@ -148,6 +148,13 @@ def _fmt(value: float | int | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _sig(value: float | None, digits: int = 3) -> str:
+    """``digits`` significant figures: a small model's 0.00042 TFLOP/s on a CPU is not ``0.000``."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
 def _spread(s: Spread | None, digits: int = 1) -> str:
     return "n/a" if s is None else f"{_fmt(s.median, digits)} ({_fmt(s.min, digits)}–{_fmt(s.max, digits)})"
 
@@ -221,10 +228,10 @@ def speed_markdown(header: dict[str, Any], rows: list[SpeedRow]) -> str:
                "infer mem GiB", "note"]  # fmt: skip
     body = []
     for r in rows:
-        cells = [r.backbone, _fmt(r.params and r.params / 1e6, 2), _fmt(r.gflops, 3)]
+        cells = [r.backbone, _fmt(r.params and r.params / 1e6, 2), _sig(r.gflops)]
         for mode in ("train", "infer"):
             m = r.modes.get(mode)
-            cells += [_spread(m.img_s), _fmt(m.step_ms.median, 1), _fmt(m.tflops, 3), _fmt(m.mfu, 3),
+            cells += [_spread(m.img_s), _fmt(m.step_ms.median, 1), _sig(m.tflops), _sig(m.mfu),
                       _fmt(m.mem_gib, 2)] if m else ["n/a"] * 5  # fmt: skip
         cells.append(r.error)
         body.append(cells)
@@ -315,7 +322,7 @@ def recipe_markdown(header: dict[str, Any], rows: list[RecipeRow]) -> str:
     columns = ["backbone", "init", "test AUC (CI)", "test ACC (CI)", "train img/s", "infer img/s (min–max)",
                "params (M)", "GFLOPs/img", "infer mem GiB", "wall s", "note"]  # fmt: skip
     body = [[r.backbone, r.init, _with_ci(r.test_auc, r.auc_ci), _with_ci(r.test_acc, r.acc_ci),
-             _fmt(r.train_img_s), _spread(r.infer_img_s), _fmt(r.params and r.params / 1e6, 2), _fmt(r.gflops, 3),
+             _fmt(r.train_img_s), _spread(r.infer_img_s), _fmt(r.params and r.params / 1e6, 2), _sig(r.gflops),
              _fmt(r.infer_mem_gib, 2), _fmt(r.seconds, 0), r.error] for r in rows]  # fmt: skip
     return "\n".join([*lines, "", *_table(columns, body)]) + "\n"
 
