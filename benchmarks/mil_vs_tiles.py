@@ -11,7 +11,7 @@ tissue) and compared two ways, cross-validated by patient:
   (``patient_folds``), so every head gets the same folds; the script checks that the four ``folds.csv`` agree.
 - **Tile fine-tuning** (what ``data.source: slides`` does today): for fold ``f`` a manifest with a ``split``
   column: ``test`` = the slides of fold ``f`` in the MIL runs' ``folds.csv``; ``val`` = the patients the MIL
-  fold used for early stopping, recomputed with ``inner_validation(labels, patients, train, val_fraction,
+  fold used for early stopping, recomputed with ``validation_split(labels, patients, train, val_fraction,
   seed + 1000 + f, stratify=True)`` on the rows of ``folds.csv`` (the cohort's slide order, labels as indices
   of the sorted class names, exactly as ``medvision.tasks.mil._fold`` calls it; the script checks the fit/val
   slide counts against each MIL fold's record); ``train`` = the rest. The same ImageNet ``tf_efficientnet_lite0``
@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from medvision.data.slide_features import FeatureCohort, inner_validation
+from medvision.data.slide_features import FeatureCohort, validation_split
 from medvision.intervals import bootstrap_cis
 from medvision.metrics import MetricWarning, compute_auc
 from medvision.recipe import EvalConfig, SlidesConfig, load_recipe
@@ -163,9 +163,10 @@ def split_manifest(slides: Path, rows: list[dict[str, str]], f: int, seed: int) 
     labels = np.asarray([CLASSES.index(r["label"]) for r in rows], np.int64)
     patients = [r["patient_id"] for r in rows]
     fold = np.asarray([int(r["fold"]) for r in rows])
-    fit, val = inner_validation(labels, patients, np.flatnonzero(fold != f), VAL_FRACTION, seed + 1000 + f, True)
-    if len(val) == 0:  # inner_validation holds none out with under max(4, 1 / fraction) training patients
-        raise SystemExit(f"fold {f}: too few training patients for a validation split; use more --slides")
+    fit, val, why = validation_split(labels, patients, np.flatnonzero(fold != f), VAL_FRACTION, seed + 1000 + f,
+                                     True, CLASSES)  # fmt: skip
+    if len(val) == 0:  # the MIL heads then train without early stopping; tile fine-tuning needs a val split
+        raise SystemExit(f"fold {f}: no validation split ({why}); use more --slides")
     split = {r["slide_path"]: "test" for r in rows if int(r["fold"]) == f}
     split.update({rows[i]["slide_path"]: "val" for i in val})
     split.update({rows[i]["slide_path"]: "train" for i in fit})

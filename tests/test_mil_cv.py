@@ -19,7 +19,6 @@ from sklearn.metrics import roc_auc_score
 from medvision.cli import main
 from medvision.data.slide_features import (
     FeatureCohort,
-    inner_validation,
     load_feature_cohort,
     patient_folds,
     validation_split,
@@ -76,7 +75,7 @@ def test_patient_folds_keep_patients_whole_and_classes_in_every_fold() -> None:
     assert not np.array_equal(folds, patient_folds(labels, patients, 5, seed=2, stratify=True))
     cont = patient_folds(rng.normal(size=60), patients, 4, seed=0, stratify=False)
     assert sorted(np.bincount(cont).tolist()) == [15, 15, 15, 15]
-    fit, val = inner_validation(labels, patients, np.flatnonzero(folds != 0), 0.2, 0, True)
+    fit, val, _ = validation_split(labels, patients, np.flatnonzero(folds != 0), 0.2, 0, True)
     assert not {patients[i] for i in fit} & {patients[i] for i in val} and set(labels[val]) == {0, 1}
     with pytest.raises(DataSourceError, match="at least 5 patients"):
         patient_folds(labels[:6], patients[:6], 5, 0, True)
@@ -548,7 +547,7 @@ def test_small_cohorts_validate_only_with_every_class_on_both_sides_or_not_at_al
         assert len(val) == 0 and list(fit) == list(rows) and "class 'tumour' has 1 training patient" in why
     two = np.asarray([1, 1, 0, 0, 0, 0, 0, 0])
     for seed in range(5):
-        fit, val = inner_validation(two, pats, rows, 0.2, seed, True)
+        fit, val, _ = validation_split(two, pats, rows, 0.2, seed, True)
         assert set(two[fit]) == set(two[val]) == {0, 1}
     manifest, folder = _cache(
         tmp_path, [(f"p{p}.svs", "tumour" if p % 2 else "normal", f"P{p:02d}") for p in range(12)]

@@ -240,10 +240,3 @@ def validation_split(labels: np.ndarray, patients: list[str], train: np.ndarray,
             return train[sub != f], train[sub == f], ""
     return train, train[:0], (f"no split of the training patients into {k} folds left every class in both the fit "
                               "and the validation patients")  # fmt: skip
-
-
-def inner_validation(labels: np.ndarray, patients: list[str], train: np.ndarray, fraction: float, seed: int,
-                     stratify: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(fit, validation) of :func:`validation_split`, without the reason an empty validation set has."""
-    fit, val, _ = validation_split(labels, patients, train, fraction, seed, stratify)
-    return fit, val

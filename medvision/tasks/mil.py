@@ -5,7 +5,7 @@ fold, so every run is a k-fold cross-validation grouped by patient
 (:func:`medvision.data.slide_features.patient_folds`):
 
 1. fold ``f``'s test slides are its patients'; of the other patients, about ``mil.val_fraction`` validate (early
-   stopping; :func:`medvision.data.slide_features.inner_validation`) and the rest fit the head
+   stopping; :func:`medvision.data.slide_features.validation_split`) and the rest fit the head
    (:func:`medvision.models.mil_fit.fit_mil`);
 2. the head predicts its test slides (out-of-fold), and is kept as ``folds/fold<f>.safetensors``, with its record
    ``folds/fold<f>.json``: the test slides and their predictions, the fit and validation slide and patient

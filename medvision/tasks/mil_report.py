@@ -173,7 +173,7 @@ def _across(summary: dict[str, Any], name: str, folds: int) -> list[str]:
 def validation_note(folds: list[dict[str, Any]], val_fraction: float) -> str:
     """What the report says about early stopping: the share of each fold's training patients that was held out
     to validate, measured from the folds' rows (``fit_patients``, ``val_patients``), not ``val_fraction`` (which
-    :func:`~medvision.data.slide_features.inner_validation` meets only as one of ``round(1 / val_fraction)``
+    :func:`~medvision.data.slide_features.validation_split` meets only as one of ``round(1 / val_fraction)``
     patient folds), and the folds that held none out, with why when their rows say (``no_validation``)."""
     known = [r for r in folds if r.get("val_patients") is not None and r.get("fit_patients") is not None]
     held = [r for r in known if r["val_patients"]]
