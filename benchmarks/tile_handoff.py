@@ -5,7 +5,7 @@ that comes back through the pool's pipe goes in 64 KB steps, each a switch betwe
 unpickled in the parent, on the cores the encoder needs. With ``isolated_map(..., hand_off=True)`` (what the tile
 stream uses) a worker writes each array result into a slot in RAM that the parent made (a memory file, or a file in
 ``/dev/shm`` where there are none), which the parent reads back and gives out again
-(:class:`~medvision.workers.Slots`, :class:`~medvision.workers.HandOff`). This script runs ``isolated_map`` both
+(:class:`~medvision.handoff.Slots`, :class:`~medvision.handoff.HandOff`). This script runs ``isolated_map`` both
 ways over ``--batches`` batches (one worker, a batch a task, reading ahead as the tile stream does), alternating,
 ``--rounds`` times: the wall time a batch (the whole call over the batches, the pool's start included) and the
 parent's CPU time a batch (``time.process_time``: all the parent's threads), medians over the rounds. Both processes
@@ -17,7 +17,7 @@ float32 (32, 3, 224, 224), 19 MB). The worker's time to make the batch (``np.ful
 Then the file itself, two ways, alternating, in the same run (``--file-batches`` batches a round): a new file a
 batch (the writer makes it, the parent reads it back and removes it: the hand-off as first written) against a few
 slots written in place and used again once read back (what ``isolated_map`` does now), both through
-:class:`~medvision.workers.HandOff` with four batches in flight, one writer process: MB/s moved, and the
+:class:`~medvision.handoff.HandOff` with four batches in flight, one writer process: MB/s moved, and the
 parent's CPU time a batch. A new file needs new pages from the kernel for every batch; a slot keeps its pages.
 
 Last, the tile stream as a GPU sees it (``--consumer-ms``, default 7: ``tf_efficientnet_lite0``'s batch of 32 on
@@ -47,7 +47,7 @@ from machine import busy, cpu_info, print_table, write_csv
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from medvision import workers
+from medvision import handoff
 from medvision.runtime import reuse_freed_memory
 from medvision.workers import HandOff, PoolStats, Slots, discard, handoff_path, isolated_map, start_forkserver
 
@@ -108,7 +108,7 @@ def file_way(shape: tuple[int, ...], dtype: str, n: int, fresh: bool) -> tuple[f
 
 def consumer_way(way: str, n: int, workers_n: int, ms: float) -> tuple[float, int]:
     """Batches/s a GIL-holding consumer gets from ``isolated_map`` over ``n`` features batches, and how many came
-    through the pipe: ``pipe``, ``memfd`` slots or ``file`` slots in ``workers.HANDOFF_DIR``."""
+    through the pipe: ``pipe``, ``memfd`` slots or ``file`` slots in ``handoff.HANDOFF_DIR``."""
     stats = PoolStats()
     shape, dtype = BATCHES["features: uint8 (32, 224, 224, 3)"]
     Slots.memory_files = way == "memfd"  # read when the pool makes its slots, at its first result
@@ -128,7 +128,7 @@ def consumer_way(way: str, n: int, workers_n: int, ms: float) -> tuple[float, in
 
 
 def consumer_table(args: argparse.Namespace, machine: str) -> None:
-    workers.HANDOFF_DIR = args.shm_dir
+    handoff.HANDOFF_DIR = args.shm_dir  # where handoff_path and the slots make their files
     rows = []
     for workers_n in args.workers:
         got: dict[str, list[tuple[float, int]]] = {"pipe": [], "memfd": [], "file": []}
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--consumer-ms", type=float, default=7.0)
     ap.add_argument("--consumer-batches", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[4, 12])
-    ap.add_argument("--shm-dir", type=Path, default=workers.HANDOFF_DIR)
+    ap.add_argument("--shm-dir", type=Path, default=handoff.HANDOFF_DIR)
     ap.add_argument("--only", choices=["pipe", "file", "consumer"], help="one part only")
     ap.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
     args = ap.parse_args()

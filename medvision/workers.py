@@ -6,8 +6,8 @@ one loop forever. In torch's DataLoader any of these kills the whole run. :func:
 the work in a pool of processes from Pebble (a maintained library made for exactly this: a pool
 whose tasks can time out, and whose dead workers are replaced without breaking the pool), in chunks:
 
-1. a chunk whose worker dies or passes its deadline is detected by the pool, which starts a fresh
-   worker in its place;
+1. a chunk whose worker dies, passes its deadline or raises anything at all (a ``PanicException`` too) is
+   detected by the pool, which starts a fresh worker in place of one that died;
 2. that chunk's files are retried one by one, each in its own task (a fresh or healthy worker); a chunk of
    one item is not retried (it already was alone);
 3. the one file that still kills or hangs its worker becomes a :class:`Failure` with the reason
@@ -16,29 +16,38 @@ whose tasks can time out, and whose dead workers are replaced without breaking t
 Results come back in input order, so an output written from them is deterministic. Workers start
 from a ``forkserver`` (a clean, single-threaded process), never by forking a process that runs
 inference threads or holds a CUDA context.
+
+A run that is stopped from outside stops its workers: SIGTERM while a pool runs raises ``SystemExit(143)``
+in the main thread, so the pool's own stop path runs, and a worker ends as soon as its parent is gone
+(``kill -9``), so no reader hung in a decoder keeps the forkserver and the resource tracker alive after it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import signal
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import closing, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
+
+from medvision.handoff import HANDOFF_DIR as HANDOFF_DIR
+from medvision.handoff import HandOff as HandOff
+from medvision.handoff import Slots as Slots
+from medvision.handoff import discard as discard
+from medvision.handoff import handoff_path as handoff_path
+from medvision.handoff import sweep_handoffs as sweep_handoffs
 
 log = logging.getLogger("medvision")
 T = TypeVar("T")
@@ -82,6 +91,12 @@ class PoolStats:
     handed_off: int = 0
     piped: int = 0
 
+    def add(self, other: PoolStats) -> None:
+        """Counts ``other``'s losses in with these (a second pool of the same run: the tile readers)."""
+        self.lost_chunks += other.lost_chunks
+        self.crashed_files += other.crashed_files
+        self.timed_out_files += other.timed_out_files
+
 
 #: The longest a worker waits at :func:`wait_turn` at a time, in seconds: beside a consumer that keeps a result
 #: longer (a slow model), a worker reads a step each wait, so no task comes near its timeout for waiting.
@@ -96,183 +111,63 @@ def wait_turn() -> None:
         go.wait(_TURN["pause"])
 
 
-def _init_turns(go: Any, pause: float, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
-    _TURN.update(go=go, pause=pause)
+def _init_worker(go: Any, pause: float, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    """Every worker's set-up: it dies with its parent, waits its turn (``go``: ``isolated_map(turns=True)``), then
+    runs the pool's own ``initializer``."""
+    _die_with_parent()
+    if go is not None:
+        _TURN.update(go=go, pause=pause)
     if initializer is not None:
         initializer(*initargs)
 
 
-#: Where a worker leaves a large array for its parent when no memory file can be shared (:class:`Slots`): RAM
-#: (tmpfs) where the system has it.
-HANDOFF_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-_HANDOFF_PREFIX = "medvision-handoff-"
-_handoff_ids = itertools.count()
+def _die_with_parent() -> None:
+    """A worker hung in a decoder outlives a parent that was killed, and with it the forkserver (which lives while a
+    worker holds its pipe) and the resource tracker, unless it is told to die with it. Its parent in the kernel's
+    sense is the forkserver, so ``PR_SET_PDEATHSIG`` cannot tie it to the run's process; the pipe that
+    multiprocessing keeps open from that process (its ``parent_process().sentinel``) can: a thread waits for its end
+    and ends the worker. (A decoder that loops in C holding the GIL keeps the thread from running: none of the
+    slide or DICOM decoders does.)"""
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        threading.Thread(target=_watch_parent, args=(parent.sentinel,), name="medvision-parent", daemon=True).start()
 
 
-def handoff_path() -> str:
-    """A new hand-off file in :data:`HANDOFF_DIR`: empty, this user's only, made by the parent (so that it can
-    remove the file whatever becomes of the worker) and named with the parent's pid (so that
-    :func:`sweep_handoffs` knows whose it is). A file that cannot be made (no room) is no error: the worker cannot
-    open it, and its array travels through the pipe."""
-    path = str(HANDOFF_DIR / f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}")
-    with suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # readable by this user only: the
-    return path  # pixels are a patient's
+def _watch_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
-def discard(path: str) -> None:
-    """Removes a hand-off file, if the worker got as far as writing it."""
-    with suppress(FileNotFoundError):
-        os.unlink(path)
+_TERM: dict[str, Any] = {"depth": 0, "previous": None}
 
 
-def sweep_handoffs() -> None:
-    """Removes hand-off files left by a parent that no longer runs (one killed before it could clean up)."""
-    for path in HANDOFF_DIR.glob(f"{_HANDOFF_PREFIX}*"):
-        pid = path.name[len(_HANDOFF_PREFIX) :].split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            discard(str(path))
-        except (ValueError, PermissionError):  # not ours to judge: another user's, or not a name we wrote
-            continue
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
-class Slots:
-    """One pool's hand-off slots (:class:`HandOff`): files in RAM that the parent makes, a worker writes in place
-    from the start, and the parent reads back and gives out again, so a slot's pages stay in RAM from one batch
-    to the next (a new file a batch made the kernel find fresh pages for every one: slots move 2.3x the MB/s).
-
-    A slot is an anonymous memory file (``memfd_create``) that the worker opens by its ``/proc/<parent>/fd/<n>``
-    path. No mount bounds it, where ``/dev/shm`` is as small as 64 MB in a Docker container (15 readers keep 30
-    tile batches of 4.8 MB in flight), and every array that did not fit came through the pool's pipe: one thread
-    of the parent reads the pipe in 64 KB steps, each waiting for the GIL that the model's launches hold
-    (benchmarks/RESULTS.md, "Tile hand-off"). A memory file also goes with its parent, however that ends.
-    Where there are no memfds, or a worker cannot open one (no access to the parent's ``/proc``), the slots from
-    then on are files in :data:`HANDOFF_DIR` (:func:`handoff_path`).
-
-    A slot whose result was lost (its worker died, hung or was cancelled) or could not be read is retired:
-    emptied at once and never given out again. A retired memory file stays open until :meth:`close`, called once
-    no worker runs: its descriptor, closed earlier, could be given to a file the run opens next (a feature file),
-    which a worker still being stopped would then write tiles into.
-    """
-
-    memory_files = True
-    """False: files in :data:`HANDOFF_DIR` only (``benchmarks/tile_handoff.py`` measures both)."""
-
-    def __init__(self) -> None:
-        self.memfd = self.memory_files and hasattr(os, "memfd_create") and Path(f"/proc/{os.getpid()}/fd").is_dir()
-        self.fds: dict[str, int] = {}  # memory-file slots: path -> this process's descriptor
-        self.files: set[str] = set()  # slots in HANDOFF_DIR
-        self.free: list[str] = []  # read back, to be given out again
-
-    def get(self) -> str:
-        """A slot for one result: one read back before, or a new one."""
-        if self.free:
-            return self.free.pop()
-        if self.memfd:
-            try:
-                fd = os.memfd_create(_HANDOFF_PREFIX.rstrip("-"))  # close-on-exec: no other program inherits it
-            except OSError:
-                self.memfd = False
-            else:
-                with suppress(OSError):  # the pixels are a patient's: this user only (as /proc allows already)
-                    os.fchmod(fd, 0o600)
-                path = f"/proc/{os.getpid()}/fd/{fd}"
-                self.fds[path] = fd
-                return path
-        path = handoff_path()
-        self.files.add(path)
-        return path
-
-    def put_back(self, path: str) -> None:
-        """The slot's result has been read (or it was not an array): give it out again."""
-        self.free.append(path)
-
-    def unwritten(self, path: str) -> None:
-        """A worker could not write the slot and sent its array through the pipe. A memory file: the worker cannot
-        open the parent's (no access to its ``/proc``), so the next slots are files. A file: ``/dev/shm`` was full
-        (the worker emptied the slot), and may have room for it later."""
-        if path in self.fds:
-            self.memfd = False
-            self.retire(path)
-        else:
-            self.put_back(path)
-
-    def retire(self, path: str) -> None:
-        """Empties the slot for good: its file removed, or its memory file truncated (closed by :meth:`close`)."""
-        fd = self.fds.get(path)
-        if fd is None:
-            self.files.discard(path)
-            discard(path)
-            return
-        with suppress(OSError):
-            os.ftruncate(fd, 0)
-
-    def close(self) -> None:
-        """Once no worker runs: every slot closed or removed."""
-        for fd in self.fds.values():
-            with suppress(OSError):
-                os.close(fd)
-        for path in self.files:
-            discard(path)
-        self.fds, self.files, self.free = {}, set(), []
-
-
-@dataclass(frozen=True)
-class HandOff:
-    """A worker's numpy result, left in a slot in RAM (:class:`Slots`) for its parent instead of pickled through
-    the pool's pipe.
-
-    Pebble sends a result down a pipe in 64 KB steps, each a switch between the two processes: a batch of 32
-    tiles of 224 px (4.8 MB) took 11.6 ms and 4.4 ms of the parent's CPU, on the cores the encoder needs, against
-    4.9 ms and 1.5 ms this way (benchmarks/tile_handoff.py): one copy out and one copy in. A slot that cannot be
-    written (no access, or a full ``/dev/shm``) is no error: the array then travels through the pipe as before.
-    Plain ``write``/``read``, not a shared mapping, so a full tmpfs is an ``OSError`` here and never a ``SIGBUS``
-    in the middle of a copy.
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @classmethod
-    def leave(cls, array: np.ndarray, path: str) -> HandOff | np.ndarray:
-        """Worker side: ``array`` written into the slot ``path`` (the parent's: never made here), from its start;
-        ``array`` itself when it cannot be, and then the slot emptied, so that a write cut short by a full tmpfs
-        does not keep its pages from the other slots."""
-        data = np.ascontiguousarray(array)
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except OSError:
-            return array
-        try:
-            view = data.reshape(-1).view(np.uint8).data
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
-            with suppress(OSError):
-                os.ftruncate(fd, 0)
-            return array
-        finally:
-            os.close(fd)
-        return cls(path, data.shape, data.dtype.str)
-
-    def take(self) -> np.ndarray:
-        """Parent side: the array, read back from the slot (which stays: its owner gives it out again or removes
-        it).
-
-        Raises:
-            OSError: the slot cannot be read, or holds fewer bytes than the array.
-        """
-        out = np.empty(self.shape, np.dtype(self.dtype))
-        view, done = out.reshape(-1).view(np.uint8).data, 0
-        with open(self.path, "rb", buffering=0) as fh:
-            while done < len(view) and (n := fh.readinto(view[done:])):
-                done += n
-        if done != out.nbytes:
-            raise OSError(f"{self.path}: hand-off slot holds {done} bytes, expected {out.nbytes} for {self.shape}")
-        return out
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a pool runs, SIGTERM (``kill``, a scheduler's time limit, ``docker stop``) raises ``SystemExit(143)``
+    in the main thread, so the pool's stop path runs (workers stopped, hand-off files removed) where the default
+    action would end the process at once and leave hung readers behind. Only in the main thread (where a handler can
+    be set), only over the default action (a program with its own handler, or one that ignores SIGTERM, has
+    decided), once for pools that run at the same time; the previous handler is back when the last ends."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and _TERM["depth"] == 0:
+        previous = signal.getsignal(signal.SIGTERM)
+        _TERM["previous"] = previous if previous == signal.SIG_DFL else None
+        if _TERM["previous"] is not None:
+            signal.signal(signal.SIGTERM, _terminated)
+    _TERM["depth"] += main
+    try:
+        yield
+    finally:
+        _TERM["depth"] -= main
+        if main and _TERM["depth"] == 0 and _TERM["previous"] is not None:
+            with suppress(ValueError):  # a generator closed from another thread: left to the next pool's end
+                if signal.getsignal(signal.SIGTERM) is _terminated:
+                    signal.signal(signal.SIGTERM, _TERM["previous"])
+                _TERM["previous"] = None
 
 
 def _death(exitcode: int | None) -> str:
@@ -285,7 +180,7 @@ def _death(exitcode: int | None) -> str:
     return f"decoder crashed: its worker process exited with code {exitcode}"
 
 
-def _failure(err: Exception, timeout: float, stats: PoolStats) -> Failure:
+def _failure(err: BaseException, timeout: float, stats: PoolStats) -> Failure:
     """What became of an item whose task failed on its own (it was alone in its chunk), counted in ``stats``."""
     if isinstance(err, FutureTimeout):
         stats.timed_out_files += 1
@@ -294,6 +189,18 @@ def _failure(err: Exception, timeout: float, stats: PoolStats) -> Failure:
     if isinstance(err, ProcessExpired):
         return Failure(_death(err.exitcode))
     return Failure(f"reading failed in its worker process ({type(err).__name__}: {err})")
+
+
+def _outcome(future: Any) -> tuple[Any, BaseException | None]:
+    """``future``'s result, or the exception its task ended with: of any kind, since a Rust decoder's
+    ``PanicException`` derives from ``BaseException`` and must cost its chunk only, not the run. This process's own
+    Ctrl-C or SIGTERM, raised while it waits, goes on up."""
+    try:
+        return future.result(), None
+    except BaseException as err:
+        if future.done() and not future.cancelled() and future.exception() is err:
+            return None, err
+        raise
 
 
 class _Inline(Generic[R]):
@@ -439,9 +346,10 @@ def isolated_map(
 
     ``hand_off``: a result that is a numpy array comes back through a slot in RAM (:class:`Slots`,
     :class:`HandOff`), not the pool's pipe: at most as many slots as results in flight, each used again once read
-    back; the slots of results lost or cancelled are retired at once, and all are closed once the workers are
-    stopped, so none is written afterwards (files left in ``/dev/shm`` by a parent that was killed are swept by the
-    next pool that hands off). A slot that cannot be read back makes that item a :class:`Failure`.
+    back; the slots of results lost or cancelled are closed at once (however many slides fail, the slots open stay
+    as few as the results in flight), the rest once the workers are stopped (files left in ``/dev/shm`` by a parent
+    that was killed are swept by the next pool that hands off). A slot that cannot be read back makes that item a
+    :class:`Failure`.
 
     ``turns``: the workers share the consumer's cores (a model on the CPU). From a result's yield until the consumer
     asks for the next, a worker waits at each :func:`wait_turn`, so reading and computing take turns instead of
@@ -457,6 +365,15 @@ def isolated_map(
         for part in _chunks(items, chunk):
             yield from zip(part, _Inline(fn, part).result(), strict=True)
         return
+    with _sigterm_raises():
+        yield from _pooled(fn, items, workers, timeout, chunk, initializer, initargs, stats, skip, hand_off, turns)
+
+
+def _pooled(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: int, timeout: float, chunk: int,
+            initializer: Callable[..., None] | None, initargs: tuple[Any, ...], stats: PoolStats,
+            skip: Callable[[T], bool] | None, hand_off: bool, turns: bool,
+            ) -> Generator[tuple[T, R | Failure], None, None]:  # fmt: skip
+    """:func:`isolated_map` with ``workers`` processes."""
     context = _context()
     ahead = max(2, 2 * workers)
     drawn = _Drawn(items, chunk, ahead)
@@ -472,8 +389,8 @@ def isolated_map(
         go = context.Event() if turns else None  # set: the workers' turn
         if go is not None:
             go.set()
-            initializer, initargs = _init_turns, (go, TURN_PAUSE, initializer, initargs)
-        pool = ProcessPool(max_workers=workers, initializer=initializer, initargs=initargs, context=context)
+        setup = (go, TURN_PAUSE, initializer, initargs)
+        pool = ProcessPool(max_workers=workers, initializer=_init_worker, initargs=setup, context=context)
         results = _results(pool, fn, first, drawn, ahead, timeout, stats, skip, slots)
         try:
             with closing(results):
@@ -495,10 +412,12 @@ def isolated_map(
             slots.close()
 
 
-def _hand_back(fn: Callable[[list[T]], list[R]], part: list[T], paths: list[str]) -> list[Any]:
-    """A task of a pool that hands off: ``fn``'s results, each array left in the file named for it."""
+def _hand_back(fn: Callable[[list[T]], list[R]], part: list[T], paths: list[str], links: list[str | None]) -> list[Any]:
+    """A task of a pool that hands off: ``fn``'s results, each array left in the slot named for it (``links``: what
+    each slot must lead to, :meth:`Slots.link`)."""
     results = fn(part)
-    return [HandOff.leave(r, p) if isinstance(r, np.ndarray) else r for r, p in zip(results, paths, strict=True)]
+    return [HandOff.leave(r, p, k) if isinstance(r, np.ndarray) else r
+            for r, p, k in zip(results, paths, links, strict=True)]  # fmt: skip
 
 
 def _results(
@@ -524,7 +443,8 @@ def _results(
         if slots is None:
             return pool.schedule(fn, (part,), timeout=timeout * len(part)), [""] * len(part)
         paths = [slots.get() for _ in part]
-        return pool.schedule(_hand_back, (fn, part, paths), timeout=timeout * len(part)), paths
+        links = [slots.link(path) for path in paths]
+        return pool.schedule(_hand_back, (fn, part, paths, links), timeout=timeout * len(part)), paths
 
     def received(value: Any, path: str) -> Any:
         """A result as the consumer gets it: a handed-off array read back; its slot given out again."""
@@ -548,7 +468,7 @@ def _results(
 
     def drop(paths: list[str]) -> None:
         """Retires the slots of results lost or cancelled now, never to be given out again (a worker being stopped
-        may still write them)."""
+        may still run: it checks a slot's link before it writes, :meth:`HandOff.leave`)."""
         if slots is not None:
             for path in paths:
                 slots.retire(path)
@@ -570,9 +490,8 @@ def _results(
             drop(paths)
             yield from ((item, SKIPPED) for item in part)
             continue
-        try:
-            got = list(zip(part, future.result(), paths, strict=True))
-        except Exception as err:  # ProcessExpired, a timeout, or a result that could not travel back
+        values, err = _outcome(future)
+        if err is not None:  # ProcessExpired, a timeout, a result that could not travel back, or a decoder's panic
             drop(paths)
             stats.lost_chunks += 1
             what = f"failed ({type(err).__name__}: {err})"
@@ -583,14 +502,14 @@ def _results(
                 continue
             log.warning("a decode worker %s while reading %d file(s); retrying them one by one", what, len(part))
         else:
+            got = list(zip(part, values, paths, strict=True))
             yield from ((item, received(value, path)) for item, value, path in got)
             continue
         singles = [(item, *schedule([item])) for item in part]
         for item, single, (path,) in singles:
-            try:
-                value = single.result()[0]
-            except Exception as err:
+            values, err = _outcome(single)
+            if err is not None:
                 drop([path])
                 yield item, _failure(err, timeout, stats)
             else:
-                yield item, received(value, path)
+                yield item, received(values[0], path)

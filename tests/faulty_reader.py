@@ -37,8 +37,9 @@ def read(path: Path, rel: str, cfg: ReadConfig) -> FileResult:
 
 
 class TileFault:
-    """A tile transform that fails as a compiled slide decoder can: ``raise``, ``exit`` (the worker dies), ``segv``
-    or ``hang``. Set on the tile reader of a slide named ``FAULT-<kind>...`` to test the tile stream."""
+    """A tile transform that fails as a compiled slide decoder can: ``raise``, ``panic`` (a Rust decoder's
+    ``PanicException``, a ``BaseException``), ``exit`` (the worker dies), ``segv`` or ``hang``. Set on the tile
+    reader of a slide named ``FAULT-<kind>...`` to test the tile stream."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -46,6 +47,8 @@ class TileFault:
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         if self.kind == "raise":
             raise OSError("JPEG tile data is damaged")
+        if self.kind == "panic":
+            raise PanicException("called `Option::unwrap()` on a `None` value")
         if self.kind == "exit":
             os._exit(3)
         if self.kind == "segv":

@@ -38,11 +38,12 @@ CLASSES = ["dark", "pale"]
 
 
 class BrightnessUnit(SlideScan):
-    """Slides to tiles to one row a slide, measuring brightness; slides named ``FAULT-raise`` get a tile reader
-    that raises (``faulty_reader.TileFault``), as a damaged JPEG tile does."""
+    """Slides to tiles to one row a slide, measuring brightness; slides named ``FAULT-<kind>`` get a tile reader
+    that fails that way (``faulty_reader.TileFault``: ``raise`` as a damaged JPEG tile does, ``panic``, ``segv``).
+    ``workers``: the reader processes (0: read in this process)."""
 
-    def __init__(self, out: Path, run: str) -> None:
-        super().__init__(SlidesConfig(target_mpp=1.0, tile_size=64, min_tissue=0.5), workers=0, timeout=120.0)
+    def __init__(self, out: Path, run: str, workers: int = 0) -> None:
+        super().__init__(SlidesConfig(target_mpp=1.0, tile_size=64, min_tissue=0.5), workers=workers, timeout=120.0)
         self.columns, self.batch_size = ["path", "status", "reason", "tiles"], 8
         self.outputs = SlideOutputs(out, heatmaps=True, run=run, classes=CLASSES)
 
@@ -50,8 +51,8 @@ class BrightnessUnit(SlideScan):
         from faulty_reader import TileFault
 
         tiles = super().tiles(folder, item)
-        if tiles is not None and "FAULT-raise" in item.rel:
-            tiles.reader.transform = TileFault("raise")
+        if tiles is not None and "FAULT-" in item.rel:
+            tiles.reader.transform = TileFault(item.rel.split("FAULT-")[1].split(".")[0])
         return tiles
 
     def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
@@ -122,6 +123,28 @@ def test_a_failed_slide_leaves_no_files_and_a_nan_measurement_is_left_out(slide_
     colors = palette_colors(CLASSES)
     assert all(f["properties"]["classification"]["color"] == list(colors[f["properties"]["classification"]["name"]])
                for f in tiles)  # fmt: skip
+
+
+def test_a_reader_that_panics_or_crashes_costs_its_slide_only_and_the_runs_record_counts_the_crash(
+    slide_folder: Path, tmp_path: Path
+) -> None:
+    """In reader processes: a tile decoder's ``PanicException`` (a ``BaseException``, as pyo3 raises) is its slide's
+    error row, not the end of the run; a reader that segfaults is too, and ``<out>.json`` counts the batch it lost
+    (the tile pool's crashes were only logged before)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.svs", "b_FAULT-panic.svs", "c_FAULT-segv.svs", "d.svs"):
+        shutil.copy(slide_folder / "a.svs", folder / name)
+    out = tmp_path / "scores.csv"
+    summary = run_units(folder, out, BrightnessUnit(out, run="brightness-v1", workers=1), (0, 1), {}, None)
+
+    rows = {r["path"]: r for r in csv.DictReader(out.open())}
+    assert summary.reconciled and {k: r["status"] for k, r in rows.items()} == {
+        "a.svs": "ok", "b_FAULT-panic.svs": "error", "c_FAULT-segv.svs": "error", "d.svs": "ok"}  # fmt: skip
+    assert "PanicException: called `Option::unwrap()`" in rows["b_FAULT-panic.svs"]["reason"]
+    assert "decoder crashed: signal 11 (SIGSEGV)" in rows["c_FAULT-segv.svs"]["reason"]
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert (record["lost_chunks"], record["crashed_files"], record["timed_out_files"]) == (1, 1, 0)
 
 
 def _slide(rel: str, n: int) -> tuple[PlannedSlide, SlideTiles]:

@@ -5,6 +5,7 @@ chunk, so each item's result is the item."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -287,10 +288,10 @@ def test_a_pool_whose_slots_cannot_be_made_sends_the_arrays_through_the_pipe_and
 ) -> None:
     """No /dev/shm, or none left: every array still arrives, through the pipe, and the pool's stats say how many
     did (the tile stream warns with that count: a silent slow path is a setting nobody fixes)."""
-    from medvision import workers
+    from medvision import handoff
     from medvision.workers import PoolStats
 
-    monkeypatch.setattr(workers, "HANDOFF_DIR", tmp_path / "no-such-folder")
+    monkeypatch.setattr(handoff, "HANDOFF_DIR", tmp_path / "no-such-folder")
     monkeypatch.setattr(Slots, "memory_files", False)
     stats = PoolStats()
     got = list(isolated_map(_arrays, [0, 1, 9, 2], workers=1, timeout=60, chunk=1, hand_off=True, stats=stats))
@@ -319,3 +320,208 @@ def test_a_memory_slot_the_workers_cannot_open_sends_that_array_through_the_pipe
     assert all(np.array_equal(value, _batch(item % 3)) for item, value in got)
     assert (stats.piped, stats.handed_off) == (2, 3)  # two slots given out before the first result came back
     assert handoff_leftovers() == []
+
+
+def _panics(items: list[int]) -> list[int]:
+    """A decoder that panics on item 1, as a Rust one does through pyo3 (``PanicException``: a ``BaseException``)."""
+    from faulty_reader import PanicException
+
+    if 1 in items:
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+    return items
+
+
+def test_a_task_that_panics_in_its_worker_is_its_items_failure_and_the_others_go_on() -> None:
+    """Whatever comes out of a worker's task costs its chunk (retried item by item) and then its item, never the
+    run: a ``PanicException`` is no ``Exception``, and the parent re-raises it from the task's future."""
+    got = dict(isolated_map(_panics, [0, 1, 2, 3], workers=1, timeout=60, chunk=2))
+    assert {k: v for k, v in got.items() if k != 1} == {0: 0, 2: 2, 3: 3}
+    assert isinstance(got[1], workers.Failure) and "PanicException: called `Option::unwrap()`" in got[1].reason
+
+
+def _handoff_descriptors() -> int:
+    """This process's descriptors open on hand-off slots: memory files, and files (held for their lock)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        n += link.startswith("/memfd:medvision-handoff") or "/medvision-handoff-" in link
+    return n
+
+
+def _slide_batches(items: list[tuple[int, int]]) -> list[np.ndarray | str]:
+    """A slide's tile batches: the first of every slide cannot be read, the others take a moment."""
+    out: list[np.ndarray | str] = []
+    for _, batch in items:
+        if batch == 0:
+            out.append("JPEG tile data is damaged")
+        else:
+            time.sleep(0.02)
+            out.append(_batch(0))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")
+@pytest.mark.parametrize("memory_files", [True, False], ids=["memfd", "dev-shm"])
+def test_many_failed_slides_keep_the_open_hand_off_slots_bounded_by_the_batches_in_flight(
+    memory_files: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed slide's batches already handed to readers are cancelled and their slots retired. A retired slot is
+    closed at once (a reader being stopped checks the slot's name before writing, so a descriptor number reused
+    meanwhile is never written): kept open to the end, 30 failed slides held ~90 descriptors, and a few thousand
+    broke a run at the usual limit of 1024."""
+    monkeypatch.setattr(Slots, "memory_files", memory_files)
+    failed: set[int] = set()
+    items = [(slide, batch) for slide in range(30) for batch in range(4)]
+    most, results = 0, 0
+    stream = isolated_map(_slide_batches, items, workers=2, timeout=60, chunk=1, hand_off=True,
+                          skip=lambda item: item[0] in failed)  # fmt: skip
+    for (slide, _), value in stream:
+        results += 1
+        if isinstance(value, str | workers.Failure):
+            failed.add(slide)
+        most = max(most, _handoff_descriptors())
+    assert results == len(items) and failed == set(range(30))
+    assert 0 < most <= 8  # four batches in flight (two a worker), a few read back meanwhile
+    assert handoff_leftovers() == [] and _handoff_descriptors() == 0
+
+
+_HANGING_RUN = """
+import os, sys, time
+from pathlib import Path
+from medvision.workers import isolated_map
+
+def hang(items):
+    Path(sys.argv[1], str(os.getpid())).touch()
+    time.sleep(3600)
+    return items
+
+if __name__ == "__main__":
+    for _ in isolated_map(hang, range(4), workers=2, timeout=600, chunk=1, hand_off=True):
+        pass
+"""
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        kids = {p for p, pp in parents.items() if pp == pid}
+        todo += list(kids - found)
+        found |= kids
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the processes a run started")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_run_that_is_terminated_or_killed_leaves_no_process_behind(tmp_path: Path, sig: signal.Signals) -> None:
+    """``kill`` (SIGTERM: the pool's stop path runs, exit status 143) or ``kill -9`` (the workers end with their
+    parent's pipe) while readers hang in a decoder: no reader, forkserver or resource tracker the run started is
+    left running. Before, hung readers kept the forkserver and the resource tracker alive for good."""
+    script, markers = tmp_path / "hanging_run.py", tmp_path / "markers"
+    script.write_text(_HANGING_RUN)
+    markers.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(markers)], cwd=tmp_path)
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(list(markers.iterdir())) == 2, "the readers never started"
+        started = _descendants(proc.pid)
+        assert {int(p.name) for p in markers.iterdir()} <= started
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == (143 if sig == signal.SIGTERM else -sig)
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [p for p in started if _running(p)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in started:  # what a failing run left: only the processes it started, by pid
+            if _running(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+    assert list(HANDOFF_DIR.glob(f"medvision-handoff-{proc.pid}-*")) == []
+
+
+_HOLDER = """
+import os, sys, time
+from medvision import handoff
+os.getpid = lambda: int(sys.argv[1])  # as a process in another PID namespace (a container) reads its own pid
+print(handoff.handoff_path(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_sweeping_keeps_a_live_runs_hand_off_file_whatever_pid_it_names_and_removes_one_whose_run_died() -> None:
+    """The pid in a hand-off file's name is its maker's in its own PID namespace: containers that share /dev/shm
+    do not see each other's pids. The maker holds the file's lock while it lives; the sweep removes only files
+    whose lock it can take."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, gone.stdout.strip()], stdout=subprocess.PIPE, text=True)
+    path = HANDOFF_DIR / "medvision-handoff-none"
+    try:
+        assert holder.stdout is not None
+        path = Path(holder.stdout.readline().strip())
+        assert path.name.startswith(f"medvision-handoff-{int(gone.stdout)}-") and path.exists()
+        sweep_handoffs()
+        assert path.exists()  # its maker runs: not swept, though no process here has that pid
+        holder.kill()
+        holder.wait()
+        sweep_handoffs()
+        assert not path.exists()  # its maker died: its lock went with it
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        discard(str(path))
+
+
+def test_a_stopped_worker_never_writes_a_retired_memory_slot_whose_descriptor_number_was_reused(
+    tmp_path: Path,
+) -> None:
+    """A retired memory slot is closed at once, while the worker that had it may still be being stopped; the next
+    file this process opens can take its descriptor number. The worker checks the slot's unique name first and
+    leaves that file alone (its batch goes nowhere: its result is not waited for)."""
+    slots = Slots()
+    if not slots.memfd:
+        pytest.skip("no memfd_create or /proc on this system: slots are files")
+    path = slots.get()
+    link = slots.link(path)
+    assert link is not None and link.startswith("/memfd:medvision-handoff-")
+    slots.retire(path)
+    assert handoff_leftovers() == []  # closed now, not at the end of the run
+    number = int(path.rsplit("/", 1)[1])
+    assert not os.path.exists(f"/proc/self/fd/{number}")
+    fd = os.open(tmp_path / "features.parquet", os.O_WRONLY | os.O_CREAT, 0o600)
+    if fd != number:  # the next file this process opens, under the slot's old number
+        os.dup2(fd, number, inheritable=False)
+        os.close(fd)
+    try:
+        batch = _batch(0)
+        assert HandOff.leave(batch, path, link) is batch
+    finally:
+        os.close(number)
+    assert (tmp_path / "features.parquet").stat().st_size == 0
+    live = slots.get()
+    handed = HandOff.leave(batch, live, slots.link(live))
+    assert isinstance(handed, HandOff) and np.array_equal(handed.take(), batch)
+    slots.close()

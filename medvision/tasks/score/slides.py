@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from medvision.data.intake import preprocess
 from medvision.evaluation import Decision
+from medvision.handoff import HANDOFF_DIR
 from medvision.inference import Engine
 from medvision.io.archive import Entry, text_entry
 from medvision.io.files import atomic_write
@@ -62,7 +63,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
-from medvision.workers import HANDOFF_DIR, Failure, PoolStats, isolated_map, wait_turn
+from medvision.workers import Failure, PoolStats, isolated_map, wait_turn
 from medvision.wsi.geojson import palette_colors, slide_geojson, tissue_polygons, write_geojson
 from medvision.wsi.heatmap import plot_heatmap, probability_grid
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
@@ -222,8 +223,9 @@ def _close_readers() -> None:
 
 
 def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
-    """Each job's tiles, prepared and stacked; a reader that raised gives its reason instead. A worker keeps the
-    slides of its last two keys open (a slide's batches come in a row), closing older ones."""
+    """Each job's tiles, prepared and stacked; a reader that raised gives its reason instead, whatever it raised
+    (a Rust decoder's ``PanicException`` is a ``BaseException``): the batch's slide is lost, not the run. A worker
+    keeps the slides of its last two keys open (a slide's batches come in a row), closing older ones."""
     out: list[np.ndarray | str | None] = []
     prepare, readers = _READ["prepare"], _READ["open"]
     for job in jobs:
@@ -239,7 +241,9 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
                 wait_turn()  # a model on these cores computes: read while it waits (SlideScan.turns)
                 tiles.append(reader.read_at(0, int(x), int(y)))
             out.append(np.stack(tiles if prepare is None else [prepare(t) for t in tiles]))
-        except Exception as err:
+        except (KeyboardInterrupt, SystemExit):  # the worker is being stopped
+            raise
+        except BaseException as err:
             out.append(f"{type(err).__name__}: {err}")
     return out
 
@@ -374,6 +378,7 @@ class SlideScan:
         finally:
             results.close()  # the readers stopped at once when the run ends early, and their files removed
             _close_readers()  # workers=0: the slides read in this process
+            stats.add(lost)  # the run's counts (<out>.json) hold the readers' crashes and timeouts too
             if lost.lost_chunks:
                 log.warning("%d tile batch(es) lost to a reader that crashed or hung (%d crashed, %d timed out); "
                             "their slides are error rows", lost.lost_chunks, lost.crashed_files,
