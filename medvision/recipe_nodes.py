@@ -1,4 +1,4 @@
-"""The recipe's leaf sections: how DICOM pixels are windowed, how slides are tiled, and the MIL head.
+"""The recipe's leaf sections: how DICOM pixels are windowed, how slides are tiled, the MIL head, and training.
 
 Split from :mod:`medvision.recipe` for size only: the tree, its loading and its rules live there, and every
 section is imported from there.
@@ -132,3 +132,112 @@ class TrackingConfig(_Node):
     log_predictions: bool = False
     """Also upload ``predictions.csv`` and ``data_audit.csv``. Off by default: they name every file, and a DICOM
     archive's paths (``DOE_JANE_MRN1234/IM0001.dcm``) name patients; a tracking server is shared."""
+
+
+class PhaseConfig(_Node):
+    name: str = ""
+    """A label for logs and the history; default ``phase<i>``."""
+    epochs: int = Field(ge=1)
+    """Epochs in this phase."""
+    trainable: list[str] = Field(default_factory=lambda: ["all"])
+    """What trains: ``head``, ``all``, ``stem``, ``stage:<i>``, ``last_stages:<n>`` or timm module prefixes."""
+    lr: float = Field(gt=0.0)
+    """Peak learning rate of this phase (AdamW, cosine decay after warmup)."""
+    bn: Literal["frozen", "train"] = "train"
+    """``frozen`` keeps BatchNorm running statistics fixed; frozen layers' BN is always fixed."""
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    """Layer-wise LR decay: each block towards the stem gets ``lr * layer_decay**depth``; ``None`` is off."""
+    warmup: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the phase's steps spent in linear LR warmup."""
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainConfig(_Node):
+    protocol: Literal["finetune", "linear_probe", "knn"] = "finetune"
+    """``finetune`` trains the freeze phases; ``linear_probe`` fits a logistic-regression head on the frozen
+    backbone's cached features; ``knn`` classifies by the nearest training images in the frozen feature space."""
+    phases: list[PhaseConfig] = Field(default_factory=list)
+    """The freeze phases, run in order; each sets epochs, trainable parts, LR, BN policy and layer decay."""
+    balance: Literal["none", "sampler", "loss"] = "none"
+    """Class imbalance: ``sampler`` draws each epoch's samples class-balanced (seeded, resumable); ``loss``
+    weights the loss by inverse class frequency (and ``linear_probe`` its logistic regression)."""
+    focal_gamma: float = Field(0.0, ge=0.0)
+    """Focal loss exponent (Lin et al. 2017): ``(1 - p_true) ** gamma`` down-weights easy samples; 0 is plain CE."""
+    knn_k: int = Field(20, ge=1)
+    """Neighbours that vote in the ``knn`` protocol (and the pretraining health check)."""
+    knn_temperature: float = Field(0.07, gt=0.0)
+    """Votes weigh ``exp(cosine / knn_temperature)`` (Wu et al. 2018)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when present."""
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """Mixed precision: bf16 autocast, fp16 with a GradScaler (GPU only), or fp32 (``none``).
+
+    ``auto`` picks bf16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), and fp32 on other CPUs,
+    where bf16 is emulated and measured about 10x slower. It covers training and the epochs' validation; the
+    run's final metrics, calibration, thresholds and predictions are computed in float32, as ``score`` and the
+    exports compute."""
+    channels_last: bool = True
+    """Keep activations in NHWC memory layout (faster convolutions with AMP)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    weight_decay: float = Field(0.05, ge=0.0)
+    """AdamW weight decay (L2 regularisation); never applied to norm and bias parameters."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Cross-entropy label smoothing."""
+    mixup: float = Field(0.0, ge=0.0)
+    """Mixup's Beta(alpha, alpha) (Zhang et al. 2018), timm's ``Mixup``: each training batch is blended with
+    itself reversed, and so are its one-hot labels; 0 is off. Typical: 0.2-0.8."""
+    cutmix: float = Field(0.0, ge=0.0)
+    """CutMix's Beta(alpha, alpha) (Yun et al. 2019): a box of the reversed batch is pasted in, labels mixed by
+    area; 0 is off. With ``mixup`` too, each batch uses one of the two (``mix_switch``)."""
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of training batches that are mixed when ``mixup`` or ``cutmix`` is on."""
+    mix_switch: float = Field(0.5, ge=0.0, le=1.0)
+    """With both on: the chance that a mixed batch uses CutMix rather than Mixup."""
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
+    """Exponential moving average of the weights (timm's ``ModelEmaV3``), e.g. 0.999: updated after every
+    optimizer step, with its warm-up (the decay rises from 0 towards this value over the first steps).
+    Validation, the best checkpoint and everything after (test, export, score) use the averaged weights;
+    ``None`` is off."""
+    grad_clip: float | None = Field(None, gt=0.0)
+    """Clip the global gradient norm to this value; ``None`` is off."""
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    monitor: Literal["val_auc", "val_acc", "val_loss"] = "val_auc"
+    """Validation metric that picks the best checkpoint and drives early stopping."""
+    monitor_tolerance: float = Field(0.002, ge=0.0, lt=1.0)
+    """``val_auc``/``val_acc``: an epoch within this of the best (and of the highest seen) is a tie, decided by the
+    lower validation loss, so noise-level AUC gains do not pick a worse-calibrated model; 0 compares exactly."""
+    patience: int | None = Field(None, ge=1)
+    """End a freeze phase after this many of its epochs without improvement of ``monitor``, and go on to the next
+    phase (the last phase's early stop ends the run); the count restarts with each phase, the best checkpoint is
+    the best of all phases. ``None`` never stops early."""
+    log_interval: int = Field(10, ge=1)
+    """Steps between progress-bar updates (and loss finiteness checks, which need a device sync)."""
+    sync_bn: bool = False
+    """On several GPUs, convert BatchNorm to SyncBatchNorm: statistics over the global batch, not each rank's."""
+    deterministic: bool = False
+    """Bit-identical reruns of the same recipe on the same machine: deterministic kernels only
+    (``torch.use_deterministic_algorithms``; an op without one is an error that names it) and no cuDNN
+    autotuning. Costs speed on GPUs, little on a CPU. ``medvision train --deterministic`` sets it."""
+
+    @field_validator("phases")
+    @classmethod
+    def _named_phases(cls, phases: list[PhaseConfig]) -> list[PhaseConfig]:
+        """A phase without a name is called ``phase<i>`` in logs and history."""
+        return [p if p.name else p.model_copy(update={"name": f"phase{i}"}) for i, p in enumerate(phases)]
+
+
+#: What only the fine-tuning loop reads: ``linear_probe`` and ``knn`` train no network, so they refuse these.
+FINETUNE_ONLY = ("focal_gamma", "label_smoothing", "mixup", "cutmix", "mix_prob", "mix_switch", "ema", "grad_clip",
+                 "accumulate", "patience", "monitor", "monitor_tolerance", "weight_decay", "compile")  # fmt: skip
+
+
+def finetune_only_settings(train: TrainConfig) -> list[str]:
+    """The :data:`FINETUNE_ONLY` settings of ``train`` that differ from their defaults."""
+    default = TrainConfig()
+    return [key for key in FINETUNE_ONLY if getattr(train, key) != getattr(default, key)]

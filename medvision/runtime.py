@@ -99,11 +99,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """Turns ``auto`` into bf16 where the hardware runs it natively, else ``none``; warns on emulated bf16."""
-    native_bf16 = (
-        torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of ``/proc/cpuinfo`` text (its first ``flags`` line: every core of a machine has the same)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively: AVX512-BF16 or AMX-BF16 among the ``/proc/cpuinfo`` flags.
+
+    torch's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) accepts any AVX512 core, where oneDNN
+    emulates bf16 much slower than fp32; it is the answer only where there is no ``/proc/cpuinfo`` to read.
+    ``cpuinfo`` is that file's text (read here when None).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
+def native_cuda_bf16() -> bool:
+    """Whether this GPU computes bf16 natively (Ampere and later), not through the emulation torch also counts."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no such argument and counts no emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device, training: bool = False) -> str:
+    """Turns ``auto`` into bf16 where the hardware runs it natively, else fp16 on a GPU and ``none`` on a CPU.
+
+    Warns on emulated bf16 (a pre-Ampere GPU, a CPU without AVX512-BF16/AMX). With ``training``, fp16 off CUDA is
+    refused: its GradScaler needs a CUDA device (``device: auto`` on a machine without one ends up there).
+
+    Raises:
+        EnvironmentProblem: ``training`` with fp16 on a device that is not CUDA.
+    """
+    if training and amp == "fp16" and device.type != "cuda":
+        raise EnvironmentProblem(f"train.amp 'fp16' needs a CUDA device (it trains with a GradScaler), but the run's "
+                                 f"device is {device.type!r}; use amp: bf16, none or auto")  # fmt: skip
+    native_bf16 = native_cuda_bf16() if device.type == "cuda" else native_cpu_bf16()
     if amp == "auto":
         return "bf16" if native_bf16 else ("fp16" if device.type == "cuda" else "none")
     if amp == "bf16" and not native_bf16:

@@ -14,11 +14,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask: read from ``/proc/self/status`` on Linux (setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # no /proc: set and restore it, with a strict mask in the moment between
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` and renames the result to ``path`` (atomic on POSIX)."""
+    """Calls ``write(tmp_path)`` and renames the result to ``path`` (atomic on POSIX).
+
+    The file gets the mode a plain ``open`` would give it (``0o666`` less the umask), whatever it replaces.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for secret files; these are results, like open() makes
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:

@@ -93,7 +93,7 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
     start_run_folder(recipe, run_dir, d, resume, ("model.safetensors", "last.pt", "pretrain.json"))
     seed_everything(recipe.seed)
     set_deterministic(recipe.train.deterministic)
-    recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device)})
+    recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device, training=True)})
     workers = resolve_workers(recipe.data.num_workers, device)
     table = load_table(
         recipe.data, recipe.seed, cache_dir(recipe), labelled=False, audit_dir=run_dir if d.is_main else None

@@ -44,7 +44,6 @@ from medvision.runtime import (
 from medvision.tasks.track import log_trained_run
 from medvision.tracking import Tracker
 from medvision.training.build import ModelBundle, build_model, model_inputs, split_dataset
-from medvision.training.checkpoint import save_weights
 from medvision.training.loop import class_weights, classification_loss, fit
 from medvision.training.protocols import fit_frozen_head
 from medvision.training.setup import place_model, preflight, start_run_folder
@@ -86,7 +85,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     start_run_folder(recipe, run_dir, d, resume, RESULTS)
     seed_everything(recipe.seed)
     set_deterministic(recipe.train.deterministic)
-    recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device)})
+    recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device, training=True)})
     log.info("device %s, amp %s, channels_last %s", device, recipe.train.amp, recipe.train.channels_last)
     workers = resolve_workers(recipe.data.num_workers, device)
     table = load_table(recipe.data, recipe.seed, cache_dir(recipe), audit_dir=run_dir if d.is_main else None)
@@ -175,13 +174,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     state = fit(model, train_loader, val_loader, recipe.train, device, run_dir, recipe.seed, resume, inputs, d,
                 criterion)  # fmt: skip
 
-    barrier(d)  # rank 0 has written model.safetensors
-    best = run_dir / "model.safetensors"
-    if best.is_file():
-        model.load_state_dict(load_model_state(best))
-    elif d.is_main:
-        log.warning("%s was never finite; keeping the last weights as model.safetensors", recipe.train.monitor)
-        save_weights(model, best)
+    barrier(d)  # rank 0 has written model.safetensors: the best epoch's weights, or the last validated ones
+    model.load_state_dict(load_model_state(run_dir / "model.safetensors"))
     extra = {"best_epoch": state.best_epoch, "monitor": recipe.train.monitor, "history": state.history}
     start -= state.earlier  # a resumed run's wall time counts the processes before this one
     _evaluate_splits(recipe, run_dir, bundle, table, meta, sizes, d, device, workers, start, extra)

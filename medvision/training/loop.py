@@ -141,7 +141,10 @@ def train_one_epoch(
     mix: Mix | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over the training data; returns the mean loss, throughput and final LR.
+    """One pass over the training data; returns the mean loss, throughput and the LR of its last optimizer step.
+
+    With ``cfg.accumulate``, each group of micro-batches averages their losses; the epoch's last group may
+    be short, and is divided by the micro-batches it has.
 
     ``mix`` mixes each batch (mixup / cutmix) before the loss; ``after_step`` runs after every
     optimizer step (the weights' moving average).
@@ -166,6 +169,7 @@ def train_one_epoch(
     window_steps = seen = 0
     start = time.perf_counter()
     n_steps = len(loader)
+    lr = optimizer.param_groups[-1]["lr"]
     bar = tqdm(total=n_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step, (images, labels) in enumerate(loader):
         images = to_device(images, device, inputs, generator)
@@ -179,7 +183,8 @@ def train_one_epoch(
                 loss = per_sample.sum() * share
             else:
                 loss = per_sample.mean()
-        scaler.scale(loss / cfg.accumulate).backward()
+        group = min(cfg.accumulate, n_steps - step + step % cfg.accumulate)  # the last group may be short
+        scaler.scale(loss / group).backward()
         window_loss += loss.detach()
         window_steps += 1
         seen += global_sizes[step] if global_sizes and d.world_size > 1 else len(images)
@@ -188,6 +193,7 @@ def train_one_epoch(
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            lr = optimizer.param_groups[-1]["lr"]  # what this step uses; the scheduler then sets the next one's
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -216,7 +222,7 @@ def train_one_epoch(
     return {
         "train_loss": total_loss / max(1, n_steps),
         "train_img_s": seen / elapsed,
-        "lr": optimizer.param_groups[-1]["lr"],
+        "lr": lr,
         "seconds": elapsed,
     }
 
@@ -274,6 +280,11 @@ class FitState:
     best: float | None = None
     best_epoch: int = -1
     stale: int = 0
+    """Epochs of the current phase since ``monitor`` last improved (``train.patience`` counts within a phase)."""
+    phase: int = 0
+    """The freeze phase the last epoch belonged to (index into ``train.phases``)."""
+    phase_epochs: int = 0
+    """Epochs that phase has trained."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
     best_loss: float = math.inf
@@ -304,13 +315,23 @@ class FitState:
 
 
 def _phase_of(epoch: int, phases: list[PhaseConfig]) -> tuple[int, int]:
-    """(phase index, epoch within phase) of a global epoch number."""
+    """(phase index, epoch within phase) of a global epoch number, where no phase stopped early (an old last.pt)."""
     start = 0
     for i, phase in enumerate(phases):
         if epoch < start + phase.epochs:
             return i, epoch - start
         start += phase.epochs
     return len(phases), 0
+
+
+def _next_epoch(state: FitState, cfg: TrainConfig) -> tuple[int, int]:
+    """(phase, epoch within it) that training goes on with: the next phase's first once ``state.phase`` ran all
+    its epochs or out of patience."""
+    p, done = state.phase, state.phase_epochs
+    if p < len(cfg.phases) and (done >= cfg.phases[p].epochs or (cfg.patience is not None and
+                                                                  state.stale >= cfg.patience)):  # fmt: skip
+        return p + 1, 0
+    return p, done
 
 
 def gather_outputs(
@@ -357,6 +378,8 @@ def fit(
     if resume:
         saved = read_checkpoint(run_dir, model)
         state = FitState(**saved["fit"])
+        if "phase" not in saved["fit"]:  # written before phases kept their own patience
+            state.phase, state.phase_epochs = _phase_of(state.epoch, cfg.phases)
     mix = batch_mixer(cfg, int(getattr(model, "num_classes", 0))) if criterion is None else None
     ema = None
     if cfg.ema is not None:
@@ -373,10 +396,11 @@ def fit(
 
     evaluated = ema.module if ema is not None else compiled  # validation and the best checkpoint: the average
     state.earlier, began = state.seconds, time.perf_counter()
-    if cfg.patience is not None and state.stale >= cfg.patience:
-        # resumed after early stopping (killed during its final evaluation): training on would make another run
-        log.info("early stopping: the run had stopped at epoch %d (%s did not improve for %d epochs)",
-                 state.epoch, cfg.monitor, cfg.patience)  # fmt: skip
+    for phase in cfg.phases:  # a bad token in a later phase fails now, not after the earlier phases trained
+        select_trainable(model, phase.trainable)
+    phase_idx, phase_epoch = _next_epoch(state, cfg)
+    if phase_idx == len(cfg.phases):  # resumed after the last epoch (killed while it finished): nothing to train
+        _keep_a_checkpoint(state, ema.module if ema is not None else model, run_dir, cfg.monitor, d)
         return state
 
     _, labels = predict_logits(compiled, val_loader, device, cfg.amp, inputs, max_batches=2)
@@ -385,9 +409,10 @@ def fit(
 
     sampler = getattr(train_loader, "sampler", None)  # any iterable of batches works (benchmarks)
     sizes = sampler.global_batch_sizes() if isinstance(sampler, EpochSampler) else None
-    phase_idx, phase_epoch = _phase_of(state.epoch, cfg.phases)
     for p_i in range(phase_idx, len(cfg.phases)):
         phase = cfg.phases[p_i]
+        if p_i != phase_idx or phase_epoch == 0:  # a phase starts: its own patience
+            state.phase, state.phase_epochs, state.stale = p_i, 0, 0
         n_train, n_frozen = apply_trainable(model, select_trainable(model, phase.trainable))
         log.info(
             "phase %s: %d epochs, trainable %s, lr %g, bn %s%s -- %s trainable / %s frozen parameters",
@@ -400,7 +425,7 @@ def fit(
         if saved is not None and p_i == phase_idx and phase_epoch > 0:
             opt.restore(saved)
         saved = None
-        for e in range(phase_epoch if p_i == phase_idx else 0, phase.epochs):
+        for e in range(state.phase_epochs, phase.epochs):
             seed_everything(seed + state.epoch)
             if isinstance(sampler, EpochSampler):
                 sampler.set_epoch(state.epoch)
@@ -425,6 +450,7 @@ def fit(
             row, improved = broadcast(decision, d)  # type: ignore[misc]  # rank 0 decides for every rank
             state.history.append(row)
             state.epoch += 1
+            state.phase_epochs += 1
             if cfg.monitor != "val_loss" and math.isfinite(float(row[cfg.monitor])):
                 state.peak = max(float(row[cfg.monitor]), state.peak if state.peak is not None else -math.inf)
             if improved:
@@ -447,6 +473,19 @@ def fit(
                 opt.save(model, state.__dict__, run_dir / "last.pt",
                          {"ema": ema.module.state_dict()} if ema is not None else None)  # fmt: skip
             if cfg.patience is not None and state.stale >= cfg.patience:
-                log.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
-                return state
+                then = (
+                    "the run" if p_i + 1 == len(cfg.phases) else f"phase {phase.name}; next {cfg.phases[p_i + 1].name}"
+                )
+                log.info("early stopping: %s did not improve for %d epochs; this ends %s", cfg.monitor, cfg.patience,
+                         then)  # fmt: skip
+                break
+    _keep_a_checkpoint(state, ema.module if ema is not None else model, run_dir, cfg.monitor, d)
     return state
+
+
+def _keep_a_checkpoint(state: FitState, evaluated: nn.Module, run_dir: Path, monitor: str, d: Dist) -> None:
+    """Where ``monitor`` was never finite, no epoch was best: the weights validated last (the moving average with
+    ``train.ema``) become ``model.safetensors``."""
+    if state.best is None and d.is_main:
+        log.warning("%s was never finite; keeping the last weights as model.safetensors", monitor)
+        save_weights(evaluated, run_dir / "model.safetensors", {"epoch": str(state.epoch)})

@@ -40,6 +40,7 @@ from medvision.data.table import subset_indices
 from medvision.intervals import bootstrap_indices
 from medvision.metrics import MetricWarning, compute_auc
 from medvision.recipe import Recipe, dump_recipe, load_recipe
+from medvision.recipe_nodes import FINETUNE_ONLY, TrainConfig, finetune_only_settings
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.track import log_reused_run
@@ -181,10 +182,11 @@ GRID_KEYS = ("name", "output_dir", "seed", "data.train_fraction", "train.protoco
 """What :func:`_configure` sets per grid run (with the phases' epochs): the rest is the base recipe's."""
 
 
-def _base_of(tree: dict[str, Any]) -> dict[str, Any]:
-    """A grid run's recipe tree less what the grid sets per run: what runs of one base recipe share."""
+def _base_of(tree: dict[str, Any], frozen: bool = False) -> dict[str, Any]:
+    """A grid run's recipe tree less what the grid sets per run: what runs of one base recipe share. ``frozen``: as
+    a frozen-feature protocol's run keeps it, without the fine-tuning settings :func:`_configure` resets."""
     tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy, in the types recipe.yaml reads back as
-    for key in GRID_KEYS:
+    for key in (*GRID_KEYS, *(f"train.{k}" for k in FINETUNE_ONLY if frozen)):
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:
@@ -198,13 +200,15 @@ def _base_of(tree: dict[str, Any]) -> dict[str, Any]:
 def same_base(rows: list[LabelRun], recipe: Recipe) -> list[LabelRun]:
     """The rows of an earlier grid whose runs were trained from ``recipe`` (fraction, seed, init, protocol and
     stretched epochs apart); the others are left out, and logged, so that one curve never joins two models."""
-    base = _base_of(recipe.model_dump(mode="json"))
+    tree = recipe.model_dump(mode="json")
+    base = {frozen: _base_of(tree, frozen) for frozen in (False, True)}
     kept: list[LabelRun] = []
     left: list[LabelRun] = []
     for row in rows:
         saved = Path(row.run_dir) / "recipe.yaml" if row.run_dir else None
+        frozen = row.protocol != "finetune"
         try:
-            ok = saved is not None and _base_of(yaml.safe_load(saved.read_text())) == base
+            ok = saved is not None and _base_of(yaml.safe_load(saved.read_text()), frozen) == base[frozen]
         except (OSError, yaml.YAMLError, AttributeError):
             ok = False
         (kept if ok else left).append(row)
@@ -224,11 +228,15 @@ def _configure(base: Recipe, init: str, protocol: str, fraction: float, seed: in
         else {"model.pretrained": base.model.pretrained or True, "model.init_from": None} if init == "imagenet"
         else {"model.pretrained": False, "model.init_from": str(Path(init).resolve())}
     )  # fmt: skip
+    # a frozen-feature protocol trains no network: the base recipe's fine-tuning settings go back to their defaults
+    # (a probe recipe may not carry settings it never reads)
+    unread = {f"train.{k}": getattr(TrainConfig(), k) for k in finetune_only_settings(base.train)} \
+        if protocol != "finetune" else {}  # fmt: skip
     r = base.changed({
         "name": f"{tag}-{protocol}-f{fraction:g}-s{seed}", "output_dir": str(out / "runs"), "seed": seed,
         "data.train_fraction": fraction, "train.protocol": protocol,
         "evaluation.explain": 0,  # Grad-CAM panels are not what this benchmark is about
-        **weights,
+        **weights, **unread,
     })  # fmt: skip
     if protocol == "finetune" and r.train.phases:
         steps = sum(p.epochs for p in r.train.phases) * math.ceil(train_size / r.data.batch_size)
