@@ -22,7 +22,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError
 from medvision.tasks.features import extract_features
 from medvision.tasks.score.mil import _check_stain_reference
-from medvision.wsi.features import FeatureFileError, feature_name, read_features
+from medvision.wsi.features import MAX_NAME_BYTES, FeatureFileError, feature_name, read_features, write_features
 from medvision.wsi.slide import open_slide
 from medvision.wsi.source import plan_slide
 from medvision.wsi.tiles import SlideRef, TileReader, read_tile
@@ -481,3 +481,17 @@ def test_a_feature_file_of_another_slide_is_an_error_row(tmp_path: Path) -> None
     errors = {r.path: r.reason for r in cohort.audit if r.outcome == "error"}
     assert set(errors) == {"a/b.tif", "bad.tif"}
     assert "a__b.tif.h5 holds the features of slide 'a__b.tif', not of 'a/b.tif'" in errors["a/b.tif"]
+
+
+def test_a_long_nested_path_gets_a_feature_file_the_file_system_takes(tmp_path: Path) -> None:
+    """The one flattening ``score`` uses too: a path that flattens to 255 bytes keeps a readable beginning and ends
+    with a hash of the whole path, so two such paths keep two names."""
+    rel = "case-" + "x" * 120 + "/" + "slide-" + "y" * 118 + ".svs"
+    assert len(rel.replace("/", "__").encode()) == 255
+    name = feature_name(rel)
+    assert name.endswith(".h5") and len(name.encode()) <= MAX_NAME_BYTES + len(".h5")
+    assert name.startswith("case-xxxx") and name != feature_name(rel[:-4] + ".tif")
+    assert feature_name("a/b.svs") == "a__b.svs.h5"
+    attrs = {"slide": rel, "encoder": "e", "encoder_sha256": "0", "tile_size": 224, "target_mpp": 0.5, "mpp": 0.25}
+    write_features(tmp_path / name, np.zeros((1, 2)), np.zeros((1, 2)), np.ones(1), 448.0, 0, attrs)
+    assert read_features(tmp_path / name).attrs["slide"] == rel

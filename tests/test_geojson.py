@@ -353,6 +353,11 @@ def test_class_colors_and_unclassified_tiles(tiles: dict[str, Any]) -> None:
     plain = slide_geojson([], tiles["coords"], tiles["side0"], tiles["measurements"])
     assert all("classification" not in f["properties"] for f in plain["features"])
     _validate(plain)
+    some = [None, "tumor", *[None] * (len(tiles["coords"]) - 2)]  # a tile without probabilities has no class
+    mixed = slide_geojson([], tiles["coords"], tiles["side0"], tiles["measurements"], some, class_colors=run)
+    assert ["classification" in f["properties"] for f in mixed["features"]] == [c is not None for c in some]
+    assert mixed["features"][1]["properties"]["classification"] == {"name": "tumor", "color": list(run["tumor"])}
+    _validate(mixed)  # QuPath's properties: classification is optional, as QuPath writes an unclassified object
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

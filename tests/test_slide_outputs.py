@@ -21,17 +21,20 @@ import numpy as np
 import pytest
 
 from medvision.recipe import SlidesConfig
-from medvision.tasks.score.job import csv_line, one_line, run_units
-from medvision.tasks.score.slides import (
+from medvision.runs import RunError
+from medvision.tasks.score.job import csv_line, one_line, run_units, same_job
+from medvision.tasks.score.outputs import (
     PlannedSlide,
-    SlideBatches,
     SlideOutputs,
-    SlideScan,
     SlideTiles,
-    _write_tiles,
     attention_measure,
+    tile_classes,
+    write_tiles,
 )
+from medvision.tasks.score.slides import SlideBatches, SlideScan
+from medvision.wsi.features import MAX_NAME_BYTES, flat_name
 from medvision.wsi.geojson import palette_colors, write_geojson
+from medvision.wsi.heatmap import heatmap_figure
 from medvision.wsi.tiles import TileGrid, TileReader
 
 CLASSES = ["dark", "pale"]
@@ -70,7 +73,7 @@ class BrightnessUnit(SlideScan):
         return csv_line([item.rel, item.status, one_line(item.reason), n])
 
     def finish(self, out: Path, table: Path) -> None:
-        self.outputs.finish(out)
+        self.outputs.finish(out, table)
 
     def provenance(self) -> dict[str, Any]:
         return {}
@@ -94,7 +97,7 @@ def test_a_failed_slide_leaves_no_files_and_a_nan_measurement_is_left_out(slide_
 
     out = tmp_path / "scores.csv"
     # a run killed after writing b's files but before b's row: this run finds b failing and must not keep them
-    _write_tiles(Path(f"{out}.tiles/b_FAULT-raise.svs.parquet"), "b_FAULT-raise.svs", np.zeros((1, 2), np.int64),
+    write_tiles(Path(f"{out}.tiles/b_FAULT-raise.svs.parquet"), "b_FAULT-raise.svs", np.zeros((1, 2), np.int64),
                  128.0, np.ones(1), {"brightness": np.ones(1), "attention": np.ones(1)})  # fmt: skip
     write_geojson(Path(f"{out}.geojson/b_FAULT-raise.svs.geojson"), {"type": "FeatureCollection", "features": []})
     Path(f"{out}.heatmaps/c.svs.png").mkdir(parents=True)  # c's heatmap cannot be written: a folder in its place
@@ -113,6 +116,7 @@ def test_a_failed_slide_leaves_no_files_and_a_nan_measurement_is_left_out(slide_
     merged = pq.read_table(f"{out}.tiles.parquet").to_pylist()
     assert {t["slide"] for t in merged} == {"a.svs"} and len(merged) == int(rows["a.svs"]["tiles"]) > 4
     assert math.isnan(merged[0]["attention"]) and not any(math.isnan(t["attention"]) for t in merged[1:])
+    assert max(t["attention"] for t in merged[1:]) == 1.0  # one NaN tile leaves the others divided by their max
     geo = json.loads(Path(f"{out}.geojson/a.svs.geojson").read_text())
     tiles = [f for f in geo["features"] if f["properties"]["objectType"] == "detection"]
     assert len(tiles) == len(merged)
@@ -180,3 +184,97 @@ def test_tile_classes_keep_one_colour_on_every_slide_and_ids_differ_between_runs
     assert ids(write(tmp_path / "a.csv", "model-sha-1")) == ids(first)  # the same run writes the same ids
     assert not set(ids(first)) & set(ids(write(tmp_path / "a.csv", "model-sha-2")))  # another model
     assert not set(ids(first)) & set(ids(write(tmp_path / "b.csv", "model-sha-1")))  # another output
+
+
+def test_attention_is_divided_by_its_largest_finite_value_and_all_nan_stays_nan() -> None:
+    got = attention_measure(np.array([np.nan, 0.4, 0.2, 0.1]))
+    assert math.isnan(got[0]) and got[1:].tolist() == [1.0, 0.5, 0.25]
+    assert np.isnan(attention_measure(np.full(3, np.nan))).all()
+    assert attention_measure(np.zeros(0)).shape == (0,)
+
+
+def test_two_slides_whose_paths_flatten_to_one_name_never_share_a_file(slide_folder: Path, tmp_path: Path) -> None:
+    """``a/b.svs`` and ``a__b.svs``: the later is an error row naming both (the rule ``features`` has), and its
+    failing leaves the first one's files in place."""
+    folder = tmp_path / "slides"
+    (folder / "a").mkdir(parents=True)
+    shutil.copy(slide_folder / "a.svs", folder / "a" / "b.svs")
+    shutil.copy(slide_folder / "a.svs", folder / "a__b.svs")
+    out = tmp_path / "scores.csv"
+    summary = run_units(folder, out, BrightnessUnit(out, run="brightness-v1"), (0, 1), {}, None)
+
+    rows = {r["path"]: r for r in csv.DictReader(out.open())}
+    assert summary.reconciled and {k: r["status"] for k, r in rows.items()} == {"a/b.svs": "ok", "a__b.svs": "error"}
+    assert rows["a__b.svs"]["reason"] == ("a__b.svs: its output files' name a__b.svs is already that of slide "
+                                          "a/b.svs (both paths flatten to that name); rename one of them")  # fmt: skip
+    for path in SlideOutputs(out, heatmaps=True).paths("a/b.svs"):
+        assert path.is_file(), path
+    import pyarrow.parquet as pq
+
+    assert {t["slide"] for t in pq.read_table(f"{out}.tiles.parquet").to_pylist()} == {"a/b.svs"}
+
+
+def test_a_path_that_flattens_to_255_bytes_gets_a_shorter_unique_name(tmp_path: Path) -> None:
+    rel = "case-" + "x" * 120 + "/" + "slide-" + "é" * 59 + ".svs"  # flattened: 255 bytes, every part legal
+    assert len(rel.replace("/", "__").encode()) == 255
+    other = rel.replace(".svs", ".ndpi")
+    name = flat_name(rel)
+    assert len(name.encode()) <= MAX_NAME_BYTES and name.startswith("case-xxx") and name != flat_name(other)
+    assert flat_name("a/b.svs", ".geojson") == "a__b.svs.geojson"  # short paths keep their readable name
+    item, tiles = _slide(rel, 2)
+    outputs = SlideOutputs(tmp_path / "scores.csv", heatmaps=False, run="r")
+    outputs.write(item, tiles, {"p": np.array([0.25, 0.75])}, None, (np.zeros(2), "p"), rel)
+    assert [p.is_file() for p in outputs.paths(rel)] == [True, True]
+    assert outputs.paths(rel)[0].name == name + ".geojson"
+
+
+def test_the_merged_tile_table_holds_the_tables_ok_slides_only(tmp_path: Path) -> None:
+    """An earlier job's tile files (its table deleted to score afresh, with other columns) stay out of the merge."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scores.csv"
+    outputs = SlideOutputs(out, heatmaps=False, run="model-2")
+    xy = np.zeros((2, 2), np.int64)
+    write_tiles(Path(f"{out}.tiles/old.svs.parquet"), "old.svs", xy, 128.0, np.ones(2), {"prob_tumour": np.ones(2)})
+    for rel in ("new.svs", "failed.svs"):
+        write_tiles(outputs.paths(rel)[-1], rel, xy, 128.0, np.ones(2), {"brightness": np.ones(2)})
+    out.write_text("path,status,reason\nnew.svs,ok,\nfailed.svs,error,damaged\n")
+    outputs.finish(out, out)
+    assert {t["slide"] for t in pq.read_table(f"{out}.tiles.parquet").to_pylist()} == {"new.svs"}
+    out.write_text("path,status,reason\nfailed.svs,error,damaged\n")  # no ok slide: no merged table of another job
+    outputs.finish(out, out)
+    assert not Path(f"{out}.tiles.parquet").exists()
+
+
+def test_scoring_afresh_names_the_side_folders_to_delete(tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    out.write_text("path,status\na.svs,ok\n")
+    for side in ("tiles", "geojson", "heatmaps"):
+        Path(f"{out}.{side}").mkdir()
+    with pytest.raises(RunError) as err:
+        same_job(out, {}, out)
+    assert f"delete {out} (and {out}.geojson/, {out}.heatmaps/, {out}.tiles/) to score afresh" in str(err.value)
+
+
+def test_a_tile_without_probabilities_is_left_unclassified(tmp_path: Path) -> None:
+    probs = np.array([[np.nan, np.nan], [0.1, 0.9], [0.8, 0.2]])
+    assert tile_classes(probs, CLASSES) == [None, "pale", "dark"]
+    item, tiles = _slide("s.svs", 3)
+    outputs = SlideOutputs(tmp_path / "scores.csv", heatmaps=False, run="r", classes=CLASSES)
+    outputs.write(item, tiles, {"prob_pale": probs[:, 1]}, tile_classes(probs, CLASSES), (probs[:, 1], "p"), "s")
+    props = [f["properties"] for f in json.loads(outputs.paths("s.svs")[0].read_text())["features"]]
+    assert props[0] == {"objectType": "detection", "measurements": {}}  # neither a class nor a probability
+    assert [p["classification"]["name"] for p in props[1:]] == ["pale", "dark"]
+
+
+def test_the_heatmap_lies_on_its_thumbnail() -> None:
+    """Both layers over the thumbnail's pixel edges: the map is not half a thumbnail pixel right and down."""
+    import matplotlib.pyplot as plt
+
+    thumb = np.zeros((6, 8, 3), np.uint8)
+    fig = heatmap_figure(thumb, np.full((3, 4), 0.5, np.float32), "t", "p")
+    try:
+        thumbnail, heat = fig.axes[0].images
+        assert list(thumbnail.get_extent()) == list(heat.get_extent()) == [0, 8, 6, 0]
+    finally:
+        plt.close(fig)

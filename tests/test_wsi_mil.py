@@ -518,3 +518,31 @@ def test_tile_statistics_match_the_concatenated_tiles() -> None:
     mean, std = tile_statistics(bags)
     np.testing.assert_allclose(mean, tiles.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(std, tiles.std(axis=0), rtol=1e-10)
+
+
+def test_the_mean_heads_heatmap_shows_each_tiles_own_output_not_its_uniform_attention() -> None:
+    """The mean head weighs every tile alike: scoring writes each tile's own probability by the head (the fold
+    heads' mean) under ``tile_prob_<class>``, and the heatmap says so; an attention head keeps its attention."""
+    from medvision.metrics import softmax
+    from medvision.tasks.score.mil import tile_maps
+
+    torch.manual_seed(0)
+    heads: list[MILHead] = [MeanMIL(4, 2, dropout=0.0), MeanMIL(4, 2, dropout=0.0)]
+    bag = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    logits, attention = predict_mil(heads[0], [bag])
+    measures, (heat, label) = tile_maps(heads, bag, attention[0], ["normal", "tumour"], 1, "mean")
+    assert set(measures) == {"tile_prob_normal", "tile_prob_tumour"} and "attention" not in label
+    own = [softmax(h.classifier(torch.as_tensor(bag)).detach().double().numpy()) for h in heads]
+    np.testing.assert_allclose(measures["tile_prob_tumour"], np.mean(own, axis=0)[:, 1], rtol=1e-6)
+    assert np.array_equal(heat, measures["tile_prob_tumour"]) and np.ptp(heat) > 0  # not one colour
+    assert label == "each tile's own P(tumour) by the mean head (mean of 2 folds)"
+    tile_logits = heads[0].tile_outputs(torch.as_tensor(bag)).detach().double().numpy()
+    np.testing.assert_allclose(tile_logits.mean(axis=0), logits[0], rtol=1e-5)  # the bag's logits: their mean
+    reg = [MeanMIL(4, 1, dropout=0.0)]
+    measures, (heat, label) = tile_maps(reg, bag, attention[0], None, None, "mean")
+    assert set(measures) == {"tile_prediction"} and heat.min() == 0.0 and heat.max() == 1.0
+    assert label.startswith("each tile's own prediction by the mean head")
+    abmil = ABMIL(4, 2)
+    _, att = predict_mil(abmil, [bag])
+    measures, (heat, label) = tile_maps([abmil], bag, att[0], ["normal", "tumour"], 1, "abmil")
+    assert set(measures) == {"attention"} and heat.max() == 1.0 and label.startswith("abmil attention")

@@ -147,6 +147,12 @@ class MeanMIL(MILHead):
         weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
         return self.output(self.classifier(self.drop(x.mean(0)))), weights
 
+    def tile_outputs(self, bag: Tensor) -> Tensor:
+        """Each tile's own output ``(n_tiles, num_classes)``, as if it were the whole bag: the linear layer on its
+        standardised feature (the bag's logits are their mean, without dropout); regression: the tile's own
+        prediction in the target's units. What the heatmap of a ``mean`` head shows, since it attends to nothing."""
+        return self.output(self.classifier(self.standardise(bag)))
+
     def tile_scores(self, bag: Tensor, weights: Tensor) -> Tensor:
         """Each tile's own logits, the linear layer on its standardised feature (the bag's logits are their
         mean, without dropout), for the class the bag is predicted: centred over the classes, since softmax

@@ -16,7 +16,9 @@ second run into the same folder must use the same encoder, weights, tiling and s
 mixes two feature spaces, nor two folders' slides under one name (resume would take one for the other).
 
 Two slides whose paths flatten to one file name (``a/b.tif`` and ``a__b.tif``) would share one ``.h5``: the later
-of the two (in the scan's order, after the slides already in ``features.csv``) is an error row naming both.
+of the two (in the scan's order, after the slides already in ``features.csv``) is an error row naming both, by the
+rule and the naming ``score`` uses for its per-slide files (:func:`~medvision.tasks.score.outputs.unique_names`,
+:func:`~medvision.wsi.features.flat_name`; a path too long for one file name is shortened, with a hash).
 
 Tiles are read (uint8, stain-normalised when a reference is given) by one pool of reader processes for the
 whole run, which works ahead across slides while the encoder runs
@@ -29,7 +31,6 @@ Examples:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -44,13 +45,8 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import reader_processes, resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
-from medvision.tasks.score.slides import (
-    PlannedSlide,
-    SlideBatches,
-    SlideScan,
-    SlideTiles,
-    find_slides,
-)
+from medvision.tasks.score.outputs import PlannedSlide, SlideTiles, ok_rows, unique_names
+from medvision.tasks.score.slides import SlideBatches, SlideScan, find_slides
 from medvision.workers import start_forkserver
 from medvision.wsi.features import feature_name, write_features
 from medvision.wsi.source import stain_fingerprint
@@ -86,7 +82,7 @@ class FeatureUnit(SlideScan):
 
     def entries(self, folder: Path) -> list[Entry]:
         """The scan's entries, a slide whose feature file name another slide already has made an error entry."""
-        return unique_names(find_slides(folder), _indexed_files(self.out_dir / TABLE))
+        return unique_names(find_slides(folder), _indexed_files(self.out_dir / TABLE), feature_name, "feature file")[0]
 
     def process(self, item: PlannedSlide, tiles: SlideTiles, batches: SlideBatches) -> None:
         assert item.info is not None
@@ -116,28 +112,7 @@ class FeatureUnit(SlideScan):
 
 def _indexed_files(table: Path) -> dict[str, str]:
     """The feature file of each slide an earlier run into this folder finished (``features.csv``'s ok rows)."""
-    if not table.is_file():
-        return {}
-    with table.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        return {r["path"]: r["file"] for r in csv.DictReader(fh) if r.get("status") == "ok" and r.get("file")}
-
-
-def unique_names(entries: list[Entry], indexed: dict[str, str]) -> list[Entry]:
-    """``entries`` with each candidate slide whose feature file name (:func:`feature_name`) is already another
-    slide's made an error entry naming both. ``indexed``: the file of each slide already in ``features.csv``,
-    which keeps its name (so a resumed run finds it); the scan's slides then claim names in order."""
-    owner = {file: rel for rel, file in indexed.items()}
-    out = []
-    for entry in entries:
-        if entry.outcome == "candidate":
-            name = indexed.get(entry.rel) or feature_name(entry.rel)
-            first = owner.setdefault(name, entry.rel)
-            if first != entry.rel:
-                why = (f"{entry.rel}: its feature file {name} is already that of slide {first} (both paths flatten to "
-                       "that name); rename one of them")  # fmt: skip
-                entry = Entry(entry.rel, "error", why, entry.size)
-        out.append(entry)
-    return out
+    return {r["path"]: r["file"] for r in ok_rows(table) if r.get("file")}
 
 
 def _check_same_folder(out_dir: Path, record: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ A file is written to a temporary name and renamed, so a file that exists is comp
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +61,43 @@ class SlideFeatures:
         return str(self.attrs["encoder"])
 
 
-def feature_name(rel: str) -> str:
-    """The cache file of the slide at ``rel`` (relative to the embedded folder): its path, flattened.
+#: Bytes a flattened slide path may take (:func:`flat_name`): with a suffix such as ``.geojson`` and
+#: :func:`~medvision.io.files.atomic_write`'s temporary ``.<name>.XXXXXXXX.tmp``, well under NAME_MAX (255).
+MAX_NAME_BYTES = 200
+#: Hex digits of the path's SHA-256 that end a shortened name.
+NAME_HASH = 16
 
-    Two paths can flatten to one name (``a/b.tif`` and ``a__b.tif``): ``medvision features`` makes the later
-    slide an error row rather than let it overwrite the first one's file, and the reader checks the file's
-    ``slide`` attribute against the row that points at it."""
-    return rel.replace("\\", "__").replace("/", "__") + SUFFIX
+
+def flat_name(rel: str, suffix: str = "") -> str:
+    """The file name of what is written per slide for the slide at ``rel`` (relative to the folder scanned): its
+    path flattened (``a/b.svs`` -> ``a__b.svs``), then ``suffix``. The one naming of ``features``' ``.h5`` files and
+    of ``score``'s per-slide GeoJSON, heatmap and tile table.
+
+    A flattened path of more than :data:`MAX_NAME_BYTES` bytes (UTF-8) keeps its first characters and ends with
+    ``~`` and :data:`NAME_HASH` hex digits of the SHA-256 of the whole relative path, so a deeply nested slide gets
+    a name the file system takes, and two long paths that share their beginning keep two names.
+
+    Two paths can flatten to one name (``a/b.tif`` and ``a__b.tif``): each caller makes the later slide an error
+    row naming both (:func:`~medvision.tasks.score.outputs.unique_names`).
+    """
+    flat = rel.replace("\\", "__").replace("/", "__")
+    encoded = flat.encode("utf-8", "surrogateescape")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return flat + suffix
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:NAME_HASH]
+    budget, head = MAX_NAME_BYTES - NAME_HASH - 1, []
+    for char in flat:  # whole characters: a name cut inside a UTF-8 sequence would not decode
+        budget -= len(char.encode("utf-8", "surrogateescape"))
+        if budget < 0:
+            break
+        head.append(char)
+    return f"{''.join(head)}~{digest}{suffix}"
+
+
+def feature_name(rel: str) -> str:
+    """The cache file of the slide at ``rel`` (relative to the embedded folder): its path, flattened
+    (:func:`flat_name`). The reader checks the file's ``slide`` attribute against the row that points at it."""
+    return flat_name(rel, SUFFIX)
 
 
 def write_features(path: Path, features: np.ndarray, coords: np.ndarray, tissue: np.ndarray, side0: float,

@@ -153,7 +153,7 @@ def slide_geojson(
     coords: np.ndarray,
     side0: float,
     measurements: Mapping[str, np.ndarray],
-    classification: Sequence[str] | None = None,
+    classification: Sequence[str | None] | None = None,
     tissue_name: str = "Tissue",
     slide_id: str = "",
     class_colors: Mapping[str, Sequence[int]] | None = None,
@@ -167,7 +167,9 @@ def slide_geojson(
         side0: side of a tile in level-0 pixels (``TileGrid.side0``).
         measurements: name -> (N,) values, e.g. one probability per class; written as plain floats, and
             left out of a tile where NaN or infinite (QuPath shows a missing measurement as NaN).
-        classification: a class name per tile (e.g. the argmax class), or None for unclassified tiles.
+        classification: a class name per tile (e.g. the argmax class), None for a tile left unclassified (one
+            whose probabilities are NaN), or None for all tiles unclassified. An unclassified tile has no
+            ``classification`` property, as QuPath writes an object without a class.
         tissue_name: class given to the tissue annotations.
         slide_id: mixed into every feature id, so that two slides' objects never share an id.
         class_colors: name -> (r, g, b) of tile classes, e.g. :func:`palette_colors` of the run's classes
@@ -204,7 +206,7 @@ def slide_geojson(
     colors: dict[str, list[int]] = {}
     if classification is not None:
         given = dict(class_colors or {})
-        others = sorted({str(c) for c in classification} - given.keys())
+        others = sorted({str(c) for c in classification if c is not None} - given.keys())
         colors = {name: _color(name, rgb) for name, rgb in given.items()}
         colors.update({name: list(PALETTE[k % len(PALETTE)]) for k, name in enumerate(others)})
 
@@ -219,7 +221,7 @@ def slide_geojson(
         square: Polygon = [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]  # counter-clockwise by RFC 7946 signed area
         values = {name: col[i] for name, col in columns.items() if col[i] is not None}
         properties = {"objectType": "detection", "measurements": values}
-        if classification is not None:
+        if classification is not None and classification[i] is not None:
             name = str(classification[i])
             properties["classification"] = {"name": name, "color": colors[name]}
         features.append(_feature([run_id, slide_id, f"tile-{i}"], square, properties))

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 
 def probability_grid(coords: np.ndarray, probs: np.ndarray, side0: float, size0: tuple[int, int],
@@ -26,17 +27,26 @@ def probability_grid(coords: np.ndarray, probs: np.ndarray, side0: float, size0:
     return grid
 
 
-def plot_heatmap(path: Path, thumbnail: np.ndarray, grid: np.ndarray, title: str, label: str) -> Path:
-    """Thumbnail with the probability map on top (transparent where there is no tile) and a colour bar."""
+def heatmap_figure(thumbnail: np.ndarray, grid: np.ndarray, title: str, label: str) -> Figure:
+    """The figure :func:`plot_heatmap` saves. The thumbnail and the map are drawn over one extent, the thumbnail's
+    ``(0, w, h, 0)`` (pixel edges, not centres), so a tile's square sits on the tile in the thumbnail whatever the
+    map's own size."""
     h, w = thumbnail.shape[:2]
+    extent = (0, w, h, 0)
     fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.6), dpi=100)
-    ax.imshow(thumbnail)
-    shown = ax.imshow(np.ma.masked_invalid(grid), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
-                      extent=(0, w, h, 0), interpolation="nearest")  # fmt: skip
+    ax.imshow(thumbnail, extent=extent)
+    shown = ax.imshow(np.ma.masked_invalid(grid), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55, extent=extent,
+                      interpolation="nearest")  # fmt: skip
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=label)
     ax.set_title(title, fontsize=10)
     ax.set_axis_off()
     fig.tight_layout()
+    return fig
+
+
+def plot_heatmap(path: Path, thumbnail: np.ndarray, grid: np.ndarray, title: str, label: str) -> Path:
+    """Thumbnail with the probability map on top (transparent where there is no tile) and a colour bar."""
+    fig = heatmap_figure(thumbnail, grid, title, label)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

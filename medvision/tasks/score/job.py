@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import glob
 import hashlib
 import io
 import json
@@ -398,7 +399,7 @@ def same_job(out: Path, job: dict[str, Any], table: Path) -> None:
         return
     if not path.is_file():  # written before any row: rows without it are another job's, its record removed
         raise RunError(f"{table} holds rows but {path}, the record of the job that wrote them, is missing, so they "
-                       f"cannot be told from another model's; delete {table} (and {out}.parts/, if there) to score "
+                       f"cannot be told from another model's; delete {table}{_side_outputs(out, table)} to score "
                        "afresh, or give another --out")  # fmt: skip
     try:
         old = json.loads(path.read_text())
@@ -410,6 +411,14 @@ def same_job(out: Path, job: dict[str, Any], table: Path) -> None:
     if differ:
         raise RunError(f"{table} holds rows of another job ({', '.join(differ)} differ from {path}): resume with the "
                        "same model, settings and --shard, or give another --out")  # fmt: skip
+
+
+def _side_outputs(out: Path, table: Path) -> str:
+    """`` (and ...)``: what else of the job's lies beside ``out`` (its parts, a slide job's ``.tiles/``, ``.geojson/``,
+    ``.heatmaps/`` and merged tile table), named so that scoring afresh also starts without an earlier job's files."""
+    found = sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.*") if p not in (table, Path(f"{out}.json")))
+    names = [f"{p}/" if p.is_dir() else str(p) for p in found]
+    return f" (and {', '.join(names)})" if names else ""
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ slide's probabilities (or continuous prediction) and every tile's attention are 
 
 Every entry is one row, as for tile-trained runs (:mod:`medvision.tasks.score.slides`), and each scored slide
 also gets its tile table (attention per tile), its attention heatmap and its QuPath GeoJSON, written before
-its row.
+its row. The ``mean`` head attends to nothing (every tile weighs the same), so for it these hold each tile's own
+output by the head instead (:func:`tile_maps`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from medvision.data.table import DataSourceError
 from medvision.io.files import sha256
 from medvision.metrics import softmax
 from medvision.models.encoders import PatchEncoder, load_encoder
-from medvision.models.mil import MILHead
+from medvision.models.mil import MeanMIL, MILHead
 from medvision.models.mil_fit import load_mil, predict_mil
 from medvision.options import SLIDE_TIMEOUT
 from medvision.recipe import SlidesConfig
@@ -31,14 +32,8 @@ from medvision.runs import RunError, versions
 from medvision.runtime import setup
 from medvision.tasks.mil import MIL_RUN
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, prediction_cells, run_units
-from medvision.tasks.score.slides import (
-    PlannedSlide,
-    SlideBatches,
-    SlideOutputs,
-    SlideScan,
-    SlideTiles,
-    attention_measure,
-)
+from medvision.tasks.score.outputs import PlannedSlide, SlideOutputs, SlideTiles, attention_measure
+from medvision.tasks.score.slides import SlideBatches, SlideScan
 from medvision.wsi.source import stain_fingerprint
 
 
@@ -75,17 +70,17 @@ class FeatureMILUnit(SlideScan):
             outs.append(logits[0] if self.classes is None else softmax(logits)[0])
             attention.append(weights[0])
         slide = np.mean(outs, axis=0)
-        attn = attention_measure(np.mean(attention, axis=0))
         item.probs = slide
         k = len(self.heads)
+        c = None if self.classes is None else self.positive if self.positive is not None else int(slide.argmax())
         if self.classes is None:
             title = f"{item.rel}: prediction {slide[0]:.4g} (mean of {k} fold heads, {len(tiles.coords)} tiles)"
         else:
-            c = self.positive if self.positive is not None else int(slide.argmax())
+            assert c is not None
             title = (f"{item.rel}: P({self.classes[c]}) = {slide[c]:.3f} (mean of {k} fold heads, "
                      f"{len(tiles.coords)} tiles)")  # fmt: skip
-        label = f"{self.spec['head']} attention (÷ the slide's max, mean of {k} folds)"
-        self.outputs.write(item, tiles, {"attention": attn}, None, (attn, label), title)
+        measurements, heat = tile_maps(self.heads, bag, np.mean(attention, axis=0), self.classes, c, self.spec["head"])
+        self.outputs.write(item, tiles, measurements, None, heat, title)
 
     def row(self, item: PlannedSlide, seconds: float) -> str:
         n_out = 1 if self.classes is None else 1 + len(self.classes)
@@ -104,11 +99,46 @@ class FeatureMILUnit(SlideScan):
                          f"{info['mpp']:.6g}", info["mpp_source"], target, info["level"]])  # fmt: skip
 
     def finish(self, out: Path, table: Path) -> None:
-        self.outputs.finish(out)
+        self.outputs.finish(out, table)
 
     def provenance(self) -> dict[str, Any]:
         return {"aggregate": f"{self.spec['head']} (mean of {len(self.heads)} fold heads)",
                 "slides": self.cfg.model_dump(mode="json"), "threshold": self.threshold}  # fmt: skip
+
+
+def tile_maps(heads: list[MILHead], bag: np.ndarray, attention: np.ndarray, classes: list[str] | None,
+              shown: int | None, kind: str) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, str]]:  # fmt: skip
+    """A slide's tile measurements and the heatmap's values (0-1) and label, from the fold heads' mean.
+
+    An attention head: ``attention``, the folds' mean weights, divided by the slide's largest. The ``mean`` head
+    (:class:`~medvision.models.mil.MeanMIL`) weighs every tile the same, so its attention says nothing: instead
+    each tile's own output by the head, as if the tile were the whole bag (:meth:`MeanMIL.tile_outputs`), the
+    folds' mean: ``tile_prob_<class>`` for each class, the map showing class ``shown``; for regression
+    ``tile_prediction`` in the target's units, the map spanning the slide's lowest (0) to highest (1).
+    """
+    k = len(heads)
+    if kind != "mean":
+        attn = attention_measure(attention)
+        return {"attention": attn}, (attn, f"{kind} attention (÷ the slide's max, mean of {k} folds)")
+    x = torch.as_tensor(np.asarray(bag, np.float32))
+    own = []
+    with torch.no_grad():
+        for head in heads:
+            if not isinstance(head, MeanMIL):
+                raise TypeError(f"fold head {type(head).__name__} in a run whose head is 'mean': expected MeanMIL")
+            head.eval()
+            z = head.tile_outputs(x).double().numpy()
+            own.append(z if classes is None else softmax(z))
+    tile = np.mean(own, axis=0)
+    if classes is None:
+        pred = tile[:, 0]
+        lo, hi = float(np.min(pred)), float(np.max(pred))
+        heat = (pred - lo) / (hi - lo) if hi > lo else np.zeros_like(pred)
+        return {"tile_prediction": pred}, (heat, f"each tile's own prediction by the mean head, {lo:.4g} (0) to "
+                                                 f"{hi:.4g} (1), mean of {k} folds")  # fmt: skip
+    assert shown is not None
+    label = f"each tile's own P({classes[shown]}) by the mean head (mean of {k} folds)"
+    return {f"tile_prob_{c}": tile[:, j] for j, c in enumerate(classes)}, (tile[:, shown], label)
 
 
 def _check_stain_reference(run: Path, spec: dict[str, Any]) -> None:

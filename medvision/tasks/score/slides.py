@@ -24,21 +24,21 @@ files) and scored by the engine, TTA and the MIL head's features included.
 
 Besides the table: ``<out>.tiles.parquet`` (one row per tile: slide, level-0 x and y, tile side at level 0,
 tissue fraction, probabilities), ``<out>.heatmaps/<slide>.png`` and ``<out>.geojson/<slide>.geojson``
-(:class:`SlideOutputs`). A slide's files are written before its row, its tile file last, and a slide that
-ends as an error row has them removed, so a row means the slide is complete and the merged tile table holds
-ok slides only. Nothing from the slides' metadata is written but geometry and MPP: no Aperio
-``Filename``/``User``, no DICOM patient tags.
+(:class:`~medvision.tasks.score.outputs.SlideOutputs`; ``<slide>`` is the slide's path flattened, and of two
+slides that flatten to one name the later is an error row naming both). A slide's files are written before its
+row, its tile file last, and a slide that ends as an error row has them removed, so a row means the slide is
+complete; the merged tile table holds the table's ok slides only. Nothing from the slides' metadata is written
+but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,7 +54,6 @@ from medvision.evaluation import Decision
 from medvision.handoff import HANDOFF_DIR
 from medvision.inference import Engine
 from medvision.io.archive import Entry, text_entry
-from medvision.io.files import atomic_write
 from medvision.metrics import aggregate_by_group, softmax
 from medvision.models.mil import MILHead
 from medvision.models.mil_fit import load_mil, predict_mil
@@ -63,12 +62,12 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, ScoringSpec
 from medvision.runtime import reuse_freed_memory
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
+from medvision.tasks.score.outputs import PlannedSlide, SlideOutputs, SlideTiles, attention_measure, tile_classes
 from medvision.workers import Failure, PoolStats, isolated_map, wait_turn
-from medvision.wsi.geojson import palette_colors, slide_geojson, tissue_polygons, write_geojson
-from medvision.wsi.heatmap import plot_heatmap, probability_grid
+from medvision.wsi.geojson import tissue_polygons
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
 from medvision.wsi.source import plan_slide, stain_transform
-from medvision.wsi.tiles import SlideRef, TileGrid, TileReader, grid_from_json, grid_to_json, image_scales, subsample
+from medvision.wsi.tiles import SlideRef, TileReader, grid_from_json, grid_to_json, subsample
 
 log = logging.getLogger("medvision")
 
@@ -144,17 +143,6 @@ def _plan_chunk(rels: list[str]) -> list[dict[str, Any] | str]:
     return out
 
 
-@dataclass
-class PlannedSlide:
-    """A slide entry after planning: ``ok`` with its tile grid and thumbnail in ``info``, or an error or skip."""
-
-    rel: str
-    status: str
-    reason: str = ""
-    probs: np.ndarray | None = None
-    info: dict[str, Any] | None = None
-
-
 def planned_slides(folder: Path, todo: list[Entry], cfg: SlidesConfig, stats: PoolStats, workers: int,
                    timeout: float, drawn: bool = True) -> Iterator[PlannedSlide]:  # fmt: skip
     """Each entry of ``todo`` in order, opened and its tissue found in the crash-isolated pool (at most two
@@ -172,20 +160,6 @@ def planned_slides(folder: Path, todo: list[Entry], cfg: SlidesConfig, stats: Po
             yield PlannedSlide(rel, "error", result)
         else:
             yield PlannedSlide(rel, "ok", info=result)
-
-
-def _safe_name(rel: str) -> str:
-    return rel.replace(os.sep, "__").replace("/", "__")
-
-
-@dataclass
-class SlideTiles:
-    """A planned slide's kept tiles and the reader of their pixels (:meth:`TileReader.read_at`)."""
-
-    grid: TileGrid
-    coords: np.ndarray
-    tissue: np.ndarray
-    reader: TileReader
 
 
 @dataclass
@@ -306,7 +280,10 @@ class SlideScan:
         self.prepare: Callable[[np.ndarray], np.ndarray] | None = None
 
     def entries(self, folder: Path) -> list[Entry]:
-        return find_slides(folder)
+        """The scan's entries; for a unit that writes files per slide, a slide whose files would have another
+        slide's name made an error entry (:meth:`SlideOutputs.unique`)."""
+        found = find_slides(folder)
+        return found if self.outputs is None else self.outputs.unique(found)
 
     def items(self, row: dict[str, str]) -> int:
         return int(row["tiles"] or 0) if row["status"] == "ok" else 0
@@ -421,72 +398,6 @@ class SlideScan:
         """Nothing beyond the rows, unless the unit says otherwise."""
 
 
-class SlideOutputs:
-    """What scoring writes per slide besides its row, before the row (so a row means the slide is complete):
-
-    - ``<out>.geojson/<slide>.geojson``: for QuPath (File > Import objects, or drag and drop onto the slide): the
-      tissue outline as locked annotations and the tiles as detections carrying their measurements
-      (:mod:`medvision.wsi.geojson`), in level-0 pixels; tile classes keep one colour across slides (the run's
-      class list), and feature ids are keyed by the run and the output, so two runs' files for one slide
-      import side by side;
-    - ``<out>.heatmaps/<slide>.png``: the map over the slide's thumbnail;
-    - ``<out>.tiles/<slide>.parquet``: one row per tile (slide, level-0 x and y, tile side at level 0, tissue
-      fraction, and the tile's measurements: class probabilities, MIL attention), merged into
-      ``<out>.tiles.parquet`` at the end. Written last, and removed with the others by :meth:`discard` when
-      the slide ends as an error, so only complete slides are merged.
-
-    ``run``: what identifies the scoring run in the feature ids (e.g. the model's SHA-256), beside the output's
-    path. ``classes``: the run's classes, in order, that tiles are classified into (their colours).
-    """
-
-    def __init__(self, out: Path, heatmaps: bool, run: str = "", classes: Sequence[str] | None = None) -> None:
-        self.tiles_dir = Path(f"{out}.tiles")
-        self.heat_dir = Path(f"{out}.heatmaps") if heatmaps else None
-        self.geo_dir = Path(f"{out}.geojson")
-        self.run_id = json.dumps([run, str(Path(out).resolve())])
-        self.colors = palette_colors(classes) if classes is not None else None
-
-    def paths(self, rel: str) -> list[Path]:
-        """The slide's files, in the order they are written."""
-        name = _safe_name(rel)
-        heat = [self.heat_dir / f"{name}.png"] if self.heat_dir is not None else []
-        return [self.geo_dir / f"{name}.geojson", *heat, self.tiles_dir / f"{name}.parquet"]
-
-    def write(self, item: PlannedSlide, tiles: SlideTiles, measurements: dict[str, np.ndarray],
-              classification: list[str] | None, heat: tuple[np.ndarray, str], title: str) -> None:  # fmt: skip
-        """``heat``: the values drawn (0-1) and the colour bar's label. A NaN measurement stays NaN in the tile
-        table and is left out of that tile's GeoJSON measurements (QuPath reads a missing one as NaN)."""
-        assert item.info is not None
-        name = _safe_name(item.rel)
-        collection = slide_geojson(item.info.get("tissue", []), tiles.coords, tiles.grid.side0,
-                                   {k: np.asarray(v, np.float64) for k, v in measurements.items()}, classification,
-                                   slide_id=item.rel, class_colors=self.colors, run_id=self.run_id)  # fmt: skip
-        write_geojson(self.geo_dir / f"{name}.geojson", collection)
-        if self.heat_dir is not None:
-            thumb, size0 = item.info["thumbnail"], tuple(item.info["size0"])
-            grid = probability_grid(tiles.coords, heat[0], tiles.grid.side0, size0, image_scales(thumb, size0))
-            plot_heatmap(self.heat_dir / f"{name}.png", thumb, grid, title, heat[1])
-        _write_tiles(self.tiles_dir / f"{name}.parquet", item.rel, tiles.coords, tiles.grid.side0, tiles.tissue,
-                     measurements)  # fmt: skip
-
-    def discard(self, rel: str) -> None:
-        """Removes whatever of the slide's files exist: the slide ends as an error row."""
-        for path in self.paths(rel):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as err:  # e.g. a folder in the file's place: the slide's reason says why
-                log.warning("%s: could not remove %s of a failed slide (%s)", rel, path, err)
-
-    def finish(self, out: Path) -> None:
-        _merge_tiles(out, self.tiles_dir)
-
-
-def attention_measure(attention: np.ndarray) -> np.ndarray:
-    """MIL attention relative to the slide's most attended tile (0-1), so slides of any size read alike."""
-    top = float(np.max(attention)) if len(attention) else 0.0
-    return attention / top if top > 0 else attention
-
-
 class SlideUnit(SlideScan):
     """Slides to tiles to one row a slide (see the module docstring)."""
 
@@ -543,8 +454,7 @@ class SlideUnit(SlideScan):
         title = f"{item.rel}: P({spec.classes[k]}) = {slide_p[k]:.3f} ({spec.aggregate}, {len(coords)} tiles)"
         heat = (measurements["attention"], "ABMIL attention (÷ the slide's max)") if self.head is not None else \
             (tile_probs[:, k], f"tile P({spec.classes[k]})")  # fmt: skip
-        names = [spec.classes[int(i)] for i in tile_probs.argmax(axis=1)]
-        self.outputs.write(item, tiles, measurements, names, heat, title)
+        self.outputs.write(item, tiles, measurements, tile_classes(tile_probs, spec.classes), heat, title)
 
     def row(self, item: PlannedSlide, seconds: float) -> str:
         blank = [""] * (len(self.spec.classes) + len(self.calls))
@@ -556,7 +466,7 @@ class SlideUnit(SlideScan):
                          f"{info['mpp']:.6g}", info["mpp_source"], target, info["level"]])  # fmt: skip
 
     def finish(self, out: Path, table: Path) -> None:
-        self.outputs.finish(out)
+        self.outputs.finish(out, table)
 
     def provenance(self) -> dict[str, Any]:
         return {"aggregate": self.spec.aggregate, "slides": self.spec.slides}
@@ -571,28 +481,3 @@ def _mil_head(model: Path, spec: ScoringSpec) -> MILHead | None:
         return load_mil(model / MIL_FILE, len(spec.classes))[0]
     except ValueError as err:
         raise RunError(f"{model}: {err}") from None
-
-
-def _write_tiles(path: Path, rel: str, coords: np.ndarray, side0: float, tissue: np.ndarray,
-                 measurements: dict[str, np.ndarray]) -> None:  # fmt: skip
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {"slide": pa.array([rel] * len(coords), pa.string()), "x": pa.array(coords[:, 0], pa.int64()),
-            "y": pa.array(coords[:, 1], pa.int64()), "side_level0": pa.array(np.full(len(coords), side0), pa.float64()),
-            "tissue": pa.array(tissue, pa.float32())}  # fmt: skip
-    for name, values in measurements.items():
-        cols[name] = pa.array(np.asarray(values, np.float32), pa.float32())
-    atomic_write(path, lambda tmp: pq.write_table(pa.table(cols), tmp))
-
-
-def _merge_tiles(out: Path, tiles_dir: Path) -> None:
-    """All slides' tile tables as one ``<out>.tiles.parquet``, in slide order (the per-slide files stay, for resume)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = sorted(tiles_dir.glob("*.parquet")) if tiles_dir.is_dir() else []
-    if not parts:
-        return
-    merged = pa.concat_tables([pq.read_table(p) for p in parts])
-    atomic_write(Path(f"{out}.tiles.parquet"), lambda tmp: pq.write_table(merged, tmp))
