@@ -34,7 +34,7 @@ import torch
 from medvision.metrics import compute_auc
 from medvision.recipe import Recipe, recipe_from_dict
 from medvision.runs import read_run_json
-from medvision.runtime import resolve_amp
+from medvision.runtime import cpu_flags, resolve_amp
 from medvision.tasks.benchmark.labels import StudyResult, TestFigures, finished_as, paired_bootstrap, write_dicts
 from medvision.tasks.benchmark.speed import BenchmarkError, device_name
 from medvision.tasks.train import train
@@ -184,12 +184,11 @@ def read_run(run_dir: Path, row: SeedRun) -> SeedRun:
 def machine() -> dict[str, str]:
     """What the figures were measured on: device, native bf16 or not, torch, date."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = ""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = " ".join(f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text)
+        have = cpu_flags(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        have = set()
+    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in have)
     return {"device": device_name(device), "cpu_flags": flags or "n/a", "amp_auto": resolve_amp("auto", device),
             "torch": torch.__version__, "date": datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
 
