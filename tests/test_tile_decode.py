@@ -15,7 +15,7 @@ from medvision.cli import _parser
 from medvision.recipe import SlidesConfig
 from medvision.wsi.slide import SlideError, open_slide
 from medvision.wsi.synthetic import compose_slide, write_pyramidal_tiff
-from medvision.wsi.tiles import SlideRef, TiffLevelTiles, TileReader, TileSpec, jpeg_shrink, plan_tiles
+from medvision.wsi.tiles import SlideRef, TiffLevelTiles, TileReader, TileSpec, decoder_shrink, plan_tiles
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,9 @@ def _tiles(fast: TiffLevelTiles, count: int) -> list[tuple[int, bytes]]:
 
 
 def test_the_decoder_shrinks_by_the_largest_power_of_two_that_still_only_shrinks() -> None:
-    assert [jpeg_shrink(r, 224) for r in (224, 443, 447, 448, 895, 896, 1791, 1792, 5000)] == [1, 1, 1, 2, 2, 4, 4,
+    assert [decoder_shrink(r, 224) for r in (224, 443, 447, 448, 895, 896, 1791, 1792, 5000)] == [1, 1, 1, 2, 2, 4, 4,
                                                                                                  8, 8]  # fmt: skip
-    assert jpeg_shrink(128, 32) == 4 and jpeg_shrink(64, 32) == 2
+    assert decoder_shrink(128, 32) == 4 and decoder_shrink(64, 32) == 2
 
 
 @pytest.mark.parametrize("which", ["ycbcr", "aperio-rgb"])

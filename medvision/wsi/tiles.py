@@ -157,9 +157,9 @@ KEEP_BYTES = 128 << 20
 #: RGB JPEG tiles (TIFF photometric RGB) without any marker that says so; tifffile tells libjpeg the colour space
 #: instead, which ``cv2.imdecode`` cannot, so the marker goes into the stream.
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
-#: ``cv2.imdecode`` flags for a JPEG decoded at 1/1, 1/2, 1/4 or 1/8 of its side, without the colour bits.
+#: ``cv2.imdecode`` flags for a JPEG decoded at 1/2, 1/4 or 1/8 of its side, without the colour bits (at full size
+#: tifffile decodes).
 _SCALED = {
-    1: 0,
     2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
     4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
@@ -168,7 +168,7 @@ _SCALED = {
 _RGB_FLAG: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
-def jpeg_shrink(read_size: int, tile_size: int) -> int:
+def decoder_shrink(read_size: int, tile_size: int) -> int:
     """The largest of 8, 4 and 2 that a ``read_size`` region can be shrunk by in the JPEG decoder and still be at
     least ``tile_size`` pixels (area averaging does the rest); 1 when it is less than twice ``tile_size``."""
     return next((d for d in (8, 4, 2) if read_size >= d * tile_size), 1)
@@ -381,14 +381,14 @@ class TileReader:
         """The tile's pixels at its level: straight from the JPEG tiles when possible, else via the slide."""
         slide, ref = self._slide(s), self.slides[s]
         if s not in self._fast:
-            shrink = jpeg_shrink(ref.read_size, self.tile_size) if self.jpeg_shrink else 1
+            shrink = decoder_shrink(ref.read_size, self.tile_size) if self.jpeg_shrink else 1
             self._fast[s] = TiffLevelTiles.open(ref.path, slide.level_dimensions[ref.level], ref.read_size, shrink) \
                 if slide.backend in ("openslide", "tiffslide") else None  # fmt: skip
         fast = self._fast[s]
         if fast is None:
             return slide.read_region(ref.level, x, y, ref.read_size, ref.read_size)
         scale = slide.level_downsamples[ref.level] * fast.shrink  # level-0 pixels per decoded pixel
-        side = round(ref.read_size / fast.shrink)  # at least tile_size: jpeg_shrink chose the shrink so
+        side = round(ref.read_size / fast.shrink)  # at least tile_size: decoder_shrink chose the shrink so
         return fast.read(round(x / scale), round(y / scale), side, side)
 
     def read_at(self, s: int, x: int, y: int) -> np.ndarray:
