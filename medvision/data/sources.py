@@ -65,10 +65,10 @@ def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
             )
         if len(lab) != len(imgs):
             raise DataSourceError(f"{path}: {split} has {len(imgs)} images but {len(lab)} labels")
-        whole = np.issubdtype(lab.dtype, np.integer) or (np.issubdtype(lab.dtype, np.floating)
-                                                         and bool(np.all(lab == np.round(lab))))  # fmt: skip
-        if not whole:  # astype(int64) truncated 1.7 to 1 without a word
-            at = int(np.flatnonzero(lab != np.round(lab))[0]) if np.issubdtype(lab.dtype, np.floating) else 0
+        # integer and bool labels are whole; float ones must be (astype(int64) truncated 1.7 to 1 without a word)
+        bad = np.flatnonzero(lab != np.round(lab)) if lab.dtype.kind == "f" else [] if lab.dtype.kind in "biu" else [0]
+        if len(bad):
+            at = int(bad[0])
             raise DataSourceError(f"{path}: {split}_labels holds {lab[at].item()!r} (sample npz:{split}:{at}, dtype "
                                   f"{lab.dtype}); expected whole class indices")  # fmt: skip
         images.append(imgs)

@@ -39,7 +39,9 @@ def read_image_raw(path: str | Path) -> np.ndarray:
                 arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
         else:
             buf = np.fromfile(path, dtype=np.uint8)
-            if buf[:3].tobytes() == b"\xff\xd8\xff" and not jpeg_is_whole(buf.tobytes()):  # OpenCV fills it grey
+            # a JPEG cut short (OpenCV fills it grey); the file's tail is checked first, without copying the file
+            if buf[:3].tobytes() == b"\xff\xd8\xff" and buf[-2:].tobytes() != b"\xff\xd9" \
+                    and not jpeg_is_whole(buf.tobytes()):  # fmt: skip
                 raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
             decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
             if decoded is None:
@@ -117,8 +119,10 @@ def check_image_header(path: str | Path) -> None:
         with open(path, "rb") as fh:
             head = fh.read(16)
             size = fh.seek(0, 2)
+            fh.seek(max(0, size - 2))
+            ends = fh.read(2) == b"\xff\xd9"  # nearly every JPEG: the rest of the file is not read
             fh.seek(0)
-            whole = fh.read() if head.startswith(b"\xff\xd8\xff") else b""
+            whole = fh.read() if head.startswith(b"\xff\xd8\xff") and not ends else b""
     except OSError as err:
         raise ImageReadError(f"{path}: cannot open ({type(err).__name__}: {err.strerror or err})") from None
     is_tiff = head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
@@ -142,7 +146,7 @@ def check_image_header(path: str | Path) -> None:
             img.verify()
     except Exception as err:
         raise ImageReadError(f"{path}: damaged {plugin.format} file ({type(err).__name__}: {err})") from None
-    if plugin is JpegImagePlugin.JpegImageFile and not jpeg_is_whole(whole):
+    if plugin is JpegImagePlugin.JpegImageFile and not ends and not jpeg_is_whole(whole):
         raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
 
 

@@ -140,8 +140,9 @@ def explain_images(
     classes: list[str] = meta["classes"]
     temperature = float((meta.get("decision") or {}).get("temperature") or 1.0)
     # the function score runs: normalise, each test-time view's softmax of logits / T, averaged over the views
-    calibrated = CalibratedClassifier(bundle.model, bundle.mean, bundle.std, temperature, tuple(recipe.evaluation.tta))
     param = next(bundle.model.parameters())
+    calibrated = CalibratedClassifier(bundle.model, bundle.mean, bundle.std, temperature,
+                                      tuple(recipe.evaluation.tta)).to(param.device).eval()  # buffers too  # fmt: skip
     if target_class is not None and target_class not in classes:
         raise ExplainError(f"target class {target_class!r} is not one of the run's classes {classes}")
     # the evaluation loader's path: resize, round to the run's transfer dtype (uint8 for 8-bit images), normalise;
@@ -163,7 +164,7 @@ def explain_images(
                 writer.writerow([str(path), "", "", target_class or "", method, "", str(err)])
                 continue
             with torch.no_grad():
-                probs = calibrated.eval()(raw)[0].float().cpu().numpy()
+                probs = calibrated(raw)[0].float().cpu().numpy()
             x = calibrated.normalise(raw)[0]
             pred = int(probs.argmax())
             target = torch.tensor([pred if target_class is None else classes.index(target_class)])
