@@ -48,8 +48,9 @@ from machine import busy, cpu_info, print_table, write_csv
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from medvision import handoff
+from medvision.handoff import HandOff, Slots, discard, handoff_path
 from medvision.runtime import reuse_freed_memory
-from medvision.workers import HandOff, PoolStats, Slots, discard, handoff_path, isolated_map, start_forkserver
+from medvision.workers import PoolStats, isolated_map, start_forkserver
 
 IN_FLIGHT = 4  # as the tile stream reads ahead: two batches a worker
 

@@ -42,12 +42,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
 
-from medvision.handoff import HANDOFF_DIR as HANDOFF_DIR
-from medvision.handoff import HandOff as HandOff
-from medvision.handoff import Slots as Slots
-from medvision.handoff import discard as discard
-from medvision.handoff import handoff_path as handoff_path
-from medvision.handoff import sweep_handoffs as sweep_handoffs
+from medvision.handoff import HandOff, Slots, sweep_handoffs
 
 log = logging.getLogger("medvision")
 T = TypeVar("T")
@@ -138,7 +133,7 @@ def _watch_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-_TERM: dict[str, Any] = {"depth": 0, "previous": None}
+_TERM: dict[str, Any] = {"depth": 0, "installed": False}
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -153,21 +148,19 @@ def _sigterm_raises() -> Iterator[None]:
     be set), only over the default action (a program with its own handler, or one that ignores SIGTERM, has
     decided), once for pools that run at the same time; the previous handler is back when the last ends."""
     main = threading.current_thread() is threading.main_thread()
-    if main and _TERM["depth"] == 0:
-        previous = signal.getsignal(signal.SIGTERM)
-        _TERM["previous"] = previous if previous == signal.SIG_DFL else None
-        if _TERM["previous"] is not None:
-            signal.signal(signal.SIGTERM, _terminated)
+    if main and _TERM["depth"] == 0 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
+        _TERM["installed"] = True
     _TERM["depth"] += main
     try:
         yield
     finally:
         _TERM["depth"] -= main
-        if main and _TERM["depth"] == 0 and _TERM["previous"] is not None:
+        if main and _TERM["depth"] == 0 and _TERM["installed"]:
             with suppress(ValueError):  # a generator closed from another thread: left to the next pool's end
                 if signal.getsignal(signal.SIGTERM) is _terminated:
-                    signal.signal(signal.SIGTERM, _TERM["previous"])
-                _TERM["previous"] = None
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _TERM["installed"] = False
 
 
 def _death(exitcode: int | None) -> str:
@@ -195,12 +188,8 @@ def _outcome(future: Any) -> tuple[Any, BaseException | None]:
     """``future``'s result, or the exception its task ended with: of any kind, since a Rust decoder's
     ``PanicException`` derives from ``BaseException`` and must cost its chunk only, not the run. This process's own
     Ctrl-C or SIGTERM, raised while it waits, goes on up."""
-    try:
-        return future.result(), None
-    except BaseException as err:
-        if future.done() and not future.cancelled() and future.exception() is err:
-            return None, err
-        raise
+    err = future.exception()  # waits; what the task raised, or None (an interrupt while waiting goes up)
+    return (None, err) if err is not None else (future.result(), None)
 
 
 class _Inline(Generic[R]):

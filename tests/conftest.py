@@ -29,7 +29,7 @@ CMU_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "
 
 def handoff_leftovers() -> list[str]:
     """This process's hand-off slots still there: memory files still open, and files in HANDOFF_DIR."""
-    from medvision.workers import HANDOFF_DIR
+    from medvision.handoff import HANDOFF_DIR
 
     fds = Path("/proc/self/fd")
     links = []

@@ -21,8 +21,9 @@ import torch
 from conftest import handoff_leftovers
 
 from medvision import workers
+from medvision.handoff import HANDOFF_DIR, HandOff, Slots, discard, handoff_path, sweep_handoffs
 from medvision.runtime import reader_processes
-from medvision.workers import HANDOFF_DIR, HandOff, Slots, discard, handoff_path, isolated_map, sweep_handoffs
+from medvision.workers import isolated_map
 
 
 def test_an_item_slow_to_make_does_not_hold_back_the_results_already_read() -> None:

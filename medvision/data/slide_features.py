@@ -32,7 +32,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from medvision.data.audit import settle
 from medvision.data.table import AuditRow, DataSourceError, class_index, read_manifest, slide_rows
 from medvision.recipe import DataConfig
-from medvision.wsi.features import FeatureFileError, read_features, same_extraction
+from medvision.wsi.features import EXTRACTION_KEYS, FeatureFileError, read_features, same_extraction
 
 
 @dataclass
@@ -136,9 +136,7 @@ def load_feature_cohort(manifest: Path, cfg: DataConfig) -> FeatureCohort:
                                                     f"{bag.attrs['slide']!r}, not of {hit['path']!r}"))  # fmt: skip
             continue
         if not out.extraction:
-            out.extraction = {k: bag.attrs.get(k) for k in ("encoder", "encoder_sha256", "dim", "tile_size",
-                                                             "target_mpp", "preprocessing", "min_tissue",
-                                                             "tissue_method")}  # fmt: skip
+            out.extraction = {k: bag.attrs.get(k) for k in EXTRACTION_KEYS}
         differ = same_extraction(out.extraction, bag.attrs)
         if differ:
             out.audit.append(AuditRow(rel, "error", f"{name}: features made differently from the first slide's "

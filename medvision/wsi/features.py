@@ -189,10 +189,13 @@ def read_features(path: Path) -> SlideFeatures:
     return SlideFeatures(feats, coords, tissue, attrs, side0)
 
 
+#: The attributes of a feature file that say how its bags were made (encoder, weights, tiling, the tissue threshold
+#: and method that chose the tiles, preprocessing): what a cohort records of its first file, and compares.
+EXTRACTION_KEYS = ("encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "min_tissue", "tissue_method",
+                   "preprocessing")  # fmt: skip
+
+
 def same_extraction(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The settings on which two feature files differ (encoder, weights, tiling, the tissue threshold and
-    method that chose the tiles, preprocessing): bags that may not be mixed. A file that does not record a
-    setting differs from one that does."""
-    keys = ("encoder", "encoder_sha256", "dim", "tile_size", "target_mpp", "min_tissue", "tissue_method",
-            "preprocessing")  # fmt: skip
-    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    """The settings (:data:`EXTRACTION_KEYS`) on which two feature files differ: bags that may not be mixed. A file
+    that does not record a setting differs from one that does."""
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in EXTRACTION_KEYS if a.get(k) != b.get(k)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -123,9 +123,7 @@ def tile_maps(heads: list[MILHead], bag: np.ndarray, attention: np.ndarray, clas
     x = torch.as_tensor(np.asarray(bag, np.float32))
     own = []
     with torch.no_grad():
-        for head in heads:
-            if not isinstance(head, MeanMIL):
-                raise TypeError(f"fold head {type(head).__name__} in a run whose head is 'mean': expected MeanMIL")
+        for head in cast(list[MeanMIL], heads):  # _fold_heads refused any other kind in a 'mean' run
             head.eval()
             z = head.tile_outputs(x).double().numpy()
             own.append(z if classes is None else softmax(z))
@@ -171,7 +169,8 @@ def _fold_heads(run: Path, spec: dict[str, Any]) -> list[MILHead]:
     embeddings it never saw.
 
     Raises:
-        RunError: a head that cannot be loaded, or whose encoder SHA-256 is not ``mil.json``'s.
+        RunError: a head that cannot be loaded, of another kind than ``mil.json``'s (a mean head in an attention
+            run or the reverse), or whose encoder SHA-256 is not ``mil.json``'s.
     """
     heads = []
     for rel in spec["heads"]:
@@ -179,6 +178,11 @@ def _fold_heads(run: Path, spec: dict[str, Any]) -> list[MILHead]:
             head, meta = load_mil(run / rel, 1 if spec["classes"] is None else len(spec["classes"]))
         except (OSError, ValueError) as err:
             raise RunError(f"{run / rel}: fold head cannot be loaded ({err})") from None
+        if isinstance(head, MeanMIL) != (spec["head"] == "mean"):  # once here, not as an error row every slide
+            raise RunError(
+                f"{run / rel}: a {type(head).__name__} fold head in a run whose {MIL_RUN} names head "
+                f"{spec['head']!r}: the run mixes heads; retrain it (medvision train --overwrite)"
+            )
         own = meta.get("encoder_sha256")
         if own is not None and own != spec["encoder_sha256"]:
             raise RunError(f"{run / rel}: this fold head was trained on features of the encoder with SHA-256 "
