@@ -214,6 +214,22 @@ def test_two_slides_whose_paths_flatten_to_one_name_never_share_a_file(slide_fol
     assert {t["slide"] for t in pq.read_table(f"{out}.tiles.parquet").to_pylist()} == {"a/b.svs"}
 
 
+def test_a_slide_an_interrupted_torchrun_rank_finished_keeps_its_name(slide_folder: Path, tmp_path: Path) -> None:
+    """Before the ranks' parts are merged, a slide one of them finished already owns its files' name: a newly added
+    slide whose path flattens to it is the error row, not the one whose files are on disk."""
+    folder = tmp_path / "slides"
+    (folder / "a").mkdir(parents=True)
+    shutil.copy(slide_folder / "a.svs", folder / "a" / "b.svs")
+    shutil.copy(slide_folder / "a.svs", folder / "a__b.svs")
+    out = tmp_path / "scores.csv"
+    part = Path(f"{out}.parts") / "rank1-of-2.csv"
+    part.parent.mkdir()
+    part.write_text("path,status\na__b.svs,ok\n")
+    run_units(folder, out, BrightnessUnit(out, run="brightness-v1"), (0, 1), {}, None)
+    rows = {r["path"]: r["status"] for r in csv.DictReader(out.open())}
+    assert rows == {"a/b.svs": "error", "a__b.svs": "ok"}
+
+
 def test_a_path_that_flattens_to_255_bytes_gets_a_shorter_unique_name(tmp_path: Path) -> None:
     rel = "case-" + "x" * 120 + "/" + "slide-" + "é" * 59 + ".svs"  # flattened: 255 bytes, every part legal
     assert len(rel.replace("/", "__").encode()) == 255

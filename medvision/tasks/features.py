@@ -45,7 +45,7 @@ from medvision.recipe import SlidesConfig
 from medvision.runs import RunError, versions
 from medvision.runtime import reader_processes, resolve_amp, setup
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, run_units
-from medvision.tasks.score.outputs import PlannedSlide, SlideTiles, ok_rows, unique_names
+from medvision.tasks.score.outputs import PlannedSlide, SlideTiles, finished_rows, unique_names
 from medvision.tasks.score.slides import SlideBatches, SlideScan, find_slides
 from medvision.workers import start_forkserver
 from medvision.wsi.features import feature_name, write_features
@@ -111,8 +111,9 @@ class FeatureUnit(SlideScan):
 
 
 def _indexed_files(table: Path) -> dict[str, str]:
-    """The feature file of each slide an earlier run into this folder finished (``features.csv``'s ok rows)."""
-    return {r["path"]: r["file"] for r in ok_rows(table) if r.get("file")}
+    """The feature file of each slide an earlier run into this folder finished (the ok rows of ``features.csv`` and
+    of its ranks' parts)."""
+    return {r["path"]: r["file"] for r in finished_rows(table) if r.get("file")}
 
 
 def _check_same_folder(out_dir: Path, record: dict[str, Any]) -> None:

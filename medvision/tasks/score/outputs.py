@@ -56,6 +56,16 @@ def ok_rows(table: Path) -> list[dict[str, str]]:
         return [r for r in csv.DictReader(fh) if r.get("status") == "ok"]
 
 
+def finished_rows(table: Path) -> list[dict[str, str]]:
+    """The ``ok`` rows of an output table and of its ranks' parts (``<table>.parts/*.csv``, what an interrupted
+    torchrun run finished before they were merged): every slide whose per-slide files a run into this output has
+    already written, which a new slide may not take the name of."""
+    rows = {r["path"]: r for r in ok_rows(table)}
+    for part in sorted(Path(f"{table}.parts").glob("*.csv")):
+        rows.update({r["path"]: r for r in ok_rows(part) if r["path"] not in rows})
+    return list(rows.values())
+
+
 def unique_names(entries: list[Entry], indexed: dict[str, str], name: Callable[[str], str],
                  what: str) -> tuple[list[Entry], dict[str, str]]:  # fmt: skip
     """``entries`` with each candidate slide whose per-slide file name (``name(rel)``) is already another slide's
@@ -109,8 +119,8 @@ class SlideOutputs:
 
     def unique(self, entries: list[Entry]) -> list[Entry]:
         """``entries`` with each slide whose files would have another slide's name made an error entry
-        (:func:`unique_names`; the slides already ok in ``<out>`` keep theirs)."""
-        indexed = {r["path"]: flat_name(r["path"]) for r in ok_rows(self.out)}
+        (:func:`unique_names`; the slides already ok in ``<out>`` or its ranks' parts keep theirs)."""
+        indexed = {r["path"]: flat_name(r["path"]) for r in finished_rows(self.out)}
         entries, self.owners = unique_names(entries, indexed, flat_name, "output files' name")
         return entries
 
