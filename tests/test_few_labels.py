@@ -565,7 +565,7 @@ def test_label_benchmark_writes_the_grid_summary_and_deltas(label_grid: Grid) ->
     assert len(deltas) == 4 == len(result.deltas)
     # the deltas are defined on predictions.csv; recompute each run's AUC from that file
     from medvision.metrics import compute_auc
-    from medvision.tasks.benchmark.labels import _test_probs
+    from medvision.tasks.benchmark.deltas import _test_probs
 
     auc = {(r.init, r.protocol, r.fraction): compute_auc(*_test_probs(r.run_dir)[1:]) for r in result.rows}
     for d in result.deltas:
@@ -692,7 +692,7 @@ def _predictions(run: Path, ids: list[str], labels: list[int], p1: np.ndarray) -
 def test_paired_deltas_score_each_seed_on_its_own_test_images(tmp_path: Path) -> None:
     """Seeds split a CSV differently: each seed's pair is scored against its own labels, never the last seed's."""
     from medvision.metrics import compute_auc
-    from medvision.tasks.benchmark.labels import paired_bootstrap, paired_difference
+    from medvision.tasks.benchmark.deltas import paired_bootstrap
 
     rng = np.random.default_rng(0)
     pairs, expected = [], []
@@ -704,12 +704,13 @@ def test_paired_deltas_score_each_seed_on_its_own_test_images(tmp_path: Path) ->
                       _predictions(tmp_path / f"b{seed}", ids, y.tolist(), b)))  # fmt: skip
         two = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
         expected.append(compute_auc(y, two(b)) - compute_auc(y, two(a)))
-    value, lo, hi = paired_difference(pairs, compute_auc, 200, 0)
+    delta = paired_bootstrap(pairs, compute_auc, 200, 0)
+    value, lo, hi = delta.value, delta.lo, delta.hi
     assert value == pytest.approx(float(np.mean(expected)), abs=1e-6) and lo <= value <= hi
     assert paired_bootstrap(pairs, compute_auc, 200, 0).unit == "images"  # no run folder tells of patients
     _predictions(tmp_path / "c", [f"s0_{i}" for i in range(40)], [0] * 40, np.full(40, 0.5))
     with pytest.raises(BenchmarkError, match="tested on different images"):
-        paired_difference([(pairs[1][0], str(tmp_path / "c"))], compute_auc, 0, 0)
+        paired_bootstrap([(pairs[1][0], str(tmp_path / "c"))], compute_auc, 0, 0)
 
 
 def test_paired_delta_resamples_whole_patients_as_the_runs_own_cis_do(tiny_runs: tuple[Path, Path]) -> None:
@@ -717,7 +718,7 @@ def test_paired_delta_resamples_whole_patients_as_the_runs_own_cis_do(tiny_runs:
     holds no patient ids), so its CI is not narrower than the patient-level CIs of the runs it compares."""
     from medvision.intervals import bootstrap_indices
     from medvision.metrics import compute_auc
-    from medvision.tasks.benchmark.labels import _test_probs, paired_bootstrap
+    from medvision.tasks.benchmark.deltas import _test_probs, paired_bootstrap
 
     finetune, knn = (str(r) for r in tiny_runs)
     d = paired_bootstrap([(finetune, knn)], compute_auc, 200, 0)

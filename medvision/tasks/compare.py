@@ -31,11 +31,12 @@ import numpy as np
 
 from medvision import plots
 from medvision.data.sources import load_table
+from medvision.data.table import SampleTable
 from medvision.errors import MedvisionError
 from medvision.evaluation import bootstrap_groups
 from medvision.intervals import bootstrap_cis, delong_test, paired_bootstrap
 from medvision.metrics import MetricWarning, aggregate_by_group, compute_accuracy, compute_auc
-from medvision.recipe import load_recipe
+from medvision.recipe import Recipe, load_recipe
 from medvision.report import Block, to_html, to_markdown, write_json
 from medvision.runs import cache_dir, read_run_json
 
@@ -200,6 +201,18 @@ class Patients:
     """Each image's patient where ``groups`` are slides; None where they are the patients."""
 
 
+def patient_table(recipe: Recipe, origin: str, classes: list[str] | None = None) -> SampleTable:
+    """A run's data table rebuilt for its patients only: nothing preloaded, no DICOM pixel cache (paths and headers
+    tell the patients; no pixel needs decoding). ``classes``: the run's, where its recipe did not list them."""
+    changes: dict[str, Any] = {"data.preload": False}
+    if classes is not None:
+        changes["data.classes"] = classes
+    if recipe.data.source == "dicom":
+        changes["data.dicom.cache"] = False
+    recipe = recipe.changed(changes, origin=origin)
+    return load_table(recipe.data, recipe.seed, cache_dir(recipe))
+
+
 def read_patients(run: RunPredictions) -> Patients | str:
     """Each image's patient (or slide) from the run's recipe and data, with its aggregation; or why not."""
     recipe_path = run.folder / "recipe.yaml"
@@ -213,12 +226,8 @@ def read_patients(run: RunPredictions) -> Patients | str:
                     "predictions.csv does not hold")  # fmt: skip
         if recipe.data.source == "npz":
             return "a MedMNIST-style .npz has one image per patient"
-        changes: dict[str, Any] = {"data.classes": run.classes, "data.preload": False}
-        if recipe.data.source == "dicom":
-            changes["data.dicom.cache"] = False  # headers tell the patients; no pixel needs decoding
-        recipe = recipe.changed(changes, origin=str(recipe_path))
         log.info("%s: reading its patients from %s", run.name, recipe.data.path)
-        table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
+        table = patient_table(recipe, str(recipe_path), run.classes)
     except (MedvisionError, OSError) as err:
         return f"the patients of {run.name} could not be read from its data ({' '.join(str(err).split())})"
     group_of = dict(zip(table.ids, table.aggregates_to, strict=True))

@@ -25,8 +25,6 @@ import logging
 import math
 import re
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -37,11 +35,11 @@ from matplotlib.figure import Figure
 
 from medvision.data.sources import load_table
 from medvision.data.table import subset_indices
-from medvision.intervals import bootstrap_indices
-from medvision.metrics import MetricWarning, compute_auc
-from medvision.recipe import Recipe, dump_recipe, load_recipe
+from medvision.metrics import compute_auc
+from medvision.recipe import Recipe, dump_recipe
 from medvision.recipe_nodes import FINETUNE_ONLY, TrainConfig, finetune_only_settings
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
+from medvision.tasks.benchmark.deltas import delta_unit, paired_bootstrap
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.track import log_reused_run
 from medvision.tasks.train import train
@@ -366,113 +364,9 @@ def summarise(rows: list[LabelRun]) -> list[dict[str, Any]]:
     return out
 
 
-def _test_probs(run_dir: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Ids, labels and calibrated probabilities of a run's test rows (its predictions.csv)."""
-    with (Path(run_dir) / "predictions.csv").open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader)
-        rows = [r for r in reader if r[0] == "test"]
-    classes = [h[len("prob_") :] for h in header[4:]]
-    labels = np.array([classes.index(r[2]) for r in rows], dtype=np.int64)
-    return [r[1] for r in rows], labels, np.array([[float(v) for v in r[4:]] for r in rows])
-
-
-def patient_groups(run_dir: str, ids: list[str]) -> list[str] | None:
-    """Each test row's patient, as the run's own CIs draw them (:mod:`medvision.evaluation`), or None where each
-    patient has one test image or the run folder cannot say (then the images are the unit).
-
-    ``predictions.csv`` holds no patient ids (they stay out of every output): they come from the run's own data
-    table, rebuilt from its ``recipe.yaml`` as training built it, and only where ``metrics.json`` says a
-    patient has several test images.
-    """
-    run = Path(run_dir)
-    try:
-        per_patient = float(read_metrics_json(run)["patient"]["test"]["images_per_patient"])
-    except (RunError, KeyError, TypeError, ValueError):
-        return None
-    if per_patient <= 1:
-        return None
-    try:
-        recipe = load_recipe(run / "recipe.yaml")
-        table = load_table(recipe.data, recipe.seed, cache_dir(recipe))
-    except Exception as err:  # the data moved since: the delta is still computed, over images, and says so
-        log.warning("%s: cannot rebuild its data table (%s: %s); the paired delta resamples test images, not "
-                    "patients", run, type(err).__name__, str(err).splitlines()[0][:200])  # fmt: skip
-        return None
-    patient = dict(zip(table.ids, table.groups, strict=True))
-    if any(i not in patient for i in ids):
-        log.warning("%s: its test images are not all in its data table any more; the paired delta resamples test "
-                    "images, not patients", run)  # fmt: skip
-        return None
-    return [patient[i] for i in ids]
-
-
-@dataclass(frozen=True)
-class PairedDelta:
-    """A paired difference with its 95% CI and the unit the bootstrap drew: ``images`` or ``patients``."""
-
-    value: float
-    lo: float
-    hi: float
-    unit: str
-
-
-def paired_difference(
-    pairs: list[tuple[str, str]], metric: Callable[[np.ndarray, np.ndarray], float], resamples: int, seed: int
-) -> tuple[float, float, float]:
-    """(value, lo, hi) of :func:`paired_bootstrap`."""
-    d = paired_bootstrap(pairs, metric, resamples, seed)
-    return d.value, d.lo, d.hi
-
-
-def paired_bootstrap(
-    pairs: list[tuple[str, str]], metric: Callable[[np.ndarray, np.ndarray], float], resamples: int, seed: int
-) -> PairedDelta:
-    """``metric`` of the second run of each pair minus the first's, on their test rows, averaged over the pairs,
-    with a 95% CI from a stratified bootstrap over the test images, or over whole patients where a patient has
-    several test images (:func:`patient_groups`): a patient's images are not independent, and the runs' own CIs
-    draw patients too, so a delta CI over images would be narrower than it should.
-
-    Each pair (a seed) is scored on its own test rows and labels: a seed's split may test other images. The two
-    runs of a pair share each resample, so the test-set noise they share cancels and what is left is the
-    difference of the models; pairs tested on the same images draw the same resamples (one seed). The two runs
-    of a pair tested on different images are an error.
-    """
-    tested: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    groups: list[list[str] | None] = []
-    for base, other in pairs:
-        ids_a, y_a, p_a = _test_probs(base)
-        ids_b, y_b, p_b = _test_probs(other)
-        if ids_a != ids_b or not np.array_equal(y_a, y_b):
-            raise BenchmarkError(f"{base} and {other} were tested on different images")
-        tested.append((y_a, p_a, p_b))
-        groups.append(patient_groups(base, ids_a))
-    unit = "patients" if any(g is not None for g in groups) else "images"
-    if not tested:
-        raise BenchmarkError("paired_difference needs at least one pair of runs")
-
-    def delta(rows: list[np.ndarray | slice]) -> float:
-        pairs_rows = zip(tested, rows, strict=True)
-        return float(np.mean([metric(y[i], b[i]) - metric(y[i], a[i]) for (y, a, b), i in pairs_rows]))
-
-    value = delta([slice(None)] * len(tested))
-    if not resamples:
-        return PairedDelta(value, math.nan, math.nan, unit)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        draws = zip(*(bootstrap_indices(y, resamples, seed, groups=g) for (y, _, _), g in zip(tested, groups,
-                                                                                            strict=True)),
-                    strict=True)  # fmt: skip
-        spread = np.asarray([delta(list(rows)) for rows in draws])
-    spread = spread[np.isfinite(spread)]
-    if not spread.size:
-        return PairedDelta(value, math.nan, math.nan, unit)
-    return PairedDelta(value, float(np.quantile(spread, 0.025)), float(np.quantile(spread, 0.975)), unit)
-
-
 def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: int) -> list[dict[str, Any]]:
     """Test AUC of each init minus the reference init's, per fraction and protocol, averaged over paired seeds
-    (:func:`paired_difference`)."""
+    (:func:`paired_bootstrap`)."""
     done = {(r.init, r.protocol, r.fraction, r.seed): r for r in rows if not r.error}
     out = []
     for init, protocol, fraction in dict.fromkeys((r.init, r.protocol, r.fraction) for r in rows if not r.error):
@@ -511,7 +405,7 @@ def to_markdown(summary: list[dict[str, Any]], deltas: list[dict[str, Any]], nam
         lines.append(f"| {e['init']} | {e['protocol']} | {e['fraction']:g} | {labels} | {e['seeds']}{failed} | "
                      f"{_ci(e, 'auc')} | {_sd(e['auc_sd'])} | {_ci(e, 'acc')} | {_sd(e['acc_sd'])} |")  # fmt: skip
     if deltas:
-        unit = "patients" if any(d.get("unit") == "patients" for d in deltas) else "images"
+        unit = delta_unit(deltas)
         lines += ["", f"Test AUC difference against the reference init (paired bootstrap over the test {unit}, 95% CI)",
                   "", "| init | minus | protocol | fraction | seeds | delta AUC (95% CI) |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip

@@ -35,7 +35,13 @@ from medvision.metrics import compute_auc
 from medvision.recipe import Recipe, recipe_from_dict
 from medvision.runs import read_run_json
 from medvision.runtime import cpu_flags, resolve_amp
-from medvision.tasks.benchmark.labels import StudyResult, TestFigures, finished_as, paired_bootstrap, write_dicts
+from medvision.tasks.benchmark.deltas import delta_unit, paired_bootstrap
+from medvision.tasks.benchmark.labels import (
+    StudyResult,
+    TestFigures,
+    finished_as,
+    write_dicts,
+)
 from medvision.tasks.benchmark.speed import BenchmarkError, device_name
 from medvision.tasks.train import train
 
@@ -353,7 +359,7 @@ def to_markdown(recipe: Recipe, summary: list[dict[str, Any]], deltas: list[dict
             f"{_f(e['epochs'], 0)} ({_f(e['best_epoch'], 0)}) | {_f(e['seconds'] / 60, 1)} |"
         )
     if deltas:
-        unit = "patients" if any(d.get("unit") == "patients" for d in deltas) else "images"
+        unit = delta_unit(deltas)
         title = f"Each variant minus the reference, same seeds, paired bootstrap over the test {unit} (95% CI)"
         lines += ["", title, "", "| variant | minus | seeds | delta AUC | delta ACC |", "| --- " * 5 + "|"]
         for d in deltas:
