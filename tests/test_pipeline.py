@@ -111,7 +111,7 @@ def test_inputs_normalise_flip_and_lay_out_on_the_device() -> None:
 def test_on_device_flips_leave_the_cpu_pipeline() -> None:
     names = [type(t).__name__ for t in build_transforms(AugmentConfig(preset="pathology", on_device=True), 16,
                                                         MEAN, STD).transforms]  # fmt: skip
-    assert "HorizontalFlip" not in names and "RandomRotate90" not in names and "HEStain" in names
+    assert "HorizontalFlip" not in names and "RandomRotate90" not in names and "HEDJitter" in names
     with pytest.raises(RecipeError, match="on_device"):
         build_transforms(AugmentConfig(preset="radiology", on_device=True), 16, (0.5,), (0.5,))
 

@@ -1,4 +1,4 @@
-"""Macenko stain normalisation of H&E tiles, fitted to one reference tile.
+"""Stain maths of H&E tiles: Macenko normalisation to one reference tile, and the HED stain jitter.
 
 Scanners and staining batches give the same tissue different colours; Macenko et al. (M. Macenko, M.
 Niethammer, J. S. Marron et al., "A method for normalizing histology slides for quantitative analysis",
@@ -38,21 +38,31 @@ its size: at 4% the 99th percentile lies in the top quarter of the tissue, never
 A tile of a single stain (pure eosin muscle) or a uniformly pale one is still re-rendered, and
 Macenko's 99th-percentile concentration scaling darkens it toward the reference; that is the method,
 not a numerical failure. The output is torchstain's, which truncates to uint8 rather than rounding.
+
+The HED jitter (:func:`hed_jitter`, the augmentation :class:`medvision.data.transforms.HEDJitter` draws for)
+is colour deconvolution with Ruifrok & Johnston's full hematoxylin-eosin-DAB basis: three vectors span OD
+space, so deconvolving and recombining is exact, and the DAB row keeps what two stains do not explain (glass
+tint, pigment, the scanner's cast). albumentations 2.0.8's ``HEStain`` deconvolves with two rows (H and E) and
+rebuilds the tile from them alone, so even at scale 1 and shift 0 it dropped that residual: on the shared H&E
+tiles the mean red and green fell by up to 7 grey levels and blue rose by 6-52, a blue cast on the half of the
+training tiles it touched that no validation, test or scored tile has.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import albumentations as A
 import numpy as np
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from pydantic import Field, field_validator
-from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
 from medvision.io.image import ImageReadError, read_image_raw
+
+if TYPE_CHECKING:
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
 #: Tissue pixels (OD >= beta in every channel) below which a tile is left as it is; see the module docstring.
 DEFAULT_MIN_TISSUE_PIXELS = 2000
@@ -71,9 +81,23 @@ MIN_PLANE_RATIO = 1e-6
 MAX_PLANE_RATIO = 0.3
 
 
+def optical_density(intensity: np.ndarray, io: float) -> np.ndarray:
+    """Beer-Lambert optical density ``-log((I + 1) / io)`` of intensities ``I`` on the 0-255 scale (any float dtype).
+
+    torchstain's formula: the ``+ 1`` keeps black finite, ``io`` is the glass brightness (OD 0). The one OD
+    conversion of this package; :func:`intensity_from_od` is its exact inverse.
+    """
+    return -np.log((intensity + 1.0) / io)
+
+
+def intensity_from_od(od: np.ndarray, io: float) -> np.ndarray:
+    """The intensities (0-255 scale, unclipped) whose :func:`optical_density` is ``od``."""
+    return io * np.exp(-od) - 1.0
+
+
 def _od_table(io: int) -> np.ndarray:
     """OD of each of the 256 uint8 values: 256 logs instead of one per pixel, bit-identical to torchstain's."""
-    return -np.log((np.arange(256, dtype=np.float64) + 1.0) / io)
+    return optical_density(np.arange(256, dtype=np.float64), io)
 
 
 def tissue_od(rgb: np.ndarray, *, io: int = 240, beta: float = 0.15) -> np.ndarray:
@@ -169,7 +193,13 @@ class MacenkoNormalizer:
                 " noise), so two stain vectors cannot be told apart; choose a reference tile showing both"
                 " hematoxylin and eosin"
             )
-        self._torchstain = NumpyMacenkoNormalizer()
+        try:  # optional (medvision[wsi]): importing this module for the jitter must not need it
+            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+        except ImportError as err:
+            raise ImportError(
+                f"Macenko stain normalisation needs torchstain: pip install 'medvision[wsi]' ({err})"
+            ) from err
+        self._torchstain: NumpyMacenkoNormalizer = NumpyMacenkoNormalizer()
         with np.errstate(invalid="raise", divide="raise"):
             self._torchstain.fit(reference, Io=self.io, alpha=self.alpha, beta=self.beta)
         he, max_c = self.stain_matrix, self.max_concentrations
@@ -211,6 +241,78 @@ class MacenkoNormalizer:
         except (FloatingPointError, np.linalg.LinAlgError):
             return rgb.copy()
         return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def _unit_rows(m: np.ndarray) -> np.ndarray:
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+#: OD vectors (rows: hematoxylin, eosin, DAB; columns: R, G, B) from A. C. Ruifrok and D. A. Johnston,
+#: "Quantification of histochemical staining by color deconvolution", Anal Quant Cytol Histol 23(4):291-299, 2001
+#: (the matrix scikit-image's ``rgb2hed`` uses), scaled to unit length as the paper does. The DAB row completes the
+#: basis: on an H&E slide it holds the residual, which a two-row (H, E) basis loses.
+RUIFROK_HED = _unit_rows(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
+#: Glass brightness of the jitter's OD: with the ``+ 1`` of :func:`optical_density`, white (255) is OD 0 exactly, so
+#: scaling a stain leaves glass white (torchstain's 240 would put it at OD -0.06, a little "negative stain").
+JITTER_IO = 256.0
+
+
+def hed_jitter(rgb: np.ndarray, scale: tuple[float, float], shift: tuple[float, float]) -> np.ndarray:
+    """Re-stains ``rgb``: each pixel's hematoxylin and eosin concentrations ``c`` become ``scale * c + shift``.
+
+    Tellez et al.'s HED augmentation (D. Tellez et al., IEEE TMI 2018, "Whole-slide mitosis detection in H&E
+    breast histology using PHH3 as a reference to train distilled stain-invariant convolutional networks"; Med
+    Image Anal 2019, "Quantifying the effects of data augmentation and stain color normalization in convolutional
+    neural networks for computational pathology"): deconvolve OD with :data:`RUIFROK_HED`, ``alpha * c + beta``
+    per stain, recombine, clip. Tellez jitters the DAB channel too; here it is left alone, because an H&E slide has
+    no DAB: that channel is the residual the two stains do not explain, and jittering it would paint a brown stain
+    no slide carries. Concentrations are natural-log OD along unit stain vectors, the units of albumentations'
+    ``HEStain``, so its ``intensity_scale_range`` and ``intensity_shift_range`` mean the same here. The shift
+    applies to every pixel, glass included (a stain batch or scanner tints the background too), as Tellez's does.
+
+    The whole change is one 3 x 3 map of OD space, so scale 1 and shift 0 return the input (exactly for uint8,
+    to float rounding for float32), residual included.
+
+    Args:
+        rgb: (..., 3) RGB, uint8 or float32 in [0, 1]; the result has the same shape and dtype.
+        scale: multipliers of the (hematoxylin, eosin) concentrations, each >= 0.
+        shift: OD added to the (hematoxylin, eosin) concentrations.
+
+    Raises:
+        ValueError: ``rgb`` is not RGB uint8 / float32 in [0, 1], or ``scale`` / ``shift`` are not two finite
+            numbers (scale non-negative).
+
+    Examples:
+        >>> tile = np.full((2, 2, 3), (180, 90, 160), np.uint8)
+        >>> bool(np.array_equal(hed_jitter(tile, (1.0, 1.0), (0.0, 0.0)), tile))
+        True
+        >>> bool(hed_jitter(tile, (1.3, 1.0), (0.0, 0.0))[0, 0, 0] < 180)  # more hematoxylin absorbs more red
+        True
+    """
+    if not isinstance(rgb, np.ndarray) or rgb.dtype not in (np.uint8, np.float32) or rgb.ndim < 1 or rgb.shape[-1] != 3:
+        got = f"dtype {rgb.dtype}, shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"hed_jitter: expected an RGB image (..., 3) of uint8 or float32 in [0, 1], got {got}")
+    a, b = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
+    if a.shape != (2,) or b.shape != (2,) or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a >= 0)):
+        raise ValueError(f"hed_jitter: scale and shift must be two finite numbers (H, E), scale >= 0; got {scale}, "
+                         f"{shift}")  # fmt: skip
+    if rgb.dtype == np.float32:
+        if rgb.size and not (float(rgb.min()) >= 0.0 and float(rgb.max()) <= 1.0):
+            raise ValueError(
+                f"hed_jitter: float32 images must be in [0, 1], got {float(rgb.min())}..{float(rgb.max())}"
+            )
+        intensity = rgb * np.float32(255.0)
+    else:
+        intensity = rgb.astype(np.float32)
+    # OD = c @ M with c = OD @ inv(M); c' = c * (a_H, a_E, 1) + (b_H, b_E, 0)  =>  OD' = OD @ stretch + offset
+    stretch = np.linalg.inv(RUIFROK_HED) @ np.diag([a[0], a[1], 1.0]) @ RUIFROK_HED
+    offset = np.array([b[0], b[1], 0.0]) @ RUIFROK_HED
+    od = optical_density(intensity.reshape(-1, 3), JITTER_IO)
+    out = intensity_from_od(od @ stretch.astype(np.float32) + offset.astype(np.float32), JITTER_IO)
+    out = np.clip(out, 0.0, 255.0).reshape(rgb.shape)
+    if rgb.dtype == np.uint8:
+        return np.rint(out).astype(np.uint8)
+    return out * np.float32(1.0 / 255.0)
 
 
 def load_reference(path: str | Path) -> np.ndarray:
