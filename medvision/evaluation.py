@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from medvision.intervals import bootstrap_cis, delong_test, mean_ci, proportion_ci
+from medvision.intervals import Rate, bootstrap_cis, ci_methods, delong_test, mean_ci, proportion_ci, proportion_cis
 from medvision.metrics import (
     MetricWarning,
     aggregate_by_group,
@@ -31,6 +30,7 @@ from medvision.metrics import (
     compute_auc,
     confusion_matrix,
     expected_calibration_error,
+    lacks_a_class,
     operating_point,
     per_class_metrics,
     round_significant,
@@ -292,40 +292,33 @@ def _at_threshold(y_pos: np.ndarray, score: np.ndarray, threshold: float) -> dic
             "f1": m["f1"], "accuracy": accuracy, "confusion_matrix": cm.tolist()}  # fmt: skip
 
 
-def _recall_of(k: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    def fn(y: np.ndarray, p: np.ndarray) -> float:
-        mask = y == k
-        return float((p[mask].argmax(axis=1) == k).mean()) if mask.any() else math.nan
-
-    return fn
+def _recall_of(k: int) -> Rate:
+    return lambda y, p: (y == k, p.argmax(axis=1) == k)
 
 
-def _specificity_of(k: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    def fn(y: np.ndarray, p: np.ndarray) -> float:
-        mask = y != k
-        return float((p[mask].argmax(axis=1) != k).mean()) if mask.any() else math.nan
-
-    return fn
+def _specificity_of(k: int) -> Rate:
+    return lambda y, p: (y != k, p.argmax(axis=1) != k)
 
 
-def _threshold_rate(positive: int, threshold: float, of_positives: bool) -> Callable[[np.ndarray, np.ndarray], float]:
-    def fn(y: np.ndarray, p: np.ndarray) -> float:
-        mask = (y == positive) if of_positives else (y != positive)
-        if not mask.any() or not math.isfinite(threshold):
-            return math.nan
-        called = p[mask, positive] >= threshold
-        return float(called.mean() if of_positives else (~called).mean())
-
-    return fn
+def _arg_max_right(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ones(len(y), dtype=bool), p.argmax(axis=1) == y
 
 
-def _accuracy_at(positive: int, threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:
-    def acc(y: np.ndarray, p: np.ndarray) -> float:
-        if not math.isfinite(threshold) or len(y) == 0:
-            return math.nan
-        return float(np.mean((p[:, positive] >= threshold) == (y == positive)))
+def _threshold_rate(positive: int, threshold: float, of_positives: bool) -> Rate:
+    def rate(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = ((y == positive) if of_positives else (y != positive)) & math.isfinite(threshold)
+        called = p[:, positive] >= threshold
+        return mask, called if of_positives else ~called
 
-    return acc
+    return rate
+
+
+def _accuracy_at(positive: int, threshold: float) -> Rate:
+    def rate(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.full(len(y), math.isfinite(threshold))
+        return mask, (p[:, positive] >= threshold) == (y == positive)
+
+    return rate
 
 
 def split_summary(
@@ -376,8 +369,11 @@ def _summary(
     }
     if k > 2:
         out["auc_weighted"] = compute_auc(y, probs, "weighted")
-        aps = [average_precision(y == i, probs[:, i]) for i in range(k) if (y == i).any()]
-        out["average_precision"] = float(np.mean(aps)) if aps else math.nan
+        out["average_precision"] = (
+            math.nan
+            if lacks_a_class(y, k, "macro average precision")
+            else float(np.mean([average_precision(y == i, probs[:, i]) for i in range(k)]))
+        )
     else:
         p_pos = 1 if pos is None else pos
         out["average_precision"] = average_precision(y == p_pos, probs[:, p_pos])
@@ -394,21 +390,23 @@ def _summary(
     out["per_class"] = {c: dict(per[i]) for i, c in enumerate(classes)}
     out["confusion_matrix"] = cm.tolist()
 
-    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"auc": compute_auc, "acc": compute_accuracy}
+    rates: dict[str, Rate] = {"acc": _arg_max_right}
     for i in range(k):
-        metrics[f"sens{i}"], metrics[f"spec{i}"] = _recall_of(i), _specificity_of(i)
+        rates[f"sens{i}"], rates[f"spec{i}"] = _recall_of(i), _specificity_of(i)
     points = []
     if pos is not None:
         for j, op in enumerate(decision.points.get(level, [])):
             thr = op["threshold"]
             row = {**op, **_at_threshold(y == pos, probs[:, pos], thr)}
             points.append(row)
-            metrics[f"op{j}_sens"] = _threshold_rate(pos, thr, True)
-            metrics[f"op{j}_spec"] = _threshold_rate(pos, thr, False)
-            metrics[f"op{j}_acc"] = _accuracy_at(pos, thr)
-    cis = bootstrap_cis(y, probs, metrics, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level, groups=groups) \
-        if cfg.bootstrap else {}  # fmt: skip
-    if cis:
+            rates[f"op{j}_sens"] = _threshold_rate(pos, thr, True)
+            rates[f"op{j}_spec"] = _threshold_rate(pos, thr, False)
+            rates[f"op{j}_acc"] = _accuracy_at(pos, thr)
+    if cfg.bootstrap:
+        cis = bootstrap_cis(y, probs, {"auc": compute_auc}, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level,
+                            groups=groups)  # fmt: skip
+        every = {"acc", *(f"op{j}_acc" for j in range(len(points)))}  # over every case, not one class's
+        cis.update(proportion_cis(y, probs, rates, every, cfg.bootstrap, cfg.bootstrap_seed, cfg.ci_level, groups))
         out["auc_ci"], out["acc_ci"] = list(cis["auc"]), list(cis["acc"])
         for i, c in enumerate(classes):
             out["per_class"][c]["sensitivity_ci"] = list(cis[f"sens{i}"])
@@ -416,6 +414,7 @@ def _summary(
         for j, row in enumerate(points):
             row["sensitivity_ci"], row["specificity_ci"] = list(cis[f"op{j}_sens"]), list(cis[f"op{j}_spec"])
             row["accuracy_ci"] = list(cis[f"op{j}_acc"])
+        out["ci_methods"] = ci_methods(groups)
     if pos is not None:
         out["positive_class"] = classes[pos]
         out["operating_points"] = points

@@ -194,9 +194,11 @@ def paired_bootstrap(
     return out
 
 
-def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+def proportion_ci(k: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``k / n`` (NaN, NaN for ``n == 0``); checked against SciPy's
-    ``binomtest(k, n).proportion_ci(method="wilson")``."""
+    ``binomtest(k, n).proportion_ci(method="wilson")``. Never zero-wide for a finite ``n``: 10 of 10 gives
+    (0.72, 1.0), not the point 1.0 a percentile bootstrap of 10 hits collapses to. ``k`` may be fractional (a
+    share of ``n`` patients estimated from their images, :func:`share_ci`)."""
     if n == 0:
         return math.nan, math.nan
     from scipy.stats import norm
@@ -205,7 +207,97 @@ def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)  # exact ends, not 1 - 1e-16
+
+
+def clustered(groups: Sequence[Any] | np.ndarray | None) -> bool:
+    """Whether ``groups`` (one id per row) put more than one row in some group: only then do the rows need drawing
+    whole, and does a proportion's CI need the cluster bootstrap rather than Wilson's interval."""
+    return groups is not None and len(set(np.asarray(groups).ravel().tolist())) < len(groups)
+
+
+def share_ci(hits: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
+             bootstrap: tuple[float, float] | None = None, level: float = 0.95) -> tuple[float, float]:  # fmt: skip
+    """CI of the share of true ``hits`` (one per case in the denominator: the positives of a sensitivity, every
+    case of an accuracy), never zero-wide for a finite number of cases.
+
+    Cases that are independent (no ``groups``, or one case a group): Wilson's interval of k hits of n
+    (:func:`proportion_ci`); a percentile bootstrap of 10 hits of 10 is the point 1.0. Cases grouped by patient
+    (a patient's images): the cluster ``bootstrap`` interval (of :func:`bootstrap_cis` with the same groups),
+    widened where it is narrower to Wilson's interval of the same share over the number of groups in the
+    denominator, the patients, which floors a degenerate bootstrap (every patient's images all right) at what
+    that many independent patients would allow. NaN, NaN without cases.
+    """
+    h = np.asarray(hits, dtype=bool).ravel()
+    if not len(h):
+        return math.nan, math.nan
+    if not clustered(groups):
+        return proportion_ci(int(h.sum()), len(h), level)
+    assert groups is not None
+    units = len(set(np.asarray(groups).ravel().tolist()))
+    low, high = proportion_ci(float(h.mean()) * units, units, level)
+    if bootstrap is None or not all(math.isfinite(v) for v in bootstrap):
+        return low, high
+    return min(low, bootstrap[0]), max(high, bootstrap[1])
+
+
+Rate = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""A proportion as (labels, probabilities) -> (each case in its denominator, each case a hit)."""
+
+
+def share(rate: Rate) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The proportion ``rate`` measures, as a metric of (labels, probabilities); NaN with an empty denominator."""
+
+    def fn(y: np.ndarray, p: np.ndarray) -> float:
+        mask, hit = rate(y, p)
+        return float(hit[mask].mean()) if mask.any() else math.nan
+
+    return fn
+
+
+def proportion_cis(
+    y: np.ndarray,
+    probs: np.ndarray,
+    rates: dict[str, Rate],
+    every: set[str],
+    n_resamples: int,
+    seed: int,
+    level: float,
+    groups: Sequence[Any] | None,
+) -> dict[str, tuple[float, float]]:
+    """CIs of proportions (sensitivity, specificity, accuracy), never zero-wide (:func:`share_ci`).
+
+    Independent cases (one image a patient): Wilson's interval of each. A patient's several images: the cluster
+    bootstrap, within each class for a rate over one class (a sensitivity: its denominator is that class) but over
+    all patients for the rates named in ``every``, over every case (an accuracy, whose CI must carry the
+    uncertainty of the class mix that a stratified resample holds fixed), each floored at Wilson's interval over
+    the patients in its denominator. The resamples are those of :func:`bootstrap_cis` with the same seed."""
+    y, probs = np.asarray(y).ravel(), np.asarray(probs)
+    boot: dict[str, tuple[float, float]] = {}
+    if clustered(groups):
+        for stratify, names in ((True, set(rates) - every), (False, set(rates) & every)):
+            if names:
+                fns = {n: share(rates[n]) for n in sorted(names)}
+                boot.update(bootstrap_cis(y, probs, fns, n_resamples, seed, level, stratify=stratify, groups=groups))
+    out = {}
+    for name, rate in rates.items():
+        mask, hit = rate(y, probs)
+        kept = None if groups is None else np.asarray(groups)[mask]
+        out[name] = share_ci(hit[mask], kept, boot.get(name), level)
+    return out
+
+
+def ci_methods(groups: Sequence[Any] | None) -> dict[str, str]:
+    """How :func:`proportion_cis` and the AUC's bootstrap made each CI of a summary, for metrics.json to say."""
+    boot = "percentile bootstrap, stratified by class"
+    if not clustered(groups):
+        wilson = "Wilson score interval (cases independent: one image a patient)"
+        return {"auc": boot, "sensitivity": wilson, "specificity": wilson, "accuracy": wilson}
+    cluster = "percentile cluster bootstrap of patients"
+    floor = ", widened to at least Wilson's interval over the patients in its denominator"
+    return {"auc": f"{cluster}, stratified by class", "sensitivity": f"{cluster}, stratified by class{floor}",
+            "specificity": f"{cluster}, stratified by class{floor}",
+            "accuracy": f"{cluster}, not stratified (the class mix varies){floor}"}  # fmt: skip
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -16,6 +16,22 @@ class MetricWarning(UserWarning):
     """A metric that is undefined on this data (single class, NaN scores) and was reported as NaN."""
 
 
+NEEDS_EVERY_CLASS = ("auc", "balanced_acc", "average_precision")
+"""The macro metrics of more than one class, which average over every class: on cases that lack a class they are
+undefined (NaN, with a warning naming it), as scikit-learn's are, never an average over the classes present,
+which would be another metric than on cases that hold them all (a fold, a split, a bootstrap resample)."""
+
+
+def lacks_a_class(y_true: np.ndarray, n_classes: int, what: str) -> bool:
+    """Whether ``y_true`` lacks one of the ``n_classes`` classes; warns, naming them, that ``what`` is then NaN
+    (see :data:`NEEDS_EVERY_CLASS`)."""
+    absent = sorted(set(range(n_classes)) - set(np.asarray(y_true).ravel().tolist()))
+    if absent:
+        warnings.warn(f"{what} is undefined: class(es) {absent} have no case here, and a macro average needs every "
+                      "class; reporting NaN", MetricWarning, stacklevel=3)  # fmt: skip
+    return bool(absent)
+
+
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks with ties sharing their average rank (as in the Mann-Whitney U statistic)."""
     order = np.argsort(values, kind="mergesort")
@@ -53,8 +69,8 @@ def compute_auc(y_true: np.ndarray, probs: np.ndarray, average: str = "macro") -
 
     ``probs`` is (N,) scores of the positive class, or (N, K) class probabilities. ``average`` is
     ``macro`` (each class counts the same) or ``weighted`` (by class prevalence). A class absent from
-    ``y_true`` has no one-vs-rest AUC; it is left out with a warning, and if no class is left the
-    result is NaN.
+    ``y_true`` has no one-vs-rest AUC: the macro AUC is then NaN with a warning naming it
+    (:data:`NEEDS_EVERY_CLASS`); the weighted AUC gives it its weight, zero, and leaves it out with a warning.
     """
     if average not in ("macro", "weighted"):
         raise ValueError(f"AUC average {average!r} is not one of macro, weighted")
@@ -64,6 +80,8 @@ def compute_auc(y_true: np.ndarray, probs: np.ndarray, average: str = "macro") -
         return binary_auc(y, p.ravel())
     if p.shape[1] == 2:
         return binary_auc(y == 1, p[:, 1])
+    if average == "macro" and lacks_a_class(y, p.shape[1], "macro AUC"):
+        return float("nan")
     return _mean_of_columns(np.eye(p.shape[1], dtype=bool)[y], p, average, "multiclass")
 
 
@@ -228,14 +246,16 @@ def per_class_metrics(cm: np.ndarray) -> list[dict[str, float]]:
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Mean recall over the classes present in ``y_true`` (scikit-learn's ``balanced_accuracy_score``)."""
-    cm = confusion_matrix(y_true, y_pred, n_classes)
-    support = cm.sum(axis=1)
-    present = support > 0
-    if not present.any():
+    """Mean recall over the ``n_classes`` classes (scikit-learn's ``balanced_accuracy_score`` where every class has
+    a case). A class without cases has no recall: NaN with a warning naming it (:data:`NEEDS_EVERY_CLASS`), where
+    scikit-learn would average over the classes present."""
+    if len(np.asarray(y_true)) == 0:
         warnings.warn("balanced accuracy of an empty set is undefined; reporting NaN", MetricWarning, stacklevel=2)
         return float("nan")
-    return float(np.mean(np.diag(cm)[present] / support[present]))
+    if lacks_a_class(y_true, n_classes, "balanced accuracy"):
+        return float("nan")
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    return float(np.mean(np.diag(cm) / cm.sum(axis=1)))
 
 
 def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:

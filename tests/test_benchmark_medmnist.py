@@ -16,10 +16,12 @@ from medvision.io.files import sha256
 from medvision.recipe import recipe_from_dict
 from medvision.tasks.benchmark.medmnist import (
     PUBLISHED,
+    SeedRun,
     machine,
     medmnist_benchmark,
     parse_seeds,
     parse_variant,
+    read_run,
     source_side,
     to_markdown,
 )
@@ -105,6 +107,26 @@ def test_medmnist_benchmark_seeds_variants_and_published_rows(breast_subset: Pat
     assert (base_run / "model.safetensors").stat().st_mtime_ns == stamp[str(base_run)]
     assert (ls_run / "model.safetensors").stat().st_mtime_ns != stamp[str(ls_run)]
     assert "label_smoothing: 0.05" in (ls_run / "recipe.yaml").read_text()
+
+
+def test_a_finished_run_with_undefined_metrics_is_read_as_nan_not_failed(tmp_path: Path) -> None:
+    """metrics.json writes NaN as null: one class in validation leaves no Youden point (null threshold and
+    confusion matrix), one class in test no AUC. The run finished; its undefined figures are NaN, the rest kept."""
+    run = tmp_path / "run"
+    run.mkdir()
+    op = {"rule": "youden", "target": None, "threshold": None, "sensitivity": None, "specificity": None,
+          "confusion_matrix": None}  # fmt: skip
+    metrics = {"image": {"val": {"auc": None, "acc": 0.75},
+                         "test": {"auc": None, "acc": 0.5, "auc_ci": [None, None], "acc_ci": [0.3, 0.7],
+                                  "operating_points": [op]}},
+               "history": [{}, {}], "seconds": 3.0, "best_epoch": 2}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    meta = {"classes": ["a", "b"], "in_chans": 1, "mean": [0.5], "std": [0.5], "amp": "none", "model": "tiny"}
+    (run / "run.json").write_text(json.dumps(meta))
+    row = read_run(run, SeedRun(variant="base", seed=0))
+    assert np.isnan(row.auc) and np.isnan(row.auc_lo) and np.isnan(row.val_auc) and np.isnan(row.acc_youden)
+    assert (row.acc, row.acc_lo, row.acc_hi, row.val_acc, row.epochs, row.best_epoch) == (0.5, 0.3, 0.7, 0.75, 2, 2)
+    assert not row.error
 
 
 def test_cli_benchmark_medmnist_rejects_a_bad_variant(breast_subset: Path, tmp_path: Path,

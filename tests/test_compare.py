@@ -206,6 +206,7 @@ def test_the_patient_level_takes_each_runs_own_positive_class_in_its_own_class_o
     assert "flipped: `/mnt/site_b/manifest.csv`): their ids and labels agree, but nothing here checks" in (
         result.markdown
     )
+    grouped = result.data["levels"]["image"]["runs"]["effnet"]["auc_ci"]  # a patient's images drawn together
     level = result.data["levels"]["patient"]
     for metric in ("auc", "acc"):
         ours = level["runs"]["effnet"][metric]
@@ -224,6 +225,19 @@ def test_the_patient_level_takes_each_runs_own_positive_class_in_its_own_class_o
     assert "No patient level: the runs name different positive classes (effnet `tumor`, stroma `stroma`)" in (
         result.markdown
     )
+    # no patient level, but each image's patient is known: the image-level bootstrap still draws patients whole
+    assert result.data["levels"]["image"]["runs"]["effnet"]["auc_ci"] == grouped
+    assert "the image-level CIs and Δ resample patients, not images" in result.markdown
+    (stroma / "recipe.yaml").unlink()  # one run's patients unknown: the other run's data still tell them
+    result = compare_runs([a, stroma], out=tmp_path / "cmp4", n_resamples=RESAMPLES)
+    assert result.data["levels"]["image"]["runs"]["effnet"]["auc_ci"] == grouped
+    (a / "recipe.yaml").rename(tmp_path / "recipe.yaml")  # no run's: the images are independent, and it says so
+    try:
+        result = compare_runs([a, stroma], out=tmp_path / "cmp5", n_resamples=RESAMPLES)
+    finally:
+        (tmp_path / "recipe.yaml").rename(a / "recipe.yaml")
+    assert result.data["levels"]["image"]["runs"]["effnet"]["auc_ci"] != grouped
+    assert "treat the images as independent, as each image's patient is unknown (" in result.markdown
 
 
 def test_a_probability_that_is_not_one_is_refused_naming_the_file_and_line(two_runs: tuple[Path, Path],

@@ -60,13 +60,25 @@ def test_single_class_is_nan_with_a_warning_not_a_crash_or_half() -> None:
         assert np.isnan(binary_auc(np.array([0, 1]), np.array([0.1, np.nan])))
 
 
-def test_macro_auc_leaves_out_absent_class_with_warning() -> None:
+def test_macro_metrics_need_every_class_as_in_sklearn() -> None:
+    """One definition across medvision (metrics.NEEDS_EVERY_CLASS): a class with no case makes macro AUC and
+    balanced accuracy NaN with a warning naming it, never an average over the
+    classes present; the weighted AUC gives the absent class its weight, zero."""
+    from medvision.metrics import balanced_accuracy
+
     y = np.array([0, 0, 1, 1, 0, 1])
     probs = np.array([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.6, 0.3, 0.1],
                       [0.1, 0.8, 0.1]])  # fmt: skip
+    with pytest.warns(MetricWarning, match=r"macro AUC is undefined: class\(es\) \[2\]"):
+        assert np.isnan(compute_auc(y, probs))
+    with pytest.warns(MetricWarning, match=r"balanced accuracy is undefined: class\(es\) \[2\]"):
+        assert np.isnan(balanced_accuracy(y, probs.argmax(1), 3))
     with pytest.warns(MetricWarning, match=r"class\(es\) \[2\]"):
-        auc = compute_auc(y, probs)
-    assert auc == pytest.approx(np.mean([roc_auc_score(y == 0, probs[:, 0]), roc_auc_score(y == 1, probs[:, 1])]))
+        weighted = compute_auc(y, probs, "weighted")
+    assert weighted == pytest.approx(np.mean([roc_auc_score(y == k, probs[:, k]) for k in (0, 1)]))  # 3 cases each
+    full = np.r_[y, 2]
+    p_full = np.r_[probs, [[0.1, 0.1, 0.8]]]
+    assert compute_auc(full, p_full) == pytest.approx(roc_auc_score(full, p_full, multi_class="ovr"))
 
 
 def test_accumulator_softmaxes_logits() -> None:

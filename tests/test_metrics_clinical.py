@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, brier_score_loss, f1_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
+from medvision.evaluation import SplitOutputs
 from medvision.metrics import (
     MetricWarning,
     average_precision,
@@ -154,3 +155,69 @@ def test_temperature_scaling_recovers_the_temperature_and_lowers_ece() -> None:
     raw = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     scaled = np.exp(z / t) / np.exp(z / t).sum(1, keepdims=True)
     assert expected_calibration_error(y, scaled) < expected_calibration_error(y, raw) / 2
+
+
+def _wilson(k: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """statsmodels' ``proportion_confint(k, n, method="wilson")``, written out (statsmodels is not a dependency)."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def test_share_ci_is_wilson_for_independent_cases_and_floors_a_cluster_bootstrap_at_wilson_over_patients() -> None:
+    from scipy.stats import binomtest
+
+    from medvision.intervals import share_ci
+
+    for k, n in ((10, 10), (0, 7), (114, 156), (3, 40)):
+        hits = np.arange(n) < k
+        low, high = share_ci(hits)
+        assert (low, high) == pytest.approx(_wilson(k, n), abs=1e-12)
+        ref = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12) and high - low > 0
+    assert share_ci(np.ones(10, bool))[1] == 1.0 and share_ci(np.zeros(10, bool))[0] == 0.0  # exact ends
+    # 10 patients of 3 images, all hits: the bootstrap's point (1, 1) is widened to Wilson of 10 patients, not 30
+    patients = np.repeat(np.arange(10), 3)
+    assert share_ci(np.ones(30, bool), patients, (1.0, 1.0)) == pytest.approx(_wilson(10, 10))
+    wide = (0.2, 0.95)  # a bootstrap wider than the floor is kept where it is wider
+    assert share_ci(np.arange(30) < 18, patients, wide) == pytest.approx((0.2, max(0.95, _wilson(6, 10)[1])))
+    assert all(np.isnan(share_ci(np.zeros(0, bool))))
+
+
+def _split(labels: np.ndarray, logits: np.ndarray, groups: list[str]) -> SplitOutputs:
+
+    return SplitOutputs(logits.astype(np.float32), labels, groups)
+
+
+def test_clinical_cis_of_proportions_are_never_zero_wide_and_accuracy_carries_the_class_mix() -> None:
+    from medvision.evaluation import clinical_metrics, fit_decision
+    from medvision.recipe import EvalConfig
+
+    rng = np.random.default_rng(0)
+    cfg = EvalConfig(bootstrap=300)
+    val_y = np.r_[np.zeros(50, int), np.ones(50, int)]
+    val = _split(val_y, rng.normal(size=(100, 2)) + 2 * np.eye(2)[val_y], [f"v{i}" for i in range(100)])
+    decision = fit_decision(val, ["n", "p"], cfg)
+    # every one of 10 positives and 10 negatives right: a percentile bootstrap gives [1, 1], Wilson does not
+    ty = np.r_[np.zeros(10, int), np.ones(10, int)]
+    perfect = clinical_metrics({"test": _split(ty, 5 * np.eye(2)[ty], [f"t{i}" for i in range(20)])}, ["n", "p"],
+                               cfg, decision)["image"]["test"]  # fmt: skip
+    assert perfect["per_class"]["p"]["sensitivity_ci"] == pytest.approx(_wilson(10, 10))
+    assert perfect["acc_ci"] == pytest.approx(_wilson(20, 20))
+    assert perfect["ci_methods"]["sensitivity"].startswith("Wilson")
+    # a constant predictor right on 114 of 156: its accuracy CI is Wilson's, not the point 0.731
+    ty2 = np.r_[np.zeros(114, int), np.ones(42, int)]
+    const = np.tile([2.0, 0.0], (156, 1)) + rng.normal(0, 0.01, (156, 2))
+    t2 = clinical_metrics({"test": _split(ty2, const, [f"t{i}" for i in range(156)])}, ["n", "p"], cfg,
+                          decision)["image"]["test"]  # fmt: skip
+    assert t2["acc"] == pytest.approx(114 / 156) and t2["acc_ci"] == pytest.approx(_wilson(114, 156))
+    assert t2["per_class"]["p"]["sensitivity_ci"] == pytest.approx(_wilson(0, 42))
+    # the same constant predictor on 52 patients of 3 images: the cluster bootstrap over all patients (the class
+    # mix varies), never narrower than Wilson over the 52 patients
+    patients = [f"pt{i // 3}" for i in range(156)]
+    t3 = clinical_metrics({"test": _split(ty2, const, patients)}, ["n", "p"], cfg, decision)["image"]["test"]
+    low, high = t3["acc_ci"]
+    floor = _wilson(114 / 156 * 52, 52)
+    assert low <= floor[0] + 1e-12 and high >= floor[1] - 1e-12 and low < 114 / 156 < high
+    assert "not stratified" in t3["ci_methods"]["accuracy"] and "cluster" in t3["ci_methods"]["sensitivity"]
+    assert t3["per_class"]["p"]["sensitivity_ci"] == pytest.approx(_wilson(0, 14))  # 14 positive patients

@@ -221,11 +221,8 @@ def read_patients(run: RunPredictions) -> Patients | str:
     try:
         recipe = load_recipe(recipe_path)
         cfg = recipe.evaluation
-        if cfg.patient_aggregate == "abmil":
-            return (f"{run.name} makes slide probabilities with an attention head (patient_aggregate abmil), which "
-                    "predictions.csv does not hold")  # fmt: skip
-        if recipe.data.source == "npz":
-            return "a MedMNIST-style .npz has one image per patient"
+        if recipe.data.source == "npz":  # a MedMNIST-style .npz has one image per patient
+            return Patients(list(run.ids), "patient", cfg.patient_aggregate, cfg.top_k)
         log.info("%s: reading its patients from %s", run.name, recipe.data.path)
         table = patient_table(recipe, str(recipe_path), run.classes)
     except (MedvisionError, OSError) as err:
@@ -241,18 +238,30 @@ def read_patients(run: RunPredictions) -> Patients | str:
     return Patients(groups, "slide", cfg.patient_aggregate, cfg.top_k, [patient_of[i] for i in run.ids])
 
 
-def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level, list[str]] | str:
-    """The patient (or slide) level of aligned runs, each aggregated as its recipe says, and each image's patient
-    (what the image-level bootstrap draws whole); or why there is none. For slides, the slide level's bootstrap
-    draws a patient's slides together."""
-    found = []
-    for run in runs:
-        patients = read_patients(run)
+def image_groups(found: list[Patients | str]) -> tuple[list[str] | None, str]:
+    """Each image's patient, what the image-level bootstrap draws whole, from whichever runs' data tell it (the
+    runs hold the same images), whether or not a patient level can be built; or None and why not."""
+    known = [p for p in found if isinstance(p, Patients)]
+    if not known:
+        return None, next(p for p in found if isinstance(p, str))
+    if any(p.groups != known[0].groups for p in known[1:]):
+        return None, "the runs' data assign some images to different patients"
+    return bootstrap_groups(known[0].groups, known[0].patients, "image"), ""
+
+
+def patient_level(runs: list[RunPredictions], labels: np.ndarray, found: list[Patients | str]) -> Level | str:
+    """The patient (or slide) level of aligned runs, each aggregated as its recipe says (``found``: each run's
+    :func:`read_patients`), or why there is none. For slides, the slide level's bootstrap draws a patient's slides
+    together."""
+    for run, patients in zip(runs, found, strict=True):
         if isinstance(patients, str):
             return patients
-        found.append(patients)
-    ref = found[0]
-    if any(p.groups != ref.groups for p in found[1:]):
+        if patients.aggregate == "abmil":
+            return (f"{run.name} makes slide probabilities with an attention head (patient_aggregate abmil), which "
+                    "predictions.csv does not hold")  # fmt: skip
+    known = [p for p in found if isinstance(p, Patients)]
+    ref = known[0]
+    if any(p.groups != ref.groups for p in known[1:]):
         return "the runs' data assign some images to different patients"
     if len(set(ref.groups)) == len(ref.groups):
         return f"every {ref.unit} has one image here, so the {ref.unit} level equals the image level"
@@ -262,21 +271,18 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray) -> tuple[Level
                 + f"), so a {ref.unit} with images of both classes has a different label in each; compare runs "
                 "with the same evaluation.positive_class")  # fmt: skip
     probs, y = {}, None
-    for run, p in zip(runs, found, strict=True):
+    for run, p in zip(runs, known, strict=True):
         positive = run.classes.index(run.positive) if run.positive is not None else None  # in the aligned order
         _, y, probs[run.name], _ = aggregate_by_group(p.groups, labels, run.probs, p.aggregate, p.top_k, positive)
     assert y is not None
-    how = {f"`{p.aggregate}`" + (f" (k = {p.top_k})" if p.aggregate == "topk" else "") for p in found}
+    how = {f"`{p.aggregate}`" + (f" (k = {p.top_k})" if p.aggregate == "topk" else "") for p in known}
     text = f"each {ref.unit}'s image probabilities aggregated by " + ", ".join(sorted(how))
     if len(how) > 1:
         text = (f"each {ref.unit}'s image probabilities aggregated as each run's recipe says: "
-                + ", ".join(f"{r.name} `{p.aggregate}`" for r, p in zip(runs, found, strict=True))
+                + ", ".join(f"{r.name} `{p.aggregate}`" for r, p in zip(runs, known, strict=True))
                 + "; the difference includes that choice")  # fmt: skip
     how_text = text + f" ({len(labels) / len(y):.1f} images a {ref.unit} on average)"
-    unit = Level(ref.unit, y, probs, how_text, bootstrap_groups(ref.groups, ref.patients, "patient"))
-    image_groups = bootstrap_groups(ref.groups, ref.patients, "image")
-    assert image_groups is not None
-    return unit, image_groups
+    return Level(ref.unit, y, probs, how_text, bootstrap_groups(ref.groups, ref.patients, "patient"))
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -440,8 +446,9 @@ def reading_notes(
     n_resamples: int,
     seed: int,
     stats: list[dict[str, Any]],
+    unknown: str = "",
 ) -> list[str]:
-    """How the numbers were made and what they cannot say."""
+    """How the numbers were made and what they cannot say; ``unknown``: why the images' patients are unknown."""
     classes = runs[0].classes
     binary = len(classes) == 2
     delong = "it is quoted beside the bootstrap." if binary else (
@@ -455,8 +462,16 @@ def reading_notes(
         "'No difference shown' is not evidence that the runs are equivalent: the CI of Δ says how large a "
         "difference these cases cannot rule out.",
     ]
+    groups = levels[0].groups
     if isinstance(patients, str):
         notes.append(f"No patient level: {patients}.")
+        if groups is None:
+            notes.append(f"The image-level CIs and Δ treat the images as independent, as each image's patient is "
+                         f"unknown ({unknown}): where a patient has several images, they are too narrow.")  # fmt: skip
+        elif len(set(groups)) < len(groups):
+            notes.append("The images of one patient are not independent, so the image-level CIs and Δ resample "
+                         "patients, not images (a patient's images are drawn together); DeLong's test still counts "
+                         "images as independent.")  # fmt: skip
     else:
         unit, item = patients.name, levels[0].name
         notes.append(f"The {item}s of one {unit} are not independent, so the {item}-level CIs and Δ resample "
@@ -503,12 +518,10 @@ def compare_runs(
     classes = runs[0].classes
     labels = np.asarray([classes.index(c) for c in runs[0].labels], dtype=np.int64)
     levels = [Level("image", labels, {r.name: r.probs for r in runs})]
-    patients: Level | str
-    found = patient_level(runs, labels)
-    if isinstance(found, str):
-        patients = found
-    else:
-        patients, levels[0].groups = found  # a patient's images are drawn together
+    found = [read_patients(run) for run in runs]
+    levels[0].groups, unknown = image_groups(found)  # a patient's images are drawn together, patient level or not
+    patients = patient_level(runs, labels, found)
+    if not isinstance(patients, str):
         levels.append(patients)
         if patients.name == "slide":  # a slide run's images are its tiles
             levels[0].name = "tile"
@@ -516,7 +529,7 @@ def compare_runs(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
-    notes = reading_notes(runs, levels, patients, n_resamples, seed, stats)
+    notes = reading_notes(runs, levels, patients, n_resamples, seed, stats, unknown)
     if (differ := different_data(runs)) is not None:
         log.warning("%s", differ)
     blocks = build_blocks(out, runs, levels, stats, split, ci_level, notes)

@@ -14,8 +14,8 @@ one by one they would make the intervals too narrow. Classes: AUC (one-vs-rest m
 accuracy and balanced accuracy, the patients stratified by label. A fold whose test slides lack a class of the
 cohort has no AUC or balanced accuracy (NaN, with a warning in ``train.log``): one class's recall, or a macro AUC
 over fewer classes, is not the metric the other folds report, so the mean over folds leaves that fold out
-(:data:`NEEDS_EVERY_CLASS`); its accuracy is kept, and the pooled metrics are over all slides. A continuous
-target: MSE, MAE and R², resampled without stratification.
+(:data:`~medvision.metrics.NEEDS_EVERY_CLASS`, as everywhere in medvision); its accuracy is kept, and the pooled
+metrics are over all slides. A continuous target: MSE, MAE and R², resampled without stratification.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from medvision.data.slide_features import FeatureCohort
 from medvision.evaluation import positive_index
 from medvision.intervals import bootstrap_cis, mean_ci
 from medvision.metrics import (
+    NEEDS_EVERY_CLASS,
     MetricWarning,
     balanced_accuracy,
     compute_accuracy,
@@ -46,9 +47,6 @@ from medvision.recipe import EvalConfig, Recipe
 from medvision.report import Block, to_html, to_markdown
 
 log = logging.getLogger("medvision")
-
-#: The fold metrics that are undefined on test slides lacking a class of the cohort (accuracy is defined).
-NEEDS_EVERY_CLASS = ("auc", "balanced_acc")
 
 
 def metrics_positive(cohort: FeatureCohort, cfg: EvalConfig) -> int | None:
@@ -101,11 +99,11 @@ def _with_cis(y: np.ndarray, p: np.ndarray, patients: list[str], continuous: boo
 
 
 def _undefined_without(row: dict[str, Any], fold: int, missing: list[str]) -> None:
-    """Sets a fold row's metrics that need every class (:data:`NEEDS_EVERY_CLASS`) to NaN, without CIs, when its
-    test slides lack the ``missing`` classes, and says so in the log."""
+    """Sets a fold row's metrics that need every class (:data:`~medvision.metrics.NEEDS_EVERY_CLASS`) to NaN,
+    without CIs, when its test slides lack the ``missing`` classes, and says so in the log."""
     if not missing:
         return
-    for name in NEEDS_EVERY_CLASS:
+    for name in (n for n in NEEDS_EVERY_CLASS if n in row):
         row[name] = math.nan
         row.pop(f"{name}_ci", None)
     log.warning("fold %d: its test slides hold no slide of class %s: its AUC and balanced accuracy are undefined "

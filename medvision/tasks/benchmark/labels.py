@@ -49,6 +49,11 @@ log = logging.getLogger("medvision")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
 
 
+def figure(value: Any) -> float:
+    """A number read back from ``metrics.json``, where an undefined metric (NaN) was written as null: NaN again."""
+    return math.nan if value is None else float(value)
+
+
 @dataclass(kw_only=True)
 class TestFigures:
     """A finished run's test AUC and accuracy with their 95% bootstrap CIs, epochs and wall time; ``error`` set
@@ -69,9 +74,9 @@ class TestFigures:
         """Fills the figures from the run's ``metrics.json``; returns that file's contents."""
         metrics = read_metrics_json(run_dir)
         test = metrics["image"]["test"]
-        self.auc, self.acc = float(test["auc"]), float(test["acc"])
-        self.auc_lo, self.auc_hi = (test.get("auc_ci") or [math.nan, math.nan])[:2]
-        self.acc_lo, self.acc_hi = (test.get("acc_ci") or [math.nan, math.nan])[:2]
+        self.auc, self.acc = figure(test.get("auc")), figure(test.get("acc"))
+        self.auc_lo, self.auc_hi = (figure(v) for v in (test.get("auc_ci") or [None, None])[:2])
+        self.acc_lo, self.acc_hi = (figure(v) for v in (test.get("acc_ci") or [None, None])[:2])
         self.epochs = len(metrics.get("history", []))
         self.seconds = float(metrics.get("seconds", math.nan))
         self.run_dir = str(run_dir)

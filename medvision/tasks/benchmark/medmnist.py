@@ -39,6 +39,7 @@ from medvision.tasks.benchmark.deltas import delta_unit, paired_bootstrap
 from medvision.tasks.benchmark.labels import (
     StudyResult,
     TestFigures,
+    figure,
     finished_as,
     write_dicts,
 )
@@ -176,11 +177,12 @@ def configure(base: Recipe, variant: str, overrides: list[str], seed: int, out: 
 def read_run(run_dir: Path, row: SeedRun) -> SeedRun:
     """A finished run's figures from its ``metrics.json`` and ``run.json``."""
     metrics = row.read_test(run_dir)
-    row.val_auc, row.val_acc = float(metrics["image"]["val"]["auc"]), float(metrics["image"]["val"]["acc"])
+    val = metrics["image"]["val"]
+    row.val_auc, row.val_acc = figure(val.get("auc")), figure(val.get("acc"))
     for op in metrics["image"]["test"].get("operating_points") or []:
-        if op.get("rule") == "youden":
-            cm = np.asarray(op["confusion_matrix"], dtype=float)
-            row.acc_youden = float(np.trace(cm) / cm.sum())
+        if op.get("rule") == "youden":  # no Youden point (one class in validation): null matrix, NaN accuracy
+            cm = np.asarray(op.get("confusion_matrix") or [[math.nan]], dtype=float)
+            row.acc_youden = float(np.trace(cm) / cm.sum()) if cm.sum() > 0 else math.nan
     row.best_epoch = int(metrics.get("best_epoch") or 0)
     meta = read_run_json(run_dir)
     row.amp, row.model = str(meta.get("amp", "")), str(meta.get("model", ""))
