@@ -19,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from medvision.intervals import Rate, bootstrap_cis, ci_methods, delong_test, mean_ci, proportion_ci, proportion_cis
+from medvision.intervals import (
+    Rate,
+    accuracy_rate,
+    bootstrap_cis,
+    ci_methods,
+    delong_test,
+    mean_ci,
+    proportion_ci,
+    proportion_cis,
+)
 from medvision.metrics import (
     MetricWarning,
     aggregate_by_group,
@@ -300,10 +309,6 @@ def _specificity_of(k: int) -> Rate:
     return lambda y, p: (y != k, p.argmax(axis=1) != k)
 
 
-def _arg_max_right(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.ones(len(y), dtype=bool), p.argmax(axis=1) == y
-
-
 def _threshold_rate(positive: int, threshold: float, of_positives: bool) -> Rate:
     def rate(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mask = ((y == positive) if of_positives else (y != positive)) & math.isfinite(threshold)
@@ -390,7 +395,7 @@ def _summary(
     out["per_class"] = {c: dict(per[i]) for i, c in enumerate(classes)}
     out["confusion_matrix"] = cm.tolist()
 
-    rates: dict[str, Rate] = {"acc": _arg_max_right}
+    rates: dict[str, Rate] = {"acc": accuracy_rate}
     for i in range(k):
         rates[f"sens{i}"], rates[f"spec{i}"] = _recall_of(i), _specificity_of(i)
     points = []

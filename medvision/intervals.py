@@ -287,6 +287,18 @@ def proportion_cis(
     return out
 
 
+def accuracy_rate(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy as a :data:`Rate`: every case is in its denominator, a hit where the arg-max class is the label."""
+    return np.ones(len(y), dtype=bool), np.asarray(p).argmax(axis=1) == np.asarray(y).ravel()
+
+
+def accuracy_ci(y: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int, level: float,
+                groups: Sequence[Any] | None) -> tuple[float, float]:  # fmt: skip
+    """The CI of an accuracy as :func:`proportion_cis` makes it (Wilson, or the unstratified patient bootstrap
+    floored at Wilson over the patients): what ``compare`` and the MIL report quote beside ``evaluation``'s."""
+    return proportion_cis(y, probs, {"acc": accuracy_rate}, {"acc"}, n_resamples, seed, level, groups)["acc"]
+
+
 def ci_methods(groups: Sequence[Any] | None) -> dict[str, str]:
     """How :func:`proportion_cis` and the AUC's bootstrap made each CI of a summary, for metrics.json to say."""
     boot = "percentile bootstrap, stratified by class"

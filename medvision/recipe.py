@@ -95,8 +95,9 @@ class DataConfig(_Node):
     """Use at most this many samples per split (for smoke runs); ``None`` uses all."""
     transfer: Literal["auto", "uint8", "float16", "float32"] = "auto"
     """Dtype of the (unnormalised) batches the loader hands to the device, where they are normalised; ``auto``
-    is uint8 for 8-bit sources (4x less to copy than float32) and float32 otherwise (16-bit, DICOM windows),
-    judged on up to 64 images spread over each split: one image of more than 8 bits among them makes it float32."""
+    is uint8 when every image of the source is 8-bit (read from each file's header; 4x less to copy than float32)
+    and float32 otherwise (16-bit, DICOM windows), decided once for all splits, so train, evaluate and score of
+    the same data agree."""
     preload: bool = False
     """Decode every image of a folder or CSV source into memory once, before the workers start, so later
     epochs skip PNG/JPEG/TIFF decoding (``.npz`` is always in memory; DICOM has its own disk cache)."""

@@ -103,7 +103,14 @@ def _label(clinical: dict[str, Any], level: str) -> str:
     return level
 
 
-def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
+#: How the metrics table names the split that chose the checkpoint, the temperature and the thresholds.
+SELECTION_LABEL = "{split} (selection split: optimistic)"
+
+
+def _metric_rows(clinical: dict[str, Any], selection: str | None = "val") -> list[list[str]]:
+    """The metrics table's rows. ``selection`` (the run's validation split, where it is the one evaluated) chose
+    the checkpoint, the temperature and the thresholds, so its rows are labelled as optimistic; metrics.json keeps
+    the plain split names."""
     rows = []
     levels = ("image",) if _one_image_per_patient(clinical) else ("image", "patient")
     for level in levels:
@@ -111,7 +118,8 @@ def _metric_rows(clinical: dict[str, Any]) -> list[list[str]]:
             if not isinstance(s, dict) or "n" not in s:
                 continue
             cal = s.get("calibration", {})
-            rows.append([_label(clinical, level), split, str(s["n"]), _with_ci(s, "auc"), _with_ci(s, "acc"),
+            name = SELECTION_LABEL.format(split=split) if split == selection else split
+            rows.append([_label(clinical, level), name, str(s["n"]), _with_ci(s, "auc"), _with_ci(s, "acc"),
                          _at_point(s), _fmt(s.get("balanced_acc")), _fmt(s.get("average_precision")),
                          f"{_fmt(cal.get('ece_before'))} → {_fmt(cal.get('ece_after'))}",
                          _fmt(cal.get("brier_after"))])  # fmt: skip
@@ -261,6 +269,8 @@ def build_report(
         facts.append(f"wall time {extra['seconds']:.0f} s on {meta['device']}")
     if "run" in extra:
         facts.append(f"evaluated run: `{extra['run']}`")
+    if "seen_in_training" in extra:
+        facts.append(f"images the run trained or validated on: {extra['seen_in_training']['fact']}")
     level = f"{cfg.ci_level:.0%}"
     header = [
         "level",
@@ -279,7 +289,7 @@ def build_report(
         ("h1", f"medvision run `{meta['name']}`"),
         ("ul", facts),
         ("h2", "Metrics"),
-        ("table", (header, _metric_rows(clinical))),
+        ("table", (header, _metric_rows(clinical, meta.get("selection_split", "val")))),
         ("p", ci_note(clinical, cfg)),
     ]
     compare = extra.get("slide_aggregates")

@@ -2,8 +2,9 @@
 
 A run folder (``<output_dir>/<name>``) holds ``recipe.yaml`` (resolved, absolute paths), ``run.json``
 (classes, channels, normalisation, decision, versions), ``model.safetensors`` (best weights),
-``last.pt`` (resume state), ``metrics.json``, ``predictions.csv``, ``data_audit.csv``, ``report.md``/
-``report.html`` and ``train.log``. Every task reads a run through this module, so they agree on it:
+``last.pt`` (resume state), ``splits.csv`` (the id of every image the run trained, validated and tested on, and
+its split), ``metrics.json``, ``predictions.csv``, ``data_audit.csv``, ``report.md``/``report.html`` and
+``train.log``. Every task reads a run through this module, so they agree on it:
 :func:`read_run_json` and :func:`read_metrics_json` check what they read and name the file and key at
 fault, and :class:`ScoringSpec` is everything scoring needs besides the weights.
 """
@@ -11,6 +12,7 @@ fault, and :class:`ScoringSpec` is everything scoring needs besides the weights.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import platform
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 
 import medvision
 from medvision.errors import MedvisionError
-from medvision.io.files import sha256
+from medvision.io.files import atomic_write, sha256
 from medvision.io.image import Intensity
 from medvision.recipe import EvalConfig, Recipe
 from medvision.recipe_nodes import DicomConfig, SlidesConfig
@@ -191,6 +193,9 @@ class ScoringSpec:
     """``evaluation.tta``: the transforms whose calibrated probabilities are averaged with the image's own."""
     model_sha256: str = ""
     """SHA-256 of the run's ``model.safetensors``: the weights every exported format was made from."""
+    stain_reference_sha256: str = ""
+    """SHA-256 of ``slides.stain_reference`` when the run trained (empty: none, or a run from before it was pinned):
+    new slides are normalised to the same pixels, not to whatever the path holds now."""
     recipe_sha256: str = ""
     medvision_version: str = ""
 
@@ -247,9 +252,52 @@ class ScoringSpec:
             decision=dict(meta.get("decision") or {}),
             tta=list(recipe.evaluation.tta),
             model_sha256=sha256(run_dir / "model.safetensors"),
+            stain_reference_sha256=str(meta.get("stain_reference_sha256") or "") if inputs == "slides" else "",
             recipe_sha256=sha256(run_dir / "recipe.yaml"),
             medvision_version=medvision.__version__,
         )
+
+
+SPLITS_FILE = "splits.csv"
+"""The run's split: one row (``id,split``) per image it trained, validated or tested on, in the table's ids
+(paths relative to the data, or ``npz:split:index``; never a patient identifier)."""
+
+
+def write_splits(run_dir: Path, held: dict[str, list[str]]) -> Path:
+    """``splits.csv`` of a run, written atomically: ``held`` maps each split to the ids of its images."""
+    path = run_dir / SPLITS_FILE
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["id", "split"])
+            out.writerows((i, split) for split, ids in held.items() for i in ids)
+
+    atomic_write(path, write)
+    return path
+
+
+def read_splits(run_dir: Path) -> dict[str, str] | None:
+    """``splits.csv`` of a run as {id: split}; None for a run from before it was written.
+
+    Raises:
+        RunError: a damaged file, naming it, the line and the value.
+    """
+    path = run_dir / SPLITS_FILE
+    if not path.is_file():
+        return None
+    held: dict[str, str] = {}
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header != ["id", "split"]:
+            raise RunError(f"{path}: header {header!r}; expected ['id', 'split'] (a splits.csv written by medvision)")
+        for line, row in enumerate(reader, start=2):
+            if len(row) != 2 or row[1] not in ("train", "val", "test") or row[0] in held:
+                raise RunError(f"{path}, line {line}: {row!r}; expected an id not listed before and its split "
+                               "(train, val or test)")  # fmt: skip
+            held[row[0]] = row[1]
+    return held
 
 
 def _choices(annotation: Any) -> tuple[str, ...]:
@@ -298,7 +346,7 @@ def check_spec(data: Any, origin: str) -> None:
     for name, allowed in SPEC_CHOICES.items():
         if name in data and data[name] not in allowed:
             raise bad(name, f"one of {', '.join(allowed)}")
-    for name in ("name", "model_sha256", "recipe_sha256", "medvision_version"):
+    for name in ("name", "model_sha256", "recipe_sha256", "medvision_version", "stain_reference_sha256"):
         if name in data and not isinstance(data[name], str):
             raise bad(name, "a string")
     classes = data["classes"]

@@ -216,6 +216,27 @@ def test_cli_exits_2_on_a_dicom_labels_csv_with_wrong_columns(corrupt_dicom: Pat
     assert "Traceback" not in err and "labels.csv: needs a 'path' or 'sop_instance_uid' column" in err
 
 
+def test_a_second_name_of_a_file_in_a_folder_is_a_skipped_row(tmp_path: Path) -> None:
+    """A link in another class folder to an image (or a hard link) was a second sample of it, with the other label
+    and perhaps in the other split; each file is now read by its first route, the others are rows with a reason."""
+    root = tmp_path / "pngs"
+    for cls in ("a", "b"):
+        for k in range(4):
+            _png(root / cls / f"{cls}{k}.png", 30 * k)
+    os.symlink(root / "a" / "a0.png", root / "b" / "link_to_a0.png")
+    os.link(root / "a" / "a1.png", root / "b" / "hard_a1.png")
+    (root / "a" / "zz_link_to_b0.png").symlink_to("../b/b0.png")  # the link sorts first: the real file is skipped
+    table = load_table(DataConfig(source="folder", path=str(root)), 0, audit_dir=tmp_path / "run")
+    rows = _audit_csv(tmp_path / "run" / AUDIT_FILE)
+    assert set(rows) == _all_files(root) and len(table) == 8
+    assert rows["b/link_to_a0.png"]["outcome"] == "skipped"
+    assert rows["b/link_to_a0.png"]["reason"] == "link to a file already listed as 'a/a0.png'; not read twice"
+    assert rows["b/hard_a1.png"]["reason"] == ("another name (a hard link) of the file already listed as 'a/a1.png'; "
+                                               "not read twice")  # fmt: skip
+    assert rows["b/b0.png"]["reason"] == "file already listed through the link 'a/zz_link_to_b0.png'; not read twice"
+    assert sorted(table.ids) == sorted(r for r, row in rows.items() if row["outcome"] == "used")
+
+
 def test_npz_is_one_used_row(tmp_path: Path) -> None:
     images = np.zeros((6, 8, 8), np.uint8)
     np.savez(tmp_path / "toy.npz", train_images=images, train_labels=np.arange(6) % 2)

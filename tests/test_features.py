@@ -21,10 +21,9 @@ from medvision.models.encoders import load_encoder
 from medvision.recipe import SlidesConfig
 from medvision.runs import RunError
 from medvision.tasks.features import extract_features
-from medvision.tasks.score.mil import _check_stain_reference
 from medvision.wsi.features import MAX_NAME_BYTES, FeatureFileError, feature_name, read_features, write_features
 from medvision.wsi.slide import open_slide
-from medvision.wsi.source import plan_slide
+from medvision.wsi.source import check_stain_reference, plan_slide
 from medvision.wsi.tiles import SlideRef, TileReader, read_tile
 
 ENCODER = "timm:tf_efficientnet_lite0"
@@ -262,14 +261,16 @@ def test_score_refuses_a_stain_reference_that_changed_since_the_features(shared:
     shutil.copy(tiles[0], reference)
     slides = SlidesConfig(tile_size=112, target_mpp=1.0, stain_reference=str(reference)).model_dump(mode="json")
     spec = {"slides": slides, "stain_reference_sha256": sha256(reference)}
-    _check_stain_reference(tmp_path, spec)  # the same pixels: scored alike
-    _check_stain_reference(tmp_path, {"slides": slides})  # a run from before the hash was recorded
+    check_stain_reference(
+        tmp_path, SlidesConfig.recorded(slides), spec["stain_reference_sha256"]
+    )  # the same pixels: scored alike
+    check_stain_reference(tmp_path, SlidesConfig.recorded(slides), None)  # a run from before the hash was recorded
     shutil.copy(tiles[1], reference)
     with pytest.raises(RunError, match=r"stain-normalised to .*ref.* with SHA-256 .*put back the reference"):
-        _check_stain_reference(tmp_path, spec)
+        check_stain_reference(tmp_path, SlidesConfig.recorded(slides), spec["stain_reference_sha256"])
     reference.unlink()
     with pytest.raises(RunError, match=r"reference that cannot be read now"):
-        _check_stain_reference(tmp_path, spec)
+        check_stain_reference(tmp_path, SlidesConfig.recorded(slides), spec["stain_reference_sha256"])
 
 
 def test_a_tile_reader_that_raises_dies_or_hangs_costs_its_slide_only(

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from medvision.io.image import ImageReadError, read_image_raw, to_channels, to_unit_range
+from medvision.io.image import (
+    ImageReadError,
+    RawFormat,
+    header_format,
+    is_grayscale,
+    read_image_raw,
+    to_channels,
+    to_unit_range,
+)
 
 
 def test_16bit_grayscale_png_is_neither_clipped_nor_white(tmp_path: Path) -> None:
@@ -134,3 +142,68 @@ def test_tiff_colour_spaces_are_read_as_the_image_shows_or_refused(tmp_path: Pat
     for check in (check_image_header, read_image_raw):
         with pytest.raises(ImageReadError, match=r"cmyk\.tif: a TIFF in colour space SEPARATED; expected grey, RGB"):
             check(tmp_path / "cmyk.tif")
+
+
+def _formats(folder: Path) -> list[str]:
+    """One file of each layout the sources meet, written by the libraries users write them with."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 255, (16, 16), np.uint8), rng.integers(0, 255, (16, 16, 3), np.uint8)
+    writers = {
+        "g8.png": lambda p: cv2.imwrite(str(p), grey),
+        "g16.png": lambda p: cv2.imwrite(str(p), grey.astype(np.uint16) * 16),
+        "c16.png": lambda p: cv2.imwrite(str(p), rgb.astype(np.uint16) * 16),
+        "rgba.png": lambda p: cv2.imwrite(str(p), np.dstack([rgb, grey])),
+        "grey_alpha.png": lambda p: Image.fromarray(np.dstack([grey, grey]), "LA").save(p),
+        "palette.png": lambda p: Image.fromarray(rgb).convert("P").save(p),
+        "bilevel.png": lambda p: Image.fromarray(grey).convert("1").save(p),
+        "grey_trns.png": lambda p: Image.fromarray(grey).save(p, transparency=5),
+        "g.jpg": lambda p: Image.fromarray(grey).save(p),
+        "exif.jpg": lambda p: Image.fromarray(rgb).save(p, exif=b"Exif\x00\x00" + bytes(20000)),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p),
+        "g16.tif": lambda p: tifffile.imwrite(p, grey.astype(np.uint16)),
+        "i16.tif": lambda p: tifffile.imwrite(p, grey.astype(np.int16) - 1024),
+        "f32.tif": lambda p: tifffile.imwrite(p, grey.astype(np.float32)),
+        "planar.tif": lambda p: tifffile.imwrite(
+            p, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate"
+        ),
+        "palette.tif": lambda p: Image.fromarray(rgb).convert("P").save(p),
+        "white.tif": lambda p: tifffile.imwrite(p, grey, photometric="miniswhite"),
+        "g.bmp": lambda p: Image.fromarray(grey).save(p),
+        "tiff_named.png": lambda p: tifffile.imwrite(p, grey, photometric="minisblack"),
+    }
+    for name, write in writers.items():
+        write(folder / name)
+    return list(writers)
+
+
+def test_header_format_is_what_the_reader_gives_or_none(tmp_path: Path) -> None:
+    """The sources decide transfer dtype and input channels from every file's header: each answer must be the
+    decoder's, and a header that cannot tell (a BMP's palette, a TIFF named .png) says None, so the file is decoded."""
+    for name in _formats(tmp_path):
+        raw = read_image_raw(tmp_path / name)
+        found = header_format(tmp_path / name)
+        if name.endswith(".bmp") or name == "tiff_named.png":
+            assert found is None, name
+        else:
+            assert found == RawFormat(raw.dtype.name, is_grayscale(raw)), name
+    assert header_format(tmp_path / "g16.png") == RawFormat("uint16", True)
+    assert header_format(tmp_path / "planar.tif") == RawFormat("uint8", False)
+    with pytest.raises(ImageReadError, match=r"gone\.png: cannot open"):
+        header_format(tmp_path / "gone.png")
+
+
+def test_signed_16bit_tiff_maps_the_type_range_to_unit(tmp_path: Path) -> None:
+    """A signed CT TIFF (-1024 air .. 3071 bone): int16's -32768..32767 is 0..1, as uint16's 0..65535 is, so the
+    mapping is fixed (one value, one number, whatever else the image holds) and never negative."""
+    ct = np.array([[-32768, -1024, 0, 3071, 32767]], np.int16)
+    tifffile.imwrite(tmp_path / "ct.tif", ct)
+    raw = read_image_raw(tmp_path / "ct.tif")
+    assert raw.dtype == np.int16
+    unit = to_unit_range(raw)
+    np.testing.assert_allclose(unit[0], (ct[0].astype(np.float64) + 32768) / 65535, atol=1e-7)
+    assert unit.dtype == np.float32 and unit[0, 0] == 0.0 and unit[0, -1] == 1.0 and np.all(np.diff(unit[0]) > 0)
+    assert to_unit_range(raw[:, 1:3])[0, 0] == unit[0, 1]  # data-independent
+    assert to_unit_range(np.array([-128, 127], np.int8)).tolist() == [0.0, 1.0]
+    assert to_unit_range(np.array([-(2**31), 2**31 - 1], np.int32)).tolist() == [0.0, 1.0]

@@ -499,7 +499,8 @@ def test_resume_refuses_finished_folds_of_other_settings_or_features(tmp_path: P
 def test_mil_json_keeps_the_features_tiling_and_score_checks_stain_and_heads(tmp_path: Path) -> None:
     """Without features.json, mil.json's slides section is what the feature files record."""
     from medvision.recipe import SlidesConfig
-    from medvision.tasks.score.mil import _check_stain_reference, _fold_heads
+    from medvision.tasks.score.mil import _fold_heads
+    from medvision.wsi.source import check_stain_reference
 
     pre = {"precision": "none", "stain_reference": str(tmp_path / "ref.png"), "jpeg_shrink": True,
            "stain_reference_sha256": "ab" * 32}  # fmt: skip
@@ -512,7 +513,7 @@ def test_mil_json_keeps_the_features_tiling_and_score_checks_stain_and_heads(tmp
     assert (cfg.min_tissue, cfg.tissue_method, cfg.jpeg_shrink) == (0.2, "od", True)
     unnamed = {**spec, "slides": {k: v for k, v in spec["slides"].items() if k != "stain_reference"}}
     with pytest.raises(RunError, match="names no stain_reference"):
-        _check_stain_reference(run, unnamed)
+        check_stain_reference(run, SlidesConfig.recorded(unnamed["slides"]), unnamed["stain_reference_sha256"])
     assert len(_fold_heads(run, spec)) == 3
     head, meta = load_mil(run / "folds" / "fold1.safetensors")
     save_mil(head, run / "folds" / "fold1.safetensors", {**meta, "encoder_sha256": "1" * 64})

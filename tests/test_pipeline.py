@@ -51,12 +51,12 @@ def test_device_normalisation_matches_albumentations() -> None:
 def test_transfer_auto_follows_the_source_depth(tmp_path: Path) -> None:
     eight = _table([np.zeros((8, 8, 3), np.uint8)] * 2)
     sixteen = _table([np.zeros((8, 8), np.uint16)] * 2)
-    assert resolve_transfer("auto", eight, np.arange(2)) == "uint8"
-    assert resolve_transfer("auto", sixteen, np.arange(2)) == "float32"  # 16-bit detail is not rounded away
-    assert resolve_transfer("float16", eight, np.arange(2)) == "float16"
+    assert resolve_transfer("auto", eight) == "uint8"
+    assert resolve_transfer("auto", sixteen) == "float32"  # 16-bit detail is not rounded away
+    assert resolve_transfer("float16", eight) == "float16"
     # one 8-bit image first, 16-bit ones after it: the split is probed across, not on its first image
     mixed = _table([np.zeros((8, 8, 3), np.uint8)] + [np.zeros((8, 8), np.uint16)] * 15)
-    assert resolve_transfer("auto", mixed, np.arange(16)) == "float32"
+    assert resolve_transfer("auto", mixed) == "float32"
 
 
 def test_augmentation_does_not_depend_on_workers_or_persistence() -> None:

@@ -159,10 +159,12 @@ def test_interrupted_pretraining_resumes_exactly(tiles_manifest: Path, tmp_path:
 def test_init_from_a_pretrained_backbone(
     tiles_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from medvision.runs import read_splits
     from medvision.tasks.train import train
 
     ssl = pretrain(recipe_from_dict(_recipe(tiles_manifest, tmp_path)))
     backbone = load_file(str(ssl / "model.safetensors"))
+    assert set(read_splits(ssl).values()) == {"train"}  # what the backbone saw, whatever the folder holds later
     tree = tiny_recipe(tiles_manifest, tmp_path)
     tree["name"] = "probe"
     tree["model"]["init_from"] = str(ssl)

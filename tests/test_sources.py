@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from medvision.data.sources import load_csv, load_folder, load_npz, load_table
 from medvision.data.table import DataSourceError, check_patient_disjoint, grouped_stratified_split
 from medvision.recipe import DataConfig, RecipeError, recipe_from_dict
+from medvision.training.build import PROBES, resolve_transfer
 
 
 def _png(path: Path, value: int, dtype: type = np.uint8, channels: int = 1) -> None:
@@ -241,3 +244,82 @@ def test_auto_split_for_csv_is_patient_disjoint(tiles_manifest: Path) -> None:
     table = load_table(DataConfig(source="csv", path=str(tiles_manifest), val_fraction=0.25, test_fraction=0.25), 0)
     check_patient_disjoint(table)
     assert set(table.splits) == {"train", "val", "test"}
+
+
+def test_transfer_auto_reads_every_files_depth_and_decides_once_for_all_splits(tmp_path: Path) -> None:
+    """Three 12-bit scans saved as 16-bit PNG among more 8-bit PNGs than a probe reads, all in the test split: every
+    split travels float32 (the run records val's choice for score, evaluate re-decides on test: they must agree)."""
+    rng = np.random.default_rng(0)
+    n8 = 2 * PROBES
+    for i in range(n8):
+        _png(tmp_path / "data" / "ab"[i % 2] / f"x{i:03d}.png", int(rng.integers(0, 255)))
+    rows = [[f"data/{'ab'[i % 2]}/x{i:03d}.png", "ab"[i % 2], "val" if i < 8 else "train"] for i in range(n8)]
+    for k in range(3):
+        _png(tmp_path / "data" / "a" / f"scan{k}.png", 1000 + 100 * k, np.uint16)
+        rows.append([f"data/a/scan{k}.png", "a", "test"])
+    table = load_csv(_manifest(tmp_path / "m.csv", rows, "path,label,split"), None)
+    assert table.pixel_dtypes == {"uint8", "uint16"}
+    assert resolve_transfer("auto", table) == "float32"
+    folder = load_folder(tmp_path / "data", None, None)
+    assert folder.pixel_dtypes == {"uint8", "uint16"} and resolve_transfer("auto", folder) == "float32"
+    for k in range(3):
+        (tmp_path / "data" / "a" / f"scan{k}.png").unlink()
+    assert resolve_transfer("auto", load_folder(tmp_path / "data", None, None)) == "uint8"
+
+
+def test_input_channels_come_from_every_image(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A grey file sorted first among RGB tiles made the model 1-channel and every tile brightness: mixed images
+    are 3 channels with a warning that counts both kinds and names one of each."""
+    for i in range(4):
+        _png(tmp_path / "rgb" / ("ab"[i % 2]) / f"t{i}.png", 40 * i, channels=3)
+    _png(tmp_path / "rgb" / "a" / "_grey.png", 9)
+    with caplog.at_level(logging.WARNING, logger="medvision"):
+        assert not load_folder(tmp_path / "rgb", None, None).grayscale
+    assert re.search(r"1 grey and 4 colour images \(e\.g\. a/_grey\.png grey, a/t0\.png colour\)", caplog.text)
+    (tmp_path / "rgb" / "a" / "_grey.png").unlink()
+    assert not load_folder(tmp_path / "rgb", None, None).grayscale
+    for i in range(4):
+        _png(tmp_path / "grey" / ("ab"[i % 2]) / f"t{i}.png", 40 * i)
+    _png(tmp_path / "grey" / "b" / "x.png", 1, np.uint16)
+    caplog.clear()
+    assert load_folder(tmp_path / "grey", None, None).grayscale and "colour" not in caplog.text
+    manifest = _manifest(tmp_path / "m.csv", [["grey/a/t0.png", "a"], ["rgb/a/t0.png", "b"]], "path,label")
+    assert not load_csv(manifest, None).grayscale
+
+
+def test_one_file_under_two_names_in_a_csv_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    """Relative and absolute, through a link or a hard link: one file, so it is listed once or it could sit in two
+    splits (the text of the two names differs, so normalising it found none of these)."""
+    for i in range(2):
+        _png(tmp_path / "img" / f"{i}.png", i)
+    os.symlink(tmp_path / "img" / "0.png", tmp_path / "img" / "link.png")
+    os.link(tmp_path / "img" / "0.png", tmp_path / "img" / "hard.png")
+    os.symlink("img", tmp_path / "same_folder")
+    for second in (str(tmp_path / "img" / "0.png"), "img/link.png", "img/hard.png", "same_folder/0.png"):
+        rows = [["img/0.png", "a"], ["img/1.png", "b"], [second, "b"]]
+        with pytest.raises(DataSourceError, match=r"m\.csv, line 4: image '.*' is the file listed as 'img/0\.png' "
+                                                  r"on line 2"):  # fmt: skip
+            load_csv(_manifest(tmp_path / "m.csv", rows, "path,label"), None)
+
+
+def test_npz_labels_map_to_numbered_class_names_by_number(tmp_path: Path) -> None:
+    """A run trained on a CSV of classes 0..10 stores them sorted as text; evaluating it on an .npz of the same
+    images must read label 2 as class '2', not as the third name ('10')."""
+    for k in range(11):
+        _png(tmp_path / f"img{k}.png", k)
+    manifest = _manifest(tmp_path / "m.csv", [[f"img{k}.png", str(k)] for k in range(11)], "path,label")
+    run_classes = load_csv(manifest, None).classes
+    assert run_classes[:3] == ["0", "1", "10"]
+    images = np.stack([np.full((12, 12), k, np.uint8) for k in range(11)])
+    np.savez(tmp_path / "x.npz", test_images=images, test_labels=np.arange(11))
+    table = load_npz(tmp_path / "x.npz", run_classes)
+    assert [run_classes[i] for i in table.labels] == [str(k) for k in range(11)]
+    own = load_npz(tmp_path / "x.npz", None)  # a run trained on the npz itself, evaluated on it
+    assert own.classes == [str(k) for k in range(11)]
+    assert load_npz(tmp_path / "x.npz", own.classes).labels.tolist() == list(range(11))
+    named = [f"c{k}" for k in range(11)]  # names in label order, as the MedMNIST recipes give them
+    assert load_npz(tmp_path / "x.npz", named).labels.tolist() == list(range(11))
+    with pytest.raises(DataSourceError, match=r"x\.npz: sample npz:test:10 has label 10, which is not one of the "):
+        load_npz(tmp_path / "x.npz", [str(k) for k in range(10)])
+    with pytest.raises(DataSourceError, match=r"mixes numbers and names"):
+        load_npz(tmp_path / "x.npz", ["0", "1", *named[2:]])

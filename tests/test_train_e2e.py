@@ -89,7 +89,7 @@ def test_evaluate_reproduces_test_metrics_and_scores_other_data(finished_run: Pa
     run_metrics = json.loads((finished_run / "metrics.json").read_text())
     assert evaluated["decision"] == run_metrics["decision"]  # thresholds and temperature are the run's, not refitted
     assert evaluated["image"]["test"]["operating_points"] == run_metrics["image"]["test"]["operating_points"]
-    out2, everything = evaluate_run(finished_run, data=str(tiles_manifest))
+    out2, everything = evaluate_run(finished_run, data=str(tiles_manifest), allow_seen=True)
     assert everything["n"] == 72 and out2.name == "manifest-all"
 
 

@@ -225,6 +225,7 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
         classes=classes,
         loader=loader,
         grayscale=grayscale,
+        pixel_dtypes=frozenset({"float32"}),  # DicomLoader's frames: windowed float32 in [0, 1]
         origin=str(root),
         audit=audit,
     )

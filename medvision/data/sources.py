@@ -9,6 +9,7 @@ or an unreadable image that stops the run unless ``data.on_error`` is ``skip``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medvision.data.audit import check_image, counts, settle, write_audit
+from medvision.data.audit import check_image, clean_reason, counts, settle, write_audit
 from medvision.data.dicom_source import load_dicom_folder
 from medvision.data.table import (
     SPLITS,
@@ -35,15 +36,22 @@ from medvision.data.table import (
     read_manifest,
 )
 from medvision.io.archive import scan
-from medvision.io.image import IMAGE_SUFFIXES, read_image_raw
+from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, RawFormat, header_format, is_grayscale, read_image_raw
 from medvision.recipe import DataConfig, check_patient_regex
 from medvision.wsi.source import load_slide_table
+
+log = logging.getLogger("medvision")
 
 # ------------------------------------------------------------------------------------ sources
 
 
 def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
-    """MedMNIST layout: ``{train,val,test}_images`` and ``_labels``; labels may be (N,) or (N, 1)."""
+    """MedMNIST layout: ``{train,val,test}_images`` and ``_labels``; labels may be (N,) or (N, 1).
+
+    Label ``k`` is class ``str(k)`` when every name in ``classes`` is a whole number (a run trained on this file
+    stores ``['0', '1', ...]``; one trained on a folder or CSV of numbered classes stores them sorted as text,
+    ``['0', '1', '10', '2', ...]``), else the ``k``-th name (a recipe naming the file's classes in label order).
+    """
     try:
         npz = np.load(path)
     except (OSError, ValueError) as err:
@@ -80,6 +88,8 @@ def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
     n_classes = int(all_labels.max()) + 1
     if classes is None:
         classes = [str(i) for i in range(n_classes)]
+    else:
+        all_labels = _npz_class_indices(path, all_labels, classes, ids)
     bad = np.flatnonzero((all_labels < 0) | (all_labels >= len(classes)))
     if bad.size:
         raise DataSourceError(
@@ -99,12 +109,61 @@ def load_npz(path: Path, classes: list[str] | None) -> SampleTable:
         grayscale=grayscale,
         origin=str(path),
         audit=[AuditRow(path.name, "used", "", len(ids))],
+        pixel_dtypes=frozenset({all_images.dtype.name}),
     )
 
 
-def _peek_grayscale(paths: list[str]) -> bool:
-    first = read_image_raw(paths[0])
-    return first.ndim == 2 or first.shape[2] == 1
+def _npz_class_indices(path: Path, labels: np.ndarray, classes: list[str], ids: list[str]) -> np.ndarray:
+    """The npz's labels as indices into ``classes`` (see :func:`load_npz`): by name when every class is a number."""
+    numbered = [bool(re.fullmatch(r"-?[0-9]+", c)) for c in classes]
+    if not any(numbered):
+        return labels  # names in label order
+    if not all(numbered):
+        raise DataSourceError(f"{path}: data.classes {classes} mixes numbers and names; expected all numbers (label "
+                              "k is class 'k') or all names (label k is the k-th name)")  # fmt: skip
+    index = {int(c): i for i, c in enumerate(classes)}
+    if len(index) < len(classes):
+        raise DataSourceError(f"{path}: data.classes {classes} names one number twice (as '1' and '01'); expected "
+                              "each label once")  # fmt: skip
+    out = np.asarray([index.get(int(k), -1) for k in labels], dtype=np.int64)
+    missing = np.flatnonzero(out < 0)
+    if missing.size:
+        at = int(missing[0])
+        raise DataSourceError(f"{path}: sample {ids[at]} has label {int(labels[at])}, which is not one of the classes "
+                              f"{classes} ({missing.size} such samples)")  # fmt: skip
+    return out
+
+
+def raw_format(path: Path) -> RawFormat:
+    """What :func:`read_image_raw` gives for ``path`` (dtype, grey), from its header when that says it exactly
+    (:func:`header_format`), else by decoding it. Raises :class:`ImageReadError`."""
+    found = header_format(path)
+    if found is not None:
+        return found
+    image = read_image_raw(path)
+    return RawFormat(image.dtype.name, is_grayscale(image))
+
+
+def decide_grayscale(origin: str, ids: list[str], formats: list[RawFormat]) -> bool:
+    """Whether the model reads one channel: every image grey. Grey images among colour ones (X-rays with a few RGB
+    screenshots) make it 3 channels, each grey image repeated into all three, with a warning that counts both kinds
+    and names one of each: deciding on the first image alone turned a folder of RGB tiles into brightness."""
+    grey = [i for i, f in enumerate(formats) if f.grey]
+    if len(grey) in (0, len(formats)):
+        return bool(grey)
+    colour = next(i for i, f in enumerate(formats) if not f.grey)
+    log.warning("%s: %d grey and %d colour images (e.g. %s grey, %s colour); the model reads 3 channels, grey images "
+                "repeated into each; set model.in_chans: 1 to read every image as grey (colour ones as luma)", origin,
+                len(grey), len(formats) - len(grey), ids[grey[0]], ids[colour])  # fmt: skip
+    return False
+
+
+def _used_format(path: Path, rel: str) -> RawFormat | str:
+    """``path``'s :func:`raw_format`, or the reason it has none (its audit error)."""
+    try:
+        return raw_format(path)
+    except ImageReadError as err:
+        return clean_reason(str(err), path, rel)
 
 
 UNLABELLED = "unlabelled"
@@ -153,7 +212,7 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
         pattern = re.compile(check_patient_regex(patient_regex) or "") if patient_regex else None
     except ValueError as err:
         raise DataSourceError(f"data.patient_regex: {err}") from None
-    by_class: list[list[tuple[str, str]]] = [[] for _ in classes]  # (path, group) in each class's order
+    by_class: list[list[tuple[str, str, RawFormat]]] = [[] for _ in classes]  # (path, group, format) by class
     audit: list[AuditRow] = []
     for entry in tqdm(scan(root), desc="check", unit="file", leave=False, disable=None):
         rel, parts = entry.rel, entry.rel.split("/")
@@ -165,28 +224,32 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
             continue
         p = root / rel
         outcome, reason = check_image(p, rel)
-        if outcome != "used":
-            audit.append(AuditRow(rel, outcome, reason))
+        fmt = _used_format(p, rel) if outcome == "used" else reason
+        if isinstance(fmt, str):
+            audit.append(AuditRow(rel, outcome if outcome != "used" else "error", fmt))
             continue
         group = patient_of(pattern, p) if pattern else rel
-        by_class[0 if flat else classes.index(parts[0])].append((str(p), group))
+        by_class[0 if flat else classes.index(parts[0])].append((str(p), group, fmt))
         audit.append(AuditRow(rel, "used", "", 1))
-    paths = [path for members in by_class for path, _ in members]
-    groups = [group for members in by_class for _, group in members]
+    paths = [path for members in by_class for path, _, _ in members]
+    groups = [group for members in by_class for _, group, _ in members]
+    formats = [fmt for members in by_class for _, _, fmt in members]
     labels = [label for label, members in enumerate(by_class) for _ in members]
     if not paths:
         raise DataSourceError(f"{root}: no images with suffixes {IMAGE_SUFFIXES} under the class folders "
                               f"({counts(audit)['errors']} unreadable)", audit=audit)  # fmt: skip
+    ids = [str(Path(p).relative_to(root)) for p in paths]
     return SampleTable(
-        ids=[str(Path(p).relative_to(root)) for p in paths],
+        ids=ids,
         labels=np.asarray(labels, dtype=np.int64),
         groups=groups,
         splits=[""] * len(paths),
         classes=classes,
         loader=FileLoader(paths),
-        grayscale=_peek_grayscale(paths),
+        grayscale=decide_grayscale(str(root), ids, formats),
         origin=str(root),
         audit=audit,
+        pixel_dtypes=frozenset(f.dtype for f in formats),
     )
 
 
@@ -199,6 +262,7 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
     Labels are stripped and an empty one is an error naming its line (nothing documents empty as
     unlabelled, and a class ``''`` would be a phantom class). Paths are normalised, so ``./a.png`` is
     ``a.png``, and a file listed twice is an error naming both lines: it could otherwise sit in two splits.
+    Twice means under any two names: relative and absolute, through a link or a hard link.
     """
     optional = ",patient_id,split" if labelled else ",label,patient_id,split"
     rows = read_manifest(path, ("path",) if not labelled else ("path", "label"), optional)
@@ -212,18 +276,21 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
         classes = sorted({r["label"].strip() for r in rows})
     base = path.parent
     paths, labels, groups, splits, all_splits = [], [], [], [], []
+    formats: list[RawFormat] = []
     audit: list[AuditRow] = []
     progress = tqdm(rows, desc="check", unit="file", leave=False, disable=None)
-    for line, where, rel, row in listed_rows(path, progress, "path", "image"):
+    for line, where, rel, row in listed_rows(path, progress, "path", "image", base=base):
         full = (base / rel) if not Path(rel).is_absolute() else Path(rel)
         label = class_index(classes, row["label"].strip(), where)
         split = check_split(row.get("split"), where)
         all_splits.append(split)
         shown = str(full.relative_to(base)) if full.is_relative_to(base) else rel
         outcome, reason = check_image(full, shown) if full.is_file() else ("error", "file not found")
-        if outcome != "used":  # the manifest lists it as an image: anything else is an error
-            audit.append(AuditRow(shown, "error", f"{path.name}, line {line}: {reason}"))
+        found = _used_format(full, shown) if outcome == "used" else reason
+        if isinstance(found, str):  # the manifest lists it as an image: anything else is an error
+            audit.append(AuditRow(shown, "error", f"{path.name}, line {line}: {found}"))
             continue
+        formats.append(found)
         audit.append(AuditRow(shown, "used", "", 1))
         paths.append(str(full))
         labels.append(label)
@@ -234,16 +301,18 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
         raise DataSourceError(f"{path}, line {blank}: 'split' is empty while other rows have one; fill all or none")
     if not paths:
         raise DataSourceError(f"{path}: no readable image in the manifest", audit=audit)
+    ids = [str(Path(p).relative_to(base)) if Path(p).is_relative_to(base) else p for p in paths]
     return SampleTable(
-        ids=[str(Path(p).relative_to(base)) if Path(p).is_relative_to(base) else p for p in paths],
+        ids=ids,
         labels=np.asarray(labels, dtype=np.int64),
         groups=groups,
         splits=splits,
         classes=classes,
         loader=FileLoader(paths),
-        grayscale=_peek_grayscale(paths),
+        grayscale=decide_grayscale(str(path), ids, formats),
         origin=str(path),
         audit=audit,
+        pixel_dtypes=frozenset(f.dtype for f in formats),
     )
 
 

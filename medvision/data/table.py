@@ -89,6 +89,9 @@ class SampleTable:
     """The unit each row's prediction is aggregated to when it is not the patient: the slide of a tile."""
     audit: list[AuditRow] = field(default_factory=list)
     """Every file the source met, each once: used, skipped (not an image) or error (unreadable, left out)."""
+    pixel_dtypes: frozenset[str] | None = None
+    """The dtypes (``uint8``, ``uint16``...) the loader gives, from every image's header (or the ``.npz`` arrays);
+    ``data.transfer: auto`` is uint8 only when this is ``{"uint8"}``. ``None``: the source does not record them."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -165,14 +168,28 @@ def read_manifest(path: Path, required: tuple[str, ...], optional: str = ",patie
     return rows
 
 
+def file_identity(path: Path) -> tuple[int, int] | str:
+    """What makes two names one file: its (device, inode) when it exists, so a link and a hard link are found;
+    else its resolved path (``base/../base/a.png``, an absolute and a relative route to one place)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return str(path.resolve())
+    return st.st_dev, st.st_ino
+
+
 def listed_rows(
-    path: Path, rows: Iterable[dict[str, str]], column: str, noun: str, required: bool = True
-) -> Iterator[tuple[int, str, str, dict[str, str]]]:
+    path: Path, rows: Iterable[dict[str, str]], column: str, noun: str, required: bool = True,
+    base: Path | None = None,
+) -> Iterator[tuple[int, str, str, dict[str, str]]]:  # fmt: skip
     """A manifest's rows as (line, where, rel, row), ``rel`` the row's ``column`` checked: not listed twice
     (a :class:`DataSourceError` naming both lines otherwise) and normalised (``./a/s1.svs`` and ``a//s1.svs`` are
-    ``a/s1.svs``: one file, so it cannot be in two splits or have two labels). An empty value is an error
-    naming the line when ``required``, else ``rel`` is ``""``."""
+    ``a/s1.svs``: one file, so it cannot be in two splits or have two labels). With ``base`` (the folder relative
+    paths start from) a file listed under two names (relative and absolute, through a link, a hard link) is found
+    by :func:`file_identity` too. An empty value is an error naming the line when ``required``, else ``rel`` is
+    ``""``."""
     seen: dict[str, int] = {}
+    files: dict[tuple[int, int] | str, tuple[int, str]] = {}
     for line, row in enumerate(rows, start=2):
         where = f"{path}, line {line}"
         rel = (row.get(column) or "").strip()
@@ -185,6 +202,14 @@ def listed_rows(
         if rel in seen:
             raise DataSourceError(f"{where}: {noun} {rel!r} is listed twice (first on line {seen[rel]})")
         seen[rel] = line
+        if base is not None:
+            key = file_identity(base / rel)  # an absolute rel replaces base
+            if key in files:
+                first, name = files[key]
+                raise DataSourceError(f"{where}: {noun} {rel!r} is the file listed as {name!r} on line {first} "
+                                      "(another name for it: a link, or an absolute path); list each file once, "
+                                      "or it could sit in two splits")  # fmt: skip
+            files[key] = line, rel
         yield line, where, rel, row
 
 

@@ -10,7 +10,7 @@ crash the walk, and returns one :class:`Entry` for each thing found, in a stable
   user expected to be there is not readable);
 - a FIFO, socket or device, a directory named like a file (its contents are still scanned), a
   hidden file or directory (not read, not entered, as the training sources skip them) and a second route to a
-  directory already scanned are ``skipped``.
+  directory or a file already scanned (a link, a hard link) are ``skipped``.
 
 :func:`sniff` names common non-DICOM formats from a file's first bytes, so that a PNG renamed
 ``.dcm`` is reported as exactly that.
@@ -83,6 +83,8 @@ def scan(root: Path) -> list[Entry]:
     Each directory is scanned once, by the first route the sorted walk takes to it: a link back to a directory
     that contains it (a loop), and a second route to one already scanned (a link, or the real directory after a
     link to it), are skipped rows that name the route taken, rather than an endless walk or rows counted twice.
+    So is each file (same device and inode): a link to an image in another class folder would otherwise be a
+    second sample of it, with another label and perhaps in another split.
 
     Examples:
         >>> [e for e in scan(Path("/data/export")) if e.outcome != "candidate"]
@@ -90,7 +92,7 @@ def scan(root: Path) -> list[Entry]:
     out: list[Entry] = []
     top = os.stat(root)
     key = (top.st_dev, top.st_ino)
-    _scan_dir(str(root), "", out, {key: "."}, frozenset({key}))
+    _scan_dir(str(root), "", out, {key: "."}, frozenset({key}), {})
     return [text_entry(e) for e in out]
 
 
@@ -108,10 +110,12 @@ def text_entry(entry: Entry) -> Entry:
 
 
 def _scan_dir(
-    path: str, rel: str, out: list[Entry], visited: dict[tuple[int, int], str], above: frozenset[tuple[int, int]]
-) -> None:
+    path: str, rel: str, out: list[Entry], visited: dict[tuple[int, int], str], above: frozenset[tuple[int, int]],
+    files: dict[tuple[int, int], tuple[str, bool]],
+) -> None:  # fmt: skip
     """Appends the entries under ``path``; ``visited`` maps each directory scanned to the route it was scanned by,
-    ``above`` holds the directories that contain this one."""
+    ``above`` holds the directories that contain this one, ``files`` maps each file listed to (its route, whether
+    that route is a link)."""
     try:
         with os.scandir(path) as it:
             names = sorted(it, key=lambda e: e.name)
@@ -130,7 +134,15 @@ def _scan_dir(
         if stat.S_ISREG(st.st_mode) and entry.name.startswith("."):  # as training's sources skip them
             out.append(Entry(sub, "skipped", "hidden file (a macOS ._ resource fork, .DS_Store...); not read"))
         elif stat.S_ISREG(st.st_mode):
-            out.append(Entry(sub, "candidate", size=st.st_size))
+            key, link = (st.st_dev, st.st_ino), entry.is_symlink()
+            if key in files:
+                first, first_link = files[key]
+                route = ("link to a file already listed as" if link else "file already listed through the link"
+                         if first_link else "another name (a hard link) of the file already listed as")  # fmt: skip
+                out.append(Entry(sub, "skipped", f"{route} {first!r}; not read twice"))
+            else:
+                files[key] = sub, link
+                out.append(Entry(sub, "candidate", size=st.st_size))
         elif stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if key in above:
@@ -145,7 +157,7 @@ def _scan_dir(
                 visited[key] = sub
                 if entry.name.lower().endswith(FILE_LIKE_SUFFIXES):
                     out.append(Entry(sub, "skipped", "a directory named like a file; its contents are scanned"))
-                _scan_dir(entry.path, sub, out, visited, above | {key})
+                _scan_dir(entry.path, sub, out, visited, above | {key}, files)
         else:
             kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
             out.append(Entry(sub, "skipped", f"not a regular file ({kind}); not opened"))

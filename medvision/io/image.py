@@ -8,7 +8,7 @@ for PNG/JPEG/BMP, tifffile for TIFF) and mapped to float32 in [0, 1] by pure fun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -150,6 +150,77 @@ def check_image_header(path: str | Path) -> None:
         raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
 
 
+class RawFormat(NamedTuple):
+    """What :func:`read_image_raw` gives for a file: its pixels' dtype name and whether it is grey (one channel)."""
+
+    dtype: str
+    grey: bool
+
+
+#: PNG colour type -> grey: 0 is grey (OpenCV ignores its tRNS chunk); palette, RGB and the alpha types are colour
+_PNG_GREY = {0: True, 2: False, 3: False, 4: False, 6: False}
+#: JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC), which hold the sample precision and component count
+_JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+
+
+def header_format(path: str | Path) -> RawFormat | None:
+    """The :class:`RawFormat` of an image, read from its header without decoding pixels; ``None`` when the header
+    cannot say it exactly (a BMP, whose palette decides whether OpenCV reads it grey; a JPEG of other than 8-bit
+    samples; a TIFF not named ``.tif``), and the caller decodes the file to know.
+
+    PNG: the IHDR bit depth (16 is uint16, 1 to 8 are uint8) and colour type; JPEG: the start-of-frame precision
+    and component count; TIFF: the first page's dtype and samples a pixel (palette images are read as 8-bit RGB).
+    The sources use it to decide ``data.transfer: auto`` and the input channels from every file, not from a few.
+
+    Raises:
+        ImageReadError: the file cannot be opened or its header is damaged; the message names the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 26:
+                depth, kind = head[24], head[25]
+                if depth not in (1, 2, 4, 8, 16) or kind not in _PNG_GREY:
+                    expected = "expected bit depth 1, 2, 4, 8 or 16 and colour type 0, 2, 3, 4 or 6"
+                    raise ImageReadError(f"{path}: PNG header has bit depth {depth}, colour type {kind}; {expected}")
+                return RawFormat("uint16" if depth == 16 else "uint8", _PNG_GREY[kind])
+            if head.startswith(b"\xff\xd8\xff"):
+                return _jpeg_format(fh)
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot open ({type(err).__name__}: {err.strerror or err})") from None
+    is_tiff = head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+    if not is_tiff or path.suffix.lower() not in (".tif", ".tiff"):  # OpenCV decodes a TIFF named otherwise
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            if tifffile.PHOTOMETRIC(page.photometric) == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+                return RawFormat("uint8", False)
+            return RawFormat(np.dtype(page.dtype).name, int(page.samplesperpixel) == 1)
+    except Exception as err:
+        raise ImageReadError(f"{path}: damaged TIFF file ({type(err).__name__}: {err})") from None
+
+
+def _jpeg_format(fh: Any) -> RawFormat | None:
+    """The JPEG's start-of-frame, found by walking its length-prefixed segments (an EXIF block may come first)."""
+    fh.seek(2)
+    while True:
+        marker = fh.read(4)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return None  # no frame header where one belongs: OpenCV decides
+        if marker[1] == 0xFF:  # a fill byte before the marker
+            fh.seek(-3, 1)
+            continue
+        if marker[1] in _JPEG_SOF:
+            frame = fh.read(6)
+            if len(frame) < 6:
+                return None
+            precision, components = frame[0], frame[5]
+            return RawFormat("uint8", components == 1) if precision == 8 else None
+        fh.seek(int.from_bytes(marker[2:4], "big") - 2, 1)
+
+
 def _full_pages(tif: tifffile.TiffFile) -> int:
     """Pages that are images of their own: a reduced-resolution copy (a thumbnail page) is not one."""
     return sum(1 for page in tif.pages if not getattr(page, "is_reduced", False))
@@ -205,13 +276,18 @@ def _check_tiff(path: Path, size: int) -> None:
 def to_unit_range(image: np.ndarray, mode: Intensity = "dtype") -> np.ndarray:
     """Maps pixel values to float32 in [0, 1] without clipping information away.
 
-    ``dtype`` divides by the type's maximum (255 for uint8, 65535 for uint16); float images
+    ``dtype`` maps the integer type's range to [0, 1]: unsigned types divide by their maximum (255 for uint8,
+    65535 for uint16), signed ones map their minimum to 0 and maximum to 1 (int16: -32768 to 0, 32767 to 1; a
+    signed 16-bit CT TIFF's -1024 is 0.484), so the mapping is fixed, never taken from the image; float images
     already in [0, 1] (windowed DICOM) pass through, other float images use ``minmax``.
     ``minmax`` stretches each image; ``percentile`` stretches the 0.5-99.5 percentile range and
     clips the tails (robust to hot pixels).
     """
-    if mode == "dtype" and np.issubdtype(image.dtype, np.integer):
+    if mode == "dtype" and np.issubdtype(image.dtype, np.unsignedinteger):
         return image.astype(np.float32) * np.float32(1.0 / np.iinfo(image.dtype).max)
+    if mode == "dtype" and np.issubdtype(image.dtype, np.signedinteger):
+        info, work = np.iinfo(image.dtype), np.float32 if image.dtype.itemsize <= 2 else np.float64  # exact in each
+        return ((image.astype(work) - work(info.min)) / work(float(info.max) - info.min)).astype(np.float32)
     img = image.astype(np.float32)
     if mode == "dtype" and img.size and img.min() >= 0.0 and img.max() <= 1.0:
         return img  # already in [0, 1]: windowed DICOM pixels

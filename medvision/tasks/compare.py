@@ -4,7 +4,8 @@ Nothing is re-scored: each run's ``predictions.csv`` already holds the (calibrat
 image of the split. The runs must have been tested on the same cases, the same image ids with the same
 labels and classes, or the comparison is refused with an error that says how the sets differ.
 
-For each run: AUC (binary, or macro one-vs-rest) and accuracy with stratified bootstrap CIs. For each run
+For each run: AUC (binary, or macro one-vs-rest) with its stratified bootstrap CI, and accuracy with the
+CI ``evaluate`` gives it (:func:`~medvision.intervals.accuracy_ci`). For each run
 against the first (the reference): the paired-bootstrap difference of both (the same resampled cases
 score both runs, so what they share cancels out), with its CI and two-sided p-value, and for two classes
 DeLong's test of the AUCs; then a verdict in words. Where the runs' recipes give patients several images
@@ -34,7 +35,7 @@ from medvision.data.sources import load_table
 from medvision.data.table import SampleTable
 from medvision.errors import MedvisionError
 from medvision.evaluation import bootstrap_groups
-from medvision.intervals import bootstrap_cis, delong_test, paired_bootstrap
+from medvision.intervals import accuracy_ci, bootstrap_cis, delong_test, paired_bootstrap
 from medvision.metrics import MetricWarning, aggregate_by_group, compute_accuracy, compute_auc
 from medvision.recipe import Recipe, load_recipe
 from medvision.report import Block, to_html, to_markdown, write_json
@@ -297,9 +298,10 @@ def compare_level(level: Level, n_resamples: int, seed: int, ci_level: float) ->
         warnings.simplefilter("always", MetricWarning)
         runs = {}
         for name, p in level.probs.items():
-            cis = bootstrap_cis(y, p, METRICS, n_resamples, seed, ci_level, groups=level.groups)
+            auc_ci = bootstrap_cis(y, p, {"auc": compute_auc}, n_resamples, seed, ci_level, groups=level.groups)
             runs[name] = {"n": len(y), "auc": compute_auc(y, p), "acc": compute_accuracy(y, p),
-                          "auc_ci": cis["auc"], "acc_ci": cis["acc"]}  # fmt: skip
+                          "auc_ci": auc_ci["auc"],
+                          "acc_ci": accuracy_ci(y, p, n_resamples, seed, ci_level, level.groups)}  # fmt: skip
         ref, pairs = names[0], []
         for name in names[1:]:
             pa, pb = level.probs[ref], level.probs[name]
@@ -455,8 +457,10 @@ def reading_notes(
         f"with {len(classes)} classes it does not apply, and the macro one-vs-rest AUC difference is judged by the "
         "paired bootstrap alone.")  # fmt: skip
     notes = [
-        f"CIs: percentile bootstrap, {n_resamples} resamples stratified by class, seed {seed}; every run and every "
-        "difference is computed on the same resampled cases. Δ is the run minus the reference. The p-value of a "
+        f"CIs: percentile bootstrap, {n_resamples} resamples stratified by class, seed {seed}; a run's accuracy CI "
+        "is Wilson's interval (or the patient bootstrap, not stratified, floored at Wilson's over the patients, "
+        "where patients have several images), as in the run's own report; every difference is computed on the "
+        "same resampled cases. Δ is the run minus the reference. The p-value of a "
         "difference is two-sided: twice the share of resampled differences on the other side of 0.",
         f"DeLong's test (DeLong et al. 1988) compares two correlated AUCs of binary labels; {delong}",
         "'No difference shown' is not evidence that the runs are equivalent: the CI of Δ says how large a "

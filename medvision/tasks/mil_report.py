@@ -3,7 +3,8 @@
 Three views, all on out-of-fold predictions (a slide is only ever predicted by the head that did not see its
 patient):
 
-- every fold: its metrics with stratified bootstrap CIs (few slides a fold: the CIs are wide, and say so);
+- every fold: its metrics with stratified bootstrap CIs, accuracy's as ``evaluate`` makes it
+  (:func:`~medvision.intervals.accuracy_ci`) (few slides a fold: the CIs are wide, and say so);
 - across folds: the mean ± SD of each fold metric (how much the result depends on the split), with a
   t-interval of the mean over the k folds, clipped to the metric's range (:func:`fold_summary`);
 - pooled: the metric of all out-of-fold predictions together, with its bootstrap CI.
@@ -31,7 +32,7 @@ import numpy as np
 
 from medvision.data.slide_features import FeatureCohort
 from medvision.evaluation import positive_index
-from medvision.intervals import bootstrap_cis, mean_ci
+from medvision.intervals import accuracy_ci, bootstrap_cis, mean_ci
 from medvision.metrics import (
     NEEDS_EVERY_CLASS,
     MetricWarning,
@@ -94,6 +95,8 @@ def _with_cis(y: np.ndarray, p: np.ndarray, patients: list[str], continuous: boo
         if cfg.bootstrap and len(y) > 1:
             cis = bootstrap_cis(y, p, fns, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous,
                                 groups=patients)  # fmt: skip
+            if "acc" in cis:  # a proportion: never a zero-wide percentile interval, the class mix not held fixed
+                cis["acc"] = accuracy_ci(y, p, cfg.bootstrap, seed, cfg.ci_level, patients)
             row.update({f"{k}_ci": list(v) for k, v in cis.items()})
     return row
 

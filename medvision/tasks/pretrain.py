@@ -35,7 +35,7 @@ from medvision.models.heads import extract_features, knn_probs
 from medvision.models.simclr import SimCLR, simclr_criterion
 from medvision.recipe import Recipe
 from medvision.report import write_json
-from medvision.runs import EPOCH_ROW, RunError, cache_dir, run_log, versions
+from medvision.runs import EPOCH_ROW, SPLITS_FILE, RunError, cache_dir, run_log, versions, write_splits
 from medvision.runtime import (
     Dist,
     EpochSampler,
@@ -90,7 +90,7 @@ def pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> P
 def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.device) -> Path:
     start = time.perf_counter()
     cfg = recipe.pretrain
-    start_run_folder(recipe, run_dir, d, resume, ("model.safetensors", "last.pt", "pretrain.json"))
+    start_run_folder(recipe, run_dir, d, resume, ("model.safetensors", "last.pt", "pretrain.json", SPLITS_FILE))
     seed_everything(recipe.seed)
     set_deterministic(recipe.train.deterministic)
     recipe = recipe.changed({"train.amp": resolve_amp(recipe.train.amp, device, training=True)})
@@ -112,7 +112,9 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
     if len(indices) < recipe.data.batch_size:
         raise RunError(f"{table.origin}: the training split has {len(indices)} images, fewer than one batch of "
                        f"data.batch_size {recipe.data.batch_size}")  # fmt: skip
-    transfer = resolve_transfer(recipe.data.transfer, table, indices)
+    if d.is_main:  # what the backbone saw: a fine-tuning run from it refuses to validate or test on these
+        write_splits(run_dir, {"train": [table.ids[i] for i in indices]})
+    transfer = resolve_transfer(recipe.data.transfer, table)
     train_ds = ImageDataset(table, indices, views, recipe.data.intensity, in_chans, transfer)
     sampler = EpochSampler(len(train_ds), recipe.seed, recipe.data.batch_size, d.rank, d.world_size, drop_last=True)
     loader = make_loader(train_ds, recipe.data.batch_size // d.world_size, workers, device, sampler)

@@ -28,7 +28,7 @@ from medvision.models.heads import fit_state
 from medvision.recipe import Recipe, RecipeError, load_recipe
 from medvision.report import write_json
 from medvision.results import slide_comparison, slide_head, write_results
-from medvision.runs import RunError, cache_dir, run_log, versions
+from medvision.runs import SPLITS_FILE, RunError, cache_dir, read_splits, run_log, versions, write_splits
 from medvision.runtime import (
     Dist,
     EpochSampler,
@@ -47,11 +47,13 @@ from medvision.training.build import ModelBundle, build_model, model_inputs, spl
 from medvision.training.loop import class_weights, classification_loss, fit
 from medvision.training.protocols import fit_frozen_head
 from medvision.training.setup import place_model, preflight, start_run_folder
+from medvision.wsi.source import stain_fingerprint
 
 log = logging.getLogger("medvision")
 
 #: What a finished run folder holds besides recipe.yaml and run.json: removed when a run starts afresh.
-RESULTS = ("model.safetensors", "last.pt", "metrics.json", "predictions.csv", "report.md", "report.html", "export")
+RESULTS = ("model.safetensors", "last.pt", "splits.csv", "metrics.json", "predictions.csv", "report.md",
+           "report.html", "export")  # fmt: skip
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, parent: Tracker | None = None) -> Path:
@@ -95,6 +97,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     datasets = {s: split_dataset(recipe, table, bundle, s, train=s == "train") for s in ("train", "val", "test")}
     sizes = {s: len(ds) for s, ds in datasets.items()}
     refuse_seen_images(recipe, table, {table.ids[i] for s in ("val", "test") for i in datasets[s].indices})
+    if d.is_main:
+        keep_splits(run_dir, {s: [table.ids[i] for i in ds.indices] for s, ds in datasets.items()}, resume)
     log.info("data %s: %d classes, split sizes %s", table.origin, len(table.classes), sizes)
     for split in ("train", "val"):
         if sizes[split] == 0:
@@ -118,6 +122,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         "tta": list(recipe.evaluation.tta),
         "versions": versions(),
     }
+    if recipe.data.source == "slides" and recipe.data.slides.stain_reference:  # its pixels, not only its path
+        meta["stain_reference_sha256"] = stain_fingerprint(recipe.data.slides)
     if d.is_main:
         write_json(run_dir / "run.json", meta)
 
@@ -182,6 +188,21 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     return run_dir
 
 
+def keep_splits(run_dir: Path, held: dict[str, list[str]], resume: bool) -> None:
+    """Writes ``splits.csv``, the ids the run trains, validates and tests on, so that ``evaluate`` tests exactly
+    those later, whatever the data folder holds by then. A resumed run whose data now splits differently is
+    refused: its epochs so far trained on another split."""
+    if resume and (before := read_splits(run_dir)) is not None:
+        now = {i: split for split, ids in held.items() for i in ids}
+        moved = sorted(i for i in before.keys() | now.keys() if before.get(i) != now.get(i))
+        if moved:
+            raise RunError(f"{run_dir / SPLITS_FILE}: the data now splits {len(moved)} image(s) differently from "
+                           f"when this run started (e.g. {moved[0]!r}: {before.get(moved[0], 'not in the run')} then, "
+                           f"{now.get(moved[0], 'not in the run')} now); resuming would train on another split. "
+                           "Restore the data, or start afresh with --overwrite")  # fmt: skip
+    write_splits(run_dir, held)
+
+
 def refuse_seen_images(recipe: Recipe, table: SampleTable, held_out: set[str]) -> None:
     """Refuses a ``model.init_from`` run (SimCLR pretraining or an earlier fine-tuning) that trained on images this
     run validates or tests on: same data, another split (another seed or fractions, where the data fixes none).
@@ -201,10 +222,17 @@ def refuse_seen_images(recipe: Recipe, table: SampleTable, held_out: set[str]) -
         return
     if other is None or (other.data.source, other.data.path) != (recipe.data.source, recipe.data.path):
         return  # other data (or a bare weights file): nothing to match by id
-    same = other.data == recipe.data and other.seed == recipe.seed
-    theirs = table if same else load_table(other.data, other.seed, cache_dir(other))
-    seen = {theirs.ids[i] for i in subset_indices(theirs, "train", other.data.limit, other.seed,
-                                                  other.data.train_fraction)} & held_out  # fmt: skip
+    recorded = read_splits(saved.parent)
+    if recorded is not None:  # what it trained on, whatever the data folder holds now
+        seen = {i for i, split in recorded.items() if split == "train"} & held_out
+    else:
+        log.info("model.init_from %s has no %s (a run from before it was written): its training split is recomputed "
+                 "from the data as it is now, which is its split only if no image was added or removed since",
+                 saved.parent, SPLITS_FILE)  # fmt: skip
+        same = other.data == recipe.data and other.seed == recipe.seed
+        theirs = table if same else load_table(other.data, other.seed, cache_dir(other))
+        seen = {theirs.ids[i] for i in subset_indices(theirs, "train", other.data.limit, other.seed,
+                                                      other.data.train_fraction)} & held_out  # fmt: skip
     if seen:
         raise RunError(f"model.init_from {saved.parent} trained on {len(seen)} of this run's validation and test "
                        f"images (e.g. {sorted(seen)[0]!r}): its split of {table.origin} (seed {other.seed}) is not "

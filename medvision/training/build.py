@@ -34,6 +34,8 @@ class ModelBundle:
 
 
 def build_model(recipe: Recipe, table: SampleTable) -> ModelBundle:
+    """The recipe's backbone; ``model.in_chans`` unset is 1 when every image of the table is grey, else 3 (the
+    sources read every image's header: :func:`medvision.data.sources.decide_grayscale`)."""
     in_chans = recipe.model.in_chans or (1 if table.grayscale else 3)
     model = create_backbone(recipe.model, num_classes=len(table.classes), in_chans=in_chans)
     cfg = data_config(model, in_chans)
@@ -41,19 +43,28 @@ def build_model(recipe: Recipe, table: SampleTable) -> ModelBundle:
 
 
 PROBES = 64
-"""Images of a split :func:`resolve_transfer` decodes: a folder of 8-bit PNGs with 16-bit ones among them went uint8
-when the first image alone was probed, and 100 grey levels of a 16-bit image reached the model as one."""
+"""Images :func:`resolve_transfer` decodes, spread over the whole table, for a source that does not record its
+images' dtypes (:attr:`SampleTable.pixel_dtypes`; folder, CSV and npz sources do)."""
 
 
-def resolve_transfer(setting: str, table: SampleTable, indices: np.ndarray) -> Transfer:
-    """``auto``: uint8 when the source is 8-bit (probed on up to :data:`PROBES` images spread over the split),
-    float32 otherwise (exact for any depth)."""
+def resolve_transfer(setting: str, table: SampleTable) -> Transfer:
+    """``auto``: uint8 when every image of the table is 8-bit, float32 otherwise (exact for any depth).
+
+    Decided once for the whole table, not per split, so train, evaluate and score of the same data agree (the
+    run records the choice in ``run.json``): folder and CSV sources read every file's header bit depth, so one
+    16-bit PNG among 600 8-bit ones makes it float32.
+    """
+    known = table.pixel_dtypes
     if setting != "auto":
+        if setting == "uint8" and known is not None and known != {"uint8"}:
+            log.warning("%s: data.transfer uint8 rounds images of dtype %s to 256 levels; data.transfer auto keeps "
+                        "them exact (float32)", table.origin, ", ".join(sorted(known - {"uint8"})))  # fmt: skip
         return setting  # type: ignore[return-value]
-    if len(indices) == 0:
+    if known is not None:
+        return "uint8" if known == {"uint8"} else "float32"
+    if len(table) == 0:
         return "float32"
-    probes = np.unique(indices[np.linspace(0, len(indices) - 1, min(len(indices), PROBES)).astype(np.int64)])
-    for i in probes:
+    for i in np.unique(np.linspace(0, len(table) - 1, min(len(table), PROBES)).astype(np.int64)):
         try:
             image = table.loader(int(i))
         except Exception:  # the bad file is reported when it is loaded; float32 is exact for any depth
@@ -73,7 +84,7 @@ def split_dataset(recipe: Recipe, table: SampleTable, bundle: ModelBundle, split
     transform = build_transforms(aug, recipe.data.image_size, bundle.mean, bundle.std, normalize=False)
     fraction = recipe.data.train_fraction if split == "train" else 1.0
     indices = subset_indices(table, split, recipe.data.limit, recipe.seed, fraction)
-    transfer = resolve_transfer(recipe.data.transfer, table, indices)
+    transfer = resolve_transfer(recipe.data.transfer, table)
     return ImageDataset(table, indices, transform, recipe.data.intensity, bundle.in_chans, transfer)
 
 

@@ -33,6 +33,7 @@ from medvision.data.table import (
 )
 from medvision.io.files import atomic_write, sha256
 from medvision.recipe import DataConfig, SlidesConfig
+from medvision.runs import RunError
 from medvision.wsi.slide import Slide, SlideError, open_slide
 from medvision.wsi.tiles import (
     SlideRef,
@@ -100,6 +101,32 @@ def stain_fingerprint(cfg: SlidesConfig) -> str | None:
         return sha256(Path(cfg.stain_reference))
     except OSError as err:
         raise DataSourceError(f"data.slides.stain_reference {cfg.stain_reference}: cannot be read ({err})") from None
+
+
+def check_stain_reference(where: Path | str, slides: SlidesConfig, recorded: str | None) -> None:
+    """Slides are stain-normalised to the pixels the run (or feature folder) recorded, not to whatever the path
+    holds now: the reference's SHA-256 must be ``recorded``, and a recorded SHA-256 needs a reference path (without
+    one the slides would silently go unnormalised). Nothing is checked where nothing was recorded (older runs).
+
+    Raises:
+        RunError: naming ``where``, the reference file and the recorded and current SHA-256.
+    """
+    if not recorded:
+        return
+    if not slides.stain_reference:
+        raise RunError(f"{where}: its tiles were stain-normalised to a reference with SHA-256 {recorded[:16]}…, but "
+                       "its slides section names no stain_reference: new slides would be read without stain "
+                       "normalisation; set slides.stain_reference to the path of that reference tile")  # fmt: skip
+    try:
+        now = stain_fingerprint(slides)
+    except DataSourceError as err:
+        raise RunError(
+            f"{where}: its tiles were stain-normalised to a reference that cannot be read now ({err})"
+        ) from None
+    if now != recorded:
+        raise RunError(f"{where}: its tiles were stain-normalised to {slides.stain_reference} with SHA-256 "
+                       f"{recorded[:16]}…; that file now has {str(now)[:16]}…: put back the reference the run was "
+                       "made with (a replaced reference changes every normalised pixel)")  # fmt: skip
 
 
 def stain_transform(cfg: SlidesConfig) -> Any:
@@ -184,4 +211,4 @@ def load_slide_table(path: Path, cfg: DataConfig, cache_dir: Path | None = None)
              sc.tile_size, sc.target_mpp)  # fmt: skip
     return SampleTable(ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=groups, splits=splits,
                        classes=classes, loader=reader, grayscale=False, origin=str(path), units=units,
-                       audit=audit)  # fmt: skip
+                       audit=audit, pixel_dtypes=frozenset({"uint8"}))  # fmt: skip

@@ -48,6 +48,7 @@ from medvision.models.deploy import CalibratedClassifier
 from medvision.recipe import Recipe
 from medvision.runs import ScoringSpec, cache_dir, versions
 from medvision.training.build import ModelBundle, split_dataset
+from medvision.wsi.source import check_stain_reference
 
 log = logging.getLogger("medvision")
 
@@ -109,6 +110,8 @@ def open_run(run_dir: Path) -> ExportSource:
                           "weights the run saved: restore them or train the run again") from None  # fmt: skip
     bundle.model = bundle.model.to(memory_format=torch.contiguous_format).eval()
     spec = ScoringSpec.from_run(run_dir, recipe, meta)
+    if spec.inputs == "slides":  # parity tiles are normalised to the reference: the one the run trained on
+        check_stain_reference(run_dir, recipe.data.slides, spec.stain_reference_sha256)
     model = CalibratedClassifier(bundle.model, spec.mean, spec.std, spec.temperature, spec.tta).eval()
     return ExportSource(run_dir, recipe, meta, bundle, spec, model)
 

@@ -20,7 +20,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from medvision.data.table import DataSourceError
 from medvision.io.files import sha256
 from medvision.metrics import softmax
 from medvision.models.encoders import PatchEncoder, load_encoder
@@ -34,7 +33,7 @@ from medvision.tasks.mil import MIL_RUN
 from medvision.tasks.score.job import ScoreSummary, csv_line, one_line, prediction_cells, run_units
 from medvision.tasks.score.outputs import PlannedSlide, SlideOutputs, SlideTiles, attention_measure
 from medvision.tasks.score.slides import SlideBatches, SlideScan
-from medvision.wsi.source import stain_fingerprint
+from medvision.wsi.source import check_stain_reference
 
 
 def is_mil_run(model: Path) -> bool:
@@ -139,30 +138,6 @@ def tile_maps(heads: list[MILHead], bag: np.ndarray, attention: np.ndarray, clas
     return {f"tile_prob_{c}": tile[:, j] for j, c in enumerate(classes)}, (tile[:, shown], label)
 
 
-def _check_stain_reference(run: Path, spec: dict[str, Any]) -> None:
-    """New slides are stain-normalised to the same pixels as the run's features, not to whatever the recorded path
-    holds now: the reference's SHA-256 must match the one ``features`` recorded, and a recorded SHA-256 needs the
-    reference's path (without it the slides would silently go unnormalised)."""
-    slides, recorded = SlidesConfig.recorded(spec["slides"]), spec.get("stain_reference_sha256")
-    if recorded and not slides.stain_reference:
-        raise RunError(f"{run / MIL_RUN}: its features were stain-normalised to a reference with SHA-256 "
-                       f"{recorded[:16]}…, but its slides section names no stain_reference: new slides would be "
-                       "scored without stain normalisation; set slides.stain_reference in it to the path of the "
-                       "reference tile the features were made with")  # fmt: skip
-    if not (slides.stain_reference and recorded):
-        return
-    try:
-        now = stain_fingerprint(slides)
-    except DataSourceError as err:
-        raise RunError(
-            f"{run}: its features were stain-normalised to a reference that cannot be read now ({err})"
-        ) from None
-    if now != recorded:
-        raise RunError(f"{run}: its features were stain-normalised to {slides.stain_reference} with SHA-256 "
-                       f"{recorded[:16]}…; that file now has {str(now)[:16]}…: put back the reference the features "
-                       "were made with")  # fmt: skip
-
-
 def _fold_heads(run: Path, spec: dict[str, Any]) -> list[MILHead]:
     """The run's fold heads, each checked to have been trained on features of the encoder ``mil.json`` names (a
     head's own record of the encoder's SHA-256, when it has one): a head from another feature cache would score
@@ -206,7 +181,7 @@ def score_mil_slides(folder: Path, run: Path, out: Path, checkpoint: str | Path 
         raise RunError(f"{run} was trained on {spec['encoder']} features from the checkpoint with SHA-256 "
                        f"{spec['encoder_sha256'][:16]}…; the checkpoint given has {sha[:16]}…: embed with the "
                        "same weights")  # fmt: skip
-    _check_stain_reference(run, spec)
+    check_stain_reference(run / MIL_RUN, SlidesConfig.recorded(spec["slides"]), spec.get("stain_reference_sha256"))
     heads = _fold_heads(run, spec)
     run_id = sha256(run / MIL_RUN, *(run / rel for rel in spec["heads"]))  # the run: its spec and every fold head
     unit = FeatureMILUnit(spec, encoder, heads, device, out, workers, slide_timeout, batch_size, heatmaps,

@@ -66,7 +66,7 @@ from medvision.tasks.score.outputs import PlannedSlide, SlideOutputs, SlideTiles
 from medvision.workers import Failure, PoolStats, isolated_map, wait_turn
 from medvision.wsi.geojson import tissue_polygons
 from medvision.wsi.slide import SLIDE_SUFFIXES, SlideError, is_dicom_slide_dir
-from medvision.wsi.source import plan_slide, stain_transform
+from medvision.wsi.source import check_stain_reference, plan_slide, stain_transform
 from medvision.wsi.tiles import SlideRef, TileReader, grid_from_json, grid_to_json, subsample
 
 log = logging.getLogger("medvision")
@@ -412,7 +412,9 @@ class SlideUnit(SlideScan):
         if spec.inputs != "slides":
             raise RunError(f"{model}: this run was not trained on slides (data.source {spec.inputs}); "
                            "use score on images")  # fmt: skip
-        super().__init__(SlidesConfig.recorded(spec.slides), workers, timeout, turns=engine.on_cpu)
+        slides = SlidesConfig.recorded(spec.slides)
+        check_stain_reference(model, slides, spec.stain_reference_sha256)  # before the normaliser is fitted to it
+        super().__init__(slides, workers, timeout, turns=engine.on_cpu)
         self.spec, self.engine, self.batch_size = spec, engine, batch_size
         self.prepare = partial(preprocess, spec=spec)  # in the readers, as the run's evaluation tiles were made
         self.decision = Decision.from_json(spec.decision)

@@ -1,0 +1,144 @@
+"""A run's split is the one it recorded (``splits.csv``), not one recomputed from the data as it is now; evaluating
+data the run trained on is refused or counted; a slide run pins its stain reference's pixels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tiny_recipe
+
+from medvision.data.sources import load_table
+from medvision.recipe import recipe_from_dict
+from medvision.runs import RunError, ScoringSpec, read_splits
+from medvision.tasks.evaluate import evaluate_run
+from medvision.tasks.train import refuse_seen_images, train
+from medvision.wsi.source import check_stain_reference, stain_fingerprint
+
+ONE_EPOCH = [{"name": "all", "epochs": 1, "trainable": "all", "lr": 3e-3}]
+
+
+@pytest.fixture(scope="module")
+def own_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny run on a private copy of the tiles (the tests add and remove images), and that copy's manifest."""
+    data = tmp_path_factory.mktemp("data") / "tiles"
+    shutil.copytree(tiles_manifest.parent, data)
+    manifest = data / tiles_manifest.name
+    tree = tiny_recipe(manifest, tmp_path_factory.mktemp("runs"), phases=ONE_EPOCH)
+    tree["data"]["num_workers"] = 0
+    tree["evaluation"]["explain"] = 0
+    return train(recipe_from_dict(tree)), manifest
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        out.writeheader()
+        out.writerows(rows)
+
+
+def test_evaluate_tests_the_recorded_split_after_images_are_added_and_refuses_when_one_is_gone(
+    own_run: tuple[Path, Path],
+) -> None:
+    run, manifest = own_run
+    held = read_splits(run)
+    assert held is not None
+    recorded_test = sorted(i for i, s in held.items() if s == "test")
+    trained = {r["id"] for r in _rows(run / "predictions.csv") if r["split"] == "test"}
+    assert sorted(trained) == recorded_test and set(held.values()) == {"train", "val", "test"}
+    original = manifest.read_text()
+    rows = _rows(manifest)
+    # a new patient's images arrive after training: a recomputed split reshuffles, the recorded one does not
+    new = [{**rows[k], "path": f"new_{k}.png", "patient_id": "late-patient"} for k in range(6)]
+    for k in range(6):
+        shutil.copy(manifest.parent / rows[k]["path"], manifest.parent / f"new_{k}.png")
+    _write_rows(manifest, rows + new)
+    try:
+        recipe = recipe_from_dict(json.loads(json.dumps(tiny_recipe(manifest, run.parent))))
+        now = load_table(recipe.data, recipe.seed)
+        recomputed = {now.ids[i] for i in now.indices("test")}
+        assert recomputed != set(recorded_test)  # the weakness: one patient more moves images between splits
+        out, _ = evaluate_run(run, out=run / "eval" / "after-adding")
+        evaluated = sorted(r["id"] for r in _rows(out / "predictions.csv"))
+        assert evaluated == recorded_test  # exactly the held-out images, none of the new ones
+        report = (out / "report.md").read_text()
+        assert f"split sizes: test {len(recorded_test)}" in report
+        # one of the run's test images is gone: refused, naming how many and one of them
+        gone = recorded_test[0]
+        _write_rows(manifest, [r for r in rows if r["path"] != gone])
+        with pytest.raises(RunError, match=rf"1 of the images the run held in its test split .*{gone}"):
+            evaluate_run(run, out=run / "eval" / "after-removing")
+    finally:
+        manifest.write_text(original)
+
+
+def test_evaluate_with_data_refuses_the_runs_own_training_images_unless_allowed(own_run: tuple[Path, Path]) -> None:
+    run, manifest = own_run
+    held = read_splits(run)
+    assert held is not None
+    n_train, n_val = (sum(s == k for s in held.values()) for k in ("train", "val"))
+    with pytest.raises(RunError, match=rf"{n_train + n_val} of the {len(held)} images to evaluate \(all\)"):
+        evaluate_run(run, data=str(manifest), out=run / "eval" / "refused")
+    out, _ = evaluate_run(run, data=str(manifest), out=run / "eval" / "allowed", allow_seen=True)
+    seen = json.loads((out / "metrics.json").read_text())["seen_in_training"]
+    assert (seen["checked"], seen["train"], seen["val"], seen["evaluated"]) == (True, n_train, n_val, len(held))
+    report = (out / "report.md").read_text()
+    assert f"{n_train} of the {len(held)} evaluated images were in the run's training split" in report
+    assert f"split sizes: all {len(held)}" in report  # the evaluated table, not the training run's split sizes
+    # the run's test split alone, through --data: nothing seen, nothing refused
+    out, _ = evaluate_run(run, data=str(manifest), split="test", out=run / "eval" / "test-only")
+    seen = json.loads((out / "metrics.json").read_text())["seen_in_training"]
+    assert (seen["train"], seen["val"]) == (0, 0)
+
+
+def test_validation_rows_are_labelled_as_the_selection_split(own_run: tuple[Path, Path]) -> None:
+    run, _ = own_run
+    report = (run / "report.md").read_text()
+    assert "| image | val (selection split: optimistic) |" in report and "| image | test |" in report
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "val" in metrics["image"] and "test" in metrics["image"]  # metrics.json keeps the plain split names
+
+
+def test_init_from_is_checked_against_the_recorded_training_split(own_run: tuple[Path, Path]) -> None:
+    run, manifest = own_run
+    held = read_splits(run)
+    assert held is not None
+    tree = tiny_recipe(manifest, run.parent / "other", phases=ONE_EPOCH)
+    tree["model"]["init_from"] = str(run)
+    recipe = recipe_from_dict(tree)
+    table = load_table(recipe.data, recipe.seed)
+    trained_on = sorted(i for i, s in held.items() if s == "train")
+    with pytest.raises(RunError, match=rf"trained on 1 of this run's validation and test images .*{trained_on[0]}"):
+        refuse_seen_images(recipe, table, {trained_on[0]})
+    refuse_seen_images(recipe, table, {i for i, s in held.items() if s == "test"})  # held out there too: fine
+
+
+def test_a_replaced_stain_reference_is_refused_and_the_spec_records_its_hash(shared: Path, tmp_path: Path) -> None:
+    from medvision.recipe import SlidesConfig
+
+    reference = tmp_path / "ref.tif"
+    shutil.copy(next((shared / "data" / "he_tiles").glob("NORM-*.tif")), reference)
+    slides = SlidesConfig(stain_reference=str(reference))
+    recorded = stain_fingerprint(slides)
+    assert recorded is not None
+    check_stain_reference(tmp_path, slides, recorded)  # the same pixels: fine
+    check_stain_reference(tmp_path, slides, None)  # a run from before the hash was recorded: not checked
+    shutil.copy(next((shared / "data" / "he_tiles").glob("TUM-*.tif")), reference)
+    now = stain_fingerprint(slides)
+    assert now is not None
+    with pytest.raises(RunError, match=rf"ref\.tif with SHA-256 {recorded[:16]}…; that file now has {now[:16]}…"):
+        check_stain_reference(tmp_path, slides, recorded)
+    with pytest.raises(RunError, match="names no stain_reference"):
+        check_stain_reference(tmp_path, SlidesConfig(), recorded)
+    spec = ScoringSpec(name="r", classes=["a", "b"], image_size=32, in_chans=3, mean=(0.5,) * 3, std=(0.2,) * 3,
+                       inputs="slides", intensity="dtype", slides=slides.model_dump(mode="json"),
+                       stain_reference_sha256=recorded)  # fmt: skip
+    assert ScoringSpec.from_json(spec.to_json()).stain_reference_sha256 == recorded  # what exports carry
