@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="which split to score (default: test, or all with --data)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval/<name>)")
+    p.add_argument("--allow-seen", action="store_true",
+                   help="evaluate --data that holds images the run trained or validated on (refused by default); "
+                        "the report and metrics.json count them")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                    help="how the data is read, e.g. data.on_error=skip (repeatable); the rest of the recipe is "
                         "the run's own")  # fmt: skip
@@ -137,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
                         "$MEDVISION_ENCODER_<NAME>); checked against the run's SHA-256")  # fmt: skip
     p.add_argument("--include-tags", default="", metavar="TAG,TAG",
                    help="opt in to extra DICOM tags as columns, e.g. AccessionNumber (none by default)")  # fmt: skip
+    p.add_argument("--uids", action="store_true",
+                   help="add each DICOM file's SOP, Study and Series Instance UID as columns; they identify the "
+                        "patient's study, so they are off by default")  # fmt: skip
     p.add_argument(
         "--shard", default=(0, 1), type=_shard, metavar="I/N", help="score only shard I of N (deterministic)"
     )
@@ -368,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from medvision.tasks.evaluate import evaluate_run
 
-            out, metrics = evaluate_run(args.run_dir, args.data, args.source, args.split, args.out, args.overrides)
+            out, metrics = evaluate_run(
+                args.run_dir, args.data, args.source, args.split, args.out, args.overrides, allow_seen=args.allow_seen
+            )
             print(f"AUC {metrics['auc']:.4f}  accuracy {metrics['acc']:.4f}  n={metrics['n']}")
             print(f"metrics: {out / 'metrics.json'}")
             print(f"report: {out / 'report.html'}")
@@ -379,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medvision score: error: {args.folder} is not a folder", file=sys.stderr)
                 return EXIT_NO_IMAGES
             tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
+            if _slide_run(args.model) and args.uids:
+                print("medvision score: error: --uids applies to runs scored file by file; slide rows carry no UIDs",
+                      file=sys.stderr)  # fmt: skip
+                return 2
             if _slide_run(args.model):  # a run trained on whole slides scores slides: one row per slide
                 summary = score_slides(args.folder, args.model, args.out, args.shard, args.batch_size, args.workers,
                                        args.engine, args.file_timeout, amp=args.amp,
@@ -386,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
                                        args.workers, args.engine, args.file_timeout, args.max_pixels,
-                                       int(args.max_file_size * 2**30), amp=args.amp)  # fmt: skip
+                                       int(args.max_file_size * 2**30), amp=args.amp, uids=args.uids)  # fmt: skip
             print(summary.line())
             if ranked:  # torchrun stops every rank when one exits non-zero: the code is in the sidecar
                 print(f"exit code {summary.exit_code} (recorded in {args.out}.json)")

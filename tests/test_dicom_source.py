@@ -19,6 +19,7 @@ import medvision.data.dicom_source as dicom_source  # noqa: E402
 from medvision.data.sources import load_table  # noqa: E402
 from medvision.data.table import DataSourceError, check_patient_disjoint  # noqa: E402
 from medvision.recipe import DataConfig, recipe_from_dict  # noqa: E402
+from medvision.runs import RunError  # noqa: E402
 from medvision.tasks.evaluate import evaluate_run  # noqa: E402
 from medvision.tasks.train import train  # noqa: E402
 
@@ -178,16 +179,35 @@ def test_score_gives_the_probabilities_the_run_evaluated(
             assert float(scored[rel][c]) == pytest.approx(float(row[c]), abs=2e-6), (rel, c)
 
 
-def test_every_frame_as_a_sample(tmp_path: Path) -> None:
-    root = tmp_path / "mf"
+def _multiframe_folder(root: Path) -> Path:
+    """Class folders a/ and b/, each with one real 10-frame MR (raw and RLE: the same pixels)."""
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
     shutil.copy(get_testdata_file("emri_small.dcm"), root / "a" / "x.dcm")
     shutil.copy(get_testdata_file("emri_small_RLE.dcm"), root / "b" / "y.dcm")
+    return root
+
+
+def test_every_frame_as_a_sample(tmp_path: Path) -> None:
+    root = _multiframe_folder(tmp_path / "mf")
     cfg = DataConfig.model_validate({"source": "dicom", "path": str(root), "dicom": {"frames": "all", "cache": False}})
     table = load_table(cfg, 0)
     assert len(table) == 20 and table.ids[3] == "a/x.dcm#3"
     np.testing.assert_array_equal(table.loader(3), table.loader(13))  # same pixels, RLE vs raw
+
+
+def test_a_header_of_minus_one_frames_is_an_error_row_not_a_file_with_no_sample(tmp_path: Path) -> None:
+    root = _multiframe_folder(tmp_path / "mf")
+    bad = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    bad.NumberOfFrames = -1
+    bad.save_as(root / "b" / "minus.dcm")
+    tree = {"source": "dicom", "path": str(root), "dicom": {"frames": "all", "cache": False}}
+    with pytest.raises(DataSourceError, match=r"b/minus\.dcm: NumberOfFrames is -1; expected 1 or more"):
+        load_table(DataConfig.model_validate(tree), 0)
+    table = load_table(DataConfig.model_validate({**tree, "on_error": "skip"}), 0)
+    assert len(table) == 20  # the two good files' frames
+    row = next(r for r in table.audit if r.path == "b/minus.dcm")
+    assert row.outcome == "error" and "-1" in row.reason and "NumberOfFrames" in row.reason
 
 
 def test_train_and_evaluate_on_dicom(dicom_folder: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
@@ -198,8 +218,11 @@ def test_train_and_evaluate_on_dicom(dicom_folder: tuple[Path, dict[str, str]], 
     run_dir = train(recipe_from_dict(tree))
     assert (run_dir / "metrics.json").is_file()
     assert list((tmp_path / ".cache" / "dicom").glob("*.npy"))
-    _, metrics = evaluate_run(run_dir, data=str(root))
+    with pytest.raises(RunError, match=r"were in the run's training \(8\) or validation \(4\) split"):
+        evaluate_run(run_dir, data=str(root))  # the run's own folder: its training images are not a test
+    out, metrics = evaluate_run(run_dir, data=str(root), allow_seen=True)
     assert metrics["n"] == 16
+    assert json.loads((out / "metrics.json").read_text())["seen_in_training"]["train"] == 8
 
 
 def test_whole_slide_images_as_one_sample_each(tmp_path: Path) -> None:

@@ -71,7 +71,8 @@ def test_rows_errors_skips_privacy_and_provenance(trained: Path, folder: Path, t
     skipped = {r["path"]: r["reason"] for r in rows if r["status"] == "skipped"}
     assert "no DICM magic" in skipped["ct/README.txt"] and "without image pixel data" in skipped["mr/plan.dcm"]
     good = [r for r in rows if r["status"] == "ok"]
-    assert all(r["sop_instance_uid"] and r["study_instance_uid"] for r in good)
+    assert "sop_instance_uid" not in rows[0] and "study_instance_uid" not in rows[0]  # UIDs only with --uids
+    assert list(rows[0])[:3] == ["path", "frame", "pred"] and list(rows[0])[-2:] == ["status", "reason"]
     assert all(abs(float(r["prob_ct"]) + float(r["prob_mr"]) - 1) < 1e-4 for r in good)
     header = out.read_text().splitlines()[0]
     assert "Patient" not in header and "Accession" not in header
@@ -188,6 +189,103 @@ def test_opt_in_tags(trained: Path, folder: Path, tmp_path: Path) -> None:
     rows = [r for r in _rows(out) if r["status"] == "ok" and r["path"].startswith("ct/")]
     assert {r["tag_PatientID"] for r in rows} >= {"CT-0", "CT-1"}
     assert json.loads(Path(str(out) + ".json").read_text())["included_identifying_tags"] == ["PatientID"]
+
+
+def test_uids_are_opt_in_and_a_resume_into_other_columns_is_refused(
+    trained: Path, folder: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    """SOP/Study/Series Instance UIDs link a row to the patient's study: written only with uids=True (--uids). A
+    table written with other columns (another --uids, or an older version's header) is never appended to."""
+    out = tmp_path / "uids.csv"
+    score_folder(folder, trained, out, uids=True, workers=0)
+    rows = _rows(out)
+    assert list(rows[0])[:5] == ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame"]
+    ct0 = pydicom.dcmread(folder / "ct" / "series0" / "img0.dcm")
+    row = next(r for r in rows if r["path"] == "ct/series0/img0.dcm")
+    assert (row["sop_instance_uid"], row["study_instance_uid"], row["series_instance_uid"]) == (
+        ct0.SOPInstanceUID, ct0.StudyInstanceUID, ct0.SeriesInstanceUID)  # fmt: skip
+    assert all(r["sop_instance_uid"] for r in rows if r["status"] == "ok")
+    assert json.loads(Path(f"{out}.json").read_text())["included_uids"] is True
+    kept = out.read_bytes()
+    with pytest.raises(RunError, match=r"holds rows of another job \(included_uids differ"):
+        score_folder(folder, trained, out, workers=0)
+    record = json.loads(Path(f"{out}.json").read_text())
+    del record["included_uids"]  # as an earlier version wrote it: only the header tells
+    Path(f"{out}.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match=r"uids\.csv: cannot resume: its header is not the one asked for \(it has "
+                                       r"sop_instance_uid, study_instance_uid, series_instance_uid\)"):  # fmt: skip
+        score_folder(folder, trained, out, workers=0)
+    assert out.read_bytes() == kept  # refused before the resume trims anything
+    resumed = score_folder(folder, trained, out, uids=True, workers=0)  # the same columns resume
+    assert resumed.already_done == 13 and resumed.reconciled  # resume redoes the last entry (it may be cut short)
+
+
+def test_negative_number_of_frames_is_an_error_row_not_a_missing_one(trained: Path, tmp_path: Path) -> None:
+    """frames: all on a header that says NumberOfFrames -1 gave an ok file with no frame, so no row at all."""
+    import dataclasses
+
+    from medvision.data.intake import ReadConfig, read_file
+    from medvision.recipe import load_recipe
+    from medvision.runs import ScoringSpec, read_run_json
+
+    spec = ScoringSpec.from_run(trained, load_recipe(trained / "recipe.yaml"), read_run_json(trained))
+    spec = dataclasses.replace(spec, dicom={**spec.dicom, "frames": "all"})
+    ds = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm")
+    ds.NumberOfFrames = -1
+    ds.save_as(tmp_path / "neg.dcm")
+    result = read_file(tmp_path / "neg.dcm", "sub/neg.dcm", ReadConfig(spec))
+    assert result.status == "error" and result.frames == [], result
+    assert (
+        "sub/neg.dcm: NumberOfFrames is -1; expected 1 or more" in result.reason and str(tmp_path) not in result.reason
+    )
+    ds.NumberOfFrames = 0  # read as one frame, as pydicom reads it
+    ds.save_as(tmp_path / "zero.dcm")
+    assert read_file(tmp_path / "zero.dcm", "zero.dcm", ReadConfig(spec)).frames == [0]
+
+
+def test_bundle_intake_keeps_the_scans_verdict_and_never_opens_a_fifo(
+    trained: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    """The MONAI bundle's reader gives a FIFO and a directory named like a file score's own rows, promptly: a FIFO
+    opened for reading would block the bundle run for good."""
+    import signal
+
+    from medvision.data.bundle_intake import REASON, STATUS, ReadForModel, datalist
+    from medvision.recipe import load_recipe
+    from medvision.runs import ScoringSpec, read_run_json
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm", folder / "sub" / "a.dcm")
+    os.mkfifo(folder / "sub" / "b_pipe.dcm")
+    (folder / "c_dir.dcm").mkdir()
+    (folder / "c_dir.dcm" / "note.txt").write_text("not an image")
+    spec = ScoringSpec.from_run(trained, load_recipe(trained / "recipe.yaml"), read_run_json(trained))
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps({"medvision": {"spec": json.loads(spec.to_json())}}))
+    reader = ReadForModel(str(metadata))
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("the bundle's reader blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    try:
+        signal.alarm(20)
+        bundle = {}
+        for item in datalist(folder):
+            meta = reader(item)["image"].meta
+            bundle[item["medvision_rel"]] = (meta[STATUS], meta[REASON])
+        signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    score_folder(folder, trained, tmp_path / "s.csv", workers=0)
+    rows = {r["path"]: r for r in _rows(tmp_path / "s.csv")}
+    assert set(bundle) == set(rows)
+    assert rows["sub/b_pipe.dcm"]["status"] == "skipped" and "FIFO" in rows["sub/b_pipe.dcm"]["reason"]
+    assert bundle["sub/a.dcm"] == ("ok", "")
+    for rel, row in rows.items():
+        want = "" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        assert bundle[rel] == (row["status"], want), rel
 
 
 KILLER = """

@@ -9,11 +9,13 @@ preprocessing definition, not a second one rebuilt from MONAI transforms. The bu
 medvision installed where it runs (its ``metadata.json`` lists it under ``required_packages_version``);
 its TorchScript model does not.
 
-- :func:`datalist`: every entry under the folder, as ``score`` finds them (:func:`medvision.io.archive.scan`).
+- :func:`datalist`: every entry under the folder, as ``score`` finds them (:func:`medvision.io.archive.scan`),
+  each with the scan's verdict: its path relative to the folder, and whether it is a file to read.
 - :class:`ReadForModel`: ``{"image": path}`` -> the model's input as a ``MetaTensor`` (C, H, W) float32 in
   [0, 1], with ``filename_or_obj`` and medvision's verdict (``medvision_status``, ``medvision_reason``) in its
   meta. A file that cannot be read (or is not an input) becomes a zero image marked with its reason, and
-  is logged; it is never dropped.
+  is logged; it is never dropped. What the scan already rejected (a FIFO, a directory named like a file, a
+  broken link) is never opened: its verdict is ``score``'s, word for word.
 - :class:`MarkUnread`: the evaluator's post-processing; the probabilities of such a file become NaN, so
   ``predictions.csv`` has one row for every file and no made-up score.
 
@@ -39,6 +41,8 @@ from medvision.runs import ScoringSpec
 log = logging.getLogger("medvision")
 
 STATUS, REASON = "medvision_status", "medvision_reason"
+#: A datalist item's scan verdict (:func:`datalist`): the path relative to the folder, the outcome, its reason.
+REL, OUTCOME, SCAN_REASON = "medvision_rel", "medvision_outcome", "medvision_scan_reason"
 
 
 def read_spec(metadata_file: str | Path) -> ScoringSpec:
@@ -52,13 +56,15 @@ def read_spec(metadata_file: str | Path) -> ScoringSpec:
 
 
 def datalist(dataset_dir: str | Path) -> list[dict[str, str]]:
-    """``{"image": path}`` for every entry under ``dataset_dir``, in ``score``'s order: the ones ``score`` rejects
-    while scanning (a broken link, a directory that cannot be listed) too, so that each gets its NaN row and
-    logged reason from :class:`ReadForModel` instead of vanishing from ``predictions.csv``."""
+    """``{"image": path, ...}`` for every entry under ``dataset_dir``, in ``score``'s order, with the scan's verdict
+    (:data:`REL`, :data:`OUTCOME`, :data:`SCAN_REASON`). The entries ``score`` rejects while scanning (a FIFO, a
+    directory named like a file, a broken link, a directory that cannot be listed) are listed too, so that each gets
+    its NaN row and logged reason from :class:`ReadForModel` instead of vanishing from ``predictions.csv``; only a
+    ``candidate`` is ever opened."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset_dir {root} is not a folder")
-    return [{"image": str(root / e.rel)} for e in scan(root)]
+    return [{"image": str(root / e.rel), REL: e.rel, OUTCOME: e.outcome, SCAN_REASON: e.reason} for e in scan(root)]
 
 
 def network_input(x: torch.Tensor) -> torch.Tensor:
@@ -89,14 +95,18 @@ class ReadForModel:
         self.key = key
         self.blank = torch.zeros(self.spec.in_chans, self.spec.image_size, self.spec.image_size)
 
-    def read(self, path: Path) -> FileResult:
+    def read(self, path: Path, rel: str | None = None) -> FileResult:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's warnings about damaged files; the verdict says it
-            return read_file(path, path.name, self.cfg)
+            return read_file(path, rel or path.name, self.cfg)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         path = Path(item[self.key])
-        result = self.read(path)
+        rel, outcome = item.get(REL) or path.name, item.get(OUTCOME, "candidate")
+        if outcome == "candidate":  # a hand-written datalist ({"image": path} only) is read as candidates
+            result = self.read(path, rel)
+        else:  # the scan's verdict, as score writes it; a FIFO opened here would block the run
+            result = FileResult(rel, "error" if outcome == "error" else "skipped", str(item.get(SCAN_REASON, "")))
         if result.status == "ok":
             image, reason = network_input(torch.from_numpy(result.arrays[0])), ""
         else:

@@ -38,7 +38,15 @@ from medvision.data.table import (
     read_manifest,
 )
 from medvision.io.archive import Entry, scan
-from medvision.io.dicom import DicomSpec, FramePolicy, parse_window, read_dicom, select_frames
+from medvision.io.dicom import (
+    DicomReadError,
+    DicomSpec,
+    FramePolicy,
+    frame_count,
+    parse_window,
+    read_dicom,
+    select_frames,
+)
 from medvision.io.triage import IDENTIFYING_TAGS, open_dicom, pixel_data_problem, read_head, redact
 from medvision.recipe import DicomConfig
 from medvision.workers import Failure, isolated_map
@@ -192,7 +200,11 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
         if problem:
             audit.append(AuditRow(rel, "error", problem))
             continue
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        try:
+            n_frames = frame_count(ds, rel)
+        except DicomReadError as err:  # a header of -1 frames: an error row, not a file with no frame
+            audit.append(AuditRow(rel, "error", str(err)))
+            continue
         found.append(_Found(rel, str(path), label, split, str(ds.get("PatientID", "")) or rel,
                             select_frames(n_frames, cfg.frames), n_frames, _identifiers(ds)))  # fmt: skip
     found = _decodable(found, spec, cache, audit)

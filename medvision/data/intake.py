@@ -33,7 +33,7 @@ import torch
 from medvision.data.dataset import prepare
 from medvision.data.transforms import build_transforms
 from medvision.io.archive import Entry
-from medvision.io.dicom import DicomSpec, declared_values, parse_window, read_dicom, select_frames
+from medvision.io.dicom import DicomSpec, declared_values, frame_count, parse_window, read_dicom, select_frames
 from medvision.io.image import read_image_raw
 from medvision.io.triage import IDENTIFYING_TAGS as IDENTIFYING_TAGS  # re-exported: score names them
 from medvision.io.triage import open_dicom, read_head, redact, triage_image
@@ -138,11 +138,13 @@ def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
             raise TooLarge(f"header declares {rows} x {cols} x {spp} = {values:,} pixel values per decode, above "
                              f"--max-pixels {cfg.max_pixels:,}; not decoded")  # fmt: skip
         policy = cfg.spec.dicom.get("frames", "first")
-        for frame in select_frames(int(ds.get("NumberOfFrames", 1) or 1), policy):
+        for frame in select_frames(frame_count(ds, rel), policy):
             whole = policy == "tiled"  # one image from all tiles
             pixels, _ = read_dicom(path, cfg.dicom, frame=None if whole else frame, dataset=ds)
             result.arrays.append(preprocess(pixels[0], cfg.spec))
             result.frames.append(frame)
+        if not result.frames:  # an ok file has at least one row: never a file that silently has none
+            raise ValueError(f"{rel}: no frame to score (frames {policy!r})")
     except Exception as err:  # one bad file is one error row; the rest of the folder is still scored
         result.status, result.arrays, result.frames = "error", [], []
         result.reason = redact(_reason(err), path, rel, ds)

@@ -253,40 +253,110 @@ def _multi(value: Any) -> list[float]:
     return [float(value)]
 
 
-def _lut_from_item(item: Dataset) -> tuple[list[int], np.ndarray]:
+def little_endian(ds: Dataset) -> bool:
+    """Whether the file's own elements (OW LUT data among them) are little-endian, from its transfer syntax."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None:
+        return bool(ts != pydicom.uid.ExplicitVRBigEndian)
+    return getattr(ds, "original_encoding", (None, None))[1] is not False
+
+
+def _lut_from_item(item: Dataset, is_little_endian: bool = True) -> tuple[list[int], np.ndarray]:
+    """A LUT item's (descriptor, data); OW data as stored on disk is read in the file's byte order."""
     descriptor = [int(v) for v in item.LUTDescriptor]
     raw = item.LUTData
     if isinstance(raw, bytes):
         bits = descriptor[2]
-        raw = np.frombuffer(raw, dtype=np.uint8 if bits <= 8 else np.uint16)
+        raw = np.frombuffer(raw, dtype=np.uint8 if bits <= 8 else ("<u2" if is_little_endian else ">u2"))
     data = np.asarray(raw, dtype=np.float64)
     if descriptor[0] == 0:
         descriptor[0] = 65536
     return descriptor, data[: descriptor[0]]
 
 
-def _file_voi(x: np.ndarray, ds: Dataset, window: Window, function: VOIFunction | None) -> tuple[np.ndarray, str]:
-    """The file's own VOI: a VOI LUT Sequence item, or WindowCenter/Width entry ``window.index``."""
-    centers, widths = _multi(ds.get("WindowCenter")), _multi(ds.get("WindowWidth"))
-    func: VOIFunction = function or str(ds.get("VOILUTFunction", "LINEAR")).upper()  # type: ignore[assignment]
+def _group_item(ds: Dataset, frame: int | None, sequence: str, present: tuple[str, ...]) -> Dataset:
+    """Where the file keeps ``present`` for ``frame``: the top level, else the frame's own Per-Frame Functional
+    Groups item, else the Shared Functional Groups item (``sequence``, e.g. PixelValueTransformationSequence, in
+    either). Enhanced CT/MR/XA files keep rescale and window only in the functional groups."""
+    if any(k in ds for k in present):
+        return ds
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if frame is not None and per_frame and 0 <= frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        seq = group.get(sequence)
+        if seq and any(k in seq[0] for k in present):
+            return seq[0]
+    return ds
+
+
+def rescale_item(ds: Dataset, frame: int | None = None) -> Dataset:
+    """The dataset that holds frame ``frame``'s RescaleSlope/Intercept (see :func:`_group_item`)."""
+    return _group_item(ds, frame, "PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept"))
+
+
+def voi_item(ds: Dataset, frame: int | None = None) -> Dataset:
+    """The dataset that holds frame ``frame``'s WindowCenter/Width or VOI LUT Sequence (see :func:`_group_item`)."""
+    return _group_item(ds, frame, "FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTSequence"))
+
+
+def _file_voi(
+    x: np.ndarray, ds: Dataset, window: Window, function: VOIFunction | None, frame: int | None = None, path: str = ""
+) -> tuple[np.ndarray, str]:
+    """The file's own VOI for ``frame``: WindowCenter/Width entry ``window.index``, or that VOI LUT Sequence item."""
+    item = voi_item(ds, frame)
+    centers, widths = _multi(item.get("WindowCenter")), _multi(item.get("WindowWidth"))
+    func: VOIFunction = function or str(item.get("VOILUTFunction", "LINEAR")).upper()  # type: ignore[assignment]
     if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
         func = "LINEAR"
+    i = window.index
+    where = f"{path}: " if path else ""
     if centers and widths:
-        i = window.index
         if i >= min(len(centers), len(widths)):
-            raise ValueError(f"window file:{i} asked for, but the file has {len(centers)} window(s)")
+            raise ValueError(f"{where}window file:{i} asked for, but the file has {min(len(centers), len(widths))} "
+                             "window(s) (WindowCenter/WindowWidth)")  # fmt: skip
         return voi_window(x, centers[i], widths[i], func), f"file:{i} {centers[i]:g}/{widths[i]:g} {func}"
-    seq = ds.get("VOILUTSequence")
+    seq = item.get("VOILUTSequence")
     if seq:
-        item = seq[min(window.index, len(seq) - 1)]
-        descriptor, data = _lut_from_item(item)
-        return voi_lut(x, descriptor, data), "file VOI LUT"
+        if i >= len(seq):
+            raise ValueError(f"{where}window file:{i} asked for, but the file has {len(seq)} VOI LUT(s) "
+                             "(VOILUTSequence)")  # fmt: skip
+        descriptor, data = _lut_from_item(seq[i], little_endian(ds))
+        return voi_lut(x, descriptor, data), "file VOI LUT" if i == 0 else f"file:{i} VOI LUT"
     return percentile_window(x), "percentile (file has no window)"
 
 
 def _syntax(ds: Dataset) -> str:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     return f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+
+
+_PALETTE = ("Red", "Green", "Blue", "Alpha")
+
+
+def palette_dataset(ds: Dataset) -> Dataset:
+    """The file's Palette Color LUT as pydicom's ``apply_color_lut`` reads it. pydicom (3.0) reads unsegmented OW
+    LUT data as little-endian whatever the transfer syntax, so a big-endian file's tables would come out byte-swapped
+    (an ultrasound image nearly black): here they are given to it in little-endian order. Segmented tables, which
+    pydicom reads in the file's byte order, and little-endian files are passed through as they are."""
+    if little_endian(ds) or "RedPaletteColorLookupTableData" not in ds:
+        return ds
+    out = Dataset()
+    for colour in _PALETTE:
+        for kind in ("Descriptor", "Data"):
+            keyword = f"{colour}PaletteColorLookupTable{kind}"
+            if keyword not in ds:
+                continue
+            elem = ds[keyword]
+            value = elem.value
+            if kind == "Data" and elem.VR == "OW" and isinstance(value, bytes) and len(value) % 2 == 0:
+                value = np.frombuffer(value, ">u2").astype("<u2").tobytes()
+            out.add_new(elem.tag, elem.VR, value)
+    return out
 
 
 def decode(ds: Dataset, path: str, index: int | None = None) -> np.ndarray:
@@ -301,7 +371,7 @@ def decode(ds: Dataset, path: str, index: int | None = None) -> np.ndarray:
             arr = pydicom.pixels.pixel_array(ds, index=index)
         photometric = str(ds.get("PhotometricInterpretation", ""))
         if photometric == "PALETTE COLOR":
-            arr = pydicom.pixels.apply_color_lut(arr, ds)
+            arr = pydicom.pixels.apply_color_lut(arr, palette_dataset(ds))
     except Exception as err:
         raise DicomDecodeError(f"{path}: cannot decode pixel data with {ts_text}: {type(err).__name__}: {err}") from err
     frames = 1 if index is not None else int(ds.get("NumberOfFrames", 1) or 1)
@@ -349,11 +419,13 @@ def read_dataset(path: str | Path, defer_size: int | None = None, force: bool = 
 def declared_values(ds: Dataset, frames: FramePolicy) -> int:
     """Pixel values a decode of ``ds`` would allocate, from its header alone (before any decoding).
 
-    Rows x Columns x SamplesPerPixel for the one frame decoded at a time, or for ``tiled`` the
-    whole slide's total pixel matrix plus all its tiles.
+    Rows x Columns x SamplesPerPixel (3 for PALETTE COLOR, which decodes to RGB) for the one frame decoded at a
+    time, or for ``tiled`` the whole slide's total pixel matrix plus all its tiles.
     """
     try:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+            samples = 3  # one stored index per pixel, but decoded through the palette as RGB
         per_frame = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples
         if frames != "tiled":
             return per_frame
@@ -361,6 +433,22 @@ def declared_values(ds: Dataset, frames: FramePolicy) -> int:
         return total * samples + per_frame * int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         return 0  # unreadable sizes: the decoder reports them
+
+
+def frame_count(ds: Dataset, path: str | Path) -> int:
+    """NumberOfFrames (1 when absent, empty or 0, as pydicom reads it).
+
+    Raises:
+        DicomReadError: a value that is not a whole number of at least 1 (a header that says -1 frames).
+    """
+    value = ds.get("NumberOfFrames", 1)
+    try:
+        n = int(value or 1)
+    except (TypeError, ValueError):
+        raise DicomReadError(f"{path}: NumberOfFrames {value!r} is not a whole number; expected 1 or more") from None
+    if n < 1:
+        raise DicomReadError(f"{path}: NumberOfFrames is {n}; expected 1 or more")
+    return n
 
 
 def read_dicom(
@@ -378,7 +466,7 @@ def read_dicom(
     spec = spec or DicomSpec()
     path = str(path)
     ds = dataset if dataset is not None else read_dataset(path)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = frame_count(ds, path)
     if spec.frames == "tiled" and frame is None:
         if "TotalPixelMatrixRows" not in ds or "TotalPixelMatrixColumns" not in ds:
             raise DicomReadError(f"{path}: frames 'tiled' needs a whole-slide image (TotalPixelMatrixRows/Columns)")
@@ -422,26 +510,40 @@ def _to_unit(frames: np.ndarray, ds: Dataset, spec: DicomSpec, meta: DicomMeta) 
         meta.windows = ["rgb"]
         return (frames.astype(np.float32) / np.float32(2**bits - 1)).clip(0, 1), meta
 
-    real = modality_lut_for(frames, ds)
-    channels = []
-    for window in spec.windows:
-        if window.kind == "file":
-            out, used = _file_voi(real, ds, window, spec.voi_function)
-        elif window.kind == "percentile":
-            out, used = percentile_window(real), "percentile"
-        else:
-            out = voi_window(real, window.center, window.width, spec.voi_function or "LINEAR")
-            used = f"{window.name} {window.center:g}/{window.width:g}"
-        if photometric == "MONOCHROME1":
-            out = 1.0 - out
-        channels.append(out)
-        meta.windows.append(used)
-    return np.stack(channels, axis=-1).astype(np.float32), meta
+    # an enhanced file may give each frame its own rescale and window: such frames are mapped one at a time
+    indices: list[int | None] = list(meta.frame_indices) if len(meta.frame_indices) == len(frames) else [None]
+    per_frame = len(indices) > 1 and len({(id(rescale_item(ds, i)), id(voi_item(ds, i))) for i in indices}) > 1
+    groups = [(i, frames[k : k + 1]) for k, i in enumerate(indices)] if per_frame else [(indices[0], frames)]
+    out = []
+    for index, group in groups:
+        real = modality_lut_for(group, ds, index)
+        channels = []
+        used_now = []
+        for window in spec.windows:
+            if window.kind == "file":
+                image, used = _file_voi(real, ds, window, spec.voi_function, index, meta.path)
+            elif window.kind == "percentile":
+                image, used = percentile_window(real), "percentile"
+            else:
+                image = voi_window(real, window.center, window.width, spec.voi_function or "LINEAR")
+                used = f"{window.name} {window.center:g}/{window.width:g}"
+            if photometric == "MONOCHROME1":
+                image = 1.0 - image
+            channels.append(image)
+            used_now.append(used)
+        if not meta.windows:
+            meta.windows = used_now  # the first frame's (frames read one at a time each name their own)
+        out.append(np.stack(channels, axis=-1))
+    return np.concatenate(out).astype(np.float32), meta
 
 
-def modality_lut_for(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Applies the file's Modality LUT Sequence, or its RescaleSlope/Intercept, to stored values."""
+def modality_lut_for(arr: np.ndarray, ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """Applies the file's Modality LUT Sequence, or frame ``frame``'s RescaleSlope/Intercept (top level, else
+    its Per-Frame or the Shared Functional Groups' Pixel Value Transformation), to stored values."""
     seq = ds.get("ModalityLUTSequence")
     if seq:
-        return modality_lut(arr, lut=_lut_from_item(seq[0]))
-    return modality_lut(arr, float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0))
+        return modality_lut(arr, lut=_lut_from_item(seq[0], little_endian(ds)))
+    item = rescale_item(ds, frame)
+    return modality_lut(
+        arr, float(item.get("RescaleSlope", 1.0) or 1.0), float(item.get("RescaleIntercept", 0.0) or 0.0)
+    )

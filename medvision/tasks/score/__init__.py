@@ -47,20 +47,22 @@ def score_folder(
     max_file_bytes: int = MAX_FILE_BYTES,
     reader: Reader = read_file,
     amp: str = "none",
+    uids: bool = False,
 ) -> ScoreSummary:
     """Scores every file under ``folder`` with a run (or its ONNX export); see :mod:`~medvision.tasks.score.files`.
 
     ``workers`` decode processes (default min(4, cores)); ``0`` decodes in this process, without crash
     isolation (for debugging). ``reader`` turns one file into a :class:`~medvision.data.intake.FileResult`.
     ``amp``: the PyTorch engine's precision (``none``: float32, the same function as the ONNX export).
-    A ``.parquet`` ``out`` is written from a CSV beside it.
+    A ``.parquet`` ``out`` is written from a CSV beside it. ``uids``: add each DICOM file's SOP, Study and Series
+    Instance UID as columns; they identify the patient's study, so they are left out unless asked for.
     """
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     parquet = out.suffix == ".parquet"
 
     def unit(spec: ScoringSpec, model_: Path, engine_: Engine) -> FileUnit:
         cfg = ReadConfig(spec, tuple(include_tags or ()), max_pixels, max_file_bytes)
-        return FileUnit(spec, engine_, cfg, reader, n_workers, file_timeout, batch_size or 16, parquet)
+        return FileUnit(spec, engine_, cfg, reader, n_workers, file_timeout, batch_size or 16, parquet, uids)
 
     table = out.with_suffix(".partial.csv") if parquet else None
     return run_job(folder, model, out, unit, shard, engine, amp, n_workers, table)

@@ -15,7 +15,8 @@ Files are read and preprocessed by :func:`medvision.data.intake.read_file` in wo
 die (:mod:`medvision.workers`): a decoder that panics, segfaults, aborts or hangs costs the one file it was
 reading. Every batch the engine sees has the same size (the last one is padded with zeros), so a file's
 probabilities do not depend on which other files shared its batch. No patient identifiers are written
-unless asked for with ``--include-tags``.
+unless asked for: ``--include-tags`` adds DICOM tags, and ``--uids`` the SOP, Study and Series Instance UIDs,
+which link a row to the patient's study in a PACS (DICOM PS3.15's confidentiality profile replaces them).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from medvision.runs import ScoringSpec
 from medvision.tasks.score.job import csv_line, isolated, one_line, operating_calls, prediction_cells
 from medvision.workers import Failure, PoolStats
 
-BASE_COLUMNS = ["path", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "pred"]
+#: The columns every row starts with; ``UID_COLUMNS`` follow ``path`` only when asked for (``--uids``).
+BASE_COLUMNS = ["path", "frame", "pred"]
+UID_COLUMNS = ["sop_instance_uid", "study_instance_uid", "series_instance_uid"]
 
 
 class FileUnit:
@@ -48,14 +51,16 @@ class FileUnit:
     operating_level = "image"
 
     def __init__(self, spec: ScoringSpec, engine: Engine, cfg: ReadConfig, reader: Reader, workers: int,
-                 timeout: float, batch_size: int, parquet: bool) -> None:  # fmt: skip
+                 timeout: float, batch_size: int, parquet: bool, uids: bool = False) -> None:  # fmt: skip
         self.spec, self.engine, self.cfg, self.reader = spec, engine, cfg, reader
         self.workers, self.timeout, self.batch_size, self.parquet = workers, timeout, batch_size, parquet
         self.tags = list(cfg.tags)
+        self.uids = uids
         self.decision = Decision.from_json(spec.decision)
         self.calls = operating_calls(self.decision)
-        self.columns = [*BASE_COLUMNS, *[f"prob_{c}" for c in spec.classes], *[n for n, _ in self.calls], "status",
-                        "reason", *[f"tag_{t}" for t in self.tags]]  # fmt: skip
+        path, *rest = BASE_COLUMNS
+        self.columns = [path, *(UID_COLUMNS if uids else []), *rest, *[f"prob_{c}" for c in spec.classes],
+                        *[n for n, _ in self.calls], "status", "reason", *[f"tag_{t}" for t in self.tags]]  # fmt: skip
 
     def entries(self, folder: Path) -> list[Entry]:
         return scan(folder)
@@ -66,13 +71,15 @@ class FileUnit:
     def rows(self, f: FileResult) -> str:
         """A file's rows: one per frame when it was scored, else one with its status and reason."""
         extra = [f.tags.get(t, "") for t in self.tags]
-        if f.status != "ok":
+        uids = list(f.uids) if self.uids else []
+        if f.status != "ok" or not f.frames:  # an ok file with no frame would have no row: it is an error
+            status, reason = (f.status, f.reason) if f.status != "ok" else ("error", f"{f.rel}: no frame was read")
             blank = [""] * (len(self.spec.classes) + len(self.calls))
-            return csv_line([f.rel, *f.uids, "", "", *blank, f.status, one_line(f.reason), *extra])
+            return csv_line([f.rel, *uids, "", "", *blank, status, one_line(reason), *extra])
         out = []
         for frame, p in zip(f.frames, f.probs, strict=True):
             cells = prediction_cells(p, self.spec.classes, self.decision.positive, self.calls)
-            out.append([f.rel, *f.uids, frame, *cells, "ok", "", *extra])
+            out.append([f.rel, *uids, frame, *cells, "ok", "", *extra])
         return csv_line(*out)
 
     def _outcomes(self, folder: Path, todo: list[Entry], stats: PoolStats) -> Iterator[FileResult]:
@@ -103,7 +110,7 @@ class FileUnit:
         def ready() -> Iterator[tuple[str, int]]:
             while pending and len(pending[0].probs) == len(pending[0].frames):
                 done = pending.popleft()
-                yield self.rows(done), len(done.frames) if done.status == "ok" else 0
+                yield self.rows(done), len(done.frames) if done.status == "ok" else 0  # no frame: an error row
 
         with tqdm(total=len(todo), desc="score", unit="file", dynamic_ncols=True, disable=None) as bar:
             for result in self._outcomes(folder, todo, stats):
@@ -126,6 +133,7 @@ class FileUnit:
         return {
             "included_identifying_tags": [t for t in self.tags if t in IDENTIFYING_TAGS],
             "included_tags": self.tags,
+            "included_uids": self.uids,
             "limits": {"max_pixels": self.cfg.max_pixels, "max_file_bytes": self.cfg.max_file_bytes,
                        "file_timeout_s": self.timeout},
         }  # fmt: skip

@@ -8,7 +8,8 @@ else is here, once:
   ``r`` of ``W`` takes the part of shard ``i/n`` whose hash is ``i + n*r`` modulo ``n*W``, writing its own
   ``<out>.parts/rank<r>-of-<W>.csv``;
 - rows are appended and flushed one entry at a time (:class:`RowWriter`), in the folder's order; re-running
-  with the same ``--out`` resumes after the last complete entry (:func:`resume`);
+  with the same ``--out`` resumes after the last complete entry (:func:`resume`), into a table with the same
+  columns only (:func:`same_columns`);
 - rank 0 merges the parts in the folder's order, counts every entry found (:func:`tally`: found = ok +
   error + skipped), and writes ``<out>.json``: the model's and recipe's SHA-256, versions, calibration,
   operating points, precision, counts and speed, plus what the unit adds.
@@ -339,6 +340,7 @@ def run_units(
         mine, table = entries, merged
     job = {**record, **unit.provenance(), "shard": f"{shard[0]}/{shard[1]}"}
     same_job(out, job, table)
+    same_columns(table, unit.columns)
     barrier(d)  # every rank has checked the record before rank 0 writes this job's
     if d.is_main:
         write_record(out, {**job, "finished": False})
@@ -411,6 +413,31 @@ def same_job(out: Path, job: dict[str, Any], table: Path) -> None:
     if differ:
         raise RunError(f"{table} holds rows of another job ({', '.join(differ)} differ from {path}): resume with the "
                        "same model, settings and --shard, or give another --out")  # fmt: skip
+
+
+def same_columns(table: Path, columns: list[str]) -> None:
+    """Refuses to append rows to a table whose header is not the one this job writes (other ``--uids`` or
+    ``--include-tags``, or a table an earlier version wrote): its rows would sit under the wrong column names.
+    A header cut short by a kill (no line end yet) is left to :func:`resume`, which starts that table afresh.
+
+    Raises:
+        RunError: naming the table, the columns it has and the ones asked for, and what to do.
+    """
+    if not table.is_file():
+        return
+    with table.open("rb") as fh:
+        first = fh.readline()
+    if not first.endswith(b"\n"):
+        return
+    header = next(csv.reader([first.decode("utf-8", "replace")]), [])
+    if header != columns:
+        differ = [
+            f"lacks {', '.join(c for c in columns if c not in header)}" if set(columns) - set(header) else "",
+            f"has {', '.join(c for c in header if c not in columns)}" if set(header) - set(columns) else "",
+        ]
+        what = " and ".join(d for d in differ if d) or "has them in another order"
+        raise RunError(f"{table}: cannot resume: its header is not the one asked for (it {what}); score with the "
+                       "options that wrote it (--uids, --include-tags), or give another --out")  # fmt: skip
 
 
 def _side_outputs(out: Path, table: Path) -> str:
