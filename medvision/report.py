@@ -68,8 +68,12 @@ def write_predictions(
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    """A number for a table: ``n/a`` where nothing was computed, ``undefined`` where the metric has no value on
+    this data (NaN: one class present, a class absent from a macro average; the warnings below say which)."""
+    if value is None:
         return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "undefined"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -147,8 +151,10 @@ def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
     """What the CIs of the metrics table are, and which level's to quote: the image (tile) level's bootstrap draws a
     patient's (slide's) images together, as they are not independent, but weighs each patient by its images."""
     k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
-    cis = (f"CIs: stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}." if cfg.bootstrap
-           else "No CIs: evaluation.bootstrap is 0.")  # fmt: skip
+    cis = (f"CIs: AUC by a stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}; accuracy, "
+           "sensitivity and specificity by Wilson's interval where each patient has one image, otherwise by the "
+           "patient bootstrap floored at Wilson's interval over the patients (metrics.json: ci_methods)."
+           if cfg.bootstrap else "No CIs: evaluation.bootstrap is 0.")  # fmt: skip
     text = f"{cis} AUC is binary, or macro one-vs-rest for more than two classes."
     if clinical.get("unit") == "slide":
         how = (

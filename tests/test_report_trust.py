@@ -28,7 +28,7 @@ from medvision.evaluation import (
 from medvision.intervals import mean_ci, proportion_ci
 from medvision.metrics import MetricWarning
 from medvision.recipe import EvalConfig, recipe_from_dict
-from medvision.report import _at_point, _temperature_fact, ci_note, roc_markers
+from medvision.report import _at_point, _metric_rows, _temperature_fact, ci_note, roc_markers
 from medvision.training.loop import FitState
 
 
@@ -119,6 +119,23 @@ def test_headline_accuracy_is_reported_at_the_validation_threshold_next_to_argma
     assert op["accuracy_ci"][0] <= op["accuracy"] <= op["accuracy_ci"][1]
     text = _at_point(clinical["image"]["test"])
     assert text.startswith(f"{op['accuracy']:.3f}") and "Youden J" in text
+
+
+def test_a_single_class_test_split_reads_undefined_not_a_number_in_the_report() -> None:
+    logits, y = _logits(200, 1.0, 2)
+    val = SplitOutputs(logits=logits[:100], labels=y[:100], groups=[f"p{i}" for i in range(100)])
+    ones = y[100:] == 1
+    test = SplitOutputs(
+        logits=logits[100:][ones], labels=y[100:][ones], groups=[f"q{i}" for i in range(int(ones.sum()))]
+    )
+    cfg = EvalConfig(bootstrap=50)
+    decision = fit_decision(val, ["neg", "pos"], cfg)
+    clinical = clinical_metrics({"val": val, "test": test}, ["neg", "pos"], cfg, decision)
+    assert any("AUC is undefined" in w for w in clinical["image"]["test"]["warnings"])  # the report lists why
+    rows = {r[1]: r for r in _metric_rows(clinical)}
+    assert rows["test"][3] == "undefined" and rows["test"][4].startswith("0.")  # no AUC; accuracy still has one
+    assert rows["val (selection split: optimistic)"][3] != "undefined"
+    assert "Wilson's interval" in ci_note(clinical, cfg)
 
 
 def test_wilson_interval_matches_the_closed_form_reference() -> None:
