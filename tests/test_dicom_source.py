@@ -152,6 +152,9 @@ def test_decoded_pixels_are_cached(dicom_folder: tuple[Path, dict[str, str]], tm
 
     monkeypatch.setattr(dicom_source, "read_dicom", no_decoding)
     np.testing.assert_array_equal(table.loader(3), first)  # the pixels score decodes: training sees the same
+    monkeypatch.setattr(dicom_source, "READER_VERSION", dicom_source.READER_VERSION + 1)  # a newer reader
+    with pytest.raises(AssertionError, match="decoded again"):
+        table.loader(3)  # never served another reader's pixels
 
 
 @pytest.mark.parametrize("transfer", ["auto", "uint8"])

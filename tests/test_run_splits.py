@@ -14,8 +14,10 @@ from conftest import tiny_recipe
 from medvision.data.sources import load_table
 from medvision.recipe import recipe_from_dict
 from medvision.runs import RunError, ScoringSpec, read_splits
+from medvision.runtime import Dist
 from medvision.tasks.evaluate import evaluate_run
 from medvision.tasks.train import refuse_seen_images, train
+from medvision.training.setup import keep_splits
 from medvision.wsi.source import check_stain_reference, stain_fingerprint
 
 ONE_EPOCH = [{"name": "all", "epochs": 1, "trainable": "all", "lr": 3e-3}]
@@ -142,3 +144,38 @@ def test_a_replaced_stain_reference_is_refused_and_the_spec_records_its_hash(sha
                        inputs="slides", intensity="dtype", slides=slides.model_dump(mode="json"),
                        stain_reference_sha256=recorded)  # fmt: skip
     assert ScoringSpec.from_json(spec.to_json()).stain_reference_sha256 == recorded  # what exports carry
+
+
+def test_a_resumed_run_whose_data_now_splits_otherwise_is_refused(tmp_path: Path) -> None:
+    held = {"train": ["a.png", "b.png"], "val": ["c.png"], "test": ["d.png"]}
+    keep_splits(tmp_path, held, resume=False, d=Dist())
+    assert read_splits(tmp_path) == {"a.png": "train", "b.png": "train", "c.png": "val", "d.png": "test"}
+    keep_splits(tmp_path, held, resume=True, d=Dist())  # the same split: resumed
+    moved = {"train": ["a.png", "c.png"], "val": ["b.png"], "test": ["d.png"]}
+    with pytest.raises(RunError, match=r"splits\.csv: the data now splits 2 image\(s\) differently from when this "
+                                       r"run started \(e\.g\. 'b\.png': train then, val now\)"):  # fmt: skip
+        keep_splits(tmp_path, moved, resume=True, d=Dist())
+    assert read_splits(tmp_path)["b.png"] == "train"  # nothing rewritten
+    keep_splits(tmp_path, moved, resume=False, d=Dist())  # a fresh start records the new split
+    assert read_splits(tmp_path)["b.png"] == "val"
+
+
+def test_val_auc_without_every_class_in_validation_monitors_val_loss(
+    tiles_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A class with no validation image makes the macro AUC undefined in every epoch: no epoch could be best."""
+    rows = list(csv.DictReader(tiles_manifest.open()))
+    patients = sorted({r["patient_id"] for r in rows})
+    split = {p: "train" if k < 8 else "val" if k < 10 else "test" for k, p in enumerate(patients)}
+    manifest = tiles_manifest.parent / "three_classes.csv"
+    with manifest.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["path", "label", "patient_id", "split"])
+        for r in rows:  # a third class in the training and test splits only
+            label = "necrosis" if r["patient_id"] in (patients[0], patients[-1]) else r["label"]
+            out.writerow([r["path"], label, r["patient_id"], split[r["patient_id"]]])
+    caplog.set_level("WARNING", logger="medvision")
+    run = train(recipe_from_dict(tiny_recipe(manifest, tmp_path)))
+    assert "no image of class(es) ['necrosis'], so val_auc is undefined in every epoch" in caplog.text
+    assert json.loads((run / "run.json").read_text())["monitor"] == "val_loss"
+    assert "was never finite" not in caplog.text  # an epoch was best on val_loss

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from medvision.data.sources import load_csv, load_folder, load_npz, load_table
-from medvision.data.table import DataSourceError, check_patient_disjoint, grouped_stratified_split
+from medvision.data.table import (
+    DataSourceError,
+    check_patient_disjoint,
+    grouped_stratified_split,
+    read_manifest,
+    slide_rows,
+)
 from medvision.recipe import DataConfig, RecipeError, recipe_from_dict
 from medvision.training.build import PROBES, resolve_transfer
 
@@ -300,6 +306,18 @@ def test_one_file_under_two_names_in_a_csv_is_an_error_naming_both_lines(tmp_pat
         with pytest.raises(DataSourceError, match=r"m\.csv, line 4: image '.*' is the file listed as 'img/0\.png' "
                                                   r"on line 2"):  # fmt: skip
             load_csv(_manifest(tmp_path / "m.csv", rows, "path,label"), None)
+
+
+def test_one_slide_under_two_names_in_a_slide_manifest_is_refused(tmp_path: Path) -> None:
+    """Slide manifests (training on slides, MIL on features) check file identity as image CSVs do."""
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").write_bytes(b"slide")
+    os.symlink(tmp_path / "slides" / "a.svs", tmp_path / "slides" / "link.svs")
+    for second in (str(tmp_path / "slides" / "a.svs"), "slides/link.svs"):
+        manifest = _manifest(tmp_path / "m.csv", [["slides/a.svs", "a"], [second, "b"]], "slide_path,label")
+        with pytest.raises(DataSourceError, match=r"m\.csv, line 3: slide '.*' is the file listed as "
+                                                  r"'slides/a\.svs' on line 2"):  # fmt: skip
+            list(slide_rows(manifest, read_manifest(manifest, ("slide_path", "label"))))
 
 
 def test_npz_labels_map_to_numbered_class_names_by_number(tmp_path: Path) -> None:

@@ -552,3 +552,38 @@ def test_evaluate_a_slide_run_on_a_manifest_and_cap_tiles_by_slide_name(slide_ru
     for unit in first.units or []:
         per_slide[unit] += 1
     assert set(per_slide.values()) == {5} and first.ids == again.ids  # chosen by slide name, not by seed
+
+
+def test_a_slide_run_pins_its_stain_reference_through_resume_evaluate_export_and_score(
+    cohort: tuple[Path, dict], he_dir: Path, tmp_path: Path
+) -> None:
+    """A reference file replaced after training would normalise new tiles to other colours than the run saw."""
+    import shutil
+
+    from medvision.io.files import sha256
+    from medvision.runs import RunError
+    from medvision.tasks.evaluate import evaluate_run
+    from medvision.tasks.export.onnx import export_onnx
+    from medvision.tasks.score import score_slides
+    from medvision.tasks.train import train
+
+    manifest, _ = cohort
+    reference = tmp_path / "reference.tif"
+    shutil.copy(next(he_dir.glob("NORM-*.tif")), reference)
+    tree = _recipe(manifest, tmp_path / "runs")
+    tree["data"]["slides"]["stain_reference"] = str(reference)
+    tree["data"]["tiles_per_slide"] = 4
+    tree["train"]["phases"] = [{"epochs": 1, "trainable": "head", "lr": 5e-3, "bn": "frozen"}]
+    tree["evaluation"]["bootstrap"] = 0
+    run = train(recipe_from_dict(tree))
+    assert json.loads((run / "run.json").read_text())["stain_reference_sha256"] == sha256(reference)
+    shutil.copy(next(he_dir.glob("TUM-*.tif")), reference)  # the same path, other pixels
+    replaced = r"stain-normalised to .*reference\.tif with SHA-256 .*; that file now has"
+    with pytest.raises(RunError, match=replaced):
+        train(recipe_from_dict(tree), resume=True)
+    with pytest.raises(RunError, match=replaced):
+        evaluate_run(run)
+    with pytest.raises(RunError, match=replaced):
+        export_onnx(run, tmp_path / "model.onnx")
+    with pytest.raises(RunError, match=replaced):
+        score_slides(manifest.parent, run, tmp_path / "scores.csv")

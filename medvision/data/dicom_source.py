@@ -39,6 +39,7 @@ from medvision.data.table import (
 )
 from medvision.io.archive import Entry, scan
 from medvision.io.dicom import (
+    READER_VERSION,
     DicomReadError,
     DicomSpec,
     FramePolicy,
@@ -82,7 +83,10 @@ class DicomLoader:
         if self.cache_dir is None:
             return None
         st = os.stat(self.paths[i])
-        key = f"{os.path.abspath(self.paths[i])}|{st.st_size}|{st.st_mtime_ns}|{self.frames[i]}|{self.spec!r}|f32"
+        key = (
+            f"{os.path.abspath(self.paths[i])}|{st.st_size}|{st.st_mtime_ns}|{self.frames[i]}|{self.spec!r}|f32"
+            f"|reader{READER_VERSION}"
+        )  # pixels of an older reader are decoded again
         return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
     def __call__(self, i: int) -> np.ndarray:
@@ -109,8 +113,9 @@ class _Listed:
     line: int
 
 
-def _read_labels(path: Path) -> tuple[dict[str, _Listed], dict[str, _Listed]]:
-    """The labels CSV's rows by relative path (normalised: ``./ct/a.dcm`` is ``ct/a.dcm``) and by SOPInstanceUID.
+def _read_labels(path: Path, root: Path) -> tuple[dict[str, _Listed], dict[str, _Listed]]:
+    """The labels CSV's rows by path relative to ``root`` (normalised: ``./ct/a.dcm`` is ``ct/a.dcm``; one file
+    under two names is refused) and by SOPInstanceUID.
 
     Read and checked like a CSV manifest (:func:`read_manifest`, :func:`listed_rows`, :func:`check_split`): a
     split other than train/val/test, an empty label, a row with neither key or a file listed twice is a
@@ -127,7 +132,7 @@ def _read_labels(path: Path) -> tuple[dict[str, _Listed], dict[str, _Listed]]:
     by_uid: dict[str, _Listed] = {}
     uids = listed_rows(path, rows, "sop_instance_uid", "SOP instance UID", required=False)
     for (line, where, key_path, row), (_, _, key_uid, _) in zip(
-        listed_rows(path, rows, "path", "file", required=False), uids, strict=True
+        listed_rows(path, rows, "path", "file", required=False, base=root), uids, strict=True
     ):
         if not key_path and not key_uid:
             raise DataSourceError(f"{where}: both 'path' and 'sop_instance_uid' are empty; expected one of them")
@@ -164,7 +169,7 @@ def load_dicom_folder(root: Path, cfg: DicomConfig, classes: list[str] | None, c
     """
     if not root.is_dir():
         raise DataSourceError(f"{root}: DICOM folder does not exist")
-    labels_csv = _read_labels(Path(cfg.labels)) if cfg.labels else None
+    labels_csv = _read_labels(Path(cfg.labels), root) if cfg.labels else None
     spec = dicom_spec(cfg)
     cache = cache_dir if cfg.cache else None
     audit: list[AuditRow] = []

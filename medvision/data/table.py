@@ -214,8 +214,10 @@ def listed_rows(
 
 
 def slide_rows(path: Path, rows: Iterable[dict[str, str]]) -> Iterator[tuple[int, str, str, dict[str, str]]]:
-    """A slide manifest's rows (:func:`listed_rows` over ``slide_path``; ``a/s1.svs`` as features.csv names it)."""
-    return listed_rows(path, rows, "slide_path", "slide")
+    """A slide manifest's rows (:func:`listed_rows` over ``slide_path``, relative to the manifest's folder;
+    ``a/s1.svs`` as features.csv names it): a slide listed under two names (a link, an absolute path) is refused
+    as one listed twice, or it could sit in two splits with two labels."""
+    return listed_rows(path, rows, "slide_path", "slide", base=path.parent)
 
 
 def check_patient_disjoint(table: SampleTable) -> None:

@@ -67,6 +67,12 @@ class DicomDecodeError(DicomReadError):
     """Pixel data that no installed decoder can decode; names the file and its transfer syntax."""
 
 
+#: The version of the pixels :func:`read_dicom` gives: bumped whenever they change for some file (2: Enhanced
+#: CT/MR rescale and window from the functional groups; big-endian palette and OW LUT data in the file's byte
+#: order). Pixel caches key on it, so a cache filled by an older reader is never served after an upgrade.
+READER_VERSION = 2
+
+
 def shipped_test_folders() -> dict[str, Path]:
     """The real DICOM files installed with the packages: ``"pydicom"`` (its ``data/test_files``) and, when
     installed, ``"pydicom-data"`` (its data store). Read from disk, never through

@@ -35,7 +35,7 @@ from medvision.models.heads import extract_features, knn_probs
 from medvision.models.simclr import SimCLR, simclr_criterion
 from medvision.recipe import Recipe
 from medvision.report import write_json
-from medvision.runs import EPOCH_ROW, SPLITS_FILE, RunError, cache_dir, run_log, versions, write_splits
+from medvision.runs import EPOCH_ROW, SPLITS_FILE, RunError, cache_dir, run_log, versions
 from medvision.runtime import (
     Dist,
     EpochSampler,
@@ -56,6 +56,7 @@ from medvision.training.build import resolve_transfer
 from medvision.training.checkpoint import save_weights
 from medvision.training.loop import FitState, train_one_epoch
 from medvision.training.setup import (
+    keep_splits,
     optimiser,
     optimiser_steps,
     place_model,
@@ -112,8 +113,8 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
     if len(indices) < recipe.data.batch_size:
         raise RunError(f"{table.origin}: the training split has {len(indices)} images, fewer than one batch of "
                        f"data.batch_size {recipe.data.batch_size}")  # fmt: skip
-    if d.is_main:  # what the backbone saw: a fine-tuning run from it refuses to validate or test on these
-        write_splits(run_dir, {"train": [table.ids[i] for i in indices]})
+    # what the backbone saw: a fine-tuning run from it refuses to validate or test on these
+    keep_splits(run_dir, {"train": [table.ids[i] for i in indices]}, resume, d)
     transfer = resolve_transfer(recipe.data.transfer, table)
     train_ds = ImageDataset(table, indices, views, recipe.data.intensity, in_chans, transfer)
     sampler = EpochSampler(len(train_ds), recipe.seed, recipe.data.batch_size, d.rank, d.world_size, drop_last=True)

@@ -28,7 +28,7 @@ from medvision.models.heads import fit_state
 from medvision.recipe import Recipe, RecipeError, load_recipe
 from medvision.report import write_json
 from medvision.results import slide_comparison, slide_head, write_results
-from medvision.runs import SPLITS_FILE, RunError, cache_dir, read_splits, run_log, versions, write_splits
+from medvision.runs import SPLITS_FILE, RunError, cache_dir, read_json, read_splits, run_log, versions
 from medvision.runtime import (
     Dist,
     EpochSampler,
@@ -46,8 +46,8 @@ from medvision.tracking import Tracker
 from medvision.training.build import ModelBundle, build_model, model_inputs, split_dataset
 from medvision.training.loop import class_weights, classification_loss, fit
 from medvision.training.protocols import fit_frozen_head
-from medvision.training.setup import place_model, preflight, start_run_folder
-from medvision.wsi.source import stain_fingerprint
+from medvision.training.setup import keep_splits, place_model, preflight, start_run_folder
+from medvision.wsi.source import check_stain_reference, stain_fingerprint
 
 log = logging.getLogger("medvision")
 
@@ -97,8 +97,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     datasets = {s: split_dataset(recipe, table, bundle, s, train=s == "train") for s in ("train", "val", "test")}
     sizes = {s: len(ds) for s, ds in datasets.items()}
     refuse_seen_images(recipe, table, {table.ids[i] for s in ("val", "test") for i in datasets[s].indices})
-    if d.is_main:
-        keep_splits(run_dir, {s: [table.ids[i] for i in ds.indices] for s, ds in datasets.items()}, resume)
+    keep_splits(run_dir, {s: [table.ids[i] for i in ds.indices] for s, ds in datasets.items()}, resume, d)
+    recipe = monitor_defined(recipe, table, datasets["val"].indices)
     log.info("data %s: %d classes, split sizes %s", table.origin, len(table.classes), sizes)
     for split in ("train", "val"):
         if sizes[split] == 0:
@@ -115,6 +115,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         "transfer": datasets["val"].transfer,  # how evaluation batches travelled; score and export do the same
         "device": str(device),
         "amp": recipe.train.amp,  # resolved: what the run trained in (bf16 / fp16 / none), not "auto"
+        "monitor": recipe.train.monitor,  # what chose the checkpoint (val_loss where val_auc is undefined)
         "deterministic": recipe.train.deterministic,
         "world_size": d.world_size,
         "protocol": recipe.train.protocol,
@@ -123,6 +124,9 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
         "versions": versions(),
     }
     if recipe.data.source == "slides" and recipe.data.slides.stain_reference:  # its pixels, not only its path
+        if resume and (run_dir / "run.json").is_file():  # the epochs so far saw tiles normalised to the reference
+            before = read_json(run_dir / "run.json", "run.json").get("stain_reference_sha256")  # recorded then
+            check_stain_reference(run_dir, recipe.data.slides, before)
         meta["stain_reference_sha256"] = stain_fingerprint(recipe.data.slides)
     if d.is_main:
         write_json(run_dir / "run.json", meta)
@@ -188,19 +192,20 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torch.d
     return run_dir
 
 
-def keep_splits(run_dir: Path, held: dict[str, list[str]], resume: bool) -> None:
-    """Writes ``splits.csv``, the ids the run trains, validates and tests on, so that ``evaluate`` tests exactly
-    those later, whatever the data folder holds by then. A resumed run whose data now splits differently is
-    refused: its epochs so far trained on another split."""
-    if resume and (before := read_splits(run_dir)) is not None:
-        now = {i: split for split, ids in held.items() for i in ids}
-        moved = sorted(i for i in before.keys() | now.keys() if before.get(i) != now.get(i))
-        if moved:
-            raise RunError(f"{run_dir / SPLITS_FILE}: the data now splits {len(moved)} image(s) differently from "
-                           f"when this run started (e.g. {moved[0]!r}: {before.get(moved[0], 'not in the run')} then, "
-                           f"{now.get(moved[0], 'not in the run')} now); resuming would train on another split. "
-                           "Restore the data, or start afresh with --overwrite")  # fmt: skip
-    write_splits(run_dir, held)
+def monitor_defined(recipe: Recipe, table: SampleTable, val: np.ndarray) -> Recipe:
+    """``train.monitor: val_auc`` needs every class in the validation split (a macro AUC is undefined without one,
+    :data:`~medvision.metrics.NEEDS_EVERY_CLASS`): where a class has no validation image, no epoch could ever be
+    best, so the run monitors ``val_loss`` instead, and says so (run.json records the monitor used)."""
+    if recipe.train.monitor != "val_auc" or not len(val):
+        return recipe
+    present = set(np.unique(table.labels[val]).tolist())
+    missing = [c for k, c in enumerate(table.classes) if k not in present]
+    if not missing:
+        return recipe
+    log.warning("the validation split has no image of class(es) %s, so val_auc is undefined in every epoch: "
+                "monitoring val_loss instead (set train.monitor, or give every class validation images)",
+                missing)  # fmt: skip
+    return recipe.changed({"train.monitor": "val_loss"})
 
 
 def refuse_seen_images(recipe: Recipe, table: SampleTable, held_out: set[str]) -> None:

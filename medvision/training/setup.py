@@ -25,8 +25,8 @@ from torch import nn
 
 from medvision.models.freeze import optimizer_groups
 from medvision.recipe import Recipe, dump_recipe
-from medvision.runs import RunError
-from medvision.runtime import Dist, barrier
+from medvision.runs import SPLITS_FILE, RunError, read_splits, write_splits
+from medvision.runtime import Dist, barrier, broadcast
 from medvision.training.checkpoint import load_state, save_state
 
 log = logging.getLogger("medvision")
@@ -154,3 +154,24 @@ def read_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
     model.load_state_dict(saved["model"])
     log.info("resuming %s after epoch %d", run_dir, saved["fit"].get("epoch", 0))
     return saved
+
+
+def keep_splits(run_dir: Path, held: dict[str, list[str]], resume: bool, d: Dist) -> None:
+    """Writes ``splits.csv`` (rank 0), the ids the run trains, validates and tests on, so that ``evaluate`` tests
+    exactly those later and a fine-tuning run from it knows what it trained on, whatever the data folder holds by
+    then. A resumed run whose data now splits differently is refused on every rank: its epochs so far trained on
+    another split."""
+    problem = None
+    if d.is_main and resume and (before := read_splits(run_dir)) is not None:
+        now = {i: split for split, ids in held.items() for i in ids}
+        moved = sorted(i for i in before.keys() | now.keys() if before.get(i) != now.get(i))
+        if moved:
+            problem = (f"{run_dir / SPLITS_FILE}: the data now splits {len(moved)} image(s) differently from when "
+                       f"this run started (e.g. {moved[0]!r}: {before.get(moved[0], 'not in the run')} then, "
+                       f"{now.get(moved[0], 'not in the run')} now); resuming would train on another split. Restore "
+                       "the data, or start afresh with --overwrite")  # fmt: skip
+    problem = broadcast(problem, d)
+    if problem:
+        raise RunError(problem)
+    if d.is_main:
+        write_splits(run_dir, held)
