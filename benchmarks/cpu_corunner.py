@@ -14,7 +14,12 @@ process's torch threads) embeds the same random uint8 batches of 32 tiles of 224
 - **beside, nice 19** and **beside, SCHED_IDLE**: the same, with the stand-ins at the lowest priorities Linux
   gives;
 - **in turns**: before each batch the encoder lets every stand-in read its share of the batch at once and waits
-  for them: what ``isolated_map(turns=True)`` makes the readers do.
+  for them: what ``isolated_map(turns=True)`` makes the readers do;
+- **idle wait**: no stand-in; before each batch the encoder waits as long as the stand-ins in turns take
+  (``busy_ms / threads``) with nothing running: what the wait between batches costs by itself.
+
+Besides the rate, each way's *forward time* is the time spent inside ``embed`` over that alone (the readers' cost
+to the encoder's own passes, not counting the waits between them).
 
 The *bound* is the share of its rate the encoder keeps if the reading cost it exactly its CPU time on all the
 cores: ``T / (T + busy_ms / threads)`` for a batch of ``T`` ms alone. A figure above it means the encoder alone
@@ -46,7 +51,7 @@ from medvision.models.encoders import load_encoder
 from medvision.runtime import resolve_amp, reuse_freed_memory
 
 SHARED = Path(os.environ.get("MEDVISION_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-WAYS = ["alone", "beside, any time", "beside, nice 19", "beside, SCHED_IDLE", "in turns"]
+WAYS = ["alone", "beside, any time", "beside, nice 19", "beside, SCHED_IDLE", "in turns", "idle wait"]
 
 
 def stand_in(way: str, busy_s: float, tokens: Any, done: Any) -> None:
@@ -62,12 +67,13 @@ def stand_in(way: str, busy_s: float, tokens: Any, done: Any) -> None:
         done.release()
 
 
-def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: float, way: str) -> float:
+def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: float, way: str) -> tuple[float, float]:
     """Seconds to embed ``batches`` one by one with stand-in readers working as ``way`` says (the module
-    docstring; ``alone``: none)."""
+    docstring; ``alone`` and ``idle wait``: none), and the seconds of it inside ``embed``."""
     ctx = mp.get_context("spawn")  # not fork: see the module docstring
     tokens, done = ctx.Semaphore(0), ctx.Semaphore(0)
-    readers = 0 if way == "alone" else torch.get_num_threads()
+    readers = 0 if way in ("alone", "idle wait") else torch.get_num_threads()
+    wait = busy_s / torch.get_num_threads() if way == "idle wait" else 0.0
     turns = way == "in turns"
     ahead = readers > 0 and not turns  # a reader reads whenever it has room, up to two batches ahead
     procs = [ctx.Process(target=stand_in, args=(way, busy_s / readers if turns else busy_s, tokens, done),
@@ -78,7 +84,7 @@ def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: floa
         done.acquire()
     for _ in range(2 if ahead else 0):
         tokens.release()
-    start = time.perf_counter()
+    start, forward = time.perf_counter(), 0.0
     for batch in batches:
         if turns:  # every reader reads its share of the batch, and the encoder waits for them all
             for _ in procs:
@@ -87,14 +93,18 @@ def embed_beside(encoder: Any, batches: list[np.ndarray], amp: str, busy_s: floa
                 done.acquire()
         elif ahead:
             done.acquire()  # the batch has been read
+        elif wait:
+            time.sleep(wait)
+        t = time.perf_counter()
         encoder.embed([batch], torch.device("cpu"), amp)
+        forward += time.perf_counter() - t
         if ahead:
             tokens.release()  # room for one more ahead
     seconds = time.perf_counter() - start
     for p in procs:
         p.terminate()
         p.join()
-    return seconds
+    return seconds, forward
 
 
 def main() -> None:
@@ -118,20 +128,27 @@ def main() -> None:
         amp = resolve_amp(amp_name, torch.device("cpu"))
         encoder.embed(batches[:2], torch.device("cpu"), amp)  # warm-up
         rates: dict[str, list[float]] = {w: [] for w in WAYS}
+        forwards: dict[str, list[float]] = {w: [] for w in WAYS}
         for _ in range(args.rounds):
             for way in WAYS:
-                rates[way].append(n / embed_beside(encoder, batches, amp, busy_s, way))
+                seconds, forward = embed_beside(encoder, batches, amp, busy_s, way)
+                rates[way].append(n / seconds)
+                forwards[way].append(forward)
         alone = statistics.median(rates["alone"])
         batch_ms = 1000.0 * 32 / alone
         for way in WAYS:
             rate = statistics.median(rates[way])
             rows.append({"precision": amp, "way": way, "tiles_s": round(rate, 2), "share": round(rate / alone, 3),
                          "bound": round(batch_ms / (batch_ms + args.busy_ms / threads), 3),
+                         "forward_x": round(statistics.median(forwards[way]) / statistics.median(forwards["alone"]), 3),
                          "busy_ms": args.busy_ms, "batch_ms": round(batch_ms, 1), "threads": threads})  # fmt: skip
             print(rows[-1], flush=True)
     print_table(
-        ["precision", "stand-in reader", "encoder (tiles/s)", "share of alone", "bound"],
-        [[r["precision"], r["way"], r["tiles_s"], f"{r['share']:.2f}", f"{r['bound']:.2f}"] for r in rows],
+        ["precision", "stand-in reader", "encoder (tiles/s)", "share of alone", "bound", "forward time (x alone)"],
+        [
+            [r["precision"], r["way"], r["tiles_s"], f"{r['share']:.2f}", f"{r['bound']:.2f}", f"{r['forward_x']:.3f}"]
+            for r in rows
+        ],
     )
     write_csv(args.csv, rows, machine)
 
