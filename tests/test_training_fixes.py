@@ -194,9 +194,16 @@ def test_fp16_training_off_cuda_is_refused(tiles_manifest: Path, tmp_path: Path)
 # ------------------------------------------------------------------------ checkpoints, recipes
 
 
-def test_a_never_finite_monitor_keeps_the_validated_ema_weights(tiles_manifest: Path, tmp_path: Path) -> None:
+def test_a_never_finite_monitor_keeps_the_validated_ema_weights(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """val_auc on a validation split of one class is NaN every epoch: model.safetensors is the moving average the
-    epochs were validated with, not the raw weights."""
+    epochs were validated with, not the raw weights. (``train`` itself monitors val_loss when validation lacks a
+    class, :func:`~medvision.tasks.train.monitor_defined`; that switch is turned off here to reach the loop's own
+    last resort, which any monitor that never becomes finite takes.)"""
+    import medvision.tasks.train as train_task
+
+    monkeypatch.setattr(train_task, "monitor_defined", lambda recipe, table, val: recipe)
     rows = list(csv.DictReader(tiles_manifest.open()))
     patients = sorted({r["patient_id"] for r in rows})
     one_class = [p for p in patients if len({r["label"] for r in rows if r["patient_id"] == p}) == 1]
