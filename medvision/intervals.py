@@ -194,7 +194,7 @@ def paired_bootstrap(
     return out
 
 
-def proportion_ci(k: float, n: int, level: float = 0.95) -> tuple[float, float]:
+def proportion_ci(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``k / n`` (NaN, NaN for ``n == 0``); checked against SciPy's
     ``binomtest(k, n).proportion_ci(method="wilson")``. Never zero-wide for a finite ``n``: 10 of 10 gives
     (0.72, 1.0), not the point 1.0 a percentile bootstrap of 10 hits collapses to. ``k`` may be fractional (a
@@ -223,10 +223,13 @@ def share_ci(hits: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
 
     Cases that are independent (no ``groups``, or one case a group): Wilson's interval of k hits of n
     (:func:`proportion_ci`); a percentile bootstrap of 10 hits of 10 is the point 1.0. Cases grouped by patient
-    (a patient's images): the cluster ``bootstrap`` interval (of :func:`bootstrap_cis` with the same groups),
-    widened where it is narrower to Wilson's interval of the same share over the number of groups in the
-    denominator, the patients, which floors a degenerate bootstrap (every patient's images all right) at what
-    that many independent patients would allow. NaN, NaN without cases.
+    (a patient's images): Wilson's interval at the effective sample size (E. L. Korn and B. I. Graubard,
+    "Confidence intervals for proportions with small expected number of positive counts estimated from survey
+    data", Survey Methodology 24(2), 1998): the share's variance is what the cluster ``bootstrap`` interval (of
+    :func:`bootstrap_cis` with the same groups) says, its width over ``2 z``, and ``n_eff = p (1 - p) / se^2``,
+    kept between the number of patients in the denominator (a patient's images all alike) and the number of
+    cases (independent). Where the bootstrap cannot tell (every patient's images all right, or all wrong: every
+    resample gives the same share), ``n_eff`` is the number of patients. NaN, NaN without cases.
     """
     h = np.asarray(hits, dtype=bool).ravel()
     if not len(h):
@@ -234,11 +237,15 @@ def share_ci(hits: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
     if not clustered(groups):
         return proportion_ci(int(h.sum()), len(h), level)
     assert groups is not None
-    units = len(set(np.asarray(groups).ravel().tolist()))
-    low, high = proportion_ci(float(h.mean()) * units, units, level)
-    if bootstrap is None or not all(math.isfinite(v) for v in bootstrap):
-        return low, high
-    return min(low, bootstrap[0]), max(high, bootstrap[1])
+    units, p = len(set(np.asarray(groups).ravel().tolist())), float(h.mean())
+    n_eff = float(units)
+    if bootstrap is not None and all(math.isfinite(v) for v in bootstrap) and 0.0 < p < 1.0:
+        from scipy.stats import norm
+
+        se = (bootstrap[1] - bootstrap[0]) / (2 * float(norm.ppf(0.5 + level / 2)))
+        if se > 0:
+            n_eff = min(max(p * (1 - p) / (se * se), float(units)), float(len(h)))
+    return proportion_ci(p * n_eff, n_eff, level)
 
 
 Rate = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -270,8 +277,9 @@ def proportion_cis(
     Independent cases (one image a patient): Wilson's interval of each. A patient's several images: the cluster
     bootstrap, within each class for a rate over one class (a sensitivity: its denominator is that class) but over
     all patients for the rates named in ``every``, over every case (an accuracy, whose CI must carry the
-    uncertainty of the class mix that a stratified resample holds fixed), each floored at Wilson's interval over
-    the patients in its denominator. The resamples are those of :func:`bootstrap_cis` with the same seed."""
+    uncertainty of the class mix that a stratified resample holds fixed), each made a Wilson interval at the
+    effective sample size that bootstrap tells (:func:`share_ci`). The resamples are those of
+    :func:`bootstrap_cis` with the same seed."""
     y, probs = np.asarray(y).ravel(), np.asarray(probs)
     boot: dict[str, tuple[float, float]] = {}
     if clustered(groups):
@@ -294,8 +302,9 @@ def accuracy_rate(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def accuracy_ci(y: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int, level: float,
                 groups: Sequence[Any] | None) -> tuple[float, float]:  # fmt: skip
-    """The CI of an accuracy as :func:`proportion_cis` makes it (Wilson, or the unstratified patient bootstrap
-    floored at Wilson over the patients): what ``compare`` and the MIL report quote beside ``evaluation``'s."""
+    """The CI of an accuracy as :func:`proportion_cis` makes it (Wilson's interval; with several images a patient,
+    at the effective sample size the unstratified patient bootstrap tells): what ``compare`` and the MIL report
+    quote beside ``evaluation``'s."""
     return proportion_cis(y, probs, {"acc": accuracy_rate}, {"acc"}, n_resamples, seed, level, groups)["acc"]
 
 
@@ -306,10 +315,14 @@ def ci_methods(groups: Sequence[Any] | None) -> dict[str, str]:
         wilson = "Wilson score interval (cases independent: one image a patient)"
         return {"auc": boot, "sensitivity": wilson, "specificity": wilson, "accuracy": wilson}
     cluster = "percentile cluster bootstrap of patients"
-    floor = ", widened to at least Wilson's interval over the patients in its denominator"
-    return {"auc": f"{cluster}, stratified by class", "sensitivity": f"{cluster}, stratified by class{floor}",
-            "specificity": f"{cluster}, stratified by class{floor}",
-            "accuracy": f"{cluster}, not stratified (the class mix varies){floor}"}  # fmt: skip
+    eff = (
+        "Wilson score interval at the effective sample size (Korn-Graubard) that the {} tells, between the "
+        "number of patients and of images in its denominator"
+    )
+    return {"auc": f"{cluster}, stratified by class",
+            "sensitivity": eff.format(f"{cluster}, stratified by class,"),
+            "specificity": eff.format(f"{cluster}, stratified by class,"),
+            "accuracy": eff.format(f"{cluster}, not stratified (the class mix varies),")}  # fmt: skip
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

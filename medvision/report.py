@@ -152,8 +152,8 @@ def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
     patient's (slide's) images together, as they are not independent, but weighs each patient by its images."""
     k_text = f" (k = {cfg.top_k})" if cfg.patient_aggregate == "topk" else ""
     cis = (f"CIs: AUC by a stratified bootstrap, {cfg.bootstrap} resamples, seed {cfg.bootstrap_seed}; accuracy, "
-           "sensitivity and specificity by Wilson's interval where each patient has one image, otherwise by the "
-           "patient bootstrap floored at Wilson's interval over the patients (metrics.json: ci_methods)."
+           "sensitivity and specificity by Wilson's interval, at the effective sample size the patient bootstrap "
+           "tells where patients have several images (metrics.json: ci_methods)."
            if cfg.bootstrap else "No CIs: evaluation.bootstrap is 0.")  # fmt: skip
     text = f"{cis} AUC is binary, or macro one-vs-rest for more than two classes."
     if clinical.get("unit") == "slide":

@@ -164,7 +164,7 @@ def _wilson(k: float, n: int, z: float = 1.959963984540054) -> tuple[float, floa
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
-def test_share_ci_is_wilson_for_independent_cases_and_floors_a_cluster_bootstrap_at_wilson_over_patients() -> None:
+def test_share_ci_is_wilson_for_independent_cases_and_at_the_effective_sample_size_for_patients() -> None:
     from scipy.stats import binomtest
 
     from medvision.intervals import share_ci
@@ -176,11 +176,16 @@ def test_share_ci_is_wilson_for_independent_cases_and_floors_a_cluster_bootstrap
         ref = binomtest(k, n).proportion_ci(0.95, method="wilson")
         assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12) and high - low > 0
     assert share_ci(np.ones(10, bool))[1] == 1.0 and share_ci(np.zeros(10, bool))[0] == 0.0  # exact ends
-    # 10 patients of 3 images, all hits: the bootstrap's point (1, 1) is widened to Wilson of 10 patients, not 30
+    # 10 patients of 3 images, all hits: the bootstrap's point (1, 1) tells nothing; Wilson of 10 patients, not 30
     patients = np.repeat(np.arange(10), 3)
     assert share_ci(np.ones(30, bool), patients, (1.0, 1.0)) == pytest.approx(_wilson(10, 10))
-    wide = (0.2, 0.95)  # a bootstrap wider than the floor is kept where it is wider
-    assert share_ci(np.arange(30) < 18, patients, wide) == pytest.approx((0.2, max(0.95, _wilson(6, 10)[1])))
+    # 18 of 30: the bootstrap's width gives the standard error, n_eff = p (1 - p) / se^2, kept within [10, 30]
+    z, hits = 1.959963984540054, np.arange(30) < 18
+    se = (0.8 - 0.4) / (2 * z)
+    n_eff = 0.6 * 0.4 / se**2  # 23.0: images of a patient partly alike
+    assert 10 < n_eff < 30 and share_ci(hits, patients, (0.4, 0.8)) == pytest.approx(_wilson(0.6 * n_eff, n_eff))
+    assert share_ci(hits, patients, (0.1, 0.99)) == pytest.approx(_wilson(6, 10))  # wider: as alike as can be
+    assert share_ci(hits, patients, (0.55, 0.65)) == pytest.approx(_wilson(18, 30))  # narrower: independent
     assert all(np.isnan(share_ci(np.zeros(0, bool))))
 
 
@@ -212,12 +217,16 @@ def test_clinical_cis_of_proportions_are_never_zero_wide_and_accuracy_carries_th
                           decision)["image"]["test"]  # fmt: skip
     assert t2["acc"] == pytest.approx(114 / 156) and t2["acc_ci"] == pytest.approx(_wilson(114, 156))
     assert t2["per_class"]["p"]["sensitivity_ci"] == pytest.approx(_wilson(0, 42))
-    # the same constant predictor on 52 patients of 3 images: the cluster bootstrap over all patients (the class
-    # mix varies), never narrower than Wilson over the 52 patients
+    # the same constant predictor on 52 patients of 3 images, each patient's images of one class: the cluster
+    # bootstrap over all patients (the class mix varies) sees 52 independent units, so the interval is Wilson's
+    # near 52, never beyond the bounds of 52 patients and 156 images
     patients = [f"pt{i // 3}" for i in range(156)]
     t3 = clinical_metrics({"test": _split(ty2, const, patients)}, ["n", "p"], cfg, decision)["image"]["test"]
     low, high = t3["acc_ci"]
-    floor = _wilson(114 / 156 * 52, 52)
-    assert low <= floor[0] + 1e-12 and high >= floor[1] - 1e-12 and low < 114 / 156 < high
+    by_patients, by_images = _wilson(114 / 156 * 52, 52), _wilson(114, 156)
+    width = high - low
+    assert low < 114 / 156 < high
+    assert by_images[1] - by_images[0] - 1e-9 <= width <= by_patients[1] - by_patients[0] + 1e-9
+    assert width > 0.8 * (by_patients[1] - by_patients[0])  # images of a patient alike: n_eff near 52
     assert "not stratified" in t3["ci_methods"]["accuracy"] and "cluster" in t3["ci_methods"]["sensitivity"]
     assert t3["per_class"]["p"]["sensitivity_ci"] == pytest.approx(_wilson(0, 14))  # 14 positive patients

@@ -458,8 +458,8 @@ def reading_notes(
         "paired bootstrap alone.")  # fmt: skip
     notes = [
         f"CIs: percentile bootstrap, {n_resamples} resamples stratified by class, seed {seed}; a run's accuracy CI "
-        "is Wilson's interval (or the patient bootstrap, not stratified, floored at Wilson's over the patients, "
-        "where patients have several images), as in the run's own report; every difference is computed on the "
+        "is Wilson's interval (at the effective sample size the patient bootstrap tells, where patients have "
+        "several images), as in the run's own report; every difference is computed on the "
         "same resampled cases. Δ is the run minus the reference. The p-value of a "
         "difference is two-sided: twice the share of resampled differences on the other side of 0.",
         f"DeLong's test (DeLong et al. 1988) compares two correlated AUCs of binary labels; {delong}",
