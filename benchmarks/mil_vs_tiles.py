@@ -161,7 +161,7 @@ def run_mil(work: Path, manifest: Path, feats: Path, head: str, folds: int, seed
 def split_manifest(slides: Path, rows: list[dict[str, str]], f: int, seed: int) -> tuple[Path, dict[str, str]]:
     """Fold ``f``'s manifest with a split column (see the module docstring) and each slide's split."""
     labels = np.asarray([CLASSES.index(r["label"]) for r in rows], np.int64)
-    patients = [r["patient_id"] for r in rows]
+    patients = [r["patient"] for r in rows]
     fold = np.asarray([int(r["fold"]) for r in rows])
     fit, val, why = validation_split(labels, patients, np.flatnonzero(fold != f), VAL_FRACTION, seed + 1000 + f,
                                      True, CLASSES)  # fmt: skip
@@ -175,7 +175,7 @@ def split_manifest(slides: Path, rows: list[dict[str, str]], f: int, seed: int) 
         w = csv.writer(fh)
         w.writerow(["slide_path", "label", "patient_id", "split"])
         for r in rows:
-            w.writerow([r["slide_path"], r["label"], r["patient_id"], split[r["slide_path"]]])
+            w.writerow([r["slide_path"], r["label"], r["patient"], split[r["slide_path"]]])
     return path, split
 
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = EvalConfig(bootstrap=args.bootstrap)
     labels = np.asarray([CLASSES.index(r["label"]) for r in rows], np.int64)
     slides = [r["slide_path"] for r in rows]
-    shell = FeatureCohort(slides, [], [], labels, [r["patient_id"] for r in rows], CLASSES, {})
+    shell = FeatureCohort(slides, [], [], labels, [r["patient"] for r in rows], CLASSES, {})
     folds = np.asarray([fold_of[s] for s in slides])
     methods: dict[str, tuple[dict[str, Any], dict[str, float], list[float]]] = {}
     for head in HEADS:

@@ -90,8 +90,12 @@ def test_cross_validated_abmil_run_reports_every_fold_and_scores_out_of_fold(
     assert len(folds) == 12
     by_patient: dict[str, set[str]] = {}
     for r in folds:
-        by_patient.setdefault(r["patient_id"], set()).add(r["fold"])
+        by_patient.setdefault(r["patient"], set()).add(r["fold"])
     assert all(len(v) == 1 for v in by_patient.values())  # two slides a patient, always in the same fold
+    ids = {r["patient_id"] for r in _csv(slide_cohort)}  # the manifest's (an MRN, in practice): never written
+    preds = _csv(run / "predictions.csv")
+    assert {r["patient"] for r in folds} == {r["patient"] for r in preds} == {f"p{k}" for k in range(1, 7)}
+    assert not any(i in (run / name).read_text() for i in ids for name in ("folds.csv", "predictions.csv"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert [f["fold"] for f in metrics["folds"]] == [0, 1, 2] and sum(f["n"] for f in metrics["folds"]) == 12
     assert all(len(f["auc_ci"]) == 2 for f in metrics["folds"] if f["auc"] == f["auc"])

@@ -16,12 +16,13 @@ fold, so every run is a k-fold cross-validation grouped by patient
 ``score`` on a slide folder with such a run embeds each slide's tiles with the same encoder and weights
 (checked by SHA-256) and averages the k fold heads' probabilities and attention (:mod:`medvision.tasks.score.mil`).
 The run folder: ``recipe.yaml``, ``run.json``, ``mil.json`` (what scoring needs), ``folds.csv`` (each slide's
-patient and fold), ``folds/``, ``predictions.csv`` (out-of-fold), ``metrics.json``, ``report.md``/``.html``,
-``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds, each of which records a fingerprint of
-what shaped its head (:func:`fold_settings`): a resume whose recipe or features differ from a finished fold's is
-refused, so the run never claims settings some of its folds were not trained with. With ``tracking.mlflow``
-(``--track``) or ``tracking.tensorboard`` on, the run is tracked: every fold's metrics at its index as the step, the
-summary over the folds, and the run folder's files (:func:`medvision.tasks.track.log_mil_run`).
+patient, as a pseudonym, and fold), ``folds/``, ``predictions.csv`` (out-of-fold), ``metrics.json``,
+``report.md``/``.html``, ``data_audit.csv`` and ``train.log``. ``--resume`` keeps finished folds, each of which
+records a fingerprint of what shaped its head (:func:`fold_settings`): a resume whose recipe or features differ from
+a finished fold's is refused, so the run never claims settings some of its folds were not trained with. With
+``tracking.mlflow`` (``--track``) or ``tracking.tensorboard`` on, the run is tracked: every fold's metrics at its
+index as the step, the summary over the folds, and the run folder's files
+(:func:`medvision.tasks.track.log_mil_run`).
 """
 
 from __future__ import annotations
@@ -256,13 +257,21 @@ def _threshold(cohort: FeatureCohort, oof: np.ndarray, metrics: dict[str, Any]) 
     return float(operating_point(y, p, "youden"))
 
 
+def pseudonyms(patients: list[str]) -> list[str]:
+    """Each slide's patient as ``p1``, ``p2``, ... in the manifest's order: which slides share a patient (what the
+    folds keep together), never who; the manifest's ``patient_id`` (an MRN, in practice) stays out of the run's
+    files."""
+    names: dict[str, str] = {}
+    return [names.setdefault(p, f"p{len(names) + 1}") for p in patients]
+
+
 def _write_folds(path: Path, cohort: FeatureCohort, folds: np.ndarray) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["slide_path", "patient_id", "label", "fold"])
-            for rel, pat, y, f in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
-                                      strict=True):  # fmt: skip
+            w.writerow(["slide_path", "patient", "label", "fold"])
+            for rel, pat, y, f in zip(cohort.slides, pseudonyms(cohort.patients), cohort.labels.tolist(),
+                                      folds.tolist(), strict=True):  # fmt: skip
                 w.writerow([rel, pat, y if cohort.classes is None else cohort.classes[int(y)], f])
 
     atomic_write(path, write)
@@ -274,9 +283,9 @@ def _write_predictions(path: Path, cohort: FeatureCohort, folds: np.ndarray, oof
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["slide_path", "patient_id", "fold", "label", *cols])
-            for rel, pat, y, f, p in zip(cohort.slides, cohort.patients, cohort.labels.tolist(), folds.tolist(),
-                                         oof.tolist(), strict=True):  # fmt: skip
+            w.writerow(["slide_path", "patient", "fold", "label", *cols])
+            for rel, pat, y, f, p in zip(cohort.slides, pseudonyms(cohort.patients), cohort.labels.tolist(),
+                                         folds.tolist(), oof.tolist(), strict=True):  # fmt: skip
                 vals = [f"{p:.9g}"] if cohort.classes is None else [f"{v:.{PROB_DIGITS}g}" for v in p]
                 w.writerow([rel, pat, f, y if cohort.classes is None else cohort.classes[int(y)], *vals])
 

@@ -29,10 +29,10 @@ TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.html", "report
 PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
 MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "train.log", "plots")
 """A MIL run's files that tracking uploads (:mod:`medvision.tasks.mil`), besides its fold heads
-(:func:`mil_uploads`): ``mil.json`` is its scoring record. ``folds.csv`` stays in the run folder: it names each
-slide's patient (the manifest's ``patient_id``), and a tracking server is no place for patient identifiers."""
+(:func:`mil_uploads`): ``mil.json`` is its scoring record. ``folds.csv`` stays in the run folder: it names every
+slide's path (patients only by pseudonym, :func:`medvision.tasks.mil.pseudonyms`), and paths can name patients."""
 NAMING_FILES = ("predictions.csv", "data_audit.csv")
-"""Files that name every input file (and a MIL run's ``predictions.csv`` its patients): uploaded only with
+"""Files that name every input file: uploaded only with
 ``tracking.log_predictions``, since an archive's paths can name patients (``DOE_JANE_MRN1234/IM0001.dcm``)."""
 
 
