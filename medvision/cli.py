@@ -387,11 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medvision score: error: {args.folder} is not a folder", file=sys.stderr)
                 return EXIT_NO_IMAGES
             tags = [t.strip() for t in args.include_tags.split(",") if t.strip()]
-            if _slide_run(args.model) and args.uids:
-                print("medvision score: error: --uids applies to runs scored file by file; slide rows carry no UIDs",
-                      file=sys.stderr)  # fmt: skip
-                return 2
             if _slide_run(args.model):  # a run trained on whole slides scores slides: one row per slide
+                if args.uids:
+                    print("medvision score: error: --uids applies to runs scored file by file; slide rows carry no "
+                          "UIDs", file=sys.stderr)  # fmt: skip
+                    return 2
                 summary = score_slides(args.folder, args.model, args.out, args.shard, args.batch_size, args.workers,
                                        args.engine, args.file_timeout, amp=args.amp,
                                        encoder_checkpoint=args.encoder_checkpoint)  # fmt: skip

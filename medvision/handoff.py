@@ -33,6 +33,11 @@ _handoff_ids = itertools.count()
 _held: dict[str, int] = {}  # hand-off files this process made -> the descriptor that holds their lock
 
 
+def _new_name() -> str:
+    """A name no other hand-off file or slot of any process has: the stale-descriptor check relies on it."""
+    return f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}"
+
+
 def handoff_path() -> str:
     """A new hand-off file in :data:`HANDOFF_DIR`: empty, this user's only, made by the parent (so that it can
     remove the file whatever becomes of the worker), named with the parent's pid and held under an exclusive
@@ -40,7 +45,7 @@ def handoff_path() -> str:
     file that cannot be made (no room) is no error: the worker cannot open it, and its array travels through the
     pipe."""
     for _ in range(3):
-        path = str(HANDOFF_DIR / f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}")
+        path = str(HANDOFF_DIR / _new_name())
         try:  # readable by this user only: the pixels are a patient's
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
@@ -122,7 +127,7 @@ class Slots:
         if self.free:
             return self.free.pop()
         if self.memfd:
-            name = f"{_HANDOFF_PREFIX}{os.getpid()}-{next(_handoff_ids)}"
+            name = _new_name()
             try:
                 fd = os.memfd_create(name)  # close-on-exec: no other program inherits it
             except OSError:

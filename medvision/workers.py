@@ -133,7 +133,7 @@ def _watch_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-_TERM: dict[str, Any] = {"depth": 0, "installed": False}
+_TERM: dict[str, Any] = {"depth": 0}
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -150,17 +150,15 @@ def _sigterm_raises() -> Iterator[None]:
     main = threading.current_thread() is threading.main_thread()
     if main and _TERM["depth"] == 0 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
-        _TERM["installed"] = True
     _TERM["depth"] += main
     try:
         yield
     finally:
         _TERM["depth"] -= main
-        if main and _TERM["depth"] == 0 and _TERM["installed"]:
+        if main and _TERM["depth"] == 0:
             with suppress(ValueError):  # a generator closed from another thread: left to the next pool's end
-                if signal.getsignal(signal.SIGTERM) is _terminated:
+                if signal.getsignal(signal.SIGTERM) is _terminated:  # ours, not a handler the program set
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                _TERM["installed"] = False
 
 
 def _death(exitcode: int | None) -> str:

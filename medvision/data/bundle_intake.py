@@ -95,10 +95,10 @@ class ReadForModel:
         self.key = key
         self.blank = torch.zeros(self.spec.in_chans, self.spec.image_size, self.spec.image_size)
 
-    def read(self, path: Path, rel: str | None = None) -> FileResult:
+    def read(self, path: Path, rel: str) -> FileResult:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's warnings about damaged files; the verdict says it
-            return read_file(path, rel or path.name, self.cfg)
+            return read_file(path, rel, self.cfg)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         path = Path(item[self.key])
@@ -106,7 +106,7 @@ class ReadForModel:
         if outcome == "candidate":  # a hand-written datalist ({"image": path} only) is read as candidates
             result = self.read(path, rel)
         else:  # the scan's verdict, as score writes it; a FIFO opened here would block the run
-            result = FileResult(rel, "error" if outcome == "error" else "skipped", str(item.get(SCAN_REASON, "")))
+            result = FileResult(rel, outcome, str(item.get(SCAN_REASON, "")))
         if result.status == "ok":
             image, reason = network_input(torch.from_numpy(result.arrays[0])), ""
         else:

@@ -71,11 +71,11 @@ class FeatureMILUnit(SlideScan):
         slide = np.mean(outs, axis=0)
         item.probs = slide
         k = len(self.heads)
-        c = None if self.classes is None else self.positive if self.positive is not None else int(slide.argmax())
         if self.classes is None:
+            c = None
             title = f"{item.rel}: prediction {slide[0]:.4g} (mean of {k} fold heads, {len(tiles.coords)} tiles)"
         else:
-            assert c is not None
+            c = self.positive if self.positive is not None else int(slide.argmax())
             title = (f"{item.rel}: P({self.classes[c]}) = {slide[c]:.3f} (mean of {k} fold heads, "
                      f"{len(tiles.coords)} tiles)")  # fmt: skip
         measurements, heat = tile_maps(self.heads, bag, np.mean(attention, axis=0), self.classes, c, self.spec["head"])
