@@ -704,13 +704,13 @@ def test_paired_deltas_score_each_seed_on_its_own_test_images(tmp_path: Path) ->
                       _predictions(tmp_path / f"b{seed}", ids, y.tolist(), b)))  # fmt: skip
         two = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
         expected.append(compute_auc(y, two(b)) - compute_auc(y, two(a)))
-    delta = paired_bootstrap(pairs, compute_auc, 200, 0)
+    delta = paired_bootstrap(pairs, {"auc": compute_auc}, 200, 0)["auc"]
     value, lo, hi = delta.value, delta.lo, delta.hi
     assert value == pytest.approx(float(np.mean(expected)), abs=1e-6) and lo <= value <= hi
-    assert paired_bootstrap(pairs, compute_auc, 200, 0).unit == "images"  # no run folder tells of patients
+    assert delta.unit == "images"  # no run folder tells of patients
     _predictions(tmp_path / "c", [f"s0_{i}" for i in range(40)], [0] * 40, np.full(40, 0.5))
     with pytest.raises(BenchmarkError, match="tested on different images"):
-        paired_bootstrap([(pairs[1][0], str(tmp_path / "c"))], compute_auc, 0, 0)
+        paired_bootstrap([(pairs[1][0], str(tmp_path / "c"))], {"auc": compute_auc}, 0, 0)
 
 
 def test_paired_delta_resamples_whole_patients_as_the_runs_own_cis_do(tiny_runs: tuple[Path, Path]) -> None:
@@ -721,7 +721,7 @@ def test_paired_delta_resamples_whole_patients_as_the_runs_own_cis_do(tiny_runs:
     from medvision.tasks.benchmark.deltas import _test_probs, paired_bootstrap
 
     finetune, knn = (str(r) for r in tiny_runs)
-    d = paired_bootstrap([(finetune, knn)], compute_auc, 200, 0)
+    d = paired_bootstrap([(finetune, knn)], {"auc": compute_auc}, 200, 0)["auc"]
     assert d.unit == "patients"
     recipe = load_recipe(Path(finetune) / "recipe.yaml")
     table = load_table(recipe.data, recipe.seed)

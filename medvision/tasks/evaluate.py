@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from medvision.data.sources import load_table
-from medvision.data.table import SampleTable, subset_indices
+from medvision.data.table import SampleTable
 from medvision.evaluation import Decision
 from medvision.inference import load_run, split_outputs
 from medvision.recipe import Recipe, RecipeError
@@ -31,7 +31,7 @@ from medvision.runtime import (
     resolve_workers,
     setup,
 )
-from medvision.training.build import ModelBundle
+from medvision.training.build import ModelBundle, split_indices
 from medvision.wsi.source import check_stain_reference
 
 log = logging.getLogger("medvision")
@@ -98,11 +98,11 @@ def _restore_split(run_dir: Path, table: SampleTable, held: dict[str, str] | Non
                  "are in no split", table.origin, added, SPLITS_FILE)  # fmt: skip
 
 
-def seen_images(run_dir: Path, meta: dict[str, Any], table: SampleTable, idx: Any) -> dict[str, Any]:
-    """How many of the evaluated rows ``idx`` of ``--data`` the run trained or validated on, by id. Ids name files
-    relative to their source, so they are compared only when ``--data`` is the run's own data; otherwise the
-    result says that nothing could be compared."""
-    held = read_splits(run_dir)
+def seen_images(run_dir: Path, meta: dict[str, Any], table: SampleTable, idx: Any,
+                held: dict[str, str] | None) -> dict[str, Any]:  # fmt: skip
+    """How many of the evaluated rows ``idx`` of ``--data`` the run trained or validated on, by id (``held``: its
+    ``splits.csv``). Ids name files relative to their source, so they are compared only when ``--data`` is the
+    run's own data; otherwise the result says that nothing could be compared."""
     ran_on = str(meta.get("data") or "")
     same = bool(ran_on) and Path(ran_on).resolve() == Path(table.origin).resolve()
     if not same:
@@ -114,7 +114,7 @@ def seen_images(run_dir: Path, meta: dict[str, Any], table: SampleTable, idx: An
                 "it was written): which of these images it trained on is not known"}  # fmt: skip
     out: dict[str, Any] = {"checked": True, "same_data": True, "evaluated": len(idx)}
     for split in ("train", "val"):
-        ids = sorted(table.ids[int(i)] for i in idx if held.get(table.ids[int(i)]) == split)
+        ids = sorted(x for x in (table.ids[int(i)] for i in idx) if held.get(x) == split)
         out[split], out[f"{split}_example"] = len(ids), ids[0] if ids else None
     return out
 
@@ -143,11 +143,10 @@ def evaluate_run(
         RunError: images of the run's held-out split gone from its data, or seen images without ``allow_seen``.
     """
     device, recipe, meta, bundle, table, split = open_split(run_dir, data, source, split, data_overrides)
-    fraction = recipe.data.train_fraction if split == "train" else 1.0  # as split_outputs picks the rows
-    idx = subset_indices(table, split, recipe.data.limit, recipe.seed, fraction)
+    idx = split_indices(recipe, table, split)  # the rows split_outputs scores
     seen: dict[str, Any] | None = None
     if data is not None:
-        seen = seen_images(run_dir, meta, table, idx)
+        seen = seen_images(run_dir, meta, table, idx, read_splits(run_dir))
         if seen["checked"] and seen["train"] + seen["val"] and not allow_seen:
             example = seen["train_example"] or seen["val_example"]
             raise RunError(f"{table.origin}: {seen['train'] + seen['val']} of the {len(idx)} images to evaluate "

@@ -93,9 +93,10 @@ def _with_cis(y: np.ndarray, p: np.ndarray, patients: list[str], continuous: boo
         warnings.simplefilter("ignore", MetricWarning)
         row: dict[str, Any] = {"n": len(y), **{k: fn(y, p) for k, fn in fns.items()}}
         if cfg.bootstrap and len(y) > 1:
-            cis = bootstrap_cis(y, p, fns, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous,
+            boot = {k: fn for k, fn in fns.items() if k != "acc"}  # accuracy, a proportion: its own CI below
+            cis = bootstrap_cis(y, p, boot, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous,
                                 groups=patients)  # fmt: skip
-            if "acc" in cis:  # a proportion: never a zero-wide percentile interval, the class mix not held fixed
+            if "acc" in fns:  # never a zero-wide percentile interval, the class mix not held fixed
                 cis["acc"] = accuracy_ci(y, p, cfg.bootstrap, seed, cfg.ci_level, patients)
             row.update({f"{k}_ci": list(v) for k, v in cis.items()})
     return row

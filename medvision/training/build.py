@@ -82,10 +82,15 @@ def split_dataset(recipe: Recipe, table: SampleTable, bundle: ModelBundle, split
     """
     aug = recipe.augment if train else None
     transform = build_transforms(aug, recipe.data.image_size, bundle.mean, bundle.std, normalize=False)
-    fraction = recipe.data.train_fraction if split == "train" else 1.0
-    indices = subset_indices(table, split, recipe.data.limit, recipe.seed, fraction)
     transfer = resolve_transfer(recipe.data.transfer, table)
-    return ImageDataset(table, indices, transform, recipe.data.intensity, bundle.in_chans, transfer)
+    return ImageDataset(table, split_indices(recipe, table, split), transform, recipe.data.intensity, bundle.in_chans,
+                        transfer)  # fmt: skip
+
+
+def split_indices(recipe: Recipe, table: SampleTable, split: str) -> np.ndarray:
+    """The rows of ``split`` a run uses: ``data.limit`` of them, and ``data.train_fraction`` of the training ones."""
+    fraction = recipe.data.train_fraction if split == "train" else 1.0
+    return subset_indices(table, split, recipe.data.limit, recipe.seed, fraction)
 
 
 def model_inputs(recipe: Recipe, bundle: ModelBundle) -> Inputs:

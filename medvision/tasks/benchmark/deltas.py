@@ -48,7 +48,7 @@ def patient_groups(run_dir: str, ids: list[str]) -> list[str] | None:
     """
     stamp = tuple(f.stat().st_mtime_ns if f.is_file() else 0 for f in (Path(run_dir) / "recipe.yaml",
                                                                         Path(run_dir) / "metrics.json"))  # fmt: skip
-    patient = _run_patients(run_dir, stamp)  # once per run (AUC and accuracy deltas, every variant), until retrained
+    patient = _run_patients(run_dir, stamp)  # once per run (the reference of every variant), until retrained
     if patient is None:
         return None
     if any(i not in patient for i in ids):
@@ -97,9 +97,13 @@ def delta_unit(deltas: list[dict[str, Any]]) -> str:
 
 
 def paired_bootstrap(
-    pairs: list[tuple[str, str]], metric: Callable[[np.ndarray, np.ndarray], float], resamples: int, seed: int
-) -> PairedDelta:
-    """``metric`` of the second run of each pair minus the first's, on their test rows, averaged over the pairs,
+    pairs: list[tuple[str, str]],
+    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+    resamples: int,
+    seed: int,
+) -> dict[str, PairedDelta]:
+    """Each of ``metrics`` of the second run of each pair minus the first's, on their test rows, averaged over the
+    pairs (every metric over the same runs read once and the same resamples),
     with a 95% CI from a stratified bootstrap over the test images, or over whole patients where a patient has
     several test images (:func:`patient_groups`): a patient's images are not independent, and the runs' own CIs
     draw patients too, so a delta CI over images would be narrower than it should.
@@ -123,20 +127,22 @@ def paired_bootstrap(
     if not tested:
         raise BenchmarkError("paired_bootstrap needs at least one pair of runs")
 
-    def delta(rows: list[np.ndarray | slice]) -> float:
-        pairs_rows = zip(tested, rows, strict=True)
-        return float(np.mean([metric(y[i], b[i]) - metric(y[i], a[i]) for (y, a, b), i in pairs_rows]))
+    def delta(rows: list[np.ndarray | slice]) -> list[float]:
+        return [float(np.mean([fn(y[i], b[i]) - fn(y[i], a[i]) for (y, a, b), i in zip(tested, rows, strict=True)]))
+                for fn in metrics.values()]  # fmt: skip
 
-    value = delta([slice(None)] * len(tested))
-    if not resamples:
-        return PairedDelta(value, math.nan, math.nan, unit)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        draws = zip(*(bootstrap_indices(y, resamples, seed, groups=g) for (y, _, _), g in zip(tested, groups,
-                                                                                            strict=True)),
-                    strict=True)  # fmt: skip
-        spread = np.asarray([delta(list(rows)) for rows in draws])
-    spread = spread[np.isfinite(spread)]
-    if not spread.size:
-        return PairedDelta(value, math.nan, math.nan, unit)
-    return PairedDelta(value, float(np.quantile(spread, 0.025)), float(np.quantile(spread, 0.975)), unit)
+    values = delta([slice(None)] * len(tested))
+    spread = np.zeros((0, len(metrics)))
+    if resamples:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MetricWarning)
+            draws = zip(*(bootstrap_indices(y, resamples, seed, groups=g) for (y, _, _), g in zip(tested, groups,
+                                                                                                strict=True)),
+                        strict=True)  # fmt: skip
+            spread = np.asarray([delta(list(rows)) for rows in draws])
+    out = {}
+    for k, (name, value) in enumerate(zip(metrics, values, strict=True)):
+        kept = spread[:, k][np.isfinite(spread[:, k])]
+        lo, hi = (float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))) if kept.size else (math.nan,) * 2
+        out[name] = PairedDelta(value, lo, hi, unit)
+    return out

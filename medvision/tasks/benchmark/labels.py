@@ -40,18 +40,13 @@ from medvision.recipe import Recipe, dump_recipe
 from medvision.recipe_nodes import FINETUNE_ONLY, TrainConfig, finetune_only_settings
 from medvision.runs import RunError, cache_dir, read_json, read_metrics_json, read_run_json
 from medvision.tasks.benchmark.deltas import delta_unit, paired_bootstrap
-from medvision.tasks.benchmark.speed import BenchmarkError
+from medvision.tasks.benchmark.speed import BenchmarkError, figure
 from medvision.tasks.track import log_reused_run
 from medvision.tasks.train import train
 from medvision.tracking import Tracker, tracked
 
 log = logging.getLogger("medvision")
 PROTOCOLS = ("finetune", "linear_probe", "knn")
-
-
-def figure(value: Any) -> float:
-    """A number read back from ``metrics.json``, where an undefined metric (NaN) was written as null: NaN again."""
-    return math.nan if value is None else float(value)
 
 
 @dataclass(kw_only=True)
@@ -381,7 +376,7 @@ def paired_deltas(rows: list[LabelRun], reference: str, resamples: int, seed: in
                  if (i, p, f) == (init, protocol, fraction) and (reference, protocol, fraction, s) in done]  # fmt: skip
         if not pairs:
             continue
-        d = paired_bootstrap(pairs, compute_auc, resamples, seed)
+        d = paired_bootstrap(pairs, {"auc": compute_auc}, resamples, seed)["auc"]
         out.append({"init": init, "reference": reference, "protocol": protocol, "fraction": fraction,
                     "seeds": len(pairs), "delta_auc": d.value, "delta_lo": d.lo, "delta_hi": d.hi,
                     "unit": d.unit})  # fmt: skip

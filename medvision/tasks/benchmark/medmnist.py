@@ -39,11 +39,10 @@ from medvision.tasks.benchmark.deltas import delta_unit, paired_bootstrap
 from medvision.tasks.benchmark.labels import (
     StudyResult,
     TestFigures,
-    figure,
     finished_as,
     write_dicts,
 )
-from medvision.tasks.benchmark.speed import BenchmarkError, device_name
+from medvision.tasks.benchmark.speed import BenchmarkError, device_name, figure
 from medvision.tasks.train import train
 
 log = logging.getLogger("medvision")
@@ -282,8 +281,7 @@ def variant_deltas(rows: list[SeedRun], names: list[str], resamples: int, seed: 
         if not pairs:
             continue
         entry: dict[str, Any] = {"variant": name, "reference": names[0], "seeds": len(pairs)}
-        for metric, fn in (("auc", compute_auc), ("acc", _accuracy)):
-            d = paired_bootstrap(pairs, fn, resamples, seed)
+        for metric, d in paired_bootstrap(pairs, {"auc": compute_auc, "acc": _accuracy}, resamples, seed).items():
             entry.update({f"delta_{metric}": d.value, f"delta_{metric}_lo": d.lo, f"delta_{metric}_hi": d.hi,
                           "unit": d.unit})  # fmt: skip
         out.append(entry)

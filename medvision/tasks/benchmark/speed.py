@@ -391,8 +391,8 @@ def starting_weights(model: ModelConfig, backbone: str, policy: str) -> tuple[Mo
     return model.model_copy(update={"name": backbone, "pretrained": False, "init_from": None}), "random init"
 
 
-def _num(value: Any) -> float:
-    """metrics.json writes an undefined metric as null."""
+def figure(value: Any) -> float:
+    """A number read back from ``metrics.json``, where an undefined metric (NaN) was written as null: NaN again."""
     return float("nan") if value is None else float(value)
 
 
@@ -400,14 +400,14 @@ def _read_run(row: RecipeRow, run_dir: Path, last_phase: str) -> None:
     """Test AUC/ACC with their CIs, training img/s and wall time, from the run's ``metrics.json``."""
     metrics = read_metrics_json(run_dir)
     test = metrics.get("image", {}).get("test", {})
-    row.test_auc, row.test_acc = _num(metrics["test"]["auc"]), _num(metrics["test"]["acc"])
+    row.test_auc, row.test_acc = figure(metrics["test"]["auc"]), figure(metrics["test"]["acc"])
     lo, hi = test.get("auc_ci") or (None, None)  # no CIs when evaluation.bootstrap is 0
-    row.auc_ci = (_num(lo), _num(hi))
+    row.auc_ci = (figure(lo), figure(hi))
     lo, hi = test.get("acc_ci") or (None, None)
-    row.acc_ci = (_num(lo), _num(hi))
+    row.acc_ci = (figure(lo), figure(hi))
     rates = [h["train_img_s"] for h in metrics.get("history", []) if h.get("phase") == last_phase]
     row.train_img_s = float(np.median(rates)) if rates else float("nan")
-    row.seconds = _num(metrics.get("seconds"))
+    row.seconds = figure(metrics.get("seconds"))
 
 
 def recipe_benchmark(
