@@ -10,7 +10,7 @@ import tifffile
 from medvision.io.image import (
     ImageReadError,
     RawFormat,
-    header_format,
+    check_image_header,
     is_grayscale,
     read_image_raw,
     to_channels,
@@ -179,19 +179,51 @@ def _formats(folder: Path) -> list[str]:
 
 
 def test_header_format_is_what_the_reader_gives_or_none(tmp_path: Path) -> None:
-    """The sources decide transfer dtype and input channels from every file's header: each answer must be the
-    decoder's, and a header that cannot tell (a BMP's palette, a TIFF named .png) says None, so the file is decoded."""
+    """The sources decide transfer dtype and input channels from every file's header, read by the same check that
+    finds damage: each answer must be the decoder's, and a header that cannot tell (a BMP's palette, a TIFF named
+    .png) says None, so the file is decoded."""
     for name in _formats(tmp_path):
         raw = read_image_raw(tmp_path / name)
-        found = header_format(tmp_path / name)
+        found = check_image_header(tmp_path / name)
         if name.endswith(".bmp") or name == "tiff_named.png":
             assert found is None, name
         else:
             assert found == RawFormat(raw.dtype.name, is_grayscale(raw)), name
-    assert header_format(tmp_path / "g16.png") == RawFormat("uint16", True)
-    assert header_format(tmp_path / "planar.tif") == RawFormat("uint8", False)
+    assert check_image_header(tmp_path / "g16.png") == RawFormat("uint16", True)
+    assert check_image_header(tmp_path / "planar.tif") == RawFormat("uint8", False)
     with pytest.raises(ImageReadError, match=r"gone\.png: cannot open"):
-        header_format(tmp_path / "gone.png")
+        check_image_header(tmp_path / "gone.png")
+
+
+def test_a_folder_scan_parses_each_tiff_once_and_decodes_only_what_headers_cannot_tell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan's damage check and its format come from one read of the header: a TIFF's pages were parsed twice
+    and every image opened twice. Only the BMP, whose palette decides grey or colour, is decoded."""
+    import medvision.data.sources as sources
+    import medvision.io.image as image
+    from medvision.data.sources import load_folder
+
+    (tmp_path / "a").mkdir()
+    names = _formats(tmp_path / "a")
+    parsed: list[str] = []
+    decoded: list[str] = []
+    tiff_file, read_raw = tifffile.TiffFile, sources.read_image_raw
+
+    def counting_tiff(path: object, *args: object, **kwargs: object) -> tifffile.TiffFile:
+        parsed.append(Path(str(path)).name)
+        return tiff_file(path, *args, **kwargs)
+
+    def counting_read(path: str | Path) -> np.ndarray:
+        decoded.append(Path(path).name)
+        return read_raw(path)
+
+    monkeypatch.setattr(image.tifffile, "TiffFile", counting_tiff)
+    monkeypatch.setattr(sources, "read_image_raw", counting_read)
+    table = load_folder(tmp_path, None, None)
+    tiffs = sorted(n for n in names if n.endswith(".tif") or n == "tiff_named.png")
+    assert len(table.ids) == len(names) and sorted(parsed) == tiffs
+    assert sorted(decoded) == ["g.bmp", "tiff_named.png"]
 
 
 def test_signed_16bit_tiff_maps_the_type_range_to_unit(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Literal
 
 from medvision.data.table import AuditRow, DataSourceError, Outcome
 from medvision.io.files import atomic_write
-from medvision.io.image import ImageReadError, check_image_header
+from medvision.io.image import ImageReadError, RawFormat, check_image_header
 from medvision.io.triage import read_head, redact, triage_image
 
 log = logging.getLogger("medvision")
@@ -49,20 +49,20 @@ def clean_reason(text: str, path: Path, rel: str) -> str:
     return " ".join(text.split())
 
 
-def check_image(path: Path, rel: str) -> tuple[Outcome, str]:
-    """``("used", "")`` for an image file whose header is whole, else ``("skipped" | "error", reason)``."""
+def check_image(path: Path, rel: str) -> tuple[Outcome, str, RawFormat | None]:
+    """``("used", "", format)`` for an image file whose header is whole, else ``("skipped" | "error", reason,
+    None)``; the format is :func:`~medvision.io.image.check_image_header`'s (``None`` when only decoding tells)."""
     try:
         head, size = read_head(path), path.stat().st_size
     except OSError as err:
-        return "error", f"cannot open ({type(err).__name__}: {err.strerror or err})"
+        return "error", f"cannot open ({type(err).__name__}: {err.strerror or err})", None
     verdict = triage_image(rel, head, size, dicom_note="this source reads PNG/JPEG/TIFF/BMP images")
     if verdict is not None:
-        return "error" if verdict.outcome == "error" else "skipped", verdict.reason
+        return "error" if verdict.outcome == "error" else "skipped", verdict.reason, None
     try:
-        check_image_header(path)
+        return "used", "", check_image_header(path)
     except ImageReadError as err:
-        return "error", clean_reason(str(err), path, rel)
-    return "used", ""
+        return "error", clean_reason(str(err), path, rel), None
 
 
 def counts(rows: list[AuditRow]) -> dict[str, int]:

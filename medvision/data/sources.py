@@ -36,7 +36,7 @@ from medvision.data.table import (
     read_manifest,
 )
 from medvision.io.archive import scan
-from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, RawFormat, header_format, is_grayscale, read_image_raw
+from medvision.io.image import IMAGE_SUFFIXES, ImageReadError, RawFormat, is_grayscale, read_image_raw
 from medvision.recipe import DataConfig, check_patient_regex
 from medvision.wsi.source import load_slide_table
 
@@ -134,16 +134,6 @@ def _npz_class_indices(path: Path, labels: np.ndarray, classes: list[str], ids: 
     return out
 
 
-def raw_format(path: Path) -> RawFormat:
-    """What :func:`read_image_raw` gives for ``path`` (dtype, grey), from its header when that says it exactly
-    (:func:`header_format`), else by decoding it. Raises :class:`ImageReadError`."""
-    found = header_format(path)
-    if found is not None:
-        return found
-    image = read_image_raw(path)
-    return RawFormat(image.dtype.name, is_grayscale(image))
-
-
 def decide_grayscale(origin: str, ids: list[str], formats: list[RawFormat]) -> bool:
     """Whether the model reads one channel: every image grey. Grey images among colour ones (X-rays with a few RGB
     screenshots) make it 3 channels, each grey image repeated into all three, with a warning that counts both kinds
@@ -158,12 +148,16 @@ def decide_grayscale(origin: str, ids: list[str], formats: list[RawFormat]) -> b
     return False
 
 
-def _used_format(path: Path, rel: str) -> RawFormat | str:
-    """``path``'s :func:`raw_format`, or the reason it has none (its audit error)."""
+def _used_format(path: Path, rel: str, found: RawFormat | None) -> RawFormat | str:
+    """What :func:`read_image_raw` gives for ``path`` (dtype, grey): ``found``, its header's answer
+    (:func:`~medvision.data.audit.check_image`), else by decoding it; or the reason it has none (its audit error)."""
+    if found is not None:
+        return found
     try:
-        return raw_format(path)
+        image = read_image_raw(path)
     except ImageReadError as err:
         return clean_reason(str(err), path, rel)
+    return RawFormat(image.dtype.name, is_grayscale(image))
 
 
 UNLABELLED = "unlabelled"
@@ -223,8 +217,8 @@ def load_folder(root: Path, classes: list[str] | None, patient_regex: str | None
             audit.append(AuditRow(rel, "skipped", "no label: not in a class folder"))
             continue
         p = root / rel
-        outcome, reason = check_image(p, rel)
-        fmt = _used_format(p, rel) if outcome == "used" else reason
+        outcome, reason, header = check_image(p, rel)
+        fmt = _used_format(p, rel, header) if outcome == "used" else reason
         if isinstance(fmt, str):
             audit.append(AuditRow(rel, outcome if outcome != "used" else "error", fmt))
             continue
@@ -285,8 +279,8 @@ def load_csv(path: Path, classes: list[str] | None, labelled: bool = True) -> Sa
         split = check_split(row.get("split"), where)
         all_splits.append(split)
         shown = str(full.relative_to(base)) if full.is_relative_to(base) else rel
-        outcome, reason = check_image(full, shown) if full.is_file() else ("error", "file not found")
-        found = _used_format(full, shown) if outcome == "used" else reason
+        outcome, reason, header = check_image(full, shown) if full.is_file() else ("error", "file not found", None)
+        found = _used_format(full, shown, header) if outcome == "used" else reason
         if isinstance(found, str):  # the manifest lists it as an image: anything else is an error
             audit.append(AuditRow(shown, "error", f"{path.name}, line {line}: {found}"))
             continue

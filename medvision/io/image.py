@@ -105,32 +105,56 @@ def jpeg_is_whole(data: bytes) -> bool:
     return False
 
 
-def check_image_header(path: str | Path) -> None:
-    """Checks, without decoding pixels, that a PNG/JPEG/TIFF/BMP file is whole; raises :class:`ImageReadError`.
+class RawFormat(NamedTuple):
+    """What :func:`read_image_raw` gives for a file: its pixels' dtype name and whether it is grey (one channel)."""
+
+    dtype: str
+    grey: bool
+
+
+#: PNG colour type -> grey: 0 is grey (OpenCV ignores its tRNS chunk); palette, RGB and the alpha types are colour
+_PNG_GREY = {0: True, 2: False, 3: False, 4: False, 6: False}
+#: JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC), which hold the sample precision and component count
+_JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+
+
+def check_image_header(path: str | Path) -> RawFormat | None:
+    """Checks, without decoding pixels, that a PNG/JPEG/TIFF/BMP file is whole, and returns the :class:`RawFormat`
+    :func:`read_image_raw` will give for it, read from the same header; raises :class:`ImageReadError`.
 
     PNG: every chunk's CRC (PIL ``verify``): a truncated file or a changed byte is found. JPEG: the header
     parses and the stream reaches its end-of-image marker (:func:`jpeg_is_whole`; a file cut short does not).
     TIFF: the pages parse and their strips or tiles lie inside the file. BMP: the header parses. Not found here:
     damage inside a JPEG's or TIFF's compressed data; that file fails when it is decoded.
+
+    The format: PNG from the IHDR bit depth (16 is uint16, 1 to 8 are uint8) and colour type; JPEG from the
+    start-of-frame precision and component count; TIFF from the first page's dtype and samples a pixel (palette
+    images are read as 8-bit RGB). ``None`` when the header cannot say it exactly (a BMP, whose palette decides
+    whether OpenCV reads it grey; a JPEG of other than 8-bit samples; a TIFF not named ``.tif``, which OpenCV
+    decodes) and the caller decodes the file to know. The sources decide ``data.transfer: auto`` and the input
+    channels from every file this way, opening each once.
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    jpeg: RawFormat | None = None
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
+            head = fh.read(32)
             size = fh.seek(0, 2)
             fh.seek(max(0, size - 2))
             ends = fh.read(2) == b"\xff\xd9"  # nearly every JPEG: the rest of the file is not read
             fh.seek(0)
             whole = fh.read() if head.startswith(b"\xff\xd8\xff") and not ends else b""
+            if head.startswith(b"\xff\xd8\xff"):
+                jpeg = _jpeg_format(fh)
     except OSError as err:
         raise ImageReadError(f"{path}: cannot open ({type(err).__name__}: {err.strerror or err})") from None
     is_tiff = head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
     if suffix in (".tif", ".tiff") or is_tiff:
         if not is_tiff:
             raise ImageReadError(f"{path}: suffix {suffix} but no TIFF header; expected a TIFF file")
-        _check_tiff(path, size)
-        return
+        found = _check_tiff(path, size)
+        return found if suffix in (".tif", ".tiff") else None  # OpenCV decodes a TIFF named otherwise
     from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin
 
     plugins: dict[bytes, Any] = {
@@ -146,60 +170,23 @@ def check_image_header(path: str | Path) -> None:
             img.verify()
     except Exception as err:
         raise ImageReadError(f"{path}: damaged {plugin.format} file ({type(err).__name__}: {err})") from None
-    if plugin is JpegImagePlugin.JpegImageFile and not ends and not jpeg_is_whole(whole):
-        raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
+    if plugin is JpegImagePlugin.JpegImageFile:
+        if not ends and not jpeg_is_whole(whole):
+            raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
+        return jpeg
+    if plugin is PngImagePlugin.PngImageFile:
+        return _png_format(path, head)
+    return None
 
 
-class RawFormat(NamedTuple):
-    """What :func:`read_image_raw` gives for a file: its pixels' dtype name and whether it is grey (one channel)."""
-
-    dtype: str
-    grey: bool
-
-
-#: PNG colour type -> grey: 0 is grey (OpenCV ignores its tRNS chunk); palette, RGB and the alpha types are colour
-_PNG_GREY = {0: True, 2: False, 3: False, 4: False, 6: False}
-#: JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC), which hold the sample precision and component count
-_JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
-
-
-def header_format(path: str | Path) -> RawFormat | None:
-    """The :class:`RawFormat` of an image, read from its header without decoding pixels; ``None`` when the header
-    cannot say it exactly (a BMP, whose palette decides whether OpenCV reads it grey; a JPEG of other than 8-bit
-    samples; a TIFF not named ``.tif``), and the caller decodes the file to know.
-
-    PNG: the IHDR bit depth (16 is uint16, 1 to 8 are uint8) and colour type; JPEG: the start-of-frame precision
-    and component count; TIFF: the first page's dtype and samples a pixel (palette images are read as 8-bit RGB).
-    The sources use it to decide ``data.transfer: auto`` and the input channels from every file, not from a few.
-
-    Raises:
-        ImageReadError: the file cannot be opened or its header is damaged; the message names the file.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(32)
-            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 26:
-                depth, kind = head[24], head[25]
-                if depth not in (1, 2, 4, 8, 16) or kind not in _PNG_GREY:
-                    expected = "expected bit depth 1, 2, 4, 8 or 16 and colour type 0, 2, 3, 4 or 6"
-                    raise ImageReadError(f"{path}: PNG header has bit depth {depth}, colour type {kind}; {expected}")
-                return RawFormat("uint16" if depth == 16 else "uint8", _PNG_GREY[kind])
-            if head.startswith(b"\xff\xd8\xff"):
-                return _jpeg_format(fh)
-    except OSError as err:
-        raise ImageReadError(f"{path}: cannot open ({type(err).__name__}: {err.strerror or err})") from None
-    is_tiff = head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
-    if not is_tiff or path.suffix.lower() not in (".tif", ".tiff"):  # OpenCV decodes a TIFF named otherwise
-        return None
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
-            if tifffile.PHOTOMETRIC(page.photometric) == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
-                return RawFormat("uint8", False)
-            return RawFormat(np.dtype(page.dtype).name, int(page.samplesperpixel) == 1)
-    except Exception as err:
-        raise ImageReadError(f"{path}: damaged TIFF file ({type(err).__name__}: {err})") from None
+def _png_format(path: Path, head: bytes) -> RawFormat:
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        raise ImageReadError(f"{path}: PNG whose first chunk is {head[12:16]!r}; expected IHDR")
+    depth, kind = head[24], head[25]
+    if depth not in (1, 2, 4, 8, 16) or kind not in _PNG_GREY:
+        expected = "expected bit depth 1, 2, 4, 8 or 16 and colour type 0, 2, 3, 4 or 6"
+        raise ImageReadError(f"{path}: PNG header has bit depth {depth}, colour type {kind}; {expected}")
+    return RawFormat("uint16" if depth == 16 else "uint8", _PNG_GREY[kind])
 
 
 def _jpeg_format(fh: Any) -> RawFormat | None:
@@ -258,12 +245,18 @@ def _tiff_pixels(tif: tifffile.TiffFile) -> np.ndarray:
     return arr
 
 
-def _check_tiff(path: Path, size: int) -> None:
+def _check_tiff(path: Path, size: int) -> RawFormat:
+    """That a TIFF is one usable image whose strips or tiles lie inside the file; its first page's format."""
     try:
         with tifffile.TiffFile(path) as tif:
             ends = [int(o) + int(n) for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts,
                                                                             strict=False)]  # fmt: skip
             _one_image(path, tif)
+            page = tif.pages.first
+            if tifffile.PHOTOMETRIC(page.photometric) == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+                found = RawFormat("uint8", False)
+            else:
+                found = RawFormat(np.dtype(page.dtype).name, int(page.samplesperpixel) == 1)
     except ImageReadError:
         raise
     except Exception as err:
@@ -271,6 +264,7 @@ def _check_tiff(path: Path, size: int) -> None:
     if ends and max(ends) > size:
         raise ImageReadError(f"{path}: TIFF image data runs to byte {max(ends):,} but the file has {size:,}; "
                              "the file is cut short")  # fmt: skip
+    return found
 
 
 def to_unit_range(image: np.ndarray, mode: Intensity = "dtype") -> np.ndarray:
