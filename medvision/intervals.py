@@ -236,16 +236,27 @@ def share_ci(hits: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
         return math.nan, math.nan
     if not clustered(groups):
         return proportion_ci(int(h.sum()), len(h), level)
+    n_eff = effective_n(h, groups, bootstrap, level)
+    return proportion_ci(float(h.mean()) * n_eff, n_eff, level)
+
+
+def effective_n(hits: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
+                bootstrap: tuple[float, float] | None = None, level: float = 0.95) -> float:  # fmt: skip
+    """The number of independent cases the share of ``hits`` is worth (:func:`share_ci`): all of them without
+    ``groups``; grouped, ``p (1 - p) / se^2`` from the cluster ``bootstrap`` interval, kept between the number of
+    groups and of cases, and the number of groups where the bootstrap cannot tell."""
+    h = np.asarray(hits, dtype=bool).ravel()
+    if not clustered(groups):
+        return float(len(h))
     assert groups is not None
     units, p = len(set(np.asarray(groups).ravel().tolist())), float(h.mean())
-    n_eff = float(units)
     if bootstrap is not None and all(math.isfinite(v) for v in bootstrap) and 0.0 < p < 1.0:
         from scipy.stats import norm
 
         se = (bootstrap[1] - bootstrap[0]) / (2 * float(norm.ppf(0.5 + level / 2)))
         if se > 0:
-            n_eff = min(max(p * (1 - p) / (se * se), float(units)), float(len(h)))
-    return proportion_ci(p * n_eff, n_eff, level)
+            return min(max(p * (1 - p) / (se * se), float(units)), float(len(h)))
+    return float(units)
 
 
 Rate = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -306,6 +317,42 @@ def accuracy_ci(y: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int, l
     at the effective sample size the unstratified patient bootstrap tells): what ``compare`` and the MIL report
     quote beside ``evaluation``'s."""
     return proportion_cis(y, probs, {"acc": accuracy_rate}, {"acc"}, n_resamples, seed, level, groups)["acc"]
+
+
+def recall_rate(k: int) -> Rate:
+    """Class ``k``'s recall as a :data:`Rate`: its cases are in the denominator, a hit where the arg-max is ``k``."""
+
+    def rate(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(y).ravel() == k, np.asarray(p).argmax(axis=1) == k
+
+    return rate
+
+
+def balanced_accuracy_ci(y: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int, level: float,
+                         groups: Sequence[Any] | None) -> tuple[float, float]:  # fmt: skip
+    """The CI of a balanced accuracy (the mean of the ``K`` classes' recalls), never zero-wide: Wilson's interval
+    at the effective sample size of a mean of proportions, ``K^2 / sum_k 1 / n_k``, ``n_k`` each class's cases (or,
+    with several images a patient, the effective number :func:`effective_n` takes from the class's stratified
+    cluster bootstrap). With equal recalls its variance is exactly that of a proportion of that many cases; two
+    classes of n cases each make it 2n, the accuracy's, and a rare class makes it small, as it makes the balanced
+    accuracy uncertain. A stratified percentile bootstrap holds each class's count fixed, so a head that gets every
+    slide right has the point [1, 1]. NaN, NaN when some class has no case (the metric is undefined)."""
+    y, probs = np.asarray(y).ravel(), np.asarray(probs)
+    rates = {f"recall_{k}": recall_rate(k) for k in range(probs.shape[1])}
+    if any(not rate(y, probs)[0].any() for rate in rates.values()):
+        return math.nan, math.nan
+    boot: dict[str, tuple[float, float]] = {}
+    if clustered(groups):
+        fns = {name: share(rate) for name, rate in rates.items()}
+        boot = bootstrap_cis(y, probs, fns, n_resamples, seed, level, stratify=True, groups=groups)
+    recalls, inverse = [], 0.0
+    for name, rate in rates.items():
+        mask, hit = rate(y, probs)
+        recalls.append(float(hit[mask].mean()))
+        inverse += 1.0 / effective_n(hit[mask], None if groups is None else np.asarray(groups)[mask],
+                                     boot.get(name), level)  # fmt: skip
+    n_eff = len(rates) ** 2 / inverse
+    return proportion_ci(float(np.mean(recalls)) * n_eff, n_eff, level)
 
 
 def ci_methods(groups: Sequence[Any] | None) -> dict[str, str]:

@@ -189,6 +189,37 @@ def test_share_ci_is_wilson_for_independent_cases_and_at_the_effective_sample_si
     assert all(np.isnan(share_ci(np.zeros(0, bool))))
 
 
+def test_balanced_accuracy_ci_is_a_proportions_never_zero_wide_and_covers() -> None:
+    """A mean of K recalls is worth K^2 / sum 1/n_k cases: 2n for two classes of n (the accuracy's Wilson interval);
+    a head right on every case gets Wilson's interval, not the stratified bootstrap's point [1, 1]; a rare class
+    widens it; and over simulated cohorts the 95% interval holds the true balanced accuracy about 95% of the time."""
+    from medvision.intervals import balanced_accuracy_ci
+
+    y = np.r_[np.zeros(20, int), np.ones(20, int)]
+    perfect = 5 * np.eye(2)[y]
+    assert balanced_accuracy_ci(y, perfect, 0, 0, 0.95, None) == pytest.approx(_wilson(40, 40))
+    half = perfect.copy()
+    half[[0, 1, 2, 20, 21, 22]] = half[[0, 1, 2, 20, 21, 22]][:, ::-1]  # 17 of 20 right in each class
+    assert balanced_accuracy_ci(y, half, 0, 0, 0.95, None) == pytest.approx(_wilson(34, 40))
+    rare = np.r_[np.zeros(90, int), np.ones(10, int)]  # n_eff = 4 / (1/90 + 1/10) = 36
+    assert balanced_accuracy_ci(rare, 5 * np.eye(2)[rare], 0, 0, 0.95, None) == pytest.approx(_wilson(36, 36))
+    three = np.r_[np.zeros(5, int), np.ones(5, int)]
+    assert all(np.isnan(balanced_accuracy_ci(three, 5 * np.eye(3)[three], 0, 0, 0.95, None)))  # a class absent
+    # 12 patients of 3 slides each, every slide right: the bootstrap cannot tell, so each class counts patients
+    patients = np.repeat(np.arange(12), 3)
+    y3 = np.repeat(np.arange(12) % 2, 3)
+    assert balanced_accuracy_ci(y3, 5 * np.eye(2)[y3], 100, 0, 0.95, patients) == pytest.approx(_wilson(12, 12))
+    rng, hits = np.random.default_rng(0), 0
+    recall = np.array([0.9, 0.6, 0.75])
+    for _ in range(400):
+        yy = rng.choice(3, 120, p=[0.6, 0.3, 0.1])
+        right = rng.random(120) < recall[yy]
+        pred = np.where(right, yy, (yy + rng.integers(1, 3, 120)) % 3)
+        low, high = balanced_accuracy_ci(yy, np.eye(3)[pred], 0, 0, 0.95, None)
+        hits += low <= recall.mean() <= high
+    assert 0.91 <= hits / 400 <= 0.99
+
+
 def _split(labels: np.ndarray, logits: np.ndarray, groups: list[str]) -> SplitOutputs:
 
     return SplitOutputs(logits.astype(np.float32), labels, groups)

@@ -239,15 +239,24 @@ def read_patients(run: RunPredictions) -> Patients | str:
     return Patients(groups, "slide", cfg.patient_aggregate, cfg.top_k, [patient_of[i] for i in run.ids])
 
 
+def agreed_patients(found: list[Patients | str]) -> Patients | str:
+    """The first run's :class:`Patients` when every run whose data tell them gives the same image groups, or why
+    not (no run's data tell them; they disagree)."""
+    known = [p for p in found if isinstance(p, Patients)]
+    if not known:
+        return next(p for p in found if isinstance(p, str))
+    if any(p.groups != known[0].groups for p in known[1:]):
+        return "the runs' data assign some images to different patients"
+    return known[0]
+
+
 def image_groups(found: list[Patients | str]) -> tuple[list[str] | None, str]:
     """Each image's patient, what the image-level bootstrap draws whole, from whichever runs' data tell it (the
     runs hold the same images), whether or not a patient level can be built; or None and why not."""
-    known = [p for p in found if isinstance(p, Patients)]
-    if not known:
-        return None, next(p for p in found if isinstance(p, str))
-    if any(p.groups != known[0].groups for p in known[1:]):
-        return None, "the runs' data assign some images to different patients"
-    return bootstrap_groups(known[0].groups, known[0].patients, "image"), ""
+    ref = agreed_patients(found)
+    if isinstance(ref, str):
+        return None, ref
+    return bootstrap_groups(ref.groups, ref.patients, "image"), ""
 
 
 def patient_level(runs: list[RunPredictions], labels: np.ndarray, found: list[Patients | str]) -> Level | str:
@@ -261,9 +270,9 @@ def patient_level(runs: list[RunPredictions], labels: np.ndarray, found: list[Pa
             return (f"{run.name} makes slide probabilities with an attention head (patient_aggregate abmil), which "
                     "predictions.csv does not hold")  # fmt: skip
     known = [p for p in found if isinstance(p, Patients)]
-    ref = known[0]
-    if any(p.groups != ref.groups for p in known[1:]):
-        return "the runs' data assign some images to different patients"
+    ref = agreed_patients(found)
+    if isinstance(ref, str):
+        return ref
     if len(set(ref.groups)) == len(ref.groups):
         return f"every {ref.unit} has one image here, so the {ref.unit} level equals the image level"
     positives = {run.name: run.positive for run in runs}

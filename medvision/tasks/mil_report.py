@@ -4,7 +4,9 @@ Three views, all on out-of-fold predictions (a slide is only ever predicted by t
 patient):
 
 - every fold: its metrics with stratified bootstrap CIs, accuracy's as ``evaluate`` makes it
-  (:func:`~medvision.intervals.accuracy_ci`) (few slides a fold: the CIs are wide, and say so);
+  (:func:`~medvision.intervals.accuracy_ci`) and balanced accuracy's as a proportion's too
+  (:func:`~medvision.intervals.balanced_accuracy_ci`), so neither is ever zero-wide (few slides a fold: the CIs
+  are wide, and say so);
 - across folds: the mean ± SD of each fold metric (how much the result depends on the split), with a
   t-interval of the mean over the k folds, clipped to the metric's range (:func:`fold_summary`);
 - pooled: the metric of all out-of-fold predictions together, with its bootstrap CI.
@@ -32,7 +34,7 @@ import numpy as np
 
 from medvision.data.slide_features import FeatureCohort
 from medvision.evaluation import positive_index
-from medvision.intervals import accuracy_ci, bootstrap_cis, mean_ci
+from medvision.intervals import accuracy_ci, balanced_accuracy_ci, bootstrap_cis, mean_ci
 from medvision.metrics import (
     NEEDS_EVERY_CLASS,
     MetricWarning,
@@ -66,6 +68,9 @@ def metric_functions(continuous: bool) -> dict[str, Callable[[np.ndarray, np.nda
     return {"auc": compute_auc, "acc": compute_accuracy, "balanced_acc": _balanced}
 
 
+#: Metrics whose CI is a proportion's (Wilson's interval, at an effective sample size), not a percentile bootstrap
+PROPORTIONS = ("acc", "balanced_acc")
+
 #: The range each metric can take: a t-interval of the fold mean is clipped to it (an AUC interval never
 #: reaches past 1, an MSE interval never below 0).
 METRIC_RANGE = {"auc": (0.0, 1.0), "acc": (0.0, 1.0), "balanced_acc": (0.0, 1.0), "mse": (0.0, math.inf),
@@ -93,11 +98,12 @@ def _with_cis(y: np.ndarray, p: np.ndarray, patients: list[str], continuous: boo
         warnings.simplefilter("ignore", MetricWarning)
         row: dict[str, Any] = {"n": len(y), **{k: fn(y, p) for k, fn in fns.items()}}
         if cfg.bootstrap and len(y) > 1:
-            boot = {k: fn for k, fn in fns.items() if k != "acc"}  # accuracy, a proportion: its own CI below
+            boot = {k: fn for k, fn in fns.items() if k not in PROPORTIONS}  # proportions: their own CIs below
             cis = bootstrap_cis(y, p, boot, cfg.bootstrap, seed, cfg.ci_level, stratify=not continuous,
                                 groups=patients)  # fmt: skip
-            if "acc" in fns:  # never a zero-wide percentile interval, the class mix not held fixed
+            if not continuous:  # never a zero-wide percentile interval (a head right on every slide)
                 cis["acc"] = accuracy_ci(y, p, cfg.bootstrap, seed, cfg.ci_level, patients)
+                cis["balanced_acc"] = balanced_accuracy_ci(y, p, cfg.bootstrap, seed, cfg.ci_level, patients)
             row.update({f"{k}_ci": list(v) for k, v in cis.items()})
     return row
 
