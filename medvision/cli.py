@@ -196,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="PNG/JPEG/TIFF or DICOM files (default: the test split's most confident errors)")  # fmt: skip
     p.add_argument("--method", choices=["gradcam", "gradcam++"], help="default: the recipe's evaluation.explain_method")
     p.add_argument("--target", metavar="CLASS", help="class to explain (default: the predicted class)")
-    p.add_argument("-n", type=int, help="errors of each kind to show (default: the recipe's evaluation.explain)")
+    p.add_argument("-n", type=_positive, help="errors of each kind to show, at least 1 (default: the recipe's "
+                   "evaluation.explain)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/explain)")
 
     p = sub.add_parser("benchmark", help="speed of timm backbones, one recipe's accuracy across backbones, or its "
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = args.out or args.run_dir / "explain"
             if args.images:
-                written = explain_images(args.run_dir, args.images, out, args.method or "gradcam", args.target)
+                written = explain_images(args.run_dir, args.images, out, args.method, args.target)
             elif args.target:
                 raise RunError("--target applies to --images; the error panel explains each image's predicted class")
             else:

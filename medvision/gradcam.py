@@ -3,8 +3,10 @@
 The target layer needs no configuration: it is the output of ``model.forward_features`` (the last
 convolutional stage, the feature map that ``model.forward_head`` pools and classifies). Taking the
 feature map as a detached leaf and differentiating only ``forward_head`` gives exact class-score
-gradients without hooks, and works when every parameter is frozen. Vision transformers return
-tokens, not a (B, C, H, W) map, and are refused with :class:`ExplainError`.
+gradients without hooks, and works when every parameter is frozen. Some timm models (Swin, SwinV2,
+MambaOut: ``model.output_fmt == "NHWC"``) give that map channels-last; it is permuted to
+(B, C, H, W) for the CAM and handed back channels-last to ``forward_head``, which expects it so.
+Vision transformers return tokens, not a map, and are refused with :class:`ExplainError`.
 
 ``medvision explain RUN_DIR --images ...`` lands in :func:`explain_images`, which reads each image
 through the run's own preprocessing and overlays the heatmap on the image the model actually saw.
@@ -55,6 +57,33 @@ def check_method(method: str) -> Method:
     return cast(Method, method)
 
 
+def channels_last(model: nn.Module) -> bool:
+    """Whether ``forward_features`` gives (B, H, W, C) rather than (B, C, H, W).
+
+    timm records this as ``output_fmt``: a plain string in recent releases, a ``Format`` enum (a ``str``
+    subclass whose ``value`` is the string) in others. Reading the map as (B, C, H, W) when it is
+    channels-last gives a meaningless CAM with no error, so the attribute is trusted, not the shape.
+    """
+    fmt = getattr(model, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt)).upper() == "NHWC"
+
+
+def coarse_note(grid: tuple[int, int], size: tuple[int, int]) -> str | None:
+    """A caption warning for heatmaps drawn from fewer than 4 x 4 feature cells, else ``None``.
+
+    A 64-pixel input to a stride-32 model leaves a 2 x 2 map: the upsampled heatmap is then a smooth
+    blend of four numbers, and a reader should not look for structure in it.
+
+    Examples:
+        >>> coarse_note((2, 2), (64, 64))
+        '2×2 feature map at 64 px: coarse'
+    """
+    if min(grid) >= 4:
+        return None
+    px = f"{size[0]} px" if size[0] == size[1] else f"{size[0]}×{size[1]} px"
+    return f"{grid[0]}×{grid[1]} feature map at {px}: coarse"
+
+
 def _weights(acts: torch.Tensor, grads: torch.Tensor, method: Method) -> torch.Tensor:
     """Per-channel weights (B, C) of the feature map for one class score."""
     if method == "gradcam":
@@ -68,8 +97,9 @@ def _weights(acts: torch.Tensor, grads: torch.Tensor, method: Method) -> torch.T
 
 def cams_and_logits(
     model: nn.Module, images: torch.Tensor, target: torch.Tensor | None, method: Method
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Heatmaps (B, H, W) in [0, 1] and the logits (B, K) of one forward pass."""
+) -> tuple[np.ndarray, torch.Tensor, tuple[int, int]]:
+    """Heatmaps (B, H, W) in [0, 1], the logits (B, K) of one forward pass, and the feature map's
+    (rows, columns), so a caller can say how coarse the heatmaps are (:func:`coarse_note`)."""
     if images.ndim != 4:
         raise ExplainError(f"images must be a (B, C, H, W) batch, got shape {tuple(images.shape)}")
     timm_model: Any = model
@@ -88,9 +118,11 @@ def cams_and_logits(
                 f"{type(model).__name__}: forward_features gave {shape}, not a (B, C, H, W) feature map; "
                 "Grad-CAM needs a CNN (vision transformers return tokens)"
             )
+        nhwc = channels_last(model)
         with torch.enable_grad():
-            feats = feats.detach().float().requires_grad_(True)
-            logits = timm_model.forward_head(feats)
+            # the leaf is always (B, C, H, W); a channels-last head gets a permuted view of it
+            feats = (feats.permute(0, 3, 1, 2) if nhwc else feats).detach().float().requires_grad_(True)
+            logits = timm_model.forward_head(feats.permute(0, 2, 3, 1) if nhwc else feats)
             if target is None:
                 target = logits.argmax(dim=1)
             target = torch.as_tensor(target, device=logits.device).long().reshape(-1)
@@ -107,10 +139,14 @@ def cams_and_logits(
             m.train(was_training)
     acts = feats.detach()
     cam = F.relu((_weights(acts, grads, method)[:, :, None, None] * acts).sum(dim=1, keepdim=True))
+    grid = (int(cam.shape[-2]), int(cam.shape[-1]))
     cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    cam = torch.where(peak > 0, cam / torch.where(peak > 0, peak, torch.ones_like(peak)), 0.0)
-    return cam.clamp(0, 1).cpu().numpy().astype(np.float32), logits.detach()
+    # min-max per map, as common Grad-CAM tooling does: dividing by the peak alone left a 2 x 2 map
+    # whose four cells were all positive as a near-uniform wash
+    low = cam.amin(dim=(1, 2), keepdim=True)
+    span = cam.amax(dim=(1, 2), keepdim=True) - low
+    cam = torch.where(span > 0, (cam - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    return cam.clamp(0, 1).cpu().numpy().astype(np.float32), logits.detach(), grid
 
 
 def grad_cam(
@@ -118,10 +154,11 @@ def grad_cam(
 ) -> np.ndarray:
     """Class-activation heatmaps (B, H, W), float32 in [0, 1], at the input's resolution.
 
-    ``target`` is one class index per image (default: the predicted class). Each map is divided by
-    its own maximum, so maps show where, not how strongly; a map with no positive evidence stays all
-    zero. The model runs in eval mode and fp32 (autocast would round the gradients), and each of its
-    modules gets its train/eval mode back afterwards.
+    ``target`` is one class index per image (default: the predicted class). Each map is scaled by
+    its own minimum and maximum to [0, 1], so maps show where, not how strongly; a constant map
+    (no positive evidence, or a single feature cell) is all zero. The model runs in eval mode and
+    fp32 (autocast would round the gradients), and each of its modules gets its train/eval mode
+    back afterwards.
 
     The map has one value per feature cell (3 x 3 for a 96-pixel input to a stride-32 CNN), which
     bilinear upsampling places at the cell's centre. A cell's receptive field is not centred there

@@ -30,9 +30,11 @@ from medvision.evaluation import (
 )
 from medvision.gradcam import (
     ExplainError,
+    cams_and_logits,
+    check_method,
+    coarse_note,
     confident_errors,
     display_image,
-    grad_cam,
     overlay,
 )
 from medvision.metrics import softmax
@@ -69,6 +71,9 @@ def explain_panel(
     """Grad-CAM overlays of the split's most confident false positives and negatives (or wrong classes).
 
     One ``((index, kind, confidence), overlay, title)`` per image; none when the split has no errors.
+    Heatmaps from fewer than 4 x 4 feature cells (a small image through a stride-32 model) say so in
+    each title (:func:`~medvision.gradcam.coarse_note`): such a map is a blend of a few numbers, and
+    the panel's only caption a reader sees beside each picture is its title.
 
     Raises:
         ExplainError: Grad-CAM cannot be computed for this model.
@@ -81,10 +86,12 @@ def explain_panel(
         return []
     images = normalize_batch(torch.stack([ds[i][0] for i, _, _ in chosen]).to(device), bundle.mean, bundle.std)
     target = torch.as_tensor([int(probs[i].argmax()) for i, _, _ in chosen], device=device)
-    heat = grad_cam(bundle.model, images, target, cfg.explain_method)
+    heat, _, grid = cams_and_logits(bundle.model, images, target, check_method(cfg.explain_method))
+    note = coarse_note(grid, (int(images.shape[-2]), int(images.shape[-1])))
     panel = []
     for (i, kind, conf), img, h in zip(chosen, images, heat, strict=True):
         title = f"{kind}: {classes[int(out.labels[i])]} → {classes[int(probs[i].argmax())]} ({conf:.2f})"
+        title += f"; {note}" if note else ""
         panel.append(((i, kind, conf), overlay(display_image(img, bundle.mean, bundle.std), h), title))
     return panel
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 
+from medvision.cli import main
 from medvision.data.transforms import build_transforms
 from medvision.gradcam import ExplainError, confident_errors, display_image, grad_cam, overlay, target_layer_name
 from medvision.inference import load_run
 from medvision.recipe import recipe_from_dict
-from medvision.tasks.explain import explain_images, load_input
+from medvision.tasks.explain import explain_errors, explain_images, load_input
 from medvision.tasks.train import train
 
 SIZE = 96
@@ -158,6 +161,34 @@ def test_explain_images_writes_overlays_and_a_table(square_run: Path, held_out: 
     with pytest.raises(ExplainError, match="method 'cam'"):
         explain_images(square_run, paths, tmp_path / "x", method="cam")
     assert json.loads((square_run / "run.json").read_text())["classes"] == ["empty", "square"]
+
+
+def test_explain_images_defaults_to_the_recipes_method(square_run: Path, held_out: list[tuple[Path, str, Box | None]],
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    """``explain --images`` without --method uses evaluation.explain_method, as --help says (it used gradcam)."""
+    run = tmp_path / "run"
+    shutil.copytree(square_run, run)
+    tree = yaml.safe_load((run / "recipe.yaml").read_text())
+    tree.setdefault("evaluation", {})["explain_method"] = "gradcam++"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    image = held_out[0][0]
+    assert main(["explain", str(run), "--images", str(image), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "img000_gradcam++.png").is_file()
+    assert [r["method"] for r in csv.DictReader((tmp_path / "out" / "explain.csv").open())] == ["gradcam++"]
+    # an explicit --method still wins
+    assert main(["explain", str(run), "--images", str(image), "--out", str(tmp_path / "b"), "--method", "gradcam"]) == 0
+    assert (tmp_path / "b" / "img000_gradcam.png").is_file()
+
+
+@pytest.mark.parametrize("n", ["-1", "0", "two"])
+def test_explain_refuses_n_below_one(n: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-1 used to keep all but the last error of each kind and 0 silently became the recipe's count."""
+    with pytest.raises(SystemExit) as stop:
+        main(["explain", str(tmp_path), "-n", n])
+    assert stop.value.code == 2
+    assert f"argument -n: {n!r}: expected a whole number >= 1" in capsys.readouterr().err
+    with pytest.raises(ExplainError, match=r"n is 0; expected at least 1"):  # the library, before reading the run
+        explain_errors(tmp_path / "no_such_run", n=0)
 
 
 def test_explain_gives_the_runs_own_calibrated_tta_probability(tiles_manifest: Path, tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 The Grad-CAM maths (target layer, weights, overlays, choosing the errors) is shared with the report's
 error panel and lives in :mod:`medvision.gradcam`; this task reads the images as the run was trained
-(DICOM windows included) and writes the PNGs, a panel and a CSV with item ids only, no patient identifiers.
+(DICOM windows included) and writes the PNGs, a panel and a CSV. errors.csv names images by their ids as
+predictions.csv does (paths or npz indices, which name a patient where file or folder names do) and explain.csv
+by the paths given, so like predictions.csv they are local files; the error overlays are named by rank and kind,
+the given images' overlays by their file stems. Nothing is read from DICOM headers into any of them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from medvision.gradcam import (
     ExplainError,
     cams_and_logits,
     check_method,
+    coarse_note,
     display_image,
     overlay,
     target_layer_name,
@@ -51,17 +55,26 @@ def explain_errors(
 ) -> list[Path]:
     """Grad-CAM overlays of a run's most confident errors on one split, one PNG each plus a panel.
 
-    Writes ``<out>/errors.csv`` (item id, label, call, confidence, kind, file): item ids only, no
-    patient identifiers. Returns the PNG paths, the panel last; none (and a header-only CSV) when
-    the model makes no error on the split.
+    Writes ``<out>/errors.csv`` (id, label, call, confidence, kind, file). ``id`` is the image's id as
+    in predictions.csv (its path, or npz split and index), which can name a patient where file or folder
+    names do: keep the CSV as local as predictions.csv. The overlays are named by rank, kind and method
+    only (``00_false_positive_gradcam.png``), never by image. Returns the PNG paths, the panel last;
+    none (and a header-only CSV) when the model makes no error on the split.
+
+    ``method`` and ``n`` (errors of each kind, at least 1) default to the recipe's
+    ``evaluation.explain_method`` and ``evaluation.explain``.
 
     Raises:
         ExplainError: Grad-CAM cannot be computed for this model.
     """
+    if n is not None and n < 1:
+        raise ExplainError(f"n is {n}; expected at least 1 error of each kind to explain")
+    if method is not None:
+        check_method(method)
     device, recipe, meta, bundle, table, split = open_split(run_dir, None, None, split)
     method = method or recipe.evaluation.explain_method
     cfg = recipe.evaluation.model_copy(
-        update={"explain": n or recipe.evaluation.explain or 4, "explain_method": method}
+        update={"explain": n if n is not None else recipe.evaluation.explain or 4, "explain_method": method}
     )
     workers = resolve_workers(recipe.data.num_workers, device)
     got = split_outputs(bundle, recipe, table, split, device, workers)
@@ -120,9 +133,13 @@ def _unique_name(stem: str, method: str, used: set[str]) -> str:
 
 
 def explain_images(
-    run_dir: Path, paths: list[Path], out: Path, method: str = "gradcam", target_class: str | None = None
+    run_dir: Path, paths: list[Path], out: Path, method: str | None = None, target_class: str | None = None
 ) -> list[Path]:
     """Writes a heatmap overlay ``<out>/<stem>_<method>.png`` per image, plus ``<out>/explain.csv``.
+
+    ``method`` defaults to the recipe's ``evaluation.explain_method``, as for the error panel. An
+    overlay's name carries its input's file stem and ``explain.csv`` its path, so where file names
+    name patients these outputs do too, as the inputs themselves do.
 
     Each image goes through the run's own preprocessing; the heatmap (for ``target_class``, else the
     predicted class) is drawn over that preprocessed input, so it lines up with what the model saw.
@@ -135,8 +152,11 @@ def explain_images(
         >>> explain_images(Path("runs/chest"), [Path("cxr1.dcm")], Path("explain"), method="gradcam++")
     """
 
-    checked = check_method(method)
+    if method is not None:
+        check_method(method)  # before loading the model: a typo fails at once
     recipe, meta, bundle = load_run(run_dir, resolve_device("auto"))
+    method = method or recipe.evaluation.explain_method
+    checked = check_method(method)
     classes: list[str] = meta["classes"]
     temperature = float((meta.get("decision") or {}).get("temperature") or 1.0)
     # the function score runs: normalise, each test-time view's softmax of logits / T, averaged over the views
@@ -153,6 +173,7 @@ def explain_images(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     used: set[str] = set()
+    noted = False
     with (out / "explain.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
@@ -168,7 +189,11 @@ def explain_images(
             x = calibrated.normalise(raw)[0]
             pred = int(probs.argmax())
             target = torch.tensor([pred if target_class is None else classes.index(target_class)])
-            heat, _ = cams_and_logits(bundle.model, x[None], target, checked)
+            heat, _, grid = cams_and_logits(bundle.model, x[None], target, checked)
+            note = coarse_note(grid, (int(x.shape[-2]), int(x.shape[-1])))
+            if note and not noted:  # one line for the batch: every image has the run's size
+                log.warning("heatmaps from a %s; read them as rough regions", note)
+                noted = True
             picture = overlay(display_image(x, bundle.mean, bundle.std), heat[0])
             file = out / _unique_name(Path(path).stem, method, used)
             if not cv2.imwrite(str(file), picture[:, :, ::-1]):
