@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -57,6 +58,39 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
     return n
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (``--workers 0`` reads in-process)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    """A finite number > 0: a time, a size, microns per pixel (``nan``, 0 and -1 are refused, never defaulted)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return x
+
+
+def _fraction(text: str) -> float:
+    """A number from 0 to 1."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1")
+    return x
 
 
 def _nproc_option(p: argparse.ArgumentParser) -> None:
@@ -129,11 +163,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="PyTorch precision: none = float32, the same function as the ONNX export (default); auto = "
                         "bf16/fp16 where the hardware runs it natively, faster, probabilities differ by up to ~0.2 "
                         "on images the model is unsure of")  # fmt: skip
-    p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT, metavar="S",
+    p.add_argument("--file-timeout", type=_positive_float, default=FILE_TIMEOUT, metavar="S",
                    help="seconds per file, then it is an error row (default: %(default)g)")  # fmt: skip
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
                    help="most values (rows x cols x samples) a header may declare (default: %(default)d)")  # fmt: skip
-    p.add_argument("--max-file-size", type=float, default=MAX_FILE_BYTES / 2**30, metavar="GIB",
+    p.add_argument("--max-file-size", type=_positive_float, default=MAX_FILE_BYTES / 2**30, metavar="GIB",
                    help="larger files are error rows, never read (default: %(default)g GiB)")  # fmt: skip
     p.add_argument("--encoder-checkpoint", metavar="PATH",
                    help="a run trained on cached slide features: its encoder's weights (default: "
@@ -146,8 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", default=(0, 1), type=_shard, metavar="I/N", help="score only shard I of N (deterministic)"
     )
-    p.add_argument("--batch-size", type=int, default=16, help="images per model batch (default: %(default)s)")
-    p.add_argument("--workers", type=int,
+    p.add_argument("--batch-size", type=_positive, default=16, help="images per model batch (default: %(default)s)")
+    p.add_argument("--workers", type=_count,
                    help="decode worker processes (default: min(4, cores) for files; for slides one per model "
                         "thread on a CPU, at most 8, reading while it waits, and every core but one beside a GPU); "
                         "0 decodes in-process, without crash isolation")  # fmt: skip
@@ -166,11 +200,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="local weights (a folder for phikon-v2); default: $MEDVISION_ENCODER_<NAME>; 'hub' "
                         "downloads (needs access and network)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="folder for the .h5 files, features.csv and .json")
-    p.add_argument("--tile-size", type=int, help="tile side in pixels at --target-mpp (default: the encoder's)")
-    p.add_argument("--target-mpp", type=float, help="µm/px of the tiles (default: the encoder's, else 0.5)")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a tile (default: 0.5)")
-    p.add_argument("--max-tiles", type=int, help="at most this many tiles a slide (seeded choice; default: all)")
-    p.add_argument("--mpp", type=float, help="level-0 µm/px of every slide, for scans whose files lack it")
+    p.add_argument("--tile-size", type=_positive, help="tile side in pixels at --target-mpp (default: the encoder's)")
+    p.add_argument("--target-mpp", type=_positive_float, help="µm/px of the tiles (default: the encoder's, else 0.5)")
+    p.add_argument("--min-tissue", type=_fraction, default=0.5, help="least tissue fraction of a tile (default: 0.5)")
+    p.add_argument("--max-tiles", type=_positive, help="at most this many tiles a slide (seeded choice; default: all)")
+    p.add_argument("--mpp", type=_positive_float, help="level-0 µm/px of every slide, for scans whose files lack it")
     p.add_argument("--stain-reference", metavar="PNG", help="Macenko-normalise every tile to this tile's stains")
     p.add_argument("--backend", choices=["auto", "openslide", "tiffslide", "dicom"], default="auto")
     p.add_argument("--no-jpeg-shrink", action="store_true",
@@ -178,12 +212,12 @@ def _parser() -> argparse.ArgumentParser:
                         "the decoder (about 2x slower reading)")  # fmt: skip
     p.add_argument("--amp", choices=SCORE_AMP, default="none",
                    help="none = float32 (default); auto = bf16/fp16 where the hardware runs it natively")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per encoder batch (default: %(default)s)")
-    p.add_argument("--workers", type=int,
+    p.add_argument("--batch-size", type=_positive, default=32, help="tiles per encoder batch (default: %(default)s)")
+    p.add_argument("--workers", type=_count,
                    help="tile-reading processes (default: on a CPU one per encoder thread, at most 8, reading "
                         "while it waits; beside a GPU every core but one, shared among torchrun ranks; 0 reads "
                         "in-process, without crash isolation)")  # fmt: skip
-    p.add_argument("--slide-timeout", type=float, default=SLIDE_TIMEOUT, metavar="S",
+    p.add_argument("--slide-timeout", type=_positive_float, default=SLIDE_TIMEOUT, metavar="S",
                    help="seconds a slide may take to open and find its tissue (default: %(default)g)")  # fmt: skip
     p.add_argument(
         "--shard", default=(0, 1), type=_shard, metavar="I/N", help="embed only shard I of N (deterministic)"
@@ -207,21 +241,25 @@ def _parser() -> argparse.ArgumentParser:
     timing.add_argument("--backbones", required=True, metavar="A,B,...", help="timm model names, comma separated")
     timing.add_argument("--out", type=Path, default=Path("benchmark-results"),
                         help="folder for the CSV, table and plot (default: %(default)s)")  # fmt: skip
-    timing.add_argument("--warmup", type=int, help="untimed steps first (default: 10 on a GPU, 2 on a CPU)")
-    timing.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default: 5 GPU, 3 CPU)")
-    timing.add_argument("--steps", type=int, help="steps per timed repeat (default: 10 GPU, 2 CPU)")
+    timing.add_argument("--warmup", type=_count, help="untimed steps first (default: 10 on a GPU, 2 on a CPU)")
+    timing.add_argument(
+        "--repeats", type=_positive, help="timed repeats; the median is reported (default: 5 GPU, 3 CPU)"
+    )
+    timing.add_argument("--steps", type=_positive, help="steps per timed repeat (default: 10 GPU, 2 CPU)")
 
     p = modes.add_parser("speed", parents=[timing], help="params, GFLOPs, img/s, latency, memory and MFU per backbone")
-    p.add_argument("--image-size", type=int, help="square input side (default: 224 on a GPU, 64 on a CPU)")
-    p.add_argument("--batch-size", type=int, help="images per step (default: 256 on a GPU, 32 on a CPU)")
+    p.add_argument("--image-size", type=_positive, help="square input side (default: 224 on a GPU, 64 on a CPU)")
+    p.add_argument("--batch-size", type=_positive, help="images per step (default: 256 on a GPU, 32 on a CPU)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="autocast dtype; auto: bf16 where native, else fp16 on a GPU, fp32 on a CPU")  # fmt: skip
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="NHWC layout")
     p.add_argument("--compile", action="store_true", help="wrap each model in torch.compile")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
-    p.add_argument("--in-chans", type=int, default=3, help="input channels")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (1000 matches timm's counts)")
-    p.add_argument("--peak-size", type=int, help="side of the peak-TFLOP/s matmul (default: 8192 GPU, 2048 CPU)")
+    p.add_argument("--in-chans", type=_positive, default=3, help="input channels")
+    p.add_argument(
+        "--num-classes", type=_positive, default=1000, help="classifier outputs (1000 matches timm's counts)"
+    )
+    p.add_argument("--peak-size", type=_positive, help="side of the peak-TFLOP/s matmul (default: 8192 GPU, 2048 CPU)")
 
     p = modes.add_parser("recipe", parents=[timing], help="fine-tune one recipe per backbone; AUC vs throughput")
     p.add_argument("recipe", help="recipe YAML")
@@ -242,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a variant of the recipe (repeatable); the first is the reference of the paired deltas "
                         "(default: base, the recipe as it is)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("medmnist-benchmark"), help="output folder (default: %(default)s)")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the paired deltas")
+    p.add_argument("--resamples", type=_positive, default=1000, help="bootstrap resamples of the paired deltas")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
 
     p = modes.add_parser("labels", help="label-efficiency curves: test AUC/ACC against label fraction, per init "
@@ -256,8 +294,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--protocols", default="finetune,linear_probe",
                    help="finetune, linear_probe, knn (default: %(default)s)")  # fmt: skip
-    p.add_argument("--seeds", type=int, default=3, help="seeds per combination (default: %(default)s)")
-    p.add_argument("--min-steps", type=int, default=100, metavar="N",
+    p.add_argument("--seeds", type=_positive, default=3, help="seeds per combination (default: %(default)s)")
+    p.add_argument("--min-steps", type=_positive, default=100, metavar="N",
                    help="finetune runs at small fractions repeat their phases' epochs until they take at least N "
                         "optimizer steps (default: %(default)s)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("label-efficiency"),
@@ -277,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", required=True, choices=EXPORT_FORMATS, help="onnx or monai-bundle")
     p.add_argument("--out", type=Path,
                    help="default: RUN_DIR/export/model.onnx, or RUN_DIR/export/monai_bundle for a bundle")  # fmt: skip
-    p.add_argument("--parity-images", type=int, default=32, metavar="N",
+    p.add_argument("--parity-images", type=_count, default=32, metavar="N",
                    help="test images the export is checked on (default: %(default)s; 0 skips the check)")  # fmt: skip
 
     p = sub.add_parser(
@@ -290,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="the split of predictions.csv to compare (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("compare"), metavar="DIR",
                    help="folder for compare.md, .html, .json and plots/ (default: %(default)s)")  # fmt: skip
-    p.add_argument("--resamples", type=int, default=1000, metavar="N", help="bootstrap resamples (default: 1000)")
+    p.add_argument("--resamples", type=_positive, default=1000, metavar="N", help="bootstrap resamples (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
 
     p = sub.add_parser("demo", help="generate a synthetic H&E dataset and train on it (offline, ~1 min)")

@@ -72,6 +72,34 @@ def test_seeds_that_are_not_numbers_and_an_out_that_is_a_folder_are_one_line(
     assert "is a folder; expected the table's file" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--batch-size", "0", "expected a whole number >= 1"),
+        ("--max-tiles", "0", "expected a whole number >= 1"),
+        ("--tile-size", "0", "expected a whole number >= 1"),
+        ("--target-mpp", "0", "expected a number > 0"),
+        ("--target-mpp", "nan", "expected a number > 0"),
+        ("--mpp", "-1", "expected a number > 0"),
+        ("--min-tissue", "2", "expected a number from 0 to 1"),
+        ("--slide-timeout", "-1", "expected a number > 0"),
+        ("--workers", "-1", "expected a whole number >= 0"),
+    ],
+)
+def test_features_refuses_values_out_of_range_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, expected: str
+) -> None:
+    """An auditor's --batch-size 0 was an 'internal error (a bug in medvision)', --min-tissue 2 a pydantic dump,
+    --slide-timeout -1 made error rows that resume then kept, and --tile-size 0 was silently the encoder's size."""
+    args = ["features", str(tmp_path), "--encoder", "timm:resnet18", "--out", str(tmp_path / "f"), flag, value]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {value!r}: {expected}" in err and "Traceback" not in err
+    assert not (tmp_path / "f").exists()
+
+
 def test_a_bug_is_one_line_too_and_debug_shows_the_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
