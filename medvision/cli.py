@@ -15,7 +15,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -50,47 +52,26 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
-    return n
+def _checked(parse: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses a value and refuses, naming it, one outside its range: a count of 0, a
+    size of -1 or an MPP of nan is an error before any work, never an internal error later nor a silent default."""
+
+    def check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+
+    return check
 
 
-def _count(text: str) -> int:
-    """A whole number >= 0 (``--workers 0`` reads in-process)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    """A finite number > 0: a time, a size, microns per pixel (``nan``, 0 and -1 are refused, never defaulted)."""
-    try:
-        x = float(text)
-    except ValueError:
-        x = math.nan
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
-    return x
-
-
-def _fraction(text: str) -> float:
-    """A number from 0 to 1."""
-    try:
-        x = float(text)
-    except ValueError:
-        x = math.nan
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1")
-    return x
+_positive = _checked(int, lambda n: n >= 1, "a whole number >= 1")
+_count = _checked(int, lambda n: n >= 0, "a whole number >= 0")
+_positive_float = _checked(float, lambda x: math.isfinite(x) and x > 0, "a number > 0")
+_fraction = _checked(float, lambda x: 0.0 <= x <= 1.0, "a number from 0 to 1")
 
 
 def _nproc_option(p: argparse.ArgumentParser) -> None:
