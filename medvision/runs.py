@@ -90,14 +90,15 @@ class _EpochRows(logging.Handler):
 
 @contextlib.contextmanager
 def run_log(run_dir: Path, d: Dist, recipe: Recipe | None = None, parent: Tracker | None = None,
-            kind: str = "train") -> Iterator[Tracker]:  # fmt: skip
+            kind: str = "train", resume: bool = False) -> Iterator[Tracker]:  # fmt: skip
     """Rank 0 logs at INFO into ``run_dir/train.log`` (complete even when the console shows only warnings);
     the other ranks log warnings only, so there is one log: rank 0's.
 
     With a ``recipe``, rank 0 also tracks the run as ``recipe.tracking`` asks (a child of ``parent``): the
     tracker is started here, receives every epoch row logged with ``extra={EPOCH_ROW: row}``, is yielded for
-    the task to :meth:`~medvision.tracking.Tracker.finish`, and ends with the run (FAILED on an error). Other
-    ranks, and runs without a recipe, get an idle tracker.
+    the task to :meth:`~medvision.tracking.Tracker.finish`, and ends with the run (FAILED on an error, KILLED on
+    Ctrl-C or SIGTERM). A ``resume`` continues the MLflow run the folder's ``tracking.json`` names. Other ranks,
+    and runs without a recipe, get an idle tracker.
     """
     level = log.level
     handler = None
@@ -111,7 +112,7 @@ def run_log(run_dir: Path, d: Dist, recipe: Recipe | None = None, parent: Tracke
         if recipe is None or not d.is_main:
             yield Tracker()
             return
-        with tracked(run_dir, recipe, parent, kind) as tracker:
+        with tracked(run_dir, recipe, parent, kind, resume=resume) as tracker:
             rows = _EpochRows(tracker)
             log.addHandler(rows)
             try:

@@ -18,6 +18,10 @@ What a tracked run holds in MLflow:
   under ``model/`` an MLflow model that ``mlflow.pyfunc.load_model`` runs (ONNX flavour; not for a MIL run,
   whose heads score tile features, not images).
 
+The run folder records its MLflow run in :data:`RECORD`, so that a resumed run reopens it (one run, its epochs
+at their steps); a run ends FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (see :func:`tracked`). A
+``tracking.uri``'s ``user:password@`` is never logged, recorded or uploaded (:func:`redact_uri`).
+
 Only rank 0 tracks: :func:`~medvision.runs.run_log` gives the other ranks an idle tracker. MLflow and
 TensorBoard are imported only when the recipe turns them on, and MLflow's telemetry is switched off
 (``MLFLOW_DISABLE_TELEMETRY``) before it is imported, unless the environment says otherwise.
@@ -35,7 +39,9 @@ import json
 import logging
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -43,19 +49,36 @@ from typing import Any
 
 import medvision
 from medvision.errors import MedvisionError
+from medvision.io.files import atomic_write_text
 from medvision.recipe import Recipe
 
 log = logging.getLogger("medvision")
 
-INSTALL = "pip install 'medvision[tracking]'"
+INSTALL = 'pip install -e ".[tracking]" from the medvision checkout'
 MAX_PARAM_LENGTH = 6000
 """MLflow's limit on a parameter value's length; longer values are cut (and end with an ellipsis)."""
 LOCAL_ARTIFACTS = "mlartifacts"
 """Beside a local ``sqlite:///`` store: the folder that holds its runs' artifacts."""
+RECORD = "tracking.json"
+"""In the run folder: the MLflow run it is logged to (``run_id``, ``experiment_id``, the URI without credentials),
+written when that run starts, so that ``--resume`` continues the same MLflow run."""
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s'\"]*@")
+REDACTED_SUFFIXES = (".yaml", ".yml", ".json", ".md", ".html", ".log", ".txt", ".csv")
+"""Text files whose uploaded copy has URIs' credentials taken out (:func:`redact_uri`)."""
 
 
 class TrackingError(MedvisionError, RuntimeError):
     """Tracking that cannot start as the recipe asks: a missing package or an unusable ``tracking.uri``."""
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URI in it taken out: what may be logged or stored.
+
+    Examples:
+        >>> redact_uri("https://alice:s3cr3t@mlflow.example.org/")
+        'https://mlflow.example.org/'
+    """
+    return _USERINFO.sub(r"\1", text)
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -91,6 +114,8 @@ def recipe_params(recipe: Recipe) -> dict[str, str]:
             out[key] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 1] + "…"
 
     walk("", recipe.model_dump(mode="json"))
+    if "tracking.uri" in out:
+        out["tracking.uri"] = redact_uri(out["tracking.uri"])
     return out
 
 
@@ -247,8 +272,8 @@ def _open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
         return client, client.create_experiment(experiment, artifact_location=location)
     except Exception as err:  # MLflow raises many kinds (MlflowException, SQLAlchemy, requests)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise TrackingError(f"tracking.uri {uri!r}: cannot open MLflow experiment {experiment!r} "
-                            f"({type(err).__name__}: {first[:400]})") from None  # fmt: skip
+        raise TrackingError(f"tracking.uri {redact_uri(uri)!r}: cannot open MLflow experiment {experiment!r} "
+                            f"({type(err).__name__}: {redact_uri(first[:400])})") from None  # fmt: skip
 
 
 def _tensor_spec(value_info: Any) -> Any:
@@ -280,14 +305,21 @@ class Tracker:
         self._failed = False
 
     @property
+    def safe_uri(self) -> str:
+        """The tracking URI without credentials: what is logged and recorded."""
+        return redact_uri(self.uri or "")
+
+    @property
     def active(self) -> bool:
         return self._client is not None or self._writer is not None
 
     @classmethod
     def start(cls, run_dir: Path, recipe: Recipe, parent: Tracker | None = None, kind: str = "train",
-              name: str | None = None) -> Tracker:  # fmt: skip
+              name: str | None = None, resume: bool = False) -> Tracker:  # fmt: skip
         """Starts tracking ``recipe``'s run in ``run_dir`` as its ``tracking`` section asks (a child run of
-        ``parent`` when that one is an MLflow run), logging the recipe as parameters.
+        ``parent`` when that one is an MLflow run), logging the recipe as parameters. With ``resume``, the MLflow
+        run that ``run_dir``'s :data:`RECORD` names is reopened (RUNNING again, its parameters kept, the epochs
+        going on at their steps), whatever it ended as; a new one is started only when there is none to reopen.
 
         Raises:
             TrackingError: MLflow or TensorBoard is asked for but not installed, or ``tracking.uri`` is unusable.
@@ -296,13 +328,13 @@ class Tracker:
         writer = _summary_writer_class() if cfg.tensorboard else None  # both checked before anything is written
         if cfg.mlflow:
             _import_mlflow()
-            tracker._start_mlflow(run_dir, recipe, parent, kind, name)
+            tracker._start_mlflow(run_dir, recipe, parent, kind, name, resume)
         if writer is not None:
             tracker._writer = writer(log_dir=str(run_dir / "tensorboard"))
         return tracker
 
     def _start_mlflow(self, run_dir: Path, recipe: Recipe, parent: Tracker | None, kind: str,
-                      name: str | None) -> None:  # fmt: skip
+                      name: str | None, resume: bool) -> None:  # fmt: skip
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         cfg = recipe.tracking
@@ -311,24 +343,67 @@ class Tracker:
         else:
             self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(recipe.output_dir)
             self._client, self.experiment_id = _open_experiment(self.uri, cfg.experiment)
-        tags = {"medvision.kind": kind, "medvision.run_dir": str(run_dir.resolve()),
-                "medvision.version": medvision.__version__}  # fmt: skip
-        if parent is not None and parent.run_id is not None:
-            tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+        self.log_model, self.log_predictions = cfg.log_model, cfg.log_predictions
+        params = recipe_params(recipe)
+        reopened = self._reopen(run_dir, params) if resume else None
+        if reopened is None:
+            tags = {"medvision.kind": kind, "medvision.run_dir": str(run_dir.resolve()),
+                    "medvision.version": medvision.__version__}  # fmt: skip
+            if parent is not None and parent.run_id is not None:
+                tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+            try:
+                run = self._client.create_run(self.experiment_id, run_name=name or recipe.name, tags=tags)
+            except Exception as err:
+                raise TrackingError(f"tracking.uri {self.safe_uri!r}: cannot start an MLflow run "
+                                    f"({type(err).__name__}: {redact_uri(str(err))})") from None  # fmt: skip
+            self.run_id = run.info.run_id
         try:
-            run = self._client.create_run(self.experiment_id, run_name=name or recipe.name, tags=tags)
-        except Exception as err:
-            raise TrackingError(f"tracking.uri {self.uri!r}: cannot start an MLflow run ({type(err).__name__}: "
-                                f"{err})") from None  # fmt: skip
-        self.run_id, self.log_model, self.log_predictions = run.info.run_id, cfg.log_model, cfg.log_predictions
-        try:
-            self.log_params(recipe_params(recipe))
+            atomic_write_text(run_dir / RECORD, json.dumps({"run_id": self.run_id, "experiment_id": self.experiment_id,
+                                                            "uri": self.safe_uri}, indent=2) + "\n")  # fmt: skip
+            self.log_params(params if reopened is None else reopened)
         except Exception:
             self._failed = True
             self.end()
             raise
-        log.info("tracking: MLflow run %s (%s) in experiment %r at %s", self.run_id, name or recipe.name,
-                 cfg.experiment, self.uri)  # fmt: skip
+        log.info("tracking: MLflow run %s (%s) %s in experiment %r at %s", self.run_id, name or recipe.name,
+                 "started" if reopened is None else "reopened", cfg.experiment, self.safe_uri)  # fmt: skip
+
+    def _reopen(self, run_dir: Path, params: dict[str, str]) -> dict[str, str] | None:
+        """Sets the MLflow run that ``run_dir``'s :data:`RECORD` names RUNNING again and returns the parameters it
+        lacks (MLflow refuses to change a parameter's value: one that differs is kept, with a warning); ``None``
+        when there is no such run on this tracking URI (a new one is started)."""
+        record = run_dir / RECORD
+        try:
+            saved = json.loads(record.read_text())
+            run_id, uri = str(saved["run_id"]), saved.get("uri")
+        except FileNotFoundError:
+            log.info("tracking: %s has no %s (tracked before medvision recorded its MLflow run); starting a new run "
+                     "for the resumed epochs", run_dir, RECORD)  # fmt: skip
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("tracking: %s is unreadable (%s: %s), expected {\"run_id\": ...}; starting a new MLflow run",
+                        record, type(err).__name__, err)  # fmt: skip
+            return None
+        if uri != self.safe_uri:
+            log.warning("tracking: %s names MLflow run %s at %s, not at %s; starting a new run there", record, run_id,
+                        uri, self.safe_uri)  # fmt: skip
+            return None
+        try:
+            run = self._client.get_run(run_id)
+            if run.info.lifecycle_stage != "active" or run.info.experiment_id != self.experiment_id:
+                raise LookupError("deleted, or in another experiment than tracking.experiment")
+            self._client.update_run(run_id, status="RUNNING")
+        except Exception as err:  # MLflow raises MlflowException (RESOURCE_DOES_NOT_EXIST) and others
+            log.warning("tracking: cannot reopen MLflow run %s of %s (%s: %s); starting a new run", run_id, record,
+                        type(err).__name__, redact_uri(str(err).split("\n")[0][:200]))  # fmt: skip
+            return None
+        self.run_id = run_id
+        logged = run.data.params
+        changed = sorted(k for k in params if k in logged and logged[k] != params[k])
+        if changed:
+            log.warning("tracking: the resumed recipe differs from MLflow run %s's parameters in %s; MLflow keeps "
+                        "the first values", run_id, ", ".join(changed[:10]))  # fmt: skip
+        return {k: v for k, v in params.items() if k not in logged}
 
     def log_params(self, params: Mapping[str, str]) -> None:
         if self._client is None:
@@ -404,13 +479,25 @@ class Tracker:
                     self._client.log_artifacts(self.run_id, str(path), path.name if folder is None else
                                                f"{folder}/{path.name}")  # fmt: skip
                 else:
-                    self._client.log_artifact(self.run_id, str(path), folder)
+                    self._log_file(path, folder)
             if model is not None:
                 self._log_onnx(model, model_metadata or {})
         except Exception as err:
             self._failed = True
             log.error("tracking: the MLflow run %s of %s is incomplete (%s: %s); the run folder itself is complete",
                       self.run_id, run_dir, type(err).__name__, err)  # fmt: skip
+
+    def _log_file(self, path: Path, folder: str | None) -> None:
+        """One file as an artifact; a text file that holds a URI with credentials (``tracking.uri`` in
+        ``recipe.yaml``) as a copy without them (:func:`redact_uri`); the run folder keeps its own."""
+        text = path.read_text(errors="replace") if path.suffix in REDACTED_SUFFIXES else ""
+        if redact_uri(text) == text:
+            self._client.log_artifact(self.run_id, str(path), folder)
+            return
+        with tempfile.TemporaryDirectory(prefix="medvision-mlflow-") as tmp:
+            copy = Path(tmp) / path.name
+            copy.write_text(redact_uri(text))
+            self._client.log_artifact(self.run_id, str(copy), folder)
 
     def _log_onnx(self, path: Path, metadata: dict[str, Any]) -> None:
         """The ONNX file as an MLflow model (pyfunc: raw NCHW batch in, calibrated probabilities out)."""
@@ -445,16 +532,41 @@ class Tracker:
             self._client = None
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (what SLURM, ``kill`` and ``docker stop`` send) raises ``SystemExit(143)`` in the main thread, so the
+    run ends as KILLED instead of staying RUNNING; only over the default action (a program with its own handler,
+    or one that ignores SIGTERM, has decided); the previous handler is back afterwards."""
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        if ours and signal.getsignal(signal.SIGTERM) is _terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def tracked(run_dir: Path, recipe: Recipe, parent: Tracker | None = None, kind: str = "train",
-            name: str | None = None) -> Iterator[Tracker]:  # fmt: skip
-    """:meth:`Tracker.start`, and at the end :meth:`Tracker.end`: FINISHED, FAILED on an error, KILLED on Ctrl-C."""
-    tracker = Tracker.start(run_dir, recipe, parent, kind, name)
+            name: str | None = None, resume: bool = False) -> Iterator[Tracker]:  # fmt: skip
+    """:meth:`Tracker.start` (``resume``: reopening the run folder's MLflow run), and at the end :meth:`Tracker.end`:
+    FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (which, while tracking, raises ``SystemExit(143)``
+    in the main thread instead of ending the process on the spot)."""
+    tracker = Tracker.start(run_dir, recipe, parent, kind, name, resume)
     status = "FINISHED"
     try:
-        yield tracker
+        with _sigterm_raises() if tracker.active else contextlib.nullcontext():
+            yield tracker
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except SystemExit as err:
+        status = "KILLED" if err.code == 128 + signal.SIGTERM else "FAILED"
         raise
     except BaseException:
         status = "FAILED"

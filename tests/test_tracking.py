@@ -32,16 +32,18 @@ pytest.importorskip("onnxruntime")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from medvision import tracking  # noqa: E402
 from medvision.cli import main  # noqa: E402
 from medvision.data.sources import load_table  # noqa: E402
 from medvision.inference import load_run  # noqa: E402
-from medvision.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict  # noqa: E402
+from medvision.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_from_dict  # noqa: E402
 from medvision.runs import EPOCH_ROW, cache_dir, run_log  # noqa: E402
 from medvision.runtime import Dist  # noqa: E402
 from medvision.tasks.benchmark.labels import label_benchmark  # noqa: E402
 from medvision.tasks.pretrain import pretrain  # noqa: E402
 from medvision.tasks.track import TRAIN_FILES, log_trained_run, uploaded  # noqa: E402
-from medvision.tracking import Tracker, TrackingError, default_uri, recipe_params, tracked  # noqa: E402
+from medvision.tracking import RECORD, Tracker, TrackingError, default_uri, recipe_params, tracked  # noqa: E402
+from medvision.training import loop  # noqa: E402
 from medvision.training.build import split_dataset  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's store
@@ -156,10 +158,11 @@ def test_run_folder_files_are_artifacts(tracked_run: Tracked, tmp_path: Path) ->
     client, run_id = tracked_run.client, tracked_run.run.info.run_id
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"report.html", "metrics.json", "recipe.yaml", "plots", "model"} <= names
-    assert not names & {"predictions.csv", "data_audit.csv"}  # they name every file: tracking.log_predictions
-    assert uploaded(tracked_run.run_dir, TRAIN_FILES, True)[-2:] == [
+    assert not names & {"predictions.csv", "data_audit.csv", "train.log"}  # they name files: log_predictions
+    assert uploaded(tracked_run.run_dir, TRAIN_FILES, True)[-3:] == [
         tracked_run.run_dir / "predictions.csv",
         tracked_run.run_dir / "data_audit.csv",
+        tracked_run.run_dir / "train.log",
     ]
     assert "plots/roc.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
     for name in ("metrics.json", "report.html", "recipe.yaml"):
@@ -294,10 +297,10 @@ def test_a_missing_package_or_a_bad_uri_names_the_fix(
     with pytest.raises(TrackingError, match=r"tracking\.uri 'nosuchscheme://host/x': cannot open MLflow"):
         Tracker.start(tmp_path / "run", bad)
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
-    with pytest.raises(TrackingError, match=r"mlflow is not installed; pip install 'medvision\[tracking\]'"):
+    with pytest.raises(TrackingError, match=r"mlflow is not installed; pip install -e \"\.\[tracking\]\""):
         Tracker.start(tmp_path / "run", recipe_from_dict(tree, overrides=["tracking.mlflow=true"]))
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(TrackingError, match=r"TensorBoard is missing .*pip install 'medvision\[tracking\]'"):
+    with pytest.raises(TrackingError, match=r"TensorBoard is missing .*pip install -e \"\.\[tracking\]\""):
         Tracker.start(tmp_path / "run", recipe_from_dict(tree, overrides=["tracking.tensorboard=true"]))
 
 
@@ -432,3 +435,178 @@ def test_a_run_logged_to_a_tracking_server(
     model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/model")  # through the server's artifact proxy
     batch, ids = _test_batch(run_dir)
     assert np.abs(model.predict(batch)["probabilities"] - _predicted(run_dir, ids)).max() < 1e-4
+
+
+def _patient_named_dataset(tiles_manifest: Path, root: Path) -> Path:
+    """The tiles under patient-like paths (``DOE_JANE_MRN0003/IM0017.png``), and one unreadable image among them."""
+    rows = list(csv.DictReader(tiles_manifest.open(newline="")))
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "patient_id"])
+        for i, row in enumerate(rows):
+            rel = f"DOE_JANE_MRN{i // 6:04d}/IM{i:04d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tiles_manifest.parent / row["path"], root / rel)
+            writer.writerow([rel, row["label"], row["patient_id"]])
+        (root / "DOE_JANE_MRN0005" / "IM9999.png").write_bytes(b"not an image")
+        writer.writerow(["DOE_JANE_MRN0005/IM9999.png", rows[0]["label"], rows[0]["patient_id"]])
+    return root / "manifest.csv"
+
+
+def _everything_logged(client: Any, run_id: str, into: Path) -> dict[str, bytes]:
+    run = client.get_run(run_id)
+    texts = {"params": json.dumps(run.data.params).encode(), "tags": json.dumps(run.data.tags).encode(),
+             "metrics": json.dumps(run.data.metrics).encode()}  # fmt: skip
+    folder = Path(client.download_artifacts(run_id, "", str(into)))
+    texts.update({str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+    return texts
+
+
+def test_no_file_name_reaches_mlflow_unless_log_predictions(tiles_manifest: Path, tmp_path: Path) -> None:
+    """train.log names the files a run left out (and data_audit.csv, predictions.csv every file): by default none of
+    them, and no file name, reaches the tracking server; with tracking.log_predictions train.log does."""
+    (tmp_path / "data").mkdir()
+    manifest = _patient_named_dataset(tiles_manifest, tmp_path / "data")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tree = tiny_recipe(manifest, tmp_path / "runs")
+    tree["data"]["on_error"] = "skip"
+    tree["tracking"] = {"mlflow": True, "uri": uri, "log_model": False}  # the ONNX model names no file either
+    recipe = recipe_from_dict(tree)
+    assert main(["train", str(_write(tmp_path / "r.yaml", recipe))]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    assert "DOE_JANE_MRN0005/IM9999.png" in (run_dir / "train.log").read_text()  # the log does name it
+    client = MlflowClient(tracking_uri=uri)
+    run_id = json.loads((run_dir / RECORD).read_text())["run_id"]
+    logged = _everything_logged(client, run_id, tmp_path / "default")
+    assert {"recipe.yaml", "metrics.json", "report.html"} <= set(logged) and "train.log" not in logged
+    assert [name for name, data in logged.items() if b"DOE_JANE" in data] == []
+
+    with tracked(run_dir, recipe.changed({"tracking.log_predictions": True})) as tracker:
+        log_trained_run(tracker, run_dir)
+    logged = _everything_logged(client, tracker.run_id, tmp_path / "predictions")
+    assert logged["train.log"] == (run_dir / "train.log").read_bytes()
+    assert {"predictions.csv", "data_audit.csv"} <= set(logged)
+
+
+def _write(path: Path, recipe: Recipe) -> Path:
+    path.write_text(dump_recipe(recipe))
+    return path
+
+
+def test_resume_continues_the_same_mlflow_run(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run interrupted after its first epoch, resumed: one MLflow run, every epoch at its step, FINISHED; a
+    second resume of the finished run starts no other run either."""
+    import medvision.tasks.train as train_task
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    phases = [{"name": "all", "epochs": 2, "trainable": "all", "lr": 1e-2}]
+    tree = tiny_recipe(tiles_manifest, tmp_path / "runs", phases=phases)
+    tree["tracking"] = {"mlflow": True, "uri": uri, "log_model": False}
+    recipe = recipe_from_dict(tree)
+    real, calls = loop.train_one_epoch, {"n": 0}
+
+    def dies_in_epoch_two(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill in epoch 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_task.train(recipe)
+    monkeypatch.setattr(loop, "train_one_epoch", real)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("medvision").experiment_id
+    (first,) = client.search_runs([experiment])
+    assert first.info.status == "KILLED"
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / RECORD).read_text()) == {"run_id": first.info.run_id, "experiment_id": experiment,
+                                                          "uri": uri}  # fmt: skip
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "val_auc")] == [1]
+
+    for _ in range(2):  # the interrupted run, then the finished one
+        train_task.train(load_recipe(run_dir / "recipe.yaml"), resume=True)
+        (run,) = client.search_runs([experiment])
+        assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+        history = json.loads((run_dir / "metrics.json").read_text())["history"]
+        logged = sorted(client.get_metric_history(run.info.run_id, "val_auc"), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h["val_auc"])) for h in history]
+        assert [h["epoch"] for h in history] == [1, 2]
+        assert run.data.params == recipe_params(load_recipe(run_dir / "recipe.yaml"))
+        assert run.data.metrics["test_auc"] == pytest.approx(
+            json.loads((run_dir / "metrics.json").read_text())["image"]["test"]["auc"])  # fmt: skip
+
+
+def test_sigterm_ends_the_mlflow_run_killed(tiles_manifest: Path, tmp_path: Path) -> None:
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("the test runner handles SIGTERM itself; tracking leaves such a handler alone")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs"),
+                              overrides=["tracking.mlflow=true", f"tracking.uri={uri}"])  # fmt: skip
+    with pytest.raises(SystemExit) as stopped, tracked(tmp_path / "runs" / "tiny", recipe) as tracker:
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # else the kill below would end pytest
+        tracker.log_epoch(1, {"epoch": 1, "val_auc": 0.5})
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM stops a job at its time limit
+        for _ in range(500):
+            time.sleep(0.01)
+    assert stopped.value.code == 143
+    assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_credentials_in_the_tracking_uri_are_never_logged_or_uploaded(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = tracking._open_experiment
+    # as if a server answered at the URI given: the store behind it is a local one
+    monkeypatch.setattr(tracking, "_open_experiment", lambda uri, experiment: real(store, experiment))
+    secret = "https://alice:s3cr3t@mlflow.example.org:5000/"
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs"),
+                              overrides=["tracking.mlflow=true", f"tracking.uri={secret}"])  # fmt: skip
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    _write(run_dir / "recipe.yaml", recipe)
+    with caplog.at_level(logging.INFO, logger="medvision"), tracked(run_dir, recipe) as tracker:
+        tracker.finish(run_dir, {"test_auc": 0.5}, artifacts=[run_dir / "recipe.yaml"])
+    client = MlflowClient(tracking_uri=store)
+    logged = _everything_logged(client, tracker.run_id, tmp_path / "down")
+    assert logged and not [name for name, data in logged.items() if b"s3cr3t" in data or b"alice" in data]
+    assert client.get_run(tracker.run_id).data.params["tracking.uri"] == "https://mlflow.example.org:5000/"
+    assert load_recipe(tmp_path / "down" / "recipe.yaml").tracking.uri == "https://mlflow.example.org:5000/"
+    assert "tracking: MLflow run" in caplog.text and "s3cr3t" not in caplog.text
+    assert "s3cr3t" not in (run_dir / RECORD).read_text()
+    assert "s3cr3t" in (run_dir / "recipe.yaml").read_text()  # the run folder is the user's own, as given
+
+    monkeypatch.setattr(tracking, "_open_experiment", real)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    unreachable = recipe.changed({"tracking.uri": f"http://alice:s3cr3t@127.0.0.1:{_free_port()}"})
+    with pytest.raises(TrackingError, match=r"tracking\.uri 'http://127\.0\.0\.1:\d+': cannot open") as err:
+        Tracker.start(tmp_path / "other", unreachable)
+    assert "s3cr3t" not in str(err.value)
+
+
+def test_resume_reopens_only_the_recorded_run_at_the_same_uri(
+    tiles_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs"),
+                              overrides=["tracking.mlflow=true", f"tracking.uri={uri}"])  # fmt: skip
+    run_dir = tmp_path / "runs" / "tiny"
+    with tracked(run_dir, recipe, resume=True) as first:  # nothing recorded yet: a new run
+        first.log_epoch(1, {"epoch": 1, "val_auc": 0.5})
+    with tracked(run_dir, recipe, resume=True) as again:
+        assert again.run_id == first.run_id
+        assert MlflowClient(tracking_uri=uri).get_run(again.run_id).info.status == "RUNNING"
+        again.log_epoch(2, {"epoch": 2, "val_auc": 0.6})
+    client = MlflowClient(tracking_uri=uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "val_auc")] == [(1, 0.5), (2, 0.6)]
+    other = recipe.changed({"tracking.uri": f"sqlite:///{tmp_path / 'other.db'}"})
+    with caplog.at_level(logging.WARNING, logger="medvision"), tracked(run_dir, other, resume=True) as moved:
+        assert moved.run_id != first.run_id
+    assert f"names MLflow run {first.run_id} at {uri}, not at" in caplog.text
+    with tracked(run_dir, recipe) as fresh:  # not a resume (--overwrite): a new run, and the record follows it
+        assert fresh.run_id != first.run_id
+    assert json.loads((run_dir / RECORD).read_text())["run_id"] == fresh.run_id

@@ -181,7 +181,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
     if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
         raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                        "replace it, or --set name=<new name>")  # fmt: skip
-    with run_log(run_dir, d, recipe, parent, kind="mil") as tracker:
+    with run_log(run_dir, d, recipe, parent, kind="mil", resume=resume) as tracker:
         if not resume:
             for stale in RESULTS:
                 (run_dir / stale).unlink(missing_ok=True)

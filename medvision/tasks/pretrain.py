@@ -82,7 +82,7 @@ def pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> P
     run_dir = Path(recipe.output_dir) / recipe.name
     preflight(recipe, run_dir, d, resume, overwrite, min_per_rank=2,
               why_min=" (the projection head's BatchNorm needs a batch)")  # fmt: skip
-    with run_log(run_dir, d, recipe, kind="pretrain") as tracker:
+    with run_log(run_dir, d, recipe, kind="pretrain", resume=resume) as tracker:
         _pretrain(recipe, run_dir, resume, d, device)
         log_pretrained_run(tracker, run_dir)
     return run_dir

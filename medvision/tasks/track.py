@@ -25,15 +25,16 @@ from medvision.tracking import Tracker, flat_metrics, run_metrics, tracked
 
 log = logging.getLogger("medvision")
 
-TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.html", "report.md", "train.log", "plots")
-PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "train.log", "plots", "model.safetensors")
-MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "train.log", "plots")
+TRAIN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.html", "report.md", "plots")
+PRETRAIN_FILES = ("recipe.yaml", "run.json", "pretrain.json", "plots", "model.safetensors")
+MIL_FILES = ("recipe.yaml", "run.json", "mil.json", "metrics.json", "report.html", "report.md", "plots")
 """A MIL run's files that tracking uploads (:mod:`medvision.tasks.mil`), besides its fold heads
 (:func:`mil_uploads`): ``mil.json`` is its scoring record. ``folds.csv`` stays in the run folder: it names every
 slide's path (patients only by pseudonym, :func:`medvision.tasks.mil.pseudonyms`), and paths can name patients."""
-NAMING_FILES = ("predictions.csv", "data_audit.csv")
-"""Files that name every input file: uploaded only with
-``tracking.log_predictions``, since an archive's paths can name patients (``DOE_JANE_MRN1234/IM0001.dcm``)."""
+NAMING_FILES = ("predictions.csv", "data_audit.csv", "train.log")
+"""Files that name input files: uploaded only with ``tracking.log_predictions``, since an archive's paths can name
+patients (``DOE_JANE_MRN1234/IM0001.dcm``). ``predictions.csv`` and ``data_audit.csv`` list every file; ``train.log``
+names the files a run left out or found odd (``data.on_error skip: ... left out: DOE_JANE_MRN1234/IM0015.png``)."""
 
 
 def uploaded(run_dir: Path, files: tuple[str, ...], log_predictions: bool) -> list[Path]:
@@ -131,7 +132,7 @@ def log_pretrained_run(tracker: Tracker, run_dir: Path) -> None:
     if first is not None:
         metrics["start_knn_acc"] = first
     tags = {"medvision.model": str(read_json(run_dir / "run.json", "run.json").get("model", ""))}
-    tracker.finish(run_dir, metrics, tags, [run_dir / f for f in PRETRAIN_FILES])
+    tracker.finish(run_dir, metrics, tags, uploaded(run_dir, PRETRAIN_FILES, tracker.log_predictions))
 
 
 def log_reused_run(parent: Tracker, run_dir: Path, recipe: Recipe) -> None:

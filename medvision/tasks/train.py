@@ -76,7 +76,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, parent:
         raise RunError("train.phases is empty; protocol finetune needs at least one phase, e.g. "
                        "[{epochs: 5, lr: 1e-3}], or set train.protocol to linear_probe or knn")  # fmt: skip
     preflight(recipe, run_dir, d, resume, overwrite)
-    with run_log(run_dir, d, recipe, parent) as tracker:
+    with run_log(run_dir, d, recipe, parent, resume=resume) as tracker:
         _train(recipe, run_dir, resume, d, device)
         log_trained_run(tracker, run_dir)
     return run_dir
