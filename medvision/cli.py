@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -326,6 +327,10 @@ def _launch(argv: list[str], nproc: int, command: str, out: Path | None) -> int:
 
     Under torchrun every rank exits 0 unless it fails (torchrun stops all ranks when one exits
     otherwise); the exit code of a distributed ``score`` is in its sidecar, and returned from there.
+
+    SIGTERM, SIGINT and SIGHUP sent to this process are passed on to torchrun, which stops its ranks (torchrun runs
+    in a session of its own, so a Ctrl-C reaches it once, through here); this process waits for it and returns
+    128 + the signal's number when it ended on one, so a stopped job never leaves ranks writing ``--out``.
     """
     rest, skip = [], False
     for arg in argv:
@@ -337,7 +342,27 @@ def _launch(argv: list[str], nproc: int, command: str, out: Path | None) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "medvision", *rest]  # fmt: skip
-    code = subprocess.run(cmd, check=False).returncode
+    child: list[subprocess.Popen[bytes]] = []
+    received: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        if child and child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    before = {s: signal.signal(s, forward) for s in stops}  # before the start: no signal falls between the two
+    try:
+        child.append(subprocess.Popen(cmd, start_new_session=True))
+        if received:  # one came while it was starting
+            child[0].send_signal(received[-1])
+        code = child[0].wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if received and code != 0:
+        return 128 + received[-1]
+    code = 128 - code if code < 0 else code  # torchrun itself killed by a signal
     sidecar = None
     if out is not None and command in ("score", "features"):
         sidecar = out / "features.json" if command == "features" else Path(f"{out}.json")

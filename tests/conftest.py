@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import importlib.util
 import os
@@ -211,3 +212,17 @@ def cohort_features(slide_cohort: Path, shared: Path, tmp_path_factory: pytest.T
                                slides=SlidesConfig(tile_size=112, target_mpp=1.0), workers=1)  # fmt: skip
     assert summary.ok_files == 12, summary.line()
     return out
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV output's rows as dicts (``score``, ``features``, ``splits.csv``)."""
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV with a header: a test's edit of an output table."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

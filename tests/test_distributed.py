@@ -3,7 +3,6 @@ kill + resume bit for bit, a NaN on one rank stops both, and sharded scoring mer
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import tiny_recipe
+from conftest import read_rows, tiny_recipe
 from safetensors.torch import load_file
 from torch import nn
 
@@ -270,11 +269,6 @@ def test_killed_two_rank_run_resumes_bit_for_bit(ddp_setup: tuple[Path, Path], t
     assert all(torch.equal(a[k], b[k]) for k in b)  # bit for bit, on the CPU
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 @pytest.mark.slow
 def test_two_rank_scoring_merges_to_the_one_process_output(ddp_setup: tuple[Path, Path], two_rank_run: Path) -> None:
     root, _ = ddp_setup
@@ -293,8 +287,8 @@ def test_two_rank_scoring_merges_to_the_one_process_output(ddp_setup: tuple[Path
     assert record["files_found"] == 86  # 84 tiles, the manifest (skipped) and the empty PNG (error)
     parts = sorted((root / "two.csv.parts").iterdir())
     assert [p.name for p in parts] == ["rank0-of-2.csv", "rank1-of-2.csv"]
-    sizes = [len(_rows(p)) for p in parts]
-    assert sum(sizes) == len(_rows(one)) and min(sizes) > 0
+    sizes = [len(read_rows(p)) for p in parts]
+    assert sum(sizes) == len(read_rows(one)) and min(sizes) > 0
     # what a kill leaves: one part cut mid-row, no merged output; the re-run resumes that part only
     data = parts[1].read_bytes()
     parts[1].write_bytes(data[: len(data) // 2])

@@ -9,7 +9,6 @@ DICOM parity set must run, be recorded, and name the file when an export disagre
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import json
 import shutil
@@ -23,7 +22,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pydicom = pytest.importorskip("pydicom")
-from conftest import tiny_recipe  # noqa: E402
+from conftest import read_rows, tiny_recipe  # noqa: E402
 from test_dicom_source import make_dicom_folder  # noqa: E402
 
 import medvision.tasks.export.onnx as export_onnx_module  # noqa: E402
@@ -87,11 +86,6 @@ def _mixed_folder(root: Path, files: list[tuple[str, Path]]) -> Path:
     return root
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 @pytest.fixture(scope="module")
 def scored(amp_run: Path, amp_onnx: ExportResult, parity_files: list[tuple[str, Path]],
            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:  # fmt: skip
@@ -126,7 +120,7 @@ def test_torch_and_onnxruntime_write_the_same_rows_on_real_dicoms(
     record = json.loads(Path(f"{torch_csv}.json").read_text())
     assert record["amp"] == "none"  # float32, although the run trained under bf16 where the CPU has it
     assert torch_csv.read_text().splitlines()[0] == ort_csv.read_text().splitlines()[0]  # the same columns
-    torch_rows, ort_rows = _rows(torch_csv), _rows(ort_csv)
+    torch_rows, ort_rows = read_rows(torch_csv), read_rows(ort_csv)
     per_file = _max_diffs(torch_rows, ort_rows)
     assert max(per_file.values()) <= ATOL, per_file
     worst = max(per_file, key=lambda k: per_file[k])
@@ -153,7 +147,7 @@ def test_the_comparison_sees_bf16_scoring(amp_run: Path, scored: tuple[Path, Pat
         pytest.skip("this CPU has no native bf16 (avx512_bf16 / AMX)")
     folder, _, ort_csv = scored
     score_folder(folder, amp_run, tmp_path / "bf16.csv", engine="torch", workers=0, amp="bf16")
-    per_file = _max_diffs(_rows(tmp_path / "bf16.csv"), _rows(ort_csv))
+    per_file = _max_diffs(read_rows(tmp_path / "bf16.csv"), read_rows(ort_csv))
     assert max(per_file.values()) > ATOL  # 4.7e-4 measured, on 24 of 43 frames
 
 

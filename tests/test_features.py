@@ -104,8 +104,8 @@ def test_a_broken_slide_is_an_error_row_the_rest_resume_and_a_second_encoder_is_
     stamp = (out / feature_name("slide_000.svs")).stat().st_mtime_ns
     (folder / "slide_002.svs").write_bytes((slide_cohort.parent / "slide_003.svs").read_bytes())
     again = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
-    # the last row of a run is redone on resume (it may have been cut short); the others are kept
-    assert again.already_done == 3 and again.scored_now == 2 and again.ok_files == 3 and again.files_found == 5
+    # every finished row is kept on resume (a slide is one row: only a row cut short would be redone)
+    assert again.already_done == 4 and again.scored_now == 1 and again.ok_files == 3 and again.files_found == 5
     assert (out / feature_name("slide_000.svs")).stat().st_mtime_ns == stamp
     with pytest.raises(RunError, match="other settings"):
         extract_features(folder, out, ENCODER, weights, slides=SlidesConfig(tile_size=128, target_mpp=1.0), workers=0)
@@ -142,7 +142,7 @@ def test_a_run_stopped_before_its_end_still_keeps_its_folder_one_feature_space(
     with pytest.raises(RunError, match=r"other settings \(preprocessing differ"):  # its precision
         extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0, amp="bf16")
     done = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
-    assert done.already_done == 0 and done.ok_files == 3  # the first slide's row was the last: redone
+    assert done.already_done == 1 and done.ok_files == 3  # the first slide's row is kept, not redone
     assert json.loads((out / "features.json").read_text())["finished"] is True
 
 

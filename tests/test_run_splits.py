@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe
+from conftest import read_rows, tiny_recipe, write_rows
 
 from medvision.data.sources import load_table
 from medvision.recipe import recipe_from_dict
@@ -35,18 +35,6 @@ def own_run(tiles_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return train(recipe_from_dict(tree)), manifest
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        out.writeheader()
-        out.writerows(rows)
-
-
 def test_evaluate_tests_the_recorded_split_after_images_are_added_and_refuses_when_one_is_gone(
     own_run: tuple[Path, Path],
 ) -> None:
@@ -54,28 +42,28 @@ def test_evaluate_tests_the_recorded_split_after_images_are_added_and_refuses_wh
     held = read_splits(run)
     assert held is not None
     recorded_test = sorted(i for i, s in held.items() if s == "test")
-    trained = {r["id"] for r in _rows(run / "predictions.csv") if r["split"] == "test"}
+    trained = {r["id"] for r in read_rows(run / "predictions.csv") if r["split"] == "test"}
     assert sorted(trained) == recorded_test and set(held.values()) == {"train", "val", "test"}
     original = manifest.read_text()
-    rows = _rows(manifest)
+    rows = read_rows(manifest)
     # a new patient's images arrive after training: a recomputed split reshuffles, the recorded one does not
     new = [{**rows[k], "path": f"new_{k}.png", "patient_id": "late-patient"} for k in range(6)]
     for k in range(6):
         shutil.copy(manifest.parent / rows[k]["path"], manifest.parent / f"new_{k}.png")
-    _write_rows(manifest, rows + new)
+    write_rows(manifest, rows + new)
     try:
         recipe = recipe_from_dict(json.loads(json.dumps(tiny_recipe(manifest, run.parent))))
         now = load_table(recipe.data, recipe.seed)
         recomputed = {now.ids[i] for i in now.indices("test")}
         assert recomputed != set(recorded_test)  # the weakness: one patient more moves images between splits
         out, _ = evaluate_run(run, out=run / "eval" / "after-adding")
-        evaluated = sorted(r["id"] for r in _rows(out / "predictions.csv"))
+        evaluated = sorted(r["id"] for r in read_rows(out / "predictions.csv"))
         assert evaluated == recorded_test  # exactly the held-out images, none of the new ones
         report = (out / "report.md").read_text()
         assert f"split sizes: test {len(recorded_test)}" in report
         # one of the run's test images is gone: refused, naming how many and one of them
         gone = recorded_test[0]
-        _write_rows(manifest, [r for r in rows if r["path"] != gone])
+        write_rows(manifest, [r for r in rows if r["path"] != gone])
         with pytest.raises(RunError, match=rf"1 of the images the run held in its test split .*{gone}"):
             evaluate_run(run, out=run / "eval" / "after-removing")
     finally:

@@ -26,6 +26,7 @@ import faulty_reader  # noqa: E402
 
 from medvision.tasks.score import score_folder  # noqa: E402
 from medvision.tasks.score.job import ScoreSummary  # noqa: E402
+from medvision.tasks.score.table import transient  # noqa: E402
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # globbed: get_testdata_files may go online
 BASES = [
@@ -251,10 +252,11 @@ def test_hostile_archive_resumes_after_kill_9(
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its decode workers, like kill -9 of the whole job
     proc.wait()
     partial = _outcomes(_rows(out))
+    retried = {r["path"] for r in _rows(out) if transient(r)}  # a reader that crashed or hung: tried again
     assert 0 < len(partial) < len(expect)
     summary = score_folder(root, dicom_run, out, workers=2, batch_size=4, file_timeout=TIMEOUT,
                            reader=faulty_reader.read)  # fmt: skip
-    assert summary.already_done >= len(partial) - 1 and summary.reconciled
+    assert summary.already_done >= len(partial) - 1 - len(retried) and summary.reconciled
     rows, ref = _rows(out), _rows(reference)
     assert len(rows) == len(ref)  # nothing lost, nothing twice
     assert _outcomes(rows) == _outcomes(ref)

@@ -10,7 +10,10 @@ One job with ``score`` (:mod:`medvision.tasks.score.job`): the slides are found 
   raised, crashed or hung), with the reason; ``skipped``: not a slide.
 
 A slide's file is written (atomically) before its row, so a row means the file is complete, and a re-run with
-the same ``--out`` resumes after the last finished slide. ``DIR/features.json`` records the encoder, its
+the same ``--out`` resumes after the slides already finished: it redoes only a row cut short by a kill, an error row
+of a reader that crashed or timed out, and an ``ok`` row whose ``.h5`` is missing, does not open, is another slide's
+or has another tile count (:func:`stale_row`; how many is logged). One run writes a folder at a time: a second run
+into it while the first runs is refused (``features.lock``). ``DIR/features.json`` records the encoder, its
 checkpoint's SHA-256, the tiling and preprocessing, the slides folder (absolute), the precision and the counts; a
 second run into the same folder must use the same encoder, weights, tiling and slides folder, so one folder never
 mixes two feature spaces, nor two folders' slides under one name (resume would take one for the other).
@@ -110,6 +113,28 @@ class FeatureUnit(SlideScan):
         return {"slides": self.cfg.model_dump(mode="json"), "preprocessing": self.settings}
 
 
+def stale_row(out_dir: Path, row: dict[str, str]) -> str | None:
+    """Why an ``ok`` row of ``features.csv`` cannot be kept on resume: its feature file is missing, does not open as
+    one, is another slide's, or holds another number of tiles than the row says (a file deleted, replaced or damaged
+    since); None for a row that matches its file, and for an error or skipped row. Only the file's attributes and
+    shapes are read, not the embeddings, so checking a large folder costs seconds."""
+    if row.get("status") != "ok":
+        return None
+    import h5py
+
+    path = out_dir / (row.get("file") or feature_name(row.get("path", "")))
+    if not path.is_file():
+        return "ok rows whose feature file is missing"
+    try:
+        with h5py.File(path, "r") as fh:
+            slide, n = fh.attrs.get("slide"), fh["features"].shape[0]
+    except (OSError, KeyError, ValueError, TypeError, IndexError):
+        return "ok rows whose feature file does not open"
+    if (slide.decode() if isinstance(slide, bytes) else slide) != row.get("path") or str(n) != row.get("tiles"):
+        return "ok rows whose feature file is another slide's or has another tile count"
+    return None
+
+
 def _indexed_files(table: Path) -> dict[str, str]:
     """The feature file of each slide an earlier run into this folder finished (the ok rows of ``features.csv`` and
     of its ranks' parts)."""
@@ -168,6 +193,6 @@ def extract_features(
         _check_same_folder(out_dir, record)
     threads = (os.cpu_count() or 1) if device.type == "cpu" else None  # readers are light: the encoder takes the cores
     summary = run_units(folder, out_dir / RECORD.replace(".json", ""), unit, shard, record, threads,
-                        table_path=out_dir / TABLE)  # fmt: skip
+                        table_path=out_dir / TABLE, stale=lambda row: stale_row(out_dir, row))  # fmt: skip
     summary.out = str(out_dir / TABLE)
     return summary

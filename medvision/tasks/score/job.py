@@ -7,13 +7,16 @@ else is here, once:
 - the entries are sharded by a hash of their relative path (``--shard i/n``), and under ``torchrun`` rank
   ``r`` of ``W`` takes the part of shard ``i/n`` whose hash is ``i + n*r`` modulo ``n*W``, writing its own
   ``<out>.parts/rank<r>-of-<W>.csv``;
+- one job writes an output at a time: rank 0 holds ``<out>.lock`` for the run's life, and a second job into
+  the same ``--out`` is refused;
 - rows are appended and flushed one entry at a time (:class:`RowWriter`), in the folder's order; re-running
-  with the same ``--out`` resumes after the last complete entry (:func:`resume`), into a table with the same
-  columns only (:func:`same_columns`);
-- rank 0 merges the parts in the folder's order, counts every entry found (:func:`tally`: found = ok +
-  error + skipped), and writes ``<out>.json``: the model's and recipe's SHA-256, versions, calibration,
-  operating points, precision, counts and speed, plus what the unit adds.
+  with the same ``--out`` resumes after the finished entries (:func:`resume`: error rows of a reader that crashed
+  or timed out are tried again), into a table with the same columns only (:func:`same_columns`);
+- rank 0 merges the parts in the folder's order, counts every entry found once (:func:`tally`: found = ok +
+  error + skipped, and no entry with two rows for one item), and writes ``<out>.json``: the model's and
+  recipe's SHA-256, versions, calibration, operating points, precision, counts and speed, plus what the unit adds.
 
+What is done to the table itself (the lock, rows, resume, merge, tally) is :mod:`medvision.tasks.score.table`.
 The probabilities themselves come from the engine (:mod:`medvision.inference`), never from here.
 """
 
@@ -23,13 +26,12 @@ import csv
 import datetime
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,11 +41,21 @@ import torch
 from medvision.evaluation import Decision
 from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry
-from medvision.io.files import atomic_write, atomic_write_text
+from medvision.io.files import atomic_write_text
 from medvision.metrics import PROB_DIGITS, round_significant
-from medvision.options import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, EXIT_OK
 from medvision.runs import RunError, ScoringSpec, versions
-from medvision.runtime import barrier, broadcast, gather, setup
+from medvision.runtime import Dist, barrier, broadcast, gather, setup
+from medvision.tasks.score.table import (  # noqa: F401  # csv_line, one_line, RowWriter: the units' and tests' names
+    RowWriter,
+    ScoreSummary,
+    csv_line,
+    lock_output,
+    merge_parts,
+    one_line,
+    part_path,
+    resume,
+    tally,
+)
 from medvision.workers import PoolStats, isolated_map
 
 log = logging.getLogger("medvision")
@@ -56,52 +68,6 @@ def in_shard(rel: str, shard: tuple[int, int]) -> bool:
     """Deterministic, overlap-free split of entries across ``n`` workers by a hash of the relative path."""
     i, n = shard
     return int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16) % n == i
-
-
-@dataclass
-class ScoreSummary:
-    """Counts and speed of one scoring run (over the whole output, resumed parts included)."""
-
-    files_found: int = 0
-    ok_files: int = 0
-    ok_images: int = 0
-    error_files: int = 0
-    skipped_files: int = 0
-    scored_now: int = 0
-    images_now: int = 0
-    already_done: int = 0
-    lost_chunks: int = 0
-    crashed_files: int = 0
-    timed_out_files: int = 0
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-    engine: str = "torch"
-    shard: str = "0/1"
-    out: str = ""
-    item: str = "image"
-    """What ``ok_images`` and ``images_now`` count: images (frames), or the tiles of whole slides."""
-
-    @property
-    def reconciled(self) -> bool:
-        return self.files_found == self.ok_files + self.error_files + self.skipped_files
-
-    @property
-    def exit_code(self) -> int:
-        """0: every input scored; 3: some entries are error rows, or have no row at all (the table does not account
-        for every entry found: never a success); 4: no input at all (nothing to score)."""
-        if self.error_files or not self.reconciled:
-            return EXIT_FILE_ERRORS
-        return EXIT_OK if self.ok_files else EXIT_NO_IMAGES
-
-    def line(self) -> str:
-        rowless = self.files_found - self.ok_files - self.error_files - self.skipped_files
-        return (
-            f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} {self.item}(s)), "
-            f"{self.error_files} error(s), {self.skipped_files} skipped; {self.already_done} were already in "
-            f"{self.out}; {self.images_now} {self.item}(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} "
-            f"{'img' if self.item == 'image' else self.item + 's'}/s)"
-            + ("" if self.reconciled else f"; {rowless} file(s) found have no row")
-        )
 
 
 def operating_calls(decision: Decision, level: str = "image") -> list[tuple[str, float]]:
@@ -126,18 +92,6 @@ def prediction_cells(p: np.ndarray, classes: list[str], positive: int | None, ca
     p = round_significant(np.asarray(p))
     flags = [str(int(p[positive] >= thr)) for _, thr in calls] if positive is not None else []
     return [classes[int(p.argmax())], *[f"{v:.{PROB_DIGITS}g}" for v in p], *flags]
-
-
-def csv_line(*rows: list[Any]) -> str:
-    """Rows as CSV text, each ``reason`` already one line (see :func:`one_line`)."""
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
-
-
-def one_line(reason: str) -> str:
-    """A reason as one CSV-friendly line: its non-blank lines joined with `` | ``."""
-    return " | ".join(line.strip() for line in reason.splitlines() if line.strip())
 
 
 class Unit(Protocol):
@@ -182,104 +136,6 @@ def isolated(folder: Path, todo: list[Entry], read: Callable[[list[str]], list[A
         yield entry, (next(results)[1] if entry.outcome == "candidate" else None)
 
 
-class RowWriter:
-    """Appends an entry's rows with one write and a flush, so that finished entries survive a kill."""
-
-    def __init__(self, table: Path, columns: list[str]) -> None:
-        new = not table.is_file() or table.stat().st_size == 0
-        table.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = table.open("a", newline="")
-        if new:
-            self.write(csv_line(columns))
-
-    def write(self, text: str) -> None:
-        self.fh.write(text)
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def resume(table: Path) -> set[str]:
-    """Paths already finished in a previous output. A row cut short by a kill and the rows of the last
-    entry (it may have been cut between two of its frames) are removed, so that entry is scored again. Rows are
-    read as CSV records, so a quoted path that holds a line break is one row."""
-    if not table.is_file():
-        return set()
-    data = table.read_bytes()
-    pieces = data.decode("utf-8", "surrogateescape").split("\n")  # a kill may cut a character in two
-    lines = [p + "\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
-    ends: list[tuple[str, int]] = []  # each complete record's first field and the line it ends on
-    reader = csv.reader(lines, strict=True)
-    try:
-        for record in reader:
-            if lines[reader.line_num - 1].endswith("\n"):
-                ends.append((record[0] if record else "", reader.line_num))
-    except csv.Error:  # the file ends inside a quoted field: the record was cut short
-        pass
-    if len(ends) > 1:  # the header, and the rows of the last path dropped
-        last = ends[-1][0]
-        while len(ends) > 1 and ends[-1][0] == last:
-            ends.pop()
-    keep = "".join(lines[: ends[-1][1]] if ends else []).encode("utf-8", "surrogateescape")
-    if keep != data:  # keep is a prefix of data
-        with table.open("r+b") as raw:
-            raw.truncate(len(keep))
-    with table.open(newline="") as fh:
-        return {row["path"] for row in csv.DictReader(fh) if row.get("path")}
-
-
-def part_path(out: Path, rank: int, world_size: int) -> Path:
-    """Rank ``rank``'s own output under torchrun: ``<out>.parts/rank<r>-of-<W>.csv``, kept for resume."""
-    return Path(f"{out}.parts") / f"rank{rank}-of-{world_size}.csv"
-
-
-def merge_parts(parts: list[Path], order: list[str], merged: Path) -> None:
-    """The ranks' part files as one table, rows in the folder's order, written atomically over ``merged``.
-
-    The parts hold disjoint entries (hash shards), so nothing is duplicated; an entry without rows in
-    any part would show up as a reconciliation mismatch in the tally.
-    """
-    rank = {rel: k for k, rel in enumerate(order)}
-    header: list[str] | None = None
-    rows: list[tuple[int, int, list[str]]] = []
-    for part in parts:
-        with part.open(newline="") as fh:
-            reader = csv.reader(fh)
-            head = next(reader, None)
-            if head is None:
-                continue
-            if header is not None and head != header:
-                raise RunError(f"{part}: its columns differ from the other parts' ({head} vs {header})")
-            header = head
-            rows.extend((rank[r[0]], k, r) for k, r in enumerate(reader) if r and r[0] in rank)
-    rows.sort(key=lambda t: (t[0], t[1]))  # the folder's order; an entry's frames stay in their order
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header or [])
-            writer.writerows(r for _, _, r in rows)
-
-    atomic_write(merged, write)
-
-
-def tally(table: Path, found: set[str], summary: ScoreSummary, items: Callable[[dict[str, str]], int]) -> None:
-    """Counts outcomes over the whole output (earlier, resumed parts too) for the entries found now."""
-    status: dict[str, str] = {}
-    counted: dict[str, int] = {}
-    with table.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["path"] in found:
-                status[row["path"]] = row["status"]
-                counted[row["path"]] = counted.get(row["path"], 0) + items(row)
-    summary.files_found = len(found)
-    summary.ok_images = sum(counted.values())
-    summary.ok_files = sum(s == "ok" for s in status.values())
-    summary.error_files = sum(s == "error" for s in status.values())
-    summary.skipped_files = sum(s == "skipped" for s in status.values())
-
-
 UnitFactory = Callable[[ScoringSpec, Path, Engine], Unit]
 """``(spec, model path, engine) -> unit``: a unit is built once the model is loaded, and keeps the engine."""
 
@@ -322,15 +178,35 @@ def run_job(
 def run_units(
     folder: Path, out: Path, unit: Unit, shard: tuple[int, int], record: dict[str, Any], torch_threads: int | None,
     table_path: Path | None = None, start: float | None = None,
+    stale: Callable[[dict[str, str]], str | None] | None = None,
 ) -> ScoreSummary:  # fmt: skip
     """The job itself, for a unit that holds its own model: shard, resume, rows, merge, tally, ``<out>.json``.
 
     ``record``: what ``<out>.json`` says about the model (hashes, versions, device, precision), before the unit's
     own provenance and the counts. ``torch_threads``: PyTorch's CPU threads while scoring (None: unchanged).
+    ``stale(row)``: why a finished row of an earlier run must be done again (its output file is missing or does not
+    match it), or None (:func:`~medvision.tasks.score.table.resume`).
+
+    Raises:
+        RunError: another job is writing ``out`` (:func:`~medvision.tasks.score.table.lock_output`), or the rows
+            already there are another job's.
     """
     start = time.perf_counter() if start is None else start
     d, _ = setup("auto", timeout=RANK_TIMEOUT)
     merged = table_path or out
+    lock = lock_output(out, merged, d)  # one job at a time into this output, for the whole run
+    try:
+        return _run_locked(folder, out, merged, unit, shard, record, torch_threads, d, start, stale)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_locked(
+    folder: Path, out: Path, merged: Path, unit: Unit, shard: tuple[int, int], record: dict[str, Any],
+    torch_threads: int | None, d: Dist, start: float, stale: Callable[[dict[str, str]], str | None] | None,
+) -> ScoreSummary:  # fmt: skip
+    """:func:`run_units` once this job holds its output."""
     entries = [e for e in unit.entries(folder) if in_shard(e.rel, shard)]
     if d.world_size > 1:
         i, n = shard
@@ -344,7 +220,8 @@ def run_units(
     barrier(d)  # every rank has checked the record before rank 0 writes this job's
     if d.is_main:
         write_record(out, {**job, "finished": False})
-    done = resume(table)
+    # only a file's frames make several rows an entry; a timeout is tried again only under a longer limit
+    done = resume(table, "frame" in unit.columns, stale, getattr(unit, "timeout", None)).done
     todo = [e for e in mine if e.rel not in done]
     summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
                            out=str(out), engine=str(record.get("engine", "torch")), item=unit.item)  # fmt: skip
@@ -443,7 +320,8 @@ def same_columns(table: Path, columns: list[str]) -> None:
 def _side_outputs(out: Path, table: Path) -> str:
     """`` (and ...)``: what else of the job's lies beside ``out`` (its parts, a slide job's ``.tiles/``, ``.geojson/``,
     ``.heatmaps/`` and merged tile table), named so that scoring afresh also starts without an earlier job's files."""
-    found = sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.*") if p not in (table, Path(f"{out}.json")))
+    own = (table, Path(f"{out}.json"), Path(f"{out}.lock"))  # the lock stays: deleting it races with a new job
+    found = sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.*") if p not in own)
     names = [f"{p}/" if p.is_dir() else str(p) for p in found]
     return f" (and {', '.join(names)})" if names else ""
 
