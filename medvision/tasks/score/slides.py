@@ -78,24 +78,52 @@ ABMIL_NEEDS_TORCH = "this run aggregates tiles with its ABMIL head, which needs 
 
 
 def find_slides(folder: Path) -> list[Entry]:
-    """Every entry, sorted: ``candidate`` slides and ``skipped`` others."""
+    """Every entry, sorted: ``candidate`` slides and ``skipped`` others.
+
+    Links to folders are followed, as :func:`medvision.io.archive.scan` follows them for images: a folder is
+    searched once, by the first route the sorted walk takes to it, and a link back to a folder that contains it
+    (a loop) or a second route to one already searched is a skipped row naming the route taken. A folder named
+    like a slide (``x.svs``) that is not a DICOM series is searched; with nothing in it, it is a skipped row.
+    """
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
     found: list[Entry] = []
-    for root, dirs, files in os.walk(folder):
+    top = os.stat(folder)
+    searched = {(top.st_dev, top.st_ino): "."}  # each folder searched, by the route it was searched by
+    named_like_slides = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
         here = Path(root)
+        here_rel = here.relative_to(folder)
         mrxs = {Path(f).stem for f in files if f.lower().endswith(".mrxs")}
         keep = []
         for d in sorted(dirs):
+            rel = (here_rel / d).as_posix()
             if d in mrxs:
                 continue  # a MIRAX slide's data folder belongs to its .mrxs file
-            if is_dicom_slide_dir(here / d):
-                found.append(Entry(str((here / d).relative_to(folder)), "candidate"))
+            try:
+                st = os.stat(here / d)
+            except OSError as err:  # gone since it was listed
+                found.append(Entry(rel, "error", f"cannot stat the folder ({type(err).__name__}: {err.strerror})"))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in searched:
+                first = searched[key]
+                inside = first == "." or here_rel.as_posix() == first or Path(first) in here_rel.parents
+                why = ("link to a folder that contains it (a loop); not followed" if inside else
+                       f"{'link to a folder' if (here / d).is_symlink() else 'folder'} already searched as "
+                       f"{first!r}; not searched twice")  # fmt: skip
+                found.append(Entry(rel, "skipped", why))
+            elif is_dicom_slide_dir(here / d):
+                searched[key] = rel
+                found.append(Entry(rel, "candidate"))
             else:
+                searched[key] = rel
                 keep.append(d)
+                if d.lower().endswith(SLIDE_SUFFIXES):
+                    named_like_slides.append(rel)
         dirs[:] = keep
         for f in sorted(files):
-            rel = str((here / f).relative_to(folder))
+            rel = (here_rel / f).as_posix()
             if here == folder and is_dicom_slide_dir(folder):
                 found.append(Entry(rel, "skipped", "the folder itself is one DICOM series; pass its parent folder"))
             elif f.lower().endswith(SLIDE_SUFFIXES):
@@ -103,6 +131,10 @@ def find_slides(folder: Path) -> list[Entry]:
             else:
                 why = f"not a slide (suffix {Path(f).suffix or 'none'!r}; expected one of {', '.join(SLIDE_SUFFIXES)}"
                 found.append(Entry(rel, "skipped", why + " or a DICOM series folder)"))
+    for rel in named_like_slides:  # searched, and nothing came of it: still a row, so that it is accounted for
+        if not any(e.rel.startswith(rel + "/") for e in found):
+            why = "a folder named like a slide, but not a DICOM series and with nothing in it (searched)"
+            found.append(Entry(rel, "skipped", why))
     return sorted((text_entry(e) for e in found), key=lambda e: e.rel)
 
 
