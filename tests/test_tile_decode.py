@@ -138,3 +138,21 @@ def test_the_choice_reaches_the_tile_cache_the_recipe_and_features(he_slide: Pat
     assert SlidesConfig.recorded(SlidesConfig().model_dump(mode="json")).jpeg_shrink is True
     args = _parser().parse_args(["features", "slides", "--encoder", "uni", "--out", "o", "--no-jpeg-shrink"])
     assert args.no_jpeg_shrink is True
+
+
+def test_a_stray_marker_in_a_real_aperio_tile_is_named_at_either_decoder(cmu_svs: Path) -> None:
+    # libjpeg decodes such a tile with only a warning on stderr; the strict decoder refuses it at full size and
+    # shrunk, naming the file, the level and the tile
+    with open_slide(cmu_svs) as slide:
+        size = slide.level_dimensions[0]
+    for shrink in (1, 2):
+        fast = TiffLevelTiles.open(str(cmu_svs), size, 448, shrink)
+        assert fast is not None
+        index, data = _tiles(fast, 1)[0]
+        middle = len(data) // 2
+        with pytest.raises(
+            ValueError, match=rf"cmu_small_region\.svs: level 0 JPEG tile {index} .*Unsupported marker type 0x3a"
+        ):
+            fast.decode(data[:middle] + b"\xff\x3a" + data[middle + 2 :], index)
+        assert fast.decode(data, index).shape == (fast.th, fast.tw, 3)
+        fast.close()

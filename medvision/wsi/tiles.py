@@ -155,17 +155,8 @@ KEEP_BYTES = 128 << 20
 
 #: An Adobe APP14 segment with colour transform 0: libjpeg then takes three components as R, G, B. Aperio writes
 #: RGB JPEG tiles (TIFF photometric RGB) without any marker that says so; tifffile tells libjpeg the colour space
-#: instead, which ``cv2.imdecode`` cannot, so the marker goes into the stream.
+#: instead, which a decoder of whole streams cannot be told, so the marker goes into the stream.
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
-#: ``cv2.imdecode`` flags for a JPEG decoded at 1/2, 1/4 or 1/8 of its side, without the colour bits (at full size
-#: tifffile decodes).
-_SCALED = {
-    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
-    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
-}
-#: RGB straight from libjpeg (OpenCV >= 4.11); older OpenCV decodes BGR and the channels are reversed.
-_RGB_FLAG: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def decoder_shrink(read_size: int, tile_size: int) -> int:
@@ -186,15 +177,20 @@ class TiffLevelTiles:
     :meth:`open` returns None for anything else (other compressions, OME SubIFDs, DICOM), which then goes
     through :meth:`Slide.read_region`.
 
-    With ``shrink`` 2, 4 or 8 the tiles are decoded at that fraction of their side by ``cv2.imdecode``
-    (libjpeg-turbo, as tifffile's decoder): libjpeg's scaled inverse DCT, which skips the work on pixels that
-    area averaging would then throw away, and every copy and the resize after it handle a quarter of the bytes
-    or less. Coordinates and sizes passed to :meth:`read` are then in pixels of that shrunk level. On the same
-    pixels, a shrunk tile is within 0.2 (RGB JPEG, the real Aperio scan) to 0.9 (YCbCr 4:2:0) grey levels of
-    area averaging on average, a few levels at 99% of pixels, more at sharp edges; a region whose corner falls
-    between two shrunk pixels is read from the nearest one, as on upper levels (``tests/test_tile_decode.py``;
-    the speed is in ``benchmarks/RESULTS.md``). At full size, and for colour spaces other than RGB and YCbCr,
-    tifffile decodes.
+    Tiles are decoded by simplejpeg (libjpeg-turbo's TurboJPEG API, as tifffile's and OpenCV's decoders, the same
+    pixels) in its strict mode: corrupt entropy-coded data, which libjpeg only warns about on stderr before
+    returning an image (OpenCV, PIL and tifffile all pass such a tile on), is an error naming the file, the level
+    and the tile, and so the slide's error row. It finds 91% of 64-byte overwrites of a tile's scan data (the
+    rest decode to valid codes: no decoder can tell), where a scan for stray markers found 29%.
+
+    With ``shrink`` 2, 4 or 8 the tiles are decoded at that fraction of their side: libjpeg's scaled inverse DCT,
+    which skips the work on pixels that area averaging would then throw away, and every copy and the resize after it
+    handle a quarter of the bytes or less. Coordinates and sizes passed to :meth:`read` are then in pixels of that
+    shrunk level. On the same pixels, a shrunk tile is within 0.2 (RGB JPEG, the real Aperio scan) to 0.9 (YCbCr
+    4:2:0) grey levels of area averaging on average, a few levels at 99% of pixels, more at sharp edges; a region
+    whose corner falls between two shrunk pixels is read from the nearest one, as on upper levels
+    (``tests/test_tile_decode.py``; the speed is in ``benchmarks/RESULTS.md``). For colour spaces other than RGB and
+    YCbCr tifffile decodes.
 
     Grid cells come in rows, and a row of ``span``-pixel cells touches ``ceil(span / tile) + 1`` rows of JPEG
     tiles, the last of which the next row of cells touches again. The LRU holds that many whole rows of tiles
@@ -202,15 +198,15 @@ class TiffLevelTiles:
     against 4.2 with the former 64-tile LRU, and 1.5-1.7 against 1.9-2.1 ms a tile (``benchmarks/RESULTS.md``).
     """
 
-    def __init__(self, tif: Any, page: Any, span: int = 0, shrink: int = 1) -> None:
-        self.tif, self.page = tif, page
+    def __init__(self, tif: Any, page: Any, span: int = 0, shrink: int = 1, level: int = 0) -> None:
+        self.tif, self.page, self.level = tif, page, level
         tw, th = int(page.tilewidth), int(page.tilelength)
         self.across = -(-int(page.imagewidth) // tw)
         if int(page.photometric) not in (2, 6) or tw % shrink or th % shrink:
             shrink = 1
-        # what cv2 decodes a shrunk tile from: the level's shared tables (if any), then the tile after its SOI
+        # a whole stream to decode: the level's shared tables (if any), then the tile after its SOI
         self.prefix: bytes | None = None
-        if shrink > 1:
+        if int(page.photometric) in (2, 6):
             self.prefix = bytes(page.jpegtables[:-2]) if page.jpegtables else b"\xff\xd8"
             if int(page.photometric) == 2 and not page.is_jfif:
                 self.prefix += ADOBE_RGB
@@ -234,12 +230,12 @@ class TiffLevelTiles:
             tif = tifffile.TiffFile(path)
         except Exception:
             return None
-        for level in tif.series[0].levels if tif.series else []:
+        for number, level in enumerate(tif.series[0].levels if tif.series else []):
             page = level.keyframe
             if (int(page.imagewidth), int(page.imagelength)) == tuple(size):
                 if page.is_tiled and page.compression == 7 and page.samplesperpixel == 3 and page.bitspersample == 8 \
                         and len(level.pages) == 1:  # fmt: skip
-                    return cls(tif, level.pages[0], span, shrink)
+                    return cls(tif, level.pages[0], span, shrink, number)
                 break
         tif.close()
         return None
@@ -260,17 +256,30 @@ class TiffLevelTiles:
         return tile
 
     def decode(self, data: bytes, index: int) -> np.ndarray:
-        """JPEG tile ``index`` of this level as RGB uint8 (th, tw, 3), at 1/``shrink`` of its side."""
-        if self.prefix is None:
-            tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
-            return tile.reshape(self.th, self.tw, -1)[..., :3]
-        stream = np.frombuffer(self.prefix + data[2:], np.uint8)
-        colour = cv2.IMREAD_COLOR if _RGB_FLAG is None else _RGB_FLAG
-        tile = cv2.imdecode(stream, _SCALED[self.shrink] | colour)
-        if tile is None or tile.shape != (self.th, self.tw, 3):
-            got = "nothing" if tile is None else f"shape {tile.shape}"
-            raise ValueError(f"JPEG tile {index} decoded to {got}; expected ({self.th}, {self.tw}, 3)")
-        return tile if _RGB_FLAG is not None else np.ascontiguousarray(tile[..., ::-1])
+        """JPEG tile ``index`` of this level as RGB uint8 (th, tw, 3), at 1/``shrink`` of its side.
+
+        Raises:
+            ValueError: the tile is damaged (libjpeg's words: corrupt data, a premature end, extraneous bytes
+                before a marker) or decodes to another size; the message names the file, the level and the tile.
+        """
+        import simplejpeg
+
+        try:
+            if self.prefix is None:  # neither RGB nor YCbCr: tifffile knows the colour space
+                tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
+                return tile.reshape(self.th, self.tw, -1)[..., :3]
+            tile = simplejpeg.decode_jpeg(self.prefix + data[2:], colorspace="RGB", min_height=self.th,
+                                          min_width=self.tw, min_factor=self.shrink, strict=True)  # fmt: skip
+        except Exception as err:
+            raise ValueError(f"{self._where(index)} is damaged ({type(err).__name__}: {err})") from err
+        if tile.shape != (self.th, self.tw, 3):
+            raise ValueError(f"{self._where(index)} decoded to shape {tile.shape}; expected ({self.th}, {self.tw}, 3)")
+        return tile
+
+    def _where(self, index: int) -> str:
+        """The file, level and tile (with its column and row in the level's grid of JPEG tiles), for errors."""
+        row, col = divmod(index, self.across)
+        return f"{self.tif.filehandle.path}: level {self.level} JPEG tile {index} (column {col}, row {row})"
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) whose top-left corner is pixel (x, y) of this level (of its 1/``shrink`` size);
