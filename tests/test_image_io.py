@@ -226,6 +226,37 @@ def test_a_folder_scan_parses_each_tiff_once_and_decodes_only_what_headers_canno
     assert sorted(decoded) == ["g.bmp", "tiff_named.png"]
 
 
+def test_jpegs_decode_as_opencv_does_and_corrupt_scan_data_is_an_error(tmp_path: Path) -> None:
+    """JPEGs are decoded strictly (simplejpeg): the pixels are OpenCV's for grey, 4:2:0, 4:4:4, progressive and
+    EXIF-rotated files (no rotation, as OpenCV's IMREAD_UNCHANGED), CMYK still goes through OpenCV; and a file
+    whose scan data is corrupt, which OpenCV decodes with a warning on stderr, is an error naming the file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (60, 90, 3), np.uint8), (0, 0), 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    writers = {
+        "grey.jpg": lambda p: Image.fromarray(img[..., 0]).save(p, quality=90),
+        "c420.jpg": lambda p: Image.fromarray(img).save(p, quality=90),
+        "c444.jpg": lambda p: Image.fromarray(img).save(p, quality=95, subsampling=0),
+        "progressive.jpg": lambda p: Image.fromarray(img).save(p, progressive=True),
+        "rotated.jpg": lambda p: Image.fromarray(img).save(p, exif=exif),
+        "cmyk.jpg": lambda p: Image.fromarray(img).convert("CMYK").save(p),
+    }
+    for name, write in writers.items():
+        write(tmp_path / name)
+        ref = cv2.imdecode(np.fromfile(tmp_path / name, np.uint8), cv2.IMREAD_UNCHANGED)
+        ref = ref[..., ::-1] if ref.ndim == 3 else ref
+        np.testing.assert_array_equal(read_image_raw(tmp_path / name), ref, err_msg=name)
+    whole = (tmp_path / "c420.jpg").read_bytes()
+    data = whole[: len(whole) * 2 // 3] + b"\xff\xd9"  # its scan data cut short, yet it ends as a JPEG should
+    (tmp_path / "corrupt.jpg").write_bytes(data)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+    with pytest.raises(ImageReadError, match=r"corrupt\.jpg: damaged JPEG data \(libjpeg: Corrupt JPEG data"):
+        read_image_raw(tmp_path / "corrupt.jpg")
+
+
 def test_signed_16bit_tiff_maps_the_type_range_to_unit(tmp_path: Path) -> None:
     """A signed CT TIFF (-1024 air .. 3071 bone): int16's -32768..32767 is 0..1, as uint16's 0..65535 is, so the
     mapping is fixed (one value, one number, whatever else the image holds) and never negative."""

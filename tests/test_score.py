@@ -12,6 +12,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -462,6 +463,11 @@ def test_png_folder_scores_like_evaluate_and_exit_codes(
     (bad / "cut.png").write_bytes((folder / "tiles" / "P000_00.png").read_bytes()[:100])
     (bad / "huge.png").write_bytes(_png_header_only(100_000, 100_000))
     shutil.copy(get_testdata_file("CT_small.dcm"), bad / "ct.dcm")
+    tile = cv2.imread(str(folder / "tiles" / "P000_00.png"))
+    jpeg = cv2.imencode(".jpg", tile)[1].tobytes()
+    jpeg = jpeg[: len(jpeg) * 2 // 3] + b"\xff\xd9"  # scan data cut short, yet it ends as a JPEG should
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED) is not None  # OpenCV only warns
+    (bad / "corrupt.jpg").write_bytes(jpeg)
     out = tmp_path / "bad.csv"
     assert main(["score", str(bad), "--model", str(run), "--out", str(out), "--workers", "1"]) == 3
     rows = {r["path"]: r for r in _rows(out)}
@@ -471,7 +477,8 @@ def test_png_folder_scores_like_evaluate_and_exit_codes(
         "header declares 30,000,000,000"
     )
     assert rows["ct.dcm"]["status"] == "skipped" and "trained on PNG" in rows["ct.dcm"]["reason"]
+    assert rows["corrupt.jpg"]["status"] == "error" and "damaged JPEG data" in rows["corrupt.jpg"]["reason"]
     assert sum(r["status"] == "ok" for r in rows.values()) == 72
-    assert "3 file(s) could not be scored" in capsys.readouterr().err
+    assert "4 file(s) could not be scored" in capsys.readouterr().err
     record = json.loads(Path(str(out) + ".json").read_text())
-    assert record["files_found"] == 76 and record["reconciled"] and record["exit_code"] == 3
+    assert record["files_found"] == 77 and record["reconciled"] and record["exit_code"] == 3

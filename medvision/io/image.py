@@ -43,14 +43,18 @@ def read_image_raw(path: str | Path) -> np.ndarray:
             if buf[:3].tobytes() == b"\xff\xd8\xff" and buf[-2:].tobytes() != b"\xff\xd9" \
                     and not jpeg_is_whole(buf.tobytes()):  # fmt: skip
                 raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
-            decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if decoded is None:
-                raise ImageReadError(f"{path}: OpenCV could not decode this {suffix} file (corrupt or truncated?)")
-            arr = decoded
-            if arr.ndim == 3 and arr.shape[2] == 3:
-                arr = arr[:, :, ::-1]  # BGR -> RGB
-            elif arr.ndim == 3 and arr.shape[2] == 4:
-                arr = arr[:, :, [2, 1, 0, 3]]
+            strict = _strict_jpeg(path, buf) if buf[:3].tobytes() == b"\xff\xd8\xff" else None
+            if strict is not None:
+                arr = strict
+            else:
+                decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+                if decoded is None:
+                    raise ImageReadError(f"{path}: OpenCV could not decode this {suffix} file (corrupt or truncated?)")
+                arr = decoded
+                if arr.ndim == 3 and arr.shape[2] == 3:
+                    arr = arr[:, :, ::-1]  # BGR -> RGB
+                elif arr.ndim == 3 and arr.shape[2] == 4:
+                    arr = arr[:, :, [2, 1, 0, 3]]
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -60,6 +64,28 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ImageReadError(f"{path}: expected a 2-D image (H, W) or (H, W, C), got shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def _strict_jpeg(path: Path, buf: np.ndarray) -> np.ndarray | None:
+    """An 8-bit grey or colour JPEG decoded by libjpeg-turbo in strict mode (simplejpeg): corrupt entropy-coded
+    data, which libjpeg only warns about on stderr while OpenCV returns the image, is an :class:`ImageReadError`
+    (of 200 copies of a JPEG with 64 bytes overwritten, 187 are refused; OpenCV refused none:
+    ``benchmarks/tile_decoder.py``). The pixels are OpenCV's (the same libjpeg-turbo, no EXIF rotation: checked
+    in the tests). None for what it does not decode (CMYK, 12-bit): OpenCV decodes those."""
+    import simplejpeg
+
+    try:
+        kind = simplejpeg.decode_jpeg_header(buf)[2]
+    except ValueError:
+        return None
+    if kind not in ("Gray", "YCbCr", "RGB"):
+        return None
+    try:
+        image = simplejpeg.decode_jpeg(buf, colorspace="GRAY" if kind == "Gray" else "RGB", strict=True)
+    except ValueError as err:
+        raise ImageReadError(f"{path}: damaged JPEG data (libjpeg: {err}); expected a whole JPEG stream (re-encode "
+                             "the file if it opens elsewhere)") from None  # fmt: skip
+    return image[:, :, 0] if kind == "Gray" else image
 
 
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7: markers without a length
