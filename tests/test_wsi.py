@@ -143,8 +143,8 @@ def test_a_slide_smaller_than_one_tile_is_an_error_that_says_so(small_rgb: np.nd
     with open_slide(path) as slide, pytest.raises(SlideError) as err:
         plan_tiles(slide, TileSpec(tile_size=224, target_mpp=0.5))
     assert str(err.value) == (f"{path}: the slide (300 x 208 px) is smaller than one tile: 224 px at 0.5 µm/px is "
-                              "224 px of its level 0 (0.5 µm/px); lower data.slides.tile_size or "
-                              "data.slides.target_mpp")  # fmt: skip
+                              "224 px of its level 0 (0.5 µm/px); lower --tile-size or --target-mpp (features), "
+                              "data.slides.tile_size or data.slides.target_mpp (a recipe)")  # fmt: skip
 
 
 def test_tiffslide_regions_across_the_slide_edge_keep_every_real_pixel(tmp_path: Path) -> None:

@@ -96,7 +96,8 @@ def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
     if spec.target_mpp < slide.mpp * 0.99:
         raise SlideError(
             f"{slide.path}: target_mpp {spec.target_mpp} µm/px is finer than the scan's {slide.mpp:.4g} µm/px "
-            f"({slide.mpp_source}); tiles would be upsampled. Use data.slides.target_mpp >= {slide.mpp:.4g}"
+            f"({slide.mpp_source}); tiles would be upsampled. Use --target-mpp (features) or data.slides.target_mpp "
+            f"(a recipe) >= {slide.mpp:.4g}"
         )
     w0, h0 = slide.level_dimensions[0]
     side0 = spec.tile_size * spec.target_mpp / slide.mpp
@@ -104,7 +105,7 @@ def plan_tiles(slide: Slide, spec: TileSpec) -> TileGrid:
         raise SlideError(
             f"{slide.path}: the slide ({w0} x {h0} px) is smaller than one tile: {spec.tile_size} px at "
             f"{spec.target_mpp} µm/px is {side0:.0f} px of its level 0 ({slide.mpp:.4g} µm/px); lower "
-            "data.slides.tile_size or data.slides.target_mpp"
+            "--tile-size or --target-mpp (features), data.slides.tile_size or data.slides.target_mpp (a recipe)"
         )
     level = slide.best_level(side0 / spec.tile_size)
     read_size = max(1, round(side0 / slide.level_downsamples[level]))
