@@ -328,6 +328,10 @@ def test_cli_exit_codes(two_runs: tuple[Path, Path], tmp_path: Path, capsys: pyt
     assert (
         capsys.readouterr().err.strip() == "medvision compare: error: compare needs at least two runs; got 1: " + str(a)
     )
+    assert main(["compare", str(a), str(b), "--split", "val", "--out", str(out / "val")]) == 0
+    page = (out / "val" / "compare.md").read_text()
+    assert "val (selection split: optimistic) split:" in page and "its numbers are optimistic" in page
+    assert "(selection split" not in (out / "compare.md").read_text()  # the test split: no such label
     assert main(["compare", str(a), str(b), "--split", "train", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medvision compare: error: ") and "no rows of split 'train'" in err[0]

@@ -136,8 +136,10 @@ def test_linked_folders_are_followed_once_and_loops_and_empty_slide_named_folder
     (root / "empty.svs").mkdir()
     (root / "full.svs").mkdir()
     (root / "full.svs" / "s3.svs").write_bytes(b"II*\x00")
+    (root / "same.svs").symlink_to(root / "a" / "s1.svs")  # a second name of one slide file
     rows = {e.rel: (e.outcome, e.reason) for e in find_slides(root)}
-    assert set(rows) == {"a/s1.svs", "a/back", "b", "empty.svs", "full.svs/s3.svs", "linked/s2.svs"}
+    assert set(rows) == {"a/s1.svs", "a/back", "b", "empty.svs", "full.svs/s3.svs", "linked/s2.svs", "same.svs"}
+    assert rows["same.svs"] == ("skipped", "the same file as 'a/s1.svs' (a link or a second name); read once")
     assert rows["a/s1.svs"][0] == rows["full.svs/s3.svs"][0] == rows["linked/s2.svs"][0] == "candidate"
     assert rows["a/back"] == ("skipped", "link to a folder that contains it (a loop); not followed")
     assert rows["b"] == ("skipped", "link to a folder already searched as 'a'; not searched twice")

@@ -38,7 +38,7 @@ from medvision.evaluation import bootstrap_groups
 from medvision.intervals import accuracy_ci, bootstrap_cis, delong_test, paired_bootstrap
 from medvision.metrics import MetricWarning, aggregate_by_group, compute_accuracy, compute_auc
 from medvision.recipe import Recipe, load_recipe
-from medvision.report import Block, to_html, to_markdown, write_json
+from medvision.report import SELECTION_LABEL, Block, to_html, to_markdown, write_json
 from medvision.runs import cache_dir, read_run_json
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"auc": compute_auc, "acc": compute_accuracy}
@@ -414,6 +414,13 @@ def _names(folders: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(f) for f in folders]
 
 
+#: The split every run chose its checkpoint, temperature and thresholds on (``train`` writes it as ``val``).
+SELECTION_SPLIT = "val"
+SELECTION_NOTE = ("every run chose its checkpoint, temperature and thresholds on this split: its numbers are "
+                  "optimistic, and a difference between runs favours the one that fitted its choices to these images "
+                  "more; compare on `test` for the numbers to report")  # fmt: skip
+
+
 def build_blocks(
     out: Path, runs: list[RunPredictions], levels: list[Level], stats: list[dict[str, Any]], split: str,
     ci_level: float, notes: list[str],
@@ -424,10 +431,13 @@ def build_blocks(
     # the reference's evaluation.positive_class (AUC is the same either way; the ROC curves are drawn for it)
     flip = binary and runs[0].positive == classes[0]
     counts = ", ".join(f"{c} {int((labels == k).sum())}" for k, c in enumerate(classes))
+    shown = SELECTION_LABEL.format(split=split) if split == SELECTION_SPLIT else split
     facts = [*(_run_fact(r) for r in runs), f"reference: `{ref}` (every other run is compared with it)",
-             f"{split} split: {len(labels)} images ({counts}), the same ids and labels in every run",
+             f"{shown} split: {len(labels)} images ({counts}), the same ids and labels in every run",
              f"AUC: {f'binary, positive class `{classes[0 if flip else 1]}`' if binary else 'macro one-vs-rest'}; "
              "accuracy: of the arg-max class"]  # fmt: skip
+    if split == SELECTION_SPLIT:
+        facts.append(SELECTION_NOTE)
     blocks: list[Block] = [("h1", f"Comparison of {', '.join(r.name for r in runs)}"), ("ul", facts)]
     for level, s in zip(levels, stats, strict=True):
         figure = f"plots/roc_{level.name}.png"
@@ -435,7 +445,7 @@ def build_blocks(
         if flip:
             y, probs, names = 1 - y, {k: p[:, ::-1] for k, p in probs.items()}, classes[::-1]
         plots.plot_roc_curves(out / figure, y, probs, names, title=f"ROC per {level.name}")
-        blocks += level_blocks(s, split, ci_level, figure)
+        blocks += level_blocks(s, shown, ci_level, figure)
     files = "Files: `compare.md`, `compare.html` (self-contained), `compare.json` (every number), `plots/`."
     return [*blocks, ("h2", "How to read this"), ("ul", notes), ("p", files)]
 
@@ -545,6 +555,8 @@ def compare_runs(
     notes = reading_notes(runs, levels, patients, n_resamples, seed, stats, unknown)
     if (differ := different_data(runs)) is not None:
         log.warning("%s", differ)
+    if split == SELECTION_SPLIT:
+        log.warning("compare --split %s: %s", split, SELECTION_NOTE)
     blocks = build_blocks(out, runs, levels, stats, split, ci_level, notes)
     data = {"split": split, "classes": classes, "reference": runs[0].name,
             "runs": {r.name: str(r.folder) for r in runs},

@@ -33,6 +33,7 @@ but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -83,7 +84,8 @@ def find_slides(folder: Path) -> list[Entry]:
     Links to folders are followed, as :func:`medvision.io.archive.scan` follows them for images: a folder is
     searched once, by the first route the sorted walk takes to it, and a link back to a folder that contains it
     (a loop) or a second route to one already searched is a skipped row naming the route taken. A folder named
-    like a slide (``x.svs``) that is not a DICOM series is searched; with nothing in it, it is a skipped row.
+    like a slide (``x.svs``) that is not a DICOM series is searched; with nothing in it, it is a skipped row. A slide
+    file reached by a second name (a link, a hard link) is a skipped row naming the first: one slide, one row.
     """
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
@@ -91,6 +93,7 @@ def find_slides(folder: Path) -> list[Entry]:
     top = os.stat(folder)
     searched = {(top.st_dev, top.st_ino): "."}  # each folder searched, by the route it was searched by
     named_like_slides = []
+    file_of: dict[str, tuple[int, int]] = {}  # each slide file's (device, inode), by its name here
     for root, dirs, files in os.walk(folder, followlinks=True):
         here = Path(root)
         here_rel = here.relative_to(folder)
@@ -128,6 +131,9 @@ def find_slides(folder: Path) -> list[Entry]:
                 found.append(Entry(rel, "skipped", "the folder itself is one DICOM series; pass its parent folder"))
             elif f.lower().endswith(SLIDE_SUFFIXES):
                 found.append(Entry(rel, "candidate"))
+                with contextlib.suppress(OSError):  # a broken link: the reader says so in its row
+                    st = os.stat(here / f)
+                    file_of[rel] = (st.st_dev, st.st_ino)
             else:
                 why = f"not a slide (suffix {Path(f).suffix or 'none'!r}; expected one of {', '.join(SLIDE_SUFFIXES)}"
                 found.append(Entry(rel, "skipped", why + " or a DICOM series folder)"))
@@ -135,7 +141,14 @@ def find_slides(folder: Path) -> list[Entry]:
         if not any(e.rel.startswith(rel + "/") for e in found):
             why = "a folder named like a slide, but not a DICOM series and with nothing in it (searched)"
             found.append(Entry(rel, "skipped", why))
-    return sorted((text_entry(e) for e in found), key=lambda e: e.rel)
+    named: dict[tuple[int, int], str] = {}
+    out = []
+    for e in sorted(found, key=lambda e: e.rel):  # the first name in sorted order is read, a second is a row
+        seen = named.setdefault(file_of[e.rel], e.rel) if e.rel in file_of else e.rel
+        if seen != e.rel:
+            e = Entry(e.rel, "skipped", f"the same file as {seen!r} (a link or a second name); read once")
+        out.append(text_entry(e))
+    return sorted(out, key=lambda e: e.rel)
 
 
 _PLAN: dict[str, Any] = {}
