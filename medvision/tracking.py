@@ -437,7 +437,7 @@ class Tracker:
             if not self._warned:
                 log.warning("tracking: metrics of step %d not logged (%s: %s); the run goes on without sending "
                             "MLflow its further epochs (its final metrics are tried at the end)", step,
-                            type(err).__name__, err)  # fmt: skip
+                            type(err).__name__, redact_uri(str(err)))  # fmt: skip
                 self._warned = True
 
     def log_epoch(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -485,7 +485,7 @@ class Tracker:
         except Exception as err:
             self._failed = True
             log.error("tracking: the MLflow run %s of %s is incomplete (%s: %s); the run folder itself is complete",
-                      self.run_id, run_dir, type(err).__name__, err)  # fmt: skip
+                      self.run_id, run_dir, type(err).__name__, redact_uri(str(err)))  # fmt: skip
 
     def _log_file(self, path: Path, folder: str | None) -> None:
         """One file as an artifact; a text file that holds a URI with credentials (``tracking.uri`` in
@@ -528,7 +528,9 @@ class Tracker:
             try:
                 self._client.set_terminated(self.run_id, "FAILED" if self._failed else status)
             except Exception as err:
-                log.warning("tracking: cannot end MLflow run %s (%s: %s)", self.run_id, type(err).__name__, err)
+                log.warning(
+                    "tracking: cannot end MLflow run %s (%s: %s)", self.run_id, type(err).__name__, redact_uri(str(err))
+                )
             self._client = None
 
 

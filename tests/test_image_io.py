@@ -255,6 +255,12 @@ def test_jpegs_decode_as_opencv_does_and_corrupt_scan_data_is_an_error(tmp_path:
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
     with pytest.raises(ImageReadError, match=r"corrupt\.jpg: damaged JPEG data \(libjpeg: Corrupt JPEG data"):
         read_image_raw(tmp_path / "corrupt.jpg")
+    twelve = bytearray(whole)  # a 12-bit frame header: left to OpenCV, which cannot decode this one either
+    sof = next(i for i in range(2, len(twelve)) if twelve[i] == 0xFF and twelve[i + 1] in (0xC0, 0xC1, 0xC2))
+    twelve[sof + 4] = 12
+    (tmp_path / "twelve.jpg").write_bytes(bytes(twelve))
+    with pytest.raises(ImageReadError, match=r"twelve\.jpg: OpenCV could not decode"):
+        read_image_raw(tmp_path / "twelve.jpg")
 
 
 def test_signed_16bit_tiff_maps_the_type_range_to_unit(tmp_path: Path) -> None:

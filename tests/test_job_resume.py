@@ -60,7 +60,7 @@ def test_features_resume_redoes_transient_errors_and_stale_files_only_and_counts
     # slide_000: its .h5 is gone; slide_001: a reader timed out on it (the row a hung reader leaves); slide_003: its
     # row counts other tiles than its file holds. The 60 s timeout is under this run's limit (600 s): tried again
     (out / feature_name("slide_000.svs")).unlink()
-    timed_out = "slide_001.tif: tiles could not be read (decoder timed out after 60 s)"
+    timed_out = "slide_001.tif: decoder timed out after 60 s"  # opening it, under a shorter --slide-timeout
     rows["slide_001.tif"].update(status="error", reason=timed_out, file="", tiles="", dim="", tissue_mm2="", mpp="",
                                  mpp_source="", level="", seconds="")  # fmt: skip
     rows["slide_003.svs"]["tiles"] = "2"
@@ -145,12 +145,27 @@ def test_a_timed_out_row_is_tried_again_only_under_a_longer_limit(tmp_path: Path
     text = ("path,frame,pred,status,reason\r\n"
             "a.dcm,0,x,ok,\r\n"
             "h.dcm,,,error,h.dcm: decoder timed out after 300 s\r\n"
-            "s.svs,,,error,s.svs: tiles could not be read (decoder timed out after 0.001 s)\r\n"
+            "o.svs,,,error,o.svs: decoder timed out after 0.001 s\r\n"
+            "s.svs,,,error,s.svs: tiles could not be read (decoder timed out after 300 s)\r\n"
             "z.dcm,0,x,ok,\r\n")  # fmt: skip
-    for timeout, done in ((None, {"a.dcm", "h.dcm", "s.svs", "z.dcm"}), (300.0, {"a.dcm", "h.dcm", "z.dcm"}),
-                          (600.0, {"a.dcm", "z.dcm"})):  # fmt: skip
+    # s.svs: a tile batch's limit is fixed (300 s), whatever --slide-timeout says: never again on a resume
+    everything = {"a.dcm", "h.dcm", "o.svs", "s.svs", "z.dcm"}
+    for timeout, done in ((None, everything), (300.0, everything - {"o.svs"}),
+                          (600.0, everything - {"o.svs", "h.dcm"})):  # fmt: skip
         table.write_bytes(text.encode())
         assert resume(table, several_rows=False, timeout=timeout).done == done, timeout
+
+
+def test_a_lock_that_cannot_be_written_is_a_user_error_not_an_internal_one(tmp_path: Path) -> None:
+    """A folder this job cannot write (here: a file where the output's folder should be; root ignores chmod) stops
+    every rank with a RunError naming the lock, where rank 0 alone used to die with a bare OSError."""
+    from medvision.runtime import SINGLE
+    from medvision.tasks.score.table import lock_output
+
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "scores.csv"
+    with pytest.raises(RunError, match=r"a_file/scores\.csv\.lock: cannot write the output's lock"):
+        lock_output(out, out, SINGLE)
 
 
 def _ours(out: Path) -> list[int]:

@@ -122,6 +122,7 @@ def test_a_damaged_tile_is_the_slides_error_row_in_features_and_the_clean_slide_
     assert rows["clean.svs"]["status"] == "ok" and rows["damaged.svs"]["status"] == "error"
     reason = rows["damaged.svs"]["reason"]
     assert f"level {level} JPEG tile {index}" in reason and "damaged.svs" in reason and "is damaged" in reason
+    assert str(tmp_path) not in reason  # the file's name, never the folders above it
     assert not (tmp_path / "both-f" / feature_name("damaged.svs")).exists()
     a, b = (read_features(tmp_path / f / feature_name("clean.svs")) for f in ("alone-f", "both-f"))
     assert np.array_equal(a.coords, b.coords) and np.allclose(a.features, b.features, rtol=1e-4, atol=1e-5)

@@ -580,6 +580,17 @@ def test_credentials_in_the_tracking_uri_are_never_logged_or_uploaded(
     assert "s3cr3t" not in (run_dir / RECORD).read_text()
     assert "s3cr3t" in (run_dir / "recipe.yaml").read_text()  # the run folder is the user's own, as given
 
+    def outage(*args: Any, **kwargs: Any) -> None:  # MLflow's own errors name the URL, credentials and all
+        raise RuntimeError(f"API request to {secret}api/2.0/mlflow/runs/log-batch failed")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medvision"), tracked(tmp_path / "runs" / "down", recipe) as broken:
+        monkeypatch.setattr(broken._client, "log_batch", outage)
+        monkeypatch.setattr(broken._client, "set_terminated", outage)
+        broken.log_epoch(1, {"epoch": 1, "val_auc": 0.5})
+    assert "metrics of step 1 not logged" in caplog.text and "cannot end MLflow run" in caplog.text
+    assert "s3cr3t" not in caplog.text and "https://mlflow.example.org:5000/api" in caplog.text
+
     monkeypatch.setattr(tracking, "_open_experiment", real)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     unreachable = recipe.changed({"tracking.uri": f"http://alice:s3cr3t@127.0.0.1:{_free_port()}"})

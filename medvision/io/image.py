@@ -7,6 +7,7 @@ for PNG/JPEG/BMP, tifffile for TIFF) and mapped to float32 in [0, 1] by pure fun
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -74,6 +75,8 @@ def _strict_jpeg(path: Path, buf: np.ndarray) -> np.ndarray | None:
     in the tests). None for what it does not decode (CMYK, 12-bit): OpenCV decodes those."""
     import simplejpeg
 
+    if _jpeg_format(io.BytesIO(buf.tobytes())) is None:  # not 8-bit samples (or no frame header found)
+        return None
     try:
         kind = simplejpeg.decode_jpeg_header(buf)[2]
     except ValueError:

@@ -292,7 +292,7 @@ class DicomSlide(Slide):
                 found, height = float(spacing.width), float(spacing.height)
         except Exception:  # wsidicom raises when PixelSpacing is absent
             found = height = None
-        key = "PixelSpacing"
+        key = "PixelSpacing" if found is not None else ""  # absent: "no microns-per-pixel metadata", not unusable
         if found is not None and _positive(str(found)) is None:
             found, key = None, f"PixelSpacing = {found!r}"
         self.mpp, self.mpp_source = _choose_mpp(path, found, key, mpp, height)

@@ -280,7 +280,8 @@ class TiffLevelTiles:
     def _where(self, index: int) -> str:
         """The file, level and tile (with its column and row in the level's grid of JPEG tiles), for errors."""
         row, col = divmod(index, self.across)
-        return f"{self.tif.filehandle.path}: level {self.level} JPEG tile {index} (column {col}, row {row})"
+        name = Path(self.tif.filehandle.path).name  # tifffile's path is absolute: the folders above may name a case
+        return f"{name}: level {self.level} JPEG tile {index} (column {col}, row {row})"
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) whose top-left corner is pixel (x, y) of this level (of its 1/``shrink`` size);

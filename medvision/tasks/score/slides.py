@@ -263,7 +263,10 @@ def _read_batches(jobs: list[TileJob]) -> list[np.ndarray | str | None]:
         except (KeyboardInterrupt, SystemExit):  # the worker is being stopped
             raise
         except BaseException as err:
-            out.append(f"{type(err).__name__}: {err}")
+            text = f"{type(err).__name__}: {err}"
+            for slide in getattr(reader, "slides", None) or []:  # the row names the slide: not the folders above it
+                text = text.replace(f"{Path(slide.path).parent}/", "")
+            out.append(text)
     return out
 
 

@@ -38,7 +38,9 @@ log = logging.getLogger("medvision")
 #: the entry's own content caused: such an error row is retried on resume (an out-of-memory kill, a killed or
 #: overloaded machine are not the file's fault; a file that crashes its reader again costs little).
 CRASHED = ("decoder crashed:", "its result could not be read back")
-_TIMED_OUT = re.compile(r"decoder timed out after ([0-9.eE+-]+) s")
+#: The reason's own timeout (``x.dcm: decoder timed out after 300 s``), under the limit the run sets; not one inside
+#: a slide's "tiles could not be read (...)", whose tile-batch limit is fixed and so no longer on a resume.
+_TIMED_OUT = re.compile(r"(?:^|: )decoder timed out after ([0-9.eE+-]+) s$")
 
 
 def transient(row: dict[str, str], timeout: float | None = None) -> bool:
@@ -50,8 +52,8 @@ def transient(row: dict[str, str], timeout: float | None = None) -> bool:
     reason = row.get("reason") or ""
     if any(t in reason for t in CRASHED):
         return True
-    waited = [float(m) for m in _TIMED_OUT.findall(reason)]
-    return bool(waited) and timeout is not None and timeout > max(waited)
+    waited = _TIMED_OUT.search(reason.strip())
+    return waited is not None and timeout is not None and timeout > float(waited.group(1))
 
 
 def lock_output(out: Path, table: Path, d: Dist) -> IO[str] | None:
@@ -60,32 +62,48 @@ def lock_output(out: Path, table: Path, d: Dist) -> IO[str] | None:
     ranks of one job write their own parts, so only rank 0 takes it, and tells the others whether it could.
 
     Raises:
-        RunError: on every rank, when another job holds the lock: naming the output, the lock and its holder.
+        RunError: on every rank, when another job holds the lock (naming the output, the lock and its holder), or
+            the lock cannot be written (a read-only folder).
     """
     held, why = None, None
     if d.is_main:
         path = Path(f"{out}.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = path.open("a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip()
-            fh.close()
-            why = (f"{table}: another job is writing this output (it holds {path}"
-                   f"{f', process {holder}' if holder else ''}); two jobs into one output would both write its "
-                   "rows: wait for it to end, or give another --out")  # fmt: skip
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = path.open("a+")
+        except OSError as err:  # a read-only folder: every rank stops with this, not rank 0 alone
+            why = f"{path}: cannot write the output's lock ({type(err).__name__}: {err.strerror or err}); expected a " \
+                  "folder this job can write"  # fmt: skip
         else:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
-            held = fh
+            held = _take(fh)
+            why = None if held is not None else _holder(fh, path, table)
     why = broadcast(why, d)
     if why:
         raise RunError(why)
     return held
+
+
+def _take(fh: IO[str]) -> IO[str] | None:
+    """``fh`` holding the lock, with this process's id in it; None when another job holds it."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _holder(fh: IO[str], path: Path, table: Path) -> str:
+    """Why this job cannot write ``table``: the job that holds ``path``, named by its process id."""
+    fh.seek(0)
+    holder = fh.read().strip()
+    fh.close()
+    return (f"{table}: another job is writing this output (it holds {path}"
+            f"{f', process {holder}' if holder else ''}); two jobs into one output would both write its rows: wait "
+            "for it to end, or give another --out")  # fmt: skip
 
 
 @dataclass
