@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 from medvision.models.mil import ABMIL, CLAMSB, MeanMIL, MILHead, TransMIL, build_head
 from medvision.models.mil_fit import (
     MILConfig,
+    feature_scale,
     fit_mil,
     load_mil,
     predict_mil,
@@ -289,6 +290,40 @@ def test_clam_with_more_than_two_classes_uses_clams_subtyping_instance_loss() ->
     own2 = F.cross_entropy(binary.instance_classifiers[0](h2[torch.cat([t2, b2])]), pseudo)
     got2 = binary.instance_loss(h2, w2, 0)
     assert got2 is not None and got2.item() == pytest.approx(own2.item(), rel=1e-6)
+
+
+def test_tied_attention_never_gives_a_tile_both_clam_labels() -> None:
+    """Identical tiles (blank background, duplicates) tie in attention: two top-k calls broke the ties alike, and
+    a tile was trained as both top and bottom. One order: the first k and the last k, apart while k <= n / 2."""
+    torch.manual_seed(0)
+    clam = CLAMSB(8, 2, hidden=16, attention=8, dropout=0.0, k=4).eval()
+    h = clam.embed(torch.randn(10, 8))
+    tied = torch.full((10,), 0.1)
+    pseudo = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    top, bottom = torch.arange(4), torch.arange(6, 10)  # the stable descending order of equal weights
+    want = F.cross_entropy(clam.instance_classifiers[1](h[torch.cat([top, bottom])]), pseudo)
+    got = clam.instance_loss(h, tied, 1)
+    assert got is not None and got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_a_feature_constant_in_training_is_centred_not_blown_up_on_new_slides() -> None:
+    """A channel constant over the training tiles (a dead unit) was divided by a floor of 1e-6: 0.01 on a new slide
+    became 10^4 standard deviations and every probability 0 or 1. Now it is only centred."""
+    np.testing.assert_array_equal(feature_scale(np.array([0.0, 1e-9, 0.5, 2.0])), [1.0, 1.0, 0.5, 2.0])
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 2
+    bags = [rng.normal(size=(30, 8)).astype(np.float32) + 0.8 * y for y in labels]
+    for bag in bags:
+        bag[:, 0] = 0.0  # never varies in training
+    cfg = replace(FAST, epochs=3, hidden=16, attention=8)
+    model, _ = fit_mil(bags[:16], labels[:16], bags[16:], labels[16:], num_classes=2, cfg=cfg)
+    assert model.feat_std[0].item() == 1.0
+    test = [b.copy() for b in bags[16:]]
+    for bag in test:
+        bag[:, 0] = 0.01  # the channel switches on at another site
+    before, _ = predict_mil(model, bags[16:])
+    after, _ = predict_mil(model, test)
+    assert np.abs(np.asarray(after) - np.asarray(before)).max() < 0.05
 
 
 def test_a_one_tile_bag_has_no_clam_instance_loss() -> None:

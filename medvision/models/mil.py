@@ -243,8 +243,8 @@ class CLAMSB(ABMIL):
         if h.shape[0] < 2:
             return None
         k = min(self.k, h.shape[0] // 2)
-        top = torch.topk(weights, k).indices
-        bottom = torch.topk(-weights, k).indices
+        order = torch.argsort(weights, descending=True, stable=True)  # one order: with ties (identical tiles) two
+        top, bottom = order[:k], order[-k:]  # top-k calls gave a tile both labels; k <= n/2 keeps these apart
         logits = self.instance_classifiers[label](h[torch.cat([top, bottom])])
         targets = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)])
         loss = F.cross_entropy(logits, targets)

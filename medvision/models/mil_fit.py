@@ -41,7 +41,15 @@ LEGACY_FORMAT = "medvision.abmil"
 """Files written before the other heads existed: ABMIL, read as such."""
 
 _STD_FLOOR = 1e-6
-"""Smallest per-feature std used for standardisation: a constant feature is centred, not divided by zero."""
+"""A feature whose std over the training tiles is below this is constant there (a dead ReLU unit, an fp16 value
+flushed to zero): it is centred and not divided (its std is taken as 1). Divided by the floor itself, a value of
+0.01 on a new slide was 10^4 standard deviations, and every head's probability 0 or 1."""
+
+
+def feature_scale(std: np.ndarray) -> np.ndarray:
+    """The divisor of each feature in standardisation: its std, or 1 where it is constant (:data:`_STD_FLOOR`)."""
+    std = np.asarray(std, dtype=np.float64)
+    return np.where(std < _STD_FLOOR, 1.0, std)
 
 
 @dataclass
@@ -288,7 +296,7 @@ def fit_mil(
         torch.manual_seed(cfg.seed)
         model = build_head(cfg.head, width, num_classes, **head_arguments(cfg))
         model.feat_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        model.feat_std.copy_(torch.as_tensor(np.maximum(std, _STD_FLOOR), dtype=torch.float32))
+        model.feat_std.copy_(torch.as_tensor(feature_scale(std), dtype=torch.float32))
         if model.regression:
             model.target_mean.fill_(history["target_mean"])
             model.target_std.fill_(history["target_std"])
