@@ -106,7 +106,7 @@ class ReadForModel:
         if outcome == "candidate":  # a hand-written datalist ({"image": path} only) is read as candidates
             result = self.read(path, rel)
         else:  # the scan's verdict, as score writes it; a FIFO opened here would block the run
-            result = FileResult(rel, outcome, str(item.get(SCAN_REASON, "")))
+            result = FileResult(rel, "error" if outcome == "error" else "skipped", str(item.get(SCAN_REASON, "")))
         if result.status == "ok":
             image, reason = network_input(torch.from_numpy(result.arrays[0])), ""
         else:

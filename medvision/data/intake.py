@@ -143,6 +143,8 @@ def _read_dicom_file(path: Path, rel: str, cfg: ReadConfig, head: bytes, size: i
             pixels, _ = read_dicom(path, cfg.dicom, frame=None if whole else frame, dataset=ds)
             result.arrays.append(preprocess(pixels[0], cfg.spec))
             result.frames.append(frame)
+        if not result.frames:  # an ok file has at least one row, for every reader of FileResult (score, bundles)
+            raise ValueError(f"{rel}: no frame to score (frames {policy!r})")
     except Exception as err:  # one bad file is one error row; the rest of the folder is still scored
         result.status, result.arrays, result.frames = "error", [], []
         result.reason = redact(_reason(err), path, rel, ds)
