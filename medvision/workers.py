@@ -45,6 +45,12 @@ from pebble import ProcessExpired, ProcessPool
 from medvision.handoff import HandOff, Slots, sweep_handoffs
 
 log = logging.getLogger("medvision")
+
+#: How a :class:`Failure`'s reason begins when the worker, not the file's content, failed: a crash, a timeout (the
+#: seconds follow), a result lost on its way back. ``score``'s resume reads them to decide what to try again.
+CRASHED = "decoder crashed:"
+TIMED_OUT = "decoder timed out after"
+UNREAD = "its result could not be read back"
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -167,15 +173,15 @@ def _death(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = "unknown signal"
-        return f"decoder crashed: signal {-exitcode} ({name})"
-    return f"decoder crashed: its worker process exited with code {exitcode}"
+        return f"{CRASHED} signal {-exitcode} ({name})"
+    return f"{CRASHED} its worker process exited with code {exitcode}"
 
 
 def _failure(err: BaseException, timeout: float, stats: PoolStats) -> Failure:
     """What became of an item whose task failed on its own (it was alone in its chunk), counted in ``stats``."""
     if isinstance(err, FutureTimeout):
         stats.timed_out_files += 1
-        return Failure(f"decoder timed out after {timeout:g} s")
+        return Failure(f"{TIMED_OUT} {timeout:g} s")
     stats.crashed_files += 1
     if isinstance(err, ProcessExpired):
         return Failure(_death(err.exitcode))
@@ -448,7 +454,7 @@ def _results(
             array = value.take()
         except OSError as err:
             slots.retire(path)
-            return Failure(f"its result could not be read back ({err})")
+            return Failure(f"{UNREAD} ({err})")
         stats.handed_off += 1
         slots.put_back(path)
         return array

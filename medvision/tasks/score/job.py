@@ -103,6 +103,9 @@ class Unit(Protocol):
     """The output's header; the first column is ``path``, the relative path of the entry."""
     operating_level: str
     """Whose operating points give the 0/1 calls: ``image``, or ``patient`` (the slide level)."""
+    timeout: float
+    """Seconds a reader may take on one entry (``--file-timeout``, ``--slide-timeout``): resume tries an entry
+    that timed out again only under a longer one."""
 
     def entries(self, folder: Path) -> list[Entry]:
         """Every entry under ``folder`` in a stable order, each a ``candidate`` or already an error/skip."""
@@ -221,7 +224,7 @@ def _run_locked(
     if d.is_main:
         write_record(out, {**job, "finished": False})
     # only a file's frames make several rows an entry; a timeout is tried again only under a longer limit
-    done = resume(table, "frame" in unit.columns, stale, getattr(unit, "timeout", None)).done
+    done = resume(table, "frame" in unit.columns, stale, unit.timeout).done
     todo = [e for e in mine if e.rel not in done]
     summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
                            out=str(out), engine=str(record.get("engine", "torch")), item=unit.item)  # fmt: skip

@@ -94,6 +94,7 @@ def find_slides(folder: Path) -> list[Entry]:
     searched = {(top.st_dev, top.st_ino): "."}  # each folder searched, by the route it was searched by
     named_like_slides = []
     file_of: dict[str, tuple[int, int]] = {}  # each slide file's (device, inode), by its name here
+    folder_is_series = is_dicom_slide_dir(folder)  # once: it lists the folder and opens files
     for root, dirs, files in os.walk(folder, followlinks=True):
         here = Path(root)
         here_rel = here.relative_to(folder)
@@ -127,7 +128,7 @@ def find_slides(folder: Path) -> list[Entry]:
         dirs[:] = keep
         for f in sorted(files):
             rel = (here_rel / f).as_posix()
-            if here == folder and is_dicom_slide_dir(folder):
+            if here == folder and folder_is_series:
                 found.append(Entry(rel, "skipped", "the folder itself is one DICOM series; pass its parent folder"))
             elif f.lower().endswith(SLIDE_SUFFIXES):
                 found.append(Entry(rel, "candidate"))

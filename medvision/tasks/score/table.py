@@ -31,26 +31,28 @@ from medvision.io.files import atomic_write
 from medvision.options import EXIT_FILE_ERRORS, EXIT_NO_IMAGES, EXIT_OK
 from medvision.runs import RunError
 from medvision.runtime import Dist, broadcast
+from medvision.workers import CRASHED, TIMED_OUT, UNREAD
 
 log = logging.getLogger("medvision")
 
 #: What a reason says when the worker that read the entry crashed (:mod:`medvision.workers`), as opposed to what
 #: the entry's own content caused: such an error row is retried on resume (an out-of-memory kill, a killed or
 #: overloaded machine are not the file's fault; a file that crashes its reader again costs little).
-CRASHED = ("decoder crashed:", "its result could not be read back")
+_CRASHED = (CRASHED, UNREAD)
 #: The reason's own timeout (``x.dcm: decoder timed out after 300 s``), under the limit the run sets; not one inside
 #: a slide's "tiles could not be read (...)", whose tile-batch limit is fixed and so no longer on a resume.
-_TIMED_OUT = re.compile(r"(?:^|: )decoder timed out after ([0-9.eE+-]+) s$")
+_TIMED_OUT = re.compile(rf"(?:^|: ){TIMED_OUT} ([0-9.eE+-]+) s$")
 
 
 def transient(row: dict[str, str], timeout: float | None = None) -> bool:
-    """Whether ``row`` is an error row to try again: its reader crashed (:data:`CRASHED`), or it timed out after
-    fewer seconds than this run's ``timeout`` allows. A timeout under the same limit is kept: a file that hangs its
-    decoder would cost every resume that limit again (5 minutes a file by default), for the same answer."""
+    """Whether ``row`` is an error row to try again: its reader crashed (:data:`~medvision.workers.CRASHED`), or it
+    timed out after fewer seconds than this run's ``timeout`` allows. A timeout under the same limit is kept: a file
+    that hangs its decoder would cost every resume that limit again (5 minutes a file by default), for the same
+    answer."""
     if row.get("status") != "error":
         return False
     reason = row.get("reason") or ""
-    if any(t in reason for t in CRASHED):
+    if any(t in reason for t in _CRASHED):
         return True
     waited = _TIMED_OUT.search(reason.strip())
     return waited is not None and timeout is not None and timeout > float(waited.group(1))
@@ -68,14 +70,19 @@ def lock_output(out: Path, table: Path, d: Dist) -> IO[str] | None:
     held, why = None, None
     if d.is_main:
         path = Path(f"{out}.lock")
+        fh = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = path.open("a+")
-        except OSError as err:  # a read-only folder: every rank stops with this, not rank 0 alone
-            why = f"{path}: cannot write the output's lock ({type(err).__name__}: {err.strerror or err}); expected a " \
-                  "folder this job can write"  # fmt: skip
-        else:
             held = _take(fh)
+        except OSError as err:  # a read-only folder, no flock here: every rank stops with this, not rank 0 alone
+            if fh is not None:
+                fh.close()
+            why = (
+                f"{path}: cannot write the output's lock, or take it ({type(err).__name__}: "
+                f"{err.strerror or err}); expected a folder this job can write, on a file system with flock"
+            )
+        else:
             why = None if held is not None else _holder(fh, path, table)
     why = broadcast(why, d)
     if why:
@@ -87,7 +94,7 @@ def _take(fh: IO[str]) -> IO[str] | None:
     """``fh`` holding the lock, with this process's id in it; None when another job holds it."""
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held; any other OSError (no flock on this file system) names its own cause
         return None
     fh.seek(0)
     fh.truncate()
