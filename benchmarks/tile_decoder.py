@@ -27,12 +27,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import simplejpeg
 import tifffile
 from machine import cpu_info, print_table, write_csv
 
 from medvision.wsi.synthetic import build_slide_set
-from medvision.wsi.tiles import ADOBE_RGB
+from medvision.wsi.tiles import TiffLevelTiles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FORMER_SCALED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -42,35 +41,27 @@ Decode = Callable[[int, bytes], np.ndarray]
 def level_tiles(path: Path) -> tuple[tifffile.TiffFile, object, list[tuple[int, bytes]]]:
     tif = tifffile.TiffFile(path)
     page = tif.series[0].levels[0].pages[0]
-    tiles = []
-    for i, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts, strict=True)):
-        if count:
-            tif.filehandle.seek(offset)
-            tiles.append((i, tif.filehandle.read(count)))
+    fast = TiffLevelTiles(tif, page)
+    tiles = [(i, data) for i in range(len(page.databytecounts)) if (data := fast.raw(i)) is not None]
     return tif, page, tiles
 
 
-def decoders(page: object, shrink: int) -> dict[str, Decode]:
-    """The former decoder and simplejpeg for ``page``'s tiles at 1/``shrink`` of their side (RGB uint8)."""
+def decoders(tif: tifffile.TiffFile, page: object, shrink: int) -> dict[str, Decode]:
+    """The former decoder and medvision's (:meth:`TiffLevelTiles.decode`, simplejpeg strict) for ``page``'s tiles at
+    1/``shrink`` of their side (RGB uint8); the former decodes the same stream (``prefix``) at a shrink."""
+    fast = TiffLevelTiles(tif, page, shrink=shrink)
     p: tifffile.TiffPage = page  # type: ignore[assignment]
-    prefix = bytes(p.jpegtables[:-2]) if p.jpegtables else b"\xff\xd8"
-    if int(p.photometric) == 2 and not p.is_jfif:
-        prefix += ADOBE_RGB
     side = int(p.tilelength) // shrink
 
     def former(i: int, data: bytes) -> np.ndarray:
         if shrink == 1:
             return p.decode(data, i, jpegtables=p.jpegtables)[0].reshape(side, side, -1)[..., :3]
-        tile = cv2.imdecode(np.frombuffer(prefix + data[2:], np.uint8), FORMER_SCALED[shrink])
+        tile = cv2.imdecode(np.frombuffer((fast.prefix or b"") + data[2:], np.uint8), FORMER_SCALED[shrink])
         if tile is None:
             raise ValueError("OpenCV decoded nothing")
         return tile[..., ::-1]
 
-    def strict(i: int, data: bytes) -> np.ndarray:
-        return simplejpeg.decode_jpeg(prefix + data[2:], colorspace="RGB", min_height=side, min_width=side,
-                                      min_factor=shrink, strict=True)  # fmt: skip
-
-    return {"tifffile (full) / cv2 (shrunk)": former, "simplejpeg strict": strict}
+    return {"tifffile (full) / cv2 (shrunk)": former, "simplejpeg strict": lambda i, d: fast.decode(d, i)}
 
 
 def scan_start(tile: bytes) -> int:
@@ -103,7 +94,7 @@ def main() -> None:
                            ("synthetic slide_000.svs (YCbCr 4:2:0)", Path(tmp) / "slide_000.svs")):  # fmt: skip
             tif, page, tiles = level_tiles(path)
             for shrink in (1, 2, 4):
-                methods = decoders(page, shrink)
+                methods = decoders(tif, page, shrink)
                 times: dict[str, list[float]] = {m: [] for m in methods}
                 for r in range(args.rounds):
                     for m in methods if r % 2 == 0 else reversed(list(methods)):

@@ -28,12 +28,7 @@ def he_slide(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tiles(fast: TiffLevelTiles, count: int) -> list[tuple[int, bytes]]:
     """The ``count`` largest JPEG tiles of a level (the most tissue): (index, bytes)."""
-    fh, page = fast.tif.filehandle, fast.page
-    out = []
-    for i in np.argsort(page.databytecounts)[::-1][:count].tolist():
-        fh.seek(int(page.dataoffsets[i]))
-        out.append((i, fh.read(int(page.databytecounts[i]))))
-    return out
+    return [(i, fast.raw(i) or b"") for i in np.argsort(fast.page.databytecounts)[::-1][:count].tolist()]
 
 
 def test_the_decoder_shrinks_by_the_largest_power_of_two_that_still_only_shrinks() -> None:

@@ -39,16 +39,16 @@ def read_image_raw(path: str | Path) -> np.ndarray:
             if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
                 arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
         else:
-            buf = np.fromfile(path, dtype=np.uint8)
-            # a JPEG cut short (OpenCV fills it grey); the file's tail is checked first, without copying the file
-            if buf[:3].tobytes() == b"\xff\xd8\xff" and buf[-2:].tobytes() != b"\xff\xd9" \
-                    and not jpeg_is_whole(buf.tobytes()):  # fmt: skip
+            data = path.read_bytes()
+            jpeg = data.startswith(b"\xff\xd8\xff")
+            # a JPEG cut short (OpenCV fills it grey); its tail is checked first, the walk only without FFD9
+            if jpeg and not data.endswith(b"\xff\xd9") and not jpeg_is_whole(data):
                 raise ImageReadError(f"{path}: JPEG without its end-of-image marker; the file is cut short")
-            strict = _strict_jpeg(path, buf) if buf[:3].tobytes() == b"\xff\xd8\xff" else None
+            strict = _strict_jpeg(path, data) if jpeg else None
             if strict is not None:
                 arr = strict
             else:
-                decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+                decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
                 if decoded is None:
                     raise ImageReadError(f"{path}: OpenCV could not decode this {suffix} file (corrupt or truncated?)")
                 arr = decoded
@@ -67,7 +67,7 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _strict_jpeg(path: Path, buf: np.ndarray) -> np.ndarray | None:
+def _strict_jpeg(path: Path, data: bytes) -> np.ndarray | None:
     """An 8-bit grey or colour JPEG decoded by libjpeg-turbo in strict mode (simplejpeg): corrupt entropy-coded
     data, which libjpeg only warns about on stderr while OpenCV returns the image, is an :class:`ImageReadError`
     (of 200 copies of a JPEG with 64 bytes overwritten, 187 are refused; OpenCV refused none:
@@ -75,16 +75,16 @@ def _strict_jpeg(path: Path, buf: np.ndarray) -> np.ndarray | None:
     in the tests). None for what it does not decode (CMYK, 12-bit): OpenCV decodes those."""
     import simplejpeg
 
-    if _jpeg_format(io.BytesIO(buf.tobytes())) is None:  # not 8-bit samples (or no frame header found)
+    if _jpeg_format(io.BytesIO(data)) is None:  # not 8-bit samples (or no frame header found); no copy of bytes
         return None
     try:
-        kind = simplejpeg.decode_jpeg_header(buf)[2]
+        kind = simplejpeg.decode_jpeg_header(data)[2]
     except ValueError:
         return None
     if kind not in ("Gray", "YCbCr", "RGB"):
         return None
     try:
-        image = simplejpeg.decode_jpeg(buf, colorspace="GRAY" if kind == "Gray" else "RGB", strict=True)
+        image = simplejpeg.decode_jpeg(data, colorspace="GRAY" if kind == "Gray" else "RGB", strict=True)
     except ValueError as err:
         raise ImageReadError(f"{path}: damaged JPEG data (libjpeg: {err}); expected a whole JPEG stream (re-encode "
                              "the file if it opens elsewhere)") from None  # fmt: skip

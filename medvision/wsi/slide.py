@@ -113,8 +113,8 @@ class Slide(ABC):
         is (``size`` None)."""
         w, h = self.level_dimensions[level]
         ds = self.level_downsamples[level]
-        rows = max(1, min(h, THUMBNAIL_BLOCK // min(w, THUMBNAIL_BLOCK_WIDTH)))
-        cols = max(1, THUMBNAIL_BLOCK // rows)
+        cols = min(w, THUMBNAIL_BLOCK_WIDTH)
+        rows = max(1, min(h, THUMBNAIL_BLOCK // cols))
         out = np.empty((h, w, 3), np.uint8) if size is None else np.zeros((size[1], size[0], 3), np.float32)
         for y in range(0, h, rows):
             for x in range(0, w, cols):
@@ -293,7 +293,7 @@ class DicomSlide(Slide):
         except Exception:  # wsidicom raises when PixelSpacing is absent
             found = height = None
         key = "PixelSpacing" if found is not None else ""  # absent: "no microns-per-pixel metadata", not unusable
-        if found is not None and _positive(str(found)) is None:
+        if found is not None and not (math.isfinite(found) and found > 0):
             found, key = None, f"PixelSpacing = {found!r}"
         self.mpp, self.mpp_source = _choose_mpp(path, found, key, mpp, height)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from medvision.wsi.slide import Backend, Slide, SlideError, open_slide
 from medvision.wsi.tissue import TissueMethod, box_fractions, tissue_mask
@@ -245,16 +246,24 @@ class TiffLevelTiles:
         if index in self.cache:
             self.cache.move_to_end(index)
             return self.cache[index]
+        data = self.raw(index)
+        if data is None:
+            return None
+        tile = self.decode(data, index)
+        self.cache[index] = tile
+        if len(self.cache) > self.keep:
+            self.cache.popitem(last=False)
+        return tile
+
+    def raw(self, index: int) -> bytes | None:
+        """JPEG tile ``index``'s bytes as the file holds them (an abbreviated stream: the level's tables apart);
+        None for a tile the scanner left out (no bytes)."""
         count = int(self.page.databytecounts[index])
         if count == 0:
             return None
         fh = self.tif.filehandle
         fh.seek(int(self.page.dataoffsets[index]))
-        tile = self.decode(fh.read(count), index)
-        self.cache[index] = tile
-        if len(self.cache) > self.keep:
-            self.cache.popitem(last=False)
-        return tile
+        return bytes(fh.read(count))
 
     def decode(self, data: bytes, index: int) -> np.ndarray:
         """JPEG tile ``index`` of this level as RGB uint8 (th, tw, 3), at 1/``shrink`` of its side.
@@ -263,13 +272,12 @@ class TiffLevelTiles:
             ValueError: the tile is damaged (libjpeg's words: corrupt data, a premature end, extraneous bytes
                 before a marker) or decodes to another size; the message names the file, the level and the tile.
         """
-        import simplejpeg
-
         try:
             if self.prefix is None:  # neither RGB nor YCbCr: tifffile knows the colour space
                 tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
                 return tile.reshape(self.th, self.tw, -1)[..., :3]
-            tile = simplejpeg.decode_jpeg(self.prefix + data[2:], colorspace="RGB", min_height=self.th,
+            stream = b"".join((self.prefix, memoryview(data)[2:]))  # one copy of the tile, not two
+            tile = simplejpeg.decode_jpeg(stream, colorspace="RGB", min_height=self.th,
                                           min_width=self.tw, min_factor=self.shrink, strict=True)  # fmt: skip
         except Exception as err:
             raise ValueError(f"{self._where(index)} is damaged ({type(err).__name__}: {err})") from err
