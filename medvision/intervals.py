@@ -134,7 +134,7 @@ def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, le
     var_diff = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     z = (aucs[0] - aucs[1]) / np.sqrt(var_diff) if var_diff > 0 else 0.0
     p = 2 * (1 - 0.5 * (1 + erf(abs(z) / sqrt(2))))
-    z_level = NormalDist().inv_cdf(0.5 + level / 2)  # 1.959964 for 0.95
+    z_level = z_value(level)
     # the normal approximation can pass 1 (0.96 +- 0.11): an AUC is in [0, 1], so is its interval
     ci = [(max(0.0, aucs[i] - z_level * np.sqrt(cov[i, i])), min(1.0, aucs[i] + z_level * np.sqrt(cov[i, i])))
           for i in range(2)]  # fmt: skip
@@ -194,6 +194,11 @@ def paired_bootstrap(
     return out
 
 
+def z_value(level: float) -> float:
+    """The standard normal quantile of a two-sided ``level`` interval: 1.959964 for 0.95."""
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
 def proportion_ci(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``k / n`` (NaN, NaN for ``n == 0``); checked against SciPy's
     ``binomtest(k, n).proportion_ci(method="wilson")``. Never zero-wide for a finite ``n``: 10 of 10 gives
@@ -201,9 +206,7 @@ def proportion_ci(k: float, n: float, level: float = 0.95) -> tuple[float, float
     share of ``n`` patients estimated from their images, :func:`share_ci`)."""
     if n == 0:
         return math.nan, math.nan
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + level / 2))
+    z = z_value(level)
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -251,9 +254,7 @@ def effective_n(hits: np.ndarray, groups: Sequence[Any] | np.ndarray | None = No
     assert groups is not None
     units, p = len(set(np.asarray(groups).ravel().tolist())), float(h.mean())
     if bootstrap is not None and all(math.isfinite(v) for v in bootstrap) and 0.0 < p < 1.0:
-        from scipy.stats import norm
-
-        se = (bootstrap[1] - bootstrap[0]) / (2 * float(norm.ppf(0.5 + level / 2)))
+        se = (bootstrap[1] - bootstrap[0]) / (2 * z_value(level))
         if se > 0:
             return min(max(p * (1 - p) / (se * se), float(units)), float(len(h)))
     return float(units)
@@ -339,15 +340,15 @@ def balanced_accuracy_ci(y: np.ndarray, probs: np.ndarray, n_resamples: int, see
     slide right has the point [1, 1]. NaN, NaN when some class has no case (the metric is undefined)."""
     y, probs = np.asarray(y).ravel(), np.asarray(probs)
     rates = {f"recall_{k}": recall_rate(k) for k in range(probs.shape[1])}
-    if any(not rate(y, probs)[0].any() for rate in rates.values()):
+    cases = {name: rate(y, probs) for name, rate in rates.items()}  # (each class's cases, its hits)
+    if any(not mask.any() for mask, _ in cases.values()):
         return math.nan, math.nan
     boot: dict[str, tuple[float, float]] = {}
     if clustered(groups):
         fns = {name: share(rate) for name, rate in rates.items()}
         boot = bootstrap_cis(y, probs, fns, n_resamples, seed, level, stratify=True, groups=groups)
     recalls, inverse = [], 0.0
-    for name, rate in rates.items():
-        mask, hit = rate(y, probs)
+    for name, (mask, hit) in cases.items():
         recalls.append(float(hit[mask].mean()))
         inverse += 1.0 / effective_n(hit[mask], None if groups is None else np.asarray(groups)[mask],
                                      boot.get(name), level)  # fmt: skip

@@ -107,11 +107,13 @@ def _label(clinical: dict[str, Any], level: str) -> str:
     return level
 
 
+#: The split every run chose its checkpoint, temperature and thresholds on (``train`` writes it as ``val``).
+SELECTION_SPLIT = "val"
 #: How the metrics table names the split that chose the checkpoint, the temperature and the thresholds.
 SELECTION_LABEL = "{split} (selection split: optimistic)"
 
 
-def _metric_rows(clinical: dict[str, Any], selection: str | None = "val") -> list[list[str]]:
+def _metric_rows(clinical: dict[str, Any], selection: str | None = SELECTION_SPLIT) -> list[list[str]]:
     """The metrics table's rows. ``selection`` (the run's validation split, where it is the one evaluated) chose
     the checkpoint, the temperature and the thresholds, so its rows are labelled as optimistic; metrics.json keeps
     the plain split names."""
@@ -295,7 +297,7 @@ def build_report(
         ("h1", f"medvision run `{meta['name']}`"),
         ("ul", facts),
         ("h2", "Metrics"),
-        ("table", (header, _metric_rows(clinical, meta.get("selection_split", "val")))),
+        ("table", (header, _metric_rows(clinical, meta.get("selection_split", SELECTION_SPLIT)))),
         ("p", ci_note(clinical, cfg)),
     ]
     compare = extra.get("slide_aggregates")

@@ -491,12 +491,13 @@ class Tracker:
         """One file as an artifact; a text file that holds a URI with credentials (``tracking.uri`` in
         ``recipe.yaml``) as a copy without them (:func:`redact_uri`); the run folder keeps its own."""
         text = path.read_text(errors="replace") if path.suffix in REDACTED_SUFFIXES else ""
-        if redact_uri(text) == text:
+        clean = redact_uri(text)
+        if clean == text:
             self._client.log_artifact(self.run_id, str(path), folder)
             return
         with tempfile.TemporaryDirectory(prefix="medvision-mlflow-") as tmp:
             copy = Path(tmp) / path.name
-            copy.write_text(redact_uri(text))
+            copy.write_text(clean)
             self._client.log_artifact(self.run_id, str(copy), folder)
 
     def _log_onnx(self, path: Path, metadata: dict[str, Any]) -> None:

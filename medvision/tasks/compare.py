@@ -38,7 +38,7 @@ from medvision.evaluation import bootstrap_groups
 from medvision.intervals import accuracy_ci, bootstrap_cis, delong_test, paired_bootstrap
 from medvision.metrics import MetricWarning, aggregate_by_group, compute_accuracy, compute_auc
 from medvision.recipe import Recipe, load_recipe
-from medvision.report import SELECTION_LABEL, Block, to_html, to_markdown, write_json
+from medvision.report import SELECTION_LABEL, SELECTION_SPLIT, Block, to_html, to_markdown, write_json
 from medvision.runs import cache_dir, read_run_json
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"auc": compute_auc, "acc": compute_accuracy}
@@ -414,8 +414,6 @@ def _names(folders: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(f) for f in folders]
 
 
-#: The split every run chose its checkpoint, temperature and thresholds on (``train`` writes it as ``val``).
-SELECTION_SPLIT = "val"
 SELECTION_NOTE = ("every run chose its checkpoint, temperature and thresholds on this split: its numbers are "
                   "optimistic, and a difference between runs favours the one that fitted its choices to these images "
                   "more; compare on `test` for the numbers to report")  # fmt: skip

@@ -22,6 +22,7 @@ from medvision.data.table import SampleTable
 from medvision.evaluation import Decision
 from medvision.inference import load_run, split_outputs
 from medvision.recipe import Recipe, RecipeError
+from medvision.report import SELECTION_SPLIT
 from medvision.results import slide_comparison, slide_head, write_results
 from medvision.runs import SPLITS_FILE, RunError, cache_dir, read_splits
 from medvision.runtime import (
@@ -163,7 +164,7 @@ def evaluate_run(
     meta.update(data=table.origin, source=recipe.data.source, weights=f"run {run_dir}")
     meta["split_sizes"] = {split: len(idx)}  # what is evaluated here, not the training run's splits
     # the report marks the run's validation split as the one that chose checkpoint, temperature and thresholds
-    meta["selection_split"] = "val" if seen is None or seen["same_data"] else None
+    meta["selection_split"] = SELECTION_SPLIT if seen is None or seen["same_data"] else None
     outputs = split_outputs(bundle, recipe, table, split, device, workers, d)  # sharded across ranks
     metrics: dict[str, float] | None = None
     if outputs is not None:  # rank 0
