@@ -450,7 +450,8 @@ class Tracker:
         """The run's final ``metrics`` and ``tags``, its ``artifacts`` (files and folders of ``run_dir``, which
         keep their relative paths) and, when given, the ONNX ``model`` as an MLflow model under ``model/``.
 
-        A failure is logged as an error and ends the MLflow run as FAILED; the run folder stays as it is.
+        A failure is logged as an error and ends the MLflow run as FAILED; the run folder stays as it is. Each
+        artifact and the model are uploaded on their own: one that fails is named in that error, the others go on.
         """
         if not self.active:
             return
@@ -470,18 +471,31 @@ class Tracker:
                 self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
             if tags:
                 self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            failed: list[str] = []  # each upload on its own: one that fails leaves the others to go on
             for path in artifacts:
-                if not path.exists():
-                    continue
-                rel = path.resolve().relative_to(run_dir.resolve()).parent.as_posix()
-                folder = None if rel == "." else rel
-                if path.is_dir():
-                    self._client.log_artifacts(self.run_id, str(path), path.name if folder is None else
-                                               f"{folder}/{path.name}")  # fmt: skip
-                else:
-                    self._log_file(path, folder)
-            if model is not None:
-                self._log_onnx(model, model_metadata or {})
+                name = str(path)
+                try:
+                    if not path.exists():
+                        continue
+                    rel = path.resolve().relative_to(run_dir.resolve()).parent.as_posix()
+                    folder = None if rel == "." else rel
+                    name = path.name if folder is None else f"{folder}/{path.name}"
+                    if path.is_dir():
+                        self._client.log_artifacts(self.run_id, str(path), name)
+                    else:
+                        self._log_file(path, folder)
+                except Exception as err:
+                    failed.append(f"{name} ({type(err).__name__}: {redact_uri(str(err))})")
+            try:
+                if model is not None:
+                    self._log_onnx(model, model_metadata or {})
+            except Exception as err:
+                failed.append(f"model/ ({type(err).__name__}: {redact_uri(str(err))})")
+            if failed:
+                self._failed = True
+                log.error("tracking: the MLflow run %s of %s is incomplete, %d upload(s) missing from it: %s; "
+                          "the run folder itself is complete", self.run_id, run_dir, len(failed),
+                          "; ".join(failed))  # fmt: skip
         except Exception as err:
             self._failed = True
             log.error("tracking: the MLflow run %s of %s is incomplete (%s: %s); the run folder itself is complete",

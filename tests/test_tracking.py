@@ -242,6 +242,46 @@ def test_after_one_failed_epoch_mlflow_is_sent_no_further_epochs_but_the_final_m
     assert working.get_run(tracker.run_id).data.metrics["test_auc"] == 0.75
 
 
+def test_one_failed_upload_leaves_the_others_and_names_itself(
+    tiles_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An artifact that cannot be uploaded (a permission error, a store that refuses it) is named in the one error;
+    the artifacts after it and the model still reach the run, which ends FAILED."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "runs"),
+                              overrides=["tracking.mlflow=true", f"tracking.uri={uri}"])  # fmt: skip
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "plots").mkdir(parents=True)
+    for name in ("recipe.yaml", "metrics.json", "report.html", "plots/roc.png"):
+        (run_dir / name).write_text(name)
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 3, 2, 2])
+    out = helper.make_tensor_value_info("probabilities", TensorProto.UINT8, ["batch", 3, 2, 2])
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["probabilities"])], "g", [image], [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    with caplog.at_level(logging.INFO, logger="medvision"), tracked(run_dir, recipe) as tracker:
+        real = tracker._client.log_artifact
+
+        def refuses_metrics(run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+            if Path(local_path).name == "metrics.json":
+                raise PermissionError(f"[Errno 13] Permission denied: {local_path!r} at https://alice:s3cr3t@store/")
+            real(run_id, local_path, artifact_path)
+
+        monkeypatch.setattr(tracker._client, "log_artifact", refuses_metrics)
+        tracker.finish(run_dir, {"test_auc": 0.5}, artifacts=[run_dir / n for n in ("recipe.yaml", "metrics.json",
+                       "report.html", "plots", "gone.csv")], model=tmp_path / "model.onnx")  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    assert {a.path for a in client.list_artifacts(tracker.run_id)} == {"recipe.yaml", "report.html", "plots", "model"}
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "plots")] == ["plots/roc.png"]
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["test_auc"] == 0.5
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "1 upload(s) missing from it: metrics.json (PermissionError: [Errno 13] Permission denied" in error
+    assert "https://store/" in error and "s3cr3t" not in caplog.text and "gone.csv" not in error
+
+
 def test_tracking_off_imports_and_writes_nothing(tiles_manifest: Path, tmp_path: Path) -> None:
     """The default recipe through the run log, an epoch row included: no MLflow, no TensorBoard, no store."""
     tree = tiny_recipe(tiles_manifest, tmp_path / "runs")
