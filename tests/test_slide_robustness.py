@@ -4,9 +4,11 @@ real backends."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -139,11 +141,48 @@ def test_linked_folders_are_followed_once_and_loops_and_empty_slide_named_folder
     (root / "same.svs").symlink_to(root / "a" / "s1.svs")  # a second name of one slide file
     rows = {e.rel: (e.outcome, e.reason) for e in find_slides(root)}
     assert set(rows) == {"a/s1.svs", "a/back", "b", "empty.svs", "full.svs/s3.svs", "linked/s2.svs", "same.svs"}
-    assert rows["same.svs"] == ("skipped", "the same file as 'a/s1.svs' (a link or a second name); read once")
+    assert rows["same.svs"] == ("skipped", "link to a file already listed as 'a/s1.svs'; not read twice")
     assert rows["a/s1.svs"][0] == rows["full.svs/s3.svs"][0] == rows["linked/s2.svs"][0] == "candidate"
-    assert rows["a/back"] == ("skipped", "link to a folder that contains it (a loop); not followed")
-    assert rows["b"] == ("skipped", "link to a folder already searched as 'a'; not searched twice")
+    assert rows["a/back"] == ("skipped", "link to a directory that contains it (a loop); not followed")
+    assert rows["b"] == ("skipped", "link to a directory already scanned as 'a'; not scanned twice")
     assert rows["empty.svs"][0] == "skipped" and "named like a slide" in rows["empty.svs"][1]
+
+
+def test_what_is_not_a_slide_is_a_row_of_the_archive_walk_not_a_slide_to_fail_or_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slide search walks as :func:`medvision.io.archive.scan` does. It used to take a macOS ``._`` sidecar, a
+    slide in a hidden folder and a FIFO named ``.svs`` (whose opening blocks a reader until the slide timeout) for
+    slides, and to crash the whole run on a folder it could not list."""
+    root = tmp_path / "slides"
+    (root / ".Trash-1000").mkdir(parents=True)
+    (root / "locked").mkdir()
+    for p in (root / "s1.svs", root / ".Trash-1000" / "old.svs", root / "locked" / "s2.svs"):
+        p.write_bytes(b"II*\x00")
+    (root / "._s1.svs").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble
+    os.mkfifo(root / "pipe.svs")
+    (root / "gone.svs").symlink_to("nowhere.svs")
+    locked = str(root / "locked")  # chmod 000 stops no root: the folder refuses to be listed instead
+
+    def refusing(real: Any) -> Any:
+        def call(path: Any = ".") -> Any:
+            if os.fspath(path) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", locked)
+            return real(path)
+
+        return call
+
+    monkeypatch.setattr(os, "scandir", refusing(os.scandir))
+    monkeypatch.setattr(os, "listdir", refusing(os.listdir))  # pathlib's iterdir, in the DICOM series probe
+    rows = {e.rel: (e.outcome, e.reason) for e in find_slides(root)}
+    assert rows == {
+        "s1.svs": ("candidate", ""),
+        "._s1.svs": ("skipped", "hidden file (a macOS ._ resource fork, .DS_Store...); not read"),
+        ".Trash-1000": ("skipped", "hidden directory; not scanned"),
+        "pipe.svs": ("skipped", "not a regular file (FIFO); not opened"),
+        "gone.svs": ("error", "broken symbolic link: its target 'nowhere.svs' does not exist"),
+        "locked": ("error", "cannot list directory (PermissionError: Permission denied)"),
+    }
 
 
 @pytest.mark.parametrize("value", ["-0.499", "nan", "0"])

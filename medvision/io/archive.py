@@ -12,6 +12,10 @@ crash the walk, and returns one :class:`Entry` for each thing found, in a stable
   hidden file or directory (not read, not entered, as the training sources skip them) and a second route to a
   directory or a file already scanned (a link, a hard link) are ``skipped``.
 
+That bookkeeping is the same whatever is read: what differs is the unit (:class:`Units`). The image scan reads every
+regular file; the slide search (:func:`medvision.tasks.score.slides.find_slides`) reads files with a slide suffix
+and DICOM series folders as whole slides, through this same walk.
+
 :func:`sniff` names common non-DICOM formats from a file's first bytes, so that a PNG renamed
 ``.dcm`` is reported as exactly that.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +34,8 @@ from typing import Literal
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 #: Suffixes that make a directory look like a file.
 FILE_LIKE_SUFFIXES = (*DICOM_SUFFIXES, ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: The reason of a directory named like a file (``file_like``), whose contents are scanned.
+FILE_LIKE_DIRECTORY = "a directory named like a file; its contents are scanned"
 
 Outcome = Literal["candidate", "error", "skipped"]
 
@@ -55,6 +62,30 @@ class Entry:
     size: int = 0
 
 
+@dataclass(frozen=True)
+class Units:
+    """What a walk reads as one unit; the rest (links, loops, hidden names, folders that cannot be listed, second
+    routes) is :func:`scan`'s, whatever the unit. The default is the image scan's: every regular file, every
+    directory entered.
+
+    - ``file(rel)``: why a regular, non-hidden file is not a unit (a skipped row), or ``""`` (a candidate); only
+      candidates are matched against files already listed;
+    - ``whole(path)``: a directory that is one unit (a DICOM WSI series): a candidate, not entered;
+    - ``parts(names)``: of a directory's entry names, those of directories that belong to a file beside them (a
+      MIRAX slide's data folder): no row, not entered;
+    - ``file_like``: suffixes that make a directory look like a file: a skipped row says so, and it is entered.
+    """
+
+    file: Callable[[str], str] = lambda rel: ""
+    whole: Callable[[str], bool] = lambda path: False
+    parts: Callable[[list[str]], set[str]] = lambda names: set()
+    file_like: tuple[str, ...] = FILE_LIKE_SUFFIXES
+
+
+#: The image scan's unit: every regular file.
+EVERY_FILE = Units()
+
+
 def sniff(head: bytes) -> str:
     """What a file's first bytes say it is: ``"DICOM"`` (DICM at offset 128), a known format, or ``""``."""
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -77,8 +108,8 @@ def _link_problem(path: str, err: OSError) -> tuple[Outcome, str]:
     return "error", f"cannot stat the link target ({type(err).__name__}: {err.strerror or err})"
 
 
-def scan(root: Path) -> list[Entry]:
-    """Every entry under ``root`` (see the module docstring), depth first, names sorted.
+def scan(root: Path, units: Units = EVERY_FILE) -> list[Entry]:
+    """Every entry under ``root`` (see the module docstring), depth first, names sorted; ``units``: what is read.
 
     Each directory is scanned once, by the first route the sorted walk takes to it: a link back to a directory
     that contains it (a loop), and a second route to one already scanned (a link, or the real directory after a
@@ -92,7 +123,7 @@ def scan(root: Path) -> list[Entry]:
     out: list[Entry] = []
     top = os.stat(root)
     key = (top.st_dev, top.st_ino)
-    _scan_dir(str(root), "", out, {key: "."}, frozenset({key}), {})
+    _scan_dir(str(root), "", out, {key: "."}, frozenset({key}), {}, units)
     return [text_entry(e) for e in out]
 
 
@@ -111,17 +142,18 @@ def text_entry(entry: Entry) -> Entry:
 
 def _scan_dir(
     path: str, rel: str, out: list[Entry], visited: dict[tuple[int, int], str], above: frozenset[tuple[int, int]],
-    files: dict[tuple[int, int], tuple[str, bool]],
+    files: dict[tuple[int, int], tuple[str, bool]], units: Units,
 ) -> None:  # fmt: skip
     """Appends the entries under ``path``; ``visited`` maps each directory scanned to the route it was scanned by,
-    ``above`` holds the directories that contain this one, ``files`` maps each file listed to (its route, whether
-    that route is a link)."""
+    ``above`` holds the directories that contain this one, ``files`` maps each unit file listed to (its route,
+    whether that route is a link)."""
     try:
         with os.scandir(path) as it:
             names = sorted(it, key=lambda e: e.name)
     except OSError as err:
         out.append(Entry(rel or ".", "error", f"cannot list directory ({type(err).__name__}: {err.strerror or err})"))
         return
+    parts = units.parts([e.name for e in names])
     for entry in names:
         sub = f"{rel}/{entry.name}" if rel else entry.name
         try:
@@ -133,6 +165,8 @@ def _scan_dir(
             continue
         if stat.S_ISREG(st.st_mode) and entry.name.startswith("."):  # as training's sources skip them
             out.append(Entry(sub, "skipped", "hidden file (a macOS ._ resource fork, .DS_Store...); not read"))
+        elif stat.S_ISREG(st.st_mode) and (why := units.file(sub)):
+            out.append(Entry(sub, "skipped", why))
         elif stat.S_ISREG(st.st_mode):
             key, link = (st.st_dev, st.st_ino), entry.is_symlink()
             if key in files:
@@ -143,6 +177,8 @@ def _scan_dir(
             else:
                 files[key] = sub, link
                 out.append(Entry(sub, "candidate", size=st.st_size))
+        elif stat.S_ISDIR(st.st_mode) and entry.name in parts:
+            continue
         elif stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if key in above:
@@ -153,11 +189,14 @@ def _scan_dir(
                 out.append(Entry(sub, "skipped", f"{route} {visited[key]!r}; not scanned twice"))
             elif entry.name.startswith("."):
                 out.append(Entry(sub, "skipped", "hidden directory; not scanned"))
+            elif units.whole(entry.path):
+                visited[key] = sub
+                out.append(Entry(sub, "candidate"))
             else:
                 visited[key] = sub
-                if entry.name.lower().endswith(FILE_LIKE_SUFFIXES):
-                    out.append(Entry(sub, "skipped", "a directory named like a file; its contents are scanned"))
-                _scan_dir(entry.path, sub, out, visited, above | {key}, files)
+                if entry.name.lower().endswith(units.file_like):
+                    out.append(Entry(sub, "skipped", FILE_LIKE_DIRECTORY))
+                _scan_dir(entry.path, sub, out, visited, above | {key}, files, units)
         else:
             kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
             out.append(Entry(sub, "skipped", f"not a regular file ({kind}); not opened"))

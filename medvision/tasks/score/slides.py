@@ -33,10 +33,8 @@ but geometry and MPP: no Aperio ``Filename``/``User``, no DICOM patient tags.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -54,7 +52,7 @@ from medvision.data.intake import preprocess
 from medvision.evaluation import Decision
 from medvision.handoff import HANDOFF_DIR
 from medvision.inference import Engine
-from medvision.io.archive import Entry, text_entry
+from medvision.io.archive import FILE_LIKE_DIRECTORY, Entry, Units, scan
 from medvision.metrics import aggregate_by_group, softmax
 from medvision.models.mil import MILHead
 from medvision.models.mil_fit import load_mil, predict_mil
@@ -79,77 +77,56 @@ ABMIL_NEEDS_TORCH = "this run aggregates tiles with its ABMIL head, which needs 
 
 
 def find_slides(folder: Path) -> list[Entry]:
-    """Every entry, sorted: ``candidate`` slides and ``skipped`` others.
+    """Every entry, sorted: ``candidate`` slides, ``skipped`` others and ``error`` rows for what cannot be read.
 
-    Links to folders are followed, as :func:`medvision.io.archive.scan` follows them for images: a folder is
-    searched once, by the first route the sorted walk takes to it, and a link back to a folder that contains it
-    (a loop) or a second route to one already searched is a skipped row naming the route taken. A folder named
-    like a slide (``x.svs``) that is not a DICOM series is searched; with nothing in it, it is a skipped row. A slide
-    file reached by a second name (a link, a hard link) is a skipped row naming the first: one slide, one row.
+    The walk is :func:`medvision.io.archive.scan`'s, with slides as its unit: links, loops, hidden names, FIFOs,
+    folders that cannot be listed and second routes to a folder or a slide file (a link, a hard link) are its rows.
+    A folder of DICOM instances is one slide, not searched further, and a MIRAX slide's data folder belongs to its
+    ``.mrxs`` file. A folder named like a slide (``x.svs``) that is not a DICOM series is searched; with nothing in
+    it, it is a skipped row.
     """
     if not folder.is_dir():
         raise RunError(f"{folder}: slides folder does not exist")
-    found: list[Entry] = []
-    top = os.stat(folder)
-    searched = {(top.st_dev, top.st_ino): "."}  # each folder searched, by the route it was searched by
-    named_like_slides = []
-    file_of: dict[str, tuple[int, int]] = {}  # each slide file's (device, inode), by its name here
-    folder_is_series = is_dicom_slide_dir(folder)  # once: it lists the folder and opens files
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        here = Path(root)
-        here_rel = here.relative_to(folder)
-        mrxs = {Path(f).stem for f in files if f.lower().endswith(".mrxs")}
-        keep = []
-        for d in sorted(dirs):
-            rel = (here_rel / d).as_posix()
-            if d in mrxs:
-                continue  # a MIRAX slide's data folder belongs to its .mrxs file
-            try:
-                st = os.stat(here / d)
-            except OSError as err:  # gone since it was listed
-                found.append(Entry(rel, "error", f"cannot stat the folder ({type(err).__name__}: {err.strerror})"))
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in searched:
-                first = searched[key]
-                inside = first == "." or here_rel.as_posix() == first or Path(first) in here_rel.parents
-                why = ("link to a folder that contains it (a loop); not followed" if inside else
-                       f"{'link to a folder' if (here / d).is_symlink() else 'folder'} already searched as "
-                       f"{first!r}; not searched twice")  # fmt: skip
-                found.append(Entry(rel, "skipped", why))
-            elif is_dicom_slide_dir(here / d):
-                searched[key] = rel
-                found.append(Entry(rel, "candidate"))
-            else:
-                searched[key] = rel
-                keep.append(d)
-                if d.lower().endswith(SLIDE_SUFFIXES):
-                    named_like_slides.append(rel)
-        dirs[:] = keep
-        for f in sorted(files):
-            rel = (here_rel / f).as_posix()
-            if here == folder and folder_is_series:
-                found.append(Entry(rel, "skipped", "the folder itself is one DICOM series; pass its parent folder"))
-            elif f.lower().endswith(SLIDE_SUFFIXES):
-                found.append(Entry(rel, "candidate"))
-                with contextlib.suppress(OSError):  # a broken link: the reader says so in its row
-                    st = os.stat(here / f)
-                    file_of[rel] = (st.st_dev, st.st_ino)
-            else:
-                why = f"not a slide (suffix {Path(f).suffix or 'none'!r}; expected one of {', '.join(SLIDE_SUFFIXES)}"
-                found.append(Entry(rel, "skipped", why + " or a DICOM series folder)"))
-    for rel in named_like_slides:  # searched, and nothing came of it: still a row, so that it is accounted for
-        if not any(e.rel.startswith(rel + "/") for e in found):
-            why = "a folder named like a slide, but not a DICOM series and with nothing in it (searched)"
-            found.append(Entry(rel, "skipped", why))
-    named: dict[tuple[int, int], str] = {}
+    root_is_series = _is_series(str(folder))  # once: it lists the folder and opens files
+
+    def not_a_slide(rel: str) -> str:
+        if root_is_series and "/" not in rel:
+            return "the folder itself is one DICOM series; pass its parent folder"
+        if rel.lower().endswith(SLIDE_SUFFIXES):
+            return ""
+        suffix = Path(rel).suffix or "none"
+        return f"not a slide (suffix {suffix!r}; expected one of {', '.join(SLIDE_SUFFIXES)} or a DICOM series folder)"
+
+    found = scan(folder, Units(file=not_a_slide, whole=_is_series, parts=_mirax_data, file_like=SLIDE_SUFFIXES))
+    holding = {rel for e in found for rel in _folders_above(e.rel)}
     out = []
-    for e in sorted(found, key=lambda e: e.rel):  # the first name in sorted order is read, a second is a row
-        seen = named.setdefault(file_of[e.rel], e.rel) if e.rel in file_of else e.rel
-        if seen != e.rel:
-            e = Entry(e.rel, "skipped", f"the same file as {seen!r} (a link or a second name); read once")
-        out.append(text_entry(e))
+    for e in found:  # a folder named like a slide is a row only when nothing came of searching it
+        if e.reason == FILE_LIKE_DIRECTORY and e.rel not in holding:
+            why = "a folder named like a slide, but not a DICOM series and with nothing in it (searched)"
+            out.append(Entry(e.rel, "skipped", why))
+        elif e.reason != FILE_LIKE_DIRECTORY:
+            out.append(e)
     return sorted(out, key=lambda e: e.rel)
+
+
+def _is_series(path: str) -> bool:
+    """A DICOM WSI series folder; one that cannot be listed is not, and the walk makes it an error row."""
+    try:
+        return is_dicom_slide_dir(Path(path))
+    except OSError:
+        return False
+
+
+def _mirax_data(names: list[str]) -> set[str]:
+    """The data folders of the MIRAX slides among ``names`` (``x.mrxs`` keeps its tiles in ``x/``)."""
+    return {n[: -len(".mrxs")] for n in names if n.lower().endswith(".mrxs")}
+
+
+def _folders_above(rel: str) -> Iterator[str]:
+    """``a/b/c`` -> ``a``, ``a/b``."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        yield "/".join(parts[:i])
 
 
 _PLAN: dict[str, Any] = {}
