@@ -276,7 +276,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--protocols", default="finetune,linear_probe",
                    help="finetune, linear_probe, knn (default: %(default)s)")  # fmt: skip
-    p.add_argument("--seeds", type=_positive, default=3, help="seeds per combination (default: %(default)s)")
+    p.add_argument("--seeds", default="3", metavar="N|A,B,...",
+                   help="a count of seeds from the recipe's seed on, or the seeds themselves, comma separated, as "
+                        "benchmark medmnist takes them (default: %(default)s)")  # fmt: skip
     p.add_argument("--min-steps", type=_positive, default=100, metavar="N",
                    help="finetune runs at small fractions repeat their phases' epochs until they take at least N "
                         "optimizer steps (default: %(default)s)")  # fmt: skip
@@ -523,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                 from medvision.tasks.benchmark import labels as le
 
                 overrides = [*args.overrides, *(["tracking.mlflow=true"] if args.track else [])]
+                grid_seeds = le.parse_seed_count(args.seeds)  # before the recipe: a bad --seeds fails at once
                 grid = le.label_benchmark(load_recipe(args.recipe, overrides), le.parse_fractions(args.fractions),
-                                          le.parse_inits(args.inits), le.parse_protocols(args.protocols), args.seeds,
+                                          le.parse_inits(args.inits), le.parse_protocols(args.protocols), grid_seeds,
                                           args.out, args.min_steps, args.overwrite)  # fmt: skip
                 print(grid.markdown)
                 print("wrote " + ", ".join(str(f) for f in grid.files))

@@ -315,11 +315,12 @@ class Tracker:
 
     @classmethod
     def start(cls, run_dir: Path, recipe: Recipe, parent: Tracker | None = None, kind: str = "train",
-              name: str | None = None, resume: bool = False) -> Tracker:  # fmt: skip
+              name: str | None = None, resume: bool = False, record: bool = True) -> Tracker:  # fmt: skip
         """Starts tracking ``recipe``'s run in ``run_dir`` as its ``tracking`` section asks (a child run of
         ``parent`` when that one is an MLflow run), logging the recipe as parameters. With ``resume``, the MLflow
         run that ``run_dir``'s :data:`RECORD` names is reopened (RUNNING again, its parameters kept, the epochs
         going on at their steps), whatever it ended as; a new one is started only when there is none to reopen.
+        ``record=False`` (a benchmark logging a run it reused) leaves the folder's :data:`RECORD` naming its own run.
 
         Raises:
             TrackingError: MLflow or TensorBoard is asked for but not installed, or ``tracking.uri`` is unusable.
@@ -328,13 +329,13 @@ class Tracker:
         writer = _summary_writer_class() if cfg.tensorboard else None  # both checked before anything is written
         if cfg.mlflow:
             _import_mlflow()
-            tracker._start_mlflow(run_dir, recipe, parent, kind, name, resume)
+            tracker._start_mlflow(run_dir, recipe, parent, kind, name, resume, record)
         if writer is not None:
             tracker._writer = writer(log_dir=str(run_dir / "tensorboard"))
         return tracker
 
     def _start_mlflow(self, run_dir: Path, recipe: Recipe, parent: Tracker | None, kind: str,
-                      name: str | None, resume: bool) -> None:  # fmt: skip
+                      name: str | None, resume: bool, record: bool) -> None:  # fmt: skip
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         cfg = recipe.tracking
@@ -358,8 +359,9 @@ class Tracker:
                                     f"({type(err).__name__}: {redact_uri(str(err))})") from None  # fmt: skip
             self.run_id = run.info.run_id
         try:
-            atomic_write_text(run_dir / RECORD, json.dumps({"run_id": self.run_id, "experiment_id": self.experiment_id,
-                                                            "uri": self.safe_uri}, indent=2) + "\n")  # fmt: skip
+            if record:
+                mine = {"run_id": self.run_id, "experiment_id": self.experiment_id, "uri": self.safe_uri}
+                atomic_write_text(run_dir / RECORD, json.dumps(mine, indent=2) + "\n")
             self.log_params(params if reopened is None else reopened)
         except Exception:
             self._failed = True
@@ -570,11 +572,11 @@ def _sigterm_raises() -> Iterator[None]:
 
 @contextlib.contextmanager
 def tracked(run_dir: Path, recipe: Recipe, parent: Tracker | None = None, kind: str = "train",
-            name: str | None = None, resume: bool = False) -> Iterator[Tracker]:  # fmt: skip
+            name: str | None = None, resume: bool = False, record: bool = True) -> Iterator[Tracker]:  # fmt: skip
     """:meth:`Tracker.start` (``resume``: reopening the run folder's MLflow run), and at the end :meth:`Tracker.end`:
     FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (which, while tracking, raises ``SystemExit(143)``
     in the main thread instead of ending the process on the spot)."""
-    tracker = Tracker.start(run_dir, recipe, parent, kind, name, resume)
+    tracker = Tracker.start(run_dir, recipe, parent, kind, name, resume, record)
     status = "FINISHED"
     try:
         with _sigterm_raises() if tracker.active else contextlib.nullcontext():

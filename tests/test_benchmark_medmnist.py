@@ -152,6 +152,15 @@ def test_deterministic_reruns_are_bit_identical(tiles_manifest: Path, tmp_path: 
     assert json.loads((first / "run.json").read_text())["deterministic"] is True
 
 
+def test_one_seed_is_a_seed_not_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """``--seeds 3`` is one run of seed 3 (``benchmark labels --seeds 3`` is three seeds): the log says so."""
+    with caplog.at_level("WARNING", logger="medvision"):
+        assert parse_seeds("0") == [0] and parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("3,") == [3]
+        assert not caplog.records
+        assert parse_seeds("3") == [3]
+    assert "--seeds 3 is one run, of seed 3" in caplog.text and "not a count" in caplog.text
+
+
 def test_repeated_seeds_are_refused_before_any_training(breast_subset: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     """``--seeds 0,0`` would count one run twice (an SD of 0, a paired delta over 'two' seeds)."""

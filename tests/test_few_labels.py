@@ -48,6 +48,8 @@ from medvision.tasks.benchmark.labels import (
     parse_fractions,
     parse_inits,
     parse_protocols,
+    parse_seed_count,
+    seeds_of,
 )
 from medvision.tasks.benchmark.speed import BenchmarkError
 from medvision.tasks.evaluate import evaluate_run
@@ -358,6 +360,20 @@ def test_label_subsets_are_nested_whole_patient_stratified_and_seeded() -> None:
     assert np.array_equal(label_subset(labels, groups, idx, 1.0, seed=0), idx)
 
 
+def test_a_class_no_patient_is_mostly_made_of_keeps_an_example_in_every_subset() -> None:
+    """Tumour tiles only on slides that are mostly stroma: no patient's majority, so no bucket of its own. Every
+    subset still holds one, from the same patient at every fraction (the subsets stay nested)."""
+    groups = [f"P{p}" for p in range(10) for _ in range(4)]
+    labels = np.array([int(p >= 8 and t == 0) for p in range(10) for t in range(4)])  # P8, P9: 1 tumour of 4
+    idx = np.arange(len(labels))
+    subsets = [label_subset(labels, groups, idx, f, seed=s) for s in (0, 1, 2) for f in (0.1, 0.3, 0.6)]
+    for k, subset in enumerate(subsets):
+        assert set(labels[subset].tolist()) == {0, 1}
+        assert len(subset) < len(idx)
+        if k % 3:
+            assert set(subsets[k - 1]) <= set(subset)
+
+
 def test_subset_indices_applies_the_fraction_within_the_limit(tiles_manifest: Path) -> None:
     cfg = DataConfig(source="csv", path=str(tiles_manifest), image_size=32, val_fraction=0.25, test_fraction=0.25)
     table = load_table(cfg, seed=0)
@@ -600,6 +616,52 @@ def test_label_benchmark_arguments_are_checked(tmp_path: Path) -> None:
     for bad in ("", f"imagenet,{tmp_path / 'missing'}"):
         with pytest.raises(BenchmarkError, match="--inits"):
             parse_inits(bad)
+
+
+def test_label_benchmark_seeds_are_a_count_or_a_list(tiles_manifest: Path, tmp_path: Path) -> None:
+    """``--seeds 3`` is a count (from the recipe's seed), ``--seeds 0,1,2`` the seeds, as ``benchmark medmnist``."""
+    assert parse_seed_count("3") == 3 and parse_seed_count(" 2 ") == 2
+    assert parse_seed_count("0,1,2") == [0, 1, 2] and parse_seed_count("5,") == [5]
+    for bad in ("0", "-1", "a", "", "1,1", "a,b"):
+        with pytest.raises(BenchmarkError, match="--seeds"):
+            parse_seed_count(bad)
+    tree = tiny_recipe(tiles_manifest, tmp_path / "unused")
+    tree["seed"] = 4
+    recipe = recipe_from_dict(tree)
+    assert seeds_of(recipe, 2) == [4, 5] and seeds_of(recipe, [7, 1]) == [7, 1]
+    with pytest.raises(BenchmarkError, match="--seeds must be >= 1"):
+        seeds_of(recipe, 0)
+    result = label_benchmark(recipe, [1.0], ["random"], ["knn"], [7, 1], tmp_path / "grid", resamples=0)
+    assert [(r.seed, Path(r.run_dir).name) for r in result.rows] == [(7, "random-knn-f1-s7"), (1, "random-knn-f1-s1")]
+    assert not [r.error for r in result.rows if r.error] and result.summary[0]["seeds"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's store
+def test_a_reused_run_keeps_its_tracking_json(tiles_manifest: Path, tmp_path: Path) -> None:
+    """A reused run is logged to the benchmark's MLflow run as a child again, but its folder's tracking.json still
+    names the MLflow run that trained it (what ``train --resume`` reopens); a folder without one stays without."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from medvision.tracking import RECORD, default_uri
+
+    tree = tiny_recipe(tiles_manifest, tmp_path / "base")
+    tree["tracking"] = {"mlflow": True, "log_model": False}
+    args = (recipe_from_dict(tree), [0.5, 1.0], ["random"], ["knn"], 1, tmp_path / "grid")
+    first = label_benchmark(*args, resamples=0)
+    kept, untracked = (Path(r.run_dir) / RECORD for r in sorted(first.rows, key=lambda r: -r.fraction))
+    before = kept.read_bytes()
+    untracked.unlink()
+    label_benchmark(*args, resamples=0)
+    assert kept.read_bytes() == before and not untracked.exists()
+    client = MlflowClient(tracking_uri=default_uri(tmp_path / "base"))
+    experiment = client.get_experiment_by_name("medvision").experiment_id
+    parents = client.search_runs([experiment], "tags.`medvision.kind` = 'benchmark-labels'", order_by=["start_time"])
+    assert len(parents) == 2
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parents[1].info.run_id}'")
+    assert len(children) == 2  # the reused runs are logged all the same
+    trained = client.get_run(json.loads(before)["run_id"])
+    assert trained.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
 
 
 def test_configure_stretches_finetune_epochs_on_small_subsets(tiles_manifest: Path, tmp_path: Path) -> None:

@@ -8,10 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import read_rows, tiny_recipe, write_rows
 
 from medvision.data.sources import load_table
+from medvision.data.table import grouped_stratified_split, patient_order
 from medvision.recipe import recipe_from_dict
 from medvision.runs import RunError, ScoringSpec, read_splits
 from medvision.runtime import Dist
@@ -46,16 +48,24 @@ def test_evaluate_tests_the_recorded_split_after_images_are_added_and_refuses_wh
     assert sorted(trained) == recorded_test and set(held.values()) == {"train", "val", "test"}
     original = manifest.read_text()
     rows = read_rows(manifest)
-    # a new patient's images arrive after training: a recomputed split reshuffles, the recorded one does not
-    new = [{**rows[k], "path": f"new_{k}.png", "patient_id": "late-patient"} for k in range(6)]
+    # a new patient's images arrive after training, from a patient a recomputed split deals to test: the run still
+    # tests on the images it held out, none of the new ones
     for k in range(6):
         shutil.copy(manifest.parent / rows[k]["path"], manifest.parent / f"new_{k}.png")
-    write_rows(manifest, rows + new)
     try:
-        recipe = recipe_from_dict(json.loads(json.dumps(tiny_recipe(manifest, run.parent))))
-        now = load_table(recipe.data, recipe.seed)
-        recomputed = {now.ids[i] for i in now.indices("test")}
-        assert recomputed != set(recorded_test)  # the weakness: one patient more moves images between splits
+        for late in (f"late-patient-{j}" for j in range(50)):
+            new = [{**rows[k], "path": f"new_{k}.png", "patient_id": late} for k in range(6)]
+            write_rows(manifest, rows + new)
+            recipe = recipe_from_dict(json.loads(json.dumps(tiny_recipe(manifest, run.parent))))
+            now = load_table(recipe.data, recipe.seed)
+            recomputed = {now.ids[i] for i in now.indices("test")}
+            if recomputed - set(recorded_test):
+                break
+        # the stable split makes room for it by moving at most the held-out patient dealt last
+        # (test_the_split_of_a_patient_survives_...); the run must not test on the newcomer even so
+        patient = {r["path"]: r["patient_id"] for r in rows}
+        assert {r["path"] for r in new} <= recomputed
+        assert len({patient[i] for i in set(recorded_test) - recomputed}) <= 1
         out, _ = evaluate_run(run, out=run / "eval" / "after-adding")
         evaluated = sorted(r["id"] for r in read_rows(out / "predictions.csv"))
         assert evaluated == recorded_test  # exactly the held-out images, none of the new ones
@@ -167,3 +177,30 @@ def test_val_auc_without_every_class_in_validation_monitors_val_loss(
     assert "no image of class(es) ['necrosis'], so val_auc is undefined in every epoch" in caplog.text
     assert json.loads((run / "run.json").read_text())["monitor"] == "val_loss"
     assert "was never finite" not in caplog.text  # an epoch was best on val_loss
+
+
+def test_the_split_of_a_patient_survives_adding_or_dropping_another() -> None:
+    """A file that stops reading (or a new patient) moves a few patients next to a split's boundary, not the cohort:
+    the shuffle it replaces re-dealt them all (dropping one of these 200 patients moved 4 to 95 others), so two runs
+    on nearly one dataset tested on different patients."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 9, 200)
+    groups = [f"P{p}" for p in range(200) for _ in range(sizes[p])]
+    labels = np.array([int(rng.random() < 0.3) for p in range(200) for _ in range(sizes[p])])
+
+    def split(keep: list[int]) -> dict[str, str]:
+        kept = [groups[i] for i in keep]
+        return dict(zip(kept, grouped_stratified_split(labels[keep], kept, 0.15, 0.2, seed=7), strict=True))
+
+    everyone = split(list(range(len(groups))))
+    assert list(everyone.values()).count("test") > 20
+    for drop in range(0, 200, 25):
+        without = split([i for i, g in enumerate(groups) if g != f"P{drop}"])  # a patient gone (or, read back: added)
+        assert sum(everyone[g] != s for g, s in without.items()) <= 4
+        first = groups.index(f"P{drop}")
+        one_less = split([i for i in range(len(groups)) if i != first])  # one image gone: its label share shifts
+        assert sum(everyone[g] != s for g, s in one_less.items()) <= 6
+    assert split(list(range(len(groups)))) == everyone  # deterministic
+    order = patient_order(["b", "a", "c", "d"], seed=1)
+    assert [p for p in order if p != "c"] == patient_order(["b", "a", "d"], seed=1)
+    assert patient_order(list("abcdefghij"), 2) != patient_order(list("abcdefghij"), 1)  # the seed reorders

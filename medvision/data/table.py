@@ -9,6 +9,7 @@ the data audit) reads only this.
 from __future__ import annotations
 
 import csv
+import hashlib
 import posixpath
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -233,26 +234,37 @@ def check_patient_disjoint(table: SampleTable) -> None:
             )
 
 
+def patient_order(patients: Iterable[str], seed: int) -> list[str]:
+    """``patients`` in a seeded order where each patient's place depends only on its own id and ``seed``.
+
+    The order sorts by a keyed BLAKE2b hash of the id, so adding or removing a patient (a new scan, a file that
+    no longer reads) leaves every other patient's order unchanged, where a shuffle would deal them all afresh.
+    """
+    key = str(seed).encode()
+    return sorted(set(patients), key=lambda p: (hashlib.blake2b(p.encode(), key=key, digest_size=16).digest(), p))
+
+
 def grouped_stratified_split(
     labels: np.ndarray, groups: list[str], val_fraction: float, test_fraction: float, seed: int
 ) -> list[str]:
     """Assigns whole patients to train/val/test so each label keeps roughly its share in every split.
 
-    Patients are bucketed by their most frequent label, shuffled with ``seed``, and dealt to test,
-    then val, until each split holds its fraction of that label's images; the rest is train.
+    Patients are bucketed by their most frequent label, put in their :func:`patient_order`, and dealt to test,
+    then val, until each split holds its fraction of that label's images; the rest is train. A patient's split
+    therefore survives changes to the others: adding or dropping one patient (or one image) moves at most the
+    patients dealt next to a split's boundary in its label, never the whole cohort, so runs on one dataset before
+    and after a file fails to read test on nearly the same patients.
     """
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         by_group[g].append(i)
-    rng = np.random.default_rng(seed)
     buckets: dict[int, list[str]] = defaultdict(list)
-    for g in sorted(by_group):
+    for g in patient_order(by_group, seed):
         majority = int(np.bincount(labels[by_group[g]]).argmax())
         buckets[majority].append(g)
     out = [""] * len(groups)
     for label in sorted(buckets):
         members = buckets[label]
-        rng.shuffle(members)
         total = sum(len(by_group[g]) for g in members)
         targets = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
         filled = 0
@@ -289,8 +301,10 @@ def label_subset(labels: np.ndarray, groups: list[str], idx: np.ndarray, fractio
 
     Patients are bucketed by their most frequent label and put in a seeded order that does not
     depend on ``fraction``; each bucket contributes its first patients until it holds its share of
-    that label's rows, and at least one patient, so every class keeps a labelled example. The same
-    seed therefore gives nested subsets: the 1% rows are among the 10% rows.
+    that label's rows, and at least one patient. A class that is no patient's most frequent (tumour tiles
+    on slides mostly of stroma) has no bucket: the first patient in that order who holds it comes too, so
+    every class of ``idx`` keeps a labelled example. The same seed therefore gives nested subsets: the 1%
+    rows are among the 10% rows.
     """
     by_group: dict[str, list[int]] = defaultdict(list)
     for i in idx:
@@ -299,16 +313,21 @@ def label_subset(labels: np.ndarray, groups: list[str], idx: np.ndarray, fractio
     for g in sorted(by_group):
         buckets[int(np.bincount(labels[by_group[g]]).argmax())].append(g)
     rng = np.random.default_rng([seed, 0x1ABE1])
-    keep: list[int] = []
-    for label in sorted(buckets):
-        members = sorted(buckets[label])
-        order = rng.permutation(len(members))
+    ordered = {label: [sorted(buckets[label])[int(j)] for j in rng.permutation(len(buckets[label]))]
+               for label in sorted(buckets)}  # fmt: skip
+    kept: list[str] = []
+    for members in ordered.values():
         target = fraction * sum(len(by_group[g]) for g in members)
         taken = 0
-        for j in order:
-            rows = by_group[members[int(j)]]
-            if taken and taken + len(rows) / 2 > target:
+        for g in members:
+            if taken and taken + len(by_group[g]) / 2 > target:
                 break
-            keep.extend(rows)
-            taken += len(rows)
+            kept.append(g)
+            taken += len(by_group[g])
+    everyone = [g for members in ordered.values() for g in members]
+    for label in sorted(set(labels[idx].tolist()) - set(ordered)):  # in no bucket: its first holder, at any fraction
+        first = next(g for g in everyone if label in labels[by_group[g]])
+        if first not in kept:
+            kept.append(first)
+    keep = [i for g in kept for i in by_group[g]]
     return np.sort(np.asarray(keep, dtype=np.int64))

@@ -137,10 +137,11 @@ def log_pretrained_run(tracker: Tracker, run_dir: Path) -> None:
 
 def log_reused_run(parent: Tracker, run_dir: Path, recipe: Recipe) -> None:
     """A run a benchmark found finished, as a child run of ``parent``: its recipe, its epochs (from
-    ``metrics.json``'s history), then as :func:`log_trained_run`. TensorBoard already has its epochs."""
+    ``metrics.json``'s history), then as :func:`log_trained_run`. TensorBoard already has its epochs; the folder's
+    ``tracking.json`` keeps naming the run that trained it (which ``train --resume`` reopens)."""
     if parent.run_id is None:
         return
-    with tracked(run_dir, recipe.changed({"tracking.tensorboard": False}), parent) as child:
+    with tracked(run_dir, recipe.changed({"tracking.tensorboard": False}), parent, record=False) as child:
         for row in read_metrics_json(run_dir).get("history") or []:
             child.log_epoch(int(row["epoch"]), row)
         log_trained_run(child, run_dir)

@@ -107,6 +107,52 @@ class StudyResult(Generic[R]):
 LabelResult = StudyResult[LabelRun]
 
 
+def check_seeds(seeds: list[int]) -> list[int]:
+    """``seeds`` unchanged; a :class:`BenchmarkError` when there are none or one is repeated (it would be one run
+    counted twice: the SD over seeds shrinks and the paired delta claims more seeds than it has)."""
+    if not seeds:
+        raise BenchmarkError("--seeds: give at least one seed, e.g. 0,1,2")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        which = f"seed {repeated[0]} is" if len(repeated) == 1 else f"seeds {', '.join(map(str, repeated))} are"
+        raise BenchmarkError(f"--seeds {','.join(map(str, seeds))}: {which} given more than once; each seed is one "
+                             "run, so give distinct seeds, e.g. 0,1,2")  # fmt: skip
+    return seeds
+
+
+def parse_seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``, checked by :func:`check_seeds`."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchmarkError(f"--seeds {text!r}: expected whole numbers, comma separated, e.g. 0,1,2") from None
+    return check_seeds(seeds)
+
+
+def parse_seed_count(text: str) -> int | list[int]:
+    """``benchmark labels --seeds``: a count (``3``: the recipe's seed and the two after it) or, as ``benchmark
+    medmnist --seeds`` takes them, the seeds themselves, comma separated (``0,1,2``; one seed alone as ``5,``)."""
+    if "," in text:
+        return parse_seed_list(text)
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise BenchmarkError(f"--seeds {text!r}: expected a count of seeds (a whole number >= 1, e.g. 3) or the "
+                             "seeds themselves, comma separated (e.g. 0,1,2)")  # fmt: skip
+    return count
+
+
+def seeds_of(recipe: Recipe, seeds: int | list[int]) -> list[int]:
+    """A grid's seeds: a count N is the recipe's seed and the N - 1 after it, a list is those (:func:`check_seeds`)."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise BenchmarkError(f"--seeds must be >= 1, got {seeds}")
+        return [recipe.seed + s for s in range(seeds)]
+    return check_seeds(list(seeds))
+
+
 def parse_fractions(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -253,22 +299,22 @@ def _read(run_dir: Path, row: LabelRun) -> LabelRun:
 
 
 def label_benchmark(
-    recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: int, out: Path,
-    min_steps: int = 100, overwrite: bool = False, resamples: int = 500,
+    recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: int | list[int],
+    out: Path, min_steps: int = 100, overwrite: bool = False, resamples: int = 500,
 ) -> LabelResult:  # fmt: skip
-    """Trains and tests the whole grid (reusing finished runs) and writes the tables, deltas and plot.
+    """Trains and tests the whole grid (reusing finished runs) and writes the tables, deltas and plot. ``seeds``: a
+    count (the recipe's seed and those after it) or the seeds themselves (:func:`seeds_of`).
 
     With ``recipe.tracking.mlflow`` on, the benchmark is one MLflow run (its tables and plot as artifacts, the
     curves as metrics ``test_auc.<init>.<protocol>`` whose step is the number of labels) and each grid run, a
-    reused one too, is a child run of it.
+    reused one too, is a child run of it; a reused run's folder keeps its ``tracking.json``.
 
     Examples:
         >>> label_benchmark(load_recipe("recipes/bloodmnist_effnet_lite0.yaml"), [0.01, 0.1, 1.0],
         ...                 ["imagenet", "random", "runs/bloodmnist_simclr_lite0"], ["finetune", "linear_probe"],
         ...                 seeds=3, out=Path("label-efficiency"))
     """
-    if seeds < 1:
-        raise BenchmarkError(f"--seeds must be >= 1, got {seeds}")
+    seed_list = seeds_of(recipe, seeds)
     tags: dict[str, str] = {}
     for init in inits:  # an init's run folders are named by its folder's name: two of one name would share them
         if (first := tags.setdefault(_tag(init), init)) != init:
@@ -277,9 +323,11 @@ def label_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     with tracked(out, recipe, kind="benchmark-labels", name=f"{recipe.name}-labels") as parent:
         parent.log_params({"benchmark.fractions": str(fractions), "benchmark.inits": ",".join(inits),
-                           "benchmark.protocols": ",".join(protocols), "benchmark.seeds": str(seeds),
+                           "benchmark.protocols": ",".join(protocols), "benchmark.seeds": ",".join(map(str, seed_list)),
                            "benchmark.min_steps": str(min_steps)})  # fmt: skip
-        result = _label_grid(recipe, fractions, inits, protocols, seeds, out, min_steps, overwrite, resamples, parent)
+        result = _label_grid(
+            recipe, fractions, inits, protocols, seed_list, out, min_steps, overwrite, resamples, parent
+        )
         for e in result.summary:
             if math.isfinite(e["labels"]):
                 name = re.sub(r"[^\w.\-/ :]", "_", f"{e['init']}.{e['protocol']}")
@@ -289,13 +337,12 @@ def label_benchmark(
     return result
 
 
-def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: int,
+def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protocols: list[str], seeds: list[int],
                 out: Path, min_steps: int, overwrite: bool, resamples: int,
                 parent: Tracker) -> LabelResult:  # fmt: skip
     # an earlier grid in this folder: its rows stay in the tables if they come from the same base recipe (the
     # cells this grid runs again are replaced by its own rows anyway)
-    planned = {(init_label(i), p, f, recipe.seed + s) for i in inits for p in protocols for f in fractions
-               for s in range(seeds)}  # fmt: skip
+    planned = {(init_label(i), p, f, s) for i in inits for p in protocols for f in fractions for s in seeds}
     earlier = same_base([r for r in read_rows(out / "label_efficiency.csv") if _key(r) not in planned], recipe)
     rows: list[LabelRun] = []
 
@@ -304,8 +351,7 @@ def _label_grid(recipe: Recipe, fractions: list[float], inits: list[str], protoc
         mine = {_key(r) for r in rows}
         _write_rows(out / "label_efficiency.csv", [r for r in earlier if _key(r) not in mine] + rows)
 
-    for s in range(seeds):
-        seed = recipe.seed + s
+    for seed in seeds:
         table = load_table(recipe.data, seed, cache_dir(recipe))
         for fraction in fractions:
             size = len(subset_indices(table, "train", recipe.data.limit, seed, fraction))

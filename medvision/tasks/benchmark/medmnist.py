@@ -39,7 +39,9 @@ from medvision.tasks.benchmark.deltas import delta_unit, paired_bootstrap
 from medvision.tasks.benchmark.labels import (
     StudyResult,
     TestFigures,
+    check_seeds,
     finished_as,
+    parse_seed_list,
     write_dicts,
 )
 from medvision.tasks.benchmark.speed import BenchmarkError, device_name, figure
@@ -142,26 +144,14 @@ def published_rows(recipe: Recipe, side: int | None) -> list[Published]:
     return [p for p in PUBLISHED.get(dataset_key(recipe), []) if side is not None and p.size == side]
 
 
-def check_seeds(seeds: list[int]) -> list[int]:
-    """``seeds`` unchanged; a :class:`BenchmarkError` when there are none or one is repeated (it would be one run
-    counted twice: the SD over seeds shrinks and the paired delta claims more seeds than it has)."""
-    if not seeds:
-        raise BenchmarkError("--seeds: give at least one seed, e.g. 0,1,2")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        which = f"seed {repeated[0]} is" if len(repeated) == 1 else f"seeds {', '.join(map(str, repeated))} are"
-        raise BenchmarkError(f"--seeds {','.join(map(str, seeds))}: {which} given more than once; each seed is one "
-                             "run, so give distinct seeds, e.g. 0,1,2")  # fmt: skip
-    return seeds
-
-
 def parse_seeds(text: str) -> list[int]:
-    """``--seeds 0,1,2`` -> ``[0, 1, 2]``, checked by :func:`check_seeds`."""
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BenchmarkError(f"--seeds {text!r}: expected whole numbers, comma separated, e.g. 0,1,2") from None
-    return check_seeds(seeds)
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]`` (:func:`~medvision.tasks.benchmark.labels.parse_seed_list`). One number is
+    one seed, not a count as ``benchmark labels --seeds 3`` reads it: the log says so when that seed is not 0."""
+    seeds = parse_seed_list(text)
+    if "," not in text and seeds[0] != 0:
+        log.warning("medmnist benchmark: --seeds %s is one run, of seed %d: --seeds lists the seeds, it is not a "
+                    "count as in benchmark labels (three seeds are 0,1,2)", text.strip(), seeds[0])  # fmt: skip
+    return seeds
 
 
 def configure(base: Recipe, variant: str, overrides: list[str], seed: int, out: Path) -> Recipe:
