@@ -176,18 +176,22 @@ def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
             "level.")  # fmt: skip
 
 
-def _temperature_fact(decision: Decision) -> str:
-    """How the probabilities were calibrated, and why T = 1 when temperature scaling would have made them worse."""
+def temperature_fact(decision: Decision) -> str:
+    """How the probabilities were calibrated, and why T = 1 when temperature scaling would have made them worse (the
+    report's line, and the training log's)."""
     cal = decision.calibration or {}
     if cal.get("kept_t1"):
         return f"temperature 1 (not calibrated): {cal['kept_t1']}"
     if not cal:  # evaluation.calibrate: false (or no validation split to fit on)
         return (f"temperature {decision.temperature:g}: not calibrated (evaluation.calibrate is off, or there was no "
-                "validation split to fit on); the probabilities below are the model's own softmax")  # fmt: skip
+                "validation split to fit on); the reported probabilities are the model's own softmax")  # fmt: skip
     judged = ""
     if "val_ece_after" in cal:
         judged = f"; cross-fitted validation ECE {cal['val_ece_before']:.3f} → {cal['val_ece_after']:.3f}"
-    fact = f"temperature {decision.temperature:.3f} (fitted on validation{judged}; probabilities below are calibrated)"
+    fact = (
+        f"temperature {decision.temperature:.3f} (fitted on validation{judged}; the reported probabilities are "
+        "calibrated)"
+    )
     return f"{fact}. Warning: {cal['at_bound']}" if cal.get("at_bound") else fact
 
 
@@ -256,7 +260,7 @@ def build_report(
         f"{meta['image_size']} px",
         f"data: `{meta.get('data', '?')}` ({meta.get('source', '?')}), classes: {', '.join(classes)}",
         f"split sizes: {', '.join(f'{k} {v}' for k, v in meta['split_sizes'].items())}",
-        _temperature_fact(decision),
+        temperature_fact(decision),
     ]
     if cfg.tta:
         facts.append(f"test-time augmentation: calibrated probabilities averaged over the image and its "

@@ -213,3 +213,10 @@ def test_without_pydicom_data_the_set_is_skipped_and_recorded(
     result = check_dicom_parity("onnx", engine.predict, open_run(amp_run), ATOL)
     assert result.record(ATOL) == {"checked": False, "reason": dicom_parity_files()[1]}
     assert result.line("onnx", ATOL).startswith("DICOM parity: NOT CHECKED (pydicom-data is not installed")
+
+
+def test_the_training_log_says_a_run_is_not_calibrated_as_its_report_does(amp_run: Path) -> None:
+    """``evaluation.calibrate: false``: the log read "temperature 1.000 fitted on validation", which it was not."""
+    said = "temperature 1: not calibrated (evaluation.calibrate is off"
+    assert f"calibration: {said}" in (amp_run / "train.log").read_text()
+    assert said in (amp_run / "report.md").read_text()

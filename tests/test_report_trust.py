@@ -28,7 +28,7 @@ from medvision.evaluation import (
 from medvision.intervals import mean_ci, proportion_ci
 from medvision.metrics import MetricWarning
 from medvision.recipe import EvalConfig, recipe_from_dict
-from medvision.report import _at_point, _metric_rows, _temperature_fact, ci_note, roc_markers
+from medvision.report import _at_point, _metric_rows, ci_note, roc_markers, temperature_fact
 from medvision.training.loop import FitState
 
 
@@ -100,7 +100,7 @@ def test_a_temperature_at_the_end_of_its_range_is_flagged_in_the_record_the_log_
         t, record = judged_temperature(*_logits(2000, scale, 4))
         assert not temperature_at_bound(t) and "at_bound" not in record
     decision = Decision(temperature=0.05, calibration={"temperature_fitted": 0.05, "at_bound": "the fitted x"})
-    assert _temperature_fact(decision).endswith("Warning: the fitted x")
+    assert temperature_fact(decision).endswith("Warning: the fitted x")
     assert Decision.from_json(decision.to_json()).calibration["at_bound"] == "the fitted x"
 
 
@@ -331,7 +331,7 @@ def test_delong_cis_stay_in_0_1_and_calibration_off_is_said() -> None:
     score = np.array([0.1, 0.2, 0.3, 0.4, 0.85, 0.8, 0.9, 0.95, 0.97, 0.99])
     out = delong_test(y, score, score)
     assert 0.0 <= out["ci_a"][0] <= out["auc_a"] <= out["ci_a"][1] <= 1.0
-    off = _temperature_fact(Decision(temperature=1.0, positive=1, points={}, calibration={}))
+    off = temperature_fact(Decision(temperature=1.0, positive=1, points={}, calibration={}))
     assert "not calibrated" in off and "fitted" not in off
 
 
