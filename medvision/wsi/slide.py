@@ -125,7 +125,7 @@ class Slide(ABC):
                     out[y : y + bh, x : x + bw] = block
                 else:
                     area_shrink_block(out, block, x, y, (w, h))
-        return out if size is None else np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out if size is None else area_round(out, (w, h))
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level that is still at least as fine as ``downsample`` (so reading it loses nothing).
@@ -178,6 +178,14 @@ def _shrink_rows(block: np.ndarray, src: int, dst: int, start: int) -> tuple[int
     into = at + 1 < len(out)  # the last source row ends on the last boundary: nothing spills past it
     out[at[into] + 1] += spill[into]
     return lo, out
+
+
+def area_round(out: np.ndarray, src: tuple[int, int]) -> np.ndarray:
+    """:func:`area_shrink_block`'s sums as uint8, rounded as ``cv2.resize(..., INTER_AREA)`` rounds them: halves
+    up when the image (``src``: width, height) is shrunk by exactly 2 on both axes (OpenCV's 2 x 2 fast path), to
+    even otherwise; so a pyramid-less level gives the thumbnail, and the tiles, that OpenCV gives on the whole."""
+    halves_up = src == (2 * out.shape[1], 2 * out.shape[0])
+    return np.clip(np.floor(out + 0.5) if halves_up else np.rint(out), 0, 255).astype(np.uint8)
 
 
 def area_shrink_block(out: np.ndarray, block: np.ndarray, x: int, y: int, src: tuple[int, int]) -> None:
