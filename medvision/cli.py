@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"metrics: {out / 'metrics.json'}")
             print(f"report: {out / 'report.html'}")
         elif args.command == "score":
-            from medvision.tasks.score import score_folder, score_slides
+            from medvision.tasks.score import nothing_to_score, score_folder, score_slides
 
             if not args.folder.is_dir():
                 print(f"medvision score: error: {args.folder} is not a folder", file=sys.stderr)
@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medvision score: {summary.error_files} file(s) could not be scored; their rows in {args.out} "
                       "say why (status error)", file=sys.stderr)  # fmt: skip
             elif summary.exit_code == EXIT_NO_IMAGES:
-                print(f"medvision score: error: no image file to score in {args.folder}", file=sys.stderr)
+                why = nothing_to_score(args.folder, summary, _slide_run(args.model))
+                print(f"medvision score: error: {why}", file=sys.stderr)
             return summary.exit_code
         elif args.command == "features":
             from medvision.recipe import SlidesConfig

@@ -433,6 +433,31 @@ def test_the_report_gives_the_share_of_patients_actually_held_out() -> None:
     assert none.startswith("No fold held out validation patients") and "%" not in none
 
 
+def test_logs_and_report_count_the_kept_epoch_from_1_and_call_it_last_without_validation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fold records keep ``best_epoch`` 0-based; what a person reads counts epochs from 1, as fine-tuning does,
+    and a head that no validation loss chose (it trained all mil.epochs and kept the last) is not called best."""
+    manifest, folder = _cache(tmp_path / "none", _pairs(6))  # 4 training patients a fold: too few to hold any out
+    with caplog.at_level("INFO", logger="medvision"):
+        run = train(load_recipe(_recipe(tmp_path / "none", manifest, folder, epochs=3)))
+    record = json.loads((run / "folds" / "fold0.json").read_text())
+    assert record["val_patients"] == 0 and record["best_epoch"] == 2  # stored: the 0-based index of the last
+    assert f"fold 0: {len(record['test'])} test slides, last epoch 3 (no validation), " in caplog.text
+    assert "best epoch" not in caplog.text
+    report = (run / "report.md").read_text()
+    assert "| epoch kept |" in report and "| last epoch 3 (no validation) |" in report and "best epoch" not in report
+    caplog.clear()
+    rows = [(f"p{p}.svs", "tumour" if p % 2 else "normal", f"P{p:02d}") for p in range(12)]
+    manifest, folder = _cache(tmp_path / "val", rows)  # 8 training patients a fold: some validate
+    with caplog.at_level("INFO", logger="medvision"):
+        run = train(load_recipe(_recipe(tmp_path / "val", manifest, folder, epochs=3)))
+    record = json.loads((run / "folds" / "fold0.json").read_text())
+    best = record["best_epoch"] + 1
+    assert record["val_patients"] and f"fold 0: {len(record['test'])} test slides, best epoch {best}, " in caplog.text
+    assert f"| best epoch {best} |" in (run / "report.md").read_text()
+
+
 def test_mil_dropout_defaults_to_each_heads_own(tmp_path: Path) -> None:
     manifest, features = tmp_path / "manifest.csv", tmp_path / "features"  # loading a recipe does not read them
     for head, own in (("mean", 0.25), ("abmil", 0.25), ("clam_sb", 0.25), ("transmil", 0.1)):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import tiny_recipe
+from conftest import read_rows, tiny_recipe
 from safetensors.torch import load_file
 
 from medvision.cli import main
@@ -116,13 +116,20 @@ def test_view_defaults_follow_the_domain(tiles_manifest: Path, tmp_path: Path) -
     assert view_kind(recipe, 3) == "radiology"
 
 
-def test_pretrain_writes_a_backbone_run_folder(tiles_manifest: Path, tmp_path: Path) -> None:
+def test_pretrain_writes_a_backbone_run_folder(
+    tiles_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="medvision")
     run = pretrain(recipe_from_dict(_recipe(tiles_manifest, tmp_path)))
     for name in ("model.safetensors", "last.pt", "recipe.yaml", "run.json", "pretrain.json", "train.log",
                  "plots/pretrain.png"):  # fmt: skip
         assert (run / name).is_file(), name
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "pretrain" and meta["method"] == "simclr" and meta["in_chans"] == 3
+    # the training split, every image of which the epochs draw, not one epoch's full batches (30 of 8: 24)
+    n_train = sum(r["split"] == "train" for r in read_rows(run / "splits.csv"))
+    assert n_train % 8 and meta["images"] == n_train
+    assert f"SimCLR on {n_train} unlabelled training images" in caplog.text
     history = json.loads((run / "pretrain.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert all(0.0 <= h["knn_acc"] <= 1.0 for h in history)  # the labelled validation split's health check

@@ -80,6 +80,27 @@ def test_evaluate_tests_the_recorded_split_after_images_are_added_and_refuses_wh
         manifest.write_text(original)
 
 
+def test_evaluate_counts_the_images_in_no_split_by_id_when_one_is_removed_and_one_added(
+    own_run: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    run, manifest = own_run
+    held = read_splits(run)
+    assert held is not None
+    original = manifest.read_text()
+    rows = read_rows(manifest)
+    trained = next(r for r in rows if held.get(r["path"]) == "train")
+    shutil.copy(manifest.parent / rows[0]["path"], manifest.parent / "arrived.png")
+    try:  # as many rows as the run recorded, one of them new: a difference of totals would count none
+        kept = [r for r in rows if r is not trained]
+        write_rows(manifest, [*kept, {**rows[0], "path": "arrived.png", "patient_id": "late-patient"}])
+        caplog.set_level("INFO", logger="medvision")
+        evaluate_run(run, out=run / "eval" / "one-out-one-in")
+        assert "1 image(s) not in the run's splits.csv (added since" in caplog.text
+        assert "-1 image(s)" not in caplog.text
+    finally:
+        manifest.write_text(original)
+
+
 def test_evaluate_with_data_refuses_the_runs_own_training_images_unless_allowed(own_run: tuple[Path, Path]) -> None:
     run, manifest = own_run
     held = read_splits(run)
@@ -97,6 +118,9 @@ def test_evaluate_with_data_refuses_the_runs_own_training_images_unless_allowed(
     out, _ = evaluate_run(run, data=str(manifest), split="test", out=run / "eval" / "test-only")
     seen = json.loads((out / "metrics.json").read_text())["seen_in_training"]
     assert (seen["train"], seen["val"]) == (0, 0)
+    report = (out / "report.md").read_text()  # and it is not called optimistic
+    assert f"none of the {seen['evaluated']} evaluated images were in the run's training or validation" in report
+    assert "optimistic" not in report.split("## Metrics")[0]
 
 
 def test_validation_rows_are_labelled_as_the_selection_split(own_run: tuple[Path, Path]) -> None:

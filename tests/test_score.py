@@ -427,6 +427,33 @@ def test_cli_exit_codes(trained: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "not a finished medvision run" in capsys.readouterr().err
 
 
+def test_a_shard_says_its_counts_are_the_shards_and_an_empty_one_is_not_called_an_empty_folder(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under --shard i/n the summary counts the shard's entries and says so; a shard to which the hash gave none of
+    the folder's files says that, naming how many the folder holds, not "no image file to score in <folder>"."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text("no image")
+    held = [sum(in_shard(n, (i, 3)) for n in ("a.txt", "b.txt")) for i in range(3)]
+    empty, some = held.index(0), next(i for i, n in enumerate(held) if n)
+
+    def score(i: int) -> int:
+        return main(["score", str(folder), "--model", str(trained), "--out", str(tmp_path / f"s{i}.csv"), "--shard",
+                     f"{i}/3", "--workers", "0"])  # fmt: skip
+
+    assert score(some) == 4
+    out, err = capsys.readouterr()
+    assert f"{held[some]} file(s) found in shard {some}/3: 0 scored" in out
+    assert f"error: no image file to score in shard {some}/3 of {folder}" in err
+    assert score(empty) == 4
+    out, err = capsys.readouterr()
+    assert f"0 file(s) found in shard {empty}/3: 0 scored" in out
+    assert f"error: shard {empty}/3 holds none of the 2 file(s) in {folder} (--shard puts" in err
+    assert "no image file to score" not in err
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares ``width`` x ``height`` RGB and whose pixel data is missing."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)

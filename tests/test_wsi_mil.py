@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from medvision.evaluation import SplitOutputs
 from medvision.models.mil import ABMIL, CLAMSB, MeanMIL, MILHead, TransMIL, build_head
 from medvision.models.mil_fit import (
     MILConfig,
@@ -39,6 +40,7 @@ from medvision.models.mil_fit import (
     tile_statistics,
     top_tiles,
 )
+from medvision.models.slide_head import fit_slide_head
 
 DIM = 32
 SHIFT = 3.5
@@ -164,6 +166,31 @@ def test_no_validation_keeps_last_epoch_and_weights_classes(data: dict[str, Spli
     assert history["epochs_run"] == 3 and history["best_epoch"] == 2 and history["val_loss"] == []
     assert history["class_weights"] == pytest.approx([12 / 18, 2.0])
     assert not model.training
+
+
+def test_the_slide_head_log_counts_epochs_from_1_and_calls_an_unvalidated_one_the_last(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``history["best_epoch"]`` is 0-based; the log counts from 1, as fine-tuning does, and says "best" only when a
+    validation loss chose the epoch."""
+    rng = np.random.default_rng(0)
+    tiles, slides = 5, [f"s{i}" for i in range(6)]
+
+    def outputs(names: list[str]) -> tuple[np.ndarray, SplitOutputs]:
+        labels = np.repeat(np.arange(len(names)) % 2, tiles)
+        groups = [n for n in names for _ in range(tiles)]
+        return rng.normal(size=(len(groups), 8)).astype(np.float32), SplitOutputs(np.zeros((len(groups), 2)),
+                                                                                   labels, groups)  # fmt: skip
+
+    (x_train, train), (x_val, val) = outputs(slides), outputs(["v0", "v1"])
+    with caplog.at_level("INFO", logger="medvision"):
+        _, history = fit_slide_head({"train": x_train}, {"train": train}, 2, 0, tmp_path, {})
+    assert history["val_loss"] == [] and history["best_epoch"] == history["epochs_run"] - 1
+    assert f"ABMIL head: 6 training slides, last epoch {history['epochs_run']} (no validation)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medvision"):
+        _, history = fit_slide_head({"train": x_train, "val": x_val}, {"train": train, "val": val}, 2, 0, tmp_path, {})
+    assert history["val_loss"] and f"6 training slides, best epoch {history['best_epoch'] + 1}" in caplog.text
 
 
 def test_save_load_round_trip(tmp_path: Path, data: dict[str, Split], fitted: tuple[ABMIL, dict[str, Any]]) -> None:

@@ -341,6 +341,13 @@ def fit_mil(
     return model.eval(), history
 
 
+def kept_epoch(best_epoch: int, validated: bool) -> str:
+    """The epoch whose weights a head kept, as logs and reports name it: counted from 1, as fine-tuning counts its
+    epochs (``history["best_epoch"]`` and the fold records keep the 0-based index), and called the last, not the
+    best, when no validation loss chose it (``validated`` False: every epoch ran and the last was kept)."""
+    return f"best epoch {best_epoch + 1}" if validated else f"last epoch {best_epoch + 1} (no validation)"
+
+
 def predict_mil(model: MILHead, bags: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Slide logits ``(n_bags, num_classes)`` as float64 and each bag's attention weights over all its tiles.
 

@@ -23,7 +23,7 @@ import numpy as np
 from medvision.evaluation import SplitOutputs
 from medvision.intervals import bootstrap_cis
 from medvision.metrics import aggregate_by_group, compute_accuracy, compute_auc, softmax
-from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil
+from medvision.models.mil_fit import MILConfig, fit_mil, kept_epoch, predict_mil, save_mil
 from medvision.recipe import EvalConfig
 
 log = logging.getLogger("medvision")
@@ -64,7 +64,8 @@ def fit_slide_head(
         _, split_bags, _ = bags(features[split], o.groups, o.labels)
         logits, _ = predict_mil(model, split_bags)
         probs[split] = softmax(logits)
-    log.info("ABMIL head: %d training slides, best epoch %s", len(train_bags), history.get("best_epoch"))
+    kept = kept_epoch(history["best_epoch"], bool(history["val_loss"]))
+    log.info("ABMIL head: %d training slides, %s", len(train_bags), kept)
     return probs, history
 
 

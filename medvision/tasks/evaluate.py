@@ -94,7 +94,7 @@ def _restore_split(run_dir: Path, table: SampleTable, held: dict[str, str] | Non
                        f"({run_dir / SPLITS_FILE}) are not in the data now (e.g. {missing[0]!r}); evaluating the "
                        "rest would report on another split: restore them, or evaluate with --data")  # fmt: skip
     table.splits = [held.get(i, "") for i in table.ids]
-    if added := len(table) - len(held):
+    if added := len(present - held.keys()):
         log.info("%s: %d image(s) not in the run's %s (added since, or left out by data.limit / train_fraction) "
                  "are in no split", table.origin, added, SPLITS_FILE)  # fmt: skip
 
@@ -123,6 +123,8 @@ def seen_images(run_dir: Path, meta: dict[str, Any], table: SampleTable, idx: An
 def _seen_fact(seen: dict[str, Any]) -> str:
     if not seen["checked"]:
         return f"not compared with the run's training images: {seen['reason']}"
+    if not seen["train"] and not seen["val"]:
+        return f"none of the {seen['evaluated']} evaluated images were in the run's training or validation split"
     return (
         f"{seen['train']} of the {seen['evaluated']} evaluated images were in the run's training split and "
         f"{seen['val']} in its validation split (which chose its checkpoint, temperature and thresholds): "

@@ -9,7 +9,8 @@ fold, so every run is a k-fold cross-validation grouped by patient
    (:func:`medvision.models.mil_fit.fit_mil`);
 2. the head predicts its test slides (out-of-fold), and is kept as ``folds/fold<f>.safetensors``, with its record
    ``folds/fold<f>.json``: the test slides and their predictions, the fit and validation slide and patient
-   counts, the best epoch, and each test slide's top tile (:func:`medvision.models.mil_fit.top_tiles`);
+   counts, the epoch kept (``best_epoch``, 0-based; logs and the report count from 1, as fine-tuning does), and
+   each test slide's top tile (:func:`medvision.models.mil_fit.top_tiles`);
 3. the report gives every fold's metrics with bootstrap CIs, their mean ± SD across folds, and the pooled
    out-of-fold metric with its CI, every CI resampling whole patients (:mod:`medvision.tasks.mil_report`).
 
@@ -47,7 +48,7 @@ from medvision.data.slide_features import (
 )
 from medvision.io.files import atomic_write, atomic_write_text
 from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
-from medvision.models.mil_fit import MILConfig, fit_mil, predict_mil, save_mil, top_tiles
+from medvision.models.mil_fit import MILConfig, fit_mil, kept_epoch, predict_mil, save_mil, top_tiles
 from medvision.recipe import Recipe, dump_recipe
 from medvision.report import write_json
 from medvision.runs import RunError, run_log, versions
@@ -221,8 +222,8 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
             save_mil(head, weights, {**meta, "fold": f})
             atomic_write_text(done, json.dumps(record))
             records.append(record)
-            log.info("fold %d: %d test slides, best epoch %d, %.1f s", f, len(record["test"]), record["best_epoch"],
-                     record["seconds"])  # fmt: skip
+            log.info("fold %d: %d test slides, %s, %.1f s", f, len(record["test"]),
+                     kept_epoch(record["best_epoch"], record["val_slides"] > 0), record["seconds"])  # fmt: skip
         metrics = cv_metrics(cohort, folds, records, recipe.evaluation)
         oof = _oof(cohort, records)
         threshold = _threshold(cohort, oof, metrics)

@@ -45,6 +45,7 @@ from medvision.metrics import (
     compute_mse,
     compute_r2,
 )
+from medvision.models.mil_fit import kept_epoch
 from medvision.plots import for_positive, plot_roc
 from medvision.recipe import EvalConfig, Recipe
 from medvision.report import Block, to_html, to_markdown
@@ -222,9 +223,10 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
                         f"`{ext['encoder']}` (checkpoint SHA-256 `{str(ext['encoder_sha256'])[:16]}…`, "
                         f"{ext['dim']}-d), "
                         f"{ext['tile_size']}-px tiles at {ext['target_mpp']} µm/px."))  # fmt: skip
-    head = ["fold", "slides", "patients", *[f"{n} ({level} CI)" for n in names], "best epoch", "s"]
-    rows = [[str(r["fold"]), str(r["n"]), str(r["patients"]), *[_ci(r, n) for n in names], str(r["best_epoch"]),
-             f"{r['seconds']:.1f}"] for r in metrics["folds"]]  # fmt: skip
+    head = ["fold", "slides", "patients", *[f"{n} ({level} CI)" for n in names], "epoch kept", "s"]
+    rows = [[str(r["fold"]), str(r["n"]), str(r["patients"]), *[_ci(r, n) for n in names],
+             kept_epoch(r["best_epoch"], r.get("val_patients") != 0), f"{r['seconds']:.1f}"]
+            for r in metrics["folds"]]  # fmt: skip
     blocks += [("h2", "Every fold (out-of-fold test slides)"), ("table", (head, rows))]
     across, pooled = metrics["across_folds"], metrics["pooled"]
     k = len(metrics["folds"])

@@ -121,13 +121,13 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
     loader = make_loader(train_ds, recipe.data.batch_size // d.world_size, workers, device, sampler)
     inputs = Inputs(stats["mean"], stats["std"], False)  # (B, 2, C, H, W): the criterion sets the layout
     health = _health_set(recipe, table, stats, in_chans, transfer)
-    log.info("pretrain %s: SimCLR on %d unlabelled training images of %s (%s views, %d px), %d epochs of %d "
-             "steps, batch %d, temperature %g; device %s, amp %s", recipe.model.name, sampler.n, table.origin, kind,
-             recipe.data.image_size, cfg.epochs, len(loader), recipe.data.batch_size, cfg.temperature, device,
-             recipe.train.amp)  # fmt: skip
+    log.info("pretrain %s: SimCLR on %d unlabelled training images of %s (%d per epoch in full batches of %d; %s "
+             "views, %d px), %d epochs of %d steps, temperature %g; device %s, amp %s", recipe.model.name,
+             len(indices), table.origin, sampler.n, recipe.data.batch_size, kind, recipe.data.image_size, cfg.epochs,
+             len(loader), cfg.temperature, device, recipe.train.amp)  # fmt: skip
     meta = {"kind": "pretrain", "method": cfg.method, "name": recipe.name, "model": recipe.model.name,
             "in_chans": in_chans, "mean": stats["mean"], "std": stats["std"], "image_size": recipe.data.image_size,
-            "images": sampler.n, "data": table.origin, "views": kind, "world_size": d.world_size,
+            "images": len(indices), "data": table.origin, "views": kind, "world_size": d.world_size,
             "device": str(device), "versions": versions()}  # fmt: skip
     if d.is_main:
         write_json(run_dir / "run.json", meta)

@@ -115,7 +115,8 @@ def _holder(fh: IO[str], path: Path, table: Path) -> str:
 
 @dataclass
 class ScoreSummary:
-    """Counts and speed of one scoring run (over the whole output, resumed parts included)."""
+    """Counts and speed of one scoring run (over the whole output, resumed parts included): of the folder's entries,
+    or under ``--shard i/n`` of the shard's."""
 
     files_found: int = 0
     ok_files: int = 0
@@ -152,9 +153,11 @@ class ScoreSummary:
         return EXIT_OK if self.ok_files else EXIT_NO_IMAGES
 
     def line(self) -> str:
+        """The counts in one line; under ``--shard i/n`` they are the shard's, and the line says so."""
         rowless = self.files_found - self.ok_files - self.error_files - self.skipped_files
         return (
-            f"{self.files_found} file(s) found: {self.ok_files} scored ({self.ok_images} {self.item}(s)), "
+            f"{self.files_found} file(s) found{'' if self.shard == '0/1' else f' in shard {self.shard}'}: "
+            f"{self.ok_files} scored ({self.ok_images} {self.item}(s)), "
             f"{self.error_files} error(s), {self.skipped_files} skipped; {self.already_done} were already in "
             f"{self.out}; {self.images_now} {self.item}(s) in {self.seconds:.1f} s ({self.images_per_second:.1f} "
             f"{'img' if self.item == 'image' else self.item + 's'}/s)"
