@@ -325,24 +325,31 @@ def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def operating_point(y_true: np.ndarray, score: np.ndarray, rule: str, target: float | None = None) -> float:
-    """A threshold chosen on validation data: ``youden`` (max sens + spec - 1), ``sensitivity`` (the highest
-    threshold reaching ``target`` sensitivity) or ``specificity`` (the lowest reaching ``target``).
+    """A threshold chosen on validation data: ``youden`` (max sens + spec - 1), ``sensitivity`` (the fewest false
+    alarms reaching ``target`` sensitivity) or ``specificity`` (the most cases caught reaching ``target``).
 
-    Every sensitivity is reached at the lowest score. A specificity no observed score reaches (the highest-scoring
-    case is a negative) is reached just above the highest score, calling every case negative, with a warning: the
-    highest score itself would miss the target on the very data it was chosen on."""
+    Each rule picks the validation score its calls start at, and the threshold is halfway between it and the next
+    lower validation score: the validation calls are the same, and a new case scoring a hair below that score (a
+    saturated 0.9999998 where validation's lowest tumour slide had 0.9999999) is not called negative on it. Every
+    sensitivity is reached at the lowest score, which is kept as it is. A specificity no observed score reaches (the
+    highest-scoring case is a negative) is reached just above the highest score, calling every case negative, with
+    a warning: the highest score itself would miss the target on the very data it was chosen on."""
     thresholds, sens, spec = roc_points(y_true, score)
+
+    def below(i: int) -> float:  # halfway down to the next validation score
+        return float(thresholds[i] if i + 1 == len(thresholds) else (thresholds[i] + thresholds[i + 1]) / 2)
+
     if rule == "youden":
-        return float(thresholds[int(np.argmax(sens + spec - 1))])
+        return below(int(np.argmax(sens + spec - 1)))
     if target is None:
         raise ValueError(f"operating point rule {rule!r} needs a target, e.g. 0.95")
     if rule == "sensitivity":
         ok = np.flatnonzero(sens >= target)
-        return float(thresholds[ok[0]]) if ok.size else float(thresholds[-1])
+        return below(int(ok[0]) if ok.size else len(thresholds) - 1)
     if rule == "specificity":
         ok = np.flatnonzero(spec >= target)
         if ok.size:
-            return float(thresholds[ok[-1]])
+            return below(int(ok[-1]))
         warnings.warn(f"no score reaches specificity {target:g} on validation (its highest-scoring case is a "
                       "negative): the threshold is just above the highest score, calling every case negative",
                       MetricWarning, stacklevel=2)  # fmt: skip

@@ -176,13 +176,20 @@ def ci_note(clinical: dict[str, Any], cfg: EvalConfig) -> str:
             "level.")  # fmt: skip
 
 
+def calibrated(decision: Decision) -> bool:
+    """Whether a temperature was fitted and kept: not when evaluation.calibrate is off (or there was no validation
+    split to fit on), nor when T = 1 was kept because the fitted one made the validation ECE worse."""
+    cal = decision.calibration or {}
+    return bool(cal) and not cal.get("kept_t1")
+
+
 def temperature_fact(decision: Decision) -> str:
     """How the probabilities were calibrated, and why T = 1 when temperature scaling would have made them worse (the
     report's line, and the training log's)."""
     cal = decision.calibration or {}
     if cal.get("kept_t1"):
         return f"temperature 1 (not calibrated): {cal['kept_t1']}"
-    if not cal:  # evaluation.calibrate: false (or no validation split to fit on)
+    if not calibrated(decision):  # evaluation.calibrate: false (or no validation split to fit on)
         return (f"temperature {decision.temperature:g}: not calibrated (evaluation.calibrate is off, or there was no "
                 "validation split to fit on); the reported probabilities are the model's own softmax")  # fmt: skip
     judged = ""
@@ -237,7 +244,8 @@ def _figures(
     plots.plot_confusion(fig_dir / "confusion.png", cm, names, title)
     blocks.append(("img", ("plots/confusion.png", f"Confusion matrix {title}")))
     plots.plot_reliability(fig_dir / "reliability.png", y, p_raw, p_cal)
-    caption = f"Reliability before and after temperature scaling (T = {decision.temperature:.3f})"
+    caption = (f"Reliability before and after temperature scaling (T = {decision.temperature:.3f})"
+               if calibrated(decision) else "Reliability (not calibrated: T = 1)")  # fmt: skip
     blocks.append(("img", ("plots/reliability.png", caption)))
     if history:
         plots.plot_training(fig_dir / "training.png", history, monitor, best_epoch)
@@ -263,9 +271,10 @@ def build_report(
         temperature_fact(decision),
     ]
     if cfg.tta:
-        facts.append(f"test-time augmentation: calibrated probabilities averaged over the image and its "
-                     f"{', '.join(cfg.tta)} ({1 + len(cfg.tta)} views), the temperature and thresholds fitted on "
-                     "that average")  # fmt: skip
+        cal = calibrated(decision)
+        facts.append(f"test-time augmentation: {'calibrated ' if cal else ''}probabilities averaged over the image and "
+                     f"its {', '.join(cfg.tta)} ({1 + len(cfg.tta)} views), the "
+                     f"{'temperature and ' if cal else ''}thresholds fitted on that average")  # fmt: skip
     protocol = meta.get("protocol", "finetune")
     if protocol != "finetune":
         fit = extra.get("protocol") or {}
@@ -321,10 +330,12 @@ def build_report(
         how = (
             f"Thresholds on the calibrated probability of `{classes[decision.positive]}`, chosen on the validation "
             f"split and applied unchanged to {split}: Youden J maximises sensitivity + specificity - 1; "
-            "`sensitivity ≥ t` is the highest threshold whose validation sensitivity reaches t (so the fewest false "
-            "alarms at that sensitivity); `specificity ≥ t` is the lowest threshold reaching that specificity "
-            "(where no validation score reaches it, just above the highest score, calling every case negative, with "
-            f"a warning). On {split} the sensitivity may fall below t: its CI shows by how much it can."
+            "`sensitivity ≥ t` has the fewest false alarms among those reaching sensitivity t; `specificity ≥ t` "
+            "catches the most cases among those reaching that specificity (where no validation score reaches it, "
+            "just above the highest score, calling every case negative, with a warning). Each threshold lies halfway "
+            "between the validation score the rule picks and the next lower one: the same validation calls, and a "
+            f"case scoring a hair below that score is not called negative on it. On {split} the sensitivity may fall "
+            "below t: its CI shows by how much it can."
         )
         op_header = ["level", "rule", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1"]
         blocks += [("h2", f"Operating points ({split} split)"), ("p", how), ("table", (op_header, op_rows))]

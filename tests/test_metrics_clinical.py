@@ -135,9 +135,14 @@ def test_operating_points_by_hand() -> None:
 
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     s = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
-    assert operating_point(y, s, "youden") == 0.7  # sens 0.75, spec 1.0
-    assert operating_point(y, s, "sensitivity", 1.0) == 0.4  # the highest threshold catching every positive
-    assert operating_point(y, s, "specificity", 1.0) == 0.7  # the lowest threshold with no false positive
+    # each rule's validation score, and the threshold halfway down to the next one: the same validation calls
+    assert operating_point(y, s, "youden") == pytest.approx(0.65)  # from 0.7: sens 0.75, spec 1.0
+    assert operating_point(y, s, "sensitivity", 1.0) == pytest.approx(0.35)  # from 0.4, catching every positive
+    assert operating_point(y, s, "specificity", 1.0) == pytest.approx(0.65)  # from 0.7, the first false positive 0.6
+    assert operating_point(y, s, "sensitivity", 0.0) == pytest.approx(0.85)  # from 0.9, the fewest false alarms
+    saturated = np.array([1e-4, 2e-4, 0.9999999, 0.99999995])  # an ABMIL head that separates validation
+    t = operating_point(np.array([0, 0, 1, 1]), saturated, "youden")
+    assert t == pytest.approx(0.5, abs=1e-3) and t <= 0.9999998  # a new slide at 0.9999998 is still called tumour
     with pytest.raises(ValueError, match="needs a target"):
         operating_point(y, s, "sensitivity")
 

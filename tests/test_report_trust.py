@@ -28,7 +28,7 @@ from medvision.evaluation import (
 from medvision.intervals import mean_ci, proportion_ci
 from medvision.metrics import MetricWarning
 from medvision.recipe import EvalConfig, recipe_from_dict
-from medvision.report import _at_point, _metric_rows, ci_note, roc_markers, temperature_fact
+from medvision.report import _at_point, _metric_rows, build_report, ci_note, roc_markers, temperature_fact
 from medvision.training.loop import FitState
 
 
@@ -333,6 +333,38 @@ def test_delong_cis_stay_in_0_1_and_calibration_off_is_said() -> None:
     assert 0.0 <= out["ci_a"][0] <= out["auc_a"] <= out["ci_a"][1] <= 1.0
     off = temperature_fact(Decision(temperature=1.0, positive=1, points={}, calibration={}))
     assert "not calibrated" in off and "fitted" not in off
+
+
+def test_tta_fact_and_reliability_caption_say_no_temperature_when_none_was_fitted(tmp_path: Path) -> None:
+    """With evaluation.calibrate off, or T = 1 kept, the report neither says the averaged probabilities are calibrated
+    nor captions the reliability figure as before and after a temperature scaling that did not happen."""
+    logits, y = _logits(200, 3.0, 5)
+    val = SplitOutputs(logits=logits[:100], labels=y[:100], groups=[f"p{i}" for i in range(100)])
+    test = SplitOutputs(logits=logits[100:], labels=y[100:], groups=[f"q{i}" for i in range(100)])
+    classes = ["neg", "pos"]
+    meta = {"name": "tta", "classes": classes, "model": "m", "in_chans": 3, "image_size": 32,
+            "split_sizes": {"val": 100, "test": 100}}  # fmt: skip
+
+    def said(cfg: EvalConfig, decision: Decision) -> tuple[str, str]:
+        clinical = clinical_metrics({"val": val, "test": test}, classes, cfg, decision)
+        blocks = build_report(tmp_path, meta, {}, clinical, test, "test", decision, [], cfg)
+        facts = next(body for kind, body in blocks if kind == "ul")
+        caption = next(body[1] for kind, body in blocks if kind == "img" and body[0] == "plots/reliability.png")
+        return next(f for f in facts if f.startswith("test-time augmentation")), caption
+
+    off = EvalConfig(bootstrap=0, tta=["hflip"], calibrate=False)
+    fitted = fit_decision(val, classes, EvalConfig(bootstrap=0, tta=["hflip"]))
+    assert "kept_t1" not in fitted.calibration and fitted.temperature != 1.0
+    kept = Decision(temperature=1.0, positive=fitted.positive, points=fitted.points,
+                    calibration={"kept_t1": "temperature 0.9 raised the ECE; T = 1 kept"})  # fmt: skip
+    for decision in (fit_decision(val, classes, off), kept):
+        tta, caption = said(off, decision)
+        assert "probabilities averaged over the image and its hflip (2 views), the thresholds fitted" in tta
+        assert "calibrated" not in tta and "temperature" not in tta
+        assert caption == "Reliability (not calibrated: T = 1)"
+    tta, caption = said(EvalConfig(bootstrap=0, tta=["hflip"]), fitted)  # a fitted temperature is still said
+    assert "calibrated probabilities averaged" in tta and "the temperature and thresholds fitted" in tta
+    assert caption == f"Reliability before and after temperature scaling (T = {fitted.temperature:.3f})"
 
 
 def test_a_multiclass_operating_point_is_marked_as_its_class_against_the_rest() -> None:
