@@ -145,8 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="PyTorch precision: none = float32, the same function as the ONNX export (default); auto = "
                         "bf16/fp16 where the hardware runs it natively, faster, probabilities differ by up to ~0.2 "
                         "on images the model is unsure of")  # fmt: skip
-    p.add_argument("--file-timeout", type=_positive_float, default=FILE_TIMEOUT, metavar="S",
-                   help="seconds per file, then it is an error row (default: %(default)g)")  # fmt: skip
+    p.add_argument("--file-timeout", type=_positive_float, default=None, metavar="S",
+                   help=f"seconds per file (a slide run: per slide, opening it and finding its tissue), then it is an "
+                        f"error row (default: {FILE_TIMEOUT:g} a file, {SLIDE_TIMEOUT:g} a slide as features "
+                        "allows)")  # fmt: skip
     p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
                    help="most values (rows x cols x samples) a header may declare (default: %(default)d)")  # fmt: skip
     p.add_argument("--max-file-size", type=_positive_float, default=MAX_FILE_BYTES / 2**30, metavar="GIB",
@@ -440,11 +442,11 @@ def main(argv: list[str] | None = None) -> int:
                           "UIDs", file=sys.stderr)  # fmt: skip
                     return 2
                 summary = score_slides(args.folder, args.model, args.out, args.shard, args.batch_size, args.workers,
-                                       args.engine, args.file_timeout, amp=args.amp,
+                                       args.engine, args.file_timeout or SLIDE_TIMEOUT, amp=args.amp,
                                        encoder_checkpoint=args.encoder_checkpoint)  # fmt: skip
             else:
                 summary = score_folder(args.folder, args.model, args.out, tags, args.shard, args.batch_size,
-                                       args.workers, args.engine, args.file_timeout, args.max_pixels,
+                                       args.workers, args.engine, args.file_timeout or FILE_TIMEOUT, args.max_pixels,
                                        int(args.max_file_size * 2**30), amp=args.amp, uids=args.uids)  # fmt: skip
             print(summary.line())
             if ranked:  # torchrun stops every rank when one exits non-zero: the code is in the sidecar

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -114,3 +116,32 @@ def test_a_bug_is_one_line_too_and_debug_shows_the_traceback(
     monkeypatch.setenv("MEDVISION_DEBUG", "1")
     with pytest.raises(KeyError):
         cli.main(["evaluate", str(tmp_path)])
+
+
+def test_score_gives_a_slide_the_slide_timeout_and_a_file_the_file_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slide run was scored under the 300 s file limit (``features`` allows a slide 600 s): a slide that takes
+    longer to open and find its tissue became an error row in score and not in features."""
+    import medvision.tasks.score as score_task
+    from medvision.options import FILE_TIMEOUT, SLIDE_TIMEOUT
+
+    limits: dict[str, list[float]] = {"slides": [], "files": []}
+
+    def seen(kind: str, at: int) -> Callable[..., None]:
+        def stop(*args: Any, **kwargs: Any) -> None:
+            limits[kind].append(args[at])
+            raise RunError("stopped here: only the limit is looked at")
+
+        return stop
+
+    monkeypatch.setattr(score_task, "score_slides", seen("slides", 7))
+    monkeypatch.setattr(score_task, "score_folder", seen("files", 8))
+    for name, source in (("slide_run", "slides"), ("file_run", "folder")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.yaml").write_text(yaml.safe_dump({"data": {"source": source}}))
+    for run in ("slide_run", "file_run"):
+        for more in ([], ["--file-timeout", "42"]):
+            args = ["score", str(tmp_path), "--model", str(tmp_path / run), "--out", str(tmp_path / "s.csv"), *more]
+            assert cli.main(args) == 2
+    assert limits == {"slides": [SLIDE_TIMEOUT, 42.0], "files": [FILE_TIMEOUT, 42.0]}
