@@ -71,6 +71,11 @@ class TrackingError(MedvisionError, RuntimeError):
     """Tracking that cannot start as the recipe asks: a missing package or an unusable ``tracking.uri``."""
 
 
+def _cause(err: BaseException) -> str:
+    """An exception as a log line names it, ``Type: message``, any credentials in a URI of it left out."""
+    return f"{type(err).__name__}: {redact_uri(str(err))}"
+
+
 def redact_uri(text: str) -> str:
     """``text`` with the ``user:password@`` of every URI in it taken out: what may be logged or stored.
 
@@ -356,7 +361,7 @@ class Tracker:
                 run = self._client.create_run(self.experiment_id, run_name=name or recipe.name, tags=tags)
             except Exception as err:
                 raise TrackingError(f"tracking.uri {self.safe_uri!r}: cannot start an MLflow run "
-                                    f"({type(err).__name__}: {redact_uri(str(err))})") from None  # fmt: skip
+                                    f"({_cause(err)})") from None  # fmt: skip
             self.run_id = run.info.run_id
         try:
             if record:
@@ -437,9 +442,9 @@ class Tracker:
                     self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
         except Exception as err:  # MLflow raises many kinds (MlflowException, SQLAlchemy, requests)
             if not self._warned:
-                log.warning("tracking: metrics of step %d not logged (%s: %s); the run goes on without sending "
+                log.warning("tracking: metrics of step %d not logged (%s); the run goes on without sending "
                             "MLflow its further epochs (its final metrics are tried at the end)", step,
-                            type(err).__name__, redact_uri(str(err)))  # fmt: skip
+                            _cause(err))  # fmt: skip
                 self._warned = True
 
     def log_epoch(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -487,12 +492,12 @@ class Tracker:
                     else:
                         self._log_file(path, folder)
                 except Exception as err:
-                    failed.append(f"{name} ({type(err).__name__}: {redact_uri(str(err))})")
+                    failed.append(f"{name} ({_cause(err)})")
             try:
                 if model is not None:
                     self._log_onnx(model, model_metadata or {})
             except Exception as err:
-                failed.append(f"model/ ({type(err).__name__}: {redact_uri(str(err))})")
+                failed.append(f"model/ ({_cause(err)})")
             if failed:
                 self._failed = True
                 log.error("tracking: the MLflow run %s of %s is incomplete, %d upload(s) missing from it: %s; "
@@ -500,8 +505,8 @@ class Tracker:
                           "; ".join(failed))  # fmt: skip
         except Exception as err:
             self._failed = True
-            log.error("tracking: the MLflow run %s of %s is incomplete (%s: %s); the run folder itself is complete",
-                      self.run_id, run_dir, type(err).__name__, redact_uri(str(err)))  # fmt: skip
+            log.error("tracking: the MLflow run %s of %s is incomplete (%s); the run folder itself is complete",
+                      self.run_id, run_dir, _cause(err))  # fmt: skip
 
     def _log_file(self, path: Path, folder: str | None) -> None:
         """One file as an artifact; a text file that holds a URI with credentials (``tracking.uri`` in
@@ -545,9 +550,7 @@ class Tracker:
             try:
                 self._client.set_terminated(self.run_id, "FAILED" if self._failed else status)
             except Exception as err:
-                log.warning(
-                    "tracking: cannot end MLflow run %s (%s: %s)", self.run_id, type(err).__name__, redact_uri(str(err))
-                )
+                log.warning("tracking: cannot end MLflow run %s (%s)", self.run_id, _cause(err))
             self._client = None
 
 

@@ -313,7 +313,8 @@ def label_subset(labels: np.ndarray, groups: list[str], idx: np.ndarray, fractio
     for g in sorted(by_group):
         buckets[int(np.bincount(labels[by_group[g]]).argmax())].append(g)
     rng = np.random.default_rng([seed, 0x1ABE1])
-    ordered = {label: [sorted(buckets[label])[int(j)] for j in rng.permutation(len(buckets[label]))]
+    # each bucket was filled in sorted order: the seeded permutation of it
+    ordered = {label: [buckets[label][int(j)] for j in rng.permutation(len(buckets[label]))]
                for label in sorted(buckets)}  # fmt: skip
     kept: list[str] = []
     for members in ordered.values():

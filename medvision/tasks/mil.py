@@ -223,7 +223,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
             atomic_write_text(done, json.dumps(record))
             records.append(record)
             log.info("fold %d: %d test slides, %s, %.1f s", f, len(record["test"]),
-                     kept_epoch(record["best_epoch"], record["val_slides"] > 0), record["seconds"])  # fmt: skip
+                     kept_epoch(record["best_epoch"], record["val_patients"] > 0), record["seconds"])  # fmt: skip
         metrics = cv_metrics(cohort, folds, records, recipe.evaluation)
         oof = _oof(cohort, records)
         threshold = _threshold(cohort, oof, metrics)

@@ -26,7 +26,7 @@ from medvision.metrics import MetricWarning
 from medvision.models.backbone import load_state as load_model_state
 from medvision.models.heads import fit_state
 from medvision.recipe import Recipe, RecipeError, load_recipe
-from medvision.report import temperature_fact, write_json
+from medvision.report import calibrated, temperature_fact, write_json
 from medvision.results import slide_comparison, slide_head, write_results
 from medvision.runs import SPLITS_FILE, RunError, cache_dir, read_json, read_splits, run_log, versions
 from medvision.runtime import (
@@ -294,9 +294,8 @@ def _finish(recipe: Recipe, run_dir: Path, bundle: ModelBundle, table: SampleTab
         decision = fit_decision(splits["val"][0], table.classes, recipe.evaluation)
     for w in caught:
         log.warning("%s", w.message)
-    fitted = decision.calibration and not decision.calibration.get("kept_t1")
-    log.info("calibration: %s", f"temperature {decision.temperature:.3f} fitted on validation" if fitted else
-             temperature_fact(decision))  # fmt: skip
+    log.info("calibration: %s", f"temperature {decision.temperature:.3f} fitted on validation"
+             if calibrated(decision) else temperature_fact(decision))  # fmt: skip
     meta["decision"] = decision.to_json()
     weights = recipe.model.pretrained if isinstance(recipe.model.pretrained, str) else (
         "timm hub weights" if recipe.model.pretrained else

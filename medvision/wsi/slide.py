@@ -218,9 +218,10 @@ def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _positive(value: str | None) -> float | None:
+def _positive(value: str | float | None) -> float | None:
+    """``value`` (a metadata string, or a number read as one) when it is a positive finite number, else None."""
     try:
-        v = float(value) if value else math.nan
+        v = float(value) if value not in (None, "") else math.nan
     except ValueError:
         return None
     return v if math.isfinite(v) and v > 0 else None
@@ -301,7 +302,7 @@ class DicomSlide(Slide):
         except Exception:  # wsidicom raises when PixelSpacing is absent
             found = height = None
         key = "PixelSpacing" if found is not None else ""  # absent: "no microns-per-pixel metadata", not unusable
-        if found is not None and not (math.isfinite(found) and found > 0):
+        if found is not None and _positive(found) is None:
             found, key = None, f"PixelSpacing = {found!r}"
         self.mpp, self.mpp_source = _choose_mpp(path, found, key, mpp, height)
 

@@ -263,7 +263,7 @@ class TiffLevelTiles:
             return None
         fh = self.tif.filehandle
         fh.seek(int(self.page.dataoffsets[index]))
-        return bytes(fh.read(count))
+        return fh.read(count)  # bytes already: no second copy of the tile
 
     def decode(self, data: bytes, index: int) -> np.ndarray:
         """JPEG tile ``index`` of this level as RGB uint8 (th, tw, 3), at 1/``shrink`` of its side.
