@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medvision score: {summary.error_files} file(s) could not be scored; their rows in {args.out} "
                       "say why (status error)", file=sys.stderr)  # fmt: skip
             elif summary.exit_code == EXIT_NO_IMAGES:
-                why = nothing_to_score(args.folder, summary, _slide_run(args.model))
+                why = nothing_to_score(args.folder, summary)
                 print(f"medvision score: error: {why}", file=sys.stderr)
             return summary.exit_code
         elif args.command == "features":
@@ -495,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
             if summary.exit_code == EXIT_FILE_ERRORS:
                 print(f"medvision features: {summary.error_files} slide(s) could not be embedded; their rows in "
                       f"{args.out / TABLE} say why (status error)", file=sys.stderr)  # fmt: skip
+            elif summary.exit_code == EXIT_NO_IMAGES:
+                from medvision.tasks.score import nothing_to_score
+
+                print(f"medvision features: error: {nothing_to_score(args.folder, summary, 'slide to embed')}",
+                      file=sys.stderr)  # fmt: skip
             return summary.exit_code
         elif args.command == "explain":
             from medvision.tasks.explain import explain_errors, explain_images

@@ -176,6 +176,26 @@ def test_the_real_aperio_slide_is_embedded_at_its_own_mpp(cmu_svs: Path, shared:
     assert "CMU-1" not in text  # the Aperio header's Filename stays inside the reader
 
 
+def test_no_slide_exits_4_and_a_shard_the_hash_left_empty_exits_0(
+    shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder without slides is exit 4 with a message that says so; under --shard i/n a shard to which the hash
+    gave none of the folder's entries is not a failure (an array job's empty shard), and its line says why."""
+    from medvision.tasks.score import in_shard
+
+    weights = shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("no slide")
+    args = ["features", str(folder), "--encoder", ENCODER, "--checkpoint", str(weights), "--workers", "0"]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 4
+    assert f"medvision features: error: no slide to embed in {folder}" in capsys.readouterr().err
+    empty = next(i for i in range(3) if not in_shard("a.txt", (i, 3)))
+    assert main([*args, "--out", str(tmp_path / "shard"), "--shard", f"{empty}/3"]) == 0
+    out, err = capsys.readouterr()
+    assert "the folder's 1 slide(s) are all in other shards" in out and "error" not in err
+
+
 def test_two_ranks_split_the_slides_and_write_the_same_files(slide_cohort: Path, shared: Path, tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -427,11 +427,12 @@ def test_cli_exit_codes(trained: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "not a finished medvision run" in capsys.readouterr().err
 
 
-def test_a_shard_says_its_counts_are_the_shards_and_an_empty_one_is_not_called_an_empty_folder(
+def test_a_shard_says_its_counts_are_the_shards_and_an_empty_one_is_not_a_failure(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Under --shard i/n the summary counts the shard's entries and says so; a shard to which the hash gave none of
-    the folder's files says that, naming how many the folder holds, not "no image file to score in <folder>"."""
+    """Under --shard i/n the summary counts the shard's entries and says so. A shard to which the hash gave none of
+    the folder's files exits 0 (an array job's empty shard is not a failure), says where the folder's files went,
+    and leaves a header-only table and a record that says so; a shard with entries but none to score exits 4."""
     folder = tmp_path / "notes"
     folder.mkdir()
     for name in ("a.txt", "b.txt"):
@@ -447,11 +448,16 @@ def test_a_shard_says_its_counts_are_the_shards_and_an_empty_one_is_not_called_a
     out, err = capsys.readouterr()
     assert f"{held[some]} file(s) found in shard {some}/3: 0 scored" in out
     assert f"error: no image file to score in shard {some}/3 of {folder}" in err
-    assert score(empty) == 4
+    assert score(empty) == 0
     out, err = capsys.readouterr()
     assert f"0 file(s) found in shard {empty}/3: 0 scored" in out
-    assert f"error: shard {empty}/3 holds none of the 2 file(s) in {folder} (--shard puts" in err
-    assert "no image file to score" not in err
+    assert "the folder's 2 file(s) are all in other shards (--shard puts each path in one shard" in out
+    assert err == ""
+    record = json.loads((tmp_path / f"s{empty}.csv.json").read_text())
+    assert (record["files_found"], record["folder_files"], record["exit_code"]) == (0, 2, 0)
+    assert (tmp_path / f"s{empty}.csv").read_text().startswith("path,")
+    with (tmp_path / f"s{empty}.csv").open() as fh:
+        assert list(csv.DictReader(fh)) == []
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -20,7 +20,6 @@ import torch
 
 from medvision.data.intake import ReadConfig, Reader, read_file
 from medvision.inference import Engine
-from medvision.io.archive import scan
 from medvision.models.slide_head import MIL_FILE
 from medvision.options import FILE_TIMEOUT, MAX_FILE_BYTES, MAX_PIXELS, SLIDE_TIMEOUT
 from medvision.runs import RunError, ScoringSpec
@@ -28,7 +27,7 @@ from medvision.runtime import reader_processes, resolve_device
 from medvision.tasks.score.files import FileUnit
 from medvision.tasks.score.job import ScoreSummary, in_shard, run_job
 from medvision.tasks.score.mil import is_mil_run, score_mil_slides
-from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SlideUnit, find_slides
+from medvision.tasks.score.slides import ABMIL_NEEDS_TORCH, SlideUnit
 from medvision.workers import start_forkserver
 
 __all__ = ["ScoreSummary", "in_shard", "nothing_to_score", "score_folder", "score_slides"]
@@ -100,17 +99,10 @@ def score_slides(
     return run_job(folder, model, out, unit, shard, engine, amp, n_workers, turns=True)
 
 
-def nothing_to_score(folder: Path, summary: ScoreSummary, slides: bool = False) -> str:
-    """What a job that had nothing to score (exit 4) looked in: the folder, or under ``--shard i/n`` the shard. A
-    shard that got none of the folder's entries (the hash of each path put them all in other shards) names how
-    many the folder holds, counted again here (files, or ``slides``), so its message never says the folder is empty.
-    """
-    if summary.shard == "0/1":
-        return f"no image file to score in {folder}"
-    if summary.files_found:
-        return f"no image file to score in shard {summary.shard} of {folder}"
-    total = len(find_slides(folder) if slides else scan(folder))
-    if not total:
-        return f"no image file to score in {folder}"
-    return (f"shard {summary.shard} holds none of the {total} file(s) in {folder} (--shard puts each path in one "
-            "shard by a hash of it): nothing to score")  # fmt: skip
+def nothing_to_score(folder: Path, summary: ScoreSummary, what: str = "image file to score") -> str:
+    """What a job that had nothing to score (exit 4) looked in: the folder, or under ``--shard i/n`` the shard that
+    held some of the folder's entries but none to score (a shard that held none of them exits 0). ``what``: what it
+    found none of (``features``: a slide to embed)."""
+    if summary.shard == "0/1" or not summary.files_found:
+        return f"no {what} in {folder}"
+    return f"no {what} in shard {summary.shard} of {folder}"

@@ -210,7 +210,8 @@ def _run_locked(
     torch_threads: int | None, d: Dist, start: float, stale: Callable[[dict[str, str]], str | None] | None,
 ) -> ScoreSummary:  # fmt: skip
     """:func:`run_units` once this job holds its output."""
-    entries = [e for e in unit.entries(folder) if in_shard(e.rel, shard)]
+    everything = unit.entries(folder)
+    entries = [e for e in everything if in_shard(e.rel, shard)]
     if d.world_size > 1:
         i, n = shard
         mine = [e for e in entries if in_shard(e.rel, (i + n * d.rank, n * d.world_size))]
@@ -227,7 +228,8 @@ def _run_locked(
     done = resume(table, "frame" in unit.columns, stale, unit.timeout).done
     todo = [e for e in mine if e.rel not in done]
     summary = ScoreSummary(already_done=len(done & {e.rel for e in mine}), shard=f"{shard[0]}/{shard[1]}",
-                           out=str(out), engine=str(record.get("engine", "torch")), item=unit.item)  # fmt: skip
+                           out=str(out), engine=str(record.get("engine", "torch")), item=unit.item,
+                           folder_files=len(everything))  # fmt: skip
     stats = PoolStats()
     rows = RowWriter(table, unit.columns)
     threads = torch.get_num_threads()

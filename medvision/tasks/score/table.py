@@ -119,6 +119,8 @@ class ScoreSummary:
     or under ``--shard i/n`` of the shard's."""
 
     files_found: int = 0
+    folder_files: int = 0
+    """Entries of the whole folder, before ``--shard i/n`` kept the shard's ``files_found`` of them."""
     ok_files: int = 0
     ok_images: int = 0
     error_files: int = 0
@@ -146,11 +148,18 @@ class ScoreSummary:
 
     @property
     def exit_code(self) -> int:
-        """0: every input scored; 3: some entries are error rows, have no row at all or two rows for one item (the
-        table does not account for every entry found once: never a success); 4: no input at all (nothing to score)."""
+        """0: every input scored, or a shard that the hash gave none of a non-empty folder's entries (the other shards
+        hold them: an array job's empty shard is not a failure); 3: some entries are error rows, have no row at all
+        or two rows for one item (the table does not account for every entry found once: never a success); 4: no
+        input at all (nothing to score)."""
         if self.error_files or not self.reconciled:
             return EXIT_FILE_ERRORS
-        return EXIT_OK if self.ok_files else EXIT_NO_IMAGES
+        return EXIT_OK if self.ok_files or self.empty_shard else EXIT_NO_IMAGES
+
+    @property
+    def empty_shard(self) -> bool:
+        """Under ``--shard i/n``: the folder has entries and the hash of each path put every one in another shard."""
+        return self.shard != "0/1" and not self.files_found and self.folder_files > 0
 
     def line(self) -> str:
         """The counts in one line; under ``--shard i/n`` they are the shard's, and the line says so."""
@@ -163,6 +172,12 @@ class ScoreSummary:
             f"{'img' if self.item == 'image' else self.item + 's'}/s)"
             + (f"; {rowless} file(s) found have no row" if rowless else "")
             + (f"; {self.duplicate_files} file(s) have two rows for one item" if self.duplicate_files else "")
+            + (
+                f"; the folder's {self.folder_files} file(s) are all in other shards (--shard puts each path in one "
+                "shard by a hash of it)"
+                if self.empty_shard
+                else ""
+            )
         )
 
 
