@@ -111,8 +111,13 @@ class MILSection(_Node):
     """CLAM-SB: tiles from each end of the attention ranking for the instance loss."""
     bag_weight: float = Field(0.7, ge=0.0, le=1.0)
     """CLAM-SB: weight of the bag loss; the instance loss gets the rest."""
-    max_tiles_train: int | None = Field(512, ge=1)
-    """Random tiles kept per bag per training step (fresh each epoch); None keeps all. Prediction sees all."""
+    subtyping: bool | None = None
+    """CLAM-SB: CLAM's ``--subtyping`` (each other class's instance classifier learns the slide's most attended
+    tiles as negatives); default on with more than two classes, off with two (tumour against normal). Set it
+    true for a two-class subtyping task where each class has its own tissue (LUAD against LUSC)."""
+    max_tiles_train: int | None = Field(None, ge=1)
+    """Random tiles kept per bag per training step, for speed; default all, as the references train. A cap can
+    leave out every tumour tile of a slide whose label rests on a few. Validation and prediction see all."""
 
 
 class TrackingConfig(_Node):

@@ -436,13 +436,15 @@ def test_the_report_gives_the_share_of_patients_actually_held_out() -> None:
 def test_logs_and_report_count_the_kept_epoch_from_1_and_call_it_last_without_validation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The fold records keep ``best_epoch`` 0-based; what a person reads counts epochs from 1, as fine-tuning does,
+    """The fold records keep ``best_epoch`` 0-based; what a person reads (log, report, metrics.json and so MLflow)
+    counts epochs from 1, as fine-tuning does,
     and a head that no validation loss chose (it trained all mil.epochs and kept the last) is not called best."""
     manifest, folder = _cache(tmp_path / "none", _pairs(6))  # 4 training patients a fold: too few to hold any out
     with caplog.at_level("INFO", logger="medvision"):
         run = train(load_recipe(_recipe(tmp_path / "none", manifest, folder, epochs=3)))
     record = json.loads((run / "folds" / "fold0.json").read_text())
     assert record["val_patients"] == 0 and record["best_epoch"] == 2  # stored: the 0-based index of the last
+    assert json.loads((run / "metrics.json").read_text())["folds"][0]["best_epoch"] == 3  # what MLflow logs: from 1
     assert f"fold 0: {len(record['test'])} test slides, last epoch 3 (no validation), " in caplog.text
     assert "best epoch" not in caplog.text
     report = (run / "report.md").read_text()

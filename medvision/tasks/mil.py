@@ -9,7 +9,8 @@ fold, so every run is a k-fold cross-validation grouped by patient
    (:func:`medvision.models.mil_fit.fit_mil`);
 2. the head predicts its test slides (out-of-fold), and is kept as ``folds/fold<f>.safetensors``, with its record
    ``folds/fold<f>.json``: the test slides and their predictions, the fit and validation slide and patient
-   counts, the epoch kept (``best_epoch``, 0-based; logs and the report count from 1, as fine-tuning does), and
+   counts, the epoch kept (``best_epoch``, 0-based there; logs, the report and ``metrics.json`` count from 1, as
+   fine-tuning's ``best_epoch`` does), and
    each test slide's top tile (:func:`medvision.models.mil_fit.top_tiles`);
 3. the report gives every fold's metrics with bootstrap CIs, their mean ± SD across folds, and the pooled
    out-of-fold metric with its CI, every CI resampling whole patients (:mod:`medvision.tasks.mil_report`).
@@ -68,7 +69,7 @@ def mil_config(recipe: Recipe, seed: int) -> MILConfig:
     m = recipe.mil
     return MILConfig(head=m.head, epochs=m.epochs, lr=m.lr, weight_decay=m.weight_decay, patience=m.patience,
                      seed=seed, hidden=m.hidden, attention=m.attention, dropout=m.dropout, heads=m.heads, k=m.k,
-                     bag_weight=m.bag_weight, max_tiles_train=m.max_tiles_train,
+                     bag_weight=m.bag_weight, subtyping=m.subtyping, max_tiles_train=m.max_tiles_train,
                      task="regression" if recipe.data.target == "continuous" else "classification")  # fmt: skip
 
 

@@ -136,7 +136,7 @@ def cv_metrics(cohort: FeatureCohort, folds: np.ndarray, records: list[dict[str,
         row = _with_cis(y, p, patients, continuous, cfg, cfg.bootstrap_seed + r["fold"])
         if cohort.classes is not None:
             _undefined_without(row, r["fold"], [c for i, c in enumerate(cohort.classes) if i not in set(y.tolist())])
-        row.update(fold=r["fold"], patients=len(set(patients)), best_epoch=r["best_epoch"], seconds=r["seconds"],
+        row.update(fold=r["fold"], patients=len(set(patients)), best_epoch=r["best_epoch"] + 1, seconds=r["seconds"],
                    fit_patients=r.get("fit_patients"), val_patients=r.get("val_patients"),
                    no_validation=r.get("no_validation") or "")  # fmt: skip
         per_fold.append(row)
@@ -225,7 +225,7 @@ def write_cv_report(run_dir: Path, recipe: Recipe, cohort: FeatureCohort, metric
                         f"{ext['tile_size']}-px tiles at {ext['target_mpp']} µm/px."))  # fmt: skip
     head = ["fold", "slides", "patients", *[f"{n} ({level} CI)" for n in names], "epoch kept", "s"]
     rows = [[str(r["fold"]), str(r["n"]), str(r["patients"]), *[_ci(r, n) for n in names],
-             kept_epoch(r["best_epoch"], r.get("val_patients") != 0), f"{r['seconds']:.1f}"]
+             kept_epoch(r["best_epoch"] - 1, r.get("val_patients") != 0), f"{r['seconds']:.1f}"]
             for r in metrics["folds"]]  # fmt: skip
     blocks += [("h2", "Every fold (out-of-fold test slides)"), ("table", (head, rows))]
     across, pooled = metrics["across_folds"], metrics["pooled"]
