@@ -79,9 +79,14 @@ def test_every_slide_is_one_file_with_coords_mpp_encoder_and_preprocessing(
     with torch.no_grad():
         direct = encoder(torch.as_tensor(np.stack(tiles)).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(bag.features[:3], direct, rtol=1e-4, atol=1e-4)
-    # CLAM/TRIDENT readers find what they expect
+    # CLAM/TRIDENT readers find what they expect: TRIDENT's coords attributes, the level-0 side an int (OpenSlide's
+    # read_region refuses a float size), magnifications as 10 / (µm per pixel)
     with h5py.File(cohort_features / feature_name(rel), "r") as fh:
-        assert fh["coords"].attrs["patch_size_level0"] == pytest.approx(224.0) and "features" in fh
+        c = fh["coords"].attrs
+        assert "features" in fh and isinstance(c["patch_size_level0"], np.integer) and c["patch_size_level0"] == 224
+        assert c["patch_size_level0_exact"] == pytest.approx(224.0) and c["patch_size"] == 112 and c["overlap"] == 0
+        assert (c["level0_magnification"], c["target_magnification"]) == pytest.approx((20.0, 10.0))
+        assert (c["level0_width"], c["level0_height"]) == (1536, 1152) and c["name"] == Path(rel).stem
 
 
 def test_a_broken_slide_is_an_error_row_the_rest_resume_and_a_second_encoder_is_refused(
@@ -103,7 +108,10 @@ def test_a_broken_slide_is_an_error_row_the_rest_resume_and_a_second_encoder_is_
     assert first.files_found == 4 and first.reconciled and int(rows["slide_000.svs"]["tiles"]) == 5
     stamp = (out / feature_name("slide_000.svs")).stat().st_mtime_ns
     (folder / "slide_002.svs").write_bytes((slide_cohort.parent / "slide_003.svs").read_bytes())
+    leftover = out / f".{feature_name('slide_002.svs')}.k1ll3d00.tmp"  # a write a kill stopped before its rename
+    leftover.write_bytes(b"\0" * 1024)
     again = extract_features(folder, out, ENCODER, weights, slides=cfg, workers=0)
+    assert not leftover.exists() and not list(out.glob(".*.tmp"))
     # every finished row is kept on resume (a slide is one row: only a row cut short would be redone)
     assert again.already_done == 4 and again.scored_now == 1 and again.ok_files == 3 and again.files_found == 5
     assert (out / feature_name("slide_000.svs")).stat().st_mtime_ns == stamp
@@ -170,6 +178,9 @@ def test_the_real_aperio_slide_is_embedded_at_its_own_mpp(cmu_svs: Path, shared:
     bag = read_features(tmp_path / "f" / "cmu.svs.h5")
     slide = open_slide(folder / "cmu.svs")
     assert bag.attrs["mpp"] == pytest.approx(slide.mpp) and slide.mpp == pytest.approx(0.499)
+    assert bag.side0 == pytest.approx(224 * 0.5 / slide.mpp)  # 224.45: the exact side is what medvision reads back
+    with h5py.File(tmp_path / "f" / "cmu.svs.h5", "r") as fh:
+        assert fh["coords"].attrs["patch_size_level0"] == 224  # TRIDENT's: rounded, for read_region
     slide.close()
     assert len(bag.features) == 42 and bag.features.shape[1] == 1280 and np.isfinite(bag.features).all()
     text = (tmp_path / "f" / "features.json").read_text() + (tmp_path / "f" / "features.csv").read_text()

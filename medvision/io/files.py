@@ -50,6 +50,18 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_temporaries(folder: Path) -> int:
+    """Removes what :func:`atomic_write` left in ``folder`` when a kill stopped it between writing and renaming
+    (``.<name>.XXXXXXXX.tmp``, as large as the file it was to become), and returns how many. Only for a folder whose
+    files are all one job's, while that job holds its lock: another writer's temporary would be in flight."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` as the whole of ``path``, written atomically (:func:`atomic_write`)."""
 

@@ -112,6 +112,9 @@ class FeatureUnit(SlideScan):
     def provenance(self) -> dict[str, Any]:
         return {"slides": self.cfg.model_dump(mode="json"), "preprocessing": self.settings}
 
+    def owned(self) -> list[Path]:
+        return [self.out_dir]  # the feature files: one run writes this folder at a time (features.lock)
+
 
 def stale_row(out_dir: Path, row: dict[str, str]) -> str | None:
     """Why an ``ok`` row of ``features.csv`` cannot be kept on resume: its feature file is missing, does not open as

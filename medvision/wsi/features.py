@@ -2,17 +2,22 @@
 
 ``medvision features`` writes a file per slide and ``data.source: slide_features`` reads them back, so a
 slide is embedded once and every MIL model and fold after that takes seconds. The layout follows the
-reference pipelines (CLAM's ``features``/``coords`` datasets, TRIDENT's ``patch_size_level0``), so their
-readers open these files too:
+reference pipelines (CLAM's ``features``/``coords`` datasets, TRIDENT's ``coords`` attributes), so their
+readers open these files too; they look a slide's file up by its name without the slide's suffix
+(``slide_000.h5``), where this cache keeps the slide's whole relative path (``slide_000.svs.h5``):
 
 - ``features`` (n, d) float32: tile ``i``'s embedding, from the frozen encoder.
 - ``coords`` (n, 2) int64: the level-0 (x, y) of tile ``i``'s top-left corner; attributes
-  ``patch_size`` (the tile side in pixels at ``target_mpp``), ``patch_size_level0`` and ``level``.
+  ``patch_size`` (the tile side in pixels at ``target_mpp``), ``patch_size_level0`` (the side in level-0
+  pixels, rounded to an int as TRIDENT writes it and as ``read_region`` takes it) and
+  ``patch_size_level0_exact``, ``level``, and TRIDENT's ``level0_magnification`` and ``target_magnification``
+  (``10 / µm per pixel``), ``overlap``, ``level0_width``, ``level0_height`` and ``name`` (the slide's file
+  name without its suffix).
 - ``tissue`` (n,) float32: tile ``i``'s tissue fraction in the tissue mask.
 - file attributes: ``format``, ``encoder``, ``encoder_sha256``, ``dim``, ``tile_size``, ``target_mpp``,
   ``mpp`` (the slide's level-0 µm/px) and ``mpp_source``, ``tissue_mm2``, ``min_tissue`` and ``tissue_method``
-  (which tiles were kept), and ``preprocessing`` (JSON: the encoder's resize, crop, mean and std, and the stain
-  normaliser's reference when one was used).
+  (which tiles were kept), and ``preprocessing`` (JSON: the encoder's input size, resize, interpolation, mean and std,
+  pooling and precision, and the stain normaliser's reference when one was used).
 
 Nothing from the slide's own metadata is stored (no file name of the scan, no vendor fields): the
 file is keyed by the slide's path relative to the folder that was embedded, which the caller chooses.
@@ -129,8 +134,17 @@ def write_features(path: Path, features: np.ndarray, coords: np.ndarray, tissue:
             fh.create_dataset("features", data=feats)
             c = fh.create_dataset("coords", data=xy)
             c.attrs["patch_size"] = int(attrs["tile_size"])
-            c.attrs["patch_size_level0"] = float(side0)
+            c.attrs["patch_size_level0"] = round(float(side0))  # an int, as TRIDENT writes it: read_region's size
+            c.attrs["patch_size_level0_exact"] = float(side0)
             c.attrs["level"] = int(level)
+            # TRIDENT's other coords attributes, so its readers (and its re-embedding with another encoder) take
+            # the tiles: magnification as it counts it, 10 / (µm per pixel)
+            c.attrs["level0_magnification"] = 10.0 / float(attrs["mpp"])
+            c.attrs["target_magnification"] = 10.0 / float(attrs["target_mpp"])
+            c.attrs["overlap"] = 0
+            if "slide_size" in attrs:
+                c.attrs["level0_width"], c.attrs["level0_height"] = (int(v) for v in attrs["slide_size"])
+            c.attrs["name"] = Path(str(attrs["slide"])).stem
             fh.create_dataset("tissue", data=np.asarray(tissue, np.float32))
             for key, value in {**attrs, "format": FORMAT, "dim": int(feats.shape[1])}.items():
                 fh.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
@@ -164,7 +178,9 @@ def read_features(path: Path) -> SlideFeatures:
                 raise FeatureFileError(f"{path}: format {attrs.get('format')!r}, expected {FORMAT!r}")
             feats = np.asarray(fh["features"][()], np.float32)
             coords = np.asarray(fh["coords"][()], np.int64)
-            side0 = float(fh["coords"].attrs["patch_size_level0"])
+            kept = fh["coords"].attrs  # the exact side; files before it have only patch_size_level0, a float then
+            side0 = float(kept["patch_size_level0_exact"] if "patch_size_level0_exact" in kept else
+                          kept["patch_size_level0"])  # fmt: skip
             tissue = np.asarray(fh["tissue"][()], np.float32) if "tissue" in fh else np.ones(len(feats), np.float32)
         for key in JSON_ATTRS:  # dicts and lists were stored as JSON text
             if key in attrs:

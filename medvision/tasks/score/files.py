@@ -129,6 +129,9 @@ class FileUnit:
         if self.parquet:
             to_parquet(table, out)
 
+    def owned(self) -> list[Path]:
+        return []  # one table, appended to: no per-file outputs
+
     def provenance(self) -> dict[str, Any]:
         return {
             "included_identifying_tags": [t for t in self.tags if t in IDENTIFYING_TAGS],

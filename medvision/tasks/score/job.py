@@ -41,7 +41,7 @@ import torch
 from medvision.evaluation import Decision
 from medvision.inference import Engine, load_scorer
 from medvision.io.archive import Entry
-from medvision.io.files import atomic_write_text
+from medvision.io.files import atomic_write_text, remove_temporaries
 from medvision.metrics import PROB_DIGITS, round_significant
 from medvision.runs import RunError, ScoringSpec, versions
 from medvision.runtime import Dist, barrier, broadcast, gather, setup
@@ -126,6 +126,11 @@ class Unit(Protocol):
 
     def provenance(self) -> dict[str, Any]:
         """What this unit adds to ``<out>.json`` (limits, tags, aggregation, slide settings)."""
+        ...
+
+    def owned(self) -> list[Path]:
+        """Folders whose every file is this job's (per-slide outputs): what a killed write left there is removed
+        when the job starts (:func:`~medvision.io.files.remove_temporaries`)."""
         ...
 
 
@@ -221,6 +226,10 @@ def _run_locked(
     job = {**record, **unit.provenance(), "shard": f"{shard[0]}/{shard[1]}"}
     same_job(out, job, table)
     same_columns(table, unit.columns)
+    if d.is_main:  # before the barrier: no rank writes yet
+        left = sum(remove_temporaries(folder) for folder in unit.owned())
+        if left:
+            log.info("removed %d temporary file(s) that an interrupted run left unfinished", left)
     barrier(d)  # every rank has checked the record before rank 0 writes this job's
     if d.is_main:
         write_record(out, {**job, "finished": False})

@@ -117,6 +117,10 @@ class SlideOutputs:
         self.colors = palette_colors(classes) if classes is not None else None
         self.owners: dict[str, str] = {}
 
+    def folders(self) -> list[Path]:
+        """The folders of the per-slide files: this output's alone (named after it)."""
+        return [d for d in (self.tiles_dir, self.heat_dir, self.geo_dir) if d is not None]
+
     def unique(self, entries: list[Entry]) -> list[Entry]:
         """``entries`` with each slide whose files would have another slide's name made an error entry
         (:func:`unique_names`; the slides already ok in ``<out>`` or its ranks' parts keep theirs)."""

@@ -423,6 +423,10 @@ class SlideScan:
     def finish(self, out: Path, table: Path) -> None:
         """Nothing beyond the rows, unless the unit says otherwise."""
 
+    def owned(self) -> list[Path]:
+        """The per-slide output folders (:meth:`SlideOutputs.folders`), when the unit writes them."""
+        return [] if self.outputs is None else self.outputs.folders()
+
 
 class SlideUnit(SlideScan):
     """Slides to tiles to one row a slide (see the module docstring)."""
