@@ -241,3 +241,36 @@ def test_whole_slide_images_as_one_sample_each(tmp_path: Path) -> None:
     table = load_table(cfg, 0, tmp_path / "cache")
     assert len(table) == 2 and table.ids == ["normal/slide.dcm", "tumour/slide.dcm"]
     assert table.loader(0).shape == (70, 90, 3) and not table.grayscale
+
+
+def test_a_legacy_uid_is_never_printed_while_reading(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """UIDs with a leading-zero component (common in legacy archives) are invalid values that pydicom, checking each
+    value as it reads it, printed on stderr with the value: a link to the patient's study. medvision reads without
+    that check, so neither building the table (every header) nor decoding prints them."""
+    import warnings
+
+    from pydicom.dataelem import DataElement
+
+    from medvision.io.dicom import DicomSpec, read_dicom
+
+    root = tmp_path / "legacy"
+    make_dicom_folder(root, per_class=2)
+    legacy = "1.2.840.113619.2.55.3.0969.31337"
+    files = sorted(root.rglob("*.dcm"))
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        for tag, name in ((0x00080018, "SOPInstanceUID"), (0x0020000D, "StudyInstanceUID")):
+            ds[tag] = DataElement(tag, "UI", f"{legacy}.{name}.{i}", validation_mode=pydicom.config.IGNORE)
+        ds.save_as(path)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("DEBUG"):
+        warnings.simplefilter("always")
+        table = load_table(DataConfig(source="dicom", path=str(root)), 0, tmp_path / "cache")
+        assert len(table) == 4  # the two classes' images (make_dicom_folder adds a non-image DICOM too)
+        for rel in table.ids:
+            read_dicom(root / rel, DicomSpec())
+    out, err = capfd.readouterr()
+    printed = out + err + caplog.text + "".join(str(w.message) for w in caught)
+    assert "0969" not in printed, printed[:2000]
+    assert str(pydicom.dcmread(root / table.ids[0]).SOPInstanceUID).startswith(legacy)  # the files hold them

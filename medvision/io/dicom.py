@@ -24,10 +24,22 @@ from typing import Any, Literal
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from medvision.io.image import ImageReadError
+
+
+def no_value_checks() -> None:
+    """Turns off pydicom's check of each value as it is read: in its default mode it prints an invalid one on stderr,
+    and legacy archives are full of UIDs with a leading-zero component (``1.2.840.113619.2.55.3.0969...``), which
+    link to a patient's study in a PACS; a batch job's stderr is a saved log. medvision only reads values, so the
+    check has nothing to guard (what it writes is checked where it writes, :mod:`medvision.wsi.synthetic`)."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+no_value_checks()  # on import: every path that reads DICOM imports this module (the slide reader calls it too)
 
 VOIFunction = Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"]
 FramePolicy = Literal["first", "middle", "all", "tiled"]

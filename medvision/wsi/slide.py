@@ -284,6 +284,9 @@ class DicomSlide(Slide):
     def __init__(self, path: Path, mpp: float | None) -> None:
         from wsidicom import WsiDicom
 
+        from medvision.io.dicom import no_value_checks
+
+        no_value_checks()  # a slide's UIDs are never printed as invalid values
         self.path, self.backend = path, "wsidicom"
         try:
             self._wsi = WsiDicom.open(path)
