@@ -23,6 +23,7 @@ import numpy as np
 
 from medvision import plots
 from medvision.evaluation import Decision, SplitOutputs
+from medvision.io.files import atomic_write_text
 from medvision.metrics import PROB_DIGITS
 from medvision.recipe import EvalConfig
 
@@ -43,7 +44,8 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    """``payload`` as JSON, written atomically: a kill leaves the old file or the new one, never half of one."""
+    atomic_write_text(path, json.dumps(_clean(payload), indent=2) + "\n")
 
 
 def write_predictions(

@@ -146,21 +146,27 @@ def test_interrupted_pretraining_resumes_exactly(tiles_manifest: Path, tmp_path:
     whole = pretrain(recipe_from_dict(_recipe(tiles_manifest, tmp_path, "whole")))
     real_plot = pretrain_run.plot_pretraining
 
-    def crash_after_first_epoch(path: Path, history: list[dict[str, Any]]) -> Path:
+    def crash_before_the_last_checkpoint(path: Path, history: list[dict[str, Any]]) -> Path:
         real_plot(path, history)
-        if history[-1]["epoch"] == 1:
-            raise KeyboardInterrupt  # killed after epoch 1's checkpoint
+        if history[-1]["epoch"] == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's pretrain.json and plot, before its last.pt
         return path
 
-    monkeypatch.setattr(pretrain_run, "plot_pretraining", crash_after_first_epoch)
+    monkeypatch.setattr(pretrain_run, "plot_pretraining", crash_before_the_last_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         pretrain(recipe_from_dict(_recipe(tiles_manifest, tmp_path, "cut")))
     monkeypatch.undo()
-    assert main(["pretrain", "--resume", str(tmp_path / "cut")]) == 0
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    cut = tmp_path / "cut"
+    before = torch.load(cut / "last.pt", weights_only=True)["fit"]
+    assert before["epoch"] == 1 and before["seconds"] > 0
+    assert main(["pretrain", "--resume", str(cut)]) == 0
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    history = json.loads((tmp_path / "cut" / "pretrain.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    record = json.loads((cut / "pretrain.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]  # epoch 2 done again, its record with it
+    # the wall time counts the process before the resume: at least every epoch's own time
+    assert record["seconds"] > before["seconds"] and record["seconds"] >= sum(h.get("seconds", 0) for h in
+                                                                              record["history"])  # fmt: skip
 
 
 def test_init_from_a_pretrained_backbone(

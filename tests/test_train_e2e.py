@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import medvision.training.loop as loop
 from medvision.cli import main
 from medvision.models.backbone import PretrainedUnavailable, create_backbone
-from medvision.recipe import ModelConfig, RecipeError, TrainConfig, recipe_from_dict
-from medvision.runs import mean_count
+from medvision.recipe import ModelConfig, RecipeError, TrainConfig, dump_recipe, recipe_from_dict
+from medvision.runs import RunError, mean_count
 from medvision.tasks.demo import CLASSES, synthetic_tile
 from medvision.tasks.evaluate import evaluate_run
 from medvision.tasks.train import train
@@ -140,7 +140,15 @@ def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path
     interrupted = tmp_path / "b" / "tiny"
     fit_state = torch.load(interrupted / "last.pt", weights_only=True)["fit"]
     assert fit_state["epoch"] == 2 and fit_state["seconds"] > 0
+    saved = (interrupted / "recipe.yaml").read_text()
+    for key, value in (("train.label_smoothing", 0.3), ("seed", 7)):  # another recipe: refused, the folder untouched
+        with pytest.raises(RunError, match=rf"cannot resume .* with another recipe: {key} differ"):
+            train(recipe.changed({key: value}), resume=True)
+    assert (interrupted / "recipe.yaml").read_text() == saved
+    leftover = interrupted / ".last.pt.k1ll3d00.tmp"  # what a kill in the middle of a checkpoint's write leaves
+    leftover.write_bytes(b"\0" * 64)
     resumed = train(recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path / "b", phases=phases, **extra)), resume=True)
+    assert not leftover.exists()
     metrics = json.loads((resumed / "metrics.json").read_text())
     # the run's wall time counts the process before the resume: at least every epoch's own time
     assert metrics["seconds"] > fit_state["seconds"]
@@ -154,6 +162,15 @@ def test_resume_after_interruption_is_exact(tiles_manifest: Path, tmp_path: Path
         assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     history = json.loads((resumed / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_to_start_again(tiles_manifest: Path, tmp_path: Path) -> None:
+    recipe = recipe_from_dict(tiny_recipe(tiles_manifest, tmp_path))
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))  # what a kill before epoch 1's last.pt leaves
+    with pytest.raises(RunError, match=r"stopped before its first checkpoint .* start it again with --overwrite"):
+        train(recipe, resume=True)
 
 
 def test_a_run_killed_after_it_stopped_early_resumes_without_training_on(

@@ -47,7 +47,7 @@ from medvision.data.slide_features import (
     patient_folds,
     validation_split,
 )
-from medvision.io.files import atomic_write, atomic_write_text
+from medvision.io.files import atomic_write, atomic_write_text, remove_temporaries
 from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
 from medvision.models.mil_fit import MILConfig, fit_mil, kept_epoch, predict_mil, save_mil, top_tiles
 from medvision.recipe import Recipe, dump_recipe
@@ -179,6 +179,9 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
     run_dir = Path(recipe.output_dir) / recipe.name
     fold_dir = run_dir / "folds"
     if resume and not fold_dir.is_dir():
+        if (run_dir / "recipe.yaml").is_file():
+            raise RunError(f"cannot resume {run_dir}: it stopped before its first fold ({fold_dir} does not exist), "
+                           "so there is nothing to continue; start it again with --overwrite")  # fmt: skip
         raise RunError(f"cannot resume: {fold_dir} does not exist")
     if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
         raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
@@ -189,8 +192,10 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
                 (run_dir / stale).unlink(missing_ok=True)
             for old in fold_dir.glob("fold*") if fold_dir.is_dir() else []:
                 old.unlink()
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         fold_dir.mkdir(parents=True, exist_ok=True)
+        if sum(remove_temporaries(folder) for folder in (run_dir, fold_dir)):
+            log.info("%s: removed the temporary files of a write that an interrupted run left unfinished", run_dir)
         cohort = load_feature_cohort(Path(recipe.data.path), recipe.data)
         k = recipe.mil.folds
         settings = fold_settings(recipe, cohort)
@@ -199,7 +204,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
             if (fold_dir / f"fold{f}.json").is_file():
                 _check_kept_fold(run_dir, fold_dir / f"fold{f}.json", settings)
         if resume:
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         write_audit(run_dir, cohort.audit)
         folds = patient_folds(cohort.labels, cohort.patients, k, recipe.seed, stratify=not cohort.continuous,
                               classes=cohort.classes)  # fmt: skip

@@ -139,6 +139,8 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
         saved = read_checkpoint(run_dir, model)
         opt.restore(saved)
         state = FitState(**saved["fit"])
+        state.earlier = state.seconds
+        start -= state.earlier  # a resumed run's wall time counts the processes before this one, as training's does
     if not resume:  # the starting weights' health: what pretraining has to improve on
         knn0 = _knn_accuracy(simclr.backbone, health, recipe, device, workers) if d.is_main and health else None
         state.history.append({"epoch": 0, "knn_acc": broadcast(knn0, d)})
@@ -161,14 +163,14 @@ def _pretrain(recipe: Recipe, run_dir: Path, resume: bool, d: Dist, device: torc
         log.info("epoch %d/%d: loss %.4f  kNN accuracy %s  %.0f img/s  %.0fs", epoch + 1, cfg.epochs,
                  row["train_loss"], "n/a" if knn is None else f"{knn:.4f}", row["train_img_s"],
                  row["seconds"], extra={EPOCH_ROW: row})  # fmt: skip
-        if d.is_main:
+        state.seconds = time.perf_counter() - start
+        if d.is_main:  # last.pt last: a kill before it leaves the epoch to be done again, and these rewritten with it
             save_weights(
                 simclr.backbone, run_dir / "model.safetensors", {"epoch": str(state.epoch), "method": "simclr"}
             )
-            opt.save(model, state.__dict__, run_dir / "last.pt")
-            write_json(run_dir / "pretrain.json", {"history": state.history,
-                                                   "seconds": time.perf_counter() - start})  # fmt: skip
+            write_json(run_dir / "pretrain.json", {"history": state.history, "seconds": state.seconds})
             plot_pretraining(run_dir / "plots" / "pretrain.png", state.history)
+            opt.save(model, state.__dict__, run_dir / "last.pt")
     barrier(d)
     log.info("run folder: %s (%.0f s)", run_dir, time.perf_counter() - start)
     return run_dir

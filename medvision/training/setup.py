@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from medvision.io.files import atomic_write_text, remove_temporaries
 from medvision.models.freeze import optimizer_groups
-from medvision.recipe import Recipe, dump_recipe
+from medvision.recipe import Recipe, dump_recipe, load_recipe
 from medvision.runs import SPLITS_FILE, RunError, read_splits, write_splits
 from medvision.runtime import Dist, barrier, broadcast
 from medvision.training.checkpoint import load_state, save_state
@@ -56,7 +57,13 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
             cutmix with an odd number of images a rank.
     """
     if resume and not (run_dir / "last.pt").is_file():
+        if (run_dir / "recipe.yaml").is_file():
+            raise RunError(f"cannot resume {run_dir}: it stopped before its first checkpoint (no "
+                           f"{run_dir / 'last.pt'}), so there is nothing to continue; start it again with "
+                           "--overwrite")  # fmt: skip
         raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+    if resume:
+        same_recipe(recipe, run_dir)
     if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
         raise RunError(
             f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
@@ -77,9 +84,47 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
     barrier(d)
 
 
+#: What a resumed run's recipe may change: where the run folder is, its name, and how the run is tracked.
+RESUMABLE = ("output_dir", "name", "tracking")
+
+
+def _flat(tree: dict[str, Any], stem: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{stem}{key}."))
+        else:
+            out[f"{stem}{key}"] = value
+    return out
+
+
+def same_recipe(recipe: Recipe, run_dir: Path) -> None:
+    """Refuses to resume ``run_dir`` with a recipe other than the one it was trained with (``recipe.yaml``), except
+    for :data:`RESUMABLE`: ``medvision train --resume`` reads that file, but a caller of ``train(recipe,
+    resume=True)`` could pass another, and the folder would then name settings its weights were not trained with.
+
+    Raises:
+        RunError: naming the keys that differ, both values of the first, and what to do.
+    """
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flat(load_recipe(saved_path).model_dump(mode="json"))
+    given = _flat(recipe.model_dump(mode="json"))
+    differ = sorted(k for k in saved.keys() | given.keys()
+                    if k.split(".")[0] not in RESUMABLE and saved.get(k) != given.get(k))  # fmt: skip
+    if differ:
+        first = differ[0]
+        raise RunError(f"cannot resume {run_dir} with another recipe: {', '.join(differ)} differ from {saved_path} "
+                       f"({first}: {given.get(first)!r}, trained with {saved.get(first)!r}); resume with its own "
+                       "(medvision train --resume RUN_DIR), or start a new run (--set name=<new name>)")  # fmt: skip
+
+
 def start_run_folder(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, results: tuple[str, ...]) -> None:
     """Rank 0: removes an earlier run's ``results`` (files or folders, e.g. ``export/``, whose ONNX model would
-    be the old weights) unless resuming, and writes the resolved ``recipe.yaml``."""
+    be the old weights) unless resuming, and what a killed atomic write left (a half-written checkpoint's
+    temporary), and writes the resolved ``recipe.yaml`` (a resumed run's is :func:`same_recipe`'s, with its
+    folder where it now is)."""
     if not d.is_main:
         return
     if not resume:
@@ -88,7 +133,10 @@ def start_run_folder(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, resul
                 shutil.rmtree(run_dir / stale)
             else:
                 (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if remove_temporaries(run_dir):
+        log.info("%s: removed the temporary files of a write that an interrupted run left unfinished", run_dir)
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
 
 
 def place_model(model: nn.Module, recipe: Recipe, d: Dist, device: torch.device) -> nn.Module:
