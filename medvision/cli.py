@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["gradcam", "gradcam++"], help="default: the recipe's evaluation.explain_method")
     p.add_argument("--target", metavar="CLASS", help="class to explain (default: the predicted class)")
     p.add_argument("-n", type=_positive, help="errors of each kind to show, at least 1 (default: the recipe's "
-                   "evaluation.explain)")  # fmt: skip
+                   "evaluation.explain, or 4 where it is 0)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/explain)")
 
     p = sub.add_parser("benchmark", help="speed of timm backbones, one recipe's accuracy across backbones, or its "

@@ -135,8 +135,8 @@ class TrackingConfig(_Node):
     tensorboard: bool = False
     """Write each epoch's metrics as TensorBoard scalars into ``<run folder>/tensorboard``."""
     log_predictions: bool = False
-    """Also upload ``predictions.csv`` and ``data_audit.csv``. Off by default: they name every file, and a DICOM
-    archive's paths (``DOE_JANE_MRN1234/IM0001.dcm``) name patients; a tracking server is shared."""
+    """Also upload ``predictions.csv``, ``data_audit.csv`` and ``train.log``. Off by default: they name every file,
+    and a DICOM archive's paths (``DOE_JANE_MRN1234/IM0001.dcm``) name patients; a tracking server is shared."""
 
 
 class PhaseConfig(_Node):
@@ -181,10 +181,10 @@ class TrainConfig(_Node):
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     """Mixed precision: bf16 autocast, fp16 with a GradScaler (GPU only), or fp32 (``none``).
 
-    ``auto`` picks bf16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), and fp32 on other CPUs,
-    where bf16 is emulated and measured about 10x slower. It covers training and the epochs' validation; the
-    run's final metrics, calibration, thresholds and predictions are computed in float32, as ``score`` and the
-    exports compute."""
+    ``auto`` picks bf16 on a GPU or a CPU with native bf16 (Ampere or later; AVX512-BF16/AMX), fp16 on an older
+    CUDA GPU, and fp32 on other CPUs, where bf16 is emulated and measured about 10x slower. It covers training
+    and the epochs' validation; the run's final metrics, calibration, thresholds and predictions are computed in
+    float32, as ``score`` and the exports compute."""
     channels_last: bool = True
     """Keep activations in NHWC memory layout (faster convolutions with AMP)."""
     compile: bool = False
