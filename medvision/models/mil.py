@@ -329,11 +329,12 @@ def attention_rollout(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor
     Each layer's residual is counted as attention to the token itself, ``(A + I) / 2``; the product of the two
     layers' matrices, ``(A2 + I)(A1 + I) / 4``, has the class-token row ``(a2 A1 + a1 + a2 + e0) / 4``, where
     ``a1`` and ``a2`` are the class token's rows of ``A1`` and ``A2``. ``a2 A1`` is summed over blocks of ``A1``'s
-    rows, so memory stays linear in the tokens (the time is one more pass of attention over the bag).
+    rows, 16 MB of scores a block, so memory stays linear in the tokens; the time is about one more forward pass (a
+    20,000-tile bag on 2 CPU threads: 4.6 s, beside 4.9 s for the logits; blocks of 4 MB took 5.7 s, of 64 MB 9.8 s).
     """
     last = _attention_rows(second, 0, 1)[0]
     tokens = last.shape[0]
-    block = max(1, 2**20 // (tokens * first[0].shape[0]))  # rows of A1 at a time: heads x block x tokens floats
+    block = max(1, 2**22 // (tokens * first[0].shape[0]))  # rows of A1 at a time: heads x block x tokens floats
     through = torch.zeros_like(last)
     for start in range(0, tokens, block):
         stop = min(start + block, tokens)
