@@ -518,6 +518,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def tree_changes(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in was, value in now)`` for every leaf of two nested settings trees (a dumped recipe, a
+    fold's settings) that differs, sorted by key; a key one side lacks is None there. What a resume compares."""
+
+    def flat(tree: dict[str, Any], stem: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{stem}{key}.") if isinstance(value, dict) else {f"{stem}{key}": value})
+        return out
+
+    a, b = flat(was), flat(now)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, ready to be saved into a run folder."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -43,6 +43,16 @@ class RunError(MedvisionError, RuntimeError):
     """A run folder that cannot be created, resumed or evaluated as asked."""
 
 
+def nothing_to_resume(run_dir: Path, missing: Path, first: str) -> RunError:
+    """The error of a resume that finds no ``missing`` (``last.pt``, ``folds/``): a run that stopped before its
+    ``first`` (checkpoint, fold) has nothing to continue and starts again with ``--overwrite``; a folder without
+    ``recipe.yaml`` was never a run."""
+    if (run_dir / "recipe.yaml").is_file():
+        return RunError(f"cannot resume {run_dir}: it stopped before its {first} (no {missing}), so there is nothing "
+                        "to continue; start it again with --overwrite")  # fmt: skip
+    return RunError(f"cannot resume: {missing} does not exist")
+
+
 def cache_dir(recipe: Recipe) -> Path:
     """Where decoded DICOM pixels are cached: shared by the runs of one output folder."""
     return Path(recipe.output_dir) / ".cache" / "dicom"

@@ -8,10 +8,13 @@ provenance record.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("medvision")
 
 
 def _umask() -> int:
@@ -50,15 +53,19 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def remove_temporaries(folder: Path) -> int:
-    """Removes what :func:`atomic_write` left in ``folder`` when a kill stopped it between writing and renaming
-    (``.<name>.XXXXXXXX.tmp``, as large as the file it was to become), and returns how many. Only for a folder whose
-    files are all one job's, while that job holds its lock: another writer's temporary would be in flight."""
+def remove_temporaries(*folders: Path) -> int:
+    """Removes what :func:`atomic_write` left in ``folders`` when a kill stopped it between writing and renaming
+    (``.<name>.XXXXXXXX.tmp``, as large as the file it was to become), logs how many, and returns it. Only for
+    folders whose files are all one job's, while that job holds them: another writer's temporary would be in flight."""
     removed = 0
-    for tmp in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            removed += 1
+    for folder in map(Path, folders):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) that an interrupted run left unfinished in %s", removed,
+                 ", ".join(map(str, folders)))  # fmt: skip
     return removed
 
 

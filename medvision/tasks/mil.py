@@ -50,9 +50,9 @@ from medvision.data.slide_features import (
 from medvision.io.files import atomic_write, atomic_write_text, remove_temporaries
 from medvision.metrics import PROB_DIGITS, operating_point, round_significant, softmax
 from medvision.models.mil_fit import MILConfig, fit_mil, kept_epoch, predict_mil, save_mil, top_tiles
-from medvision.recipe import Recipe, dump_recipe
+from medvision.recipe import Recipe, dump_recipe, tree_changes
 from medvision.report import write_json
-from medvision.runs import RunError, run_log, versions
+from medvision.runs import RunError, nothing_to_resume, run_log, versions
 from medvision.runtime import setup
 from medvision.tasks.mil_report import cv_metrics, metrics_positive, write_cv_report
 from medvision.tasks.track import log_mil_run
@@ -91,13 +91,6 @@ def settings_sha256(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:37]}…"
@@ -120,9 +113,8 @@ def _check_kept_fold(run_dir: Path, done: Path, settings: dict[str, Any]) -> Non
                        f"{go_on}")  # fmt: skip
     if record["settings_sha256"] == settings_sha256(settings):
         return
-    was, now = _flat(record["settings"]), _flat(settings)
-    differ = [f"{k} {_short(was.get(k))} -> {_short(now.get(k))}" for k in sorted({*was, *now})
-              if was.get(k) != now.get(k)] or ["the settings' fingerprint"]  # fmt: skip
+    differ = [f"{k} {_short(was)} -> {_short(now)}" for k, was, now in tree_changes(record["settings"], settings)
+              ] or ["the settings' fingerprint"]  # fmt: skip
     raise RunError(f"cannot resume {run_dir}: its finished fold {done.name} was trained with other settings than "
                    f"this recipe's ({'; '.join(differ)}); {go_on}")  # fmt: skip
 
@@ -179,10 +171,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
     run_dir = Path(recipe.output_dir) / recipe.name
     fold_dir = run_dir / "folds"
     if resume and not fold_dir.is_dir():
-        if (run_dir / "recipe.yaml").is_file():
-            raise RunError(f"cannot resume {run_dir}: it stopped before its first fold ({fold_dir} does not exist), "
-                           "so there is nothing to continue; start it again with --overwrite")  # fmt: skip
-        raise RunError(f"cannot resume: {fold_dir} does not exist")
+        raise nothing_to_resume(run_dir, fold_dir, "first fold")
     if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
         raise RunError(f"run folder {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                        "replace it, or --set name=<new name>")  # fmt: skip
@@ -194,8 +183,7 @@ def train_mil(recipe: Recipe, resume: bool = False, overwrite: bool = False, par
                 old.unlink()
             atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         fold_dir.mkdir(parents=True, exist_ok=True)
-        if sum(remove_temporaries(folder) for folder in (run_dir, fold_dir)):
-            log.info("%s: removed the temporary files of a write that an interrupted run left unfinished", run_dir)
+        remove_temporaries(run_dir, fold_dir)
         cohort = load_feature_cohort(Path(recipe.data.path), recipe.data)
         k = recipe.mil.folds
         settings = fold_settings(recipe, cohort)

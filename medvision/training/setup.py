@@ -25,8 +25,8 @@ from torch import nn
 
 from medvision.io.files import atomic_write_text, remove_temporaries
 from medvision.models.freeze import optimizer_groups
-from medvision.recipe import Recipe, dump_recipe, load_recipe
-from medvision.runs import SPLITS_FILE, RunError, read_splits, write_splits
+from medvision.recipe import Recipe, dump_recipe, load_recipe, tree_changes
+from medvision.runs import SPLITS_FILE, RunError, nothing_to_resume, read_splits, write_splits
 from medvision.runtime import Dist, barrier, broadcast
 from medvision.training.checkpoint import load_state, save_state
 
@@ -57,11 +57,7 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
             cutmix with an odd number of images a rank.
     """
     if resume and not (run_dir / "last.pt").is_file():
-        if (run_dir / "recipe.yaml").is_file():
-            raise RunError(f"cannot resume {run_dir}: it stopped before its first checkpoint (no "
-                           f"{run_dir / 'last.pt'}), so there is nothing to continue; start it again with "
-                           "--overwrite")  # fmt: skip
-        raise RunError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+        raise nothing_to_resume(run_dir, run_dir / "last.pt", "first checkpoint")
     if resume:
         same_recipe(recipe, run_dir)
     if not resume and not overwrite and (run_dir / "recipe.yaml").exists():
@@ -88,16 +84,6 @@ def preflight(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, overwrite: b
 RESUMABLE = ("output_dir", "name", "tracking")
 
 
-def _flat(tree: dict[str, Any], stem: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{stem}{key}."))
-        else:
-            out[f"{stem}{key}"] = value
-    return out
-
-
 def same_recipe(recipe: Recipe, run_dir: Path) -> None:
     """Refuses to resume ``run_dir`` with a recipe other than the one it was trained with (``recipe.yaml``), except
     for :data:`RESUMABLE`: ``medvision train --resume`` reads that file, but a caller of ``train(recipe,
@@ -109,15 +95,13 @@ def same_recipe(recipe: Recipe, run_dir: Path) -> None:
     saved_path = run_dir / "recipe.yaml"
     if not saved_path.is_file():
         return
-    saved = _flat(load_recipe(saved_path).model_dump(mode="json"))
-    given = _flat(recipe.model_dump(mode="json"))
-    differ = sorted(k for k in saved.keys() | given.keys()
-                    if k.split(".")[0] not in RESUMABLE and saved.get(k) != given.get(k))  # fmt: skip
-    if differ:
-        first = differ[0]
-        raise RunError(f"cannot resume {run_dir} with another recipe: {', '.join(differ)} differ from {saved_path} "
-                       f"({first}: {given.get(first)!r}, trained with {saved.get(first)!r}); resume with its own "
-                       "(medvision train --resume RUN_DIR), or start a new run (--set name=<new name>)")  # fmt: skip
+    changes = [c for c in tree_changes(load_recipe(saved_path).model_dump(mode="json"), recipe.model_dump(mode="json"))
+               if c[0].split(".")[0] not in RESUMABLE]  # fmt: skip
+    if changes:
+        key, saved, given = changes[0]
+        raise RunError(f"cannot resume {run_dir} with another recipe: {', '.join(c[0] for c in changes)} differ from "
+                       f"{saved_path} ({key}: {given!r}, trained with {saved!r}); resume with its own (medvision "
+                       "train --resume RUN_DIR), or start a new run (--set name=<new name>)")  # fmt: skip
 
 
 def start_run_folder(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, results: tuple[str, ...]) -> None:
@@ -134,8 +118,7 @@ def start_run_folder(recipe: Recipe, run_dir: Path, d: Dist, resume: bool, resul
             else:
                 (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if remove_temporaries(run_dir):
-        log.info("%s: removed the temporary files of a write that an interrupted run left unfinished", run_dir)
+    remove_temporaries(run_dir)
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
 
 

@@ -227,9 +227,7 @@ def _run_locked(
     same_job(out, job, table)
     same_columns(table, unit.columns)
     if d.is_main:  # before the barrier: no rank writes yet
-        left = sum(remove_temporaries(folder) for folder in unit.owned())
-        if left:
-            log.info("removed %d temporary file(s) that an interrupted run left unfinished", left)
+        remove_temporaries(*unit.owned())
     barrier(d)  # every rank has checked the record before rank 0 writes this job's
     if d.is_main:
         write_record(out, {**job, "finished": False})
